@@ -1,0 +1,3 @@
+from extrabalance.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Domain core: money, segments, tiers, fees, eligibility and payback. No IO here."""

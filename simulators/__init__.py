@@ -1,0 +1,1 @@
+"""Bundled network simulators: IN/OCS, SMSC/USSD gateway, recharge publisher."""
