@@ -137,7 +137,7 @@ def test_receiver_bind_may_not_submit() -> None:
 
 
 def test_second_bind_gets_already_bound() -> None:
-    esme, smsc = bound_pair()
+    _esme, smsc = bound_pair()
     smsc.receive_data(encode(esme_bind_pdu()), 0.0)
     assert decode(smsc.data_to_send()).command_status == Status.ESME_RALYBND
 
@@ -164,7 +164,7 @@ def test_window_queue_and_queue_full() -> None:
 
 
 def test_response_timeout_frees_window() -> None:
-    esme, smsc = bound_pair(window_max=1, response_timeout_s=5.0)
+    esme, _smsc = bound_pair(window_max=1, response_timeout_s=5.0)
     esme.send_request(SubmitSm(), 0.0)
     esme.send_request(SubmitSm(), 0.0)
     assert esme.queued == 1
@@ -202,7 +202,7 @@ def test_unbind_both_ways() -> None:
 
 
 def test_unknown_command_gets_generic_nack_and_bind_stays() -> None:
-    esme, smsc = bound_pair()
+    _esme, smsc = bound_pair()
     smsc.receive_data(struct.pack(">IIII", 16, 0x00000099, 0, 31), 0.0)
     nack = decode(smsc.data_to_send())
     assert isinstance(nack, GenericNack)
@@ -211,7 +211,7 @@ def test_unknown_command_gets_generic_nack_and_bind_stays() -> None:
 
 
 def test_bad_body_gets_command_resp_with_status() -> None:
-    esme, smsc = bound_pair()
+    _esme, smsc = bound_pair()
     good = encode(SubmitSm(sequence_number=8, tlvs=((0x0501, b"\x02"),)))
     bad = struct.pack(">I", len(good) - 1) + good[4:-1]
     events = smsc.receive_data(bad, 0.0)
@@ -222,7 +222,7 @@ def test_bad_body_gets_command_resp_with_status() -> None:
 
 
 def test_inbound_flood_is_throttled() -> None:
-    esme, smsc = bound_pair(inbound_pending_max=2)
+    esme, _smsc = bound_pair(inbound_pending_max=2)
     for i in range(3):
         esme.receive_data(encode(DeliverSm(sequence_number=100 + i)), 0.0)
     out = esme.data_to_send()
@@ -232,14 +232,14 @@ def test_inbound_flood_is_throttled() -> None:
 
 
 def test_sequence_numbers_wrap() -> None:
-    esme, smsc = bound_pair()
+    esme, _smsc = bound_pair()
     esme._next_seq = 0x7FFFFFFF
     assert esme.send_request(SubmitSm(), 0.0) == 0x7FFFFFFF
     assert esme.send_request(SubmitSm(), 0.0) == 1
 
 
 def test_connection_lost_fails_pending() -> None:
-    esme, smsc = bound_pair(window_max=1)
+    esme, _smsc = bound_pair(window_max=1)
     esme.send_request(SubmitSm(), 0.0)
     esme.send_request(SubmitSm(), 0.0)
     events = esme.connection_lost()
