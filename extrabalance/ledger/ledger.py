@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from extrabalance.ledger import store
 from extrabalance.ledger.db import connect
@@ -54,8 +54,9 @@ class Ledger:
             batch_window_ms=batch_window_ms,
             write_queue_max=write_queue_max,
         )
-        self._readers = ThreadPoolExecutor(max_workers=readers_max,
-                                           thread_name_prefix="ledger-reader")
+        self._readers = ThreadPoolExecutor(
+            max_workers=readers_max, thread_name_prefix="ledger-reader"
+        )
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -106,7 +107,7 @@ class Ledger:
     async def close(self) -> None:
         await asyncio.to_thread(self.close_sync)
 
-    async def __aenter__(self) -> Ledger:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -133,8 +133,14 @@ def load_subscriber(
     loans = open_loans(conn, msisdn)
     pending = has_unsettled(conn, msisdn)
     if row is None:
-        state = SubscriberState(msisdn, None, loans, operation_pending=pending,
-                                language=default_language, balance_minor=balance_minor)
+        state = SubscriberState(
+            msisdn,
+            None,
+            loans,
+            operation_pending=pending,
+            language=default_language,
+            balance_minor=balance_minor,
+        )
         return LoadedSubscriber(state, False, None)
     profile = None
     if row[0] is not None:
@@ -183,8 +189,11 @@ def set_preferences(
 ) -> None:
     ensure_subscriber(conn, msisdn, now)
     # Column names come from this fixed table, never from input.
-    changes = {"auto_advance_opt_in": auto_advance, "ads_opt_out": ads_opt_out,
-               "language": language}
+    changes = {
+        "auto_advance_opt_in": auto_advance,
+        "ads_opt_out": ads_opt_out,
+        "language": language,
+    }
     for column, value in changes.items():
         if value is None:
             continue
@@ -195,8 +204,15 @@ def set_preferences(
         )
 
 
-def audit(conn: sqlite3.Connection, msisdn: str, action: str, who: str, why: str,
-          now: datetime, detail: Mapping[str, Any] | None = None) -> None:
+def audit(
+    conn: sqlite3.Connection,
+    msisdn: str,
+    action: str,
+    who: str,
+    why: str,
+    now: datetime,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
     conn.execute(
         "INSERT INTO audit (audit_id, msisdn, action, who, why, detail, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -204,8 +220,9 @@ def audit(conn: sqlite3.Connection, msisdn: str, action: str, who: str, why: str
     )
 
 
-def set_bar(conn: sqlite3.Connection, msisdn: str, barred: bool, reason: str | None,
-            who: str, now: datetime) -> None:
+def set_bar(
+    conn: sqlite3.Connection, msisdn: str, barred: bool, reason: str | None, who: str, now: datetime
+) -> None:
     ensure_subscriber(conn, msisdn, now)
     conn.execute(
         "UPDATE subscribers SET barred_manual = ?, barred_reason = ?, updated_at = ?"
@@ -223,8 +240,9 @@ def idempotent_get(conn: sqlite3.Connection, key: str) -> dict[str, Any] | None:
     return json.loads(row[0]) if row else None
 
 
-def idempotent_put(conn: sqlite3.Connection, key: str, outcome: Mapping[str, Any],
-                   now: datetime) -> None:
+def idempotent_put(
+    conn: sqlite3.Connection, key: str, outcome: Mapping[str, Any], now: datetime
+) -> None:
     """Record the first outcome; a later write for the same key keeps the first."""
     conn.execute(
         "INSERT INTO idempotency (key, outcome, created_at) VALUES (?, ?, ?)"
@@ -233,8 +251,9 @@ def idempotent_put(conn: sqlite3.Connection, key: str, outcome: Mapping[str, Any
     )
 
 
-def idempotent_replace(conn: sqlite3.Connection, key: str, outcome: Mapping[str, Any],
-                       now: datetime) -> None:
+def idempotent_replace(
+    conn: sqlite3.Connection, key: str, outcome: Mapping[str, Any], now: datetime
+) -> None:
     """Overwrite a provisional outcome (PENDING) once the operation settled."""
     conn.execute(
         "INSERT INTO idempotency (key, outcome, created_at) VALUES (?, ?, ?)"
@@ -327,8 +346,9 @@ def _loan(row: tuple[Any, ...]) -> LoanRow:
 
 
 def get_loan(conn: sqlite3.Connection, loan_id: str) -> LoanRow | None:
-    row = conn.execute(f"SELECT {_LOAN_COLUMNS} FROM loans WHERE loan_id = ?",
-                       (loan_id,)).fetchone()
+    row = conn.execute(
+        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE loan_id = ?", (loan_id,)
+    ).fetchone()
     return _loan(row) if row else None
 
 
@@ -354,8 +374,21 @@ def insert_loan(
         "INSERT INTO loans (loan_id, msisdn, tier_id, principal_minor, fee_minor, state,"
         " channel, idempotency_key, in_node, diameter_session_id, request_number,"
         " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (loan_id, msisdn, tier_id, principal_minor, fee_minor, state, channel,
-         idempotency_key, in_node, session_id, request_number, ts(now), ts(now)),
+        (
+            loan_id,
+            msisdn,
+            tier_id,
+            principal_minor,
+            fee_minor,
+            state,
+            channel,
+            idempotency_key,
+            in_node,
+            session_id,
+            request_number,
+            ts(now),
+            ts(now),
+        ),
     )
     if state == ACTIVE:
         _disburse(conn, loan_id, now)
@@ -368,11 +401,16 @@ def _disburse(conn: sqlite3.Connection, loan_id: str, now: datetime) -> None:
     assert loan is not None
     post(
         conn,
-        [("principal_receivable", loan.principal_minor),
-         ("disbursed_float", -loan.principal_minor),
-         ("fee_receivable", loan.fee_minor),
-         ("fee_income", -loan.fee_minor)],
-        msisdn=loan.msisdn, memo="disburse", now=now, loan_id=loan_id,
+        [
+            ("principal_receivable", loan.principal_minor),
+            ("disbursed_float", -loan.principal_minor),
+            ("fee_receivable", loan.fee_minor),
+            ("fee_income", -loan.fee_minor),
+        ],
+        msisdn=loan.msisdn,
+        memo="disburse",
+        now=now,
+        loan_id=loan_id,
     )
     # A loan taken while an older one is still open counts toward the bad-debt bar.
     older_open = conn.execute(
@@ -387,8 +425,14 @@ def _disburse(conn: sqlite3.Connection, loan_id: str, now: datetime) -> None:
         )
 
 
-def settle_loan(conn: sqlite3.Connection, loan_id: str, new_state: str, now: datetime,
-                *, result_code: int | None = None) -> LoanRow:
+def settle_loan(
+    conn: sqlite3.Connection,
+    loan_id: str,
+    new_state: str,
+    now: datetime,
+    *,
+    result_code: int | None = None,
+) -> LoanRow:
     """Move an unsettled loan to ACTIVE, FAILED or UNKNOWN. Idempotent for the same state."""
     loan = get_loan(conn, loan_id)
     if loan is None:
@@ -409,8 +453,9 @@ def settle_loan(conn: sqlite3.Connection, loan_id: str, new_state: str, now: dat
     return result
 
 
-def note_resolve_attempt(conn: sqlite3.Connection, table: str, key: str, review_after: int,
-                         now: datetime) -> bool:
+def note_resolve_attempt(
+    conn: sqlite3.Connection, table: str, key: str, review_after: int, now: datetime
+) -> bool:
     """Count a resolver attempt; flag for manual review past the bound. True if flagged."""
     id_column = {"loans": "loan_id", "recoveries": "recovery_id"}[table]
     conn.execute(
@@ -418,12 +463,19 @@ def note_resolve_attempt(conn: sqlite3.Connection, table: str, key: str, review_
         f" WHERE {id_column} = ?",
         (ts(now), key),
     )
-    row = conn.execute(f"SELECT resolve_attempts, msisdn FROM {table} WHERE {id_column} = ?",
-                       (key,)).fetchone()
+    row = conn.execute(
+        f"SELECT resolve_attempts, msisdn FROM {table} WHERE {id_column} = ?", (key,)
+    ).fetchone()
     if row[0] >= review_after:
         conn.execute(f"UPDATE {table} SET needs_review = 1 WHERE {id_column} = ?", (key,))
-        audit(conn, row[1], "review", "resolver", f"{table} {key} unresolved after "
-              f"{row[0]} attempts", now)
+        audit(
+            conn,
+            row[1],
+            "review",
+            "resolver",
+            f"{table} {key} unresolved after {row[0]} attempts",
+            now,
+        )
         return True
     return False
 
@@ -444,14 +496,31 @@ def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -
         return 0
     fee_left = loan.fee_minor - loan.fee_repaid_minor
     principal_left = loan.principal_minor - loan.principal_repaid_minor
-    post(conn,
-         [("written_off", fee_left + principal_left), ("fee_receivable", -fee_left),
-          ("principal_receivable", -principal_left)],
-         msisdn=loan.msisdn, memo="write_off", now=now, loan_id=loan_id)
-    conn.execute("UPDATE loans SET state = ?, updated_at = ? WHERE loan_id = ?",
-                 (WRITTEN_OFF, ts(now), loan_id))
-    audit(conn, loan.msisdn, "write_off", who, f"loan {loan_id} aged", now,
-          {"loan_id": loan_id, "amount_minor": fee_left + principal_left})
+    post(
+        conn,
+        [
+            ("written_off", fee_left + principal_left),
+            ("fee_receivable", -fee_left),
+            ("principal_receivable", -principal_left),
+        ],
+        msisdn=loan.msisdn,
+        memo="write_off",
+        now=now,
+        loan_id=loan_id,
+    )
+    conn.execute(
+        "UPDATE loans SET state = ?, updated_at = ? WHERE loan_id = ?",
+        (WRITTEN_OFF, ts(now), loan_id),
+    )
+    audit(
+        conn,
+        loan.msisdn,
+        "write_off",
+        who,
+        f"loan {loan_id} aged",
+        now,
+        {"loan_id": loan_id, "amount_minor": fee_left + principal_left},
+    )
     return fee_left + principal_left
 
 
@@ -490,33 +559,52 @@ def _recovery(row: tuple[Any, ...]) -> RecoveryRow:
 
 
 def get_recovery(conn: sqlite3.Connection, recovery_id: str) -> RecoveryRow | None:
-    row = conn.execute(f"SELECT {_RECOVERY_COLUMNS} FROM recoveries WHERE recovery_id = ?",
-                       (recovery_id,)).fetchone()
+    row = conn.execute(
+        f"SELECT {_RECOVERY_COLUMNS} FROM recoveries WHERE recovery_id = ?", (recovery_id,)
+    ).fetchone()
     return _recovery(row) if row else None
 
 
 def recovery_by_event(conn: sqlite3.Connection, event_id: str) -> RecoveryRow | None:
-    row = conn.execute(f"SELECT {_RECOVERY_COLUMNS} FROM recoveries WHERE event_id = ?",
-                       (event_id,)).fetchone()
+    row = conn.execute(
+        f"SELECT {_RECOVERY_COLUMNS} FROM recoveries WHERE event_id = ?", (event_id,)
+    ).fetchone()
     return _recovery(row) if row else None
 
 
-def insert_recovery(conn: sqlite3.Connection, *, event_id: str, msisdn: str,
-                    recharge_minor: int, balance_after_minor: int | None, in_node: str | None,
-                    now: datetime) -> str:
+def insert_recovery(
+    conn: sqlite3.Connection,
+    *,
+    event_id: str,
+    msisdn: str,
+    recharge_minor: int,
+    balance_after_minor: int | None,
+    in_node: str | None,
+    now: datetime,
+) -> str:
     recovery_id = new_id()
     conn.execute(
         "INSERT INTO recoveries (recovery_id, event_id, msisdn, recharge_minor,"
         " balance_after_minor, requested_minor, state, in_node, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
-        (recovery_id, event_id, msisdn, recharge_minor, balance_after_minor, RECOVERING,
-         in_node, ts(now), ts(now)),
+        (
+            recovery_id,
+            event_id,
+            msisdn,
+            recharge_minor,
+            balance_after_minor,
+            RECOVERING,
+            in_node,
+            ts(now),
+            ts(now),
+        ),
     )
     return recovery_id
 
 
-def start_recovery_attempt(conn: sqlite3.Connection, recovery_id: str, session_id: str,
-                           requested_minor: int, now: datetime) -> int:
+def start_recovery_attempt(
+    conn: sqlite3.Connection, recovery_id: str, session_id: str, requested_minor: int, now: datetime
+) -> int:
     """Record the next DIRECT_DEBITING before it is sent; returns its attempt number."""
     conn.execute(
         "UPDATE recoveries SET attempts = attempts + 1, diameter_session_id = ?,"
@@ -524,8 +612,9 @@ def start_recovery_attempt(conn: sqlite3.Connection, recovery_id: str, session_i
         " WHERE recovery_id = ?",
         (session_id, requested_minor, RECOVERING, ts(now), recovery_id),
     )
-    attempt_no = conn.execute("SELECT attempts FROM recoveries WHERE recovery_id = ?",
-                              (recovery_id,)).fetchone()[0]
+    attempt_no = conn.execute(
+        "SELECT attempts FROM recoveries WHERE recovery_id = ?", (recovery_id,)
+    ).fetchone()[0]
     conn.execute(
         "INSERT INTO recovery_attempts (recovery_id, attempt_no, diameter_session_id,"
         " requested_minor, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -534,8 +623,9 @@ def start_recovery_attempt(conn: sqlite3.Connection, recovery_id: str, session_i
     return int(attempt_no)
 
 
-def note_recovery_attempt(conn: sqlite3.Connection, recovery_id: str, outcome: str,
-                          result_code: int | None) -> None:
+def note_recovery_attempt(
+    conn: sqlite3.Connection, recovery_id: str, outcome: str, result_code: int | None
+) -> None:
     conn.execute(
         "UPDATE recovery_attempts SET outcome = ?, result_code = ? WHERE recovery_id = ?"
         " AND attempt_no = (SELECT attempts FROM recoveries WHERE recovery_id = ?)",
@@ -543,14 +633,22 @@ def note_recovery_attempt(conn: sqlite3.Connection, recovery_id: str, outcome: s
     )
 
 
-def set_recovery_state(conn: sqlite3.Connection, recovery_id: str, state: str,
-                       now: datetime) -> None:
-    conn.execute("UPDATE recoveries SET state = ?, updated_at = ? WHERE recovery_id = ?",
-                 (state, ts(now), recovery_id))
+def set_recovery_state(
+    conn: sqlite3.Connection, recovery_id: str, state: str, now: datetime
+) -> None:
+    conn.execute(
+        "UPDATE recoveries SET state = ?, updated_at = ? WHERE recovery_id = ?",
+        (state, ts(now), recovery_id),
+    )
 
 
-def settle_recovery(conn: sqlite3.Connection, recovery_id: str, debited_minor: int,
-                    policy: RecoveryPolicy, now: datetime) -> tuple[Recovery, int]:
+def settle_recovery(
+    conn: sqlite3.Connection,
+    recovery_id: str,
+    debited_minor: int,
+    policy: RecoveryPolicy,
+    now: datetime,
+) -> tuple[Recovery, int]:
     """Apply what the IN debited: journal, loans, bad-debt reset. Returns (split, debt left).
 
     Idempotent: a recovery already DONE returns its recorded split again without
@@ -565,23 +663,37 @@ def settle_recovery(conn: sqlite3.Connection, recovery_id: str, debited_minor: i
     owed = sum(x.owed_minor for x in loans)
     if debited_minor > owed or debited_minor < 0:
         raise LedgerInvariantError(
-            f"recovery {recovery_id}: IN debited {debited_minor}, owed {owed}")
+            f"recovery {recovery_id}: IN debited {debited_minor}, owed {owed}"
+        )
     allocation = split(loans, debited_minor, policy, owed)
     by_id = {x.loan_id: x for x in loans}
     for part in allocation.parts:
         loan = by_id[part.loan_id]
-        post(conn,
-             [("recovered_cash", part.total_minor), ("fee_receivable", -part.fee_minor),
-              ("principal_receivable", -part.principal_minor)],
-             msisdn=rec.msisdn, memo="recover", now=now, loan_id=part.loan_id,
-             recovery_id=recovery_id)
+        post(
+            conn,
+            [
+                ("recovered_cash", part.total_minor),
+                ("fee_receivable", -part.fee_minor),
+                ("principal_receivable", -part.principal_minor),
+            ],
+            msisdn=rec.msisdn,
+            memo="recover",
+            now=now,
+            loan_id=part.loan_id,
+            recovery_id=recovery_id,
+        )
         cleared = part.total_minor == loan.owed_minor
         conn.execute(
             "UPDATE loans SET fee_repaid_minor = fee_repaid_minor + ?,"
             " principal_repaid_minor = principal_repaid_minor + ?, state = ?, updated_at = ?"
             " WHERE loan_id = ?",
-            (part.fee_minor, part.principal_minor, REPAID if cleared else PARTIALLY_REPAID,
-             ts(now), part.loan_id),
+            (
+                part.fee_minor,
+                part.principal_minor,
+                REPAID if cleared else PARTIALLY_REPAID,
+                ts(now),
+                part.loan_id,
+            ),
         )
     conn.execute(
         "UPDATE recoveries SET recovered_minor = ?, state = ?, updated_at = ?"
@@ -591,8 +703,7 @@ def settle_recovery(conn: sqlite3.Connection, recovery_id: str, debited_minor: i
     if allocation.clears_all:
         # A full payback lifts the bad-debt bar.
         conn.execute(
-            "UPDATE subscribers SET loans_since_full_payback = 0, updated_at = ?"
-            " WHERE msisdn = ?",
+            "UPDATE subscribers SET loans_since_full_payback = 0, updated_at = ? WHERE msisdn = ?",
             (ts(now), rec.msisdn),
         )
     return allocation, owed - debited_minor
@@ -608,8 +719,9 @@ def unsettled_recoveries(conn: sqlite3.Connection, limit: int) -> list[RecoveryR
     return [_recovery(r) for r in rows]
 
 
-def write_off_candidates(conn: sqlite3.Connection, before: datetime, limit: int
-                         ) -> list[tuple[str, str]]:
+def write_off_candidates(
+    conn: sqlite3.Connection, before: datetime, limit: int
+) -> list[tuple[str, str]]:
     """(msisdn, loan_id) of open loans created before `before`, oldest first."""
     rows = conn.execute(
         "SELECT msisdn, loan_id FROM loans WHERE state IN (?, ?) AND created_at < ?"

@@ -23,17 +23,26 @@ def subscriber_view(conn: sqlite3.Connection, msisdn: str) -> dict[str, Any]:
     sub = subs[0] if subs else None
     if sub and sub.get("attributes"):
         sub["attributes"] = json.loads(sub["attributes"])
-    loans = _rows(conn.execute(
-        "SELECT * FROM loans WHERE msisdn = ? ORDER BY created_at", (msisdn,)))
-    recoveries = _rows(conn.execute(
-        "SELECT * FROM recoveries WHERE msisdn = ? ORDER BY created_at", (msisdn,)))
-    journal = _rows(conn.execute(
-        "SELECT tx_id, line_no, account, amount_minor, loan_id, recovery_id, memo, created_at"
-        " FROM journal WHERE msisdn = ? ORDER BY created_at DESC, tx_id, line_no LIMIT ?",
-        (msisdn, JOURNAL_LINES_MAX)))
-    audit = _rows(conn.execute(
-        "SELECT action, who, why, detail, created_at FROM audit WHERE msisdn = ?"
-        " ORDER BY created_at DESC LIMIT ?", (msisdn, AUDIT_LINES_MAX)))
+    loans = _rows(
+        conn.execute("SELECT * FROM loans WHERE msisdn = ? ORDER BY created_at", (msisdn,))
+    )
+    recoveries = _rows(
+        conn.execute("SELECT * FROM recoveries WHERE msisdn = ? ORDER BY created_at", (msisdn,))
+    )
+    journal = _rows(
+        conn.execute(
+            "SELECT tx_id, line_no, account, amount_minor, loan_id, recovery_id, memo, created_at"
+            " FROM journal WHERE msisdn = ? ORDER BY created_at DESC, tx_id, line_no LIMIT ?",
+            (msisdn, JOURNAL_LINES_MAX),
+        )
+    )
+    audit = _rows(
+        conn.execute(
+            "SELECT action, who, why, detail, created_at FROM audit WHERE msisdn = ?"
+            " ORDER BY created_at DESC LIMIT ?",
+            (msisdn, AUDIT_LINES_MAX),
+        )
+    )
     debt = store.debt_from_journal(conn, msisdn)
     return {
         "msisdn": msisdn,

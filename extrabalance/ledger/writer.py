@@ -100,7 +100,7 @@ class GroupCommitWriter:
         try:
             conn = connect(self.path, synchronous=self._synchronous)
             migrate(conn)
-        except BaseException as exc:  # surfaced to the constructor
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the constructor
             self._start_error = exc
             self._ready.set()
             return
@@ -124,8 +124,11 @@ class GroupCommitWriter:
         while len(batch) < self.batch_ops_max:
             try:
                 remaining = deadline - time.monotonic()
-                item = self._queue.get(timeout=remaining) if remaining > 0 else \
-                    self._queue.get_nowait()
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 return False
             if item is _STOP:
