@@ -1,0 +1,407 @@
+"""The node's MQTT subscriber for recharge events: at-least-once, ack after commit.
+
+What this file owns: one persistent MQTT session per node (fixed client id, clean
+session off, QoS 1), the rule that a message is acknowledged only after the node has
+durably recorded it, dead-lettering of payloads that are not recharge events, and
+reconnection. It does not decide anything about money: ``handle(event)`` (the service
+layer) does, and it must be idempotent by ``event_id``.
+
+Theory of operation
+-------------------
+* **Ack after commit.** aiomqtt (like paho by default) sends PUBACK as soon as a
+  PUBLISH arrives, so a crash between receipt and commit loses the message: the broker
+  has already forgotten it. We switch the underlying paho client to manual
+  acknowledgement and send PUBACK ourselves once ``handle(event)`` has returned, which
+  by contract is after the ledger commit. A crash before that point leaves the message
+  unacknowledged in the broker's persistent session, and the broker re-sends it when
+  the node reconnects with the same client id.
+* **Why we reach into aiomqtt.** aiomqtt 2.x builds its paho client internally and has
+  no option for manual acks; paho 2.x has ``Client.manual_ack_set(True)`` and
+  ``Client.ack(mid, qos)``. aiomqtt keeps the paho client in ``Client._client`` and
+  runs all of paho's socket I/O on the asyncio loop, so calling those two public paho
+  methods on it from the loop is safe. That single private attribute access is
+  isolated in :func:`_paho_of`; the test suite exercises it against a real broker,
+  so an aiomqtt upgrade that moves it fails loudly rather than silently auto-acking.
+* **Acks in order of receipt.** MQTT 3.1.1 §4.6 requires a client to send PUBACKs in
+  the order the PUBLISH packets were received. Handlers run concurrently (at most
+  ``inflight_max``), but the acker walks the messages in receipt order and acks each
+  one only when its own handler and every earlier one have finished.
+* **A handler that raises (or exceeds ``handle_timeout_s``).** Its message is not
+  acknowledged, and neither is anything received after it (in-order rule). We stop
+  taking messages, let the running handlers finish, disconnect, and reconnect after a
+  jittered backoff; the broker then re-sends everything unacknowledged, the failed
+  message first. We chose reconnecting over keeping the message pending in memory
+  because (a) with in-order acks a pending message blocks every later ack anyway and
+  the broker's in-flight window fills up behind it, (b) a failing handler almost always
+  means the ledger is unavailable, where backing off is the right reaction, and
+  (c) redelivery then follows exactly the path a crash follows, so that path is
+  exercised all the time instead of only in disasters. Handlers that already
+  committed later messages will see them again: that is the at-least-once contract.
+* **Duplicates are normal.** Every redelivery (after a crash, a handler failure, a
+  lost connection, a broker restart) can repeat events the ledger has already
+  committed. ``handle`` must treat a known ``event_id`` as done and return normally.
+* **Invalid payloads** are logged with the reason, counted, published to the
+  dead-letter topic (QoS 1, waiting for the broker's PUBACK) as JSON
+  ``{"reason", "topic", "payload_b64"}``, and only then acknowledged. Messages on the
+  dead-letter topic itself are acknowledged and skipped: the default subscription
+  ``extrabalance/recharge/+`` matches it, and re-dead-lettering our own output would
+  loop forever.
+* **The session must exist before publishers start.** With clean session off the
+  broker queues QoS 1 messages for this client id while it is offline, but only once
+  the subscription exists: a node connects once before the IN's first recharge is
+  expected. The broker must not drop queued messages either (``max_queued_messages 0``
+  in Mosquitto; its default of 1000 drops messages to a slow or absent node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from extrabalance.recharge.events import InvalidRecharge, RechargeEvent, parse_recharge
+
+__all__ = ["MqttSettings", "RechargeListener"]
+
+log = structlog.get_logger(__name__)
+
+MQTT_V311 = 4
+MQTT_V5 = 5
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """How the node reaches its broker. Defaults match PROTOCOLS.md."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "extrabalance-node-1"  # fixed per node: it names the persistent session
+    topics: tuple[str, ...] = ("extrabalance/recharge/+",)
+    dead_letter_topic: str = "extrabalance/recharge/dead"
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None  # None with tls=True: the system's trust store
+    keepalive_s: int = 30
+    reconnect_backoff_initial_s: float = 0.5
+    reconnect_backoff_max_s: float = 30.0
+    # Messages received and not yet acknowledged, handled concurrently. Mosquitto sends
+    # at most its own max_inflight_messages (default 20) unacknowledged QoS 1 messages
+    # to one client, so a larger value only helps with a broker configured larger.
+    # On MQTT 5 it is also sent to the broker as Receive Maximum.
+    inflight_max: int = 20
+    protocol_version: int = MQTT_V311  # 4 = MQTT 3.1.1, 5 = MQTT 5
+    # MQTT 5 only: how long the broker keeps the session (and queued messages) while
+    # the node is away. 3.1.1 sessions with clean session off never expire.
+    session_expiry_s: int = 7 * 24 * 3600
+    handle_timeout_s: float = 60.0  # a handler slower than this counts as failed
+    connect_timeout_s: float = 10.0  # CONNACK, SUBACK and dead-letter PUBACK waits
+    drain_timeout_s: float = 30.0  # on stop or disconnect: wait for running handlers
+
+    def __post_init__(self) -> None:
+        if not self.client_id:
+            raise ValueError("MqttSettings.client_id must be set: it names the session")
+        if not self.topics:
+            raise ValueError("MqttSettings.topics must name at least one topic filter")
+        if any(ch in self.dead_letter_topic for ch in "+#") or not self.dead_letter_topic:
+            raise ValueError("MqttSettings.dead_letter_topic must be a topic name, not a filter")
+        if self.protocol_version not in (MQTT_V311, MQTT_V5):
+            raise ValueError("MqttSettings.protocol_version must be 4 (3.1.1) or 5")
+        if not 1 <= self.inflight_max <= 65535:
+            raise ValueError("MqttSettings.inflight_max must be in 1..65535")
+        if self.session_expiry_s <= 0:
+            raise ValueError("MqttSettings.session_expiry_s must be > 0 (persistent session)")
+        if not 0 < self.reconnect_backoff_initial_s <= self.reconnect_backoff_max_s:
+            raise ValueError("reconnect backoff must satisfy 0 < initial <= max")
+
+
+class _HandlerFailed(Exception):
+    """The handler of the oldest unacknowledged message raised; reconnect to redeliver."""
+
+
+@dataclass(slots=True)
+class _Delivery:
+    message: aiomqtt.Message
+    task: asyncio.Task[None]
+
+
+def _paho_of(client: aiomqtt.Client) -> paho.Client:
+    # The one place we touch aiomqtt's internals; see "Why we reach into aiomqtt".
+    inner = getattr(client, "_client", None)
+    if not isinstance(inner, paho.Client):
+        raise TypeError("aiomqtt no longer exposes its paho client; manual acks impossible")
+    return inner
+
+
+def _subscription_refused(granted: Any) -> bool:
+    # MQTT 3.1.1 SUBACK returns granted QoS ints (0x80 = failure); MQTT 5 returns
+    # reason codes where >= 0x80 is a failure. Granted QoS 0 would mean no acks at all.
+    for code in granted:
+        value = code.value if hasattr(code, "value") else int(code)
+        if value >= 0x80 or value < 1:
+            return True
+    return False
+
+
+class RechargeListener:
+    """Subscribes to recharge events and feeds them to ``handle``, acking after it.
+
+    ``handle(event)`` must return only once the event is durably recorded, and must
+    treat an ``event_id`` it has already recorded as done (duplicates are expected).
+    ``on_invalid(payload, topic, reason)`` is told about every payload that was not a
+    recharge event, before it is dead-lettered.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        handle: Callable[[RechargeEvent], Awaitable[None]],
+        *,
+        expected_currency: str,
+        on_invalid: Callable[[bytes, str, str], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._handle = handle
+        self._expected_currency = expected_currency
+        self._on_invalid = on_invalid
+        self._stopping = asyncio.Event()
+        self._running = False
+        self._connected = False
+        self._counts = {
+            "received": 0,  # deliveries of recharge-topic messages, duplicates included
+            "handled": 0,  # handle(event) returned
+            "invalid": 0,  # payloads that were not recharge events
+            "dead_lettered": 0,  # invalid payloads the broker accepted on the dead topic
+            "acked": 0,  # PUBACKs sent
+            "handler_failures": 0,  # handle raised or timed out (message redelivered)
+            "reconnects": 0,
+        }
+
+    # -- public -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; reconnect with jittered backoff on any failure."""
+        if self._running:
+            raise RuntimeError("RechargeListener.run() is already running")
+        self._running = True
+        self._stopping.clear()
+        attempt = 0
+        try:
+            while not self._stopping.is_set():
+                started = time.monotonic()
+                acked_before = self._counts["acked"]
+                try:
+                    await self._session()
+                except _HandlerFailed as exc:
+                    log.warning("recharge.handler_failed_reconnecting", error=str(exc))
+                except (aiomqtt.MqttError, OSError) as exc:
+                    log.warning("recharge.mqtt_connection_lost", error=repr(exc))
+                finally:
+                    self._connected = False
+                if self._stopping.is_set():
+                    break
+                # Reset the backoff only after a session that made progress or lived
+                # long, so a handler failing on every redelivery backs off properly.
+                progressed = self._counts["acked"] > acked_before
+                lived_s = time.monotonic() - started
+                if progressed or lived_s >= self._settings.reconnect_backoff_max_s:
+                    attempt = 0
+                delay_s = self._backoff_s(attempt)
+                attempt += 1
+                self._counts["reconnects"] += 1
+                log.info("recharge.reconnect_scheduled", delay_s=round(delay_s, 3))
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
+                except TimeoutError:
+                    pass
+        finally:
+            self._running = False
+
+    async def stop(self) -> None:
+        """Ask :meth:`run` to finish: running handlers complete and are acked first."""
+        self._stopping.set()
+
+    def stats(self) -> dict[str, int | bool]:
+        """Counters since construction, plus whether a session is up right now."""
+        return {**self._counts, "connected": self._connected}
+
+    # -- one connection -----------------------------------------------------------
+
+    def _backoff_s(self, attempt: int) -> float:
+        cap_s = min(
+            self._settings.reconnect_backoff_max_s,
+            self._settings.reconnect_backoff_initial_s * (2 ** min(attempt, 30)),
+        )
+        # "Equal jitter": at least half the cap, so a fleet of nodes restarted together
+        # spreads out without any of them hammering the broker at ~0 s.
+        return cap_s / 2 + random.uniform(0, cap_s / 2)
+
+    def _client(self) -> aiomqtt.Client:
+        s = self._settings
+        tls_context = ssl.create_default_context(cafile=s.ca_file) if s.tls else None
+        kwargs: dict[str, Any] = {}
+        if s.protocol_version == MQTT_V5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = s.session_expiry_s
+            properties.ReceiveMaximum = s.inflight_max
+            kwargs.update(
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False,  # resume the session every time, first connect included
+                properties=properties,
+            )
+        else:
+            kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=False)
+        client = aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=s.client_id,
+            username=s.username,
+            password=s.password,
+            keepalive=s.keepalive_s,
+            timeout=s.connect_timeout_s,
+            tls_context=tls_context,
+            **kwargs,
+        )
+        _paho_of(client).manual_ack_set(True)
+        return client
+
+    async def _session(self) -> None:
+        s = self._settings
+        client = self._client()
+        async with client:
+            granted = await client.subscribe([(topic, 1) for topic in s.topics])
+            if _subscription_refused(granted):
+                raise aiomqtt.MqttError(f"broker refused QoS 1 subscription: {granted!r}")
+            self._connected = True
+            log.info("recharge.subscribed", client_id=s.client_id, topics=list(s.topics))
+            await self._pump(client)
+
+    async def _pump(self, client: aiomqtt.Client) -> None:
+        """Run handlers concurrently and ack in receipt order until stop or failure."""
+        window = asyncio.Semaphore(self._settings.inflight_max)
+        deliveries: deque[_Delivery] = deque()
+        arrived = asyncio.Event()
+        all_acked = asyncio.Event()  # set whenever nothing received is left unacked
+        all_acked.set()
+        paho_client = _paho_of(client)
+
+        async def read() -> None:
+            async for message in client.messages:
+                await window.acquire()
+                task = asyncio.create_task(self._process(client, message))
+                deliveries.append(_Delivery(message, task))
+                all_acked.clear()
+                arrived.set()
+
+        async def ack_in_order() -> None:
+            while True:
+                while not deliveries:
+                    all_acked.set()
+                    arrived.clear()
+                    await arrived.wait()
+                head = deliveries[0]
+                await asyncio.wait([head.task])
+                if head.task.cancelled() or head.task.exception() is not None:
+                    error = None if head.task.cancelled() else head.task.exception()
+                    raise _HandlerFailed(repr(error))
+                if head.message.qos > 0:
+                    rc = paho_client.ack(head.message.mid, head.message.qos)
+                    if rc != paho.MQTT_ERR_SUCCESS:
+                        raise aiomqtt.MqttCodeError(rc, "could not send PUBACK")
+                    self._counts["acked"] += 1
+                deliveries.popleft()
+                window.release()
+
+        reader = asyncio.create_task(read())
+        acker = asyncio.create_task(ack_in_order())
+        stopper = asyncio.create_task(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {reader, acker, stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
+            reader.cancel()  # take no new messages, whatever happened
+            await asyncio.gather(reader, return_exceptions=True)
+            if stopper in done and not acker.done():
+                # Graceful stop: let the running handlers finish and ack them.
+                drained = asyncio.create_task(all_acked.wait())
+                await asyncio.wait(
+                    [acker, drained],
+                    timeout=self._settings.drain_timeout_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                drained.cancel()
+        finally:
+            for task in (reader, acker, stopper):
+                task.cancel()
+            await asyncio.gather(reader, acker, stopper, return_exceptions=True)
+            # Whatever is left unacknowledged will be redelivered; wait for its
+            # handlers so a redelivery never runs beside the first attempt.
+            running = [d.task for d in deliveries if not d.task.done()]
+            if running:
+                _, late = await asyncio.wait(running, timeout=self._settings.drain_timeout_s)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+            for delivery in deliveries:  # mark failures as seen (they were logged)
+                if delivery.task.done() and not delivery.task.cancelled():
+                    delivery.task.exception()
+        for task in (reader, acker):
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
+
+    async def _process(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        if topic == self._settings.dead_letter_topic:
+            return  # our own dead letters, matched by the wildcard: ack and skip
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        self._counts["received"] += 1
+        try:
+            event = parse_recharge(payload, expected_currency=self._expected_currency)
+        except InvalidRecharge as exc:
+            await self._dead_letter(client, payload, topic, exc.reason)
+            return
+        try:
+            await asyncio.wait_for(self._handle(event), timeout=self._settings.handle_timeout_s)
+        except Exception:
+            self._counts["handler_failures"] += 1
+            log.warning(
+                "recharge.handler_raised", event_id=event.event_id, topic=topic, exc_info=True
+            )
+            raise
+        self._counts["handled"] += 1
+
+    async def _dead_letter(
+        self, client: aiomqtt.Client, payload: bytes, topic: str, reason: str
+    ) -> None:
+        self._counts["invalid"] += 1
+        # The payload itself may hold an MSISDN: log its size, keep it on the dead topic.
+        log.warning("recharge.invalid_payload", reason=reason, topic=topic, size=len(payload))
+        if self._on_invalid is not None:
+            try:
+                self._on_invalid(payload, topic, reason)
+            except Exception:
+                log.exception("recharge.on_invalid_raised")
+        body = json.dumps(
+            {
+                "reason": reason,
+                "topic": topic,
+                "payload_b64": base64.b64encode(payload).decode("ascii"),
+            }
+        )
+        # Waits for the broker's PUBACK: the original is acked only once the copy is safe.
+        await client.publish(self._settings.dead_letter_topic, body, qos=1)
+        self._counts["dead_lettered"] += 1
