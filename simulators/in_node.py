@@ -430,3 +430,27 @@ def find_node(specs: Mapping[str, InNodeSpec], msisdn: str) -> InNodeSpec | None
         if spec.owns(msisdn):
             return spec
     return None
+
+
+# --- The Diameter glue ----------------------------------------------------------------
+
+NODE_PEER_GROUP = "node"  # the peer group each IN node uses to reach the Extra Balance node
+RECHARGE_TOPIC_PREFIX = "extrabalance/recharge"
+
+
+@dataclass(frozen=True, slots=True)
+class NodePeer:
+    """Where the Extra Balance node listens, for out-of-balance CCRs."""
+
+    host: str
+    port: int
+    origin_host: str
+    realm: str
+
+
+@dataclass(frozen=True, slots=True)
+class MqttTarget:
+    host: str
+    port: int
+    topic_prefix: str = RECHARGE_TOPIC_PREFIX
+    client_id_prefix: str = "in-sim"
