@@ -31,11 +31,21 @@ the simulator never imports the node's application, domain or ledger code.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import itertools
 import random
-from collections import OrderedDict, deque
+import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from extrabalance.diameter.codec import Message
+    from extrabalance.recharge.events import RechargeEvent
 
 # --- Result codes this simulator answers with (RFC 6733 §7.1, RFC 4006 §9) ---------
 DIAMETER_SUCCESS = 2001
@@ -79,6 +89,8 @@ class CheckBalanceResult(enum.IntEnum):
     ENOUGH_CREDIT = 0
     NO_CREDIT = 1
 
+
+CMD_CREDIT_CONTROL = 272
 
 # Kinds of entries in the applied ledger besides the three Requested-Actions.
 KIND_OUT_OF_BALANCE_GRANT = "OUT_OF_BALANCE_GRANT"  # the node granted an advance in a CCA
@@ -454,3 +466,408 @@ class MqttTarget:
     port: int
     topic_prefix: str = RECHARGE_TOPIC_PREFIX
     client_id_prefix: str = "in-sim"
+
+
+class InSimulator:
+    """Several simulated IN nodes in one process, each its own Diameter peer.
+
+    Each IN node listens on its own port with its own Origin-Host (the node connects
+    to it as a client for balance operations) and, when `node_peer` is given, connects
+    to the Extra Balance node as a client for out-of-balance requests.
+    """
+
+    def __init__(
+        self,
+        nodes: Iterable[InNodeSpec],
+        node_peer: NodePeer | tuple[str, int, str, str] | None = None,
+        currency_numeric: int = 818,
+        currency_exponent: int = 2,
+        service_context_id: str = "extrabalance@3gpp.org",
+        *,
+        currency: str = "EGP",
+        mqtt: MqttTarget | None = None,
+        faults: InFaults | Mapping[str, InFaults] | None = None,
+        initial_balance_minor: int = 0,
+        answers_max: int = ANSWERS_MAX,
+        watchdog_s: float = 30.0,
+        request_timeout_ms: int = 2000,
+        seed: int | None = None,
+    ) -> None:
+        specs = list(nodes)
+        if not specs:
+            raise ValueError("an IN simulator needs at least one IN node")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"IN node names repeat: {names}")
+        if isinstance(node_peer, tuple):
+            node_peer = NodePeer(*node_peer)
+        self.node_peer = node_peer
+        self.currency = currency
+        self.currency_numeric = currency_numeric
+        self.currency_exponent = currency_exponent
+        self.service_context_id = service_context_id
+        self.mqtt = mqtt
+        self.watchdog_s = watchdog_s
+        self.request_timeout_ms = request_timeout_ms
+        self._rng = random.Random(seed)
+        self._ledger: deque[AppliedOp] = deque(maxlen=APPLIED_MAX)
+        self.specs: dict[str, InNodeSpec] = {s.name: s for s in specs}
+        self.accounts: dict[str, InAccounts] = {
+            s.name: InAccounts(
+                s, initial_balance_minor=initial_balance_minor, answers_max=answers_max,
+                ledger=self._ledger,
+            )
+            for s in specs
+        }
+        self._faults: dict[str, InFaults] = {}
+        for s in specs:
+            if isinstance(faults, InFaults):
+                chosen = InFaults(
+                    faults.answer_delay_ms, faults.drop_share, dict(faults.result_share),
+                    dict(faults.result_msisdns), faults.silent_watchdog,
+                )
+            elif faults is not None and s.name in faults:
+                chosen = faults[s.name]
+            else:
+                chosen = InFaults()
+            chosen.validate()
+            self._faults[s.name] = chosen
+        self._diameter: dict[str, Any] = {}
+        self._ports: dict[str, int] = {}
+        self._publishers: dict[str, Any] = {}
+        self._session_ids: dict[str, Any] = {}
+        self._event_numbers = itertools.count(1)
+        # A restarted simulator must not re-use event ids the node has already seen:
+        # the run's start time (ms, hex) is part of every id.
+        self._event_epoch = f"{int(time.time() * 1000):x}"
+        self.stats: dict[str, Counter[str]] = {s.name: Counter() for s in specs}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> dict[str, int]:
+        """Listen on every IN node's port; connect to the node when `node_peer` is set.
+
+        Returns {IN node name: listening port}.
+        """
+        from extrabalance.diameter.gy import SessionIdGenerator
+
+        for spec in self.specs.values():
+            diameter = self._make_node(spec)
+            self._diameter[spec.name] = diameter
+            self._ports[spec.name] = await diameter.listen(spec.host, spec.port)
+            self._session_ids[spec.name] = SessionIdGenerator(spec.origin_host)
+            if self.node_peer is not None:
+                self._add_node_peer(spec.name, diameter)
+            if self.mqtt is not None:
+                from simulators.recharge_publisher import RechargePublisher
+
+                self._publishers[spec.name] = RechargePublisher(
+                    self.mqtt.host,
+                    self.mqtt.port,
+                    f"{self.mqtt.client_id_prefix}-{spec.name}",
+                    self.mqtt.topic_prefix,
+                )
+        return dict(self._ports)
+
+    async def close(self) -> None:
+        for publisher in self._publishers.values():
+            with contextlib.suppress(Exception):
+                await publisher.close()
+        self._publishers.clear()
+        for diameter in self._diameter.values():
+            result = diameter.close()
+            if asyncio.iscoroutine(result):
+                await result
+        self._diameter.clear()
+
+    async def __aenter__(self) -> InSimulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def ports(self) -> dict[str, int]:
+        return dict(self._ports)
+
+    # -- balances and the ledger -------------------------------------------------------
+
+    def owner(self, msisdn: str) -> InAccounts:
+        """The account book of the IN node serving `msisdn` (KeyError if none does)."""
+        for book in self.accounts.values():
+            if book.owns(msisdn):
+                return book
+        raise KeyError(f"no simulated IN node serves {msisdn}")
+
+    def set_balance(self, msisdn: str, amount_minor: int) -> None:
+        self.owner(msisdn).set_balance(msisdn, amount_minor)
+
+    def balance(self, msisdn: str) -> int:
+        return self.owner(msisdn).balance(msisdn)
+
+    def balances(self) -> dict[str, int]:
+        """Every balance touched so far, all IN nodes together."""
+        out: dict[str, int] = {}
+        for book in self.accounts.values():
+            out.update(book.balances())
+        return out
+
+    def applied(self) -> list[AppliedOp]:
+        """Every operation that got a final answer, grants and recharges, oldest first."""
+        return list(self._ledger)
+
+    def spend(self, msisdn: str, amount_minor: int | None = None) -> int:
+        """Usage eating the balance (all of it by default); returns what was spent."""
+        book = self.owner(msisdn)
+        return book.spend(msisdn, book.balance(msisdn) if amount_minor is None else amount_minor)
+
+    # -- faults, at run time -----------------------------------------------------------
+
+    def _targets(self, node: str | None) -> list[InFaults]:
+        if node is None:
+            return list(self._faults.values())
+        if node not in self._faults:
+            raise KeyError(f"no IN node named {node!r}")
+        return [self._faults[node]]
+
+    def faults(self, node: str) -> InFaults:
+        return self._faults[node]
+
+    def set_delay(self, delay_ms: int, node: str | None = None) -> None:
+        for f in self._targets(node):
+            f.answer_delay_ms = delay_ms
+            f.validate()
+
+    def set_drop_share(self, share: float, node: str | None = None) -> None:
+        """Apply but never answer this share of requests."""
+        for f in self._targets(node):
+            f.drop_share = share
+            f.validate()
+
+    def set_result_share(self, result_code: int, share: float, node: str | None = None) -> None:
+        """Force `result_code` (3002/3004/4010/4012/5030) on this share of requests."""
+        for f in self._targets(node):
+            if share:
+                f.result_share[result_code] = share
+            else:
+                f.result_share.pop(result_code, None)
+            f.validate()
+
+    def force_result(self, msisdn: str, result_code: int | None, node: str | None = None) -> None:
+        """Force `result_code` on every request for `msisdn` (None: stop forcing)."""
+        for f in self._targets(node):
+            if result_code is None:
+                f.result_msisdns.pop(msisdn, None)
+            else:
+                f.result_msisdns[msisdn] = result_code
+            f.validate()
+
+    def set_silent_watchdog(self, silent: bool, node: str | None = None) -> None:
+        """Stop (or resume) answering DWR: the node should find the peer suspect, then down."""
+        for name in [node] if node is not None else list(self._faults):
+            self._targets(name)[0].silent_watchdog = silent
+            diameter = self._diameter.get(name)
+            if diameter is not None:
+                _set_watchdog_silence(diameter, silent)
+
+    def clear_faults(self, node: str | None = None) -> None:
+        for name in [node] if node is not None else list(self._faults):
+            self._faults[name] = InFaults()
+            diameter = self._diameter.get(name)
+            if diameter is not None:
+                _set_watchdog_silence(diameter, False)
+
+    async def disconnect(self, node: str | None = None) -> int:
+        """Drop every Diameter connection of the IN node(s); returns how many were closed."""
+        closed = 0
+        for name in [node] if node is not None else list(self._diameter):
+            closed += await _drop_connections(self._diameter[name])
+            self.stats[name]["disconnects"] += 1
+        return closed
+
+    # -- node → IN: balance operations (we are the server) -----------------------------
+
+    async def _handle(self, name: str, request: Message) -> Message | None:
+        """One request from the node to IN node `name`; None means "do not answer"."""
+        from extrabalance.diameter import codec, gy
+
+        spec = self.specs[name]
+        stats = self.stats[name]
+        stats["requests"] += 1
+        if request.is_retransmit:
+            stats["requests_t_flag"] += 1
+        if request.command_code != CMD_CREDIT_CONTROL:
+            stats["unsupported_command"] += 1
+            return self._error(request, spec, 3001, "only Credit-Control is served here")
+        try:
+            ccr = gy.parse_ccr(request, self.currency_exponent)
+            op = self._balance_op(ccr, spec, request)
+        except codec.DiameterError as exc:
+            stats[f"invalid_{exc.result_code}"] += 1
+            return codec.error_answer(exc, spec.origin_host, spec.realm, request)
+        faults = self._faults[name]
+        plan = plan_faults(faults, self._rng, op.msisdn)
+        if ccr.destination_host is not None and ccr.destination_host != spec.origin_host:
+            # A request for another IN node must never be executed here.
+            stats["misrouted"] += 1
+            answer = OpAnswer(DIAMETER_UNABLE_TO_DELIVER)
+            duplicate = False
+        else:
+            answer, duplicate = self.accounts[name].execute(op, forced_result=plan.forced_result)
+        stats["duplicates" if duplicate else f"result_{answer.result_code}"] += 1
+        if plan.delay_ms:
+            await asyncio.sleep(plan.delay_ms / 1000)
+        if plan.drop:
+            stats["dropped"] += 1
+            return None
+        stats["answered"] += 1
+        return gy.build_cca(
+            request,
+            spec.origin_host,
+            spec.realm,
+            answer.result_code,
+            answer.granted_minor,
+            None if answer.check_balance_result is None else int(answer.check_balance_result),
+            currency_numeric=self.currency_numeric,
+            currency_exponent=self.currency_exponent,
+        )
+
+    def _balance_op(self, ccr: Any, spec: InNodeSpec, request: Message) -> BalanceOp:
+        from extrabalance.diameter import codec
+        from extrabalance.diameter.constants import (
+            AVP_CC_REQUEST_TYPE,
+            AVP_REQUESTED_ACTION,
+            AVP_REQUESTED_SERVICE_UNIT,
+        )
+
+        if ccr.request_type != 4:
+            raise codec.DiameterError(
+                5004, "balance operations are EVENT requests (CC-Request-Type 4)",
+                (request.first(AVP_CC_REQUEST_TYPE),), request,
+            )
+        if ccr.requested_action is None:
+            raise codec.DiameterError(
+                5005, "Requested-Action missing", (codec.avp(AVP_REQUESTED_ACTION, 0),), request
+            )
+        if ccr.requested_minor is None:
+            raise codec.DiameterError(
+                5005, "Requested-Service-Unit with CC-Money missing",
+                (codec.avp(AVP_REQUESTED_SERVICE_UNIT, ()),), request,
+            )
+        if ccr.currency_numeric is not None and ccr.currency_numeric != self.currency_numeric:
+            raise codec.DiameterError(
+                5004, f"Currency-Code {ccr.currency_numeric}, this IN keeps {self.currency_numeric}",
+                (), request,
+            )
+        if ccr.requested_minor > AMOUNT_MAX_MINOR:
+            raise codec.DiameterError(5004, "amount over the IN's bound", (), request)
+        return BalanceOp(
+            ccr.session_id, ccr.request_number, Action(ccr.requested_action), ccr.msisdn,
+            ccr.requested_minor,
+        )
+
+    def _error(self, request: Message, spec: InNodeSpec, code: int, text: str) -> Message:
+        from extrabalance.diameter import codec
+
+        return codec.error_answer(codec.DiameterError(code, text), spec.origin_host, spec.realm,
+                                  request)
+
+    # -- IN → node: out-of-balance (we are the client) ---------------------------------
+
+    async def wait_connected(self, timeout_s: float = 5.0) -> None:
+        """Wait until every IN node has an open connection to the Extra Balance node."""
+        if self.node_peer is None:
+            raise RuntimeError("no node_peer configured")
+        await asyncio.gather(
+            *(d.wait_ready(NODE_PEER_GROUP, timeout_s) for d in self._diameter.values())
+        )
+
+    async def send_out_of_balance(
+        self,
+        msisdn: str,
+        node_name: str | None = None,
+        requested_minor: int | None = None,
+        request_type: int = 4,
+        *,
+        request_number: int = 0,
+        session_id: str | None = None,
+        mscc: bool = False,
+    ) -> tuple[int, int | None]:
+        """Send the node an out-of-balance CCR for `msisdn`; returns (result, granted_minor).
+
+        On 2001 with Granted-Service-Unit the granted amount is added to the balance,
+        as a real IN does, and recorded in the ledger. Re-sending with the same
+        `session_id` and `request_number` tests the node's exactly-once handling.
+        """
+        from extrabalance.diameter import gy
+
+        if self.node_peer is None:
+            raise RuntimeError("no node_peer configured: the IN cannot reach the node")
+        name = node_name if node_name is not None else self.owner(msisdn).spec.name
+        spec = self.specs[name]
+        stats = self.stats[name]
+        sid = session_id if session_id is not None else self._session_ids[name].next()
+        ccr = gy.CreditControlRequest(
+            session_id=sid,
+            origin_host=spec.origin_host,
+            origin_realm=spec.realm,
+            destination_realm=self.node_peer.realm,
+            destination_host=self.node_peer.origin_host,
+            request_type=request_type,
+            request_number=request_number,
+            msisdn=msisdn,
+            service_context_id=self.service_context_id,
+            requested_minor=requested_minor,
+            currency_numeric=self.currency_numeric if requested_minor is not None else None,
+            has_mscc=mscc,
+            event_timestamp=gy.ntp_now(),
+        )
+        message = gy.build_ccr(ccr, currency_exponent=self.currency_exponent)
+        stats["oob_sent"] += 1
+        reply = await self._diameter[name].request(NODE_PEER_GROUP, message)
+        cca = gy.parse_cca(reply, self.currency_exponent)
+        stats[f"oob_result_{cca.result_code}"] += 1
+        if cca.result_code == DIAMETER_SUCCESS and cca.granted_minor:
+            book = self.accounts[name]
+            if book.owns(msisdn):
+                book.add(msisdn, cca.granted_minor, kind=KIND_OUT_OF_BALANCE_GRANT, ref=sid)
+                stats["oob_granted"] += 1
+        return cca.result_code, cca.granted_minor
+
+    async def run_out(self, msisdn: str, requested_minor: int | None = None) -> tuple[int, int | None]:
+        """Traffic: the subscriber uses up his balance, then the IN asks the node for credit."""
+        self.spend(msisdn)
+        return await self.send_out_of_balance(msisdn, requested_minor=requested_minor)
+
+    # -- recharges ---------------------------------------------------------------------
+
+    async def recharge(self, msisdn: str, amount_minor: int) -> RechargeEvent:
+        """Top up `msisdn` and publish the recharge event (QoS 1, retried until PUBACK).
+
+        Without an MQTT target the event is built and returned, not published.
+        """
+        from extrabalance.recharge.events import RechargeEvent
+
+        book = self.owner(msisdn)
+        spec = book.spec
+        event_id = f"{spec.name.upper()}-{self._event_epoch}-{next(self._event_numbers):09d}"
+        after = book.add(msisdn, amount_minor, kind=KIND_RECHARGE, ref=event_id)
+        event = RechargeEvent(
+            event_id=event_id,
+            msisdn=msisdn,
+            amount_minor=amount_minor,
+            currency=self.currency,
+            balance_after_minor=after,
+            in_node=spec.origin_host,
+            timestamp=datetime.now(UTC),
+        )
+        stats = self.stats[spec.name]
+        stats["recharges"] += 1
+        publisher = self._publishers.get(spec.name)
+        if publisher is not None:
+            await publisher.publish(event)
+            stats["recharges_published"] += 1
+        return event
+
+    def stats_summary(self) -> dict[str, dict[str, int]]:
+        return {name: dict(sorted(c.items())) for name, c in self.stats.items()}
