@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from extrabalance.diameter.codec import Message
+
     from extrabalance.recharge.events import RechargeEvent
 
 # --- Result codes this simulator answers with (RFC 6733 §7.1, RFC 4006 §9) ---------
@@ -733,12 +734,13 @@ class InSimulator:
         )
 
     def _balance_op(self, ccr: Any, spec: InNodeSpec, request: Message) -> BalanceOp:
-        from extrabalance.diameter import codec
         from extrabalance.diameter.constants import (
             AVP_CC_REQUEST_TYPE,
             AVP_REQUESTED_ACTION,
             AVP_REQUESTED_SERVICE_UNIT,
         )
+
+        from extrabalance.diameter import codec
 
         if ccr.request_type != 4:
             raise codec.DiameterError(
@@ -871,3 +873,42 @@ class InSimulator:
 
     def stats_summary(self) -> dict[str, dict[str, int]]:
         return {name: dict(sorted(c.items())) for name, c in self.stats.items()}
+
+    # -- DiameterNode wiring -----------------------------------------------------------
+
+    def _make_node(self, spec: InNodeSpec) -> Any:
+        from extrabalance.diameter.node import DiameterNode, LocalIdentity
+
+        allowed = [self.node_peer.origin_host] if self.node_peer is not None else None
+        name = spec.name
+
+        async def handler(request: Message, peer_origin_host: str) -> Message | None:
+            return await self._handle(name, request)
+
+        return DiameterNode(
+            LocalIdentity(origin_host=spec.origin_host, origin_realm=spec.realm),
+            allowed_peers=allowed,
+            request_handler=handler,
+            watchdog_s=self.watchdog_s,
+            request_timeout_ms=self.request_timeout_ms,
+        )
+
+    def _add_node_peer(self, name: str, diameter: Any) -> None:
+        from extrabalance.diameter.node import PeerAddress
+
+        assert self.node_peer is not None
+        peer = self.node_peer
+        diameter.add_peer_group(
+            NODE_PEER_GROUP, peer.realm, [PeerAddress(peer.host, peer.port, peer.origin_host)]
+        )
+
+
+def _set_watchdog_silence(diameter: Any, silent: bool) -> None:
+    diameter.silent_watchdog = silent
+
+
+async def _drop_connections(diameter: Any) -> int:
+    result = diameter.drop_connections()
+    if asyncio.iscoroutine(result):
+        result = await result
+    return int(result or 0)

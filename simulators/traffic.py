@@ -163,3 +163,155 @@ class TrafficReport:
             "late_starts": self.late_starts,
             "ussd_latency": self.ussd_latency.summary(),
         }
+
+
+MSISDN_POOL_MAX = 1_000_000  # virtual subscribers one generator handles
+
+
+def expand_msisdns(spec: str) -> list[str]:
+    """`START-END` (inclusive, equal lengths) or a comma list → MSISDNs."""
+    spec = spec.strip()
+    if "-" in spec and "," not in spec:
+        start, _, end = spec.partition("-")
+        start, end = start.strip(), end.strip()
+        if not (start.isdigit() and end.isdigit()) or len(start) != len(end) or start > end:
+            raise ValueError(f"expected START-END of equal-length digits, got {spec!r}")
+        count = int(end) - int(start) + 1
+        if count > MSISDN_POOL_MAX:
+            raise ValueError(f"{count} subscribers, at most {MSISDN_POOL_MAX}")
+        return [str(n).zfill(len(start)) for n in range(int(start), int(end) + 1)]
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items or not all(s.isdigit() for s in items):
+        raise ValueError(f"expected MSISDNs (digits), got {spec!r}")
+    return items
+
+
+class TrafficGenerator:
+    """Runs the mix against the simulators; `run()` returns a `TrafficReport`."""
+
+    def __init__(
+        self,
+        config: TrafficConfig,
+        *,
+        smsc: SmscSimulator | None = None,
+        in_sim: InSimulator | None = None,
+    ) -> None:
+        self.config = config
+        self.smsc = smsc
+        self.in_sim = in_sim
+        weights = dict(zip(KINDS, config.mix.weights(), strict=True))
+        if smsc is None:
+            for kind in ("ussd_menu", "ussd_shortcut", "sms_loan"):
+                weights[kind] = 0.0
+        if in_sim is None:
+            for kind in ("out_of_balance", "recharge"):
+                weights[kind] = 0.0
+        if in_sim is not None and in_sim.node_peer is None:
+            weights["out_of_balance"] = 0.0
+        self._mix = TrafficMix(**weights)  # raises when nothing is left to run
+        self._rng = random.Random(config.seed)
+        self.report = TrafficReport(ussd_latency=Latencies(seed=config.seed))
+
+    async def run(self, stop: asyncio.Event | None = None) -> TrafficReport:
+        cfg = self.config
+        idle: asyncio.Queue[str] = asyncio.Queue()
+        pool = list(cfg.msisdns)
+        self._rng.shuffle(pool)
+        for msisdn in pool:
+            idle.put_nowait(msisdn)
+        slots = asyncio.Semaphore(min(cfg.concurrency_max, len(pool)))
+        tasks: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
+        deadline = started_at + cfg.duration_s if cfg.duration_s is not None else math.inf
+        interval_s = 1.0 / cfg.rate_per_s if cfg.rate_per_s else 0.0
+        n = 0
+        try:
+            while cfg.operations_max is None or n < cfg.operations_max:
+                if stop is not None and stop.is_set():
+                    break
+                due = started_at + n * interval_s
+                now = loop.time()
+                if due >= deadline or now >= deadline:
+                    break
+                if due > now:
+                    await asyncio.sleep(due - now)
+                await slots.acquire()
+                msisdn = await idle.get()
+                if interval_s and loop.time() - due > max(interval_s, 0.005):
+                    self.report.late_starts += 1
+                kind = self._mix.pick(self._rng)
+                self.report.started[kind] += 1
+                task = asyncio.create_task(self._one(kind, msisdn, idle, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                n += 1
+            if tasks:
+                await asyncio.wait(tasks, timeout=OPERATION_TIMEOUT_S)
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.report.elapsed_s = loop.time() - started_at
+        return self.report
+
+    async def _one(
+        self, kind: str, msisdn: str, idle: asyncio.Queue[str], slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            async with asyncio.timeout(OPERATION_TIMEOUT_S):
+                outcome = await getattr(self, f"_{kind}")(msisdn)
+        except TimeoutError:
+            outcome = "timeout"
+        except Exception as exc:  # noqa: BLE001 - a failed operation is counted, not fatal
+            outcome = f"error:{type(exc).__name__}"
+        self.report.outcomes[f"{kind}:{outcome}"] += 1
+        idle.put_nowait(msisdn)
+        slots.release()
+
+    async def _ussd(self, msisdn: str, code: str, replies: Sequence[str]) -> str:
+        from simulators.handset import ScreenTimeout
+
+        assert self.smsc is not None
+        handset = self.smsc.handset(msisdn)
+        t0 = time.perf_counter()
+        try:
+            screen = await handset.dial(code)
+            for answer in replies:
+                if screen.final:
+                    break
+                screen = await handset.reply(answer)
+        except ScreenTimeout:
+            return "screen_timeout"
+        if not screen.final:
+            await handset.abort()
+            return "unfinished"
+        self.report.ussd_latency.add((time.perf_counter() - t0) * 1000.0)
+        return "final"
+
+    async def _ussd_menu(self, msisdn: str) -> str:
+        cfg = self.config
+        return await self._ussd(msisdn, cfg.ussd_code, (cfg.menu_choice, cfg.confirm_choice))
+
+    async def _ussd_shortcut(self, msisdn: str) -> str:
+        cfg = self.config
+        tier = self._rng.choice(cfg.shortcut_tiers)
+        code = cfg.ussd_code.removesuffix("#") + f"*{tier}#"
+        return await self._ussd(msisdn, code, (cfg.confirm_choice,))
+
+    async def _sms_loan(self, msisdn: str) -> str:
+        assert self.smsc is not None
+        status = await self.smsc.handset(msisdn).send_sms(self._rng.choice(self.config.sms_keywords))
+        return "sent" if status == 0 else f"status_{status:#04x}"
+
+    async def _out_of_balance(self, msisdn: str) -> str:
+        assert self.in_sim is not None
+        if self.config.oob_spend:
+            self.in_sim.spend(msisdn)
+        result, _granted = await self.in_sim.send_out_of_balance(msisdn)
+        return f"result_{result}"
+
+    async def _recharge(self, msisdn: str) -> str:
+        assert self.in_sim is not None
+        low, high = self.config.recharge_minor
+        await self.in_sim.recharge(msisdn, self._rng.randint(low, high))
+        return "done"
