@@ -310,7 +310,7 @@ async def phone_repl(link: PhoneLink, msisdn: str, *, out: Any = None) -> None:
                     continue
                 if in_dialog:
                     screen = await link.reply(line)
-                elif line.startswith("*") or line.startswith("#"):
+                elif line.startswith(("*", "#")):
                     screen = await link.dial(line)
                 else:
                     show("Dial a USSD code first (e.g. *123#), or type help.")

@@ -31,17 +31,21 @@ the simulator never imports the node's application, domain or ledger code.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import enum
 import itertools
+import json
 import random
+import signal
+import sys
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from extrabalance.diameter.codec import Message
@@ -581,7 +585,7 @@ class InSimulator:
                 await result
         self._diameter.clear()
 
-    async def __aenter__(self) -> InSimulator:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -912,3 +916,305 @@ async def _drop_connections(diameter: Any) -> int:
     if asyncio.iscoroutine(result):
         result = await result
     return int(result or 0)
+
+
+# --- `extrabalance sim in` ---------------------------------------------------------------
+
+CONSOLE_HELP = """\
+commands (one per line on stdin):
+  balance MSISDN                 show a balance
+  set MSISDN AMOUNT_MINOR        set a balance
+  spend MSISDN [AMOUNT_MINOR]    usage eats the balance (all of it by default)
+  oob MSISDN [AMOUNT_MINOR]      send the node an out-of-balance CCR
+  recharge MSISDN AMOUNT_MINOR   top up and publish the recharge on MQTT
+  delay MS [NODE]                answer delay
+  drop SHARE [NODE]              apply but do not answer this share
+  result CODE SHARE [NODE]       force 3002/3004/4010/4012/5030 on a share (0 stops)
+  force MSISDN CODE|off          force a result for one subscriber
+  silent on|off [NODE]           stop/resume answering DWR
+  disconnect [NODE]              drop the Diameter connections
+  clear [NODE]                   remove every fault
+  stats                          counters
+  help"""
+
+
+def parse_node_arg(text: str, host: str) -> InNodeSpec:
+    """`NAME,ORIGIN_HOST,REALM,PORT,RANGE[;RANGE...]` → InNodeSpec."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 5:
+        raise ValueError(f"expected NAME,ORIGIN_HOST,REALM,PORT,RANGES, got {text!r}")
+    name, origin_host, realm, port, ranges = parts
+    return InNodeSpec(
+        name=name, origin_host=origin_host, realm=realm, host=host, port=int(port),
+        ranges=tuple(MsisdnRange.parse(r) for r in ranges.split(";") if r.strip()),
+    )
+
+
+def specs_from_config(path: str, host: str) -> tuple[list[InNodeSpec], NodePeer, dict[str, Any]]:
+    """IN nodes (`[[in_nodes]]`, first peer's port), the node's own address, [node] values.
+
+    Read straight from the node's TOML so both sides use one file; the simulator does
+    not import the node's config code.
+    """
+    import tomllib
+
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    specs = []
+    for entry in doc.get("in_nodes", []):
+        ranges: list[MsisdnRange] = []
+        for r in entry.get("ranges", []):
+            ranges.append(
+                MsisdnRange(prefix=r["prefix"]) if "prefix" in r
+                else MsisdnRange(start=r["start"], end=r["end"])
+            )
+        peers = entry.get("peers") or [{"port": 0}]
+        specs.append(
+            InNodeSpec(
+                name=entry["name"], origin_host=entry["origin_host"], realm=entry["realm"],
+                host=host, port=int(peers[0].get("port", 0)), ranges=tuple(ranges),
+            )
+        )
+    node = doc.get("node", {})
+    diameter = doc.get("diameter", {})
+    peer = NodePeer(
+        diameter.get("listen_host", "127.0.0.1"), int(diameter.get("listen_port", 3868)),
+        node.get("origin_host", "eb.operator.example"), node.get("origin_realm", "operator.example"),
+    )
+    return specs, peer, {**node, "service_context_id": diameter.get("service_context_id")}
+
+
+def build_in_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="extrabalance sim in",
+        description="Prepaid IN / OCS simulator: several IN nodes speaking Diameter Gy.",
+        epilog=CONSOLE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="read IN nodes, the node's address and currency from this TOML")
+    p.add_argument("--host", default="127.0.0.1", help="address the IN nodes listen on")
+    p.add_argument("--node", action="append", default=[], metavar="NAME,HOST,REALM,PORT,RANGES",
+                   help="an IN node (repeatable); RANGES: START-END or PREFIX*, ';'-separated")
+    p.add_argument("--node-peer", metavar="HOST:PORT:ORIGIN_HOST:REALM",
+                   help="the Extra Balance node, for out-of-balance CCRs")
+    p.add_argument("--no-node-peer", action="store_true", help="never connect to the node")
+    p.add_argument("--currency", default=None)
+    p.add_argument("--currency-numeric", type=int, default=None)
+    p.add_argument("--currency-exponent", type=int, default=None)
+    p.add_argument("--service-context-id", default=None)
+    p.add_argument("--initial-balance", type=int, default=0, help="minor units for every subscriber")
+    p.add_argument("--balance", action="append", default=[], metavar="MSISDN=AMOUNT_MINOR")
+    p.add_argument("--watchdog-s", type=float, default=30.0)
+    # faults
+    p.add_argument("--delay-ms", type=int, default=0, help="answer delay")
+    p.add_argument("--drop", type=float, default=0.0, help="share of answers dropped (applied)")
+    p.add_argument("--result", action="append", default=[], metavar="CODE=SHARE",
+                   help="force a result (3002/3004/4010/4012/5030) on a share")
+    p.add_argument("--result-msisdn", action="append", default=[], metavar="MSISDN=CODE")
+    p.add_argument("--silent-watchdog", action="store_true", help="never answer DWR")
+    p.add_argument("--seed", type=int, default=None)
+    # recharges and traffic
+    p.add_argument("--mqtt", metavar="HOST:PORT", help="broker for recharge events")
+    p.add_argument("--mqtt-topic-prefix", default=RECHARGE_TOPIC_PREFIX)
+    p.add_argument("--oob-rate", type=float, default=0.0,
+                   help="subscribers run out of credit per second (out-of-balance CCRs)")
+    p.add_argument("--recharge-rate", type=float, default=0.0, help="recharges per second")
+    p.add_argument("--recharge-minor", type=int, nargs=2, default=(500, 5000),
+                   metavar=("LOW", "HIGH"))
+    p.add_argument("--msisdns", default=None,
+                   help="virtual subscribers for traffic, START-END (default: first 1000 of each range)")
+    p.add_argument("--no-console", action="store_true", help="do not read commands from stdin")
+    return p
+
+
+async def _console(sim: InSimulator, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        try:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+        except (OSError, ValueError):
+            return
+        if not line:
+            return  # stdin closed: keep serving, stop reading
+        try:
+            out = await _console_command(sim, line.split())
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError, TimeoutError) as exc:
+            out = f"error: {exc}"
+        if out:
+            print(out, flush=True)
+
+
+async def _console_command(sim: InSimulator, words: list[str]) -> str:
+    if not words:
+        return ""
+    cmd, args = words[0].lower(), words[1:]
+    node = None
+    if cmd == "help":
+        return CONSOLE_HELP
+    if cmd == "stats":
+        return json.dumps(sim.stats_summary(), indent=1)
+    if cmd == "balance":
+        return f"{args[0]}: {sim.balance(args[0])}"
+    if cmd == "set":
+        sim.set_balance(args[0], int(args[1]))
+        return f"{args[0]}: {sim.balance(args[0])}"
+    if cmd == "spend":
+        spent = sim.spend(args[0], int(args[1]) if len(args) > 1 else None)
+        return f"spent {spent}; {args[0]}: {sim.balance(args[0])}"
+    if cmd == "oob":
+        result, granted = await sim.send_out_of_balance(
+            args[0], requested_minor=int(args[1]) if len(args) > 1 else None
+        )
+        return f"result {result}, granted {granted}; balance {sim.balance(args[0])}"
+    if cmd == "recharge":
+        event = await sim.recharge(args[0], int(args[1]))
+        return f"{event.event_id}: balance {event.balance_after_minor}"
+    if cmd == "delay":
+        sim.set_delay(int(args[0]), args[1] if len(args) > 1 else node)
+    elif cmd == "drop":
+        sim.set_drop_share(float(args[0]), args[1] if len(args) > 1 else node)
+    elif cmd == "result":
+        sim.set_result_share(int(args[0]), float(args[1]), args[2] if len(args) > 2 else node)
+    elif cmd == "force":
+        sim.force_result(args[0], None if args[1] == "off" else int(args[1]))
+    elif cmd == "silent":
+        sim.set_silent_watchdog(args[0] == "on", args[1] if len(args) > 1 else node)
+    elif cmd == "disconnect":
+        return f"closed {await sim.disconnect(args[0] if args else None)} connection(s)"
+    elif cmd == "clear":
+        sim.clear_faults(args[0] if args else None)
+    else:
+        return f"unknown command {cmd!r}; type help"
+    return "ok"
+
+
+async def _traffic_loop(
+    sim: InSimulator, kind: str, rate_per_s: float, msisdns: list[str], args: argparse.Namespace,
+    stop: asyncio.Event,
+) -> None:
+    rng = random.Random(args.seed)
+    interval_s = 1.0 / rate_per_s
+    inflight: set[asyncio.Task[Any]] = set()
+
+    async def one(msisdn: str) -> None:
+        try:
+            if kind == "oob":
+                await sim.run_out(msisdn)
+            else:
+                await sim.recharge(msisdn, rng.randint(*args.recharge_minor))
+        except Exception as exc:  # noqa: BLE001 - traffic keeps going; the failure is counted
+            sim.stats[sim.owner(msisdn).spec.name][f"{kind}_error_{type(exc).__name__}"] += 1
+
+    while not stop.is_set():
+        if len(inflight) < TRAFFIC_INFLIGHT_MAX:
+            task = asyncio.create_task(one(rng.choice(msisdns)))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+    for task in inflight:
+        task.cancel()
+
+
+TRAFFIC_INFLIGHT_MAX = 1000  # out-of-balance requests / recharges in flight from the CLI
+
+
+async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    defaults: dict[str, Any] = {}
+    specs: list[InNodeSpec] = []
+    peer: NodePeer | None = None
+    if args.config:
+        specs, peer, defaults = specs_from_config(args.config, args.host)
+    if args.node:
+        specs = [parse_node_arg(n, args.host) for n in args.node]
+    if not specs:
+        parser.error("give --node (repeatable) or --config")
+    if args.node_peer:
+        host, port, origin_host, realm = args.node_peer.split(":")
+        peer = NodePeer(host, int(port), origin_host, realm)
+    if args.no_node_peer:
+        peer = None
+    mqtt = None
+    if args.mqtt:
+        mhost, _, mport = args.mqtt.rpartition(":")
+        mqtt = MqttTarget(mhost or "127.0.0.1", int(mport), args.mqtt_topic_prefix)
+    faults = InFaults(
+        answer_delay_ms=args.delay_ms,
+        drop_share=args.drop,
+        result_share=parse_share_map(args.result),
+        result_msisdns=parse_msisdn_map(args.result_msisdn),
+        silent_watchdog=args.silent_watchdog,
+    )
+    faults.validate()
+    sim = InSimulator(
+        specs,
+        peer,
+        currency_numeric=args.currency_numeric or int(defaults.get("currency_numeric", 818)),
+        currency_exponent=(
+            args.currency_exponent if args.currency_exponent is not None
+            else int(defaults.get("currency_exponent", 2))
+        ),
+        service_context_id=(
+            args.service_context_id or defaults.get("service_context_id")
+            or "extrabalance@3gpp.org"
+        ),
+        currency=args.currency or defaults.get("currency", "EGP"),
+        mqtt=mqtt,
+        faults=faults,
+        initial_balance_minor=args.initial_balance,
+        watchdog_s=args.watchdog_s,
+        seed=args.seed,
+    )
+    for msisdn, amount in parse_msisdn_map(args.balance).items():
+        sim.set_balance(msisdn, amount)
+    ports = await sim.start()
+    if faults.silent_watchdog:
+        sim.set_silent_watchdog(True)
+    for spec in specs:
+        print(f"IN node {spec.name} ({spec.origin_host}) on {spec.host}:{ports[spec.name]}"
+              f" serving {', '.join(map(str, spec.ranges))}", flush=True)
+    if peer is not None:
+        print(f"out-of-balance CCRs go to {peer.origin_host} at {peer.host}:{peer.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    from simulators.traffic import expand_msisdns
+
+    if args.msisdns:
+        pool = expand_msisdns(args.msisdns)
+    else:
+        rng = random.Random(args.seed)
+        pool = [r.sample(rng) for s in specs for r in s.ranges for _ in range(1000)]
+    tasks = []
+    if args.oob_rate > 0 and peer is not None:
+        tasks.append(asyncio.create_task(_traffic_loop(sim, "oob", args.oob_rate, pool, args, stop)))
+    if args.recharge_rate > 0:
+        tasks.append(asyncio.create_task(
+            _traffic_loop(sim, "recharge", args.recharge_rate, pool, args, stop)))
+    if not args.no_console and sys.stdin is not None and sys.stdin.isatty():
+        print("type help for commands", flush=True)
+        console = asyncio.create_task(_console(sim, stop))
+        console.add_done_callback(lambda _t: None)
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        print(json.dumps(sim.stats_summary()), flush=True)
+        await sim.close()
+    return 0
+
+
+def main_in(argv: list[str]) -> int:
+    """`extrabalance sim in [...]`: run until Ctrl-C / SIGTERM."""
+    parser = build_in_parser()
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(_run_in(args, parser))
+    except ValueError as exc:
+        print(f"extrabalance sim in: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from simulators.handset import CONTROL_LINE_MAX, Handset, HandsetError, Screen, ScreenTimeout
 
@@ -200,7 +200,7 @@ class SmscSimulator:
             server, self._server = self._server, None
             await _maybe_await(server.close())
 
-    async def __aenter__(self) -> SmscSimulator:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
