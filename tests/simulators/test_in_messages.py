@@ -31,7 +31,7 @@ def ccr(
 
 
 async def ask(sim: InSimulator, msg: codec.Message, node: str = "in-a") -> gy.CreditControlAnswer | None:
-    answer = await sim._handle(node, msg)  # noqa: SLF001 - the request handler under test
+    answer = await sim._handle(node, msg)
     if answer is None:
         return None
     # Round trip through the codec, as the wire would.
