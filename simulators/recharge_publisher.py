@@ -66,6 +66,7 @@ class RechargePublisher:
         self.window_max = window_max  # events awaiting PUBACK at once (publish_many)
         self.keepalive_s = keepalive_s
         self._client: aiomqtt.Client | None = None
+        self._lost: asyncio.Task[None] | None = None  # ends when the connection drops
         self._generation = 0  # bumped per connection, so one failure drops it once
         self._lock = asyncio.Lock()
         self.counts = {"published": 0, "retries": 0, "connects": 0}
@@ -109,10 +110,20 @@ class RechargePublisher:
                 )
             generation = -1
             try:
-                client, generation = await self._connected()
-                await client.publish(
-                    topic, payload, qos=1, timeout=min(self.ack_timeout_s, remaining_s)
+                client, lost, generation = await self._connected()
+                send = asyncio.ensure_future(
+                    client.publish(
+                        topic, payload, qos=1, timeout=min(self.ack_timeout_s, remaining_s)
+                    )
                 )
+                # Race the PUBACK against the connection: a dropped connection is
+                # noticed at once instead of after ack_timeout_s.
+                await asyncio.wait({send, lost}, return_when=asyncio.FIRST_COMPLETED)
+                if not send.done():
+                    send.cancel()
+                    await asyncio.gather(send, return_exceptions=True)
+                    raise aiomqtt.MqttError("connection lost before PUBACK")
+                send.result()
                 self.counts["published"] += 1
                 return
             except (aiomqtt.MqttError, OSError) as exc:
@@ -151,9 +162,9 @@ class RechargePublisher:
             raise failures.exceptions[0] from None
         return published
 
-    async def _connected(self) -> tuple[aiomqtt.Client, int]:
+    async def _connected(self) -> tuple[aiomqtt.Client, asyncio.Task[None], int]:
         async with self._lock:
-            if self._client is None:
+            if self._client is None or self._lost is None:
                 client = aiomqtt.Client(
                     self.host,
                     self.port,
@@ -169,16 +180,31 @@ class RechargePublisher:
                 client.pending_calls_threshold = self.window_max + 1
                 await client.__aenter__()
                 self._client = client
+                self._lost = asyncio.create_task(self._watch(client))
                 self._generation += 1
                 self.counts["connects"] += 1
-            return self._client, self._generation
+            return self._client, self._lost, self._generation
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        # We subscribe to nothing, so the message iterator yields nothing; it ends with
+        # MqttError when the connection drops. That is aiomqtt's public disconnect signal.
+        try:
+            async for _ in client.messages:
+                pass
+        except aiomqtt.MqttError:
+            return
 
     async def _drop(self, generation: int) -> None:
         async with self._lock:
             if self._client is None or generation != self._generation:
                 return  # another publish already dropped this connection
             client, self._client = self._client, None
+            lost, self._lost = self._lost, None
             try:
                 await client.__aexit__(None, None, None)
             except (aiomqtt.MqttError, OSError):
                 pass  # it was broken already; that is why we drop it
+            if lost is not None:
+                lost.cancel()
+                await asyncio.gather(lost, return_exceptions=True)

@@ -1,4 +1,4 @@
-"""USSD dialogs: the `*123#` menus a subscriber walks through on the handset.
+r"""USSD dialogs: the `*123#` menus a subscriber walks through on the handset.
 
 This module owns the dialog state (which screen each open dialog shows) and turns a
 subscriber's input into the next screen. It knows nothing of SMPP: the channel
@@ -30,7 +30,7 @@ from enum import Enum
 from typing import Any, Callable, Protocol
 
 from extrabalance.service.templates import Templates
-from extrabalance.smpp.text import gsm7_septets
+from extrabalance.smpp.text import gsm7_length, is_gsm7
 
 SCREEN_GSM7_MAX = 182  # characters of one USSD screen in GSM 7-bit (3GPP TS 23.038 / 24.090)
 SCREEN_UCS2_MAX = 80  # characters of one USSD screen in UCS2
@@ -228,10 +228,13 @@ class UssdDialogs:
     def _again(self, dialog: Dialog) -> Screen:
         previous = dialog.last_screen.text if dialog.last_screen else ""
         hint = self._t.render("invalid_choice", dialog.language)
-        text = f"{hint}\n{previous}" if previous else hint
-        if screen_capacity(text) < 0:
-            text = previous or hint
-        return Screen(text, final=False)
+        if not previous:
+            return Screen(hint, final=False)
+        # Prefer the hint above the whole screen; on a full screen it replaces the title.
+        for text in (f"{hint}\n{previous}", f"{hint}\n{previous.split(chr(10), 1)[-1]}"):
+            if screen_capacity(text) >= 0:
+                return Screen(text, final=False)
+        return Screen(previous, final=False)
 
     # -- screens ---------------------------------------------------------------
 
@@ -375,9 +378,8 @@ def paginate(
 
 def screen_capacity(text: str) -> int:
     """Room left on one USSD screen for `text` (negative: it does not fit)."""
-    septets = gsm7_septets(text)
-    if septets is not None:
-        return SCREEN_GSM7_MAX - septets
+    if is_gsm7(text):
+        return SCREEN_GSM7_MAX - gsm7_length(text)
     return SCREEN_UCS2_MAX - len(text.encode("utf-16-be")) // 2
 
 

@@ -1089,6 +1089,7 @@ _check_layout_matches_fields()
 _SETTERS: dict[type, tuple[Callable[[object, object], None], ...]] = {
     cls: _slot_setters(cls) for cls in _LAYOUT
 }
+_SEQ_SETTER = inspect.getattr_static(_Header, "sequence_number").__set__
 
 
 def _build(cls: type, values: list[object]) -> Pdu:
@@ -1097,6 +1098,26 @@ def _build(cls: type, values: list[object]) -> Pdu:
         setter(obj, value)
     pdu: Pdu = obj
     return pdu
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in _LAYOUT
+}
+
+
+def with_sequence_number(pdu: Pdu, sequence_number: int) -> Pdu:
+    """A copy of `pdu` with another sequence number, without re-validating (the
+    original was valid): sessions number every outbound request this way."""
+    if pdu.sequence_number == sequence_number:
+        return pdu
+    if not 0 <= sequence_number <= 0xFFFFFFFF:
+        raise PduEncodeError(f"sequence_number {sequence_number} is not 32-bit")
+    cls = type(pdu)
+    obj: Pdu = _new_object(cls)
+    for setter, name in zip(_SETTERS[cls], _FIELD_NAMES[cls]):
+        setter(obj, getattr(pdu, name))
+    _SEQ_SETTER(obj, sequence_number)
+    return obj
 
 
 def _make_sm_decoder() -> Callable[[type, bytes, int, int, int], Pdu]:

@@ -1,0 +1,242 @@
+"""The recharge listener against a real private Mosquitto: ack after the handler,
+in receipt order; redelivery after failures; nothing lost across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+from collections import Counter
+
+import aiomqtt
+import paho.mqtt.client as paho
+import pytest
+
+from extrabalance.recharge.events import RechargeEvent, to_payload
+from extrabalance.recharge.listener import MqttSettings, RechargeListener
+from simulators.recharge_publisher import PublishDeadlineExceeded, RechargePublisher
+from tests.mqtt_broker import MosquittoBroker
+from tests.recharge.support import fast_settings, make_event, running, wait_until
+
+
+def publisher_for(broker: MosquittoBroker, **kwargs: object) -> RechargePublisher:
+    return RechargePublisher(broker.host, broker.port, "in-sim", ack_timeout_s=1.0, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_acks_in_receipt_order_while_handlers_run_concurrently(
+    broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received_mids: list[int] = []
+    acked_mids: list[int] = []
+    original_on_message = paho.Client._handle_on_message
+    original_ack = paho.Client.ack
+
+    def record_receipt(self: paho.Client, message: paho.MQTTMessage) -> None:
+        if message.topic.startswith("extrabalance/recharge/in-"):
+            received_mids.append(message.mid)
+        original_on_message(self, message)
+
+    def record_ack(self: paho.Client, mid: int, qos: int) -> paho.MQTTErrorCode:
+        acked_mids.append(mid)
+        return original_ack(self, mid, qos)
+
+    monkeypatch.setattr(paho.Client, "_handle_on_message", record_receipt)
+    monkeypatch.setattr(paho.Client, "ack", record_ack)
+
+    handled: list[str] = []
+    running_now = 0
+    running_max = 0
+    rng = random.Random(7)
+
+    async def handle(event: RechargeEvent) -> None:
+        nonlocal running_now, running_max
+        running_now += 1
+        running_max = max(running_max, running_now)
+        # Random commit times, so later messages often finish before earlier ones.
+        await asyncio.sleep(rng.uniform(0, 0.02))
+        running_now -= 1
+        handled.append(event.event_id)
+
+    listener = RechargeListener(fast_settings(broker), handle, expected_currency="EGP")
+    async with running(listener), publisher_for(broker) as publisher:
+        await publisher.publish_many(make_event(i) for i in range(200))
+        await wait_until(lambda: listener.stats()["acked"] == 200, "200 acks")
+
+    assert sorted(handled) == sorted(make_event(i).event_id for i in range(200))
+    assert handled != sorted(handled), "handlers finished in order; concurrency not exercised"
+    assert running_max > 1
+    assert acked_mids == received_mids
+    assert listener.stats()["handled"] == 200
+
+
+async def test_no_ack_until_the_handler_returns(broker: MosquittoBroker) -> None:
+    # The first delivery is still inside its handler when the broker goes away. Had
+    # the client acknowledged on receipt, the broker would not deliver it again.
+    release = asyncio.Event()
+    calls: list[str] = []
+
+    async def handle(event: RechargeEvent) -> None:
+        calls.append(event.event_id)
+        if len(calls) == 1:
+            await release.wait()
+
+    listener = RechargeListener(fast_settings(broker), handle, expected_currency="EGP")
+    async with running(listener):
+        async with publisher_for(broker) as publisher:
+            await publisher.publish(make_event(1))
+        await wait_until(lambda: len(calls) == 1, "first delivery in the handler")
+        assert listener.stats()["acked"] == 0
+        await asyncio.to_thread(broker.stop)  # graceful: the session is saved
+        release.set()
+        await asyncio.to_thread(broker.start)
+        await wait_until(lambda: len(calls) == 2, "redelivery after the broker restart")
+        await wait_until(lambda: listener.stats()["connected"] is True, "reconnected")
+
+    assert calls == [make_event(1).event_id] * 2
+    assert listener.stats()["reconnects"] >= 1
+
+
+async def test_a_failed_handler_gets_the_message_again(broker: MosquittoBroker) -> None:
+    attempts: Counter[str] = Counter()
+    committed: set[str] = set()
+    failing = make_event(2).event_id
+
+    async def handle(event: RechargeEvent) -> None:
+        attempts[event.event_id] += 1
+        if event.event_id == failing and attempts[failing] == 1:
+            raise RuntimeError("ledger unavailable")
+        committed.add(event.event_id)  # idempotent, like the ledger
+
+    listener = RechargeListener(fast_settings(broker), handle, expected_currency="EGP")
+    expected = {make_event(i).event_id for i in range(1, 6)}
+    async with running(listener), publisher_for(broker) as publisher:
+        await publisher.publish_many((make_event(i) for i in range(1, 6)), window_max=1)
+        await wait_until(lambda: committed == expected, "all five committed")
+
+    assert attempts[failing] == 2
+    assert attempts[make_event(1).event_id] == 1  # acked before the failure: not resent
+    stats = listener.stats()
+    assert stats["handler_failures"] == 1
+    assert stats["reconnects"] >= 1
+
+
+async def test_invalid_payloads_go_to_the_dead_letter_topic(broker: MosquittoBroker) -> None:
+    handled: list[str] = []
+    invalid: list[tuple[bytes, str, str]] = []
+
+    async def handle(event: RechargeEvent) -> None:
+        handled.append(event.event_id)
+
+    settings = fast_settings(broker)
+    listener = RechargeListener(
+        settings,
+        handle,
+        expected_currency="EGP",
+        on_invalid=lambda payload, topic, reason: invalid.append((payload, topic, reason)),
+    )
+    usd = to_payload(make_event(9)).replace(b'"EGP"', b'"USD"')
+    bad = [b"garbage", b"\xff\xfe\x00", usd]
+    dead: list[dict[str, str]] = []
+    async with aiomqtt.Client(broker.host, broker.port) as observer:
+        await observer.subscribe(settings.dead_letter_topic, qos=1)
+        async with running(listener), publisher_for(broker) as publisher:
+            await publisher.publish_payload("in-a", bad[0])
+            await publisher.publish(make_event(1))
+            await publisher.publish_payload("in-a", bad[1])
+            await publisher.publish_payload("in-b", bad[2])
+            await publisher.publish(make_event(2))
+            async with asyncio.timeout(20):
+                async for message in observer.messages:
+                    assert isinstance(message.payload, bytes)
+                    dead.append(json.loads(message.payload))
+                    if len(dead) == 3:
+                        break
+            await wait_until(lambda: listener.stats()["acked"] >= 8, "all acked")
+            assert listener.stats()["connected"] is True
+
+    assert handled == [make_event(1).event_id, make_event(2).event_id]
+    assert [base64.b64decode(d["payload_b64"]) for d in dead] == bad
+    assert [d["topic"] for d in dead] == [
+        "extrabalance/recharge/in-a",
+        "extrabalance/recharge/in-a",
+        "extrabalance/recharge/in-b",
+    ]
+    assert "not JSON" in dead[0]["reason"]
+    assert "not UTF-8" in dead[1]["reason"]
+    assert "'USD'" in dead[2]["reason"]
+    assert [(p, r) for p, _, r in invalid] == [
+        (base64.b64decode(d["payload_b64"]), d["reason"]) for d in dead
+    ]
+    stats = listener.stats()
+    assert (stats["received"], stats["invalid"], stats["dead_lettered"]) == (5, 3, 3)
+    # 5 recharge messages + our own 3 dead letters (matched by the wildcard, skipped)
+    assert stats["acked"] == 8
+
+
+@pytest.mark.parametrize("protocol_version", [4, 5])
+async def test_events_published_while_the_node_is_down_arrive_after_start(
+    broker: MosquittoBroker, protocol_version: int
+) -> None:
+    count = 1000 if protocol_version == 4 else 200
+    seen: Counter[str] = Counter()
+
+    async def handle(event: RechargeEvent) -> None:
+        seen[event.event_id] += 1
+
+    settings = fast_settings(broker, protocol_version=protocol_version)
+    first = RechargeListener(settings, handle, expected_currency="EGP")
+    async with running(first):
+        pass  # creates the persistent session, then the node stops
+    async with publisher_for(broker) as publisher:
+        await publisher.publish_many(make_event(i) for i in range(count))
+
+    second = RechargeListener(settings, handle, expected_currency="EGP")
+    async with running(second):
+        await wait_until(lambda: len(seen) == count, f"{count} events handled")
+        await wait_until(lambda: second.stats()["acked"] == count, "all acked")
+    assert set(seen) == {make_event(i).event_id for i in range(count)}
+
+
+async def test_broker_restart_mid_stream_loses_nothing(broker: MosquittoBroker) -> None:
+    seen: Counter[str] = Counter()
+
+    async def handle(event: RechargeEvent) -> None:
+        seen[event.event_id] += 1
+
+    listener = RechargeListener(fast_settings(broker), handle, expected_currency="EGP")
+    async with running(listener), publisher_for(broker) as publisher:
+        publishing = asyncio.create_task(
+            publisher.publish_many((make_event(i) for i in range(1000)), window_max=20)
+        )
+        await wait_until(lambda: len(seen) >= 300, "a third handled")
+        await asyncio.to_thread(broker.restart)
+        assert await publishing == 1000
+        await wait_until(lambda: len(seen) == 1000, "all 1000 handled")
+    assert set(seen) == {make_event(i).event_id for i in range(1000)}
+    assert listener.stats()["reconnects"] >= 1
+    print(f"duplicates seen by the handler: {sum(seen.values()) - len(seen)}")
+
+
+async def test_publisher_gives_up_after_its_deadline(broker: MosquittoBroker) -> None:
+    broker.stop()
+    publisher = RechargePublisher(
+        broker.host, broker.port, "in-sim", ack_timeout_s=0.1, publish_deadline_s=0.5
+    )
+    with pytest.raises(PublishDeadlineExceeded, match="publish_deadline_s=0.5"):
+        await publisher.publish(make_event(1))
+    assert publisher.counts["retries"] >= 1
+    await publisher.close()
+
+
+def test_settings_refuse_what_would_break_the_guarantees() -> None:
+    with pytest.raises(ValueError, match="client_id"):
+        MqttSettings(client_id="")
+    with pytest.raises(ValueError, match="dead_letter_topic"):
+        MqttSettings(dead_letter_topic="extrabalance/recharge/#")
+    with pytest.raises(ValueError, match="protocol_version"):
+        MqttSettings(protocol_version=3)
+    with pytest.raises(ValueError, match="inflight_max"):
+        MqttSettings(inflight_max=0)
+    with pytest.raises(ValueError, match="session_expiry_s"):
+        MqttSettings(session_expiry_s=0)
