@@ -293,37 +293,42 @@ class RechargeListener:
         """Run handlers concurrently and ack in receipt order until stop or failure."""
         window = asyncio.Semaphore(self._settings.inflight_max)
         deliveries: deque[_Delivery] = deque()
-        arrived = asyncio.Event()
+        progress = asyncio.Event()  # a handler finished: the head may be ackable now
         all_acked = asyncio.Event()  # set whenever nothing received is left unacked
         all_acked.set()
         paho_client = _paho_of(client)
+
+        def on_done(_: asyncio.Task[None]) -> None:
+            progress.set()
 
         async def read() -> None:
             async for message in client.messages:
                 await window.acquire()
                 task = asyncio.create_task(self._process(client, message))
+                task.add_done_callback(on_done)
                 deliveries.append(_Delivery(message, task))
                 all_acked.clear()
-                arrived.set()
 
         async def ack_in_order() -> None:
+            # Never awaits a handler task directly, so cancelling the acker cannot
+            # cancel a handler in the middle of its commit.
             while True:
-                while not deliveries:
+                while deliveries and deliveries[0].task.done():
+                    head = deliveries[0]
+                    if head.task.cancelled() or head.task.exception() is not None:
+                        error = None if head.task.cancelled() else head.task.exception()
+                        raise _HandlerFailed(repr(error))
+                    if head.message.qos > 0:
+                        rc = paho_client.ack(head.message.mid, head.message.qos)
+                        if rc != paho.MQTT_ERR_SUCCESS:
+                            raise aiomqtt.MqttCodeError(rc, "could not send PUBACK")
+                        self._counts["acked"] += 1
+                    deliveries.popleft()
+                    window.release()
+                if not deliveries:
                     all_acked.set()
-                    arrived.clear()
-                    await arrived.wait()
-                head = deliveries[0]
-                await asyncio.wait([head.task])
-                if head.task.cancelled() or head.task.exception() is not None:
-                    error = None if head.task.cancelled() else head.task.exception()
-                    raise _HandlerFailed(repr(error))
-                if head.message.qos > 0:
-                    rc = paho_client.ack(head.message.mid, head.message.qos)
-                    if rc != paho.MQTT_ERR_SUCCESS:
-                        raise aiomqtt.MqttCodeError(rc, "could not send PUBACK")
-                    self._counts["acked"] += 1
-                deliveries.popleft()
-                window.release()
+                progress.clear()
+                await progress.wait()
 
         reader = asyncio.create_task(read())
         acker = asyncio.create_task(ack_in_order())
@@ -375,7 +380,8 @@ class RechargeListener:
             await self._dead_letter(client, payload, topic, exc.reason)
             return
         try:
-            await asyncio.wait_for(self._handle(event), timeout=self._settings.handle_timeout_s)
+            async with asyncio.timeout(self._settings.handle_timeout_s):
+                await self._handle(event)
         except Exception:
             self._counts["handler_failures"] += 1
             log.warning(
