@@ -111,7 +111,7 @@ class InProcessServer:
     async def _answer(self, pdu: DeliverSm) -> None:
         await asyncio.sleep(0)
         for submit in self.app.handle(pdu):
-            status, _mid = self.smsc._on_submit(submit, "extrabalance")  # noqa: SLF001
+            status, _mid = self.smsc._on_submit(submit, "extrabalance")
             self.statuses.append(status)
 
     def binds(self) -> list[str]:

@@ -18,7 +18,7 @@ SUB = "201000000001"
 def make(**kw: object) -> tuple[SmscSimulator, InProcessServer]:
     smsc = SmscSimulator(seed=3, **kw)  # type: ignore[arg-type]
     server = InProcessServer(smsc, MenuApp())
-    smsc._server = server  # noqa: SLF001 - transport swapped for the in-process app
+    smsc._server = server
     return smsc, server
 
 
@@ -62,7 +62,7 @@ async def test_no_screen_times_out_and_frees_the_dialog() -> None:
     with pytest.raises(ScreenTimeout):
         await phone.dial("*123#", timeout_s=0.05)
     assert not phone.dialog_open
-    assert smsc._waiting == {}  # noqa: SLF001
+    assert smsc._waiting == {}
 
 
 async def test_mo_sms_reaches_the_app_and_long_mt_is_joined() -> None:
@@ -73,7 +73,7 @@ async def test_mo_sms_reaches_the_app_and_long_mt_is_joined() -> None:
     assert server.app.received[-1].destination_addr == "1234"
     text = "x" * 200 + " end"
     for segment in split_text(text, 7):
-        status, _ = smsc._on_submit(  # noqa: SLF001
+        status, _ = smsc._on_submit(
             SubmitSm(destination_addr=SUB, esm_class=segment.esm_class,
                      data_coding=segment.data_coding, short_message=segment.short_message),
             "extrabalance",
@@ -85,17 +85,17 @@ async def test_mo_sms_reaches_the_app_and_long_mt_is_joined() -> None:
 
 async def test_throttling_share() -> None:
     smsc, _ = make(throttle_share=1.0)
-    status, _ = smsc._on_submit(SubmitSm(destination_addr=SUB, short_message=b"hi"), "x")  # noqa: SLF001
+    status, _ = smsc._on_submit(SubmitSm(destination_addr=SUB, short_message=b"hi"), "x")
     assert status == Status.ESME_RTHROTTLED
     assert smsc.mt() == [] and smsc.stats["throttled"] == 1
     smsc.set_throttle(0.0)
-    status, _ = smsc._on_submit(SubmitSm(destination_addr=SUB, short_message=b"hi"), "x")  # noqa: SLF001
+    status, _ = smsc._on_submit(SubmitSm(destination_addr=SUB, short_message=b"hi"), "x")
     assert status == 0 and smsc.mt()[0].text == "hi"
 
 
 async def test_delivery_receipts_when_enabled() -> None:
     smsc, server = make(delivery_receipts=True)
-    smsc._on_submit(  # noqa: SLF001
+    smsc._on_submit(
         SubmitSm(destination_addr=SUB, short_message=b"hello", registered_delivery=1), "x"
     )
     for _ in range(50):
