@@ -148,3 +148,15 @@ async def test_answer_delay_is_applied() -> None:
     answer = await ask(s, ccr(gy.CHECK_BALANCE, 1))
     assert answer is not None and answer.result_code == 2001
     assert s.faults("in-a").answer_delay_ms == 30
+
+
+async def test_recharge_event_without_broker() -> None:
+    s = sim()
+    s.set_balance(SUB, 100)
+    first = await s.recharge(SUB, 2500)
+    second = await s.recharge(SUB, 100)
+    assert first.event_id != second.event_id and first.event_id.startswith("IN-A-")
+    assert (first.in_node, first.balance_after_minor, first.currency) == ("in-a.test", 2600, "EGP")
+    assert s.balance(SUB) == 2700
+    kinds = [(e.action, e.moved_minor) for e in s.applied()]
+    assert kinds == [("RECHARGE", 2500), ("RECHARGE", 100)]
