@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from extrabalance.diameter.codec import Message
-
     from extrabalance.recharge.events import RechargeEvent
 
 # --- Result codes this simulator answers with (RFC 6733 §7.1, RFC 4006 §9) ---------
@@ -546,6 +545,14 @@ class InSimulator:
         # the run's start time (ms, hex) is part of every id.
         self._event_epoch = f"{int(time.time() * 1000):x}"
         self.stats: dict[str, Counter[str]] = {s.name: Counter() for s in specs}
+        if mqtt is not None:
+            # Publishers connect lazily, on the first recharge.
+            from simulators.recharge_publisher import RechargePublisher
+
+            for spec in specs:
+                self._publishers[spec.name] = RechargePublisher(
+                    mqtt.host, mqtt.port, f"{mqtt.client_id_prefix}-{spec.name}", mqtt.topic_prefix
+                )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -563,22 +570,12 @@ class InSimulator:
             self._session_ids[spec.name] = SessionIdGenerator(spec.origin_host)
             if self.node_peer is not None:
                 self._add_node_peer(spec.name, diameter)
-            if self.mqtt is not None:
-                from simulators.recharge_publisher import RechargePublisher
-
-                self._publishers[spec.name] = RechargePublisher(
-                    self.mqtt.host,
-                    self.mqtt.port,
-                    f"{self.mqtt.client_id_prefix}-{spec.name}",
-                    self.mqtt.topic_prefix,
-                )
         return dict(self._ports)
 
     async def close(self) -> None:
         for publisher in self._publishers.values():
             with contextlib.suppress(Exception):
                 await publisher.close()
-        self._publishers.clear()
         for diameter in self._diameter.values():
             result = diameter.close()
             if asyncio.iscoroutine(result):
@@ -738,13 +735,12 @@ class InSimulator:
         )
 
     def _balance_op(self, ccr: Any, spec: InNodeSpec, request: Message) -> BalanceOp:
+        from extrabalance.diameter import codec
         from extrabalance.diameter.constants import (
             AVP_CC_REQUEST_TYPE,
             AVP_REQUESTED_ACTION,
             AVP_REQUESTED_SERVICE_UNIT,
         )
-
-        from extrabalance.diameter import codec
 
         if ccr.request_type != 4:
             raise codec.DiameterError(
