@@ -44,6 +44,8 @@ HANDSETS_MAX = 1_000_000  # virtual handsets attached at once
 OPEN_DIALOGS_MAX = 100_000  # USSD dialogs awaiting a screen at once
 RECEIPT_DELAY_MS = 20  # a delivery receipt follows its submit_sm after this long
 CONTROL_CLIENTS_MAX = 64
+SMSC_WINDOW_MAX = 100
+DROP_WAIT_S = 2.0  # drop_binds() waits at most this long for the connections to go  # deliver_sm awaiting the node's response, per bind
 CONCAT_PENDING_MAX = 10_000  # concatenated MT SMS awaiting their missing parts
 CONCAT_TIMEOUT_S = 60.0  # a part waits this long for the others  # phones attached over the control channel at once
 
@@ -151,7 +153,7 @@ class SmscSimulator:
         from extrabalance.smpp.text import Reassembler
 
         self._reassembler = Reassembler(entries_max=CONCAT_PENDING_MAX, timeout_s=CONCAT_TIMEOUT_S)
-        self._server: object | None = None
+        self._server: Any = None
         self._control: asyncio.AbstractServer | None = None
         self._control_clients = 0
         self.stats: dict[str, int] = {
@@ -177,7 +179,12 @@ class SmscSimulator:
         async def on_submit(submit: Any, system_id: str) -> tuple[int, str]:
             return self._on_submit(submit, system_id)
 
-        self._server = Smsc({self.system_id: self.password}, on_submit)
+        self._server = Smsc(
+            credentials={self.system_id: self.password},
+            on_submit=on_submit,
+            system_id="smsc-sim",
+            window_max=SMSC_WINDOW_MAX,
+        )
         self.port = await self._server.listen(self.host, self.port)
         if self.control_port is not None:
             self._control = await asyncio.start_server(
@@ -228,9 +235,11 @@ class SmscSimulator:
 
     async def _deliver(self, pdu: Any, *, system_id: str | None = None) -> int:
         server = self._require_server()
+        from extrabalance.smpp.connection import RequestFailedError
+
         try:
             status = await server.deliver(pdu, system_id=system_id)
-        except (ConnectionError, LookupError, RuntimeError) as exc:
+        except (RequestFailedError, ConnectionError, LookupError) as exc:
             self.stats["deliver_failed"] += 1
             raise HandsetError(f"cannot deliver to the node: {exc}") from None
         return int(status)
@@ -401,7 +410,9 @@ class SmscSimulator:
         from extrabalance.smpp.pdu import ItsSessionInfo, Status, SubmitSm
         from extrabalance.smpp.text import decode_text, parse_concat
 
-        assert isinstance(submit, SubmitSm)
+        if not isinstance(submit, SubmitSm):
+            # data_sm: accepted so the node is not stuck, but not a screen nor an SMS here.
+            return 0, f"{next(self._message_ids):x}"
         if self._throttle_share and self._rng.random() < self._throttle_share:
             self.stats["throttled"] += 1
             return int(Status.ESME_RTHROTTLED), ""
@@ -525,12 +536,29 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-def _bound_receivers(server: Any) -> list[Any]:
-    return list(server.binds())
+def _bound_receivers(server: Any) -> list[str]:
+    return list(server.bound_system_ids())
 
 
 async def _drop_binds(server: Any) -> int:
-    return int(await _maybe_await(server.drop_binds()))
+    """Close every ESME connection of the server at once.
+
+    The shared `Smsc` has no public way to drop binds, so this reaches for its
+    connection set; `drop_binds()` on the server is used instead once it exists.
+    """
+    if hasattr(server, "drop_binds"):
+        return int(await _maybe_await(server.drop_binds()))
+    live = getattr(server, "_conns", set())
+    connections = list(live)
+    for connection in connections:
+        connection.close()
+    # Closing is asynchronous: wait (bounded) until the server has forgotten them, so
+    # that is_bound()/wait_bound() after this call see only the binds made again.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DROP_WAIT_S):
+            while any(c in live for c in connections):
+                await asyncio.sleep(0.01)
+    return len(connections)
 
 
 # --- The control channel for `extrabalance phone` --------------------------------------

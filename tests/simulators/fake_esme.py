@@ -114,7 +114,7 @@ class InProcessServer:
             status, _mid = self.smsc._on_submit(submit, "extrabalance")
             self.statuses.append(status)
 
-    def binds(self) -> list[str]:
+    def bound_system_ids(self) -> list[str]:
         return ["extrabalance"]
 
     async def drop_binds(self) -> int:
