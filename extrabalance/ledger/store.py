@@ -494,6 +494,9 @@ def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -
     loan = get_loan(conn, loan_id)
     if loan is None or loan.state not in LOAN_OPEN_STATES:
         return 0
+    if has_unsettled(conn, loan.msisdn):
+        # A recovery in flight may still take this debt; write off on a later run.
+        return 0
     fee_left = loan.fee_minor - loan.fee_repaid_minor
     principal_left = loan.principal_minor - loan.principal_repaid_minor
     post(

@@ -241,9 +241,9 @@ class RechargeListener:
     # -- one connection -----------------------------------------------------------
 
     def _backoff_s(self, attempt: int) -> float:
-        cap_s = min(
+        cap_s: float = min(
             self._settings.reconnect_backoff_max_s,
-            self._settings.reconnect_backoff_initial_s * (2 ** min(attempt, 30)),
+            self._settings.reconnect_backoff_initial_s * 2.0 ** min(attempt, 30),
         )
         # "Equal jitter": at least half the cap, so a fleet of nodes restarted together
         # spreads out without any of them hammering the broker at ~0 s.
@@ -254,7 +254,7 @@ class RechargeListener:
         tls_context = ssl.create_default_context(cafile=s.ca_file) if s.tls else None
         kwargs: dict[str, Any] = {}
         if s.protocol_version == MQTT_V5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = s.session_expiry_s
             properties.ReceiveMaximum = s.inflight_max
             kwargs.update(
@@ -293,37 +293,42 @@ class RechargeListener:
         """Run handlers concurrently and ack in receipt order until stop or failure."""
         window = asyncio.Semaphore(self._settings.inflight_max)
         deliveries: deque[_Delivery] = deque()
-        arrived = asyncio.Event()
+        progress = asyncio.Event()  # a handler finished: the head may be ackable now
         all_acked = asyncio.Event()  # set whenever nothing received is left unacked
         all_acked.set()
         paho_client = _paho_of(client)
+
+        def on_done(_: asyncio.Task[None]) -> None:
+            progress.set()
 
         async def read() -> None:
             async for message in client.messages:
                 await window.acquire()
                 task = asyncio.create_task(self._process(client, message))
+                task.add_done_callback(on_done)
                 deliveries.append(_Delivery(message, task))
                 all_acked.clear()
-                arrived.set()
 
         async def ack_in_order() -> None:
+            # Never awaits a handler task directly, so cancelling the acker cannot
+            # cancel a handler in the middle of its commit.
             while True:
-                while not deliveries:
+                while deliveries and deliveries[0].task.done():
+                    head = deliveries[0]
+                    if head.task.cancelled() or head.task.exception() is not None:
+                        error = None if head.task.cancelled() else head.task.exception()
+                        raise _HandlerFailed(repr(error))
+                    if head.message.qos > 0:
+                        rc = paho_client.ack(head.message.mid, head.message.qos)
+                        if rc != paho.MQTT_ERR_SUCCESS:
+                            raise aiomqtt.MqttCodeError(rc, "could not send PUBACK")
+                        self._counts["acked"] += 1
+                    deliveries.popleft()
+                    window.release()
+                if not deliveries:
                     all_acked.set()
-                    arrived.clear()
-                    await arrived.wait()
-                head = deliveries[0]
-                await asyncio.wait([head.task])
-                if head.task.cancelled() or head.task.exception() is not None:
-                    error = None if head.task.cancelled() else head.task.exception()
-                    raise _HandlerFailed(repr(error))
-                if head.message.qos > 0:
-                    rc = paho_client.ack(head.message.mid, head.message.qos)
-                    if rc != paho.MQTT_ERR_SUCCESS:
-                        raise aiomqtt.MqttCodeError(rc, "could not send PUBACK")
-                    self._counts["acked"] += 1
-                deliveries.popleft()
-                window.release()
+                progress.clear()
+                await progress.wait()
 
         reader = asyncio.create_task(read())
         acker = asyncio.create_task(ack_in_order())
@@ -375,7 +380,8 @@ class RechargeListener:
             await self._dead_letter(client, payload, topic, exc.reason)
             return
         try:
-            await asyncio.wait_for(self._handle(event), timeout=self._settings.handle_timeout_s)
+            async with asyncio.timeout(self._settings.handle_timeout_s):
+                await self._handle(event)
         except Exception:
             self._counts["handler_failures"] += 1
             log.warning(
