@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from extrabalance.config import Settings, load_settings
+from extrabalance.diameter.dictionary import RESULT_CODE_NAMES
 from extrabalance.service.templates import format_minor
 
 A = "201001234567"
@@ -42,7 +43,7 @@ DEMO_SMPP_PASSWORD_ENV = "EB_DEMO_SMPP_PASSWORD"
 
 @dataclass
 class Entry:
-    kind: str  # "title" | "diameter" | "screen" | "sms" | "note"
+    kind: str  # "title" | "diameter" (IN → node) | "in_op" (node → IN) | "screen" | "sms" | "note"
     msisdn: str = ""
     text: str = ""
     final: bool = False
@@ -133,7 +134,7 @@ async def demo_env(workdir: Path) -> AsyncIterator[DemoEnv]:
         in_ports = await in_sim.start()
         stack.push_async_callback(in_sim.close)
 
-        os.environ[DEMO_SMPP_PASSWORD_ENV] = "demo-" + os.urandom(4).hex()
+        os.environ[DEMO_SMPP_PASSWORD_ENV] = os.urandom(4).hex()  # SMPP: at most 8 octets
         smsc = SmscSimulator(system_id="extrabalance",
                              password=os.environ[DEMO_SMPP_PASSWORD_ENV],
                              short_code=base.smpp.short_code)
@@ -182,18 +183,34 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
     money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"  # noqa: E731
     phone_a, phone_b = smsc.handset(A), smsc.handset(B)
 
+    seen = [len(in_sim.applied())]
+
+    def in_ops() -> None:
+        """What the node asked the IN to do since the last look (node → IN CCRs)."""
+        applied = in_sim.applied()
+        for op in applied[seen[0]:]:
+            if op.action in ("REFUND_ACCOUNT", "DIRECT_DEBITING", "CHECK_BALANCE"):
+                t.add(Entry("in_op", op.msisdn,
+                            f"CCR {op.action} {money(op.amount_minor)} on {op.node}: "
+                            f"{op.result_code} {RESULT_CODE_NAMES.get(op.result_code, '')}",
+                            result_code=op.result_code))
+        seen[0] = len(applied)
+
     async def screen(phone: Any, dialled: str, *, dial: bool) -> Entry:
         shown = await (phone.dial(dialled) if dial else phone.reply(dialled))
         return t.add(Entry("screen", phone.msisdn, shown.text, shown.final, dialled))
 
     async def sms(phone: Any) -> Entry:
-        return t.add(Entry("sms", phone.msisdn, await phone.next_sms(SMS_WAIT_S)))
+        text = await phone.next_sms(SMS_WAIT_S)
+        in_ops()
+        return t.add(Entry("sms", phone.msisdn, text))
 
     async def out_of_balance(msisdn: str) -> Entry:
         t.add(Entry("note", msisdn, f"balance {money(in_sim.balance(msisdn))}; "
                                     "the IN sends an out-of-balance CCR (EVENT)"))
         code, granted = await in_sim.send_out_of_balance(msisdn)
-        text = f"CCA Result-Code {code}" + (f", granted {money(granted)}" if granted else "")
+        text = f"CCA {code} {RESULT_CODE_NAMES.get(code, '')}" + (
+            f", granted {money(granted)}" if granted else "")
         return t.add(Entry("diameter", msisdn, text, result_code=code))
 
     async def recharge(msisdn: str, amount_minor: int) -> None:
@@ -259,10 +276,9 @@ async def summarise(env: DemoEnv) -> Summary:
     ).fetchone()[0])
     journal_sum = sum(totals.values())
     applied = env.in_sim.applied()
-    credited = sum(op.amount_minor for op in applied
-                   if op.kind in ("REFUND_ACCOUNT", KIND_OUT_OF_BALANCE_GRANT) and op.result == 2001)
-    debited = sum(op.amount_minor for op in applied
-                  if op.kind == "DIRECT_DEBITING" and op.result == 2001)
+    credited = sum(op.moved_minor for op in applied
+                   if op.action in ("REFUND_ACCOUNT", KIND_OUT_OF_BALANCE_GRANT))
+    debited = -sum(op.moved_minor for op in applied if op.action == "DIRECT_DEBITING")
     outstanding = totals.get("principal_receivable", 0) + totals.get("fee_receivable", 0)
     return Summary(
         loans=int(loans[0]),
@@ -287,6 +303,8 @@ def _print_entry(entry: Entry) -> None:
         print(f"   [{entry.msisdn}] {entry.text}")
     elif entry.kind == "diameter":
         print(f"   [IN -> node] {entry.text}")
+    elif entry.kind == "in_op":
+        print(f"   [node -> IN] {entry.text}")
     elif entry.kind == "screen":
         print(f"   +-- {entry.msisdn} sends {entry.dialled!r}")
         for line in entry.text.splitlines():
