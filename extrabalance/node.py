@@ -239,6 +239,35 @@ class Node:
             self.dialogs.expire()
             self.edr.flush()
 
+    # -- configuration reload ------------------------------------------------------------
+
+    RELOADABLE_SECTIONS = ("tiers", "fee_plans", "segments", "eligibility", "recovery",
+                           "auto_advance", "ads", "templates")
+
+    def reload(self, settings: Settings) -> dict[str, Any]:
+        """Apply a new, already validated config without dropping binds or peers.
+
+        Tiers, segments, fees, recovery, ads and templates change at once (the next
+        decision uses them); sections that need new sockets or a new ledger (node,
+        storage, diameter, in_nodes, smpp, mqtt, admin) are reported as needing a
+        restart and keep their running values.
+        """
+        old = self.settings
+        changed = [name for name in type(old).model_fields
+                   if getattr(old, name) != getattr(settings, name)]
+        restart = [name for name in changed if name not in self.RELOADABLE_SECTIONS]
+        policy = settings.policy()
+        templates = Templates(settings.templates, old.node.default_language,
+                              old.node.currency_exponent)
+        for service in (self.lending, self.payback, self.resolver, self.accounts):
+            service.policy = policy
+        self.dialogs.set_templates(templates)
+        self.channel.set_policy(policy, templates)
+        self.policy, self.templates = policy, templates
+        self.settings = settings.model_copy(update={name: getattr(old, name) for name in restart})
+        log.info("config_reloaded", changed=changed, needs_restart=restart)
+        return {"changed": changed, "needs_restart": restart}
+
     async def stop(self) -> None:
         self._accepting_recharges = False
         await self.channel.drain(DRAIN_WAIT_S)

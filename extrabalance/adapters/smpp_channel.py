@@ -73,6 +73,10 @@ class SmppChannel:
                       "throttled": 0, "sms_out": 0, "sms_failed": 0, "ussd_out": 0,
                       "ussd_failed": 0}
 
+    def set_policy(self, policy: Policy, templates: Templates) -> None:
+        """Config reload: tiers (for `LOAN 10`) and texts change for the next message."""
+        self._policy, self._t = policy, templates
+
     # -- inbound ---------------------------------------------------------------
 
     async def on_deliver(self, pdu: Any, system_id: str) -> int:
