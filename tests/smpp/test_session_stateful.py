@@ -34,8 +34,8 @@ WINDOW, QUEUE, INBOUND = 3, 4, 5
 class SessionPair(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        kw = dict(window_max=WINDOW, queue_max=QUEUE, inbound_pending_max=INBOUND,
-                  response_timeout_s=5.0, enquire_link_s=7.0)
+        kw = {"window_max": WINDOW, "queue_max": QUEUE, "inbound_pending_max": INBOUND,
+                  "response_timeout_s": 5.0, "enquire_link_s": 7.0}
         self.sides = {
             "esme": Session(Role.ESME, **kw),  # type: ignore[arg-type]
             "smsc": Session(Role.SMSC, system_id="S", authenticator=lambda p: 0, **kw),  # type: ignore[arg-type]
