@@ -145,6 +145,24 @@ class _BindWorker:
         return self.conn is not None and self.conn.session.bound
 
     async def run(self) -> None:
+        # A bind must never die silently: anything unexpected (a config value the
+        # codec refuses, a bug) is recorded as the bind's last error and retried
+        # after the usual backoff, so `bind_states()` and /readyz say what is wrong.
+        while not self.esme._closing:
+            try:
+                await self._run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - see above
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error("smpp %s: %s", self.cfg.name, self.last_error)
+                if self.conn is not None:
+                    self.conn.close()
+                    self.conn = None
+                    self.esme._bound_changed()
+                await self._backoff()
+
+    async def _run_once(self) -> None:
         cfg = self.cfg
         while not self.esme._closing:
             self.connects += 1

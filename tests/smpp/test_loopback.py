@@ -305,3 +305,35 @@ async def test_submits_spread_over_binds_and_deliver_targets_system_id(h: Harnes
 
     with pytest.raises(NoReceiverError):
         await h.smsc.deliver(DeliverSm(source_addr="1"), system_id="someone-else")
+
+
+async def test_a_bind_that_cannot_be_encoded_reports_why_and_does_not_die():
+    """A password longer than SMPP allows: the bind keeps trying and says why."""
+    import asyncio
+
+    from extrabalance.smpp.client import BindConfig, Esme, NotBoundError
+
+    async def on_deliver(pdu, name):
+        return 0
+
+    from extrabalance.smpp.server import Smsc
+
+    async def on_submit(pdu, system_id):
+        return 0, "1"
+
+    smsc = Smsc(credentials={"extrabalance": "pw"}, on_submit=on_submit)
+    port = await smsc.listen("127.0.0.1", 0)
+    esme = Esme([BindConfig("127.0.0.1", port, "extrabalance", "far-too-long-password")], on_deliver)
+    await esme.start()
+    try:
+        try:
+            await esme.wait_bound(0.5)
+        except NotBoundError:
+            pass
+        states = esme.bind_states()
+        assert states[0]["bound"] is False
+        assert "PduEncodeError" in states[0]["last_error"]
+        assert all(not w.task.done() for w in esme._workers)
+    finally:
+        await asyncio.wait_for(esme.close(), 5)
+        await smsc.close()
