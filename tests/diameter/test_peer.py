@@ -177,7 +177,7 @@ def test_request_deadline_gives_timeout_and_late_answer_is_dropped() -> None:
 
 
 def test_pending_table_is_bounded() -> None:
-    client, server = open_pair(pending_max=3)
+    client, _server = open_pair(pending_max=3)
     for i in range(3):
         client.send_request(sample_ccr(), i, 0.0, 5.0)
     try:
@@ -214,7 +214,7 @@ def test_dwr_dwa_keep_the_peer_open() -> None:
 
 
 def test_watchdog_suspect_fails_over_then_down() -> None:
-    client, server = open_pair(watchdog_s=30.0)
+    client, _server = open_pair(watchdog_s=30.0)
     client.send_request(sample_ccr(), "pending", 0.0, 1000.0)
     client.data_to_send()  # the server never hears anything again
     t1 = client.next_timer()
@@ -272,7 +272,7 @@ def test_dpr_dpa_on_close() -> None:
 
 
 def test_malformed_request_is_answered_and_connection_stays_open() -> None:
-    client, server = open_pair()
+    _client, server = open_pair()
     data = bytearray(encode(sample_ccr().with_ids(5, 6)))
     pos = data.index(b"201001234567")
     data[pos] = 0xFF  # invalid UTF-8 -> 5004
