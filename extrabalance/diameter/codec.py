@@ -904,18 +904,24 @@ class Framer:
 
 
 def _zero_example(code: int, vendor_id: int) -> Avp:
-    """RFC 6733 §7.5: a missing AVP is reported with a value of minimum length, zeroed."""
+    """RFC 6733 §7.5: a missing AVP is reported with a value "of correct minimum length"
+    containing zeroes. Text AVPs get "000" rather than nothing or NULs: analysers
+    read an empty value as missing, and a NUL or a single digit as a malformed
+    E.164 number in Subscription-Id-Data (Wireshark flags all three)."""
     entry = d.avp_def(code, vendor_id)
-    zero: Any = b""
-    if entry is not None:
+    zero: Any = b"\0"
+    if entry is not None and entry.type is AvpType.GROUPED:
+        # A grouped example carries zeroed examples of its own required AVPs.
+        grammar = d.GROUPED_GRAMMAR.get((code, vendor_id))
+        zero = tuple(_zero_example(c, v) for c, v in grammar.required) if grammar else ()
+    elif entry is not None:
         zero = {
-            AvpType.GROUPED: (),
             AvpType.ADDRESS: ipaddress.IPv4Address(0),
-            AvpType.UTF8_STRING: "",
-            AvpType.DIAMETER_IDENTITY: "",
-            AvpType.DIAMETER_URI: "",
-            AvpType.IP_FILTER_RULE: "",
-            AvpType.OCTET_STRING: b"",
+            AvpType.UTF8_STRING: "000",
+            AvpType.DIAMETER_IDENTITY: "000",
+            AvpType.DIAMETER_URI: "000",
+            AvpType.IP_FILTER_RULE: "000",
+            AvpType.OCTET_STRING: b"\0",
             AvpType.FLOAT32: 0.0,
             AvpType.FLOAT64: 0.0,
         }.get(entry.type, 0)

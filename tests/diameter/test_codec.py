@@ -312,10 +312,10 @@ def test_5005_missing_avp_with_failed_avp_example() -> None:
         validate(msg)
     err = info.value
     assert err.result_code == 5005
-    assert err.failed_avps == (avp(AVP_ORIGIN_HOST, ""),)
+    assert err.failed_avps == (avp(AVP_ORIGIN_HOST, "000"),)
     answer = codec.error_answer(err, "node", "realm")
     assert not answer.is_error and not answer.is_request
-    assert answer.path_value(279, AVP_ORIGIN_HOST) == ""
+    assert answer.path_value(279, AVP_ORIGIN_HOST) == "000"
     assert answer.get(268) == 5005
     # inside a grouped AVP: Subscription-Id without its Data
     msg = _replace_avp(sample_ccr(), AVP_SUBSCRIPTION_ID, avp(AVP_SUBSCRIPTION_ID, [avp(450, 0)]))
