@@ -854,17 +854,23 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 class Framer:
     """Splits a byte stream into whole messages, bounded by ``max_message_bytes``."""
 
-    __slots__ = ("_buffer", "max_message_bytes")
+    __slots__ = ("_buffer", "error", "max_message_bytes")
 
     def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self._buffer = bytearray()
         self.max_message_bytes = max_message_bytes
+        # Set once a header cannot be a message; the stream is unusable after it.
+        self.error: FrameError | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
         """Append ``data``; return the complete frames it finished, in order.
 
-        Raises FrameError (and then stays broken) if a header cannot be a message.
+        A header that cannot be a message raises FrameError, unless whole frames
+        came before it in this call: those are returned first (the peer may still
+        answer them) and ``error`` is set; every later call raises.
         """
+        if self.error is not None:
+            raise self.error
         buf = self._buffer
         buf += data
         frames: list[bytes] = []
@@ -874,9 +880,13 @@ class Framer:
             word = _U_I(buf, pos)[0]
             version, length = word >> 24, word & 0xFFFFFF
             if version != DIAMETER_VERSION:
-                raise FrameError(f"Diameter version {version}")
-            if length < HEADER_BYTES or length > self.max_message_bytes:
-                raise FrameError(f"message length {length} out of bounds")
+                self.error = FrameError(f"Diameter version {version}")
+            elif length < HEADER_BYTES or length > self.max_message_bytes:
+                self.error = FrameError(f"message length {length} out of bounds")
+            if self.error is not None:
+                if frames:
+                    return frames
+                raise self.error
             if available - pos < length:
                 break
             frames.append(bytes(buf[pos : pos + length]))
@@ -894,18 +904,24 @@ class Framer:
 
 
 def _zero_example(code: int, vendor_id: int) -> Avp:
-    """RFC 6733 §7.5: a missing AVP is reported with a value of minimum length, zeroed."""
+    """RFC 6733 §7.5: a missing AVP is reported with a value "of correct minimum length"
+    containing zeroes. Text AVPs get "000" rather than nothing or NULs: analysers
+    read an empty value as missing, and a NUL or a single digit as a malformed
+    E.164 number in Subscription-Id-Data (Wireshark flags all three)."""
     entry = d.avp_def(code, vendor_id)
-    zero: Any = b""
-    if entry is not None:
+    zero: Any = b"\0"
+    if entry is not None and entry.type is AvpType.GROUPED:
+        # A grouped example carries zeroed examples of its own required AVPs.
+        grammar = d.GROUPED_GRAMMAR.get((code, vendor_id))
+        zero = tuple(_zero_example(c, v) for c, v in grammar.required) if grammar else ()
+    elif entry is not None:
         zero = {
-            AvpType.GROUPED: (),
             AvpType.ADDRESS: ipaddress.IPv4Address(0),
-            AvpType.UTF8_STRING: "",
-            AvpType.DIAMETER_IDENTITY: "",
-            AvpType.DIAMETER_URI: "",
-            AvpType.IP_FILTER_RULE: "",
-            AvpType.OCTET_STRING: b"",
+            AvpType.UTF8_STRING: "000",
+            AvpType.DIAMETER_IDENTITY: "000",
+            AvpType.DIAMETER_URI: "000",
+            AvpType.IP_FILTER_RULE: "000",
+            AvpType.OCTET_STRING: b"\0",
             AvpType.FLOAT32: 0.0,
             AvpType.FLOAT64: 0.0,
         }.get(entry.type, 0)
