@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 
 from extrabalance.core.policy import Policy
 from extrabalance.ledger import Ledger, store
@@ -67,7 +68,7 @@ class AccountService:
         for msisdn, loan_id in candidates:
             async with self.locks.hold(msisdn):
                 minor = await self.ledger.write(
-                    lambda c, lid=loan_id: store.write_off(c, lid, who, now)
+                    partial(store.write_off, loan_id=loan_id, who=who, now=now)
                 )
             if minor:
                 written += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from extrabalance.core.payback import allocate_payback
 from extrabalance.core.policy import Policy
@@ -200,8 +201,12 @@ class PaybackService:
             result = await call_in_with_resends(self.in_port, op)
             if result.outcome is InOutcome.DONE:
                 outcome = await self.ledger.write(
-                    lambda conn, r=result: settle_recovery_done(
-                        conn, step.recovery_id, r, self.policy, self.clock()
+                    partial(
+                        settle_recovery_done,
+                        recovery_id=step.recovery_id,
+                        result=result,
+                        policy=self.policy,
+                        now=self.clock(),
                     )
                 )
                 self.events.emit(
@@ -226,8 +231,11 @@ class PaybackService:
             smaller = requested // 2
             if attempt >= self.attempts_max or smaller <= 0:
                 outcome = await self.ledger.write(
-                    lambda conn, r=result: settle_recovery_failed(
-                        conn, step.recovery_id, r, self.clock()
+                    partial(
+                        settle_recovery_failed,
+                        recovery_id=step.recovery_id,
+                        result=result,
+                        now=self.clock(),
                     )
                 )
                 self.events.emit(
