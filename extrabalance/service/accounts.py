@@ -47,7 +47,10 @@ class AccountService:
             await self.ledger.write(lambda c: store.set_bar(c, msisdn, True, reason, who, now))
         self.events.emit("bar", msisdn=msisdn, reason=reason, who=who)
         if notify:
-            await safe_notify(self.notifier, Notice(msisdn, "barred", {}, "sms"))
+            language = await self.ledger.read(
+                lambda c: store.load_subscriber(c, msisdn).state.language
+            )
+            await safe_notify(self.notifier, Notice(msisdn, "barred", {}, "sms", language))
 
     async def unbar(self, msisdn: str, who: str, why: str = "") -> None:
         async with self.locks.hold(msisdn):
