@@ -11,6 +11,7 @@ listener may acknowledge the message when this returns.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
@@ -132,6 +133,10 @@ class PaybackService:
 
     async def handle_recharge(self, event: RechargeEvent) -> PaybackOutcome:
         """Recover what is owed from this recharge. Idempotent by `event.event_id`."""
+        # Runs to its settlement even if the caller is cancelled (MQTT reconnect).
+        return await asyncio.shield(self._handle_recharge(event))
+
+    async def _handle_recharge(self, event: RechargeEvent) -> PaybackOutcome:
         key = recharge_key(event.event_id)
         msisdn = event.msisdn
         async with self.locks.hold(msisdn):
