@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
 
 import structlog
 
@@ -218,7 +217,7 @@ class LendingService:
                 if loan_row is not None:  # intent recorded, not settled yet
                     loan = store.get_loan(conn, loan_row[0])
                     assert loan is not None
-                    return _replace(
+                    return replace(
                         outcome_of_loan(loan, store.debt_from_journal(conn, msisdn)), replayed=True
                     )
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
@@ -511,9 +510,3 @@ class LendingService:
 
 def _v(reason: Reason | None) -> str | None:
     return reason.value if reason else None
-
-
-def _replace(outcome: BorrowOutcome, **changes: Any) -> BorrowOutcome:
-    from dataclasses import replace
-
-    return replace(outcome, **changes)
