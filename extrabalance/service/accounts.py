@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 
 from extrabalance.core.policy import Policy
 from extrabalance.ledger import Ledger, store
@@ -46,7 +47,10 @@ class AccountService:
             await self.ledger.write(lambda c: store.set_bar(c, msisdn, True, reason, who, now))
         self.events.emit("bar", msisdn=msisdn, reason=reason, who=who)
         if notify:
-            await safe_notify(self.notifier, Notice(msisdn, "barred", {}, "sms"))
+            language = await self.ledger.read(
+                lambda c: store.load_subscriber(c, msisdn).state.language
+            )
+            await safe_notify(self.notifier, Notice(msisdn, "barred", {}, "sms", language))
 
     async def unbar(self, msisdn: str, who: str, why: str = "") -> None:
         async with self.locks.hold(msisdn):
@@ -67,7 +71,7 @@ class AccountService:
         for msisdn, loan_id in candidates:
             async with self.locks.hold(msisdn):
                 minor = await self.ledger.write(
-                    lambda c, lid=loan_id: store.write_off(c, lid, who, now)
+                    partial(store.write_off, loan_id=loan_id, who=who, now=now)
                 )
             if minor:
                 written += 1

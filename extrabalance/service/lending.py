@@ -12,11 +12,11 @@ Granted-Service-Unit itself), idempotent by Session-Id + CC-Request-Number.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
 
 import structlog
 
@@ -194,6 +194,13 @@ class LendingService:
         Exactly once per `idempotency_key`: a replay returns the first outcome (or the
         loan's current settlement) with `replayed=True` and moves no money.
         """
+        # Once started, the saga runs to its settlement even if the caller gives up
+        # (USSD dialog timeout, connection closed): shield it from cancellation.
+        return await asyncio.shield(self._borrow(msisdn, tier_id, channel, idempotency_key))
+
+    async def _borrow(
+        self, msisdn: str, tier_id: int | None, channel: Channel, idempotency_key: str
+    ) -> BorrowOutcome:
         key = borrow_key(idempotency_key)
         async with self.locks.hold(msisdn):
             now = self.clock()
@@ -210,7 +217,7 @@ class LendingService:
                 if loan_row is not None:  # intent recorded, not settled yet
                     loan = store.get_loan(conn, loan_row[0])
                     assert loan is not None
-                    return _replace(
+                    return replace(
                         outcome_of_loan(loan, store.debt_from_journal(conn, msisdn)), replayed=True
                     )
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
@@ -266,19 +273,24 @@ class LendingService:
                         )
                 return step
 
-            op = InOperation(
-                InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id
-            )
-            result = await call_in_with_resends(self.in_port, op)
-            if result.outcome is InOutcome.NOT_EXECUTED:
-                # Every send was refused before execution: nothing credited, nothing owed.
-                result = InResult(InOutcome.REFUSED, result.result_code)
-            outcome = await self.ledger.write(
-                lambda conn: settle_borrow(conn, step.loan_id, result, self.clock())
-            )
-            self._emit_loan(msisdn, outcome, channel, result)
-            await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
-            return outcome
+            return await self._credit(msisdn, channel, step, session_id)
+
+    async def _credit(
+        self, msisdn: str, channel: str, step: _Intent, session_id: str
+    ) -> BorrowOutcome:
+        op = InOperation(
+            InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id
+        )
+        result = await call_in_with_resends(self.in_port, op)
+        if result.outcome is InOutcome.NOT_EXECUTED:
+            # Every send was refused before execution: nothing credited, nothing owed.
+            result = InResult(InOutcome.REFUSED, result.result_code)
+        outcome = await self.ledger.write(
+            lambda conn: settle_borrow(conn, step.loan_id, result, self.clock())
+        )
+        self._emit_loan(msisdn, outcome, channel, result)
+        await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
+        return outcome
 
     def _emit_loan(
         self, msisdn: str, outcome: BorrowOutcome, channel: str, result: InResult
@@ -498,9 +510,3 @@ class LendingService:
 
 def _v(reason: Reason | None) -> str | None:
     return reason.value if reason else None
-
-
-def _replace(outcome: BorrowOutcome, **changes: Any) -> BorrowOutcome:
-    from dataclasses import replace
-
-    return replace(outcome, **changes)

@@ -11,9 +11,11 @@ listener may acknowledge the message when this returns.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from extrabalance.core.payback import allocate_payback
 from extrabalance.core.policy import Policy
@@ -131,6 +133,10 @@ class PaybackService:
 
     async def handle_recharge(self, event: RechargeEvent) -> PaybackOutcome:
         """Recover what is owed from this recharge. Idempotent by `event.event_id`."""
+        # Runs to its settlement even if the caller is cancelled (MQTT reconnect).
+        return await asyncio.shield(self._handle_recharge(event))
+
+    async def _handle_recharge(self, event: RechargeEvent) -> PaybackOutcome:
         key = recharge_key(event.event_id)
         msisdn = event.msisdn
         async with self.locks.hold(msisdn):
@@ -200,8 +206,12 @@ class PaybackService:
             result = await call_in_with_resends(self.in_port, op)
             if result.outcome is InOutcome.DONE:
                 outcome = await self.ledger.write(
-                    lambda conn, r=result: settle_recovery_done(
-                        conn, step.recovery_id, r, self.policy, self.clock()
+                    partial(
+                        settle_recovery_done,
+                        recovery_id=step.recovery_id,
+                        result=result,
+                        policy=self.policy,
+                        now=self.clock(),
                     )
                 )
                 self.events.emit(
@@ -226,8 +236,11 @@ class PaybackService:
             smaller = requested // 2
             if attempt >= self.attempts_max or smaller <= 0:
                 outcome = await self.ledger.write(
-                    lambda conn, r=result: settle_recovery_failed(
-                        conn, step.recovery_id, r, self.clock()
+                    partial(
+                        settle_recovery_failed,
+                        recovery_id=step.recovery_id,
+                        result=result,
+                        now=self.clock(),
                     )
                 )
                 self.events.emit(

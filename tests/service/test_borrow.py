@@ -252,3 +252,31 @@ async def test_tier_matrix(h, tier, tenure, arpu, allowed):
         assert out.amount_minor == h.policy.tiers[tier].amount_minor
     else:
         assert out.reason is Reason.TIER_NOT_ALLOWED
+
+
+async def test_cancelled_caller_does_not_strand_the_loan(h):
+    await h.add_profile(M)
+    gate = asyncio.Event()
+    real = h.fake_in.execute
+
+    async def slow(op):
+        await gate.wait()
+        return await real(op)
+
+    h.fake_in.execute = slow
+    task = asyncio.create_task(h.lending.borrow(M, 3, "ussd", "k"))
+    while not h.fake_in.calls and not gate.is_set():
+        await asyncio.sleep(0.001)
+        if (await h.ledger.subscriber_view(M))["loans"]:
+            break
+    task.cancel()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        view = await h.ledger.subscriber_view(M)
+        if view["loans"][0]["state"] == "ACTIVE":
+            break
+        await asyncio.sleep(0.005)
+    assert view["loans"][0]["state"] == "ACTIVE"
+    assert h.notifier.templates() == ["loan_granted"]
