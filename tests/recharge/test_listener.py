@@ -95,6 +95,7 @@ async def test_no_ack_until_the_handler_returns(broker: MosquittoBroker) -> None
 
     assert calls == [make_event(1).event_id] * 2
     assert listener.stats()["reconnects"] >= 1
+    assert listener.stats()["redelivered"] == 1  # the broker flagged the re-send DUP
 
 
 async def test_a_failed_handler_gets_the_message_again(broker: MosquittoBroker) -> None:
@@ -119,6 +120,7 @@ async def test_a_failed_handler_gets_the_message_again(broker: MosquittoBroker) 
     stats = listener.stats()
     assert stats["handler_failures"] == 1
     assert stats["reconnects"] >= 1
+    assert stats["redelivered"] >= 1
 
 
 async def test_invalid_payloads_go_to_the_dead_letter_topic(broker: MosquittoBroker) -> None:
