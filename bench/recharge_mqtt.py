@@ -130,10 +130,13 @@ async def consume_peer(broker: MosquittoBroker, count: int, queue: Any) -> float
     return count / (time.perf_counter() - started)
 
 
-async def one_round(directory: Path, count: int, window: int) -> dict[str, float]:
+async def one_round(directory: Path, count: int, window: int, peer_first: bool) -> dict[str, float]:
     batch = events(count)
     figures: dict[str, float] = {}
-    for name, consume in (("ours", consume_ours), ("peer", consume_peer)):
+    sides = [("ours", consume_ours), ("peer", consume_peer)]
+    # Alternate which side runs first, so a machine that warms up or gets busier
+    # during a round does not favour one side.
+    for name, consume in reversed(sides) if peer_first else sides:
         # A fresh broker per side, so neither inherits the other's queue or sessions.
         broker = MosquittoBroker(directory / f"broker-{name}").start()
         try:
@@ -159,7 +162,7 @@ def mosquitto_version(binary: str) -> str:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--window", type=int, default=100, help="publishes in flight")
     args = parser.parse_args()
     # Logs to stderr: stdout is the JSON result.
@@ -170,11 +173,20 @@ async def main() -> None:
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-recharge-") as tmp:
         for index in range(args.rounds):
-            rounds.append(await one_round(Path(tmp) / f"round-{index}", args.messages, args.window))
+            rounds.append(
+                await one_round(
+                    Path(tmp) / f"round-{index}", args.messages, args.window, index % 2 == 1
+                )
+            )
         binary = MosquittoBroker(Path(tmp) / "probe").binary
 
     def median(key: str) -> float:
         return round(statistics.median(r[key] for r in rounds), 1)
+
+    def ratio(ours: str, peer: str) -> float:
+        # The median of per-round ratios: each ratio compares two runs made
+        # back to back, which is robust to a machine whose load changes between rounds.
+        return round(statistics.median(r[ours] / r[peer] for r in rounds), 2)
 
     result = {
         "benchmark": "recharge_mqtt",
@@ -189,14 +201,14 @@ async def main() -> None:
         "publish_msgs_per_s": {
             "recharge_publisher": median("publish_ours"),
             "aiomqtt_qos1": median("publish_peer"),
-            "ratio": round(median("publish_ours") / median("publish_peer"), 2),
+            "ratio": ratio("publish_ours", "publish_peer"),
         },
         "consume_msgs_per_s": {
             "recharge_listener_ack_after_handler": median("consume_ours"),
             "aiomqtt_auto_ack": median("consume_peer"),
-            "ratio": round(median("consume_ours") / median("consume_peer"), 2),
+            "ratio": ratio("consume_ours", "consume_peer"),
         },
-        "per_round": rounds,
+        "per_round": [{k: round(v, 1) for k, v in r.items()} for r in rounds],
     }
     print(json.dumps(result, indent=2))
 
