@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
+from extrabalance.diameter.peer import DuplicateCache
+
 if TYPE_CHECKING:
     from extrabalance.diameter.codec import Message
     from extrabalance.recharge.events import RechargeEvent
@@ -753,7 +755,7 @@ class InSimulator:
         if ccr.request_type != 4:
             raise codec.DiameterError(
                 5004, "balance operations are EVENT requests (CC-Request-Type 4)",
-                (request.first(AVP_CC_REQUEST_TYPE),), request,
+                (codec.avp(AVP_CC_REQUEST_TYPE, ccr.request_type),), request,
             )
         if ccr.requested_action is None:
             raise codec.DiameterError(
@@ -992,7 +994,7 @@ async def _drop_connections(diameter: Any) -> int:
     return len(connections)
 
 
-class _NoDuplicateCache:
+class _NoDuplicateCache(DuplicateCache):
     """Stands in for DiameterNode's End-to-End duplicate cache: remembers nothing."""
 
     def get(self, origin_host: str, end_to_end_id: int, now: float) -> None:

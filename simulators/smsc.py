@@ -490,7 +490,7 @@ class SmscSimulator:
 
     def _route_screen(self, record: MtRecord) -> None:
         key = (record.msisdn, record.dialog_id if record.dialog_id is not None else -1)
-        waiter = self._waiting.get(key)  # type: ignore[arg-type]
+        waiter = self._waiting.get(key)
         if waiter is None or waiter.future.done():
             self.stats["orphan_screens"] += 1
             return
@@ -562,7 +562,7 @@ async def _drop_binds(server: Any) -> int:
     """
     if hasattr(server, "drop_binds"):
         return int(await _maybe_await(server.drop_binds()))
-    live = getattr(server, "_conns", set())
+    live: set[Any] = getattr(server, "_conns", set())
     connections = list(live)
     for connection in connections:
         connection.close()
