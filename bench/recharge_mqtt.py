@@ -37,7 +37,7 @@ import structlog
 from extrabalance.recharge.events import RechargeEvent, to_payload
 from extrabalance.recharge.listener import MqttSettings, RechargeListener
 from simulators.recharge_publisher import RechargePublisher
-from tests.mqtt_broker import MosquittoBroker
+from extrabalance.mosquitto import MosquittoBroker
 
 TOPIC_PREFIX = "extrabalance/recharge"
 DRAIN_TIMEOUT_S = 300.0  # a bound on every wait, so a broken build fails instead of hanging
@@ -139,8 +139,10 @@ async def one_round(directory: Path, count: int, window: int) -> dict[str, float
         try:
             publish = publish_ours if name == "ours" else publish_peer
 
-            async def queue(publish: Any = publish, broker: MosquittoBroker = broker) -> None:
-                figures[f"publish_{name}"] = await publish(broker, batch, window)
+            async def queue(
+                publish: Any = publish, broker: MosquittoBroker = broker, key: str = name
+            ) -> None:
+                figures[f"publish_{key}"] = await publish(broker, batch, window)
 
             figures[f"consume_{name}"] = await consume(broker, count, queue)
         finally:

@@ -32,6 +32,7 @@ from extrabalance.core.policy import (
 MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 TIERS_MIN = 12
+SMPP_PASSWORD_MAX = 8  # SMPP 3.4 §4.1.1: password is a C-Octet String of at most 9 octets
 DEFAULT_CONFIG_NAME = "extrabalance.toml"
 
 
@@ -133,8 +134,13 @@ class BindSection(_Model):
     enquire_link_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
     def password(self) -> str:
-        value = _secret(self.password_env, self.password_file, f"SMPP bind {self.system_id}")
-        return value or ""
+        value = _secret(self.password_env, self.password_file, f"SMPP bind {self.system_id}") or ""
+        if len(value.encode("ascii", "replace")) > SMPP_PASSWORD_MAX:
+            raise ConfigError(
+                f"smpp.binds ({self.system_id}): the password is longer than "
+                f"{SMPP_PASSWORD_MAX} characters, which SMPP 3.4 does not allow"
+            )
+        return value
 
 
 class SmppSection(_Model):

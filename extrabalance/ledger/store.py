@@ -412,17 +412,14 @@ def _disburse(conn: sqlite3.Connection, loan_id: str, now: datetime) -> None:
         now=now,
         loan_id=loan_id,
     )
-    # A loan taken while an older one is still open counts toward the bad-debt bar.
-    older_open = conn.execute(
-        "SELECT 1 FROM loans WHERE msisdn = ? AND loan_id <> ? AND state IN (?, ?) LIMIT 1",
-        (loan.msisdn, loan_id, *LOAN_OPEN_STATES),
-    ).fetchone()
-    if older_open:
-        conn.execute(
-            "UPDATE subscribers SET loans_since_full_payback = loans_since_full_payback + 1,"
-            " updated_at = ? WHERE msisdn = ?",
-            (ts(now), loan.msisdn),
-        )
+    # Every loan counts toward the bad-debt bar until a full payback resets the count:
+    # the segment's bad_debt_limit is the number of loans a subscriber may take
+    # without once paying back in full.
+    conn.execute(
+        "UPDATE subscribers SET loans_since_full_payback = loans_since_full_payback + 1,"
+        " updated_at = ? WHERE msisdn = ?",
+        (ts(now), loan.msisdn),
+    )
 
 
 def settle_loan(
@@ -493,6 +490,9 @@ def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -
     """Write the rest of an open loan off; returns the amount written off."""
     loan = get_loan(conn, loan_id)
     if loan is None or loan.state not in LOAN_OPEN_STATES:
+        return 0
+    if has_unsettled(conn, loan.msisdn):
+        # A recovery in flight may still take this debt; write off on a later run.
         return 0
     fee_left = loan.fee_minor - loan.fee_repaid_minor
     principal_left = loan.principal_minor - loan.principal_repaid_minor

@@ -241,9 +241,9 @@ class RechargeListener:
     # -- one connection -----------------------------------------------------------
 
     def _backoff_s(self, attempt: int) -> float:
-        cap_s = min(
+        cap_s: float = min(
             self._settings.reconnect_backoff_max_s,
-            self._settings.reconnect_backoff_initial_s * (2 ** min(attempt, 30)),
+            self._settings.reconnect_backoff_initial_s * 2.0 ** min(attempt, 30),
         )
         # "Equal jitter": at least half the cap, so a fleet of nodes restarted together
         # spreads out without any of them hammering the broker at ~0 s.
@@ -254,7 +254,7 @@ class RechargeListener:
         tls_context = ssl.create_default_context(cafile=s.ca_file) if s.tls else None
         kwargs: dict[str, Any] = {}
         if s.protocol_version == MQTT_V5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = s.session_expiry_s
             properties.ReceiveMaximum = s.inflight_max
             kwargs.update(

@@ -107,6 +107,10 @@ class UssdDialogs:
         self._id_prefix = f"{node_name}-{int(time.time() * 1000):x}"
         self.stats = {"opened": 0, "expired": 0, "evicted": 0, "aborted": 0, "completed": 0}
 
+    def set_templates(self, templates: Templates) -> None:
+        """Config reload: the next screen of every dialog uses the new texts."""
+        self._t = templates
+
     def __len__(self) -> int:
         return len(self._dialogs)
 

@@ -240,3 +240,93 @@ def test_settings_refuse_what_would_break_the_guarantees() -> None:
         MqttSettings(inflight_max=0)
     with pytest.raises(ValueError, match="session_expiry_s"):
         MqttSettings(session_expiry_s=0)
+
+
+async def test_a_handler_over_its_time_limit_counts_as_failed(broker: MosquittoBroker) -> None:
+    attempts: Counter[str] = Counter()
+
+    async def handle(event: RechargeEvent) -> None:
+        attempts[event.event_id] += 1
+        if attempts[event.event_id] == 1:
+            await asyncio.sleep(10)  # a hung ledger call
+
+    settings = fast_settings(broker, handle_timeout_s=0.2)
+    listener = RechargeListener(settings, handle, expected_currency="EGP")
+    async with running(listener), publisher_for(broker) as publisher:
+        await publisher.publish(make_event(1))
+        await wait_until(lambda: listener.stats()["acked"] == 1, "acked on the second attempt")
+    assert attempts[make_event(1).event_id] == 2
+    assert listener.stats()["handler_failures"] == 1
+
+
+async def test_stop_finishes_and_acks_running_handlers(broker: MosquittoBroker) -> None:
+    started = asyncio.Event()
+    seen: Counter[str] = Counter()
+
+    async def slow_commit(event: RechargeEvent) -> None:
+        started.set()
+        await asyncio.sleep(0.2)
+        seen[event.event_id] += 1
+
+    settings = fast_settings(broker)
+    listener = RechargeListener(settings, slow_commit, expected_currency="EGP")
+    task = asyncio.create_task(listener.run())
+    await wait_until(lambda: bool(listener.stats()["connected"]), "subscribed")
+    async with publisher_for(broker) as publisher:
+        await publisher.publish_many(make_event(i) for i in range(5))
+    await started.wait()
+    await listener.stop()
+    await asyncio.wait_for(task, 10)
+    stats = listener.stats()
+    assert stats["acked"] == stats["handled"]
+    assert stats["connected"] is False
+
+    # Whatever the first run acknowledged is not delivered again; the rest is.
+    again = RechargeListener(settings, slow_commit, expected_currency="EGP")
+    async with running(again):
+        await wait_until(lambda: len(seen) == 5, "all five handled")
+    assert sum(seen.values()) == 5, "an acknowledged event was delivered twice"
+
+
+async def test_the_listener_waits_for_a_broker_that_is_not_up_yet(
+    broker: MosquittoBroker,
+) -> None:
+    broker.stop()
+    handled: list[str] = []
+
+    async def handle(event: RechargeEvent) -> None:
+        handled.append(event.event_id)
+
+    listener = RechargeListener(fast_settings(broker), handle, expected_currency="EGP")
+    task = asyncio.create_task(listener.run())
+    await wait_until(lambda: listener.stats()["reconnects"] >= 2, "two refused attempts")
+    assert listener.stats()["connected"] is False
+    await asyncio.to_thread(broker.start)
+    await wait_until(lambda: bool(listener.stats()["connected"]), "connected")
+    async with publisher_for(broker) as publisher:
+        await publisher.publish(make_event(1))
+    await wait_until(lambda: handled == [make_event(1).event_id], "handled")
+    await listener.stop()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_a_raising_on_invalid_callback_does_not_stop_the_listener(
+    broker: MosquittoBroker,
+) -> None:
+    handled: list[str] = []
+
+    async def handle(event: RechargeEvent) -> None:
+        handled.append(event.event_id)
+
+    def broken_callback(payload: bytes, topic: str, reason: str) -> None:
+        raise RuntimeError("metrics backend down")
+
+    listener = RechargeListener(
+        fast_settings(broker), handle, expected_currency="EGP", on_invalid=broken_callback
+    )
+    async with running(listener), publisher_for(broker) as publisher:
+        await publisher.publish_payload("in-a", b"{}")
+        await publisher.publish(make_event(1))
+        await wait_until(lambda: handled == [make_event(1).event_id], "valid event handled")
+    assert listener.stats()["dead_lettered"] == 1
+    assert listener.stats()["reconnects"] == 0

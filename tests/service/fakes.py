@@ -149,7 +149,9 @@ class Harness:
         fake_in: FakeIn | None = None,
         clock: Clock | None = None,
         batch_window_ms: float = 0.5,
+        review_after_attempts: int = 5,
     ) -> None:
+        self.review_after_attempts = review_after_attempts
         self.db_path = db_path
         self.policy = policy
         self.fake_in = fake_in or FakeIn()
@@ -166,7 +168,9 @@ class Harness:
         common = (self.ledger, self.fake_in, self.notifier, self.events, self.policy)
         self.lending = LendingService(*common, self.router, self.clock, locks=self.locks)
         self.payback = PaybackService(*common, self.router, self.clock, locks=self.locks)
-        self.resolver = Resolver(*common, self.clock, locks=self.locks, review_after_attempts=5)
+        self.resolver = Resolver(
+            *common, self.clock, locks=self.locks, review_after_attempts=self.review_after_attempts
+        )
         self.accounts = AccountService(
             self.ledger, self.notifier, self.events, self.policy, self.clock, locks=self.locks
         )

@@ -170,7 +170,7 @@ async def test_bad_debt_bar_and_lift_on_full_payback(h):
     from extrabalance.service.ports import RechargeEvent
 
     await h.add_profile(M)
-    for i in range(4):  # 1st loan counts 0; the next three count 1, 2, 3 (limit 3)
+    for i in range(3):  # every loan counts until a full payback (limit 3)
         out = await h.lending.borrow(M, 1, "ussd", f"k{i}")
         assert out.status is BorrowStatus.GRANTED
     out = await h.lending.borrow(M, 1, "ussd", "k4")

@@ -178,3 +178,16 @@ async def test_recharge_learns_route_over_static(h):
     await h.lending.borrow(M, 1, "ussd", "k2")
     assert h.fake_in.calls[-1].in_node == "in-b.operator.example"
     assert timedelta(0) is not None
+
+
+async def test_no_write_off_while_a_recovery_is_unsettled(h):
+    # found by the stateful test: ageing wrote off a loan a pending debit then paid
+    await borrow(h)
+    h.fake_in.balances[M] = 5000
+    h.fake_in.fail_next(LOST_ANSWER)
+    await h.payback.handle_recharge(recharge("e1", 5000))
+    h.clock.advance(days=200)
+    assert (await h.accounts.age_debts()).written_off_loans == 0
+    await h.resolver.run_once()
+    inv = await h.check_invariants()
+    assert inv["debts"][M] == 0 and inv["totals"]["written_off"] == 0

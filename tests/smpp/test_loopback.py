@@ -213,3 +213,44 @@ async def test_reconnects_after_connection_loss(h: Harness) -> None:
             break
     assert esme.bind_states()[0]["bound"] is True
     assert (await esme.submit(SubmitSm())).ok
+
+
+async def test_raw_peer_garbage_gets_nacks_and_bind_stays(h: Harness) -> None:
+    """A hand-rolled ESME sends an unknown command, a broken submit_sm and a bad
+    length; the SMSC answers each and the bind stays up."""
+    import struct
+
+    from extrabalance.smpp.pdu import (
+        BindTransceiver,
+        CommandId,
+        EnquireLink,
+        Framer,
+        GenericNack,
+        decode,
+        encode,
+    )
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+    framer = Framer()
+
+    async def read_pdu() -> object:
+        while True:
+            frames = framer.feed(await asyncio.wait_for(reader.read(4096), 5.0))
+            if frames:
+                assert len(frames) == 1
+                return decode(frames[0])  # type: ignore[arg-type]
+
+    writer.write(encode(BindTransceiver(system_id="node", password="secret", sequence_number=1)))
+    assert (await read_pdu()).command_status == 0  # type: ignore[attr-defined]
+    writer.write(struct.pack(">IIII", 16, 0x0000BEEF, 0, 2))
+    nack = await read_pdu()
+    assert isinstance(nack, GenericNack) and nack.command_status == Status.ESME_RINVCMDID
+    good = encode(SubmitSm(sequence_number=3, tlvs=((0x0501, b"\x02"),)))
+    writer.write(struct.pack(">I", len(good) + 3) + good[4:] + b"\x05\x01\x00")
+    resp = await read_pdu()
+    assert resp.command_id == CommandId.SUBMIT_SM_RESP  # type: ignore[attr-defined]
+    assert resp.command_status == Status.ESME_RINVOPTPARSTREAM  # type: ignore[attr-defined]
+    writer.write(encode(EnquireLink(sequence_number=4)))
+    assert (await read_pdu()).command_id == CommandId.ENQUIRE_LINK_RESP  # type: ignore[attr-defined]
+    assert h.smsc.bound_system_ids() == ["node"]
+    writer.close()
