@@ -15,9 +15,11 @@ node and nothing else.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
@@ -65,9 +67,7 @@ class RechargePublisher:
         self.backoff_max_s = backoff_max_s
         self.window_max = window_max  # events awaiting PUBACK at once (publish_many)
         self.keepalive_s = keepalive_s
-        self._client: aiomqtt.Client | None = None
-        self._lost: asyncio.Task[None] | None = None  # ends when the connection drops
-        self._generation = 0  # bumped per connection, so one failure drops it once
+        self._connection: _Connection | None = None
         self._lock = asyncio.Lock()
         self.counts = {"published": 0, "retries": 0, "connects": 0}
 
@@ -83,7 +83,8 @@ class RechargePublisher:
         await self.close()
 
     async def close(self) -> None:
-        await self._drop(self._generation)
+        if self._connection is not None:
+            await self._drop(self._connection)
 
     def topic_for(self, in_node: str) -> str:
         return f"{self.topic_prefix}/{in_node}"
@@ -108,30 +109,28 @@ class RechargePublisher:
                     f"no PUBACK for {topic} within publish_deadline_s={self.publish_deadline_s}"
                     f" after {attempt} attempts (last error: {last_error!r})"
                 )
-            generation = -1
+            connection: _Connection | None = None
             try:
-                client, lost, generation = await self._connected()
-                send = asyncio.ensure_future(
-                    client.publish(
-                        topic, payload, qos=1, timeout=min(self.ack_timeout_s, remaining_s)
-                    )
-                )
-                # Race the PUBACK against the connection: a dropped connection is
-                # noticed at once instead of after ack_timeout_s.
-                await asyncio.wait({send, lost}, return_when=asyncio.FIRST_COMPLETED)
-                if not send.done():
-                    send.cancel()
-                    await asyncio.gather(send, return_exceptions=True)
-                    raise aiomqtt.MqttError("connection lost before PUBACK")
-                send.result()
+                connection = await self._connected()
+                # The ack wait is an asyncio.timeout that the connection's watcher
+                # fires early when the connection drops, so a lost connection is noticed
+                # at once instead of after ack_timeout_s (and without a task per send).
+                async with asyncio.timeout(min(self.ack_timeout_s, remaining_s)) as ack_wait:
+                    if connection.watcher is not None and connection.watcher.done():
+                        raise aiomqtt.MqttError("connection lost")
+                    connection.ack_waits.add(ack_wait)
+                    try:
+                        await connection.client.publish(topic, payload, qos=1, timeout=math.inf)
+                    finally:
+                        connection.ack_waits.discard(ack_wait)
                 self.counts["published"] += 1
                 return
-            except (aiomqtt.MqttError, OSError) as exc:
+            except (aiomqtt.MqttError, OSError) as exc:  # OSError includes TimeoutError
                 last_error = exc
             attempt += 1
             self.counts["retries"] += 1
-            if generation >= 0:
-                await self._drop(generation)
+            if connection is not None:
+                await self._drop(connection)
             cap_s = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(attempt, 20))
             delay_s = cap_s / 2 + random.uniform(0, cap_s / 2)
             await asyncio.sleep(max(0.0, min(delay_s, deadline - time.monotonic())))
@@ -162,9 +161,9 @@ class RechargePublisher:
             raise failures.exceptions[0] from None
         return published
 
-    async def _connected(self) -> tuple[aiomqtt.Client, asyncio.Task[None], int]:
+    async def _connected(self) -> _Connection:
         async with self._lock:
-            if self._client is None or self._lost is None:
+            if self._connection is None:
                 client = aiomqtt.Client(
                     self.host,
                     self.port,
@@ -179,32 +178,43 @@ class RechargePublisher:
                 # aiomqtt warns above 10 pending calls; a full window is normal here.
                 client.pending_calls_threshold = self.window_max + 1
                 await client.__aenter__()
-                self._client = client
-                self._lost = asyncio.create_task(self._watch(client))
-                self._generation += 1
+                connection = _Connection(client)
+                connection.watcher = asyncio.create_task(self._watch(connection))
+                self._connection = connection
                 self.counts["connects"] += 1
-            return self._client, self._lost, self._generation
+            return self._connection
 
     @staticmethod
-    async def _watch(client: aiomqtt.Client) -> None:
+    async def _watch(connection: _Connection) -> None:
         # We subscribe to nothing, so the message iterator yields nothing; it ends with
         # MqttError when the connection drops. That is aiomqtt's public disconnect signal.
         try:
-            async for _ in client.messages:
+            async for _ in connection.client.messages:
                 pass
         except aiomqtt.MqttError:
-            return
+            pass
+        now = asyncio.get_running_loop().time()
+        for ack_wait in list(connection.ack_waits):
+            ack_wait.reschedule(now)  # every publish waiting on this connection retries
 
-    async def _drop(self, generation: int) -> None:
+    async def _drop(self, connection: _Connection) -> None:
         async with self._lock:
-            if self._client is None or generation != self._generation:
+            if self._connection is not connection:
                 return  # another publish already dropped this connection
-            client, self._client = self._client, None
-            lost, self._lost = self._lost, None
+            self._connection = None
             try:
-                await client.__aexit__(None, None, None)
+                await connection.client.__aexit__(None, None, None)
             except (aiomqtt.MqttError, OSError):
                 pass  # it was broken already; that is why we drop it
-            if lost is not None:
-                lost.cancel()
-                await asyncio.gather(lost, return_exceptions=True)
+            if connection.watcher is not None:
+                connection.watcher.cancel()
+                await asyncio.gather(connection.watcher, return_exceptions=True)
+
+
+@dataclass(eq=False, slots=True)
+class _Connection:
+    """One broker connection and the publishes waiting for its PUBACKs."""
+
+    client: aiomqtt.Client
+    ack_waits: set[asyncio.Timeout] = field(default_factory=set)
+    watcher: asyncio.Task[None] | None = None

@@ -854,17 +854,23 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 class Framer:
     """Splits a byte stream into whole messages, bounded by ``max_message_bytes``."""
 
-    __slots__ = ("_buffer", "max_message_bytes")
+    __slots__ = ("_buffer", "error", "max_message_bytes")
 
     def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self._buffer = bytearray()
         self.max_message_bytes = max_message_bytes
+        # Set once a header cannot be a message; the stream is unusable after it.
+        self.error: FrameError | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
         """Append ``data``; return the complete frames it finished, in order.
 
-        Raises FrameError (and then stays broken) if a header cannot be a message.
+        A header that cannot be a message raises FrameError, unless whole frames
+        came before it in this call: those are returned first (the peer may still
+        answer them) and ``error`` is set; every later call raises.
         """
+        if self.error is not None:
+            raise self.error
         buf = self._buffer
         buf += data
         frames: list[bytes] = []
@@ -874,9 +880,13 @@ class Framer:
             word = _U_I(buf, pos)[0]
             version, length = word >> 24, word & 0xFFFFFF
             if version != DIAMETER_VERSION:
-                raise FrameError(f"Diameter version {version}")
-            if length < HEADER_BYTES or length > self.max_message_bytes:
-                raise FrameError(f"message length {length} out of bounds")
+                self.error = FrameError(f"Diameter version {version}")
+            elif length < HEADER_BYTES or length > self.max_message_bytes:
+                self.error = FrameError(f"message length {length} out of bounds")
+            if self.error is not None:
+                if frames:
+                    return frames
+                raise self.error
             if available - pos < length:
                 break
             frames.append(bytes(buf[pos : pos + length]))

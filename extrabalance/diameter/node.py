@@ -173,6 +173,8 @@ class _Connection(asyncio.Protocol):
         self._after_input()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        log.info("diameter connection %s ended: %s", self.remote,
+                 self.peer.close_reason or exc or "closed by peer")
         self.peer.connection_lost(self.loop.time())
         self._process_events()
         if self._timer is not None:

@@ -387,15 +387,20 @@ class PeerConnection:
         try:
             frames = self._framer.feed(data)
         except FrameError as exc:
-            # Undecodable stream: this connection only is lost (RFC 6733 §3).
-            self._events.append(MessageRejected(0, str(exc), answered=False))
-            self._fire(Ev.PEER_DISCONNECTED, now)
-            self._disconnect(f"undecodable frame: {exc}")
+            self._frame_error(exc, now)
             return
         for frame in frames:
             self._frame_received(frame, now)
             if self.is_closed:
-                break
+                return
+        if self._framer.error is not None:
+            self._frame_error(self._framer.error, now)
+
+    def _frame_error(self, exc: FrameError, now: float) -> None:
+        # Undecodable stream: this connection only is lost (RFC 6733 §3).
+        self._events.append(MessageRejected(0, str(exc), answered=False))
+        self._fire(Ev.PEER_DISCONNECTED, now)
+        self._disconnect(f"undecodable frame: {exc}")
 
     def handle_timer(self, now: float) -> None:
         t = self._timers

@@ -125,9 +125,12 @@ class _TokenBucket:
 
 
 class _BindWorker:
-    def __init__(self, esme: Esme, cfg: BindConfig) -> None:
+    def __init__(self, esme: Esme, cfg: BindConfig, index: int) -> None:
         self.esme = esme
         self.cfg = cfg
+        # Two binds may share one config (more throughput on one SMSC); the index
+        # keeps their names apart in logs, metrics and bind_states().
+        self.name = f"{cfg.name}#{index}"
         self.conn: SmppConnection | None = None
         self.bucket = _TokenBucket(cfg.submit_rate_max_per_s, esme._clock)
         self.task: asyncio.Task[None] | None = None
@@ -157,7 +160,7 @@ class _BindWorker:
                 Role.ESME, window_max=cfg.window_max, response_timeout_s=cfg.response_timeout_s,
                 enquire_link_s=cfg.enquire_link_s,
             )
-            conn = SmppConnection(session, reader, writer, self._on_request, name=cfg.name,
+            conn = SmppConnection(session, reader, writer, self._on_request, name=self.name,
                                   clock=self.esme._clock)
             session.bind("trx", cfg.system_id, cfg.password, cfg.system_type,
                          now_s=self.esme._clock())
@@ -170,14 +173,14 @@ class _BindWorker:
                 self.last_error = None
                 self.bound_since_s = self.esme._clock()
                 self.esme._bound_changed()
-                log.info("smpp %s: bound", cfg.name)
+                log.info("smpp %s: bound", self.name)
             else:
                 self.last_bind_status = conn.bind_refused_status
                 if conn.bind_refused_status is not None:
                     self.last_error = f"bind refused: {status_name(conn.bind_refused_status)}"
                 else:
                     self.last_error = f"closed before bind: {conn.close_reason}"
-                log.warning("smpp %s: %s", cfg.name, self.last_error)
+                log.warning("smpp %s: %s", self.name, self.last_error)
                 conn.close()
             await runner
             if self.conn is conn:
@@ -198,7 +201,7 @@ class _BindWorker:
 
     async def _on_request(self, pdu: Pdu) -> Pdu:
         if isinstance(pdu, (DeliverSm, DataSm)):
-            status = await self.esme._on_deliver(pdu, self.cfg.name)  # type: ignore[arg-type]
+            status = await self.esme._on_deliver(pdu, self.name)  # type: ignore[arg-type]
             return make_response(pdu, int(status))
         # alert_notification has no response; anything else the ESME does not serve.
         return make_response(pdu, Status.ESME_RINVCMDID)
@@ -206,7 +209,7 @@ class _BindWorker:
     def state(self) -> dict[str, object]:
         s = self.conn.session if self.conn is not None else None
         return {
-            "name": self.cfg.name,
+            "name": self.name,
             "host": self.cfg.host,
             "port": self.cfg.port,
             "system_id": self.cfg.system_id,
@@ -254,7 +257,7 @@ class Esme:
         self.submit_wait_bound_s = submit_wait_bound_s
         self.use_message_payload = use_message_payload
         self._addr = (source_addr_ton, source_addr_npi, dest_addr_ton, dest_addr_npi)
-        self._workers = [_BindWorker(self, cfg) for cfg in binds]
+        self._workers = [_BindWorker(self, cfg, i) for i, cfg in enumerate(binds)]
         self._closing = False
         self._bound_cond: asyncio.Condition | None = None
         self._rr = itertools.count()
@@ -267,7 +270,7 @@ class Esme:
         self._bound_cond = asyncio.Condition()
         self._closing = False
         for w in self._workers:
-            w.task = asyncio.create_task(w.run(), name=f"smpp-bind-{w.cfg.name}")
+            w.task = asyncio.create_task(w.run(), name=f"smpp-bind-{w.name}")
 
     async def wait_bound(self, timeout_s: float) -> None:
         """Wait until at least one bind is up. Raises NotBoundError after timeout_s,
@@ -279,7 +282,7 @@ class Esme:
                     await self._bound_cond.wait_for(lambda: any(w.bound for w in self._workers))
         except TimeoutError:
             statuses = [w.last_bind_status for w in self._workers if w.last_bind_status]
-            errors = "; ".join(f"{w.cfg.name}: {w.last_error}" for w in self._workers)
+            errors = "; ".join(f"{w.name}: {w.last_error}" for w in self._workers)
             raise NotBoundError(f"no bind up after {timeout_s}s ({errors})",
                                 statuses[0] if statuses else None, 0) from None
 
@@ -329,10 +332,10 @@ class Esme:
                 status = resp.command_status
                 if status == Status.ESME_ROK and not isinstance(resp, GenericNack):
                     return SubmitResult(getattr(resp, "message_id", ""), 0, attempt,
-                                        worker.cfg.name)
+                                        worker.name)
                 if status not in RETRYABLE_STATUSES:
                     return SubmitResult("", status or Status.ESME_RUNKNOWNERR, attempt,
-                                        worker.cfg.name)
+                                        worker.name)
                 last_status, last_reason = status, status_name(status)
             if attempt < self.submit_attempts_max:
                 ceiling = min(self.retry_backoff_max_s,

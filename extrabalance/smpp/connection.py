@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from extrabalance.smpp.pdu import Pdu, Status, make_response, status_name
+from extrabalance.smpp.pdu import RESPONSE_CLASS, Pdu, Status, make_response, status_name
 from extrabalance.smpp.session import (
     BindRefused,
     Bound,
@@ -190,6 +190,10 @@ class SmppConnection:
                 if fut is not None and not fut.done():
                     fut.set_exception(RequestFailedError(ev.reason, ev.status))
             elif isinstance(ev, RequestReceived):
+                if ev.pdu.command_id not in RESPONSE_CLASS:
+                    # outbind / alert_notification take no response; nothing to do
+                    log.info("smpp %s: %s received", self.name, type(ev.pdu).__name__)
+                    continue
                 task = asyncio.create_task(self._answer(ev.pdu))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

@@ -551,6 +551,9 @@ class Session:
             self._answer_status(pdu, Status.ESME_RALYBND)
         elif action is Action.TO_APP:
             assert pdu is not None
+            if pdu.command_id not in RESPONSE_CLASS:  # alert_notification: no answer
+                self._events.append(RequestReceived(pdu))
+                return
             if len(self._inbound_pending) >= self.inbound_pending_max:
                 # The peer ignores our window: push back instead of buffering more.
                 self._out += encode(make_response(pdu, Status.ESME_RTHROTTLED))

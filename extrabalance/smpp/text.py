@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from extrabalance.smpp.pdu import EsmClass, Tag
+from extrabalance.smpp.pdu import DeliverSm, EsmClass, MessageState, Tag
 
 __all__ = [
     "DC_BINARY",
@@ -434,3 +434,38 @@ def parse_receipt(text: str) -> DeliveryReceipt | None:
         err=m["err"],
         text=(m["text"] or "").strip(),
     )
+
+
+# message_state TLV -> the stat word of the receipt text, for SMSCs that send only TLVs
+_STATE_WORDS: dict[int, str] = {
+    MessageState.ENROUTE: "ENROUTE", MessageState.DELIVERED: "DELIVRD",
+    MessageState.EXPIRED: "EXPIRED", MessageState.DELETED: "DELETED",
+    MessageState.UNDELIVERABLE: "UNDELIV", MessageState.ACCEPTED: "ACCEPTD",
+    MessageState.UNKNOWN: "UNKNOWN", MessageState.REJECTED: "REJECTD",
+}
+
+
+def receipt_from_deliver(pdu: DeliverSm) -> DeliveryReceipt | None:
+    """The receipt a deliver_sm carries (esm_class type 0001), or None.
+
+    The receipted_message_id / message_state TLVs win over the text when present:
+    they are the message_id exactly as submit_sm_resp gave it, while some SMSCs
+    print the id in the text in another base."""
+    if not pdu.is_delivery_receipt:
+        return None
+    raw = pdu.message_payload if pdu.message_payload is not None else pdu.short_message
+    parsed = parse_receipt(decode_text(pdu.data_coding, raw))
+    tlv_id = pdu.receipted_message_id
+    tlv_state = pdu.message_state
+    if parsed is None:
+        if tlv_id is None:
+            return None
+        parsed = DeliveryReceipt(tlv_id, None, None, None, None, "UNKNOWN", None, "")
+    if tlv_id is not None or tlv_state is not None:
+        parsed = DeliveryReceipt(
+            tlv_id if tlv_id is not None else parsed.message_id,
+            parsed.submitted, parsed.delivered, parsed.submit_date, parsed.done_date,
+            _STATE_WORDS.get(tlv_state, parsed.stat) if tlv_state is not None else parsed.stat,
+            parsed.err, parsed.text,
+        )
+    return parsed

@@ -15,7 +15,7 @@ import pytest
 
 from extrabalance.recharge.events import RechargeEvent, to_payload
 from extrabalance.recharge.listener import MqttSettings, RechargeListener
-from simulators.recharge_publisher import PublishDeadlineExceeded, RechargePublisher
+from simulators.recharge_publisher import RechargePublisher
 from tests.mqtt_broker import MosquittoBroker
 from tests.recharge.support import fast_settings, make_event, running, wait_until
 
@@ -95,6 +95,7 @@ async def test_no_ack_until_the_handler_returns(broker: MosquittoBroker) -> None
 
     assert calls == [make_event(1).event_id] * 2
     assert listener.stats()["reconnects"] >= 1
+    assert listener.stats()["redelivered"] == 1  # the broker flagged the re-send DUP
 
 
 async def test_a_failed_handler_gets_the_message_again(broker: MosquittoBroker) -> None:
@@ -119,6 +120,7 @@ async def test_a_failed_handler_gets_the_message_again(broker: MosquittoBroker) 
     stats = listener.stats()
     assert stats["handler_failures"] == 1
     assert stats["reconnects"] >= 1
+    assert stats["redelivered"] >= 1
 
 
 async def test_invalid_payloads_go_to_the_dead_letter_topic(broker: MosquittoBroker) -> None:
@@ -216,17 +218,6 @@ async def test_broker_restart_mid_stream_loses_nothing(broker: MosquittoBroker) 
     assert set(seen) == {make_event(i).event_id for i in range(1000)}
     assert listener.stats()["reconnects"] >= 1
     print(f"duplicates seen by the handler: {sum(seen.values()) - len(seen)}")
-
-
-async def test_publisher_gives_up_after_its_deadline(broker: MosquittoBroker) -> None:
-    broker.stop()
-    publisher = RechargePublisher(
-        broker.host, broker.port, "in-sim", ack_timeout_s=0.1, publish_deadline_s=0.5
-    )
-    with pytest.raises(PublishDeadlineExceeded, match="publish_deadline_s=0.5"):
-        await publisher.publish(make_event(1))
-    assert publisher.counts["retries"] >= 1
-    await publisher.close()
 
 
 def test_settings_refuse_what_would_break_the_guarantees() -> None:

@@ -254,3 +254,54 @@ async def test_raw_peer_garbage_gets_nacks_and_bind_stays(h: Harness) -> None:
     assert (await read_pdu()).command_id == CommandId.ENQUIRE_LINK_RESP  # type: ignore[attr-defined]
     assert h.smsc.bound_system_ids() == ["node"]
     writer.close()
+
+
+async def test_msgqful_is_resent_and_permanent_errors_returned(h: Harness) -> None:
+    answers = [Status.ESME_RMSGQFUL, 0, Status.ESME_RINVDSTADR]
+
+    async def on_submit(pdu: SubmitSm, system_id: str) -> tuple[int, str]:
+        status = answers.pop(0)
+        return status, "ok-id" if status == 0 else ""
+
+    h.smsc.on_submit = on_submit
+    esme = await h.start_esme()
+    await esme.wait_bound(5.0)
+    first = await esme.submit(SubmitSm(destination_addr="1"))
+    assert first.ok and first.attempts == 2 and first.message_id == "ok-id"
+    second = await esme.submit(SubmitSm(destination_addr="1"))
+    assert second.status == Status.ESME_RINVDSTADR and second.attempts == 1
+
+
+async def test_response_timeout_is_resent(h: Harness) -> None:
+    calls = 0
+
+    async def stall_first(pdu: SubmitSm) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.8)
+
+    h.on_submit_hook = stall_first
+    esme = await h.start_esme(response_timeout_s=0.3)
+    await esme.wait_bound(5.0)
+    result = await esme.submit(SubmitSm(destination_addr="1"))
+    assert result.ok and result.attempts == 2
+    await asyncio.sleep(0.6)  # the late answer to the first try arrives and is ignored
+    assert esme.bind_states()[0]["bound"] is True
+
+
+async def test_submits_spread_over_binds_and_deliver_targets_system_id(h: Harness) -> None:
+    esme = await h.start_esme(binds=2)
+    await esme.wait_bound(5.0)
+    for _ in range(50):
+        if sum(1 for s in esme.bind_states() if s["bound"]) == 2:
+            break
+        await asyncio.sleep(0.02)
+    results = await asyncio.gather(*(esme.submit(SubmitSm()) for _ in range(10)))
+    names = {s["name"] for s in esme.bind_states()}
+    assert len(names) == 2 and {r.bind for r in results} == names
+    assert await h.smsc.deliver(DeliverSm(source_addr="1"), system_id="node") == 0
+    from extrabalance.smpp.server import NoReceiverError
+
+    with pytest.raises(NoReceiverError):
+        await h.smsc.deliver(DeliverSm(source_addr="1"), system_id="someone-else")

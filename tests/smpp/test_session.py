@@ -268,3 +268,12 @@ def test_enquire_link_answered_in_open_state() -> None:
     smsc.receive_data(encode(EnquireLink(sequence_number=3)), 0.0)
     resp = decode(smsc.data_to_send())
     assert resp.command_id == CommandId.ENQUIRE_LINK_RESP and resp.sequence_number == 3
+
+
+def test_alert_notification_takes_no_response() -> None:
+    from extrabalance.smpp.pdu import AlertNotification
+
+    esme, _smsc = bound_pair()
+    events = esme.receive_data(encode(AlertNotification(source_addr="2010", sequence_number=4)), 0)
+    assert isinstance(events[0], RequestReceived)
+    assert esme.data_to_send() == b""

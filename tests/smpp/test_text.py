@@ -147,3 +147,16 @@ def test_delivery_receipt() -> None:
                                   "DELIVRD", "000", "Your Extra Balance")
     assert t.parse_receipt("id:abc stat:undeliv err:012").stat == "UNDELIV"  # type: ignore[union-attr]
     assert t.parse_receipt("LOAN 10") is None
+
+
+def test_receipt_from_deliver_prefers_tlvs() -> None:
+    from extrabalance.smpp.pdu import DeliverSm, tlv_cstr
+
+    text = b"id:123 sub:001 dlvrd:000 submit date:2611251015 done date:2611251016 stat:UNDELIV err:001 text:x"
+    pdu = DeliverSm(esm_class=0x04, short_message=text,
+                    tlvs=(tlv_cstr(Tag.RECEIPTED_MESSAGE_ID, "7B"), tlv_u8(Tag.MESSAGE_STATE, 2)))
+    r = t.receipt_from_deliver(pdu)
+    assert r is not None and r.message_id == "7B" and r.stat == "DELIVRD" and r.err == "001"
+    assert t.receipt_from_deliver(DeliverSm(short_message=text)) is None  # not a receipt
+    only_tlv = DeliverSm(esm_class=0x04, tlvs=(tlv_cstr(Tag.RECEIPTED_MESSAGE_ID, "9"),))
+    assert t.receipt_from_deliver(only_tlv).message_id == "9"  # type: ignore[union-attr]
