@@ -1302,7 +1302,7 @@ def main_in(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return asyncio.run(_run_in(args, parser))
-    except ValueError as exc:
+    except (ValueError, OSError, KeyError) as exc:  # bad flag value, port in use, bad TOML key
         print(f"extrabalance sim in: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

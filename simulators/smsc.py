@@ -30,6 +30,7 @@ import itertools
 import json
 import random
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -751,5 +752,8 @@ def main_smsc(argv: list[str]) -> int:
         build_smsc_parser().error("--throttle must be within 0..1")
     try:
         return asyncio.run(_run_smsc(args))
+    except (ValueError, OSError) as exc:  # bad flag value, port in use
+        print(f"extrabalance sim smsc: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
