@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
+from extrabalance.diameter.peer import DuplicateCache
+
 if TYPE_CHECKING:
     from extrabalance.diameter.codec import Message
     from extrabalance.recharge.events import RechargeEvent
@@ -495,6 +497,7 @@ class InSimulator:
         answers_max: int = ANSWERS_MAX,
         watchdog_s: float = 30.0,
         request_timeout_ms: int = 2000,
+        allowed_peers: Iterable[str] | None = None,
         seed: int | None = None,
     ) -> None:
         specs = list(nodes)
@@ -513,7 +516,10 @@ class InSimulator:
         self.mqtt = mqtt
         self.watchdog_s = watchdog_s
         self.request_timeout_ms = request_timeout_ms
+        # Origin-Hosts allowed to connect (CER); None accepts any peer.
+        self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self._rng = random.Random(seed)
+        self._sweeper: asyncio.Task[None] | None = None
         self._ledger: deque[AppliedOp] = deque(maxlen=APPLIED_MAX)
         self.specs: dict[str, InNodeSpec] = {s.name: s for s in specs}
         self.accounts: dict[str, InAccounts] = {
@@ -570,9 +576,13 @@ class InSimulator:
             self._session_ids[spec.name] = SessionIdGenerator(spec.origin_host)
             if self.node_peer is not None:
                 self._add_node_peer(spec.name, diameter)
+        self._sweeper = asyncio.create_task(self._silence_sweeper())
         return dict(self._ports)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for publisher in self._publishers.values():
             with contextlib.suppress(Exception):
                 await publisher.close()
@@ -745,7 +755,7 @@ class InSimulator:
         if ccr.request_type != 4:
             raise codec.DiameterError(
                 5004, "balance operations are EVENT requests (CC-Request-Type 4)",
-                (request.first(AVP_CC_REQUEST_TYPE),), request,
+                (codec.avp(AVP_CC_REQUEST_TYPE, ccr.request_type),), request,
             )
         if ccr.requested_action is None:
             raise codec.DiameterError(
@@ -879,18 +889,34 @@ class InSimulator:
     def _make_node(self, spec: InNodeSpec) -> Any:
         from extrabalance.diameter.node import DiameterNode, LocalIdentity
 
-        allowed = [self.node_peer.origin_host] if self.node_peer is not None else None
         name = spec.name
 
-        async def handler(request: Message, peer_origin_host: str) -> Message | None:
-            return await self._handle(name, request)
+        async def handler(request: Message, peer_origin_host: str) -> Message:
+            answer = await self._handle(name, request)
+            if answer is None:
+                # A dropped answer. DiameterNode has no "do not answer" result, but a
+                # handler that ends cancelled sends nothing and frees its slot.
+                raise asyncio.CancelledError
+            return answer
 
         return DiameterNode(
-            LocalIdentity(origin_host=spec.origin_host, origin_realm=spec.realm),
-            allowed_peers=allowed,
+            LocalIdentity(
+                origin_host=spec.origin_host,
+                origin_realm=spec.realm,
+                host_ip=spec.host if spec.host[:1].isdigit() else "127.0.0.1",
+                product_name="ExtraBalance IN simulator",
+            ),
+            allowed_peers=self.allowed_peers,
             request_handler=handler,
             watchdog_s=self.watchdog_s,
             request_timeout_ms=self.request_timeout_ms,
+            # The simulator keeps its own first-answer table keyed by Session-Id and
+            # CC-Request-Number (what an OCS does); DiameterNode's cache by End-to-End
+            # id would also hold back the retry of a dropped answer forever.
+            duplicate_cache=_NoDuplicateCache(),
+            reconnect_min_s=RECONNECT_MIN_S,
+            reconnect_max_s=RECONNECT_MAX_S,
+            rng=random.Random(self._rng.random()),
         )
 
     def _add_node_peer(self, name: str, diameter: Any) -> None:
@@ -902,16 +928,83 @@ class InSimulator:
             NODE_PEER_GROUP, peer.realm, [PeerAddress(peer.host, peer.port, peer.origin_host)]
         )
 
+    async def _silence_sweeper(self) -> None:
+        """Keep every connection of a silent IN node without DWA, new ones included."""
+        while True:
+            for name, faults in self._faults.items():
+                diameter = self._diameter.get(name)
+                if diameter is not None:
+                    _set_watchdog_silence(diameter, faults.silent_watchdog)
+            await asyncio.sleep(SILENCE_SWEEP_S)
+
+
+RECONNECT_MIN_S = 0.2  # the IN redials the node quickly: disconnect faults heal fast
+RECONNECT_MAX_S = 5.0
+SILENCE_SWEEP_S = 0.05  # how soon a new connection of a silent IN node is silenced too
+CMD_DEVICE_WATCHDOG = 280
+
+
+def _without_watchdog(data: bytes) -> bytes:
+    """Remove Device-Watchdog requests and answers from a run of whole encoded messages.
+
+    Both directions go: a hung IN neither answers DWR nor sends its own (which would
+    bring a SUSPECT peer back to OPEN on the node's side).
+    """
+    kept: list[bytes] = []
+    i = 0
+    while i + 20 <= len(data):
+        length = int.from_bytes(data[i + 1:i + 4], "big")
+        if length < 20:
+            kept.append(data[i:])  # not ours to judge: pass it on unchanged
+            break
+        command = int.from_bytes(data[i + 5:i + 8], "big")
+        if command != CMD_DEVICE_WATCHDOG:
+            kept.append(data[i:i + length])
+        i += length
+    else:
+        kept.append(data[i:])
+    return b"".join(kept)
+
 
 def _set_watchdog_silence(diameter: Any, silent: bool) -> None:
-    diameter.silent_watchdog = silent
+    """Make the IN node's connections stop (or resume) the watchdog exchange.
+
+    DiameterNode has no switch for this; the peer state machine answers DWR itself.
+    We filter DWR/DWA out of what each connection sends, per connection instance, so
+    the Extra Balance node in the same process (tests) is unaffected.
+    """
+    for connection in list(getattr(diameter, "_connections", ())):
+        peer = connection.peer
+        patched = "data_to_send" in vars(peer)
+        if silent and not patched:
+            original = peer.data_to_send
+            peer.data_to_send = lambda original=original: _without_watchdog(original())
+        elif not silent and patched:
+            del peer.data_to_send
 
 
 async def _drop_connections(diameter: Any) -> int:
-    result = diameter.drop_connections()
-    if asyncio.iscoroutine(result):
-        result = await result
-    return int(result or 0)
+    """Abort every transport of the IN node (no DPR: a crash or a cut cable)."""
+    connections = list(getattr(diameter, "_connections", ()))
+    for connection in connections:
+        transport = connection.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+    await asyncio.sleep(0)
+    return len(connections)
+
+
+class _NoDuplicateCache(DuplicateCache):
+    """Stands in for DiameterNode's End-to-End duplicate cache: remembers nothing."""
+
+    def get(self, origin_host: str, end_to_end_id: int, now: float) -> None:
+        return None
+
+    def put(self, origin_host: str, end_to_end_id: int, value: Any, now: float) -> None:
+        return None
+
+    def __len__(self) -> int:
+        return 0
 
 
 # --- `extrabalance sim in` ---------------------------------------------------------------
@@ -1209,7 +1302,7 @@ def main_in(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return asyncio.run(_run_in(args, parser))
-    except ValueError as exc:
+    except (ValueError, OSError, KeyError) as exc:  # bad flag value, port in use, bad TOML key
         print(f"extrabalance sim in: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ import itertools
 import json
 import random
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -165,6 +166,7 @@ class SmscSimulator:
             "ussd_in": 0,
             "receipts": 0,
             "deliver_failed": 0,
+            "screen_timeouts": 0,
         }
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -325,7 +327,11 @@ class SmscSimulator:
             async with asyncio.timeout(timeout_s):
                 screen = await waiter.future
         except TimeoutError:
-            self._end_dialog(msisdn, dialog_id)
+            # Like a gateway whose dialog timer fired: tell the node the dialog is over.
+            self.stats["screen_timeouts"] += 1
+            abort = self._close_with_abort(msisdn, dialog_id)
+            if abort is not None:
+                self._spawn(self._deliver_quietly(abort))
             raise ScreenTimeout(f"no USSD screen for {msisdn} within {timeout_s} s") from None
         except BaseException:
             self._end_dialog(msisdn, dialog_id)
@@ -356,12 +362,20 @@ class SmscSimulator:
 
     async def ussd_abort(self, msisdn: str, dialog_id: int) -> None:
         """The subscriber (or the network) ends the dialog: deliver_sm with the abort op."""
+        pdu = self._close_with_abort(msisdn, dialog_id)
+        if pdu is not None:
+            with contextlib.suppress(HandsetError, OSError, TimeoutError):
+                await self._deliver(pdu)
+
+    def _close_with_abort(self, msisdn: str, dialog_id: int) -> Any:
+        """Forget the dialog now; the abort deliver_sm to send, or None if it was not open."""
         from extrabalance.smpp.pdu import DeliverSm, Tag
 
-        if (msisdn, dialog_id) not in self._waiting:
-            return
-        waiter = self._waiting[(msisdn, dialog_id)]
-        pdu = DeliverSm(
+        waiter = self._waiting.get((msisdn, dialog_id))
+        if waiter is None:
+            return None
+        self._end_dialog(msisdn, dialog_id)
+        return DeliverSm(
             service_type=self.ussd_service_type,
             source_addr_ton=1,
             source_addr_npi=1,
@@ -372,7 +386,8 @@ class SmscSimulator:
                 self._dialog_tlvs(dialog_id, waiter.sequence_number + 1),
             ),
         )
-        self._end_dialog(msisdn, dialog_id)
+
+    async def _deliver_quietly(self, pdu: Any) -> None:
         with contextlib.suppress(HandsetError, OSError, TimeoutError):
             await self._deliver(pdu)
 
@@ -476,7 +491,7 @@ class SmscSimulator:
 
     def _route_screen(self, record: MtRecord) -> None:
         key = (record.msisdn, record.dialog_id if record.dialog_id is not None else -1)
-        waiter = self._waiting.get(key)  # type: ignore[arg-type]
+        waiter = self._waiting.get(key)
         if waiter is None or waiter.future.done():
             self.stats["orphan_screens"] += 1
             return
@@ -548,7 +563,7 @@ async def _drop_binds(server: Any) -> int:
     """
     if hasattr(server, "drop_binds"):
         return int(await _maybe_await(server.drop_binds()))
-    live = getattr(server, "_conns", set())
+    live: set[Any] = getattr(server, "_conns", set())
     connections = list(live)
     for connection in connections:
         connection.close()
@@ -737,5 +752,8 @@ def main_smsc(argv: list[str]) -> int:
         build_smsc_parser().error("--throttle must be within 0..1")
     try:
         return asyncio.run(_run_smsc(args))
+    except (ValueError, OSError) as exc:  # bad flag value, port in use
+        print(f"extrabalance sim smsc: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0

@@ -96,9 +96,11 @@ class InProcessServer:
         self.silent = silent
         self.statuses: list[int] = []
         self.receipts: list[DeliverSm] = []
+        self.delivered: list[DeliverSm] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def deliver(self, pdu: DeliverSm, system_id: str | None = None) -> int:
+        self.delivered.append(pdu)
         if pdu.esm_class & 0x04:
             self.receipts.append(pdu)
             return 0

@@ -3,6 +3,8 @@ app (the loopback tests run the same through real SMPP binds)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from extrabalance.smpp.pdu import Status, SubmitSm
@@ -63,6 +65,10 @@ async def test_no_screen_times_out_and_frees_the_dialog() -> None:
         await phone.dial("*123#", timeout_s=0.05)
     assert not phone.dialog_open
     assert smsc._waiting == {}
+    await asyncio.sleep(0.01)
+    # The gateway tells the node the dialog is over, with the configured abort op.
+    assert server.delivered[-1].ussd_service_op == 0x81
+    assert smsc.stats["screen_timeouts"] == 1
 
 
 async def test_mo_sms_reaches_the_app_and_long_mt_is_joined() -> None:
