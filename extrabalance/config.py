@@ -390,7 +390,7 @@ class Settings(_Model):
         )
 
 
-def _check_ads(settings: "Settings") -> None:
+def _check_ads(settings: Settings) -> None:
     """[ads] against the rest: templates exist in every language, segments exist,
     the ad rate fits what the SMPP binds may submit, the time zone is known."""
     ads = settings.ads

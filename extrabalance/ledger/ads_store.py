@@ -19,6 +19,7 @@ from extrabalance.core.model import SubscriberProfile
 from extrabalance.ledger.store import new_id
 
 # Campaign states.
+PREPARING = "PREPARING"  # recipients being added; not drained yet
 QUEUED = "QUEUED"
 RUNNING = "RUNNING"
 DONE = "DONE"
@@ -178,7 +179,7 @@ def create_campaign(
     conn.execute(
         "INSERT INTO campaigns (campaign_id, template, segment, state, created_by, created_at,"
         " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (campaign_id, template, segment, QUEUED, created_by, utc_ts(now), utc_ts(now)),
+        (campaign_id, template, segment, PREPARING, created_by, utc_ts(now), utc_ts(now)),
     )
     return campaign_id
 

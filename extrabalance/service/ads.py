@@ -470,8 +470,9 @@ class Advertiser:
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait for background offers (graceful stop, tests)."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self._tasks and (left_s := deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self._tasks), timeout=left_s)
 
     # -- housekeeping --------------------------------------------------------------
 

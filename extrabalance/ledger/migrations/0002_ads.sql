@@ -22,7 +22,7 @@ CREATE TABLE campaigns (
     campaign_id  TEXT PRIMARY KEY,
     template     TEXT NOT NULL,
     segment      TEXT,            -- NULL: every segment
-    state        TEXT NOT NULL,   -- QUEUED / RUNNING / DONE / CANCELLED
+    state        TEXT NOT NULL,   -- PREPARING / QUEUED / RUNNING / DONE / CANCELLED
     recipients   INTEGER NOT NULL DEFAULT 0,
     sent         INTEGER NOT NULL DEFAULT 0,
     suppressed   INTEGER NOT NULL DEFAULT 0,
