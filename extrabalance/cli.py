@@ -7,10 +7,8 @@ a missing optional dependency breaks only the command that uses it.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from extrabalance.config import ConfigError
 

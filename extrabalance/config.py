@@ -104,7 +104,7 @@ class RangeRule(_Model):
     end: Annotated[str, Field(pattern=r"^[0-9]{1,15}$")] | None = None
 
     @model_validator(mode="after")
-    def _one_form(self) -> "RangeRule":
+    def _one_form(self) -> RangeRule:
         if self.prefix is None and (self.start is None or self.end is None):
             raise ValueError("a range needs either `prefix` or both `start` and `end`")
         if self.prefix is not None and (self.start is not None or self.end is not None):
@@ -195,7 +195,7 @@ class RecoverySection(_Model):
     write_off_days: Annotated[int, Field(ge=1)] = 180
 
     @model_validator(mode="after")
-    def _ordered(self) -> "RecoverySection":
+    def _ordered(self) -> RecoverySection:
         if self.write_off_days < self.overdue_days:
             raise ValueError("write_off_days must not be shorter than overdue_days")
         return self
@@ -299,7 +299,7 @@ class Settings(_Model):
     templates: dict[str, dict[str, Any]]
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Settings":
+    def _cross_checks(self) -> Settings:
         tier_ids = [t.id for t in self.tiers]
         if len(tier_ids) < TIERS_MIN:
             raise ValueError(f"tiers: {len(tier_ids)} given, at least {TIERS_MIN} required")

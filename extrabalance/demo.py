@@ -27,9 +27,10 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from extrabalance.config import Settings, deep_merge, load_settings
 from extrabalance.diameter.dictionary import RESULT_CODE_NAMES
@@ -186,7 +187,7 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
     t = transcript
     in_sim, smsc = env.in_sim, env.smsc
     exponent = env.settings.node.currency_exponent
-    money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"  # noqa: E731
+    money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"
     phone_a, phone_b = smsc.handset(A), smsc.handset(B)
 
     seen = [len(in_sim.applied())]
@@ -321,7 +322,7 @@ def _print_entry(entry: Entry) -> None:
 
 
 def _print_summary(s: Summary, exponent: int, currency: str) -> None:
-    m = lambda minor: f"{format_minor(minor, exponent)} {currency}"  # noqa: E731
+    m = lambda minor: f"{format_minor(minor, exponent)} {currency}"
     rows = [
         ("loans granted", str(s.loans)),
         ("principal lent", m(s.principal_lent_minor)),

@@ -18,7 +18,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ ADS_PRUNE_S = 300.0  # how often ads_sent rows older than the caps' window are d
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass
@@ -128,7 +128,7 @@ class Node:
             on_deliver=self._on_deliver,
         )
         locks = SubscriberLocks()
-        common = dict(locks=locks, default_language=s.node.default_language)
+        common = {"locks": locks, "default_language": s.node.default_language}
         # The services need a notifier before the SMPP channel (which needs the lending
         # service) exists: a forwarder breaks the cycle.
         notifier = _LateNotifier()
@@ -240,7 +240,7 @@ class Node:
         for node in s.in_nodes:
             try:
                 await self.diameter.wait_ready(node.origin_host, PEERS_READY_WAIT_S)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 log.warning("in_node_not_ready", in_node=node.origin_host)
         report = await self.resolver.run_once()
         log.info("resolved_at_start", report=str(report))

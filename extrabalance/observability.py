@@ -17,9 +17,10 @@ import io
 import logging
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -109,7 +110,7 @@ class EdrWriter:
         return self.directory / f"edr-{day}.csv"
 
     def write(self, kind: str, fields: dict[str, Any]) -> None:
-        now = datetime.fromtimestamp(self._clock(), timezone.utc)
+        now = datetime.fromtimestamp(self._clock(), UTC)
         row = {name: fields.get(name, "") for name in EDR_FIELDS}
         row.update(time=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                    node=self.node, kind=kind)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
@@ -121,7 +122,7 @@ class SmppChannel:
         started = time.perf_counter()
         try:
             ind = parse_ussd_deliver(pdu, abort_op=self._abort_op)
-        except Exception as exc:  # a malformed USSD PDU: logged, nothing else to do
+        except Exception as exc:  # noqa: BLE001 - a malformed USSD PDU: logged, nothing else to do
             log.warning("ussd_unreadable", error=str(exc))
             return
         if self._dialog_id == "user_message_reference":
@@ -159,7 +160,7 @@ class SmppChannel:
         try:
             await self._submit(submit)
             self.stats["ussd_out"] += 1
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
             self.stats["ussd_failed"] += 1
             log.warning("ussd_submit_failed", msisdn=ind.msisdn, error=str(exc))
         if self._observe_ussd is not None:
@@ -169,7 +170,7 @@ class SmppChannel:
         msisdn = pdu.source_addr
         try:
             text = decode_text(pdu.data_coding, pdu.message_payload or pdu.short_message)
-        except Exception:
+        except Exception:  # noqa: BLE001 - one subscriber's message never stops the channel
             text = ""
         kw = parse_keyword(text)
         lang = kw.language
@@ -228,7 +229,7 @@ class SmppChannel:
     async def _send(self, msisdn: str, text: str, *, template: str) -> None:
         try:
             results = await self._send_sms(self._short_code, msisdn, text)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
             self.stats["sms_failed"] += 1
             log.warning("sms_submit_failed", msisdn=msisdn, template=template, error=str(exc))
             return

@@ -25,9 +25,10 @@ import itertools
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from extrabalance.service.templates import Templates
 from extrabalance.smpp.text import gsm7_length, is_gsm7
