@@ -205,11 +205,14 @@ class RechargeListener:
     # -- public -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Consume until :meth:`stop`; reconnect with jittered backoff on any failure."""
+        """Consume until :meth:`stop`; reconnect with jittered backoff on any failure.
+
+        A listener runs once: after :meth:`stop` (even one called before ``run``
+        started) ``run`` returns at once. Make a new listener to start again.
+        """
         if self._running:
             raise RuntimeError("RechargeListener.run() is already running")
         self._running = True
-        self._stopping.clear()
         attempt = 0
         try:
             while not self._stopping.is_set():

@@ -321,3 +321,13 @@ async def test_a_raising_on_invalid_callback_does_not_stop_the_listener(
         await wait_until(lambda: handled == [make_event(1).event_id], "valid event handled")
     assert listener.stats()["dead_lettered"] == 1
     assert listener.stats()["reconnects"] == 0
+
+
+async def test_stop_before_run_is_not_lost(broker: MosquittoBroker) -> None:
+    async def handle(event: RechargeEvent) -> None:
+        raise AssertionError("never called")
+
+    listener = RechargeListener(fast_settings(broker), handle, expected_currency="EGP")
+    await listener.stop()  # e.g. a shutdown that races the start-up
+    await asyncio.wait_for(listener.run(), 5)
+    assert listener.stats()["connected"] is False
