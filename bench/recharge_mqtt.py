@@ -13,7 +13,8 @@ Both consumers drain the same number of messages queued for their persistent ses
 while they were offline, timed from connect to the last acknowledgement (for aiomqtt:
 the last message received, which it acknowledged on receipt).
 
-Run: ``python -m bench.recharge_mqtt [--messages 20000] [--rounds 3]``; prints JSON.
+Run: ``python -m bench.recharge_mqtt [--messages 20000] [--rounds 5] [--uvloop]``;
+prints JSON.
 """
 
 from __future__ import annotations
@@ -159,12 +160,7 @@ def mosquitto_version(binary: str) -> str:
     return first[0] if first else "unknown"
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--window", type=int, default=100, help="publishes in flight")
-    args = parser.parse_args()
+async def main(args: argparse.Namespace) -> None:
     # Logs to stderr: stdout is the JSON result.
     structlog.configure(
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -196,6 +192,7 @@ async def main() -> None:
         "broker": mosquitto_version(binary),
         "broker_config": "max_queued_messages 0, persistence true, max_inflight_messages 20",
         "python": platform.python_version(),
+        "event_loop": "uvloop" if args.uvloop else "asyncio",
         "aiomqtt": _version("aiomqtt"),
         "paho_mqtt": _version("paho-mqtt"),
         "publish_msgs_per_s": {
@@ -219,5 +216,20 @@ def _version(distribution: str) -> str:
     return version(distribution)
 
 
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--window", type=int, default=100, help="publishes in flight")
+    parser.add_argument("--uvloop", action="store_true", help="run both sides on uvloop")
+    args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(main(args))
+    else:
+        asyncio.run(main(args))
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    cli()
