@@ -26,7 +26,7 @@ Theory of operation
   disconnect signal. The one private attribute access is isolated in
   :func:`_paho_of`; the tests exercise it against a real broker, so an aiomqtt
   upgrade that moves it fails loudly instead of silently auto-acking.
-* **Acks in order of receipt.** MQTT 3.1.1 §4.6 requires a client to send PUBACKs in
+* **Acks in order of receipt.** MQTT 3.1.1 §4.6 [MQTT-4.6.0-2] requires a client to send PUBACKs in
   the order the PUBLISH packets were received. Handlers run concurrently (at most
   ``inflight_max``), but the acker walks the messages in receipt order and acks each
   one only when its own handler and every earlier one have finished.
