@@ -20,8 +20,8 @@ from tests.mqtt_broker import MosquittoBroker
 from tests.recharge.support import fast_settings, make_event, running, wait_until
 
 
-def publisher_for(broker: MosquittoBroker, **kwargs: object) -> RechargePublisher:
-    return RechargePublisher(broker.host, broker.port, "in-sim", ack_timeout_s=1.0, **kwargs)  # type: ignore[arg-type]
+def publisher_for(broker: MosquittoBroker) -> RechargePublisher:
+    return RechargePublisher(broker.host, broker.port, "in-sim", ack_timeout_s=1.0)
 
 
 async def test_acks_in_receipt_order_while_handlers_run_concurrently(
