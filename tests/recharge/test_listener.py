@@ -100,7 +100,10 @@ async def test_no_ack_until_the_handler_returns(broker: MosquittoBroker) -> None
     assert listener.stats()["redelivered"] == 1  # the broker flagged the re-send DUP
 
 
-async def test_a_failed_handler_gets_the_message_again(broker: MosquittoBroker) -> None:
+@pytest.mark.parametrize("protocol_version", [4, 5])
+async def test_a_failed_handler_gets_the_message_again(
+    broker: MosquittoBroker, protocol_version: int
+) -> None:
     attempts: Counter[str] = Counter()
     committed: set[str] = set()
     failing = make_event(2).event_id
@@ -111,7 +114,8 @@ async def test_a_failed_handler_gets_the_message_again(broker: MosquittoBroker) 
             raise RuntimeError("ledger unavailable")
         committed.add(event.event_id)  # idempotent, like the ledger
 
-    listener = RechargeListener(fast_settings(broker), handle, expected_currency="EGP")
+    settings = fast_settings(broker, protocol_version=protocol_version)
+    listener = RechargeListener(settings, handle, expected_currency="EGP")
     expected = {make_event(i).event_id for i in range(1, 6)}
     async with running(listener), publisher_for(broker) as publisher:
         await publisher.publish_many((make_event(i) for i in range(1, 6)), window_max=1)
