@@ -154,6 +154,26 @@ async def one_round(directory: Path, count: int, window: int, peer_first: bool) 
     return figures
 
 
+def sqlite_commits_per_s(directory: Path, commits: int = 300) -> float:
+    """One-row commits per second with the ledger's durability settings (WAL,
+    synchronous=FULL): the cost the real handler adds to every recharge, for scale."""
+    import sqlite3
+
+    db = sqlite3.connect(directory / "commit-probe.sqlite", isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE recorded (event_id TEXT PRIMARY KEY)")
+        started = time.perf_counter()
+        for i in range(commits):
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO recorded VALUES (?)", (f"e{i}",))
+            db.execute("COMMIT")
+        return commits / (time.perf_counter() - started)
+    finally:
+        db.close()
+
+
 def mosquitto_version(binary: str) -> str:
     result = subprocess.run([binary, "-h"], capture_output=True, text=True, check=False)
     first = (result.stdout or result.stderr).splitlines()
@@ -175,6 +195,7 @@ async def main(args: argparse.Namespace) -> None:
                 )
             )
         binary = MosquittoBroker(Path(tmp) / "probe").binary
+        commits_per_s = sqlite_commits_per_s(Path(tmp))
 
     def median(key: str) -> float:
         return round(statistics.median(r[key] for r in rounds), 1)
@@ -205,6 +226,7 @@ async def main(args: argparse.Namespace) -> None:
             "aiomqtt_auto_ack": median("consume_peer"),
             "ratio": ratio("consume_ours", "consume_peer"),
         },
+        "for_scale_sqlite_fsync_commits_per_s": round(commits_per_s, 1),
         "per_round": [{k: round(v, 1) for k, v in r.items()} for r in rounds],
     }
     print(json.dumps(result, indent=2))
