@@ -1,0 +1,242 @@
+"""Subscribers over SMPP: USSD dialogs, SMS keywords, and every SMS the node sends.
+
+Inbound deliver_sm are answered at once (deliver_sm_resp) and handled in a bounded
+set of tasks, so a slow IN never holds the gateway's window; past the bound the node
+answers ESME_RTHROTTLED and the gateway re-sends later, instead of queueing without
+limit. Outbound texts are rendered from templates in the subscriber's language.
+
+Idempotency of SMS loans: an MO deliver_sm has no message id of its own, so the key
+is the bind, the MSISDN and the user_message_reference when the SMSC sends one, or
+the PDU's sequence number: a deliver_sm the SMSC re-sends on the same bind after a
+lost response keeps both, and so replays the first outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from extrabalance.core.policy import Policy
+from extrabalance.service.keywords import Command, parse_keyword
+from extrabalance.service.ports import Notice
+from extrabalance.service.templates import Templates, format_minor
+from extrabalance.service.ussd import UssdDialogs, UssdInput
+from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, UssdOp
+from extrabalance.smpp.text import decode_text, parse_receipt
+from extrabalance.smpp.ussd import parse_ussd_deliver, ussd_submit
+
+log = structlog.get_logger(__name__)
+
+INBOUND_TASKS_MAX = 2000  # deliver_sm being handled at once; beyond: ESME_RTHROTTLED
+SENT_TRACKED_MAX = 100_000  # message ids remembered to match delivery receipts
+
+
+class SmppChannel:
+    def __init__(
+        self,
+        *,
+        dialogs: UssdDialogs,
+        lending: Any,
+        templates: Templates,
+        policy: Policy,
+        submit: Callable[[Any], Awaitable[Any]],
+        send_sms: Callable[..., Awaitable[Any]],
+        short_code: str,
+        ussd_code: str = "*123#",
+        ussd_service_type: str = "USSD",
+        dialog_id: str = "its_session_info",
+        abort_op: int = 0x81,
+        ads_gate: Callable[[Notice], Awaitable[bool]] | None = None,
+        observe_ussd: Callable[[float], None] | None = None,
+    ) -> None:
+        self._dialogs = dialogs
+        self._lending = lending
+        self._t = templates
+        self._policy = policy
+        self._submit = submit
+        self._send_sms = send_sms
+        self._short_code = short_code
+        self._ussd_source = ussd_code
+        self._service_type = ussd_service_type
+        self._dialog_id = dialog_id
+        self._abort_op = abort_op
+        self._ads_gate = ads_gate
+        self._observe_ussd = observe_ussd
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # message id → (msisdn, template)
+        self.accepting = True
+        self.stats = {"ussd_in": 0, "sms_in": 0, "receipts": 0, "receipts_matched": 0,
+                      "throttled": 0, "sms_out": 0, "sms_failed": 0, "ussd_out": 0,
+                      "ussd_failed": 0}
+
+    def set_policy(self, policy: Policy, templates: Templates) -> None:
+        """Config reload: tiers (for `LOAN 10`) and texts change for the next message."""
+        self._policy, self._t = policy, templates
+
+    # -- inbound ---------------------------------------------------------------
+
+    async def on_deliver(self, pdu: Any, system_id: str) -> int:
+        """deliver_sm handler for the ESME: returns the deliver_sm_resp status."""
+        if not isinstance(pdu, DeliverSm):
+            return int(Status.ESME_RINVCMDID)
+        if pdu.is_delivery_receipt:
+            self._receipt(pdu)
+            return 0
+        if not self.accepting or len(self._tasks) >= INBOUND_TASKS_MAX:
+            self.stats["throttled"] += 1
+            return int(Status.ESME_RTHROTTLED)
+        if pdu.ussd_service_op is not None or pdu.service_type == self._service_type:
+            self.stats["ussd_in"] += 1
+            self._spawn(self._ussd(pdu))
+        else:
+            self.stats["sms_in"] += 1
+            self._spawn(self._sms(pdu, system_id))
+        return 0
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking new input and wait for what is in flight (graceful stop)."""
+        self.accepting = False
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+
+    def _receipt(self, pdu: DeliverSm) -> None:
+        self.stats["receipts"] += 1
+        message_id = pdu.receipted_message_id
+        if message_id is None:
+            receipt = parse_receipt(decode_text(pdu.data_coding, pdu.short_message))
+            message_id = receipt.message_id if receipt is not None else None
+        if message_id is not None and self._sent.pop(message_id, None) is not None:
+            self.stats["receipts_matched"] += 1
+
+    async def _ussd(self, pdu: DeliverSm) -> None:
+        started = time.perf_counter()
+        try:
+            ind = parse_ussd_deliver(pdu, abort_op=self._abort_op)
+        except Exception as exc:  # noqa: BLE001 - a malformed USSD PDU: logged, nothing else to do
+            log.warning("ussd_unreadable", error=str(exc))
+            return
+        if self._dialog_id == "user_message_reference":
+            key = str(ind.user_message_reference)
+        else:
+            key = str(ind.session.session_number) if ind.session is not None else "-"
+        if ind.is_abort:
+            self._dialogs.abort(ind.msisdn, key)
+            return
+        try:
+            screen = await self._dialogs.handle(
+                UssdInput(ind.msisdn, key, ind.text, new_dialog=ind.op == UssdOp.PSSR_INDICATION)
+            )
+        except Exception:
+            log.exception("ussd_dialog_failed", msisdn=ind.msisdn)
+            screen = None
+        if screen is None:
+            text, final = self._t.render("refused_screen", None, {"reason": "IN_UNAVAILABLE"}), True
+        else:
+            text, final = screen.text, screen.final
+        session = None
+        if ind.session is not None:
+            session = ItsSessionInfo(
+                ind.session.session_number,
+                min(ind.session.sequence_number + 1, 0x7F),
+                end_of_session=final,
+            )
+        submit = ussd_submit(
+            ind.msisdn, ind.dest_addr or self._ussd_source, text,
+            op=UssdOp.PSSR_RESPONSE if final else UssdOp.USSR_REQUEST,
+            session=session,
+            user_message_reference=ind.user_message_reference,
+            service_type=self._service_type,
+        )
+        try:
+            await self._submit(submit)
+            self.stats["ussd_out"] += 1
+        except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
+            self.stats["ussd_failed"] += 1
+            log.warning("ussd_submit_failed", msisdn=ind.msisdn, error=str(exc))
+        if self._observe_ussd is not None:
+            self._observe_ussd(time.perf_counter() - started)
+
+    async def _sms(self, pdu: DeliverSm, system_id: str) -> None:
+        msisdn = pdu.source_addr
+        try:
+            text = decode_text(pdu.data_coding, pdu.message_payload or pdu.short_message)
+        except Exception:  # noqa: BLE001 - one subscriber's message never stops the channel
+            text = ""
+        kw = parse_keyword(text)
+        lang = kw.language
+        reply: str | None = None
+        try:
+            if kw.command is Command.LOAN:
+                tier_id = None
+                if kw.amount_text is not None:
+                    reply = self._amounts_reply(lang)
+                elif kw.amount_major is not None:
+                    wanted = kw.amount_major * 10 ** self._policy.currency.exponent
+                    tier_id = next((t.tier_id for t in self._policy.tiers.values()
+                                    if t.amount_minor == wanted), None)
+                    if tier_id is None:
+                        reply = self._amounts_reply(lang)
+                if reply is None:
+                    reference = pdu.user_message_reference
+                    ref = f"umr{reference}" if reference is not None else f"seq{pdu.sequence_number}"
+                    # The lending service confirms every outcome by SMS itself.
+                    await self._lending.borrow(msisdn, tier_id, "sms", f"sms:{system_id}:{msisdn}:{ref}")
+            elif kw.command is Command.BALANCE:
+                offer = await self._lending.quote(msisdn)
+                reply = self._t.render("balance_reply", lang, {
+                    "debt": offer.debt_minor, "headroom": offer.headroom_minor})
+            elif kw.command is Command.HELP:
+                reply = self._t.render("help_reply", lang)
+            elif kw.command is Command.STOP_ADS:
+                await self._lending.set_preferences(msisdn, ads_opt_out=True)
+                reply = self._t.render("ads_stopped", lang)
+            elif kw.command is Command.START_ADS:
+                await self._lending.set_preferences(msisdn, ads_opt_out=False)
+                reply = self._t.render("ads_started", lang)
+            else:
+                reply = self._t.render("unknown_keyword", lang)
+        except Exception:
+            log.exception("sms_keyword_failed", msisdn=msisdn)
+            reply = self._t.render("loan_refused", lang, {"reason": "IN_UNAVAILABLE"})
+        if reply is not None:
+            await self._send(msisdn, reply, template=kw.command.value)
+
+    def _amounts_reply(self, lang: str) -> str:
+        exponent = self._policy.currency.exponent
+        amounts = ", ".join(
+            format_minor(t.amount_minor, exponent).removesuffix("." + "0" * exponent)
+            for t in sorted(self._policy.tiers.values(), key=lambda t: t.amount_minor))
+        return self._t.render("no_such_amount", lang, {"amounts": amounts})
+
+    # -- outbound (the service layer's Notifier) --------------------------------
+
+    async def notify(self, notice: Notice) -> None:
+        if notice.kind == "ad" and self._ads_gate is not None and not await self._ads_gate(notice):
+            return
+        text = self._t.render(notice.template, notice.language, notice.params)
+        await self._send(notice.msisdn, text, template=notice.template)
+
+    async def _send(self, msisdn: str, text: str, *, template: str) -> None:
+        try:
+            results = await self._send_sms(self._short_code, msisdn, text)
+        except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
+            self.stats["sms_failed"] += 1
+            log.warning("sms_submit_failed", msisdn=msisdn, template=template, error=str(exc))
+            return
+        self.stats["sms_out"] += 1
+        for result in results or ():
+            message_id = getattr(result, "message_id", None)
+            if message_id:
+                self._sent[message_id] = (msisdn, template)
+                while len(self._sent) > SENT_TRACKED_MAX:
+                    self._sent.popitem(last=False)

@@ -1,0 +1,137 @@
+"""The `extrabalance` command: one entry point for operators and engineers.
+
+Each sub-command imports only what it needs, so `extrabalance --help` stays fast and
+a missing optional dependency breaks only the command that uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from extrabalance.config import ConfigError
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from extrabalance.demo import run_demo
+
+    return run_demo(json_output=args.json, keep=args.keep)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from extrabalance.node import run_node
+
+    return run_node(args.config)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from extrabalance.config import load_settings
+
+    settings = load_settings(args.config)
+    print(f"{args.config or 'embedded default config'}: OK "
+          f"({len(settings.tiers)} tiers, {len(settings.segments)} segments, "
+          f"{len(settings.in_nodes)} IN nodes)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from extrabalance.bench import run_bench
+
+    return run_bench(args.what, json_output=args.json, seconds=args.seconds, extra=args.extra)
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    if args.which == "in":
+        from simulators.in_node import main_in as entry
+    else:
+        from simulators.smsc import main_smsc as entry
+    return entry(list(args.rest))
+
+
+def _cmd_phone(args: argparse.Namespace) -> int:
+    from simulators.handset import main_phone
+
+    return main_phone(list(args.rest))
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from extrabalance.admin_cli import import_profiles_command
+
+    return import_profiles_command(args.config, args.csv, progress=not args.quiet)
+
+
+def _cmd_subscriber(args: argparse.Namespace) -> int:
+    from extrabalance.admin_cli import subscriber_command
+
+    return subscriber_command(args.config, args.action, args.msisdn, reason=args.reason,
+                              who=args.who, json_output=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="extrabalance",
+        description="Extra Balance: airtime advances for prepaid subscribers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="play the whole story on loopback with the bundled simulators")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the demo's temp dir (ledger, logs)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("run", help="run the node (production entry point)")
+    p.add_argument("--config", required=True, help="TOML config file")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file and exit")
+    p.add_argument("--config", default=None, help="TOML config file (default: embedded)")
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("bench", help="benchmarks (codecs, ledger, e2e)")
+    p.add_argument("what", choices=["codecs", "ledger", "e2e", "recharge"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seconds", type=float, default=2.0, help="measuring time per case")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="options for that benchmark")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("sim", help="run a bundled network simulator")
+    p.add_argument("which", choices=["in", "smsc"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_sim)
+
+    p = sub.add_parser("phone", help="an interactive handset in the terminal")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_phone)
+
+    p = sub.add_parser("import-profiles", help="import the operator's subscriber profile CSV")
+    p.add_argument("csv")
+    p.add_argument("--config", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("subscriber", help="show, bar or unbar a subscriber")
+    p.add_argument("action", choices=["show", "bar", "unbar"])
+    p.add_argument("msisdn")
+    p.add_argument("--config", default=None)
+    p.add_argument("--reason", default="", help="why (bar/unbar; kept in the audit trail)")
+    p.add_argument("--who", default="cli", help="operator name for the audit trail")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_subscriber)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"extrabalance: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Configuration: one TOML file, validated with pydantic, turned into plain data.
+
+A bad config fails at start with the file, the key and what is wrong
+(`ConfigError`). Secrets are never read from the file itself: a `*_env` key names an
+environment variable and a `*_file` key names a file that holds the secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from extrabalance.core.policy import (
+    Condition,
+    Currency,
+    EligibilityPolicy,
+    FeePlan,
+    PaybackOrder,
+    Policy,
+    RecoveryPolicy,
+    RuleOp,
+    Segment,
+    Tier,
+)
+
+MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+TIERS_MIN = 12
+SMPP_PASSWORD_MAX = 8  # SMPP 3.4 §4.1.1: password is a C-Octet String of at most 9 octets
+DEFAULT_CONFIG_NAME = "extrabalance.toml"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run; the message names file, key and reason."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _secret(env: str | None, file: str | None, what: str) -> str | None:
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            return None
+        return value
+    if file:
+        try:
+            return Path(file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"{what}: cannot read secret file {file!r}: {exc.strerror}") from exc
+    return None
+
+
+class NodeSection(_Model):
+    name: str = "eb-node-1"
+    origin_host: str
+    origin_realm: str
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "EGP"
+    currency_numeric: Annotated[int, Field(ge=1, le=999)] = 818
+    currency_exponent: Annotated[int, Field(ge=0, le=4)] = 2
+    timezone: str = "UTC"
+    default_language: str = "en"
+    mask_msisdn_in_logs: bool = True
+
+
+class StorageSection(_Model):
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: str = "var/extrabalance.db"
+    dsn: str | None = None
+    group_commit_max_ops: Annotated[int, Field(ge=1, le=10_000)] = 256
+    group_commit_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
+
+
+class DiameterSection(_Model):
+    listen_host: str = "127.0.0.1"
+    listen_port: Annotated[int, Field(ge=0, le=65535)] = 3868
+    service_context_id: str = "extrabalance@3gpp.org"
+    watchdog_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    request_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 2000
+    product_name: str = "ExtraBalance"
+    vendor_id: int = 0
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    allow_unauthenticated_public_listener: bool = False
+
+
+class PeerAddr(_Model):
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+
+class RangeRule(_Model):
+    prefix: Annotated[str, Field(pattern=r"^[0-9]{1,15}$")] | None = None
+    start: Annotated[str, Field(pattern=r"^[0-9]{1,15}$")] | None = None
+    end: Annotated[str, Field(pattern=r"^[0-9]{1,15}$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RangeRule:
+        if self.prefix is None and (self.start is None or self.end is None):
+            raise ValueError("a range needs either `prefix` or both `start` and `end`")
+        if self.prefix is not None and (self.start is not None or self.end is not None):
+            raise ValueError("give `prefix` or `start`/`end`, not both")
+        if self.start is not None and self.end is not None:
+            if len(self.start) != len(self.end) or self.start > self.end:
+                raise ValueError(f"range {self.start}..{self.end} is empty or of unequal length")
+        return self
+
+
+class InNodeSection(_Model):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    origin_host: str
+    realm: str
+    peers: Annotated[list[PeerAddr], Field(min_length=1)]
+    ranges: list[RangeRule] = []
+
+
+class BindSection(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 2775
+    system_id: Annotated[str, Field(max_length=15)]
+    password_env: str | None = None
+    password_file: str | None = None
+    system_type: Annotated[str, Field(max_length=12)] = ""
+    window_max: Annotated[int, Field(ge=1, le=1000)] = 10
+    submit_rate_max_per_s: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    enquire_link_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+    def password(self) -> str:
+        value = _secret(self.password_env, self.password_file, f"SMPP bind {self.system_id}") or ""
+        if len(value.encode("ascii", "replace")) > SMPP_PASSWORD_MAX:
+            raise ConfigError(
+                f"smpp.binds ({self.system_id}): the password is longer than "
+                f"{SMPP_PASSWORD_MAX} characters, which SMPP 3.4 does not allow"
+            )
+        return value
+
+
+class SmppSection(_Model):
+    short_code: Annotated[str, Field(pattern=r"^[0-9A-Za-z]{1,21}$")] = "1234"
+    ussd_code: Annotated[str, Field(pattern=r"^\*[0-9]+(\*[0-9]+)*#$")] = "*123#"
+    ussd_service_type: str = "USSD"
+    dialog_id: Literal["its_session_info", "user_message_reference"] = "its_session_info"
+    dialog_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60
+    dialogs_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    ussd_abort_op: Annotated[int, Field(ge=0, le=255)] = 0x81
+    sms_long_mode: Literal["udh", "message_payload"] = "udh"
+    binds: list[BindSection] = []
+
+
+class MqttSection(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    client_id: str = "extrabalance-eb-node-1"
+    topics: Annotated[list[str], Field(min_length=1)] = ["extrabalance/recharge/+"]
+    dead_letter_topic: str = "extrabalance/recharge/dead"
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+
+    def password(self) -> str | None:
+        return _secret(self.password_env, self.password_file, "MQTT")
+
+
+class AdminSection(_Model):
+    listen_host: str = "127.0.0.1"
+    listen_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    token_env: str | None = "EB_ADMIN_TOKEN"
+    token_file: str | None = None
+
+    def token(self) -> str | None:
+        return _secret(self.token_env, self.token_file, "admin token")
+
+
+class EligibilitySection(_Model):
+    min_tenure_days: Annotated[int, Field(ge=0)] = 0
+    max_balance_to_borrow_minor: Annotated[int, Field(ge=0)] | None = None
+
+
+class RecoverySection(_Model):
+    order: Literal["fee_first", "principal_first"] = "fee_first"
+    share_bp: Annotated[int, Field(ge=1, le=10_000)] = 10_000
+    min_balance_left_minor: Annotated[int, Field(ge=0)] = 0
+    overdue_days: Annotated[int, Field(ge=1)] = 30
+    write_off_days: Annotated[int, Field(ge=1)] = 180
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RecoverySection:
+        if self.write_off_days < self.overdue_days:
+            raise ValueError("write_off_days must not be shorter than overdue_days")
+        return self
+
+
+class AutoAdvanceSection(_Model):
+    tier: int | None = None
+
+
+class TierSection(_Model):
+    id: Annotated[int, Field(ge=1, le=99)]
+    amount_minor: Annotated[int, Field(gt=0)]
+
+
+class FeePlanSection(_Model):
+    flat_minor: Annotated[int, Field(ge=0)] = 0
+    percent_bp: Annotated[int, Field(ge=0, le=10_000)] = 0
+    min_fee_minor: Annotated[int, Field(ge=0)] = 0
+    max_fee_minor: Annotated[int, Field(ge=0)] | None = None
+    by_tier_minor: dict[int, Annotated[int, Field(ge=0)]] = {}
+
+
+class ConditionSection(_Model):
+    attribute: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    op: RuleOp
+    value: int | str | list[int | str]
+
+
+class SegmentSection(_Model):
+    name: str
+    conditions: list[ConditionSection] = []
+    ceiling_minor: Annotated[int, Field(ge=0)]
+    tiers: Annotated[list[int], Field(min_length=1)]
+    fee_plan: str
+    bad_debt_limit: Annotated[int, Field(ge=1, le=100)]
+
+
+class QuietHours(_Model):
+    start: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+    end: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+
+
+class AdsSection(_Model):
+    enabled: bool = True
+    max_per_day: Annotated[int, Field(ge=0)] = 2
+    min_interval_s: Annotated[int, Field(ge=0)] = 3600
+    quiet_hours: QuietHours | None = None
+    send_rate_max_per_s: Annotated[int, Field(ge=1)] = 200
+
+
+TEMPLATE_KEYS_REQUIRED = (
+    "menu_title", "menu_item", "menu_more", "menu_account", "confirm", "granted_screen",
+    "pending_screen", "refused_screen", "cancelled_screen", "expired_screen",
+    "invalid_choice", "account_screen", "on", "off", "settings_saved", "loan_granted",
+    "loan_refused", "loan_pending", "advance_granted", "payback_partial", "payback_full",
+    "barred", "ad_out_of_balance", "balance_reply", "help_reply", "unknown_keyword",
+    "ads_stopped", "ads_started", "no_such_amount",
+)
+
+
+class Settings(_Model):
+    node: NodeSection
+    storage: StorageSection = StorageSection()
+    diameter: DiameterSection = DiameterSection()
+    in_nodes: Annotated[list[InNodeSection], Field(min_length=1)]
+    smpp: SmppSection = SmppSection()
+    mqtt: MqttSection = MqttSection()
+    admin: AdminSection = AdminSection()
+    eligibility: EligibilitySection = EligibilitySection()
+    recovery: RecoverySection = RecoverySection()
+    auto_advance: AutoAdvanceSection = AutoAdvanceSection()
+    tiers: list[TierSection]
+    fee_plans: dict[str, FeePlanSection]
+    segments: Annotated[list[SegmentSection], Field(min_length=1)]
+    ads: AdsSection = AdsSection()
+    templates: dict[str, dict[str, Any]]
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        tier_ids = [t.id for t in self.tiers]
+        if len(tier_ids) < TIERS_MIN:
+            raise ValueError(f"tiers: {len(tier_ids)} given, at least {TIERS_MIN} required")
+        if len(set(tier_ids)) != len(tier_ids):
+            raise ValueError("tiers: two tiers share an id")
+        for i, seg in enumerate(self.segments):
+            if seg.fee_plan not in self.fee_plans:
+                raise ValueError(f"segments[{i}].fee_plan: no fee plan named {seg.fee_plan!r}")
+            unknown = sorted(set(seg.tiers) - set(tier_ids))
+            if unknown:
+                raise ValueError(f"segments[{i}].tiers: unknown tier ids {unknown}")
+        if self.auto_advance.tier is not None and self.auto_advance.tier not in tier_ids:
+            raise ValueError(f"auto_advance.tier: no tier {self.auto_advance.tier}")
+        names = [n.name for n in self.in_nodes]
+        if len(set(names)) != len(names):
+            raise ValueError("in_nodes: two IN nodes share a name")
+        if self.node.default_language not in self.templates:
+            raise ValueError(
+                f"node.default_language: no [templates.{self.node.default_language}] section"
+            )
+        for lang, table in self.templates.items():
+            missing = [k for k in TEMPLATE_KEYS_REQUIRED if k not in table]
+            if missing:
+                raise ValueError(f"templates.{lang}: missing {', '.join(missing)}")
+        if (
+            self.diameter.listen_host not in LOOPBACK_HOSTS
+            and not (self.diameter.tls_cert_file and self.diameter.tls_key_file)
+            and not self.diameter.allow_unauthenticated_public_listener
+        ):
+            raise ValueError(
+                "diameter.listen_host: a non-loopback listener without TLS needs "
+                "diameter.allow_unauthenticated_public_listener = true"
+            )
+        return self
+
+    # -- conversions to the pure domain types ------------------------------------
+
+    def currency(self) -> Currency:
+        return Currency(self.node.currency, self.node.currency_numeric, self.node.currency_exponent)
+
+    def policy(self) -> Policy:
+        fee_plans = {
+            name: FeePlan(
+                name=name,
+                flat_minor=p.flat_minor,
+                percent_bp=p.percent_bp,
+                min_fee_minor=p.min_fee_minor,
+                max_fee_minor=p.max_fee_minor,
+                by_tier_minor=dict(p.by_tier_minor),
+            )
+            for name, p in self.fee_plans.items()
+        }
+        segments = tuple(
+            Segment(
+                name=s.name,
+                conditions=tuple(
+                    Condition(
+                        c.attribute,
+                        c.op,
+                        tuple(c.value) if isinstance(c.value, list) else c.value,
+                    )
+                    for c in s.conditions
+                ),
+                ceiling_minor=s.ceiling_minor,
+                tier_ids=tuple(s.tiers),
+                fee_plan=s.fee_plan,
+                bad_debt_limit=s.bad_debt_limit,
+            )
+            for s in self.segments
+        )
+        return Policy(
+            currency=self.currency(),
+            tiers={t.id: Tier(t.id, t.amount_minor) for t in self.tiers},
+            fee_plans=fee_plans,
+            segments=segments,
+            eligibility=EligibilityPolicy(
+                self.eligibility.min_tenure_days, self.eligibility.max_balance_to_borrow_minor
+            ),
+            recovery=RecoveryPolicy(
+                order=PaybackOrder(self.recovery.order),
+                share_bp=self.recovery.share_bp,
+                min_balance_left_minor=self.recovery.min_balance_left_minor,
+                overdue_days=self.recovery.overdue_days,
+                write_off_days=self.recovery.write_off_days,
+            ),
+            auto_advance_tier_id=self.auto_advance.tier,
+        )
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: dict[str, Any], source: str = "<config>") -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def default_config_text() -> str:
+    return resources.files("extrabalance.defaults").joinpath(DEFAULT_CONFIG_NAME).read_text(
+        encoding="utf-8"
+    )
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read and validate a config file (the embedded default when `path` is None).
+
+    `overrides` are deep-merged over the file (the demo uses it for ports and paths).
+    """
+    if path is None:
+        source, text = "embedded default config", default_config_text()
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    if overrides:
+        data = deep_merge(data, overrides)
+    return parse_settings(data, source)
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,367 @@
+"""`extrabalance demo`: the whole service on loopback, played as a phone transcript.
+
+Everything talks over real sockets: the node, the IN simulator (Diameter), the SMSC /
+USSD gateway simulator (SMPP) and an MQTT broker (a private Mosquitto when installed,
+else the in-process demo-only broker). The story:
+
+1. Subscriber A (balance 0) tries a call: the IN's out-of-balance CCR gets 4012 and
+   A gets the advertisement SMS.
+2. A dials *123#, picks a tier, sees fee and total, confirms: the node credits the
+   IN (CCR REFUND_ACCOUNT); final screen and SMS.
+3. A recharges less than the debt: partial payback SMS; recharges again: full payback.
+4. Subscriber B borrows up to his segment's ceiling and is refused with the reason,
+   and after the allowed number of loans without a full payback he is barred.
+5. Summary: loans, fees, recovered, outstanding — checked against the IN simulator.
+
+`play(env)` returns the transcript as data so the test suite asserts every screen,
+SMS, result code and balance of the same story.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extrabalance.config import Settings, load_settings
+from extrabalance.diameter.dictionary import RESULT_CODE_NAMES
+from extrabalance.service.templates import format_minor
+
+A = "201001234567"
+B = "201001234568"
+SMS_WAIT_S = 5.0
+DEMO_SMPP_PASSWORD_ENV = "EB_DEMO_SMPP_PASSWORD"
+
+
+@dataclass
+class Entry:
+    kind: str  # "title" | "diameter" (IN → node) | "in_op" (node → IN) | "screen" | "sms" | "note"
+    msisdn: str = ""
+    text: str = ""
+    final: bool = False
+    dialled: str = ""
+    result_code: int | None = None
+
+
+@dataclass
+class Summary:
+    loans: int
+    principal_lent_minor: int
+    fees_minor: int
+    recovered_minor: int
+    outstanding_minor: int
+    in_credited_minor: int
+    in_debited_minor: int
+    balances_minor: dict[str, int]
+    ledger_matches_in: bool
+    journal_balanced: bool
+    broker: str
+
+
+@dataclass
+class Transcript:
+    entries: list[Entry] = field(default_factory=list)
+    echo: Callable[[Entry], None] | None = None
+
+    def add(self, entry: Entry) -> Entry:
+        self.entries.append(entry)
+        if self.echo is not None:
+            self.echo(entry)
+        return entry
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class DemoEnv:
+    node: Any
+    in_sim: Any
+    smsc: Any
+    settings: Settings
+    broker_kind: str
+    workdir: Path
+
+
+@contextlib.asynccontextmanager
+async def demo_env(workdir: Path) -> AsyncIterator[DemoEnv]:
+    """Start broker, simulators and node on loopback; stop them all afterwards."""
+    from extrabalance.demo_broker import DemoBroker
+    from extrabalance.ledger.profiles import import_profiles
+    from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
+    from extrabalance.node import Node
+    from simulators.in_node import InNodeSpec, InSimulator, MqttTarget, MsisdnRange, NodePeer
+    from simulators.smsc import SmscSimulator
+
+    async with contextlib.AsyncExitStack() as stack:
+        if find_mosquitto() is not None:
+            mosquitto = MosquittoBroker(workdir / "mosquitto")
+            mosquitto.start()
+            stack.callback(mosquitto.stop)
+            mqtt_port, broker_kind = mosquitto.port, "mosquitto"
+        else:
+            demo_broker = DemoBroker()
+            mqtt_port = await demo_broker.start()
+            stack.push_async_callback(demo_broker.stop)
+            broker_kind = "in-process demo-only broker (Mosquitto not installed)"
+
+        base = load_settings()
+        diameter_port = free_port()
+        in_sim = InSimulator(
+            [
+                InNodeSpec(n.name, n.origin_host, n.realm, ranges=tuple(
+                    MsisdnRange.parse(f"{r.start}-{r.end}" if r.start else f"{r.prefix}*")
+                    for r in n.ranges))
+                for n in base.in_nodes
+            ],
+            NodePeer("127.0.0.1", diameter_port, base.node.origin_host, base.node.origin_realm),
+            base.node.currency_numeric, base.node.currency_exponent,
+            base.diameter.service_context_id,
+            currency=base.node.currency,
+            mqtt=MqttTarget("127.0.0.1", mqtt_port),
+        )
+        in_ports = await in_sim.start()
+        stack.push_async_callback(in_sim.close)
+
+        os.environ[DEMO_SMPP_PASSWORD_ENV] = os.urandom(4).hex()  # SMPP: at most 8 octets
+        smsc = SmscSimulator(system_id="extrabalance",
+                             password=os.environ[DEMO_SMPP_PASSWORD_ENV],
+                             short_code=base.smpp.short_code)
+        smsc_port = await smsc.start()
+        stack.push_async_callback(smsc.close)
+
+        db_path = workdir / "extrabalance.db"
+        settings = load_settings(overrides={
+            "storage": {"path": str(db_path)},
+            "diameter": {"listen_port": diameter_port},
+            "in_nodes": [
+                {**n.model_dump(exclude_none=True),
+                 "peers": [{"host": "127.0.0.1", "port": in_ports[n.name]}]}
+                for n in base.in_nodes
+            ],
+            "smpp": {"binds": [{"host": "127.0.0.1", "port": smsc_port,
+                                "system_id": "extrabalance",
+                                "password_env": DEMO_SMPP_PASSWORD_ENV}]},
+            "mqtt": {"port": mqtt_port, "client_id": "extrabalance-demo"},
+        })
+        profiles = workdir / "profiles.csv"
+        profiles.write_text(
+            "msisdn,tenure_days,arpu_minor,language\n"
+            f"{A},400,5000,en\n"
+            f"{B},120,1000,en\n",
+            encoding="utf-8",
+        )
+        report = import_profiles(db_path, profiles, progress=False)
+        if report.bad_rows:
+            raise RuntimeError(f"demo profiles rejected: {report.bad_rows}")
+
+        node = Node(settings)
+        await node.start()
+        stack.push_async_callback(node.stop)
+        await node.wait_connected(10.0)
+        await in_sim.wait_connected(10.0)
+        await smsc.wait_bound(10.0)
+        yield DemoEnv(node, in_sim, smsc, settings, broker_kind, workdir)
+
+
+async def play(env: DemoEnv, transcript: Transcript) -> Summary:
+    """Play the story; every step is recorded in `transcript`."""
+    t = transcript
+    in_sim, smsc = env.in_sim, env.smsc
+    exponent = env.settings.node.currency_exponent
+    money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"
+    phone_a, phone_b = smsc.handset(A), smsc.handset(B)
+
+    seen = [len(in_sim.applied())]
+
+    def in_ops() -> None:
+        """What the node asked the IN to do since the last look (node → IN CCRs)."""
+        applied = in_sim.applied()
+        for op in applied[seen[0]:]:
+            if op.action in ("REFUND_ACCOUNT", "DIRECT_DEBITING", "CHECK_BALANCE"):
+                t.add(Entry("in_op", op.msisdn,
+                            f"CCR {op.action} {money(op.amount_minor)} on {op.node}: "
+                            f"{op.result_code} {RESULT_CODE_NAMES.get(op.result_code, '')}",
+                            result_code=op.result_code))
+        seen[0] = len(applied)
+
+    async def screen(phone: Any, dialled: str, *, dial: bool) -> Entry:
+        shown = await (phone.dial(dialled) if dial else phone.reply(dialled))
+        return t.add(Entry("screen", phone.msisdn, shown.text, shown.final, dialled))
+
+    async def sms(phone: Any) -> Entry:
+        text = await phone.next_sms(SMS_WAIT_S)
+        in_ops()
+        return t.add(Entry("sms", phone.msisdn, text))
+
+    async def out_of_balance(msisdn: str) -> Entry:
+        t.add(Entry("note", msisdn, f"balance {money(in_sim.balance(msisdn))}; "
+                                    "the IN sends an out-of-balance CCR (EVENT)"))
+        code, granted = await in_sim.send_out_of_balance(msisdn)
+        text = f"CCA {code} {RESULT_CODE_NAMES.get(code, '')}" + (
+            f", granted {money(granted)}" if granted else "")
+        return t.add(Entry("diameter", msisdn, text, result_code=code))
+
+    async def recharge(msisdn: str, amount_minor: int) -> None:
+        in_sim.spend(msisdn)  # he has used the credit he had
+        event = await in_sim.recharge(msisdn, amount_minor)
+        t.add(Entry("note", msisdn, f"recharges {money(amount_minor)} "
+                                    f"(MQTT event {event.event_id}); balance {money(in_sim.balance(msisdn))}"))
+
+    in_sim.set_balance(A, 0)
+    in_sim.set_balance(B, 0)
+
+    t.add(Entry("title", text="1. Subscriber A runs out of credit"))
+    await out_of_balance(A)
+    await sms(phone_a)
+
+    t.add(Entry("title", text="2. A borrows from the *123# menu"))
+    await screen(phone_a, "*123#", dial=True)
+    await screen(phone_a, "4", dial=False)
+    await screen(phone_a, "1", dial=False)
+    await sms(phone_a)
+    t.add(Entry("note", A, f"IN balance now {money(in_sim.balance(A))}"))
+
+    t.add(Entry("title", text="3. A pays back from two recharges"))
+    await recharge(A, 300)
+    await sms(phone_a)
+    t.add(Entry("note", A, f"IN balance after payback {money(in_sim.balance(A))}"))
+    await recharge(A, 1000)
+    await sms(phone_a)
+    t.add(Entry("note", A, f"IN balance after payback {money(in_sim.balance(A))}"))
+
+    t.add(Entry("title", text="4. Subscriber B borrows up to his ceiling, then is barred"))
+    await phone_b.send_sms("LOAN 5")
+    t.add(Entry("note", B, 'sends SMS "LOAN 5" to the short code'))
+    await sms(phone_b)
+    in_sim.spend(B)
+    await screen(phone_b, "*123*3#", dial=True)
+    await screen(phone_b, "1", dial=False)
+    await sms(phone_b)
+    in_sim.spend(B)
+    await screen(phone_b, "*123*2#", dial=True)
+    await screen(phone_b, "*123*1#", dial=True)
+    await screen(phone_b, "1", dial=False)
+    await sms(phone_b)
+    in_sim.spend(B)
+    await screen(phone_b, "*123#", dial=True)
+    await out_of_balance(B)
+
+    t.add(Entry("title", text="5. Summary"))
+    return await summarise(env)
+
+
+async def summarise(env: DemoEnv) -> Summary:
+    """Ledger figures next to what the IN simulator applied: they must match exactly."""
+    from simulators.in_node import KIND_OUT_OF_BALANCE_GRANT
+
+    ledger = env.node.ledger
+    totals = await ledger.account_totals()
+    loans = await ledger.read(lambda c: c.execute(
+        "SELECT COUNT(*), COALESCE(SUM(principal_minor), 0), COALESCE(SUM(fee_minor), 0) "
+        "FROM loans WHERE state NOT IN ('FAILED', 'REQUESTED')").fetchone())
+    recovered = await ledger.read(lambda c: c.execute(
+        "SELECT COALESCE(SUM(recovered_minor), 0) FROM recoveries WHERE state = 'DONE'"
+    ).fetchone()[0])
+    journal_sum = sum(totals.values())
+    applied = env.in_sim.applied()
+    credited = sum(op.moved_minor for op in applied
+                   if op.action in ("REFUND_ACCOUNT", KIND_OUT_OF_BALANCE_GRANT))
+    debited = -sum(op.moved_minor for op in applied if op.action == "DIRECT_DEBITING")
+    outstanding = totals.get("principal_receivable", 0) + totals.get("fee_receivable", 0)
+    return Summary(
+        loans=int(loans[0]),
+        principal_lent_minor=int(loans[1]),
+        fees_minor=int(loans[2]),
+        recovered_minor=int(recovered),
+        outstanding_minor=int(outstanding),
+        in_credited_minor=credited,
+        in_debited_minor=debited,
+        balances_minor={m: env.in_sim.balance(m) for m in (A, B)},
+        ledger_matches_in=(credited == int(loans[1]) and debited == int(recovered)
+                           and int(loans[1]) + int(loans[2]) - int(recovered) == outstanding),
+        journal_balanced=journal_sum == 0,
+        broker=env.broker_kind,
+    )
+
+
+def _print_entry(entry: Entry) -> None:
+    if entry.kind == "title":
+        print(f"\n== {entry.text} " + "=" * max(0, 60 - len(entry.text)))
+    elif entry.kind == "note":
+        print(f"   [{entry.msisdn}] {entry.text}")
+    elif entry.kind == "diameter":
+        print(f"   [IN -> node] {entry.text}")
+    elif entry.kind == "in_op":
+        print(f"   [node -> IN] {entry.text}")
+    elif entry.kind == "screen":
+        print(f"   +-- {entry.msisdn} sends {entry.dialled!r}")
+        for line in entry.text.splitlines():
+            print(f"   | {line}")
+        print("   +-- " + ("(dialog closed)" if entry.final else "(reply expected)"))
+    elif entry.kind == "sms":
+        print(f"   SMS to {entry.msisdn}: {entry.text}")
+
+
+def _print_summary(s: Summary, exponent: int, currency: str) -> None:
+    m = lambda minor: f"{format_minor(minor, exponent)} {currency}"
+    rows = [
+        ("loans granted", str(s.loans)),
+        ("principal lent", m(s.principal_lent_minor)),
+        ("fees charged", m(s.fees_minor)),
+        ("recovered", m(s.recovered_minor)),
+        ("outstanding", m(s.outstanding_minor)),
+        ("IN credited (REFUND_ACCOUNT + advances)", m(s.in_credited_minor)),
+        ("IN debited (DIRECT_DEBITING)", m(s.in_debited_minor)),
+        ("ledger matches the IN", "yes" if s.ledger_matches_in else "NO"),
+        ("journal balanced", "yes" if s.journal_balanced else "NO"),
+        ("MQTT broker", s.broker),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"   {key:<{width}}  {value}")
+
+
+def run_demo(*, json_output: bool = False, keep: bool = False) -> int:
+    import logging
+
+    from extrabalance.observability import configure_logging
+
+    configure_logging(level="ERROR")
+    logging.disable(logging.WARNING)
+    workdir = Path(tempfile.mkdtemp(prefix="extrabalance-demo-"))
+    transcript = Transcript(echo=None if json_output else _print_entry)
+
+    async def main() -> Summary:
+        async with demo_env(workdir) as env:
+            if not json_output:
+                print(f"Extra Balance demo on loopback (ledger {workdir / 'extrabalance.db'}; "
+                      f"MQTT: {env.broker_kind})")
+            return await play(env, transcript)
+
+    try:
+        summary = asyncio.run(main())
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    ok = summary.ledger_matches_in and summary.journal_balanced
+    if json_output:
+        print(json.dumps(asdict(summary), indent=2, sort_keys=True))
+    else:
+        settings = load_settings()
+        _print_summary(summary, settings.node.currency_exponent, settings.node.currency)
+        print("\nDemo finished: " + ("ledger and IN agree." if ok else "MISMATCH between ledger and IN."),
+              file=sys.stdout)
+    return 0 if ok else 1

@@ -1,0 +1,477 @@
+"""Credit control (RFC 4006/8506, 3GPP Gy) as the node and the IN simulator use it.
+
+This file owns the mapping between the two Gy exchanges of PROTOCOLS.md and typed
+values: ``CreditControlRequest`` / ``CreditControlAnswer`` ⇄ ``codec.Message``,
+CC-Money ⇄ integer minor units, and Session-Id generation (RFC 6733 §8.8). It is
+symmetric: either side of the wire builds and parses with the same functions.
+
+Money: inside the node an amount is an ``int`` count of minor units (piastres,
+cents). On the wire it is CC-Money{Unit-Value{Value-Digits, Exponent},
+Currency-Code}, worth Value-Digits × 10^Exponent major units. We send
+Value-Digits = amount_minor, Exponent = -currency_exponent, and accept any
+(digits, exponent) that is a whole number of minor units (``1000, -2`` and
+``10, 0`` are both 10.00 EGP); anything finer is 5004 DIAMETER_INVALID_AVP_VALUE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final
+
+from . import codec
+from .codec import Avp, DiameterError, Message, avp
+from .constants import (
+    APP_DIAMETER_CREDIT_CONTROL,
+    AVP_AUTH_APPLICATION_ID,
+    AVP_CC_MONEY,
+    AVP_CC_REQUEST_NUMBER,
+    AVP_CC_REQUEST_TYPE,
+    AVP_CHECK_BALANCE_RESULT,
+    AVP_CURRENCY_CODE,
+    AVP_DESTINATION_HOST,
+    AVP_DESTINATION_REALM,
+    AVP_ERROR_MESSAGE,
+    AVP_EVENT_TIMESTAMP,
+    AVP_EXPERIMENTAL_RESULT,
+    AVP_EXPERIMENTAL_RESULT_CODE,
+    AVP_EXPONENT,
+    AVP_GRANTED_SERVICE_UNIT,
+    AVP_MULTIPLE_SERVICES_CREDIT_CONTROL,
+    AVP_MULTIPLE_SERVICES_INDICATOR,
+    AVP_ORIGIN_HOST,
+    AVP_ORIGIN_REALM,
+    AVP_RATING_GROUP,
+    AVP_REQUESTED_ACTION,
+    AVP_REQUESTED_SERVICE_UNIT,
+    AVP_RESULT_CODE,
+    AVP_SERVICE_CONTEXT_ID,
+    AVP_SERVICE_IDENTIFIER,
+    AVP_SESSION_ID,
+    AVP_SUBSCRIPTION_ID,
+    AVP_SUBSCRIPTION_ID_DATA,
+    AVP_SUBSCRIPTION_ID_TYPE,
+    AVP_UNIT_VALUE,
+    AVP_VALUE_DIGITS,
+    CC_REQUEST_TYPE_EVENT_REQUEST,
+    CC_REQUEST_TYPE_INITIAL_REQUEST,
+    CC_REQUEST_TYPE_TERMINATION_REQUEST,
+    CC_REQUEST_TYPE_UPDATE_REQUEST,
+    CHECK_BALANCE_RESULT_ENOUGH_CREDIT,
+    CHECK_BALANCE_RESULT_NO_CREDIT,
+    CMD_CREDIT_CONTROL,
+    REQUESTED_ACTION_CHECK_BALANCE,
+    REQUESTED_ACTION_DIRECT_DEBITING,
+    REQUESTED_ACTION_REFUND_ACCOUNT,
+    SUBSCRIPTION_ID_TYPE_END_USER_E164,
+)
+from .dictionary import avp_name
+
+INITIAL_REQUEST: Final = CC_REQUEST_TYPE_INITIAL_REQUEST
+UPDATE_REQUEST: Final = CC_REQUEST_TYPE_UPDATE_REQUEST
+TERMINATION_REQUEST: Final = CC_REQUEST_TYPE_TERMINATION_REQUEST
+EVENT_REQUEST: Final = CC_REQUEST_TYPE_EVENT_REQUEST
+DIRECT_DEBITING: Final = REQUESTED_ACTION_DIRECT_DEBITING
+REFUND_ACCOUNT: Final = REQUESTED_ACTION_REFUND_ACCOUNT
+CHECK_BALANCE: Final = REQUESTED_ACTION_CHECK_BALANCE
+ENOUGH_CREDIT: Final = CHECK_BALANCE_RESULT_ENOUGH_CREDIT
+NO_CREDIT: Final = CHECK_BALANCE_RESULT_NO_CREDIT
+END_USER_E164: Final = SUBSCRIPTION_ID_TYPE_END_USER_E164
+DEFAULT_SERVICE_CONTEXT_ID: Final = "extrabalance@3gpp.org"
+
+# E.164 allows at most 15 digits.
+MSISDN_DIGITS_MAX: Final = 15
+# Largest amount we put on the wire: Value-Digits is Integer64.
+AMOUNT_MINOR_MAX: Final = (1 << 63) - 1
+# Bound on the cache of encoded constant AVPs (identities, tier amounts): these
+# repeat on every request, so we build each once.
+AVP_CACHE_MAX: Final = 4096
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreditControlRequest:
+    """A CCR as the node and the IN simulator see it. Money in minor units."""
+
+    session_id: str
+    origin_host: str
+    origin_realm: str
+    destination_realm: str
+    destination_host: str | None = None
+    request_type: int = EVENT_REQUEST
+    request_number: int = 0
+    msisdn: str
+    service_context_id: str = DEFAULT_SERVICE_CONTEXT_ID
+    requested_action: int | None = None
+    requested_minor: int | None = None
+    currency_numeric: int | None = None
+    has_mscc: bool = False
+    event_timestamp: int | None = None  # NTP seconds (since 1900)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreditControlAnswer:
+    """A CCA: Result-Code, or the Experimental-Result-Code when that is what came."""
+
+    session_id: str
+    result_code: int
+    request_number: int | None
+    granted_minor: int | None
+    check_balance_result: int | None
+    origin_host: str
+    request_type: int | None = None
+    currency_numeric: int | None = None
+    error_message: str | None = None
+    is_error: bool = False  # the E bit (3xxx protocol errors)
+    experimental: bool = False  # result_code came from Experimental-Result
+
+
+# --- building -------------------------------------------------------------------------
+
+_AUTH_APP_CC: Final = codec.intern_avp(avp(AVP_AUTH_APPLICATION_ID, APP_DIAMETER_CREDIT_CONTROL))
+_MSI_SUPPORTED: Final = codec.intern_avp(avp(AVP_MULTIPLE_SERVICES_INDICATOR, 1))
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _cached_avp(code: int, value: str | int) -> Avp:
+    return codec.intern_avp(avp(code, value))
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _cc_money(amount_minor: int, currency_numeric: int | None, currency_exponent: int) -> Avp:
+    if not 0 <= amount_minor <= AMOUNT_MINOR_MAX:
+        raise ValueError(f"amount_minor {amount_minor} out of range")
+    children = [avp(AVP_UNIT_VALUE, (avp(AVP_VALUE_DIGITS, amount_minor),
+                                     avp(AVP_EXPONENT, -currency_exponent)))]
+    if currency_numeric is not None:
+        children.append(avp(AVP_CURRENCY_CODE, currency_numeric))
+    return codec.intern_avp(avp(AVP_CC_MONEY, children))
+
+
+def cc_money(amount_minor: int, currency_numeric: int | None, currency_exponent: int) -> Avp:
+    """CC-Money{Unit-Value{Value-Digits=amount_minor, Exponent=-exponent}, Currency-Code}."""
+    return _cc_money(amount_minor, currency_numeric, currency_exponent)
+
+
+def ntp_now() -> int:
+    return codec.ntp_from_unix(time.time())
+
+
+def build_ccr(
+    ccr: CreditControlRequest,
+    *,
+    currency_exponent: int = 2,
+    hop_by_hop_id: int = 0,
+    end_to_end_id: int = 0,
+    retransmit: bool = False,
+) -> Message:
+    """The CCR message for ``ccr``; the node assigns the ids when it sends it."""
+    c = _cached_avp
+    avps = [
+        avp(AVP_SESSION_ID, ccr.session_id),
+        c(AVP_ORIGIN_HOST, ccr.origin_host),
+        c(AVP_ORIGIN_REALM, ccr.origin_realm),
+    ]
+    if ccr.destination_host is not None:
+        avps.append(c(AVP_DESTINATION_HOST, ccr.destination_host))
+    avps += [
+        c(AVP_DESTINATION_REALM, ccr.destination_realm),
+        _AUTH_APP_CC,
+        c(AVP_SERVICE_CONTEXT_ID, ccr.service_context_id),
+        c(AVP_CC_REQUEST_TYPE, ccr.request_type),
+        c(AVP_CC_REQUEST_NUMBER, ccr.request_number),
+    ]
+    if ccr.event_timestamp is not None:
+        avps.append(avp(AVP_EVENT_TIMESTAMP, ccr.event_timestamp))
+    avps.append(avp(AVP_SUBSCRIPTION_ID, (c(AVP_SUBSCRIPTION_ID_TYPE, END_USER_E164),
+                                          avp(AVP_SUBSCRIPTION_ID_DATA, ccr.msisdn))))
+    if ccr.requested_action is not None:
+        avps.append(c(AVP_REQUESTED_ACTION, ccr.requested_action))
+    rsu = None
+    if ccr.requested_minor is not None:
+        rsu = avp(AVP_REQUESTED_SERVICE_UNIT,
+                  (_cc_money(ccr.requested_minor, ccr.currency_numeric, currency_exponent),))
+    if ccr.has_mscc:
+        avps.append(_MSI_SUPPORTED)
+        avps.append(avp(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL, () if rsu is None else (rsu,)))
+    elif rsu is not None:
+        avps.append(rsu)
+    flags = codec.FLAG_REQUEST | codec.FLAG_PROXIABLE | (codec.FLAG_RETRANSMIT if retransmit else 0)
+    return Message(CMD_CREDIT_CONTROL, flags, APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id,
+                   end_to_end_id, tuple(avps))
+
+
+def build_cca(
+    request: Message | CreditControlRequest,
+    origin_host: str,
+    origin_realm: str,
+    result_code: int,
+    granted_minor: int | None = None,
+    check_balance_result: int | None = None,
+    *,
+    currency_numeric: int | None,
+    currency_exponent: int,
+    error_message: str | None = None,
+    event_timestamp: int | None = None,
+) -> Message:
+    """The CCA for ``request`` (a received CCR message, or its parsed form).
+
+    E bit exactly for 3xxx. Granted-Service-Unit goes inside MSCC when the request
+    carried MSCC (RFC 4006 §5.1.2), top level otherwise. ``event_timestamp`` (NTP
+    seconds) defaults to now.
+    """
+    if isinstance(request, Message):
+        session_id = request.get(AVP_SESSION_ID)
+        request_type = request.get(AVP_CC_REQUEST_TYPE)
+        request_number = request.get(AVP_CC_REQUEST_NUMBER)
+        request_mscc = request.first(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL)
+        has_mscc = request_mscc is not None
+        hop_by_hop_id, end_to_end_id = request.hop_by_hop_id, request.end_to_end_id
+    else:
+        session_id = request.session_id
+        request_type = request.request_type
+        request_number = request.request_number
+        request_mscc = None
+        has_mscc = request.has_mscc
+        hop_by_hop_id = end_to_end_id = 0
+    c = _cached_avp
+    avps: list[Avp] = []
+    if session_id is not None:
+        avps.append(avp(AVP_SESSION_ID, session_id))
+    avps += [
+        c(AVP_RESULT_CODE, result_code),
+        c(AVP_ORIGIN_HOST, origin_host),
+        c(AVP_ORIGIN_REALM, origin_realm),
+        _AUTH_APP_CC,
+    ]
+    if request_type is not None:
+        avps.append(c(AVP_CC_REQUEST_TYPE, request_type))
+    if request_number is not None:
+        avps.append(c(AVP_CC_REQUEST_NUMBER, request_number))
+    avps.append(avp(AVP_EVENT_TIMESTAMP,
+                    ntp_now() if event_timestamp is None else event_timestamp))
+    gsu = None
+    if granted_minor is not None:
+        gsu = avp(AVP_GRANTED_SERVICE_UNIT,
+                  (_cc_money(granted_minor, currency_numeric, currency_exponent),))
+    if has_mscc:
+        children: list[Avp] = []
+        if gsu is not None:
+            children.append(gsu)
+        if request_mscc is not None:
+            # Echo the service the quota is for (RFC 4006 §8.16).
+            for code in (AVP_SERVICE_IDENTIFIER, AVP_RATING_GROUP):
+                found = request_mscc.first(code)
+                if found is not None:
+                    children.append(found)
+        children.append(c(AVP_RESULT_CODE, result_code))
+        avps.append(avp(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL, children))
+    elif gsu is not None:
+        avps.append(gsu)
+    if check_balance_result is not None:
+        avps.append(c(AVP_CHECK_BALANCE_RESULT, check_balance_result))
+    if error_message:
+        avps.append(avp(AVP_ERROR_MESSAGE, error_message))
+    flags = codec.FLAG_PROXIABLE | (codec.FLAG_ERROR if 3000 <= result_code < 4000 else 0)
+    return Message(CMD_CREDIT_CONTROL, flags, APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id,
+                   end_to_end_id, tuple(avps))
+
+
+# --- parsing --------------------------------------------------------------------------
+
+
+def _missing(msg: Message, code: int) -> DiameterError:
+    return DiameterError(5005, f"{avp_name(code)} missing",
+                         (codec._zero_example(code, 0),), msg)
+
+
+def _require(msg: Message, code: int, kind: type) -> object:
+    found = msg.first(code)
+    if found is None:
+        raise _missing(msg, code)
+    if not isinstance(found.value, kind):
+        raise DiameterError(5004, f"{found.name} has the wrong type", (found,), msg)
+    return found.value
+
+
+def minor_from_cc_money(money: Avp, currency_exponent: int, msg: Message) -> tuple[int, int | None]:
+    """(amount_minor, currency_numeric) from a CC-Money AVP, or 5005/5004."""
+    unit_value = money.first(AVP_UNIT_VALUE)
+    if unit_value is None:
+        raise DiameterError(5005, "Unit-Value missing in CC-Money",
+                            (codec._zero_example(AVP_UNIT_VALUE, 0),), msg)
+    digits = unit_value.get(AVP_VALUE_DIGITS)
+    if not isinstance(digits, int):
+        raise DiameterError(5005, "Value-Digits missing in Unit-Value",
+                            (codec._zero_example(AVP_VALUE_DIGITS, 0),), msg)
+    exponent = unit_value.get(AVP_EXPONENT, 0)
+    if not isinstance(exponent, int):
+        raise DiameterError(5004, "Exponent is not an integer", (unit_value,), msg)
+    shift = exponent + currency_exponent
+    if digits < 0:
+        raise DiameterError(5004, "negative amount", (money,), msg)
+    if shift >= 0:
+        if shift > 18:  # more than any Integer64 amount in minor units
+            raise DiameterError(5004, f"exponent {exponent} out of range", (money,), msg)
+        amount_minor = digits * 10**shift
+    else:
+        if shift < -18:
+            # 10^19 > 2^63: only zero is a whole number of minor units here.
+            if digits:
+                raise DiameterError(5004, f"exponent {exponent} finer than minor units",
+                                    (money,), msg)
+            amount_minor = 0
+        else:
+            amount_minor, remainder = divmod(digits, 10**-shift)
+            if remainder:
+                raise DiameterError(5004, "amount is not a whole number of minor units",
+                                    (money,), msg)
+    if amount_minor > AMOUNT_MINOR_MAX:
+        raise DiameterError(5004, "amount out of range", (money,), msg)
+    currency = money.get(AVP_CURRENCY_CODE)
+    return amount_minor, currency if isinstance(currency, int) else None
+
+
+def _service_unit_money(msg: Message, unit_code: int) -> Avp | None:
+    """CC-Money of the top-level service unit, else of the first MSCC that has one."""
+    unit = msg.first(unit_code)
+    if unit is None:
+        for mscc in msg.all(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL):
+            unit = mscc.first(unit_code)
+            if unit is not None:
+                break
+    if unit is None or not isinstance(unit.value, tuple):
+        return None
+    return unit.first(AVP_CC_MONEY)
+
+
+def parse_ccr(msg: Message, currency_exponent: int = 2) -> CreditControlRequest:
+    """The typed CCR, or the DiameterError the node answers with (5005, 5004)."""
+    session_id = _require(msg, AVP_SESSION_ID, str)
+    origin_host = _require(msg, AVP_ORIGIN_HOST, str)
+    origin_realm = _require(msg, AVP_ORIGIN_REALM, str)
+    destination_realm = _require(msg, AVP_DESTINATION_REALM, str)
+    service_context_id = _require(msg, AVP_SERVICE_CONTEXT_ID, str)
+    request_type = _require(msg, AVP_CC_REQUEST_TYPE, int)
+    request_number = _require(msg, AVP_CC_REQUEST_NUMBER, int)
+    if request_type not in (1, 2, 3, 4):
+        raise DiameterError(5004, f"CC-Request-Type {request_type}",
+                            (msg.first(AVP_CC_REQUEST_TYPE),), msg)  # type: ignore[arg-type]
+    msisdn = None
+    subscriptions = msg.all(AVP_SUBSCRIPTION_ID)
+    if not subscriptions:
+        raise _missing(msg, AVP_SUBSCRIPTION_ID)
+    for sub in subscriptions:
+        if not isinstance(sub.value, tuple):
+            raise DiameterError(5004, "Subscription-Id is not grouped", (sub,), msg)
+        if sub.get(AVP_SUBSCRIPTION_ID_TYPE) == END_USER_E164:
+            msisdn = sub.get(AVP_SUBSCRIPTION_ID_DATA)
+            if not (isinstance(msisdn, str) and msisdn.isdigit() and msisdn.isascii()
+                    and len(msisdn) <= MSISDN_DIGITS_MAX):
+                raise DiameterError(5004, "Subscription-Id-Data is not an E.164 MSISDN",
+                                    (sub,), msg)
+            break
+    if msisdn is None:
+        raise DiameterError(5004, "no END_USER_E164 Subscription-Id", (subscriptions[0],), msg)
+    action_avp = msg.first(AVP_REQUESTED_ACTION)
+    requested_action = None
+    if action_avp is not None:
+        if action_avp.value not in (DIRECT_DEBITING, REFUND_ACCOUNT, CHECK_BALANCE):
+            raise DiameterError(5004, f"Requested-Action {action_avp.value!r} unsupported",
+                                (action_avp,), msg)
+        requested_action = action_avp.value
+    requested_minor = currency_numeric = None
+    money = _service_unit_money(msg, AVP_REQUESTED_SERVICE_UNIT)
+    if money is not None:
+        requested_minor, currency_numeric = minor_from_cc_money(money, currency_exponent, msg)
+    stamp = msg.get(AVP_EVENT_TIMESTAMP)
+    destination_host = msg.get(AVP_DESTINATION_HOST)
+    return CreditControlRequest(
+        session_id=session_id,  # type: ignore[arg-type]
+        origin_host=origin_host,  # type: ignore[arg-type]
+        origin_realm=origin_realm,  # type: ignore[arg-type]
+        destination_realm=destination_realm,  # type: ignore[arg-type]
+        destination_host=destination_host if isinstance(destination_host, str) else None,
+        request_type=request_type,
+        request_number=request_number,  # type: ignore[arg-type]
+        msisdn=msisdn,
+        service_context_id=service_context_id,  # type: ignore[arg-type]
+        requested_action=requested_action,
+        requested_minor=requested_minor,
+        currency_numeric=currency_numeric,
+        has_mscc=msg.first(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL) is not None,
+        event_timestamp=stamp if isinstance(stamp, int) else None,
+    )
+
+
+def result_code_of(msg: Message) -> tuple[int, bool] | None:
+    """(code, is_experimental) from Result-Code or Experimental-Result, else None."""
+    code = msg.get(AVP_RESULT_CODE)
+    if isinstance(code, int):
+        return code, False
+    experimental = msg.first(AVP_EXPERIMENTAL_RESULT)
+    if experimental is not None and isinstance(experimental.value, tuple):
+        code = experimental.get(AVP_EXPERIMENTAL_RESULT_CODE)
+        if isinstance(code, int):
+            return code, True
+    return None
+
+
+def parse_cca(msg: Message, currency_exponent: int = 2) -> CreditControlAnswer:
+    """The typed CCA, or DiameterError (5005 without a result code, 5004 bad money)."""
+    result = result_code_of(msg)
+    if result is None:
+        raise _missing(msg, AVP_RESULT_CODE)
+    granted_minor = currency_numeric = None
+    money = _service_unit_money(msg, AVP_GRANTED_SERVICE_UNIT)
+    if money is not None:
+        granted_minor, currency_numeric = minor_from_cc_money(money, currency_exponent, msg)
+    session_id = msg.get(AVP_SESSION_ID)
+    origin_host = msg.get(AVP_ORIGIN_HOST)
+    number = msg.get(AVP_CC_REQUEST_NUMBER)
+    request_type = msg.get(AVP_CC_REQUEST_TYPE)
+    cbr = msg.get(AVP_CHECK_BALANCE_RESULT)
+    error_message = msg.get(AVP_ERROR_MESSAGE)
+    return CreditControlAnswer(
+        session_id=session_id if isinstance(session_id, str) else "",
+        result_code=result[0],
+        request_number=number if isinstance(number, int) else None,
+        granted_minor=granted_minor,
+        check_balance_result=cbr if isinstance(cbr, int) else None,
+        origin_host=origin_host if isinstance(origin_host, str) else "",
+        request_type=request_type if isinstance(request_type, int) else None,
+        currency_numeric=currency_numeric,
+        error_message=error_message if isinstance(error_message, str) else None,
+        is_error=msg.is_error,
+        experimental=result[1],
+    )
+
+
+# --- Session-Id -----------------------------------------------------------------------
+
+
+class SessionIdGenerator:
+    """RFC 6733 §8.8 Session-Ids: ``<DiameterIdentity>;<high 32>;<low 32>[;<optional>]``.
+
+    The high word starts at the process start time (so ids differ across restarts),
+    the low word counts up; when it wraps the high word moves on. The optional part
+    defaults to the process id so two processes started in the same second with the
+    same identity still differ.
+    """
+
+    def __init__(self, origin_host: str, *, optional: str | None = None,
+                 start_s: int | None = None) -> None:
+        self._prefix = origin_host + ";"
+        self._high = (int(time.time()) if start_s is None else start_s) & 0xFFFFFFFF
+        self._counter = itertools.count()
+        self._suffix = ";" + (str(os.getpid()) if optional is None else optional) \
+            if optional != "" else ""
+
+    def next(self) -> str:
+        n = next(self._counter)
+        high = (self._high + (n >> 32)) & 0xFFFFFFFF
+        return f"{self._prefix}{high};{n & 0xFFFFFFFF}{self._suffix}"
+
+    __call__ = next

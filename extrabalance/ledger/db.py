@@ -1,0 +1,69 @@
+"""SQLite connections and numbered schema migrations.
+
+Every connection gets WAL and `synchronous=FULL`: a commit the node has acknowledged
+(a loan credited, a recharge acknowledged to MQTT) survives a power cut. Migrations
+are `migrations/NNNN_name.sql`, applied in order, each in its own transaction,
+recorded in `schema_version`.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+
+BUSY_TIMEOUT_MS = 10_000  # how long a reader/importer waits behind the writer's lock
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+def connect(path: str | Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    """A connection in autocommit mode; callers issue BEGIN/COMMIT themselves."""
+    conn = sqlite3.connect(
+        str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every bundled migration, in order."""
+    found = []
+    for entry in resources.files("extrabalance.ledger.migrations").iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise RuntimeError(f"migration numbers must be 1..N without gaps, got {versions}")
+    return found
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations; returns the schema version now in force."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+    for version, name, sql in migrations():
+        if version <= current:
+            continue
+        # executescript would commit on its own; wrap the script so it is all-or-nothing.
+        try:
+            conn.executescript(
+                "BEGIN IMMEDIATE;\n" + sql + "\n"
+                f"INSERT INTO schema_version (version, name, applied_at) "
+                f"VALUES ({version}, '{name}', '{datetime.now(UTC).isoformat()}');\nCOMMIT;"
+            )
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise RuntimeError(f"migration {version:04d}_{name} failed: {exc}") from exc
+        current = version
+    return int(current)

@@ -1,0 +1,114 @@
+"""`Ledger`: the async face of the SQLite ledger.
+
+Writes go through the group-commit writer thread (`write(fn)`: `fn(conn)` runs in a
+savepoint of the next batch and its result is returned once the batch is durable).
+Reads run on a small pool of reader connections (`read(fn)`), which WAL lets proceed
+while the writer commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from extrabalance.ledger import store
+from extrabalance.ledger.db import connect
+from extrabalance.ledger.views import subscriber_view
+from extrabalance.ledger.writer import (
+    BATCH_OPS_MAX,
+    BATCH_WINDOW_MS,
+    WRITE_QUEUE_MAX,
+    GroupCommitWriter,
+)
+
+T = TypeVar("T")
+
+READERS_MAX = 4  # reader connections (threads) per ledger
+
+
+class Ledger:
+    """Open with `Ledger(path)`; close with `await ledger.close()` (or `close_sync`)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        batch_ops_max: int = BATCH_OPS_MAX,
+        batch_window_ms: float = BATCH_WINDOW_MS,
+        write_queue_max: int = WRITE_QUEUE_MAX,
+        readers_max: int = READERS_MAX,
+    ) -> None:
+        self.path = str(path)
+        self._synchronous = synchronous
+        # The writer applies migrations before it accepts work.
+        self.writer = GroupCommitWriter(
+            path,
+            synchronous=synchronous,
+            batch_ops_max=batch_ops_max,
+            batch_window_ms=batch_window_ms,
+            write_queue_max=write_queue_max,
+        )
+        self._readers = ThreadPoolExecutor(
+            max_workers=readers_max, thread_name_prefix="ledger-reader"
+        )
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` atomically in the next group commit; return once durable."""
+        return await self.writer.submit(fn)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on a reader connection (sees everything committed)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._read, fn)
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, synchronous=self._synchronous)
+            self._local.conn = conn
+            with self._lock:
+                self._reader_conns.append(conn)
+        return fn(conn)
+
+    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Blocking read, for callers outside the event loop (admin commands)."""
+        return self._readers.submit(self._read, fn).result()
+
+    # -- reads the admin command and the router use --------------------------------
+
+    async def subscriber_view(self, msisdn: str) -> dict[str, Any]:
+        return await self.read(lambda conn: subscriber_view(conn, msisdn))
+
+    async def learned_route(self, msisdn: str) -> str | None:
+        return await self.read(lambda conn: store.learned_route(conn, msisdn))
+
+    async def account_totals(self) -> dict[str, int]:
+        return await self.read(store.account_totals)
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def close_sync(self) -> None:
+        self.writer.close()
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.close_sync)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,731 @@
+"""The ledger's business SQL: synchronous functions over one open connection.
+
+The service layer composes these inside `Ledger.write(fn)` (one savepoint, committed
+with its batch) or `Ledger.read(fn)`. Nothing here commits, talks to the network or
+decides a loan; the rules live in `extrabalance.core`.
+
+Journal scheme (debits positive, credits negative; every transaction sums to zero):
+
+| event                | lines                                                        |
+|----------------------|--------------------------------------------------------------|
+| loan disbursed       | principal_receivable +P, disbursed_float -P,                  |
+|                      | fee_receivable +F, fee_income -F                             |
+| recovery (f fee, p)  | recovered_cash +(f+p), fee_receivable -f, principal_receivable -p |
+| write-off (f, p left)| written_off +(f+p), fee_receivable -f, principal_receivable -p |
+
+A subscriber's debt is the sum of his principal_receivable and fee_receivable lines;
+the loans' repaid columns are a cache of the same figure, checked against it in tests.
+
+SQL stays portable to PostgreSQL: `?` placeholders (translated by a PG adapter),
+`ON CONFLICT ... DO UPDATE`, no SQLite-only functions in the business statements.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
+from extrabalance.core.payback import Recovery, split
+from extrabalance.core.policy import RecoveryPolicy
+
+# Loan states (see docs/ledger.md).
+REQUESTED = "REQUESTED"
+CREDITING = "CREDITING"
+ACTIVE = "ACTIVE"
+PARTIALLY_REPAID = "PARTIALLY_REPAID"
+REPAID = "REPAID"
+FAILED = "FAILED"
+UNKNOWN = "UNKNOWN"
+WRITTEN_OFF = "WRITTEN_OFF"
+LOAN_OPEN_STATES = (ACTIVE, PARTIALLY_REPAID)
+LOAN_UNSETTLED_STATES = (REQUESTED, CREDITING, UNKNOWN)
+
+# Recovery states.
+RECOVERING = "RECOVERING"
+DONE = "DONE"
+RECOVERY_UNSETTLED_STATES = (RECOVERING, UNKNOWN)
+
+ACCOUNTS = (
+    "principal_receivable",
+    "fee_receivable",
+    "disbursed_float",
+    "fee_income",
+    "recovered_cash",
+    "written_off",
+)
+
+
+class LedgerInvariantError(AssertionError):
+    """Money would be created or lost: the operation is rolled back."""
+
+
+def ts(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# -- subscribers -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedSubscriber:
+    state: SubscriberState
+    known: bool  # a subscribers row exists (profile imported or seen in traffic)
+    learned_in_node: str | None
+
+
+def ensure_subscriber(conn: sqlite3.Connection, msisdn: str, now: datetime) -> None:
+    conn.execute(
+        "INSERT INTO subscribers (msisdn, updated_at) VALUES (?, ?) "
+        "ON CONFLICT (msisdn) DO NOTHING",
+        (msisdn, ts(now)),
+    )
+
+
+def open_loans(conn: sqlite3.Connection, msisdn: str) -> tuple[OpenLoan, ...]:
+    rows = conn.execute(
+        "SELECT loan_id, tier_id, principal_minor, fee_minor, principal_repaid_minor,"
+        " fee_repaid_minor, created_at FROM loans"
+        " WHERE msisdn = ? AND state IN (?, ?) ORDER BY created_at, loan_id",
+        (msisdn, *LOAN_OPEN_STATES),
+    ).fetchall()
+    return tuple(
+        OpenLoan(r[0], r[1], r[2], r[3], r[4], r[5], datetime.fromisoformat(r[6])) for r in rows
+    )
+
+
+def has_unsettled(conn: sqlite3.Connection, msisdn: str) -> bool:
+    loan = conn.execute(
+        "SELECT 1 FROM loans WHERE msisdn = ? AND state IN (?, ?, ?) LIMIT 1",
+        (msisdn, *LOAN_UNSETTLED_STATES),
+    ).fetchone()
+    if loan:
+        return True
+    rec = conn.execute(
+        "SELECT 1 FROM recoveries WHERE msisdn = ? AND state IN (?, ?) LIMIT 1",
+        (msisdn, *RECOVERY_UNSETTLED_STATES),
+    ).fetchone()
+    return rec is not None
+
+
+def load_subscriber(
+    conn: sqlite3.Connection,
+    msisdn: str,
+    *,
+    balance_minor: int | None = None,
+    default_language: str = "en",
+) -> LoadedSubscriber:
+    row = conn.execute(
+        "SELECT tenure_days, arpu_minor, attributes, language, auto_advance_opt_in,"
+        " ads_opt_out, barred_manual, barred_reason, loans_since_full_payback,"
+        " learned_in_node FROM subscribers WHERE msisdn = ?",
+        (msisdn,),
+    ).fetchone()
+    loans = open_loans(conn, msisdn)
+    pending = has_unsettled(conn, msisdn)
+    if row is None:
+        state = SubscriberState(
+            msisdn,
+            None,
+            loans,
+            operation_pending=pending,
+            language=default_language,
+            balance_minor=balance_minor,
+        )
+        return LoadedSubscriber(state, False, None)
+    profile = None
+    if row[0] is not None:
+        attrs: Mapping[str, str | int] = json.loads(row[2]) if row[2] else {}
+        profile = SubscriberProfile(msisdn, row[0], row[1] or 0, attrs)
+    state = SubscriberState(
+        msisdn=msisdn,
+        profile=profile,
+        open_loans=loans,
+        loans_since_full_payback=row[8],
+        barred_manual=bool(row[6]),
+        barred_reason=row[7],
+        operation_pending=pending,
+        auto_advance_opt_in=bool(row[4]),
+        ads_opt_out=bool(row[5]),
+        language=row[3] or default_language,
+        balance_minor=balance_minor,
+    )
+    return LoadedSubscriber(state, True, row[9])
+
+
+def learn_route(conn: sqlite3.Connection, msisdn: str, in_node: str, now: datetime) -> None:
+    conn.execute(
+        "INSERT INTO subscribers (msisdn, learned_in_node, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (msisdn) DO UPDATE SET learned_in_node = excluded.learned_in_node,"
+        " updated_at = excluded.updated_at",
+        (msisdn, in_node, ts(now)),
+    )
+
+
+def learned_route(conn: sqlite3.Connection, msisdn: str) -> str | None:
+    row = conn.execute(
+        "SELECT learned_in_node FROM subscribers WHERE msisdn = ?", (msisdn,)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def set_preferences(
+    conn: sqlite3.Connection,
+    msisdn: str,
+    now: datetime,
+    *,
+    auto_advance: bool | None = None,
+    ads_opt_out: bool | None = None,
+    language: str | None = None,
+) -> None:
+    ensure_subscriber(conn, msisdn, now)
+    # Column names come from this fixed table, never from input.
+    changes = {
+        "auto_advance_opt_in": auto_advance,
+        "ads_opt_out": ads_opt_out,
+        "language": language,
+    }
+    for column, value in changes.items():
+        if value is None:
+            continue
+        stored = int(value) if isinstance(value, bool) else value
+        conn.execute(
+            f"UPDATE subscribers SET {column} = ?, updated_at = ? WHERE msisdn = ?",
+            (stored, ts(now), msisdn),
+        )
+
+
+def audit(
+    conn: sqlite3.Connection,
+    msisdn: str,
+    action: str,
+    who: str,
+    why: str,
+    now: datetime,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO audit (audit_id, msisdn, action, who, why, detail, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (new_id(), msisdn, action, who, why, json.dumps(detail or {}), ts(now)),
+    )
+
+
+def set_bar(
+    conn: sqlite3.Connection, msisdn: str, barred: bool, reason: str | None, who: str, now: datetime
+) -> None:
+    ensure_subscriber(conn, msisdn, now)
+    conn.execute(
+        "UPDATE subscribers SET barred_manual = ?, barred_reason = ?, updated_at = ?"
+        " WHERE msisdn = ?",
+        (int(barred), reason if barred else None, ts(now), msisdn),
+    )
+    audit(conn, msisdn, "bar" if barred else "unbar", who, reason or "", now)
+
+
+# -- idempotency -------------------------------------------------------------------
+
+
+def idempotent_get(conn: sqlite3.Connection, key: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT outcome FROM idempotency WHERE key = ?", (key,)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def idempotent_put(
+    conn: sqlite3.Connection, key: str, outcome: Mapping[str, Any], now: datetime
+) -> None:
+    """Record the first outcome; a later write for the same key keeps the first."""
+    conn.execute(
+        "INSERT INTO idempotency (key, outcome, created_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (key) DO NOTHING",
+        (key, json.dumps(dict(outcome), sort_keys=True), ts(now)),
+    )
+
+
+def idempotent_replace(
+    conn: sqlite3.Connection, key: str, outcome: Mapping[str, Any], now: datetime
+) -> None:
+    """Overwrite a provisional outcome (PENDING) once the operation settled."""
+    conn.execute(
+        "INSERT INTO idempotency (key, outcome, created_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET outcome = excluded.outcome",
+        (key, json.dumps(dict(outcome), sort_keys=True), ts(now)),
+    )
+
+
+# -- journal -----------------------------------------------------------------------
+
+
+def post(
+    conn: sqlite3.Connection,
+    lines: Iterable[tuple[str, int]],
+    *,
+    msisdn: str,
+    memo: str,
+    now: datetime,
+    loan_id: str | None = None,
+    recovery_id: str | None = None,
+) -> str:
+    """Post one balanced transaction; raises (and so rolls back) if it does not balance."""
+    entries = [(account, amount) for account, amount in lines if amount != 0]
+    if sum(amount for _, amount in entries) != 0:
+        raise LedgerInvariantError(f"unbalanced journal entry {memo}: {entries}")
+    tx_id = new_id()
+    conn.executemany(
+        "INSERT INTO journal (tx_id, line_no, account, msisdn, amount_minor, loan_id,"
+        " recovery_id, memo, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (tx_id, n, account, msisdn, amount, loan_id, recovery_id, memo, ts(now))
+            for n, (account, amount) in enumerate(entries)
+        ],
+    )
+    return tx_id
+
+
+def debt_from_journal(conn: sqlite3.Connection, msisdn: str) -> int:
+    row = conn.execute(
+        "SELECT COALESCE(SUM(amount_minor), 0) FROM journal"
+        " WHERE msisdn = ? AND account IN ('principal_receivable', 'fee_receivable')",
+        (msisdn,),
+    ).fetchone()
+    return int(row[0])
+
+
+def account_totals(conn: sqlite3.Connection) -> dict[str, int]:
+    totals = dict.fromkeys(ACCOUNTS, 0)
+    for account, amount in conn.execute(
+        "SELECT account, SUM(amount_minor) FROM journal GROUP BY account"
+    ):
+        totals[account] = int(amount)
+    return totals
+
+
+# -- loans -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoanRow:
+    loan_id: str
+    msisdn: str
+    tier_id: int
+    principal_minor: int
+    fee_minor: int
+    principal_repaid_minor: int
+    fee_repaid_minor: int
+    state: str
+    channel: str
+    idempotency_key: str | None
+    in_node: str | None
+    diameter_session_id: str | None
+    request_number: int
+    resolve_attempts: int
+    needs_review: bool
+    created_at: str
+
+
+_LOAN_COLUMNS = (
+    "loan_id, msisdn, tier_id, principal_minor, fee_minor, principal_repaid_minor,"
+    " fee_repaid_minor, state, channel, idempotency_key, in_node, diameter_session_id,"
+    " request_number, resolve_attempts, needs_review, created_at"
+)
+
+
+def _loan(row: tuple[Any, ...]) -> LoanRow:
+    values = list(row)
+    values[14] = bool(values[14])
+    return LoanRow(*values)
+
+
+def get_loan(conn: sqlite3.Connection, loan_id: str) -> LoanRow | None:
+    row = conn.execute(
+        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE loan_id = ?", (loan_id,)
+    ).fetchone()
+    return _loan(row) if row else None
+
+
+def insert_loan(
+    conn: sqlite3.Connection,
+    *,
+    msisdn: str,
+    tier_id: int,
+    principal_minor: int,
+    fee_minor: int,
+    state: str,
+    channel: str,
+    idempotency_key: str | None,
+    in_node: str | None,
+    session_id: str | None,
+    now: datetime,
+    request_number: int = 0,
+    loan_id: str | None = None,
+) -> str:
+    loan_id = loan_id or new_id()
+    ensure_subscriber(conn, msisdn, now)
+    conn.execute(
+        "INSERT INTO loans (loan_id, msisdn, tier_id, principal_minor, fee_minor, state,"
+        " channel, idempotency_key, in_node, diameter_session_id, request_number,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            loan_id,
+            msisdn,
+            tier_id,
+            principal_minor,
+            fee_minor,
+            state,
+            channel,
+            idempotency_key,
+            in_node,
+            session_id,
+            request_number,
+            ts(now),
+            ts(now),
+        ),
+    )
+    if state == ACTIVE:
+        _disburse(conn, loan_id, now)
+    return loan_id
+
+
+def _disburse(conn: sqlite3.Connection, loan_id: str, now: datetime) -> None:
+    """Journal the credit and count the loan toward the bad-debt bar."""
+    loan = get_loan(conn, loan_id)
+    assert loan is not None
+    post(
+        conn,
+        [
+            ("principal_receivable", loan.principal_minor),
+            ("disbursed_float", -loan.principal_minor),
+            ("fee_receivable", loan.fee_minor),
+            ("fee_income", -loan.fee_minor),
+        ],
+        msisdn=loan.msisdn,
+        memo="disburse",
+        now=now,
+        loan_id=loan_id,
+    )
+    # Every loan counts toward the bad-debt bar until a full payback resets the count:
+    # the segment's bad_debt_limit is the number of loans a subscriber may take
+    # without once paying back in full.
+    conn.execute(
+        "UPDATE subscribers SET loans_since_full_payback = loans_since_full_payback + 1,"
+        " updated_at = ? WHERE msisdn = ?",
+        (ts(now), loan.msisdn),
+    )
+
+
+def settle_loan(
+    conn: sqlite3.Connection,
+    loan_id: str,
+    new_state: str,
+    now: datetime,
+    *,
+    result_code: int | None = None,
+) -> LoanRow:
+    """Move an unsettled loan to ACTIVE, FAILED or UNKNOWN. Idempotent for the same state."""
+    loan = get_loan(conn, loan_id)
+    if loan is None:
+        raise KeyError(loan_id)
+    if loan.state == new_state:
+        return loan
+    if loan.state not in LOAN_UNSETTLED_STATES:
+        raise LedgerInvariantError(f"loan {loan_id} is {loan.state}, cannot become {new_state}")
+    conn.execute(
+        "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
+        " WHERE loan_id = ?",
+        (new_state, result_code, ts(now), loan_id),
+    )
+    if new_state == ACTIVE:
+        _disburse(conn, loan_id, now)
+    result = get_loan(conn, loan_id)
+    assert result is not None
+    return result
+
+
+def note_resolve_attempt(
+    conn: sqlite3.Connection, table: str, key: str, review_after: int, now: datetime
+) -> bool:
+    """Count a resolver attempt; flag for manual review past the bound. True if flagged."""
+    id_column = {"loans": "loan_id", "recoveries": "recovery_id"}[table]
+    conn.execute(
+        f"UPDATE {table} SET resolve_attempts = resolve_attempts + 1, updated_at = ?"
+        f" WHERE {id_column} = ?",
+        (ts(now), key),
+    )
+    row = conn.execute(
+        f"SELECT resolve_attempts, msisdn FROM {table} WHERE {id_column} = ?", (key,)
+    ).fetchone()
+    if row[0] >= review_after:
+        conn.execute(f"UPDATE {table} SET needs_review = 1 WHERE {id_column} = ?", (key,))
+        audit(
+            conn,
+            row[1],
+            "review",
+            "resolver",
+            f"{table} {key} unresolved after {row[0]} attempts",
+            now,
+        )
+        return True
+    return False
+
+
+def unsettled_loans(conn: sqlite3.Connection, limit: int) -> list[LoanRow]:
+    rows = conn.execute(
+        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE state IN (?, ?, ?) AND needs_review = 0"
+        " ORDER BY created_at LIMIT ?",
+        (*LOAN_UNSETTLED_STATES, limit),
+    ).fetchall()
+    return [_loan(r) for r in rows]
+
+
+def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -> int:
+    """Write the rest of an open loan off; returns the amount written off."""
+    loan = get_loan(conn, loan_id)
+    if loan is None or loan.state not in LOAN_OPEN_STATES:
+        return 0
+    if has_unsettled(conn, loan.msisdn):
+        # A recovery in flight may still take this debt; write off on a later run.
+        return 0
+    fee_left = loan.fee_minor - loan.fee_repaid_minor
+    principal_left = loan.principal_minor - loan.principal_repaid_minor
+    post(
+        conn,
+        [
+            ("written_off", fee_left + principal_left),
+            ("fee_receivable", -fee_left),
+            ("principal_receivable", -principal_left),
+        ],
+        msisdn=loan.msisdn,
+        memo="write_off",
+        now=now,
+        loan_id=loan_id,
+    )
+    conn.execute(
+        "UPDATE loans SET state = ?, updated_at = ? WHERE loan_id = ?",
+        (WRITTEN_OFF, ts(now), loan_id),
+    )
+    audit(
+        conn,
+        loan.msisdn,
+        "write_off",
+        who,
+        f"loan {loan_id} aged",
+        now,
+        {"loan_id": loan_id, "amount_minor": fee_left + principal_left},
+    )
+    return fee_left + principal_left
+
+
+# -- recoveries --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryRow:
+    recovery_id: str
+    event_id: str
+    msisdn: str
+    recharge_minor: int
+    balance_after_minor: int | None
+    requested_minor: int
+    recovered_minor: int
+    state: str
+    in_node: str | None
+    diameter_session_id: str | None
+    request_number: int
+    attempts: int
+    resolve_attempts: int
+    needs_review: bool
+
+
+_RECOVERY_COLUMNS = (
+    "recovery_id, event_id, msisdn, recharge_minor, balance_after_minor, requested_minor,"
+    " recovered_minor, state, in_node, diameter_session_id, request_number, attempts,"
+    " resolve_attempts, needs_review"
+)
+
+
+def _recovery(row: tuple[Any, ...]) -> RecoveryRow:
+    values = list(row)
+    values[13] = bool(values[13])
+    return RecoveryRow(*values)
+
+
+def get_recovery(conn: sqlite3.Connection, recovery_id: str) -> RecoveryRow | None:
+    row = conn.execute(
+        f"SELECT {_RECOVERY_COLUMNS} FROM recoveries WHERE recovery_id = ?", (recovery_id,)
+    ).fetchone()
+    return _recovery(row) if row else None
+
+
+def recovery_by_event(conn: sqlite3.Connection, event_id: str) -> RecoveryRow | None:
+    row = conn.execute(
+        f"SELECT {_RECOVERY_COLUMNS} FROM recoveries WHERE event_id = ?", (event_id,)
+    ).fetchone()
+    return _recovery(row) if row else None
+
+
+def insert_recovery(
+    conn: sqlite3.Connection,
+    *,
+    event_id: str,
+    msisdn: str,
+    recharge_minor: int,
+    balance_after_minor: int | None,
+    in_node: str | None,
+    now: datetime,
+) -> str:
+    recovery_id = new_id()
+    conn.execute(
+        "INSERT INTO recoveries (recovery_id, event_id, msisdn, recharge_minor,"
+        " balance_after_minor, requested_minor, state, in_node, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+        (
+            recovery_id,
+            event_id,
+            msisdn,
+            recharge_minor,
+            balance_after_minor,
+            RECOVERING,
+            in_node,
+            ts(now),
+            ts(now),
+        ),
+    )
+    return recovery_id
+
+
+def start_recovery_attempt(
+    conn: sqlite3.Connection, recovery_id: str, session_id: str, requested_minor: int, now: datetime
+) -> int:
+    """Record the next DIRECT_DEBITING before it is sent; returns its attempt number."""
+    conn.execute(
+        "UPDATE recoveries SET attempts = attempts + 1, diameter_session_id = ?,"
+        " requested_minor = ?, request_number = 0, state = ?, updated_at = ?"
+        " WHERE recovery_id = ?",
+        (session_id, requested_minor, RECOVERING, ts(now), recovery_id),
+    )
+    attempt_no = conn.execute(
+        "SELECT attempts FROM recoveries WHERE recovery_id = ?", (recovery_id,)
+    ).fetchone()[0]
+    conn.execute(
+        "INSERT INTO recovery_attempts (recovery_id, attempt_no, diameter_session_id,"
+        " requested_minor, created_at) VALUES (?, ?, ?, ?, ?)",
+        (recovery_id, attempt_no, session_id, requested_minor, ts(now)),
+    )
+    return int(attempt_no)
+
+
+def note_recovery_attempt(
+    conn: sqlite3.Connection, recovery_id: str, outcome: str, result_code: int | None
+) -> None:
+    conn.execute(
+        "UPDATE recovery_attempts SET outcome = ?, result_code = ? WHERE recovery_id = ?"
+        " AND attempt_no = (SELECT attempts FROM recoveries WHERE recovery_id = ?)",
+        (outcome, result_code, recovery_id, recovery_id),
+    )
+
+
+def set_recovery_state(
+    conn: sqlite3.Connection, recovery_id: str, state: str, now: datetime
+) -> None:
+    conn.execute(
+        "UPDATE recoveries SET state = ?, updated_at = ? WHERE recovery_id = ?",
+        (state, ts(now), recovery_id),
+    )
+
+
+def settle_recovery(
+    conn: sqlite3.Connection,
+    recovery_id: str,
+    debited_minor: int,
+    policy: RecoveryPolicy,
+    now: datetime,
+) -> tuple[Recovery, int]:
+    """Apply what the IN debited: journal, loans, bad-debt reset. Returns (split, debt left).
+
+    Idempotent: a recovery already DONE returns its recorded split again without
+    moving money.
+    """
+    rec = get_recovery(conn, recovery_id)
+    if rec is None:
+        raise KeyError(recovery_id)
+    loans = open_loans(conn, rec.msisdn)
+    if rec.state == DONE:
+        return Recovery(rec.recovered_minor, (), not loans), sum(x.owed_minor for x in loans)
+    owed = sum(x.owed_minor for x in loans)
+    if debited_minor > owed or debited_minor < 0:
+        raise LedgerInvariantError(
+            f"recovery {recovery_id}: IN debited {debited_minor}, owed {owed}"
+        )
+    allocation = split(loans, debited_minor, policy, owed)
+    by_id = {x.loan_id: x for x in loans}
+    for part in allocation.parts:
+        loan = by_id[part.loan_id]
+        post(
+            conn,
+            [
+                ("recovered_cash", part.total_minor),
+                ("fee_receivable", -part.fee_minor),
+                ("principal_receivable", -part.principal_minor),
+            ],
+            msisdn=rec.msisdn,
+            memo="recover",
+            now=now,
+            loan_id=part.loan_id,
+            recovery_id=recovery_id,
+        )
+        cleared = part.total_minor == loan.owed_minor
+        conn.execute(
+            "UPDATE loans SET fee_repaid_minor = fee_repaid_minor + ?,"
+            " principal_repaid_minor = principal_repaid_minor + ?, state = ?, updated_at = ?"
+            " WHERE loan_id = ?",
+            (
+                part.fee_minor,
+                part.principal_minor,
+                REPAID if cleared else PARTIALLY_REPAID,
+                ts(now),
+                part.loan_id,
+            ),
+        )
+    conn.execute(
+        "UPDATE recoveries SET recovered_minor = ?, state = ?, updated_at = ?"
+        " WHERE recovery_id = ?",
+        (debited_minor, DONE, ts(now), recovery_id),
+    )
+    if allocation.clears_all:
+        # A full payback lifts the bad-debt bar.
+        conn.execute(
+            "UPDATE subscribers SET loans_since_full_payback = 0, updated_at = ? WHERE msisdn = ?",
+            (ts(now), rec.msisdn),
+        )
+    return allocation, owed - debited_minor
+
+
+def unsettled_recoveries(conn: sqlite3.Connection, limit: int) -> list[RecoveryRow]:
+    rows = conn.execute(
+        f"SELECT {_RECOVERY_COLUMNS} FROM recoveries WHERE state IN (?, ?)"
+        " AND needs_review = 0 AND diameter_session_id IS NOT NULL"
+        " ORDER BY created_at LIMIT ?",
+        (*RECOVERY_UNSETTLED_STATES, limit),
+    ).fetchall()
+    return [_recovery(r) for r in rows]
+
+
+def write_off_candidates(
+    conn: sqlite3.Connection, before: datetime, limit: int
+) -> list[tuple[str, str]]:
+    """(msisdn, loan_id) of open loans created before `before`, oldest first."""
+    rows = conn.execute(
+        "SELECT msisdn, loan_id FROM loans WHERE state IN (?, ?) AND created_at < ?"
+        " ORDER BY created_at LIMIT ?",
+        (*LOAN_OPEN_STATES, ts(before), limit),
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]

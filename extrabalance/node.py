@@ -1,0 +1,323 @@
+"""The node: the one place that wires config, ledger, services and protocol adapters.
+
+Start order matters for money: the ledger opens first; the IN peers come up; the
+resolver settles every operation left unsettled by a previous run (CREDITING,
+UNKNOWN, RECOVERING) before the node takes new traffic; then the Diameter listener
+for the IN's requests, the SMPP binds and the MQTT recharge subscription open.
+Stop is the reverse: stop taking new dialogs and recharges, let in-flight sagas
+finish (bounded), DPR to the Diameter peers, unbind SMPP, disconnect MQTT, close the
+ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from extrabalance.adapters.gy_server import GyServer
+from extrabalance.adapters.in_diameter import DiameterInPort, InNodeAddress
+from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.config import Settings, load_settings
+from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddress, RequestTimeout
+from extrabalance.diameter.peer import LocalIdentity
+from extrabalance.ledger import Ledger
+from extrabalance.observability import EdrWriter, EventRecorder, Metrics, configure_logging
+from extrabalance.recharge.events import RechargeEvent as WireRecharge
+from extrabalance.recharge.listener import MqttSettings, RechargeListener
+from extrabalance.service.accounts import AccountService
+from extrabalance.service.lending import LendingService
+from extrabalance.service.locks import SubscriberLocks
+from extrabalance.service.ports import RechargeEvent
+from extrabalance.service.recovery import PaybackService
+from extrabalance.service.resolver import Resolver
+from extrabalance.service.routing import Router, RouteRule
+from extrabalance.service.templates import Templates
+from extrabalance.service.ussd import UssdDialogs
+from extrabalance.smpp.client import BindConfig, Esme
+
+log = structlog.get_logger(__name__)
+
+PEERS_READY_WAIT_S = 5.0  # how long start-up waits for IN peers before resolving anyway
+DRAIN_WAIT_S = 10.0  # in-flight dialogs and sagas finished before a stop goes on
+DIALOG_SWEEP_S = 1.0
+EDR_FLUSH_S = 1.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class NodePorts:
+    diameter: int = 0
+
+
+class Node:
+    def __init__(self, settings: Settings, *, edr_dir: str | Path | None = None) -> None:
+        self.settings = s = settings
+        self.policy = s.policy()
+        self.templates = Templates(s.templates, s.node.default_language, s.node.currency_exponent)
+        self.metrics = Metrics()
+        db_path = Path(s.storage.path)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name)
+        self.events = EventRecorder(self.metrics, self.edr)
+        self.ledger = Ledger(
+            db_path,
+            batch_ops_max=s.storage.group_commit_max_ops,
+            batch_window_ms=s.storage.group_commit_wait_ms,
+        )
+        rules = []
+        for node in s.in_nodes:
+            for r in node.ranges:
+                rules.append(RouteRule(node.origin_host, prefix=r.prefix, start=r.start, end=r.end))
+        self.router = Router(rules)
+        self.diameter = DiameterNode(
+            LocalIdentity(
+                origin_host=s.node.origin_host,
+                origin_realm=s.node.origin_realm,
+                vendor_id=s.diameter.vendor_id,
+                product_name=s.diameter.product_name,
+                origin_state_id=int(time.time()) & 0xFFFFFFFF,
+            ),
+            allowed_peers={n.origin_host for n in s.in_nodes},
+            request_handler=self._on_diameter_request,
+            ssl_context=self._tls_context(),
+            watchdog_s=s.diameter.watchdog_s,
+            request_timeout_ms=s.diameter.request_timeout_ms,
+        )
+        exponent = s.node.currency_exponent
+        self.in_port = DiameterInPort(
+            self.diameter.request,
+            {n.origin_host: InNodeAddress(n.origin_host, n.realm, n.origin_host) for n in s.in_nodes},
+            origin_host=s.node.origin_host,
+            origin_realm=s.node.origin_realm,
+            service_context_id=s.diameter.service_context_id,
+            currency_numeric=s.node.currency_numeric,
+            currency_exponent=exponent,
+            transient_errors=(RequestTimeout, NoPeerAvailable, asyncio.TimeoutError, ConnectionError),
+            observe=lambda action, seconds: self.metrics.in_latency.labels(action).observe(seconds),
+        )
+        self.esme = Esme(
+            [
+                BindConfig(
+                    host=b.host, port=b.port, system_id=b.system_id, password=b.password(),
+                    system_type=b.system_type, window_max=b.window_max,
+                    submit_rate_max_per_s=b.submit_rate_max_per_s, enquire_link_s=b.enquire_link_s,
+                )
+                for b in s.smpp.binds
+            ],
+            on_deliver=self._on_deliver,
+        )
+        locks = SubscriberLocks()
+        common = {"locks": locks, "default_language": s.node.default_language}
+        # The services need a notifier before the SMPP channel (which needs the lending
+        # service) exists: a forwarder breaks the cycle.
+        notifier = _LateNotifier()
+        self.lending = LendingService(self.ledger, self.in_port, notifier, self.events,
+                                      self.policy, self.router, utc_now, **common)
+        self.payback = PaybackService(self.ledger, self.in_port, notifier, self.events,
+                                      self.policy, self.router, utc_now, **common)
+        self.resolver = Resolver(self.ledger, self.in_port, notifier, self.events, self.policy,
+                                 utc_now, **common)
+        self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
+                                       locks=locks)
+        self.dialogs = UssdDialogs(
+            self.lending, self.templates, ussd_code=s.smpp.ussd_code,
+            timeout_s=s.smpp.dialog_timeout_s, dialogs_max=s.smpp.dialogs_max, node_name=s.node.name,
+        )
+        self.channel = SmppChannel(
+            dialogs=self.dialogs, lending=self.lending, templates=self.templates,
+            policy=self.policy, submit=self.esme.submit, send_sms=self.esme.send_sms,
+            short_code=s.smpp.short_code, ussd_code=s.smpp.ussd_code,
+            ussd_service_type=s.smpp.ussd_service_type, dialog_id=s.smpp.dialog_id,
+            abort_op=s.smpp.ussd_abort_op,
+            observe_ussd=self.metrics.ussd_latency.observe,
+        )
+        notifier.target = self.channel
+        self.gy = GyServer(
+            self.lending, origin_host=s.node.origin_host, origin_realm=s.node.origin_realm,
+            service_context_id=s.diameter.service_context_id,
+            currency_numeric=s.node.currency_numeric, currency_exponent=exponent,
+        )
+        self.recharges = RechargeListener(
+            MqttSettings(
+                host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
+                topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
+                username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
+                ca_file=s.mqtt.ca_file,
+            ),
+            self._on_recharge,
+            expected_currency=s.node.currency,
+        )
+        self.ports = NodePorts()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._accepting_recharges = True
+        self.started = asyncio.Event()
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        d = self.settings.diameter
+        if not (d.tls_cert_file and d.tls_key_file):
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(d.tls_cert_file, d.tls_key_file)
+        if d.tls_ca_file:
+            ctx.load_verify_locations(d.tls_ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    # -- inbound glue ----------------------------------------------------------------
+
+    async def _on_diameter_request(self, msg: Any, peer_origin_host: str) -> Any:
+        return await self.gy(msg, peer_origin_host)
+
+    async def _on_deliver(self, pdu: Any, system_id: str) -> int:
+        return await self.channel.on_deliver(pdu, system_id)
+
+    async def _on_recharge(self, event: WireRecharge) -> None:
+        """Returns only after the ledger commit: the listener acknowledges after it."""
+        if not self._accepting_recharges:
+            raise RuntimeError("node stopping: leave the recharge unacknowledged")
+        await self.payback.handle_recharge(
+            RechargeEvent(
+                event_id=event.event_id,
+                msisdn=event.msisdn,
+                amount_minor=event.amount_minor,
+                in_node=event.in_node,
+                balance_after_minor=event.balance_after_minor,
+            )
+        )
+
+    # -- lifetime --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        for node in s.in_nodes:
+            self.diameter.add_peer_group(
+                node.origin_host, node.realm,
+                [PeerAddress(p.host, p.port, node.origin_host) for p in node.peers],
+            )
+        for node in s.in_nodes:
+            try:
+                await self.diameter.wait_ready(node.origin_host, PEERS_READY_WAIT_S)
+            except TimeoutError:
+                log.warning("in_node_not_ready", in_node=node.origin_host)
+        report = await self.resolver.run_once()
+        log.info("resolved_at_start", report=str(report))
+        self.ports.diameter = await self.diameter.listen(s.diameter.listen_host, s.diameter.listen_port)
+        await self.esme.start()
+        self._tasks = [
+            asyncio.create_task(self.recharges.run(), name="recharge-listener"),
+            asyncio.create_task(self.resolver.run_forever(), name="resolver"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+        self.started.set()
+        log.info("node_started", node=s.node.name, diameter_port=self.ports.diameter)
+
+    async def wait_connected(self, timeout_s: float = 10.0) -> None:
+        """Until every SMPP bind is bound and the MQTT session is up (demo and tests)."""
+        await self.esme.wait_bound(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while not self.recharges.stats().get("connected"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("MQTT subscription not up")
+            await asyncio.sleep(0.02)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(DIALOG_SWEEP_S)
+            self.dialogs.expire()
+            self.edr.flush()
+
+    # -- configuration reload ------------------------------------------------------------
+
+    RELOADABLE_SECTIONS = ("tiers", "fee_plans", "segments", "eligibility", "recovery",
+                           "auto_advance", "ads", "templates")
+
+    def reload(self, settings: Settings) -> dict[str, Any]:
+        """Apply a new, already validated config without dropping binds or peers.
+
+        Tiers, segments, fees, recovery, ads and templates change at once (the next
+        decision uses them); sections that need new sockets or a new ledger (node,
+        storage, diameter, in_nodes, smpp, mqtt, admin) are reported as needing a
+        restart and keep their running values.
+        """
+        old = self.settings
+        changed = [name for name in type(old).model_fields
+                   if getattr(old, name) != getattr(settings, name)]
+        restart = [name for name in changed if name not in self.RELOADABLE_SECTIONS]
+        policy = settings.policy()
+        templates = Templates(settings.templates, old.node.default_language,
+                              old.node.currency_exponent)
+        for service in (self.lending, self.payback, self.resolver, self.accounts):
+            service.policy = policy
+        self.dialogs.set_templates(templates)
+        self.channel.set_policy(policy, templates)
+        self.policy, self.templates = policy, templates
+        self.settings = settings.model_copy(update={name: getattr(old, name) for name in restart})
+        log.info("config_reloaded", changed=changed, needs_restart=restart)
+        return {"changed": changed, "needs_restart": restart}
+
+    async def stop(self) -> None:
+        self._accepting_recharges = False
+        await self.channel.drain(DRAIN_WAIT_S)
+        with contextlib.suppress(Exception):
+            await self.recharges.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.esme.close()
+        with contextlib.suppress(Exception):
+            await self.diameter.close()
+        self.edr.flush()
+        await self.ledger.close()
+        log.info("node_stopped", node=self.settings.node.name)
+
+
+class _LateNotifier:
+    """The services need a notifier before the SMPP channel exists; this forwards."""
+
+    target: Any = None
+
+    async def notify(self, notice: Any) -> None:
+        if self.target is not None:
+            await self.target.notify(notice)
+
+
+def run_node(config_path: str | None) -> int:
+    """`extrabalance run --config FILE`: run until SIGTERM/SIGINT, then stop gracefully."""
+    settings = load_settings(config_path)
+    configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs,
+                      level=os.environ.get("EB_LOG_LEVEL", "INFO"))
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+
+    async def main() -> None:
+        node = Node(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await node.start()
+        await stop.wait()
+        await node.stop()
+
+    asyncio.run(main())
+    return 0

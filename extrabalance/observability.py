@@ -1,0 +1,168 @@
+"""Logs, metrics and event detail records (EDRs).
+
+- Logs: structlog, one JSON object per line, with `msisdn` masked unless the operator
+  turns masking off (`node.mask_msisdn_in_logs`).
+- Metrics: a Prometheus registry per node (not the process-global one, so tests and
+  the demo can run several nodes in one process).
+- EDRs: one CSV line per business event, for billing and BI; one file per UTC day,
+  with a header line; the schema is `EDR_FIELDS` and docs/operations.md describes it.
+  The full MSISDN is written: EDRs are billing records, kept under the operator's
+  access rules, unlike logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+EDR_FIELDS = (
+    "time", "node", "kind", "msisdn", "channel", "tier_id", "amount_minor", "fee_minor",
+    "recovered_minor", "debt_after_minor", "reason", "loan_id", "recovery_id", "event_id",
+    "in_node", "template", "detail",
+)
+EDR_KINDS = frozenset({
+    "loan", "refusal", "payback", "ad_sent", "ad_suppressed", "bar", "unbar", "write_off",
+    "advance", "adjustment", "loan_failed", "loan_pending",
+})
+EDR_BUFFER_MAX = 1000  # lines held before a flush is forced
+
+
+def mask_msisdn(msisdn: str) -> str:
+    """`201001234567` → `2010*****567`: enough to tell lines apart, not to call them."""
+    if len(msisdn) <= 6:
+        return "*" * len(msisdn)
+    return msisdn[:4] + "*" * (len(msisdn) - 7) + msisdn[-3:]
+
+
+def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
+                      stream: Any = None) -> None:
+    def _mask(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        value = event.get("msisdn")
+        if mask_msisdn_in_logs and isinstance(value, str):
+            event["msisdn"] = mask_msisdn(value)
+        return event
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _mask,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.loans = Counter("eb_loans", "Loans granted", ["channel"], registry=r)
+        self.lent_minor = Counter("eb_lent_minor", "Principal lent, minor units", registry=r)
+        self.fees_minor = Counter("eb_fees_minor", "Fees charged, minor units", registry=r)
+        self.refusals = Counter("eb_refusals", "Loan requests refused", ["reason"], registry=r)
+        self.paybacks = Counter("eb_paybacks", "Paybacks", ["kind"], registry=r)
+        self.recovered_minor = Counter("eb_recovered_minor", "Recovered, minor units", registry=r)
+        self.ads = Counter("eb_ads", "Advertisement SMS", ["outcome", "reason"], registry=r)
+        self.bars = Counter("eb_bars", "Bars and unbars", ["action"], registry=r)
+        self.write_offs = Counter("eb_write_offs", "Loans written off", registry=r)
+        self.events = Counter("eb_events", "Business events by kind", ["kind"], registry=r)
+        self.outstanding_minor = Gauge("eb_outstanding_minor", "Debt outstanding", registry=r)
+        self.in_latency = Histogram(
+            "eb_in_request_seconds", "Node to IN Diameter request latency", ["action"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.ussd_latency = Histogram(
+            "eb_ussd_step_seconds", "USSD input to next screen", buckets=(
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )
+        self.recharges = Counter("eb_recharges", "Recharge events", ["outcome"], registry=r)
+        self.peer_up = Gauge("eb_diameter_peer_up", "Diameter peer open", ["peer"], registry=r)
+        self.bind_up = Gauge("eb_smpp_bind_up", "SMPP bind bound", ["bind"], registry=r)
+
+
+class EdrWriter:
+    """Buffered CSV writer, one file per UTC day: `<dir>/edr-YYYYMMDD.csv`."""
+
+    def __init__(self, directory: str | Path, node: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.node = node
+        self._clock = clock
+        self._buffer: list[tuple[str, str]] = []  # (day, line)
+
+    def path_for(self, day: str) -> Path:
+        return self.directory / f"edr-{day}.csv"
+
+    def write(self, kind: str, fields: dict[str, Any]) -> None:
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        row = {name: fields.get(name, "") for name in EDR_FIELDS}
+        row.update(time=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                   node=self.node, kind=kind)
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerow(
+            "" if row[name] is None else row[name] for name in EDR_FIELDS)
+        self._buffer.append((now.strftime("%Y%m%d"), out.getvalue()))
+        if len(self._buffer) >= EDR_BUFFER_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        by_day: dict[str, list[str]] = {}
+        for day, line in self._buffer:
+            by_day.setdefault(day, []).append(line)
+        self._buffer.clear()
+        for day, lines in by_day.items():
+            path = self.path_for(day)
+            new = not path.exists()
+            with path.open("a", encoding="utf-8", newline="") as fh:
+                if new:
+                    fh.write(",".join(EDR_FIELDS) + "\n")
+                fh.writelines(lines)
+
+
+class EventRecorder:
+    """The service layer's `EventSink`: each business event → EDR line + metrics."""
+
+    def __init__(self, metrics: Metrics, edr: EdrWriter | None) -> None:
+        self.metrics = metrics
+        self.edr = edr
+        self.log = structlog.get_logger("extrabalance.events")
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        m = self.metrics
+        m.events.labels(kind).inc()
+        if kind in ("loan", "advance"):
+            m.loans.labels(fields.get("channel") or ("auto" if kind == "advance" else "")).inc()
+            m.lent_minor.inc(int(fields.get("amount_minor") or 0))
+            m.fees_minor.inc(int(fields.get("fee_minor") or 0))
+        elif kind == "refusal":
+            m.refusals.labels(str(fields.get("reason", ""))).inc()
+        elif kind == "payback":
+            full = fields.get("debt_after_minor") in (0, "0")
+            m.paybacks.labels("full" if full else "partial").inc()
+            m.recovered_minor.inc(int(fields.get("recovered_minor") or 0))
+        elif kind in ("ad_sent", "ad_suppressed"):
+            m.ads.labels("sent" if kind == "ad_sent" else "suppressed",
+                         str(fields.get("reason", ""))).inc()
+        elif kind in ("bar", "unbar"):
+            m.bars.labels(kind).inc()
+        elif kind == "write_off":
+            m.write_offs.inc()
+        if self.edr is not None:
+            self.edr.write(kind, fields)
+        self.log.info(kind, **{k: v for k, v in fields.items() if v not in (None, "")})

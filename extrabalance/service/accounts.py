@@ -1,0 +1,87 @@
+"""Operator actions on accounts: manual bar/unbar (audited) and debt ageing
+(overdue count, write-off with journal entries)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+
+from extrabalance.core.policy import Policy
+from extrabalance.ledger import Ledger, store
+from extrabalance.service.lending import Clock, safe_notify
+from extrabalance.service.locks import SubscriberLocks
+from extrabalance.service.ports import EventSink, Notice, Notifier
+
+WRITE_OFF_BATCH_MAX = 10_000  # loans written off per age_debts run
+
+
+@dataclass(frozen=True, slots=True)
+class AgeingReport:
+    overdue_loans: int
+    written_off_loans: int
+    written_off_minor: int
+
+
+class AccountService:
+    def __init__(
+        self,
+        ledger: Ledger,
+        notifier: Notifier,
+        events: EventSink,
+        policy: Policy,
+        clock: Clock,
+        *,
+        locks: SubscriberLocks | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.notifier = notifier
+        self.events = events
+        self.policy = policy
+        self.clock = clock
+        self.locks = locks or SubscriberLocks()
+
+    async def bar(self, msisdn: str, reason: str, who: str, *, notify: bool = True) -> None:
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+            await self.ledger.write(lambda c: store.set_bar(c, msisdn, True, reason, who, now))
+        self.events.emit("bar", msisdn=msisdn, reason=reason, who=who)
+        if notify:
+            language = await self.ledger.read(
+                lambda c: store.load_subscriber(c, msisdn).state.language
+            )
+            await safe_notify(self.notifier, Notice(msisdn, "barred", {}, "sms", language))
+
+    async def unbar(self, msisdn: str, who: str, why: str = "") -> None:
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+            await self.ledger.write(lambda c: store.set_bar(c, msisdn, False, why, who, now))
+        self.events.emit("unbar", msisdn=msisdn, who=who, why=why)
+
+    async def age_debts(self, now: datetime | None = None, *, who: str = "ageing") -> AgeingReport:
+        """Write off loans older than `write_off_days`; count those past `overdue_days`."""
+        now = now or self.clock()
+        recovery = self.policy.recovery
+        write_off_before = now - timedelta(days=recovery.write_off_days)
+        overdue_before = now - timedelta(days=recovery.overdue_days)
+        candidates = await self.ledger.read(
+            lambda c: store.write_off_candidates(c, write_off_before, WRITE_OFF_BATCH_MAX)
+        )
+        written = amount = 0
+        for msisdn, loan_id in candidates:
+            async with self.locks.hold(msisdn):
+                minor = await self.ledger.write(
+                    partial(store.write_off, loan_id=loan_id, who=who, now=now)
+                )
+            if minor:
+                written += 1
+                amount += minor
+                self.events.emit("write_off", msisdn=msisdn, loan_id=loan_id, amount_minor=minor)
+        overdue = await self.ledger.read(
+            lambda c: c.execute(
+                "SELECT COUNT(*) FROM loans WHERE state IN (?, ?) AND created_at < ?"
+                " AND created_at >= ?",
+                (*store.LOAN_OPEN_STATES, store.ts(overdue_before), store.ts(write_off_before)),
+            ).fetchone()[0]
+        )
+        return AgeingReport(int(overdue), written, amount)

@@ -1,0 +1,512 @@
+"""Borrowing and out-of-balance advances: the lending use cases as sagas.
+
+borrow: idempotency check → decide → record the intent (loan CREDITING with its own
+Session-Id) in one commit → IN REFUND_ACCOUNT → settle ACTIVE / FAILED / UNKNOWN in
+one commit → tell the subscriber. Decision and intent are written in the same
+transaction, so the ceiling holds even if two nodes shared the ledger; inside one
+node requests for one subscriber are also serialised by `SubscriberLocks`.
+
+out_of_balance: answered from the ledger alone (the IN applies the
+Granted-Service-Unit itself), idempotent by Session-Id + CC-Request-Number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+import structlog
+
+from extrabalance.core.lending import BorrowRequest, Channel, Granted, Offer, decide, offer
+from extrabalance.core.model import SubscriberState
+from extrabalance.core.policy import Policy
+from extrabalance.core.reasons import Reason
+from extrabalance.ledger import Ledger, store
+from extrabalance.service.locks import SubscriberLocks
+from extrabalance.service.outcomes import (
+    DIAMETER_CREDIT_LIMIT_REACHED,
+    DIAMETER_END_USER_SERVICE_DENIED,
+    DIAMETER_SUCCESS,
+    DIAMETER_USER_UNKNOWN,
+    AdvanceOutcome,
+    BorrowOutcome,
+    BorrowStatus,
+    SubscriberStatus,
+)
+from extrabalance.service.ports import (
+    EventSink,
+    InAction,
+    InOperation,
+    InOutcome,
+    InPort,
+    InResult,
+    Notice,
+    Notifier,
+)
+from extrabalance.service.routing import Router
+
+log = structlog.get_logger(__name__)
+
+NOT_EXECUTED_RESENDS_MAX = 2  # immediate re-sends of a 3002/3004 before giving up
+CC_REQUEST_TYPE_TERMINATION = 3
+BARRED_REASONS = (Reason.BARRED_BAD_DEBT, Reason.BARRED_MANUAL)
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True, slots=True)
+class AdVerdict:
+    send: bool
+    reason: str = ""  # why an ad was suppressed (cap, quiet hours, opt-out)
+
+
+AdPolicy = Callable[[SubscriberState, datetime], Awaitable[AdVerdict]]
+
+
+async def default_ad_policy(state: SubscriberState, now: datetime) -> AdVerdict:
+    """Send unless the subscriber said STOP ADS. Caps and quiet hours plug in here."""
+    del now
+    if state.ads_opt_out:
+        return AdVerdict(False, "opted_out")
+    return AdVerdict(True)
+
+
+async def call_in(in_port: InPort, op: InOperation) -> InResult:
+    """Execute on the IN; an adapter that raises is treated as a lost answer, so the
+    resolver (not a guess) settles the operation."""
+    try:
+        return await in_port.execute(op)
+    except Exception:
+        log.exception("in_port_failed", session_id=op.session_id)
+        return InResult(InOutcome.UNKNOWN)
+
+
+async def call_in_with_resends(in_port: InPort, op: InOperation) -> InResult:
+    """Send, re-sending a 3002/3004 (not executed) a bounded number of times."""
+    result = await call_in(in_port, op)
+    for _ in range(NOT_EXECUTED_RESENDS_MAX):
+        if result.outcome is not InOutcome.NOT_EXECUTED:
+            break
+        result = await call_in(in_port, op)
+    return result
+
+
+async def safe_notify(notifier: Notifier, notice: Notice) -> None:
+    try:
+        await notifier.notify(notice)
+    except Exception:
+        log.exception("notify_failed", template=notice.template)
+
+
+def borrow_key(idempotency_key: str) -> str:
+    return f"borrow:{idempotency_key}"
+
+
+def outcome_of_loan(loan: store.LoanRow, debt_minor: int) -> BorrowOutcome:
+    """The borrow answer a loan row stands for (used for replays and the resolver)."""
+    if loan.state in store.LOAN_UNSETTLED_STATES:
+        status, reason = BorrowStatus.PENDING, Reason.IN_UNAVAILABLE
+    elif loan.state == store.FAILED:
+        status, reason = BorrowStatus.REFUSED, Reason.IN_REFUSED
+    else:
+        status, reason = BorrowStatus.GRANTED, None
+    return BorrowOutcome(
+        status, reason, loan.loan_id, loan.tier_id, loan.principal_minor, loan.fee_minor, debt_minor
+    )
+
+
+def settle_borrow(
+    conn: sqlite3.Connection, loan_id: str, result: InResult, now: datetime
+) -> BorrowOutcome:
+    """Settle a CREDITING/UNKNOWN loan from the IN's answer (saga step 3 / resolver)."""
+    if result.outcome is InOutcome.DONE:
+        new_state = store.ACTIVE
+    elif result.outcome is InOutcome.REFUSED:
+        new_state = store.FAILED
+    else:
+        new_state = store.UNKNOWN
+    loan = store.settle_loan(conn, loan_id, new_state, now, result_code=result.result_code)
+    outcome = outcome_of_loan(loan, store.debt_from_journal(conn, loan.msisdn))
+    if new_state != store.UNKNOWN and loan.idempotency_key:
+        store.idempotent_replace(conn, loan.idempotency_key, outcome.to_json(), now)
+    return outcome
+
+
+def loan_notice(outcome: BorrowOutcome, msisdn: str, language: str) -> Notice:
+    if outcome.status is BorrowStatus.GRANTED:
+        return Notice(
+            msisdn,
+            "loan_granted",
+            {"amount": outcome.amount_minor, "fee": outcome.fee_minor, "debt": outcome.debt_minor},
+            "sms",
+            language,
+        )
+    if outcome.status is BorrowStatus.PENDING:
+        return Notice(msisdn, "loan_pending", {"amount": outcome.amount_minor}, "sms", language)
+    reason = outcome.reason.value if outcome.reason else ""
+    return Notice(msisdn, "loan_refused", {"reason": reason}, "sms", language)
+
+
+@dataclass(frozen=True, slots=True)
+class _Intent:
+    loan_id: str
+    in_node: str
+    amount_minor: int
+    language: str
+
+
+class LendingService:
+    def __init__(
+        self,
+        ledger: Ledger,
+        in_port: InPort,
+        notifier: Notifier,
+        events: EventSink,
+        policy: Policy,
+        router: Router,
+        clock: Clock,
+        *,
+        locks: SubscriberLocks | None = None,
+        ad_policy: AdPolicy = default_ad_policy,
+        default_language: str = "en",
+    ) -> None:
+        self.ledger = ledger
+        self.in_port = in_port
+        self.notifier = notifier
+        self.events = events
+        self.policy = policy
+        self.router = router
+        self.clock = clock
+        self.locks = locks or SubscriberLocks()
+        self.ad_policy = ad_policy
+        self.default_language = default_language
+
+    # -- borrow ------------------------------------------------------------------
+
+    async def borrow(
+        self, msisdn: str, tier_id: int | None, channel: Channel, idempotency_key: str
+    ) -> BorrowOutcome:
+        """Lend `tier_id` (None: the largest that fits) and credit it on the IN.
+
+        Exactly once per `idempotency_key`: a replay returns the first outcome (or the
+        loan's current settlement) with `replayed=True` and moves no money.
+        """
+        # Once started, the saga runs to its settlement even if the caller gives up
+        # (USSD dialog timeout, connection closed): shield it from cancellation.
+        return await asyncio.shield(self._borrow(msisdn, tier_id, channel, idempotency_key))
+
+    async def _borrow(
+        self, msisdn: str, tier_id: int | None, channel: Channel, idempotency_key: str
+    ) -> BorrowOutcome:
+        key = borrow_key(idempotency_key)
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+            session_id = self.in_port.new_session_id()
+            static_node = self.router.route(msisdn)
+
+            def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
+                prior = store.idempotent_get(conn, key)
+                if prior is not None:
+                    return BorrowOutcome.from_json(prior, replayed=True)
+                loan_row = conn.execute(
+                    "SELECT loan_id FROM loans WHERE idempotency_key = ?", (key,)
+                ).fetchone()
+                if loan_row is not None:  # intent recorded, not settled yet
+                    loan = store.get_loan(conn, loan_row[0])
+                    assert loan is not None
+                    return replace(
+                        outcome_of_loan(loan, store.debt_from_journal(conn, msisdn)), replayed=True
+                    )
+                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                in_node = loaded.learned_in_node or static_node
+                if in_node is None:
+                    refused = BorrowOutcome(
+                        BorrowStatus.REFUSED,
+                        Reason.UNKNOWN_SUBSCRIBER,
+                        debt_minor=loaded.state.debt_minor,
+                    )
+                    store.idempotent_put(conn, key, refused.to_json(), now)
+                    return refused
+                decision = decide(
+                    BorrowRequest(msisdn, tier_id, channel), loaded.state, self.policy, now
+                )
+                if not isinstance(decision, Granted):
+                    refused = BorrowOutcome(
+                        BorrowStatus.REFUSED,
+                        decision.reason,
+                        tier_id=tier_id,
+                        debt_minor=loaded.state.debt_minor,
+                    )
+                    store.idempotent_put(conn, key, refused.to_json(), now)
+                    return refused
+                loan_id = store.insert_loan(
+                    conn,
+                    msisdn=msisdn,
+                    tier_id=decision.tier.tier_id,
+                    principal_minor=decision.amount_minor,
+                    fee_minor=decision.fee_minor,
+                    state=store.CREDITING,
+                    channel=channel,
+                    idempotency_key=key,
+                    in_node=in_node,
+                    session_id=session_id,
+                    now=now,
+                )
+                return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language)
+
+            step = await self.ledger.write(record_intent)
+            if isinstance(step, BorrowOutcome):
+                if not step.replayed and step.status is BorrowStatus.REFUSED:
+                    self.events.emit(
+                        "refusal",
+                        msisdn=msisdn,
+                        reason=_v(step.reason),
+                        channel=channel,
+                        tier_id=tier_id,
+                    )
+                    if channel != "auto":
+                        await safe_notify(
+                            self.notifier, loan_notice(step, msisdn, await self._language(msisdn))
+                        )
+                return step
+
+            return await self._credit(msisdn, channel, step, session_id)
+
+    async def _credit(
+        self, msisdn: str, channel: str, step: _Intent, session_id: str
+    ) -> BorrowOutcome:
+        op = InOperation(
+            InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id
+        )
+        result = await call_in_with_resends(self.in_port, op)
+        if result.outcome is InOutcome.NOT_EXECUTED:
+            # Every send was refused before execution: nothing credited, nothing owed.
+            result = InResult(InOutcome.REFUSED, result.result_code)
+        outcome = await self.ledger.write(
+            lambda conn: settle_borrow(conn, step.loan_id, result, self.clock())
+        )
+        self._emit_loan(msisdn, outcome, channel, result)
+        await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
+        return outcome
+
+    def _emit_loan(
+        self, msisdn: str, outcome: BorrowOutcome, channel: str, result: InResult
+    ) -> None:
+        if outcome.status is BorrowStatus.GRANTED:
+            self.events.emit(
+                "loan",
+                msisdn=msisdn,
+                loan_id=outcome.loan_id,
+                tier_id=outcome.tier_id,
+                amount_minor=outcome.amount_minor,
+                fee_minor=outcome.fee_minor,
+                debt_minor=outcome.debt_minor,
+                channel=channel,
+            )
+        elif outcome.status is BorrowStatus.REFUSED:
+            self.events.emit(
+                "refusal",
+                msisdn=msisdn,
+                reason=_v(outcome.reason),
+                channel=channel,
+                result_code=result.result_code,
+                loan_id=outcome.loan_id,
+            )
+        else:
+            self.events.emit("pending", msisdn=msisdn, loan_id=outcome.loan_id, channel=channel)
+
+    async def _language(self, msisdn: str) -> str:
+        loaded = await self.ledger.read(
+            lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
+        )
+        return loaded.state.language
+
+    # -- reads and preferences -----------------------------------------------------
+
+    async def quote(self, msisdn: str) -> Offer:
+        """The menu of tiers for this subscriber now (USSD *123#)."""
+        loaded = await self.ledger.read(
+            lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
+        )
+        return offer(loaded.state, self.policy, self.clock())
+
+    async def status(self, msisdn: str) -> SubscriberStatus:
+        loaded = await self.ledger.read(
+            lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
+        )
+        s = loaded.state
+        quote = offer(s, self.policy, self.clock())
+        barred_reason = quote.reason if quote.reason in BARRED_REASONS else None
+        return SubscriberStatus(
+            msisdn=msisdn,
+            known=loaded.known,
+            debt_minor=s.debt_minor,
+            open_loans=s.open_loans,
+            operation_pending=s.operation_pending,
+            barred=barred_reason is not None,
+            barred_reason=barred_reason,
+            auto_advance_opt_in=s.auto_advance_opt_in,
+            ads_opt_out=s.ads_opt_out,
+            language=s.language,
+            in_node=loaded.learned_in_node or self.router.static_route(msisdn),
+        )
+
+    async def set_preferences(
+        self,
+        msisdn: str,
+        *,
+        auto_advance: bool | None = None,
+        ads_opt_out: bool | None = None,
+        language: str | None = None,
+    ) -> None:
+        now = self.clock()
+        await self.ledger.write(
+            lambda conn: store.set_preferences(
+                conn,
+                msisdn,
+                now,
+                auto_advance=auto_advance,
+                ads_opt_out=ads_opt_out,
+                language=language,
+            )
+        )
+
+    # -- out of balance ----------------------------------------------------------
+
+    async def out_of_balance(
+        self,
+        session_id: str,
+        request_number: int,
+        request_type: int,
+        msisdn: str,
+        requested_minor: int | None,
+        origin_host: str,
+    ) -> AdvanceOutcome:
+        """Answer the IN's out-of-balance CCR: an auto-advance (2001 + amount), 4012
+        (+ maybe an ad), 4010 barred, 5030 unknown. A retransmission (same Session-Id
+        and CC-Request-Number) gets the first answer and grants nothing new."""
+        key = f"ccr:{session_id}:{request_number}"
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+            static_node = self.router.static_route(msisdn)
+
+            def answer(conn: sqlite3.Connection) -> tuple[AdvanceOutcome, SubscriberState | None]:
+                prior = store.idempotent_get(conn, key)
+                if prior is not None:
+                    return AdvanceOutcome.from_json(prior, replayed=True), None
+
+                def done(
+                    outcome: AdvanceOutcome, state: SubscriberState | None
+                ) -> tuple[AdvanceOutcome, SubscriberState | None]:
+                    store.idempotent_put(conn, key, outcome.to_json(), now)
+                    return outcome, state
+
+                if request_type == CC_REQUEST_TYPE_TERMINATION:
+                    return done(AdvanceOutcome(DIAMETER_SUCCESS), None)
+                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                has_profile = loaded.state.profile is not None
+                if static_node is None and loaded.learned_in_node is None and not has_profile:
+                    return done(
+                        AdvanceOutcome(DIAMETER_USER_UNKNOWN, None, Reason.UNKNOWN_SUBSCRIBER), None
+                    )
+                if loaded.learned_in_node != origin_host:
+                    store.learn_route(conn, msisdn, origin_host, now)
+                decision = decide(
+                    BorrowRequest(msisdn, None, "auto"), loaded.state, self.policy, now
+                )
+                if isinstance(decision, Granted):
+                    loan_id = store.insert_loan(
+                        conn,
+                        msisdn=msisdn,
+                        tier_id=decision.tier.tier_id,
+                        principal_minor=decision.amount_minor,
+                        fee_minor=decision.fee_minor,
+                        state=store.ACTIVE,
+                        channel="auto",
+                        idempotency_key=key,
+                        in_node=origin_host,
+                        session_id=session_id,
+                        now=now,
+                        request_number=request_number,
+                    )
+                    return done(
+                        AdvanceOutcome(DIAMETER_SUCCESS, decision.amount_minor, None, loan_id),
+                        loaded.state,
+                    )
+                if decision.reason in BARRED_REASONS:
+                    return done(
+                        AdvanceOutcome(DIAMETER_END_USER_SERVICE_DENIED, None, decision.reason),
+                        loaded.state,
+                    )
+                return done(
+                    AdvanceOutcome(DIAMETER_CREDIT_LIMIT_REACHED, None, decision.reason),
+                    loaded.state,
+                )
+
+            outcome, state = await self.ledger.write(answer)
+            if outcome.replayed:
+                return outcome
+            if outcome.result_code != DIAMETER_USER_UNKNOWN:
+                self.router.learn(msisdn, origin_host)
+            if state is None:
+                return outcome
+            await self._after_advance(msisdn, outcome, state, requested_minor, now)
+            return outcome
+
+    async def _after_advance(
+        self,
+        msisdn: str,
+        outcome: AdvanceOutcome,
+        state: SubscriberState,
+        requested_minor: int | None,
+        now: datetime,
+    ) -> None:
+        if outcome.result_code == DIAMETER_SUCCESS and outcome.granted_minor is not None:
+            loan = await self.ledger.read(lambda conn: store.get_loan(conn, outcome.loan_id or ""))
+            assert loan is not None
+            debt_minor = state.debt_minor + loan.principal_minor + loan.fee_minor
+            self.events.emit(
+                "advance",
+                msisdn=msisdn,
+                loan_id=loan.loan_id,
+                tier_id=loan.tier_id,
+                amount_minor=loan.principal_minor,
+                fee_minor=loan.fee_minor,
+                debt_minor=debt_minor,
+                requested_minor=requested_minor,
+            )
+            await safe_notify(
+                self.notifier,
+                Notice(
+                    msisdn,
+                    "advance_granted",
+                    {"amount": loan.principal_minor, "fee": loan.fee_minor, "debt": debt_minor},
+                    "sms",
+                    state.language,
+                ),
+            )
+            return
+        self.events.emit(
+            "refusal",
+            msisdn=msisdn,
+            reason=_v(outcome.reason),
+            channel="auto",
+            result_code=outcome.result_code,
+        )
+        if outcome.result_code == DIAMETER_END_USER_SERVICE_DENIED:
+            return
+        verdict = await self.ad_policy(state, now)
+        if verdict.send:
+            await safe_notify(
+                self.notifier, Notice(msisdn, "ad_out_of_balance", {}, "ad", state.language)
+            )
+            self.events.emit("ad_sent", msisdn=msisdn, reason=_v(outcome.reason))
+        else:
+            self.events.emit("ad_suppressed", msisdn=msisdn, why=verdict.reason)
+
+
+def _v(reason: Reason | None) -> str | None:
+    return reason.value if reason else None

@@ -1,0 +1,98 @@
+"""The ports the application layer talks through. Adapters (Diameter, SMPP, MQTT)
+implement them; tests implement them with in-memory fakes.
+
+Every IN operation carries its own Diameter Session-Id, created by the port and stored
+by the ledger *before* the operation is sent, so a retry is the same operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Any, Literal, Protocol
+
+
+class InAction(IntEnum):
+    """Diameter Requested-Action (AVP 436) values."""
+
+    DIRECT_DEBITING = 0
+    REFUND_ACCOUNT = 1
+    CHECK_BALANCE = 2
+
+
+class InOutcome(Enum):
+    DONE = "DONE"  # 2001: applied
+    REFUSED = "REFUSED"  # a final refusal (4012, 4010, 5030...): nothing applied
+    # 3002/3004: not executed; safe to re-send later (same Session-Id, no T flag)
+    NOT_EXECUTED = "NOT_EXECUTED"
+    # timeout / connection lost: may or may not be applied; the resolver re-sends the
+    # same Session-Id and CC-Request-Number with the T flag
+    UNKNOWN = "UNKNOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class InOperation:
+    action: InAction
+    msisdn: str
+    in_node: str  # Origin-Host of the subscriber's IN; never delivered to another node
+    amount_minor: int
+    session_id: str
+    request_number: int = 0
+    retransmission: bool = False  # set the T flag
+
+
+@dataclass(frozen=True, slots=True)
+class InResult:
+    outcome: InOutcome
+    result_code: int | None = None
+    amount_minor: int | None = None  # debited (DIRECT_DEBITING) or granted
+    enough_credit: bool | None = None  # CHECK_BALANCE answer
+
+
+class InPort(Protocol):
+    async def execute(self, op: InOperation) -> InResult: ...
+
+    def new_session_id(self) -> str: ...
+
+
+NoticeKind = Literal["sms", "ad"]
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A message to a subscriber. Templates: loan_granted {amount, fee, debt},
+    loan_refused {reason}, loan_pending {amount}, advance_granted {amount, fee, debt},
+    payback_partial {recovered, debt}, payback_full {recovered}, barred {},
+    ad_out_of_balance {}. Money params are minor-unit ints; the renderer formats them."""
+
+    msisdn: str
+    template: str
+    params: Mapping[str, str | int]
+    kind: NoticeKind = "sms"
+    language: str = "en"  # the subscriber's language preference
+
+
+class Notifier(Protocol):
+    async def notify(self, notice: Notice) -> None:
+        """Render and submit; must not raise on SMSC trouble."""
+        ...
+
+
+class EventSink(Protocol):
+    """EDR + metrics. Kinds: loan, refusal, payback, ad_sent, ad_suppressed, bar, unbar,
+    write_off, advance (plus pending, review from the resolver)."""
+
+    def emit(self, kind: str, **fields: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RechargeEvent:
+    """A recharge as published by the IN on MQTT (amounts in minor units)."""
+
+    event_id: str
+    msisdn: str
+    amount_minor: int
+    in_node: str
+    balance_after_minor: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)

@@ -1,0 +1,273 @@
+"""Payback on recharge: recover fee and principal from the new balance, exactly once
+per recharge `event_id`.
+
+handle_recharge: idempotency check → learn the route → allocate (core) → record the
+RECOVERING intent with a fresh Session-Id → IN DIRECT_DEBITING → settle in one commit
+(journal, loans, bad-debt reset) → SMS. A 4012 (balance moved meanwhile) retries with
+half the amount, each attempt its own recorded Session-Id, at most
+`RECOVERY_ATTEMPTS_MAX` times. Returns only after the final commit, so the MQTT
+listener may acknowledge the message when this returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+
+from extrabalance.core.payback import allocate_payback
+from extrabalance.core.policy import Policy
+from extrabalance.ledger import Ledger, store
+from extrabalance.service.lending import Clock, call_in_with_resends, safe_notify
+from extrabalance.service.locks import SubscriberLocks
+from extrabalance.service.outcomes import PaybackOutcome, PaybackStatus
+from extrabalance.service.ports import (
+    EventSink,
+    InAction,
+    InOperation,
+    InOutcome,
+    InPort,
+    InResult,
+    Notice,
+    Notifier,
+    RechargeEvent,
+)
+from extrabalance.service.routing import Router
+
+RECOVERY_ATTEMPTS_MAX = 3  # DIRECT_DEBITING attempts per recharge (amount halves each time)
+
+
+def recharge_key(event_id: str) -> str:
+    return f"recharge:{event_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Intent:
+    recovery_id: str
+    requested_minor: int
+    in_node: str
+    language: str
+
+
+def settle_recovery_done(
+    conn: sqlite3.Connection, recovery_id: str, result: InResult, policy: Policy, now: datetime
+) -> PaybackOutcome:
+    """Apply a DONE debit: journal + loans + idempotent outcome."""
+    rec = store.get_recovery(conn, recovery_id)
+    assert rec is not None
+    debited = result.amount_minor if result.amount_minor is not None else rec.requested_minor
+    # The IN never takes more than asked; if it claims so, book what was asked and
+    # leave an audit line for the operator rather than invent debt.
+    if debited > rec.requested_minor or debited < 0:
+        store.audit(
+            conn,
+            rec.msisdn,
+            "review",
+            "payback",
+            f"IN reported {debited} debited for {rec.requested_minor} asked",
+            now,
+        )
+        debited = rec.requested_minor
+    store.note_recovery_attempt(conn, recovery_id, InOutcome.DONE.value, result.result_code)
+    _, debt_left = store.settle_recovery(conn, recovery_id, debited, policy.recovery, now)
+    outcome = PaybackOutcome(PaybackStatus.RECOVERED, debited, debt_left, recovery_id)
+    store.idempotent_replace(conn, recharge_key(rec.event_id), outcome.to_json(), now)
+    return outcome
+
+
+def settle_recovery_failed(
+    conn: sqlite3.Connection, recovery_id: str, result: InResult, now: datetime
+) -> PaybackOutcome:
+    rec = store.get_recovery(conn, recovery_id)
+    assert rec is not None
+    store.note_recovery_attempt(conn, recovery_id, result.outcome.value, result.result_code)
+    store.set_recovery_state(conn, recovery_id, store.FAILED, now)
+    outcome = PaybackOutcome(
+        PaybackStatus.NOT_RECOVERED, 0, store.debt_from_journal(conn, rec.msisdn), recovery_id
+    )
+    store.idempotent_replace(conn, recharge_key(rec.event_id), outcome.to_json(), now)
+    return outcome
+
+
+def payback_notice(msisdn: str, outcome: PaybackOutcome, language: str) -> Notice:
+    if outcome.debt_minor == 0:
+        return Notice(
+            msisdn, "payback_full", {"recovered": outcome.recovered_minor}, "sms", language
+        )
+    return Notice(
+        msisdn,
+        "payback_partial",
+        {"recovered": outcome.recovered_minor, "debt": outcome.debt_minor},
+        "sms",
+        language,
+    )
+
+
+class PaybackService:
+    def __init__(
+        self,
+        ledger: Ledger,
+        in_port: InPort,
+        notifier: Notifier,
+        events: EventSink,
+        policy: Policy,
+        router: Router,
+        clock: Clock,
+        *,
+        locks: SubscriberLocks | None = None,
+        attempts_max: int = RECOVERY_ATTEMPTS_MAX,
+        default_language: str = "en",
+    ) -> None:
+        self.ledger = ledger
+        self.in_port = in_port
+        self.notifier = notifier
+        self.events = events
+        self.policy = policy
+        self.router = router
+        self.clock = clock
+        self.locks = locks or SubscriberLocks()
+        self.attempts_max = attempts_max
+        self.default_language = default_language
+
+    async def handle_recharge(self, event: RechargeEvent) -> PaybackOutcome:
+        """Recover what is owed from this recharge. Idempotent by `event.event_id`."""
+        # Runs to its settlement even if the caller is cancelled (MQTT reconnect).
+        return await asyncio.shield(self._handle_recharge(event))
+
+    async def _handle_recharge(self, event: RechargeEvent) -> PaybackOutcome:
+        key = recharge_key(event.event_id)
+        msisdn = event.msisdn
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+            session_id = self.in_port.new_session_id()
+
+            def record_intent(conn: sqlite3.Connection) -> PaybackOutcome | _Intent:
+                prior = store.idempotent_get(conn, key)
+                if prior is not None:
+                    return PaybackOutcome.from_json(prior, replayed=True)
+                pending = store.recovery_by_event(conn, event.event_id)
+                if pending is not None:
+                    return PaybackOutcome(
+                        PaybackStatus.PENDING,
+                        0,
+                        store.debt_from_journal(conn, msisdn),
+                        pending.recovery_id,
+                        replayed=True,
+                    )
+
+                def done(outcome: PaybackOutcome) -> PaybackOutcome:
+                    store.idempotent_put(conn, key, outcome.to_json(), now)
+                    return outcome
+
+                store.learn_route(conn, msisdn, event.in_node, now)
+                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                debt = loaded.state.debt_minor
+                if debt == 0:
+                    return done(PaybackOutcome(PaybackStatus.NOTHING_OWED))
+                if conn.execute(
+                    "SELECT 1 FROM recoveries WHERE msisdn = ? AND state IN (?, ?) LIMIT 1",
+                    (msisdn, *store.RECOVERY_UNSETTLED_STATES),
+                ).fetchone():
+                    # Two recoveries against the same loans could take more than is owed.
+                    return done(PaybackOutcome(PaybackStatus.DEFERRED, 0, debt))
+                available = (
+                    event.balance_after_minor
+                    if event.balance_after_minor is not None
+                    else event.amount_minor
+                )
+                plan = allocate_payback(loaded.state.open_loans, available, self.policy.recovery)
+                if plan.total_minor == 0:
+                    return done(PaybackOutcome(PaybackStatus.NOTHING_RECOVERABLE, 0, debt))
+                recovery_id = store.insert_recovery(
+                    conn,
+                    event_id=event.event_id,
+                    msisdn=msisdn,
+                    recharge_minor=event.amount_minor,
+                    balance_after_minor=event.balance_after_minor,
+                    in_node=event.in_node,
+                    now=now,
+                )
+                store.start_recovery_attempt(conn, recovery_id, session_id, plan.total_minor, now)
+                return _Intent(recovery_id, plan.total_minor, event.in_node, loaded.state.language)
+
+            step = await self.ledger.write(record_intent)
+            self.router.learn(msisdn, event.in_node)
+            if isinstance(step, PaybackOutcome):
+                return step
+            return await self._debit(msisdn, step, session_id)
+
+    async def _debit(self, msisdn: str, step: _Intent, session_id: str) -> PaybackOutcome:
+        requested = step.requested_minor
+        attempt = 1
+        while True:
+            op = InOperation(InAction.DIRECT_DEBITING, msisdn, step.in_node, requested, session_id)
+            result = await call_in_with_resends(self.in_port, op)
+            if result.outcome is InOutcome.DONE:
+                outcome = await self.ledger.write(
+                    partial(
+                        settle_recovery_done,
+                        recovery_id=step.recovery_id,
+                        result=result,
+                        policy=self.policy,
+                        now=self.clock(),
+                    )
+                )
+                self.events.emit(
+                    "payback",
+                    msisdn=msisdn,
+                    recovery_id=step.recovery_id,
+                    recovered_minor=outcome.recovered_minor,
+                    debt_minor=outcome.debt_minor,
+                    full=outcome.debt_minor == 0,
+                )
+                await safe_notify(self.notifier, payback_notice(msisdn, outcome, step.language))
+                return outcome
+            if result.outcome is InOutcome.UNKNOWN:
+                await self.ledger.write(
+                    lambda conn: store.set_recovery_state(
+                        conn, step.recovery_id, store.UNKNOWN, self.clock()
+                    )
+                )
+                self.events.emit("pending", msisdn=msisdn, recovery_id=step.recovery_id)
+                return PaybackOutcome(PaybackStatus.PENDING, 0, 0, step.recovery_id)
+            # REFUSED (4012: the balance moved) or never executed: nothing was taken.
+            smaller = requested // 2
+            if attempt >= self.attempts_max or smaller <= 0:
+                outcome = await self.ledger.write(
+                    partial(
+                        settle_recovery_failed,
+                        recovery_id=step.recovery_id,
+                        result=result,
+                        now=self.clock(),
+                    )
+                )
+                self.events.emit(
+                    "payback",
+                    msisdn=msisdn,
+                    recovery_id=step.recovery_id,
+                    recovered_minor=0,
+                    debt_minor=outcome.debt_minor,
+                    full=False,
+                    result_code=result.result_code,
+                )
+                return outcome
+            attempt += 1
+            requested = smaller
+            session_id = self.in_port.new_session_id()
+            now = self.clock()
+
+            def next_attempt(
+                conn: sqlite3.Connection,
+                session_id: str = session_id,
+                requested: int = requested,
+                result: InResult = result,
+                now: datetime = now,
+            ) -> None:
+                store.note_recovery_attempt(
+                    conn, step.recovery_id, result.outcome.value, result.result_code
+                )
+                store.start_recovery_attempt(conn, step.recovery_id, session_id, requested, now)
+
+            await self.ledger.write(next_attempt)

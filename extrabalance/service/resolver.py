@@ -1,0 +1,232 @@
+"""The resolver: finishes every IN operation whose outcome is not known.
+
+A loan left CREDITING/UNKNOWN or a recovery left RECOVERING/UNKNOWN (timeout, lost
+connection, crash between intent and settlement) is re-sent with its stored
+Session-Id and CC-Request-Number and the T flag. The IN applies one Session-Id at
+most once and answers a duplicate with its first answer, so the re-send tells us
+what happened without risking a second credit. Still unknown: left for the next run;
+after `review_after_attempts` runs it is flagged for manual review (and keeps
+blocking new traffic for that subscriber, which is refused OPERATION_PENDING).
+
+Runs at start-up before traffic, then every `interval_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+
+from extrabalance.core.policy import Policy
+from extrabalance.ledger import Ledger, store
+from extrabalance.service.lending import (
+    Clock,
+    call_in,
+    loan_notice,
+    safe_notify,
+    settle_borrow,
+)
+from extrabalance.service.locks import SubscriberLocks
+from extrabalance.service.outcomes import BorrowStatus
+from extrabalance.service.ports import (
+    EventSink,
+    InAction,
+    InOperation,
+    InOutcome,
+    InPort,
+    InResult,
+    Notifier,
+)
+from extrabalance.service.recovery import (
+    payback_notice,
+    settle_recovery_done,
+    settle_recovery_failed,
+)
+
+log = structlog.get_logger(__name__)
+
+RESOLVE_BATCH_MAX = 1_000  # operations looked at per run
+REVIEW_AFTER_ATTEMPTS = 20  # runs before an unresolved operation goes to manual review
+RESOLVE_INTERVAL_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveReport:
+    loans_settled: int = 0
+    recoveries_settled: int = 0
+    still_unknown: int = 0
+    flagged_for_review: int = 0
+
+
+class Resolver:
+    def __init__(
+        self,
+        ledger: Ledger,
+        in_port: InPort,
+        notifier: Notifier,
+        events: EventSink,
+        policy: Policy,
+        clock: Clock,
+        *,
+        locks: SubscriberLocks | None = None,
+        batch_max: int = RESOLVE_BATCH_MAX,
+        review_after_attempts: int = REVIEW_AFTER_ATTEMPTS,
+        default_language: str = "en",
+    ) -> None:
+        self.ledger = ledger
+        self.in_port = in_port
+        self.notifier = notifier
+        self.events = events
+        self.policy = policy
+        self.clock = clock
+        self.locks = locks or SubscriberLocks()
+        self.batch_max = batch_max
+        self.review_after_attempts = review_after_attempts
+        self.default_language = default_language
+
+    async def run_once(self) -> ResolveReport:
+        loans = await self.ledger.read(lambda c: store.unsettled_loans(c, self.batch_max))
+        recs = await self.ledger.read(lambda c: store.unsettled_recoveries(c, self.batch_max))
+        settled_loans = settled_recs = unknown = flagged = 0
+        for loan in loans:
+            result = await self._resolve_loan(loan.loan_id, loan.msisdn)
+            settled_loans += result == "settled"
+            unknown += result in ("unknown", "flagged")
+            flagged += result == "flagged"
+        for rec in recs:
+            result = await self._resolve_recovery(rec.recovery_id, rec.msisdn)
+            settled_recs += result == "settled"
+            unknown += result in ("unknown", "flagged")
+            flagged += result == "flagged"
+        return ResolveReport(settled_loans, settled_recs, unknown, flagged)
+
+    async def run_forever(self, interval_s: float = RESOLVE_INTERVAL_S) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("resolver_run_failed")
+            await asyncio.sleep(interval_s)
+
+    async def _language(self, msisdn: str) -> str:
+        loaded = await self.ledger.read(
+            lambda c: store.load_subscriber(c, msisdn, default_language=self.default_language)
+        )
+        return loaded.state.language
+
+    async def _unresolved(self, table: str, key: str) -> str:
+        flagged = await self.ledger.write(
+            lambda c: store.note_resolve_attempt(
+                c, table, key, self.review_after_attempts, self.clock()
+            )
+        )
+        if flagged:
+            self.events.emit("review", table=table, id=key)
+            return "flagged"
+        return "unknown"
+
+    async def _resolve_loan(self, loan_id: str, msisdn: str) -> str:
+        # Under the subscriber's lock, so a saga still in flight is never raced.
+        async with self.locks.hold(msisdn):
+            loan = await self.ledger.read(lambda c: store.get_loan(c, loan_id))
+            if loan is None or loan.state not in store.LOAN_UNSETTLED_STATES:
+                return "gone"
+            if loan.diameter_session_id is None or loan.in_node is None:
+                # Recorded but never sent: nothing can have been credited.
+                await self.ledger.write(
+                    lambda c: settle_borrow(c, loan_id, InResult(InOutcome.REFUSED), self.clock())
+                )
+                return "settled"
+            op = InOperation(
+                InAction.REFUND_ACCOUNT,
+                msisdn,
+                loan.in_node,
+                loan.principal_minor,
+                loan.diameter_session_id,
+                loan.request_number,
+                retransmission=True,
+            )
+            result = await call_in(self.in_port, op)
+            if result.outcome not in (InOutcome.DONE, InOutcome.REFUSED):
+                # NOT_EXECUTED on a re-send says nothing about the first send.
+                if loan.state != store.UNKNOWN:
+                    await self.ledger.write(
+                        lambda c: store.settle_loan(c, loan_id, store.UNKNOWN, self.clock())
+                    )
+                return await self._unresolved("loans", loan_id)
+            outcome = await self.ledger.write(
+                lambda c: settle_borrow(c, loan_id, result, self.clock())
+            )
+            if outcome.status is BorrowStatus.GRANTED:
+                self.events.emit(
+                    "loan",
+                    msisdn=msisdn,
+                    loan_id=loan_id,
+                    tier_id=loan.tier_id,
+                    amount_minor=loan.principal_minor,
+                    fee_minor=loan.fee_minor,
+                    debt_minor=outcome.debt_minor,
+                    channel=loan.channel,
+                    resolved=True,
+                )
+            else:
+                self.events.emit(
+                    "refusal",
+                    msisdn=msisdn,
+                    reason="IN_REFUSED",
+                    channel=loan.channel,
+                    loan_id=loan_id,
+                    resolved=True,
+                )
+            if loan.channel != "auto":
+                await safe_notify(
+                    self.notifier, loan_notice(outcome, msisdn, await self._language(msisdn))
+                )
+            return "settled"
+
+    async def _resolve_recovery(self, recovery_id: str, msisdn: str) -> str:
+        async with self.locks.hold(msisdn):
+            rec = await self.ledger.read(lambda c: store.get_recovery(c, recovery_id))
+            if rec is None or rec.state not in store.RECOVERY_UNSETTLED_STATES:
+                return "gone"
+            assert rec.diameter_session_id is not None and rec.in_node is not None
+            op = InOperation(
+                InAction.DIRECT_DEBITING,
+                msisdn,
+                rec.in_node,
+                rec.requested_minor,
+                rec.diameter_session_id,
+                rec.request_number,
+                retransmission=True,
+            )
+            result = await call_in(self.in_port, op)
+            if result.outcome is InOutcome.DONE:
+                outcome = await self.ledger.write(
+                    lambda c: settle_recovery_done(
+                        c, recovery_id, result, self.policy, self.clock()
+                    )
+                )
+                self.events.emit(
+                    "payback",
+                    msisdn=msisdn,
+                    recovery_id=recovery_id,
+                    recovered_minor=outcome.recovered_minor,
+                    debt_minor=outcome.debt_minor,
+                    full=outcome.debt_minor == 0,
+                    resolved=True,
+                )
+                await safe_notify(
+                    self.notifier, payback_notice(msisdn, outcome, await self._language(msisdn))
+                )
+                return "settled"
+            if result.outcome is InOutcome.REFUSED:
+                await self.ledger.write(
+                    lambda c: settle_recovery_failed(c, recovery_id, result, self.clock())
+                )
+                return "settled"
+            if rec.state != store.UNKNOWN:
+                await self.ledger.write(
+                    lambda c: store.set_recovery_state(c, recovery_id, store.UNKNOWN, self.clock())
+                )
+            return await self._unresolved("recoveries", recovery_id)

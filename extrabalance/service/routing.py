@@ -1,0 +1,69 @@
+"""Which IN node owns a subscriber: learned routes (from his own traffic) win over the
+static prefix/range table from config."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+LEARNED_CACHE_MAX = 200_000  # learned routes kept in memory; the ledger keeps them all
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """`prefix` matches MSISDNs starting with it; `start`..`end` (inclusive, same
+    length as the MSISDN) match a numeric range. A rule with neither matches all."""
+
+    in_node: str
+    prefix: str | None = None
+    start: str | None = None
+    end: str | None = None
+
+    def matches(self, msisdn: str) -> bool:
+        if self.prefix is not None and not msisdn.startswith(self.prefix):
+            return False
+        if self.start is not None and (len(msisdn) != len(self.start) or msisdn < self.start):
+            return False
+        return not (self.end is not None and (len(msisdn) != len(self.end) or msisdn > self.end))
+
+
+class Router:
+    def __init__(
+        self,
+        static: Sequence[RouteRule],
+        learned: Callable[[str], str | None] = lambda msisdn: None,
+        *,
+        learned_cache_max: int = LEARNED_CACHE_MAX,
+    ) -> None:
+        self.static = list(static)
+        self._learned_lookup = learned
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self.learned_cache_max = learned_cache_max
+
+    def static_route(self, msisdn: str) -> str | None:
+        for rule in self.static:
+            if rule.matches(msisdn):
+                return rule.in_node
+        return None
+
+    def route(self, msisdn: str) -> str | None:
+        node = self._cache.get(msisdn)
+        if node is not None:
+            self._cache.move_to_end(msisdn)
+            return node
+        node = self._learned_lookup(msisdn)
+        if node is not None:
+            self._remember(msisdn, node)
+            return node
+        return self.static_route(msisdn)
+
+    def learn(self, msisdn: str, in_node: str) -> None:
+        """Remember a route seen in traffic (the service also persists it in the ledger)."""
+        self._remember(msisdn, in_node)
+
+    def _remember(self, msisdn: str, in_node: str) -> None:
+        self._cache[msisdn] = in_node
+        self._cache.move_to_end(msisdn)
+        while len(self._cache) > self.learned_cache_max:
+            self._cache.popitem(last=False)

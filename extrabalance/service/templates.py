@@ -1,0 +1,76 @@
+"""Message templates per language: the only place where money becomes text.
+
+Templates come from the `[templates.<lang>]` tables of the config. Parameters are
+passed as integers (money in minor units) or strings; any parameter named in
+`MONEY_PARAMS` is formatted with the node's currency (`5.00 EGP`). A refusal reason
+code passed as `reason` is turned into the language's words from `[templates.<lang>.reasons]`.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MONEY_PARAMS = frozenset(
+    {"amount", "fee", "debt", "total", "recovered", "headroom", "ceiling", "balance"}
+)
+
+
+class TemplateError(KeyError):
+    """A template or one of its parameters is missing."""
+
+
+def format_minor(amount_minor: int, exponent: int) -> str:
+    """`550, 2` → `5.50`; exact integer arithmetic, never a float."""
+    sign = "-" if amount_minor < 0 else ""
+    whole, frac = divmod(abs(amount_minor), 10**exponent)
+    if exponent == 0:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{frac:0{exponent}d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Templates:
+    tables: Mapping[str, Mapping[str, Any]]
+    default_language: str
+    currency_exponent: int
+
+    def languages(self) -> tuple[str, ...]:
+        return tuple(self.tables)
+
+    def language(self, wanted: str | None) -> str:
+        return wanted if wanted in self.tables else self.default_language
+
+    def money(self, amount_minor: int, language: str) -> str:
+        table = self.tables[self.language(language)]
+        symbol = table.get("currency_symbol", "")
+        text = format_minor(amount_minor, self.currency_exponent)
+        return f"{text} {symbol}".strip()
+
+    def reason(self, code: str, language: str) -> str:
+        reasons = self.tables[self.language(language)].get("reasons", {})
+        return str(reasons.get(code, code))
+
+    def has(self, key: str, language: str) -> bool:
+        return key in self.tables[self.language(language)]
+
+    def render(self, key: str, language: str | None, params: Mapping[str, Any] | None = None) -> str:
+        lang = self.language(language)
+        try:
+            template = self.tables[lang][key]
+        except KeyError:
+            raise TemplateError(f"no template {key!r} in language {lang!r}") from None
+        values: dict[str, Any] = {}
+        for name, value in (params or {}).items():
+            if name in MONEY_PARAMS and isinstance(value, int):
+                values[name] = self.money(value, lang)
+            elif name == "reason" and isinstance(value, str):
+                values[name] = self.reason(value, lang)
+            else:
+                values[name] = value
+        try:
+            return string.Formatter().vformat(str(template), (), values)
+        except (KeyError, IndexError) as exc:
+            raise TemplateError(f"template {lang}.{key} needs parameter {exc}") from None

@@ -1,0 +1,392 @@
+r"""USSD dialogs: the `*123#` menus a subscriber walks through on the handset.
+
+This module owns the dialog state (which screen each open dialog shows) and turns a
+subscriber's input into the next screen. It knows nothing of SMPP: the channel
+adapter hands it a `UssdInput` and sends back the returned `Screen` (a USSR request
+that expects a reply, or a final PSSR response that releases the dialog).
+
+Screens a dialog can show:
+
+    MENU(page) --tier n--> CONFIRM(n) --1--> final: granted / pending / refused
+       |   \--99--> MENU(page+1)       \--2--> final: cancelled
+       \--0--> ACCOUNT --1/2/3--> ACCOUNT (toggled) --9--> MENU(0)
+
+`*123*N#` opens straight on CONFIRM(N). A screen never exceeds 182 GSM 7-bit or 80
+UCS2 characters: the tier list is paginated, never cut.
+
+Money safety: the loan is requested with an idempotency key made of the dialog's own
+id (unique per dialog, not the gateway's short session number, which wraps) and the
+step, so a duplicated deliver_sm replays the first outcome and never lends twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from extrabalance.service.templates import Templates
+from extrabalance.smpp.text import gsm7_length, is_gsm7
+
+SCREEN_GSM7_MAX = 182  # characters of one USSD screen in GSM 7-bit (3GPP TS 23.038 / 24.090)
+SCREEN_UCS2_MAX = 80  # characters of one USSD screen in UCS2
+OPTION_MORE = "99"
+OPTION_ACCOUNT = "0"
+OPTION_BACK = "9"
+
+
+@dataclass(frozen=True, slots=True)
+class UssdInput:
+    msisdn: str
+    dialog_key: str  # gateway dialog id (its_session_info or user_message_reference)
+    text: str
+    new_dialog: bool  # PSSR indication (op 1) rather than a USSR confirm (op 18)
+
+
+@dataclass(frozen=True, slots=True)
+class Screen:
+    text: str
+    final: bool  # True: PSSR response with the end bit, the dialog is released
+
+
+class LendingApi(Protocol):
+    """What the dialogs need from the lending service (see service/lending.py)."""
+
+    async def quote(self, msisdn: str) -> Any: ...
+    async def borrow(self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str) -> Any: ...
+    async def status(self, msisdn: str) -> Any: ...
+    async def set_preferences(self, msisdn: str, **changes: Any) -> Any: ...
+
+
+class Step(Enum):
+    MENU = "menu"
+    CONFIRM = "confirm"
+    ACCOUNT = "account"
+    BUSY = "busy"  # a loan request of this dialog is in flight
+
+
+@dataclass(slots=True)
+class Dialog:
+    dialog_id: str
+    msisdn: str
+    language: str
+    step: Step = Step.MENU
+    page: int = 0
+    tier_id: int | None = None
+    last_screen: Screen | None = None
+    touched_at: float = 0.0
+    pages: list[list[tuple[str, str]]] = field(default_factory=list)  # (option, line)
+
+
+class UssdDialogs:
+    """Open dialogs, bounded in number and lifetime."""
+
+    def __init__(
+        self,
+        lending: LendingApi,
+        templates: Templates,
+        *,
+        ussd_code: str = "*123#",
+        timeout_s: float = 60.0,
+        dialogs_max: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        node_name: str = "eb",
+    ) -> None:
+        self._lending = lending
+        self._t = templates
+        self._service_code = ussd_code.strip("#").lstrip("*")  # "123"
+        self._timeout_s = timeout_s
+        self._dialogs_max = dialogs_max
+        self._clock = clock
+        self._dialogs: OrderedDict[tuple[str, str], Dialog] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{node_name}-{int(time.time() * 1000):x}"
+        self.stats = {"opened": 0, "expired": 0, "evicted": 0, "aborted": 0, "completed": 0}
+
+    def set_templates(self, templates: Templates) -> None:
+        """Config reload: the next screen of every dialog uses the new texts."""
+        self._t = templates
+
+    def __len__(self) -> int:
+        return len(self._dialogs)
+
+    # -- lifetime --------------------------------------------------------------
+
+    def expire(self) -> int:
+        """Drop dialogs idle longer than the timeout; returns how many."""
+        now = self._clock()
+        dropped = 0
+        while self._dialogs:
+            key, dialog = next(iter(self._dialogs.items()))
+            if now - dialog.touched_at < self._timeout_s:
+                break
+            del self._dialogs[key]
+            dropped += 1
+        self.stats["expired"] += dropped
+        return dropped
+
+    def abort(self, msisdn: str, dialog_key: str) -> None:
+        if self._dialogs.pop((msisdn, dialog_key), None) is not None:
+            self.stats["aborted"] += 1
+
+    def _touch(self, key: tuple[str, str], dialog: Dialog) -> None:
+        dialog.touched_at = self._clock()
+        self._dialogs[key] = dialog
+        self._dialogs.move_to_end(key)
+
+    def _open(self, key: tuple[str, str], msisdn: str, language: str) -> Dialog:
+        self.expire()
+        while len(self._dialogs) >= self._dialogs_max:
+            self._dialogs.popitem(last=False)
+            self.stats["evicted"] += 1
+        dialog = Dialog(f"{self._id_prefix}-{next(self._ids)}", msisdn, language)
+        self._touch(key, dialog)
+        self.stats["opened"] += 1
+        return dialog
+
+    def _close(self, key: tuple[str, str], screen: Screen) -> Screen:
+        self._dialogs.pop(key, None)
+        self.stats["completed"] += 1
+        return screen
+
+    # -- input -----------------------------------------------------------------
+
+    async def handle(self, inp: UssdInput) -> Screen:
+        key = (inp.msisdn, inp.dialog_key)
+        self.expire()
+        dialog = self._dialogs.get(key)
+        text = inp.text.strip()
+        if inp.new_dialog:
+            if dialog is not None and dialog.last_screen is not None:
+                # The gateway repeated the opening deliver_sm: show the same screen.
+                self._touch(key, dialog)
+                return dialog.last_screen
+            status = await self._lending.status(inp.msisdn)
+            dialog = self._open(key, inp.msisdn, self._t.language(_attr(status, "language")))
+            screen = await self._open_with_code(key, dialog, text)
+        elif dialog is None:
+            language = self._t.language(None)
+            return Screen(self._t.render("expired_screen", language), final=True)
+        else:
+            self._touch(key, dialog)
+            screen = await self._reply(key, dialog, text)
+        if not screen.final and key in self._dialogs:
+            dialog.last_screen = screen
+        return screen
+
+    async def _open_with_code(self, key: tuple[str, str], dialog: Dialog, code: str) -> Screen:
+        parts = _parse_code(code, self._service_code)
+        if parts is None:
+            return self._close(key, Screen(self._t.render("invalid_choice", dialog.language), True))
+        if not parts:
+            return await self._menu(key, dialog, page=0)
+        if len(parts) == 1 and parts[0] == 0:
+            return await self._account(key, dialog)
+        return await self._confirm(key, dialog, parts[0])
+
+    async def _reply(self, key: tuple[str, str], dialog: Dialog, text: str) -> Screen:
+        lang = dialog.language
+        if dialog.step is Step.BUSY:
+            return Screen(self._t.render("pending_screen", lang, {"amount": 0}), final=False)
+        if dialog.step is Step.MENU:
+            if text == OPTION_MORE and dialog.page + 1 < len(dialog.pages):
+                return await self._menu(key, dialog, dialog.page + 1)
+            if text == OPTION_ACCOUNT:
+                return await self._account(key, dialog)
+            options = {opt for opt, _ in dialog.pages[dialog.page]} if dialog.pages else set()
+            if text.isdigit() and text in options and text not in (OPTION_MORE, OPTION_ACCOUNT):
+                return await self._confirm(key, dialog, int(text))
+            return self._again(dialog)
+        if dialog.step is Step.CONFIRM:
+            if text == "1" and dialog.tier_id is not None:
+                return await self._lend(key, dialog)
+            if text == "2":
+                return self._close(key, Screen(self._t.render("cancelled_screen", lang), True))
+            return self._again(dialog)
+        if dialog.step is Step.ACCOUNT:
+            if text == OPTION_BACK:
+                return await self._menu(key, dialog, page=0)
+            status = await self._lending.status(dialog.msisdn)
+            if text == "1":
+                await self._lending.set_preferences(
+                    dialog.msisdn, auto_advance=not bool(_attr(status, "auto_advance_opt_in"))
+                )
+            elif text == "2":
+                await self._lending.set_preferences(
+                    dialog.msisdn, ads_opt_out=not bool(_attr(status, "ads_opt_out"))
+                )
+            elif text == "3":
+                others = [lang for lang in self._t.languages() if lang != dialog.language]
+                if others:
+                    dialog.language = others[0]
+                    await self._lending.set_preferences(dialog.msisdn, language=dialog.language)
+            else:
+                return self._again(dialog)
+            return await self._account(key, dialog, saved=True)
+        return self._again(dialog)
+
+    def _again(self, dialog: Dialog) -> Screen:
+        previous = dialog.last_screen.text if dialog.last_screen else ""
+        hint = self._t.render("invalid_choice", dialog.language)
+        if not previous:
+            return Screen(hint, final=False)
+        # Prefer the hint above the whole screen; on a full screen it replaces the title.
+        for text in (f"{hint}\n{previous}", f"{hint}\n{previous.split(chr(10), 1)[-1]}"):
+            if screen_capacity(text) >= 0:
+                return Screen(text, final=False)
+        return Screen(previous, final=False)
+
+    # -- screens ---------------------------------------------------------------
+
+    async def _menu(self, key: tuple[str, str], dialog: Dialog, page: int) -> Screen:
+        lang = dialog.language
+        offer = await self._lending.quote(dialog.msisdn)
+        if not offer.eligible:
+            return self._close(key, self._refused(lang, offer.reason))
+        items = [
+            (str(t.tier_id), self._t.render("menu_item", lang, {"option": t.tier_id, "amount": t.amount_minor}))
+            for t in offer.tiers
+            if t.fits
+        ]
+        if not items:
+            return self._close(key, self._refused(lang, "CEILING_REACHED"))
+        title = self._t.render("menu_title", lang, {"debt": offer.debt_minor, "headroom": offer.headroom_minor})
+        dialog.pages = paginate(
+            title,
+            items,
+            more=self._t.render("menu_more", lang),
+            tail=self._t.render("menu_account", lang),
+        )
+        dialog.step = Step.MENU
+        dialog.page = min(page, len(dialog.pages) - 1)
+        return Screen(render_page(title, dialog.pages[dialog.page]), final=False)
+
+    async def _confirm(self, key: tuple[str, str], dialog: Dialog, tier_id: int) -> Screen:
+        lang = dialog.language
+        offer = await self._lending.quote(dialog.msisdn)
+        if not offer.eligible:
+            return self._close(key, self._refused(lang, offer.reason))
+        tier = next((t for t in offer.tiers if t.tier_id == tier_id), None)
+        if tier is None:
+            return self._close(key, self._refused(lang, "TIER_NOT_ALLOWED"))
+        if not tier.fits:
+            return self._close(key, self._refused(lang, "CEILING_REACHED"))
+        dialog.step = Step.CONFIRM
+        dialog.tier_id = tier_id
+        text = self._t.render(
+            "confirm", lang,
+            {"amount": tier.amount_minor, "fee": tier.fee_minor, "total": tier.total_minor},
+        )
+        return Screen(text, final=False)
+
+    async def _lend(self, key: tuple[str, str], dialog: Dialog) -> Screen:
+        lang = dialog.language
+        assert dialog.tier_id is not None
+        dialog.step = Step.BUSY
+        outcome = await self._lending.borrow(
+            dialog.msisdn, dialog.tier_id, "ussd", f"ussd:{dialog.dialog_id}:confirm"
+        )
+        status = str(getattr(outcome.status, "value", outcome.status)).upper()
+        if status == "GRANTED":
+            text = self._t.render(
+                "granted_screen", lang, {"amount": outcome.amount_minor, "debt": outcome.debt_minor}
+            )
+        elif status == "PENDING":
+            text = self._t.render("pending_screen", lang, {"amount": outcome.amount_minor})
+        else:
+            return self._close(key, self._refused(lang, _reason_code(outcome.reason)))
+        return self._close(key, Screen(text, final=True))
+
+    async def _account(self, key: tuple[str, str], dialog: Dialog, saved: bool = False) -> Screen:
+        lang = dialog.language
+        status = await self._lending.status(dialog.msisdn)
+        offer = await self._lending.quote(dialog.msisdn)
+        dialog.step = Step.ACCOUNT
+        on, off = self._t.render("on", lang), self._t.render("off", lang)
+        text = self._t.render(
+            "account_screen", lang,
+            {
+                "debt": offer.debt_minor,
+                "headroom": offer.headroom_minor,
+                "auto": on if _attr(status, "auto_advance_opt_in") else off,
+                "ads": off if _attr(status, "ads_opt_out") else on,
+            },
+        )
+        if saved:
+            text = f"{self._t.render('settings_saved', lang)}\n{text}"
+            if screen_capacity(text) < 0:
+                text = text.split("\n", 1)[1]
+        return Screen(text, final=False)
+
+    def _refused(self, lang: str, reason: Any) -> Screen:
+        return Screen(self._t.render("refused_screen", lang, {"reason": _reason_code(reason)}), True)
+
+
+def _attr(obj: Any, name: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _reason_code(reason: Any) -> str:
+    return str(getattr(reason, "value", reason) or "IN_REFUSED")
+
+
+_CODE_RE = re.compile(r"^\*(\d+)((?:\*\d+)*)#$")
+
+
+def _parse_code(code: str, service_code: str) -> list[int] | None:
+    """`*123#` → [], `*123*4#` → [4], anything else for another service → None."""
+    match = _CODE_RE.match(code.replace(" ", ""))
+    if match is None or match.group(1) != service_code:
+        return None
+    rest = [p for p in match.group(2).split("*") if p]
+    if len(rest) > 1:
+        return None
+    return [int(p) for p in rest]
+
+
+def paginate(
+    title: str, items: list[tuple[str, str]], *, more: str, tail: str
+) -> list[list[tuple[str, str]]]:
+    """Greedy split of menu lines so that every page (title + lines + nav) fits a screen."""
+    more_option = more.split(" ", 1)[0]
+    tail_option = tail.split(" ", 1)[0]
+    pages: list[list[tuple[str, str]]] = []
+    current: list[tuple[str, str]] = []
+    for item in items:
+        trial = current + [item]
+        # Room must stay for both nav lines unless this could be the last page.
+        if current and screen_capacity(
+            render_page(title, trial + [(more_option, more), (tail_option, tail)])
+        ) < 0:
+            pages.append(current + [(more_option, more)])
+            current = [item]
+        else:
+            current = trial
+    if screen_capacity(render_page(title, current + [(tail_option, tail)])) < 0 and current:
+        pages.append(current + [(more_option, more)])
+        current = []
+    pages.append(current + [(tail_option, tail)])
+    for page in pages:
+        if screen_capacity(render_page(title, page)) < 0:
+            raise ValueError("a single menu line does not fit on a USSD screen")
+    return pages
+
+
+def screen_capacity(text: str) -> int:
+    """Room left on one USSD screen for `text` (negative: it does not fit)."""
+    if is_gsm7(text):
+        return SCREEN_GSM7_MAX - gsm7_length(text)
+    return SCREEN_UCS2_MAX - len(text.encode("utf-16-be")) // 2
+
+
+def render_page(title: str, lines: list[tuple[str, str]]) -> str:
+    return "\n".join([title, *(line for _, line in lines)])

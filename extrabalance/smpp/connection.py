@@ -1,0 +1,229 @@
+"""asyncio glue around one `Session`: moves bytes, fires ticks, maps events to futures.
+
+Shared by the ESME client (client.py) and the SMSC server (server.py). It owns no
+protocol rule: everything SMPP lives in session.py; this file only decides when to
+read, when to write and how a response wakes up the coroutine that sent the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from extrabalance.smpp.pdu import RESPONSE_CLASS, Pdu, Status, make_response, status_name
+from extrabalance.smpp.session import (
+    BindRefused,
+    Bound,
+    LinkDead,
+    ProtocolViolation,
+    RequestFailed,
+    RequestReceived,
+    ResponseReceived,
+    Session,
+    SessionError,
+    SessionEvent,
+    State,
+    Unbound,
+)
+
+__all__ = ["READ_CHUNK_OCTETS", "TICK_INTERVAL_S", "RequestFailedError", "SmppConnection"]
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_OCTETS = 65_536
+TICK_INTERVAL_S = 0.25
+# Above this many octets waiting in the transport we await drain() before more.
+WRITE_BUFFER_HIGH_OCTETS = 1 << 20
+
+RequestHandler = Callable[[Pdu], Awaitable[Pdu]]
+
+
+class RequestFailedError(Exception):
+    """A request got no usable response: timeout, connection closed, undecodable."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason if status is None else f"{reason} ({status_name(status)})")
+        self.reason = reason
+        self.status = status
+
+
+class SmppConnection:
+    """One TCP connection driven by one Session.
+
+    `request(pdu)` honours the window with a semaphore of `session.window_max`
+    permits, so the session's own queue is never needed and callers wait instead.
+    Inbound requests go to `on_request` (one task each, bounded by the session's
+    inbound_pending_max); whatever it raises becomes ESME_RX_T_APPN, the bind stays.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_request: RequestHandler,
+        *,
+        name: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        tick_interval_s: float = TICK_INTERVAL_S,
+    ) -> None:
+        self.session = session
+        self.name = name
+        self._reader = reader
+        self._writer = writer
+        self._on_request = on_request
+        self._clock = clock
+        self._tick_interval_s = tick_interval_s
+        self._futures: dict[int, asyncio.Future[Pdu]] = {}
+        self._window = asyncio.Semaphore(session.window_max)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.bound = asyncio.Event()
+        self.bind_done = asyncio.Event()  # bound, refused or closed
+        self.closed = asyncio.Event()
+        self.bound_event: Bound | None = None
+        self.bind_refused_status: int | None = None
+        self.close_reason = ""
+
+    # -- sending ---------------------------------------------------------------------
+
+    def flush(self) -> None:
+        data = self.session.data_to_send()
+        if data and not self._writer.is_closing():
+            self._writer.write(data)
+
+    async def request(self, pdu: Pdu) -> Pdu:
+        """Send a request and wait for its response (which may carry an error status)."""
+        async with self._window:
+            if self.closed.is_set():
+                raise RequestFailedError("closed")
+            try:
+                seq = self.session.send_request(pdu, self._clock())
+            except SessionError as exc:
+                raise RequestFailedError(f"not sendable: {exc}") from exc
+            fut: asyncio.Future[Pdu] = asyncio.get_running_loop().create_future()
+            self._futures[seq] = fut
+            self.flush()
+            if self._writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH_OCTETS:
+                with contextlib.suppress(ConnectionError):
+                    await self._writer.drain()
+            return await fut
+
+    @property
+    def window_free(self) -> int:
+        return self.session.window_max - len(self._futures)
+
+    # -- the loops -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read until the session ends or the peer goes away."""
+        ticker = asyncio.create_task(self._ticker())
+        try:
+            while self.session.state is not State.CLOSED:
+                try:
+                    data = await self._reader.read(READ_CHUNK_OCTETS)
+                except (ConnectionError, OSError) as exc:
+                    self.close_reason = f"read failed: {exc}"
+                    data = b""
+                if not data:
+                    self.close_reason = self.close_reason or "peer closed"
+                    self._handle(self.session.connection_lost())
+                    break
+                self._handle(self.session.receive_data(data, self._clock()))
+                self.flush()
+        finally:
+            ticker.cancel()
+            await self._shutdown()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_interval_s)
+            self._handle(self.session.tick(self._clock()))
+            self.flush()
+            if self.session.state is State.CLOSED:
+                self._writer.close()
+                return
+
+    async def _shutdown(self) -> None:
+        self.flush()
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        if self.session.state is not State.CLOSED:
+            self._handle(self.session.connection_lost())
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_exception(RequestFailedError("closed"))
+        self._futures.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        self.closed.set()
+        self.bind_done.set()
+
+    def close(self) -> None:
+        """Drop the transport now (run() then finishes)."""
+        self.close_reason = self.close_reason or "closed locally"
+        with contextlib.suppress(Exception):
+            self._writer.close()
+
+    async def unbind(self, timeout_s: float) -> None:
+        """Polite end: unbind, wait for unbind_resp (bounded), then close."""
+        if self.session.bound:
+            with contextlib.suppress(SessionError):
+                self.session.unbind(self._clock())
+                self.flush()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.closed.wait(), timeout_s)
+        self.close()
+
+    # -- events ----------------------------------------------------------------------
+
+    def _handle(self, events: list[SessionEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, ResponseReceived):
+                fut = self._futures.pop(ev.request.sequence_number, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(ev.response)
+            elif isinstance(ev, RequestFailed):
+                fut = self._futures.pop(ev.request.sequence_number, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(RequestFailedError(ev.reason, ev.status))
+            elif isinstance(ev, RequestReceived):
+                if ev.pdu.command_id not in RESPONSE_CLASS:
+                    # outbind / alert_notification take no response; nothing to do
+                    log.info("smpp %s: %s received", self.name, type(ev.pdu).__name__)
+                    continue
+                task = asyncio.create_task(self._answer(ev.pdu))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif isinstance(ev, Bound):
+                self.bound_event = ev
+                self.bound.set()
+                self.bind_done.set()
+            elif isinstance(ev, BindRefused):
+                self.bind_refused_status = ev.status
+                self.bind_done.set()
+            elif isinstance(ev, Unbound):
+                self.close_reason = self.close_reason or (
+                    "unbound by peer" if ev.by_peer else "unbound")
+            elif isinstance(ev, LinkDead):
+                self.close_reason = "enquire_link unanswered"
+                log.warning("smpp %s: enquire_link unanswered, closing", self.name)
+            elif isinstance(ev, ProtocolViolation):
+                log.warning("smpp %s: %s", self.name, ev.detail)
+
+    async def _answer(self, pdu: Pdu) -> None:
+        try:
+            resp = await self._on_request(pdu)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the application's bug costs one resp, not the bind
+            log.exception("smpp %s: handler failed for %s", self.name, type(pdu).__name__)
+            resp = make_response(pdu, Status.ESME_RX_T_APPN)
+        try:
+            self.session.send_response(resp)
+        except SessionError as exc:
+            log.warning("smpp %s: response not sent: %s", self.name, exc)
+            return
+        self.flush()

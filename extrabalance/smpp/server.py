@@ -1,0 +1,199 @@
+"""The SMPP server role (SMSC / USSD gateway side), asyncio, for the bundled simulator.
+
+What this file owns: accepting connections, checking bind credentials, handing each
+submit_sm to the simulator, delivering deliver_sm to a bound receiver/transceiver
+within its window, and throttling fault injection. The protocol lives in session.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from extrabalance.smpp.connection import RequestFailedError, SmppConnection
+from extrabalance.smpp.pdu import (
+    CommandId,
+    DataSm,
+    DeliverSm,
+    Pdu,
+    Status,
+    SubmitSm,
+    make_response,
+)
+from extrabalance.smpp.session import Role, Session, State
+
+__all__ = [
+    "CONNECTIONS_MAX", "NoReceiverError", "OnSubmit", "RequestFailedError", "Smsc",
+]
+
+log = logging.getLogger(__name__)
+
+CONNECTIONS_MAX = 64  # simultaneous ESME connections the simulator accepts
+UNBIND_TIMEOUT_S = 2.0
+
+# (pdu, system_id of the bind) -> (command_status, message_id)
+OnSubmit = Callable[[SubmitSm, str], Awaitable[tuple[int, str]]]
+
+_REFUSALS = {
+    CommandId.QUERY_SM: Status.ESME_RQUERYFAIL,
+    CommandId.CANCEL_SM: Status.ESME_RCANCELFAIL,
+    CommandId.REPLACE_SM: Status.ESME_RREPLACEFAIL,
+}
+
+
+class NoReceiverError(LookupError):
+    """deliver() found no bound receiver/transceiver (for that system_id)."""
+
+
+class Smsc:
+    """An SMSC / USSD gateway endpoint.
+
+    `credentials` maps system_id -> password (None accepts any bind). Wrong system_id
+    is refused with ESME_RINVSYSID, wrong password with ESME_RINVPASWD.
+    `on_submit(pdu, system_id)` returns (status, message_id) for submit_sm (and
+    data_sm); if it raises, the ESME gets ESME_RX_T_APPN.
+    """
+
+    def __init__(
+        self,
+        *,
+        credentials: dict[str, str] | None,
+        on_submit: OnSubmit,
+        system_id: str = "SMSC",
+        window_max: int = 10,
+        enquire_link_s: float = 30.0,
+        response_timeout_s: float = 5.0,
+        connections_max: int = CONNECTIONS_MAX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.credentials = credentials
+        self.on_submit = on_submit
+        self.system_id = system_id
+        self.window_max = window_max
+        self.enquire_link_s = enquire_link_s
+        self.response_timeout_s = response_timeout_s
+        self.connections_max = connections_max
+        self._clock = clock
+        self._server: asyncio.Server | None = None
+        self._conns: set[SmppConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._throttle_fraction: float | None = None
+        self._throttle_acc = 0.0
+        self._rr = itertools.count()
+        self.submits_received = 0
+        self.submits_throttled = 0
+
+    # -- configuration -----------------------------------------------------------------
+
+    def set_throttle(self, fraction_or_none: float | None) -> None:
+        """Answer this share (0..1) of submits with ESME_RTHROTTLED; None stops it.
+        Deterministic: 0.5 throttles every second submit."""
+        if fraction_or_none is not None and not 0.0 <= fraction_or_none <= 1.0:
+            raise ValueError("throttle fraction must be within 0..1")
+        self._throttle_fraction = fraction_or_none
+        self._throttle_acc = 0.0
+
+    def _authenticate(self, pdu: Pdu) -> int:
+        if self.credentials is None:
+            return Status.ESME_ROK
+        system_id = getattr(pdu, "system_id", "")
+        if system_id not in self.credentials:
+            return Status.ESME_RINVSYSID
+        if self.credentials[system_id] != getattr(pdu, "password", ""):
+            return Status.ESME_RINVPASWD
+        return Status.ESME_ROK
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start accepting; returns the bound port (pass 0 for a free one)."""
+        self._server = await asyncio.start_server(self._accept, host, port)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await asyncio.gather(*(c.unbind(UNBIND_TIMEOUT_S) for c in list(self._conns)),
+                             return_exceptions=True)
+        for c in list(self._conns):
+            c.close()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    def bound_system_ids(self) -> list[str]:
+        return [c.session.peer_system_id for c in self._conns if c.session.bound]
+
+    # -- delivering --------------------------------------------------------------------
+
+    async def deliver(self, pdu: DeliverSm, system_id: str | None = None) -> int:
+        """Send deliver_sm to a bound receiver/transceiver (of `system_id` if given,
+        round-robin otherwise) and return the deliver_sm_resp status. The bind's
+        window is honoured (waits for a slot). Raises NoReceiverError when nobody
+        can take it, RequestFailedError on timeout or connection loss."""
+        candidates = [
+            c for c in self._conns
+            if c.session.state in (State.BOUND_RX, State.BOUND_TRX)
+            and (system_id is None or c.session.peer_system_id == system_id)
+        ]
+        if not candidates:
+            raise NoReceiverError(f"no receiver bound{f' as {system_id}' if system_id else ''}")
+        conn = candidates[next(self._rr) % len(candidates)]
+        resp = await conn.request(pdu)
+        return resp.command_status
+
+    # -- connections -------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._conns) >= self.connections_max:
+            writer.close()
+            return
+        session = Session(
+            Role.SMSC, system_id=self.system_id, authenticator=self._authenticate,
+            window_max=self.window_max, enquire_link_s=self.enquire_link_s,
+            response_timeout_s=self.response_timeout_s,
+        )
+        peer = writer.get_extra_info("peername")
+        conn = SmppConnection(session, reader, writer, lambda p: self._on_request(conn, p),
+                              name=f"smsc<-{peer}", clock=self._clock)
+        self._conns.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await conn.run()
+        finally:
+            self._conns.discard(conn)
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _on_request(self, conn: SmppConnection, pdu: Pdu) -> Pdu:
+        if isinstance(pdu, (SubmitSm, DataSm)):
+            self.submits_received += 1
+            if self._throttled():
+                self.submits_throttled += 1
+                return make_response(pdu, Status.ESME_RTHROTTLED)
+            status, message_id = await self.on_submit(pdu, conn.session.peer_system_id)  # type: ignore[arg-type]
+            if status != Status.ESME_ROK:
+                return make_response(pdu, status)
+            return make_response(pdu, 0, message_id=message_id)
+        return make_response(pdu, _REFUSALS.get(CommandId(pdu.command_id), Status.ESME_RINVCMDID))
+
+    def _throttled(self) -> bool:
+        if not self._throttle_fraction:
+            return False
+        self._throttle_acc += self._throttle_fraction
+        if self._throttle_acc >= 1.0 - 1e-9:
+            self._throttle_acc -= 1.0
+            return True
+        return False
+

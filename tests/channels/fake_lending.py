@@ -1,0 +1,76 @@
+"""An in-memory lending service with the real decision rules, for channel tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from extrabalance.core.lending import BorrowRequest, Granted, decide, offer
+from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
+from extrabalance.core.policy import Policy
+
+
+@dataclass
+class Outcome:
+    status: str
+    reason: Any
+    loan_id: int | None
+    tier_id: int | None
+    amount_minor: int
+    fee_minor: int
+    debt_minor: int
+    replayed: bool = False
+
+
+@dataclass
+class FakeLending:
+    policy: Policy
+    states: dict[str, SubscriberState] = field(default_factory=dict)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    borrow_calls: int = 0
+    pending: bool = False  # answer PENDING (the IN timed out)
+
+    def add(self, msisdn: str, tenure_days: int, arpu_minor: int, **state: Any) -> None:
+        self.states[msisdn] = SubscriberState(
+            msisdn, SubscriberProfile(msisdn, tenure_days, arpu_minor, {}), **state
+        )
+
+    def _state(self, msisdn: str) -> SubscriberState:
+        return self.states.setdefault(msisdn, SubscriberState(msisdn, None))
+
+    async def quote(self, msisdn: str) -> Any:
+        return offer(self._state(msisdn), self.policy, datetime.now(UTC))
+
+    async def status(self, msisdn: str) -> SubscriberState:
+        return self._state(msisdn)
+
+    async def set_preferences(self, msisdn: str, **changes: Any) -> None:
+        mapping = {"auto_advance": "auto_advance_opt_in", "ads_opt_out": "ads_opt_out",
+                   "language": "language"}
+        fields = {mapping[k]: v for k, v in changes.items() if v is not None}
+        self.states[msisdn] = dataclasses.replace(self._state(msisdn), **fields)
+
+    async def borrow(self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str) -> Outcome:
+        if idempotency_key in self.outcomes:
+            return dataclasses.replace(self.outcomes[idempotency_key], replayed=True)
+        self.borrow_calls += 1
+        state = self._state(msisdn)
+        decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy,  # type: ignore[arg-type]
+                          datetime.now(UTC))
+        if not isinstance(decision, Granted):
+            result = Outcome("REFUSED", decision.reason, None, tier_id, 0, 0, state.debt_minor)
+        elif self.pending:
+            result = Outcome("PENDING", None, None, decision.tier.tier_id, decision.amount_minor,
+                             decision.fee_minor, state.debt_minor)
+        else:
+            loan = OpenLoan(str(len(state.open_loans) + 1), decision.tier.tier_id, decision.amount_minor,
+                            decision.fee_minor, 0, 0, datetime.now(UTC))
+            state = dataclasses.replace(state, open_loans=state.open_loans + (loan,),
+                                        loans_since_full_payback=state.loans_since_full_payback + 1)
+            self.states[msisdn] = state
+            result = Outcome("GRANTED", None, loan.loan_id, decision.tier.tier_id,
+                             decision.amount_minor, decision.fee_minor, state.debt_minor)
+        self.outcomes[idempotency_key] = result
+        return result

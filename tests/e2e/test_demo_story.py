@@ -1,0 +1,86 @@
+"""The demo's story over real sockets: every screen, SMS, result code and balance."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from extrabalance.demo import A, B, Transcript, demo_env, play
+
+
+async def test_demo_story(tmp_path):
+    transcript = Transcript()
+    async with demo_env(tmp_path) as env:
+        summary = await play(env, transcript)
+        balances = {m: env.in_sim.balance(m) for m in (A, B)}
+        edr_dir = env.node.edr.directory
+    got = [(e.kind, e.msisdn, e.text, e.final, e.dialled, e.result_code)
+           for e in transcript.entries if e.kind in ("screen", "sms", "diameter", "in_op")]
+    menu_a = (
+        "Extra Balance (owe 0.00 EGP, can borrow 25.00 EGP)\n1 1.00 EGP\n2 2.00 EGP\n"
+        "3 3.00 EGP\n4 5.00 EGP\n5 7.50 EGP\n6 10.00 EGP\n7 15.00 EGP\n8 20.00 EGP\n0 My account"
+    )
+    confirm = "Borrow {}? Fee {}. You repay {} from your next recharge.\n1 Confirm\n2 Cancel"
+    expected = [
+        ("diameter", A, "CCA 4012 DIAMETER_CREDIT_LIMIT_REACHED", False, "", 4012),
+        ("sms", A, "Out of credit? Dial *123# for Extra Balance now and pay later.", False, "", None),
+        ("screen", A, menu_a, False, "*123#", None),
+        ("screen", A, confirm.format("5.00 EGP", "0.50 EGP", "5.50 EGP"), False, "4", None),
+        ("screen", A, "Done: 5.00 EGP added to your balance. You owe 5.50 EGP.", True, "1", None),
+        ("in_op", A, "CCR REFUND_ACCOUNT 5.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
+        ("sms", A, ("Extra Balance: 5.00 EGP added to your balance (fee 0.50 EGP). You owe 5.50 EGP;"
+                   " it is repaid from your next recharge."), False, "", None),
+        ("in_op", A, "CCR DIRECT_DEBITING 3.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
+        ("sms", A, "Thank you. 3.00 EGP of your Extra Balance was repaid. Remaining: 2.50 EGP.",
+         False, "", None),
+        ("in_op", A, "CCR DIRECT_DEBITING 2.50 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
+        ("sms", A, ("Thank you. Your Extra Balance is fully repaid (2.50 EGP). Dial *123# whenever"
+                   " you need it."), False, "", None),
+        ("in_op", B, "CCR REFUND_ACCOUNT 5.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
+        ("sms", B, ("Extra Balance: 5.00 EGP added to your balance (fee 0.50 EGP). You owe 5.50 EGP;"
+                   " it is repaid from your next recharge."), False, "", None),
+        ("screen", B, confirm.format("3.00 EGP", "0.35 EGP", "3.35 EGP"), False, "*123*3#", None),
+        ("screen", B, "Done: 3.00 EGP added to your balance. You owe 8.85 EGP.", True, "1", None),
+        ("in_op", B, "CCR REFUND_ACCOUNT 3.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
+        ("sms", B, ("Extra Balance: 3.00 EGP added to your balance (fee 0.35 EGP). You owe 8.85 EGP;"
+                   " it is repaid from your next recharge."), False, "", None),
+        ("screen", B, "Sorry, no Extra Balance now: this would pass your limit; repay first",
+         True, "*123*2#", None),
+        ("screen", B, confirm.format("1.00 EGP", "0.15 EGP", "1.15 EGP"), False, "*123*1#", None),
+        ("screen", B, "Done: 1.00 EGP added to your balance. You owe 10.00 EGP.", True, "1", None),
+        ("in_op", B, "CCR REFUND_ACCOUNT 1.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
+        ("sms", B, ("Extra Balance: 1.00 EGP added to your balance (fee 0.15 EGP). You owe 10.00 EGP;"
+                   " it is repaid from your next recharge."), False, "", None),
+        ("screen", B, "Sorry, no Extra Balance now: please repay your previous loans first",
+         True, "*123#", None),
+        ("diameter", B, "CCA 4010 DIAMETER_END_USER_SERVICE_DENIED", False, "", 4010),
+    ]
+    assert got == expected
+    # A: lent 5.00 + 0.50 fee, recharged 3.00 (all taken) then 10.00 (2.50 taken).
+    # B: three loans (9.00) spent as he went, nothing recharged.
+    assert balances == {A: 750, B: 0}
+    assert summary.loans == 4
+    assert summary.principal_lent_minor == 1400
+    assert summary.fees_minor == 150
+    assert summary.recovered_minor == 550
+    assert summary.outstanding_minor == 1000
+    assert summary.in_credited_minor == 1400 and summary.in_debited_minor == 550
+    assert summary.ledger_matches_in and summary.journal_balanced
+    # Every loan and payback also left an EDR line.
+    lines = "".join(p.read_text() for p in sorted(edr_dir.glob("edr-*.csv")))
+    assert lines.count(",loan,") == 4
+    assert lines.count(",payback,") == 2
+
+
+def test_demo_command_json_summary():
+    """`extrabalance demo --json` runs the same story in a fresh process and exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "extrabalance", "demo", "--json"],
+        check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["ledger_matches_in"] is True
+    assert summary["journal_balanced"] is True
+    assert summary["loans"] == 4 and summary["outstanding_minor"] == 1000

@@ -1,0 +1,241 @@
+"""In-memory fakes of the IN, the notifier and the event sink, plus a harness that
+wires the services over a real (temporary) ledger."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from extrabalance.core.policy import Policy
+from extrabalance.ledger import Ledger, store
+from extrabalance.service.accounts import AccountService
+from extrabalance.service.lending import LendingService
+from extrabalance.service.locks import SubscriberLocks
+from extrabalance.service.ports import InAction, InOperation, InOutcome, InResult, Notice
+from extrabalance.service.recovery import PaybackService
+from extrabalance.service.resolver import Resolver
+from extrabalance.service.routing import Router, RouteRule
+from tests.core.sample import NOW, POLICY
+
+
+class SimulatedCrash(BaseException):
+    """The node process dies here (BaseException: no `except Exception` catches it)."""
+
+
+# Fault kinds, applied to the next IN calls in order.
+REFUSE = "refuse"  # final refusal, not applied (4012 / 4010)
+NOT_EXECUTED = "not_executed"  # 3004 TOO_BUSY: not applied, not remembered
+TIMEOUT = "timeout"  # request lost before the IN: not applied, answer UNKNOWN
+LOST_ANSWER = "lost_answer"  # applied, answer lost: UNKNOWN
+CRASH_BEFORE = "crash_before"  # node dies before the request leaves
+CRASH_AFTER = "crash_after"  # IN applies, node dies before it reads the answer
+FAULTS = (REFUSE, NOT_EXECUTED, TIMEOUT, LOST_ANSWER, CRASH_BEFORE, CRASH_AFTER)
+
+
+@dataclass
+class FakeIn:
+    """A prepaid IN that honours Session-Id + CC-Request-Number deduplication."""
+
+    balances: dict[str, int] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)  # msisdn -> in_node, when strict
+    faults: deque[str] = field(default_factory=deque)
+    answers: dict[tuple[str, int], InResult] = field(default_factory=dict)
+    credits: dict[str, int] = field(default_factory=dict)  # session_id -> credited
+    debits: dict[str, int] = field(default_factory=dict)  # session_id -> debited
+    calls: list[InOperation] = field(default_factory=list)
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def new_session_id(self) -> str:
+        return f"eb.node;1;{next(self._ids)}"
+
+    def fail_next(self, *kinds: str) -> None:
+        self.faults.extend(kinds)
+
+    async def execute(self, op: InOperation) -> InResult:
+        self.calls.append(op)
+        fault = self.faults.popleft() if self.faults else None
+        if fault == CRASH_BEFORE:
+            raise SimulatedCrash
+        if fault == TIMEOUT:
+            return InResult(InOutcome.UNKNOWN)
+        if fault == NOT_EXECUTED:
+            return InResult(InOutcome.NOT_EXECUTED, 3004)
+        key = (op.session_id, op.request_number)
+        first = self.answers.get(key)
+        if first is None:
+            first = self._apply(op, refuse=fault == REFUSE)
+            self.answers[key] = first
+        if fault == LOST_ANSWER:
+            return InResult(InOutcome.UNKNOWN)
+        if fault == CRASH_AFTER:
+            raise SimulatedCrash
+        return first
+
+    def _apply(self, op: InOperation, *, refuse: bool) -> InResult:
+        owner = self.owners.get(op.msisdn)
+        if owner is not None and owner != op.in_node:
+            return InResult(InOutcome.REFUSED, 5030)
+        balance = self.balances.get(op.msisdn, 0)
+        if op.action is InAction.REFUND_ACCOUNT:
+            if refuse:
+                return InResult(InOutcome.REFUSED, 4010)
+            self.balances[op.msisdn] = balance + op.amount_minor
+            self.credits[op.session_id] = op.amount_minor
+            return InResult(InOutcome.DONE, 2001, op.amount_minor)
+        if op.action is InAction.DIRECT_DEBITING:
+            if refuse or balance < op.amount_minor:
+                return InResult(InOutcome.REFUSED, 4012)
+            self.balances[op.msisdn] = balance - op.amount_minor
+            self.debits[op.session_id] = op.amount_minor
+            return InResult(InOutcome.DONE, 2001, op.amount_minor)
+        return InResult(InOutcome.DONE, 2001, None, balance >= op.amount_minor)
+
+
+@dataclass
+class FakeNotifier:
+    sent: list[Notice] = field(default_factory=list)
+    broken: bool = False
+
+    async def notify(self, notice: Notice) -> None:
+        if self.broken:
+            raise ConnectionError("SMSC down")
+        self.sent.append(notice)
+
+    def templates(self, msisdn: str | None = None) -> list[str]:
+        return [n.template for n in self.sent if msisdn is None or n.msisdn == msisdn]
+
+
+@dataclass
+class ListEvents:
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self.events.append((kind, fields))
+
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.events]
+
+
+class Clock:
+    def __init__(self, start: datetime = NOW) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+ROUTES = [
+    RouteRule("in-a.operator.example", prefix="2010"),
+    RouteRule("in-b.operator.example", prefix="2011"),
+]
+
+
+class Harness:
+    """Services over a real ledger in `db_path`, with fake ports. `restart()` drops
+    every in-memory object and re-opens the same database, as after a crash."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        policy: Policy = POLICY,
+        *,
+        fake_in: FakeIn | None = None,
+        clock: Clock | None = None,
+        batch_window_ms: float = 0.5,
+        review_after_attempts: int = 5,
+    ) -> None:
+        self.review_after_attempts = review_after_attempts
+        self.db_path = db_path
+        self.policy = policy
+        self.fake_in = fake_in or FakeIn()
+        self.notifier = FakeNotifier()
+        self.events = ListEvents()
+        self.clock = clock or Clock()
+        self.batch_window_ms = batch_window_ms
+        self._open()
+
+    def _open(self) -> None:
+        self.ledger = Ledger(self.db_path, batch_window_ms=self.batch_window_ms)
+        self.locks = SubscriberLocks()
+        self.router = Router(ROUTES)
+        common = (self.ledger, self.fake_in, self.notifier, self.events, self.policy)
+        self.lending = LendingService(*common, self.router, self.clock, locks=self.locks)
+        self.payback = PaybackService(*common, self.router, self.clock, locks=self.locks)
+        self.resolver = Resolver(
+            *common, self.clock, locks=self.locks, review_after_attempts=self.review_after_attempts
+        )
+        self.accounts = AccountService(
+            self.ledger, self.notifier, self.events, self.policy, self.clock, locks=self.locks
+        )
+
+    async def restart(self) -> None:
+        await self.ledger.close()
+        self._open()
+
+    async def close(self) -> None:
+        await self.ledger.close()
+
+    # -- set-up and checks -------------------------------------------------------
+
+    async def add_profile(
+        self, msisdn: str, tenure_days: int = 400, arpu_minor: int = 6000, **attributes: str | int
+    ) -> None:
+        import json
+
+        now = self.clock()
+
+        def upsert(conn: Any) -> None:
+            conn.execute(
+                "INSERT INTO subscribers (msisdn, tenure_days, arpu_minor, attributes,"
+                " updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (msisdn) DO UPDATE SET"
+                " tenure_days = excluded.tenure_days, arpu_minor = excluded.arpu_minor,"
+                " attributes = excluded.attributes",
+                (msisdn, tenure_days, arpu_minor, json.dumps(attributes), store.ts(now)),
+            )
+
+        await self.ledger.write(upsert)
+
+    async def check_invariants(self) -> dict[str, Any]:
+        """The money invariants; returns figures for further assertions."""
+
+        def gather(conn: Any) -> dict[str, Any]:
+            unbalanced = conn.execute(
+                "SELECT tx_id FROM journal GROUP BY tx_id HAVING SUM(amount_minor) <> 0"
+            ).fetchall()
+            assert unbalanced == [], f"unbalanced transactions {unbalanced}"
+            per_sub = conn.execute(
+                "SELECT msisdn, SUM(amount_minor) FROM journal WHERE account IN"
+                " ('principal_receivable', 'fee_receivable') GROUP BY msisdn"
+            ).fetchall()
+            for msisdn, debt in per_sub:
+                assert debt >= 0, f"negative debt {msisdn} {debt}"
+                cached = conn.execute(
+                    "SELECT COALESCE(SUM(principal_minor - principal_repaid_minor + fee_minor"
+                    " - fee_repaid_minor), 0) FROM loans WHERE msisdn = ? AND state IN (?, ?)",
+                    (msisdn, *store.LOAN_OPEN_STATES),
+                ).fetchone()[0]
+                assert cached == debt, f"loan cache {cached} != journal {debt} for {msisdn}"
+            return {
+                "totals": store.account_totals(conn),
+                "debts": dict(per_sub),
+                "granted_sessions": {
+                    r[0]: r[1]
+                    for r in conn.execute(
+                        "SELECT diameter_session_id, principal_minor FROM loans WHERE state IN"
+                        " ('ACTIVE', 'PARTIALLY_REPAID', 'REPAID', 'WRITTEN_OFF')"
+                        " AND channel <> 'auto'"
+                    )
+                },
+                "recovered": conn.execute(
+                    "SELECT COALESCE(SUM(recovered_minor), 0) FROM recoveries WHERE state = 'DONE'"
+                ).fetchone()[0],
+            }
+
+        return await self.ledger.read(gather)

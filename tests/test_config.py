@@ -1,0 +1,65 @@
+"""The config fails at start with the file, the key and what is wrong."""
+
+import filecmp
+from pathlib import Path
+
+import pytest
+
+from extrabalance.config import ConfigError, default_config_text, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_is_the_embedded_default():
+    assert filecmp.cmp(ROOT / "config/extrabalance.toml",
+                       ROOT / "extrabalance/defaults/extrabalance.toml", shallow=False)
+
+
+def test_default_policy_has_twelve_tiers_and_segments():
+    policy = load_settings().policy()
+    assert len(policy.tiers) >= 12
+    assert [s.name for s in policy.segments] == ["vip", "regular", "basic"]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "eb.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_not_toml(tmp_path):
+    with pytest.raises(ConfigError, match=r"eb.toml: not valid TOML"):
+        load_settings(write(tmp_path, "[node\n"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    "old, new, key, words",
+    [
+        ('percent_bp = 1000                  # 10 %', 'percent_bp = "ten"', "fee_plans.standard.percent_bp", "integer"),
+        ('fee_plan = "standard"\nbad_debt_limit = 4', 'fee_plan = "gold"\nbad_debt_limit = 4', "", "no fee plan named 'gold'"),
+        ('[[tiers]]\nid = 12\namount_minor = 5000\n', '', "", "at least 12 required"),
+        ('currency = "EGP"', 'currency = "egp"', "node.currency", "pattern"),
+        ('listen_host = "127.0.0.1"\nlisten_port = 3868', 'listen_host = "0.0.0.0"\nlisten_port = 3868', "", "allow_unauthenticated_public_listener"),
+        ('ranges = [{ start = "201000000000", end = "201049999999" }]', 'ranges = [{ start = "2019", end = "2010" }]', "in_nodes.0.ranges.0", "empty"),
+        ('mask_msisdn_in_logs = true', 'mask_msisdn_in_logs = true\ncolour = "blue"', "node.colour", "Extra inputs"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, old, new, key, words):
+    text = default_config_text()
+    assert old in text, old
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text.replace(old, new, 1)))
+    message = str(info.value)
+    assert "eb.toml: invalid configuration" in message
+    assert key in message and words in message
+
+
+def test_secret_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("EB_SMPP_PASSWORD", "s3cret")
+    assert load_settings().smpp.binds[0].password() == "s3cret"
+    assert "s3cret" not in default_config_text()
