@@ -162,7 +162,6 @@ class Node:
         )
         self.ports = NodePorts()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._accepting_recharges = True
         self.started = asyncio.Event()
 
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -186,8 +185,6 @@ class Node:
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""
-        if not self._accepting_recharges:
-            raise RuntimeError("node stopping: leave the recharge unacknowledged")
         await self.payback.handle_recharge(
             RechargeEvent(
                 event_id=event.event_id,
@@ -269,10 +266,11 @@ class Node:
         return {"changed": changed, "needs_restart": restart}
 
     async def stop(self) -> None:
-        self._accepting_recharges = False
-        await self.channel.drain(DRAIN_WAIT_S)
+        # The listener stops taking recharges, lets running paybacks finish and acks
+        # them; the rest stay on the broker for the next start.
         with contextlib.suppress(Exception):
             await self.recharges.stop()
+        await self.channel.drain(DRAIN_WAIT_S)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
