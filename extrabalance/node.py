@@ -162,6 +162,7 @@ class Node:
         )
         self.ports = NodePorts()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._stopped = False
         self.started = asyncio.Event()
 
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -266,6 +267,9 @@ class Node:
         return {"changed": changed, "needs_restart": restart}
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         # The listener stops taking recharges, lets running paybacks finish and acks
         # them; the rest stay on the broker for the next start.
         with contextlib.suppress(Exception):
