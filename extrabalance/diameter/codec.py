@@ -166,11 +166,18 @@ def find_path(avps: Iterable[Avp], *path: PathStep) -> Avp | None:
     found: Avp | None = None
     current: Iterable[Avp] = avps
     for step in path:
-        code, vendor = (step, 0) if isinstance(step, int) else step
-        found = find_first(current, code, vendor)
-        if found is None:
+        if step.__class__ is int:
+            code, vendor = step, 0
+        else:
+            code, vendor = step  # type: ignore[misc]
+        for a in current:
+            if a[0] == code and a[2] == vendor:
+                found = a
+                break
+        else:
             return None
-        current = found[3] if isinstance(found[3], tuple) else ()
+        value = found[3]
+        current = value if value.__class__ is tuple else ()
     return found
 
 
@@ -726,7 +733,8 @@ _CACHED_CODES: Final = frozenset({
     258, 259, 264, 266, 268, 269, 278, 283, 293, 296,  # base: apps, identities, result
     413, 415, 416, 422, 425, 429, 431, 436, 437, 445, 447, 450, 455, 461,  # credit control
 })
-_DECODE_CACHE: dict[bytes, Avp] = {}
+# raw bytes of an AVP -> (raw bytes of the run it starts, the run's decoded AVPs)
+_DECODE_CACHE: dict[bytes, tuple[bytes, tuple[Avp, ...]]] = {}
 
 
 def _decode_avps_fast(
@@ -744,6 +752,12 @@ def _decode_avps_fast(
     new = _new_avp
     cache = _DECODE_CACHE
     cached_codes = _CACHED_CODES
+    # The current run of consecutive cacheable AVPs (identities, realm, app id, ...):
+    # remembered as a whole under its first AVP's bytes, so that the next message
+    # with the same run costs one lookup and one comparison.
+    run_start = -1
+    run_key = b""
+    run_index = 0
     try:
         while pos < end:
             code, word, third = _U_III(buf, pos)
@@ -755,9 +769,26 @@ def _decode_avps_fast(
                 raw = buf[pos:stop]
                 hit = cache.get(raw)
                 if hit is not None:
-                    append(hit)
+                    run_bytes, run_avps = hit
+                    if len(run_avps) > 1 and buf.startswith(run_bytes, pos) \
+                            and pos + len(run_bytes) <= end:
+                        if run_start >= 0 and len(out) - run_index >= 2:
+                            cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
+                        out.extend(run_avps)
+                        pos += len(run_bytes)
+                        run_start = -1
+                        continue
+                    if run_start < 0:
+                        run_start, run_key, run_index = pos, raw, len(out)
+                    append(run_avps[0])  # its key is this AVP's exact bytes
                     pos = (stop + 3) & ~3 if stop & 3 else stop
                     continue
+                if run_start < 0:
+                    run_start, run_key, run_index = pos, raw, len(out)
+            elif run_start >= 0:
+                if len(out) - run_index >= 2:
+                    cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
+                run_start = -1
             tag = tags.get(code, _TAG_OCTETS)
             if tag == _TAG_TEXT:
                 value: Any = buf[pos + 8 : stop].decode()
@@ -793,10 +824,13 @@ def _decode_avps_fast(
             if raw is not None:
                 if len(cache) >= DECODE_CACHE_MAX:
                     cache.clear()
-                cache[raw] = decoded
+                    run_start = -1  # its first AVP's entry is gone
+                cache[raw] = (raw, (decoded,))
             pos = (stop + 3) & ~3 if stop & 3 else stop
         else:
             if pos == end:
+                if run_start >= 0 and len(out) - run_index >= 2:
+                    cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
                 return out
     except (struct.error, UnicodeDecodeError):
         pass  # the general decoder finds and names the fault
