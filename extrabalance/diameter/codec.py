@@ -729,6 +729,7 @@ _U_III: Final = _S_III.unpack_from
 # low-cardinality AVPs qualify: never Session-Id, Subscription-Id, timestamps.
 DECODE_CACHE_MAX: Final = 4096
 DECODE_CACHE_AVP_BYTES_MAX: Final = 128
+DECODE_CACHE_RUN_BYTES_MAX: Final = 1024
 _CACHED_CODES: Final = frozenset({
     258, 259, 264, 266, 268, 269, 278, 283, 293, 296,  # base: apps, identities, result
     413, 415, 416, 422, 425, 429, 431, 436, 437, 445, 447, 450, 455, 461,  # credit control
@@ -772,7 +773,8 @@ def _decode_avps_fast(
                     run_bytes, run_avps = hit
                     if len(run_avps) > 1 and buf.startswith(run_bytes, pos) \
                             and pos + len(run_bytes) <= end:
-                        if run_start >= 0 and len(out) - run_index >= 2:
+                        if run_start >= 0 and len(out) - run_index >= 2 \
+                                and pos - run_start <= DECODE_CACHE_RUN_BYTES_MAX:
                             cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
                         out.extend(run_avps)
                         pos += len(run_bytes)
@@ -786,7 +788,7 @@ def _decode_avps_fast(
                 if run_start < 0:
                     run_start, run_key, run_index = pos, raw, len(out)
             elif run_start >= 0:
-                if len(out) - run_index >= 2:
+                if len(out) - run_index >= 2 and pos - run_start <= DECODE_CACHE_RUN_BYTES_MAX:
                     cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
                 run_start = -1
             tag = tags.get(code, _TAG_OCTETS)
@@ -829,7 +831,8 @@ def _decode_avps_fast(
             pos = (stop + 3) & ~3 if stop & 3 else stop
         else:
             if pos == end:
-                if run_start >= 0 and len(out) - run_index >= 2:
+                if run_start >= 0 and len(out) - run_index >= 2 \
+                        and pos - run_start <= DECODE_CACHE_RUN_BYTES_MAX:
                     cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
                 return out
     except (struct.error, UnicodeDecodeError):

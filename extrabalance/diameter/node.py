@@ -297,6 +297,11 @@ class _Connection(asyncio.Protocol):
                 node.identity.origin_host, node.identity.origin_realm, msg)
         finally:
             self._inbound -= 1
+        if not isinstance(answer, Message):
+            log.error("diameter request handler returned %r, not a Message", type(answer))
+            answer = codec.error_answer(
+                DiameterError(DIAMETER_UNABLE_TO_COMPLY, "no answer", partial=msg),
+                node.identity.origin_host, node.identity.origin_realm, msg)
         # The answer travels back on the ids of the request, whatever the handler set.
         if answer.hop_by_hop_id != msg.hop_by_hop_id or answer.end_to_end_id != msg.end_to_end_id:
             answer = answer._replace(hop_by_hop_id=msg.hop_by_hop_id,
