@@ -463,25 +463,49 @@ _P_IIq: Final = _S_IIq.pack
 # remembers their bytes so encode copies instead of re-packing. Keyed by identity,
 # with the object kept alive in the entry so an id cannot be reused under us.
 INTERNED_AVPS_MAX: Final = 4096
-_ENCODED_BY_ID: dict[int, tuple[Avp, bytes]] = {}
+# id(avp) -> (avp, its bytes, a run of AVPs it starts or None, the run's bytes)
+_ENCODED_BY_ID: dict[int, tuple[Avp, bytes, tuple[Avp, ...] | None, bytes]] = {}
 
 
 def intern_avp(a: Avp) -> Avp:
     """Remember the encoding of an AVP that will be sent many times; returns it."""
-    if len(_ENCODED_BY_ID) >= INTERNED_AVPS_MAX:
-        _ENCODED_BY_ID.clear()  # rare; the owners re-intern on their next build
-    _ENCODED_BY_ID[id(a)] = (a, encode_avp(a))
+    if id(a) not in _ENCODED_BY_ID:
+        if len(_ENCODED_BY_ID) >= INTERNED_AVPS_MAX:
+            _ENCODED_BY_ID.clear()  # rare; encode then packs those AVPs again
+        _ENCODED_BY_ID[id(a)] = (a, encode_avp(a), None, b"")
     return a
+
+
+def intern_run(avps: tuple[Avp, ...]) -> tuple[Avp, ...]:
+    """Remember the encoding of a sequence of AVPs always sent together (a CCR's
+    routing AVPs); encode then copies it whole when it meets the same sequence."""
+    if avps:
+        first = avps[0]
+        if len(_ENCODED_BY_ID) >= INTERNED_AVPS_MAX:
+            _ENCODED_BY_ID.clear()
+        _ENCODED_BY_ID[id(first)] = (first, encode_avp(first), avps,
+                                     b"".join(encode_avp(a) for a in avps))
+    return avps
 
 
 def _encode_avps_fast(avps: Sequence[Avp], parts: list[bytes]) -> None:
     append = parts.append
     tags = _TAG_BY_KEY
     interned = _ENCODED_BY_ID
-    for a in avps:
+    i = 0
+    count = len(avps)
+    while i < count:
+        a = avps[i]
+        i += 1
         hit = interned.get(id(a))
         if hit is not None and hit[0] is a:
-            append(hit[1])
+            run = hit[2]
+            # Tuple equality checks identity first, so a match costs little.
+            if run is not None and avps[i - 1 : i - 1 + len(run)] == run:
+                append(hit[3])
+                i += len(run) - 1
+            else:
+                append(hit[1])
             continue
         code, flags, vendor, value = a
         if vendor:

@@ -181,7 +181,7 @@ def _ccr_routing(origin_host: str, origin_realm: str, destination_host: str | No
         c(AVP_CC_REQUEST_TYPE, request_type),
         c(AVP_CC_REQUEST_NUMBER, request_number),
     ]
-    return tuple(avps)
+    return codec.intern_run(tuple(avps))
 
 
 def ntp_now() -> int:
