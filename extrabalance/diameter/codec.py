@@ -866,10 +866,6 @@ def _decode_avps_fast(
     return _decode_avps(buf, pos, end, depth, out)
 
 
-def _bytes_of(data: bytes | bytearray | memoryview) -> bytes:
-    return data if data.__class__ is bytes else bytes(data)
-
-
 def decode_header(data: bytes) -> tuple[int, int, int, int, int, int]:
     """(length, flags, command_code, application_id, hop_by_hop_id, end_to_end_id).
 
@@ -894,8 +890,13 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     Raises FrameError when the header cannot frame the data, DiameterError (5014,
     5004, 5015) when the frame is sound but its content is not.
     """
-    buf = _bytes_of(data)
-    length, flags, command, app, hbh, e2e = decode_header(buf)
+    buf = data if data.__class__ is bytes else bytes(data)
+    if len(buf) < HEADER_BYTES or buf[0] != DIAMETER_VERSION:
+        decode_header(buf)  # raises the precise FrameError
+    vl, fc, app, hbh, e2e = _U_HEADER(buf, 0)
+    length, flags, command = vl & 0xFFFFFF, fc >> 24, fc & 0xFFFFFF
+    if length < HEADER_BYTES or length > MAX_MESSAGE_BYTES:
+        decode_header(buf)
     if length != len(buf) or length & 3:
         raise DiameterError(
             5015, f"header says {length} bytes, frame has {len(buf)} (must be a multiple of 4)",
