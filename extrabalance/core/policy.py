@@ -8,9 +8,9 @@ units (piastres, cents) of the node's one currency; percentages are basis points
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Mapping
 
 
 @dataclass(frozen=True, slots=True)
