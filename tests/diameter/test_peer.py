@@ -357,3 +357,15 @@ def test_any_bytes_from_a_peer_never_raise(data: st.DataObject) -> None:
             peer.handle_timer(50.0)
             peer.data_to_send()
             peer.events()
+
+
+def test_any_message_restarts_tw() -> None:
+    client, server = open_pair(watchdog_s=30.0)
+    # the server sends a request at t=20: the client's Tw now counts from 20
+    server.send_request(sample_ccr(), "from-server", 20.0, 5.0)
+    client.data_received(server.data_to_send(), 20.0)
+    client.handle_timer(33.0)  # past 0 + 30 + 2, but not 20 + 28
+    assert client.data_to_send() == b""
+    client.handle_timer(52.5)  # past 20 + 32: idle for a whole Tw, so DWR
+    assert decode(client.data_to_send()).command_code == 280
+    assert client.state is PeerState.OPEN
