@@ -311,6 +311,8 @@ class _Pending:
 @dataclass(slots=True)
 class _Timers:
     watchdog_at: float | None = None
+    watchdog_armed_at: float = 0.0  # the instant Tw was counted from
+    activity_at: float = 0.0  # last message received
     dwr_outstanding: bool = False
     timeout_at: float | None = None
     deadlines: list[tuple[float, int]] = field(default_factory=list)  # heap (deadline, hbh)
@@ -407,6 +409,11 @@ class PeerConnection:
         if t.timeout_at is not None and now >= t.timeout_at:
             t.timeout_at = None
             self._fire(Ev.TIMEOUT, now)
+        if t.watchdog_at is not None and now >= t.watchdog_at \
+                and t.activity_at > t.watchdog_armed_at:
+            # Messages arrived since Tw was set: count it from the last one (RFC 3539
+            # restarts Tw on every message; we do it lazily, here, not per message).
+            self._arm_watchdog(t.activity_at)
         if t.watchdog_at is not None and now >= t.watchdog_at:
             t.watchdog_at = None
             self._fire(Ev.TW_EXPIRED_UNANSWERED if t.dwr_outstanding else Ev.TW_EXPIRED, now)
@@ -687,10 +694,15 @@ class PeerConnection:
         self._events.append(AnswerReceived(entry.token, msg))
 
     def _act_reset_watchdog(self, now: float) -> None:
-        self._arm_watchdog(now)
+        t = self._timers
+        t.activity_at = now
+        if t.watchdog_at is None:
+            self._arm_watchdog(now)
 
     def _act_watchdog_dwa(self, now: float) -> None:
-        self._timers.dwr_outstanding = False
+        t = self._timers
+        t.dwr_outstanding = False
+        t.activity_at = now
         self._arm_watchdog(now)
 
     def _act_failover_pending(self, now: float) -> None:
@@ -742,7 +754,9 @@ class PeerConnection:
 
     def _arm_watchdog(self, now: float) -> None:
         jitter = min(WATCHDOG_JITTER_MAX_S, self.watchdog_s / 4)
-        self._timers.watchdog_at = now + self.watchdog_s + self._rng.uniform(-jitter, jitter)
+        t = self._timers
+        t.watchdog_armed_at = now
+        t.watchdog_at = now + self.watchdog_s + self._rng.uniform(-jitter, jitter)
 
     def _start_timeout(self, now: float, wait_s: float) -> None:
         self._timers.timeout_at = now + wait_s
