@@ -262,14 +262,15 @@ class Network:
 
 @contextlib.asynccontextmanager
 async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
-                  client_id: str = "extrabalance-bench", arabic_share: float = 0.2) -> Any:
+                  client_id: str = "extrabalance-bench", arabic_share: float = 0.2,
+                  broker_config: tuple[str, ...] = ()) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit."""
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.mosquitto import BrokerUnavailable, MosquittoBroker
 
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        broker = MosquittoBroker(workdir / "mosquitto").start()
+        broker = MosquittoBroker(workdir / "mosquitto", extra_config=broker_config).start()
     except BrokerUnavailable as exc:
         raise SystemExit(f"extrabalance bench: needs a private Mosquitto broker: {exc}. "
                          "Install it (apt-get install mosquitto; `make wire-tools` does it).")

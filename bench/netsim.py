@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class CountingIn(InSimulator):
         super().__init__(*args, **kwargs)
         self.spent_minor: Counter[str] = Counter()
         self.published_event_ids: list[str] = []
+        self.published_at_s: dict[str, float] = {}  # event id -> wall clock of its PUBACK
         self.unconfirmed_event_ids: list[str] = []  # applied on the IN, PUBACK not seen
 
     def spend(self, msisdn: str, amount_minor: int | None = None) -> int:
@@ -58,6 +60,7 @@ class CountingIn(InSimulator):
                     self.unconfirmed_event_ids.append(op.session_id)
             raise
         self.published_event_ids.append(event.event_id)
+        self.published_at_s[event.event_id] = time.time()
         return event
 
 
@@ -182,6 +185,7 @@ class Worker:
                 "initial_balance_minor": 0,
                 "spent_minor": dict(sim.spent_minor),
                 "published_event_ids": sim.published_event_ids,
+                "published_at_s": sim.published_at_s,
                 "unconfirmed_event_ids": sim.unconfirmed_event_ids,
                 "stats": sim.stats_summary(),
                 "duplicate_mismatch": sum(b.stats["duplicate_mismatch"]

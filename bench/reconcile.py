@@ -34,6 +34,7 @@ UNSETTLED_LOAN_STATES = ("REQUESTED", "CREDITING", "UNKNOWN")
 UNSETTLED_RECOVERY_STATES = ("RECOVERING", "UNKNOWN")
 CREDIT_ACTIONS = ("REFUND_ACCOUNT", "OUT_OF_BALANCE_GRANT")
 SUCCESS = 2001
+BROKER_LOSS_WINDOW_S = 3.0  # a broker SIGKILL may lose what it acknowledged this recently
 DETAILS_MAX = 20  # discrepancies listed per kind; beyond that only counted
 
 
@@ -97,19 +98,21 @@ def reconcile(
     smsc_dump: dict[str, Any] | None = None,
     *,
     check_recharges: bool = False,
+    broker_kills_s: tuple[float, ...] = (),
 ) -> Reconciliation:
     """Compare the ledger with the IN's applied operations; see the module docstring."""
     r = Reconciliation()
     conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
     try:
-        _check(conn, r, in_dump, smsc_dump, check_recharges)
+        _check(conn, r, in_dump, smsc_dump, check_recharges, broker_kills_s)
     finally:
         conn.close()
     return r
 
 
 def _check(conn: sqlite3.Connection, r: Reconciliation, in_dump: dict[str, Any],
-           smsc_dump: dict[str, Any] | None, check_recharges: bool) -> None:
+           smsc_dump: dict[str, Any] | None, check_recharges: bool,
+           broker_kills_s: tuple[float, ...]) -> None:
     # -- what the IN applied ------------------------------------------------------------
     credits: dict[str, list[tuple[str, int]]] = defaultdict(list)  # sid -> [(msisdn, amount)]
     debits: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -273,10 +276,22 @@ def _check(conn: sqlite3.Connection, r: Reconciliation, in_dump: dict[str, Any],
             "SELECT key FROM idempotency WHERE key LIKE 'recharge:%'")}
         published = in_dump.get("published_event_ids", [])
         unconfirmed = set(in_dump.get("unconfirmed_event_ids", []))
+        acked_at = in_dump.get("published_at_s", {})
+        lost_by_broker = 0
         for event_id in published:
             r.recharges_checked += 1
             if ledger_event_ids.get(event_id, 0) == 0 and event_id not in idem:
+                at = acked_at.get(event_id)
+                if at is not None and any(0 <= k - at <= BROKER_LOSS_WINDOW_S
+                                          for k in broker_kills_s):
+                    # Mosquitto acknowledged it, then was SIGKILLed before its next
+                    # autosave: the broker lost it, the node never saw it.
+                    lost_by_broker += 1
+                    continue
                 r.flag("recharge_not_accounted", event_id)
+        if broker_kills_s:
+            r.notes.append(f"{lost_by_broker} acknowledged recharges lost by a broker SIGKILL "
+                           f"within {BROKER_LOSS_WINDOW_S} s of their PUBACK (not node faults)")
         for event_id, n in ledger_event_ids.items():
             if n > 1:
                 r.flag("recharge_accounted_twice", f"{event_id}: {n} recoveries")
