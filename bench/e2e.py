@@ -65,6 +65,7 @@ class E2eOptions:
     log_level: str = "WARNING"
     settle_max_s: float = SETTLE_MAX_S
     arabic_share: float = 0.2  # subscribers whose profile language is Arabic
+    profile_node: bool = False  # run the node under cProfile (report dir: node.prof)
     plot: bool = True
     command: str = ""
 
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--log-level", default="WARNING", help="the node's log level (EB_LOG_LEVEL)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--profile-node", action="store_true",
+                   help="run the node under cProfile; node.prof and its top functions in the report")
     p.add_argument("--arabic-share", type=float, default=0.2,
                    help="share of subscribers with Arabic screens and SMS (default 0.2)")
     return p
@@ -143,7 +146,7 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         report_dir=Path(args.report) if args.report else None,
         json_output=json_output or args.json, progress=not (json_output or args.json),
         seed=args.seed, log_level=args.log_level, plot=not args.no_plot,
-        arabic_share=args.arabic_share,
+        arabic_share=args.arabic_share, profile_node=args.profile_node,
         command="extrabalance bench e2e " + " ".join(argv),
     )
 
@@ -263,7 +266,7 @@ class Network:
 @contextlib.asynccontextmanager
 async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   client_id: str = "extrabalance-bench", arabic_share: float = 0.2,
-                  broker_config: tuple[str, ...] = ()) -> Any:
+                  broker_config: tuple[str, ...] = (), profile_path: Path | None = None) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit."""
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.mosquitto import BrokerUnavailable, MosquittoBroker
@@ -301,7 +304,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             config_path = workdir / "node.toml"
             config_path.write_text(dump_toml(config), encoding="utf-8")
             env = {SMPP_PASSWORD_ENV: password, "EB_LOG_LEVEL": log_level}
-            node = await procs.start_node(config_path, env=env)
+            node = await procs.start_node(config_path, env=env, profile_path=profile_path)
             net = Network(procs, workdir, broker, in_worker, smsc_worker, node, config_path,
                           db_path, env, msisdns, base)
             await wait_connected(net)
@@ -464,7 +467,9 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
     samples_path = workdir / "latency_ms.json"
     self_cpu0 = os.times()
     async with network(workdir, subscribers=options.subscribers, seed=options.seed,
-                       log_level=options.log_level, arabic_share=options.arabic_share) as net:
+                       log_level=options.log_level, arabic_share=options.arabic_share,
+                       profile_path=(report_dir / "node.prof").resolve()
+                       if options.profile_node else None) as net:
         procs = {"node": net.node, "in_sim": net.in_worker, "smsc_sim": net.smsc_worker}
         broker_pid = net.broker._process.pid if net.broker._process is not None else None
         cpu0 = {name: p.cpu_s() for name, p in procs.items()}
@@ -521,9 +526,24 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
         "reconciliation": rec.as_dict(),
         "report_dir": str(report_dir),
     }
+    if options.profile_node and (report_dir / "node.prof").exists():
+        result["node_profile"] = profile_top(report_dir / "node.prof", report_dir / "node-prof.txt")
     report_path = write_report(report_dir, result, samples_path, plot=options.plot)
     result["report"] = str(report_path)
     return result
+
+
+def profile_top(prof: Path, out: Path, lines_max: int = 40) -> str:
+    """The node's top functions by own time and by cumulative time, as text."""
+    import io
+    import pstats
+
+    buffer = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=buffer)
+    stats.sort_stats("tottime").print_stats(lines_max)
+    stats.sort_stats("cumulative").print_stats(lines_max)
+    out.write_text(buffer.getvalue())
+    return str(out)
 
 
 def _round(value: Any) -> float | None:

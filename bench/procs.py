@@ -177,8 +177,11 @@ class ProcessSet:
             log.close()
 
     async def start_node(self, config_path: Path, *, env: dict[str, str] | None = None,
-                         name: str = "node") -> Proc:
-        argv = [sys.executable, "-m", "extrabalance", "run", "--config", str(config_path)]
+                         name: str = "node", profile_path: Path | None = None) -> Proc:
+        """`python -m extrabalance run --config FILE`, under cProfile when asked."""
+        profiler = ["-m", "cProfile", "-o", str(profile_path)] if profile_path else []
+        argv = [sys.executable, *profiler, "-m", "extrabalance", "run", "--config",
+                str(config_path)]
         process = await self._spawn(name, argv, env=env, control=False)
         proc = Proc(name, process, self.workdir / f"{name}.log")
         self.procs.append(proc)
