@@ -174,6 +174,8 @@ TRANSITIONS: Final[dict[tuple[PeerState, Ev], tuple[PeerState, tuple[Act, ...]]]
     (_S.OPEN, _E.RCV_DPR): (_S.CLOSING, (_A.SEND_DPA, _A.FAILOVER_PENDING, _A.START_TIMEOUT)),
     (_S.OPEN, _E.STOP): (_S.CLOSING, (_A.SEND_DPR, _A.START_TIMEOUT)),
     (_S.OPEN, _E.RCV_CER_OK): (_S.OPEN, (_A.SEND_ERROR_ANSWER,)),  # CER twice: 5012
+    # A malformed CER on an open connection gets its error answer like any request.
+    (_S.OPEN, _E.RCV_CER_INVALID): (_S.OPEN, (_A.RESET_WATCHDOG, _A.SEND_ERROR_ANSWER)),
     # --- suspect (RFC 3539 SUSPECT): any word from the peer brings it back ------------
     (_S.SUSPECT, _E.RCV_APP_REQUEST): (_S.OPEN, (_A.RESET_WATCHDOG, _A.RECOVERED,
                                                  _A.DELIVER_REQUEST)),
@@ -183,6 +185,10 @@ TRANSITIONS: Final[dict[tuple[PeerState, Ev], tuple[PeerState, tuple[Act, ...]]]
                                                      _A.SEND_ERROR_ANSWER)),
     (_S.SUSPECT, _E.RCV_DWR): (_S.OPEN, (_A.RESET_WATCHDOG, _A.RECOVERED, _A.SEND_DWA)),
     (_S.SUSPECT, _E.RCV_DWA): (_S.OPEN, (_A.WATCHDOG_DWA, _A.RECOVERED)),
+    (_S.SUSPECT, _E.RCV_CER_OK): (_S.OPEN, (_A.RESET_WATCHDOG, _A.RECOVERED,
+                                            _A.SEND_ERROR_ANSWER)),
+    (_S.SUSPECT, _E.RCV_CER_INVALID): (_S.OPEN, (_A.RESET_WATCHDOG, _A.RECOVERED,
+                                                 _A.SEND_ERROR_ANSWER)),
     (_S.SUSPECT, _E.TW_EXPIRED_UNANSWERED): (_S.CLOSED, (_A.DISCONNECT,)),  # DOWN
     (_S.SUSPECT, _E.RCV_DPR): (_S.CLOSING, (_A.SEND_DPA, _A.START_TIMEOUT)),
     (_S.SUSPECT, _E.STOP): (_S.CLOSING, (_A.SEND_DPR, _A.START_TIMEOUT)),
@@ -523,7 +529,16 @@ class PeerConnection:
         command = msg.command_code
         if msg.flags & codec.FLAG_REQUEST:
             if command == CMD_CAPABILITIES_EXCHANGE:
-                return self._classify_cer(msg)
+                if self.state is PeerState.WAIT_CER:
+                    return self._classify_cer(msg)
+                # Capabilities were exchanged: a second CER is answered (5012 or its
+                # validation error) and never changes who the peer is.
+                try:
+                    codec.validate(msg, self._applications)
+                except DiameterError as err:
+                    self._current_error = err
+                    return Ev.RCV_CER_INVALID
+                return Ev.RCV_CER_OK
             try:
                 codec.validate(msg, self._applications)
             except DiameterError as err:
@@ -534,11 +549,13 @@ class PeerConnection:
             if command == CMD_DISCONNECT_PEER:
                 return Ev.RCV_DPR
             return Ev.RCV_APP_REQUEST
-        if command == CMD_CAPABILITIES_EXCHANGE:
+        # A CEA or DPA we did not ask for is a stray answer: discarded like any
+        # answer that matches no pending request, and it changes nothing.
+        if command == CMD_CAPABILITIES_EXCHANGE and self.state is PeerState.WAIT_I_CEA:
             return self._classify_cea(msg)
         if command == CMD_DEVICE_WATCHDOG:
             return Ev.RCV_DWA
-        if command == CMD_DISCONNECT_PEER:
+        if command == CMD_DISCONNECT_PEER and self.state is PeerState.CLOSING:
             return Ev.RCV_DPA
         return Ev.RCV_APP_ANSWER
 
@@ -639,7 +656,8 @@ class PeerConnection:
             answer = answer._replace(avps=answer.avps + tuple(
                 a for a in self._capabilities_avps()
                 if a.code not in (AVP_ORIGIN_HOST, AVP_ORIGIN_REALM)))
-            self.close_reason = f"invalid CER: {err.text}"
+            if self.state is PeerState.CLOSED:
+                self.close_reason = f"invalid CER: {err.text}"
         self._out.append(codec.encode(answer))
         self._events.append(MessageRejected(err.result_code, err.text, answered=True))
 
