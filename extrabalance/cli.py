@@ -74,6 +74,16 @@ def _cmd_subscriber(args: argparse.Namespace) -> int:
                               who=args.who, json_output=args.json)
 
 
+def _cmd_campaign(args: argparse.Namespace) -> int:  # issue 7
+    from extrabalance.config import load_settings
+    from extrabalance.service.campaign import campaign_command
+
+    return campaign_command(load_settings(args.config), template=args.template,
+                            segment=args.segment, dry_run=args.dry_run, limit=args.limit,
+                            list_only=args.list, cancel=args.cancel, who=args.who,
+                            json_output=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extrabalance",
@@ -131,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--who", default="cli", help="operator name for the audit trail")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_subscriber)
+
+    p = sub.add_parser("campaign", help="queue an advertisement campaign for the running node")
+    p.add_argument("--template", default="ad_campaign", help="template key (every language)")
+    p.add_argument("--segment", default=None, help="only this segment (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="count and show a sample; queue nothing")
+    p.add_argument("--limit", type=int, default=None, help="at most N recipients")
+    p.add_argument("--list", action="store_true", help="show campaigns and their progress")
+    p.add_argument("--cancel", default=None, metavar="ID", help="stop a queued or running campaign")
+    p.add_argument("--config", default=None)
+    p.add_argument("--who", default="cli", help="operator name kept with the campaign")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_campaign)
     return parser
 
 
