@@ -78,6 +78,10 @@ async def test_bad_config_is_400_with_file_key_reason_and_changes_nothing(net):
 
 async def test_good_config_applies_and_names_what_changed(net):
     env, _, port, config, _ = net
+    # Baseline: the file as written (the demo environment may differ from it, e.g. in
+    # its ads section), so that the next reload shows only the fee change.
+    config.write_text(config_text())
+    assert (await call(port, "POST", "/api/v1/config/reload", token=TOKEN)).status == 200
     config.write_text(config_text(fee_bp=2000))
     reply = await call(port, "POST", "/api/v1/config/reload", token=TOKEN)
     assert reply.status == 200, reply.body
