@@ -41,6 +41,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args.what, json_output=args.json, seconds=args.seconds, extra=args.extra)
 
 
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    from extrabalance.bench import _bench_module
+
+    return int(_bench_module("chaos").run_cli(list(args.rest)))
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     if args.which == "in":
         from simulators.in_node import main_in as entry
@@ -104,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0, help="measuring time per case")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="options for that benchmark")
     p.set_defaults(func=_cmd_bench)
+
+    # Every option goes to bench/chaos.py's own parser (`chaos --help` shows them): no
+    # prefix character here means argparse takes them all as the remainder.
+    p = sub.add_parser("chaos", help="kill the node and its links under load, then reconcile",
+                       prefix_chars="+", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options (see `chaos --help`)")
+    p.set_defaults(func=_cmd_chaos)
 
     p = sub.add_parser("sim", help="run a bundled network simulator")
     p.add_argument("which", choices=["in", "smsc"])

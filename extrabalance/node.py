@@ -68,6 +68,7 @@ def utc_now() -> datetime:
 @dataclass
 class NodePorts:
     diameter: int = 0
+    admin: int = 0
 
 
 class Node:
@@ -186,7 +187,7 @@ class Node:
         )
         self.ports = NodePorts()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._accepting_recharges = True
+        self._stopped = False
         self.started = asyncio.Event()
 
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -210,8 +211,6 @@ class Node:
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""
-        if not self._accepting_recharges:
-            raise RuntimeError("node stopping: leave the recharge unacknowledged")
         await self.payback.handle_recharge(
             RechargeEvent(
                 event_id=event.event_id,
@@ -232,6 +231,7 @@ class Node:
 
     async def start(self) -> None:
         s = self.settings
+        await self._start_admin()
         for node in s.in_nodes:
             self.diameter.add_peer_group(
                 node.origin_host, node.realm,
@@ -310,13 +310,40 @@ class Node:
         log.info("config_reloaded", changed=changed, needs_restart=restart)
         return {"changed": changed, "needs_restart": restart}
 
+    # -- admin API (extrabalance/admin) ----------------------------------------------
+
+    async def _start_admin(self) -> None:
+        """The admin API is not on the money path: if it cannot start, say so loudly
+        and keep serving subscribers."""
+        from extrabalance.admin import AdminConfigError, AdminServer
+
+        self.admin: AdminServer | None = None
+        try:
+            admin = AdminServer(self, config_path=getattr(self, "config_path", None))
+            self.ports.admin = await admin.start()
+            self.admin = admin
+        except (AdminConfigError, OSError) as exc:
+            log.error("admin_api_not_started", reason=str(exc))
+
+    async def _stop_admin(self) -> None:
+        admin = getattr(self, "admin", None)
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
+            self.admin = None
+
     async def stop(self) -> None:
-        self._accepting_recharges = False
-        await self.channel.drain(DRAIN_WAIT_S)
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._stop_admin()
+        # The listener stops taking recharges, lets running paybacks finish and acks
+        # them; the rest stay on the broker for the next start.
         with contextlib.suppress(Exception):
             await self.recharges.stop()
         with contextlib.suppress(Exception):
             await self.low_balance.stop()
+        await self.channel.drain(DRAIN_WAIT_S)
         with contextlib.suppress(Exception):
             await self.ads.drain(DRAIN_WAIT_S)
         for task in self._tasks:
@@ -357,10 +384,22 @@ def run_node(config_path: str | None) -> int:
 
     async def main() -> None:
         node = Node(settings)
+        node.config_path = config_path  # the admin API's reload re-reads this file
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: re-read and validate the config file; a bad file is logged and ignored.
+        from extrabalance.admin.server import reload_on_signal
+
+        reloads: set[asyncio.Task[None]] = set()
+
+        def _hup() -> None:
+            task = loop.create_task(reload_on_signal(node, config_path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, _hup)
         await node.start()
         await stop.wait()
         await node.stop()
