@@ -110,7 +110,15 @@ class NotBoundError(SubmitError):
 
 
 class _TokenBucket:
-    """Submit rate cap: `rate_per_s` sustained, bursts of a tenth of a second."""
+    """Submit rate cap: `rate_per_s` sustained, bursts of a tenth of a second.
+
+    A caller that finds the bucket empty reserves the next token anyway (the level
+    goes below zero) and sleeps once, until exactly that token is due. Waiting
+    callers therefore cost one timer each instead of waking up together and polling
+    (which burnt CPU precisely when the cap was reached). The debt is at most the
+    number of callers waiting, which the application bounds; a caller cancelled
+    while it sleeps leaves its token unused (the rate errs on the low side).
+    """
 
     def __init__(self, rate_per_s: float, clock: Callable[[], float]) -> None:
         self.rate_per_s = rate_per_s
@@ -119,20 +127,18 @@ class _TokenBucket:
         self._clock = clock
         self._last_s = clock()
 
-    def try_take(self) -> bool:
-        """Take a token if one is there (the common case: no coroutine, no sleep)."""
+    def reserve_s(self) -> float:
+        """Take the next token; returns how long to wait before using it (0: now)."""
         now = self._clock()
-        tokens = self._tokens + (now - self._last_s) * self.rate_per_s
-        self._tokens = min(self.capacity, tokens)
+        level = min(self.capacity, self._tokens + (now - self._last_s) * self.rate_per_s) - 1
+        self._tokens = level
         self._last_s = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
+        return 0.0 if level >= 0 else -level / self.rate_per_s
 
     async def take(self) -> None:
-        while not self.try_take():
-            await asyncio.sleep((1 - self._tokens) / self.rate_per_s)
+        delay_s = self.reserve_s()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
 
 
 class _BindWorker:
@@ -351,8 +357,9 @@ class Esme:
                 worker = await self._pick()
             except NotBoundError as exc:
                 raise NotBoundError(str(exc), last_status, attempt - 1) from None
-            if not worker.bucket.try_take():
-                await worker.bucket.take()
+            delay_s = worker.bucket.reserve_s()
+            if delay_s > 0:  # over the bind's rate cap: wait for this submit's token
+                await asyncio.sleep(delay_s)
             conn = worker.conn
             if conn is None:  # went down while we waited for a token
                 last_reason = "bind lost"
