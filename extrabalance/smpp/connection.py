@@ -239,11 +239,11 @@ class SmppConnection:
     def _handle(self, events: list[SessionEvent]) -> None:
         for ev in events:
             if isinstance(ev, ResponseReceived):
-                fut = self._futures.pop(ev.request.sequence_number, None)
+                fut = self._futures.pop(ev.sequence_number, None)
                 if fut is not None and not fut.done():
                     fut.set_result(ev.response)
             elif isinstance(ev, RequestFailed):
-                fut = self._futures.pop(ev.request.sequence_number, None)
+                fut = self._futures.pop(ev.sequence_number, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(RequestFailedError(ev.reason, ev.status))
             elif isinstance(ev, RequestReceived):
