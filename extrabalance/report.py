@@ -343,8 +343,12 @@ def _duration(seconds: float | None) -> str:
 
 
 def render_markdown(f: ReportFigures) -> str:
-    m = lambda minor: _money(minor, f)
-    pct = lambda x: "-" if x is None else f"{x * 100:.1f} %"
+    def m(minor: int) -> str:
+        return _money(minor, f)
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x * 100:.1f} %"
+
     out = [f"# Extra Balance daily report, {f.day} (UTC)", "",
            f"From {f.edr_lines} EDR lines ({', '.join(Path(p).name for p in f.edr_files)})"
            + ("" if f.ageing is None else " and the ledger") + ".", "",
