@@ -84,6 +84,13 @@ def _cmd_campaign(args: argparse.Namespace) -> int:  # issue 7
                             json_output=args.json)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from extrabalance.report import report_command
+
+    return report_command(args.config, args.date, args.edr_dir, args.out,
+                          use_ledger=not args.no_ledger)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extrabalance",
@@ -153,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--who", default="cli", help="operator name kept with the campaign")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_campaign)
+
+    p = sub.add_parser("report", help="daily report (Markdown + PNG) from the EDRs and ledger")
+    p.add_argument("--date", required=True, help="UTC day, YYYY-MM-DD")
+    p.add_argument("--edr-dir", default=None,
+                   help="EDR directory (default: 'edr' beside the ledger file)")
+    p.add_argument("--out", default=None, help="output directory (default: report-DATE)")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.add_argument("--no-ledger", action="store_true",
+                   help="EDRs only: no cohort, payback time, ageing or segment figures")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
