@@ -91,6 +91,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
                           use_ledger=not args.no_ledger)
 
 
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from extrabalance.admin_cli import backup_command
+
+    return backup_command(args.config, args.dest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extrabalance",
@@ -170,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ledger", action="store_true",
                    help="EDRs only: no cohort, payback time, ageing or segment figures")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("backup", help="online, integrity-checked copy of the ledger")
+    p.add_argument("dest", help="file to write (never overwritten)")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.set_defaults(func=_cmd_backup)
     return parser
 
 

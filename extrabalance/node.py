@@ -237,11 +237,13 @@ class Node:
                 node.origin_host, node.realm,
                 [PeerAddress(p.host, p.port, node.origin_host) for p in node.peers],
             )
-        for node in s.in_nodes:
+        async def ready(origin_host: str) -> None:
             try:
-                await self.diameter.wait_ready(node.origin_host, PEERS_READY_WAIT_S)
+                await self.diameter.wait_ready(origin_host, PEERS_READY_WAIT_S)
             except TimeoutError:
-                log.warning("in_node_not_ready", in_node=node.origin_host)
+                log.warning("in_node_not_ready", in_node=origin_host)
+
+        await asyncio.gather(*(ready(node.origin_host) for node in s.in_nodes))
         report = await self.resolver.run_once()
         log.info("resolved_at_start", report=str(report))
         self.ports.diameter = await self.diameter.listen(s.diameter.listen_host, s.diameter.listen_port)
@@ -400,8 +402,17 @@ def run_node(config_path: str | None) -> int:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, _hup)
-        await node.start()
-        await stop.wait()
+        # A SIGTERM during start-up stops at once rather than after start finishes.
+        starting = asyncio.ensure_future(node.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+        else:
+            starting.result()
+            await stopping
         await node.stop()
 
     asyncio.run(main())

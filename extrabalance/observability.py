@@ -32,7 +32,7 @@ EDR_FIELDS = (
 )
 EDR_KINDS = frozenset({
     "loan", "refusal", "payback", "ad_sent", "ad_suppressed", "bar", "unbar", "write_off",
-    "advance", "adjustment", "loan_failed", "loan_pending",
+    "advance", "adjustment", "loan_failed", "loan_pending", "review",
 })
 EDR_BUFFER_MAX = 1000  # lines held before a flush is forced
 
@@ -52,13 +52,25 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
             event["msisdn"] = mask_msisdn(value)
         return event
 
+    shared = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _mask,
+        structlog.processors.format_exc_info,
+    ]
+    # The protocol stacks log through the standard library: the same JSON lines.
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=structlog.processors.JSONRenderer(),
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+    ))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.getLevelName(level))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _mask,
-            structlog.processors.format_exc_info,
+            *shared,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
@@ -135,6 +147,12 @@ class EdrWriter:
                 fh.writelines(lines)
 
 
+# The services name a few fields and kinds differently from the EDR schema; the
+# recorder maps them so that every column is filled the same way whoever emits it.
+FIELD_ALIASES = {"debt_minor": "debt_after_minor", "why": "reason", "trigger": "detail"}
+KIND_ALIASES = {"pending": "loan_pending"}
+
+
 class EventRecorder:
     """The service layer's `EventSink`: each business event → EDR line + metrics."""
 
@@ -144,6 +162,10 @@ class EventRecorder:
         self.log = structlog.get_logger("extrabalance.events")
 
     def emit(self, kind: str, **fields: Any) -> None:
+        kind = KIND_ALIASES.get(kind, kind)
+        for alias, name in FIELD_ALIASES.items():
+            if alias in fields and name not in fields:
+                fields[name] = fields.pop(alias)
         m = self.metrics
         m.events.labels(kind).inc()
         if kind in ("loan", "advance"):
