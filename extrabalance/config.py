@@ -85,6 +85,9 @@ class DiameterSection(_Model):
     service_context_id: str = "extrabalance@3gpp.org"
     watchdog_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     request_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 2000
+    # Budget to answer the IN's out-of-balance CCR with an advance; keep it well under
+    # the IN's Tx timer (RFC 4006 §13): an advance the IN never receives is never booked.
+    advance_answer_deadline_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
     product_name: str = "ExtraBalance"
     vendor_id: int = 0
     tls_cert_file: str | None = None

@@ -158,6 +158,7 @@ class Node:
             self.lending, origin_host=s.node.origin_host, origin_realm=s.node.origin_realm,
             service_context_id=s.diameter.service_context_id,
             currency_numeric=s.node.currency_numeric, currency_exponent=exponent,
+            answer_deadline_ms=s.diameter.advance_answer_deadline_ms,
         )
         mqtt_settings = MqttSettings(
             host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,

@@ -9,6 +9,7 @@ answer from the codec's validation; the lending service is never called for them
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 import structlog
@@ -24,6 +25,7 @@ log = structlog.get_logger(__name__)
 
 DIAMETER_RATING_FAILED = 5031
 DIAMETER_SUCCESS = 2001
+DIAMETER_TOO_BUSY = 3004
 DIAMETER_COMMAND_UNSUPPORTED = 3001
 DIAMETER_APPLICATION_UNSUPPORTED = 3007
 DIAMETER_UNABLE_TO_COMPLY = 5012
@@ -33,7 +35,8 @@ TERMINATION_REQUEST = 3
 class OutOfBalanceApi(Protocol):
     async def out_of_balance(self, session_id: str, request_number: int, request_type: int,
                              msisdn: str, requested_minor: int | None,
-                             origin_host: str) -> Any: ...
+                             origin_host: str, *,
+                             deadline_monotonic: float | None = None) -> Any: ...
 
 
 class GyServer:
@@ -48,8 +51,12 @@ class GyServer:
         service_context_id: str,
         currency_numeric: int,
         currency_exponent: int,
+        answer_deadline_ms: int = 1000,
     ) -> None:
         self._lending = lending
+        # An advance must reach the IN before its Tx timer fires, or the IN never
+        # credits it: past this budget nothing is booked and 3004 is answered.
+        self._deadline_s = answer_deadline_ms / 1000
         self._host = origin_host
         self._realm = origin_realm
         self._context = service_context_id
@@ -62,6 +69,7 @@ class GyServer:
         return error_answer(DiameterError(code, text), self._host, self._realm, msg)
 
     async def __call__(self, msg: Message, peer_origin_host: str) -> Message:
+        received = time.monotonic()
         if msg.command_code != CMD_CREDIT_CONTROL:
             return self._error(msg, DIAMETER_COMMAND_UNSUPPORTED, "only CCR is served")
         if msg.application_id != APP_DIAMETER_CREDIT_CONTROL:
@@ -84,11 +92,15 @@ class GyServer:
             outcome = await self._lending.out_of_balance(
                 ccr.session_id, ccr.request_number, ccr.request_type, ccr.msisdn,
                 ccr.requested_minor, ccr.origin_host,
+                deadline_monotonic=received + self._deadline_s,
             )
         except Exception:
             # The ledger failed us: a credit decision we cannot record is not given.
             log.exception("out_of_balance_failed", session_id=ccr.session_id)
             return self._cca(msg, DIAMETER_UNABLE_TO_COMPLY, error_message="internal error")
+        if outcome.result_code == DIAMETER_TOO_BUSY:
+            self.stats["too_late"] = self.stats.get("too_late", 0) + 1
+            return self._error(msg, DIAMETER_TOO_BUSY, "answer deadline passed; nothing granted")
         granted = outcome.granted_minor if outcome.result_code == DIAMETER_SUCCESS else None
         self.stats["granted" if granted else "refused"] += 1
         return self._cca(msg, outcome.result_code, granted_minor=granted)
