@@ -183,6 +183,8 @@ class SmppChannel:
             text = ""
         kw = parse_keyword(text)
         lang = kw.language
+        # The MSISDN is masked by the logging setup unless the operator turned it off.
+        log.info("sms_received", msisdn=msisdn, command=kw.command.value, bind=system_id)
         reply: str | None = None
         try:
             if kw.command is Command.LOAN:
