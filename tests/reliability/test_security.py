@@ -222,8 +222,7 @@ async def test_mqtt_username_and_password_reach_the_broker(tmp_path: Path,
         pytest.skip("mosquitto_passwd not installed: no private broker with a password file")
     pwfile = tmp_path / "passwd"
     password = os.urandom(6).hex()
-    subprocess.run([tool, "-b", "-c", str(pwfile), "eb-node", password], check=True,
-                   capture_output=True)
+    _password_file(tool, pwfile, "eb-node", password)
     try:
         broker = MosquittoBroker(tmp_path / "mq", extra_config=(
             "allow_anonymous false", f"password_file {pwfile}")).start()
@@ -259,6 +258,11 @@ async def test_mqtt_username_and_password_reach_the_broker(tmp_path: Path,
         assert not await connected(None)
     finally:
         broker.stop()
+
+
+def _password_file(tool: str, path: Path, user: str, password: str) -> None:
+    subprocess.run([tool, "-b", "-c", str(path), user, password], check=True,
+                   capture_output=True)
 
 
 async def test_mqtt_tls_option_builds_a_tls_client(tmp_path: Path) -> None:
