@@ -126,6 +126,7 @@ class FuzzReport:
     rss_start_kib: int = 0
     rss_peak_kib: int = 0
     rss_end_kib: int = 0
+    rss_curve_mib: list[float] = field(default_factory=list)  # at 10 %, 20 %, … of the run
     ledger: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
     stderr_tail: str = ""
@@ -331,11 +332,23 @@ class FuzzRun:
             raise RuntimeError("node did not come up:\n" + self.node.stderr_tail()) from None
 
     async def dead_letter_watch(self, ready: asyncio.Event) -> None:
+        """Counts dead letters; a persistent session, so a reconnect loses none."""
+        import aiomqtt
+
+        while True:
+            try:
+                await self._dead_letter_session(ready)
+            except aiomqtt.MqttError:
+                self.report.mqtt.extra["dead_letter_watch_reconnects"] += 1
+                await asyncio.sleep(0.2)
+
+    async def _dead_letter_session(self, ready: asyncio.Event) -> None:
         import aiomqtt
 
         topic = self.base.mqtt.dead_letter_topic
-        async with aiomqtt.Client("127.0.0.1", self.mqtt_port,
-                                  identifier=f"eb-fuzz-dead-{os.getpid()}") as client:
+        async with aiomqtt.Client("127.0.0.1", self.mqtt_port, clean_session=False,
+                                  identifier=f"eb-fuzz-dead-{os.getpid()}",
+                                  logger=QUIET_MQTT_LOG) as client:
             await client.subscribe(topic, qos=1)
             ready.set()
             async for message in client.messages:
@@ -725,6 +738,9 @@ async def run_fuzz(cfg: FuzzConfig, workdir: Path | None = None) -> FuzzReport:
             report.rss_end_kib = rss_kib(run.pid) or 0
             sampler.stop()
             report.rss_peak_kib = max(sampler.peak_kib, report.rss_end_kib)
+            samples = sampler.samples
+            report.rss_curve_mib = [round(samples[min(len(samples) - 1, len(samples) * i // 10)][1]
+                                          / 1024, 1) for i in range(1, 11)] if samples else []
             report.node_exit_code = run.node.stop()
             run.ledger_checks()
     finally:
@@ -768,6 +784,7 @@ def format_report(r: FuzzReport) -> str:
            f"end {r.rss_end_kib / 1024:,.1f} (bound: growth <= "
            f"{r.config['rss_growth_max_mib']} MiB)")
     rows.append(("node RSS (MiB)", rss))
+    rows.append(("node RSS curve (MiB)", " ".join(str(v) for v in r.rss_curve_mib)))
     rows.append(("ledger", ", ".join(f"{k}: {v}" for k, v in r.ledger.items())))
     for name, ok in r.checks.items():
         rows.append((f"check {name}", "ok" if ok else "FAILED"))
