@@ -477,6 +477,10 @@ class FuzzRun:
                     await conn.open(do_cer=kind == "after_cer")
                     frame = (self.dframes.kill_frame() if kind == "after_cer" or r.random() < 0.5
                              else self.dframes.pipe_frame())
+                    if frame.data[5:8] == (257).to_bytes(3, "big"):
+                        # a mutation that became a valid CER would rightly open the
+                        # connection: keep this lane about traffic before CER
+                        frame = self.dframes.kill_frame()
                     stats.mutations[f"{kind}:{frame.mutation}"] += 1
                     assert conn.writer is not None
                     conn.writer.write(frame.data)
