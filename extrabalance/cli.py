@@ -47,6 +47,16 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     return int(_bench_module("chaos").run_cli(list(args.rest)))
 
 
+def _cmd_fuzz(args: argparse.Namespace) -> int:
+    from extrabalance.bench import _bench_module
+
+    argv = ["--frames", str(args.frames), "--seed", str(args.seed)]
+    if args.seconds is not None:
+        argv += ["--seconds", str(args.seconds)]
+    argv += ["--json"] * args.json + ["--keep"] * args.keep
+    return int(_bench_module("fuzz").run_cli(argv))
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     if args.which == "in":
         from simulators.in_node import main_in as entry
@@ -130,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                        prefix_chars="+", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options (see `chaos --help`)")
     p.set_defaults(func=_cmd_chaos)
+
+    p = sub.add_parser("fuzz", help="malformed Diameter/SMPP/MQTT against a running node")
+    p.add_argument("--frames", type=int, default=1_000_000, help="frames in all protocols")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (ledger, node log)")
+    p.set_defaults(func=_cmd_fuzz)
 
     p = sub.add_parser("sim", help="run a bundled network simulator")
     p.add_argument("which", choices=["in", "smsc"])
