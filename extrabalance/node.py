@@ -91,6 +91,7 @@ class Node:
             for r in node.ranges:
                 rules.append(RouteRule(node.origin_host, prefix=r.prefix, start=r.start, end=r.end))
         self.router = Router(rules)
+        tls_listener, tls_dialer = self._tls_contexts()
         self.diameter = DiameterNode(
             LocalIdentity(
                 origin_host=s.node.origin_host,
@@ -101,7 +102,8 @@ class Node:
             ),
             allowed_peers={n.origin_host for n in s.in_nodes},
             request_handler=self._on_diameter_request,
-            ssl_context=self._tls_context(),
+            ssl_context=tls_listener,
+            client_ssl_context=tls_dialer,
             watchdog_s=s.diameter.watchdog_s,
             request_timeout_ms=s.diameter.request_timeout_ms,
         )
@@ -191,16 +193,24 @@ class Node:
         self._stopped = False
         self.started = asyncio.Event()
 
-    def _tls_context(self) -> ssl.SSLContext | None:
+    def _tls_contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+        """(listener, dialer) TLS contexts when certificates are configured.
+
+        Both present the node's certificate; with `tls_ca_file` both verify the peer
+        (mutual TLS). The dialer checks the IN's certificate against the CA and its
+        name against the IN's Origin-Host (the name it is dialled by).
+        """
         d = self.settings.diameter
         if not (d.tls_cert_file and d.tls_key_file):
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(d.tls_cert_file, d.tls_key_file)
+            return None, None
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(d.tls_cert_file, d.tls_key_file)
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=d.tls_ca_file)
+        client.load_cert_chain(d.tls_cert_file, d.tls_key_file)
         if d.tls_ca_file:
-            ctx.load_verify_locations(d.tls_ca_file)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
+            server.load_verify_locations(d.tls_ca_file)
+            server.verify_mode = ssl.CERT_REQUIRED
+        return server, client
 
     # -- inbound glue ----------------------------------------------------------------
 

@@ -177,6 +177,53 @@ async def test_node_listener_and_an_in_peer_talk_over_tls(tmp_path: Path) -> Non
         await node.ledger.close()
 
 
+async def test_node_dials_its_in_over_tls_and_checks_the_in_certificate(tmp_path: Path) -> None:
+    """Node → IN: the node dials the IN with a client context, verifies the IN's
+    certificate against the configured CA, and presents its own (mutual TLS)."""
+    from extrabalance.node import Node
+
+    base = load_settings()
+    node_host = base.node.origin_host
+    node_cert, node_key = self_signed(tmp_path, node_host)
+    in_cert, in_key = self_signed(tmp_path, IN_A)
+    ca = tmp_path / "ca.pem"  # both self-signed certificates are the trust anchors
+    ca.write_text(node_cert.read_text() + in_cert.read_text())
+
+    in_server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+    in_server.load_cert_chain(str(in_cert), str(in_key))
+    in_server.verify_mode = ssl.CERT_REQUIRED  # the IN insists on the node's certificate
+
+    async def refund(msg: codec.Message, peer: str) -> codec.Message:
+        return gy.build_cca(msg, IN_A, "operator.example", 2001,
+                            currency_numeric=818, currency_exponent=2)
+
+    in_side = DiameterNode(LocalIdentity(IN_A, "operator.example"),
+                           allowed_peers={node_host}, request_handler=refund,
+                           ssl_context=in_server)
+    in_port = await in_side.listen("127.0.0.1", 0)
+    settings = load_settings(overrides={
+        "storage": {"path": str(tmp_path / "eb.db")},
+        "diameter": {"tls_cert_file": str(node_cert), "tls_key_file": str(node_key),
+                     "tls_ca_file": str(ca)},
+        "in_nodes": [{"name": "in-a", "origin_host": IN_A, "realm": "operator.example",
+                      "peers": [{"host": "127.0.0.1", "port": in_port}],
+                      "ranges": [{"prefix": "2010"}]}],
+    })
+    node = Node(settings, edr_dir=tmp_path / "edr")
+    try:
+        node.diameter.add_peer_group(IN_A, "operator.example", [PeerAddress("127.0.0.1", in_port, IN_A)])
+        await node.diameter.wait_ready(IN_A, 5)
+        from extrabalance.service.ports import InAction, InOperation, InOutcome
+
+        result = await node.in_port.execute(InOperation(
+            InAction.REFUND_ACCOUNT, "201001234567", IN_A, 100, node.in_port.new_session_id()))
+        assert result.outcome is InOutcome.DONE
+    finally:
+        await node.diameter.close()
+        await in_side.close()
+        await node.ledger.close()
+
+
 # --- SMPP bind credentials ---------------------------------------------------------------
 
 
