@@ -154,6 +154,7 @@ class Node:
             ussd_service_type=s.smpp.ussd_service_type, dialog_id=s.smpp.dialog_id,
             abort_op=s.smpp.ussd_abort_op,
             observe_ussd=self.metrics.ussd_latency.observe,
+            inbound_tasks_max=s.smpp.inbound_tasks_max,
         )
         notifier.target = self.channel
         self.gy = GyServer(
@@ -161,6 +162,7 @@ class Node:
             service_context_id=s.diameter.service_context_id,
             currency_numeric=s.node.currency_numeric, currency_exponent=exponent,
             answer_deadline_ms=s.diameter.advance_answer_deadline_ms,
+            inflight_max=s.diameter.out_of_balance_inflight_max,
         )
         mqtt_settings = MqttSettings(
             host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,

@@ -44,6 +44,43 @@ def mask_msisdn(msisdn: str) -> str:
     return msisdn[:4] + "*" * (len(msisdn) - 7) + msisdn[-3:]
 
 
+LOG_REPEATS_PER_S = 5  # lines of one kind (logger + message template) per second at most
+LOG_KINDS_TRACKED_MAX = 1000
+
+
+class RepeatLimiter(logging.Filter):
+    """Bounds the log lines of one kind per second, so a peer sending garbage (each
+    message answered and logged by the protocol stack) cannot fill the disk. The
+    first line after a quiet second says how many were dropped."""
+
+    def __init__(self, per_s: int = LOG_REPEATS_PER_S, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.per_s = per_s
+        self._clock = clock
+        self._windows: dict[tuple[str, str], list[float | int]] = {}  # key → [second, count, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        key = (record.name, str(record.msg))
+        second = int(self._clock())
+        window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) >= LOG_KINDS_TRACKED_MAX:
+                self._windows.clear()
+            window = self._windows[key] = [second, 0, 0]
+        if window[0] != second:
+            dropped = int(window[2])
+            window[:] = [second, 0, 0]
+            if dropped:
+                record.msg = f"{record.msg} (and {dropped} more like it in the last second)"
+        window[1] = int(window[1]) + 1
+        if window[1] > self.per_s:
+            window[2] = int(window[2]) + 1
+            return False
+        return True
+
+
 def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
                       stream: Any = None) -> None:
     def _mask(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +101,7 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
         processor=structlog.processors.JSONRenderer(),
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
     ))
+    handler.addFilter(RepeatLimiter())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.getLevelName(level))
