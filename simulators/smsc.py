@@ -290,7 +290,6 @@ class SmscSimulator:
     # -- handset → node: USSD and MO SMS as deliver_sm -----------------------------------
 
     def _dialog_tlvs(self, dialog_id: int, sequence_number: int) -> tuple[int, bytes]:
-
         if self.dialog_id_mode is DialogIdMode.ITS_SESSION_INFO:
             return ItsSessionInfo(dialog_id, sequence_number & 0x7F, False).as_tlv()
         return (int(Tag.USER_MESSAGE_REFERENCE), dialog_id.to_bytes(2, "big"))
@@ -298,7 +297,6 @@ class SmscSimulator:
     async def _ussd_send(
         self, msisdn: str, dialog_id: int, text: str, op: int, timeout_s: float
     ) -> Screen:
-
         key = (msisdn, dialog_id)
         waiter = self._waiting.get(key)
         if waiter is None:
@@ -328,8 +326,13 @@ class SmscSimulator:
             status = await self._deliver(pdu)
             if status != 0:
                 raise HandsetError(f"the node refused the USSD input (status 0x{status:02x})")
-            async with asyncio.timeout(timeout_s):
+            # One timer handle per screen (asyncio.timeout costs several times more,
+            # and the wait is one future anyway).
+            timer = asyncio.get_running_loop().call_later(timeout_s, _expire, waiter.future)
+            try:
                 screen = await waiter.future
+            finally:
+                timer.cancel()
         except TimeoutError:
             # Like a gateway whose dialog timer fired: tell the node the dialog is over.
             self.stats["screen_timeouts"] += 1
@@ -482,7 +485,6 @@ class SmscSimulator:
         return 0, message_id
 
     def _reassemble(self, msisdn: str, info: object, text: str) -> str | None:
-
         if not isinstance(info, ConcatInfo):
             return text
         return self._reassembler.feed(msisdn, info, text, time.monotonic())
@@ -497,7 +499,6 @@ class SmscSimulator:
         waiter.future.set_result(Screen(record.text, final))
 
     async def _send_receipt(self, record: MtRecord, system_id: str) -> None:
-
         await asyncio.sleep(RECEIPT_DELAY_MS / 1000)
         stamp = time.strftime("%y%m%d%H%M", time.gmtime(record.time_s))
         text = (
@@ -534,6 +535,11 @@ class SmscSimulator:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _expire(future: asyncio.Future[Screen]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _replace_text(record: MtRecord, text: str) -> MtRecord:
