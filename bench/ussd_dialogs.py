@@ -17,8 +17,13 @@ PROTOCOLS.md defaults (one bind, window 10, 1 000 submits/s) would cap the run a
 about 1 000 / 4 = 250 dialogs/s (three screens and one SMS per loan), which measures
 the configuration, not the stack. The JSON says which caps applied.
 
-Run: ``python -m bench.ussd_dialogs [--duration 10] [--concurrency 400]
+Run: ``python -m bench.ussd_dialogs [--duration 10] [--concurrency 100]
 [--subscribers 20000] [--binds 4] [--window 50] [--bind-rate 5000]``. Prints JSON.
+
+``--in-process`` measures the SMPP stack and the simulator alone: the same dialogs
+through `SmscSimulator` in this process, against a minimal menu ESME (the shared
+`Esme`, three screens and a confirmation SMS per dialog, no ledger, no IN), with
+delivery receipts on. It is what the simulator and the stack cost per dialog.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ SUBSCRIBERS_MAX = 1_000_000
 TRAFFIC_GRACE_S = 60.0  # a run's dialogs finish within duration + this
 BINDS_SETTLE_S = 1.0  # after the first bind, the others come up within this
 POLL_S = 0.25
+WAIT_BOUND_S = 10.0
+RECEIPTS_SETTLE_S = 0.2  # --in-process: the last receipts (sent 20 ms after their SMS)
 # simulators/traffic.py kinds: menu dialogs only.
 MENU_ONLY = {"ussd_menu": 1.0, "ussd_shortcut": 0.0, "sms_loan": 0.0, "out_of_balance": 0.0,
              "recharge": 0.0}
@@ -162,6 +169,103 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+class _MenuEsme:
+    """Stands in for the node in --in-process mode: `*123#` → menu, `1` → confirm,
+    `1` → final screen plus an SMS, echoing its_session_info as the node does."""
+
+    MENU = "Extra Balance\n1 10.00 EGP\n2 20.00 EGP\n3 50.00 EGP"
+    CONFIRM = "Borrow 10.00 EGP? Fee 1.50 EGP.\n1 Confirm\n2 Cancel"
+    DONE = "Done: 10.00 EGP added to your balance. You owe 11.50 EGP."
+
+    def __init__(self, port: int, args: argparse.Namespace, password: str) -> None:
+        from extrabalance.smpp.client import BindConfig, Esme
+
+        self.steps: dict[tuple[str, int], int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.esme = Esme([BindConfig("127.0.0.1", port, SMPP_SYSTEM_ID, password,
+                                     window_max=args.window,
+                                     submit_rate_max_per_s=args.bind_rate)
+                          for _ in range(args.binds)], self.on_deliver)
+
+    def on_deliver(self, pdu: Any, bind: str) -> int:
+        # Answered at once (no task per deliver_sm); the screens go out in a task.
+        if pdu.is_delivery_receipt or pdu.ussd_service_op is None:
+            return 0
+        task = asyncio.get_running_loop().create_task(self._answer(pdu))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return 0
+
+    async def _answer(self, pdu: Any) -> None:
+        from extrabalance.smpp.pdu import ItsSessionInfo, UssdOp
+        from extrabalance.smpp.ussd import ussd_submit
+
+        its = pdu.its_session_info
+        key = (pdu.source_addr, its.session_number if its is not None else -1)
+        step = 0 if pdu.ussd_service_op == UssdOp.PSSR_INDICATION else self.steps.get(key, 0)
+        final = step >= 2
+        if final:
+            self.steps.pop(key, None)
+        else:
+            self.steps[key] = step + 1
+        text = (self.MENU, self.CONFIRM, self.DONE)[min(step, 2)]
+        session = None if its is None else ItsSessionInfo(
+            its.session_number, min(its.sequence_number + 1, 0x7F), final)
+        await self.esme.submit(ussd_submit(
+            pdu.source_addr, "*123#", text, session=session,
+            op=UssdOp.PSSR_RESPONSE if final else UssdOp.USSR_REQUEST))
+        if final:
+            await self.esme.send_sms("1234", pdu.source_addr, self.DONE)
+
+
+async def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
+    from simulators.smsc import SmscSimulator
+    from simulators.traffic import TrafficConfig, TrafficGenerator, TrafficMix
+
+    password = os.urandom(4).hex()
+    smsc = SmscSimulator(system_id=SMPP_SYSTEM_ID, password=password, delivery_receipts=True,
+                         seed=args.seed)
+    await smsc.start()
+    app = _MenuEsme(smsc.port, args, password)
+    await app.esme.start()
+    await app.esme.wait_bound(WAIT_BOUND_S)
+    await smsc.wait_bound(WAIT_BOUND_S)
+    await asyncio.sleep(BINDS_SETTLE_S)
+    msisdns = [f"2010{i:08d}" for i in range(args.subscribers)]
+    generator = TrafficGenerator(TrafficConfig(
+        msisdns=msisdns, mix=TrafficMix(**MENU_ONLY), rate_per_s=None,
+        duration_s=args.duration, concurrency_max=args.concurrency, seed=args.seed), smsc=smsc)
+    cpu0 = time.process_time()
+    report = (await generator.run()).as_dict()
+    cpu_s = time.process_time() - cpu0
+    await asyncio.sleep(RECEIPTS_SETTLE_S)
+    stats = dict(smsc.stats)
+    await app.esme.close()
+    await smsc.close()
+    outcomes: dict[str, int] = report.get("outcomes", {})  # type: ignore[assignment]
+    completed = outcomes.get("ussd_menu:final", 0)
+    traffic_s = float(report.get("elapsed_s") or args.duration)  # type: ignore[arg-type]
+    latency: dict[str, Any] = report.get("ussd_latency", {})  # type: ignore[assignment]
+    return {
+        "bench": "ussd_dialogs --in-process",
+        "dialogs": report.get("operations", 0),
+        "dialogs_completed": completed,
+        "seconds": round(traffic_s, 2),
+        "dialogs_per_s": round(completed / traffic_s, 1),
+        "p50_ms": _ms(latency.get("p50_ms")),
+        "p95_ms": _ms(latency.get("p95_ms")),
+        "p99_ms": _ms(latency.get("p99_ms")),
+        "max_ms": _ms(latency.get("max_ms")),
+        "cpu_us_per_dialog": round(1e6 * cpu_s / max(completed, 1)),
+        "outcomes": outcomes,
+        "smsc": {k: stats.get(k) for k in ("mt_ussd", "mt_sms", "receipts", "orphan_screens",
+                                            "screen_timeouts", "throttled")},
+        "configured": {"binds": args.binds, "window_max": args.window,
+                       "bind_submit_rate_max_per_s": args.bind_rate,
+                       "concurrency": args.concurrency, "subscribers": args.subscribers},
+    }
+
+
 def _ms(value: Any) -> float | None:
     return None if value is None else round(float(value), 1)
 
@@ -170,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ussd_dialogs",
                                      description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
-    parser.add_argument("--concurrency", type=int, default=400,
+    parser.add_argument("--concurrency", type=int, default=100,
                         help="virtual subscribers dialling at once")
     parser.add_argument("--subscribers", type=int, default=20_000)
     parser.add_argument("--binds", type=int, default=4, help="node binds to the SMSC")
@@ -178,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind-rate", type=int, default=5000,
                         help="submit_rate_max_per_s per bind")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--in-process", action="store_true",
+                        help="the simulator and the SMPP stack alone (no node), one process")
     parser.add_argument("--profile", type=Path, default=None,
                         help="run the node under cProfile and write the stats to this file")
     args = parser.parse_args(argv)
@@ -185,8 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--subscribers must be within 1..{SUBSCRIBERS_MAX}")
     from extrabalance.bench import machine
 
-    with tempfile.TemporaryDirectory(prefix="bench-ussd-") as tmp:
-        result = asyncio.run(run(args, Path(tmp)))
+    if args.in_process:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            uvloop.install()
+        result = asyncio.run(run_in_process(args))
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-ussd-") as tmp:
+            result = asyncio.run(run(args, Path(tmp)))
     result["machine"] = machine()
     result["command"] = "python -m bench.ussd_dialogs " + " ".join(sys.argv[1:] if argv is None
                                                                     else argv)

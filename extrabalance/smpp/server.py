@@ -39,6 +39,7 @@ UNBIND_TIMEOUT_S = 2.0
 # it. A plain tuple is answered in the turn the submit_sm was read, without a task.
 OnSubmit = Callable[[SubmitSm, str], tuple[int, str] | Awaitable[tuple[int, str]]]
 
+_RECEIVER_STATES = frozenset((State.BOUND_RX, State.BOUND_TRX))
 _REFUSALS = {
     CommandId.QUERY_SM: Status.ESME_RQUERYFAIL,
     CommandId.CANCEL_SM: Status.ESME_RCANCELFAIL,
@@ -144,7 +145,7 @@ class Smsc:
         can take it, RequestFailedError on timeout or connection loss."""
         candidates = [
             c for c in self._conns
-            if c.session.state in (State.BOUND_RX, State.BOUND_TRX)
+            if c.session.state in _RECEIVER_STATES
             and (system_id is None or c.session.peer_system_id == system_id)
         ]
         if not candidates:
