@@ -301,4 +301,13 @@ class SmppConnection:
         except SessionError as exc:
             log.warning("smpp %s: response not sent: %s", self.name, exc)
             return
+        except Exception:  # not a PDU at all (the handler's bug): the request is still
+            # pending, so it gets ESME_RX_T_APPN and the connection lives on.
+            log.exception("smpp %s: handler answered %s with %r", self.name,
+                          type(pdu).__name__, resp)
+            try:
+                self.session.send_response(make_response(pdu, Status.ESME_RX_T_APPN))
+            except SessionError as exc:
+                log.warning("smpp %s: response not sent: %s", self.name, exc)
+                return
         self.flush()
