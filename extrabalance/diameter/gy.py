@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -167,9 +168,9 @@ def _service_unit(code: int, amount_minor: int, currency_numeric: int | None,
 @lru_cache(maxsize=AVP_CACHE_MAX)
 def _ccr_routing(origin_host: str, origin_realm: str, destination_host: str | None,
                  destination_realm: str, service_context_id: str, request_type: int,
-                 request_number: int) -> tuple[Avp, ...]:
-    """The AVPs between Session-Id and Event-Timestamp: the same for every request a
-    node sends to one IN node, so they are built (and encoded) once."""
+                 request_number: int) -> tuple[tuple[Avp, ...], bytes]:
+    """The AVPs between Session-Id and Event-Timestamp, and their bytes: the same for
+    every request a node sends to one IN node, so they are built (and encoded) once."""
     c = _cached_avp
     avps = [c(AVP_ORIGIN_HOST, origin_host), c(AVP_ORIGIN_REALM, origin_realm)]
     if destination_host is not None:
@@ -181,11 +182,46 @@ def _ccr_routing(origin_host: str, origin_realm: str, destination_host: str | No
         c(AVP_CC_REQUEST_TYPE, request_type),
         c(AVP_CC_REQUEST_NUMBER, request_number),
     ]
-    return codec.intern_run(tuple(avps))
+    run = codec.intern_run(tuple(avps))
+    return run, b"".join(codec.encode_avp(a) for a in run)
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _ccr_tail(requested_action: int | None, requested_minor: int | None,
+              currency_numeric: int | None, currency_exponent: int,
+              has_mscc: bool) -> tuple[tuple[Avp, ...], bytes]:
+    """The AVPs after Subscription-Id (Requested-Action, the service unit, MSCC), and
+    their bytes: one per tier amount and action, so built and encoded once."""
+    avps: list[Avp] = []
+    if requested_action is not None:
+        avps.append(_cached_avp(AVP_REQUESTED_ACTION, requested_action))
+    rsu = None
+    if requested_minor is not None:
+        rsu = _service_unit(AVP_REQUESTED_SERVICE_UNIT, requested_minor, currency_numeric,
+                            currency_exponent)
+    if has_mscc:
+        avps.append(_MSI_SUPPORTED)
+        avps.append(avp(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL, () if rsu is None else (rsu,)))
+    elif rsu is not None:
+        avps.append(rsu)
+    tail = tuple(avps)
+    return tail, b"".join(codec.encode_avp(a) for a in tail)
 
 
 def ntp_now() -> int:
     return codec.ntp_from_unix(time.time())
+
+
+# Flags of the per-request AVPs, from the dictionary (all M, no V).
+_F_SESSION_ID: Final = avp(AVP_SESSION_ID, "").flags
+_F_EVENT_TIMESTAMP: Final = avp(AVP_EVENT_TIMESTAMP, 0).flags
+_F_SUBSCRIPTION_ID: Final = avp(AVP_SUBSCRIPTION_ID, ()).flags
+_F_SUBSCRIPTION_ID_DATA: Final = avp(AVP_SUBSCRIPTION_ID_DATA, "").flags
+_SUBSCRIPTION_E164_BYTES: Final = codec.encode_avp(_SUBSCRIPTION_E164)
+_new = tuple.__new__
+_octets_avp = codec.encode_octets_avp
+_pack_u32_avp = struct.Struct(">III").pack
+_REQUEST_FLAGS: Final = codec.FLAG_REQUEST | codec.FLAG_PROXIABLE
 
 
 def build_ccr(
@@ -196,29 +232,49 @@ def build_ccr(
     end_to_end_id: int = 0,
     retransmit: bool = False,
 ) -> Message:
-    """The CCR message for ``ccr``; the node assigns the ids when it sends it."""
-    avps = [avp(AVP_SESSION_ID, ccr.session_id)]
-    avps += _ccr_routing(ccr.origin_host, ccr.origin_realm, ccr.destination_host,
-                         ccr.destination_realm, ccr.service_context_id, ccr.request_type,
-                         ccr.request_number)
-    if ccr.event_timestamp is not None:
-        avps.append(avp(AVP_EVENT_TIMESTAMP, ccr.event_timestamp))
-    avps.append(avp(AVP_SUBSCRIPTION_ID, (_SUBSCRIPTION_E164,
-                                          avp(AVP_SUBSCRIPTION_ID_DATA, ccr.msisdn))))
-    if ccr.requested_action is not None:
-        avps.append(_cached_avp(AVP_REQUESTED_ACTION, ccr.requested_action))
-    rsu = None
-    if ccr.requested_minor is not None:
-        rsu = _service_unit(AVP_REQUESTED_SERVICE_UNIT, ccr.requested_minor,
-                            ccr.currency_numeric, currency_exponent)
-    if ccr.has_mscc:
-        avps.append(_MSI_SUPPORTED)
-        avps.append(avp(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL, () if rsu is None else (rsu,)))
-    elif rsu is not None:
-        avps.append(rsu)
-    flags = codec.FLAG_REQUEST | codec.FLAG_PROXIABLE | (codec.FLAG_RETRANSMIT if retransmit else 0)
-    return Message(CMD_CREDIT_CONTROL, flags, APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id,
-                   end_to_end_id, tuple(avps))
+    """The CCR message for ``ccr``; the node assigns the ids when it sends it.
+
+    Built from a template: the routing AVPs and the tail (action, amount) come
+    pre-built and pre-encoded from bounded caches; only Session-Id,
+    Event-Timestamp and Subscription-Id are new per request, and the body's bytes
+    are handed to the codec so that ``encode`` only packs the header.
+    """
+    head, head_bytes = _ccr_routing(ccr.origin_host, ccr.origin_realm, ccr.destination_host,
+                                    ccr.destination_realm, ccr.service_context_id,
+                                    ccr.request_type, ccr.request_number)
+    tail, tail_bytes = _ccr_tail(ccr.requested_action, ccr.requested_minor,
+                                 ccr.currency_numeric, currency_exponent, ccr.has_mscc)
+    session_id = ccr.session_id
+    msisdn = ccr.msisdn
+    stamp = ccr.event_timestamp
+    sub = _new(Avp, (AVP_SUBSCRIPTION_ID, _F_SUBSCRIPTION_ID, 0, (
+        _SUBSCRIPTION_E164,
+        _new(Avp, (AVP_SUBSCRIPTION_ID_DATA, _F_SUBSCRIPTION_ID_DATA, 0, msisdn)))))
+    first = _new(Avp, (AVP_SESSION_ID, _F_SESSION_ID, 0, session_id))
+    if stamp is None:
+        avps = (first, *head, sub, *tail)
+    else:
+        avps = (first, *head, _new(Avp, (AVP_EVENT_TIMESTAMP, _F_EVENT_TIMESTAMP, 0, stamp)),
+                sub, *tail)
+    try:
+        body = b"".join((
+            _octets_avp(AVP_SESSION_ID, _F_SESSION_ID, session_id.encode()),
+            head_bytes,
+            b"" if stamp is None else _pack_u32_avp(
+                AVP_EVENT_TIMESTAMP, (_F_EVENT_TIMESTAMP << 24) | 12, stamp & 0xFFFFFFFF),
+            codec.encode_grouped_avp(AVP_SUBSCRIPTION_ID, _F_SUBSCRIPTION_ID, (
+                _SUBSCRIPTION_E164_BYTES
+                + _octets_avp(AVP_SUBSCRIPTION_ID_DATA, _F_SUBSCRIPTION_ID_DATA,
+                              msisdn.encode()))),
+            tail_bytes,
+        ))
+    except (AttributeError, TypeError, ValueError, struct.error):
+        pass  # a value the template cannot take: encode() reports it precisely
+    else:
+        codec.remember_encoding(avps, body)
+    flags = _REQUEST_FLAGS | (codec.FLAG_RETRANSMIT if retransmit else 0)
+    return _new(Message, (CMD_CREDIT_CONTROL, flags, APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id,
+                          end_to_end_id, avps, 1))
 
 
 def build_cca(
