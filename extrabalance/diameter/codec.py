@@ -167,16 +167,21 @@ def find_path(avps: Iterable[Avp], *path: PathStep) -> Avp | None:
     current: Iterable[Avp] = avps
     for step in path:
         if step.__class__ is int:
-            code, vendor = step, 0
+            for a in current:
+                if a[0] == step and not a[2]:
+                    found = a
+                    break
+            else:
+                return None
         else:
             code, vendor = step  # type: ignore[misc]
-        for a in current:
-            if a[0] == code and a[2] == vendor:
-                found = a
-                break
-        else:
-            return None
-        value = found[3]
+            for a in current:
+                if a[0] == code and a[2] == vendor:
+                    found = a
+                    break
+            else:
+                return None
+        value = found[3]  # type: ignore[index]
         current = value if value.__class__ is tuple else ()
     return found
 
@@ -231,8 +236,13 @@ class Message(NamedTuple):
 
     @property
     def session_id(self) -> str | None:
-        value = get_value(self.avps, 263)
-        return value if isinstance(value, str) else None
+        avps = self[5]
+        # RFC 6733 §8.8: Session-Id comes first when present; look there first.
+        if avps and avps[0][0] == 263 and not avps[0][2]:
+            value = avps[0][3]
+        else:
+            value = get_value(avps, 263)
+        return value if value.__class__ is str or isinstance(value, str) else None
 
     def with_ids(self, hop_by_hop_id: int, end_to_end_id: int | None = None) -> Message:
         return self._replace(
@@ -552,9 +562,11 @@ def _encode_avps_fast(avps: Sequence[Avp], parts: list[bytes]) -> None:
 # hand): id(avps tuple) -> (that tuple, its encoding). ``encode`` then copies the
 # body and packs only the header, which is what changes between re-sends (ids, T
 # flag). The entry holds the tuple itself so its id cannot be reused while the
-# entry lives; the table is bounded and simply cleared when full (a miss only
-# costs the ordinary encoding).
-PREENCODED_MAX: Final = 1024
+# entry lives; the table is bounded and simply cleared when full (a miss, e.g. a
+# re-send long after the build, only costs the ordinary encoding).
+# Small on purpose: a builder's message is encoded right after it is built, and
+# entries kept alive longer would be promoted to older GC generations for nothing.
+PREENCODED_MAX: Final = 64
 _PREENCODED: dict[int, tuple[tuple[Avp, ...], bytes]] = {}
 
 

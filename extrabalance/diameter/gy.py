@@ -19,9 +19,9 @@ import itertools
 import os
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from functools import lru_cache
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from . import codec
 from .codec import Avp, DiameterError, Message, avp
@@ -92,6 +92,40 @@ AMOUNT_MINOR_MAX: Final = (1 << 63) - 1
 AVP_CACHE_MAX: Final = 4096
 
 
+_T = TypeVar("_T")
+
+
+def _init_through_slots(cls: type[_T]) -> type[_T]:
+    """Give a frozen, slotted, keyword-only dataclass a faster ``__init__``.
+
+    The generated one stores each field with ``object.__setattr__`` (looked up per
+    field, since frozen classes refuse ordinary assignment); this one calls each
+    slot's descriptor directly: the same signature, defaults and frozen instance,
+    in about half the time. A CCR/CCA object is built for every request.
+    """
+    params = []
+    stores = []
+    namespace: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.default is not MISSING:
+            namespace[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        elif f.default_factory is not MISSING or not f.kw_only:
+            raise TypeError(f"{cls.__name__}.{f.name}: only keyword fields with plain defaults")
+        else:
+            params.append(f.name)
+        namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        stores.append(f"    _set_{f.name}(self, {f.name})")
+    source = f"def __init__(self, *, {', '.join(params)}):\n" + "\n".join(stores) + "\n"
+    exec(source, namespace)  # noqa: S102 - our own field names, as dataclasses does
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init  # type: ignore[misc]
+    return cls
+
+
+@_init_through_slots
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CreditControlRequest:
     """A CCR as the node and the IN simulator see it. Money in minor units."""
@@ -112,6 +146,7 @@ class CreditControlRequest:
     event_timestamp: int | None = None  # NTP seconds (since 1900)
 
 
+@_init_through_slots
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CreditControlAnswer:
     """A CCA: Result-Code, or the Experimental-Result-Code when that is what came."""
