@@ -105,7 +105,10 @@ def subscriber_view_with_route(conn: sqlite3.Connection, settings: Settings,
 
 def _print_view(view: dict[str, Any], settings: Settings, out: TextIO) -> None:
     sub = view["subscriber"] or {}
-    m = lambda minor: _money(minor, settings)
+
+    def m(minor: int | None) -> str:
+        return _money(minor, settings)
+
     print(f"subscriber {view['msisdn']}" + ("" if view["known"] else " (not in the ledger)"),
           file=out)
     barred = "yes, " + (sub.get("barred_reason") or "") if sub.get("barred_manual") else "no"

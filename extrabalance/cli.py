@@ -47,6 +47,16 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     return int(_bench_module("chaos").run_cli(list(args.rest)))
 
 
+def _cmd_fuzz(args: argparse.Namespace) -> int:
+    from extrabalance.bench import _bench_module
+
+    argv = ["--frames", str(args.frames), "--seed", str(args.seed)]
+    if args.seconds is not None:
+        argv += ["--seconds", str(args.seconds)]
+    argv += ["--json"] * args.json + ["--keep"] * args.keep
+    return int(_bench_module("fuzz").run_cli(argv))
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     if args.which == "in":
         from simulators.in_node import main_in as entry
@@ -84,6 +94,19 @@ def _cmd_campaign(args: argparse.Namespace) -> int:  # issue 7
                             json_output=args.json)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from extrabalance.report import report_command
+
+    return report_command(args.config, args.date, args.edr_dir, args.out,
+                          use_ledger=not args.no_ledger)
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from extrabalance.admin_cli import backup_command
+
+    return backup_command(args.config, args.dest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extrabalance",
@@ -117,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                        prefix_chars="+", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options (see `chaos --help`)")
     p.set_defaults(func=_cmd_chaos)
+
+    p = sub.add_parser("fuzz", help="malformed Diameter/SMPP/MQTT against a running node")
+    p.add_argument("--frames", type=int, default=1_000_000, help="frames in all protocols")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (ledger, node log)")
+    p.set_defaults(func=_cmd_fuzz)
 
     p = sub.add_parser("sim", help="run a bundled network simulator")
     p.add_argument("which", choices=["in", "smsc"])
@@ -153,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--who", default="cli", help="operator name kept with the campaign")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_campaign)
+
+    p = sub.add_parser("report", help="daily report (Markdown + PNG) from the EDRs and ledger")
+    p.add_argument("--date", required=True, help="UTC day, YYYY-MM-DD")
+    p.add_argument("--edr-dir", default=None,
+                   help="EDR directory (default: 'edr' beside the ledger file)")
+    p.add_argument("--out", default=None, help="output directory (default: report-DATE)")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.add_argument("--no-ledger", action="store_true",
+                   help="EDRs only: no cohort, payback time, ageing or segment figures")
+    p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("backup", help="online, integrity-checked copy of the ledger")
+    p.add_argument("dest", help="file to write (never overwritten)")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.set_defaults(func=_cmd_backup)
     return parser
 
 

@@ -173,6 +173,8 @@ class AdminServer:
         self.http = HttpServer(self.handle)
         self.sampler = RateSampler(node.metrics.registry)
         self._reload_lock = asyncio.Lock()
+        self._peer_labels: set[str] = set()  # gauge series set by the last refresh
+        self._bind_labels: set[str] = set()
 
     @property
     def read_only(self) -> bool:
@@ -267,11 +269,17 @@ class AdminServer:
         totals = await node.ledger.account_totals()
         node.metrics.outstanding_minor.set(
             totals.get("principal_receivable", 0) + totals.get("fee_receivable", 0))
-        for p in node.diameter.peer_states():
-            name = p.get("origin_host") or p.get("address") or "?"
-            node.metrics.peer_up.labels(str(name)).set(1 if p.get("state") == "Open" else 0)
-        for b in node.esme.bind_states():
-            node.metrics.bind_up.labels(str(b.get("name"))).set(1 if b.get("bound") else 0)
+        peers = {f"{p.get('origin_host') or '?'} {p.get('direction')} {p.get('address')}":
+                 1 if p.get("state") == "Open" else 0 for p in node.diameter.peer_states()}
+        binds = {str(b.get("name")): 1 if b.get("bound") else 0 for b in node.esme.bind_states()}
+        for gauge, values, seen in ((node.metrics.peer_up, peers, self._peer_labels),
+                                    (node.metrics.bind_up, binds, self._bind_labels)):
+            for label in seen - set(values):  # a connection that is gone: drop its series
+                gauge.remove(label)
+            for label, up in values.items():
+                gauge.labels(label).set(up)
+            seen.clear()
+            seen.update(values)
         return totals
 
     async def h_metrics(self, request: Request) -> Response:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -63,7 +63,8 @@ def eligible_never_borrowed(row: ads_store.AudienceRow, policy: Policy, segment:
 
 
 def iter_audience(conn: sqlite3.Connection, policy: Policy, segment: str | None,
-                  limit: int | None, chunk: int = ads_store.AUDIENCE_CHUNK_MAX):
+                  limit: int | None, chunk: int = ads_store.AUDIENCE_CHUNK_MAX
+                  ) -> Iterator[str]:
     """MSISDNs of the audience in MSISDN order, paged (bounded memory)."""
     after, given = "", 0
     cap = CAMPAIGN_RECIPIENTS_MAX if limit is None else min(limit, CAMPAIGN_RECIPIENTS_MAX)
@@ -104,7 +105,7 @@ class CampaignService:
 
     async def preview(self, segment: str | None, limit: int | None) -> Audience:
         def count(conn: sqlite3.Connection) -> Audience:
-            n, sample = 0, []
+            n, sample = 0, list[str]()
             for msisdn in iter_audience(conn, self.policy, segment, limit):
                 n += 1
                 if len(sample) < SAMPLE_MAX:

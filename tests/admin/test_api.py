@@ -59,7 +59,9 @@ async def test_metrics_is_prometheus_text_with_fresh_outstanding_gauge(played):
     outstanding = totals["principal_receivable"] + totals["fee_receivable"]
     assert f"eb_outstanding_minor {float(outstanding)}" in text
     assert 'eb_loans_total{channel="ussd"} 3.0' in text
-    assert "eb_diameter_peer_up" in text and "eb_smpp_bind_up" in text
+    assert 'eb_diameter_peer_up{peer="in-a.operator.example out 127.0.0.1:' in text
+    assert 'eb_diameter_peer_up{peer="in-b.operator.example in 127.0.0.1:' in text
+    assert "eb_smpp_bind_up{bind=" in text
 
 
 async def test_subscriber_view(played):

@@ -98,5 +98,4 @@ def test_no_subscriber_gets_more_than_the_caps(events, max_per_day, min_interval
             assert len(low) <= low_cap
             if i:
                 assert (t - mine[i - 1][0]).total_seconds() >= min_interval_s
-    for second, used in tokens_per_second.items():
-        assert used <= rate
+    assert all(used <= rate for used in tokens_per_second.values())
