@@ -1122,21 +1122,37 @@ def _zero_example(code: int, vendor_id: int) -> Avp:
 
 
 def _check_grammar(avps: Sequence[Avp], grammar: d.Grammar, partial: Message) -> None:
-    counts: dict[tuple[int, int], int] = {}
+    once = grammar.once_keys
+    seen: set[int] = set()
     for a in avps:
-        k = (a[0], a[2])
-        seen = counts.get(k, 0)
-        if seen and k in grammar.once:
-            raise DiameterError(5009, f"{d.avp_name(*k)} occurs more than once", (a,), partial)
-        counts[k] = seen + 1
-    for code, vendor in grammar.required:
-        if (code, vendor) not in counts:
+        k = a[0] | (a[2] << 32)
+        if k in seen:
+            if k in once:
+                raise DiameterError(5009, f"{d.avp_name(a[0], a[2])} occurs more than once",
+                                    (a,), partial)
+        else:
+            seen.add(k)
+    for k in grammar.required_keys:
+        if k not in seen:
+            code, vendor = k & 0xFFFFFFFF, k >> 32
             raise DiameterError(5005, f"{d.avp_name(code, vendor)} missing",
                                 (_zero_example(code, vendor),), partial)
 
 
+# AVPs found valid, by identity: the decoder hands out the same objects for the AVPs
+# that repeat (identities, application ids, service units, see _DECODE_CACHE), and
+# whether an AVP is valid depends on nothing but the AVP, so each is checked once.
+# Only the cacheable codes are remembered (per-request AVPs would only churn it);
+# the entry keeps the AVP alive so that its id stays its own. Cleared when full.
+VALIDATED_MAX: Final = 4096
+_VALIDATED: dict[int, Avp] = {}
+
+
 def _check_avps(avps: Sequence[Avp], partial: Message, depth: int) -> None:
+    validated = _VALIDATED
     for a in avps:
+        if validated.get(id(a)) is a:
+            continue
         code, flags, vendor, value = a
         entry: AvpDef | None = AVP_BY_KEY.get(code | (vendor << 32))
         if entry is None:
@@ -1154,6 +1170,10 @@ def _check_avps(avps: Sequence[Avp], partial: Message, depth: int) -> None:
             if grammar is not None:
                 _check_grammar(value, grammar, partial)
             _check_avps(value, partial, depth + 1)
+        if code in _CACHED_CODES and not vendor:
+            if len(validated) >= VALIDATED_MAX:
+                validated.clear()
+            validated[id(a)] = a
 
 
 # Applications whose commands we know (COMMAND_GRAMMAR) and the base ones.

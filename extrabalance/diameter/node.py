@@ -93,6 +93,7 @@ CONNECT_TIMEOUT_S: Final = 5.0
 CLOSE_TIMEOUT_S: Final = 2.0
 
 RequestHandler = Callable[[Message, str], Awaitable[Message]]
+_new_message = tuple.__new__  # cheaper than Message._replace on the per-request path
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +183,7 @@ class _Connection(asyncio.Protocol):
             rng=node._rng,
             # Whether a CER is answered depends on the other connections to the same
             # peer (RFC 6733 §5.6.4): the node decides, see _responder_cer.
-            hold_cer=role is Role.RESPONDER,
+            hold_cer=role is Role.RESPONDER and node.election,
         )
         self.transport: asyncio.Transport | None = None
         self.closed = self.loop.create_future()
@@ -393,6 +394,7 @@ class DiameterNode:
         reconnect_min_s: float = RECONNECT_MIN_S,
         reconnect_max_s: float = RECONNECT_MAX_S,
         duplicate_cache: DuplicateCache | None = None,
+        election: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         self.identity = identity
@@ -417,6 +419,11 @@ class DiameterNode:
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._answers = duplicate_cache or DuplicateCache()
+        # RFC 6733 §5.6: one connection per configured peer (given with its
+        # Origin-Host), whichever side dialled it, and the §5.6.4 election when both
+        # dial at once. Off: every connection stands alone, as the node and the IN
+        # simulator used them before (each dials the other, one connection each way).
+        self.election = election
         self._e2e = EndToEndIds(time.time(), self._rng)
         self._closing = False
 
@@ -445,7 +452,7 @@ class DiameterNode:
         self._groups[name] = group
         for address in peers:
             link = _Link(name, address)
-            if address.origin_host:
+            if address.origin_host and self.election:
                 link.machine = PeerLink(self.identity.origin_host, address.origin_host)
                 self._links_by_host.setdefault(address.origin_host.lower(), []).append(link)
             group.links.append(link)
@@ -595,9 +602,9 @@ class DiameterNode:
         if grp is None:
             raise KeyError(f"no peer group {group!r}")
         timeout_s = (self.request_timeout_ms if timeout_ms is None else timeout_ms) / 1000.0
-        if msg.end_to_end_id == 0:
-            msg = msg._replace(end_to_end_id=self._e2e.next())
-        msg = msg._replace(flags=msg.flags | codec.FLAG_REQUEST)
+        # One copy with the End-to-End id (kept for every re-send) and the R bit.
+        msg = _new_message(Message, (msg[0], msg[1] | codec.FLAG_REQUEST, msg[2], msg[3],
+                                     msg[4] or self._e2e.next(), msg[5], msg[6]))
         tried: set[int] = set()
         last_reason = "no answer"
         sends = 0
@@ -610,7 +617,7 @@ class DiameterNode:
             assert conn.link is not None
             tried.add(id(conn.link))
             # Only a request that may have reached a peer is a potential duplicate.
-            outgoing = msg._replace(flags=msg.flags | codec.FLAG_RETRANSMIT) if sends else msg
+            outgoing = msg.with_flags(codec.FLAG_RETRANSMIT) if sends else msg
             fut: asyncio.Future[Message] = self._loop.create_future()
             try:
                 conn.peer.send_request(outgoing, fut, self._loop.time(), timeout_s)

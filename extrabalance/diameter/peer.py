@@ -89,6 +89,7 @@ PENDING_MAX_DEFAULT: Final = 4096
 # nothing before CEA; the bound keeps a flood from being buffered).
 HELD_FRAMES_MAX: Final = 64
 APPLICATION_RELAY: Final = 0xFFFFFFFF
+_new_message = tuple.__new__  # Message._replace is a Python-level copy; this is one call
 
 
 class Role(enum.Enum):
@@ -108,9 +109,15 @@ class PeerState(enum.Enum):
     SUSPECT = "Suspect"  # RFC 3539 SUSPECT: a DWR went unanswered for Tw
     CLOSING = "Closing"
 
+    # Members are singletons compared by identity: hash them so too. Enum's own
+    # __hash__ is a Python function, and the table lookup hashes two per message.
+    __hash__ = object.__hash__
+
 
 class Ev(enum.Enum):
     """Inputs, after classification."""
+
+    __hash__ = object.__hash__
 
     START = enum.auto()  # initiator asked to connect
     CONN_ACK = enum.auto()  # transport up (initiator)
@@ -540,7 +547,7 @@ class PeerConnection:
         hbh = self._hop_by_hop()
         while hbh in self._pending:  # after 2^32 requests with one still pending
             hbh = self._hop_by_hop()
-        sent = msg._replace(hop_by_hop_id=hbh)
+        sent = _new_message(Message, (msg[0], msg[1], msg[2], hbh, msg[4], msg[5], msg[6]))
         deadline = now + timeout_s
         self._pending[hbh] = _Pending(token, sent, deadline)
         heapq.heappush(self._timers.deadlines, (deadline, hbh))

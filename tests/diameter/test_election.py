@@ -231,7 +231,7 @@ def _answering_node(identity: LocalIdentity) -> DiameterNode:
                             event_timestamp=ccr.event_timestamp)
 
     return DiameterNode(identity, allowed_peers={peer}, request_handler=handler,  # type: ignore[arg-type]
-                        reconnect_min_s=0.05, reconnect_max_s=0.2)
+                        reconnect_min_s=0.05, reconnect_max_s=0.2, election=True)
 
 
 def _open_connections(node: DiameterNode) -> int:
@@ -307,3 +307,23 @@ async def test_peer_dialling_a_node_that_does_not_dial_is_accepted_as_before(
     assert reply.result_code == 2001
     [row] = [r for r in high.peer_states() if r["direction"] == "in"]
     assert row["origin_host"] == LOW and row["state"] == "Open" and row["group"] is None
+
+
+async def test_without_election_each_dialled_connection_stands_alone() -> None:
+    high = _answering_node(IN_A)
+    low = _answering_node(NODE)
+    high.election = low.election = False
+    try:
+        high_port = await high.listen("127.0.0.1", 0)
+        low_port = await low.listen("127.0.0.1", 0)
+        high.add_peer_group("peer", "node.example", [PeerAddress("127.0.0.1", low_port, LOW)])
+        low.add_peer_group("peer", "operator.example",
+                           [PeerAddress("127.0.0.1", high_port, HIGH)])
+        async with asyncio.timeout(10):
+            while not _open_connections(high) == _open_connections(low) == 2:
+                await asyncio.sleep(0.01)
+        await _both_ways(high, low)
+        assert _direction(high) == _direction(low) == "out"
+    finally:
+        await high.close()
+        await low.close()
