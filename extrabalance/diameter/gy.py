@@ -345,20 +345,17 @@ def build_cca(
         request_mscc = None
         has_mscc = request.has_mscc
         hop_by_hop_id = end_to_end_id = 0
+    if not has_mscc and error_message is None:
+        return _build_cca_from_template(session_id, result_code, origin_host, origin_realm,
+                                        request_type, request_number, granted_minor,
+                                        check_balance_result, currency_numeric,
+                                        currency_exponent, event_timestamp, hop_by_hop_id,
+                                        end_to_end_id)
     c = _cached_avp
     avps: list[Avp] = []
     if session_id is not None:
         avps.append(avp(AVP_SESSION_ID, session_id))
-    avps += [
-        c(AVP_RESULT_CODE, result_code),
-        c(AVP_ORIGIN_HOST, origin_host),
-        c(AVP_ORIGIN_REALM, origin_realm),
-        _AUTH_APP_CC,
-    ]
-    if request_type is not None:
-        avps.append(c(AVP_CC_REQUEST_TYPE, request_type))
-    if request_number is not None:
-        avps.append(c(AVP_CC_REQUEST_NUMBER, request_number))
+    avps += _cca_head(result_code, origin_host, origin_realm, request_type, request_number)[0]
     avps.append(avp(AVP_EVENT_TIMESTAMP,
                     ntp_now() if event_timestamp is None else event_timestamp))
     gsu = None
@@ -383,9 +380,78 @@ def build_cca(
         avps.append(c(AVP_CHECK_BALANCE_RESULT, check_balance_result))
     if error_message:
         avps.append(avp(AVP_ERROR_MESSAGE, error_message))
-    flags = codec.FLAG_PROXIABLE | (codec.FLAG_ERROR if 3000 <= result_code < 4000 else 0)
-    return Message(CMD_CREDIT_CONTROL, flags, APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id,
-                   end_to_end_id, tuple(avps))
+    return Message(CMD_CREDIT_CONTROL, _answer_flags(result_code), APP_DIAMETER_CREDIT_CONTROL,
+                   hop_by_hop_id, end_to_end_id, tuple(avps))
+
+
+def _answer_flags(result_code: int) -> int:
+    return codec.FLAG_PROXIABLE | (codec.FLAG_ERROR if 3000 <= result_code < 4000 else 0)
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _cca_head(result_code: int, origin_host: str, origin_realm: str, request_type: int | None,
+              request_number: int | None) -> tuple[tuple[Avp, ...], bytes]:
+    """The AVPs between Session-Id and Event-Timestamp of a CCA, and their bytes."""
+    c = _cached_avp
+    avps = [c(AVP_RESULT_CODE, result_code), c(AVP_ORIGIN_HOST, origin_host),
+            c(AVP_ORIGIN_REALM, origin_realm), _AUTH_APP_CC]
+    if request_type is not None:
+        avps.append(c(AVP_CC_REQUEST_TYPE, request_type))
+    if request_number is not None:
+        avps.append(c(AVP_CC_REQUEST_NUMBER, request_number))
+    run = codec.intern_run(tuple(avps))
+    return run, b"".join(codec.encode_avp(a) for a in run)
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _cca_tail(granted_minor: int | None, check_balance_result: int | None,
+              currency_numeric: int | None, currency_exponent: int
+              ) -> tuple[tuple[Avp, ...], bytes]:
+    """The AVPs after Event-Timestamp of a CCA without MSCC, and their bytes."""
+    avps: list[Avp] = []
+    if granted_minor is not None:
+        avps.append(_service_unit(AVP_GRANTED_SERVICE_UNIT, granted_minor, currency_numeric,
+                                  currency_exponent))
+    if check_balance_result is not None:
+        avps.append(_cached_avp(AVP_CHECK_BALANCE_RESULT, check_balance_result))
+    tail = tuple(avps)
+    return tail, b"".join(codec.encode_avp(a) for a in tail)
+
+
+def _build_cca_from_template(
+    session_id: str | None, result_code: int, origin_host: str, origin_realm: str,
+    request_type: int | None, request_number: int | None, granted_minor: int | None,
+    check_balance_result: int | None, currency_numeric: int | None, currency_exponent: int,
+    event_timestamp: int | None, hop_by_hop_id: int, end_to_end_id: int,
+) -> Message:
+    """build_cca without MSCC or Error-Message: static runs plus Session-Id and
+    Event-Timestamp, with the body's bytes handed to the codec (as build_ccr)."""
+    head, head_bytes = _cca_head(result_code, origin_host, origin_realm, request_type,
+                                 request_number)
+    tail, tail_bytes = _cca_tail(granted_minor, check_balance_result, currency_numeric,
+                                 currency_exponent)
+    stamp = ntp_now() if event_timestamp is None else event_timestamp
+    stamp_avp = _new(Avp, (AVP_EVENT_TIMESTAMP, _F_EVENT_TIMESTAMP, 0, stamp))
+    if session_id is None:
+        avps = (*head, stamp_avp, *tail)
+    else:
+        avps = (_new(Avp, (AVP_SESSION_ID, _F_SESSION_ID, 0, session_id)), *head, stamp_avp,
+                *tail)
+    try:
+        body = b"".join((
+            b"" if session_id is None
+            else _octets_avp(AVP_SESSION_ID, _F_SESSION_ID, session_id.encode()),
+            head_bytes,
+            _pack_u32_avp(AVP_EVENT_TIMESTAMP, (_F_EVENT_TIMESTAMP << 24) | 12,
+                          stamp & 0xFFFFFFFF),
+            tail_bytes,
+        ))
+    except (AttributeError, TypeError, ValueError, struct.error):
+        pass  # a value the template cannot take: encode() reports it precisely
+    else:
+        codec.remember_encoding(avps, body)
+    return _new(Message, (CMD_CREDIT_CONTROL, _answer_flags(result_code),
+                          APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id, end_to_end_id, avps, 1))
 
 
 # --- parsing --------------------------------------------------------------------------
