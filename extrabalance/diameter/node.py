@@ -19,6 +19,12 @@ OPEN peer of the group. Retry rules (RFC 6733 §5.5.4, PROTOCOLS.md):
   sent, safe to retry later);
 * a request is never sent to another group.
 
+With ``election=True`` a peer given with its Origin-Host is one RFC 6733 peer
+(``peer.PeerLink``): the connection it dials to us serves its group just as the
+one we dial, only one of the two is kept, and when both sides dial at once the
+§5.6.4 election decides which. A link whose peer is served by the peer's own
+connection does not dial until that connection ends.
+
 Server side: CER/DWR/DPR are answered by the peer state machine; malformed
 requests are answered with the RFC's result code without calling the handler;
 application requests run the handler concurrently (bounded per connection), and
