@@ -98,11 +98,11 @@ def _count_for(fn: Callable[[int], Any], seconds: float, start: int) -> tuple[in
     clock = time.thread_time
     started = clock()
     deadline = started + seconds
-    i = start
+    first = start
     while True:
-        for i in range(i, i + batch):
+        for i in range(first, first + batch):
             fn(i)
-        i += 1
+        first += batch
         count += batch
         now = clock()
         if now >= deadline:

@@ -181,7 +181,7 @@ def find_path(avps: Iterable[Avp], *path: PathStep) -> Avp | None:
                     break
             else:
                 return None
-        value = found[3]  # type: ignore[index]
+        value = found[3]
         current = value if value.__class__ is tuple else ()
     return found
 

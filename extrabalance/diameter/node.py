@@ -56,11 +56,11 @@ from .peer import (
     DropConnection,
     DuplicateCache,
     EndToEndIds,
+    LinkState,
     LocalIdentity,
     MessageRejected,
     NotOpen,
     PeerClosed,
-    LinkState,
     PeerConnection,
     PeerLink,
     PeerOpened,
@@ -157,6 +157,11 @@ class _Group:
     links: list[_Link] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     next_index: int = 0
+
+
+def _is_closed(machine: PeerLink) -> bool:
+    # A function, not an inline test: the state changes while we await.
+    return machine.state is LinkState.CLOSED
 
 
 def _link_for_responder(links: list[_Link]) -> _Link:
@@ -473,7 +478,7 @@ class DiameterNode:
                 # dial again only once that is over, after the usual short pause.
                 link.changed.clear()
                 await link.changed.wait()
-                if machine.state is LinkState.CLOSED and not self._closing:
+                if _is_closed(machine) and not self._closing:
                     await asyncio.sleep(self.reconnect_min_s * self._rng.uniform(0.75, 1.25))
                 continue
             if machine is not None:
