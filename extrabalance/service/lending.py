@@ -254,6 +254,7 @@ class LendingService:
                     in_node=in_node,
                     session_id=session_id,
                     now=now,
+                    subscriber_known=loaded.known,
                 )
                 return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language)
 
