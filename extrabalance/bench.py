@@ -73,4 +73,5 @@ def run_bench(what: str, *, json_output: bool, seconds: float, extra: list[str])
             if isinstance(value, float):
                 value = f"{value:,.1f}"
             print(f"{key:<{width}}  {value}")
-    return 0
+    # A benchmark whose books do not balance has failed, whatever its speed.
+    return 1 if result.get("ledger_matches_in") is False else 0

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extrabalance.config import Settings, load_settings
+from extrabalance.config import Settings, deep_merge, load_settings
 from extrabalance.diameter.dictionary import RESULT_CODE_NAMES
 from extrabalance.service.templates import format_minor
 
@@ -96,8 +96,9 @@ class DemoEnv:
 
 
 @contextlib.asynccontextmanager
-async def demo_env(workdir: Path) -> AsyncIterator[DemoEnv]:
-    """Start broker, simulators and node on loopback; stop them all afterwards."""
+async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> AsyncIterator[DemoEnv]:
+    """Start broker, simulators and node on loopback; stop them all afterwards.
+    `overrides` are deep-merged over the demo's settings (tests use it)."""
     from extrabalance.demo_broker import DemoBroker
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
@@ -155,7 +156,12 @@ async def demo_env(workdir: Path) -> AsyncIterator[DemoEnv]:
                                 "system_id": "extrabalance",
                                 "password_env": DEMO_SMPP_PASSWORD_ENV}]},
             "mqtt": {"port": mqtt_port, "client_id": "extrabalance-demo"},
+            # issue 7: the story plays the same at any hour (no quiet hours) and shows
+            # the out-of-balance ad only (the debt-limit ad would interleave its SMS).
+            "ads": {"quiet_hours": None, "triggers": {"debt_limit": {"enabled": False}}},
         })
+        if overrides:
+            settings = Settings.model_validate(deep_merge(settings.model_dump(), overrides))
         profiles = workdir / "profiles.csv"
         profiles.write_text(
             "msisdn,tenure_days,arpu_minor,language\n"

@@ -34,7 +34,14 @@ from extrabalance.ledger import Ledger
 from extrabalance.observability import EdrWriter, EventRecorder, Metrics, configure_logging
 from extrabalance.recharge.events import RechargeEvent as WireRecharge
 from extrabalance.recharge.listener import MqttSettings, RechargeListener
+from extrabalance.recharge.lowbalance import (
+    LowBalanceEvent,
+    LowBalanceListener,
+    low_balance_settings,
+)
 from extrabalance.service.accounts import AccountService
+from extrabalance.service.ads import AdTrigger, Advertiser, rules_from_settings
+from extrabalance.service.campaign import CampaignService
 from extrabalance.service.lending import LendingService
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import RechargeEvent
@@ -51,6 +58,7 @@ PEERS_READY_WAIT_S = 5.0  # how long start-up waits for IN peers before resolvin
 DRAIN_WAIT_S = 10.0  # in-flight dialogs and sagas finished before a stop goes on
 DIALOG_SWEEP_S = 1.0
 EDR_FLUSH_S = 1.0
+ADS_PRUNE_S = 300.0  # how often ads_sent rows older than the caps' window are dropped
 
 
 def utc_now() -> datetime:
@@ -60,6 +68,7 @@ def utc_now() -> datetime:
 @dataclass
 class NodePorts:
     diameter: int = 0
+    admin: int = 0
 
 
 class Node:
@@ -150,19 +159,35 @@ class Node:
             service_context_id=s.diameter.service_context_id,
             currency_numeric=s.node.currency_numeric, currency_exponent=exponent,
         )
+        mqtt_settings = MqttSettings(
+            host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
+            topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
+            username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
+            ca_file=s.mqtt.ca_file,
+        )
         self.recharges = RechargeListener(
-            MqttSettings(
-                host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
-                topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
-                username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
-                ca_file=s.mqtt.ca_file,
-            ),
+            mqtt_settings,
             self._on_recharge,
             expected_currency=s.node.currency,
         )
+        # -- advertisement SMS (issue 7): rules, low-balance subscriber, campaigns --
+        self.ads = Advertiser(self.ledger, notifier, self.events, self.policy,
+                              rules_from_settings(s), utc_now,
+                              default_language=s.node.default_language)
+        self.lending.ads = self.ads
+        self.low_balance = LowBalanceListener(
+            low_balance_settings(mqtt_settings, tuple(s.ads.low_balance_topics),
+                                 s.ads.low_balance_dead_letter_topic),
+            self._on_low_balance,
+        )
+        self.campaigns = CampaignService(
+            self.ledger, self.ads, self.policy, utc_now,
+            send_rate_max_per_s=s.ads.campaign.send_rate_max_per_s,
+            batch_max=s.ads.campaign.batch_max, poll_s=s.ads.campaign.poll_s,
+        )
         self.ports = NodePorts()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._accepting_recharges = True
+        self._stopped = False
         self.started = asyncio.Event()
 
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -186,8 +211,6 @@ class Node:
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""
-        if not self._accepting_recharges:
-            raise RuntimeError("node stopping: leave the recharge unacknowledged")
         await self.payback.handle_recharge(
             RechargeEvent(
                 event_id=event.event_id,
@@ -198,10 +221,17 @@ class Node:
             )
         )
 
+    async def _on_low_balance(self, event: LowBalanceEvent) -> None:
+        """Returns once the ad decision is committed: the listener acknowledges after."""
+        await self.ads.offer(event.msisdn, AdTrigger.LOW_BALANCE,
+                             {"balance": event.balance_minor},
+                             idempotency_key=f"lowbalance:{event.in_node}:{event.event_id}")
+
     # -- lifetime --------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
+        await self._start_admin()
         for node in s.in_nodes:
             self.diameter.add_peer_group(
                 node.origin_host, node.realm,
@@ -220,6 +250,8 @@ class Node:
             asyncio.create_task(self.recharges.run(), name="recharge-listener"),
             asyncio.create_task(self.resolver.run_forever(), name="resolver"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self.low_balance.run(), name="lowbalance-listener"),
+            asyncio.create_task(self.campaigns.run_forever(), name="campaigns"),
         ]
         self.started.set()
         log.info("node_started", node=s.node.name, diameter_port=self.ports.diameter)
@@ -228,16 +260,24 @@ class Node:
         """Until every SMPP bind is bound and the MQTT session is up (demo and tests)."""
         await self.esme.wait_bound(timeout_s)
         deadline = time.monotonic() + timeout_s
-        while not self.recharges.stats().get("connected"):
+        while not (self.recharges.stats().get("connected")
+                   and self.low_balance.stats().get("connected")):
             if time.monotonic() > deadline:
                 raise TimeoutError("MQTT subscription not up")
             await asyncio.sleep(0.02)
 
     async def _housekeeping(self) -> None:
+        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(DIALOG_SWEEP_S)
             self.dialogs.expire()
             self.edr.flush()
+            if time.monotonic() - last_prune >= ADS_PRUNE_S:
+                last_prune = time.monotonic()
+                try:
+                    await self.ads.prune()
+                except Exception:
+                    log.exception("ads_prune_failed")
 
     # -- configuration reload ------------------------------------------------------------
 
@@ -263,16 +303,49 @@ class Node:
             service.policy = policy
         self.dialogs.set_templates(templates)
         self.channel.set_policy(policy, templates)
+        self.ads.set_rules(rules_from_settings(settings), policy)  # issue 7
+        self.campaigns.policy = policy
         self.policy, self.templates = policy, templates
         self.settings = settings.model_copy(update={name: getattr(old, name) for name in restart})
         log.info("config_reloaded", changed=changed, needs_restart=restart)
         return {"changed": changed, "needs_restart": restart}
 
+    # -- admin API (extrabalance/admin) ----------------------------------------------
+
+    async def _start_admin(self) -> None:
+        """The admin API is not on the money path: if it cannot start, say so loudly
+        and keep serving subscribers."""
+        from extrabalance.admin import AdminConfigError, AdminServer
+
+        self.admin: AdminServer | None = None
+        try:
+            admin = AdminServer(self, config_path=getattr(self, "config_path", None))
+            self.ports.admin = await admin.start()
+            self.admin = admin
+        except (AdminConfigError, OSError) as exc:
+            log.error("admin_api_not_started", reason=str(exc))
+
+    async def _stop_admin(self) -> None:
+        admin = getattr(self, "admin", None)
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
+            self.admin = None
+
     async def stop(self) -> None:
-        self._accepting_recharges = False
-        await self.channel.drain(DRAIN_WAIT_S)
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._stop_admin()
+        # The listener stops taking recharges, lets running paybacks finish and acks
+        # them; the rest stay on the broker for the next start.
         with contextlib.suppress(Exception):
             await self.recharges.stop()
+        with contextlib.suppress(Exception):
+            await self.low_balance.stop()
+        await self.channel.drain(DRAIN_WAIT_S)
+        with contextlib.suppress(Exception):
+            await self.ads.drain(DRAIN_WAIT_S)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -311,10 +384,22 @@ def run_node(config_path: str | None) -> int:
 
     async def main() -> None:
         node = Node(settings)
+        node.config_path = config_path  # the admin API's reload re-reads this file
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: re-read and validate the config file; a bad file is logged and ignored.
+        from extrabalance.admin.server import reload_on_signal
+
+        reloads: set[asyncio.Task[None]] = set()
+
+        def _hup() -> None:
+            task = loop.create_task(reload_on_signal(node, config_path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, _hup)
         await node.start()
         await stop.wait()
         await node.stop()

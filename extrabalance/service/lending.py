@@ -25,6 +25,7 @@ from extrabalance.core.model import SubscriberState
 from extrabalance.core.policy import Policy
 from extrabalance.core.reasons import Reason
 from extrabalance.ledger import Ledger, store
+from extrabalance.service.ads import AdTrigger, Advertiser
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
     DIAMETER_CREDIT_LIMIT_REACHED,
@@ -172,6 +173,7 @@ class LendingService:
         locks: SubscriberLocks | None = None,
         ad_policy: AdPolicy = default_ad_policy,
         default_language: str = "en",
+        ads: Advertiser | None = None,  # issue 7: when set, it applies every ad rule
     ) -> None:
         self.ledger = ledger
         self.in_port = in_port
@@ -183,6 +185,7 @@ class LendingService:
         self.locks = locks or SubscriberLocks()
         self.ad_policy = ad_policy
         self.default_language = default_language
+        self.ads = ads
 
     # -- borrow ------------------------------------------------------------------
 
@@ -291,6 +294,9 @@ class LendingService:
         )
         self._emit_loan(msisdn, outcome, channel, result)
         await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
+        if self.ads is not None and outcome.status is BorrowStatus.GRANTED:  # issue 7
+            total_minor = (outcome.amount_minor or 0) + (outcome.fee_minor or 0)
+            self.ads.fire_after_loan(msisdn, outcome.debt_minor - total_minor, outcome.debt_minor)
         return outcome
 
     def _emit_loan(
@@ -489,6 +495,8 @@ class LendingService:
                     state.language,
                 ),
             )
+            if self.ads is not None:  # issue 7: debt-limit ad
+                self.ads.fire_after_loan(msisdn, state.debt_minor, debt_minor)
             return
         self.events.emit(
             "refusal",
@@ -498,6 +506,9 @@ class LendingService:
             result_code=outcome.result_code,
         )
         if outcome.result_code == DIAMETER_END_USER_SERVICE_DENIED:
+            return
+        if self.ads is not None:  # issue 7: caps, quiet hours, rate; the CCA does not wait
+            self.ads.fire_offer(msisdn, AdTrigger.OUT_OF_BALANCE)
             return
         verdict = await self.ad_policy(state, now)
         if verdict.send:

@@ -1,0 +1,259 @@
+"""`extrabalance chaos`: a mixed load while the node, its links and the broker fail.
+
+What this file owns: the chaos run. The same processes as the end-to-end benchmark
+(bench/e2e.py `network`): node, IN simulator, SMSC simulator, a private Mosquitto.
+While the virtual subscribers borrow, get advances and recharge, faults are injected
+at random moments (seeded):
+
+* the node is SIGKILLed and restarted (same ledger file, same MQTT client id);
+* the IN nodes' Diameter connections are cut (the IN simulator's disconnect fault);
+* the SMSC drops the node's SMPP binds;
+* the broker is restarted, gracefully (SIGTERM) and by SIGKILL.
+
+Then a quiet period: no traffic, the node up, until every acknowledged recharge
+reached the ledger and the resolver settled every CREDITING/UNKNOWN/RECOVERING
+operation (bounded). The ledger is then reconciled against the IN simulator
+(bench/reconcile.py, recharges and dialogs included): every loan and recovery equals
+what the IN applied, every acknowledged recharge event is accounted for exactly once,
+no USSD dialog or SMS lent twice. A table of the faults and of the discrepancies is
+printed; exit 1 on any discrepancy.
+
+    extrabalance chaos [--kills 20] [--duration 150] [--rate 60] [--seed 7] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.e2e import Network, network, parse_mix, settle, wait_connected
+from bench.reconcile import reconcile
+
+CHAOS_CLIENT_ID = "extrabalance-chaos"  # the node's MQTT client id, the same on every restart
+# Durable broker for the run: save after every change rather than every second, so a
+# SIGKILL loses as little as Mosquitto allows (see bench/reconcile.py for the rest).
+BROKER_CONFIG = ("autosave_on_changes true",)
+DEFAULT_MIX = "ussd=4,sms=1,oob=2,recharge=3"
+RESTART_PAUSE_MAX_S = 1.0  # a killed node stays down up to this long
+QUIET_MAX_S = 90.0  # the quiet period ends when all is settled, or after this long
+NODE_UP_WAIT_S = 30.0
+
+
+@dataclass
+class ChaosOptions:
+    kills: int = 20
+    duration_s: float = 150.0
+    rate_per_s: float = 60.0
+    subscribers: int = 2000
+    mix: str = DEFAULT_MIX
+    seed: int = 7
+    in_disconnects: int | None = None  # default: kills // 2 (at least 1)
+    smpp_drops: int | None = None
+    broker_restarts: int | None = None  # graceful; default max(1, kills // 10)
+    broker_kills: int | None = None
+    report_dir: Path | None = None
+    json_output: bool = False
+    quiet_max_s: float = QUIET_MAX_S
+    concurrency_max: int = 100
+
+
+@dataclass
+class ChaosResult:
+    faults: Counter[str] = field(default_factory=Counter)
+    fault_log: list[tuple[float, str, str]] = field(default_factory=list)
+    reconciliation: dict[str, Any] = field(default_factory=dict)
+    traffic: dict[str, Any] = field(default_factory=dict)
+    settled: dict[str, Any] = field(default_factory=dict)
+    workdir: str = ""
+
+    @property
+    def discrepancies(self) -> int:
+        return int(self.reconciliation.get("discrepancies", 1))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"faults": dict(self.faults), "discrepancies": self.discrepancies,
+                "reconciliation": self.reconciliation, "traffic": self.traffic,
+                "settled": self.settled, "workdir": self.workdir,
+                "fault_log": self.fault_log}
+
+
+def plan(options: ChaosOptions) -> list[tuple[float, str]]:
+    """(seconds after the traffic starts, fault) for every fault, in time order."""
+    rng = random.Random(options.seed)
+    counts = {
+        "node_kill": options.kills,
+        "in_disconnect": options.in_disconnects if options.in_disconnects is not None
+        else max(1, options.kills // 2),
+        "smpp_drop": options.smpp_drops if options.smpp_drops is not None
+        else max(1, options.kills // 2),
+        "broker_restart": options.broker_restarts if options.broker_restarts is not None
+        else max(1, options.kills // 10),
+        "broker_kill": options.broker_kills if options.broker_kills is not None
+        else max(1, options.kills // 10),
+    }
+    start, end = 0.05 * options.duration_s, 0.9 * options.duration_s
+    events = [(rng.uniform(start, end), kind) for kind, n in counts.items() for _ in range(n)]
+    return sorted(events)
+
+
+async def inject(net: Network, kind: str, rng: random.Random) -> str:
+    """One fault; returns what was done (for the log)."""
+    if kind == "node_kill":
+        await net.node.kill()
+        pause_s = rng.uniform(0.0, RESTART_PAUSE_MAX_S)
+        await asyncio.sleep(pause_s)
+        await net.procs.restart_node(net.node, net.config_path, env=net.node_env)
+        return f"SIGKILL, restarted after {pause_s:.2f} s"
+    if kind == "in_disconnect":
+        answer = await net.in_worker.call("disconnect")
+        return f"{answer['closed']} Diameter connection(s) cut"
+    if kind == "smpp_drop":
+        answer = await net.smsc_worker.call("drop_binds")
+        return f"{answer['dropped']} SMPP bind(s) dropped"
+    if kind == "broker_restart":
+        await asyncio.to_thread(net.broker.restart, graceful=True)
+        return "SIGTERM, restarted"
+    if kind == "broker_kill":
+        await asyncio.to_thread(net.broker.restart, graceful=False)
+        return "SIGKILL, restarted"
+    raise ValueError(kind)
+
+
+async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
+    result = ChaosResult()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report_dir = options.report_dir or Path("var/bench") / f"chaos-{stamp}"
+    workdir = report_dir / "run"
+    result.workdir = str(workdir)
+    rng = random.Random(options.seed + 1)
+    broker_kills_s: list[float] = []
+    say = echo or (lambda _text: None)
+    mix = parse_mix(options.mix)
+    async with network(workdir, subscribers=options.subscribers, seed=options.seed,
+                       log_level="WARNING", client_id=CHAOS_CLIENT_ID, arabic_share=0.0,
+                       broker_config=BROKER_CONFIG) as net:
+        total = sum(mix.values())
+        smsc_mix = {k: v for k, v in mix.items() if k in ("ussd_menu", "ussd_shortcut", "sms_loan")}
+        in_mix = {k: v for k, v in mix.items() if k in ("out_of_balance", "recharge")}
+        common = {"duration_s": options.duration_s, "concurrency_max": options.concurrency_max,
+                  "msisdns": net.msisdns}
+        await net.smsc_worker.call("traffic_start", mix=smsc_mix, seed=options.seed,
+                                   rate_per_s=options.rate_per_s * sum(smsc_mix.values()) / total,
+                                   **common)
+        await net.in_worker.call("traffic_start", mix=in_mix, seed=options.seed + 7,
+                                 rate_per_s=options.rate_per_s * sum(in_mix.values()) / total,
+                                 **common)
+        t0 = time.monotonic()
+        for at_s, kind in plan(options):
+            delay = t0 + at_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if kind == "broker_kill":
+                broker_kills_s.append(time.time())
+            what = await inject(net, kind, rng)
+            result.faults[kind] += 1
+            result.fault_log.append((round(time.monotonic() - t0, 2), kind, what))
+            say(f"{time.monotonic() - t0:7.2f} s  {kind:<15} {what}")
+        for worker in (net.smsc_worker, net.in_worker):
+            answer = await worker.call("traffic_wait", timeout_s=options.duration_s + 120)
+            result.traffic[worker.name] = answer["report"]
+        # Quiet period: the node up and connected, no traffic, until all is settled.
+        if not net.node.alive:
+            await net.procs.restart_node(net.node, net.config_path, env=net.node_env)
+        await wait_connected(net, NODE_UP_WAIT_S)
+        say("quiet period: waiting for the resolver and the recharge backlog")
+        result.settled = await settle(net, max_s=options.quiet_max_s)
+        await net.node.stop()
+        in_dump_path, smsc_dump_path = workdir / "in-dump.json", workdir / "smsc-dump.json"
+        await net.in_worker.call("dump", path=str(in_dump_path))
+        await net.smsc_worker.call("dump", path=str(smsc_dump_path))
+        await net.in_worker.call("quit")
+        await net.smsc_worker.call("quit")
+    rec = reconcile(net.db_path, json.loads(in_dump_path.read_text()),
+                    json.loads(smsc_dump_path.read_text()), check_recharges=True,
+                    broker_kills_s=tuple(broker_kills_s))
+    result.reconciliation = rec.as_dict()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "chaos.json").write_text(json.dumps(result.as_dict(), indent=2))
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="extrabalance chaos",
+                                description="Kill the node, cut its links, restart the broker "
+                                            "under load; then check every minor unit.")
+    p.add_argument("--kills", type=int, default=20, help="node SIGKILLs (default 20)")
+    p.add_argument("--duration", type=float, default=150.0, help="seconds of traffic")
+    p.add_argument("--rate", type=float, default=60.0, help="operations per second")
+    p.add_argument("--subscribers", type=int, default=2000)
+    p.add_argument("--mix", default=DEFAULT_MIX)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--in-disconnects", type=int, default=None)
+    p.add_argument("--smpp-drops", type=int, default=None)
+    p.add_argument("--broker-restarts", type=int, default=None)
+    p.add_argument("--broker-kills", type=int, default=None)
+    p.add_argument("--report", default=None, help="directory (default var/bench/chaos-<time>)")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def print_tables(result: ChaosResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    faults = Table(title="faults injected")
+    faults.add_column("fault")
+    faults.add_column("count", justify="right")
+    for kind, n in sorted(result.faults.items()):
+        faults.add_row(kind, str(n))
+    console.print(faults)
+    rec = result.reconciliation
+    found = Table(title="discrepancies (must be zero)")
+    found.add_column("check")
+    found.add_column("found", justify="right")
+    for kind, n in sorted(rec.get("by_kind", {}).items()):
+        found.add_row(kind, f"[red]{n}[/red]")
+    found.add_row("total", str(rec.get("discrepancies")))
+    console.print(found)
+    console.print(
+        f"loans {rec.get('loans_granted')} (IN credits {rec.get('in_credits')}), recoveries "
+        f"{rec.get('recoveries_done')} (IN debits {rec.get('in_debits')}), recharges checked "
+        f"{rec.get('recharges_checked')}, journal sum {rec.get('journal_sum_minor')}; "
+        f"settled: {result.settled}")
+    for note in rec.get("notes", []):
+        console.print(f"note: {note}")
+    for kind, details in rec.get("details", {}).items():
+        console.print(f"[bold]{kind}[/bold]: " + "; ".join(details[:5]))
+
+
+def run_cli(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.kills < 0 or args.duration <= 0 or args.rate <= 0:
+        print("extrabalance chaos: --kills >= 0, --duration > 0 and --rate > 0", file=sys.stderr)
+        return 2
+    options = ChaosOptions(
+        kills=args.kills, duration_s=args.duration, rate_per_s=args.rate,
+        subscribers=args.subscribers, mix=args.mix, seed=args.seed,
+        in_disconnects=args.in_disconnects, smpp_drops=args.smpp_drops,
+        broker_restarts=args.broker_restarts, broker_kills=args.broker_kills,
+        report_dir=Path(args.report) if args.report else None, json_output=args.json,
+    )
+    result = asyncio.run(run_chaos(options, echo=None if args.json else print))
+    if args.json:
+        print(json.dumps(result.as_dict(), sort_keys=True))
+    else:
+        print_tables(result)
+    return 1 if result.discrepancies else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(sys.argv[1:]))

@@ -1,0 +1,659 @@
+"""`extrabalance bench e2e`: the whole node under a mixed load, every part its own process.
+
+What this file owns: the end-to-end benchmark. It starts a private Mosquitto, the IN
+simulator and the SMSC / USSD gateway simulator (bench/netsim.py workers), imports
+generated subscriber profiles into a fresh ledger, starts the node
+(`python -m extrabalance run --config <generated toml>`), runs a mix of USSD loans
+(menu and shortcut), SMS loans, out-of-balance CCRs and recharges at a target rate
+(or as fast as it goes) for a duration, lets the node's resolver settle, stops the
+node, and reconciles its ledger against what the IN applied (bench/reconcile.py).
+
+Figures: loans/s, USSD loans/s, paybacks/s, ads/s, p50/p95/p99 of the USSD latency
+(from the dial to the final screen, as the handset sees it), CPU seconds per process
+(/proc/PID/stat), and whether the ledger matches the IN exactly. A Markdown report
+with a latency plot is written to --report DIR (default var/bench/e2e-<time>).
+
+    extrabalance bench e2e [--rate N | --max] [--duration S]
+        [--mix ussd=5,sms=1,oob=1,recharge=3] [--subscribers N] [--json] [--report DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import os
+import random
+import sqlite3
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.procs import ProcessSet, cpu_seconds, dump_toml, free_port
+from bench.reconcile import reconcile
+
+DEFAULT_MIX = "ussd=5,sms=1,oob=1,recharge=3"
+MIX_KINDS = {"ussd": ("ussd_menu", "ussd_shortcut"), "sms": ("sms_loan",),
+             "oob": ("out_of_balance",), "recharge": ("recharge",)}
+SMSC_KINDS = ("ussd_menu", "ussd_shortcut", "sms_loan")
+IN_KINDS = ("out_of_balance", "recharge")
+SUBSCRIBERS_MAX = 1_000_000
+CONNECT_TIMEOUT_S = 30.0  # node bound to the SMSC and connected to the IN nodes
+SETTLE_MAX_S = 60.0  # after the traffic: every recharge consumed, every saga settled
+PROGRESS_EVERY_S = 0.25
+OPT_IN_SHARE = 0.2  # subscribers opted in to automatic advances
+SMPP_SYSTEM_ID = "extrabalance"
+SMPP_PASSWORD_ENV = "EB_BENCH_SMPP_PASSWORD"
+
+
+@dataclass
+class E2eOptions:
+    rate_per_s: float | None = 200.0  # None: as fast as the concurrency allows
+    duration_s: float = 10.0
+    mix: dict[str, float] = field(default_factory=lambda: parse_mix(DEFAULT_MIX))
+    subscribers: int = 20_000
+    concurrency_max: int = 400  # per simulator worker
+    report_dir: Path | None = None
+    json_output: bool = False
+    progress: bool = True
+    seed: int = 1
+    log_level: str = "WARNING"
+    settle_max_s: float = SETTLE_MAX_S
+    arabic_share: float = 0.2  # subscribers whose profile language is Arabic
+    profile_node: bool = False  # run the node under cProfile (report dir: node.prof)
+    plot: bool = True
+    command: str = ""
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """`ussd=5,sms=1,oob=1,recharge=3` → weights per traffic kind of simulators/traffic.py.
+
+    `ussd` is split evenly between menu dialogs and `*123*N#` shortcuts; the traffic
+    kinds themselves (`ussd_menu=2`) are accepted too.
+    """
+    weights = dict.fromkeys((*SMSC_KINDS, *IN_KINDS), 0.0)
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"--mix: {item!r} is not NAME=WEIGHT") from None
+        if not sep or weight < 0:
+            raise ValueError(f"--mix: {item!r} is not NAME=WEIGHT with WEIGHT >= 0")
+        if name in MIX_KINDS:
+            kinds = MIX_KINDS[name]
+            for kind in kinds:
+                weights[kind] += weight / len(kinds)
+        elif name in weights:
+            weights[name] += weight
+        else:
+            raise ValueError(f"--mix: unknown kind {name!r} (use {', '.join(MIX_KINDS)})")
+    if sum(weights.values()) <= 0:
+        raise ValueError("--mix has no positive weight")
+    return weights
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="extrabalance bench e2e",
+                                description="End-to-end benchmark over real sockets.")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, default=None,
+                      help="operations per second, all kinds together (default 200)")
+    rate.add_argument("--max", action="store_true", help="as fast as it goes")
+    p.add_argument("--duration", type=float, default=None, help="seconds of traffic (default 10)")
+    p.add_argument("--mix", default=DEFAULT_MIX, help=f"default {DEFAULT_MIX}")
+    p.add_argument("--subscribers", type=int, default=20_000)
+    p.add_argument("--concurrency", type=int, default=400,
+                   help="operations in flight per simulator process")
+    p.add_argument("--report", default=None, help="directory for the report (default var/bench)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--log-level", default="WARNING", help="the node's log level (EB_LOG_LEVEL)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--profile-node", action="store_true",
+                   help="run the node under cProfile; node.prof and its top functions in the report")
+    p.add_argument("--arabic-share", type=float, default=0.2,
+                   help="share of subscribers with Arabic screens and SMS (default 0.2)")
+    return p
+
+
+def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> E2eOptions:
+    args = build_parser().parse_args(argv)
+    if args.duration is not None:
+        duration = args.duration
+    else:  # the dispatcher's --seconds (default 2) means "per case"; e2e wants longer
+        duration = seconds if seconds > 2.0 else 10.0
+    if not 0 < duration <= 3600:
+        raise SystemExit("extrabalance bench e2e: --duration must be within 0..3600 s")
+    if not 1 <= args.subscribers <= SUBSCRIBERS_MAX:
+        raise SystemExit(f"extrabalance bench e2e: --subscribers within 1..{SUBSCRIBERS_MAX}")
+    try:
+        mix = parse_mix(args.mix)
+    except ValueError as exc:
+        raise SystemExit(f"extrabalance bench e2e: {exc}") from None
+    return E2eOptions(
+        rate_per_s=None if args.max else (args.rate if args.rate is not None else 200.0),
+        duration_s=duration, mix=mix, subscribers=args.subscribers,
+        concurrency_max=args.concurrency,
+        report_dir=Path(args.report) if args.report else None,
+        json_output=json_output or args.json, progress=not (json_output or args.json),
+        seed=args.seed, log_level=args.log_level, plot=not args.no_plot,
+        arabic_share=args.arabic_share, profile_node=args.profile_node,
+        command="extrabalance bench e2e " + " ".join(argv),
+    )
+
+
+def run_cli(argv: list[str], *, seconds: float, json_output: bool) -> dict[str, Any]:
+    """Entry point of the `extrabalance bench e2e` dispatcher; returns the figures."""
+    options = options_from_argv(argv, seconds=seconds, json_output=json_output)
+    result = asyncio.run(run_e2e(options))
+    if not options.json_output:
+        print_summary(result)
+    return result
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def default_config() -> dict[str, Any]:
+    from extrabalance.config import default_config_text
+
+    return tomllib.loads(default_config_text())
+
+
+def subscriber_msisdns(config: dict[str, Any], count: int) -> list[str]:
+    """`count` MSISDNs spread over the IN nodes' ranges (first numbers of each range)."""
+    nodes = config["in_nodes"]
+    out: list[str] = []
+    for i in range(count):
+        node = nodes[i % len(nodes)]
+        r = node["ranges"][0]
+        n = i // len(nodes) + 1
+        if "prefix" in r:
+            out.append(r["prefix"] + str(n).zfill(12 - len(r["prefix"])))
+        else:
+            out.append(str(int(r["start"]) + n).zfill(len(r["start"])))
+    return out
+
+
+def write_profiles(path: Path, msisdns: list[str], seed: int, arabic_share: float = 0.2) -> None:
+    """Tenure and ARPU so that the default segments are all used (vip, regular, basic)."""
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["msisdn", "tenure_days", "arpu_minor", "language"])
+        for msisdn in msisdns:
+            draw = rng.random()
+            if draw < 0.1:
+                tenure, arpu = rng.randint(730, 4000), rng.randint(20_000, 90_000)
+            elif draw < 0.7:
+                tenure, arpu = rng.randint(180, 700), rng.randint(3_000, 19_000)
+            else:
+                tenure, arpu = rng.randint(90, 170), rng.randint(100, 2_900)
+            w.writerow([msisdn, tenure, arpu, "ar" if rng.random() < arabic_share else "en"])
+
+
+def opt_in(db_path: Path, msisdns: list[str], share: float, seed: int) -> int:
+    """Opt a share of subscribers in to automatic advances (before the node starts)."""
+    rng = random.Random(seed + 1)
+    chosen = [(m,) for m in msisdns if rng.random() < share]
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.executemany("UPDATE subscribers SET auto_advance_opt_in = 1 WHERE msisdn = ?", chosen)
+    conn.close()
+    return len(chosen)
+
+
+def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
+                in_ports: dict[str, int], smpp_port: int, mqtt_port: int,
+                client_id: str = "extrabalance-bench") -> dict[str, Any]:
+    doc = json.loads(json.dumps(base))  # deep copy
+    doc["storage"]["path"] = str(db_path)
+    doc["diameter"]["listen_port"] = diameter_port
+    for node in doc["in_nodes"]:
+        node["peers"] = [{"host": "127.0.0.1", "port": in_ports[node["name"]]}]
+    doc["smpp"]["binds"] = [{**doc["smpp"]["binds"][0], "host": "127.0.0.1", "port": smpp_port,
+                             "system_id": SMPP_SYSTEM_ID, "password_env": SMPP_PASSWORD_ENV}]
+    doc["mqtt"]["host"] = "127.0.0.1"
+    doc["mqtt"]["port"] = mqtt_port
+    doc["mqtt"]["client_id"] = client_id
+    return doc
+
+
+def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int) -> dict[str, Any]:
+    node = base["node"]
+    return {
+        "nodes": [
+            {"name": n["name"], "origin_host": n["origin_host"], "realm": n["realm"],
+             "ranges": [f"{r['prefix']}*" if "prefix" in r else f"{r['start']}-{r['end']}"
+                        for r in n["ranges"]]}
+            for n in base["in_nodes"]
+        ],
+        "node_peer": ["127.0.0.1", diameter_port, node["origin_host"], node["origin_realm"]],
+        "mqtt": ["127.0.0.1", mqtt_port],
+        "currency": node["currency"], "currency_numeric": node["currency_numeric"],
+        "currency_exponent": node["currency_exponent"],
+        "service_context_id": base["diameter"]["service_context_id"],
+        "seed": seed,
+    }
+
+
+@dataclass
+class Network:
+    """Everything one run started; `procs` owns the OS processes."""
+
+    procs: ProcessSet
+    workdir: Path
+    broker: Any
+    in_worker: Any
+    smsc_worker: Any
+    node: Any
+    config_path: Path
+    db_path: Path
+    node_env: dict[str, str]
+    msisdns: list[str]
+    base: dict[str, Any]
+
+
+@contextlib.asynccontextmanager
+async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
+                  client_id: str = "extrabalance-bench", arabic_share: float = 0.2,
+                  broker_config: tuple[str, ...] = (), profile_path: Path | None = None) -> Any:
+    """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit."""
+    from extrabalance.ledger.profiles import import_profiles
+    from extrabalance.mosquitto import BrokerUnavailable, MosquittoBroker
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        broker = MosquittoBroker(workdir / "mosquitto", extra_config=broker_config).start()
+    except BrokerUnavailable as exc:
+        raise SystemExit(f"extrabalance bench: needs a private Mosquitto broker: {exc}. "
+                         "Install it (apt-get install mosquitto; `make wire-tools` does it).")
+    try:
+        async with ProcessSet(workdir) as procs:
+            base = default_config()
+            diameter_port = free_port()
+            in_worker = await procs.start_worker(
+                "in-sim", ["--role", "in", "--spec",
+                           json.dumps(in_spec(base, diameter_port, broker.port, seed))])
+            password = os.urandom(4).hex()  # SMPP passwords are at most 8 octets
+            smsc_worker = await procs.start_worker(
+                "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
+                    "system_id": SMPP_SYSTEM_ID, "password": password,
+                    "short_code": base["smpp"]["short_code"], "seed": seed})])
+            db_path = workdir / "extrabalance.db"
+            msisdns = subscriber_msisdns(base, subscribers)
+            profiles = workdir / "profiles.csv"
+            write_profiles(profiles, msisdns, seed, arabic_share)
+            report = import_profiles(db_path, profiles, progress=False)
+            if report.bad_rows_total:
+                raise RuntimeError(f"generated profiles rejected: {report.bad_rows[:5]}")
+            opt_in(db_path, msisdns, OPT_IN_SHARE, seed)
+            config = node_config(base, db_path=db_path, diameter_port=diameter_port,
+                                 in_ports=in_worker.ready["ports"],
+                                 smpp_port=smsc_worker.ready["ports"]["smpp"],
+                                 mqtt_port=broker.port, client_id=client_id)
+            config_path = workdir / "node.toml"
+            config_path.write_text(dump_toml(config), encoding="utf-8")
+            env = {SMPP_PASSWORD_ENV: password, "EB_LOG_LEVEL": log_level}
+            node = await procs.start_node(config_path, env=env, profile_path=profile_path)
+            net = Network(procs, workdir, broker, in_worker, smsc_worker, node, config_path,
+                          db_path, env, msisdns, base)
+            await wait_connected(net)
+            yield net
+    finally:
+        broker.stop()
+
+
+async def wait_connected(net: Network, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Until the node is bound to the SMSC and every IN node reaches it."""
+    try:
+        await asyncio.gather(
+            net.smsc_worker.call("wait_bound", timeout_s=timeout_s),
+            net.in_worker.call("wait_connected", timeout_s=timeout_s),
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"the node did not come up ({exc}); node log: "
+                           f"{net.node.log_tail()}") from None
+
+
+async def settle(net: Network, *, max_s: float) -> dict[str, Any]:
+    """Wait until every published recharge reached the ledger and no saga is unsettled."""
+    deadline = time.monotonic() + max_s
+    state: dict[str, Any] = {}
+    dump_path = net.workdir / "in-progress.json"
+    while True:
+        await net.in_worker.call("dump", path=str(dump_path))
+        in_dump = json.loads(dump_path.read_text())
+        published = set(in_dump["published_event_ids"])
+        state = ledger_state(net.db_path, published)
+        state["elapsed_s"] = round(max_s - (deadline - time.monotonic()), 2)
+        if state["recharges_missing"] == 0 and state["unsettled"] == 0:
+            state["settled"] = True
+            return state
+        if time.monotonic() > deadline or not net.node.alive:
+            state["settled"] = False
+            return state
+        await asyncio.sleep(0.5)
+
+
+def ledger_state(db_path: Path, published: set[str]) -> dict[str, Any]:
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        unsettled = conn.execute(
+            "SELECT (SELECT COUNT(*) FROM loans WHERE state IN ('REQUESTED','CREDITING','UNKNOWN'))"
+            " + (SELECT COUNT(*) FROM recoveries WHERE state IN ('RECOVERING','UNKNOWN'))"
+        ).fetchone()[0]
+        seen = {row[0][len("recharge:"):] for row in conn.execute(
+            "SELECT key FROM idempotency WHERE key LIKE 'recharge:%'")}
+        seen.update(row[0] for row in conn.execute("SELECT event_id FROM recoveries"))
+    finally:
+        conn.close()
+    return {"unsettled": int(unsettled), "recharges_missing": len(published - seen)}
+
+
+def split_rates(options: E2eOptions) -> tuple[dict[str, float], dict[str, float],
+                                              float | None, float | None]:
+    smsc_mix = {k: options.mix[k] for k in SMSC_KINDS}
+    in_mix = {k: options.mix[k] for k in IN_KINDS}
+    total = sum(options.mix.values())
+    smsc_share, in_share = sum(smsc_mix.values()) / total, sum(in_mix.values()) / total
+    if options.rate_per_s is None:
+        return smsc_mix, in_mix, None, None
+    return (smsc_mix, in_mix, options.rate_per_s * smsc_share or None,
+            options.rate_per_s * in_share or None)
+
+
+async def drive_traffic(net: Network, options: E2eOptions, *,
+                        samples_path: Path) -> dict[str, Any]:
+    """Start the mix in both workers, show progress, return both reports."""
+    smsc_mix, in_mix, smsc_rate, in_rate = split_rates(options)
+    common = {"duration_s": options.duration_s, "concurrency_max": options.concurrency_max}
+    workers = []
+    if sum(smsc_mix.values()) > 0:
+        await net.smsc_worker.call("traffic_start", msisdns=net.msisdns, mix=smsc_mix,
+                                   rate_per_s=smsc_rate, seed=options.seed, **common)
+        workers.append(net.smsc_worker)
+    if sum(in_mix.values()) > 0:
+        await net.in_worker.call("traffic_start", msisdns=net.msisdns, mix=in_mix,
+                                 rate_per_s=in_rate, seed=options.seed + 7, **common)
+        workers.append(net.in_worker)
+    started = time.monotonic()
+    await show_progress(workers, options, started)
+    reports: dict[str, Any] = {}
+    for worker in workers:
+        answer = await worker.call(
+            "traffic_wait", samples_path=str(samples_path) if worker is net.smsc_worker else None)
+        reports[worker.name] = answer["report"]
+    return reports
+
+
+async def show_progress(workers: list[Any], options: E2eOptions, started: float) -> None:
+    """Poll the workers until their traffic is over; a rich progress bar unless --json."""
+    progress = None
+    task = None
+    if options.progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("[bold]e2e[/bold] {task.description}"), BarColumn(),
+                            TextColumn("{task.fields[ops]} ops, {task.fields[rate]}/s"),
+                            TimeElapsedColumn(), transient=True)
+        progress.start()
+        task = progress.add_task("traffic", total=options.duration_s, ops=0, rate="0")
+    try:
+        deadline = started + options.duration_s + 90.0  # bounded even if a worker hangs
+        while time.monotonic() < deadline:
+            answers = [await w.call("progress") for w in workers]
+            ops = sum(a["started"] for a in answers)
+            elapsed = time.monotonic() - started
+            if progress is not None and task is not None:
+                progress.update(task, completed=min(elapsed, options.duration_s), ops=ops,
+                                rate=f"{ops / elapsed:,.0f}" if elapsed else "0",
+                                description="traffic" if elapsed < options.duration_s
+                                else "draining")
+            if all(a["done"] for a in answers):
+                return
+            await asyncio.sleep(PROGRESS_EVERY_S)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def count_edr(workdir: Path, kind: str) -> int:
+    total = 0
+    for path in (workdir / "edr").glob("edr-*.csv"):
+        with path.open(encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("kind") == kind:
+                    total += 1
+    return total
+
+
+def ledger_counts(db_path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        granted = "('ACTIVE','PARTIALLY_REPAID','REPAID','WRITTEN_OFF')"
+        q = lambda sql: int(conn.execute(sql).fetchone()[0])
+        return {
+            "loans": q(f"SELECT COUNT(*) FROM loans WHERE state IN {granted}"),
+            "ussd_loans": q(f"SELECT COUNT(*) FROM loans WHERE state IN {granted}"
+                            " AND channel = 'ussd'"),
+            "sms_loans": q(f"SELECT COUNT(*) FROM loans WHERE state IN {granted}"
+                           " AND channel = 'sms'"),
+            "advances": q(f"SELECT COUNT(*) FROM loans WHERE state IN {granted}"
+                          " AND channel = 'auto'"),
+            "failed_loans": q("SELECT COUNT(*) FROM loans WHERE state = 'FAILED'"),
+            "paybacks": q("SELECT COUNT(*) FROM recoveries WHERE state = 'DONE'"
+                          " AND recovered_minor > 0"),
+        }
+    finally:
+        conn.close()
+
+
+async def run_e2e(options: E2eOptions) -> dict[str, Any]:
+    from extrabalance.bench import machine
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report_dir = options.report_dir or Path("var/bench") / f"e2e-{stamp}"
+    workdir = report_dir / "run"
+    samples_path = workdir / "latency_ms.json"
+    self_cpu0 = os.times()
+    async with network(workdir, subscribers=options.subscribers, seed=options.seed,
+                       log_level=options.log_level, arabic_share=options.arabic_share,
+                       profile_path=(report_dir / "node.prof").resolve()
+                       if options.profile_node else None) as net:
+        procs = {"node": net.node, "in_sim": net.in_worker, "smsc_sim": net.smsc_worker}
+        broker_pid = net.broker._process.pid if net.broker._process is not None else None
+        cpu0 = {name: p.cpu_s() for name, p in procs.items()}
+        cpu0["mosquitto"] = (cpu_seconds(broker_pid) or 0.0) if broker_pid else 0.0
+        t0 = time.monotonic()
+        reports = await drive_traffic(net, options, samples_path=samples_path)
+        traffic_s = time.monotonic() - t0
+        cpu1 = {name: p.cpu_s() for name, p in procs.items()}
+        cpu1["mosquitto"] = (cpu_seconds(broker_pid) or 0.0) if broker_pid else 0.0
+        settled = await settle(net, max_s=options.settle_max_s)
+        node_exit = await net.node.stop()
+        in_dump_path, smsc_dump_path = workdir / "in-dump.json", workdir / "smsc-dump.json"
+        await net.in_worker.call("dump", path=str(in_dump_path))
+        await net.smsc_worker.call("dump", path=str(smsc_dump_path))
+        await net.in_worker.call("quit")
+        await net.smsc_worker.call("quit")
+    self_cpu1 = os.times()
+    in_dump = json.loads(in_dump_path.read_text())
+    smsc_dump = json.loads(smsc_dump_path.read_text())
+    rec = reconcile(net.db_path, in_dump, smsc_dump, check_recharges=True)
+    counts = ledger_counts(net.db_path)
+    ads = count_edr(net.db_path.parent, "ad_sent")
+    smsc_report = reports.get("smsc-sim", {})
+    latency = smsc_report.get("ussd_latency", {})
+    duration = options.duration_s
+    cpu = {name: round(cpu1[name] - cpu0[name], 2) for name in cpu0}
+    cpu["bench"] = round((self_cpu1.user + self_cpu1.system)
+                         - (self_cpu0.user + self_cpu0.system), 2)
+    result: dict[str, Any] = {
+        "command": options.command,
+        "machine": machine(),
+        "rate_target_per_s": options.rate_per_s or "max",
+        "duration_s": duration,
+        "traffic_s": round(traffic_s, 2),
+        "subscribers": options.subscribers,
+        "mix": options.mix,
+        "operations": sum(r.get("operations", 0) for r in reports.values()),
+        "loans_per_s": round(counts["loans"] / duration, 1),
+        "ussd_loans_per_s": round(counts["ussd_loans"] / duration, 1),
+        "paybacks_per_s": round(counts["paybacks"] / duration, 1),
+        "ads_per_s": round(ads / duration, 1),
+        "p50_ms": _round(latency.get("p50_ms")),
+        "p95_ms": _round(latency.get("p95_ms")),
+        "p99_ms": _round(latency.get("p99_ms")),
+        "max_ms": _round(latency.get("max_ms")),
+        "ussd_dialogs_measured": int(latency.get("count") or 0),
+        "cpu_s": cpu,
+        "counts": {**counts, "ads": ads},
+        "outcomes": {name: r.get("outcomes", {}) for name, r in reports.items()},
+        "late_starts": sum(r.get("late_starts", 0) for r in reports.values()),
+        "settled": settled,
+        "node_exit_code": node_exit,
+        "ledger_matches_in": rec.matches,
+        "reconciliation": rec.as_dict(),
+        "report_dir": str(report_dir),
+    }
+    if options.profile_node and (report_dir / "node.prof").exists():
+        result["node_profile"] = profile_top(report_dir / "node.prof", report_dir / "node-prof.txt")
+    report_path = write_report(report_dir, result, samples_path, plot=options.plot)
+    result["report"] = str(report_path)
+    return result
+
+
+def profile_top(prof: Path, out: Path, lines_max: int = 40) -> str:
+    """The node's top functions by own time and by cumulative time, as text."""
+    import io
+    import pstats
+
+    buffer = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=buffer)
+    stats.sort_stats("tottime").print_stats(lines_max)
+    stats.sort_stats("cumulative").print_stats(lines_max)
+    out.write_text(buffer.getvalue())
+    return str(out)
+
+
+def _round(value: Any) -> float | None:
+    return None if value is None else round(float(value), 2)
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def write_report(report_dir: Path, result: dict[str, Any], samples_path: Path, *,
+                 plot: bool) -> Path:
+    """report.md (+ latency.png) in `report_dir`; the raw figures in result.json."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    png = None
+    if plot and samples_path.exists():
+        png = plot_latency(samples_path, report_dir / "latency.png", result)
+    m = result["machine"]
+    rec = result["reconciliation"]
+    lines = [
+        "# Extra Balance end-to-end benchmark",
+        "",
+        f"- command: `{result['command']}`",
+        f"- machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['platform']}",
+        (f"- target rate: {result['rate_target_per_s']} ops/s for {result['duration_s']} s, "
+        f"{result['subscribers']} subscribers, mix {json.dumps(result['mix'])}"),
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| loans/s (all channels) | {result['loans_per_s']} |",
+        f"| USSD loans/s | {result['ussd_loans_per_s']} |",
+        f"| paybacks/s | {result['paybacks_per_s']} |",
+        f"| ads/s | {result['ads_per_s']} |",
+        (f"| USSD latency p50 / p95 / p99 / max (ms) | {result['p50_ms']} / {result['p95_ms']}"
+         f" / {result['p99_ms']} / {result['max_ms']} |"),
+        f"| operations started | {result['operations']} (late starts {result['late_starts']}) |",
+        f"| ledger matches the IN exactly | {'yes' if result['ledger_matches_in'] else 'NO'} |",
+        "",
+        "CPU seconds during the traffic, per process:",
+        "",
+        "| process | CPU s | share of one core |",
+        "|---|---|---|",
+    ]
+    for name, seconds in result["cpu_s"].items():
+        lines.append(f"| {name} | {seconds} | {seconds / max(result['traffic_s'], 1e-9):.0%} |")
+    counts = ", ".join(f"{k} {v}" for k, v in result["counts"].items())
+    summary = (f"Reconciliation: {rec['discrepancies']} discrepancies "
+               f"({json.dumps(rec['by_kind'])}); {rec['loans_granted']} granted loans, "
+               f"{rec['in_credits']} IN credits, {rec['recoveries_done']} recoveries, "
+               f"{rec['in_debits']} IN debits, journal sum {rec['journal_sum_minor']}.")
+    lines += ["", f"Ledger counts: {counts}", "", summary, ""]
+    if png is not None:
+        lines += [f"![USSD latency]({png.name})", ""]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def plot_latency(samples_path: Path, out: Path, result: dict[str, Any]) -> Path | None:
+    samples = sorted(json.loads(samples_path.read_text()))
+    if not samples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (hist, cdf) = plt.subplots(1, 2, figsize=(11, 4))
+    hist.hist(samples, bins=60, color="#4878a8")
+    hist.set_xlabel("USSD dial to final screen (ms)")
+    hist.set_ylabel("dialogs")
+    hist.set_title("latency histogram")
+    n = len(samples)
+    cdf.plot(samples, [(i + 1) / n for i in range(n)], color="#4878a8")
+    for p, key in ((0.5, "p50_ms"), (0.95, "p95_ms"), (0.99, "p99_ms")):
+        if result.get(key) is not None:
+            cdf.axvline(result[key], linestyle=":", color="grey")
+            cdf.text(result[key], p, f" {key[:-3]} {result[key]:.0f} ms", fontsize=8)
+    cdf.set_xlabel("ms")
+    cdf.set_ylabel("share of dialogs")
+    cdf.set_title("cumulative")
+    fig.suptitle(f"{result['ussd_loans_per_s']} USSD loans/s, target "
+                 f"{result['rate_target_per_s']} ops/s")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="Extra Balance end to end", show_header=False)
+    for key in ("loans_per_s", "ussd_loans_per_s", "paybacks_per_s", "ads_per_s", "p50_ms",
+                "p95_ms", "p99_ms", "max_ms", "operations", "late_starts"):
+        table.add_row(key, str(result[key]))
+    for name, seconds in result["cpu_s"].items():
+        table.add_row(f"cpu_s {name}", str(seconds))
+    ok = result["ledger_matches_in"]
+    table.add_row("ledger_matches_in", "[green]yes[/green]" if ok else "[red]NO[/red]")
+    table.add_row("report", result["report"])
+    console.print(table)
+    if not ok:
+        console.print(json.dumps(result["reconciliation"]["details"], indent=1))
+
+
+if __name__ == "__main__":  # python -m bench.e2e ...
+    out = run_cli(sys.argv[1:], seconds=2.0, json_output="--json" in sys.argv)
+    if "--json" in sys.argv:
+        print(json.dumps(out, sort_keys=True))
+    sys.exit(0 if out["ledger_matches_in"] else 1)
