@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -59,11 +61,15 @@ from bench.fuzz_frames import (
 from bench.fuzz_peers import CLOSE_WAIT_S, DiameterConn, FuzzSmsc, RssSampler, rss_kib
 
 ROOT = Path(__file__).resolve().parents[1]
+QUIET_MQTT_LOG = logging.getLogger("eb.fuzz.mqtt")
+QUIET_MQTT_LOG.setLevel(logging.ERROR)
 SMPP_PASSWORD_ENV = "EB_FUZZ_SMPP_PASSWORD"
 DEBTORS = tuple(f"2010003000{i:02d}" for i in range(20))  # in-a's range, with profiles
 CHECK_CCR_MSISDN = "201000400001"  # in range, no opt-in: a valid CCR gets 4012
 CHECK_SMS_MSISDN = "201000400002"  # sends "HELP" between fuzz batches
 LOAN_TEXT = "LOAN 5"
+PROBE = b"probe: not a recharge"
+PROBE_B64 = base64.b64encode(PROBE)
 RECHARGE_MINOR = 100
 ANSWER_WAIT_S = 15.0  # a batch's answers; the node is loaded, not stuck, below this
 START_WAIT_S = 30.0
@@ -81,7 +87,8 @@ class FuzzConfig:
     diameter_share: float = 0.7
     smpp_share: float = 0.2  # the rest is MQTT
     diameter_connections: int = 8
-    diameter_batch: int = 200
+    diameter_batch: int = 100
+    diameter_window: int = 1000  # answers outstanding per connection (node bound: 2048)
     kill_every: int = 100  # one fatal-framing Diameter connection per this many frames
     smpp_binds: int = 2
     smpp_batch: int = 60
@@ -119,6 +126,7 @@ class FuzzReport:
     rss_start_kib: int = 0
     rss_peak_kib: int = 0
     rss_end_kib: int = 0
+    rss_curve_mib: list[float] = field(default_factory=list)  # at 10 %, 20 %, … of the run
     ledger: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
     stderr_tail: str = ""
@@ -234,6 +242,7 @@ class FuzzRun:
         self.smsc: FuzzSmsc | None = None
         self.valid_event_ids: set[str] = set()
         self.dead_letters = 0
+        self.probe_dead_letters = 0
         self.dead_letter_event = asyncio.Event()
         in_a = self.base.in_nodes[0]
         self.in_a = in_a
@@ -319,33 +328,48 @@ class FuzzRun:
         try:
             await self.in_sim.wait_connected(START_WAIT_S)
             await self.smsc.wait_bound(self.cfg.smpp_binds, START_WAIT_S)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise RuntimeError("node did not come up:\n" + self.node.stderr_tail()) from None
 
     async def dead_letter_watch(self, ready: asyncio.Event) -> None:
+        """Counts dead letters; a persistent session, so a reconnect loses none."""
+        import aiomqtt
+
+        while True:
+            try:
+                await self._dead_letter_session(ready)
+            except aiomqtt.MqttError:
+                self.report.mqtt.extra["dead_letter_watch_reconnects"] += 1
+                await asyncio.sleep(0.2)
+
+    async def _dead_letter_session(self, ready: asyncio.Event) -> None:
         import aiomqtt
 
         topic = self.base.mqtt.dead_letter_topic
-        async with aiomqtt.Client("127.0.0.1", self.mqtt_port,
-                                  identifier=f"eb-fuzz-dead-{os.getpid()}") as client:
+        async with aiomqtt.Client("127.0.0.1", self.mqtt_port, clean_session=False,
+                                  identifier=f"eb-fuzz-dead-{os.getpid()}",
+                                  logger=QUIET_MQTT_LOG) as client:
             await client.subscribe(topic, qos=1)
             ready.set()
             async for message in client.messages:
-                if message.topic.value == topic:
+                if message.topic.value != topic:
+                    continue
+                if PROBE_B64 in bytes(message.payload):  # type: ignore[arg-type]
+                    self.probe_dead_letters += 1
+                else:
                     self.dead_letters += 1
-                    self.dead_letter_event.set()
+                self.dead_letter_event.set()
 
     async def wait_mqtt_subscribed(self, client: Any) -> None:
         """Publish a probe payload until its dead letter shows the node's session is up."""
         topic = f"extrabalance/recharge/{self.in_a.name}"
         async with asyncio.timeout(START_WAIT_S):
-            while self.dead_letters == 0:
+            while self.probe_dead_letters == 0:
                 self.dead_letter_event.clear()
-                await client.publish(topic, b"probe: not a recharge", qos=1)
+                await client.publish(topic, PROBE, qos=1)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.5):
                         await self.dead_letter_event.wait()
-        self.dead_letters = 0
 
     async def seed_debts(self) -> None:
         """Each debtor borrows by SMS, the real way: deliver_sm → loan → IN credit."""
@@ -361,44 +385,47 @@ class FuzzRun:
     # -- lanes ----------------------------------------------------------------------
 
     async def diameter_lane(self, quota: int, stats: LaneStats) -> None:
+        started = time.monotonic()
+        try:
+            await self._diameter_lane(quota, stats)
+        finally:
+            stats.extra["lane_ms_max"] = max(stats.extra["lane_ms_max"],
+                                             int((time.monotonic() - started) * 1000))
+
+    async def _diameter_lane(self, quota: int, stats: LaneStats) -> None:
+        """Pipelined: up to `diameter_window` answers outstanding, judged as they come."""
+        from extrabalance.diameter import codec
+
         conn = await self._diameter_open(stats)
         sent = 0
         while sent < quota and self.time_left():
+            if not await conn.wait_space(ANSWER_WAIT_S) or conn.closed.is_set():
+                self._diameter_stalled(conn, stats)
+                await conn.close()
+                conn = await self._diameter_open(stats)
             n = min(self.cfg.diameter_batch, quota - sent)
             frames: list[tuple[bytes, bool, object]] = []
             for _ in range(n):
                 f = self.dframes.pipe_frame()
                 frames.append((f.data, f.expects_answer, f.mutation))
                 stats.mutations[f.mutation] += 1
-            check = self.dframes.ccr(CHECK_CCR_MSISDN)
-            from extrabalance.diameter import codec
-
-            frames.append((codec.encode(check), True, "check"))
-            tags = {}
-            ids = conn.send(frames)
-            for hbh, (_, expected, tag) in zip(ids, frames):
-                if expected:
-                    tags[hbh] = tag
+            frames.append((codec.encode(self.dframes.ccr(CHECK_CCR_MSISDN)), True, "check"))
+            conn.send(frames)
             sent += n
             stats.sent += n
-            if not await conn.wait_idle(ANSWER_WAIT_S):
-                missing = Counter(str(tags[h]) for h in conn.pending if h in tags)
-                if conn.closed.is_set():
-                    stats.extra["unexpected_closes"] += 1
-                    stats.fail(f"node closed a sound connection; batch had {dict(missing)}")
-                else:
-                    stats.fail(f"no answer within {ANSWER_WAIT_S} s for {dict(missing)}")
-                stats.extra["missing_answers"] += sum(missing.values())
-                conn.pending.clear()
-            for hbh in ids:
-                answer = conn.answers.pop(hbh, None)
-                if answer is None:
-                    continue
-                self._judge_diameter(answer, tags.get(hbh), stats)
-            if conn.closed.is_set():
-                await conn.close()
-                conn = await self._diameter_open(stats)
+        if not await conn.wait_idle(ANSWER_WAIT_S):
+            self._diameter_stalled(conn, stats)
         await conn.close()
+
+    def _diameter_stalled(self, conn: DiameterConn, stats: LaneStats) -> None:
+        missing = Counter(str(tag) for tag in conn.pending.values())
+        if conn.closed.is_set():
+            stats.extra["unexpected_closes"] += 1
+            stats.fail(f"node closed a sound connection; unanswered: {dict(missing)}")
+        else:
+            stats.fail(f"no answer within {ANSWER_WAIT_S} s for {dict(missing)}")
+        stats.extra["missing_answers"] += sum(missing.values())
+        conn.pending.clear()
 
     def _judge_diameter(self, answer: Any, tag: object, stats: LaneStats) -> None:
         code = answer.result_code
@@ -408,7 +435,9 @@ class FuzzRun:
             return
         if tag == "check":
             stats.extra["valid_checked"] += 1
-            if code != 4012 or answer.granted:
+            if code == 3004 and answer.error_bit:  # overloaded: the IN re-sends later
+                stats.extra["valid_too_busy"] += 1
+            elif code != 4012 or answer.granted:
                 stats.fail(f"valid CCR answered {code} (granted={answer.granted})")
             return
         if code not in DIAMETER_ALLOWED_RESULTS:
@@ -425,6 +454,8 @@ class FuzzRun:
         if cea is None or cea.result_code != 2001:
             raise RuntimeError(f"CER as an allowed peer refused: {cea}")
         stats.extra["connections"] += 1
+        conn.on_answer = lambda tag, answer: self._judge_diameter(answer, tag, stats)
+        conn.low_water = max(0, self.cfg.diameter_window - self.cfg.diameter_batch - 1)
         return conn
 
     async def diameter_kill_lane(self, quota: int, stats: LaneStats) -> None:
@@ -446,6 +477,10 @@ class FuzzRun:
                     await conn.open(do_cer=kind == "after_cer")
                     frame = (self.dframes.kill_frame() if kind == "after_cer" or r.random() < 0.5
                              else self.dframes.pipe_frame())
+                    if frame.data[5:8] == (257).to_bytes(3, "big"):
+                        # a mutation that became a valid CER would rightly open the
+                        # connection: keep this lane about traffic before CER
+                        frame = self.dframes.kill_frame()
                     stats.mutations[f"{kind}:{frame.mutation}"] += 1
                     assert conn.writer is not None
                     conn.writer.write(frame.data)
@@ -465,6 +500,7 @@ class FuzzRun:
         sent = 0
         next_kill = self.cfg.smpp_kill_every
         binds_before = smsc.bind_attempts
+        lane_started = time.monotonic()
         kills = 0
         while sent < quota and self.time_left():
             async with asyncio.timeout(START_WAIT_S):
@@ -510,6 +546,8 @@ class FuzzRun:
                         await victim.closed.wait()
                 if not victim.closed.is_set():
                     stats.fail("bind left open after command_length < 16")
+        stats.answers.update(smsc.statuses)
+        stats.extra["lane_ms"] = int((time.monotonic() - lane_started) * 1000)
         stats.extra["binds_killed_on_purpose"] = kills
         stats.extra["rebinds"] = smsc.bind_attempts - binds_before
 
@@ -534,8 +572,9 @@ class FuzzRun:
 
         async with aiomqtt.Client("127.0.0.1", self.mqtt_port,
                                   identifier=f"eb-fuzz-pub-{os.getpid()}",
-                                  max_queued_outgoing_messages=None) as client:
+                                  logger=QUIET_MQTT_LOG) as client:
             await self.wait_mqtt_subscribed(client)
+            publish_started = time.monotonic()
             for i in range(quota):
                 if not self.time_left():
                     break
@@ -558,11 +597,14 @@ class FuzzRun:
             await asyncio.gather(*tasks)
             for event in await asyncio.gather(*valid_jobs):
                 self.valid_event_ids.add(event.event_id)
+        stats.extra["publish_ms"] = int((time.monotonic() - publish_started) * 1000)
         stats.extra["expected_dead_letters"] = expected_dead
         stats.extra["valid_recharges"] = len(valid_jobs)
         # The node dead-letters at its own pace: wait until it has caught up (bounded).
-        deadline = time.monotonic() + max(30.0, expected_dead / 500)
-        while self.dead_letters < expected_dead and time.monotonic() < deadline:
+        seen, last_progress = -1, time.monotonic()
+        while self.dead_letters < expected_dead and time.monotonic() - last_progress < 15.0:
+            if self.dead_letters != seen:
+                seen, last_progress = self.dead_letters, time.monotonic()
             await asyncio.sleep(0.2)
         stats.answers["dead-lettered"] = self.dead_letters
         if self.dead_letters != expected_dead:
@@ -574,6 +616,7 @@ class FuzzRun:
         """The well-behaved peers still get right answers after everything."""
         stats = self.report.diameter
         conn = await self._diameter_open(stats)
+        conn.on_answer = None
         from extrabalance.diameter import codec
 
         ids = conn.send([(codec.encode(self.dframes.ccr(CHECK_CCR_MSISDN)), True, "check")])
@@ -699,6 +742,9 @@ async def run_fuzz(cfg: FuzzConfig, workdir: Path | None = None) -> FuzzReport:
             report.rss_end_kib = rss_kib(run.pid) or 0
             sampler.stop()
             report.rss_peak_kib = max(sampler.peak_kib, report.rss_end_kib)
+            samples = sampler.samples
+            report.rss_curve_mib = [round(samples[min(len(samples) - 1, len(samples) * i // 10)][1]
+                                          / 1024, 1) for i in range(1, 11)] if samples else []
             report.node_exit_code = run.node.stop()
             run.ledger_checks()
     finally:
@@ -714,6 +760,8 @@ async def run_fuzz(cfg: FuzzConfig, workdir: Path | None = None) -> FuzzReport:
         "node_stopped_cleanly": report.node_exit_code == 0,
         "rss_growth_bounded": growth_mib <= cfg.rss_growth_max_mib,
         "diameter_answers_as_rfc": report.diameter.extra["failures"] == 0,
+        "diameter_valid_ccrs_answered_4012": (report.diameter.extra["valid_checked"]
+                                              > report.diameter.extra["valid_too_busy"]),
         "smpp_responses_and_binds": report.smpp.extra["failures"] == 0,
         "mqtt_dead_letters": report.mqtt.extra["failures"] == 0,
     })
@@ -736,9 +784,11 @@ def format_report(r: FuzzReport) -> str:
             rows.append((f"{name} notes", extra))
     rows.append(("crashes", "1" if r.node_crashed else "0"))
     rows.append(("node exit code", str(r.node_exit_code)))
-    rows.append(("node RSS (MiB)", f"start {r.rss_start_kib / 1024:,.1f}, peak "
-                 f"{r.rss_peak_kib / 1024:,.1f}, end {r.rss_end_kib / 1024:,.1f} (bound: growth "
-                 f"<= {r.config['rss_growth_max_mib']} MiB)"))
+    rss = (f"start {r.rss_start_kib / 1024:,.1f}, peak {r.rss_peak_kib / 1024:,.1f}, "
+           f"end {r.rss_end_kib / 1024:,.1f} (bound: growth <= "
+           f"{r.config['rss_growth_max_mib']} MiB)")
+    rows.append(("node RSS (MiB)", rss))
+    rows.append(("node RSS curve (MiB)", " ".join(str(v) for v in r.rss_curve_mib)))
     rows.append(("ledger", ", ".join(f"{k}: {v}" for k, v in r.ledger.items())))
     for name, ok in r.checks.items():
         rows.append((f"check {name}", "ok" if ok else "FAILED"))

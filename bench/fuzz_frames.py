@@ -35,7 +35,8 @@ from extrabalance.smpp.ussd import ussd_deliver
 
 # MSISDNs the fuzz templates carry: outside every configured range and without a
 # profile, so that even a mutation that stays a valid request cannot move money.
-FUZZ_MSISDNS = ("447009001234", "447009005678", "19995550123")
+# Many of them, so that requests are not all serialised on one subscriber's lock.
+FUZZ_MSISDNS = tuple(f"4470090{i:05d}" for i in range(0, 64_000, 1000)) + ("19995550123",)
 DIAMETER_HEADER = struct.Struct(">IIIII")
 SMPP_HEADER = struct.Struct(">IIII")
 UNKNOWN_AVP_CODE = 0x00FF_FF01  # not in the dictionary

@@ -79,6 +79,16 @@ class RssSampler:
         return max((v for _, v in self.samples), default=0)
 
 
+async def wait_either(a: asyncio.Event, b: asyncio.Event, timeout_s: float) -> None:
+    """Until either event is set, or the timeout; leaves no task behind."""
+    waiters = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
 # --- Diameter ----------------------------------------------------------------------------
 
 
@@ -125,6 +135,10 @@ class DiameterConn:
         self.writer: asyncio.StreamWriter | None = None
         self.pending: dict[int, object] = {}
         self.answers: dict[int, Answer] = {}
+        # Set: answers go to on_answer(tag, answer) as they arrive instead of `answers`.
+        self.on_answer: Callable[[object, Answer], None] | None = None
+        self.low_water = 0
+        self.space = asyncio.Event()  # set while len(pending) <= low_water
         self.idle = asyncio.Event()
         self.closed = asyncio.Event()
         self._hbh = 0x1000
@@ -161,17 +175,22 @@ class DiameterConn:
             ids.append(hbh)
         if self.pending:
             self.idle.clear()
+        if len(self.pending) > self.low_water:
+            self.space.clear()
         self.writer.write(b"".join(out))
         return ids
+
+    async def wait_space(self, timeout_s: float) -> bool:
+        """Until at most low_water answers are outstanding (False: timeout or closed)."""
+        if len(self.pending) <= self.low_water:
+            return True
+        await wait_either(self.space, self.closed, timeout_s)
+        return len(self.pending) <= self.low_water
 
     async def wait_idle(self, timeout_s: float) -> bool:
         if not self.pending:
             return True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await asyncio.wait([asyncio.ensure_future(self.idle.wait()),
-                                    asyncio.ensure_future(self.closed.wait())],
-                                   return_when=asyncio.FIRST_COMPLETED)
+        await wait_either(self.idle, self.closed, timeout_s)
         return not self.pending
 
     async def _read(self) -> None:
@@ -188,8 +207,14 @@ class DiameterConn:
                     if flags & codec.FLAG_REQUEST:
                         self._answer_node_request(frame)
                         continue
-                    if self.pending.pop(hbh, None) is not None:
-                        self.answers[hbh] = read_answer(frame)
+                    tag = self.pending.pop(hbh, None)
+                    if tag is not None:
+                        if self.on_answer is not None:
+                            self.on_answer(tag, read_answer(frame))
+                        else:
+                            self.answers[hbh] = read_answer(frame)
+                        if len(self.pending) <= self.low_water:
+                            self.space.set()
                         if not self.pending:
                             self.idle.set()
         except (ConnectionError, OSError, codec.FrameError):
@@ -256,11 +281,7 @@ class SmscBind:
     async def wait_idle(self, timeout_s: float) -> bool:
         if not self.pending:
             return True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await asyncio.wait([asyncio.ensure_future(self.idle.wait()),
-                                    asyncio.ensure_future(self.closed.wait())],
-                                   return_when=asyncio.FIRST_COMPLETED)
+        await wait_either(self.idle, self.closed, timeout_s)
         return not self.pending
 
 

@@ -47,6 +47,16 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     return int(_bench_module("chaos").run_cli(list(args.rest)))
 
 
+def _cmd_fuzz(args: argparse.Namespace) -> int:
+    from extrabalance.bench import _bench_module
+
+    argv = ["--frames", str(args.frames), "--seed", str(args.seed)]
+    if args.seconds is not None:
+        argv += ["--seconds", str(args.seconds)]
+    argv += ["--json"] * args.json + ["--keep"] * args.keep
+    return int(_bench_module("fuzz").run_cli(argv))
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     if args.which == "in":
         from simulators.in_node import main_in as entry
@@ -91,6 +101,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
                           use_ledger=not args.no_ledger)
 
 
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from extrabalance.admin_cli import backup_command
+
+    return backup_command(args.config, args.dest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extrabalance",
@@ -124,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                        prefix_chars="+", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options (see `chaos --help`)")
     p.set_defaults(func=_cmd_chaos)
+
+    p = sub.add_parser("fuzz", help="malformed Diameter/SMPP/MQTT against a running node")
+    p.add_argument("--frames", type=int, default=1_000_000, help="frames in all protocols")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (ledger, node log)")
+    p.set_defaults(func=_cmd_fuzz)
 
     p = sub.add_parser("sim", help="run a bundled network simulator")
     p.add_argument("which", choices=["in", "smsc"])
@@ -170,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ledger", action="store_true",
                    help="EDRs only: no cohort, payback time, ageing or segment figures")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("backup", help="online, integrity-checked copy of the ledger")
+    p.add_argument("dest", help="file to write (never overwritten)")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.set_defaults(func=_cmd_backup)
     return parser
 
 

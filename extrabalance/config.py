@@ -85,6 +85,11 @@ class DiameterSection(_Model):
     service_context_id: str = "extrabalance@3gpp.org"
     watchdog_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     request_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 2000
+    # Budget to answer the IN's out-of-balance CCR with an advance; keep it well under
+    # the IN's Tx timer (RFC 4006 §13): an advance the IN never receives is never booked.
+    advance_answer_deadline_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
+    # Out-of-balance requests being decided at once; beyond it the IN gets 3004 at once.
+    out_of_balance_inflight_max: Annotated[int, Field(ge=1, le=100_000)] = 512
     product_name: str = "ExtraBalance"
     vendor_id: int = 0
     tls_cert_file: str | None = None
@@ -151,6 +156,8 @@ class SmppSection(_Model):
     dialog_id: Literal["its_session_info", "user_message_reference"] = "its_session_info"
     dialog_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60
     dialogs_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    # USSD and SMS being handled at once; beyond it deliver_sm gets ESME_RTHROTTLED.
+    inbound_tasks_max: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
     ussd_abort_op: Annotated[int, Field(ge=0, le=255)] = 0x81
     sms_long_mode: Literal["udh", "message_payload"] = "udh"
     binds: list[BindSection] = []

@@ -156,6 +156,7 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
                                 "system_id": "extrabalance",
                                 "password_env": DEMO_SMPP_PASSWORD_ENV}]},
             "mqtt": {"port": mqtt_port, "client_id": "extrabalance-demo"},
+            "admin": {"listen_port": 0},
             # issue 7: the story plays the same at any hour (no quiet hours) and shows
             # the out-of-balance ad only (the debt-limit ad would interleave its SMS).
             "ads": {"quiet_hours": None, "triggers": {"debt_limit": {"enabled": False}}},

@@ -91,6 +91,7 @@ class Node:
             for r in node.ranges:
                 rules.append(RouteRule(node.origin_host, prefix=r.prefix, start=r.start, end=r.end))
         self.router = Router(rules)
+        tls_listener, tls_dialer = self._tls_contexts()
         self.diameter = DiameterNode(
             LocalIdentity(
                 origin_host=s.node.origin_host,
@@ -101,7 +102,8 @@ class Node:
             ),
             allowed_peers={n.origin_host for n in s.in_nodes},
             request_handler=self._on_diameter_request,
-            ssl_context=self._tls_context(),
+            ssl_context=tls_listener,
+            client_ssl_context=tls_dialer,
             watchdog_s=s.diameter.watchdog_s,
             request_timeout_ms=s.diameter.request_timeout_ms,
         )
@@ -152,12 +154,15 @@ class Node:
             ussd_service_type=s.smpp.ussd_service_type, dialog_id=s.smpp.dialog_id,
             abort_op=s.smpp.ussd_abort_op,
             observe_ussd=self.metrics.ussd_latency.observe,
+            inbound_tasks_max=s.smpp.inbound_tasks_max,
         )
         notifier.target = self.channel
         self.gy = GyServer(
             self.lending, origin_host=s.node.origin_host, origin_realm=s.node.origin_realm,
             service_context_id=s.diameter.service_context_id,
             currency_numeric=s.node.currency_numeric, currency_exponent=exponent,
+            answer_deadline_ms=s.diameter.advance_answer_deadline_ms,
+            inflight_max=s.diameter.out_of_balance_inflight_max,
         )
         mqtt_settings = MqttSettings(
             host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
@@ -190,16 +195,24 @@ class Node:
         self._stopped = False
         self.started = asyncio.Event()
 
-    def _tls_context(self) -> ssl.SSLContext | None:
+    def _tls_contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+        """(listener, dialer) TLS contexts when certificates are configured.
+
+        Both present the node's certificate; with `tls_ca_file` both verify the peer
+        (mutual TLS). The dialer checks the IN's certificate against the CA and its
+        name against the IN's Origin-Host (the name it is dialled by).
+        """
         d = self.settings.diameter
         if not (d.tls_cert_file and d.tls_key_file):
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(d.tls_cert_file, d.tls_key_file)
+            return None, None
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(d.tls_cert_file, d.tls_key_file)
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=d.tls_ca_file)
+        client.load_cert_chain(d.tls_cert_file, d.tls_key_file)
         if d.tls_ca_file:
-            ctx.load_verify_locations(d.tls_ca_file)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
+            server.load_verify_locations(d.tls_ca_file)
+            server.verify_mode = ssl.CERT_REQUIRED
+        return server, client
 
     # -- inbound glue ----------------------------------------------------------------
 
@@ -237,11 +250,13 @@ class Node:
                 node.origin_host, node.realm,
                 [PeerAddress(p.host, p.port, node.origin_host) for p in node.peers],
             )
-        for node in s.in_nodes:
+        async def ready(origin_host: str) -> None:
             try:
-                await self.diameter.wait_ready(node.origin_host, PEERS_READY_WAIT_S)
+                await self.diameter.wait_ready(origin_host, PEERS_READY_WAIT_S)
             except TimeoutError:
-                log.warning("in_node_not_ready", in_node=node.origin_host)
+                log.warning("in_node_not_ready", in_node=origin_host)
+
+        await asyncio.gather(*(ready(node.origin_host) for node in s.in_nodes))
         report = await self.resolver.run_once()
         log.info("resolved_at_start", report=str(report))
         self.ports.diameter = await self.diameter.listen(s.diameter.listen_host, s.diameter.listen_port)
@@ -400,8 +415,17 @@ def run_node(config_path: str | None) -> int:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, _hup)
-        await node.start()
-        await stop.wait()
+        # A SIGTERM during start-up stops at once rather than after start finishes.
+        starting = asyncio.ensure_future(node.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+        else:
+            starting.result()
+            await stopping
         await node.stop()
 
     asyncio.run(main())

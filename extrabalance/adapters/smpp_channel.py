@@ -53,7 +53,11 @@ class SmppChannel:
         abort_op: int = 0x81,
         ads_gate: Callable[[Notice], Awaitable[bool]] | None = None,
         observe_ussd: Callable[[float], None] | None = None,
+        inbound_tasks_max: int = INBOUND_TASKS_MAX,
     ) -> None:
+        if inbound_tasks_max < 1:
+            raise ValueError("inbound_tasks_max must be at least 1")
+        self.inbound_tasks_max = inbound_tasks_max
         self._dialogs = dialogs
         self._lending = lending
         self._t = templates
@@ -74,6 +78,11 @@ class SmppChannel:
                       "throttled": 0, "sms_out": 0, "sms_failed": 0, "ussd_out": 0,
                       "ussd_failed": 0}
 
+    @property
+    def inflight(self) -> int:
+        """deliver_sm being handled right now (bounded by inbound_tasks_max)."""
+        return len(self._tasks)
+
     def set_policy(self, policy: Policy, templates: Templates) -> None:
         """Config reload: tiers (for `LOAN 10`) and texts change for the next message."""
         self._policy, self._t = policy, templates
@@ -87,7 +96,7 @@ class SmppChannel:
         if pdu.is_delivery_receipt:
             self._receipt(pdu)
             return 0
-        if not self.accepting or len(self._tasks) >= INBOUND_TASKS_MAX:
+        if not self.accepting or len(self._tasks) >= self.inbound_tasks_max:
             self.stats["throttled"] += 1
             return int(Status.ESME_RTHROTTLED)
         if pdu.ussd_service_op is not None or pdu.service_type == self._service_type:
@@ -174,6 +183,8 @@ class SmppChannel:
             text = ""
         kw = parse_keyword(text)
         lang = kw.language
+        # The MSISDN is masked by the logging setup unless the operator turned it off.
+        log.info("sms_received", msisdn=msisdn, command=kw.command.value, bind=system_id)
         reply: str | None = None
         try:
             if kw.command is Command.LOAN:

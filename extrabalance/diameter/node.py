@@ -332,6 +332,7 @@ class DiameterNode:
         allowed_peers: set[str] | frozenset[str] | None,
         request_handler: RequestHandler,
         ssl_context: ssl.SSLContext | None = None,
+        client_ssl_context: ssl.SSLContext | None = None,
         watchdog_s: float = 30.0,
         request_timeout_ms: int = 2000,
         pending_max: int = PENDING_MAX_DEFAULT,
@@ -344,7 +345,10 @@ class DiameterNode:
         self.identity = identity
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.request_handler = request_handler
-        self.ssl_context = ssl_context
+        self.ssl_context = ssl_context  # for the listener (server side)
+        # For the connections we dial; a server-side context cannot dial, so the caller
+        # gives a client context (the same one only if it was made for both).
+        self.client_ssl_context = client_ssl_context if client_ssl_context else ssl_context
         self.watchdog_s = watchdog_s
         self.request_timeout_ms = request_timeout_ms
         self.pending_max = pending_max
@@ -391,9 +395,9 @@ class DiameterNode:
             try:
                 _, opened = await asyncio.wait_for(self._loop.create_connection(
                     lambda: _Connection(self, Role.INITIATOR, link),
-                    link.address.host, link.address.port, ssl=self.ssl_context,
+                    link.address.host, link.address.port, ssl=self.client_ssl_context,
                     server_hostname=(link.address.origin_host or link.address.host)
-                    if self.ssl_context else None), CONNECT_TIMEOUT_S)
+                    if self.client_ssl_context else None), CONNECT_TIMEOUT_S)
                 conn = opened
                 await conn.opened
                 link.opened_at = time.time()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -29,6 +30,7 @@ from extrabalance.service.ads import AdTrigger, Advertiser
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
     DIAMETER_CREDIT_LIMIT_REACHED,
+    DIAMETER_TOO_BUSY,
     DIAMETER_END_USER_SERVICE_DENIED,
     DIAMETER_SUCCESS,
     DIAMETER_USER_UNKNOWN,
@@ -392,10 +394,18 @@ class LendingService:
         msisdn: str,
         requested_minor: int | None,
         origin_host: str,
+        *,
+        deadline_monotonic: float | None = None,
     ) -> AdvanceOutcome:
         """Answer the IN's out-of-balance CCR: an auto-advance (2001 + amount), 4012
         (+ maybe an ad), 4010 barred, 5030 unknown. A retransmission (same Session-Id
-        and CC-Request-Number) gets the first answer and grants nothing new."""
+        and CC-Request-Number) gets the first answer and grants nothing new.
+
+        The IN adds an advance to the balance only when the answer reaches it, and it
+        stops waiting after its own timer. So an advance is booked only if the commit
+        happens before `deadline_monotonic` (checked in the transaction, just before
+        the commit): past it, nothing is booked and 3004 TOO_BUSY is answered; the IN
+        may send the request again and it is then decided afresh."""
         key = f"ccr:{session_id}:{request_number}"
         async with self.locks.hold(msisdn):
             now = self.clock()
@@ -427,6 +437,8 @@ class LendingService:
                     BorrowRequest(msisdn, None, "auto"), loaded.state, self.policy, now
                 )
                 if isinstance(decision, Granted):
+                    if deadline_monotonic is not None and time.monotonic() > deadline_monotonic:
+                        return AdvanceOutcome(DIAMETER_TOO_BUSY, None, Reason.IN_UNAVAILABLE), None
                     loan_id = store.insert_loan(
                         conn,
                         msisdn=msisdn,
@@ -460,7 +472,7 @@ class LendingService:
                 )
 
             outcome, state = await self.ledger.write(answer)
-            if outcome.replayed:
+            if outcome.replayed or outcome.result_code == DIAMETER_TOO_BUSY:
                 return outcome
             if outcome.result_code != DIAMETER_USER_UNKNOWN:
                 self.router.learn(msisdn, origin_host)
