@@ -211,6 +211,7 @@ class LendingService:
             now = self.clock()
             session_id = self.in_port.new_session_id()
             static_node = self.router.route(msisdn)
+            languages: list[str] = []  # the subscriber's, once read (spares a refusal a read)
 
             def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
                 prior = store.idempotent_get(conn, key)
@@ -226,6 +227,7 @@ class LendingService:
                         outcome_of_loan(loan, store.debt_from_journal(conn, msisdn)), replayed=True
                     )
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                languages.append(loaded.state.language)
                 in_node = loaded.learned_in_node or static_node
                 if in_node is None:
                     refused = BorrowOutcome(
@@ -259,6 +261,7 @@ class LendingService:
                     in_node=in_node,
                     session_id=session_id,
                     now=now,
+                    subscriber_known=loaded.known,
                 )
                 return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language)
 
@@ -273,9 +276,8 @@ class LendingService:
                         tier_id=tier_id,
                     )
                     if channel != "auto":
-                        await safe_notify(
-                            self.notifier, loan_notice(step, msisdn, await self._language(msisdn))
-                        )
+                        language = languages[0] if languages else await self._language(msisdn)
+                        await safe_notify(self.notifier, loan_notice(step, msisdn, language))
                 return step
 
             return await self._credit(msisdn, channel, step, session_id)
@@ -408,6 +410,7 @@ class LendingService:
         async with self.locks.hold(msisdn):
             now = self.clock()
             static_node = self.router.static_route(msisdn)
+            granted: list[store.LoanRow] = []  # the advance as written (spares a read after)
 
             def answer(conn: sqlite3.Connection) -> tuple[AdvanceOutcome, SubscriberState | None]:
                 prior = store.idempotent_get(conn, key)
@@ -449,7 +452,11 @@ class LendingService:
                         session_id=session_id,
                         now=now,
                         request_number=request_number,
+                        subscriber_known=True,  # load_subscriber or learn_route wrote it
                     )
+                    loan = store.get_loan(conn, loan_id)
+                    if loan is not None:
+                        granted.append(loan)
                     return done(
                         AdvanceOutcome(DIAMETER_SUCCESS, decision.amount_minor, None, loan_id),
                         loaded.state,
@@ -471,7 +478,9 @@ class LendingService:
                 self.router.learn(msisdn, origin_host)
             if state is None:
                 return outcome
-            await self._after_advance(msisdn, outcome, state, requested_minor, now)
+            await self._after_advance(
+                msisdn, outcome, state, requested_minor, now, granted[0] if granted else None
+            )
             return outcome
 
     async def _after_advance(
@@ -481,9 +490,12 @@ class LendingService:
         state: SubscriberState,
         requested_minor: int | None,
         now: datetime,
+        granted: store.LoanRow | None = None,
     ) -> None:
         if outcome.result_code == DIAMETER_SUCCESS and outcome.granted_minor is not None:
-            loan = await self.ledger.read(lambda conn: store.get_loan(conn, outcome.loan_id or ""))
+            loan = granted or await self.ledger.read(
+                lambda conn: store.get_loan(conn, outcome.loan_id or "")
+            )
             assert loan is not None
             debt_minor = state.debt_minor + loan.principal_minor + loan.fee_minor
             self.events.emit(
