@@ -26,6 +26,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import sqlite3
 import sys
 import time
@@ -66,6 +67,9 @@ class E2eOptions:
     settle_max_s: float = SETTLE_MAX_S
     arabic_share: float = 0.2  # subscribers whose profile language is Arabic
     profile_node: bool = False  # run the node under cProfile (report dir: node.prof)
+    smpp: dict[str, Any] = field(default_factory=dict)  # binds, window_max, submit_rate_max_per_s
+    opt_in_share: float = OPT_IN_SHARE
+    in_request_timeout_ms: int = 2000  # the IN's wait for the node's out-of-balance answer
     plot: bool = True
     command: str = ""
 
@@ -118,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--log-level", default="WARNING", help="the node's log level (EB_LOG_LEVEL)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--binds", type=int, default=None,
+                   help="SMPP binds of the node (default: the config's, 1)")
+    p.add_argument("--window", type=int, default=None,
+                   help="SMPP window per bind (default: the config's, 10)")
+    p.add_argument("--submit-rate-max", type=float, default=None,
+                   help="submit_sm per second per bind (default: the config's, 1000)")
     p.add_argument("--profile-node", action="store_true",
                    help="run the node under cProfile; node.prof and its top functions in the report")
     p.add_argument("--arabic-share", type=float, default=0.2,
@@ -147,6 +157,9 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         json_output=json_output or args.json, progress=not (json_output or args.json),
         seed=args.seed, log_level=args.log_level, plot=not args.no_plot,
         arabic_share=args.arabic_share, profile_node=args.profile_node,
+        smpp={k: v for k, v in (("binds", args.binds), ("window_max", args.window),
+                                ("submit_rate_max_per_s", args.submit_rate_max))
+              if v is not None},
         command="extrabalance bench e2e " + " ".join(argv),
     )
 
@@ -214,21 +227,26 @@ def opt_in(db_path: Path, msisdns: list[str], share: float, seed: int) -> int:
 
 def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
                 in_ports: dict[str, int], smpp_port: int, mqtt_port: int,
-                client_id: str = "extrabalance-bench") -> dict[str, Any]:
+                client_id: str = "extrabalance-bench",
+                smpp: dict[str, Any] | None = None) -> dict[str, Any]:
     doc = json.loads(json.dumps(base))  # deep copy
     doc["storage"]["path"] = str(db_path)
     doc["diameter"]["listen_port"] = diameter_port
     for node in doc["in_nodes"]:
         node["peers"] = [{"host": "127.0.0.1", "port": in_ports[node["name"]]}]
-    doc["smpp"]["binds"] = [{**doc["smpp"]["binds"][0], "host": "127.0.0.1", "port": smpp_port,
-                             "system_id": SMPP_SYSTEM_ID, "password_env": SMPP_PASSWORD_ENV}]
+    tuning = dict(smpp or {})
+    binds = int(tuning.pop("binds", 1))
+    bind = {**doc["smpp"]["binds"][0], "host": "127.0.0.1", "port": smpp_port,
+            "system_id": SMPP_SYSTEM_ID, "password_env": SMPP_PASSWORD_ENV, **tuning}
+    doc["smpp"]["binds"] = [dict(bind) for _ in range(binds)]
     doc["mqtt"]["host"] = "127.0.0.1"
     doc["mqtt"]["port"] = mqtt_port
     doc["mqtt"]["client_id"] = client_id
     return doc
 
 
-def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int) -> dict[str, Any]:
+def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
+            request_timeout_ms: int = 2000) -> dict[str, Any]:
     node = base["node"]
     return {
         "nodes": [
@@ -243,6 +261,7 @@ def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int)
         "currency_exponent": node["currency_exponent"],
         "service_context_id": base["diameter"]["service_context_id"],
         "seed": seed,
+        "request_timeout_ms": request_timeout_ms,
     }
 
 
@@ -266,12 +285,18 @@ class Network:
 @contextlib.asynccontextmanager
 async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   client_id: str = "extrabalance-bench", arabic_share: float = 0.2,
-                  broker_config: tuple[str, ...] = (), profile_path: Path | None = None) -> Any:
+                  broker_config: tuple[str, ...] = (), profile_path: Path | None = None,
+                  smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
+                  in_request_timeout_ms: int = 2000) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit."""
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.mosquitto import BrokerUnavailable, MosquittoBroker
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists():
+        # A ledger or broker state left by an earlier run would be reconciled against
+        # this run's IN: every run starts from nothing.
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
     try:
         broker = MosquittoBroker(workdir / "mosquitto", extra_config=broker_config).start()
     except BrokerUnavailable as exc:
@@ -283,7 +308,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             diameter_port = free_port()
             in_worker = await procs.start_worker(
                 "in-sim", ["--role", "in", "--spec",
-                           json.dumps(in_spec(base, diameter_port, broker.port, seed))])
+                           json.dumps(in_spec(base, diameter_port, broker.port, seed,
+                                              in_request_timeout_ms))])
             password = os.urandom(4).hex()  # SMPP passwords are at most 8 octets
             smsc_worker = await procs.start_worker(
                 "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
@@ -296,11 +322,11 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             report = import_profiles(db_path, profiles, progress=False)
             if report.bad_rows_total:
                 raise RuntimeError(f"generated profiles rejected: {report.bad_rows[:5]}")
-            opt_in(db_path, msisdns, OPT_IN_SHARE, seed)
+            opt_in(db_path, msisdns, opt_in_share, seed)
             config = node_config(base, db_path=db_path, diameter_port=diameter_port,
                                  in_ports=in_worker.ready["ports"],
                                  smpp_port=smsc_worker.ready["ports"]["smpp"],
-                                 mqtt_port=broker.port, client_id=client_id)
+                                 mqtt_port=broker.port, client_id=client_id, smpp=smpp)
             config_path = workdir / "node.toml"
             config_path.write_text(dump_toml(config), encoding="utf-8")
             env = {SMPP_PASSWORD_ENV: password, "EB_LOG_LEVEL": log_level}
@@ -469,7 +495,9 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
     async with network(workdir, subscribers=options.subscribers, seed=options.seed,
                        log_level=options.log_level, arabic_share=options.arabic_share,
                        profile_path=(report_dir / "node.prof").resolve()
-                       if options.profile_node else None) as net:
+                       if options.profile_node else None, smpp=options.smpp,
+                       opt_in_share=options.opt_in_share,
+                       in_request_timeout_ms=options.in_request_timeout_ms) as net:
         procs = {"node": net.node, "in_sim": net.in_worker, "smsc_sim": net.smsc_worker}
         broker_pid = net.broker._process.pid if net.broker._process is not None else None
         cpu0 = {name: p.cpu_s() for name, p in procs.items()}
@@ -506,6 +534,7 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
         "traffic_s": round(traffic_s, 2),
         "subscribers": options.subscribers,
         "mix": options.mix,
+        "smpp": options.smpp or "config defaults",
         "operations": sum(r.get("operations", 0) for r in reports.values()),
         "loans_per_s": round(counts["loans"] / duration, 1),
         "ussd_loans_per_s": round(counts["ussd_loans"] / duration, 1),

@@ -182,6 +182,13 @@ class ProcessSet:
         profiler = ["-m", "cProfile", "-o", str(profile_path)] if profile_path else []
         argv = [sys.executable, *profiler, "-m", "extrabalance", "run", "--config",
                 str(config_path)]
+        switch_ms = os.environ.get("EB_BENCH_SWITCH_INTERVAL_MS")
+        if switch_ms and not profile_path:
+            # Experiment: the node's GIL switch interval (see docs/benchmarks.md).
+            argv = [sys.executable, "-c",
+                    f"import sys; sys.setswitchinterval({float(switch_ms) / 1000!r});"
+                    "from extrabalance.cli import main; sys.exit(main(sys.argv[1:]))",
+                    "run", "--config", str(config_path)]
         process = await self._spawn(name, argv, env=env, control=False)
         proc = Proc(name, process, self.workdir / f"{name}.log")
         self.procs.append(proc)

@@ -50,6 +50,8 @@ def _bench_module(name: str) -> Any:
 
 
 def run_bench(what: str, *, json_output: bool, seconds: float, extra: list[str]) -> int:
+    # `bench e2e --json` puts --json among the benchmark's own options: honour it too.
+    json_output = json_output or "--json" in extra
     result: dict[str, Any] = {"benchmark": what, "machine": machine()}
     if what == "codecs":
         result.update(_bench_module("codecs_diameter").run(seconds))
