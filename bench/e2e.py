@@ -306,6 +306,9 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     try:
+        inflight = os.environ.get("EB_BENCH_MQTT_INFLIGHT")  # experiment, see bench/procs.py
+        if inflight:
+            broker_config = (*broker_config, f"max_inflight_messages {int(inflight)}")
         broker = MosquittoBroker(workdir / "mosquitto", extra_config=broker_config).start()
     except BrokerUnavailable as exc:
         raise SystemExit(f"extrabalance bench: needs a private Mosquitto broker: {exc}. "
