@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-all wire-tools chaos fuzz soak bench bench-e2e lint clean
+.PHONY: demo test test-all wire-tools browser-test chaos fuzz soak bench bench-e2e lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ wire-tools:
 	      || echo "could not install$$missing; the tests that need them will say so and skip"; \
 	  fi; \
 	fi
+
+# The status page read by headless Chromium (Debian `chromium`); installed when root.
+browser-test: $(STAMP)
+	@if [ "$$(id -u)" = "0" ] && ! command -v chromium >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "chromium not installed; the test will skip and say why"; \
+	fi
+	$(PY) -m pytest tests/admin/test_status_page_browser.py
 
 demo: $(STAMP)
 	$(PY) -m extrabalance demo

@@ -86,10 +86,9 @@ def _python_diameter_once_factory() -> Callable[[int], Any]:
     return once
 
 
-def _rate(fn: Callable[[int], Any], seconds: float) -> float:
-    fn(0)  # warm up (imports, caches)
+def _count_for(fn: Callable[[int], Any], seconds: float) -> tuple[int, float]:
     count = 0
-    batch = 200
+    batch = 100
     started = time.perf_counter()
     deadline = started + seconds
     while True:
@@ -98,13 +97,27 @@ def _rate(fn: Callable[[int], Any], seconds: float) -> float:
         count += batch
         now = time.perf_counter()
         if now >= deadline:
-            return count / (now - started)
+            return count, now - started
+
+
+# The two libraries run in alternating slices so that a change of machine load
+# (shared CI runners, laptops) falls on both alike and the ratio stays honest.
+SLICES: int = 10
 
 
 def run(seconds: float = 2.0) -> dict[str, float]:
     """Codec throughput, ours and python-diameter's, for the same CCR."""
-    ours = _rate(_ours_once, seconds)
-    theirs = _rate(_python_diameter_once_factory(), seconds)
+    theirs_once = _python_diameter_once_factory()
+    _ours_once(0)  # warm up (imports, caches)
+    theirs_once(0)
+    ours_n = theirs_n = 0
+    ours_s = theirs_s = 0.0
+    for _ in range(SLICES):
+        n, t = _count_for(_ours_once, seconds / SLICES)
+        ours_n, ours_s = ours_n + n, ours_s + t
+        n, t = _count_for(theirs_once, seconds / SLICES)
+        theirs_n, theirs_s = theirs_n + n, theirs_s + t
+    ours, theirs = ours_n / ours_s, theirs_n / theirs_s
     return {
         "diameter_ours_per_s": round(ours),
         "diameter_python_diameter_per_s": round(theirs),

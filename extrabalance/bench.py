@@ -52,17 +52,21 @@ def _bench_module(name: str) -> Any:
 def run_bench(what: str, *, json_output: bool, seconds: float, extra: list[str]) -> int:
     # `bench e2e --json` puts --json among the benchmark's own options: honour it too.
     json_output = json_output or "--json" in extra
-    result: dict[str, Any] = {"benchmark": what, "machine": machine()}
     if what == "codecs":
-        result.update(_bench_module("codecs_diameter").run(seconds))
-        result.update(asyncio.run(_bench_module("codecs_diameter").run_roundtrips(seconds)))
+        result: dict[str, Any] = {"benchmark": what, "machine": machine()}
+        diameter = _bench_module("codecs_diameter")
+        result.update(diameter.run(seconds))
+        result.update(asyncio.run(diameter.run_roundtrips(seconds)))
         result.update(_bench_module("codecs_smpp").run(seconds))
-    elif what == "ledger":
-        result.update(_bench_module("ledger").run_cli(extra))
-    elif what == "recharge":
-        result.update(_bench_module("recharge_mqtt").run_cli(extra))
     elif what == "e2e":
+        result = {"benchmark": what, "machine": machine()}
         result.update(_bench_module("e2e").run_cli(extra, seconds=seconds, json_output=json_output))
+    else:
+        # ledger, recharge: the module parses its own options and prints its own JSON.
+        module = _bench_module({"ledger": "ledger", "recharge": "recharge_mqtt"}[what])
+        sys.argv = [f"extrabalance bench {what}", *extra]
+        outcome = module.main(extra) if what == "ledger" else asyncio.run(module.main())
+        return int(outcome or 0)
     if json_output:
         print(json.dumps(result, sort_keys=True))
     else:

@@ -7,10 +7,8 @@ a missing optional dependency breaks only the command that uses it.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from extrabalance.config import ConfigError
 
@@ -49,6 +47,16 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     return int(_bench_module("chaos").run_cli(list(args.rest)))
 
 
+def _cmd_fuzz(args: argparse.Namespace) -> int:
+    from extrabalance.bench import _bench_module
+
+    argv = ["--frames", str(args.frames), "--seed", str(args.seed)]
+    if args.seconds is not None:
+        argv += ["--seconds", str(args.seconds)]
+    argv += ["--json"] * args.json + ["--keep"] * args.keep
+    return int(_bench_module("fuzz").run_cli(argv))
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     if args.which == "in":
         from simulators.in_node import main_in as entry
@@ -74,6 +82,29 @@ def _cmd_subscriber(args: argparse.Namespace) -> int:
 
     return subscriber_command(args.config, args.action, args.msisdn, reason=args.reason,
                               who=args.who, json_output=args.json)
+
+
+def _cmd_campaign(args: argparse.Namespace) -> int:  # issue 7
+    from extrabalance.config import load_settings
+    from extrabalance.service.campaign import campaign_command
+
+    return campaign_command(load_settings(args.config), template=args.template,
+                            segment=args.segment, dry_run=args.dry_run, limit=args.limit,
+                            list_only=args.list, cancel=args.cancel, who=args.who,
+                            json_output=args.json)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from extrabalance.report import report_command
+
+    return report_command(args.config, args.date, args.edr_dir, args.out,
+                          use_ledger=not args.no_ledger)
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from extrabalance.admin_cli import backup_command
+
+    return backup_command(args.config, args.dest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options (see `chaos --help`)")
     p.set_defaults(func=_cmd_chaos)
 
+    p = sub.add_parser("fuzz", help="malformed Diameter/SMPP/MQTT against a running node")
+    p.add_argument("--frames", type=int, default=1_000_000, help="frames in all protocols")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (ledger, node log)")
+    p.set_defaults(func=_cmd_fuzz)
+
     p = sub.add_parser("sim", help="run a bundled network simulator")
     p.add_argument("which", choices=["in", "smsc"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -133,6 +172,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--who", default="cli", help="operator name for the audit trail")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_subscriber)
+
+    p = sub.add_parser("campaign", help="queue an advertisement campaign for the running node")
+    p.add_argument("--template", default="ad_campaign", help="template key (every language)")
+    p.add_argument("--segment", default=None, help="only this segment (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="count and show a sample; queue nothing")
+    p.add_argument("--limit", type=int, default=None, help="at most N recipients")
+    p.add_argument("--list", action="store_true", help="show campaigns and their progress")
+    p.add_argument("--cancel", default=None, metavar="ID", help="stop a queued or running campaign")
+    p.add_argument("--config", default=None)
+    p.add_argument("--who", default="cli", help="operator name kept with the campaign")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_campaign)
+
+    p = sub.add_parser("report", help="daily report (Markdown + PNG) from the EDRs and ledger")
+    p.add_argument("--date", required=True, help="UTC day, YYYY-MM-DD")
+    p.add_argument("--edr-dir", default=None,
+                   help="EDR directory (default: 'edr' beside the ledger file)")
+    p.add_argument("--out", default=None, help="output directory (default: report-DATE)")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.add_argument("--no-ledger", action="store_true",
+                   help="EDRs only: no cohort, payback time, ageing or segment figures")
+    p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("backup", help="online, integrity-checked copy of the ledger")
+    p.add_argument("dest", help="file to write (never overwritten)")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.set_defaults(func=_cmd_backup)
     return parser
 
 

@@ -13,6 +13,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -84,6 +85,11 @@ class DiameterSection(_Model):
     service_context_id: str = "extrabalance@3gpp.org"
     watchdog_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     request_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 2000
+    # Budget to answer the IN's out-of-balance CCR with an advance; keep it well under
+    # the IN's Tx timer (RFC 4006 §13): an advance the IN never receives is never booked.
+    advance_answer_deadline_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
+    # Out-of-balance requests being decided at once; beyond it the IN gets 3004 at once.
+    out_of_balance_inflight_max: Annotated[int, Field(ge=1, le=100_000)] = 512
     product_name: str = "ExtraBalance"
     vendor_id: int = 0
     tls_cert_file: str | None = None
@@ -103,7 +109,7 @@ class RangeRule(_Model):
     end: Annotated[str, Field(pattern=r"^[0-9]{1,15}$")] | None = None
 
     @model_validator(mode="after")
-    def _one_form(self) -> "RangeRule":
+    def _one_form(self) -> RangeRule:
         if self.prefix is None and (self.start is None or self.end is None):
             raise ValueError("a range needs either `prefix` or both `start` and `end`")
         if self.prefix is not None and (self.start is not None or self.end is not None):
@@ -150,6 +156,8 @@ class SmppSection(_Model):
     dialog_id: Literal["its_session_info", "user_message_reference"] = "its_session_info"
     dialog_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60
     dialogs_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    # USSD and SMS being handled at once; beyond it deliver_sm gets ESME_RTHROTTLED.
+    inbound_tasks_max: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
     ussd_abort_op: Annotated[int, Field(ge=0, le=255)] = 0x81
     sms_long_mode: Literal["udh", "message_payload"] = "udh"
     binds: list[BindSection] = []
@@ -194,7 +202,7 @@ class RecoverySection(_Model):
     write_off_days: Annotated[int, Field(ge=1)] = 180
 
     @model_validator(mode="after")
-    def _ordered(self) -> "RecoverySection":
+    def _ordered(self) -> RecoverySection:
         if self.write_off_days < self.overdue_days:
             raise ValueError("write_off_days must not be shorter than overdue_days")
         return self
@@ -237,12 +245,37 @@ class QuietHours(_Model):
     end: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
 
 
+# -- advertisement SMS (issue 7; see docs/ads.md) -------------------------------------
+AD_TRIGGERS = ("out_of_balance", "low_balance", "debt_limit", "campaign")
+AdTriggerName = Literal["out_of_balance", "low_balance", "debt_limit", "campaign"]
+
+
+class AdTriggerSection(_Model):
+    enabled: bool = True
+    max_per_day: Annotated[int, Field(ge=0)] | None = None  # None: only ads.max_per_day
+
+
+class AdCampaignSection(_Model):
+    send_rate_max_per_s: Annotated[int, Field(ge=1)] = 50  # a share of ads.send_rate_max_per_s
+    batch_max: Annotated[int, Field(ge=1, le=10_000)] = 500  # recipients read per drain step
+    poll_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # look for queued campaigns
+
+
 class AdsSection(_Model):
     enabled: bool = True
     max_per_day: Annotated[int, Field(ge=0)] = 2
     min_interval_s: Annotated[int, Field(ge=0)] = 3600
     quiet_hours: QuietHours | None = None
     send_rate_max_per_s: Annotated[int, Field(ge=1)] = 200
+    rate_burst: Annotated[int, Field(ge=1)] | None = None  # None: one second's worth
+    inflight_max: Annotated[int, Field(ge=1, le=100_000)] = 100  # ads awaiting submit_sm_resp
+    debt_limit_share_bp: Annotated[int, Field(ge=1, le=10_000)] = 8000
+    low_balance_topics: Annotated[list[str], Field(min_length=1)] = ["extrabalance/lowbalance/+"]
+    low_balance_dead_letter_topic: str = "extrabalance/lowbalance/dead"
+    triggers: dict[AdTriggerName, AdTriggerSection] = {}
+    # segment name -> {base ad template -> template key to use instead}
+    segment_templates: dict[str, dict[str, str]] = {}
+    campaign: AdCampaignSection = AdCampaignSection()
 
 
 TEMPLATE_KEYS_REQUIRED = (
@@ -273,7 +306,7 @@ class Settings(_Model):
     templates: dict[str, dict[str, Any]]
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Settings":
+    def _cross_checks(self) -> Settings:
         tier_ids = [t.id for t in self.tiers]
         if len(tier_ids) < TIERS_MIN:
             raise ValueError(f"tiers: {len(tier_ids)} given, at least {TIERS_MIN} required")
@@ -298,6 +331,7 @@ class Settings(_Model):
             missing = [k for k in TEMPLATE_KEYS_REQUIRED if k not in table]
             if missing:
                 raise ValueError(f"templates.{lang}: missing {', '.join(missing)}")
+        _check_ads(self)  # issue 7
         if (
             self.diameter.listen_host not in LOOPBACK_HOSTS
             and not (self.diameter.tls_cert_file and self.diameter.tls_key_file)
@@ -361,6 +395,36 @@ class Settings(_Model):
             ),
             auto_advance_tier_id=self.auto_advance.tier,
         )
+
+
+def _check_ads(settings: Settings) -> None:
+    """[ads] against the rest: templates exist in every language, segments exist,
+    the ad rate fits what the SMPP binds may submit, the time zone is known."""
+    ads = settings.ads
+    try:
+        ZoneInfo(settings.node.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"node.timezone: unknown time zone {settings.node.timezone!r}") from None
+    needed = {f"ad_{t}" for t in AD_TRIGGERS}
+    segment_names = {s.name for s in settings.segments}
+    for segment, table in ads.segment_templates.items():
+        if segment not in segment_names:
+            raise ValueError(f"ads.segment_templates.{segment}: no segment named {segment!r}")
+        for base, key in table.items():
+            if base not in needed:
+                raise ValueError(f"ads.segment_templates.{segment}.{base}: not an ad template "
+                                 f"({', '.join(sorted(needed))})")
+            needed.add(key)
+    for lang, table in settings.templates.items():
+        missing = sorted(k for k in needed if k not in table)
+        if missing:
+            raise ValueError(f"templates.{lang}: missing ad template(s) {', '.join(missing)}")
+    if ads.campaign.send_rate_max_per_s > ads.send_rate_max_per_s:
+        raise ValueError("ads.campaign.send_rate_max_per_s: above ads.send_rate_max_per_s")
+    binds_rate = sum(b.submit_rate_max_per_s for b in settings.smpp.binds)
+    if settings.smpp.binds and ads.send_rate_max_per_s > binds_rate:
+        raise ValueError(f"ads.send_rate_max_per_s: {ads.send_rate_max_per_s}/s is more than the "
+                         f"SMPP binds may submit ({binds_rate}/s together)")
 
 
 def _format_error(source: str, exc: ValidationError) -> str:

@@ -27,11 +27,12 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
-from extrabalance.config import Settings, load_settings
+from extrabalance.config import Settings, deep_merge, load_settings
 from extrabalance.diameter.dictionary import RESULT_CODE_NAMES
 from extrabalance.service.templates import format_minor
 
@@ -95,8 +96,9 @@ class DemoEnv:
 
 
 @contextlib.asynccontextmanager
-async def demo_env(workdir: Path) -> AsyncIterator[DemoEnv]:
-    """Start broker, simulators and node on loopback; stop them all afterwards."""
+async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> AsyncIterator[DemoEnv]:
+    """Start broker, simulators and node on loopback; stop them all afterwards.
+    `overrides` are deep-merged over the demo's settings (tests use it)."""
     from extrabalance.demo_broker import DemoBroker
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
@@ -154,7 +156,13 @@ async def demo_env(workdir: Path) -> AsyncIterator[DemoEnv]:
                                 "system_id": "extrabalance",
                                 "password_env": DEMO_SMPP_PASSWORD_ENV}]},
             "mqtt": {"port": mqtt_port, "client_id": "extrabalance-demo"},
+            "admin": {"listen_port": 0},
+            # issue 7: the story plays the same at any hour (no quiet hours) and shows
+            # the out-of-balance ad only (the debt-limit ad would interleave its SMS).
+            "ads": {"quiet_hours": None, "triggers": {"debt_limit": {"enabled": False}}},
         })
+        if overrides:
+            settings = Settings.model_validate(deep_merge(settings.model_dump(), overrides))
         profiles = workdir / "profiles.csv"
         profiles.write_text(
             "msisdn,tenure_days,arpu_minor,language\n"
@@ -180,7 +188,7 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
     t = transcript
     in_sim, smsc = env.in_sim, env.smsc
     exponent = env.settings.node.currency_exponent
-    money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"  # noqa: E731
+    money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"
     phone_a, phone_b = smsc.handset(A), smsc.handset(B)
 
     seen = [len(in_sim.applied())]
@@ -315,7 +323,7 @@ def _print_entry(entry: Entry) -> None:
 
 
 def _print_summary(s: Summary, exponent: int, currency: str) -> None:
-    m = lambda minor: f"{format_minor(minor, exponent)} {currency}"  # noqa: E731
+    m = lambda minor: f"{format_minor(minor, exponent)} {currency}"
     rows = [
         ("loans granted", str(s.loans)),
         ("principal lent", m(s.principal_lent_minor)),

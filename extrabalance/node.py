@@ -18,7 +18,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,20 @@ from extrabalance.ledger import Ledger
 from extrabalance.observability import EdrWriter, EventRecorder, Metrics, configure_logging
 from extrabalance.recharge.events import RechargeEvent as WireRecharge
 from extrabalance.recharge.listener import MqttSettings, RechargeListener
+from extrabalance.recharge.lowbalance import (
+    LowBalanceEvent,
+    LowBalanceListener,
+    low_balance_settings,
+)
 from extrabalance.service.accounts import AccountService
+from extrabalance.service.ads import AdTrigger, Advertiser, rules_from_settings
+from extrabalance.service.campaign import CampaignService
 from extrabalance.service.lending import LendingService
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.resolver import Resolver
-from extrabalance.service.routing import RouteRule, Router
+from extrabalance.service.routing import Router, RouteRule
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
 from extrabalance.smpp.client import BindConfig, Esme
@@ -51,15 +58,17 @@ PEERS_READY_WAIT_S = 5.0  # how long start-up waits for IN peers before resolvin
 DRAIN_WAIT_S = 10.0  # in-flight dialogs and sagas finished before a stop goes on
 DIALOG_SWEEP_S = 1.0
 EDR_FLUSH_S = 1.0
+ADS_PRUNE_S = 300.0  # how often ads_sent rows older than the caps' window are dropped
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass
 class NodePorts:
     diameter: int = 0
+    admin: int = 0
 
 
 class Node:
@@ -82,6 +91,7 @@ class Node:
             for r in node.ranges:
                 rules.append(RouteRule(node.origin_host, prefix=r.prefix, start=r.start, end=r.end))
         self.router = Router(rules)
+        tls_listener, tls_dialer = self._tls_contexts()
         self.diameter = DiameterNode(
             LocalIdentity(
                 origin_host=s.node.origin_host,
@@ -92,7 +102,8 @@ class Node:
             ),
             allowed_peers={n.origin_host for n in s.in_nodes},
             request_handler=self._on_diameter_request,
-            ssl_context=self._tls_context(),
+            ssl_context=tls_listener,
+            client_ssl_context=tls_dialer,
             watchdog_s=s.diameter.watchdog_s,
             request_timeout_ms=s.diameter.request_timeout_ms,
         )
@@ -120,7 +131,7 @@ class Node:
             on_deliver=self._on_deliver,
         )
         locks = SubscriberLocks()
-        common = dict(locks=locks, default_language=s.node.default_language)
+        common = {"locks": locks, "default_language": s.node.default_language}
         # The services need a notifier before the SMPP channel (which needs the lending
         # service) exists: a forwarder breaks the cycle.
         notifier = _LateNotifier()
@@ -143,38 +154,65 @@ class Node:
             ussd_service_type=s.smpp.ussd_service_type, dialog_id=s.smpp.dialog_id,
             abort_op=s.smpp.ussd_abort_op,
             observe_ussd=self.metrics.ussd_latency.observe,
+            inbound_tasks_max=s.smpp.inbound_tasks_max,
         )
         notifier.target = self.channel
         self.gy = GyServer(
             self.lending, origin_host=s.node.origin_host, origin_realm=s.node.origin_realm,
             service_context_id=s.diameter.service_context_id,
             currency_numeric=s.node.currency_numeric, currency_exponent=exponent,
+            answer_deadline_ms=s.diameter.advance_answer_deadline_ms,
+            inflight_max=s.diameter.out_of_balance_inflight_max,
+        )
+        mqtt_settings = MqttSettings(
+            host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
+            topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
+            username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
+            ca_file=s.mqtt.ca_file,
         )
         self.recharges = RechargeListener(
-            MqttSettings(
-                host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
-                topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
-                username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
-                ca_file=s.mqtt.ca_file,
-            ),
+            mqtt_settings,
             self._on_recharge,
             expected_currency=s.node.currency,
         )
+        # -- advertisement SMS (issue 7): rules, low-balance subscriber, campaigns --
+        self.ads = Advertiser(self.ledger, notifier, self.events, self.policy,
+                              rules_from_settings(s), utc_now,
+                              default_language=s.node.default_language)
+        self.lending.ads = self.ads
+        self.low_balance = LowBalanceListener(
+            low_balance_settings(mqtt_settings, tuple(s.ads.low_balance_topics),
+                                 s.ads.low_balance_dead_letter_topic),
+            self._on_low_balance,
+        )
+        self.campaigns = CampaignService(
+            self.ledger, self.ads, self.policy, utc_now,
+            send_rate_max_per_s=s.ads.campaign.send_rate_max_per_s,
+            batch_max=s.ads.campaign.batch_max, poll_s=s.ads.campaign.poll_s,
+        )
         self.ports = NodePorts()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._accepting_recharges = True
+        self._stopped = False
         self.started = asyncio.Event()
 
-    def _tls_context(self) -> ssl.SSLContext | None:
+    def _tls_contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+        """(listener, dialer) TLS contexts when certificates are configured.
+
+        Both present the node's certificate; with `tls_ca_file` both verify the peer
+        (mutual TLS). The dialer checks the IN's certificate against the CA and its
+        name against the IN's Origin-Host (the name it is dialled by).
+        """
         d = self.settings.diameter
         if not (d.tls_cert_file and d.tls_key_file):
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(d.tls_cert_file, d.tls_key_file)
+            return None, None
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(d.tls_cert_file, d.tls_key_file)
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=d.tls_ca_file)
+        client.load_cert_chain(d.tls_cert_file, d.tls_key_file)
         if d.tls_ca_file:
-            ctx.load_verify_locations(d.tls_ca_file)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
+            server.load_verify_locations(d.tls_ca_file)
+            server.verify_mode = ssl.CERT_REQUIRED
+        return server, client
 
     # -- inbound glue ----------------------------------------------------------------
 
@@ -186,8 +224,6 @@ class Node:
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""
-        if not self._accepting_recharges:
-            raise RuntimeError("node stopping: leave the recharge unacknowledged")
         await self.payback.handle_recharge(
             RechargeEvent(
                 event_id=event.event_id,
@@ -198,20 +234,29 @@ class Node:
             )
         )
 
+    async def _on_low_balance(self, event: LowBalanceEvent) -> None:
+        """Returns once the ad decision is committed: the listener acknowledges after."""
+        await self.ads.offer(event.msisdn, AdTrigger.LOW_BALANCE,
+                             {"balance": event.balance_minor},
+                             idempotency_key=f"lowbalance:{event.in_node}:{event.event_id}")
+
     # -- lifetime --------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
+        await self._start_admin()
         for node in s.in_nodes:
             self.diameter.add_peer_group(
                 node.origin_host, node.realm,
                 [PeerAddress(p.host, p.port, node.origin_host) for p in node.peers],
             )
-        for node in s.in_nodes:
+        async def ready(origin_host: str) -> None:
             try:
-                await self.diameter.wait_ready(node.origin_host, PEERS_READY_WAIT_S)
-            except (asyncio.TimeoutError, TimeoutError):
-                log.warning("in_node_not_ready", in_node=node.origin_host)
+                await self.diameter.wait_ready(origin_host, PEERS_READY_WAIT_S)
+            except TimeoutError:
+                log.warning("in_node_not_ready", in_node=origin_host)
+
+        await asyncio.gather(*(ready(node.origin_host) for node in s.in_nodes))
         report = await self.resolver.run_once()
         log.info("resolved_at_start", report=str(report))
         self.ports.diameter = await self.diameter.listen(s.diameter.listen_host, s.diameter.listen_port)
@@ -220,6 +265,8 @@ class Node:
             asyncio.create_task(self.recharges.run(), name="recharge-listener"),
             asyncio.create_task(self.resolver.run_forever(), name="resolver"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self.low_balance.run(), name="lowbalance-listener"),
+            asyncio.create_task(self.campaigns.run_forever(), name="campaigns"),
         ]
         self.started.set()
         log.info("node_started", node=s.node.name, diameter_port=self.ports.diameter)
@@ -228,16 +275,24 @@ class Node:
         """Until every SMPP bind is bound and the MQTT session is up (demo and tests)."""
         await self.esme.wait_bound(timeout_s)
         deadline = time.monotonic() + timeout_s
-        while not self.recharges.stats().get("connected"):
+        while not (self.recharges.stats().get("connected")
+                   and self.low_balance.stats().get("connected")):
             if time.monotonic() > deadline:
                 raise TimeoutError("MQTT subscription not up")
             await asyncio.sleep(0.02)
 
     async def _housekeeping(self) -> None:
+        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(DIALOG_SWEEP_S)
             self.dialogs.expire()
             self.edr.flush()
+            if time.monotonic() - last_prune >= ADS_PRUNE_S:
+                last_prune = time.monotonic()
+                try:
+                    await self.ads.prune()
+                except Exception:
+                    log.exception("ads_prune_failed")
 
     # -- configuration reload ------------------------------------------------------------
 
@@ -263,16 +318,49 @@ class Node:
             service.policy = policy
         self.dialogs.set_templates(templates)
         self.channel.set_policy(policy, templates)
+        self.ads.set_rules(rules_from_settings(settings), policy)  # issue 7
+        self.campaigns.policy = policy
         self.policy, self.templates = policy, templates
         self.settings = settings.model_copy(update={name: getattr(old, name) for name in restart})
         log.info("config_reloaded", changed=changed, needs_restart=restart)
         return {"changed": changed, "needs_restart": restart}
 
+    # -- admin API (extrabalance/admin) ----------------------------------------------
+
+    async def _start_admin(self) -> None:
+        """The admin API is not on the money path: if it cannot start, say so loudly
+        and keep serving subscribers."""
+        from extrabalance.admin import AdminConfigError, AdminServer
+
+        self.admin: AdminServer | None = None
+        try:
+            admin = AdminServer(self, config_path=getattr(self, "config_path", None))
+            self.ports.admin = await admin.start()
+            self.admin = admin
+        except (AdminConfigError, OSError) as exc:
+            log.error("admin_api_not_started", reason=str(exc))
+
+    async def _stop_admin(self) -> None:
+        admin = getattr(self, "admin", None)
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
+            self.admin = None
+
     async def stop(self) -> None:
-        self._accepting_recharges = False
-        await self.channel.drain(DRAIN_WAIT_S)
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._stop_admin()
+        # The listener stops taking recharges, lets running paybacks finish and acks
+        # them; the rest stay on the broker for the next start.
         with contextlib.suppress(Exception):
             await self.recharges.stop()
+        with contextlib.suppress(Exception):
+            await self.low_balance.stop()
+        await self.channel.drain(DRAIN_WAIT_S)
+        with contextlib.suppress(Exception):
+            await self.ads.drain(DRAIN_WAIT_S)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -311,12 +399,33 @@ def run_node(config_path: str | None) -> int:
 
     async def main() -> None:
         node = Node(settings)
+        node.config_path = config_path  # the admin API's reload re-reads this file
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await node.start()
-        await stop.wait()
+        # SIGHUP: re-read and validate the config file; a bad file is logged and ignored.
+        from extrabalance.admin.server import reload_on_signal
+
+        reloads: set[asyncio.Task[None]] = set()
+
+        def _hup() -> None:
+            task = loop.create_task(reload_on_signal(node, config_path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, _hup)
+        # A SIGTERM during start-up stops at once rather than after start finishes.
+        starting = asyncio.ensure_future(node.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+        else:
+            starting.result()
+            await stopping
         await node.stop()
 
     asyncio.run(main())

@@ -17,9 +17,10 @@ import io
 import logging
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -31,7 +32,7 @@ EDR_FIELDS = (
 )
 EDR_KINDS = frozenset({
     "loan", "refusal", "payback", "ad_sent", "ad_suppressed", "bar", "unbar", "write_off",
-    "advance", "adjustment", "loan_failed", "loan_pending",
+    "advance", "adjustment", "loan_failed", "loan_pending", "review",
 })
 EDR_BUFFER_MAX = 1000  # lines held before a flush is forced
 
@@ -43,6 +44,43 @@ def mask_msisdn(msisdn: str) -> str:
     return msisdn[:4] + "*" * (len(msisdn) - 7) + msisdn[-3:]
 
 
+LOG_REPEATS_PER_S = 5  # lines of one kind (logger + message template) per second at most
+LOG_KINDS_TRACKED_MAX = 1000
+
+
+class RepeatLimiter(logging.Filter):
+    """Bounds the log lines of one kind per second, so a peer sending garbage (each
+    message answered and logged by the protocol stack) cannot fill the disk. The
+    first line after a quiet second says how many were dropped."""
+
+    def __init__(self, per_s: int = LOG_REPEATS_PER_S, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.per_s = per_s
+        self._clock = clock
+        self._windows: dict[tuple[str, str], list[float | int]] = {}  # key → [second, count, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        key = (record.name, str(record.msg))
+        second = int(self._clock())
+        window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) >= LOG_KINDS_TRACKED_MAX:
+                self._windows.clear()
+            window = self._windows[key] = [second, 0, 0]
+        if window[0] != second:
+            dropped = int(window[2])
+            window[:] = [second, 0, 0]
+            if dropped:
+                record.msg = f"{record.msg} (and {dropped} more like it in the last second)"
+        window[1] = int(window[1]) + 1
+        if window[1] > self.per_s:
+            window[2] = int(window[2]) + 1
+            return False
+        return True
+
+
 def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
                       stream: Any = None) -> None:
     def _mask(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -51,13 +89,26 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
             event["msisdn"] = mask_msisdn(value)
         return event
 
+    shared = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _mask,
+        structlog.processors.format_exc_info,
+    ]
+    # The protocol stacks log through the standard library: the same JSON lines.
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=structlog.processors.JSONRenderer(),
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+    ))
+    handler.addFilter(RepeatLimiter())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.getLevelName(level))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _mask,
-            structlog.processors.format_exc_info,
+            *shared,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
@@ -109,7 +160,7 @@ class EdrWriter:
         return self.directory / f"edr-{day}.csv"
 
     def write(self, kind: str, fields: dict[str, Any]) -> None:
-        now = datetime.fromtimestamp(self._clock(), timezone.utc)
+        now = datetime.fromtimestamp(self._clock(), UTC)
         row = {name: fields.get(name, "") for name in EDR_FIELDS}
         row.update(time=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                    node=self.node, kind=kind)
@@ -134,6 +185,12 @@ class EdrWriter:
                 fh.writelines(lines)
 
 
+# The services name a few fields and kinds differently from the EDR schema; the
+# recorder maps them so that every column is filled the same way whoever emits it.
+FIELD_ALIASES = {"debt_minor": "debt_after_minor", "why": "reason", "trigger": "detail"}
+KIND_ALIASES = {"pending": "loan_pending"}
+
+
 class EventRecorder:
     """The service layer's `EventSink`: each business event → EDR line + metrics."""
 
@@ -143,6 +200,10 @@ class EventRecorder:
         self.log = structlog.get_logger("extrabalance.events")
 
     def emit(self, kind: str, **fields: Any) -> None:
+        kind = KIND_ALIASES.get(kind, kind)
+        for alias, name in FIELD_ALIASES.items():
+            if alias in fields and name not in fields:
+                fields[name] = fields.pop(alias)
         m = self.metrics
         m.events.labels(kind).inc()
         if kind in ("loan", "advance"):

@@ -162,6 +162,8 @@ class RechargePublisher:
         return published
 
     async def _connected(self) -> _Connection:
+        if self._connection is not None:
+            return self._connection  # the common case, without the lock
         async with self._lock:
             if self._connection is None:
                 client = aiomqtt.Client(

@@ -16,7 +16,7 @@ answer mapped onto what the saga needs to know:
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -34,7 +34,7 @@ SendRequest = Callable[[str, Message], Awaitable[Message]]
 
 
 class InNodeAddress:
-    __slots__ = ("origin_host", "realm", "group")
+    __slots__ = ("group", "origin_host", "realm")
 
     def __init__(self, origin_host: str, realm: str, group: str) -> None:
         self.origin_host = origin_host

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
@@ -52,7 +53,11 @@ class SmppChannel:
         abort_op: int = 0x81,
         ads_gate: Callable[[Notice], Awaitable[bool]] | None = None,
         observe_ussd: Callable[[float], None] | None = None,
+        inbound_tasks_max: int = INBOUND_TASKS_MAX,
     ) -> None:
+        if inbound_tasks_max < 1:
+            raise ValueError("inbound_tasks_max must be at least 1")
+        self.inbound_tasks_max = inbound_tasks_max
         self._dialogs = dialogs
         self._lending = lending
         self._t = templates
@@ -73,6 +78,11 @@ class SmppChannel:
                       "throttled": 0, "sms_out": 0, "sms_failed": 0, "ussd_out": 0,
                       "ussd_failed": 0}
 
+    @property
+    def inflight(self) -> int:
+        """deliver_sm being handled right now (bounded by inbound_tasks_max)."""
+        return len(self._tasks)
+
     def set_policy(self, policy: Policy, templates: Templates) -> None:
         """Config reload: tiers (for `LOAN 10`) and texts change for the next message."""
         self._policy, self._t = policy, templates
@@ -86,7 +96,7 @@ class SmppChannel:
         if pdu.is_delivery_receipt:
             self._receipt(pdu)
             return 0
-        if not self.accepting or len(self._tasks) >= INBOUND_TASKS_MAX:
+        if not self.accepting or len(self._tasks) >= self.inbound_tasks_max:
             self.stats["throttled"] += 1
             return int(Status.ESME_RTHROTTLED)
         if pdu.ussd_service_op is not None or pdu.service_type == self._service_type:
@@ -121,7 +131,7 @@ class SmppChannel:
         started = time.perf_counter()
         try:
             ind = parse_ussd_deliver(pdu, abort_op=self._abort_op)
-        except Exception as exc:  # a malformed USSD PDU: logged, nothing else to do
+        except Exception as exc:  # noqa: BLE001 - a malformed USSD PDU: logged, nothing else to do
             log.warning("ussd_unreadable", error=str(exc))
             return
         if self._dialog_id == "user_message_reference":
@@ -159,7 +169,7 @@ class SmppChannel:
         try:
             await self._submit(submit)
             self.stats["ussd_out"] += 1
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
             self.stats["ussd_failed"] += 1
             log.warning("ussd_submit_failed", msisdn=ind.msisdn, error=str(exc))
         if self._observe_ussd is not None:
@@ -169,10 +179,12 @@ class SmppChannel:
         msisdn = pdu.source_addr
         try:
             text = decode_text(pdu.data_coding, pdu.message_payload or pdu.short_message)
-        except Exception:
+        except Exception:  # noqa: BLE001 - one subscriber's message never stops the channel
             text = ""
         kw = parse_keyword(text)
         lang = kw.language
+        # The MSISDN is masked by the logging setup unless the operator turned it off.
+        log.info("sms_received", msisdn=msisdn, command=kw.command.value, bind=system_id)
         reply: str | None = None
         try:
             if kw.command is Command.LOAN:
@@ -228,7 +240,7 @@ class SmppChannel:
     async def _send(self, msisdn: str, text: str, *, template: str) -> None:
         try:
             results = await self._send_sms(self._short_code, msisdn, text)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
             self.stats["sms_failed"] += 1
             log.warning("sms_submit_failed", msisdn=msisdn, template=template, error=str(exc))
             return

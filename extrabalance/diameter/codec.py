@@ -166,11 +166,18 @@ def find_path(avps: Iterable[Avp], *path: PathStep) -> Avp | None:
     found: Avp | None = None
     current: Iterable[Avp] = avps
     for step in path:
-        code, vendor = (step, 0) if isinstance(step, int) else step
-        found = find_first(current, code, vendor)
-        if found is None:
+        if step.__class__ is int:
+            code, vendor = step, 0
+        else:
+            code, vendor = step  # type: ignore[misc]
+        for a in current:
+            if a[0] == code and a[2] == vendor:
+                found = a
+                break
+        else:
             return None
-        current = found[3] if isinstance(found[3], tuple) else ()
+        value = found[3]
+        current = value if value.__class__ is tuple else ()
     return found
 
 
@@ -456,25 +463,49 @@ _P_IIq: Final = _S_IIq.pack
 # remembers their bytes so encode copies instead of re-packing. Keyed by identity,
 # with the object kept alive in the entry so an id cannot be reused under us.
 INTERNED_AVPS_MAX: Final = 4096
-_ENCODED_BY_ID: dict[int, tuple[Avp, bytes]] = {}
+# id(avp) -> (avp, its bytes, a run of AVPs it starts or None, the run's bytes)
+_ENCODED_BY_ID: dict[int, tuple[Avp, bytes, tuple[Avp, ...] | None, bytes]] = {}
 
 
 def intern_avp(a: Avp) -> Avp:
     """Remember the encoding of an AVP that will be sent many times; returns it."""
-    if len(_ENCODED_BY_ID) >= INTERNED_AVPS_MAX:
-        _ENCODED_BY_ID.clear()  # rare; the owners re-intern on their next build
-    _ENCODED_BY_ID[id(a)] = (a, encode_avp(a))
+    if id(a) not in _ENCODED_BY_ID:
+        if len(_ENCODED_BY_ID) >= INTERNED_AVPS_MAX:
+            _ENCODED_BY_ID.clear()  # rare; encode then packs those AVPs again
+        _ENCODED_BY_ID[id(a)] = (a, encode_avp(a), None, b"")
     return a
+
+
+def intern_run(avps: tuple[Avp, ...]) -> tuple[Avp, ...]:
+    """Remember the encoding of a sequence of AVPs always sent together (a CCR's
+    routing AVPs); encode then copies it whole when it meets the same sequence."""
+    if avps:
+        first = avps[0]
+        if len(_ENCODED_BY_ID) >= INTERNED_AVPS_MAX:
+            _ENCODED_BY_ID.clear()
+        _ENCODED_BY_ID[id(first)] = (first, encode_avp(first), avps,
+                                     b"".join(encode_avp(a) for a in avps))
+    return avps
 
 
 def _encode_avps_fast(avps: Sequence[Avp], parts: list[bytes]) -> None:
     append = parts.append
     tags = _TAG_BY_KEY
     interned = _ENCODED_BY_ID
-    for a in avps:
+    i = 0
+    count = len(avps)
+    while i < count:
+        a = avps[i]
+        i += 1
         hit = interned.get(id(a))
         if hit is not None and hit[0] is a:
-            append(hit[1])
+            run = hit[2]
+            # Tuple equality checks identity first, so a match costs little.
+            if run is not None and avps[i - 1 : i - 1 + len(run)] == run:
+                append(hit[3])
+                i += len(run) - 1
+            else:
+                append(hit[1])
             continue
         code, flags, vendor, value = a
         if vendor:
@@ -722,11 +753,13 @@ _U_III: Final = _S_III.unpack_from
 # low-cardinality AVPs qualify: never Session-Id, Subscription-Id, timestamps.
 DECODE_CACHE_MAX: Final = 4096
 DECODE_CACHE_AVP_BYTES_MAX: Final = 128
+DECODE_CACHE_RUN_BYTES_MAX: Final = 1024
 _CACHED_CODES: Final = frozenset({
     258, 259, 264, 266, 268, 269, 278, 283, 293, 296,  # base: apps, identities, result
     413, 415, 416, 422, 425, 429, 431, 436, 437, 445, 447, 450, 455, 461,  # credit control
 })
-_DECODE_CACHE: dict[bytes, Avp] = {}
+# raw bytes of an AVP -> (raw bytes of the run it starts, the run's decoded AVPs)
+_DECODE_CACHE: dict[bytes, tuple[bytes, tuple[Avp, ...]]] = {}
 
 
 def _decode_avps_fast(
@@ -744,6 +777,12 @@ def _decode_avps_fast(
     new = _new_avp
     cache = _DECODE_CACHE
     cached_codes = _CACHED_CODES
+    # The current run of consecutive cacheable AVPs (identities, realm, app id, ...):
+    # remembered as a whole under its first AVP's bytes, so that the next message
+    # with the same run costs one lookup and one comparison.
+    run_start = -1
+    run_key = b""
+    run_index = 0
     try:
         while pos < end:
             code, word, third = _U_III(buf, pos)
@@ -755,9 +794,27 @@ def _decode_avps_fast(
                 raw = buf[pos:stop]
                 hit = cache.get(raw)
                 if hit is not None:
-                    append(hit)
+                    run_bytes, run_avps = hit
+                    if len(run_avps) > 1 and buf.startswith(run_bytes, pos) \
+                            and pos + len(run_bytes) <= end:
+                        if run_start >= 0 and len(out) - run_index >= 2 \
+                                and pos - run_start <= DECODE_CACHE_RUN_BYTES_MAX:
+                            cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
+                        out.extend(run_avps)
+                        pos += len(run_bytes)
+                        run_start = -1
+                        continue
+                    if run_start < 0:
+                        run_start, run_key, run_index = pos, raw, len(out)
+                    append(run_avps[0])  # its key is this AVP's exact bytes
                     pos = (stop + 3) & ~3 if stop & 3 else stop
                     continue
+                if run_start < 0:
+                    run_start, run_key, run_index = pos, raw, len(out)
+            elif run_start >= 0:
+                if len(out) - run_index >= 2 and pos - run_start <= DECODE_CACHE_RUN_BYTES_MAX:
+                    cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
+                run_start = -1
             tag = tags.get(code, _TAG_OCTETS)
             if tag == _TAG_TEXT:
                 value: Any = buf[pos + 8 : stop].decode()
@@ -793,20 +850,20 @@ def _decode_avps_fast(
             if raw is not None:
                 if len(cache) >= DECODE_CACHE_MAX:
                     cache.clear()
-                cache[raw] = decoded
+                    run_start = -1  # its first AVP's entry is gone
+                cache[raw] = (raw, (decoded,))
             pos = (stop + 3) & ~3 if stop & 3 else stop
         else:
             if pos == end:
+                if run_start >= 0 and len(out) - run_index >= 2 \
+                        and pos - run_start <= DECODE_CACHE_RUN_BYTES_MAX:
+                    cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
                 return out
     except (struct.error, UnicodeDecodeError):
         pass  # the general decoder finds and names the fault
     if depth:
         return None
     return _decode_avps(buf, pos, end, depth, out)
-
-
-def _bytes_of(data: bytes | bytearray | memoryview) -> bytes:
-    return data if data.__class__ is bytes else bytes(data)
 
 
 def decode_header(data: bytes) -> tuple[int, int, int, int, int, int]:
@@ -833,8 +890,13 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     Raises FrameError when the header cannot frame the data, DiameterError (5014,
     5004, 5015) when the frame is sound but its content is not.
     """
-    buf = _bytes_of(data)
-    length, flags, command, app, hbh, e2e = decode_header(buf)
+    buf = data if data.__class__ is bytes else bytes(data)
+    if len(buf) < HEADER_BYTES or buf[0] != DIAMETER_VERSION:
+        decode_header(buf)  # raises the precise FrameError
+    vl, fc, app, hbh, e2e = _U_HEADER(buf, 0)
+    length, flags, command = vl & 0xFFFFFF, fc >> 24, fc & 0xFFFFFF
+    if length < HEADER_BYTES or length > MAX_MESSAGE_BYTES:
+        decode_header(buf)
     if length != len(buf) or length & 3:
         raise DiameterError(
             5015, f"header says {length} bytes, frame has {len(buf)} (must be a multiple of 4)",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Final
 
@@ -360,9 +361,12 @@ def avp_name(code: int, vendor_id: int = 0) -> str:
 @dataclass(frozen=True, slots=True)
 class Grammar:
     required: tuple[tuple[int, int], ...]
-    once: tuple[tuple[int, int], ...]
+    once: Collection[tuple[int, int]]  # stored as a frozenset (membership tests)
     # P bit rule for commands: True must be set, False must be clear, None either.
     proxiable: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "once", frozenset(self.once))
 
 
 def _k(*names: str) -> tuple[tuple[int, int], ...]:

@@ -132,6 +132,7 @@ class CreditControlAnswer:
 
 _AUTH_APP_CC: Final = codec.intern_avp(avp(AVP_AUTH_APPLICATION_ID, APP_DIAMETER_CREDIT_CONTROL))
 _MSI_SUPPORTED: Final = codec.intern_avp(avp(AVP_MULTIPLE_SERVICES_INDICATOR, 1))
+_SUBSCRIPTION_E164: Final = codec.intern_avp(avp(AVP_SUBSCRIPTION_ID_TYPE, END_USER_E164))
 
 
 @lru_cache(maxsize=AVP_CACHE_MAX)
@@ -155,6 +156,34 @@ def cc_money(amount_minor: int, currency_numeric: int | None, currency_exponent:
     return _cc_money(amount_minor, currency_numeric, currency_exponent)
 
 
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _service_unit(code: int, amount_minor: int, currency_numeric: int | None,
+                  currency_exponent: int) -> Avp:
+    """Requested-/Granted-Service-Unit{CC-Money}: tier amounts repeat, so build once."""
+    return codec.intern_avp(avp(code, (_cc_money(amount_minor, currency_numeric,
+                                                 currency_exponent),)))
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _ccr_routing(origin_host: str, origin_realm: str, destination_host: str | None,
+                 destination_realm: str, service_context_id: str, request_type: int,
+                 request_number: int) -> tuple[Avp, ...]:
+    """The AVPs between Session-Id and Event-Timestamp: the same for every request a
+    node sends to one IN node, so they are built (and encoded) once."""
+    c = _cached_avp
+    avps = [c(AVP_ORIGIN_HOST, origin_host), c(AVP_ORIGIN_REALM, origin_realm)]
+    if destination_host is not None:
+        avps.append(c(AVP_DESTINATION_HOST, destination_host))
+    avps += [
+        c(AVP_DESTINATION_REALM, destination_realm),
+        _AUTH_APP_CC,
+        c(AVP_SERVICE_CONTEXT_ID, service_context_id),
+        c(AVP_CC_REQUEST_TYPE, request_type),
+        c(AVP_CC_REQUEST_NUMBER, request_number),
+    ]
+    return codec.intern_run(tuple(avps))
+
+
 def ntp_now() -> int:
     return codec.ntp_from_unix(time.time())
 
@@ -168,31 +197,20 @@ def build_ccr(
     retransmit: bool = False,
 ) -> Message:
     """The CCR message for ``ccr``; the node assigns the ids when it sends it."""
-    c = _cached_avp
-    avps = [
-        avp(AVP_SESSION_ID, ccr.session_id),
-        c(AVP_ORIGIN_HOST, ccr.origin_host),
-        c(AVP_ORIGIN_REALM, ccr.origin_realm),
-    ]
-    if ccr.destination_host is not None:
-        avps.append(c(AVP_DESTINATION_HOST, ccr.destination_host))
-    avps += [
-        c(AVP_DESTINATION_REALM, ccr.destination_realm),
-        _AUTH_APP_CC,
-        c(AVP_SERVICE_CONTEXT_ID, ccr.service_context_id),
-        c(AVP_CC_REQUEST_TYPE, ccr.request_type),
-        c(AVP_CC_REQUEST_NUMBER, ccr.request_number),
-    ]
+    avps = [avp(AVP_SESSION_ID, ccr.session_id)]
+    avps += _ccr_routing(ccr.origin_host, ccr.origin_realm, ccr.destination_host,
+                         ccr.destination_realm, ccr.service_context_id, ccr.request_type,
+                         ccr.request_number)
     if ccr.event_timestamp is not None:
         avps.append(avp(AVP_EVENT_TIMESTAMP, ccr.event_timestamp))
-    avps.append(avp(AVP_SUBSCRIPTION_ID, (c(AVP_SUBSCRIPTION_ID_TYPE, END_USER_E164),
+    avps.append(avp(AVP_SUBSCRIPTION_ID, (_SUBSCRIPTION_E164,
                                           avp(AVP_SUBSCRIPTION_ID_DATA, ccr.msisdn))))
     if ccr.requested_action is not None:
-        avps.append(c(AVP_REQUESTED_ACTION, ccr.requested_action))
+        avps.append(_cached_avp(AVP_REQUESTED_ACTION, ccr.requested_action))
     rsu = None
     if ccr.requested_minor is not None:
-        rsu = avp(AVP_REQUESTED_SERVICE_UNIT,
-                  (_cc_money(ccr.requested_minor, ccr.currency_numeric, currency_exponent),))
+        rsu = _service_unit(AVP_REQUESTED_SERVICE_UNIT, ccr.requested_minor,
+                            ccr.currency_numeric, currency_exponent)
     if ccr.has_mscc:
         avps.append(_MSI_SUPPORTED)
         avps.append(avp(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL, () if rsu is None else (rsu,)))
@@ -254,8 +272,8 @@ def build_cca(
                     ntp_now() if event_timestamp is None else event_timestamp))
     gsu = None
     if granted_minor is not None:
-        gsu = avp(AVP_GRANTED_SERVICE_UNIT,
-                  (_cc_money(granted_minor, currency_numeric, currency_exponent),))
+        gsu = _service_unit(AVP_GRANTED_SERVICE_UNIT, granted_minor, currency_numeric,
+                            currency_exponent)
     if has_mscc:
         children: list[Avp] = []
         if gsu is not None:

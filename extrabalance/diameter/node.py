@@ -297,6 +297,11 @@ class _Connection(asyncio.Protocol):
                 node.identity.origin_host, node.identity.origin_realm, msg)
         finally:
             self._inbound -= 1
+        if not isinstance(answer, Message):
+            log.error("diameter request handler returned %r, not a Message", type(answer))
+            answer = codec.error_answer(
+                DiameterError(DIAMETER_UNABLE_TO_COMPLY, "no answer", partial=msg),
+                node.identity.origin_host, node.identity.origin_realm, msg)
         # The answer travels back on the ids of the request, whatever the handler set.
         if answer.hop_by_hop_id != msg.hop_by_hop_id or answer.end_to_end_id != msg.end_to_end_id:
             answer = answer._replace(hop_by_hop_id=msg.hop_by_hop_id,
@@ -327,6 +332,7 @@ class DiameterNode:
         allowed_peers: set[str] | frozenset[str] | None,
         request_handler: RequestHandler,
         ssl_context: ssl.SSLContext | None = None,
+        client_ssl_context: ssl.SSLContext | None = None,
         watchdog_s: float = 30.0,
         request_timeout_ms: int = 2000,
         pending_max: int = PENDING_MAX_DEFAULT,
@@ -339,7 +345,10 @@ class DiameterNode:
         self.identity = identity
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.request_handler = request_handler
-        self.ssl_context = ssl_context
+        self.ssl_context = ssl_context  # for the listener (server side)
+        # For the connections we dial; a server-side context cannot dial, so the caller
+        # gives a client context (the same one only if it was made for both).
+        self.client_ssl_context = client_ssl_context if client_ssl_context else ssl_context
         self.watchdog_s = watchdog_s
         self.request_timeout_ms = request_timeout_ms
         self.pending_max = pending_max
@@ -386,9 +395,9 @@ class DiameterNode:
             try:
                 _, opened = await asyncio.wait_for(self._loop.create_connection(
                     lambda: _Connection(self, Role.INITIATOR, link),
-                    link.address.host, link.address.port, ssl=self.ssl_context,
+                    link.address.host, link.address.port, ssl=self.client_ssl_context,
                     server_hostname=(link.address.origin_host or link.address.host)
-                    if self.ssl_context else None), CONNECT_TIMEOUT_S)
+                    if self.client_ssl_context else None), CONNECT_TIMEOUT_S)
                 conn = opened
                 await conn.opened
                 link.opened_at = time.time()
@@ -455,21 +464,23 @@ class DiameterNode:
         msg = msg._replace(flags=msg.flags | codec.FLAG_REQUEST)
         tried: set[int] = set()
         last_reason = "no answer"
-        for attempt in range(self.failover_max + 1):
+        sends = 0
+        while sends <= self.failover_max:
             conn = self._pick(grp, tried)
             if conn is None:
-                if attempt == 0:
+                if sends == 0:
                     raise NoPeerAvailable(f"no open peer in group {group!r}")
                 raise RequestTimeout(f"{last_reason}; no alternate open peer in {group!r}")
             assert conn.link is not None
             tried.add(id(conn.link))
-            if attempt:
-                msg = msg._replace(flags=msg.flags | codec.FLAG_RETRANSMIT)
+            # Only a request that may have reached a peer is a potential duplicate.
+            outgoing = msg._replace(flags=msg.flags | codec.FLAG_RETRANSMIT) if sends else msg
             fut: asyncio.Future[Message] = self._loop.create_future()
             try:
-                conn.peer.send_request(msg, fut, self._loop.time(), timeout_s)
+                conn.peer.send_request(outgoing, fut, self._loop.time(), timeout_s)
             except (PendingTableFull, NotOpen):
-                continue
+                continue  # not sent: try the next peer, no T flag owed
+            sends += 1
             conn._schedule_flush()
             conn._reschedule_timer()
             try:
@@ -478,11 +489,11 @@ class DiameterNode:
                 last_reason = str(exc)
             except asyncio.CancelledError:
                 # The caller gave up: forget it so a late answer is discarded.
-                for pending in list(conn.peer._pending.items()):
-                    if pending[1].token is fut:
-                        conn.peer.cancel_request(pending[0])
+                for hbh, pending in list(conn.peer._pending.items()):
+                    if pending.token is fut:
+                        conn.peer.cancel_request(hbh)
                 raise
-        raise RequestTimeout(f"{last_reason} after {self.failover_max + 1} sends")
+        raise RequestTimeout(f"{last_reason} after {sends} sends")
 
     # --- admin ------------------------------------------------------------------------
 

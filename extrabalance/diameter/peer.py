@@ -174,6 +174,8 @@ TRANSITIONS: Final[dict[tuple[PeerState, Ev], tuple[PeerState, tuple[Act, ...]]]
     (_S.OPEN, _E.RCV_DPR): (_S.CLOSING, (_A.SEND_DPA, _A.FAILOVER_PENDING, _A.START_TIMEOUT)),
     (_S.OPEN, _E.STOP): (_S.CLOSING, (_A.SEND_DPR, _A.START_TIMEOUT)),
     (_S.OPEN, _E.RCV_CER_OK): (_S.OPEN, (_A.SEND_ERROR_ANSWER,)),  # CER twice: 5012
+    # A malformed CER on an open connection gets its error answer like any request.
+    (_S.OPEN, _E.RCV_CER_INVALID): (_S.OPEN, (_A.RESET_WATCHDOG, _A.SEND_ERROR_ANSWER)),
     # --- suspect (RFC 3539 SUSPECT): any word from the peer brings it back ------------
     (_S.SUSPECT, _E.RCV_APP_REQUEST): (_S.OPEN, (_A.RESET_WATCHDOG, _A.RECOVERED,
                                                  _A.DELIVER_REQUEST)),
@@ -183,6 +185,10 @@ TRANSITIONS: Final[dict[tuple[PeerState, Ev], tuple[PeerState, tuple[Act, ...]]]
                                                      _A.SEND_ERROR_ANSWER)),
     (_S.SUSPECT, _E.RCV_DWR): (_S.OPEN, (_A.RESET_WATCHDOG, _A.RECOVERED, _A.SEND_DWA)),
     (_S.SUSPECT, _E.RCV_DWA): (_S.OPEN, (_A.WATCHDOG_DWA, _A.RECOVERED)),
+    (_S.SUSPECT, _E.RCV_CER_OK): (_S.OPEN, (_A.RESET_WATCHDOG, _A.RECOVERED,
+                                            _A.SEND_ERROR_ANSWER)),
+    (_S.SUSPECT, _E.RCV_CER_INVALID): (_S.OPEN, (_A.RESET_WATCHDOG, _A.RECOVERED,
+                                                 _A.SEND_ERROR_ANSWER)),
     (_S.SUSPECT, _E.TW_EXPIRED_UNANSWERED): (_S.CLOSED, (_A.DISCONNECT,)),  # DOWN
     (_S.SUSPECT, _E.RCV_DPR): (_S.CLOSING, (_A.SEND_DPA, _A.START_TIMEOUT)),
     (_S.SUSPECT, _E.STOP): (_S.CLOSING, (_A.SEND_DPR, _A.START_TIMEOUT)),
@@ -311,6 +317,8 @@ class _Pending:
 @dataclass(slots=True)
 class _Timers:
     watchdog_at: float | None = None
+    watchdog_armed_at: float = 0.0  # the instant Tw was counted from
+    activity_at: float = 0.0  # last message received
     dwr_outstanding: bool = False
     timeout_at: float | None = None
     deadlines: list[tuple[float, int]] = field(default_factory=list)  # heap (deadline, hbh)
@@ -407,6 +415,11 @@ class PeerConnection:
         if t.timeout_at is not None and now >= t.timeout_at:
             t.timeout_at = None
             self._fire(Ev.TIMEOUT, now)
+        if t.watchdog_at is not None and now >= t.watchdog_at \
+                and t.activity_at > t.watchdog_armed_at:
+            # Messages arrived since Tw was set: count it from the last one (RFC 3539
+            # restarts Tw on every message; we do it lazily, here, not per message).
+            self._arm_watchdog(t.activity_at)
         if t.watchdog_at is not None and now >= t.watchdog_at:
             t.watchdog_at = None
             self._fire(Ev.TW_EXPIRED_UNANSWERED if t.dwr_outstanding else Ev.TW_EXPIRED, now)
@@ -516,7 +529,16 @@ class PeerConnection:
         command = msg.command_code
         if msg.flags & codec.FLAG_REQUEST:
             if command == CMD_CAPABILITIES_EXCHANGE:
-                return self._classify_cer(msg)
+                if self.state is PeerState.WAIT_CER:
+                    return self._classify_cer(msg)
+                # Capabilities were exchanged: a second CER is answered (5012 or its
+                # validation error) and never changes who the peer is.
+                try:
+                    codec.validate(msg, self._applications)
+                except DiameterError as err:
+                    self._current_error = err
+                    return Ev.RCV_CER_INVALID
+                return Ev.RCV_CER_OK
             try:
                 codec.validate(msg, self._applications)
             except DiameterError as err:
@@ -527,11 +549,13 @@ class PeerConnection:
             if command == CMD_DISCONNECT_PEER:
                 return Ev.RCV_DPR
             return Ev.RCV_APP_REQUEST
-        if command == CMD_CAPABILITIES_EXCHANGE:
+        # A CEA or DPA we did not ask for is a stray answer: discarded like any
+        # answer that matches no pending request, and it changes nothing.
+        if command == CMD_CAPABILITIES_EXCHANGE and self.state is PeerState.WAIT_I_CEA:
             return self._classify_cea(msg)
         if command == CMD_DEVICE_WATCHDOG:
             return Ev.RCV_DWA
-        if command == CMD_DISCONNECT_PEER:
+        if command == CMD_DISCONNECT_PEER and self.state is PeerState.CLOSING:
             return Ev.RCV_DPA
         return Ev.RCV_APP_ANSWER
 
@@ -632,7 +656,8 @@ class PeerConnection:
             answer = answer._replace(avps=answer.avps + tuple(
                 a for a in self._capabilities_avps()
                 if a.code not in (AVP_ORIGIN_HOST, AVP_ORIGIN_REALM)))
-            self.close_reason = f"invalid CER: {err.text}"
+            if self.state is PeerState.CLOSED:
+                self.close_reason = f"invalid CER: {err.text}"
         self._out.append(codec.encode(answer))
         self._events.append(MessageRejected(err.result_code, err.text, answered=True))
 
@@ -687,10 +712,15 @@ class PeerConnection:
         self._events.append(AnswerReceived(entry.token, msg))
 
     def _act_reset_watchdog(self, now: float) -> None:
-        self._arm_watchdog(now)
+        t = self._timers
+        t.activity_at = now
+        if t.watchdog_at is None:
+            self._arm_watchdog(now)
 
     def _act_watchdog_dwa(self, now: float) -> None:
-        self._timers.dwr_outstanding = False
+        t = self._timers
+        t.dwr_outstanding = False
+        t.activity_at = now
         self._arm_watchdog(now)
 
     def _act_failover_pending(self, now: float) -> None:
@@ -742,7 +772,9 @@ class PeerConnection:
 
     def _arm_watchdog(self, now: float) -> None:
         jitter = min(WATCHDOG_JITTER_MAX_S, self.watchdog_s / 4)
-        self._timers.watchdog_at = now + self.watchdog_s + self._rng.uniform(-jitter, jitter)
+        t = self._timers
+        t.watchdog_armed_at = now
+        t.watchdog_at = now + self.watchdog_s + self._rng.uniform(-jitter, jitter)
 
     def _start_timeout(self, now: float, wait_s: float) -> None:
         self._timers.timeout_at = now + wait_s

@@ -26,10 +26,10 @@ Theory of operation
   disconnect signal. The one private attribute access is isolated in
   :func:`_paho_of`; the tests exercise it against a real broker, so an aiomqtt
   upgrade that moves it fails loudly instead of silently auto-acking.
-* **Acks in order of receipt.** MQTT 3.1.1 §4.6 requires a client to send PUBACKs in
-  the order the PUBLISH packets were received. Handlers run concurrently (at most
-  ``inflight_max``), but the acker walks the messages in receipt order and acks each
-  one only when its own handler and every earlier one have finished.
+* **Acks in order of receipt.** MQTT 3.1.1 §4.6 [MQTT-4.6.0-2] requires a client to
+  send PUBACKs in the order the PUBLISH packets were received. Handlers run
+  concurrently (at most ``inflight_max``), but the acker walks the messages in receipt
+  order and acks each one only when its own handler and every earlier one have finished.
 * **A handler that raises (or exceeds ``handle_timeout_s``).** Its message is not
   acknowledged, and neither is anything received after it (in-order rule). We stop
   taking messages, let the running handlers finish, disconnect, and reconnect after a
@@ -205,11 +205,14 @@ class RechargeListener:
     # -- public -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Consume until :meth:`stop`; reconnect with jittered backoff on any failure."""
+        """Consume until :meth:`stop`; reconnect with jittered backoff on any failure.
+
+        A listener runs once: after :meth:`stop` (even one called before ``run``
+        started) ``run`` returns at once. Make a new listener to start again.
+        """
         if self._running:
             raise RuntimeError("RechargeListener.run() is already running")
         self._running = True
-        self._stopping.clear()
         attempt = 0
         try:
             while not self._stopping.is_set():

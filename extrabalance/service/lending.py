@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -25,9 +26,11 @@ from extrabalance.core.model import SubscriberState
 from extrabalance.core.policy import Policy
 from extrabalance.core.reasons import Reason
 from extrabalance.ledger import Ledger, store
+from extrabalance.service.ads import AdTrigger, Advertiser
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
     DIAMETER_CREDIT_LIMIT_REACHED,
+    DIAMETER_TOO_BUSY,
     DIAMETER_END_USER_SERVICE_DENIED,
     DIAMETER_SUCCESS,
     DIAMETER_USER_UNKNOWN,
@@ -172,6 +175,7 @@ class LendingService:
         locks: SubscriberLocks | None = None,
         ad_policy: AdPolicy = default_ad_policy,
         default_language: str = "en",
+        ads: Advertiser | None = None,  # issue 7: when set, it applies every ad rule
     ) -> None:
         self.ledger = ledger
         self.in_port = in_port
@@ -183,6 +187,7 @@ class LendingService:
         self.locks = locks or SubscriberLocks()
         self.ad_policy = ad_policy
         self.default_language = default_language
+        self.ads = ads
 
     # -- borrow ------------------------------------------------------------------
 
@@ -290,6 +295,9 @@ class LendingService:
         )
         self._emit_loan(msisdn, outcome, channel, result)
         await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
+        if self.ads is not None and outcome.status is BorrowStatus.GRANTED:  # issue 7
+            total_minor = (outcome.amount_minor or 0) + (outcome.fee_minor or 0)
+            self.ads.fire_after_loan(msisdn, outcome.debt_minor - total_minor, outcome.debt_minor)
         return outcome
 
     def _emit_loan(
@@ -384,10 +392,18 @@ class LendingService:
         msisdn: str,
         requested_minor: int | None,
         origin_host: str,
+        *,
+        deadline_monotonic: float | None = None,
     ) -> AdvanceOutcome:
         """Answer the IN's out-of-balance CCR: an auto-advance (2001 + amount), 4012
         (+ maybe an ad), 4010 barred, 5030 unknown. A retransmission (same Session-Id
-        and CC-Request-Number) gets the first answer and grants nothing new."""
+        and CC-Request-Number) gets the first answer and grants nothing new.
+
+        The IN adds an advance to the balance only when the answer reaches it, and it
+        stops waiting after its own timer. So an advance is booked only if the commit
+        happens before `deadline_monotonic` (checked in the transaction, just before
+        the commit): past it, nothing is booked and 3004 TOO_BUSY is answered; the IN
+        may send the request again and it is then decided afresh."""
         key = f"ccr:{session_id}:{request_number}"
         async with self.locks.hold(msisdn):
             now = self.clock()
@@ -418,6 +434,8 @@ class LendingService:
                     BorrowRequest(msisdn, None, "auto"), loaded.state, self.policy, now
                 )
                 if isinstance(decision, Granted):
+                    if deadline_monotonic is not None and time.monotonic() > deadline_monotonic:
+                        return AdvanceOutcome(DIAMETER_TOO_BUSY, None, Reason.IN_UNAVAILABLE), None
                     loan_id = store.insert_loan(
                         conn,
                         msisdn=msisdn,
@@ -447,7 +465,7 @@ class LendingService:
                 )
 
             outcome, state = await self.ledger.write(answer)
-            if outcome.replayed:
+            if outcome.replayed or outcome.result_code == DIAMETER_TOO_BUSY:
                 return outcome
             if outcome.result_code != DIAMETER_USER_UNKNOWN:
                 self.router.learn(msisdn, origin_host)
@@ -488,6 +506,8 @@ class LendingService:
                     state.language,
                 ),
             )
+            if self.ads is not None:  # issue 7: debt-limit ad
+                self.ads.fire_after_loan(msisdn, state.debt_minor, debt_minor)
             return
         self.events.emit(
             "refusal",
@@ -497,6 +517,9 @@ class LendingService:
             result_code=outcome.result_code,
         )
         if outcome.result_code == DIAMETER_END_USER_SERVICE_DENIED:
+            return
+        if self.ads is not None:  # issue 7: caps, quiet hours, rate; the CCA does not wait
+            self.ads.fire_offer(msisdn, AdTrigger.OUT_OF_BALANCE)
             return
         verdict = await self.ad_policy(state, now)
         if verdict.send:

@@ -50,6 +50,9 @@ class BorrowOutcome:
 
 # Diameter Result-Codes the out-of-balance answer may carry.
 DIAMETER_SUCCESS = 2001
+# Not an answer the IN gets from the business rules: the node was too late to answer
+# an advance within the IN's patience, so it books nothing and says so (RFC 6733 3004).
+DIAMETER_TOO_BUSY = 3004
 DIAMETER_END_USER_SERVICE_DENIED = 4010
 DIAMETER_CREDIT_LIMIT_REACHED = 4012
 DIAMETER_USER_UNKNOWN = 5030

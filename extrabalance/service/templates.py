@@ -9,8 +9,9 @@ code passed as `reason` is turned into the language's words from `[templates.<la
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 MONEY_PARAMS = frozenset(
     {"amount", "fee", "debt", "total", "recovered", "headroom", "ceiling", "balance"}

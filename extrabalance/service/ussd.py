@@ -25,9 +25,10 @@ import itertools
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from extrabalance.service.templates import Templates
 from extrabalance.smpp.text import gsm7_length, is_gsm7
@@ -77,6 +78,7 @@ class Dialog:
     step: Step = Step.MENU
     page: int = 0
     tier_id: int | None = None
+    quoted: tuple[int, int, int] | None = None  # (amount, fee, total) the confirm screen showed
     last_screen: Screen | None = None
     touched_at: float = 0.0
     pages: list[list[tuple[str, str]]] = field(default_factory=list)  # (option, line)
@@ -277,6 +279,7 @@ class UssdDialogs:
             return self._close(key, self._refused(lang, "CEILING_REACHED"))
         dialog.step = Step.CONFIRM
         dialog.tier_id = tier_id
+        dialog.quoted = (tier.amount_minor, tier.fee_minor, tier.total_minor)
         text = self._t.render(
             "confirm", lang,
             {"amount": tier.amount_minor, "fee": tier.fee_minor, "total": tier.total_minor},
@@ -286,6 +289,15 @@ class UssdDialogs:
     async def _lend(self, key: tuple[str, str], dialog: Dialog) -> Screen:
         lang = dialog.language
         assert dialog.tier_id is not None
+        # The subscriber agreed to the figures on his screen. If the tariff changed since
+        # (a config reload), he is shown the new figures and asked again, never charged
+        # a fee he was not shown.
+        offer = await self._lending.quote(dialog.msisdn)
+        tier = next((t for t in offer.tiers if t.tier_id == dialog.tier_id), None)
+        if tier is not None and tier.fits and dialog.quoted != (
+            tier.amount_minor, tier.fee_minor, tier.total_minor
+        ):
+            return await self._confirm(key, dialog, dialog.tier_id)
         dialog.step = Step.BUSY
         outcome = await self._lending.borrow(
             dialog.msisdn, dialog.tier_id, "ussd", f"ussd:{dialog.dialog_id}:confirm"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from extrabalance.core.lending import BorrowRequest, Granted, decide, offer
@@ -41,7 +41,7 @@ class FakeLending:
         return self.states.setdefault(msisdn, SubscriberState(msisdn, None))
 
     async def quote(self, msisdn: str) -> Any:
-        return offer(self._state(msisdn), self.policy, datetime.now(timezone.utc))
+        return offer(self._state(msisdn), self.policy, datetime.now(UTC))
 
     async def status(self, msisdn: str) -> SubscriberState:
         return self._state(msisdn)
@@ -58,7 +58,7 @@ class FakeLending:
         self.borrow_calls += 1
         state = self._state(msisdn)
         decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy,  # type: ignore[arg-type]
-                          datetime.now(timezone.utc))
+                          datetime.now(UTC))
         if not isinstance(decision, Granted):
             result = Outcome("REFUSED", decision.reason, None, tier_id, 0, 0, state.debt_minor)
         elif self.pending:
@@ -66,7 +66,7 @@ class FakeLending:
                              decision.fee_minor, state.debt_minor)
         else:
             loan = OpenLoan(str(len(state.open_loans) + 1), decision.tier.tier_id, decision.amount_minor,
-                            decision.fee_minor, 0, 0, datetime.now(timezone.utc))
+                            decision.fee_minor, 0, 0, datetime.now(UTC))
             state = dataclasses.replace(state, open_loans=state.open_loans + (loan,),
                                         loans_since_full_payback=state.loans_since_full_payback + 1)
             self.states[msisdn] = state

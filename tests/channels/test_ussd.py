@@ -259,3 +259,18 @@ def test_paginate_keeps_every_line():
     for page in pages:
         assert screen_capacity("\n".join(["title", *(line for _, line in page)])) >= 0
     assert SCREEN_GSM7_MAX == 182
+
+
+async def test_changed_tariff_is_shown_again_before_lending(dialogs, lending, settings):
+    """A reload between the confirm screen and '1': the new fee is shown, nothing lent."""
+    import dataclasses
+
+    await dial(dialogs, "*123*4#")
+    plans = dict(lending.policy.fee_plans)
+    plans["standard"] = dataclasses.replace(plans["standard"], percent_bp=2000)
+    lending.policy = dataclasses.replace(lending.policy, fee_plans=plans)
+    screen = await reply(dialogs, "1")
+    assert not screen.final and screen.text.startswith("Borrow 5.00 EGP? Fee 1.00 EGP.")
+    assert lending.borrow_calls == 0
+    done = await reply(dialogs, "1")
+    assert done.final and lending.borrow_calls == 1

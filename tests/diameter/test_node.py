@@ -389,3 +389,21 @@ async def test_diameter_over_tls(nodes: Callable[..., DiameterNode],
 def test_handler_error_type_is_the_codec_error() -> None:
     # The contract handlers rely on: raise DiameterError, the node answers it.
     assert issubclass(DiameterError, Exception)
+
+
+async def test_inbound_bound_answers_3004_too_busy(nodes: Callable[..., DiameterNode],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import extrabalance.diameter.node as node_module
+
+    monkeypatch.setattr(node_module, "INBOUND_CONCURRENT_MAX", 1)
+    slow = Recorder("in", delay_s=0.3)
+    server = nodes(IN_A_ID, slow, allowed=None)
+    port = await server.listen("127.0.0.1", 0)
+    client = nodes(NODE_ID, allowed=None)
+    client.add_peer_group("in", "operator.example", [PeerAddress("127.0.0.1", port)])
+    await client.wait_ready("in", 5.0)
+    first, second = await asyncio.gather(client.request("in", sample_ccr()),
+                                         client.request("in", sample_ccr()))
+    assert first.get(268) == 2001
+    assert second.get(268) == 3004 and second.is_error
+    assert len(slow.seen) == 1

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import random
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extrabalance.diameter import codec, gy
 from extrabalance.diameter.codec import decode, encode
@@ -315,3 +319,53 @@ def test_end_to_end_ids_are_unique_and_carry_the_clock() -> None:
     seen = {ids.next() for _ in range(10000)}
     assert len(seen) == 10000
     assert all(i >> 20 == 0x345 for i in seen)
+
+
+def test_broken_answer_is_dropped_and_its_request_times_out() -> None:
+    client, server = open_pair()
+    sent = client.send_request(sample_ccr(), "t", 0.0, 2.0)
+    pump(client, server)
+    answer = bytearray(encode(gy.build_cca(sent, "in", "r", 2001, granted_minor=5,
+                                           currency_numeric=818, currency_exponent=2)))
+    pos = answer.index(struct.pack(">I", 415) + b"\x40\x00\x00\x0c")  # CC-Request-Number
+    answer[pos + 7] = 10  # bad length
+    client.data_received(bytes(answer), 0.5)
+    events = client.events()
+    assert not [e for e in events if isinstance(e, AnswerReceived)]
+    assert any(isinstance(e, MessageRejected) and not e.answered for e in events)
+    assert client.state is PeerState.OPEN and client.pending_count == 1
+    client.handle_timer(2.0)
+    assert [e for e in client.events() if isinstance(e, RequestTimedOut)]
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_any_bytes_from_a_peer_never_raise(data: st.DataObject) -> None:
+    client, server = open_pair()
+    frames = [encode(sample_ccr()), encode(gy.build_cca(sample_ccr(), "in", "r", 2001,
+                                                        currency_numeric=818,
+                                                        currency_exponent=2))]
+    for _ in range(data.draw(st.integers(1, 4))):
+        if data.draw(st.booleans()):
+            chunk = bytearray(data.draw(st.sampled_from(frames)))
+            for _ in range(data.draw(st.integers(0, 4))):
+                chunk[data.draw(st.integers(0, len(chunk) - 1))] = data.draw(st.integers(0, 255))
+        else:
+            chunk = bytearray(data.draw(st.binary(max_size=64)))
+        for peer in (client, server):
+            peer.data_received(bytes(chunk), 1.0)
+            peer.handle_timer(50.0)
+            peer.data_to_send()
+            peer.events()
+
+
+def test_any_message_restarts_tw() -> None:
+    client, server = open_pair(watchdog_s=30.0)
+    # the server sends a request at t=20: the client's Tw now counts from 20
+    server.send_request(sample_ccr(), "from-server", 20.0, 5.0)
+    client.data_received(server.data_to_send(), 20.0)
+    client.handle_timer(33.0)  # past 0 + 30 + 2, but not 20 + 28
+    assert client.data_to_send() == b""
+    client.handle_timer(52.5)  # past 20 + 32: idle for a whole Tw, so DWR
+    assert decode(client.data_to_send()).command_code == 280
+    assert client.state is PeerState.OPEN

@@ -74,10 +74,21 @@ async def run_crash_scenario(
     open_ledger(str(db_path)).close()
     child = start_child(broker, db_path)
     try:
-        async with RechargePublisher(broker.host, broker.port, "in-sim", ack_timeout_s=1.0) as pub:
-            publishing = asyncio.create_task(
-                pub.publish_many((make_event(i) for i in range(total)), window_max=10)
+        first_kill_done = asyncio.Event()
+
+        async def publish_all(pub: RechargePublisher) -> int:
+            # The second half waits for the first kill, so the node is certainly
+            # killed mid-stream, with events still to come while it is down.
+            half = total // 2
+            sent = await pub.publish_many((make_event(i) for i in range(half)), window_max=10)
+            await first_kill_done.wait()
+            sent += await pub.publish_many(
+                (make_event(i) for i in range(half, total)), window_max=10
             )
+            return sent
+
+        async with RechargePublisher(broker.host, broker.port, "in-sim", ack_timeout_s=1.0) as pub:
+            publishing = asyncio.create_task(publish_all(pub))
             for round_index in range(kills):
                 threshold = total * (round_index + 1) // (kills + 2)
                 await wait_until(
@@ -85,6 +96,7 @@ async def run_crash_scenario(
                 )
                 child.send_signal(signal.SIGKILL)
                 child.wait()
+                first_kill_done.set()
                 child = await asyncio.to_thread(start_child, broker, db_path)
             assert await publishing == total
         await wait_until(

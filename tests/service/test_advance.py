@@ -105,3 +105,21 @@ async def test_ceiling_reached_4012(h):
     assert (await ccr(h, session="s1")).result_code == 2001  # +550 = 11550
     out = await ccr(h, session="s2")  # +550 would pass 12000
     assert out.result_code == 4012 and out.reason is Reason.CEILING_REACHED
+
+
+async def test_advance_too_late_for_the_in_books_nothing(h):
+    """An advance whose commit would land after the answer deadline is not booked:
+    3004 is answered and the IN's retransmission is decided afresh."""
+    import time
+
+    await h.add_profile(M)
+    await h.lending.set_preferences(M, auto_advance=True)
+    late = await h.lending.out_of_balance("s9", 0, 4, M, None, IN_A,
+                                          deadline_monotonic=time.monotonic() - 0.001)
+    assert late.result_code == 3004 and late.granted_minor is None
+    assert (await h.check_invariants())["debts"].get(M, 0) == 0
+    assert "advance" not in h.events.kinds()
+    again = await h.lending.out_of_balance("s9", 0, 4, M, None, IN_A,
+                                           deadline_monotonic=time.monotonic() + 5)
+    assert again.result_code == 2001 and not again.replayed
+    assert (await h.check_invariants())["debts"] == {M: 550}

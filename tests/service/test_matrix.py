@@ -31,7 +31,9 @@ async def test_service_agrees_with_core(h, segment, tier, first_tier):
             loans = (
                 OpenLoan(first.loan_id, first_tier, first.amount_minor, first.fee_minor, 0, 0, NOW),
             )
-    state = SubscriberState(M, SubscriberProfile(M, tenure, arpu, attrs), loans)
+    # Every loan counts toward the bad-debt bar until a full payback.
+    state = SubscriberState(M, SubscriberProfile(M, tenure, arpu, attrs), loans,
+                            loans_since_full_payback=len(loans))
     expected = decide(BorrowRequest(M, tier, "ussd"), state, POLICY, NOW)
     out = await h.lending.borrow(M, tier, "sms", "second")
     if isinstance(expected, Granted):

@@ -1,0 +1,269 @@
+"""Operator commands that work on the ledger file directly (no running node needed):
+`extrabalance import-profiles`, `extrabalance subscriber show|bar|unbar`, and
+`python -m extrabalance.admin_cli backup` (SQLite online backup).
+
+They may run beside a live node: SQLite (WAL) lets them read while the node writes,
+and their few writes wait behind the node's writer (busy timeout), never around it.
+A bar or unbar from here is audited like one from the API but sends no SMS and writes
+no EDR line (the node owns the SMPP binds and the EDR files); use the admin API when
+the subscriber should be told.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sqlite3
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from extrabalance.config import Settings, load_settings
+
+MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
+BAD_ROWS_PRINTED_MAX = 100  # bad rows listed on the terminal; the rest are counted
+JOURNAL_LINES_PRINTED_MAX = 20
+AUDIT_LINES_PRINTED_MAX = 10
+BACKUP_PAGES_PER_STEP = 1024  # pages copied per step; the node writes between steps
+EXIT_OK, EXIT_BAD_ROWS, EXIT_USAGE = 0, 1, 2
+
+
+def _ledger_path(settings: Settings) -> Path:
+    return Path(settings.storage.path)
+
+
+# -- import-profiles -----------------------------------------------------------------
+
+
+def import_profiles_command(config_path: str | None, csv_path: str, progress: bool = True,
+                            *, out: TextIO | None = None) -> int:
+    """Import a profile CSV into the configured ledger; 0 if every row was good, else 1."""
+    from extrabalance.ledger.profiles import ProfileFileError, import_profiles
+
+    out = out or sys.stdout
+    settings = load_settings(config_path)
+    db_path = _ledger_path(settings)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        report = import_profiles(db_path, csv_path, progress=progress)
+    except (ProfileFileError, OSError) as exc:
+        print(f"import-profiles: {exc}", file=out)
+        return EXIT_BAD_ROWS
+    print(f"{csv_path}: rows ok {report.rows_ok:,} (of which updated {report.rows_updated:,}), "
+          f"bad rows {report.bad_rows_total:,}", file=out)
+    for line_no, reason in report.bad_rows[:BAD_ROWS_PRINTED_MAX]:
+        print(f"  line {line_no}: {reason}", file=out)
+    hidden = report.bad_rows_total - min(len(report.bad_rows), BAD_ROWS_PRINTED_MAX)
+    if hidden > 0:
+        print(f"  ... and {hidden:,} more bad rows", file=out)
+    return EXIT_OK if report.bad_rows_total == 0 else EXIT_BAD_ROWS
+
+
+# -- subscriber show | bar | unbar -------------------------------------------------------
+
+
+def _open_existing(db_path: Path) -> sqlite3.Connection:
+    from extrabalance.ledger.db import connect
+
+    if not db_path.exists():
+        raise FileNotFoundError(f"no ledger at {db_path} (storage.path in the config)")
+    return connect(db_path)
+
+
+def _money(minor: int | None, settings: Settings) -> str:
+    from extrabalance.service.templates import format_minor
+
+    return f"{format_minor(int(minor or 0), settings.node.currency_exponent)} {settings.node.currency}"
+
+
+def subscriber_view_with_route(conn: sqlite3.Connection, settings: Settings,
+                               msisdn: str) -> dict[str, Any]:
+    from extrabalance.core.model import SubscriberProfile
+    from extrabalance.core.segments import match_segment
+    from extrabalance.ledger.views import subscriber_view
+    from extrabalance.service.routing import Router, RouteRule
+
+    view = subscriber_view(conn, msisdn)
+    router = Router([RouteRule(n.origin_host, prefix=r.prefix, start=r.start, end=r.end)
+                     for n in settings.in_nodes for r in n.ranges])
+    learned = view["route"]["learned_in_node"]
+    static = router.static_route(msisdn)
+    view["route"] = {"learned_in_node": learned, "static_in_node": static,
+                     "in_node": learned or static}
+    sub = view["subscriber"]
+    segment = None
+    if sub and sub.get("tenure_days") is not None:
+        profile = SubscriberProfile(msisdn, sub["tenure_days"], sub.get("arpu_minor") or 0,
+                                    sub.get("attributes") or {})
+        seg = match_segment(profile, settings.policy().segments)
+        segment = seg.name if seg else None
+    view["segment"] = segment
+    return view
+
+
+def _print_view(view: dict[str, Any], settings: Settings, out: TextIO) -> None:
+    sub = view["subscriber"] or {}
+
+    def m(minor: int | None) -> str:
+        return _money(minor, settings)
+
+    print(f"subscriber {view['msisdn']}" + ("" if view["known"] else " (not in the ledger)"),
+          file=out)
+    barred = "yes, " + (sub.get("barred_reason") or "") if sub.get("barred_manual") else "no"
+    rows = [
+        ("profile", f"tenure {sub.get('tenure_days')} days, ARPU {m(sub.get('arpu_minor'))}"
+         if sub.get("tenure_days") is not None else "none imported"),
+        ("segment", view.get("segment") or "-"),
+        ("debt", m(view["debt_minor"])),
+        ("operation pending", "yes" if view["operation_pending"] else "no"),
+        ("barred (manual)", barred),
+        ("loans since full payback", str(sub.get("loans_since_full_payback", 0))),
+        ("auto-advance opt-in", "yes" if sub.get("auto_advance_opt_in") else "no"),
+        ("ads opt-out", "yes" if sub.get("ads_opt_out") else "no"),
+        ("route", (f"{view['route']['in_node'] or '-'} (learned: "
+                  f"{view['route']['learned_in_node'] or '-'}, static: "
+                  f"{view['route']['static_in_node'] or '-'})")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}", file=out)
+    print(f"loans ({len(view['loans'])}):", file=out)
+    for loan in view["loans"]:
+        owed = (loan["principal_minor"] - loan["principal_repaid_minor"]
+                + loan["fee_minor"] - loan["fee_repaid_minor"])
+        print(f"  {loan['created_at'][:19]}  {loan['state']:<16} tier {loan['tier_id']:>2}  "
+              f"{m(loan['principal_minor'])} + fee {m(loan['fee_minor'])}, owed {m(owed)}  "
+              f"[{loan['channel']}] {loan['loan_id']}", file=out)
+    print(f"recoveries ({len(view['recoveries'])}):", file=out)
+    for rec in view["recoveries"]:
+        print(f"  {rec['created_at'][:19]}  {rec['state']:<10} recharge "
+              f"{m(rec['recharge_minor'])}, recovered {m(rec['recovered_minor'])}  "
+              f"event {rec['event_id']}", file=out)
+    journal = view["journal"]
+    print(f"journal (latest {min(len(journal), JOURNAL_LINES_PRINTED_MAX)} of {len(journal)} "
+          "lines):", file=out)
+    for line in journal[:JOURNAL_LINES_PRINTED_MAX]:
+        print(f"  {line['created_at'][:19]}  {line['memo']:<14} {line['account']:<22} "
+              f"{line['amount_minor']:>10}", file=out)
+    print("audit:", file=out)
+    for a in view["audit"][:AUDIT_LINES_PRINTED_MAX]:
+        print(f"  {a['created_at'][:19]}  {a['action']:<8} by {a['who']}: {a['why']}", file=out)
+
+
+def subscriber_command(config_path: str | None, action: str, msisdn: str, reason: str = "",
+                       who: str = "cli", json_output: bool = False, *,
+                       out: TextIO | None = None) -> int:
+    """`extrabalance subscriber show|bar|unbar MSISDN`: 0 done, 1 not found, 2 usage."""
+    from extrabalance.ledger import store
+
+    out = out or sys.stdout
+    if not MSISDN_RE.match(msisdn):
+        print(f"subscriber: {msisdn!r} is not an MSISDN (1 to 15 digits)", file=sys.stderr)
+        return EXIT_USAGE
+    if action not in ("show", "bar", "unbar"):
+        print(f"subscriber: unknown action {action!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if action in ("bar", "unbar") and (not reason.strip() or not who.strip()):
+        print(f"subscriber {action}: --reason and --who are required (audit trail)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    settings = load_settings(config_path)
+    try:
+        conn = _open_existing(_ledger_path(settings))
+    except FileNotFoundError as exc:
+        print(f"subscriber: {exc}", file=sys.stderr)
+        return EXIT_BAD_ROWS
+    try:
+        if action in ("bar", "unbar"):
+            now = datetime.now(UTC)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                store.set_bar(conn, msisdn, action == "bar", reason.strip(), who.strip(), now)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        view = subscriber_view_with_route(conn, settings, msisdn)
+    finally:
+        conn.close()
+    if action == "show" and not view["known"] and not view["loans"]:
+        if json_output:
+            print(json.dumps(view, indent=2, sort_keys=True, default=str), file=out)
+        else:
+            print(f"subscriber {msisdn}: not in the ledger", file=out)
+        return EXIT_BAD_ROWS
+    if json_output:
+        print(json.dumps(view, indent=2, sort_keys=True, default=str), file=out)
+    else:
+        if action != "show":
+            print(f"{msisdn}: {'barred' if action == 'bar' else 'unbarred'} by {who.strip()} "
+                  f"({reason.strip()})", file=out)
+        _print_view(view, settings, out)
+    return EXIT_OK
+
+
+# -- backup ----------------------------------------------------------------------------
+
+
+def backup_command(config_path: str | None, dest: str, *, out: TextIO | None = None) -> int:
+    """Copy the live ledger to `dest` with SQLite's online backup API, then check it.
+
+    Safe while the node runs: the copy is a consistent snapshot of committed data.
+    Written to `dest.partial` and renamed only after `PRAGMA integrity_check` passes.
+    """
+    out = out or sys.stdout
+    settings = load_settings(config_path)
+    src_path = _ledger_path(settings)
+    target = Path(dest)
+    if target.is_dir():
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = target / f"extrabalance-{stamp}.db"
+    if target.exists():
+        print(f"backup: {target} exists; not overwriting", file=sys.stderr)
+        return EXIT_USAGE
+    partial = target.with_name(target.name + ".partial")
+    try:
+        src = _open_existing(src_path)
+    except FileNotFoundError as exc:
+        print(f"backup: {exc}", file=sys.stderr)
+        return EXIT_BAD_ROWS
+    try:
+        dst = sqlite3.connect(partial)
+        try:
+            src.backup(dst, pages=BACKUP_PAGES_PER_STEP)
+            check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+            version = dst.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    if check != "ok":
+        print(f"backup: integrity check of the copy failed: {check}", file=sys.stderr)
+        return EXIT_BAD_ROWS
+    partial.rename(target)
+    print(f"backup of {src_path} written to {target} (schema version {version}, "
+          f"integrity ok)", file=out)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m extrabalance.admin_cli backup DEST [--config FILE]`."""
+    from extrabalance.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m extrabalance.admin_cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("backup", help="online backup of the ledger to a file or directory")
+    p.add_argument("dest")
+    p.add_argument("--config", default=None)
+    args = parser.parse_args(argv)
+    try:
+        return backup_command(args.config, args.dest)
+    except ConfigError as exc:
+        print(f"extrabalance: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,442 @@
+"""`extrabalance report --date YYYY-MM-DD`: the daily business report.
+
+Built from the EDR files (`edr-YYYYMMDD.csv`, schema `observability.EDR_FIELDS`), and,
+when the ledger file is at hand, from the ledger for what EDRs cannot say (time to
+payback, ageing of what is still owed, segment). Output: `report.md` plus PNG plots
+(matplotlib, Agg backend: no display needed) in the output directory, and the same
+figures as `figures.json` for machines.
+
+Figures and where they come from:
+- loans by tier, channel and segment, principal and fees: EDR `loan` and `advance`
+  lines of the day; segment from the ledger's profile matched against the config's
+  segment rules *as they are now* (EDRs do not carry the segment yet);
+- paybacks and amount recovered: EDR `payback` lines;
+- cohort recovery rate and time to payback: the ledger, for the loans of the day;
+- ageing: the ledger's open loans now, by age;
+- refusals by reason, ads sent and suppressed: EDR lines; an ad "led to a loan" when
+  the same subscriber borrowed within 24 h after it (the next day's file is read too).
+
+Money stays integer minor units until it is formatted for the page.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import statistics
+from bisect import bisect_right
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from extrabalance.observability import EDR_FIELDS
+
+AD_CONVERSION_WINDOW = timedelta(hours=24)
+AGEING_BUCKETS_DAYS = ((0, 7), (8, 30), (31, 90), (91, 180), (181, None))
+EDR_ROWS_MAX = 50_000_000  # a day beyond this is not a report, it is an incident
+LOAN_KINDS = ("loan", "advance")
+
+
+class ReportError(Exception):
+    """The report cannot be built (no EDR file, bad date)."""
+
+
+@dataclass
+class LoanFigures:
+    count: int = 0
+    principal_minor: int = 0
+    fee_minor: int = 0
+
+    def add(self, principal: int, fee: int) -> None:
+        self.count += 1
+        self.principal_minor += principal
+        self.fee_minor += fee
+
+
+@dataclass
+class ReportFigures:
+    day: str
+    edr_files: list[str]
+    edr_lines: int
+    currency: str
+    currency_exponent: int
+    loans: LoanFigures = field(default_factory=LoanFigures)
+    loans_by_tier: dict[str, LoanFigures] = field(default_factory=dict)
+    loans_by_channel: dict[str, LoanFigures] = field(default_factory=dict)
+    loans_by_segment: dict[str, LoanFigures] = field(default_factory=dict)
+    loans_by_hour: dict[str, dict[int, int]] = field(default_factory=dict)  # channel → hour
+    paybacks: int = 0
+    paybacks_full: int | None = None  # None: the EDRs do not say (debt_after_minor empty)
+    recovered_minor: int = 0
+    recovered_to_lent_ratio: float | None = None
+    refusals_by_reason: dict[str, int] = field(default_factory=dict)
+    ads_sent: int = 0
+    ads_suppressed: int = 0
+    ads_suppressed_by_reason: dict[str, int] = field(default_factory=dict)
+    ads_followed_by_loan_24h: int = 0
+    bars: int = 0
+    unbars: int = 0
+    write_offs: int = 0
+    written_off_minor: int = 0
+    adjustments: int = 0
+    adjusted_minor: int = 0
+    # From the ledger (None when the report ran without it):
+    cohort_due_minor: int | None = None
+    cohort_repaid_minor: int | None = None
+    cohort_recovery_rate: float | None = None
+    cohort_repaid_loans: int | None = None
+    payback_seconds: list[float] | None = None
+    payback_median_s: float | None = None
+    payback_p90_s: float | None = None
+    ageing: list[dict[str, Any]] | None = None
+    ageing_as_of: str | None = None
+    plots: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _int(value: str) -> int:
+    return int(value) if value not in ("", None) else 0
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def read_edrs(path: Path) -> list[dict[str, str]]:
+    """Rows of one EDR file as dicts; the header must be the known schema."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        if tuple(reader.fieldnames or ()) != EDR_FIELDS:
+            raise ReportError(f"{path}: header is not the EDR schema {','.join(EDR_FIELDS)}")
+        rows = []
+        for row in reader:
+            rows.append(row)
+            if len(rows) > EDR_ROWS_MAX:
+                raise ReportError(f"{path}: more than {EDR_ROWS_MAX} lines")
+        return rows
+
+
+def edr_path(edr_dir: Path, day: date) -> Path:
+    return edr_dir / f"edr-{day.strftime('%Y%m%d')}.csv"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _segments_by_msisdn(conn: sqlite3.Connection, msisdns: set[str],
+                        settings: Any) -> dict[str, str]:
+    from extrabalance.core.model import SubscriberProfile
+    from extrabalance.core.segments import match_segment
+
+    segments = settings.policy().segments
+    out: dict[str, str] = {}
+    for m in msisdns:
+        row = conn.execute("SELECT tenure_days, arpu_minor, attributes FROM subscribers"
+                           " WHERE msisdn = ?", (m,)).fetchone()
+        if row is None or row[0] is None:
+            out[m] = "(no profile)"
+            continue
+        profile = SubscriberProfile(m, row[0], row[1] or 0, json.loads(row[2]) if row[2] else {})
+        seg = match_segment(profile, segments)
+        out[m] = seg.name if seg else "(no segment)"
+    return out
+
+
+def build_figures(day: date, edr_dir: Path, *, ledger_path: Path | None = None,
+                  settings: Any = None, now: datetime | None = None) -> ReportFigures:
+    """Every figure of the report for one UTC day (pure reading, no output)."""
+    path = edr_path(edr_dir, day)
+    if not path.exists():
+        raise ReportError(f"no EDR file for {day.isoformat()}: {path}")
+    rows = read_edrs(path)
+    files = [str(path)]
+    next_path = edr_path(edr_dir, day + timedelta(days=1))
+    next_rows = read_edrs(next_path) if next_path.exists() else []
+    if next_rows:
+        files.append(str(next_path))
+    currency = settings.node.currency if settings else "EGP"
+    exponent = settings.node.currency_exponent if settings else 2
+    f = ReportFigures(day.isoformat(), files, len(rows), currency, exponent)
+
+    loan_times: dict[str, list[datetime]] = defaultdict(list)
+    loan_msisdns: list[tuple[str, int, int]] = []
+    refusals: Counter[str] = Counter()
+    suppressed: Counter[str] = Counter()
+    ads: list[tuple[str, datetime]] = []
+    full_known = True
+    full = 0
+    by_hour: dict[str, Counter[int]] = defaultdict(Counter)
+    for row in rows + next_rows:
+        kind, when = row["kind"], _time(row["time"])
+        if kind in LOAN_KINDS:
+            loan_times[row["msisdn"]].append(when)
+        if when.date() != day:
+            continue  # the next day's file only serves the 24 h ad window
+        if kind in LOAN_KINDS:
+            principal, fee = _int(row["amount_minor"]), _int(row["fee_minor"])
+            channel = row["channel"] or ("auto" if kind == "advance" else "?")
+            f.loans.add(principal, fee)
+            f.loans_by_tier.setdefault(row["tier_id"] or "?", LoanFigures()).add(principal, fee)
+            f.loans_by_channel.setdefault(channel, LoanFigures()).add(principal, fee)
+            loan_msisdns.append((row["msisdn"], principal, fee))
+            by_hour[channel][when.hour] += 1
+        elif kind == "payback":
+            f.paybacks += 1
+            f.recovered_minor += _int(row["recovered_minor"])
+            if row["debt_after_minor"] == "":
+                full_known = False
+            elif _int(row["debt_after_minor"]) == 0:
+                full += 1
+        elif kind == "refusal":
+            refusals[row["reason"] or "?"] += 1
+        elif kind == "ad_sent":
+            f.ads_sent += 1
+            ads.append((row["msisdn"], when))
+        elif kind == "ad_suppressed":
+            f.ads_suppressed += 1
+            suppressed[row["reason"] or row["detail"] or "(not given)"] += 1
+        elif kind == "bar":
+            f.bars += 1
+        elif kind == "unbar":
+            f.unbars += 1
+        elif kind == "write_off":
+            f.write_offs += 1
+            f.written_off_minor += _int(row["amount_minor"])
+        elif kind == "adjustment":
+            f.adjustments += 1
+            f.adjusted_minor += _int(row["amount_minor"])
+    f.paybacks_full = full if full_known else None
+    f.refusals_by_reason = dict(sorted(refusals.items()))
+    f.ads_suppressed_by_reason = dict(sorted(suppressed.items()))
+    f.loans_by_tier = dict(sorted(f.loans_by_tier.items(), key=lambda kv: (len(kv[0]), kv[0])))
+    f.loans_by_hour = {ch: dict(sorted(c.items())) for ch, c in sorted(by_hour.items())}
+    lent = f.loans.principal_minor + f.loans.fee_minor
+    f.recovered_to_lent_ratio = round(f.recovered_minor / lent, 4) if lent else None
+    for msisdn, sent_at in ads:
+        times = sorted(loan_times.get(msisdn, []))
+        i = bisect_right(times, sent_at)
+        if i < len(times) and times[i] - sent_at <= AD_CONVERSION_WINDOW:
+            f.ads_followed_by_loan_24h += 1
+
+    if ledger_path is not None and ledger_path.exists():
+        _ledger_figures(f, day, ledger_path, settings, loan_msisdns, now or datetime.now(UTC))
+    return f
+
+
+def _ledger_figures(f: ReportFigures, day: date, ledger_path: Path, settings: Any,
+                    loan_msisdns: list[tuple[str, int, int]], now: datetime) -> None:
+    conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
+    try:
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        end = start + timedelta(days=1)
+        rows = conn.execute(
+            "SELECT principal_minor, fee_minor, principal_repaid_minor, fee_repaid_minor,"
+            " state, created_at, updated_at FROM loans WHERE created_at >= ? AND created_at < ?"
+            " AND state IN ('ACTIVE', 'PARTIALLY_REPAID', 'REPAID', 'WRITTEN_OFF')",
+            (start.isoformat(), end.isoformat()),
+        ).fetchall()
+        f.cohort_due_minor = sum(r[0] + r[1] for r in rows)
+        f.cohort_repaid_minor = sum(r[2] + r[3] for r in rows if r[4] != "WRITTEN_OFF")
+        f.cohort_recovery_rate = (round(f.cohort_repaid_minor / f.cohort_due_minor, 4)
+                                  if f.cohort_due_minor else None)
+        seconds = [(_time(r[6]) - _time(r[5])).total_seconds() for r in rows if r[4] == "REPAID"]
+        f.cohort_repaid_loans = len(seconds)
+        f.payback_seconds = sorted(round(s, 3) for s in seconds)
+        if seconds:
+            f.payback_median_s = round(statistics.median(seconds), 3)
+            f.payback_p90_s = round(_percentile(seconds, 0.9), 3)
+        ageing = []
+        open_rows = conn.execute(
+            "SELECT created_at, principal_minor - principal_repaid_minor + fee_minor"
+            " - fee_repaid_minor FROM loans WHERE state IN ('ACTIVE', 'PARTIALLY_REPAID')"
+        ).fetchall()
+        for low, high in AGEING_BUCKETS_DAYS:
+            in_bucket = [owed for created, owed in open_rows
+                         if low <= (now - _time(created)).days
+                         and (high is None or (now - _time(created)).days <= high)]
+            ageing.append({"days": f"{low}-{high}" if high is not None else f"{low}+",
+                           "loans": len(in_bucket), "owed_minor": sum(in_bucket)})
+        f.ageing = ageing
+        f.ageing_as_of = now.isoformat(timespec="seconds")
+        if settings is not None:
+            segs = _segments_by_msisdn(conn, {m for m, _, _ in loan_msisdns}, settings)
+            by_segment: dict[str, LoanFigures] = {}
+            for m, principal, fee in loan_msisdns:
+                by_segment.setdefault(segs[m], LoanFigures()).add(principal, fee)
+            f.loans_by_segment = dict(sorted(by_segment.items()))
+    finally:
+        conn.close()
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def _plots(f: ReportFigures, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        made.append(name)
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    bottom = [0] * 24
+    for channel, hours in f.loans_by_hour.items():
+        values = [hours.get(h, 0) for h in range(24)]
+        ax.bar(range(24), values, bottom=bottom, label=channel)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set(title=f"Loans per hour (UTC), {f.day}", xlabel="hour", ylabel="loans")
+    if f.loans_by_hour:
+        ax.legend()
+    save(fig, "loans_by_hour.png")
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    reasons = list(f.refusals_by_reason)
+    ax.barh(reasons or ["(none)"], [f.refusals_by_reason[r] for r in reasons] or [0])
+    ax.set(title="Refusals by reason", xlabel="refusals")
+    save(fig, "refusals.png")
+
+    if f.ageing is not None:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        scale = 10 ** f.currency_exponent
+        ax.bar([b["days"] for b in f.ageing], [b["owed_minor"] / scale for b in f.ageing])
+        ax.set(title=f"Debt outstanding by loan age (as of {f.ageing_as_of})",
+               xlabel="days", ylabel=f.currency)
+        save(fig, "ageing.png")
+
+    if f.payback_seconds:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.hist([s / 3600 for s in f.payback_seconds], bins=min(24, len(f.payback_seconds)))
+        ax.set(title="Time to full payback, loans of the day", xlabel="hours", ylabel="loans")
+        save(fig, "time_to_payback.png")
+    return made
+
+
+def _money(minor: int, f: ReportFigures) -> str:
+    from extrabalance.service.templates import format_minor
+
+    return f"{format_minor(minor, f.currency_exponent)} {f.currency}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render_markdown(f: ReportFigures) -> str:
+    def m(minor: int) -> str:
+        return _money(minor, f)
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x * 100:.1f} %"
+
+    out = [f"# Extra Balance daily report, {f.day} (UTC)", "",
+           f"From {f.edr_lines} EDR lines ({', '.join(Path(p).name for p in f.edr_files)})"
+           + ("" if f.ageing is None else " and the ledger") + ".", "",
+           "## Loans", "",
+           (f"{f.loans.count} loans, {m(f.loans.principal_minor)} lent, "
+           f"{m(f.loans.fee_minor)} in fees."), ""]
+
+    def table(title: str, data: dict[str, LoanFigures]) -> None:
+        out.extend([f"| {title} | loans | principal | fees |", "|---|---:|---:|---:|"])
+        for key, lf in data.items():
+            out.append(f"| {key} | {lf.count} | {m(lf.principal_minor)} | {m(lf.fee_minor)} |")
+        out.append("")
+
+    table("tier", f.loans_by_tier)
+    table("channel", f.loans_by_channel)
+    if f.loans_by_segment:
+        out.append("Segment as the subscriber's profile matches the configured rules now "
+                   "(the EDRs do not record it):")
+        out.append("")
+        table("segment", f.loans_by_segment)
+    out += ["## Paybacks", "",
+            f"{f.paybacks} paybacks"
+            + (f" ({f.paybacks_full} full)" if f.paybacks_full is not None else "")
+            + f", {m(f.recovered_minor)} recovered; recovered / lent the same day: "
+              f"{pct(f.recovered_to_lent_ratio)}.", ""]
+    if f.cohort_due_minor is not None:
+        out += [(f"Loans of the day: {m(f.cohort_due_minor)} due (principal and fees), "
+                f"{m(f.cohort_repaid_minor or 0)} repaid so far: cohort recovery rate "
+                f"{pct(f.cohort_recovery_rate)}. {f.cohort_repaid_loans} fully repaid; "
+                f"time to full payback median {_duration(f.payback_median_s)}, "
+                f"90th percentile {_duration(f.payback_p90_s)}."), ""]
+    if f.ageing is not None:
+        out += [f"## Ageing (open loans as of {f.ageing_as_of})", "",
+                "| age (days) | loans | owed |", "|---|---:|---:|"]
+        out += [f"| {b['days']} | {b['loans']} | {m(b['owed_minor'])} |" for b in f.ageing]
+        out.append("")
+    out += ["## Refusals", "", "| reason | count |", "|---|---:|"]
+    out += [f"| {k} | {v} |" for k, v in f.refusals_by_reason.items()] or ["| (none) | 0 |"]
+    out += ["", "## Advertisements", "",
+            (f"{f.ads_sent} sent, {f.ads_suppressed} suppressed; "
+            f"{f.ads_followed_by_loan_24h} of the ads sent were followed by a loan from the "
+            f"same subscriber within 24 h."), ""]
+    if f.ads_suppressed_by_reason:
+        out += ["| suppressed because | count |", "|---|---:|"]
+        out += [f"| {k} | {v} |" for k, v in f.ads_suppressed_by_reason.items()]
+        out.append("")
+    out += ["## Account actions", "",
+            (f"{f.bars} bars, {f.unbars} unbars, {f.write_offs} write-offs "
+            f"({m(f.written_off_minor)}), {f.adjustments} manual adjustments "
+            f"({m(f.adjusted_minor)})."), ""]
+    if f.plots:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in f.plots] + [""]
+    return "\n".join(out)
+
+
+def write_report(f: ReportFigures, out_dir: Path, *, plots: bool = True) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plots:
+        f.plots = _plots(f, out_dir)
+    (out_dir / "figures.json").write_text(json.dumps(f.as_dict(), indent=2, sort_keys=True),
+                                          encoding="utf-8")
+    path = out_dir / "report.md"
+    path.write_text(render_markdown(f), encoding="utf-8")
+    return path
+
+
+def report_command(config_path: str | None, day_text: str, edr_dir: str | None = None,
+                   out_dir: str | None = None, *, use_ledger: bool = True) -> int:
+    """`extrabalance report`: 0 written, 1 no EDRs for that day, 2 bad date."""
+    import sys
+
+    from extrabalance.config import load_settings
+
+    try:
+        day = date.fromisoformat(day_text)
+    except ValueError:
+        print(f"report: --date must be YYYY-MM-DD, got {day_text!r}", file=sys.stderr)
+        return 2
+    settings = load_settings(config_path)
+    db_path = Path(settings.storage.path)
+    edrs = Path(edr_dir) if edr_dir else db_path.parent / "edr"
+    out = Path(out_dir) if out_dir else Path(f"report-{day.isoformat()}")
+    try:
+        figures = build_figures(day, edrs, ledger_path=db_path if use_ledger else None,
+                                settings=settings)
+    except ReportError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 1
+    path = write_report(figures, out)
+    print(f"report for {day.isoformat()} written to {path}")
+    return 0

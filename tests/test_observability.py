@@ -1,0 +1,41 @@
+import logging
+
+from extrabalance.observability import EdrWriter, EventRecorder, Metrics, RepeatLimiter, mask_msisdn
+
+
+def record(msg: str, level: int = logging.WARNING) -> logging.LogRecord:
+    return logging.LogRecord("extrabalance.diameter.node", level, __file__, 1, msg, (), None)
+
+
+def test_repeat_limiter_bounds_lines_per_kind_and_counts_the_rest():
+    now = [100.0]
+    limiter = RepeatLimiter(per_s=3, clock=lambda: now[0])
+    passed = [limiter.filter(record("rejected %s")) for _ in range(10)]
+    assert passed.count(True) == 3
+    assert limiter.filter(record("other kind"))  # another kind has its own budget
+    assert limiter.filter(record("boom", logging.ERROR))  # errors always pass
+    now[0] = 101.0
+    first = record("rejected %s")
+    assert limiter.filter(first)
+    assert "and 7 more like it" in first.msg
+
+
+def test_mask_msisdn():
+    assert mask_msisdn("201001234567") == "2010*****567"
+    assert mask_msisdn("12345") == "*****"
+
+
+def test_event_recorder_maps_service_field_names_onto_the_edr(tmp_path):
+    edr = EdrWriter(tmp_path, "n1", clock=lambda: 0.0)
+    rec = EventRecorder(Metrics(), edr)
+    rec.emit("payback", msisdn="201001234567", recovered_minor=550, debt_minor=0)
+    rec.emit("ad_suppressed", msisdn="201001234567", why="cap_day")
+    rec.emit("pending", msisdn="201001234567", loan_id="L1")
+    edr.flush()
+    lines = (tmp_path / "edr-19700101.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    assert rows[0]["kind"] == "payback" and rows[0]["debt_after_minor"] == "0"
+    assert rows[1]["reason"] == "cap_day"
+    assert rows[2]["kind"] == "loan_pending"
+    assert rec.metrics.paybacks.labels("full")._value.get() == 1
