@@ -168,7 +168,7 @@ class Node:
             host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
             topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
             username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
-            ca_file=s.mqtt.ca_file,
+            ca_file=s.mqtt.ca_file, inflight_max=s.mqtt.inflight_max,
         )
         self.recharges = RechargeListener(
             mqtt_settings,
