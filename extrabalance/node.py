@@ -137,6 +137,7 @@ class Node:
         notifier = _LateNotifier()
         self.lending = LendingService(self.ledger, self.in_port, notifier, self.events,
                                       self.policy, self.router, utc_now, **common)
+        self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
         self.payback = PaybackService(self.ledger, self.in_port, notifier, self.events,
                                       self.policy, self.router, utc_now, **common)
         self.resolver = Resolver(self.ledger, self.in_port, notifier, self.events, self.policy,
