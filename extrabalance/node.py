@@ -47,7 +47,7 @@ from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.resolver import Resolver
-from extrabalance.service.routing import Router, RouteRule
+from extrabalance.service.routing import RouteProber, Router, RouteRule
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
 from extrabalance.smpp.client import BindConfig, Esme
