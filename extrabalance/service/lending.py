@@ -49,7 +49,7 @@ from extrabalance.service.ports import (
     Notice,
     Notifier,
 )
-from extrabalance.service.routing import Router
+from extrabalance.service.routing import RouteProber, Router
 
 log = structlog.get_logger(__name__)
 
@@ -186,6 +186,7 @@ class LendingService:
         self.clock = clock
         self.locks = locks or SubscriberLocks()
         self.ad_policy = ad_policy
+        self.prober: RouteProber | None = None  # dynamic routing for unknown subscribers
         self.default_language = default_language
         self.ads = ads
 
@@ -211,6 +212,9 @@ class LendingService:
             now = self.clock()
             session_id = self.in_port.new_session_id()
             static_node = self.router.route(msisdn)
+            if static_node is None and self.prober is not None:
+                static_node = await self._probe_route(msisdn, now)
+            languages: list[str] = []  # the subscriber's, once read (spares a refusal a read)
 
             def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
                 prior = store.idempotent_get(conn, key)
@@ -226,6 +230,7 @@ class LendingService:
                         outcome_of_loan(loan, store.debt_from_journal(conn, msisdn)), replayed=True
                     )
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                languages.append(loaded.state.language)
                 in_node = loaded.learned_in_node or static_node
                 if in_node is None:
                     refused = BorrowOutcome(
@@ -259,6 +264,7 @@ class LendingService:
                     in_node=in_node,
                     session_id=session_id,
                     now=now,
+                    subscriber_known=loaded.known,
                 )
                 return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language)
 
@@ -273,9 +279,8 @@ class LendingService:
                         tier_id=tier_id,
                     )
                     if channel != "auto":
-                        await safe_notify(
-                            self.notifier, loan_notice(step, msisdn, await self._language(msisdn))
-                        )
+                        language = languages[0] if languages else await self._language(msisdn)
+                        await safe_notify(self.notifier, loan_notice(step, msisdn, language))
                 return step
 
             return await self._credit(msisdn, channel, step, session_id)
@@ -382,6 +387,19 @@ class LendingService:
             )
         )
 
+    async def _probe_route(self, msisdn: str, now: datetime) -> str | None:
+        """No static or cached route: a learned one from the ledger, else ask the IN
+        nodes (CHECK_BALANCE, moves no money) and remember the one that knows him."""
+        learned = await self.ledger.learned_route(msisdn)
+        if learned is not None:
+            return learned
+        assert self.prober is not None
+        found = await self.prober.probe(msisdn)
+        if found is not None:
+            await self.ledger.write(lambda c: store.learn_route(c, msisdn, found, now))
+            self.router.learn(msisdn, found)
+        return found
+
     # -- out of balance ----------------------------------------------------------
 
     async def out_of_balance(
@@ -408,6 +426,7 @@ class LendingService:
         async with self.locks.hold(msisdn):
             now = self.clock()
             static_node = self.router.static_route(msisdn)
+            granted: list[store.LoanRow] = []  # the advance as written (spares a read after)
 
             def answer(conn: sqlite3.Connection) -> tuple[AdvanceOutcome, SubscriberState | None]:
                 prior = store.idempotent_get(conn, key)
@@ -449,7 +468,11 @@ class LendingService:
                         session_id=session_id,
                         now=now,
                         request_number=request_number,
+                        subscriber_known=True,  # load_subscriber or learn_route wrote it
                     )
+                    loan = store.get_loan(conn, loan_id)
+                    if loan is not None:
+                        granted.append(loan)
                     return done(
                         AdvanceOutcome(DIAMETER_SUCCESS, decision.amount_minor, None, loan_id),
                         loaded.state,
@@ -471,7 +494,9 @@ class LendingService:
                 self.router.learn(msisdn, origin_host)
             if state is None:
                 return outcome
-            await self._after_advance(msisdn, outcome, state, requested_minor, now)
+            await self._after_advance(
+                msisdn, outcome, state, requested_minor, now, granted[0] if granted else None
+            )
             return outcome
 
     async def _after_advance(
@@ -481,9 +506,12 @@ class LendingService:
         state: SubscriberState,
         requested_minor: int | None,
         now: datetime,
+        granted: store.LoanRow | None = None,
     ) -> None:
         if outcome.result_code == DIAMETER_SUCCESS and outcome.granted_minor is not None:
-            loan = await self.ledger.read(lambda conn: store.get_loan(conn, outcome.loan_id or ""))
+            loan = granted or await self.ledger.read(
+                lambda conn: store.get_loan(conn, outcome.loan_id or "")
+            )
             assert loan is not None
             debt_minor = state.debt_minor + loan.principal_minor + loan.fee_minor
             self.events.emit(
