@@ -353,10 +353,12 @@ class Esme:
         last_status: int | None = None
         last_reason = ""
         for attempt in range(1, self.submit_attempts_max + 1):
-            try:
-                worker = await self._pick()
-            except NotBoundError as exc:
-                raise NotBoundError(str(exc), last_status, attempt - 1) from None
+            worker = self._least_loaded()  # no coroutine when a bind is up
+            if worker is None:
+                try:
+                    worker = await self._pick()
+                except NotBoundError as exc:
+                    raise NotBoundError(str(exc), last_status, attempt - 1) from None
             delay_s = worker.bucket.reserve_s()
             if delay_s > 0:  # over the bind's rate cap: wait for this submit's token
                 await asyncio.sleep(delay_s)
