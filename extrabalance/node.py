@@ -220,8 +220,8 @@ class Node:
     async def _on_diameter_request(self, msg: Any, peer_origin_host: str) -> Any:
         return await self.gy(msg, peer_origin_host)
 
-    async def _on_deliver(self, pdu: Any, system_id: str) -> int:
-        return await self.channel.on_deliver(pdu, system_id)
+    def _on_deliver(self, pdu: Any, system_id: str) -> int:
+        return self.channel.on_deliver(pdu, system_id)
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""

@@ -89,8 +89,9 @@ class SmppChannel:
 
     # -- inbound ---------------------------------------------------------------
 
-    async def on_deliver(self, pdu: Any, system_id: str) -> int:
-        """deliver_sm handler for the ESME: returns the deliver_sm_resp status."""
+    def on_deliver(self, pdu: Any, system_id: str) -> int:
+        """deliver_sm handler for the ESME: returns the deliver_sm_resp status at once
+        (a plain function: the ESME then answers without creating a task)."""
         if not isinstance(pdu, DeliverSm):
             return int(Status.ESME_RINVCMDID)
         if pdu.is_delivery_receipt:
