@@ -282,18 +282,17 @@ class SmscSimulator:
 
     # -- handset → node: USSD and MO SMS as deliver_sm -----------------------------------
 
-    def _dialog_tlvs(self, dialog_id: int, sequence_number: int) -> tuple[int, bytes]:
-        from extrabalance.smpp.pdu import ItsSessionInfo, Tag
+    def _dialog_id_kwargs(self, dialog_id: int, sequence_number: int) -> dict[str, Any]:
+        from extrabalance.smpp.pdu import ItsSessionInfo
 
         if self.dialog_id_mode is DialogIdMode.ITS_SESSION_INFO:
-            return ItsSessionInfo(dialog_id, sequence_number & 0x7F, False).as_tlv()
-        return (int(Tag.USER_MESSAGE_REFERENCE), dialog_id.to_bytes(2, "big"))
+            return {"session": ItsSessionInfo(dialog_id, sequence_number & 0x7F, False)}
+        return {"user_message_reference": dialog_id}
 
     async def _ussd_send(
         self, msisdn: str, dialog_id: int, text: str, op: int, timeout_s: float
     ) -> Screen:
-        from extrabalance.smpp.pdu import DeliverSm, Tag
-        from extrabalance.smpp.text import choose_coding
+        from extrabalance.smpp.ussd import ussd_deliver
 
         key = (msisdn, dialog_id)
         waiter = self._waiting.get(key)
@@ -305,19 +304,9 @@ class SmscSimulator:
         else:
             waiter.future = asyncio.get_running_loop().create_future()
             waiter.sequence_number += 1
-        coding, octets = choose_coding(text)
-        pdu = DeliverSm(
-            service_type=self.ussd_service_type,
-            source_addr_ton=1,
-            source_addr_npi=1,
-            source_addr=msisdn,
-            destination_addr=self.short_code,
-            data_coding=coding,
-            short_message=octets,
-            tlvs=(
-                (int(Tag.USSD_SERVICE_OP), bytes((op,))),
-                self._dialog_tlvs(dialog_id, waiter.sequence_number),
-            ),
+        pdu = ussd_deliver(
+            msisdn, self.short_code, text, op=op, service_type=self.ussd_service_type,
+            **self._dialog_id_kwargs(dialog_id, waiter.sequence_number),
         )
         self.stats["ussd_in"] += 1
         try:
@@ -369,22 +358,16 @@ class SmscSimulator:
 
     def _close_with_abort(self, msisdn: str, dialog_id: int) -> Any:
         """Forget the dialog now; the abort deliver_sm to send, or None if it was not open."""
-        from extrabalance.smpp.pdu import DeliverSm, Tag
+        from extrabalance.smpp.ussd import ussd_deliver
 
         waiter = self._waiting.get((msisdn, dialog_id))
         if waiter is None:
             return None
         self._end_dialog(msisdn, dialog_id)
-        return DeliverSm(
+        return ussd_deliver(
+            msisdn, self.short_code, "", op=self.ussd_abort_op,
             service_type=self.ussd_service_type,
-            source_addr_ton=1,
-            source_addr_npi=1,
-            source_addr=msisdn,
-            destination_addr=self.short_code,
-            tlvs=(
-                (int(Tag.USSD_SERVICE_OP), bytes((self.ussd_abort_op,))),
-                self._dialog_tlvs(dialog_id, waiter.sequence_number + 1),
-            ),
+            **self._dialog_id_kwargs(dialog_id, waiter.sequence_number + 1),
         )
 
     async def _deliver_quietly(self, pdu: Any) -> None:
