@@ -47,7 +47,7 @@ from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.resolver import Resolver
-from extrabalance.service.routing import Router, RouteRule
+from extrabalance.service.routing import RouteProber, Router, RouteRule
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
 from extrabalance.smpp.client import BindConfig, Esme
@@ -137,6 +137,7 @@ class Node:
         notifier = _LateNotifier()
         self.lending = LendingService(self.ledger, self.in_port, notifier, self.events,
                                       self.policy, self.router, utc_now, **common)
+        self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
         self.payback = PaybackService(self.ledger, self.in_port, notifier, self.events,
                                       self.policy, self.router, utc_now, **common)
         self.resolver = Resolver(self.ledger, self.in_port, notifier, self.events, self.policy,
@@ -168,7 +169,7 @@ class Node:
             host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
             topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
             username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
-            ca_file=s.mqtt.ca_file,
+            ca_file=s.mqtt.ca_file, inflight_max=s.mqtt.inflight_max,
         )
         self.recharges = RechargeListener(
             mqtt_settings,

@@ -59,7 +59,7 @@ from extrabalance.service.ports import (
     Notice,
     Notifier,
 )
-from extrabalance.service.routing import Router
+from extrabalance.service.routing import RouteProber, Router
 
 log = structlog.get_logger(__name__)
 
@@ -279,6 +279,7 @@ class LendingService:
         self.clock = clock
         self.locks = locks or SubscriberLocks()
         self.ad_policy = ad_policy
+        self.prober: RouteProber | None = None  # dynamic routing for unknown subscribers
         self.default_language = default_language
         self.ads = ads
         self.confirm_retry_delays_s = confirm_retry_delays_s
@@ -307,6 +308,8 @@ class LendingService:
             now = self.clock()
             session_id = self.in_port.new_session_id()
             static_node = self.router.route(msisdn)
+            if static_node is None and self.prober is not None:
+                static_node = await self._probe_route(msisdn, now)
             languages: list[str] = []  # the subscriber's, once read (spares a refusal a read)
 
             def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
@@ -479,6 +482,19 @@ class LendingService:
                 language=language,
             )
         )
+
+    async def _probe_route(self, msisdn: str, now: datetime) -> str | None:
+        """No static or cached route: a learned one from the ledger, else ask the IN
+        nodes (CHECK_BALANCE, moves no money) and remember the one that knows him."""
+        learned = await self.ledger.learned_route(msisdn)
+        if learned is not None:
+            return learned
+        assert self.prober is not None
+        found = await self.prober.probe(msisdn)
+        if found is not None:
+            await self.ledger.write(lambda c: store.learn_route(c, msisdn, found, now))
+            self.router.learn(msisdn, found)
+        return found
 
     # -- out of balance ----------------------------------------------------------
 
