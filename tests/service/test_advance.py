@@ -271,3 +271,27 @@ async def test_recharge_while_confirming_waits(h):
     later = await h.payback.handle_recharge(RechargeEvent("e2", M, 0, IN_A, 5000))
     assert later.recovered_minor == 550 and later.debt_minor == 0
     assert (await h.check_invariants())["debts"] == {M: 0}
+
+
+async def test_beyond_the_inflight_bound_the_resolver_confirms(h):
+    await opted_in(h)
+    h.lending.confirmations_max = 0  # every background slot taken
+    await ccr(h, delivered=False)
+    assert h.fake_in.calls == [] and await loan_states(h) == [("CONFIRMING",)]
+    await h.resolver.run_once()
+    assert await loan_states(h) == [("ACTIVE",)] and h.fake_in.credits == {"s1": 500}
+
+
+async def test_never_answered_confirmation_goes_to_review_and_stays_owed(h):
+    await opted_in(h)
+    h.lending.confirmations_max = 0
+    await ccr(h, delivered=True)  # the IN has the credit; the node cannot learn it
+    for _ in range(h.review_after_attempts):
+        h.fake_in.fail_next(TIMEOUT)
+        await h.resolver.run_once()
+    flagged = await h.ledger.read(lambda c: c.execute(
+        "SELECT state, needs_review FROM loans").fetchall())
+    assert flagged == [("CONFIRMING", 1)]
+    assert (await h.resolver.run_once()).loans_settled == 0  # left to the operator
+    assert (await h.check_invariants())["debts"] == {M: 550}
+    assert (await h.lending.status(M)).operation_pending
