@@ -598,8 +598,9 @@ class LendingService:
                     msisdn, outcome, state, requested_minor, now, granted[0] if granted else None
                 )
         if granted:
-            # After the lock is released: the confirmation takes it again, and the
-            # caller (the Gy server) sends the CCA before this task first runs.
+            # After the lock is released: the confirmation takes it again and reads
+            # the ledger first, so the CCA normally leaves before it; if the
+            # confirmation overtakes the CCA, the IN applies the grant only once anyway.
             self._confirm_in_background(msisdn, granted[0].loan_id)
         return outcome
 
