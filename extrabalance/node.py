@@ -362,6 +362,12 @@ class Node:
         await self.channel.drain(DRAIN_WAIT_S)
         with contextlib.suppress(Exception):
             await self.ads.drain(DRAIN_WAIT_S)
+        # Advance confirmations still running: let them finish (bounded); any left is
+        # redone by the resolver at the next start.
+        try:
+            await asyncio.wait_for(self.lending.drain_confirmations(), DRAIN_WAIT_S)
+        except (TimeoutError, Exception):
+            self.lending.abandon_confirmations()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
