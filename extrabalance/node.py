@@ -129,6 +129,7 @@ class Node:
                 for b in s.smpp.binds
             ],
             on_deliver=self._on_deliver,
+            use_message_payload=s.smpp.sms_long_mode == "message_payload",
         )
         locks = SubscriberLocks()
         common = {"locks": locks, "default_language": s.node.default_language}
