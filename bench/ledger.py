@@ -218,6 +218,35 @@ class NullEvents:
         return None
 
 
+async def bench_reads(db: Path, picks: list[int], concurrency: int) -> dict:
+    """The saga's read (a subscriber's state by MSISDN) both ways: on the reader
+    threads (`Ledger.read`) and on the event-loop thread (`Ledger.read_point`)."""
+    ledger = Ledger(db)
+    items = list(enumerate(picks))
+
+    async def pooled(n: int, i: int) -> None:
+        m = msisdn(i)
+        await ledger.read(lambda conn: store.load_subscriber(conn, m))
+
+    async def on_loop(n: int, i: int) -> None:
+        m = msisdn(i)
+        await ledger.read_point(lambda conn: store.load_subscriber(conn, m))
+
+    result = {
+        "reader_threads": rates(
+            len(items), *await run_concurrently(items, concurrency, pooled), "reads"
+        ),
+        "event_loop": rates(
+            len(items), *await run_concurrently(items, concurrency, on_loop), "reads"
+        ),
+    }
+    await ledger.close()
+    result["loop_vs_threads_ratio"] = round(
+        result["event_loop"]["reads_per_s"] / result["reader_threads"]["reads_per_s"], 1
+    )
+    return result
+
+
 async def bench_service(db: Path, picks: list[int], concurrency: int) -> tuple[dict, dict]:
     """Borrow saga for every pick, then a recharge (payback saga) for each."""
     ledger = Ledger(db)
@@ -318,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         group = asyncio.run(bench_group_commit(db, picks, args.concurrency, "g"))
         naive = bench_naive(db, naive_picks, "n")
         loans, paybacks = asyncio.run(bench_service(db, picks[: args.loans // 2], args.concurrency))
+        reads = asyncio.run(bench_reads(db, picks, args.concurrency))
         result["loans_group_commit"] = group
         result["loans_naive_commit_per_write"] = naive
         result["group_vs_naive_ratio"] = round(group["loans_per_s"] / naive["loans_per_s"], 1)
         result["loans_service_saga"] = loans
         result["paybacks_service_saga"] = paybacks
+        result["reads_subscriber_state"] = reads
         conn = connect(db)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
