@@ -172,12 +172,17 @@ async def bench_group_commit(db: Path, picks: list[int], concurrency: int, tag: 
 
     wall_s, cpu_s = await run_concurrently(list(enumerate(picks)), concurrency, one)
     batches, ops = ledger.writer.batches_committed, ledger.writer.ops_committed
+    commit_s = getattr(ledger.writer, "commit_seconds", None)
     await ledger.close()
-    return {
+    result = {
         **rates(len(picks), wall_s, cpu_s, "loans"),
         "commits": batches,
         "ops_per_commit": round(ops / max(batches, 1), 1),
     }
+    if commit_s is not None:  # time the ledger waited for COMMIT (WAL write + fsync)
+        result["commit_ms_mean"] = round(commit_s / max(batches, 1) * 1000, 2)
+        result["commit_share_of_wall"] = round(commit_s / wall_s, 2)
+    return result
 
 
 def bench_naive(db: Path, picks: list[int], tag: str) -> dict:

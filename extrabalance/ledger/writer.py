@@ -44,6 +44,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ class GroupCommitWriter:
         self.batches_committed = 0
         self.ops_committed = 0
         self.checkpoints = 0
+        self.commit_seconds = 0.0  # time in COMMIT (WAL write + fsync), for benchmarks
         self._wal_path = f"{self.path}-wal"
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit")
         self._checkpoint_wanted = threading.Event()
@@ -292,7 +294,9 @@ class GroupCommitWriter:
     # -- commit thread ---------------------------------------------------------------
 
     def _commit_and_check(self, conn: sqlite3.Connection) -> None:
+        started = time.perf_counter()
         conn.execute("COMMIT")  # SQLite releases the GIL while it writes and fsyncs
+        self.commit_seconds += time.perf_counter() - started
         try:
             wal_bytes = os.stat(self._wal_path).st_size
         except OSError:
