@@ -386,7 +386,8 @@ def ledger_state(db_path: Path, published: set[str]) -> dict[str, Any]:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
         unsettled = conn.execute(
-            "SELECT (SELECT COUNT(*) FROM loans WHERE state IN ('REQUESTED','CREDITING','UNKNOWN'))"
+            "SELECT (SELECT COUNT(*) FROM loans"
+            " WHERE state IN ('REQUESTED','CREDITING','UNKNOWN','CONFIRMING'))"
             " + (SELECT COUNT(*) FROM recoveries WHERE state IN ('RECOVERING','UNKNOWN'))"
         ).fetchone()[0]
         seen = {row[0][len("recharge:"):] for row in conn.execute(

@@ -129,6 +129,7 @@ class Node:
                 for b in s.smpp.binds
             ],
             on_deliver=self._on_deliver,
+            use_message_payload=s.smpp.sms_long_mode == "message_payload",
         )
         locks = SubscriberLocks()
         common = {"locks": locks, "default_language": s.node.default_language}
@@ -220,8 +221,8 @@ class Node:
     async def _on_diameter_request(self, msg: Any, peer_origin_host: str) -> Any:
         return await self.gy(msg, peer_origin_host)
 
-    async def _on_deliver(self, pdu: Any, system_id: str) -> int:
-        return await self.channel.on_deliver(pdu, system_id)
+    def _on_deliver(self, pdu: Any, system_id: str) -> int:
+        return self.channel.on_deliver(pdu, system_id)
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""
@@ -362,6 +363,12 @@ class Node:
         await self.channel.drain(DRAIN_WAIT_S)
         with contextlib.suppress(Exception):
             await self.ads.drain(DRAIN_WAIT_S)
+        # Advance confirmations still running: let them finish (bounded); any left is
+        # redone by the resolver at the next start.
+        try:
+            await asyncio.wait_for(self.lending.drain_confirmations(), DRAIN_WAIT_S)
+        except (TimeoutError, Exception):
+            self.lending.abandon_confirmations()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

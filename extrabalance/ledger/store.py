@@ -44,9 +44,21 @@ REPAID = "REPAID"
 FAILED = "FAILED"
 UNKNOWN = "UNKNOWN"
 WRITTEN_OFF = "WRITTEN_OFF"
+# An automatic advance answered 2001 + Granted-Service-Unit whose credit the IN has
+# not yet confirmed (see docs/diameter.md "Advance confirmation"). Journalled when
+# booked (the debt is visible at once); confirmed → ACTIVE, refused → FAILED with a
+# reversing journal entry.
+CONFIRMING = "CONFIRMING"
 LOAN_OPEN_STATES = (ACTIVE, PARTIALLY_REPAID)
-LOAN_UNSETTLED_STATES = (REQUESTED, CREDITING, UNKNOWN)
+LOAN_UNSETTLED_STATES = (REQUESTED, CREDITING, UNKNOWN, CONFIRMING)
+# Loans whose amounts are in the journal (receivables) and in the repaid-columns cache.
+LOAN_JOURNALLED_STATES = (*LOAN_OPEN_STATES, CONFIRMING)
 _LOAN_LIVE_STATES = LOAN_OPEN_STATES + LOAN_UNSETTLED_STATES
+
+
+def _marks(values: tuple[str, ...]) -> str:
+    """`?, ?, ...` for an IN list of fixed states (never built from input)."""
+    return ", ".join("?" * len(values))
 
 # Recovery states.
 RECOVERING = "RECOVERING"
@@ -102,7 +114,10 @@ class LoadedSubscriber:
     state: SubscriberState
     known: bool  # a subscribers row exists (profile imported or seen in traffic)
     learned_in_node: str | None
-    recovery_pending: bool = False  # a recovery is RECOVERING/UNKNOWN
+    # A new recovery must wait: a recovery is RECOVERING/UNKNOWN, or an advance is
+    # CONFIRMING (its debt is journalled, but not recoverable until the IN confirmed
+    # the credit: a refused confirmation reverses it).
+    recovery_pending: bool = False
 
 
 def ensure_subscriber(conn: sqlite3.Connection, msisdn: str, now: datetime) -> None:
@@ -127,7 +142,8 @@ def open_loans(conn: sqlite3.Connection, msisdn: str) -> tuple[OpenLoan, ...]:
 
 def has_unsettled(conn: sqlite3.Connection, msisdn: str) -> bool:
     loan = conn.execute(
-        "SELECT 1 FROM loans WHERE msisdn = ? AND state IN (?, ?, ?) LIMIT 1",
+        f"SELECT 1 FROM loans WHERE msisdn = ? AND state IN ({_marks(LOAN_UNSETTLED_STATES)})"
+        " LIMIT 1",
         (msisdn, *LOAN_UNSETTLED_STATES),
     ).fetchone()
     if loan:
@@ -156,23 +172,24 @@ def load_subscriber(
     ).fetchone()
     # Open and unsettled loans in one pass over the (msisdn, state) index.
     open_rows = []
-    loan_pending = False
+    loan_pending = advance_confirming = False
     for r in conn.execute(
         "SELECT loan_id, tier_id, principal_minor, fee_minor, principal_repaid_minor,"
         " fee_repaid_minor, created_at, state FROM loans"
-        " WHERE msisdn = ? AND state IN (?, ?, ?, ?, ?)",
+        f" WHERE msisdn = ? AND state IN ({_marks(_LOAN_LIVE_STATES)})",
         (msisdn, *_LOAN_LIVE_STATES),
     ):
         if r[7] in LOAN_OPEN_STATES:
             open_rows.append(r)
         else:
             loan_pending = True
+            advance_confirming = advance_confirming or r[7] == CONFIRMING
     open_rows.sort(key=lambda r: (r[6], r[0]))  # oldest first, as open_loans orders them
     loans = tuple(
         OpenLoan(r[0], r[1], r[2], r[3], r[4], r[5], datetime.fromisoformat(r[6]))
         for r in open_rows
     )
-    recovery_pending = (
+    recovery_pending = advance_confirming or (
         conn.execute(
             "SELECT 1 FROM recoveries WHERE msisdn = ? AND state IN (?, ?) LIMIT 1",
             (msisdn, *RECOVERY_UNSETTLED_STATES),
@@ -417,8 +434,9 @@ def insert_loan(
     loan_id: str | None = None,
     subscriber_known: bool = False,
 ) -> str:
-    """Insert a loan; an ACTIVE one is journalled at once. `subscriber_known`: the
-    caller has just read the subscribers row, so it need not be ensured again."""
+    """Insert a loan; an ACTIVE or CONFIRMING one is journalled at once.
+    `subscriber_known`: the caller has just read the subscribers row, so it need not
+    be ensured again."""
     loan_id = loan_id or new_id()
     if not subscriber_known:
         ensure_subscriber(conn, msisdn, now)
@@ -442,7 +460,7 @@ def insert_loan(
             ts(now),
         ),
     )
-    if state == ACTIVE:
+    if state in (ACTIVE, CONFIRMING):
         _disburse(conn, loan_id, msisdn, principal_minor, fee_minor, now)
     return loan_id
 
@@ -487,12 +505,15 @@ def settle_loan(
     *,
     result_code: int | None = None,
 ) -> LoanRow:
-    """Move an unsettled loan to ACTIVE, FAILED or UNKNOWN. Idempotent for the same state."""
+    """Move an unsettled loan to ACTIVE, FAILED or UNKNOWN. Idempotent for the same state.
+    A CONFIRMING advance is settled by `settle_advance` only (it is journalled already)."""
     loan = get_loan(conn, loan_id)
     if loan is None:
         raise KeyError(loan_id)
     if loan.state == new_state:
         return loan
+    if loan.state == CONFIRMING or new_state == CONFIRMING:
+        raise LedgerInvariantError(f"loan {loan_id}: advances settle through settle_advance")
     if loan.state not in LOAN_UNSETTLED_STATES:
         raise LedgerInvariantError(f"loan {loan_id} is {loan.state}, cannot become {new_state}")
     conn.execute(
@@ -503,6 +524,61 @@ def settle_loan(
     if new_state == ACTIVE:
         _disburse(conn, loan_id, loan.msisdn, loan.principal_minor, loan.fee_minor, now)
     # The row as just written (state is the only LoanRow column the update changed).
+    return replace(loan, state=new_state)
+
+
+def settle_advance(
+    conn: sqlite3.Connection,
+    loan_id: str,
+    confirmed: bool,
+    now: datetime,
+    *,
+    result_code: int | None = None,
+) -> LoanRow:
+    """Settle a CONFIRMING advance from the IN's answer to its confirmation.
+
+    Confirmed: ACTIVE; the journal entry written when it was booked stands. Refused:
+    the IN never credited it, so FAILED with a reversing journal entry (nothing owed)
+    and the bad-debt count taken back. Idempotent: an advance already in the target
+    state is returned unchanged.
+    """
+    loan = get_loan(conn, loan_id)
+    if loan is None:
+        raise KeyError(loan_id)
+    new_state = ACTIVE if confirmed else FAILED
+    if loan.state == new_state:
+        return loan
+    if loan.state != CONFIRMING:
+        raise LedgerInvariantError(f"loan {loan_id} is {loan.state}, not {CONFIRMING}")
+    conn.execute(
+        "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
+        " WHERE loan_id = ?",
+        (new_state, result_code, ts(now), loan_id),
+    )
+    if not confirmed:
+        # While CONFIRMING nothing can have been recovered or written off (recoveries
+        # wait, ageing and adjustments skip subscribers with an unsettled loan), so
+        # the whole booking is reversed.
+        post(
+            conn,
+            [
+                ("principal_receivable", -loan.principal_minor),
+                ("disbursed_float", loan.principal_minor),
+                ("fee_receivable", -loan.fee_minor),
+                ("fee_income", loan.fee_minor),
+            ],
+            msisdn=loan.msisdn,
+            memo="advance_reversed",
+            now=now,
+            loan_id=loan_id,
+        )
+        # No full payback can have reset the count meanwhile (recoveries wait).
+        conn.execute(
+            "UPDATE subscribers SET loans_since_full_payback = CASE"
+            " WHEN loans_since_full_payback > 0 THEN loans_since_full_payback - 1 ELSE 0 END,"
+            " updated_at = ? WHERE msisdn = ?",
+            (ts(now), loan.msisdn),
+        )
     return replace(loan, state=new_state)
 
 
@@ -535,8 +611,8 @@ def note_resolve_attempt(
 
 def unsettled_loans(conn: sqlite3.Connection, limit: int) -> list[LoanRow]:
     rows = conn.execute(
-        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE state IN (?, ?, ?) AND needs_review = 0"
-        " ORDER BY created_at LIMIT ?",
+        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE state IN ({_marks(LOAN_UNSETTLED_STATES)})"
+        " AND needs_review = 0 ORDER BY created_at LIMIT ?",
         (*LOAN_UNSETTLED_STATES, limit),
     ).fetchall()
     return [_loan(r) for r in rows]

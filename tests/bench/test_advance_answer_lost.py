@@ -1,16 +1,15 @@
-"""Known money bug (xfail until fixed): an automatic advance is booked whether or not
-the IN ever gets the answer.
+"""Money: an automatic advance must not be owed unless the IN credited it.
 
-`LendingService.out_of_balance` commits the advance as an ACTIVE loan (journal
-entry, bad-debt count) and then returns the CCA with Granted-Service-Unit. If that
-answer does not reach the IN before the IN's own timer fires (or the node dies
-between commit and send), the IN never adds the credit, yet the ledger says the
-subscriber owes principal + fee. The answer deadline added on main
-(`diameter.advance_answer_deadline_ms`, counted from when the Gy server gets the
-CCR) narrows it but does not close it: time the CCR waits in the node before that,
-and the answer's way back, are not counted. A `bench e2e --max` run after that fix
-(IN timer 2 s, deadline 1 s) still booked 11 advances the IN never applied. This test
-makes it deterministic with an IN whose timer is 1 ms.
+The bug this guards (found by `bench e2e --max`): the node booked an advance as an
+ACTIVE loan and then answered 2001 + Granted-Service-Unit; if the answer reached the
+IN after the IN's own timer (or never: node crash between commit and send), the IN
+never credited the subscriber, yet the ledger said he owed principal + fee. The
+answer deadline (`diameter.advance_answer_deadline_ms`) only narrowed it. Fixed by
+the advance confirmation (docs/diameter.md): the advance is booked CONFIRMING and
+confirmed with a REFUND_ACCOUNT under the advance's own Session-Id and
+CC-Request-Number, which the IN applies exactly once. This test makes the lost answer
+deterministic with an IN whose timer is 1 ms: every CCA arrives too late, and every
+advance must still be credited exactly once (by its confirmation) or not owed.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ pytestmark = pytest.mark.skipif(find_mosquitto() is None,
                                 reason="needs mosquitto (make wire-tools installs it)")
 
 
-@pytest.mark.xfail(strict=True, reason="advance booked whether or not the CCA reaches the IN")
 def test_advance_not_owed_when_the_in_never_got_the_answer(tmp_path: Path) -> None:
     from bench.e2e import E2eOptions, parse_mix, run_e2e
 
@@ -40,3 +38,6 @@ def test_advance_not_owed_when_the_in_never_got_the_answer(tmp_path: Path) -> No
     rec = result["reconciliation"]
     assert result["counts"]["advances"] > 0  # the node did grant advances
     assert rec["by_kind"].get("loan_without_in_credit", 0) == 0, rec["details"]
+    # Every CCA came too late for the IN, so every credit was its confirmation's, once.
+    assert rec["matches"], rec["details"]
+    assert rec["in_credits"] == rec["loans_granted"] == result["counts"]["advances"]
