@@ -172,12 +172,17 @@ async def bench_group_commit(db: Path, picks: list[int], concurrency: int, tag: 
 
     wall_s, cpu_s = await run_concurrently(list(enumerate(picks)), concurrency, one)
     batches, ops = ledger.writer.batches_committed, ledger.writer.ops_committed
+    commit_s = getattr(ledger.writer, "commit_seconds", None)
     await ledger.close()
-    return {
+    result = {
         **rates(len(picks), wall_s, cpu_s, "loans"),
         "commits": batches,
         "ops_per_commit": round(ops / max(batches, 1), 1),
     }
+    if commit_s is not None:  # time the ledger waited for COMMIT (WAL write + fsync)
+        result["commit_ms_mean"] = round(commit_s / max(batches, 1) * 1000, 2)
+        result["commit_share_of_wall"] = round(commit_s / wall_s, 2)
+    return result
 
 
 def bench_naive(db: Path, picks: list[int], tag: str) -> dict:
@@ -216,6 +221,35 @@ class NullNotifier:
 class NullEvents:
     def emit(self, kind: str, **fields: object) -> None:
         return None
+
+
+async def bench_reads(db: Path, picks: list[int], concurrency: int) -> dict:
+    """The saga's read (a subscriber's state by MSISDN) both ways: on the reader
+    threads (`Ledger.read`) and on the event-loop thread (`Ledger.read_point`)."""
+    ledger = Ledger(db)
+    items = list(enumerate(picks))
+
+    async def pooled(n: int, i: int) -> None:
+        m = msisdn(i)
+        await ledger.read(lambda conn: store.load_subscriber(conn, m))
+
+    async def on_loop(n: int, i: int) -> None:
+        m = msisdn(i)
+        await ledger.read_point(lambda conn: store.load_subscriber(conn, m))
+
+    result = {
+        "reader_threads": rates(
+            len(items), *await run_concurrently(items, concurrency, pooled), "reads"
+        ),
+        "event_loop": rates(
+            len(items), *await run_concurrently(items, concurrency, on_loop), "reads"
+        ),
+    }
+    await ledger.close()
+    result["loop_vs_threads_ratio"] = round(
+        result["event_loop"]["reads_per_s"] / result["reader_threads"]["reads_per_s"], 1
+    )
+    return result
 
 
 async def bench_service(db: Path, picks: list[int], concurrency: int) -> tuple[dict, dict]:
@@ -318,11 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         group = asyncio.run(bench_group_commit(db, picks, args.concurrency, "g"))
         naive = bench_naive(db, naive_picks, "n")
         loans, paybacks = asyncio.run(bench_service(db, picks[: args.loans // 2], args.concurrency))
+        reads = asyncio.run(bench_reads(db, picks, args.concurrency))
         result["loans_group_commit"] = group
         result["loans_naive_commit_per_write"] = naive
         result["group_vs_naive_ratio"] = round(group["loans_per_s"] / naive["loans_per_s"], 1)
         result["loans_service_saga"] = loans
         result["paybacks_service_saga"] = paybacks
+        result["reads_subscriber_state"] = reads
         conn = connect(db)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
