@@ -435,7 +435,7 @@ class Advertiser:
         """Trigger 3: a loan brought the debt to `debt_limit_share_bp` of the ceiling."""
         if debt_after_minor <= debt_before_minor:
             return
-        row = await self.ledger.read(lambda conn: ads_store.load_ad_subscriber(conn, msisdn))
+        row = await self.ledger.read_point(lambda conn: ads_store.load_ad_subscriber(conn, msisdn))
         segment = match_segment(row.profile if row else None, self.policy.segments)
         if segment is None or not self.ads.debt_limit_crossed(
             segment.ceiling_minor, debt_before_minor, debt_after_minor

@@ -428,7 +428,7 @@ class LendingService:
             self.events.emit("pending", msisdn=msisdn, loan_id=outcome.loan_id, channel=channel)
 
     async def _language(self, msisdn: str) -> str:
-        loaded = await self.ledger.read(
+        loaded = await self.ledger.read_point(
             lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
         )
         return loaded.state.language
@@ -437,13 +437,13 @@ class LendingService:
 
     async def quote(self, msisdn: str) -> Offer:
         """The menu of tiers for this subscriber now (USSD *123#)."""
-        loaded = await self.ledger.read(
+        loaded = await self.ledger.read_point(
             lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
         )
         return offer(loaded.state, self.policy, self.clock())
 
     async def status(self, msisdn: str) -> SubscriberStatus:
-        loaded = await self.ledger.read(
+        loaded = await self.ledger.read_point(
             lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
         )
         s = loaded.state
@@ -655,7 +655,7 @@ class LendingService:
         granted: store.LoanRow | None = None,
     ) -> None:
         if outcome.result_code == DIAMETER_SUCCESS and outcome.granted_minor is not None:
-            loan = granted or await self.ledger.read(
+            loan = granted or await self.ledger.read_point(
                 lambda conn: store.get_loan(conn, outcome.loan_id or "")
             )
             assert loan is not None
