@@ -77,6 +77,11 @@ START_WAIT_S = 30.0
 # answers 65,536, sent-SMS ids 100,000, USSD dialogs, idempotency is on disk) fit well
 # under it; a leak of even 100 bytes per frame over 1M frames does not.
 RSS_GROWTH_MAX_MIB = 96
+# Fuzz-only probes of the node process (bench code, never the production path): with
+# PROBE_DIR_ENV set the node child writes its counters on SIGUSR1 and after stop; with
+# TRACEMALLOC_ENV=<frames> too it traces allocations and dumps the top sites on SIGUSR1.
+PROBE_DIR_ENV = "EB_FUZZ_PROBE_DIR"
+TRACEMALLOC_ENV = "EB_FUZZ_TRACEMALLOC"
 
 
 @dataclass
@@ -97,6 +102,9 @@ class FuzzConfig:
     mqtt_valid_every: int = 200
     rss_growth_max_mib: float = RSS_GROWTH_MAX_MIB
     node_log_level: str = "ERROR"
+    # Node counters (and, with EB_FUZZ_TRACEMALLOC set, allocation dumps in the work
+    # dir's probes/ folder) every this many seconds; None: only at the end.
+    probe_every_s: float | None = None
     keep: bool = False
 
 
@@ -130,6 +138,8 @@ class FuzzReport:
     ledger: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
     stderr_tail: str = ""
+    probes: list[dict[str, Any]] = field(default_factory=list)  # node counters during the run
+    node_counters_at_stop: dict[str, Any] = field(default_factory=dict)
 
     @property
     def frames(self) -> int:
@@ -169,18 +179,75 @@ def node_child(overrides_path: str) -> int:
     except ImportError:  # pragma: no cover
         pass
 
+    probe_dir = os.environ.get(PROBE_DIR_ENV)
+    trace_frames = int(os.environ.get(TRACEMALLOC_ENV, "0") or 0)
+    if probe_dir and trace_frames > 0:
+        import tracemalloc
+
+        tracemalloc.start(trace_frames)
+
     async def main() -> None:
         node = Node(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if probe_dir:
+            probes = iter(range(1, 1 << 30))
+            loop.add_signal_handler(signal.SIGUSR1,
+                                    lambda: write_probe(node, Path(probe_dir), next(probes)))
         await node.start()
         await stop.wait()
         await node.stop()
+        if probe_dir:
+            write_probe(node, Path(probe_dir), 0, allocations=False)  # 0: after stop
 
     asyncio.run(main())
     return 0
+
+
+def node_counters(node: Any) -> dict[str, Any]:
+    """What the fuzzer reads from the node process: its listeners', Gy server's and
+    SMPP channel's counters, and the sizes of its bounded tables."""
+    return {
+        "recharge_listener": node.recharges.stats(),
+        "lowbalance_listener": node.low_balance.stats(),
+        "gy": {**node.gy.stats, "inflight": node.gy.inflight},
+        "smpp_channel": {**node.channel.stats, "inflight": node.channel.inflight,
+                         "sent_tracked": len(node.channel._sent)},
+        "asyncio_tasks": len(asyncio.all_tasks()),
+    }
+
+
+def write_probe(node: Any, directory: Path, n: int, *, allocations: bool = True) -> None:
+    """On SIGUSR1 (fuzz runs only): counters to probe-<n>.json and, when tracemalloc
+    runs, the top allocation sites to tracemalloc-<n>.txt. Never on the node's own
+    production path: only `node_child` installs it, and only with the env var set."""
+    import gc
+    import tracemalloc
+
+    counters = node_counters(node)
+    counters["gc_objects"] = len(gc.get_objects())
+    counters["rss_kib"] = rss_kib(os.getpid())
+    text = json.dumps(counters, default=str)
+    tmp = directory / f".probe-{n}.json"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(directory / f"probe-{n}.json")
+    if not (allocations and tracemalloc.is_tracing()):
+        return
+    snapshot = tracemalloc.take_snapshot().filter_traces((
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+    ))
+    lines = [f"probe {n}: rss {counters['rss_kib']} KiB, traced "
+             f"{tracemalloc.get_traced_memory()[0] / 2**20:.1f} MiB"]
+    for stat in snapshot.statistics("lineno")[:40]:
+        lines.append(f"{stat.size / 2**20:8.2f} MiB {stat.count:9d}  {stat.traceback[0]}")
+    lines.append("--- top 8 by traceback")
+    for stat in snapshot.statistics("traceback")[:8]:
+        lines.append(f"{stat.size / 2**20:8.2f} MiB {stat.count:9d}")
+        lines.extend("      " + line for line in stat.traceback.format(limit=12))
+    (directory / f"tracemalloc-{n}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 class NodeProcess:
@@ -242,6 +309,8 @@ class FuzzRun:
         self.smsc: FuzzSmsc | None = None
         self.valid_event_ids: set[str] = set()
         self.dead_letters = 0
+        self.probes_sent = 0
+        self.probe_dir = workdir / "probes"
         self.probe_dead_letters = 0
         self.dead_letter_event = asyncio.Event()
         in_a = self.base.in_nodes[0]
@@ -313,11 +382,34 @@ class FuzzRun:
                                 "submit_rate_max_per_s": 5000}] * self.cfg.smpp_binds},
             "mqtt": {"port": self.mqtt_port, "client_id": "extrabalance-fuzz"},
         }
-        self.node = NodeProcess(self.workdir, overrides, {SMPP_PASSWORD_ENV: password},
+        self.probe_dir = self.workdir / "probes"
+        self.probe_dir.mkdir(exist_ok=True)
+        self.node = NodeProcess(self.workdir, overrides,
+                                {SMPP_PASSWORD_ENV: password, PROBE_DIR_ENV: str(self.probe_dir)},
                                 self.cfg.node_log_level)
         self.pid = self.node.start()
         stack.callback(self._stop_node)
         await self._wait_node_ready()
+
+    async def probe(self, timeout_s: float = 60.0) -> dict[str, Any] | None:
+        """SIGUSR1 to the node child; its counters (None if it did not answer in time)."""
+        assert self.node is not None and self.node.proc is not None
+        self.probes_sent += 1
+        path = self.probe_dir / f"probe-{self.probes_sent}.json"
+        self.node.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if path.exists():
+                return dict(json.loads(path.read_text(encoding="utf-8")))
+            await asyncio.sleep(0.1)
+        return None
+
+    async def probe_periodically(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            counters = await self.probe()
+            if counters is not None:
+                self.report.probes.append(counters)
 
     def _stop_node(self) -> None:
         if self.node is not None and self.node.alive:
@@ -450,7 +542,9 @@ class FuzzRun:
     async def _diameter_open(self, stats: LaneStats) -> DiameterConn:
         conn = DiameterConn("127.0.0.1", self.diameter_port, self.in_a.origin_host,
                             self.in_a.realm)
-        cea = await conn.open()
+        # A loaded node answers the CER behind thousands of queued requests: wait as
+        # long as for any answer.
+        cea = await conn.open(cea_wait_s=ANSWER_WAIT_S)
         if cea is None or cea.result_code != 2001:
             raise RuntimeError(f"CER as an allowed peer refused: {cea}")
         stats.extra["connections"] += 1
@@ -607,6 +701,12 @@ class FuzzRun:
                 seen, last_progress = self.dead_letters, time.monotonic()
             await asyncio.sleep(0.2)
         stats.answers["dead-lettered"] = self.dead_letters
+        counters = await self.probe()
+        if counters is not None:
+            listener = counters["recharge_listener"]
+            for key in ("received", "invalid", "dead_lettered", "handled", "acked",
+                        "handler_failures", "reconnects", "redelivered"):
+                stats.extra[f"node_{key}"] = int(listener.get(key, 0))
         if self.dead_letters != expected_dead:
             stats.fail(f"dead letters {self.dead_letters} != invalid payloads {expected_dead}")
 
@@ -678,6 +778,8 @@ class FuzzRun:
 async def run_fuzz(cfg: FuzzConfig, workdir: Path | None = None) -> FuzzReport:
     own_dir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="extrabalance-fuzz-")) if workdir is None else workdir
+    if cfg.keep:
+        print(f"work dir: {work}", file=sys.stderr)
     run = FuzzRun(cfg, work)
     report = run.report
     try:
@@ -692,6 +794,9 @@ async def run_fuzz(cfg: FuzzConfig, workdir: Path | None = None) -> FuzzReport:
             report.rss_start_kib = rss_kib(run.pid) or 0
             sampler = RssSampler(run.pid).start()
             stack.callback(sampler.stop)
+            if cfg.probe_every_s:
+                prober = asyncio.create_task(run.probe_periodically(cfg.probe_every_s))
+                stack.callback(prober.cancel)
             d_quota = int(cfg.frames * cfg.diameter_share)
             s_quota = int(cfg.frames * cfg.smpp_share)
             m_quota = cfg.frames - d_quota - s_quota
@@ -746,6 +851,9 @@ async def run_fuzz(cfg: FuzzConfig, workdir: Path | None = None) -> FuzzReport:
             report.rss_curve_mib = [round(samples[min(len(samples) - 1, len(samples) * i // 10)][1]
                                           / 1024, 1) for i in range(1, 11)] if samples else []
             report.node_exit_code = run.node.stop()
+            at_stop = run.probe_dir / "probe-0.json"
+            if at_stop.exists():
+                report.node_counters_at_stop = json.loads(at_stop.read_text(encoding="utf-8"))
             run.ledger_checks()
     finally:
         if run.node is not None:
@@ -816,8 +924,12 @@ def run_cli(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the work dir (ledger, node log)")
+    p.add_argument("--probe-every", type=float, default=None, metavar="S",
+                   help=f"node counters every S seconds into the work dir's probes/ (with "
+                        f"{TRACEMALLOC_ENV}=<frames> set: allocation dumps too); use --keep")
     args = p.parse_args(argv)
-    cfg = FuzzConfig(frames=args.frames, seconds=args.seconds, seed=args.seed, keep=args.keep)
+    cfg = FuzzConfig(frames=args.frames, seconds=args.seconds, seed=args.seed, keep=args.keep,
+                     probe_every_s=args.probe_every)
     try:
         import uvloop
 

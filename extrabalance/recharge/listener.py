@@ -140,6 +140,7 @@ class _HandlerFailed(Exception):
 class _Delivery:
     message: paho.MQTTMessage
     task: asyncio.Task[None]
+    received_monotonic: float
 
 
 def _paho_of(client: aiomqtt.Client) -> paho.Client:
@@ -191,6 +192,7 @@ class RechargeListener:
         self._stopping = asyncio.Event()
         self._running = False
         self._connected = False
+        self._deliveries: deque[_Delivery] = deque()  # the current session's, for stats()
         self._counts = {
             "received": 0,  # deliveries of recharge-topic messages, duplicates included
             "handled": 0,  # handle(event) returned
@@ -244,14 +246,23 @@ class RechargeListener:
                     pass
         finally:
             self._running = False
+            # One line with every counter: how far the backlog got before the stop.
+            log.info("recharge.listener_stopped", client_id=self._settings.client_id,
+                     **self._counts)
 
     async def stop(self) -> None:
         """Ask :meth:`run` to finish: running handlers complete and are acked first."""
         self._stopping.set()
 
-    def stats(self) -> dict[str, int | bool]:
-        """Counters since construction, plus whether a session is up right now."""
-        return {**self._counts, "connected": self._connected}
+    def stats(self) -> dict[str, int | float | bool]:
+        """Counters since construction, plus the session right now: whether it is up,
+        messages received and not yet acknowledged, and how long the oldest of them
+        (the one every later ack waits for) has been waiting."""
+        deliveries = self._deliveries
+        head_wait_s = (round(time.monotonic() - deliveries[0].received_monotonic, 3)
+                       if deliveries else 0.0)
+        return {**self._counts, "connected": self._connected, "unacked": len(deliveries),
+                "oldest_unacked_s": head_wait_s}
 
     # -- one connection -----------------------------------------------------------
 
@@ -316,6 +327,7 @@ class RechargeListener:
         """Run handlers concurrently and ack in receipt order until stop or failure."""
         window = asyncio.Semaphore(self._settings.inflight_max)
         deliveries: deque[_Delivery] = deque()
+        self._deliveries = deliveries
         progress = asyncio.Event()  # a handler finished: the head may be ackable now
         all_acked = asyncio.Event()  # set whenever nothing received is left unacked
         all_acked.set()
@@ -330,7 +342,7 @@ class RechargeListener:
                 await window.acquire()
                 task = asyncio.create_task(self._process(client, message))
                 task.add_done_callback(on_done)
-                deliveries.append(_Delivery(message, task))
+                deliveries.append(_Delivery(message, task, time.monotonic()))
                 all_acked.clear()
 
         async def ack_in_order() -> None:
