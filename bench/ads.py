@@ -15,7 +15,16 @@ not share the node's core):
 
 Rates: each bind's submit cap (BindConfig.submit_rate_max_per_s) and the ads rate
 (ads.send_rate_max_per_s) are set from `--bind-rate` and `--ads-rate` so they are not
-what limits the figure unless asked; the JSON says which limit applied.
+what limits the figure unless asked; the JSON says which limit applied. The defaults
+of PROTOCOLS.md (window 10, 1 000 submits/s per bind) would cap one bind at 1 000/s:
+the benchmark runs `--binds` binds of `--window` each, as an operator would configure
+a node for that rate.
+
+CPU: besides the rates, each phase reports the CPU time this process (all its
+threads: event loop and ledger writer) and the SMSC simulator process spent per
+message, in microseconds. On a shared machine the rates move with the neighbours'
+load; the CPU cost per message does much less, and 1e6 / cpu_us is what one core
+would sustain.
 
 Run: ``python -m bench.ads [--subscribers 20000] [--offers-each 2] [--binds 8]``.
 Prints one JSON object.
@@ -37,10 +46,11 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import structlog
 
+from bench.procs import cpu_seconds
 from extrabalance.config import load_settings
 from extrabalance.ledger import Ledger
 from extrabalance.service.ads import AdTrigger, Advertiser, rules_from_settings
@@ -86,7 +96,30 @@ def make_esme(port: int, binds: int, bind_rate: int, window: int) -> Any:
                             submit_rate_max_per_s=bind_rate) for _ in range(binds)], no_deliver)
 
 
-async def run_ours(args: argparse.Namespace, port: int, workdir: Path) -> dict[str, Any]:
+class CpuMeter:
+    """CPU seconds of this process and of the SMSC simulator over one phase."""
+
+    def __init__(self, smsc_pid: int) -> None:
+        self.smsc_pid = smsc_pid
+        self.bench_s = 0.0
+        self.smsc_s = 0.0
+
+    def __enter__(self) -> Self:
+        self._bench0 = time.process_time()
+        self._smsc0 = cpu_seconds(self.smsc_pid) or 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bench_s = time.process_time() - self._bench0
+        self.smsc_s = (cpu_seconds(self.smsc_pid) or 0.0) - self._smsc0
+
+    def per_message_us(self, count: int) -> dict[str, float]:
+        return {"bench_process": round(1e6 * self.bench_s / max(count, 1), 1),
+                "smsc_simulator": round(1e6 * self.smsc_s / max(count, 1), 1)}
+
+
+async def run_ours(args: argparse.Namespace, port: int, workdir: Path,
+                   smsc_pid: int) -> dict[str, Any]:
     from extrabalance.adapters.smpp_channel import SmppChannel
 
     settings = load_settings(overrides={
@@ -117,7 +150,8 @@ async def run_ours(args: argparse.Namespace, port: int, workdir: Path) -> dict[s
                                    else AdTrigger.OUT_OF_BALANCE)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    with CpuMeter(smsc_pid) as cpu:
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     elapsed_s = time.perf_counter() - started
     await ledger.close()
     await esme.close()
@@ -130,10 +164,13 @@ async def run_ours(args: argparse.Namespace, port: int, workdir: Path) -> dict[s
         "offers_per_s": round(len(work) / elapsed_s),
         "sent_per_s": round(sent / elapsed_s),
         "submits_acknowledged": channel.stats["sms_out"], "submit_failures": channel.stats["sms_failed"],
+        "cpu_us_per_offer": cpu.per_message_us(len(work)),
+        "cpu_us_per_sent_ad": cpu.per_message_us(sent),
     }
 
 
-async def run_esme_raw(args: argparse.Namespace, port: int, count: int) -> float:
+async def run_esme_raw(args: argparse.Namespace, port: int, count: int,
+                       smsc_pid: int) -> tuple[float, dict[str, float]]:
     esme = make_esme(port, args.binds, args.bind_rate, args.window)
     await esme.start()
     await esme.wait_bound(WAIT_S)
@@ -146,13 +183,15 @@ async def run_esme_raw(args: argparse.Namespace, port: int, count: int) -> float
             await esme.send_sms("1234", f"2011{i:08d}", text)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    with CpuMeter(smsc_pid) as cpu:
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     elapsed_s = time.perf_counter() - started
     await esme.close()
-    return count / elapsed_s
+    return count / elapsed_s, cpu.per_message_us(count)
 
 
-def run_smpplib(port: int, count: int, window: int) -> float:
+def run_smpplib(port: int, count: int, window: int,
+                smsc_pid: int) -> tuple[float, dict[str, float]]:
     import smpplib.client
     import smpplib.consts
 
@@ -164,6 +203,7 @@ def run_smpplib(port: int, count: int, window: int) -> float:
     text = b"Running low? Dial *123# for Extra Balance and pay when you recharge."
     started = time.perf_counter()
     sent = 0
+    cpu = CpuMeter(smsc_pid).__enter__()
     while sent < count:
         batch = min(window, count - sent)
         for i in range(batch):
@@ -174,10 +214,11 @@ def run_smpplib(port: int, count: int, window: int) -> float:
         while answered[0] < sent:
             client.read_once()
     elapsed_s = time.perf_counter() - started
+    cpu.__exit__()
     with contextlib.suppress(Exception):
         client.unbind()
         client.disconnect()
-    return count / elapsed_s
+    return count / elapsed_s, cpu.per_message_us(count)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     proc, port = start_smsc()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ads-") as tmp:
-            ours = asyncio.run(run_ours(args, port, Path(tmp)))
+            ours = asyncio.run(run_ours(args, port, Path(tmp), proc.pid))
         raw_count = ours["sent"]
-        esme_raw_per_s = asyncio.run(run_esme_raw(args, port, raw_count))
-        smpplib_per_s = run_smpplib(port, raw_count, args.window)
+        esme_raw_per_s, esme_raw_cpu = asyncio.run(run_esme_raw(args, port, raw_count, proc.pid))
+        smpplib_per_s, smpplib_cpu = run_smpplib(port, raw_count, args.window, proc.pid)
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -217,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "ads",
         "ours": ours,
         "esme_raw_per_s": round(esme_raw_per_s),
+        "esme_raw_cpu_us_per_sms": esme_raw_cpu,
         "smpplib_per_s": round(smpplib_per_s),
+        "smpplib_cpu_us_per_sms": smpplib_cpu,
         "ratio_sent_vs_smpplib": round(ours["sent_per_s"] / smpplib_per_s, 2),
         "ratio_sent_vs_esme_raw": round(ours["sent_per_s"] / esme_raw_per_s, 2),
         "configured_caps": caps,

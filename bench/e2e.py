@@ -23,9 +23,11 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import random
+import shutil
 import sqlite3
 import sys
 import time
@@ -66,6 +68,11 @@ class E2eOptions:
     settle_max_s: float = SETTLE_MAX_S
     arabic_share: float = 0.2  # subscribers whose profile language is Arabic
     profile_node: bool = False  # run the node under cProfile (report dir: node.prof)
+    smpp: dict[str, Any] = field(default_factory=dict)  # binds, window_max, submit_rate_max_per_s
+    opt_in_share: float = OPT_IN_SHARE
+    in_request_timeout_ms: int = 2000  # the IN's wait for the node's out-of-balance answer
+    warmup_s: float = 0.0  # unmeasured traffic first (builds debt for paybacks)
+    warmup_mix: dict[str, float] = field(default_factory=lambda: parse_mix("ussd=1"))
     plot: bool = True
     command: str = ""
 
@@ -118,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--log-level", default="WARNING", help="the node's log level (EB_LOG_LEVEL)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--binds", type=int, default=None,
+                   help="SMPP binds of the node (default: the config's, 1)")
+    p.add_argument("--window", type=int, default=None,
+                   help="SMPP window per bind (default: the config's, 10)")
+    p.add_argument("--submit-rate-max", type=float, default=None,
+                   help="submit_sm per second per bind (default: the config's, 1000)")
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="seconds of unmeasured traffic first (default none)")
+    p.add_argument("--warmup-mix", default="ussd=1",
+                   help="mix of the warm-up (default ussd=1: subscribers get into debt)")
     p.add_argument("--profile-node", action="store_true",
                    help="run the node under cProfile; node.prof and its top functions in the report")
     p.add_argument("--arabic-share", type=float, default=0.2,
@@ -147,6 +164,10 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         json_output=json_output or args.json, progress=not (json_output or args.json),
         seed=args.seed, log_level=args.log_level, plot=not args.no_plot,
         arabic_share=args.arabic_share, profile_node=args.profile_node,
+        warmup_s=args.warmup, warmup_mix=parse_mix(args.warmup_mix),
+        smpp={k: v for k, v in (("binds", args.binds), ("window_max", args.window),
+                                ("submit_rate_max_per_s", args.submit_rate_max))
+              if v is not None},
         command="extrabalance bench e2e " + " ".join(argv),
     )
 
@@ -214,21 +235,26 @@ def opt_in(db_path: Path, msisdns: list[str], share: float, seed: int) -> int:
 
 def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
                 in_ports: dict[str, int], smpp_port: int, mqtt_port: int,
-                client_id: str = "extrabalance-bench") -> dict[str, Any]:
+                client_id: str = "extrabalance-bench",
+                smpp: dict[str, Any] | None = None) -> dict[str, Any]:
     doc = json.loads(json.dumps(base))  # deep copy
     doc["storage"]["path"] = str(db_path)
     doc["diameter"]["listen_port"] = diameter_port
     for node in doc["in_nodes"]:
         node["peers"] = [{"host": "127.0.0.1", "port": in_ports[node["name"]]}]
-    doc["smpp"]["binds"] = [{**doc["smpp"]["binds"][0], "host": "127.0.0.1", "port": smpp_port,
-                             "system_id": SMPP_SYSTEM_ID, "password_env": SMPP_PASSWORD_ENV}]
+    tuning = dict(smpp or {})
+    binds = int(tuning.pop("binds", 1))
+    bind = {**doc["smpp"]["binds"][0], "host": "127.0.0.1", "port": smpp_port,
+            "system_id": SMPP_SYSTEM_ID, "password_env": SMPP_PASSWORD_ENV, **tuning}
+    doc["smpp"]["binds"] = [dict(bind) for _ in range(binds)]
     doc["mqtt"]["host"] = "127.0.0.1"
     doc["mqtt"]["port"] = mqtt_port
     doc["mqtt"]["client_id"] = client_id
     return doc
 
 
-def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int) -> dict[str, Any]:
+def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
+            request_timeout_ms: int = 2000) -> dict[str, Any]:
     node = base["node"]
     return {
         "nodes": [
@@ -243,6 +269,7 @@ def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int)
         "currency_exponent": node["currency_exponent"],
         "service_context_id": base["diameter"]["service_context_id"],
         "seed": seed,
+        "request_timeout_ms": request_timeout_ms,
     }
 
 
@@ -266,13 +293,22 @@ class Network:
 @contextlib.asynccontextmanager
 async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   client_id: str = "extrabalance-bench", arabic_share: float = 0.2,
-                  broker_config: tuple[str, ...] = (), profile_path: Path | None = None) -> Any:
+                  broker_config: tuple[str, ...] = (), profile_path: Path | None = None,
+                  smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
+                  in_request_timeout_ms: int = 2000) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit."""
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.mosquitto import BrokerUnavailable, MosquittoBroker
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists():
+        # A ledger or broker state left by an earlier run would be reconciled against
+        # this run's IN: every run starts from nothing.
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
     try:
+        inflight = os.environ.get("EB_BENCH_MQTT_INFLIGHT")  # experiment, see bench/procs.py
+        if inflight:
+            broker_config = (*broker_config, f"max_inflight_messages {int(inflight)}")
         broker = MosquittoBroker(workdir / "mosquitto", extra_config=broker_config).start()
     except BrokerUnavailable as exc:
         raise SystemExit(f"extrabalance bench: needs a private Mosquitto broker: {exc}. "
@@ -283,7 +319,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             diameter_port = free_port()
             in_worker = await procs.start_worker(
                 "in-sim", ["--role", "in", "--spec",
-                           json.dumps(in_spec(base, diameter_port, broker.port, seed))])
+                           json.dumps(in_spec(base, diameter_port, broker.port, seed,
+                                              in_request_timeout_ms))])
             password = os.urandom(4).hex()  # SMPP passwords are at most 8 octets
             smsc_worker = await procs.start_worker(
                 "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
@@ -296,11 +333,11 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             report = import_profiles(db_path, profiles, progress=False)
             if report.bad_rows_total:
                 raise RuntimeError(f"generated profiles rejected: {report.bad_rows[:5]}")
-            opt_in(db_path, msisdns, OPT_IN_SHARE, seed)
+            opt_in(db_path, msisdns, opt_in_share, seed)
             config = node_config(base, db_path=db_path, diameter_port=diameter_port,
                                  in_ports=in_worker.ready["ports"],
                                  smpp_port=smsc_worker.ready["ports"]["smpp"],
-                                 mqtt_port=broker.port, client_id=client_id)
+                                 mqtt_port=broker.port, client_id=client_id, smpp=smpp)
             config_path = workdir / "node.toml"
             config_path.write_text(dump_toml(config), encoding="utf-8")
             env = {SMPP_PASSWORD_ENV: password, "EB_LOG_LEVEL": log_level}
@@ -349,7 +386,8 @@ def ledger_state(db_path: Path, published: set[str]) -> dict[str, Any]:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
         unsettled = conn.execute(
-            "SELECT (SELECT COUNT(*) FROM loans WHERE state IN ('REQUESTED','CREDITING','UNKNOWN'))"
+            "SELECT (SELECT COUNT(*) FROM loans"
+            " WHERE state IN ('REQUESTED','CREDITING','UNKNOWN','CONFIRMING'))"
             " + (SELECT COUNT(*) FROM recoveries WHERE state IN ('RECOVERING','UNKNOWN'))"
         ).fetchone()[0]
         seen = {row[0][len("recharge:"):] for row in conn.execute(
@@ -453,6 +491,7 @@ def ledger_counts(db_path: Path) -> dict[str, int]:
             "failed_loans": q("SELECT COUNT(*) FROM loans WHERE state = 'FAILED'"),
             "paybacks": q("SELECT COUNT(*) FROM recoveries WHERE state = 'DONE'"
                           " AND recovered_minor > 0"),
+            "recharges": q("SELECT COUNT(*) FROM idempotency WHERE key LIKE 'recharge:%'"),
         }
     finally:
         conn.close()
@@ -469,7 +508,14 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
     async with network(workdir, subscribers=options.subscribers, seed=options.seed,
                        log_level=options.log_level, arabic_share=options.arabic_share,
                        profile_path=(report_dir / "node.prof").resolve()
-                       if options.profile_node else None) as net:
+                       if options.profile_node else None, smpp=options.smpp,
+                       opt_in_share=options.opt_in_share,
+                       in_request_timeout_ms=options.in_request_timeout_ms) as net:
+        if options.warmup_s > 0:
+            warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
+            await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")
+            await settle(net, max_s=options.settle_max_s)
+        counts0 = ledger_counts(net.db_path)
         procs = {"node": net.node, "in_sim": net.in_worker, "smsc_sim": net.smsc_worker}
         broker_pid = net.broker._process.pid if net.broker._process is not None else None
         cpu0 = {name: p.cpu_s() for name, p in procs.items()}
@@ -477,6 +523,9 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
         t0 = time.monotonic()
         reports = await drive_traffic(net, options, samples_path=samples_path)
         traffic_s = time.monotonic() - t0
+        # What the node finished within the traffic window (the backlog it drains while
+        # settling is not counted in the rates).
+        window = {k: v - counts0[k] for k, v in ledger_counts(net.db_path).items()}
         cpu1 = {name: p.cpu_s() for name, p in procs.items()}
         cpu1["mosquitto"] = (cpu_seconds(broker_pid) or 0.0) if broker_pid else 0.0
         settled = await settle(net, max_s=options.settle_max_s)
@@ -506,11 +555,15 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
         "traffic_s": round(traffic_s, 2),
         "subscribers": options.subscribers,
         "mix": options.mix,
+        "smpp": options.smpp or "config defaults",
         "operations": sum(r.get("operations", 0) for r in reports.values()),
-        "loans_per_s": round(counts["loans"] / duration, 1),
-        "ussd_loans_per_s": round(counts["ussd_loans"] / duration, 1),
-        "paybacks_per_s": round(counts["paybacks"] / duration, 1),
-        "ads_per_s": round(ads / duration, 1),
+        "loans_per_s": round(window["loans"] / traffic_s, 1),
+        "ussd_loans_per_s": round(window["ussd_loans"] / traffic_s, 1),
+        "paybacks_per_s": round(window["paybacks"] / traffic_s, 1),
+        "recharges_per_s": round(window["recharges"] / traffic_s, 1),
+        "ads_per_s": round(ads / traffic_s, 1),
+        "warmup_s": options.warmup_s,
+        "in_window": window,
         "p50_ms": _round(latency.get("p50_ms")),
         "p95_ms": _round(latency.get("p95_ms")),
         "p99_ms": _round(latency.get("p99_ms")),
@@ -576,6 +629,7 @@ def write_report(report_dir: Path, result: dict[str, Any], samples_path: Path, *
         f"| loans/s (all channels) | {result['loans_per_s']} |",
         f"| USSD loans/s | {result['ussd_loans_per_s']} |",
         f"| paybacks/s | {result['paybacks_per_s']} |",
+        f"| recharges handled/s | {result['recharges_per_s']} |",
         f"| ads/s | {result['ads_per_s']} |",
         (f"| USSD latency p50 / p95 / p99 / max (ms) | {result['p50_ms']} / {result['p95_ms']}"
          f" / {result['p99_ms']} / {result['max_ms']} |"),
@@ -639,7 +693,8 @@ def print_summary(result: dict[str, Any]) -> None:
 
     console = Console()
     table = Table(title="Extra Balance end to end", show_header=False)
-    for key in ("loans_per_s", "ussd_loans_per_s", "paybacks_per_s", "ads_per_s", "p50_ms",
+    for key in ("loans_per_s", "ussd_loans_per_s", "paybacks_per_s", "recharges_per_s",
+                "ads_per_s", "p50_ms",
                 "p95_ms", "p99_ms", "max_ms", "operations", "late_starts"):
         table.add_row(key, str(result[key]))
     for name, seconds in result["cpu_s"].items():

@@ -179,9 +179,7 @@ class ProcessSet:
     async def start_node(self, config_path: Path, *, env: dict[str, str] | None = None,
                          name: str = "node", profile_path: Path | None = None) -> Proc:
         """`python -m extrabalance run --config FILE`, under cProfile when asked."""
-        profiler = ["-m", "cProfile", "-o", str(profile_path)] if profile_path else []
-        argv = [sys.executable, *profiler, "-m", "extrabalance", "run", "--config",
-                str(config_path)]
+        argv = node_argv(config_path, profile_path)
         process = await self._spawn(name, argv, env=env, control=False)
         proc = Proc(name, process, self.workdir / f"{name}.log")
         self.procs.append(proc)
@@ -193,8 +191,8 @@ class ProcessSet:
         proc.cpu_s()
         proc.cpu_before_s += proc._cpu_last_s
         proc._cpu_last_s = 0.0
-        argv = [sys.executable, "-m", "extrabalance", "run", "--config", str(config_path)]
-        proc.process = await self._spawn(proc.name, argv, env=env, control=False)
+        proc.process = await self._spawn(proc.name, node_argv(config_path), env=env,
+                                         control=False)
 
     async def start_worker(self, name: str, args: list[str],
                            env: dict[str, str] | None = None) -> Worker:
@@ -210,6 +208,33 @@ class ProcessSet:
         if not worker.ready.get("ok"):
             raise RuntimeError(f"{name} failed to start: {worker.ready.get('error')}")
         return worker
+
+
+def node_argv(config_path: Path, profile_path: Path | None = None) -> list[str]:
+    """The node's command line; `EB_BENCH_SWITCH_INTERVAL_MS` sets its GIL switch
+    interval (an experiment recorded in docs/benchmarks.md)."""
+    run = ["run", "--config", str(config_path)]
+    if profile_path is not None:
+        return [sys.executable, "-m", "cProfile", "-o", str(profile_path),
+                "-m", "extrabalance", *run]
+    switch_ms = os.environ.get("EB_BENCH_SWITCH_INTERVAL_MS")
+    mqtt_inflight = os.environ.get("EB_BENCH_MQTT_INFLIGHT")
+    if switch_ms or mqtt_inflight:
+        prelude = "import sys\n"
+        if switch_ms:
+            prelude += f"sys.setswitchinterval({float(switch_ms) / 1000!r})\n"
+        if mqtt_inflight:
+            # Experiment: the recharge listener's window of unacknowledged messages,
+            # which the TOML cannot set yet (MqttSettings.inflight_max, default 20).
+            prelude += ("import dataclasses, extrabalance.recharge.listener as listener\n"
+                        "_settings = listener.MqttSettings\n"
+                        "listener.MqttSettings = lambda **kw: dataclasses.replace(_settings(**kw),"
+                        f" inflight_max={int(mqtt_inflight)})\n"
+                        "import extrabalance.node as node\n"
+                        "node.MqttSettings = listener.MqttSettings\n")
+        prelude += "from extrabalance.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        return [sys.executable, "-c", prelude, *run]
+    return [sys.executable, "-m", "extrabalance", *run]
 
 
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:

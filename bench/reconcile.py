@@ -9,7 +9,7 @@ The checks, each a class of lost or doubled money:
 * every credit the IN applied (REFUND_ACCOUNT 2001, advance granted in a CCA) is one
   granted loan (ACTIVE, PARTIALLY_REPAID, REPAID, WRITTEN_OFF) with the same Session-Id,
   MSISDN and amount, and every granted loan is one such credit; a FAILED loan has no
-  credit; no loan is left unsettled (CREDITING, UNKNOWN);
+  credit; no loan is left unsettled (CREDITING, UNKNOWN, CONFIRMING);
 * every debit the IN applied (DIRECT_DEBITING 2001) belongs to an attempt of a DONE
   recovery, and each DONE recovery's recovered amount is the sum of its debits; no
   recovery is left unsettled;
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 GRANTED_STATES = ("ACTIVE", "PARTIALLY_REPAID", "REPAID", "WRITTEN_OFF")
-UNSETTLED_LOAN_STATES = ("REQUESTED", "CREDITING", "UNKNOWN")
+UNSETTLED_LOAN_STATES = ("REQUESTED", "CREDITING", "UNKNOWN", "CONFIRMING")
 UNSETTLED_RECOVERY_STATES = ("RECOVERING", "UNKNOWN")
 CREDIT_ACTIONS = ("REFUND_ACCOUNT", "OUT_OF_BALANCE_GRANT")
 SUCCESS = 2001

@@ -50,6 +50,8 @@ def _bench_module(name: str) -> Any:
 
 
 def run_bench(what: str, *, json_output: bool, seconds: float, extra: list[str]) -> int:
+    # `bench e2e --json` puts --json among the benchmark's own options: honour it too.
+    json_output = json_output or "--json" in extra
     if what == "codecs":
         result: dict[str, Any] = {"benchmark": what, "machine": machine()}
         diameter = _bench_module("codecs_diameter")

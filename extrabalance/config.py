@@ -174,6 +174,9 @@ class MqttSection(_Model):
     password_file: str | None = None
     tls: bool = False
     ca_file: str | None = None
+    # Recharges handled at once (acknowledged in order, each after its commit). The
+    # broker sends at most its own max_inflight_messages: raise both together.
+    inflight_max: Annotated[int, Field(ge=1, le=65_535)] = 100
 
     def password(self) -> str | None:
         return _secret(self.password_env, self.password_file, "MQTT")

@@ -73,6 +73,7 @@ class MosquittoBroker:
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             "max_queued_messages 0",
+            "max_inflight_messages 100",  # matches the node's [mqtt] inflight_max
             "persistence true",
             f"persistence_location {self.directory}/",
             f"autosave_interval {AUTOSAVE_INTERVAL_S}",

@@ -47,7 +47,7 @@ from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.resolver import Resolver
-from extrabalance.service.routing import Router, RouteRule
+from extrabalance.service.routing import RouteProber, Router, RouteRule
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
 from extrabalance.smpp.client import BindConfig, Esme
@@ -129,6 +129,7 @@ class Node:
                 for b in s.smpp.binds
             ],
             on_deliver=self._on_deliver,
+            use_message_payload=s.smpp.sms_long_mode == "message_payload",
         )
         locks = SubscriberLocks()
         common = {"locks": locks, "default_language": s.node.default_language}
@@ -137,6 +138,7 @@ class Node:
         notifier = _LateNotifier()
         self.lending = LendingService(self.ledger, self.in_port, notifier, self.events,
                                       self.policy, self.router, utc_now, **common)
+        self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
         self.payback = PaybackService(self.ledger, self.in_port, notifier, self.events,
                                       self.policy, self.router, utc_now, **common)
         self.resolver = Resolver(self.ledger, self.in_port, notifier, self.events, self.policy,
@@ -168,7 +170,7 @@ class Node:
             host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
             topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
             username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
-            ca_file=s.mqtt.ca_file,
+            ca_file=s.mqtt.ca_file, inflight_max=s.mqtt.inflight_max,
         )
         self.recharges = RechargeListener(
             mqtt_settings,
@@ -219,8 +221,8 @@ class Node:
     async def _on_diameter_request(self, msg: Any, peer_origin_host: str) -> Any:
         return await self.gy(msg, peer_origin_host)
 
-    async def _on_deliver(self, pdu: Any, system_id: str) -> int:
-        return await self.channel.on_deliver(pdu, system_id)
+    def _on_deliver(self, pdu: Any, system_id: str) -> int:
+        return self.channel.on_deliver(pdu, system_id)
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""
@@ -361,6 +363,12 @@ class Node:
         await self.channel.drain(DRAIN_WAIT_S)
         with contextlib.suppress(Exception):
             await self.ads.drain(DRAIN_WAIT_S)
+        # Advance confirmations still running: let them finish (bounded); any left is
+        # redone by the resolver at the next start.
+        try:
+            await asyncio.wait_for(self.lending.drain_confirmations(), DRAIN_WAIT_S)
+        except (TimeoutError, Exception):
+            self.lending.abandon_confirmations()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -25,6 +25,15 @@ and the node re-sends the same key without the T flag expecting it to be execute
 then (RFC 6733 §7.1.3, PROTOCOLS.md). A dropped answer IS stored: the operation was
 applied and only the answer was lost, the case that makes retries dangerous.
 
+An advance the node grants in a CCA (2001 + Granted-Service-Unit to our out-of-balance
+CCR) is an operation of the same table, keyed by that CCR's Session-Id and
+CC-Request-Number: applying it records a REFUND_ACCOUNT 2001 under the key, and it is
+applied only if the key is free. The node confirms every advance with a
+REFUND_ACCOUNT under that key (docs/diameter.md "Advance confirmation"), so the
+subscriber is credited exactly once whether the CCA, the confirmation or both arrive,
+in either order. A CCA that arrives after our request timed out is discarded, as a
+real IN does once it has given up.
+
 The pure part (ranges, accounts, faults) does no IO and is tested without sockets;
 the simulator never imports the node's application, domain or ledger code.
 """
@@ -285,6 +294,32 @@ class InAccounts:
         return spent
 
     # -- node requests ---------------------------------------------------------------
+
+    def apply_grant(
+        self, session_id: str, request_number: int, msisdn: str, amount_minor: int
+    ) -> bool:
+        """Credit an advance the node granted in the CCA to our out-of-balance CCR.
+
+        Exactly once per (Session-Id, CC-Request-Number), shared with the node's
+        requests: if the key was executed already (the node's confirmation of this
+        advance came first, or refused it) nothing is applied. Otherwise the credit is
+        applied, written to the ledger as a grant and remembered as a REFUND_ACCOUNT
+        2001, so the node's confirmation gets 2001 and applies nothing new.
+        Returns True if credited now.
+        """
+        _check_amount(amount_minor, allow_zero=False)
+        key = (session_id, request_number)
+        if key in self._answers:
+            self.stats["grant_duplicates"] = self.stats.get("grant_duplicates", 0) + 1
+            return False
+        op = BalanceOp(session_id, request_number, Action.REFUND_ACCOUNT, msisdn, amount_minor)
+        self._balances[msisdn] = self.balance(msisdn) + amount_minor
+        self._remember(key, op, OpAnswer(DIAMETER_SUCCESS))
+        self._record(
+            session_id, request_number, KIND_OUT_OF_BALANCE_GRANT, msisdn, amount_minor,
+            DIAMETER_SUCCESS,
+        )
+        return True
 
     def first_answer(self, session_id: str, request_number: int) -> OpAnswer | None:
         entry = self._answers.get((session_id, request_number))
@@ -808,8 +843,12 @@ class InSimulator:
         """Send the node an out-of-balance CCR for `msisdn`; returns (result, granted_minor).
 
         On 2001 with Granted-Service-Unit the granted amount is added to the balance,
-        as a real IN does, and recorded in the ledger. Re-sending with the same
-        `session_id` and `request_number` tests the node's exactly-once handling.
+        as a real IN does, and recorded in the ledger, once per Session-Id +
+        CC-Request-Number (`InAccounts.apply_grant`: the node's confirmation of the
+        advance may have credited it already). An answer later than
+        `request_timeout_ms` is discarded and RequestTimeout raised, as when none came.
+        Re-sending with the same `session_id` and `request_number` tests the node's
+        exactly-once handling.
         """
         from extrabalance.diameter import gy
 
@@ -834,16 +873,27 @@ class InSimulator:
             has_mscc=mscc,
             event_timestamp=gy.ntp_now(),
         )
+        from extrabalance.diameter.node import RequestTimeout
+
         message = gy.build_ccr(ccr, currency_exponent=self.currency_exponent)
         stats["oob_sent"] += 1
+        started = time.monotonic()
         reply = await self._diameter[name].request(NODE_PEER_GROUP, message)
+        if (time.monotonic() - started) * 1000 > self.request_timeout_ms:
+            # The answer came after our timer: a real IN has given up on the request
+            # and discards it (DiameterNode checks its deadlines on a timer tick, so an
+            # answer can slip in just after one). The node's confirmation credits it.
+            stats["oob_late_discarded"] += 1
+            raise RequestTimeout(f"answer after {self.request_timeout_ms} ms, discarded")
         cca = gy.parse_cca(reply, self.currency_exponent)
         stats[f"oob_result_{cca.result_code}"] += 1
         if cca.result_code == DIAMETER_SUCCESS and cca.granted_minor:
             book = self.accounts[name]
             if book.owns(msisdn):
-                book.add(msisdn, cca.granted_minor, kind=KIND_OUT_OF_BALANCE_GRANT, ref=sid)
-                stats["oob_granted"] += 1
+                if book.apply_grant(sid, request_number, msisdn, cca.granted_minor):
+                    stats["oob_granted"] += 1
+                else:
+                    stats["oob_grant_duplicate"] += 1
         return cca.result_code, cca.granted_minor
 
     async def run_out(self, msisdn: str, requested_minor: int | None = None) -> tuple[int, int | None]:

@@ -37,6 +37,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
+from extrabalance.smpp.connection import RequestFailedError
+from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, SubmitSm, Tag
+from extrabalance.smpp.server import Smsc
+from extrabalance.smpp.text import (
+    ConcatInfo,
+    Reassembler,
+    decode_text,
+    parse_concat,
+    split_text,
+)
+from extrabalance.smpp.ussd import ussd_deliver
 from simulators.handset import CONTROL_LINE_MAX, Handset, HandsetError, Screen, ScreenTimeout
 
 CONTROL_PORT_DEFAULT = 2776
@@ -151,7 +162,6 @@ class SmscSimulator:
         self._mt: deque[MtRecord] = deque(maxlen=MT_RECORDS_MAX)
         self._message_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        from extrabalance.smpp.text import Reassembler
 
         self._reassembler = Reassembler(entries_max=CONCAT_PENDING_MAX, timeout_s=CONCAT_TIMEOUT_S)
         self._server: Any = None
@@ -176,14 +186,12 @@ class SmscSimulator:
 
         Returns the SMPP port (useful with port=0).
         """
-        from extrabalance.smpp.server import Smsc
 
-        async def on_submit(submit: Any, system_id: str) -> tuple[int, str]:
-            return self._on_submit(submit, system_id)
-
+        # _on_submit answers at once: the server sends the submit_sm_resp in the turn
+        # it read the submit_sm, without a task per PDU.
         self._server = Smsc(
             credentials={self.system_id: self.password},
-            on_submit=on_submit,
+            on_submit=self._on_submit,
             system_id="smsc-sim",
             window_max=SMSC_WINDOW_MAX,
         )
@@ -237,7 +245,6 @@ class SmscSimulator:
 
     async def _deliver(self, pdu: Any, *, system_id: str | None = None) -> int:
         server = self._require_server()
-        from extrabalance.smpp.connection import RequestFailedError
 
         try:
             status = await server.deliver(pdu, system_id=system_id)
@@ -282,19 +289,14 @@ class SmscSimulator:
 
     # -- handset → node: USSD and MO SMS as deliver_sm -----------------------------------
 
-    def _dialog_tlvs(self, dialog_id: int, sequence_number: int) -> tuple[int, bytes]:
-        from extrabalance.smpp.pdu import ItsSessionInfo, Tag
-
+    def _dialog_id_kwargs(self, dialog_id: int, sequence_number: int) -> dict[str, Any]:
         if self.dialog_id_mode is DialogIdMode.ITS_SESSION_INFO:
-            return ItsSessionInfo(dialog_id, sequence_number & 0x7F, False).as_tlv()
-        return (int(Tag.USER_MESSAGE_REFERENCE), dialog_id.to_bytes(2, "big"))
+            return {"session": ItsSessionInfo(dialog_id, sequence_number & 0x7F, False)}
+        return {"user_message_reference": dialog_id}
 
     async def _ussd_send(
         self, msisdn: str, dialog_id: int, text: str, op: int, timeout_s: float
     ) -> Screen:
-        from extrabalance.smpp.pdu import DeliverSm, Tag
-        from extrabalance.smpp.text import choose_coding
-
         key = (msisdn, dialog_id)
         waiter = self._waiting.get(key)
         if waiter is None:
@@ -305,27 +307,22 @@ class SmscSimulator:
         else:
             waiter.future = asyncio.get_running_loop().create_future()
             waiter.sequence_number += 1
-        coding, octets = choose_coding(text)
-        pdu = DeliverSm(
-            service_type=self.ussd_service_type,
-            source_addr_ton=1,
-            source_addr_npi=1,
-            source_addr=msisdn,
-            destination_addr=self.short_code,
-            data_coding=coding,
-            short_message=octets,
-            tlvs=(
-                (int(Tag.USSD_SERVICE_OP), bytes((op,))),
-                self._dialog_tlvs(dialog_id, waiter.sequence_number),
-            ),
+        pdu = ussd_deliver(
+            msisdn, self.short_code, text, op=op, service_type=self.ussd_service_type,
+            **self._dialog_id_kwargs(dialog_id, waiter.sequence_number),
         )
         self.stats["ussd_in"] += 1
         try:
             status = await self._deliver(pdu)
             if status != 0:
                 raise HandsetError(f"the node refused the USSD input (status 0x{status:02x})")
-            async with asyncio.timeout(timeout_s):
+            # One timer handle per screen (asyncio.timeout costs several times more,
+            # and the wait is one future anyway).
+            timer = asyncio.get_running_loop().call_later(timeout_s, _expire, waiter.future)
+            try:
                 screen = await waiter.future
+            finally:
+                timer.cancel()
         except TimeoutError:
             # Like a gateway whose dialog timer fired: tell the node the dialog is over.
             self.stats["screen_timeouts"] += 1
@@ -369,22 +366,15 @@ class SmscSimulator:
 
     def _close_with_abort(self, msisdn: str, dialog_id: int) -> Any:
         """Forget the dialog now; the abort deliver_sm to send, or None if it was not open."""
-        from extrabalance.smpp.pdu import DeliverSm, Tag
 
         waiter = self._waiting.get((msisdn, dialog_id))
         if waiter is None:
             return None
         self._end_dialog(msisdn, dialog_id)
-        return DeliverSm(
+        return ussd_deliver(
+            msisdn, self.short_code, "", op=self.ussd_abort_op,
             service_type=self.ussd_service_type,
-            source_addr_ton=1,
-            source_addr_npi=1,
-            source_addr=msisdn,
-            destination_addr=self.short_code,
-            tlvs=(
-                (int(Tag.USSD_SERVICE_OP), bytes((self.ussd_abort_op,))),
-                self._dialog_tlvs(dialog_id, waiter.sequence_number + 1),
-            ),
+            **self._dialog_id_kwargs(dialog_id, waiter.sequence_number + 1),
         )
 
     async def _deliver_quietly(self, pdu: Any) -> None:
@@ -396,8 +386,6 @@ class SmscSimulator:
 
         Returns the ESME's command_status (0 = accepted). Long texts go as UDH parts.
         """
-        from extrabalance.smpp.pdu import DeliverSm
-        from extrabalance.smpp.text import split_text
 
         self.stats["mo_sms"] += 1
         reference = next(self._message_ids) & 0xFF
@@ -422,8 +410,6 @@ class SmscSimulator:
 
     def _on_submit(self, submit: object, system_id: str) -> tuple[int, str]:
         """Every submit_sm of the node: throttle, record, route. Returns (status, message_id)."""
-        from extrabalance.smpp.pdu import ItsSessionInfo, Status, SubmitSm
-        from extrabalance.smpp.text import decode_text, parse_concat
 
         if not isinstance(submit, SubmitSm):
             # data_sm: accepted so the node is not stuck, but not a screen nor an SMS here.
@@ -483,8 +469,6 @@ class SmscSimulator:
         return 0, message_id
 
     def _reassemble(self, msisdn: str, info: object, text: str) -> str | None:
-        from extrabalance.smpp.text import ConcatInfo
-
         if not isinstance(info, ConcatInfo):
             return text
         return self._reassembler.feed(msisdn, info, text, time.monotonic())
@@ -499,8 +483,6 @@ class SmscSimulator:
         waiter.future.set_result(Screen(record.text, final))
 
     async def _send_receipt(self, record: MtRecord, system_id: str) -> None:
-        from extrabalance.smpp.pdu import DeliverSm, Tag
-
         await asyncio.sleep(RECEIPT_DELAY_MS / 1000)
         stamp = time.strftime("%y%m%d%H%M", time.gmtime(record.time_s))
         text = (
@@ -537,6 +519,11 @@ class SmscSimulator:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _expire(future: asyncio.Future[Screen]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _replace_text(record: MtRecord, text: str) -> MtRecord:

@@ -3,7 +3,10 @@
 Translates a CCR into `LendingService.out_of_balance` and its outcome into a CCA,
 as PROTOCOLS.md says: 2001 + Granted-Service-Unit for an automatic advance, 4012 no
 advance, 4010 barred, 5030 unknown subscriber, 5031 unknown Service-Context-Id;
-TERMINATION closes the session with 2001. Malformed requests get the RFC's error
+TERMINATION closes the session with 2001. An advance is booked CONFIRMING; once this
+handler has returned its CCA the lending service confirms it with the IN (REFUND_ACCOUNT
+under this CCR's Session-Id and CC-Request-Number, docs/diameter.md "Advance
+confirmation"), so a CCA that never reaches the IN in time costs nobody anything. Malformed requests get the RFC's error
 answer from the codec's validation; the lending service is never called for them.
 
 Overload, three rules, each answered with 3004 DIAMETER_TOO_BUSY and the E bit (RFC

@@ -11,6 +11,10 @@ answer mapped onto what the saga needs to know:
 | 3002 UNABLE_TO_DELIVER, 3004 TOO_BUSY   | NOT_EXECUTED   | re-send later, no T flag  |
 | no answer in time, connection lost      | UNKNOWN        | resolver re-sends with T  |
 | no open peer for that IN (never sent)   | UNKNOWN        | resolver finishes it      |
+
+The confirmation of an automatic advance is one of these operations too: a
+REFUND_ACCOUNT whose Session-Id and CC-Request-Number are those of the IN's own
+out-of-balance CCR (stored with the advance), sent to the IN that sent that CCR.
 """
 
 from __future__ import annotations

@@ -27,13 +27,15 @@ from extrabalance.service.ports import Notice
 from extrabalance.service.templates import Templates, format_minor
 from extrabalance.service.ussd import UssdDialogs, UssdInput
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, TlvValueError, UssdOp
-from extrabalance.smpp.text import decode_text, parse_receipt
+from extrabalance.smpp.text import Reassembler, decode_text, parse_concat, parse_receipt
 from extrabalance.smpp.ussd import parse_ussd_deliver, ussd_submit
 
 log = structlog.get_logger(__name__)
 
 INBOUND_TASKS_MAX = 2000  # deliver_sm being handled at once; beyond: ESME_RTHROTTLED
-SENT_TRACKED_MAX = 100_000  # message ids remembered to match delivery receipts
+SENT_TRACKED_MAX = 100_000
+CONCAT_PENDING_MAX = 10_000  # incoming long SMS waiting for their other parts
+CONCAT_TIMEOUT_S = 120.0  # a part whose siblings do not come in this time is dropped  # message ids remembered to match delivery receipts
 
 
 class SmppChannel:
@@ -72,6 +74,7 @@ class SmppChannel:
         self._ads_gate = ads_gate
         self._observe_ussd = observe_ussd
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reassembler = Reassembler(entries_max=CONCAT_PENDING_MAX, timeout_s=CONCAT_TIMEOUT_S)
         self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # message id → (msisdn, template)
         self.accepting = True
         self.stats = {"ussd_in": 0, "sms_in": 0, "receipts": 0, "receipts_matched": 0,
@@ -89,8 +92,9 @@ class SmppChannel:
 
     # -- inbound ---------------------------------------------------------------
 
-    async def on_deliver(self, pdu: Any, system_id: str) -> int:
-        """deliver_sm handler for the ESME: returns the deliver_sm_resp status."""
+    def on_deliver(self, pdu: Any, system_id: str) -> int:
+        """deliver_sm handler for the ESME: returns the deliver_sm_resp status at once
+        (a plain function: the ESME then answers without creating a task)."""
         if not isinstance(pdu, DeliverSm):
             return int(Status.ESME_RINVCMDID)
         # The TLVs the handlers read, checked once here: a malformed one gets its own
@@ -193,12 +197,27 @@ class SmppChannel:
         if self._observe_ussd is not None:
             self._observe_ussd(time.perf_counter() - started)
 
+    def _mo_text(self, pdu: DeliverSm) -> str | None:
+        """The SMS text, or None while parts of a concatenated SMS are still missing
+        (UDH with 8- or 16-bit reference, or the SAR TLVs; bounded, timed out)."""
+        try:
+            if pdu.message_payload:
+                return decode_text(pdu.data_coding, pdu.message_payload)
+            info, body = parse_concat(pdu.esm_class, pdu.short_message, pdu.tlvs)
+            text = decode_text(pdu.data_coding, body)
+        except Exception:  # noqa: BLE001 - one subscriber's message never stops the channel
+            return ""
+        if info is None:
+            return text
+        now = time.monotonic()
+        self._reassembler.expire(now)
+        return self._reassembler.feed(pdu.source_addr, info, text, now)
+
     async def _sms(self, pdu: DeliverSm, system_id: str) -> None:
         msisdn = pdu.source_addr
-        try:
-            text = decode_text(pdu.data_coding, pdu.message_payload or pdu.short_message)
-        except Exception:  # noqa: BLE001 - one subscriber's message never stops the channel
-            text = ""
+        text = self._mo_text(pdu)
+        if text is None:
+            return  # a part of a longer SMS: the reply comes when the last part arrives
         kw = parse_keyword(text)
         lang = kw.language
         # The MSISDN is masked by the logging setup unless the operator turned it off.

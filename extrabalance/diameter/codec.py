@@ -167,15 +167,20 @@ def find_path(avps: Iterable[Avp], *path: PathStep) -> Avp | None:
     current: Iterable[Avp] = avps
     for step in path:
         if step.__class__ is int:
-            code, vendor = step, 0
+            for a in current:
+                if a[0] == step and not a[2]:
+                    found = a
+                    break
+            else:
+                return None
         else:
             code, vendor = step  # type: ignore[misc]
-        for a in current:
-            if a[0] == code and a[2] == vendor:
-                found = a
-                break
-        else:
-            return None
+            for a in current:
+                if a[0] == code and a[2] == vendor:
+                    found = a
+                    break
+            else:
+                return None
         value = found[3]
         current = value if value.__class__ is tuple else ()
     return found
@@ -231,8 +236,13 @@ class Message(NamedTuple):
 
     @property
     def session_id(self) -> str | None:
-        value = get_value(self.avps, 263)
-        return value if isinstance(value, str) else None
+        avps = self[5]
+        # RFC 6733 §8.8: Session-Id comes first when present; look there first.
+        if avps and avps[0][0] == 263 and not avps[0][2]:
+            value = avps[0][3]
+        else:
+            value = get_value(avps, 263)
+        return value if value.__class__ is str or isinstance(value, str) else None
 
     def with_ids(self, hop_by_hop_id: int, end_to_end_id: int | None = None) -> Message:
         return self._replace(
@@ -456,6 +466,7 @@ _P_IIII: Final = _S_IIII.pack
 _P_IIi: Final = _S_IIi.pack
 _P_IIIi: Final = _S_IIIi.pack
 _P_IIq: Final = _S_IIq.pack
+_P_HEADER: Final = _S_HEADER.pack
 
 
 # Long-lived AVPs (identities, realms, enumerated values, tier amounts) are built
@@ -546,23 +557,63 @@ def _encode_avps_fast(avps: Sequence[Avp], parts: list[bytes]) -> None:
             append(encode_avp(a))
 
 
+# Message bodies encoded by their builder from a template (gy builds every CCR and
+# CCA from pre-encoded static runs plus a few dynamic AVPs, so it has the bytes at
+# hand): id(avps tuple) -> (that tuple, its encoding). ``encode`` then copies the
+# body and packs only the header, which is what changes between re-sends (ids, T
+# flag). The entry holds the tuple itself so its id cannot be reused while the
+# entry lives; the table is bounded and simply cleared when full (a miss, e.g. a
+# re-send long after the build, only costs the ordinary encoding).
+# Small on purpose: a builder's message is encoded right after it is built, and
+# entries kept alive longer would be promoted to older GC generations for nothing.
+PREENCODED_MAX: Final = 64
+_PREENCODED: dict[int, tuple[tuple[Avp, ...], bytes]] = {}
+
+
+def remember_encoding(avps: tuple[Avp, ...], body: bytes) -> None:
+    """Record that the AVP tuple ``avps`` encodes to ``body`` (see _PREENCODED).
+
+    Only for builders whose templates are tested byte for byte against the plain
+    encoder (tests/diameter/test_gy.py).
+    """
+    if len(_PREENCODED) >= PREENCODED_MAX:
+        _PREENCODED.clear()
+    _PREENCODED[id(avps)] = (avps, body)
+
+
+def encode_octets_avp(code: int, flags: int, data: bytes) -> bytes:
+    """A vendor-less AVP whose payload is ``data`` (OctetString, UTF-8 text, ...)."""
+    n = len(data)
+    return _P_II(code, (flags << 24) | (n + 8)) + data + _PAD[n & 3]
+
+
+def encode_grouped_avp(code: int, flags: int, body: bytes) -> bytes:
+    """A vendor-less Grouped AVP around its children's encoding ``body``."""
+    return _P_II(code, (flags << 24) | (len(body) + 8)) + body
+
+
 def encode(msg: Message) -> bytes:
     """The wire bytes of ``msg``. Raises ValueError on a value that cannot be encoded."""
-    parts: list[bytes] = []
-    try:
-        _encode_avps_fast(msg.avps, parts)
-    except Exception:  # noqa: BLE001 - redo slowly to raise the precise ValueError
-        parts = [encode_avp(a) for a in msg.avps]
-    body = b"".join(parts)
+    avps = msg[5]
+    hit = _PREENCODED.get(id(avps))
+    if hit is not None and hit[0] is avps:
+        body = hit[1]
+    else:
+        parts: list[bytes] = []
+        try:
+            _encode_avps_fast(avps, parts)
+        except Exception:  # noqa: BLE001 - redo slowly to raise the precise ValueError
+            parts = [encode_avp(a) for a in avps]
+        body = b"".join(parts)
     length = HEADER_BYTES + len(body)
     if length > 0xFFFFFF:
         raise ValueError("message longer than 16 MiB")
-    return _S_HEADER.pack(
-        (msg.version << 24) | length,
-        (msg.flags << 24) | msg.command_code,
-        msg.application_id,
-        msg.hop_by_hop_id,
-        msg.end_to_end_id,
+    return _P_HEADER(
+        (msg[6] << 24) | length,
+        (msg[1] << 24) | msg[0],
+        msg[2],
+        msg[3],
+        msg[4],
     ) + body
 
 
@@ -762,21 +813,30 @@ _CACHED_CODES: Final = frozenset({
 _DECODE_CACHE: dict[bytes, tuple[bytes, tuple[Avp, ...]]] = {}
 
 
+# code (vendor 0) -> type tag, plus _KIND_CACHED for the codes above: one dictionary
+# lookup per AVP tells the fast decoder both how to decode it and whether to cache.
+_KIND_CACHED: Final = 8
+_KIND_BY_CODE: Final[dict[int, int]] = {
+    key: tag | (_KIND_CACHED if key in _CACHED_CODES else 0)
+    for key, tag in _TAG_BY_KEY.items() if key <= 0xFFFFFFFF
+}
+
+
 def _decode_avps_fast(
     buf: bytes, pos: int, end: int, depth: int, out: list[Avp]
 ) -> list[Avp] | None:
-    """The strict decoder with the common types inline.
+    """The strict decoder with the common types inline, for a message's top level.
 
-    Returns None (nested) or hands over to ``_decode_avps`` (top level) at the first
-    AVP it does not handle: a vendor AVP, a rare type, or a fault, which the general
-    decoder then reports precisely. Kept short on purpose: every bytecode in this
-    loop is paid ~20 times per CCR.
+    Hands over to ``_decode_avps`` at the first AVP it does not handle: a vendor
+    AVP, a rare type, or a fault, which the general decoder then reports
+    precisely. Kept short on purpose: every bytecode in this loop is paid for
+    each AVP of each message.
     """
     append = out.append
-    tags = _TAG_BY_KEY
+    kinds = _KIND_BY_CODE
     new = _new_avp
     cache = _DECODE_CACHE
-    cached_codes = _CACHED_CODES
+    unpack = _U_III
     # The current run of consecutive cacheable AVPs (identities, realm, app id, ...):
     # remembered as a whole under its first AVP's bytes, so that the next message
     # with the same run costs one lookup and one comparison.
@@ -785,12 +845,14 @@ def _decode_avps_fast(
     run_index = 0
     try:
         while pos < end:
-            code, word, third = _U_III(buf, pos)
-            stop = pos + (word & 0xFFFFFF)
-            if word & 0x80000000 or not pos + 8 <= stop <= end:
+            code, word, third = unpack(buf, pos)
+            size = word & 0xFFFFFF
+            stop = pos + size
+            if word & 0x80000000 or size < 8 or stop > end:
                 break
+            kind = kinds.get(code, _TAG_OCTETS)
             raw = None
-            if code in cached_codes and stop - pos <= DECODE_CACHE_AVP_BYTES_MAX:
+            if kind & _KIND_CACHED and size <= DECODE_CACHE_AVP_BYTES_MAX:
                 raw = buf[pos:stop]
                 hit = cache.get(raw)
                 if hit is not None:
@@ -807,7 +869,7 @@ def _decode_avps_fast(
                     if run_start < 0:
                         run_start, run_key, run_index = pos, raw, len(out)
                     append(run_avps[0])  # its key is this AVP's exact bytes
-                    pos = (stop + 3) & ~3 if stop & 3 else stop
+                    pos = (stop + 3) & ~3
                     continue
                 if run_start < 0:
                     run_start, run_key, run_index = pos, raw, len(out)
@@ -815,34 +877,33 @@ def _decode_avps_fast(
                 if len(out) - run_index >= 2 and pos - run_start <= DECODE_CACHE_RUN_BYTES_MAX:
                     cache[run_key] = (buf[run_start:pos], tuple(out[run_index:]))
                 run_start = -1
-            tag = tags.get(code, _TAG_OCTETS)
+            tag = kind & 7
             if tag == _TAG_TEXT:
                 value: Any = buf[pos + 8 : stop].decode()
-            elif tag == _TAG_I32:
-                if stop - pos != 12:
-                    break
-                value = third - 0x100000000 if third & 0x80000000 else third
-            elif tag == _TAG_U32:
-                if stop - pos != 12:
-                    break
-                value = third
             elif tag == _TAG_GROUPED:
                 if depth >= MAX_GROUPED_DEPTH:
                     break
-                sub = _decode_avps_fast(buf, pos + 8, stop, depth + 1, [])
-                if sub is None:
+                value = _decode_group_fast(buf, pos + 8, stop, depth + 1)
+                if value is None:
                     break
-                value = tuple(sub)
+            elif tag == _TAG_TIME:
+                if size != 12:
+                    break
+                value = third if third & 0x80000000 else third + _NTP_ERA_S
+            elif tag == _TAG_U32:
+                if size != 12:
+                    break
+                value = third
+            elif tag == _TAG_I32:
+                if size != 12:
+                    break
+                value = third - 0x100000000 if third & 0x80000000 else third
             elif tag == _TAG_OCTETS:
                 value = buf[pos + 8 : stop]
             elif tag == _TAG_I64:
-                if stop - pos != 16:
+                if size != 16:
                     break
                 value = _U_q(buf, pos + 8)[0]
-            elif tag == _TAG_TIME:
-                if stop - pos != 12:
-                    break
-                value = third if third & 0x80000000 else third + _NTP_ERA_S
             else:
                 break
             decoded = new(Avp, (code, word >> 24, 0, value))
@@ -852,7 +913,7 @@ def _decode_avps_fast(
                     cache.clear()
                     run_start = -1  # its first AVP's entry is gone
                 cache[raw] = (raw, (decoded,))
-            pos = (stop + 3) & ~3 if stop & 3 else stop
+            pos = (stop + 3) & ~3
         else:
             if pos == end:
                 if run_start >= 0 and len(out) - run_index >= 2 \
@@ -861,9 +922,79 @@ def _decode_avps_fast(
                 return out
     except (struct.error, UnicodeDecodeError):
         pass  # the general decoder finds and names the fault
-    if depth:
-        return None
     return _decode_avps(buf, pos, end, depth, out)
+
+
+def _decode_group_fast(buf: bytes, pos: int, end: int, depth: int) -> tuple[Avp, ...] | None:
+    """The children of a Grouped AVP, or None at anything the fast path leaves to the
+    general decoder. Like the top-level loop without the run bookkeeping: groups
+    are short, and the cacheable ones (service units, CC-Money) are cached whole."""
+    out: list[Avp] = []
+    append = out.append
+    kinds = _KIND_BY_CODE
+    cache = _DECODE_CACHE
+    try:
+        while pos < end:
+            code, word, third = _U_III(buf, pos)
+            size = word & 0xFFFFFF
+            stop = pos + size
+            if word & 0x80000000 or size < 8 or stop > end:
+                return None
+            kind = kinds.get(code, _TAG_OCTETS)
+            tag = kind & 7
+            # Integers decode faster than a cache lookup: without a run to start
+            # here, only text and grouped values are worth looking up.
+            if tag == _TAG_I32:
+                if size != 12:
+                    return None
+                append(_new_avp(Avp, (code, word >> 24, 0,
+                                      third - 0x100000000 if third & 0x80000000 else third)))
+                pos = (stop + 3) & ~3
+                continue
+            if tag == _TAG_U32:
+                if size != 12:
+                    return None
+                append(_new_avp(Avp, (code, word >> 24, 0, third)))
+                pos = (stop + 3) & ~3
+                continue
+            raw = None
+            if kind & _KIND_CACHED and size <= DECODE_CACHE_AVP_BYTES_MAX:
+                raw = buf[pos:stop]
+                hit = cache.get(raw)
+                if hit is not None:
+                    append(hit[1][0])  # the entry's first AVP is this one
+                    pos = (stop + 3) & ~3
+                    continue
+            if tag == _TAG_TEXT:
+                value: Any = buf[pos + 8 : stop].decode()
+            elif tag == _TAG_GROUPED:
+                if depth >= MAX_GROUPED_DEPTH:
+                    return None
+                value = _decode_group_fast(buf, pos + 8, stop, depth + 1)
+                if value is None:
+                    return None
+            elif tag == _TAG_I64:
+                if size != 16:
+                    return None
+                value = _U_q(buf, pos + 8)[0]
+            elif tag == _TAG_OCTETS:
+                value = buf[pos + 8 : stop]
+            elif tag == _TAG_TIME:
+                if size != 12:
+                    return None
+                value = third if third & 0x80000000 else third + _NTP_ERA_S
+            else:
+                return None
+            decoded = _new_avp(Avp, (code, word >> 24, 0, value))
+            append(decoded)
+            if raw is not None:
+                if len(cache) >= DECODE_CACHE_MAX:
+                    cache.clear()
+                cache[raw] = (raw, (decoded,))
+            pos = (stop + 3) & ~3
+    except (struct.error, UnicodeDecodeError):
+        return None
+    return tuple(out) if pos == end else None
 
 
 def decode_header(data: bytes) -> tuple[int, int, int, int, int, int]:
@@ -991,21 +1122,37 @@ def _zero_example(code: int, vendor_id: int) -> Avp:
 
 
 def _check_grammar(avps: Sequence[Avp], grammar: d.Grammar, partial: Message) -> None:
-    counts: dict[tuple[int, int], int] = {}
+    once = grammar.once_keys
+    seen: set[int] = set()
     for a in avps:
-        k = (a[0], a[2])
-        seen = counts.get(k, 0)
-        if seen and k in grammar.once:
-            raise DiameterError(5009, f"{d.avp_name(*k)} occurs more than once", (a,), partial)
-        counts[k] = seen + 1
-    for code, vendor in grammar.required:
-        if (code, vendor) not in counts:
+        k = a[0] | (a[2] << 32)
+        if k in seen:
+            if k in once:
+                raise DiameterError(5009, f"{d.avp_name(a[0], a[2])} occurs more than once",
+                                    (a,), partial)
+        else:
+            seen.add(k)
+    for k in grammar.required_keys:
+        if k not in seen:
+            code, vendor = k & 0xFFFFFFFF, k >> 32
             raise DiameterError(5005, f"{d.avp_name(code, vendor)} missing",
                                 (_zero_example(code, vendor),), partial)
 
 
+# AVPs found valid, by identity: the decoder hands out the same objects for the AVPs
+# that repeat (identities, application ids, service units, see _DECODE_CACHE), and
+# whether an AVP is valid depends on nothing but the AVP, so each is checked once.
+# Only the cacheable codes are remembered (per-request AVPs would only churn it);
+# the entry keeps the AVP alive so that its id stays its own. Cleared when full.
+VALIDATED_MAX: Final = 4096
+_VALIDATED: dict[int, Avp] = {}
+
+
 def _check_avps(avps: Sequence[Avp], partial: Message, depth: int) -> None:
+    validated = _VALIDATED
     for a in avps:
+        if validated.get(id(a)) is a:
+            continue
         code, flags, vendor, value = a
         entry: AvpDef | None = AVP_BY_KEY.get(code | (vendor << 32))
         if entry is None:
@@ -1023,6 +1170,10 @@ def _check_avps(avps: Sequence[Avp], partial: Message, depth: int) -> None:
             if grammar is not None:
                 _check_grammar(value, grammar, partial)
             _check_avps(value, partial, depth + 1)
+        if code in _CACHED_CODES and not vendor:
+            if len(validated) >= VALIDATED_MAX:
+                validated.clear()
+            validated[id(a)] = a
 
 
 # Applications whose commands we know (COMMAND_GRAMMAR) and the base ones.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 
@@ -364,9 +364,15 @@ class Grammar:
     once: Collection[tuple[int, int]]  # stored as a frozenset (membership tests)
     # P bit rule for commands: True must be set, False must be clear, None either.
     proxiable: bool | None = None
+    # The same, as avp_key() ints: what the validator hashes on its hot path.
+    required_keys: tuple[int, ...] = field(init=False, default=())
+    once_keys: frozenset[int] = field(init=False, default=frozenset())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "once", frozenset(self.once))
+        object.__setattr__(self, "required_keys",
+                           tuple(avp_key(c, v) for c, v in self.required))
+        object.__setattr__(self, "once_keys", frozenset(avp_key(c, v) for c, v in self.once))
 
 
 def _k(*names: str) -> tuple[tuple[int, int], ...]:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from functools import lru_cache
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from . import codec
 from .codec import Avp, DiameterError, Message, avp
@@ -91,6 +92,40 @@ AMOUNT_MINOR_MAX: Final = (1 << 63) - 1
 AVP_CACHE_MAX: Final = 4096
 
 
+_T = TypeVar("_T")
+
+
+def _init_through_slots(cls: type[_T]) -> type[_T]:
+    """Give a frozen, slotted, keyword-only dataclass a faster ``__init__``.
+
+    The generated one stores each field with ``object.__setattr__`` (looked up per
+    field, since frozen classes refuse ordinary assignment); this one calls each
+    slot's descriptor directly: the same signature, defaults and frozen instance,
+    in about half the time. A CCR/CCA object is built for every request.
+    """
+    params = []
+    stores = []
+    namespace: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.default is not MISSING:
+            namespace[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        elif f.default_factory is not MISSING or not f.kw_only:
+            raise TypeError(f"{cls.__name__}.{f.name}: only keyword fields with plain defaults")
+        else:
+            params.append(f.name)
+        namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        stores.append(f"    _set_{f.name}(self, {f.name})")
+    source = f"def __init__(self, *, {', '.join(params)}):\n" + "\n".join(stores) + "\n"
+    exec(source, namespace)  # noqa: S102 - our own field names, as dataclasses does
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
+
+
+@_init_through_slots
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CreditControlRequest:
     """A CCR as the node and the IN simulator see it. Money in minor units."""
@@ -111,6 +146,7 @@ class CreditControlRequest:
     event_timestamp: int | None = None  # NTP seconds (since 1900)
 
 
+@_init_through_slots
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CreditControlAnswer:
     """A CCA: Result-Code, or the Experimental-Result-Code when that is what came."""
@@ -167,9 +203,9 @@ def _service_unit(code: int, amount_minor: int, currency_numeric: int | None,
 @lru_cache(maxsize=AVP_CACHE_MAX)
 def _ccr_routing(origin_host: str, origin_realm: str, destination_host: str | None,
                  destination_realm: str, service_context_id: str, request_type: int,
-                 request_number: int) -> tuple[Avp, ...]:
-    """The AVPs between Session-Id and Event-Timestamp: the same for every request a
-    node sends to one IN node, so they are built (and encoded) once."""
+                 request_number: int) -> tuple[tuple[Avp, ...], bytes]:
+    """The AVPs between Session-Id and Event-Timestamp, and their bytes: the same for
+    every request a node sends to one IN node, so they are built (and encoded) once."""
     c = _cached_avp
     avps = [c(AVP_ORIGIN_HOST, origin_host), c(AVP_ORIGIN_REALM, origin_realm)]
     if destination_host is not None:
@@ -181,11 +217,46 @@ def _ccr_routing(origin_host: str, origin_realm: str, destination_host: str | No
         c(AVP_CC_REQUEST_TYPE, request_type),
         c(AVP_CC_REQUEST_NUMBER, request_number),
     ]
-    return codec.intern_run(tuple(avps))
+    run = codec.intern_run(tuple(avps))
+    return run, b"".join(codec.encode_avp(a) for a in run)
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _ccr_tail(requested_action: int | None, requested_minor: int | None,
+              currency_numeric: int | None, currency_exponent: int,
+              has_mscc: bool) -> tuple[tuple[Avp, ...], bytes]:
+    """The AVPs after Subscription-Id (Requested-Action, the service unit, MSCC), and
+    their bytes: one per tier amount and action, so built and encoded once."""
+    avps: list[Avp] = []
+    if requested_action is not None:
+        avps.append(_cached_avp(AVP_REQUESTED_ACTION, requested_action))
+    rsu = None
+    if requested_minor is not None:
+        rsu = _service_unit(AVP_REQUESTED_SERVICE_UNIT, requested_minor, currency_numeric,
+                            currency_exponent)
+    if has_mscc:
+        avps.append(_MSI_SUPPORTED)
+        avps.append(avp(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL, () if rsu is None else (rsu,)))
+    elif rsu is not None:
+        avps.append(rsu)
+    tail = tuple(avps)
+    return tail, b"".join(codec.encode_avp(a) for a in tail)
 
 
 def ntp_now() -> int:
     return codec.ntp_from_unix(time.time())
+
+
+# Flags of the per-request AVPs, from the dictionary (all M, no V).
+_F_SESSION_ID: Final = avp(AVP_SESSION_ID, "").flags
+_F_EVENT_TIMESTAMP: Final = avp(AVP_EVENT_TIMESTAMP, 0).flags
+_F_SUBSCRIPTION_ID: Final = avp(AVP_SUBSCRIPTION_ID, ()).flags
+_F_SUBSCRIPTION_ID_DATA: Final = avp(AVP_SUBSCRIPTION_ID_DATA, "").flags
+_SUBSCRIPTION_E164_BYTES: Final = codec.encode_avp(_SUBSCRIPTION_E164)
+_new = tuple.__new__
+_octets_avp = codec.encode_octets_avp
+_pack_u32_avp = struct.Struct(">III").pack
+_REQUEST_FLAGS: Final = codec.FLAG_REQUEST | codec.FLAG_PROXIABLE
 
 
 def build_ccr(
@@ -196,29 +267,49 @@ def build_ccr(
     end_to_end_id: int = 0,
     retransmit: bool = False,
 ) -> Message:
-    """The CCR message for ``ccr``; the node assigns the ids when it sends it."""
-    avps = [avp(AVP_SESSION_ID, ccr.session_id)]
-    avps += _ccr_routing(ccr.origin_host, ccr.origin_realm, ccr.destination_host,
-                         ccr.destination_realm, ccr.service_context_id, ccr.request_type,
-                         ccr.request_number)
-    if ccr.event_timestamp is not None:
-        avps.append(avp(AVP_EVENT_TIMESTAMP, ccr.event_timestamp))
-    avps.append(avp(AVP_SUBSCRIPTION_ID, (_SUBSCRIPTION_E164,
-                                          avp(AVP_SUBSCRIPTION_ID_DATA, ccr.msisdn))))
-    if ccr.requested_action is not None:
-        avps.append(_cached_avp(AVP_REQUESTED_ACTION, ccr.requested_action))
-    rsu = None
-    if ccr.requested_minor is not None:
-        rsu = _service_unit(AVP_REQUESTED_SERVICE_UNIT, ccr.requested_minor,
-                            ccr.currency_numeric, currency_exponent)
-    if ccr.has_mscc:
-        avps.append(_MSI_SUPPORTED)
-        avps.append(avp(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL, () if rsu is None else (rsu,)))
-    elif rsu is not None:
-        avps.append(rsu)
-    flags = codec.FLAG_REQUEST | codec.FLAG_PROXIABLE | (codec.FLAG_RETRANSMIT if retransmit else 0)
-    return Message(CMD_CREDIT_CONTROL, flags, APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id,
-                   end_to_end_id, tuple(avps))
+    """The CCR message for ``ccr``; the node assigns the ids when it sends it.
+
+    Built from a template: the routing AVPs and the tail (action, amount) come
+    pre-built and pre-encoded from bounded caches; only Session-Id,
+    Event-Timestamp and Subscription-Id are new per request, and the body's bytes
+    are handed to the codec so that ``encode`` only packs the header.
+    """
+    head, head_bytes = _ccr_routing(ccr.origin_host, ccr.origin_realm, ccr.destination_host,
+                                    ccr.destination_realm, ccr.service_context_id,
+                                    ccr.request_type, ccr.request_number)
+    tail, tail_bytes = _ccr_tail(ccr.requested_action, ccr.requested_minor,
+                                 ccr.currency_numeric, currency_exponent, ccr.has_mscc)
+    session_id = ccr.session_id
+    msisdn = ccr.msisdn
+    stamp = ccr.event_timestamp
+    sub = _new(Avp, (AVP_SUBSCRIPTION_ID, _F_SUBSCRIPTION_ID, 0, (
+        _SUBSCRIPTION_E164,
+        _new(Avp, (AVP_SUBSCRIPTION_ID_DATA, _F_SUBSCRIPTION_ID_DATA, 0, msisdn)))))
+    first = _new(Avp, (AVP_SESSION_ID, _F_SESSION_ID, 0, session_id))
+    if stamp is None:
+        avps = (first, *head, sub, *tail)
+    else:
+        avps = (first, *head, _new(Avp, (AVP_EVENT_TIMESTAMP, _F_EVENT_TIMESTAMP, 0, stamp)),
+                sub, *tail)
+    try:
+        body = b"".join((
+            _octets_avp(AVP_SESSION_ID, _F_SESSION_ID, session_id.encode()),
+            head_bytes,
+            b"" if stamp is None else _pack_u32_avp(
+                AVP_EVENT_TIMESTAMP, (_F_EVENT_TIMESTAMP << 24) | 12, stamp & 0xFFFFFFFF),
+            codec.encode_grouped_avp(AVP_SUBSCRIPTION_ID, _F_SUBSCRIPTION_ID, (
+                _SUBSCRIPTION_E164_BYTES
+                + _octets_avp(AVP_SUBSCRIPTION_ID_DATA, _F_SUBSCRIPTION_ID_DATA,
+                              msisdn.encode()))),
+            tail_bytes,
+        ))
+    except (AttributeError, TypeError, ValueError, struct.error):
+        pass  # a value the template cannot take: encode() reports it precisely
+    else:
+        codec.remember_encoding(avps, body)
+    flags = _REQUEST_FLAGS | (codec.FLAG_RETRANSMIT if retransmit else 0)
+    return _new(Message, (CMD_CREDIT_CONTROL, flags, APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id,
+                          end_to_end_id, avps, 1))
 
 
 def build_cca(
@@ -254,20 +345,17 @@ def build_cca(
         request_mscc = None
         has_mscc = request.has_mscc
         hop_by_hop_id = end_to_end_id = 0
+    if not has_mscc and error_message is None:
+        return _build_cca_from_template(session_id, result_code, origin_host, origin_realm,
+                                        request_type, request_number, granted_minor,
+                                        check_balance_result, currency_numeric,
+                                        currency_exponent, event_timestamp, hop_by_hop_id,
+                                        end_to_end_id)
     c = _cached_avp
     avps: list[Avp] = []
     if session_id is not None:
         avps.append(avp(AVP_SESSION_ID, session_id))
-    avps += [
-        c(AVP_RESULT_CODE, result_code),
-        c(AVP_ORIGIN_HOST, origin_host),
-        c(AVP_ORIGIN_REALM, origin_realm),
-        _AUTH_APP_CC,
-    ]
-    if request_type is not None:
-        avps.append(c(AVP_CC_REQUEST_TYPE, request_type))
-    if request_number is not None:
-        avps.append(c(AVP_CC_REQUEST_NUMBER, request_number))
+    avps += _cca_head(result_code, origin_host, origin_realm, request_type, request_number)[0]
     avps.append(avp(AVP_EVENT_TIMESTAMP,
                     ntp_now() if event_timestamp is None else event_timestamp))
     gsu = None
@@ -292,9 +380,78 @@ def build_cca(
         avps.append(c(AVP_CHECK_BALANCE_RESULT, check_balance_result))
     if error_message:
         avps.append(avp(AVP_ERROR_MESSAGE, error_message))
-    flags = codec.FLAG_PROXIABLE | (codec.FLAG_ERROR if 3000 <= result_code < 4000 else 0)
-    return Message(CMD_CREDIT_CONTROL, flags, APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id,
-                   end_to_end_id, tuple(avps))
+    return Message(CMD_CREDIT_CONTROL, _answer_flags(result_code), APP_DIAMETER_CREDIT_CONTROL,
+                   hop_by_hop_id, end_to_end_id, tuple(avps))
+
+
+def _answer_flags(result_code: int) -> int:
+    return codec.FLAG_PROXIABLE | (codec.FLAG_ERROR if 3000 <= result_code < 4000 else 0)
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _cca_head(result_code: int, origin_host: str, origin_realm: str, request_type: int | None,
+              request_number: int | None) -> tuple[tuple[Avp, ...], bytes]:
+    """The AVPs between Session-Id and Event-Timestamp of a CCA, and their bytes."""
+    c = _cached_avp
+    avps = [c(AVP_RESULT_CODE, result_code), c(AVP_ORIGIN_HOST, origin_host),
+            c(AVP_ORIGIN_REALM, origin_realm), _AUTH_APP_CC]
+    if request_type is not None:
+        avps.append(c(AVP_CC_REQUEST_TYPE, request_type))
+    if request_number is not None:
+        avps.append(c(AVP_CC_REQUEST_NUMBER, request_number))
+    run = codec.intern_run(tuple(avps))
+    return run, b"".join(codec.encode_avp(a) for a in run)
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _cca_tail(granted_minor: int | None, check_balance_result: int | None,
+              currency_numeric: int | None, currency_exponent: int
+              ) -> tuple[tuple[Avp, ...], bytes]:
+    """The AVPs after Event-Timestamp of a CCA without MSCC, and their bytes."""
+    avps: list[Avp] = []
+    if granted_minor is not None:
+        avps.append(_service_unit(AVP_GRANTED_SERVICE_UNIT, granted_minor, currency_numeric,
+                                  currency_exponent))
+    if check_balance_result is not None:
+        avps.append(_cached_avp(AVP_CHECK_BALANCE_RESULT, check_balance_result))
+    tail = tuple(avps)
+    return tail, b"".join(codec.encode_avp(a) for a in tail)
+
+
+def _build_cca_from_template(
+    session_id: str | None, result_code: int, origin_host: str, origin_realm: str,
+    request_type: int | None, request_number: int | None, granted_minor: int | None,
+    check_balance_result: int | None, currency_numeric: int | None, currency_exponent: int,
+    event_timestamp: int | None, hop_by_hop_id: int, end_to_end_id: int,
+) -> Message:
+    """build_cca without MSCC or Error-Message: static runs plus Session-Id and
+    Event-Timestamp, with the body's bytes handed to the codec (as build_ccr)."""
+    head, head_bytes = _cca_head(result_code, origin_host, origin_realm, request_type,
+                                 request_number)
+    tail, tail_bytes = _cca_tail(granted_minor, check_balance_result, currency_numeric,
+                                 currency_exponent)
+    stamp = ntp_now() if event_timestamp is None else event_timestamp
+    stamp_avp = _new(Avp, (AVP_EVENT_TIMESTAMP, _F_EVENT_TIMESTAMP, 0, stamp))
+    if session_id is None:
+        avps = (*head, stamp_avp, *tail)
+    else:
+        avps = (_new(Avp, (AVP_SESSION_ID, _F_SESSION_ID, 0, session_id)), *head, stamp_avp,
+                *tail)
+    try:
+        body = b"".join((
+            b"" if session_id is None
+            else _octets_avp(AVP_SESSION_ID, _F_SESSION_ID, session_id.encode()),
+            head_bytes,
+            _pack_u32_avp(AVP_EVENT_TIMESTAMP, (_F_EVENT_TIMESTAMP << 24) | 12,
+                          stamp & 0xFFFFFFFF),
+            tail_bytes,
+        ))
+    except (AttributeError, TypeError, ValueError, struct.error):
+        pass  # a value the template cannot take: encode() reports it precisely
+    else:
+        codec.remember_encoding(avps, body)
+    return _new(Message, (CMD_CREDIT_CONTROL, _answer_flags(result_code),
+                          APP_DIAMETER_CREDIT_CONTROL, hop_by_hop_id, end_to_end_id, avps, 1))
 
 
 # --- parsing --------------------------------------------------------------------------

@@ -19,6 +19,12 @@ OPEN peer of the group. Retry rules (RFC 6733 §5.5.4, PROTOCOLS.md):
   sent, safe to retry later);
 * a request is never sent to another group.
 
+With ``election=True`` a peer given with its Origin-Host is one RFC 6733 peer
+(``peer.PeerLink``): the connection it dials to us serves its group just as the
+one we dial, only one of the two is kept, and when both sides dial at once the
+§5.6.4 election decides which. A link whose peer is served by the peer's own
+connection does not dial until that connection ends.
+
 Server side: CER/DWR/DPR are answered by the peer state machine; malformed
 requests are answered with the RFC's result code without calling the handler;
 application requests run the handler concurrently (bounded per connection), and
@@ -44,19 +50,25 @@ from .codec import DiameterError, Message
 from .constants import AVP_ORIGIN_HOST, DIAMETER_TOO_BUSY, DIAMETER_UNABLE_TO_COMPLY
 from .peer import (
     PENDING_MAX_DEFAULT,
+    AcceptResponder,
     AnswerReceived,
+    CapabilitiesReceived,
+    DropConnection,
     DuplicateCache,
     EndToEndIds,
+    LinkState,
     LocalIdentity,
     MessageRejected,
     NotOpen,
     PeerClosed,
     PeerConnection,
+    PeerLink,
     PeerOpened,
     PeerRecovered,
     PeerState,
     PeerSuspect,
     PendingTableFull,
+    RejectResponder,
     RequestReceived,
     RequestsFailedOver,
     RequestTimedOut,
@@ -87,6 +99,7 @@ CONNECT_TIMEOUT_S: Final = 5.0
 CLOSE_TIMEOUT_S: Final = 2.0
 
 RequestHandler = Callable[[Message, str], Awaitable[Message]]
+_new_message = tuple.__new__  # cheaper than Message._replace on the per-request path
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +123,31 @@ class _AttemptFailed(Exception):
 
 @dataclass(eq=False)
 class _Link:
-    """A client-side peer: its address, group and current connection, if any."""
+    """A configured peer: its address, group, and the connection that serves it.
+
+    With an expected Origin-Host the link runs RFC 6733's per-peer machine
+    (``machine``): its connection is the one we dialled or the one the peer
+    dialled, whichever the election kept. Without one (accept any allowed peer)
+    the link only knows the connection it dialled (``dialled``).
+    """
 
     group: str
     address: PeerAddress
-    conn: _Connection | None = None
+    machine: PeerLink | None = None
+    dialled: _Connection | None = None
     task: asyncio.Task[None] | None = None
     last_error: str | None = None
     opened_at: float | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def conn(self) -> _Connection | None:
+        """The connection serving this peer (open or on its way), if any."""
+        machine = self.machine
+        if machine is None:
+            return self.dialled
+        conn: _Connection | None = machine.conn or machine.initiator or machine.responder
+        return conn
 
 
 @dataclass(eq=False)
@@ -127,6 +157,25 @@ class _Group:
     links: list[_Link] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     next_index: int = 0
+
+
+def _is_closed(machine: PeerLink) -> bool:
+    # A function, not an inline test: the state changes while we await.
+    return machine.state is LinkState.CLOSED
+
+
+def _link_for_responder(links: list[_Link]) -> _Link:
+    """Which of the links to one Origin-Host a connection the peer dialled is for:
+    one that is dialling (an election), else one that is served (the newcomer is
+    refused, or replaces a dead connection), else an idle one (accepted)."""
+    for states in ((LinkState.WAIT_CONN_ACK, LinkState.WAIT_I_CEA),
+                   (LinkState.I_OPEN, LinkState.R_OPEN, LinkState.WAIT_RETURNS,
+                    LinkState.WAIT_CONN_ACK_ELECT),
+                   (LinkState.CLOSED,)):
+        for link in links:
+            if link.machine is not None and link.machine.state in states:
+                return link
+    return links[0]
 
 
 class _Connection(asyncio.Protocol):
@@ -143,6 +192,9 @@ class _Connection(asyncio.Protocol):
             watchdog_s=node.watchdog_s,
             pending_max=node.pending_max,
             rng=node._rng,
+            # Whether a CER is answered depends on the other connections to the same
+            # peer (RFC 6733 §5.6.4): the node decides, see _responder_cer.
+            hold_cer=role is Role.RESPONDER and node.election,
         )
         self.transport: asyncio.Transport | None = None
         self.closed = self.loop.create_future()
@@ -161,8 +213,13 @@ class _Connection(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         self.remote = f"{peername[0]}:{peername[1]}" if peername else "?"
         self.node._connections.add(self)
-        if self.link is not None:
-            self.link.conn = self  # before CEA can arrive, so the group sees it open
+        link = self.link
+        if link is not None:
+            if link.machine is None:
+                link.dialled = self
+            else:
+                link.machine.initiator_connected(self)
+                self.node._run_link_commands(link)
         if self.peer.role is Role.INITIATOR:
             self.peer.start(self.loop.time())
         self.peer.connection_made(self.loop.time())
@@ -180,6 +237,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self.node._connections.discard(self)
+        self.node._connection_ended(self)
         if not self.opened.done():
             self.opened.set_exception(ConnectionError(self.peer.close_reason or "closed"))
             self.opened.exception()  # mark retrieved: the link logs it
@@ -242,7 +300,14 @@ class _Connection(asyncio.Protocol):
                                                       "remote": self.remote})
                 if not self.opened.done():
                     self.opened.set_result(None)
+                link = self.link
+                if link is not None and link.machine is not None \
+                        and self.peer.role is Role.INITIATOR:
+                    link.machine.initiator_opened(self, self.peer.peer_origin_state_id)
+                    self.node._run_link_commands(link)
                 self.node._peer_changed(self)
+            elif kind is CapabilitiesReceived:
+                self.node._responder_cer(self, ev)  # type: ignore[arg-type]
             elif kind is PeerSuspect or kind is PeerRecovered:
                 log.warning("diameter peer %s: %s", self.peer.peer_origin_host, kind.__name__)
                 self.node._peer_changed(self)
@@ -340,6 +405,7 @@ class DiameterNode:
         reconnect_min_s: float = RECONNECT_MIN_S,
         reconnect_max_s: float = RECONNECT_MAX_S,
         duplicate_cache: DuplicateCache | None = None,
+        election: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         self.identity = identity
@@ -359,9 +425,16 @@ class DiameterNode:
         self._loop = asyncio.get_running_loop()
         self._servers: list[asyncio.base_events.Server] = []
         self._groups: dict[str, _Group] = {}
+        # Origin-Host (lower case) -> the links that expect it, for the election.
+        self._links_by_host: dict[str, list[_Link]] = {}
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._answers = duplicate_cache or DuplicateCache()
+        # RFC 6733 §5.6: one connection per configured peer (given with its
+        # Origin-Host), whichever side dialled it, and the §5.6.4 election when both
+        # dial at once. Off: every connection stands alone, as the node and the IN
+        # simulator used them before (each dials the other, one connection each way).
+        self.election = election
         self._e2e = EndToEndIds(time.time(), self._rng)
         self._closing = False
 
@@ -378,19 +451,38 @@ class DiameterNode:
     # --- client -----------------------------------------------------------------------
 
     def add_peer_group(self, name: str, realm: str, peers: list[PeerAddress]) -> None:
-        """Dial every peer of the group and keep them connected (CER, DWR, redial)."""
+        """Dial every peer of the group and keep them connected (CER, DWR, redial).
+
+        A peer given with its Origin-Host may also reach us by dialling: that
+        connection serves the group as well, and when both sides dial at once
+        the RFC 6733 election keeps one of the two (see peer.PeerLink).
+        """
         if name in self._groups:
             raise ValueError(f"peer group {name!r} exists")
         group = _Group(name, realm)
         self._groups[name] = group
         for address in peers:
             link = _Link(name, address)
+            if address.origin_host and self.election:
+                link.machine = PeerLink(self.identity.origin_host, address.origin_host)
+                self._links_by_host.setdefault(address.origin_host.lower(), []).append(link)
             group.links.append(link)
             link.task = self._loop.create_task(self._keep_linked(link))
 
     async def _keep_linked(self, link: _Link) -> None:
         backoff_s = self.reconnect_min_s
+        machine = link.machine
         while not self._closing:
+            if machine is not None and machine.state is not LinkState.CLOSED:
+                # The peer's own connection serves it (or an election is under way):
+                # dial again only once that is over, after the usual short pause.
+                link.changed.clear()
+                await link.changed.wait()
+                if _is_closed(machine) and not self._closing:
+                    await asyncio.sleep(self.reconnect_min_s * self._rng.uniform(0.75, 1.25))
+                continue
+            if machine is not None:
+                machine.start()
             conn: _Connection | None = None
             try:
                 _, opened = await asyncio.wait_for(self._loop.create_connection(
@@ -409,18 +501,80 @@ class DiameterNode:
                 raise
             except Exception as exc:  # noqa: BLE001 - refused, TLS, CEA refused: redial later
                 link.last_error = f"{type(exc).__name__}: {exc}"
+                if conn is None and machine is not None:
+                    machine.initiator_failed()
+                    self._run_link_commands(link)
                 if conn is not None and conn.transport is not None:
                     conn.transport.close()
-            finally:
-                if conn is not None and link.conn is conn and conn.closed.done():
-                    link.conn = None
             if self._closing:
                 return
-            link.conn = None
+            if machine is None:
+                if link.dialled is conn:
+                    link.dialled = None
+            elif machine.state is not LinkState.CLOSED:
+                # The connection the peer dialled took over (election, or ours
+                # failed meanwhile): nothing failed that calls for a backoff.
+                link.last_error = None
+                backoff_s = self.reconnect_min_s
+                self._peer_changed(None)
+                continue
             self._peer_changed(None)
             delay = backoff_s * self._rng.uniform(0.75, 1.25)
             backoff_s = min(backoff_s * 2, self.reconnect_max_s)
             await asyncio.sleep(delay)
+
+    # --- the per-peer machines (RFC 6733 §5.6) ---------------------------------------
+
+    def _responder_cer(self, conn: _Connection, ev: CapabilitiesReceived) -> None:
+        """A peer dialled us and sent a valid CER: accept it, or let its link decide."""
+        links = self._links_by_host.get(ev.origin_host.lower())
+        if not links:
+            # A peer we do not dial (the IN's clients, tests): nothing to elect.
+            conn.peer.accept(self._loop.time())
+            conn._after_input()
+            return
+        link = _link_for_responder(links)
+        assert link.machine is not None
+        conn.link = link
+        link.machine.responder_cer(conn, ev.origin_host, ev.origin_state_id)
+        self._run_link_commands(link)
+
+    def _connection_ended(self, conn: _Connection) -> None:
+        link = conn.link
+        if link is None or link.machine is None:
+            return
+        if conn.peer.role is Role.INITIATOR:
+            link.machine.initiator_closed(conn)
+        else:
+            link.machine.responder_closed(conn)
+        self._run_link_commands(link)
+
+    def _run_link_commands(self, link: _Link) -> None:
+        assert link.machine is not None
+        now = self._loop.time()
+        for command in link.machine.commands():
+            conn: _Connection = command.conn
+            if isinstance(command, AcceptResponder):
+                conn.link = link
+                conn.peer.accept(now)
+                log.info("diameter peer %s: using the connection it dialled (%s)",
+                         link.address.origin_host, link.machine.state.value)
+            elif isinstance(command, RejectResponder) or conn.peer.state is PeerState.WAIT_ACCEPT:
+                assert isinstance(command, (RejectResponder, DropConnection))
+                log.info("diameter peer %s: refusing its connection: %s %s",
+                         link.address.origin_host, command.result_code, command.text)
+                conn.peer.reject(now, command.result_code, command.text)
+            else:
+                # Ours, dropped after the election (or a dead one the peer replaced):
+                # closing the transport fails its pending requests over.
+                log.info("diameter peer %s: closing %s connection: %s",
+                         link.address.origin_host, conn.peer.role.value, command.text)
+                conn.peer.close_reason = command.text
+                if conn.transport is not None and not conn.transport.is_closing():
+                    conn.transport.close()
+            conn._after_input()
+        link.changed.set()
+        self._peer_changed(None)
 
     def _peer_changed(self, conn: _Connection | None) -> None:
         for group in self._groups.values():
@@ -459,9 +613,9 @@ class DiameterNode:
         if grp is None:
             raise KeyError(f"no peer group {group!r}")
         timeout_s = (self.request_timeout_ms if timeout_ms is None else timeout_ms) / 1000.0
-        if msg.end_to_end_id == 0:
-            msg = msg._replace(end_to_end_id=self._e2e.next())
-        msg = msg._replace(flags=msg.flags | codec.FLAG_REQUEST)
+        # One copy with the End-to-End id (kept for every re-send) and the R bit.
+        msg = _new_message(Message, (msg[0], msg[1] | codec.FLAG_REQUEST, msg[2], msg[3],
+                                     msg[4] or self._e2e.next(), msg[5], msg[6]))
         tried: set[int] = set()
         last_reason = "no answer"
         sends = 0
@@ -474,7 +628,7 @@ class DiameterNode:
             assert conn.link is not None
             tried.add(id(conn.link))
             # Only a request that may have reached a peer is a potential duplicate.
-            outgoing = msg._replace(flags=msg.flags | codec.FLAG_RETRANSMIT) if sends else msg
+            outgoing = msg.with_flags(codec.FLAG_RETRANSMIT) if sends else msg
             fut: asyncio.Future[Message] = self._loop.create_future()
             try:
                 conn.peer.send_request(outgoing, fut, self._loop.time(), timeout_s)
@@ -506,7 +660,9 @@ class DiameterNode:
                 rows.append({
                     "group": group.name,
                     "realm": group.realm,
-                    "direction": "out",
+                    # Which side dialled the connection that serves this peer.
+                    "direction": "in" if link.conn is not None
+                    and link.conn.peer.role is Role.RESPONDER else "out",
                     "address": f"{link.address.host}:{link.address.port}",
                     "origin_host": (peer.peer_origin_host if peer else None)
                     or link.address.origin_host,

@@ -20,9 +20,14 @@ then ``TRANSITIONS[(state, event)]`` gives the next state and the actions to run
 in order. A (state, event) pair missing from the table is a protocol violation
 and closes the connection.
 
-RFC 6733's election (both peers dialling each other) is not implemented: the node
-dials the IN and the IN dials the node on separate connections, each of which
-stands alone. The watchdog follows RFC 3539: any message received proves the peer
+Two tables. ``TRANSITIONS`` is the life of one transport connection.
+``LINK_TRANSITIONS`` is RFC 6733 §5.6's per-peer machine (``PeerLink``): one
+configured peer, reachable through the connection we dial (I-) or the one it
+dials (R-), of which at most one may be used. When both sides dial at once, a
+responder connection's CER is held (``hold_cer``: state WAIT_ACCEPT) while the
+election of §5.6.4 compares Origin-Hosts; the winner closes the connection it
+dialled and answers the CER, the loser drops the held one with CEA 4003
+DIAMETER_ELECTION_LOST once its own CEA arrives. The watchdog follows RFC 3539: any message received proves the peer
 alive; at Tw expiry with no DWR outstanding we send one; at Tw expiry with a DWR
 unanswered the peer is SUSPECT and its pending requests are handed back for
 failover; one more Tw without a word and the connection is closed (DOWN).
@@ -59,6 +64,7 @@ from .constants import (
     CMD_CAPABILITIES_EXCHANGE,
     CMD_DEVICE_WATCHDOG,
     CMD_DISCONNECT_PEER,
+    DIAMETER_ELECTION_LOST,
     DIAMETER_NO_COMMON_APPLICATION,
     DIAMETER_SUCCESS,
     DIAMETER_UNABLE_TO_COMPLY,
@@ -79,7 +85,11 @@ DISCONNECT_TIMEOUT_S: Final = 2.0
 # Requests in flight on one connection. Above this the caller must pick another
 # peer or wait; a bound protects the IN and our memory alike.
 PENDING_MAX_DEFAULT: Final = 4096
+# Frames a peer may send after its CER while we decide on it (a peer should send
+# nothing before CEA; the bound keeps a flood from being buffered).
+HELD_FRAMES_MAX: Final = 64
 APPLICATION_RELAY: Final = 0xFFFFFFFF
+_new_message = tuple.__new__  # Message._replace is a Python-level copy; this is one call
 
 
 class Role(enum.Enum):
@@ -92,13 +102,22 @@ class PeerState(enum.Enum):
     WAIT_CONN_ACK = "Wait-Conn-Ack"
     WAIT_CER = "Wait-CER"  # responder side of RFC 6733's R-Open path
     WAIT_I_CEA = "Wait-I-CEA"
+    # Responder with a valid CER that the per-peer machine has yet to accept or
+    # reject (only with ``hold_cer``: the election of RFC 6733 §5.6.4).
+    WAIT_ACCEPT = "Wait-Accept"
     OPEN = "Open"  # RFC 6733 I-Open / R-Open; RFC 3539 OKAY
     SUSPECT = "Suspect"  # RFC 3539 SUSPECT: a DWR went unanswered for Tw
     CLOSING = "Closing"
 
+    # Members are singletons compared by identity: hash them so too. Enum's own
+    # __hash__ is a Python function, and the table lookup hashes two per message.
+    __hash__ = object.__hash__
+
 
 class Ev(enum.Enum):
     """Inputs, after classification."""
+
+    __hash__ = object.__hash__
 
     START = enum.auto()  # initiator asked to connect
     CONN_ACK = enum.auto()  # transport up (initiator)
@@ -107,6 +126,9 @@ class Ev(enum.Enum):
     RCV_CER_UNKNOWN_PEER = enum.auto()
     RCV_CER_NO_COMMON_APP = enum.auto()
     RCV_CER_INVALID = enum.auto()  # a CER that fails validation
+    RCV_CER_HOLD = enum.auto()  # a valid CER, held for the per-peer decision (hold_cer)
+    ACCEPT = enum.auto()  # the per-peer machine accepts the held CER
+    REJECT = enum.auto()  # ... or refuses it (election lost, already connected)
     RCV_CEA_OK = enum.auto()
     RCV_CEA_FAIL = enum.auto()
     RCV_DWR = enum.auto()
@@ -130,6 +152,8 @@ class Act(enum.Enum):
     SEND_CEA_UNKNOWN_PEER = enum.auto()  # 3010, E bit
     SEND_CEA_NO_COMMON_APP = enum.auto()  # 5010
     SEND_ERROR_ANSWER = enum.auto()  # the validation failure's own result code
+    REPORT_CER = enum.auto()  # report CapabilitiesReceived; the CER waits for a decision
+    SEND_CEA_REJECT = enum.auto()  # the refusal's result code (4003, 5012)
     SEND_DWR = enum.auto()
     SEND_DWA = enum.auto()
     SEND_DPR = enum.auto()
@@ -163,6 +187,10 @@ TRANSITIONS: Final[dict[tuple[PeerState, Ev], tuple[PeerState, tuple[Act, ...]]]
                                                           _A.DISCONNECT)),
     (_S.WAIT_CER, _E.RCV_CER_INVALID): (_S.CLOSED, (_A.SEND_ERROR_ANSWER, _A.DISCONNECT)),
     (_S.WAIT_CER, _E.TIMEOUT): (_S.CLOSED, (_A.DISCONNECT,)),
+    (_S.WAIT_CER, _E.RCV_CER_HOLD): (_S.WAIT_ACCEPT, (_A.REPORT_CER,)),
+    (_S.WAIT_ACCEPT, _E.ACCEPT): (_S.OPEN, (_A.SEND_CEA, _A.OPENED, _A.RESET_WATCHDOG)),
+    (_S.WAIT_ACCEPT, _E.REJECT): (_S.CLOSED, (_A.SEND_CEA_REJECT, _A.DISCONNECT)),
+    (_S.WAIT_ACCEPT, _E.TIMEOUT): (_S.CLOSED, (_A.DISCONNECT,)),
     # --- open: traffic and watchdog (RFC 3539 OKAY) --------------------------------
     (_S.OPEN, _E.RCV_APP_REQUEST): (_S.OPEN, (_A.RESET_WATCHDOG, _A.DELIVER_REQUEST)),
     (_S.OPEN, _E.RCV_APP_ANSWER): (_S.OPEN, (_A.RESET_WATCHDOG, _A.DELIVER_ANSWER)),
@@ -206,7 +234,7 @@ TRANSITIONS: Final[dict[tuple[PeerState, Ev], tuple[PeerState, tuple[Act, ...]]]
 # Losing the transport, or being stopped before anything is open, ends every state.
 for _state in PeerState:
     TRANSITIONS.setdefault((_state, _E.PEER_DISCONNECTED), (_S.CLOSED, (_A.FAILOVER_PENDING,)))
-    if _state in (_S.WAIT_CONN_ACK, _S.WAIT_CER, _S.WAIT_I_CEA):
+    if _state in (_S.WAIT_CONN_ACK, _S.WAIT_CER, _S.WAIT_I_CEA, _S.WAIT_ACCEPT):
         TRANSITIONS.setdefault((_state, _E.STOP), (_S.CLOSED, (_A.DISCONNECT,)))
 del _state
 
@@ -237,6 +265,15 @@ class PeerOpened:
     origin_realm: str
     applications: frozenset[int]
     product_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilitiesReceived:
+    """A valid CER on a ``hold_cer`` responder: call ``accept`` or ``reject``."""
+
+    origin_host: str
+    origin_realm: str
+    origin_state_id: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +332,7 @@ class MessageRejected:
     answered: bool
 
 
-Event = (PeerOpened | PeerRecovered | PeerSuspect | PeerClosed | RequestReceived
+Event = (PeerOpened | CapabilitiesReceived | PeerRecovered | PeerSuspect | PeerClosed | RequestReceived
          | AnswerReceived | RequestTimedOut | RequestsFailedOver | MessageRejected)
 
 
@@ -339,8 +376,13 @@ class PeerConnection:
         capabilities_timeout_s: float = CAPABILITIES_TIMEOUT_S,
         disconnect_timeout_s: float = DISCONNECT_TIMEOUT_S,
         rng: random.Random | None = None,
+        hold_cer: bool = False,
     ) -> None:
         self.local = local
+        # Responder: report a valid CER (CapabilitiesReceived) and wait for accept()
+        # or reject() instead of answering it at once; the adapter's per-peer
+        # machine (PeerLink) decides, electing when both sides dialled.
+        self.hold_cer = hold_cer
         self.role = role
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.expected_origin_host = expected_origin_host
@@ -353,7 +395,9 @@ class PeerConnection:
         self.peer_origin_host: str | None = None
         self.peer_origin_realm: str | None = None
         self.peer_applications: frozenset[int] = frozenset()
+        self.peer_origin_state_id: int | None = None
         self.close_reason: str | None = None
+        self._reject: tuple[int, str] = (DIAMETER_UNABLE_TO_COMPLY, "")
         self._framer = Framer()
         self._out: list[bytes] = []
         self._events: list[Event] = []
@@ -361,6 +405,8 @@ class PeerConnection:
         self._timers = _Timers()
         self._next_hbh = self._rng.getrandbits(32)
         self._current: Message | None = None  # message being processed
+        self._held_cer: Message | None = None  # CER awaiting accept()/reject()
+        self._held_frames: list[bytes] = []  # what arrived after it, meanwhile
         self._current_error: DiameterError | None = None
         self._applications = frozenset(local.auth_application_ids)
 
@@ -384,6 +430,21 @@ class PeerConnection:
             self._fire(Ev.PEER_DISCONNECTED, now)
         self._fail_pending("connection lost")
 
+    def accept(self, now: float) -> None:
+        """Answer the held CER with success: the connection opens (WAIT_ACCEPT only)."""
+        if self.state is PeerState.WAIT_ACCEPT:
+            self._current = self._held_cer
+            self._fire(Ev.ACCEPT, now)
+            self._replay_held(now)
+
+    def reject(self, now: float, result_code: int, text: str) -> None:
+        """Answer the held CER with ``result_code`` and close (WAIT_ACCEPT only)."""
+        if self.state is PeerState.WAIT_ACCEPT:
+            self._reject = (result_code, text)
+            self._current = self._held_cer
+            self._fire(Ev.REJECT, now)
+            self._held_frames.clear()
+
     def close(self, now: float) -> None:
         """Leave politely: DPR when open, else just disconnect."""
         if self.state is not PeerState.CLOSED:
@@ -395,14 +456,33 @@ class PeerConnection:
         try:
             frames = self._framer.feed(data)
         except FrameError as exc:
-            self._frame_error(exc, now)
-            return
-        for frame in frames:
+            frames = []
+            if self.state is not PeerState.WAIT_ACCEPT:
+                self._frame_error(exc, now)
+                return
+        self._process_frames(frames, now)
+
+    def _process_frames(self, frames: list[bytes], now: float) -> None:
+        for i, frame in enumerate(frames):
+            if self.state is PeerState.WAIT_ACCEPT:
+                # Whatever follows a held CER waits for the decision on it, so that
+                # the CER is answered first (RFC order), as without the hold.
+                self._held_frames += frames[i:]
+                if len(self._held_frames) > HELD_FRAMES_MAX:
+                    self._held_frames.clear()
+                    self._fire(Ev.PEER_DISCONNECTED, now)
+                    self._disconnect("too many messages before CEA")
+                return
             self._frame_received(frame, now)
             if self.is_closed:
                 return
-        if self._framer.error is not None:
+        if self._framer.error is not None and self.state is not PeerState.WAIT_ACCEPT:
             self._frame_error(self._framer.error, now)
+
+    def _replay_held(self, now: float) -> None:
+        frames, self._held_frames = self._held_frames, []
+        if not self.is_closed:
+            self._process_frames(frames, now)
 
     def _frame_error(self, exc: FrameError, now: float) -> None:
         # Undecodable stream: this connection only is lost (RFC 6733 §3).
@@ -467,7 +547,7 @@ class PeerConnection:
         hbh = self._hop_by_hop()
         while hbh in self._pending:  # after 2^32 requests with one still pending
             hbh = self._hop_by_hop()
-        sent = msg._replace(hop_by_hop_id=hbh)
+        sent = _new_message(Message, (msg[0], msg[1], msg[2], hbh, msg[4], msg[5], msg[6]))
         deadline = now + timeout_s
         self._pending[hbh] = _Pending(token, sent, deadline)
         heapq.heappush(self._timers.deadlines, (deadline, hbh))
@@ -573,7 +653,9 @@ class PeerConnection:
             return Ev.RCV_CER_UNKNOWN_PEER
         if not self._common_applications(self.peer_applications):
             return Ev.RCV_CER_NO_COMMON_APP
-        return Ev.RCV_CER_OK
+        state_id = msg.get(AVP_ORIGIN_STATE_ID)
+        self.peer_origin_state_id = state_id if isinstance(state_id, int) else None
+        return Ev.RCV_CER_HOLD if self.hold_cer else Ev.RCV_CER_OK
 
     def _classify_cea(self, msg: Message) -> Ev:
         result = msg.get(AVP_RESULT_CODE)
@@ -582,6 +664,8 @@ class PeerConnection:
         realm = msg.get(AVP_ORIGIN_REALM)
         self.peer_origin_realm = realm if isinstance(realm, str) else None
         self.peer_applications = _applications_of(msg)
+        state_id = msg.get(AVP_ORIGIN_STATE_ID)
+        self.peer_origin_state_id = state_id if isinstance(state_id, int) else None
         if result != DIAMETER_SUCCESS:
             self.close_reason = f"CEA result {result}"
             return Ev.RCV_CEA_FAIL
@@ -644,6 +728,17 @@ class PeerConnection:
     def _act_send_cea_no_common_app(self, now: float) -> None:
         self._cea(DIAMETER_NO_COMMON_APPLICATION, "no common application")
         self.close_reason = f"no common application with {self.peer_origin_host!r}"
+
+    def _act_report_cer(self, now: float) -> None:
+        self._held_cer = self._current  # answered later, by accept() or reject()
+        self._events.append(CapabilitiesReceived(self.peer_origin_host or "",
+                                                 self.peer_origin_realm or "",
+                                                 self.peer_origin_state_id))
+
+    def _act_send_cea_reject(self, now: float) -> None:
+        result_code, text = self._reject
+        self._cea(result_code, text)
+        self.close_reason = f"CER from {self.peer_origin_host!r} refused: {result_code} {text}"
 
     def _act_send_error_answer(self, now: float) -> None:
         err = self._current_error
@@ -749,6 +844,8 @@ class PeerConnection:
         Act.SEND_CEA_UNKNOWN_PEER: _act_send_cea_unknown_peer,
         Act.SEND_CEA_NO_COMMON_APP: _act_send_cea_no_common_app,
         Act.SEND_ERROR_ANSWER: _act_send_error_answer,
+        Act.REPORT_CER: _act_report_cer,
+        Act.SEND_CEA_REJECT: _act_send_cea_reject,
         Act.SEND_DWR: _act_send_dwr,
         Act.SEND_DWA: _act_send_dwa,
         Act.SEND_DPR: _act_send_dpr,
@@ -826,6 +923,249 @@ def _applications_of(msg: Message) -> frozenset[int]:
                         and isinstance(child.value, int):
                     apps.add(child.value)
     return frozenset(apps)
+
+
+# --- the per-peer machine: one connection per peer, and the election -------------------
+#
+# RFC 6733 §5.6 keeps one state machine per peer over up to two transport
+# connections: the one we dial (initiator, I-) and the one the peer dials
+# (responder, R-). Only one may carry traffic (I-Open or R-Open). When both exist
+# at once the election (§5.6.4) keeps the responder connection of the side whose
+# Origin-Host is higher, i.e. the connection the lower side dialled; both sides
+# reach the same verdict. PeerLink is that machine, sans-IO: the adapter reports
+# what happens to the connections (opaque tokens), and drains ``commands()``.
+
+
+class LinkState(enum.Enum):
+    CLOSED = "Closed"
+    WAIT_CONN_ACK = "Wait-Conn-Ack"
+    WAIT_I_CEA = "Wait-I-CEA"
+    WAIT_CONN_ACK_ELECT = "Wait-Conn-Ack/Elect"
+    WAIT_RETURNS = "Wait-Returns"
+    I_OPEN = "I-Open"
+    R_OPEN = "R-Open"
+
+
+class LinkEv(enum.Enum):
+    START = enum.auto()  # we dial
+    I_RCV_CONN_ACK = enum.auto()  # our transport is up (the connection sends CER)
+    I_RCV_CONN_NACK = enum.auto()  # our transport could not be opened
+    I_RCV_CEA = enum.auto()  # our connection opened (successful CEA)
+    I_PEER_DISC = enum.auto()  # our connection ended (CEA refused, timeout, closed)
+    R_CONN_CER = enum.auto()  # the peer dialled us; its valid CER is held
+    R_CONN_CER_RESTARTED = enum.auto()  # ... with a new Origin-State-Id: it restarted
+    R_PEER_DISC = enum.auto()  # the peer's connection ended
+    WIN_ELECTION = enum.auto()  # our Origin-Host is the higher one
+
+
+class LinkAct(enum.Enum):
+    R_ACCEPT = enum.auto()  # adopt the new responder connection (its CER still held)
+    R_SND_CEA = enum.auto()  # answer the responder's CER with success: it opens
+    R_REJECT = enum.auto()  # refuse the new responder connection (5012) and close it
+    R_DISC = enum.auto()  # drop our responder connection (a held CER gets 4003)
+    I_DISC = enum.auto()  # close the connection we dialled
+    ELECT = enum.auto()  # compare Origin-Hosts; WIN_ELECTION if ours is higher
+
+
+_LS, _LE, _LA = LinkState, LinkEv, LinkAct
+# (state, event) -> (next state, actions): RFC 6733 §5.6's table for one peer.
+LINK_TRANSITIONS: Final[dict[tuple[LinkState, LinkEv], tuple[LinkState, tuple[LinkAct, ...]]]] = {
+    (_LS.CLOSED, _LE.START): (_LS.WAIT_CONN_ACK, ()),
+    (_LS.CLOSED, _LE.R_CONN_CER): (_LS.R_OPEN, (_LA.R_ACCEPT, _LA.R_SND_CEA)),
+    (_LS.WAIT_CONN_ACK, _LE.I_RCV_CONN_ACK): (_LS.WAIT_I_CEA, ()),
+    (_LS.WAIT_CONN_ACK, _LE.I_RCV_CONN_NACK): (_LS.CLOSED, ()),
+    (_LS.WAIT_CONN_ACK, _LE.R_CONN_CER): (_LS.WAIT_CONN_ACK_ELECT, (_LA.R_ACCEPT,)),
+    (_LS.WAIT_I_CEA, _LE.I_RCV_CEA): (_LS.I_OPEN, ()),
+    (_LS.WAIT_I_CEA, _LE.R_CONN_CER): (_LS.WAIT_RETURNS, (_LA.R_ACCEPT, _LA.ELECT)),
+    (_LS.WAIT_I_CEA, _LE.I_PEER_DISC): (_LS.CLOSED, ()),
+    (_LS.WAIT_CONN_ACK_ELECT, _LE.I_RCV_CONN_ACK): (_LS.WAIT_RETURNS, (_LA.ELECT,)),
+    (_LS.WAIT_CONN_ACK_ELECT, _LE.I_RCV_CONN_NACK): (_LS.R_OPEN, (_LA.R_SND_CEA,)),
+    (_LS.WAIT_CONN_ACK_ELECT, _LE.R_PEER_DISC): (_LS.WAIT_CONN_ACK, ()),
+    (_LS.WAIT_CONN_ACK_ELECT, _LE.R_CONN_CER): (_LS.WAIT_CONN_ACK_ELECT, (_LA.R_REJECT,)),
+    (_LS.WAIT_RETURNS, _LE.WIN_ELECTION): (_LS.R_OPEN, (_LA.I_DISC, _LA.R_SND_CEA)),
+    (_LS.WAIT_RETURNS, _LE.I_PEER_DISC): (_LS.R_OPEN, (_LA.R_SND_CEA,)),
+    (_LS.WAIT_RETURNS, _LE.I_RCV_CEA): (_LS.I_OPEN, (_LA.R_DISC,)),
+    (_LS.WAIT_RETURNS, _LE.R_PEER_DISC): (_LS.WAIT_I_CEA, ()),
+    (_LS.WAIT_RETURNS, _LE.R_CONN_CER): (_LS.WAIT_RETURNS, (_LA.R_REJECT,)),
+    (_LS.I_OPEN, _LE.R_CONN_CER): (_LS.I_OPEN, (_LA.R_REJECT,)),
+    (_LS.I_OPEN, _LE.I_PEER_DISC): (_LS.CLOSED, ()),
+    (_LS.R_OPEN, _LE.R_CONN_CER): (_LS.R_OPEN, (_LA.R_REJECT,)),
+    (_LS.R_OPEN, _LE.R_PEER_DISC): (_LS.CLOSED, ()),
+    # Not in the RFC's table: a CER with a new Origin-State-Id (RFC 6733 §8.16) means
+    # the peer restarted and our open connection is a dead one we have not noticed
+    # yet (the watchdog would take up to 3 Tw). Take the new one rather than refuse
+    # the peer until then.
+    (_LS.I_OPEN, _LE.R_CONN_CER_RESTARTED): (_LS.R_OPEN, (_LA.I_DISC, _LA.R_ACCEPT,
+                                                           _LA.R_SND_CEA)),
+    (_LS.R_OPEN, _LE.R_CONN_CER_RESTARTED): (_LS.R_OPEN, (_LA.R_DISC, _LA.R_ACCEPT,
+                                                           _LA.R_SND_CEA)),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptResponder:
+    """Answer this connection's held CER with success (it becomes the peer's)."""
+
+    conn: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RejectResponder:
+    """Answer this connection's held CER with ``result_code`` and close it."""
+
+    conn: Any
+    result_code: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class DropConnection:
+    """Close this connection: a held CER gets ``result_code``; an open one just closes."""
+
+    conn: Any
+    result_code: int
+    text: str
+
+
+LinkCommand = AcceptResponder | RejectResponder | DropConnection
+
+
+def origin_host_wins(local: str, peer: str) -> bool:
+    """RFC 6733 §5.6.4: the local Origin-Host wins when it succeeds the peer's,
+    compared as octets with ASCII letters folded (DNS is case-insensitive)."""
+    return local.lower().encode() > peer.lower().encode()
+
+
+class PeerLink:
+    """RFC 6733 §5.6 for one configured peer (see LINK_TRANSITIONS), sans-IO.
+
+    Inputs are reports about connections, identified by opaque tokens; a report
+    about a connection that is not (or no longer) this peer's is ignored. Outputs
+    are ``commands()`` for the adapter and ``conn``, the connection carrying
+    traffic when open.
+    """
+
+    def __init__(self, local_origin_host: str, peer_origin_host: str) -> None:
+        self.local_origin_host = local_origin_host
+        self.peer_origin_host = peer_origin_host
+        self.state = LinkState.CLOSED
+        self.initiator: Any = None
+        self.responder: Any = None
+        self.open_origin_state_id: int | None = None  # of the peer, on the open connection
+        self._responder_state_id: int | None = None
+        self._responder_host = peer_origin_host
+        self._commands: list[LinkCommand] = []
+        self._arg: Any = None  # the connection the current event is about
+        self._arg_state_id: int | None = None
+        self._arg_host = peer_origin_host
+        self.unexpected = 0  # (state, event) pairs outside the table, for tests and logs
+
+    @property
+    def conn(self) -> Any:
+        """The connection carrying traffic: ours when I-Open, the peer's when R-Open."""
+        if self.state is LinkState.I_OPEN:
+            return self.initiator
+        if self.state is LinkState.R_OPEN:
+            return self.responder
+        return None
+
+    def commands(self) -> list[LinkCommand]:
+        commands, self._commands = self._commands, []
+        return commands
+
+    # --- inputs ---------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """We are about to dial; False (and nothing changes) unless Closed."""
+        if self.state is not LinkState.CLOSED:
+            return False
+        self._fire(LinkEv.START)
+        return True
+
+    def initiator_connected(self, conn: Any) -> None:
+        if self.initiator is None and self.state in (LinkState.WAIT_CONN_ACK,
+                                                     LinkState.WAIT_CONN_ACK_ELECT):
+            self.initiator = conn
+            self._fire(LinkEv.I_RCV_CONN_ACK)
+        else:  # a dial that completed after we stopped waiting for it
+            self._commands.append(DropConnection(conn, DIAMETER_UNABLE_TO_COMPLY, "superseded"))
+
+    def initiator_failed(self) -> None:
+        if self.initiator is None and self.state in (LinkState.WAIT_CONN_ACK,
+                                                     LinkState.WAIT_CONN_ACK_ELECT):
+            self._fire(LinkEv.I_RCV_CONN_NACK)
+
+    def initiator_opened(self, conn: Any, origin_state_id: int | None) -> None:
+        if conn is self.initiator and conn is not None:
+            self._arg_state_id = origin_state_id
+            self._fire(LinkEv.I_RCV_CEA)
+            if self.state is LinkState.I_OPEN:
+                self.open_origin_state_id = origin_state_id
+
+    def initiator_closed(self, conn: Any) -> None:
+        if conn is self.initiator and conn is not None:
+            self.initiator = None
+            self._fire(LinkEv.I_PEER_DISC)
+
+    def responder_cer(self, conn: Any, origin_host: str, origin_state_id: int | None) -> None:
+        """A valid CER from this peer arrived on a connection it dialled (held)."""
+        ev = LinkEv.R_CONN_CER
+        if self.state in (LinkState.I_OPEN, LinkState.R_OPEN) \
+                and origin_state_id is not None and self.open_origin_state_id is not None \
+                and origin_state_id != self.open_origin_state_id:
+            ev = LinkEv.R_CONN_CER_RESTARTED
+        self._arg, self._arg_host, self._arg_state_id = conn, origin_host, origin_state_id
+        self._fire(ev)
+
+    def responder_closed(self, conn: Any) -> None:
+        if conn is self.responder and conn is not None:
+            self.responder = None
+            self._fire(LinkEv.R_PEER_DISC)
+
+    # --- the engine -------------------------------------------------------------------
+
+    def _fire(self, ev: LinkEv) -> None:
+        transition = LINK_TRANSITIONS.get((self.state, ev))
+        if transition is None:
+            # Only the adapter reports events, so this is a sequence we did not
+            # foresee: leave the state alone and drop a connection we were handed.
+            self.unexpected += 1
+            if ev in (LinkEv.R_CONN_CER, LinkEv.R_CONN_CER_RESTARTED):
+                self._commands.append(RejectResponder(self._arg, DIAMETER_UNABLE_TO_COMPLY,
+                                                      f"peer link {self.state.value}"))
+            return
+        self.state, actions = transition
+        won = False
+        for action in actions:
+            if action is LinkAct.R_ACCEPT:
+                self.responder = self._arg
+                self._responder_state_id = self._arg_state_id
+                self._responder_host = self._arg_host
+            elif action is LinkAct.R_SND_CEA:
+                self.open_origin_state_id = self._responder_state_id
+                self._commands.append(AcceptResponder(self.responder))
+            elif action is LinkAct.R_REJECT:
+                self._commands.append(RejectResponder(
+                    self._arg, DIAMETER_UNABLE_TO_COMPLY,
+                    "a connection with this peer is already in use"))
+            elif action is LinkAct.R_DISC:
+                if self.responder is not None:
+                    self._commands.append(DropConnection(
+                        self.responder, DIAMETER_ELECTION_LOST,
+                        "replaced: the peer restarted" if ev is LinkEv.R_CONN_CER_RESTARTED
+                        else "election lost"))
+                self.responder = None
+            elif action is LinkAct.I_DISC:
+                if self.initiator is not None:
+                    self._commands.append(DropConnection(
+                        self.initiator, DIAMETER_ELECTION_LOST,
+                        "replaced: the peer restarted" if ev is LinkEv.R_CONN_CER_RESTARTED
+                        else "election won: the peer's connection is kept"))
+                self.initiator = None
+            elif action is LinkAct.ELECT:
+                won = origin_host_wins(self.local_origin_host, self._responder_host)
+        if won:
+            self._fire(LinkEv.WIN_ELECTION)
 
 
 # --- helpers the adapter uses across connections ----------------------------------------

@@ -15,18 +15,35 @@ from importlib import resources
 from pathlib import Path
 
 BUSY_TIMEOUT_MS = 10_000  # how long a reader/importer waits behind the writer's lock
+# Pages read through a memory map instead of a read() call each: a point lookup in a
+# 30-million-row table touches four or five pages. SQLite only reads through the map
+# (writes still go to the WAL with write() and fsync), so durability is unchanged; the
+# price is that a disk read error arrives as SIGBUS rather than an SQLite error.
+# SQLite clamps the value to its compile-time maximum (2 GiB in common builds).
+MMAP_SIZE_BYTES = 1 << 34
+CACHE_KIB_DEFAULT = 8_192  # page cache per connection (SQLite's own default is 2 MiB)
+STATEMENTS_CACHED_MAX = 256  # prepared statements kept per connection (the business
+# SQL is a few dozen fixed strings, so every hot statement is prepared once)
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-def connect(path: str | Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+def connect(
+    path: str | Path, *, synchronous: str = "FULL", cache_kib: int = CACHE_KIB_DEFAULT
+) -> sqlite3.Connection:
     """A connection in autocommit mode; callers issue BEGIN/COMMIT themselves."""
     conn = sqlite3.connect(
-        str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        str(path),
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        cached_statements=STATEMENTS_CACHED_MAX,
     )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+    conn.execute(f"PRAGMA mmap_size={MMAP_SIZE_BYTES}")
     return conn
 
 

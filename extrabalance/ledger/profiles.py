@@ -12,15 +12,14 @@ Run alone: `python -m extrabalance.ledger.profiles LEDGER.db PROFILES.csv`.
 from __future__ import annotations
 
 import csv
-import json
-import re
+import io
 import sqlite3
 import sys
-from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import BinaryIO
 
 from extrabalance.ledger.db import connect, migrate
 
@@ -28,9 +27,7 @@ IMPORT_BATCH_ROWS = 50_000  # rows per transaction: big enough to amortise the f
 # small enough that the node's writer never waits long behind an import batch
 BAD_ROWS_KEPT_MAX = 10_000  # bad rows listed in the report; beyond that only counted
 REQUIRED = ("msisdn", "tenure_days", "arpu_minor")
-_MSISDN = re.compile(r"^[0-9]{6,15}$")
-_LANGUAGE = re.compile(r"^[a-z]{2,3}$")
-_INT = re.compile(r"^-?[0-9]+$")
+READ_BUFFER_BYTES = 1 << 20
 
 UPSERT = (
     "INSERT INTO subscribers (msisdn, tenure_days, arpu_minor, attributes, language,"
@@ -59,54 +56,67 @@ class ImportReport:
             self.bad_rows.append((line_no, reason))
 
 
-class _CountingLines:
-    """Decoded lines of a binary file, counting bytes read for the progress bar."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
-        self.bytes_read = 0
-
-    def __iter__(self) -> Iterator[str]:
-        for line in self.raw:
-            self.bytes_read += len(line)
-            yield line.decode("utf-8-sig" if self.bytes_read == len(line) else "utf-8")
+INT_DIGITS_MAX = 18  # longest integer accepted: every 18-digit number fits SQLite's int64
 
 
-def _attribute(value: str) -> str | int:
-    return int(value) if _INT.match(value) else value
+def _is_digits(text: str) -> bool:
+    """ASCII digits only (str.isdigit alone also accepts '²' and other scripts' digits)."""
+    return text.isascii() and text.isdigit()
 
 
-def _parse_row(
-    row: list[str], header: list[str], has_language: bool, extra_from: int, now: str
-) -> tuple[object, ...] | str:
-    """A row ready for UPSERT, or the reason it is bad."""
-    if len(row) != len(header):
-        return f"expected {len(header)} fields, got {len(row)}"
-    msisdn, tenure, arpu = (v.strip() for v in row[:3])
-    if not _MSISDN.match(msisdn):
-        return f"msisdn {msisdn!r} is not 6-15 digits"
-    if not tenure.isdigit():
-        return f"tenure_days {tenure!r} is not a non-negative integer"
-    if not arpu.isdigit():
-        return f"arpu_minor {arpu!r} is not a non-negative integer (minor units)"
-    language = None
-    if has_language:
-        language = row[3].strip().lower() or None
-        if language is not None and not _LANGUAGE.match(language):
-            return f"language {row[3]!r} is not a 2-3 letter code"
-    attributes = {
-        header[i]: _attribute(row[i].strip())
-        for i in range(extra_from, len(row))
-        if row[i].strip() != ""
-    }
-    return (
-        msisdn,
-        int(tenure),
-        int(arpu),
-        json.dumps(attributes, separators=(",", ":")),
-        language,
-        now,
-    )
+class _RowParser:
+    """Turns a CSV row into an UPSERT tuple or the reason it is bad.
+
+    Runs 30 million times per import, so it avoids regexes and builds the attributes
+    JSON from pre-encoded keys; the text is exactly what `json.dumps(attributes,
+    separators=(",", ":"))` gives (ASCII-escaped strings, integers as numbers).
+    """
+
+    def __init__(self, header: list[str], has_language: bool, extra_from: int, now: str):
+        self.fields = len(header)
+        self.has_language = has_language
+        self.extras = [
+            (i, encode_basestring_ascii(header[i]) + ":") for i in range(extra_from, len(header))
+        ]
+        self.now = now
+
+    def __call__(self, row: list[str]) -> tuple[object, ...] | str:
+        if len(row) != self.fields:
+            return f"expected {self.fields} fields, got {len(row)}"
+        msisdn = row[0].strip()
+        tenure = row[1].strip()
+        arpu = row[2].strip()
+        if not (6 <= len(msisdn) <= 15 and _is_digits(msisdn)):
+            return f"msisdn {msisdn!r} is not 6-15 digits"
+        if not (_is_digits(tenure) and len(tenure) <= INT_DIGITS_MAX):
+            return f"tenure_days {tenure!r} is not a non-negative integer"
+        if not (_is_digits(arpu) and len(arpu) <= INT_DIGITS_MAX):
+            return f"arpu_minor {arpu!r} is not a non-negative integer (minor units)"
+        language = None
+        if self.has_language:
+            language = row[3].strip().lower() or None
+            if language is not None and not (
+                2 <= len(language) <= 3 and language.isascii() and language.isalpha()
+            ):
+                return f"language {row[3]!r} is not a 2-3 letter code"
+        parts = []
+        for i, key in self.extras:
+            value = row[i].strip()
+            if value == "":
+                continue
+            if _is_digits(value) or (value[0] == "-" and _is_digits(value[1:])):
+                # Integers travel as JSON numbers (leading zeros dropped, as int() does).
+                parts.append(key + str(int(value)))
+            else:
+                parts.append(key + encode_basestring_ascii(value))
+        return (
+            msisdn,
+            int(tenure),
+            int(arpu),
+            "{" + ",".join(parts) + "}",
+            language,
+            self.now,
+        )
 
 
 def import_profiles(
@@ -127,14 +137,19 @@ def import_profiles(
     path = Path(csv_path)
     total_bytes = path.stat().st_size
     bar = None
+    flusher: _Flusher | None = None
     try:
-        with path.open("rb") as raw:
-            lines = _CountingLines(raw)
-            reader = csv.reader(iter(lines))
+        with path.open("rb", buffering=READ_BUFFER_BYTES) as raw:
+            # utf-8-sig drops a byte-order mark at the start; newline="" lets csv see
+            # the line ends itself. Progress reads the byte offset of the binary file.
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+            reader = csv.reader(text)
             try:
                 header = [h.strip().lower() for h in next(reader)]
             except StopIteration:
                 raise ProfileFileError(f"{path}: empty file, expected a header") from None
+            except UnicodeDecodeError as exc:
+                raise ProfileFileError(f"{path}: header is not UTF-8 ({exc})") from None
             if tuple(header[:3]) != REQUIRED:
                 raise ProfileFileError(
                     f"{path}: header must start with {','.join(REQUIRED)}, got {header[:3]}"
@@ -162,26 +177,36 @@ def import_profiles(
                 )
                 bar.start()
                 task = bar.add_task("import", total=total_bytes, rows="0 rows")
+            parse = _RowParser(header, has_language, extra_from, now)
+            flusher = _Flusher(conn)
             batch: list[tuple[object, ...]] = []
-            for row in reader:
+            rows = iter(reader)
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    break
+                except UnicodeDecodeError as exc:
+                    # The decoder works ahead of the csv reader: the line is approximate.
+                    raise ProfileFileError(
+                        f"{path}: not UTF-8 after line {reader.line_num} ({exc.reason});"
+                        f" {report.rows_ok:,} rows imported before it"
+                    ) from None
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # blank line
-                parsed = _parse_row(row, header, has_language, extra_from, now)
+                parsed = parse(row)
                 if isinstance(parsed, str):
                     report.bad(reader.line_num, parsed)
                     continue
                 batch.append(parsed)
                 if len(batch) >= batch_rows:
-                    _flush(conn, batch)
-                    report.rows_ok += len(batch)
-                    batch.clear()
+                    report.rows_ok += flusher.submit(batch)
+                    batch = []
                     if bar is not None:
-                        bar.update(
-                            task, completed=lines.bytes_read, rows=f"{report.rows_ok:,} rows"
-                        )
+                        bar.update(task, completed=raw.tell(), rows=f"{report.rows_ok:,} rows")
             if batch:
-                _flush(conn, batch)
-                report.rows_ok += len(batch)
+                report.rows_ok += flusher.submit(batch)
+            report.rows_ok += flusher.finish()
             if bar is not None:
                 bar.update(task, completed=total_bytes, rows=f"{report.rows_ok:,} rows")
         count_after = conn.execute("SELECT COUNT(*) FROM subscribers").fetchone()[0]
@@ -189,9 +214,43 @@ def import_profiles(
         report.rows_updated = report.rows_ok - (count_after - count_before)
         return report
     finally:
+        if flusher is not None:
+            flusher.close()
         if bar is not None:
             bar.stop()
         conn.close()
+
+
+class _Flusher:
+    """Commits batches on a thread of its own while the caller parses the next one.
+
+    SQLite lets go of the GIL while it inserts and while COMMIT waits for the fsync,
+    so on two cores parsing and writing overlap. At most one batch is being written
+    and one being filled, so memory stays at two batches.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-import")
+        self._pending: Future[int] | None = None
+
+    def submit(self, batch: list[tuple[object, ...]]) -> int:
+        """Queue `batch` (the caller hands it over); returns rows committed meanwhile."""
+        done = self.finish()
+        self._pending = self._pool.submit(self._write, batch)
+        return done
+
+    def finish(self) -> int:
+        """Wait for the batch in flight; its exception, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _write(self, batch: list[tuple[object, ...]]) -> int:
+        _flush(self.conn, batch)
+        return len(batch)
 
 
 def _flush(conn: sqlite3.Connection, batch: list[tuple[object, ...]]) -> None:

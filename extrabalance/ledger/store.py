@@ -23,10 +23,11 @@ SQL stays portable to PostgreSQL: `?` placeholders (translated by a PG adapter),
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
-import uuid
+import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -43,8 +44,21 @@ REPAID = "REPAID"
 FAILED = "FAILED"
 UNKNOWN = "UNKNOWN"
 WRITTEN_OFF = "WRITTEN_OFF"
+# An automatic advance answered 2001 + Granted-Service-Unit whose credit the IN has
+# not yet confirmed (see docs/diameter.md "Advance confirmation"). Journalled when
+# booked (the debt is visible at once); confirmed → ACTIVE, refused → FAILED with a
+# reversing journal entry.
+CONFIRMING = "CONFIRMING"
 LOAN_OPEN_STATES = (ACTIVE, PARTIALLY_REPAID)
-LOAN_UNSETTLED_STATES = (REQUESTED, CREDITING, UNKNOWN)
+LOAN_UNSETTLED_STATES = (REQUESTED, CREDITING, UNKNOWN, CONFIRMING)
+# Loans whose amounts are in the journal (receivables) and in the repaid-columns cache.
+LOAN_JOURNALLED_STATES = (*LOAN_OPEN_STATES, CONFIRMING)
+_LOAN_LIVE_STATES = LOAN_OPEN_STATES + LOAN_UNSETTLED_STATES
+
+
+def _marks(values: tuple[str, ...]) -> str:
+    """`?, ?, ...` for an IN list of fixed states (never built from input)."""
+    return ", ".join("?" * len(values))
 
 # Recovery states.
 RECOVERING = "RECOVERING"
@@ -65,12 +79,31 @@ class LedgerInvariantError(AssertionError):
     """Money would be created or lost: the operation is rolled back."""
 
 
+_last_ts: tuple[datetime, str] | None = None
+
+
 def ts(moment: datetime) -> str:
-    return moment.isoformat(timespec="microseconds")
+    # One operation stamps several rows with the same `now`; remember the last text.
+    # (A tuple is replaced in one step, so threads never see a half-written pair.)
+    global _last_ts
+    last = _last_ts
+    if last is not None and last[0] is moment:
+        return last[1]
+    text = moment.isoformat(timespec="microseconds")
+    _last_ts = (moment, text)
+    return text
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits: microseconds since the epoch (14), then 72 random bits (18).
+
+    Time first, so the ids of new loans, journal transactions and recoveries land at
+    the right-hand end of their primary-key indexes: a batch of inserts dirties a few
+    shared pages instead of one random page each (random uuid4 keys cost a page read
+    and a page written to the WAL per insert once the index outgrows the cache). The
+    random part keeps ids unique across nodes and within one microsecond.
+    """
+    return f"{time.time_ns() // 1000:014x}{os.urandom(9).hex()}"
 
 
 # -- subscribers -------------------------------------------------------------------
@@ -81,6 +114,10 @@ class LoadedSubscriber:
     state: SubscriberState
     known: bool  # a subscribers row exists (profile imported or seen in traffic)
     learned_in_node: str | None
+    # A new recovery must wait: a recovery is RECOVERING/UNKNOWN, or an advance is
+    # CONFIRMING (its debt is journalled, but not recoverable until the IN confirmed
+    # the credit: a refused confirmation reverses it).
+    recovery_pending: bool = False
 
 
 def ensure_subscriber(conn: sqlite3.Connection, msisdn: str, now: datetime) -> None:
@@ -105,7 +142,8 @@ def open_loans(conn: sqlite3.Connection, msisdn: str) -> tuple[OpenLoan, ...]:
 
 def has_unsettled(conn: sqlite3.Connection, msisdn: str) -> bool:
     loan = conn.execute(
-        "SELECT 1 FROM loans WHERE msisdn = ? AND state IN (?, ?, ?) LIMIT 1",
+        f"SELECT 1 FROM loans WHERE msisdn = ? AND state IN ({_marks(LOAN_UNSETTLED_STATES)})"
+        " LIMIT 1",
         (msisdn, *LOAN_UNSETTLED_STATES),
     ).fetchone()
     if loan:
@@ -124,14 +162,41 @@ def load_subscriber(
     balance_minor: int | None = None,
     default_language: str = "en",
 ) -> LoadedSubscriber:
+    """Everything `decide` needs, in three point lookups (the profile row, the loans
+    not yet closed, one unsettled recovery); this runs once per loan and payback."""
     row = conn.execute(
         "SELECT tenure_days, arpu_minor, attributes, language, auto_advance_opt_in,"
         " ads_opt_out, barred_manual, barred_reason, loans_since_full_payback,"
         " learned_in_node FROM subscribers WHERE msisdn = ?",
         (msisdn,),
     ).fetchone()
-    loans = open_loans(conn, msisdn)
-    pending = has_unsettled(conn, msisdn)
+    # Open and unsettled loans in one pass over the (msisdn, state) index.
+    open_rows = []
+    loan_pending = advance_confirming = False
+    for r in conn.execute(
+        "SELECT loan_id, tier_id, principal_minor, fee_minor, principal_repaid_minor,"
+        " fee_repaid_minor, created_at, state FROM loans"
+        f" WHERE msisdn = ? AND state IN ({_marks(_LOAN_LIVE_STATES)})",
+        (msisdn, *_LOAN_LIVE_STATES),
+    ):
+        if r[7] in LOAN_OPEN_STATES:
+            open_rows.append(r)
+        else:
+            loan_pending = True
+            advance_confirming = advance_confirming or r[7] == CONFIRMING
+    open_rows.sort(key=lambda r: (r[6], r[0]))  # oldest first, as open_loans orders them
+    loans = tuple(
+        OpenLoan(r[0], r[1], r[2], r[3], r[4], r[5], datetime.fromisoformat(r[6]))
+        for r in open_rows
+    )
+    recovery_pending = advance_confirming or (
+        conn.execute(
+            "SELECT 1 FROM recoveries WHERE msisdn = ? AND state IN (?, ?) LIMIT 1",
+            (msisdn, *RECOVERY_UNSETTLED_STATES),
+        ).fetchone()
+        is not None
+    )
+    pending = loan_pending or recovery_pending
     if row is None:
         state = SubscriberState(
             msisdn,
@@ -141,7 +206,7 @@ def load_subscriber(
             language=default_language,
             balance_minor=balance_minor,
         )
-        return LoadedSubscriber(state, False, None)
+        return LoadedSubscriber(state, False, None, recovery_pending)
     profile = None
     if row[0] is not None:
         attrs: Mapping[str, str | int] = json.loads(row[2]) if row[2] else {}
@@ -159,7 +224,7 @@ def load_subscriber(
         language=row[3] or default_language,
         balance_minor=balance_minor,
     )
-    return LoadedSubscriber(state, True, row[9])
+    return LoadedSubscriber(state, True, row[9], recovery_pending)
 
 
 def learn_route(conn: sqlite3.Connection, msisdn: str, in_node: str, now: datetime) -> None:
@@ -367,9 +432,14 @@ def insert_loan(
     now: datetime,
     request_number: int = 0,
     loan_id: str | None = None,
+    subscriber_known: bool = False,
 ) -> str:
+    """Insert a loan; an ACTIVE or CONFIRMING one is journalled at once.
+    `subscriber_known`: the caller has just read the subscribers row, so it need not
+    be ensured again."""
     loan_id = loan_id or new_id()
-    ensure_subscriber(conn, msisdn, now)
+    if not subscriber_known:
+        ensure_subscriber(conn, msisdn, now)
     conn.execute(
         "INSERT INTO loans (loan_id, msisdn, tier_id, principal_minor, fee_minor, state,"
         " channel, idempotency_key, in_node, diameter_session_id, request_number,"
@@ -390,24 +460,29 @@ def insert_loan(
             ts(now),
         ),
     )
-    if state == ACTIVE:
-        _disburse(conn, loan_id, now)
+    if state in (ACTIVE, CONFIRMING):
+        _disburse(conn, loan_id, msisdn, principal_minor, fee_minor, now)
     return loan_id
 
 
-def _disburse(conn: sqlite3.Connection, loan_id: str, now: datetime) -> None:
+def _disburse(
+    conn: sqlite3.Connection,
+    loan_id: str,
+    msisdn: str,
+    principal_minor: int,
+    fee_minor: int,
+    now: datetime,
+) -> None:
     """Journal the credit and count the loan toward the bad-debt bar."""
-    loan = get_loan(conn, loan_id)
-    assert loan is not None
     post(
         conn,
         [
-            ("principal_receivable", loan.principal_minor),
-            ("disbursed_float", -loan.principal_minor),
-            ("fee_receivable", loan.fee_minor),
-            ("fee_income", -loan.fee_minor),
+            ("principal_receivable", principal_minor),
+            ("disbursed_float", -principal_minor),
+            ("fee_receivable", fee_minor),
+            ("fee_income", -fee_minor),
         ],
-        msisdn=loan.msisdn,
+        msisdn=msisdn,
         memo="disburse",
         now=now,
         loan_id=loan_id,
@@ -418,7 +493,7 @@ def _disburse(conn: sqlite3.Connection, loan_id: str, now: datetime) -> None:
     conn.execute(
         "UPDATE subscribers SET loans_since_full_payback = loans_since_full_payback + 1,"
         " updated_at = ? WHERE msisdn = ?",
-        (ts(now), loan.msisdn),
+        (ts(now), msisdn),
     )
 
 
@@ -430,12 +505,15 @@ def settle_loan(
     *,
     result_code: int | None = None,
 ) -> LoanRow:
-    """Move an unsettled loan to ACTIVE, FAILED or UNKNOWN. Idempotent for the same state."""
+    """Move an unsettled loan to ACTIVE, FAILED or UNKNOWN. Idempotent for the same state.
+    A CONFIRMING advance is settled by `settle_advance` only (it is journalled already)."""
     loan = get_loan(conn, loan_id)
     if loan is None:
         raise KeyError(loan_id)
     if loan.state == new_state:
         return loan
+    if loan.state == CONFIRMING or new_state == CONFIRMING:
+        raise LedgerInvariantError(f"loan {loan_id}: advances settle through settle_advance")
     if loan.state not in LOAN_UNSETTLED_STATES:
         raise LedgerInvariantError(f"loan {loan_id} is {loan.state}, cannot become {new_state}")
     conn.execute(
@@ -444,10 +522,64 @@ def settle_loan(
         (new_state, result_code, ts(now), loan_id),
     )
     if new_state == ACTIVE:
-        _disburse(conn, loan_id, now)
-    result = get_loan(conn, loan_id)
-    assert result is not None
-    return result
+        _disburse(conn, loan_id, loan.msisdn, loan.principal_minor, loan.fee_minor, now)
+    # The row as just written (state is the only LoanRow column the update changed).
+    return replace(loan, state=new_state)
+
+
+def settle_advance(
+    conn: sqlite3.Connection,
+    loan_id: str,
+    confirmed: bool,
+    now: datetime,
+    *,
+    result_code: int | None = None,
+) -> LoanRow:
+    """Settle a CONFIRMING advance from the IN's answer to its confirmation.
+
+    Confirmed: ACTIVE; the journal entry written when it was booked stands. Refused:
+    the IN never credited it, so FAILED with a reversing journal entry (nothing owed)
+    and the bad-debt count taken back. Idempotent: an advance already in the target
+    state is returned unchanged.
+    """
+    loan = get_loan(conn, loan_id)
+    if loan is None:
+        raise KeyError(loan_id)
+    new_state = ACTIVE if confirmed else FAILED
+    if loan.state == new_state:
+        return loan
+    if loan.state != CONFIRMING:
+        raise LedgerInvariantError(f"loan {loan_id} is {loan.state}, not {CONFIRMING}")
+    conn.execute(
+        "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
+        " WHERE loan_id = ?",
+        (new_state, result_code, ts(now), loan_id),
+    )
+    if not confirmed:
+        # While CONFIRMING nothing can have been recovered or written off (recoveries
+        # wait, ageing and adjustments skip subscribers with an unsettled loan), so
+        # the whole booking is reversed.
+        post(
+            conn,
+            [
+                ("principal_receivable", -loan.principal_minor),
+                ("disbursed_float", loan.principal_minor),
+                ("fee_receivable", -loan.fee_minor),
+                ("fee_income", loan.fee_minor),
+            ],
+            msisdn=loan.msisdn,
+            memo="advance_reversed",
+            now=now,
+            loan_id=loan_id,
+        )
+        # No full payback can have reset the count meanwhile (recoveries wait).
+        conn.execute(
+            "UPDATE subscribers SET loans_since_full_payback = CASE"
+            " WHEN loans_since_full_payback > 0 THEN loans_since_full_payback - 1 ELSE 0 END,"
+            " updated_at = ? WHERE msisdn = ?",
+            (ts(now), loan.msisdn),
+        )
+    return replace(loan, state=new_state)
 
 
 def note_resolve_attempt(
@@ -479,8 +611,8 @@ def note_resolve_attempt(
 
 def unsettled_loans(conn: sqlite3.Connection, limit: int) -> list[LoanRow]:
     rows = conn.execute(
-        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE state IN (?, ?, ?) AND needs_review = 0"
-        " ORDER BY created_at LIMIT ?",
+        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE state IN ({_marks(LOAN_UNSETTLED_STATES)})"
+        " AND needs_review = 0 ORDER BY created_at LIMIT ?",
         (*LOAN_UNSETTLED_STATES, limit),
     ).fetchall()
     return [_loan(r) for r in rows]
@@ -581,24 +713,38 @@ def insert_recovery(
     balance_after_minor: int | None,
     in_node: str | None,
     now: datetime,
+    session_id: str | None = None,
+    requested_minor: int = 0,
 ) -> str:
+    """Insert a RECOVERING recovery. With `session_id`, its first DIRECT_DEBITING
+    attempt is recorded too (the same rows `start_recovery_attempt` writes, in two
+    statements instead of four)."""
     recovery_id = new_id()
     conn.execute(
         "INSERT INTO recoveries (recovery_id, event_id, msisdn, recharge_minor,"
-        " balance_after_minor, requested_minor, state, in_node, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+        " balance_after_minor, requested_minor, state, in_node, diameter_session_id,"
+        " attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             recovery_id,
             event_id,
             msisdn,
             recharge_minor,
             balance_after_minor,
+            requested_minor if session_id is not None else 0,
             RECOVERING,
             in_node,
+            session_id,
+            1 if session_id is not None else 0,
             ts(now),
             ts(now),
         ),
     )
+    if session_id is not None:
+        conn.execute(
+            "INSERT INTO recovery_attempts (recovery_id, attempt_no, diameter_session_id,"
+            " requested_minor, created_at) VALUES (?, 1, ?, ?, ?)",
+            (recovery_id, session_id, requested_minor, ts(now)),
+        )
     return recovery_id
 
 
@@ -624,8 +770,21 @@ def start_recovery_attempt(
 
 
 def note_recovery_attempt(
-    conn: sqlite3.Connection, recovery_id: str, outcome: str, result_code: int | None
+    conn: sqlite3.Connection,
+    recovery_id: str,
+    outcome: str,
+    result_code: int | None,
+    attempt_no: int | None = None,
 ) -> None:
+    """Record the outcome of the current attempt (`attempt_no` when the caller has
+    the recovery row at hand, else looked up)."""
+    if attempt_no is not None:
+        conn.execute(
+            "UPDATE recovery_attempts SET outcome = ?, result_code = ?"
+            " WHERE recovery_id = ? AND attempt_no = ?",
+            (outcome, result_code, recovery_id, attempt_no),
+        )
+        return
     conn.execute(
         "UPDATE recovery_attempts SET outcome = ?, result_code = ? WHERE recovery_id = ?"
         " AND attempt_no = (SELECT attempts FROM recoveries WHERE recovery_id = ?)",
@@ -648,13 +807,16 @@ def settle_recovery(
     debited_minor: int,
     policy: RecoveryPolicy,
     now: datetime,
+    *,
+    rec: RecoveryRow | None = None,
 ) -> tuple[Recovery, int]:
     """Apply what the IN debited: journal, loans, bad-debt reset. Returns (split, debt left).
 
     Idempotent: a recovery already DONE returns its recorded split again without
-    moving money.
+    moving money. `rec`: the row, when the caller read it in this same savepoint.
     """
-    rec = get_recovery(conn, recovery_id)
+    if rec is None or rec.recovery_id != recovery_id:
+        rec = get_recovery(conn, recovery_id)
     if rec is None:
         raise KeyError(recovery_id)
     loans = open_loans(conn, rec.msisdn)

@@ -6,8 +6,17 @@ one commit → tell the subscriber. Decision and intent are written in the same
 transaction, so the ceiling holds even if two nodes shared the ledger; inside one
 node requests for one subscriber are also serialised by `SubscriberLocks`.
 
-out_of_balance: answered from the ledger alone (the IN applies the
-Granted-Service-Unit itself), idempotent by Session-Id + CC-Request-Number.
+out_of_balance: answered from the ledger alone, idempotent by Session-Id +
+CC-Request-Number. A granted advance is booked CONFIRMING (journalled, unsettled) and
+answered 2001 + Granted-Service-Unit; the IN adds it to the balance only if that
+answer reaches it in time. So every advance is then confirmed with the IN
+(`confirm_advance`): a REFUND_ACCOUNT for the same amount under the advance's own
+Session-Id and CC-Request-Number. The IN treats that key as one operation: if it
+applied the grant from the CCA the confirmation is a duplicate (2001, nothing new);
+if the CCA never reached it, it credits now. Either way the subscriber gets the
+credit exactly once and the loan becomes ACTIVE; a refusal reverses the booking
+(FAILED, nothing owed). The confirmation is sent in the background right after the
+answer, and by the resolver for any left CONFIRMING (crash, IN unreachable).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from enum import Enum
 
 import structlog
 
@@ -30,9 +40,9 @@ from extrabalance.service.ads import AdTrigger, Advertiser
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
     DIAMETER_CREDIT_LIMIT_REACHED,
-    DIAMETER_TOO_BUSY,
     DIAMETER_END_USER_SERVICE_DENIED,
     DIAMETER_SUCCESS,
+    DIAMETER_TOO_BUSY,
     DIAMETER_USER_UNKNOWN,
     AdvanceOutcome,
     BorrowOutcome,
@@ -49,11 +59,17 @@ from extrabalance.service.ports import (
     Notice,
     Notifier,
 )
-from extrabalance.service.routing import Router
+from extrabalance.service.routing import RouteProber, Router
 
 log = structlog.get_logger(__name__)
 
 NOT_EXECUTED_RESENDS_MAX = 2  # immediate re-sends of a 3002/3004 before giving up
+# Background confirmation of an advance: sends before the resolver takes over, and the
+# pauses between them (the first send goes right after the CCA; later ones carry the T
+# flag). At most CONFIRMATIONS_INFLIGHT_MAX run at once; beyond that the advance waits
+# CONFIRMING for the resolver (it is durable, nothing is lost).
+CONFIRM_RETRY_DELAYS_S = (0.5, 2.0)
+CONFIRMATIONS_INFLIGHT_MAX = 1_000
 CC_REQUEST_TYPE_TERMINATION = 3
 BARRED_REASONS = (Reason.BARRED_BAD_DEBT, Reason.BARRED_MANUAL)
 
@@ -153,6 +169,81 @@ def loan_notice(outcome: BorrowOutcome, msisdn: str, language: str) -> Notice:
     return Notice(msisdn, "loan_refused", {"reason": reason}, "sms", language)
 
 
+class ConfirmStatus(Enum):
+    CONFIRMED = "CONFIRMED"  # the IN has the credit (applied now or from the CCA): ACTIVE
+    REFUSED = "REFUSED"  # the IN refused it, so never credited it: FAILED, reversed
+    UNKNOWN = "UNKNOWN"  # no final answer (timeout, 3002/3004, no peer): still CONFIRMING
+    GONE = "GONE"  # not CONFIRMING any more (settled by someone else)
+
+
+async def confirm_advance(
+    ledger: Ledger,
+    in_port: InPort,
+    events: EventSink,
+    locks: SubscriberLocks,
+    clock: Clock,
+    loan_id: str,
+    msisdn: str,
+    *,
+    retransmission: bool,
+) -> ConfirmStatus:
+    """Confirm one CONFIRMING advance with its IN and settle it.
+
+    Sends REFUND_ACCOUNT for the advance's principal with the Session-Id and
+    CC-Request-Number of the IN's out-of-balance CCR (stored with the loan). The IN
+    keys operations by that pair, so this credits the subscriber only if the CCA's
+    grant was never applied. `retransmission` sets the T flag (a re-send, or a send
+    after a crash that may have happened after an earlier send).
+    """
+    async with locks.hold(msisdn):
+        loan = await ledger.read(lambda conn: store.get_loan(conn, loan_id))
+        if loan is None or loan.state != store.CONFIRMING:
+            return ConfirmStatus.GONE
+        if loan.diameter_session_id is None or loan.in_node is None:
+            log.error("advance_without_key", loan_id=loan_id)  # never written so
+            return ConfirmStatus.UNKNOWN
+        op = InOperation(
+            InAction.REFUND_ACCOUNT,
+            msisdn,
+            loan.in_node,
+            loan.principal_minor,
+            loan.diameter_session_id,
+            loan.request_number,
+            retransmission=retransmission,
+        )
+        result = await call_in_with_resends(in_port, op)
+        if result.outcome not in (InOutcome.DONE, InOutcome.REFUSED):
+            # Unknown, or 3002/3004 on every send: the CCA's grant may have been
+            # applied, so this is never a refusal; the advance stays CONFIRMING.
+            return ConfirmStatus.UNKNOWN
+        confirmed = result.outcome is InOutcome.DONE
+        now = clock()
+
+        def settle(conn: sqlite3.Connection) -> int:
+            row = store.settle_advance(
+                conn, loan_id, confirmed, now, result_code=result.result_code
+            )
+            if not confirmed and row.idempotency_key:
+                # A late retransmission of the IN's CCR must not grant it again.
+                refused = AdvanceOutcome(
+                    DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED, loan_id
+                )
+                store.idempotent_replace(conn, row.idempotency_key, refused.to_json(), now)
+            return store.debt_from_journal(conn, msisdn)
+
+        debt_minor = await ledger.write(settle)
+        events.emit(
+            "advance_confirmed" if confirmed else "advance_reversed",
+            msisdn=msisdn,
+            loan_id=loan_id,
+            amount_minor=loan.principal_minor,
+            fee_minor=loan.fee_minor,
+            debt_minor=debt_minor,
+            result_code=result.result_code,
+        )
+        return ConfirmStatus.CONFIRMED if confirmed else ConfirmStatus.REFUSED
+
+
 @dataclass(frozen=True, slots=True)
 class _Intent:
     loan_id: str
@@ -176,6 +267,8 @@ class LendingService:
         ad_policy: AdPolicy = default_ad_policy,
         default_language: str = "en",
         ads: Advertiser | None = None,  # issue 7: when set, it applies every ad rule
+        confirm_retry_delays_s: tuple[float, ...] = CONFIRM_RETRY_DELAYS_S,
+        confirmations_max: int = CONFIRMATIONS_INFLIGHT_MAX,
     ) -> None:
         self.ledger = ledger
         self.in_port = in_port
@@ -186,8 +279,12 @@ class LendingService:
         self.clock = clock
         self.locks = locks or SubscriberLocks()
         self.ad_policy = ad_policy
+        self.prober: RouteProber | None = None  # dynamic routing for unknown subscribers
         self.default_language = default_language
         self.ads = ads
+        self.confirm_retry_delays_s = confirm_retry_delays_s
+        self.confirmations_max = confirmations_max
+        self._confirmations: set[asyncio.Task[None]] = set()
 
     # -- borrow ------------------------------------------------------------------
 
@@ -211,6 +308,9 @@ class LendingService:
             now = self.clock()
             session_id = self.in_port.new_session_id()
             static_node = self.router.route(msisdn)
+            if static_node is None and self.prober is not None:
+                static_node = await self._probe_route(msisdn, now)
+            languages: list[str] = []  # the subscriber's, once read (spares a refusal a read)
 
             def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
                 prior = store.idempotent_get(conn, key)
@@ -226,6 +326,7 @@ class LendingService:
                         outcome_of_loan(loan, store.debt_from_journal(conn, msisdn)), replayed=True
                     )
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                languages.append(loaded.state.language)
                 in_node = loaded.learned_in_node or static_node
                 if in_node is None:
                     refused = BorrowOutcome(
@@ -259,6 +360,7 @@ class LendingService:
                     in_node=in_node,
                     session_id=session_id,
                     now=now,
+                    subscriber_known=loaded.known,
                 )
                 return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language)
 
@@ -273,9 +375,8 @@ class LendingService:
                         tier_id=tier_id,
                     )
                     if channel != "auto":
-                        await safe_notify(
-                            self.notifier, loan_notice(step, msisdn, await self._language(msisdn))
-                        )
+                        language = languages[0] if languages else await self._language(msisdn)
+                        await safe_notify(self.notifier, loan_notice(step, msisdn, language))
                 return step
 
             return await self._credit(msisdn, channel, step, session_id)
@@ -382,6 +483,19 @@ class LendingService:
             )
         )
 
+    async def _probe_route(self, msisdn: str, now: datetime) -> str | None:
+        """No static or cached route: a learned one from the ledger, else ask the IN
+        nodes (CHECK_BALANCE, moves no money) and remember the one that knows him."""
+        learned = await self.ledger.learned_route(msisdn)
+        if learned is not None:
+            return learned
+        assert self.prober is not None
+        found = await self.prober.probe(msisdn)
+        if found is not None:
+            await self.ledger.write(lambda c: store.learn_route(c, msisdn, found, now))
+            self.router.learn(msisdn, found)
+        return found
+
     # -- out of balance ----------------------------------------------------------
 
     async def out_of_balance(
@@ -399,15 +513,21 @@ class LendingService:
         (+ maybe an ad), 4010 barred, 5030 unknown. A retransmission (same Session-Id
         and CC-Request-Number) gets the first answer and grants nothing new.
 
-        The IN adds an advance to the balance only when the answer reaches it, and it
-        stops waiting after its own timer. So an advance is booked only if the commit
-        happens before `deadline_monotonic` (checked in the transaction, just before
-        the commit): past it, nothing is booked and 3004 TOO_BUSY is answered; the IN
-        may send the request again and it is then decided afresh."""
+        A granted advance is booked CONFIRMING and, once this returns, confirmed with
+        the IN in the background (`confirm_advance`): whether or not the CCA reaches
+        the IN, the subscriber ends up credited exactly once or owes nothing.
+
+        The IN applies the grant from the CCA only when the answer reaches it before
+        its own timer. An advance is booked only if the commit happens before
+        `deadline_monotonic` (checked in the transaction, just before the commit): past
+        it, nothing is booked and 3004 TOO_BUSY is answered; the IN may send the
+        request again and it is then decided afresh. The deadline makes late answers
+        rare; the confirmation makes them harmless."""
         key = f"ccr:{session_id}:{request_number}"
         async with self.locks.hold(msisdn):
             now = self.clock()
             static_node = self.router.static_route(msisdn)
+            granted: list[store.LoanRow] = []  # the advance as written (spares a read after)
 
             def answer(conn: sqlite3.Connection) -> tuple[AdvanceOutcome, SubscriberState | None]:
                 prior = store.idempotent_get(conn, key)
@@ -442,14 +562,18 @@ class LendingService:
                         tier_id=decision.tier.tier_id,
                         principal_minor=decision.amount_minor,
                         fee_minor=decision.fee_minor,
-                        state=store.ACTIVE,
+                        state=store.CONFIRMING,
                         channel="auto",
                         idempotency_key=key,
                         in_node=origin_host,
                         session_id=session_id,
                         now=now,
                         request_number=request_number,
+                        subscriber_known=True,  # load_subscriber or learn_route wrote it
                     )
+                    loan = store.get_loan(conn, loan_id)
+                    if loan is not None:
+                        granted.append(loan)
                     return done(
                         AdvanceOutcome(DIAMETER_SUCCESS, decision.amount_minor, None, loan_id),
                         loaded.state,
@@ -469,10 +593,57 @@ class LendingService:
                 return outcome
             if outcome.result_code != DIAMETER_USER_UNKNOWN:
                 self.router.learn(msisdn, origin_host)
-            if state is None:
-                return outcome
-            await self._after_advance(msisdn, outcome, state, requested_minor, now)
-            return outcome
+            if state is not None:
+                await self._after_advance(
+                    msisdn, outcome, state, requested_minor, now, granted[0] if granted else None
+                )
+        if granted:
+            # After the lock is released: the confirmation takes it again and reads
+            # the ledger first, so the CCA normally leaves before it; if the
+            # confirmation overtakes the CCA, the IN applies the grant only once anyway.
+            self._confirm_in_background(msisdn, granted[0].loan_id)
+        return outcome
+
+    # -- advance confirmation ----------------------------------------------------
+
+    def _confirm_in_background(self, msisdn: str, loan_id: str) -> None:
+        if len(self._confirmations) >= self.confirmations_max:
+            log.warning("advance_confirmation_deferred", loan_id=loan_id)
+            return  # stays CONFIRMING; the resolver confirms it
+        task = asyncio.create_task(self._confirm_with_retries(msisdn, loan_id))
+        self._confirmations.add(task)
+        task.add_done_callback(self._confirmations.discard)
+
+    async def _confirm_with_retries(self, msisdn: str, loan_id: str) -> None:
+        for attempt in range(len(self.confirm_retry_delays_s) + 1):
+            if attempt:
+                await asyncio.sleep(self.confirm_retry_delays_s[attempt - 1])
+            try:
+                status = await confirm_advance(
+                    self.ledger, self.in_port, self.events, self.locks, self.clock,
+                    loan_id, msisdn, retransmission=attempt > 0,
+                )
+            except Exception:
+                log.exception("advance_confirmation_failed", loan_id=loan_id)
+                status = ConfirmStatus.UNKNOWN
+            if status is not ConfirmStatus.UNKNOWN:
+                return
+        log.warning("advance_confirmation_left_to_resolver", loan_id=loan_id)
+
+    @property
+    def confirmations_in_flight(self) -> int:
+        return len(self._confirmations)
+
+    async def drain_confirmations(self) -> None:
+        """Wait for the background confirmations running now (shutdown, tests)."""
+        while self._confirmations:
+            await asyncio.gather(*list(self._confirmations), return_exceptions=True)
+
+    def abandon_confirmations(self) -> None:
+        """Cancel the background confirmations (the advances stay CONFIRMING for the
+        resolver of this or the next run: nothing is lost)."""
+        for task in list(self._confirmations):
+            task.cancel()
 
     async def _after_advance(
         self,
@@ -481,9 +652,12 @@ class LendingService:
         state: SubscriberState,
         requested_minor: int | None,
         now: datetime,
+        granted: store.LoanRow | None = None,
     ) -> None:
         if outcome.result_code == DIAMETER_SUCCESS and outcome.granted_minor is not None:
-            loan = await self.ledger.read(lambda conn: store.get_loan(conn, outcome.loan_id or ""))
+            loan = granted or await self.ledger.read(
+                lambda conn: store.get_loan(conn, outcome.loan_id or "")
+            )
             assert loan is not None
             debt_minor = state.debt_minor + loan.principal_minor + loan.fee_minor
             self.events.emit(

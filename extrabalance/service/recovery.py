@@ -70,8 +70,10 @@ def settle_recovery_done(
             now,
         )
         debited = rec.requested_minor
-    store.note_recovery_attempt(conn, recovery_id, InOutcome.DONE.value, result.result_code)
-    _, debt_left = store.settle_recovery(conn, recovery_id, debited, policy.recovery, now)
+    store.note_recovery_attempt(
+        conn, recovery_id, InOutcome.DONE.value, result.result_code, rec.attempts
+    )
+    _, debt_left = store.settle_recovery(conn, recovery_id, debited, policy.recovery, now, rec=rec)
     outcome = PaybackOutcome(PaybackStatus.RECOVERED, debited, debt_left, recovery_id)
     store.idempotent_replace(conn, recharge_key(rec.event_id), outcome.to_json(), now)
     return outcome
@@ -82,7 +84,9 @@ def settle_recovery_failed(
 ) -> PaybackOutcome:
     rec = store.get_recovery(conn, recovery_id)
     assert rec is not None
-    store.note_recovery_attempt(conn, recovery_id, result.outcome.value, result.result_code)
+    store.note_recovery_attempt(
+        conn, recovery_id, result.outcome.value, result.result_code, rec.attempts
+    )
     store.set_recovery_state(conn, recovery_id, store.FAILED, now)
     outcome = PaybackOutcome(
         PaybackStatus.NOT_RECOVERED, 0, store.debt_from_journal(conn, rec.msisdn), recovery_id
@@ -161,15 +165,13 @@ class PaybackService:
                     store.idempotent_put(conn, key, outcome.to_json(), now)
                     return outcome
 
-                store.learn_route(conn, msisdn, event.in_node, now)
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                if loaded.learned_in_node != event.in_node:  # write the row only on a change
+                    store.learn_route(conn, msisdn, event.in_node, now)
                 debt = loaded.state.debt_minor
                 if debt == 0:
                     return done(PaybackOutcome(PaybackStatus.NOTHING_OWED))
-                if conn.execute(
-                    "SELECT 1 FROM recoveries WHERE msisdn = ? AND state IN (?, ?) LIMIT 1",
-                    (msisdn, *store.RECOVERY_UNSETTLED_STATES),
-                ).fetchone():
+                if loaded.recovery_pending:
                     # Two recoveries against the same loans could take more than is owed.
                     return done(PaybackOutcome(PaybackStatus.DEFERRED, 0, debt))
                 available = (
@@ -188,8 +190,9 @@ class PaybackService:
                     balance_after_minor=event.balance_after_minor,
                     in_node=event.in_node,
                     now=now,
+                    session_id=session_id,
+                    requested_minor=plan.total_minor,
                 )
-                store.start_recovery_attempt(conn, recovery_id, session_id, plan.total_minor, now)
                 return _Intent(recovery_id, plan.total_minor, event.in_node, loaded.state.language)
 
             step = await self.ledger.write(record_intent)

@@ -8,6 +8,11 @@ what happened without risking a second credit. Still unknown: left for the next 
 after `review_after_attempts` runs it is flagged for manual review (and keeps
 blocking new traffic for that subscriber, which is refused OPERATION_PENDING).
 
+An automatic advance left CONFIRMING (node died between the commit and the CCA or
+its confirmation; the IN unreachable) is confirmed the same way: REFUND_ACCOUNT with
+the advance's own Session-Id and CC-Request-Number and the T flag; see
+`lending.confirm_advance`.
+
 Runs at start-up before traffic, then every `interval_s`.
 """
 
@@ -22,7 +27,9 @@ from extrabalance.core.policy import Policy
 from extrabalance.ledger import Ledger, store
 from extrabalance.service.lending import (
     Clock,
+    ConfirmStatus,
     call_in,
+    confirm_advance,
     loan_notice,
     safe_notify,
     settle_borrow,
@@ -90,7 +97,10 @@ class Resolver:
         recs = await self.ledger.read(lambda c: store.unsettled_recoveries(c, self.batch_max))
         settled_loans = settled_recs = unknown = flagged = 0
         for loan in loans:
-            result = await self._resolve_loan(loan.loan_id, loan.msisdn)
+            if loan.state == store.CONFIRMING:
+                result = await self._resolve_advance(loan.loan_id, loan.msisdn)
+            else:
+                result = await self._resolve_loan(loan.loan_id, loan.msisdn)
             settled_loans += result == "settled"
             unknown += result in ("unknown", "flagged")
             flagged += result == "flagged"
@@ -126,11 +136,24 @@ class Resolver:
             return "flagged"
         return "unknown"
 
+    async def _resolve_advance(self, loan_id: str, msisdn: str) -> str:
+        status = await confirm_advance(
+            self.ledger, self.in_port, self.events, self.locks, self.clock,
+            loan_id, msisdn, retransmission=True,
+        )
+        if status is ConfirmStatus.GONE:
+            return "gone"
+        if status is ConfirmStatus.UNKNOWN:
+            return await self._unresolved("loans", loan_id)
+        return "settled"
+
     async def _resolve_loan(self, loan_id: str, msisdn: str) -> str:
         # Under the subscriber's lock, so a saga still in flight is never raced.
         async with self.locks.hold(msisdn):
             loan = await self.ledger.read(lambda c: store.get_loan(c, loan_id))
             if loan is None or loan.state not in store.LOAN_UNSETTLED_STATES:
+                return "gone"
+            if loan.state == store.CONFIRMING:  # an advance: never credited a second way
                 return "gone"
             if loan.diameter_session_id is None or loan.in_node is None:
                 # Recorded but never sent: nothing can have been credited.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 LEARNED_CACHE_MAX = 200_000  # learned routes kept in memory; the ledger keeps them all
@@ -67,3 +68,32 @@ class Router:
         self._cache.move_to_end(msisdn)
         while len(self._cache) > self.learned_cache_max:
             self._cache.popitem(last=False)
+
+
+PROBE_NODES_MAX = 16  # IN nodes asked at most for one unknown subscriber
+
+
+class RouteProber:
+    """Finds the home IN of a subscriber no route knows (PROTOCOLS.md, dynamic routing):
+    asks each candidate IN node with CHECK_BALANCE and keeps the first that knows him
+    (does not answer 5030). CHECK_BALANCE moves no money, so probing is safe to repeat.
+    """
+
+    def __init__(self, in_port: Any, in_nodes: Sequence[str]) -> None:
+        self.in_port = in_port
+        self.in_nodes = list(in_nodes)[:PROBE_NODES_MAX]
+        self.stats = {"probes": 0, "found": 0, "not_found": 0}
+
+    async def probe(self, msisdn: str) -> str | None:
+        from extrabalance.service.ports import InAction, InOperation, InOutcome
+
+        self.stats["probes"] += 1
+        for in_node in self.in_nodes:
+            op = InOperation(InAction.CHECK_BALANCE, msisdn, in_node, 1,
+                             self.in_port.new_session_id())
+            result = await self.in_port.execute(op)
+            if result.outcome is InOutcome.DONE:
+                self.stats["found"] += 1
+                return in_node
+        self.stats["not_found"] += 1
+        return None

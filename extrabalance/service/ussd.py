@@ -82,6 +82,7 @@ class Dialog:
     last_screen: Screen | None = None
     touched_at: float = 0.0
     pages: list[list[tuple[str, str]]] = field(default_factory=list)  # (option, line)
+    overflow: list[Screen] = field(default_factory=list)  # the rest of a long screen
 
 
 class UssdDialogs:
@@ -175,9 +176,33 @@ class UssdDialogs:
             return Screen(self._t.render("expired_screen", language), final=True)
         else:
             self._touch(key, dialog)
+            if text == OPTION_MORE and dialog.overflow:
+                return self._next_overflow(key, dialog)
+            dialog.overflow = []
             screen = await self._reply(key, dialog, text)
+        if screen_capacity(screen.text) < 0:
+            screen = self._paginate_screen(key, dialog, screen)
         if not screen.final and key in self._dialogs:
             dialog.last_screen = screen
+        return screen
+
+    def _paginate_screen(self, key: tuple[str, str], dialog: Dialog, screen: Screen) -> Screen:
+        """A screen longer than one USSD screen is split, never cut: "99 More" shows the
+        rest; the options of the last part answer as usual from any part."""
+        more = self._t.render("menu_more", dialog.language)
+        parts = split_screen(screen.text, more)
+        if screen.final:
+            # The dialog stays open for the rest of a final text; the last part ends it.
+            self._dialogs[key] = dialog
+            self._touch(key, dialog)
+        dialog.overflow = [Screen(p, False) for p in parts[1:-1]] + [Screen(parts[-1], screen.final)]
+        return Screen(parts[0], False)
+
+    def _next_overflow(self, key: tuple[str, str], dialog: Dialog) -> Screen:
+        screen = dialog.overflow.pop(0)
+        if screen.final:
+            return self._close(key, screen)
+        dialog.last_screen = screen
         return screen
 
     async def _open_with_code(self, key: tuple[str, str], dialog: Dialog, code: str) -> Screen:
@@ -397,6 +422,35 @@ def screen_capacity(text: str) -> int:
     if is_gsm7(text):
         return SCREEN_GSM7_MAX - gsm7_length(text)
     return SCREEN_UCS2_MAX - len(text.encode("utf-16-be")) // 2
+
+
+def split_screen(text: str, more: str) -> list[str]:
+    """Split `text` into parts that each fit one screen, every part but the last ending
+    with the `more` line. Whole lines are kept together; only a line too long for a
+    screen of its own is broken, between words."""
+    lines: list[str] = []
+    for line in text.split("\n"):
+        if screen_capacity(line + "\n" + more) >= 0:
+            lines.append(line)
+            continue
+        chunk = ""
+        for word in line.split(" "):
+            trial = f"{chunk} {word}" if chunk else word
+            if chunk and screen_capacity(trial + "\n" + more) < 0:
+                lines.append(chunk)
+                chunk = word
+            else:
+                chunk = trial
+        lines.append(chunk)
+    parts: list[str] = []
+    current: list[str] = []
+    for line in lines:
+        if current and screen_capacity("\n".join([*current, line, more])) < 0:
+            parts.append("\n".join([*current, more]))
+            current = []
+        current.append(line)
+    parts.append("\n".join(current))
+    return parts
 
 
 def render_page(title: str, lines: list[tuple[str, str]]) -> str:

@@ -53,7 +53,13 @@ UNBIND_TIMEOUT_S = 2.0
 # Statuses that mean "not now, try again": the message was not accepted.
 RETRYABLE_STATUSES = frozenset((Status.ESME_RTHROTTLED, Status.ESME_RMSGQFUL))
 
-OnDeliver = Callable[[DeliverSm, str], Awaitable[int]]
+# Returns the deliver_sm_resp status, directly (answered in the same turn, no task)
+# or as an awaitable.
+OnDeliver = Callable[[DeliverSm, str], int | Awaitable[int]]
+
+
+async def _deliver_resp_later(pdu: Pdu, status: Awaitable[int]) -> Pdu:
+    return make_response(pdu, int(await status))
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,15 @@ class NotBoundError(SubmitError):
 
 
 class _TokenBucket:
-    """Submit rate cap: `rate_per_s` sustained, bursts of a tenth of a second."""
+    """Submit rate cap: `rate_per_s` sustained, bursts of a tenth of a second.
+
+    A caller that finds the bucket empty reserves the next token anyway (the level
+    goes below zero) and sleeps once, until exactly that token is due. Waiting
+    callers therefore cost one timer each instead of waking up together and polling
+    (which burnt CPU precisely when the cap was reached). The debt is at most the
+    number of callers waiting, which the application bounds; a caller cancelled
+    while it sleeps leaves its token unused (the rate errs on the low side).
+    """
 
     def __init__(self, rate_per_s: float, clock: Callable[[], float]) -> None:
         self.rate_per_s = rate_per_s
@@ -113,15 +127,18 @@ class _TokenBucket:
         self._clock = clock
         self._last_s = clock()
 
+    def reserve_s(self) -> float:
+        """Take the next token; returns how long to wait before using it (0: now)."""
+        now = self._clock()
+        level = min(self.capacity, self._tokens + (now - self._last_s) * self.rate_per_s) - 1
+        self._tokens = level
+        self._last_s = now
+        return 0.0 if level >= 0 else -level / self.rate_per_s
+
     async def take(self) -> None:
-        while True:
-            now = self._clock()
-            self._tokens = min(self.capacity, self._tokens + (now - self._last_s) * self.rate_per_s)
-            self._last_s = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                return
-            await asyncio.sleep((1 - self._tokens) / self.rate_per_s)
+        delay_s = self.reserve_s()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
 
 
 class _BindWorker:
@@ -217,10 +234,12 @@ class _BindWorker:
                       RECONNECT_BACKOFF_BASE_S * 2 ** min(self.failures_in_row, 20))
         await self.esme._sleep(ceiling * random.uniform(0.5, 1.0))
 
-    async def _on_request(self, pdu: Pdu) -> Pdu:
+    def _on_request(self, pdu: Pdu) -> Pdu | Awaitable[Pdu]:
         if isinstance(pdu, (DeliverSm, DataSm)):
-            status = await self.esme._on_deliver(pdu, self.name)  # type: ignore[arg-type]
-            return make_response(pdu, int(status))
+            status = self.esme._on_deliver(pdu, self.name)  # type: ignore[arg-type]
+            if isinstance(status, int):
+                return make_response(pdu, int(status))
+            return _deliver_resp_later(pdu, status)
         # alert_notification has no response; anything else the ESME does not serve.
         return make_response(pdu, Status.ESME_RINVCMDID)
 
@@ -244,8 +263,9 @@ class _BindWorker:
 class Esme:
     """Node side of SMPP: keeps every configured bind_transceiver up and submits.
 
-    `on_deliver(pdu, bind_name)` is awaited for every deliver_sm (USSD, SMS and
-    delivery receipts; data_sm too) and returns the deliver_sm_resp status (0 = OK).
+    `on_deliver(pdu, bind_name)` is called for every deliver_sm (USSD, SMS and
+    delivery receipts; data_sm too) and returns the deliver_sm_resp status (0 = OK),
+    directly or as an awaitable.
     If it raises, the SMSC gets ESME_RX_T_APPN (it will redeliver) and the bind stays.
     """
 
@@ -333,11 +353,15 @@ class Esme:
         last_status: int | None = None
         last_reason = ""
         for attempt in range(1, self.submit_attempts_max + 1):
-            try:
-                worker = await self._pick()
-            except NotBoundError as exc:
-                raise NotBoundError(str(exc), last_status, attempt - 1) from None
-            await worker.bucket.take()
+            worker = self._least_loaded()  # no coroutine when a bind is up
+            if worker is None:
+                try:
+                    worker = await self._pick()
+                except NotBoundError as exc:
+                    raise NotBoundError(str(exc), last_status, attempt - 1) from None
+            delay_s = worker.bucket.reserve_s()
+            if delay_s > 0:  # over the bind's rate cap: wait for this submit's token
+                await asyncio.sleep(delay_s)
             conn = worker.conn
             if conn is None:  # went down while we waited for a token
                 last_reason = "bind lost"
@@ -393,16 +417,30 @@ class Esme:
     # -- internals ---------------------------------------------------------------------
 
     async def _pick(self) -> _BindWorker:
-        bound = [w for w in self._workers if w.bound]
-        if not bound:
+        worker = self._least_loaded()
+        if worker is None:
             await self.wait_bound(self.submit_wait_bound_s)
-            bound = [w for w in self._workers if w.bound]
-            if not bound:
+            worker = self._least_loaded()
+            if worker is None:
                 raise NotBoundError("no bind up", None, 0)
-        # Least loaded first; round-robin among equals spreads the traffic.
-        start = next(self._rr)
-        order = bound[start % len(bound):] + bound[:start % len(bound)]
-        return max(order, key=lambda w: w.conn.window_free if w.conn is not None else -1)
+        return worker
+
+    def _least_loaded(self) -> _BindWorker | None:
+        # The bound bind with the most free window slots; the scan starts one further
+        # each call, so equals take turns (round-robin spreads the traffic).
+        workers = self._workers
+        count = len(workers)
+        start = next(self._rr) % count
+        best: _BindWorker | None = None
+        best_free = -1
+        for i in range(count):
+            w = workers[(start + i) % count]
+            conn = w.conn
+            if conn is not None and conn.session.bound:
+                free = conn.window_free
+                if free > best_free:
+                    best, best_free = w, free
+        return best
 
     def _bound_changed(self) -> None:
         cond = self._bound_cond

@@ -3,6 +3,18 @@
 Shared by the ESME client (client.py) and the SMSC server (server.py). It owns no
 protocol rule: everything SMPP lives in session.py; this file only decides when to
 read, when to write and how a response wakes up the coroutine that sent the request.
+
+Per-PDU cost is what limits an SMPP link in Python, so the hot path is kept lean:
+* writes are coalesced: whatever the session has to send is handed to the transport
+  once per event-loop turn (one send() for every submit, response and resp produced
+  in that turn), not once per PDU;
+* the window is a counter plus a FIFO of futures that only exists while callers
+  actually wait (no lock, no Condition);
+* an inbound request's handler may answer at once (return the response PDU), and
+  then costs no task; only a handler that has to wait (returns an awaitable) gets
+  a task of its own;
+* one ticker per connection drives every timeout (the session keeps deadlines; there
+  is no timer per request).
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from extrabalance.smpp.pdu import RESPONSE_CLASS, Pdu, Status, make_response, status_name
@@ -38,7 +51,8 @@ TICK_INTERVAL_S = 0.25
 # Above this many octets waiting in the transport we await drain() before more.
 WRITE_BUFFER_HIGH_OCTETS = 1 << 20
 
-RequestHandler = Callable[[Pdu], Awaitable[Pdu]]
+# Returns the response at once, or an awaitable of it (run in a task of its own).
+RequestHandler = Callable[[Pdu], Pdu | Awaitable[Pdu]]
 
 
 class RequestFailedError(Exception):
@@ -53,10 +67,11 @@ class RequestFailedError(Exception):
 class SmppConnection:
     """One TCP connection driven by one Session.
 
-    `request(pdu)` honours the window with a semaphore of `session.window_max`
-    permits, so the session's own queue is never needed and callers wait instead.
-    Inbound requests go to `on_request` (one task each, bounded by the session's
-    inbound_pending_max); whatever it raises becomes ESME_RX_T_APPN, the bind stays.
+    `request(pdu)` honours the window: at most `session.window_max` requests are
+    unanswered, further callers wait in FIFO order for a slot, so the session's own
+    queue is never needed. Inbound requests go to `on_request` (bounded by the
+    session's inbound_pending_max); whatever it raises becomes ESME_RX_T_APPN, the
+    bind stays.
     """
 
     def __init__(
@@ -77,8 +92,13 @@ class SmppConnection:
         self._on_request = on_request
         self._clock = clock
         self._tick_interval_s = tick_interval_s
+        self._loop = asyncio.get_running_loop()
         self._futures: dict[int, asyncio.Future[Pdu]] = {}
-        self._window = asyncio.Semaphore(session.window_max)
+        # The window: free slots, and the callers waiting for one (FIFO; a released
+        # slot is handed to the first waiter, so a newcomer cannot overtake it).
+        self._slots_free = session.window_max
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._flush_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.bound = asyncio.Event()
         self.bind_done = asyncio.Event()  # bound, refused or closed
@@ -90,26 +110,62 @@ class SmppConnection:
     # -- sending ---------------------------------------------------------------------
 
     def flush(self) -> None:
+        """Send what the session has produced, at the end of this loop turn: every
+        PDU written in one turn leaves in one transport write."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_pending = False
         data = self.session.data_to_send()
         if data and not self._writer.is_closing():
             self._writer.write(data)
 
     async def request(self, pdu: Pdu) -> Pdu:
         """Send a request and wait for its response (which may carry an error status)."""
-        async with self._window:
+        if self._slots_free > 0 and not self._slot_waiters:
+            self._slots_free -= 1
+        else:
+            await self._wait_slot()
+        try:
             if self.closed.is_set():
                 raise RequestFailedError("closed")
             try:
                 seq = self.session.send_request(pdu, self._clock())
             except SessionError as exc:
                 raise RequestFailedError(f"not sendable: {exc}") from exc
-            fut: asyncio.Future[Pdu] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[Pdu] = self._loop.create_future()
             self._futures[seq] = fut
             self.flush()
             if self._writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH_OCTETS:
                 with contextlib.suppress(ConnectionError):
                     await self._writer.drain()
             return await fut
+        finally:
+            self._release_slot()
+
+    async def _wait_slot(self) -> None:
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # the slot was handed over as we were cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    self._slot_waiters.remove(waiter)
+            raise
+
+    def _release_slot(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to this caller
+                return
+        self._slots_free += 1
 
     @property
     def window_free(self) -> int:
@@ -141,13 +197,14 @@ class SmppConnection:
         while True:
             await asyncio.sleep(self._tick_interval_s)
             self._handle(self.session.tick(self._clock()))
-            self.flush()
             if self.session.state is State.CLOSED:
+                self.flush_now()
                 self._writer.close()
                 return
+            self.flush()
 
     async def _shutdown(self) -> None:
-        self.flush()
+        self.flush_now()
         with contextlib.suppress(Exception):
             self._writer.close()
         if self.session.state is not State.CLOSED:
@@ -182,11 +239,11 @@ class SmppConnection:
     def _handle(self, events: list[SessionEvent]) -> None:
         for ev in events:
             if isinstance(ev, ResponseReceived):
-                fut = self._futures.pop(ev.request.sequence_number, None)
+                fut = self._futures.pop(ev.sequence_number, None)
                 if fut is not None and not fut.done():
                     fut.set_result(ev.response)
             elif isinstance(ev, RequestFailed):
-                fut = self._futures.pop(ev.request.sequence_number, None)
+                fut = self._futures.pop(ev.sequence_number, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(RequestFailedError(ev.reason, ev.status))
             elif isinstance(ev, RequestReceived):
@@ -194,9 +251,7 @@ class SmppConnection:
                     # outbind / alert_notification take no response; nothing to do
                     log.info("smpp %s: %s received", self.name, type(ev.pdu).__name__)
                     continue
-                task = asyncio.create_task(self._answer(ev.pdu))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._start_answer(ev.pdu)
             elif isinstance(ev, Bound):
                 self.bound_event = ev
                 self.bound.set()
@@ -213,17 +268,46 @@ class SmppConnection:
             elif isinstance(ev, ProtocolViolation):
                 log.warning("smpp %s: %s", self.name, ev.detail)
 
-    async def _answer(self, pdu: Pdu) -> None:
+    def _start_answer(self, pdu: Pdu) -> None:
+        # A handler that can answer at once returns the response itself: it is sent
+        # in this turn and costs no task. One that has to wait returns an awaitable,
+        # which gets a task of its own (never run by hand outside a task: code such
+        # as asyncio.timeout() needs to know which task it runs in).
         try:
-            resp = await self._on_request(pdu)
+            answer = self._on_request(pdu)
+        except Exception:  # the application's bug costs one resp, not the bind
+            log.exception("smpp %s: handler failed for %s", self.name, type(pdu).__name__)
+            answer = make_response(pdu, Status.ESME_RX_T_APPN)
+        if not hasattr(answer, "__await__"):
+            self._respond(pdu, answer)
+            return
+        task = self._loop.create_task(self._answer(pdu, answer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, pdu: Pdu, answer: Awaitable[Pdu]) -> None:
+        try:
+            resp = await answer
         except asyncio.CancelledError:
             raise
         except Exception:  # the application's bug costs one resp, not the bind
             log.exception("smpp %s: handler failed for %s", self.name, type(pdu).__name__)
             resp = make_response(pdu, Status.ESME_RX_T_APPN)
+        self._respond(pdu, resp)
+
+    def _respond(self, pdu: Pdu, resp: Pdu) -> None:
         try:
             self.session.send_response(resp)
         except SessionError as exc:
             log.warning("smpp %s: response not sent: %s", self.name, exc)
             return
+        except Exception:  # not a PDU at all (the handler's bug): the request is still
+            # pending, so it gets ESME_RX_T_APPN and the connection lives on.
+            log.exception("smpp %s: handler answered %s with %r", self.name,
+                          type(pdu).__name__, resp)
+            try:
+                self.session.send_response(make_response(pdu, Status.ESME_RX_T_APPN))
+            except SessionError as exc:
+                log.warning("smpp %s: response not sent: %s", self.name, exc)
+                return
         self.flush()

@@ -35,9 +35,11 @@ log = logging.getLogger(__name__)
 CONNECTIONS_MAX = 64  # simultaneous ESME connections the simulator accepts
 UNBIND_TIMEOUT_S = 2.0
 
-# (pdu, system_id of the bind) -> (command_status, message_id)
-OnSubmit = Callable[[SubmitSm, str], Awaitable[tuple[int, str]]]
+# (pdu, system_id of the bind) -> (command_status, message_id), or an awaitable of
+# it. A plain tuple is answered in the turn the submit_sm was read, without a task.
+OnSubmit = Callable[[SubmitSm, str], tuple[int, str] | Awaitable[tuple[int, str]]]
 
+_RECEIVER_STATES = frozenset((State.BOUND_RX, State.BOUND_TRX))
 _REFUSALS = {
     CommandId.QUERY_SM: Status.ESME_RQUERYFAIL,
     CommandId.CANCEL_SM: Status.ESME_RCANCELFAIL,
@@ -55,7 +57,8 @@ class Smsc:
     `credentials` maps system_id -> password (None accepts any bind). Wrong system_id
     is refused with ESME_RINVSYSID, wrong password with ESME_RINVPASWD.
     `on_submit(pdu, system_id)` returns (status, message_id) for submit_sm (and
-    data_sm); if it raises, the ESME gets ESME_RX_T_APPN.
+    data_sm), directly or as an awaitable; if it raises, the ESME gets
+    ESME_RX_T_APPN.
     """
 
     def __init__(
@@ -142,7 +145,7 @@ class Smsc:
         can take it, RequestFailedError on timeout or connection loss."""
         candidates = [
             c for c in self._conns
-            if c.session.state in (State.BOUND_RX, State.BOUND_TRX)
+            if c.session.state in _RECEIVER_STATES
             and (system_id is None or c.session.peer_system_id == system_id)
         ]
         if not candidates:
@@ -176,17 +179,21 @@ class Smsc:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _on_request(self, conn: SmppConnection, pdu: Pdu) -> Pdu:
+    def _on_request(self, conn: SmppConnection, pdu: Pdu) -> Pdu | Awaitable[Pdu]:
         if isinstance(pdu, (SubmitSm, DataSm)):
             self.submits_received += 1
             if self._throttled():
                 self.submits_throttled += 1
                 return make_response(pdu, Status.ESME_RTHROTTLED)
-            status, message_id = await self.on_submit(pdu, conn.session.peer_system_id)  # type: ignore[arg-type]
-            if status != Status.ESME_ROK:
-                return make_response(pdu, status)
-            return make_response(pdu, 0, message_id=message_id)
+            outcome = self.on_submit(pdu, conn.session.peer_system_id)  # type: ignore[arg-type]
+            if isinstance(outcome, tuple):
+                return _submit_resp(pdu, *outcome)
+            return self._submit_resp_later(pdu, outcome)
         return make_response(pdu, _REFUSALS.get(CommandId(pdu.command_id), Status.ESME_RINVCMDID))
+
+    @staticmethod
+    async def _submit_resp_later(pdu: Pdu, outcome: Awaitable[tuple[int, str]]) -> Pdu:
+        return _submit_resp(pdu, *await outcome)
 
     def _throttled(self) -> bool:
         if not self._throttle_fraction:
@@ -197,3 +204,9 @@ class Smsc:
             return True
         return False
 
+
+
+def _submit_resp(pdu: Pdu, status: int, message_id: str) -> Pdu:
+    if status != Status.ESME_ROK:
+        return make_response(pdu, status)
+    return make_response(pdu, 0, message_id=message_id)

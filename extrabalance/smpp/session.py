@@ -89,12 +89,19 @@ QUEUE_MAX_DEFAULT = 1_000
 INBOUND_PENDING_MAX_DEFAULT = 100
 
 
+class _FastEnum(enum.Enum):
+    # Members are singletons compared by identity, so they may hash by identity too:
+    # Enum's own __hash__ is Python code (hash of the name), and the table lookup
+    # hashes a (state, event) pair for every PDU.
+    __hash__ = object.__hash__
+
+
 class Role(enum.Enum):
     ESME = "esme"
     SMSC = "smsc"
 
 
-class State(enum.Enum):
+class State(_FastEnum):
     OPEN = "OPEN"  # connected, not bound
     BINDING = "BINDING"  # ESME: bind sent, waiting for bind_resp
     BOUND_TX = "BOUND_TX"
@@ -108,7 +115,7 @@ class State(enum.Enum):
 BOUND_AS_BIND = "BOUND_AS_BIND"
 
 
-class Event(enum.Enum):
+class Event(_FastEnum):
     # local commands
     SEND_BIND = "send bind"
     SEND_TO_SMSC = "send submit_sm/data_sm/query_sm... (needs TX or TRX)"
@@ -133,7 +140,7 @@ class Event(enum.Enum):
     BIND_TIMEOUT = "no bind_resp in time"
 
 
-class Action(enum.Enum):
+class Action(_FastEnum):
     WRITE = "write the local request (window/queue)"
     REFUSE_LOCAL = "raise SessionStateError to the caller"
     AUTHENTICATE = "ask the authenticator, then re-dispatch BIND_ACCEPTED/BIND_REJECTED"
@@ -265,17 +272,35 @@ class RequestReceived:
     pdu: Pdu  # answer with session.send_response(make_response(pdu, status, ...))
 
 
+# The two request outcomes carry the request as the application handed it over
+# (`sent`) and the sequence number it travelled under; `request` is the numbered PDU,
+# copied only when read. The asyncio adapter needs only the number, and copying
+# every submit_sm cost as much as encoding it.
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseReceived:
-    request: Pdu
+    sent: Pdu
+    sequence_number: int
     response: Pdu  # may be a GenericNack
+
+    @property
+    def request(self) -> Pdu:
+        """The request with the sequence number it travelled under."""
+        return with_sequence_number(self.sent, self.sequence_number)
 
 
 @dataclass(frozen=True, slots=True)
 class RequestFailed:
-    request: Pdu
+    sent: Pdu
+    sequence_number: int
     reason: str  # "timeout" | "closed" | "undecodable response"
     status: int | None = None
+
+    @property
+    def request(self) -> Pdu:
+        """The request with the sequence number it travelled under."""
+        return with_sequence_number(self.sent, self.sequence_number)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,7 +327,8 @@ SessionEvent = (
 
 @dataclass(slots=True)
 class _Outstanding:
-    request: Pdu
+    sent: Pdu  # as the application handed it over; numbered on the wire only
+    sequence_number: int
     deadline_s: float
     in_window: bool
 
@@ -450,10 +476,11 @@ class Session:
                 self._events.append(LinkDead())
                 self._dispatch(Event.CONNECTION_LOST, None, now_s)
                 return self._take_events()
-            if self.state is State.BINDING and o.request is self._bind_pdu:
+            if (self.state is State.BINDING and self._bind_pdu is not None
+                    and seq == self._bind_pdu.sequence_number):
                 self._dispatch(Event.BIND_TIMEOUT, None, now_s)
                 continue
-            self._events.append(RequestFailed(o.request, "timeout"))
+            self._events.append(RequestFailed(o.sent, seq, "timeout"))
         self._pump(now_s)
         if (
             self.bound and self._enquire_seq is None
@@ -462,7 +489,7 @@ class Session:
             seq = self._take_seq()
             self._enquire_seq = seq
             self._outstanding[seq] = _Outstanding(
-                EnquireLink(sequence_number=seq), now_s + self.response_timeout_s, False
+                _ENQUIRE_LINK, seq, now_s + self.response_timeout_s, False
             )
             self._out += encode(EnquireLink(), seq)
         return self._take_events()
@@ -503,14 +530,14 @@ class Session:
             raise SessionStateError(f"{type(pdu).__name__} not allowed in {self.state.value}")
         seq = self._write(pdu, now_s, in_window=event in (Event.SEND_TO_SMSC, Event.SEND_TO_ESME))
         if event is Event.SEND_BIND:
-            self._bind_pdu = self._outstanding[seq].request
+            self._bind_pdu = _with_seq(pdu, seq)
         if new_state is not None:
             self.state = new_state  # type: ignore[assignment]  # never BOUND_AS_BIND here
         return seq
 
     def _dispatch(self, event: Event, pdu: Pdu | None, now_s: float) -> None:
         new_state, actions = TRANSITIONS.get((self.state, event)) or _default(self.state, event)
-        if new_state == BOUND_AS_BIND:
+        if new_state is BOUND_AS_BIND:
             bind = pdu if event is Event.BIND_ACCEPTED else self._bind_pdu
             assert bind is not None
             new_state = _BIND_STATE[CommandId(bind.command_id)]
@@ -523,7 +550,23 @@ class Session:
     def _run(self, action: Action, event: Event, pdu: Pdu | None, now_s: float) -> None:
         if action is Action.IGNORE:
             return
-        if action is Action.AUTHENTICATE:
+        # Traffic first (responses, submits, delivers): the rest is rare.
+        if action is Action.MATCH:
+            assert pdu is not None
+            self._match(pdu)
+            self._pump(now_s)
+        elif action is Action.TO_APP:
+            assert pdu is not None
+            if pdu.command_id not in RESPONSE_CLASS:  # alert_notification: no answer
+                self._events.append(RequestReceived(pdu))
+                return
+            if len(self._inbound_pending) >= self.inbound_pending_max:
+                # The peer ignores our window: push back instead of buffering more.
+                self._out += encode(make_response(pdu, Status.ESME_RTHROTTLED))
+                return
+            self._inbound_pending.add(pdu.sequence_number)
+            self._events.append(RequestReceived(pdu))
+        elif action is Action.AUTHENTICATE:
             assert pdu is not None and self.authenticator is not None
             try:
                 status = self.authenticator(pdu)
@@ -549,24 +592,9 @@ class Session:
         elif action is Action.ANSWER_ALYBND:
             assert pdu is not None
             self._answer_status(pdu, Status.ESME_RALYBND)
-        elif action is Action.TO_APP:
-            assert pdu is not None
-            if pdu.command_id not in RESPONSE_CLASS:  # alert_notification: no answer
-                self._events.append(RequestReceived(pdu))
-                return
-            if len(self._inbound_pending) >= self.inbound_pending_max:
-                # The peer ignores our window: push back instead of buffering more.
-                self._out += encode(make_response(pdu, Status.ESME_RTHROTTLED))
-                return
-            self._inbound_pending.add(pdu.sequence_number)
-            self._events.append(RequestReceived(pdu))
         elif action is Action.NOTIFY_OUTBIND:
             assert pdu is not None
             self._events.append(RequestReceived(pdu))
-        elif action is Action.MATCH:
-            assert pdu is not None
-            self._match(pdu)
-            self._pump(now_s)
         elif action is Action.NOTIFY_BOUND:
             assert pdu is not None
             if event is Event.BIND_RESP_OK:
@@ -585,10 +613,10 @@ class Session:
         elif action is Action.FAIL_PENDING:
             reason = "closed"
             for o in self._outstanding.values():
-                if o.request.command_id not in (CommandId.ENQUIRE_LINK, CommandId.UNBIND):
-                    self._events.append(RequestFailed(o.request, reason))
+                if o.sent.command_id not in (CommandId.ENQUIRE_LINK, CommandId.UNBIND):
+                    self._events.append(RequestFailed(o.sent, o.sequence_number, reason))
             for seq, req in self._queue:
-                self._events.append(RequestFailed(_with_seq(req, seq), reason))
+                self._events.append(RequestFailed(req, seq, reason))
             self._outstanding.clear()
             self._queue.clear()
             self._in_window = 0
@@ -614,7 +642,8 @@ class Session:
             if o is not None:
                 if o.in_window:
                     self._in_window -= 1
-                self._events.append(RequestFailed(o.request, "undecodable response", exc.status))
+                self._events.append(
+                    RequestFailed(o.sent, seq, "undecodable response", exc.status))
                 self._pump(now_s)
             return
         if exc.answer_with_generic_nack:
@@ -637,9 +666,10 @@ class Session:
         if resp.sequence_number == self._enquire_seq:
             self._enquire_seq = None
             return
-        if o.request.command_id in _BIND_STATE or o.request.command_id == CommandId.UNBIND:
+        cid = o.sent.command_id
+        if cid in _BIND_STATE or cid == CommandId.UNBIND:
             return  # bind/unbind outcomes are reported by NOTIFY_* actions
-        self._events.append(ResponseReceived(o.request, resp))
+        self._events.append(ResponseReceived(o.sent, o.sequence_number, resp))
 
     def _take_seq(self) -> int:
         seq = self._next_seq
@@ -659,9 +689,7 @@ class Session:
 
     def _send_now(self, seq: int, pdu: Pdu, now_s: float, in_window: bool) -> None:
         self._out += encode(pdu, seq)
-        self._outstanding[seq] = _Outstanding(
-            _with_seq(pdu, seq), now_s + self.response_timeout_s, in_window
-        )
+        self._outstanding[seq] = _Outstanding(pdu, seq, now_s + self.response_timeout_s, in_window)
         if in_window:
             self._in_window += 1
 
@@ -675,6 +703,5 @@ class Session:
         return events
 
 
-# Requests are kept with the number they travelled under, so the application can
-# correlate responses and failures.
 _with_seq = with_sequence_number
+_ENQUIRE_LINK = EnquireLink()

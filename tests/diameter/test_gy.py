@@ -186,3 +186,66 @@ def test_session_ids_follow_rfc_6733_and_are_unique() -> None:
     # low word wraps into the high word
     gen._counter = iter([2**32 + 5])  # type: ignore[assignment]
     assert gen.next().startswith("eb.node.example;1700000001;5")
+
+
+def _plain_encoding(msg: codec.Message) -> bytes:
+    """The AVP-by-AVP encoding, without the builder's pre-encoded body."""
+    return b"".join(codec.encode_avp(a) for a in msg.avps)
+
+
+@given(
+    session_id=st.text(max_size=40),
+    msisdn=st.text(alphabet="0123456789", max_size=15),
+    amount=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+    stamp=st.one_of(st.none(), st.integers(2**31, 2**31 + 2**32 - 1)),  # the folded window
+    mscc=st.booleans(),
+    action=st.sampled_from([None, gy.DIRECT_DEBITING, gy.REFUND_ACCOUNT, gy.CHECK_BALANCE]),
+    destination_host=st.one_of(st.none(), st.text(max_size=20)),
+)
+def test_ccr_template_bytes_equal_the_plain_encoding(
+        session_id: str, msisdn: str, amount: int | None, stamp: int | None, mscc: bool,
+        action: int | None, destination_host: str | None) -> None:
+    ccr = sample_ccr_dataclass(session_id=session_id, msisdn=msisdn, requested_minor=amount,
+                               event_timestamp=stamp, has_mscc=mscc, requested_action=action,
+                               destination_host=destination_host)
+    msg = gy.build_ccr(ccr, hop_by_hop_id=7, end_to_end_id=9)
+    data = encode(msg)
+    assert data[20:] == _plain_encoding(msg)
+    assert decode(data) == msg
+    # A re-send with other ids and the T flag keeps the body and changes the header.
+    again = encode(msg._replace(hop_by_hop_id=8, flags=msg.flags | codec.FLAG_RETRANSMIT))
+    assert again[20:] == data[20:] and again[:20] != data[:20]
+
+
+def test_ccr_template_leaves_a_bad_value_to_the_encoder() -> None:
+    msg = gy.build_ccr(sample_ccr_dataclass(session_id="\udc80"))  # lone surrogate
+    with pytest.raises(ValueError):
+        encode(msg)
+
+
+@given(
+    session_id=st.one_of(st.none(), st.text(max_size=40)),
+    result_code=st.sampled_from([2001, 3002, 4010, 4012, 5030]),
+    granted=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+    balance=st.one_of(st.none(), st.sampled_from([gy.ENOUGH_CREDIT, gy.NO_CREDIT])),
+    stamp=st.integers(2**31, 2**31 + 2**32 - 1),
+    mscc=st.booleans(),
+    error_message=st.one_of(st.none(), st.text(max_size=20)),
+)
+def test_cca_template_bytes_equal_the_plain_encoding(
+        session_id: str | None, result_code: int, granted: int | None, balance: int | None,
+        stamp: int, mscc: bool, error_message: str | None) -> None:
+    request = gy.build_ccr(sample_ccr_dataclass(has_mscc=mscc), hop_by_hop_id=3,
+                           end_to_end_id=4)
+    if session_id is None:
+        request = request._replace(avps=request.avps[1:])
+    else:
+        request = request._replace(avps=(avp(263, session_id), *request.avps[1:]))
+    msg = gy.build_cca(request, "in-a.operator.example", "operator.example", result_code,
+                       granted, balance, currency_numeric=818, currency_exponent=2,
+                       error_message=error_message, event_timestamp=stamp)
+    assert (msg.hop_by_hop_id, msg.end_to_end_id) == (3, 4)
+    assert msg.is_error == (3000 <= result_code < 4000)
+    data = encode(msg)
+    assert data[20:] == _plain_encoding(msg)
+    assert decode(data) == msg

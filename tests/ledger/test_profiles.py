@@ -87,3 +87,44 @@ def test_bom_and_progress(tmp_path):
     p = tmp_path / "p.csv"
     p.write_bytes("\ufeffmsisdn,tenure_days,arpu_minor\n201000000001,1,2\n".encode())
     assert import_profiles(tmp_path / "l.db", p, progress=True).rows_ok == 1
+
+
+def test_non_ascii_digits_and_oversized_integers_are_bad_rows(tmp_path):
+    p = tmp_path / "p.csv"
+    p.write_text(
+        "msisdn,tenure_days,arpu_minor,level\n"
+        "201000000001,\u00b2,5,1\n"  # superscript two: isdigit() but not a number here
+        "201000000002,5,\u0663,1\n"  # Arabic-Indic three
+        "\u0662\u0660\u0661000000003,5,5,1\n"
+        "201000000004,1234567890123456789,5,1\n"  # does not fit SQLite's int64
+        "201000000005,7,0008,-12\n",
+        encoding="utf-8",
+    )
+    report = import_profiles(tmp_path / "l.db", p)
+    assert report.rows_ok == 1
+    assert [line for line, _ in report.bad_rows] == [2, 3, 4, 5]
+    got = rows(tmp_path / "l.db")
+    assert got["201000000005"][:2] == (7, 8)
+    assert json.loads(got["201000000005"][2]) == {"level": -12}
+
+
+def test_attributes_json_matches_json_dumps(tmp_path):
+    p = tmp_path / "p.csv"
+    values = ["caf\u00e9", 'quote"d', "back\\slash", "007", "-0", "-", "x-1", "\u0661"]
+    header = ",".join(f"a{i}" for i in range(len(values)))
+    cells = ",".join('"' + v.replace('"', '""') + '"' for v in values)
+    p.write_text(f"msisdn,tenure_days,arpu_minor,{header}\n201000000001,1,2,{cells}\n")
+    import_profiles(tmp_path / "l.db", p)
+    stored = rows(tmp_path / "l.db")["201000000001"][2]
+    expected = {
+        f"a{i}": int(v) if v.lstrip("-").isdigit() and v.isascii() and v != "-" else v
+        for i, v in enumerate(values)
+    }
+    assert stored == json.dumps(expected, separators=(",", ":"))
+
+
+def test_not_utf8_is_a_clear_error(tmp_path):
+    p = tmp_path / "p.csv"
+    p.write_bytes(b"msisdn,tenure_days,arpu_minor\n201000000001,1,2\n20100000\xff0002,1,2\n")
+    with pytest.raises(ProfileFileError, match="not UTF-8"):
+        import_profiles(tmp_path / "l.db", p, batch_rows=1)

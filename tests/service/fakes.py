@@ -36,15 +36,23 @@ CRASH_AFTER = "crash_after"  # IN applies, node dies before it reads the answer
 FAULTS = (REFUSE, NOT_EXECUTED, TIMEOUT, LOST_ANSWER, CRASH_BEFORE, CRASH_AFTER)
 
 
+def credit_key(session_id: str, request_number: int) -> str:
+    """How FakeIn.credits and Harness granted_sessions name one credit: the Session-Id
+    (the node's own credits always use CC-Request-Number 0), plus the number when an
+    advance's out-of-balance CCR was not the session's first."""
+    return session_id if request_number == 0 else f"{session_id}#{request_number}"
+
+
 @dataclass
 class FakeIn:
-    """A prepaid IN that honours Session-Id + CC-Request-Number deduplication."""
+    """A prepaid IN that honours Session-Id + CC-Request-Number deduplication, for the
+    node's own requests and for the advances it grants in CCAs (`apply_grant`)."""
 
     balances: dict[str, int] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # msisdn -> in_node, when strict
     faults: deque[str] = field(default_factory=deque)
     answers: dict[tuple[str, int], InResult] = field(default_factory=dict)
-    credits: dict[str, int] = field(default_factory=dict)  # session_id -> credited
+    credits: dict[str, int] = field(default_factory=dict)  # credit_key -> credited
     debits: dict[str, int] = field(default_factory=dict)  # session_id -> debited
     calls: list[InOperation] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
@@ -54,6 +62,21 @@ class FakeIn:
 
     def fail_next(self, *kinds: str) -> None:
         self.faults.extend(kinds)
+
+    def apply_grant(
+        self, session_id: str, request_number: int, msisdn: str, amount_minor: int
+    ) -> bool:
+        """The CCA with Granted-Service-Unit for the IN's out-of-balance CCR reached
+        the IN in time: credit it, unless that key was executed already (the node's
+        confirmation came first), and remember it as a REFUND_ACCOUNT 2001 so the
+        confirmation is a duplicate. True if credited now."""
+        key = (session_id, request_number)
+        if key in self.answers:
+            return False
+        self.balances[msisdn] = self.balances.get(msisdn, 0) + amount_minor
+        self.credits[credit_key(session_id, request_number)] = amount_minor
+        self.answers[key] = InResult(InOutcome.DONE, 2001, amount_minor)
+        return True
 
     async def execute(self, op: InOperation) -> InResult:
         self.calls.append(op)
@@ -84,7 +107,7 @@ class FakeIn:
             if refuse:
                 return InResult(InOutcome.REFUSED, 4010)
             self.balances[op.msisdn] = balance + op.amount_minor
-            self.credits[op.session_id] = op.amount_minor
+            self.credits[credit_key(op.session_id, op.request_number)] = op.amount_minor
             return InResult(InOutcome.DONE, 2001, op.amount_minor)
         if op.action is InAction.DIRECT_DEBITING:
             if refuse or balance < op.amount_minor:
@@ -166,7 +189,9 @@ class Harness:
         self.locks = SubscriberLocks()
         self.router = Router(ROUTES)
         common = (self.ledger, self.fake_in, self.notifier, self.events, self.policy)
-        self.lending = LendingService(*common, self.router, self.clock, locks=self.locks)
+        self.lending = LendingService(
+            *common, self.router, self.clock, locks=self.locks, confirm_retry_delays_s=(0.0, 0.0)
+        )
         self.payback = PaybackService(*common, self.router, self.clock, locks=self.locks)
         self.resolver = Resolver(
             *common, self.clock, locks=self.locks, review_after_attempts=self.review_after_attempts
@@ -176,10 +201,16 @@ class Harness:
         )
 
     async def restart(self) -> None:
+        # A crash: background confirmations die with the process (their advances stay
+        # CONFIRMING for the resolver).
+        self.lending.abandon_confirmations()
+        await self.lending.drain_confirmations()
         await self.ledger.close()
         self._open()
 
     async def close(self) -> None:
+        self.lending.abandon_confirmations()
+        await self.lending.drain_confirmations()
         await self.ledger.close()
 
     # -- set-up and checks -------------------------------------------------------
@@ -218,19 +249,19 @@ class Harness:
                 assert debt >= 0, f"negative debt {msisdn} {debt}"
                 cached = conn.execute(
                     "SELECT COALESCE(SUM(principal_minor - principal_repaid_minor + fee_minor"
-                    " - fee_repaid_minor), 0) FROM loans WHERE msisdn = ? AND state IN (?, ?)",
-                    (msisdn, *store.LOAN_OPEN_STATES),
+                    " - fee_repaid_minor), 0) FROM loans WHERE msisdn = ? AND state IN (?, ?, ?)",
+                    (msisdn, *store.LOAN_JOURNALLED_STATES),
                 ).fetchone()[0]
                 assert cached == debt, f"loan cache {cached} != journal {debt} for {msisdn}"
             return {
                 "totals": store.account_totals(conn),
                 "debts": dict(per_sub),
+                # every granted loan, advances included, by credit_key
                 "granted_sessions": {
-                    r[0]: r[1]
+                    credit_key(r[0], r[1]): r[2]
                     for r in conn.execute(
-                        "SELECT diameter_session_id, principal_minor FROM loans WHERE state IN"
-                        " ('ACTIVE', 'PARTIALLY_REPAID', 'REPAID', 'WRITTEN_OFF')"
-                        " AND channel <> 'auto'"
+                        "SELECT diameter_session_id, request_number, principal_minor FROM loans"
+                        " WHERE state IN ('ACTIVE', 'PARTIALLY_REPAID', 'REPAID', 'WRITTEN_OFF')"
                     )
                 },
                 "recovered": conn.execute(

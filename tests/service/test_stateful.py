@@ -1,4 +1,5 @@
-"""Random sequences of borrow / recharge / out-of-balance / replay / IN faults /
+"""Random sequences of borrow / recharge / out-of-balance (its answer reaching the IN
+in time, lost, or overtaken by the confirmation) / replay / IN faults /
 crash-restart, checking the money invariants after every step and, at the end, that
 the IN's applied credits and debits match the ledger exactly."""
 
@@ -24,6 +25,7 @@ from tests.service.fakes import (
     TIMEOUT,
     Harness,
     SimulatedCrash,
+    credit_key,
 )
 
 SUBS = {"201000000001": (400, 6000), "201000000002": (100, 0), "201100000003": (400, 9000)}
@@ -88,13 +90,41 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         self._with_fault(fault, lambda: self.h.payback.handle_recharge(ev))
 
-    @rule(m=msisdns, session=st.integers(0, 5), number=st.integers(0, 2))
-    def out_of_balance(self, m, session, number):
-        self.run(
-            self.h.lending.out_of_balance(
-                f"in;{m};{session}", number, 1, m, None, "in-a.operator.example"
+    @rule(
+        m=msisdns,
+        session=st.integers(0, 5),
+        number=st.integers(0, 2),
+        delivery=st.sampled_from(["in_time", "in_time", "lost", "after_confirmation", "crash"]),
+        fault=faults,
+    )
+    def out_of_balance(self, m, session, number, delivery, fault):
+        """The IN's out-of-balance CCR. `delivery` says what became of the CCA: it
+        reached the IN in time (grant applied), it was lost or came after the IN's
+        timer (never applied), it came after the node's confirmation (a duplicate the
+        IN ignores), or the node died right after the commit; `fault` hits the
+        confirmation."""
+        sid = f"in;{m};{session}"
+        if fault:
+            self.h.fake_in.fail_next(fault)
+        try:
+            out = self.run(
+                self.h.lending.out_of_balance(sid, number, 1, m, None, "in-a.operator.example")
             )
-        )
+            granted = out.result_code == 2001 and out.granted_minor and not out.replayed
+            if delivery == "crash":
+                self.crashes += 1
+                self.run(self.h.restart())
+                return
+            if granted and delivery == "in_time":
+                self.h.fake_in.apply_grant(sid, number, m, out.granted_minor)
+            self.run(self.h.lending.drain_confirmations())
+            if granted and delivery == "after_confirmation":
+                self.h.fake_in.apply_grant(sid, number, m, out.granted_minor)
+            if fault in (CRASH_BEFORE, CRASH_AFTER):  # the confirmation took the node down
+                self.crashes += 1
+                self.run(self.h.restart())
+        finally:
+            self.h.fake_in.faults.clear()
 
     @rule(fault=st.sampled_from([None, TIMEOUT, LOST_ANSWER]))
     def resolve(self, fault):
@@ -117,14 +147,16 @@ class LedgerMachine(RuleBasedStateMachine):
             assert 0 <= debt <= CEILING[m]
         totals = inv["totals"]
         assert totals["recovered_cash"] <= -(totals["disbursed_float"] + totals["fee_income"])
-        # every credit the IN applied belongs to a loan that is not FAILED
+        # every credit the IN applied (advances included) belongs to a loan that is
+        # not FAILED
         states = self.run(
             self.h.ledger.read(
-                lambda c: dict(
-                    c.execute(
-                        "SELECT diameter_session_id, state FROM loans WHERE channel <> 'auto'"
+                lambda c: {
+                    credit_key(sid, number): state
+                    for sid, number, state in c.execute(
+                        "SELECT diameter_session_id, request_number, state FROM loans"
                     )
-                )
+                }
             )
         )
         for session in self.h.fake_in.credits:
@@ -141,7 +173,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.h.ledger.read(
                     lambda c: c.execute(
                         "SELECT (SELECT COUNT(*) FROM loans WHERE state IN"
-                        " ('REQUESTED', 'CREDITING', 'UNKNOWN')) + (SELECT COUNT(*) FROM recoveries"
+                        " ('REQUESTED', 'CREDITING', 'UNKNOWN', 'CONFIRMING')) + (SELECT COUNT(*) FROM recoveries"
                         " WHERE state IN ('RECOVERING', 'UNKNOWN'))"
                     ).fetchone()[0]
                 )

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, SubmitSm, Tag
+from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, SubmitSm, Tag, UssdOp
 from extrabalance.smpp.text import choose_coding, decode_text
+from extrabalance.smpp.ussd import ussd_submit
 
 MENU = "Extra Balance\n1 1.00 EGP\n2 2.00 EGP"
 CONFIRM = "Borrow {n}.00 EGP?\n1 Confirm\n2 Cancel"
@@ -65,18 +66,13 @@ class MenuApp:
         return []  # abort or unknown: nothing to say
 
     def _screen(self, msisdn: str, text: str, tag: int, dialog: bytes, *, final: bool) -> SubmitSm:
-        coding, octets = choose_coding(text)
+        op = UssdOp.PSSR_RESPONSE if final else UssdOp.USSR_REQUEST
         if tag == Tag.ITS_SESSION_INFO:
             its = ItsSessionInfo.from_bytes(dialog)
-            dialog = ItsSessionInfo(its.session_number, its.sequence_number, final).to_bytes()
-        return SubmitSm(
-            service_type="USSD",
-            source_addr="123",
-            destination_addr=msisdn,
-            data_coding=coding,
-            short_message=octets,
-            tlvs=((int(Tag.USSD_SERVICE_OP), bytes((17 if final else 2,))), (int(tag), dialog)),
-        )
+            session = ItsSessionInfo(its.session_number, its.sequence_number, final)
+            return ussd_submit(msisdn, "123", text, op=op, session=session)
+        return ussd_submit(msisdn, "123", text, op=op,
+                           user_message_reference=int.from_bytes(dialog, "big"))
 
     def _sms(self, msisdn: str, text: str) -> SubmitSm:
         coding, octets = choose_coding(text)

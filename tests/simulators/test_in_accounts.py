@@ -16,6 +16,7 @@ from simulators.in_node import (
     InFaults,
     InNodeSpec,
     MsisdnRange,
+    OpAnswer,
     parse_share_map,
     plan_faults,
 )
@@ -144,3 +145,46 @@ def test_fault_plan() -> None:
     with pytest.raises(ValueError):
         InFaults(result_share={3004: 0.7, 3002: 0.7}).validate()
     assert parse_share_map(["3004=0.25"]) == {3004: 0.25}
+
+
+def test_grant_from_a_cca_then_its_confirmation_is_a_duplicate() -> None:
+    book = InAccounts(SPEC)
+    assert book.apply_grant("in-a;1;5", 2, "201000000001", 500)
+    assert book.balance("201000000001") == 500
+    assert book.first_answer("in-a;1;5", 2) == OpAnswer(2001)
+    # The node confirms the advance under the same key: first answer, nothing new.
+    answer, duplicate = book.execute(op("in-a;1;5", Action.REFUND_ACCOUNT, 500, n=2))
+    assert duplicate and answer.result_code == 2001
+    assert book.balance("201000000001") == 500
+    assert book.stats["duplicate_mismatch"] == 0
+    assert [(a.action, a.request_number) for a in book.applied()] == [
+        ("OUT_OF_BALANCE_GRANT", 2)]
+
+
+def test_confirmation_first_then_the_cca_grant_applies_nothing() -> None:
+    book = InAccounts(SPEC)
+    answer, duplicate = book.execute(op("in-a;1;6", Action.REFUND_ACCOUNT, 500))
+    assert not duplicate and answer.result_code == 2001
+    assert not book.apply_grant("in-a;1;6", 0, "201000000001", 500)
+    assert book.balance("201000000001") == 500
+    assert len(book.applied()) == 1
+
+
+def test_refused_confirmation_blocks_a_later_grant() -> None:
+    book = InAccounts(SPEC)
+    answer, _ = book.execute(op("in-a;1;7", Action.REFUND_ACCOUNT, 500), forced_result=4010)
+    assert answer.result_code == 4010
+    assert not book.apply_grant("in-a;1;7", 0, "201000000001", 500)
+    assert book.balance("201000000001") == 0
+
+
+@given(st.lists(st.sampled_from(["grant", "confirm"]), min_size=1, max_size=6))
+def test_an_advance_is_credited_once_in_any_order(order: list[str]) -> None:
+    book = InAccounts(SPEC)
+    for what in order:
+        if what == "grant":
+            book.apply_grant("in-a;1;8", 1, "201000000001", 300)
+        else:
+            book.execute(op("in-a;1;8", Action.REFUND_ACCOUNT, 300, n=1))
+    assert book.balance("201000000001") == 300
+    assert sum(a.moved_minor for a in book.applied()) == 300

@@ -23,6 +23,7 @@ REALM = "test"
 SUB_A = "201000000001"
 SUB_B = "201100000001"
 LUCKY = "201000000777"  # the fake node grants him an advance
+SLOW = "201000000778"  # ... and him too, but answers after 200 ms
 TIMEOUT_S = 5.0
 
 
@@ -61,7 +62,9 @@ async def stack() -> AsyncIterator[tuple[InSimulator, FakeNode]]:
     async def node_handler(msg: codec.Message, peer: str) -> codec.Message:
         ccr = gy.parse_ccr(msg)
         oob.append(ccr)
-        if ccr.msisdn == LUCKY:
+        if ccr.msisdn == SLOW:
+            await asyncio.sleep(0.2)
+        if ccr.msisdn in (LUCKY, SLOW):
             return gy.build_cca(msg, NODE_HOST, REALM, 2001, 300,
                                 currency_numeric=818, currency_exponent=2)
         return gy.build_cca(msg, NODE_HOST, REALM, 4012, currency_numeric=818,
@@ -217,3 +220,35 @@ async def test_out_of_balance_grant_is_added_to_the_balance(
     assert node.oob_requests[-1].origin_host == "in-b.test"
     assert node.oob_requests[-1].requested_minor == 200
     assert sim.balance(SUB_B) == 0
+
+
+async def test_advance_confirmation_after_the_cca_is_a_duplicate(
+    stack: tuple[InSimulator, FakeNode],
+) -> None:
+    sim, node = stack
+    result, granted = await sim.send_out_of_balance(
+        LUCKY, session_id="in-a.test;77;1", request_number=3)
+    assert (result, granted) == (2001, 300) and sim.balance(LUCKY) == 300
+    # The node confirms the advance with its own Session-Id and CC-Request-Number.
+    confirm = node.ccr(gy.REFUND_ACCOUNT, 300, LUCKY, session="in-a.test;77;1", number=3)
+    assert (await node.ask(confirm)).result_code == 2001
+    assert sim.balance(LUCKY) == 300  # credited once
+    assert [a.action for a in sim.applied()] == ["OUT_OF_BALANCE_GRANT"]
+
+
+async def test_late_cca_is_discarded_and_the_confirmation_credits(
+    stack: tuple[InSimulator, FakeNode],
+) -> None:
+    sim, node = stack
+    # The IN gives up after 50 ms (its DiameterNode's own timer is longer: the answer
+    # slips in after the deadline, before the timer tick, and must still be ignored).
+    sim.request_timeout_ms = 50
+    with pytest.raises(RequestTimeout):
+        await sim.send_out_of_balance(SLOW, session_id="in-a.test;78;1")
+    assert sim.balance(SLOW) == 0 and sim.stats["in-a"]["oob_late_discarded"] == 1
+    confirm = node.ccr(gy.REFUND_ACCOUNT, 300, SLOW, session="in-a.test;78;1")
+    assert (await node.ask(confirm)).result_code == 2001
+    assert sim.balance(SLOW) == 300
+    again = node.ccr(gy.REFUND_ACCOUNT, 300, SLOW, session="in-a.test;78;1", retransmit=True)
+    assert (await node.ask(again)).result_code == 2001
+    assert sim.balance(SLOW) == 300

@@ -1,0 +1,61 @@
+"""The SMPP channel: a long SMS in parts is answered once, after its last part."""
+
+from __future__ import annotations
+
+import asyncio
+
+from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.config import load_settings
+from extrabalance.service.templates import Templates
+from extrabalance.service.ussd import UssdDialogs
+from extrabalance.smpp.pdu import DeliverSm
+from extrabalance.smpp.text import split_text
+from tests.channels.fake_lending import FakeLending
+
+M = "201001234567"
+
+
+def channel_with(lending: FakeLending, sent: list[tuple[str, str]]) -> SmppChannel:
+    s = load_settings()
+    t = Templates(s.templates, "en", 2)
+
+    async def submit(pdu):  # USSD screens: not used here
+        return None
+
+    async def send_sms(source, dest, text):
+        sent.append((dest, text))
+        return []
+
+    return SmppChannel(dialogs=UssdDialogs(lending, t), lending=lending, templates=t,
+                       policy=lending.policy, submit=submit, send_sms=send_sms,
+                       short_code="1234")
+
+
+async def test_long_mo_sms_is_reassembled_before_it_is_read():
+    lending = FakeLending(load_settings().policy())
+    lending.add(M, 400, 5000)
+    sent: list[tuple[str, str]] = []
+    ch = channel_with(lending, sent)
+    parts = split_text("balance please " + "x" * 150, reference=7)  # > 160: two UDH parts
+    assert len(parts) == 2
+    for part in parts:
+        pdu = DeliverSm(source_addr=M, destination_addr="1234", esm_class=part.esm_class,
+                        data_coding=part.data_coding, short_message=part.short_message)
+        assert ch.on_deliver(pdu, "bind-1") == 0
+        await asyncio.sleep(0.01)
+    # One reply for the whole message (it is not a keyword: the helpful answer).
+    assert len(sent) == 1 and sent[0][0] == M
+    assert sent[0][1].startswith("Sorry, we did not understand.")
+
+
+async def test_loan_keyword_in_one_part_lends_once():
+    lending = FakeLending(load_settings().policy())
+    lending.add(M, 400, 5000)
+    sent: list[tuple[str, str]] = []
+    ch = channel_with(lending, sent)
+    pdu = DeliverSm(source_addr=M, destination_addr="1234", short_message=b"LOAN 5",
+                    sequence_number=42)
+    ch.on_deliver(pdu, "bind-1")
+    ch.on_deliver(pdu, "bind-1")  # the SMSC re-sent it after a lost response
+    await asyncio.sleep(0.05)
+    assert lending.borrow_calls == 1
