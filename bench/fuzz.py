@@ -59,6 +59,7 @@ from bench.fuzz_frames import (
     SmppFrames,
 )
 from bench.fuzz_peers import CLOSE_WAIT_S, DiameterConn, FuzzSmsc, RssSampler, rss_kib
+from extrabalance.diameter.peer import CAPABILITIES_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET_MQTT_LOG = logging.getLogger("eb.fuzz.mqtt")
@@ -66,6 +67,13 @@ QUIET_MQTT_LOG.setLevel(logging.ERROR)
 SMPP_PASSWORD_ENV = "EB_FUZZ_SMPP_PASSWORD"
 DEBTORS = tuple(f"2010003000{i:02d}" for i in range(20))  # in-a's range, with profiles
 CHECK_CCR_MSISDN = "201000400001"  # in range, no opt-in: a valid CCR gets 4012
+CHECK_CCR_MSISDNS = 10_000  # the batches' check CCRs rotate over this many such numbers
+
+
+def check_ccr_msisdn(n: int) -> str:
+    """In in-a's range, no profile, no opt-in: 4012. One per batch, in turn, so that
+    the check measures the admitted path rather than one subscriber's bound of 2."""
+    return f"20100041{n % CHECK_CCR_MSISDNS:04d}"
 CHECK_SMS_MSISDN = "201000400002"  # sends "HELP" between fuzz batches
 LOAN_TEXT = "LOAN 5"
 PROBE = b"probe: not a recharge"
@@ -381,6 +389,7 @@ class FuzzRun:
         self.valid_event_ids: set[str] = set()
         self.dead_letters = 0
         self.probes_sent = 0
+        self.check_ccrs = 0
         self.probe_lock = asyncio.Lock()
         self.probe_dir = workdir / "probes"
         self.probe_dead_letters = 0
@@ -575,7 +584,9 @@ class FuzzRun:
                 f = self.dframes.pipe_frame()
                 frames.append((f.data, f.expects_answer, f.mutation))
                 stats.mutations[f.mutation] += 1
-            frames.append((codec.encode(self.dframes.ccr(CHECK_CCR_MSISDN)), True, "check"))
+            self.check_ccrs += 1
+            frames.append((codec.encode(self.dframes.ccr(check_ccr_msisdn(self.check_ccrs))),
+                           True, "check"))
             conn.send(frames)
             sent += n
             stats.sent += n
@@ -661,7 +672,12 @@ class FuzzRun:
                     assert conn.writer is not None
                     conn.writer.write(frame.data)
                 stats.sent += 1
-                if await conn.wait_closed(CLOSE_WAIT_S):
+                # A well-framed answer before CER is discarded like any unmatched answer;
+                # the node's capabilities-exchange timer then closes the connection.
+                stray_answer = (kind == "before_cer" and len(frame.data) >= 20
+                                and not frame.data[4] & 0x80 and frame.data[0] == 1)
+                wait_s = CLOSE_WAIT_S + (CAPABILITIES_TIMEOUT_S if stray_answer else 0.0)
+                if await conn.wait_closed(wait_s):
                     stats.answers["connection closed"] += 1
                 else:
                     stats.answers["left open"] += 1
@@ -991,6 +1007,11 @@ def format_report(r: FuzzReport) -> str:
            f"{r.config['rss_growth_max_mib']} MiB)")
     rows.append(("node RSS (MiB)", rss))
     rows.append(("node RSS curve (MiB)", " ".join(str(v) for v in r.rss_curve_mib)))
+    at_stop = r.node_counters_at_stop
+    for name in ("gy", "recharge_listener", "smpp_channel"):
+        if isinstance(at_stop.get(name), dict):
+            rows.append((f"node {name} (at stop)",
+                         ", ".join(f"{k}: {v}" for k, v in at_stop[name].items())))
     rows.append(("ledger", ", ".join(f"{k}: {v}" for k, v in r.ledger.items())))
     for name, ok in r.checks.items():
         rows.append((f"check {name}", "ok" if ok else "FAILED"))
