@@ -118,10 +118,10 @@ class MqttSettings:
     keepalive_s: int = 30
     reconnect_backoff_initial_s: float = 0.5
     reconnect_backoff_max_s: float = 30.0
-    # Messages received and not yet acknowledged, handled concurrently. Mosquitto sends
-    # at most its own max_inflight_messages (default 20) unacknowledged QoS 1 messages
-    # to one client, so a larger value only helps with a broker configured larger.
-    # On MQTT 5 it is also sent to the broker as Receive Maximum.
+    # Messages handed to handlers and not yet acknowledged (handled concurrently; acks
+    # in receipt order, so a slow one holds the acks of those behind it). On MQTT 5 it
+    # is also sent to the broker as Receive Maximum, which Mosquitto 2.0 was measured
+    # not to honour for a backlog: `inbox_max` is what bounds memory.
     inflight_max: int = 20
     # Messages read from the socket and not yet handed to a handler. Mosquitto 2.0 was
     # measured sending a QoS 1 backlog far past its max_inflight_messages (and past an
