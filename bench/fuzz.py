@@ -59,6 +59,7 @@ from bench.fuzz_frames import (
     SmppFrames,
 )
 from bench.fuzz_peers import CLOSE_WAIT_S, DiameterConn, FuzzSmsc, RssSampler, rss_kib
+from extrabalance.diameter.peer import CAPABILITIES_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET_MQTT_LOG = logging.getLogger("eb.fuzz.mqtt")
@@ -66,6 +67,13 @@ QUIET_MQTT_LOG.setLevel(logging.ERROR)
 SMPP_PASSWORD_ENV = "EB_FUZZ_SMPP_PASSWORD"
 DEBTORS = tuple(f"2010003000{i:02d}" for i in range(20))  # in-a's range, with profiles
 CHECK_CCR_MSISDN = "201000400001"  # in range, no opt-in: a valid CCR gets 4012
+CHECK_CCR_MSISDNS = 10_000  # the batches' check CCRs rotate over this many such numbers
+
+
+def check_ccr_msisdn(n: int) -> str:
+    """In in-a's range, no profile, no opt-in: 4012. One per batch, in turn, so that
+    the check measures the admitted path rather than one subscriber's bound of 2."""
+    return f"20100041{n % CHECK_CCR_MSISDNS:04d}"
 CHECK_SMS_MSISDN = "201000400002"  # sends "HELP" between fuzz batches
 LOAN_TEXT = "LOAN 5"
 PROBE = b"probe: not a recharge"
@@ -73,10 +81,19 @@ PROBE_B64 = base64.b64encode(PROBE)
 RECHARGE_MINOR = 100
 ANSWER_WAIT_S = 15.0  # a batch's answers; the node is loaded, not stuck, below this
 START_WAIT_S = 30.0
+PUBLISH_WAIT_S = 120.0  # the fuzzer's own QoS 1 publishes
+DRAIN_STALL_S = 30.0  # no dead letter for this long while some are missing: stop waiting
+CER_ATTEMPTS_MAX = 3  # a lane's CER unanswered this many times ends the run
 # RSS growth allowed over the run: the node's bounded tables when full (duplicate
 # answers 65,536, sent-SMS ids 100,000, USSD dialogs, idempotency is on disk) fit well
 # under it; a leak of even 100 bytes per frame over 1M frames does not.
 RSS_GROWTH_MAX_MIB = 96
+# Fuzz-only probes of the node process (bench code, never the production path): with
+# PROBE_DIR_ENV set the node child writes its counters on SIGUSR1 and after stop; with
+# TRACEMALLOC_ENV=<frames> too it traces allocations and dumps the top sites on SIGUSR1.
+PROBE_DIR_ENV = "EB_FUZZ_PROBE_DIR"
+TRACEMALLOC_ENV = "EB_FUZZ_TRACEMALLOC"
+TRIM_ENV = "EB_FUZZ_MALLOC_TRIM"  # set: each probe also calls malloc_trim(0) and re-reads RSS
 
 
 @dataclass
@@ -97,6 +114,9 @@ class FuzzConfig:
     mqtt_valid_every: int = 200
     rss_growth_max_mib: float = RSS_GROWTH_MAX_MIB
     node_log_level: str = "ERROR"
+    # Node counters (and, with EB_FUZZ_TRACEMALLOC set, allocation dumps in the work
+    # dir's probes/ folder) every this many seconds; None: only at the end.
+    probe_every_s: float | None = None
     keep: bool = False
 
 
@@ -130,6 +150,8 @@ class FuzzReport:
     ledger: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
     stderr_tail: str = ""
+    probes: list[dict[str, Any]] = field(default_factory=list)  # node counters during the run
+    node_counters_at_stop: dict[str, Any] = field(default_factory=dict)
 
     @property
     def frames(self) -> int:
@@ -138,6 +160,15 @@ class FuzzReport:
     @property
     def ok(self) -> bool:
         return all(self.checks.values())
+
+
+def no_nagle(client: Any) -> None:
+    """TCP_NODELAY on an aiomqtt client's socket (paho leaves Nagle on; the node's
+    listener turns it off too): the fuzzer's publisher and watcher must not be the
+    bottleneck they are measuring."""
+    sock = client._client.socket()
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def free_port() -> int:
@@ -169,18 +200,133 @@ def node_child(overrides_path: str) -> int:
     except ImportError:  # pragma: no cover
         pass
 
+    probe_dir = os.environ.get(PROBE_DIR_ENV)
+    trace_frames = int(os.environ.get(TRACEMALLOC_ENV, "0") or 0)
+    if probe_dir and trace_frames > 0:
+        import tracemalloc
+
+        tracemalloc.start(trace_frames)
+
     async def main() -> None:
         node = Node(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if probe_dir:
+            probes = iter(range(1, 1 << 30))
+            loop.add_signal_handler(signal.SIGUSR1,
+                                    lambda: write_probe(node, Path(probe_dir), next(probes)))
         await node.start()
         await stop.wait()
         await node.stop()
+        if probe_dir:
+            write_probe(node, Path(probe_dir), 0, allocations=False)  # 0: after stop
 
     asyncio.run(main())
     return 0
+
+
+def node_counters(node: Any) -> dict[str, Any]:
+    """What the fuzzer reads from the node process: its listeners', Gy server's and
+    SMPP channel's counters, and the sizes of its bounded tables."""
+    return {
+        "recharge_listener": node.recharges.stats(),
+        "lowbalance_listener": node.low_balance.stats(),
+        "gy": {**node.gy.stats, "inflight": node.gy.inflight},
+        "smpp_channel": {**node.channel.stats, "inflight": node.channel.inflight,
+                         "sent_tracked": len(node.channel._sent)},
+        "asyncio_tasks": len(asyncio.all_tasks()),
+        "recharge_head": _listener_head(node.recharges),
+    }
+
+
+def _memory_map_kib() -> dict[str, int]:
+    """Resident KiB by kind of mapping: the brk heap, anonymous maps (glibc's per-thread
+    arenas, large blocks), files (code, SQLite's mmap)."""
+    out: Counter[str] = Counter()
+    kind = "other"
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                first = line.split(maxsplit=6)
+                if len(first) >= 5 and "-" in first[0] and ":" not in first[0]:
+                    name = first[5].strip() if len(first) > 5 else ""
+                    kind = ("heap" if name == "[heap]" else "anonymous" if not name
+                            else "stack" if name.startswith("[stack") else "file"
+                            if name.startswith("/") else "other")
+                elif line.startswith("Rss:"):
+                    out[kind] += int(line.split()[1])
+    except OSError:
+        pass
+    return dict(out)
+
+
+def _listener_head(listener: Any) -> dict[str, Any] | None:
+    """The oldest unacknowledged recharge message and where its handler is waiting
+    (diagnosis only: it reads the listener's private delivery queue)."""
+    deliveries = getattr(listener, "_deliveries", None)
+    if not deliveries:
+        return None
+    head = deliveries[0]
+    stack = head.task.get_stack(limit=30) if not head.task.done() else []
+    paho_state: dict[str, Any] = {}
+    client = getattr(listener, "_session_client", None)
+    inner = getattr(client, "_client", None)
+    if inner is not None:
+        paho_state = {"out_packets": len(inner._out_packet), "out_messages": len(
+            inner._out_messages), "inflight_out": inner._inflight_messages,
+            "registered_write": inner._registered_write, "want_write": inner.want_write(),
+            "pending_publishes": len(getattr(client, "_pending_publishes", ()))}
+    return {"paho": paho_state, "topic": head.message.topic, "payload": bytes(head.message.payload[:120]).decode(
+                "utf-8", "replace"), "done": head.task.done(),
+            "stack": [f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} {f.f_code.co_name}"
+                      for f in stack]}
+
+
+def write_probe(node: Any, directory: Path, n: int, *, allocations: bool = True) -> None:
+    """On SIGUSR1 (fuzz runs only): counters to probe-<n>.json and, when tracemalloc
+    runs, the top allocation sites to tracemalloc-<n>.txt. Never on the node's own
+    production path: only `node_child` installs it, and only with the env var set."""
+    import gc
+    import tracemalloc
+
+    try:
+        counters = node_counters(node)
+    except Exception as exc:  # noqa: BLE001 - a probe must never be lost to its own bug
+        counters = {"probe_error": repr(exc)}
+    objects = gc.get_objects()
+    counters["gc_objects"] = len(objects)
+    by_type = Counter(type(o).__qualname__ for o in objects)
+    counters["gc_top_types"] = by_type.most_common(25)
+    del objects
+    counters["rss_kib"] = rss_kib(os.getpid())
+    counters["memory_map_kib"] = _memory_map_kib()
+    if os.environ.get(TRIM_ENV):
+        # How much of the RSS is memory the C allocator holds but Python has freed.
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        counters["rss_after_malloc_trim_kib"] = rss_kib(os.getpid())
+    text = json.dumps(counters, default=str)
+    tmp = directory / f".probe-{n}.json"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(directory / f"probe-{n}.json")
+    if not (allocations and tracemalloc.is_tracing()):
+        return
+    snapshot = tracemalloc.take_snapshot().filter_traces((
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+    ))
+    traced_mib = tracemalloc.get_traced_memory()[0] / 2**20
+    lines = [f"probe {n}: rss {counters['rss_kib']} KiB, traced {traced_mib:.1f} MiB"]
+    for stat in snapshot.statistics("lineno")[:40]:
+        lines.append(f"{stat.size / 2**20:8.2f} MiB {stat.count:9d}  {stat.traceback[0]}")
+    lines.append("--- top 8 by traceback")
+    for stat in snapshot.statistics("traceback")[:8]:
+        lines.append(f"{stat.size / 2**20:8.2f} MiB {stat.count:9d}")
+        lines.extend("      " + line for line in stat.traceback.format(limit=12))
+    (directory / f"tracemalloc-{n}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 class NodeProcess:
@@ -242,6 +388,10 @@ class FuzzRun:
         self.smsc: FuzzSmsc | None = None
         self.valid_event_ids: set[str] = set()
         self.dead_letters = 0
+        self.probes_sent = 0
+        self.check_ccrs = 0
+        self.probe_lock = asyncio.Lock()
+        self.probe_dir = workdir / "probes"
         self.probe_dead_letters = 0
         self.dead_letter_event = asyncio.Event()
         in_a = self.base.in_nodes[0]
@@ -313,11 +463,35 @@ class FuzzRun:
                                 "submit_rate_max_per_s": 5000}] * self.cfg.smpp_binds},
             "mqtt": {"port": self.mqtt_port, "client_id": "extrabalance-fuzz"},
         }
-        self.node = NodeProcess(self.workdir, overrides, {SMPP_PASSWORD_ENV: password},
+        self.probe_dir = self.workdir / "probes"
+        self.probe_dir.mkdir(exist_ok=True)
+        self.node = NodeProcess(self.workdir, overrides,
+                                {SMPP_PASSWORD_ENV: password, PROBE_DIR_ENV: str(self.probe_dir)},
                                 self.cfg.node_log_level)
         self.pid = self.node.start()
         stack.callback(self._stop_node)
         await self._wait_node_ready()
+
+    async def probe(self, timeout_s: float = 60.0) -> dict[str, Any] | None:
+        """SIGUSR1 to the node child; its counters (None if it did not answer in time)."""
+        assert self.node is not None and self.node.proc is not None
+        async with self.probe_lock:  # signals do not queue: one probe at a time
+            self.probes_sent += 1
+            path = self.probe_dir / f"probe-{self.probes_sent}.json"
+            self.node.proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if path.exists():
+                    return dict(json.loads(path.read_text(encoding="utf-8")))
+                await asyncio.sleep(0.1)
+            return None
+
+    async def probe_periodically(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            counters = await self.probe()
+            if counters is not None:
+                self.report.probes.append(counters)
 
     def _stop_node(self) -> None:
         if self.node is not None and self.node.alive:
@@ -349,6 +523,7 @@ class FuzzRun:
         async with aiomqtt.Client("127.0.0.1", self.mqtt_port, clean_session=False,
                                   identifier=f"eb-fuzz-dead-{os.getpid()}",
                                   logger=QUIET_MQTT_LOG) as client:
+            no_nagle(client)
             await client.subscribe(topic, qos=1)
             ready.set()
             async for message in client.messages:
@@ -409,7 +584,9 @@ class FuzzRun:
                 f = self.dframes.pipe_frame()
                 frames.append((f.data, f.expects_answer, f.mutation))
                 stats.mutations[f.mutation] += 1
-            frames.append((codec.encode(self.dframes.ccr(CHECK_CCR_MSISDN)), True, "check"))
+            self.check_ccrs += 1
+            frames.append((codec.encode(self.dframes.ccr(check_ccr_msisdn(self.check_ccrs))),
+                           True, "check"))
             conn.send(frames)
             sent += n
             stats.sent += n
@@ -450,7 +627,17 @@ class FuzzRun:
     async def _diameter_open(self, stats: LaneStats) -> DiameterConn:
         conn = DiameterConn("127.0.0.1", self.diameter_port, self.in_a.origin_host,
                             self.in_a.realm)
-        cea = await conn.open()
+        # A loaded node answers the CER behind thousands of queued requests: wait as
+        # long as for any answer.
+        for attempt in range(CER_ATTEMPTS_MAX):
+            cea = await conn.open(cea_wait_s=ANSWER_WAIT_S)
+            if cea is not None:
+                break
+            # No CEA in time: a finding (counted), but not one that should end the run.
+            stats.fail(f"no CEA within {ANSWER_WAIT_S} s (attempt {attempt + 1})")
+            await conn.close()
+            conn = DiameterConn("127.0.0.1", self.diameter_port, self.in_a.origin_host,
+                                self.in_a.realm)
         if cea is None or cea.result_code != 2001:
             raise RuntimeError(f"CER as an allowed peer refused: {cea}")
         stats.extra["connections"] += 1
@@ -485,7 +672,12 @@ class FuzzRun:
                     assert conn.writer is not None
                     conn.writer.write(frame.data)
                 stats.sent += 1
-                if await conn.wait_closed(CLOSE_WAIT_S):
+                # A well-framed answer before CER is discarded like any unmatched answer;
+                # the node's capabilities-exchange timer then closes the connection.
+                stray_answer = (kind == "before_cer" and len(frame.data) >= 20
+                                and not frame.data[4] & 0x80 and frame.data[0] == 1)
+                wait_s = CLOSE_WAIT_S + (CAPABILITIES_TIMEOUT_S if stray_answer else 0.0)
+                if await conn.wait_closed(wait_s):
                     stats.answers["connection closed"] += 1
                 else:
                     stats.answers["left open"] += 1
@@ -566,13 +758,17 @@ class FuzzRun:
 
         async def publish(client: Any, payload: bytes) -> None:
             try:
-                await client.publish(topic, payload, qos=1)
+                # The broker is loaded too: a slow PUBACK is not the node's fault.
+                await client.publish(topic, payload, qos=1, timeout=PUBLISH_WAIT_S)
+            except aiomqtt.MqttError as exc:
+                stats.fail(f"fuzzer's publish failed: {exc}")
             finally:
                 window.release()
 
         async with aiomqtt.Client("127.0.0.1", self.mqtt_port,
                                   identifier=f"eb-fuzz-pub-{os.getpid()}",
                                   logger=QUIET_MQTT_LOG) as client:
+            no_nagle(client)
             await self.wait_mqtt_subscribed(client)
             publish_started = time.monotonic()
             for i in range(quota):
@@ -600,15 +796,29 @@ class FuzzRun:
         stats.extra["publish_ms"] = int((time.monotonic() - publish_started) * 1000)
         stats.extra["expected_dead_letters"] = expected_dead
         stats.extra["valid_recharges"] = len(valid_jobs)
-        # The node dead-letters at its own pace: wait until it has caught up (bounded).
+        # The node dead-letters at its own pace: wait until it has caught up, for as
+        # long as it makes progress (a stall of DRAIN_STALL_S is a finding).
         seen, last_progress = -1, time.monotonic()
-        while self.dead_letters < expected_dead and time.monotonic() - last_progress < 15.0:
+        drain_started = time.monotonic()
+        while (self.dead_letters < expected_dead
+               and time.monotonic() - last_progress < DRAIN_STALL_S):
             if self.dead_letters != seen:
                 seen, last_progress = self.dead_letters, time.monotonic()
             await asyncio.sleep(0.2)
+        stats.extra["dead_letter_drain_ms"] = int((time.monotonic() - drain_started) * 1000)
         stats.answers["dead-lettered"] = self.dead_letters
-        if self.dead_letters != expected_dead:
-            stats.fail(f"dead letters {self.dead_letters} != invalid payloads {expected_dead}")
+        counters = await self.probe()
+        listener: dict[str, Any] = counters["recharge_listener"] if counters else {}
+        for key in ("received", "invalid", "dead_lettered", "handled", "acked",
+                    "handler_failures", "reconnects", "redelivered"):
+            stats.extra[f"node_{key}"] = int(listener.get(key, 0))
+        # At least once: a message redelivered after a reconnect is dead-lettered again,
+        # so more dead letters than invalid payloads is fine, fewer is not.
+        if self.dead_letters < expected_dead:
+            stats.fail(f"dead letters {self.dead_letters} < invalid payloads {expected_dead}")
+        if listener and int(listener["dead_lettered"]) < int(listener["invalid"]):
+            stats.fail(f"node: {listener['invalid']} invalid payloads, only "
+                       f"{listener['dead_lettered']} dead-lettered")
 
     # -- after the run ----------------------------------------------------------------
 
@@ -678,6 +888,8 @@ class FuzzRun:
 async def run_fuzz(cfg: FuzzConfig, workdir: Path | None = None) -> FuzzReport:
     own_dir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="extrabalance-fuzz-")) if workdir is None else workdir
+    if cfg.keep:
+        print(f"work dir: {work}", file=sys.stderr)
     run = FuzzRun(cfg, work)
     report = run.report
     try:
@@ -692,6 +904,9 @@ async def run_fuzz(cfg: FuzzConfig, workdir: Path | None = None) -> FuzzReport:
             report.rss_start_kib = rss_kib(run.pid) or 0
             sampler = RssSampler(run.pid).start()
             stack.callback(sampler.stop)
+            if cfg.probe_every_s:
+                prober = asyncio.create_task(run.probe_periodically(cfg.probe_every_s))
+                stack.callback(prober.cancel)
             d_quota = int(cfg.frames * cfg.diameter_share)
             s_quota = int(cfg.frames * cfg.smpp_share)
             m_quota = cfg.frames - d_quota - s_quota
@@ -746,6 +961,9 @@ async def run_fuzz(cfg: FuzzConfig, workdir: Path | None = None) -> FuzzReport:
             report.rss_curve_mib = [round(samples[min(len(samples) - 1, len(samples) * i // 10)][1]
                                           / 1024, 1) for i in range(1, 11)] if samples else []
             report.node_exit_code = run.node.stop()
+            at_stop = run.probe_dir / "probe-0.json"
+            if at_stop.exists():
+                report.node_counters_at_stop = json.loads(at_stop.read_text(encoding="utf-8"))
             run.ledger_checks()
     finally:
         if run.node is not None:
@@ -789,6 +1007,11 @@ def format_report(r: FuzzReport) -> str:
            f"{r.config['rss_growth_max_mib']} MiB)")
     rows.append(("node RSS (MiB)", rss))
     rows.append(("node RSS curve (MiB)", " ".join(str(v) for v in r.rss_curve_mib)))
+    at_stop = r.node_counters_at_stop
+    for name in ("gy", "recharge_listener", "smpp_channel"):
+        if isinstance(at_stop.get(name), dict):
+            rows.append((f"node {name} (at stop)",
+                         ", ".join(f"{k}: {v}" for k, v in at_stop[name].items())))
     rows.append(("ledger", ", ".join(f"{k}: {v}" for k, v in r.ledger.items())))
     for name, ok in r.checks.items():
         rows.append((f"check {name}", "ok" if ok else "FAILED"))
@@ -816,8 +1039,12 @@ def run_cli(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the work dir (ledger, node log)")
+    p.add_argument("--probe-every", type=float, default=None, metavar="S",
+                   help=f"node counters every S seconds into the work dir's probes/ (with "
+                        f"{TRACEMALLOC_ENV}=<frames> set: allocation dumps too); use --keep")
     args = p.parse_args(argv)
-    cfg = FuzzConfig(frames=args.frames, seconds=args.seconds, seed=args.seed, keep=args.keep)
+    cfg = FuzzConfig(frames=args.frames, seconds=args.seconds, seed=args.seed, keep=args.keep,
+                     probe_every_s=args.probe_every)
     try:
         import uvloop
 

@@ -149,7 +149,8 @@ class DiameterConn:
         self._hbh = (self._hbh + 1) & 0xFFFFFFFF or 1
         return self._hbh
 
-    async def open(self, *, do_cer: bool = True, origin_host: str | None = None) -> Answer | None:
+    async def open(self, *, do_cer: bool = True, origin_host: str | None = None,
+                   cea_wait_s: float = CLOSE_WAIT_S) -> Answer | None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         self._reader_task = asyncio.create_task(self._read())
         if not do_cer:
@@ -158,7 +159,7 @@ class DiameterConn:
         self.pending[hbh] = "CER"
         self.idle.clear()
         self.writer.write(cer(origin_host or self.origin_host, self.origin_realm, hbh))
-        await self.wait_idle(CLOSE_WAIT_S)
+        await self.wait_idle(cea_wait_s)
         self.cea = self.answers.pop(hbh, None)
         return self.cea
 

@@ -9,16 +9,32 @@ under this CCR's Session-Id and CC-Request-Number, docs/diameter.md "Advance
 confirmation"), so a CCA that never reaches the IN in time costs nobody anything. Malformed requests get the RFC's error
 answer from the codec's validation; the lending service is never called for them.
 
-Overload: at most `inflight_max` requests are inside the lending service at once
-(each waits for its subscriber's lock and a ledger commit). Beyond that the IN gets
-3004 DIAMETER_TOO_BUSY at once, with the E bit, and the ledger is not touched: RFC
-6733 says the request was not executed, so the IN re-sends it later, instead of the
-node queueing without bound and answering after the IN has given up.
+Overload, three rules, each answered with 3004 DIAMETER_TOO_BUSY and the E bit (RFC
+6733: the request was not executed, the IN re-sends it later without the T flag):
+
+* at most `inflight_max` requests are inside the lending service at once (each waits
+  for its subscriber's lock and a ledger commit); the next one is answered at once
+  and the ledger is not touched;
+* at most `per_subscriber_max` of them are for one MSISDN: they are serialised on
+  that subscriber's lock anyway, so more would only queue (a flood for a handful of
+  numbers used to fill the whole in-flight bound and starve every other ledger user);
+* every admitted request is answered within `deadline_ms` of its arrival. An IN
+  gives up after its Tx timer (RFC 4006 §13), so an answer after that is useless and
+  the IN re-sends anyway. The decision is not cancelled at the deadline (a commit is
+  never interrupted, and its events and SMS still happen); it runs on, counted in
+  the bounds, and its outcome is what a re-send of the same Session-Id and
+  CC-Request-Number gets. An advance cannot be booked after `answer_deadline_ms`
+  (the lending service checks inside the transaction), and `deadline_ms` is later
+  than that by at least the commit time allowed; an advance that was booked all the
+  same is logged as an error (`late_advance_booked`) and counted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
+from collections import Counter
 from typing import Any, Protocol
 
 import structlog
@@ -40,6 +56,11 @@ DIAMETER_APPLICATION_UNSUPPORTED = 3007
 DIAMETER_UNABLE_TO_COMPLY = 5012
 # Out-of-balance CCRs inside the lending service at once; beyond: 3004 at once.
 OUT_OF_BALANCE_INFLIGHT_MAX = 512
+# Of those, for one MSISDN: one request and a re-send of it. Beyond: 3004 at once.
+OUT_OF_BALANCE_PER_SUBSCRIBER_MAX = 2
+# Every admitted request is answered within this many advance budgets
+# (`answer_deadline_ms`, 1000 ms by default → 3000 ms): 3004 if no decision yet.
+DEADLINE_PER_ADVANCE_BUDGET = 3
 TERMINATION_REQUEST = 3
 
 
@@ -64,21 +85,36 @@ class GyServer:
         currency_exponent: int,
         answer_deadline_ms: int = 1000,
         inflight_max: int = OUT_OF_BALANCE_INFLIGHT_MAX,
+        per_subscriber_max: int = OUT_OF_BALANCE_PER_SUBSCRIBER_MAX,
+        deadline_ms: int | None = None,
     ) -> None:
         if inflight_max < 1:
             raise ValueError("inflight_max must be at least 1")
+        if per_subscriber_max < 1:
+            raise ValueError("per_subscriber_max must be at least 1")
+        if deadline_ms is None:
+            deadline_ms = answer_deadline_ms * DEADLINE_PER_ADVANCE_BUDGET
+        if deadline_ms < answer_deadline_ms:
+            raise ValueError("deadline_ms must not be shorter than answer_deadline_ms: an "
+                             "advance booked before its deadline must still be answered")
         self._lending = lending
         # An advance must reach the IN before its Tx timer fires, or the IN never
         # credits it: past this budget nothing is booked and 3004 is answered.
         self._deadline_s = answer_deadline_ms / 1000
+        # Any answer: past this, 3004 while the decision runs on (see the docstring).
+        self._answer_by_s = deadline_ms / 1000
         self.inflight_max = inflight_max
+        self.per_subscriber_max = per_subscriber_max
         self._inflight = 0
+        self._by_msisdn: Counter[str] = Counter()  # entries only while > 0: ≤ inflight_max
         self._host = origin_host
         self._realm = origin_realm
         self._context = service_context_id
         self._currency_numeric = currency_numeric
         self._exponent = currency_exponent
-        self.stats = {"ccr": 0, "granted": 0, "refused": 0, "errors": 0, "too_busy": 0}
+        self.stats = {"ccr": 0, "granted": 0, "refused": 0, "errors": 0, "too_busy": 0,
+                      "too_busy_subscriber": 0, "too_late": 0, "past_deadline": 0,
+                      "late_advance_booked": 0}
 
     @property
     def inflight(self) -> int:
@@ -113,25 +149,67 @@ class GyServer:
             self.stats["too_busy"] += 1
             return error_answer(DiameterError(DIAMETER_TOO_BUSY, "too many requests in progress"),
                                 self._host, self._realm, msg)
+        if self._by_msisdn[ccr.msisdn] >= self.per_subscriber_max:
+            self.stats["too_busy_subscriber"] += 1
+            return error_answer(DiameterError(DIAMETER_TOO_BUSY,
+                                              "requests for this subscriber in progress"),
+                                self._host, self._realm, msg)
+        # A task of its own, so that answering at the deadline never cancels a commit.
+        # Counted now, not when the task first runs: requests arriving together must
+        # see each other. Released by the task's own end, whenever that is.
         self._inflight += 1
+        self._by_msisdn[ccr.msisdn] += 1
+        decision = asyncio.ensure_future(self._decide(ccr, received))
+        decision.add_done_callback(functools.partial(self._release, ccr.msisdn))
+        done, _ = await asyncio.wait({decision}, timeout=max(
+            0.0, received + self._answer_by_s - time.monotonic()))
+        if not done:
+            self.stats["past_deadline"] += 1
+            decision.add_done_callback(functools.partial(self._after_deadline, ccr.session_id))
+            return error_answer(DiameterError(DIAMETER_TOO_BUSY,
+                                              "no decision within the answer deadline"),
+                                self._host, self._realm, msg)
+        outcome = decision.result()
+        if outcome is None:
+            # The ledger failed us: a credit decision we cannot record is not given.
+            return self._cca(msg, DIAMETER_UNABLE_TO_COMPLY, error_message="internal error")
+        if outcome.result_code == DIAMETER_TOO_BUSY:
+            self.stats["too_late"] += 1
+            return self._error(msg, DIAMETER_TOO_BUSY, "answer deadline passed; nothing granted")
+        granted = outcome.granted_minor if outcome.result_code == DIAMETER_SUCCESS else None
+        self.stats["granted" if granted else "refused"] += 1
+        return self._cca(msg, outcome.result_code, granted_minor=granted)
+
+    async def _decide(self, ccr: gy.CreditControlRequest, received: float) -> Any:
+        """The lending decision (None: it failed, logged here). It holds its places in
+        the bounds until it ends, whether or not the IN is still waiting for it."""
         try:
-            outcome = await self._lending.out_of_balance(
+            return await self._lending.out_of_balance(
                 ccr.session_id, ccr.request_number, ccr.request_type, ccr.msisdn,
                 ccr.requested_minor, ccr.origin_host,
                 deadline_monotonic=received + self._deadline_s,
             )
         except Exception:
-            # The ledger failed us: a credit decision we cannot record is not given.
             log.exception("out_of_balance_failed", session_id=ccr.session_id)
-            return self._cca(msg, DIAMETER_UNABLE_TO_COMPLY, error_message="internal error")
-        finally:
-            self._inflight -= 1
-        if outcome.result_code == DIAMETER_TOO_BUSY:
-            self.stats["too_late"] = self.stats.get("too_late", 0) + 1
-            return self._error(msg, DIAMETER_TOO_BUSY, "answer deadline passed; nothing granted")
-        granted = outcome.granted_minor if outcome.result_code == DIAMETER_SUCCESS else None
-        self.stats["granted" if granted else "refused"] += 1
-        return self._cca(msg, outcome.result_code, granted_minor=granted)
+            return None
+
+    def _release(self, msisdn: str, _task: asyncio.Future[Any]) -> None:
+        self._inflight -= 1
+        self._by_msisdn[msisdn] -= 1
+        if self._by_msisdn[msisdn] <= 0:
+            del self._by_msisdn[msisdn]
+
+    def _after_deadline(self, session_id: str, task: asyncio.Future[Any]) -> None:
+        """A decision that ended after the IN was told 3004."""
+        if task.cancelled():
+            return
+        outcome = task.result()
+        if outcome is not None and outcome.result_code == DIAMETER_SUCCESS and getattr(outcome, "granted_minor", None):
+            # Booked although the IN heard 3004: its re-send of this Session-Id and
+            # CC-Request-Number replays the grant. Should not happen (see docstring).
+            self.stats["late_advance_booked"] += 1
+            log.error("late_advance_booked", session_id=session_id,
+                      granted_minor=outcome.granted_minor)
 
     def _cca(self, msg: Message, result_code: int, *, granted_minor: int | None = None,
              error_message: str | None = None) -> Message:

@@ -26,7 +26,7 @@ from extrabalance.service.keywords import Command, parse_keyword
 from extrabalance.service.ports import Notice
 from extrabalance.service.templates import Templates, format_minor
 from extrabalance.service.ussd import UssdDialogs, UssdInput
-from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, UssdOp
+from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, TlvValueError, UssdOp
 from extrabalance.smpp.text import Reassembler, decode_text, parse_concat, parse_receipt
 from extrabalance.smpp.ussd import parse_ussd_deliver, ussd_submit
 
@@ -78,7 +78,7 @@ class SmppChannel:
         self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # message id → (msisdn, template)
         self.accepting = True
         self.stats = {"ussd_in": 0, "sms_in": 0, "receipts": 0, "receipts_matched": 0,
-                      "throttled": 0, "sms_out": 0, "sms_failed": 0, "ussd_out": 0,
+                      "throttled": 0, "rejected": 0, "sms_out": 0, "sms_failed": 0, "ussd_out": 0,
                       "ussd_failed": 0}
 
     @property
@@ -97,13 +97,29 @@ class SmppChannel:
         (a plain function: the ESME then answers without creating a task)."""
         if not isinstance(pdu, DeliverSm):
             return int(Status.ESME_RINVCMDID)
+        # The TLVs the handlers read, checked once here: a malformed one gets its own
+        # status in the deliver_sm_resp instead of an exception in a handler later.
+        try:
+            ussd_op = pdu.ussd_service_op
+            pdu.its_session_info  # noqa: B018 - read for validation
+            pdu.user_message_reference  # noqa: B018
+            pdu.message_payload  # noqa: B018
+            pdu.receipted_message_id  # noqa: B018
+        except TlvValueError as exc:
+            self.stats["rejected"] += 1
+            return int(exc.status)
         if pdu.is_delivery_receipt:
             self._receipt(pdu)
             return 0
+        if ussd_op is None and pdu.service_type == self._service_type:
+            # A USSD dialog message needs its operation; without it there is nothing
+            # to answer on the handset.
+            self.stats["rejected"] += 1
+            return int(Status.ESME_RMISSINGOPTPARAM)
         if not self.accepting or len(self._tasks) >= self.inbound_tasks_max:
             self.stats["throttled"] += 1
             return int(Status.ESME_RTHROTTLED)
-        if pdu.ussd_service_op is not None or pdu.service_type == self._service_type:
+        if ussd_op is not None:
             self.stats["ussd_in"] += 1
             self._spawn(self._ussd(pdu))
         else:
@@ -137,6 +153,8 @@ class SmppChannel:
             ind = parse_ussd_deliver(pdu, abort_op=self._abort_op)
         except Exception as exc:  # noqa: BLE001 - a malformed USSD PDU: logged, nothing else to do
             log.warning("ussd_unreadable", error=str(exc))
+            return
+        if ind is None:  # on_deliver sends only PDUs with ussd_service_op here
             return
         if self._dialog_id == "user_message_reference":
             key = str(ind.user_message_reference)

@@ -1,8 +1,10 @@
 """Overload: above its bounds the node says "busy" at once instead of queueing.
 
 Diameter: GyServer lets at most `inflight_max` out-of-balance CCRs into the lending
-service; the next get 3004 DIAMETER_TOO_BUSY with the E bit, and the lending service
-(hence the ledger) never sees them. SMPP: SmppChannel handles at most
+service, and at most `per_subscriber_max` for one MSISDN; the next get 3004
+DIAMETER_TOO_BUSY with the E bit, and the lending service (hence the ledger) never
+sees them. An admitted request not decided within `deadline_ms` gets 3004 too, while
+its decision runs on. SMPP: SmppChannel handles at most
 `inbound_tasks_max` deliver_sm at once; the next get ESME_RTHROTTLED and the gateway
 re-sends. Both over loopback with the real Diameter and SMPP stacks.
 """
@@ -63,7 +65,8 @@ class BlockedLending:
 async def gy_pair(lending: BlockedLending, inflight_max: int) -> Any:
     gy_server = GyServer(lending, origin_host=NODE.origin_host, origin_realm=NODE.origin_realm,
                          service_context_id="extrabalance@3gpp.org", currency_numeric=818,
-                         currency_exponent=2, inflight_max=inflight_max)
+                         currency_exponent=2, inflight_max=inflight_max,
+                         deadline_ms=60_000)  # this test releases the requests itself
     node = DiameterNode(NODE, allowed_peers={IN_A.origin_host}, request_handler=gy_server)
     port = await node.listen("127.0.0.1", 0)
 
@@ -129,6 +132,86 @@ async def _until(cond: Any, timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not cond():
             await asyncio.sleep(0.01)
+
+
+def gy_alone(lending: Any, **bounds: Any) -> GyServer:
+    return GyServer(lending, origin_host=NODE.origin_host, origin_realm=NODE.origin_realm,
+                    service_context_id="extrabalance@3gpp.org", currency_numeric=818,
+                    currency_exponent=2, **bounds)
+
+
+def one_subscriber_ccr(i: int) -> codec.Message:
+    return gy.build_ccr(gy.CreditControlRequest(
+        session_id=f"{IN_A.origin_host};same;{i}", origin_host=IN_A.origin_host,
+        origin_realm=IN_A.origin_realm, destination_realm=NODE.origin_realm,
+        request_type=4, request_number=0, msisdn="201000100001"))
+
+
+async def test_gy_answers_3004_beyond_the_per_subscriber_bound() -> None:
+    lending = BlockedLending()
+    gy_server = gy_alone(lending, inflight_max=100, per_subscriber_max=2, deadline_ms=60_000)
+    calls = [asyncio.create_task(gy_server(one_subscriber_ccr(i), IN_A.origin_host))
+             for i in range(5)]
+    done, pending = await _wait_count(calls, 3)
+    assert [t.result().get(268) for t in done] == [3004] * 3
+    assert all(t.result().flags & codec.FLAG_ERROR for t in done)
+    assert lending.calls == 2
+    assert gy_server.stats["too_busy_subscriber"] == 3
+    # another subscriber is not held back by the busy one
+    other = asyncio.create_task(gy_server(ccr(7), IN_A.origin_host))
+    await _until(lambda: lending.calls == 3)
+    lending.release.set()
+    assert [(await t).get(268) for t in (*pending, other)] == [4012] * 3
+    assert gy_server.inflight == 0
+
+
+class LateGrant:
+    """Decides only when released, then grants: an advance that outlived its answer."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def out_of_balance(self, *args: Any, **kwargs: Any) -> Advance:
+        try:
+            await self.release.wait()
+            return Advance(2001, 500)
+        finally:
+            self.finished.set()
+
+
+async def test_every_out_of_balance_ccr_is_answered_by_the_deadline_without_cancelling() -> None:
+    lending = LateGrant()
+    gy_server = gy_alone(lending, answer_deadline_ms=10, deadline_ms=50)
+    answer = await asyncio.wait_for(gy_server(ccr(1), IN_A.origin_host), 5)
+    assert answer.get(268) == 3004
+    assert answer.flags & codec.FLAG_ERROR
+    assert answer.first(431) is None  # nothing granted in the answer
+    assert gy_server.stats["past_deadline"] == 1
+    # the decision was not cancelled: it still holds its place in the bound
+    assert not lending.finished.is_set()
+    assert gy_server.inflight == 1
+    lending.release.set()
+    await asyncio.wait_for(lending.finished.wait(), 5)
+    await _until(lambda: gy_server.inflight == 0)
+    # a grant that landed after the 3004 is reported, never silent
+    assert gy_server.stats["late_advance_booked"] == 1
+
+
+async def test_a_decision_in_time_is_answered_normally() -> None:
+    lending = BlockedLending()
+    lending.release.set()
+    gy_server = gy_alone(lending, answer_deadline_ms=10, deadline_ms=5_000)
+    answer = await gy_server(ccr(2), IN_A.origin_host)
+    assert answer.get(268) == 4012
+    assert gy_server.stats["past_deadline"] == 0
+    assert gy_server.inflight == 0
+
+
+def test_the_answer_deadline_is_never_shorter_than_the_advance_budget() -> None:
+    with pytest.raises(ValueError):
+        gy_alone(BlockedLending(), answer_deadline_ms=1000, deadline_ms=500)
+    assert gy_alone(BlockedLending(), answer_deadline_ms=1000)._answer_by_s == 3.0
 
 
 def test_gy_server_refuses_a_zero_bound() -> None:
