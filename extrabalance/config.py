@@ -90,6 +90,11 @@ class DiameterSection(_Model):
     advance_answer_deadline_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
     # Out-of-balance requests being decided at once; beyond it the IN gets 3004 at once.
     out_of_balance_inflight_max: Annotated[int, Field(ge=1, le=100_000)] = 512
+    # ... and per subscriber (a flood on a few MSISDNs must not hold everyone's ledger).
+    out_of_balance_per_subscriber_max: Annotated[int, Field(ge=1, le=1000)] = 2
+    # Every out-of-balance CCR is answered within this (3004 if no decision yet; the
+    # decision is not cancelled). Default: three times the advance budget.
+    out_of_balance_answer_deadline_ms: Annotated[int, Field(ge=10, le=60_000)] | None = None
     product_name: str = "ExtraBalance"
     vendor_id: int = 0
     tls_cert_file: str | None = None
@@ -177,6 +182,9 @@ class MqttSection(_Model):
     # Recharges handled at once (acknowledged in order, each after its commit). The
     # broker sends at most its own max_inflight_messages: raise both together.
     inflight_max: Annotated[int, Field(ge=1, le=65_535)] = 100
+    # Messages read and not yet acknowledged; beyond it the socket is not read, so a
+    # backlog stays on the broker and not in the node's memory.
+    inbox_max: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
 
     def password(self) -> str | None:
         return _secret(self.password_env, self.password_file, "MQTT")

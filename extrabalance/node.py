@@ -165,12 +165,15 @@ class Node:
             currency_numeric=s.node.currency_numeric, currency_exponent=exponent,
             answer_deadline_ms=s.diameter.advance_answer_deadline_ms,
             inflight_max=s.diameter.out_of_balance_inflight_max,
+            per_subscriber_max=s.diameter.out_of_balance_per_subscriber_max,
+            deadline_ms=s.diameter.out_of_balance_answer_deadline_ms,
         )
         mqtt_settings = MqttSettings(
             host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
             topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
             username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
             ca_file=s.mqtt.ca_file, inflight_max=s.mqtt.inflight_max,
+            inbox_max=s.mqtt.inbox_max,
         )
         self.recharges = RechargeListener(
             mqtt_settings,
