@@ -35,10 +35,10 @@ from typing import Any
 import aiomqtt
 import structlog
 
+from extrabalance.mosquitto import MosquittoBroker
 from extrabalance.recharge.events import RechargeEvent, to_payload
 from extrabalance.recharge.listener import MqttSettings, RechargeListener
 from simulators.recharge_publisher import RechargePublisher
-from extrabalance.mosquitto import MosquittoBroker
 
 TOPIC_PREFIX = "extrabalance/recharge"
 DRAIN_TIMEOUT_S = 300.0  # a bound on every wait, so a broken build fails instead of hanging

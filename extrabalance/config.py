@@ -119,9 +119,9 @@ class RangeRule(_Model):
             raise ValueError("a range needs either `prefix` or both `start` and `end`")
         if self.prefix is not None and (self.start is not None or self.end is not None):
             raise ValueError("give `prefix` or `start`/`end`, not both")
-        if self.start is not None and self.end is not None:
-            if len(self.start) != len(self.end) or self.start > self.end:
-                raise ValueError(f"range {self.start}..{self.end} is empty or of unequal length")
+        if (self.start is not None and self.end is not None
+                and (len(self.start) != len(self.end) or self.start > self.end)):
+            raise ValueError(f"range {self.start}..{self.end} is empty or of unequal length")
         return self
 
 

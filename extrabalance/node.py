@@ -370,7 +370,8 @@ class Node:
         # redone by the resolver at the next start.
         try:
             await asyncio.wait_for(self.lending.drain_confirmations(), DRAIN_WAIT_S)
-        except (TimeoutError, Exception):
+        except TimeoutError:
+            # Left CONFIRMING for the resolver of the next start: nothing is lost.
             self.lending.abandon_confirmations()
         for task in self._tasks:
             task.cancel()

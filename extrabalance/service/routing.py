@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 LEARNED_CACHE_MAX = 200_000  # learned routes kept in memory; the ledger keeps them all
 

@@ -170,7 +170,7 @@ async def test_fee_charged_is_the_fee_shown_across_a_reload(net):
     env, _, port, config, msisdns = net
     msisdn = msisdns[0]
     phone = env.smsc.handset(msisdn)
-    count_loans = lambda c: c.execute(  # noqa: E731
+    count_loans = lambda c: c.execute(
         "SELECT COUNT(*) FROM loans WHERE msisdn = ?", (msisdn,)).fetchone()[0]
     loans_before = await env.node.ledger.read(count_loans)
     config.write_text(config_text(fee_bp=1000))
