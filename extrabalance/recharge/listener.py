@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
 import socket
@@ -98,6 +99,9 @@ log = structlog.get_logger(__name__)
 
 MQTT_V311 = 4
 MQTT_V5 = 5
+# How long a (re)connection may take to get its SUBACK while the backlog queued before
+# it is drained; past it the session is restarted, keeping what was acknowledged.
+SUBACK_WAIT_S = 600.0
 # The dead-letter publisher's client id: the subscriber's, plus this.
 DEAD_LETTER_CLIENT_SUFFIX = "-deadletter"
 
@@ -432,12 +436,30 @@ class RechargeListener:
         async with client, dead_letter_client:
             _no_delay(client)
             _no_delay(dead_letter_client)
-            granted = await client.subscribe([(topic, 1) for topic in s.topics])
-            if _subscription_refused(granted):
-                raise aiomqtt.MqttError(f"broker refused QoS 1 subscription: {granted!r}")
-            self._connected = True
-            log.info("recharge.subscribed", client_id=s.client_id, topics=list(s.topics))
-            await self._pump(client, dead_letter_client, inbox, flow)
+            # On a persistent session the broker sends the queued backlog BEFORE the
+            # SUBACK. The pump must already be draining it (pausing the read at
+            # inbox_max) while we wait, or the SUBACK is never read and a node that
+            # restarts with a backlog larger than its inbox never reconnects.
+            pump = asyncio.ensure_future(self._pump(client, dead_letter_client, inbox, flow))
+            subscribing = asyncio.ensure_future(client.subscribe(
+                [(topic, 1) for topic in s.topics], timeout=SUBACK_WAIT_S))
+            try:
+                await asyncio.wait({pump, subscribing}, return_when=asyncio.FIRST_COMPLETED)
+                if not subscribing.done():
+                    pump.result()  # the pump ended first: its error (or stop) wins
+                    return
+                granted = subscribing.result()
+                if _subscription_refused(granted):
+                    raise aiomqtt.MqttError(f"broker refused QoS 1 subscription: {granted!r}")
+                self._connected = True
+                log.info("recharge.subscribed", client_id=s.client_id, topics=list(s.topics))
+                await pump
+            finally:
+                for task in (subscribing, pump):
+                    if not task.done():
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
 
     async def _pump(self, client: aiomqtt.Client, dead_letter_client: aiomqtt.Client,
                     inbox: asyncio.Queue[paho.MQTTMessage], flow: _ReadFlow) -> None:

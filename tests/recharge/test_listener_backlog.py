@@ -67,3 +67,29 @@ async def test_a_backlog_is_read_in_bounded_steps_and_fully_dead_lettered(
     assert stats["inbox_peak"] <= INBOX_MAX + 10, stats
     assert stats["read_pauses"] > 0, stats
     assert stats["reconnects"] == 0, stats
+
+
+async def test_a_node_restarting_onto_a_backlog_larger_than_its_inbox_reconnects(
+    broker: MosquittoBroker,
+) -> None:
+    """The broker sends a persistent session's backlog before the SUBACK: the listener
+    must drain it (pausing its reads) while it waits, or it never gets subscribed."""
+    handled: set[str] = set()
+
+    async def handle(event: RechargeEvent) -> None:
+        handled.add(event.event_id)
+
+    settings = fast_settings(broker, inbox_max=INBOX_MAX)
+    first = RechargeListener(settings, handle, expected_currency="EGP")
+    async with running(first):  # creates the persistent session, then goes away
+        await wait_until(lambda: first.stats()["connected"], "first session up")
+    count = INBOX_MAX * 10
+    async with aiomqtt.Client(broker.host, broker.port, identifier="in") as publisher:
+        for i in range(count):
+            await publisher.publish("extrabalance/recharge/in-a", to_payload(make_event(i)), qos=1)
+    again = RechargeListener(settings, handle, expected_currency="EGP")
+    async with running(again):
+        await wait_until(lambda: len(handled) == count, f"{count} handled", timeout_s=30)
+        stats = again.stats()
+    assert stats["connected"] and stats["reconnects"] == 0, stats
+    assert stats["inbox_peak"] <= INBOX_MAX + 10, stats
