@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from extrabalance.service.ports import InAction, InOperation, InOutcome, InPort
 
 LEARNED_CACHE_MAX = 200_000  # learned routes kept in memory; the ledger keeps them all
 
@@ -79,14 +80,12 @@ class RouteProber:
     (does not answer 5030). CHECK_BALANCE moves no money, so probing is safe to repeat.
     """
 
-    def __init__(self, in_port: Any, in_nodes: Sequence[str]) -> None:
+    def __init__(self, in_port: InPort, in_nodes: Sequence[str]) -> None:
         self.in_port = in_port
         self.in_nodes = list(in_nodes)[:PROBE_NODES_MAX]
         self.stats = {"probes": 0, "found": 0, "not_found": 0}
 
     async def probe(self, msisdn: str) -> str | None:
-        from extrabalance.service.ports import InAction, InOperation, InOutcome
-
         self.stats["probes"] += 1
         for in_node in self.in_nodes:
             op = InOperation(InAction.CHECK_BALANCE, msisdn, in_node, 1,
