@@ -443,6 +443,11 @@ class LendingService:
         return offer(loaded.state, self.policy, self.clock())
 
     async def status(self, msisdn: str) -> SubscriberStatus:
+        return (await self.overview(msisdn))[0]
+
+    async def overview(self, msisdn: str) -> tuple[SubscriberStatus, Offer]:
+        """The subscriber's status and his menu of tiers, from one read (a USSD dialog
+        opens with both)."""
         loaded = await self.ledger.read_point(
             lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
         )
@@ -461,7 +466,7 @@ class LendingService:
             ads_opt_out=s.ads_opt_out,
             language=s.language,
             in_node=loaded.learned_in_node or self.router.static_route(msisdn),
-        )
+        ), quote
 
     async def set_preferences(
         self,

@@ -8,7 +8,6 @@ code passed as `reason` is turned into the language's words from `[templates.<la
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +70,6 @@ class Templates:
             else:
                 values[name] = value
         try:
-            return string.Formatter().vformat(str(template), (), values)
+            return str(template).format_map(values)
         except (KeyError, IndexError) as exc:
             raise TemplateError(f"template {lang}.{key} needs parameter {exc}") from None

@@ -57,9 +57,12 @@ class Screen:
 class LendingApi(Protocol):
     """What the dialogs need from the lending service (see service/lending.py)."""
 
+    policy: Any  # replaced (never mutated) by a config reload
+
     async def quote(self, msisdn: str) -> Any: ...
     async def borrow(self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str) -> Any: ...
     async def status(self, msisdn: str) -> Any: ...
+    async def overview(self, msisdn: str) -> tuple[Any, Any]: ...  # (status, offer), one read
     async def set_preferences(self, msisdn: str, **changes: Any) -> Any: ...
 
 
@@ -82,6 +85,12 @@ class Dialog:
     last_screen: Screen | None = None
     touched_at: float = 0.0
     pages: list[list[tuple[str, str]]] = field(default_factory=list)  # (option, line)
+    # The offer read when the dialog opened and the policy it was computed under. The
+    # menu and the confirm screen are shown from it (one ledger read per dialog); the
+    # loan itself is decided again in the ledger, so a debt that grew meanwhile is
+    # refused there, and a reload (a new policy object) makes the dialog read again.
+    offer: Any = None
+    offer_policy: Any = None
     overflow: list[Screen] = field(default_factory=list)  # the rest of a long screen
 
 
@@ -168,8 +177,9 @@ class UssdDialogs:
                 # The gateway repeated the opening deliver_sm: show the same screen.
                 self._touch(key, dialog)
                 return dialog.last_screen
-            status = await self._lending.status(inp.msisdn)
+            status, offer = await self._lending.overview(inp.msisdn)
             dialog = self._open(key, inp.msisdn, self._t.language(_attr(status, "language")))
+            dialog.offer, dialog.offer_policy = offer, self._lending.policy
             screen = await self._open_with_code(key, dialog, text)
         elif dialog is None:
             language = self._t.language(None)
@@ -271,7 +281,7 @@ class UssdDialogs:
 
     async def _menu(self, key: tuple[str, str], dialog: Dialog, page: int) -> Screen:
         lang = dialog.language
-        offer = await self._lending.quote(dialog.msisdn)
+        offer = await self._offer(dialog)
         if not offer.eligible:
             return self._close(key, self._refused(lang, offer.reason))
         items = [
@@ -294,7 +304,7 @@ class UssdDialogs:
 
     async def _confirm(self, key: tuple[str, str], dialog: Dialog, tier_id: int) -> Screen:
         lang = dialog.language
-        offer = await self._lending.quote(dialog.msisdn)
+        offer = await self._offer(dialog)
         if not offer.eligible:
             return self._close(key, self._refused(lang, offer.reason))
         tier = next((t for t in offer.tiers if t.tier_id == tier_id), None)
@@ -317,7 +327,7 @@ class UssdDialogs:
         # The subscriber agreed to the figures on his screen. If the tariff changed since
         # (a config reload), he is shown the new figures and asked again, never charged
         # a fee he was not shown.
-        offer = await self._lending.quote(dialog.msisdn)
+        offer = await self._offer(dialog)
         tier = next((t for t in offer.tiers if t.tier_id == dialog.tier_id), None)
         if tier is not None and tier.fits and dialog.quoted != (
             tier.amount_minor, tier.fee_minor, tier.total_minor
@@ -338,10 +348,18 @@ class UssdDialogs:
             return self._close(key, self._refused(lang, _reason_code(outcome.reason)))
         return self._close(key, Screen(text, final=True))
 
+    async def _offer(self, dialog: Dialog) -> Any:
+        """The dialog's offer, read again only when the policy changed since (a reload:
+        the fee may differ, and the subscriber must see what he will pay)."""
+        if dialog.offer is None or dialog.offer_policy is not self._lending.policy:
+            dialog.offer = await self._lending.quote(dialog.msisdn)
+            dialog.offer_policy = self._lending.policy
+        return dialog.offer
+
     async def _account(self, key: tuple[str, str], dialog: Dialog, saved: bool = False) -> Screen:
         lang = dialog.language
-        status = await self._lending.status(dialog.msisdn)
-        offer = await self._lending.quote(dialog.msisdn)
+        status, offer = await self._lending.overview(dialog.msisdn)
+        dialog.offer, dialog.offer_policy = offer, self._lending.policy
         dialog.step = Step.ACCOUNT
         on, off = self._t.render("on", lang), self._t.render("off", lang)
         text = self._t.render(

@@ -108,7 +108,10 @@ def is_gsm7(text: str) -> bool:
 
 def gsm7_length(text: str) -> int:
     """Septets `text` takes in GSM 7-bit (extension characters take two)."""
-    return len(text) + sum(1 for ch in text if ch in _EXTENSION_CHARS)
+    extension = _EXTENSION_CHARS.intersection(text)
+    if not extension:
+        return len(text)
+    return len(text) + sum(text.count(ch) for ch in extension)
 
 
 def gsm7_encode(text: str) -> bytes:

@@ -31,6 +31,7 @@ class FakeLending:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     borrow_calls: int = 0
     pending: bool = False  # answer PENDING (the IN timed out)
+    reads: int = 0  # quotes and overviews asked for (each is a ledger read in the node)
 
     def add(self, msisdn: str, tenure_days: int, arpu_minor: int, **state: Any) -> None:
         self.states[msisdn] = SubscriberState(
@@ -41,10 +42,15 @@ class FakeLending:
         return self.states.setdefault(msisdn, SubscriberState(msisdn, None))
 
     async def quote(self, msisdn: str) -> Any:
+        self.reads += 1
         return offer(self._state(msisdn), self.policy, datetime.now(UTC))
 
     async def status(self, msisdn: str) -> SubscriberState:
         return self._state(msisdn)
+
+    async def overview(self, msisdn: str) -> tuple[SubscriberState, Any]:
+        self.reads += 1
+        return self._state(msisdn), offer(self._state(msisdn), self.policy, datetime.now(UTC))
 
     async def set_preferences(self, msisdn: str, **changes: Any) -> None:
         mapping = {"auto_advance": "auto_advance_opt_in", "ads_opt_out": "ads_opt_out",

@@ -88,6 +88,30 @@ async def test_menu_pick_confirm_lends_once(dialogs, lending):
     assert len(dialogs) == 0
 
 
+async def test_a_loan_dialog_reads_the_subscriber_once(dialogs, lending):
+    """Menu, confirm and loan are shown from the offer read when the dialog opened;
+    only the loan itself goes back to the ledger (where it is decided again)."""
+    await dial(dialogs, "*123#")
+    await reply(dialogs, "4")
+    done = await reply(dialogs, "1")
+    assert done.final and lending.borrow_calls == 1
+    assert lending.reads == 1
+    await dial(dialogs, "*123*2#", key="8")
+    await reply(dialogs, "1", key="8")
+    assert lending.reads == 2 and lending.borrow_calls == 2
+
+
+async def test_a_debt_grown_during_the_dialog_is_refused_by_the_loan(dialogs, lending):
+    """The confirm screen shows the offer of the dialog's start; a loan taken meanwhile
+    on another channel makes the confirmed tier too big, and the loan decides that."""
+    lending.add(A, 1000, 3000)
+    await dial(dialogs, "*123*8#")
+    await lending.borrow(A, 8, "sms", "sms:elsewhere")
+    screen = await reply(dialogs, "1")
+    assert screen.final and "Sorry" in screen.text
+    assert lending.borrow_calls == 2
+
+
 async def test_shortcut_goes_straight_to_confirm(dialogs):
     screen = await dial(dialogs, "*123*2#")
     assert screen.text.startswith("Borrow 2.00 EGP? Fee 0.20 EGP. You repay 2.20 EGP")
