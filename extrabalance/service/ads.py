@@ -179,8 +179,12 @@ class AdPolicy:
         self, ceiling_minor: int, debt_before_minor: int, debt_after_minor: int
     ) -> bool:
         """True when this loan took the debt from below the share to at or above it."""
-        threshold_minor = -(-ceiling_minor * self.rules.debt_limit_share_bp // 10_000)
+        threshold_minor = self.debt_threshold(ceiling_minor)
         return debt_before_minor < threshold_minor <= debt_after_minor
+
+    def debt_threshold(self, ceiling_minor: int) -> int:
+        """The debt at which the debt-limit ad fires: the share of the ceiling, rounded up."""
+        return -(-ceiling_minor * self.rules.debt_limit_share_bp // 10_000)
 
     def decide(
         self,
@@ -466,6 +470,13 @@ class Advertiser:
         self.fire(self.offer(msisdn, trigger, params))
 
     def fire_after_loan(self, msisdn: str, debt_before_minor: int, debt_after_minor: int) -> None:
+        # Most loans cross no segment's threshold: those are settled here, without a
+        # task or a read of the subscriber's segment.
+        thresholds = [self.ads.debt_threshold(s.ceiling_minor) for s in self.policy.segments]
+        if not thresholds or not (
+            debt_before_minor < max(thresholds) and min(thresholds) <= debt_after_minor
+        ):
+            return
         self.fire(self.after_loan(msisdn, debt_before_minor, debt_after_minor))
 
     async def drain(self, timeout_s: float = 10.0) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -28,11 +28,16 @@ class BorrowOutcome:
     replayed: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["status"] = self.status.value
-        data["reason"] = self.reason.value if self.reason else None
-        data.pop("replayed")
-        return data
+        # Spelled out rather than dataclasses.asdict: this runs for every loan.
+        return {
+            "status": self.status.value,
+            "reason": self.reason.value if self.reason else None,
+            "loan_id": self.loan_id,
+            "tier_id": self.tier_id,
+            "amount_minor": self.amount_minor,
+            "fee_minor": self.fee_minor,
+            "debt_minor": self.debt_minor,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, replayed: bool) -> BorrowOutcome:

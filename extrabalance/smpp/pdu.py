@@ -927,8 +927,9 @@ def _validate(p: _Header) -> None:
         if type(v) is not int:  # enum members become plain ints: equal, hashable, short repr
             object.__setattr__(p, attr, int(v))
     tlvs = p.tlvs
-    if (type(tlvs) is not tuple or any(type(t) is not tuple for t in tlvs)
-            or any(type(t[0]) is not int for t in tlvs)):
+    if type(tlvs) is not tuple or (
+        tlvs and not all(type(t) is tuple and type(t[0]) is int for t in tlvs)
+    ):
         try:
             tlvs = tuple((int(t), bytes(v)) for t, v in tlvs)
         except (TypeError, ValueError) as exc:

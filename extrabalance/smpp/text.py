@@ -122,9 +122,20 @@ def gsm7_encode(text: str) -> bytes:
     return text.translate(_ENCODE_TABLE).encode("latin-1")
 
 
+_DECODE_TABLE = {i: ch for i, ch in enumerate(_GSM7_BASIC)}
+
+
 def gsm7_decode(septets: bytes) -> str:
     """Unpacked septets to text. An unknown escape code falls back to the basic
     character (3GPP TS 23.038 §6.2.1.1); an octet above 0x7F becomes U+FFFD."""
+    if septets.isascii() and ESCAPE not in septets:
+        # The common case, without escapes: one table lookup per septet, in C.
+        return septets.decode("latin-1").translate(_DECODE_TABLE)
+    return _gsm7_decode_each(septets)
+
+
+def _gsm7_decode_each(septets: bytes) -> str:
+    """`gsm7_decode` septet by septet: escapes and octets above 0x7F."""
     out: list[str] = []
     escape = False
     for b in septets:
@@ -199,7 +210,7 @@ def decode_text(data_coding: int, octets: bytes) -> str:
     if data_coding in (DC_DEFAULT, DC_USSD_GSM7) or (
         data_coding & 0xF0 == 0xF0 and not data_coding & 0x04
     ):
-        if any(b > 0x7F for b in octets):
+        if not octets.isascii():  # an octet above 0x7F: packed septets
             septets = unpack_septets(octets)
             if len(octets) % 7 == 0 and septets and septets[-1] == 0:
                 septets = septets[:-1]  # 7 fill bits, not an '@' (TS 23.038 §6.1.2.3.1)

@@ -21,6 +21,13 @@ def test_whole_alphabet_round_trips_unpacked() -> None:
     assert t.decode_text(0x0F, octets) == ALL_GSM
 
 
+@given(st.binary(max_size=300))
+def test_decode_fast_path_equals_septet_by_septet(octets: bytes) -> None:
+    assert t.gsm7_decode(octets) == t._gsm7_decode_each(octets)
+    unescaped = bytes(b & 0x7F for b in octets).replace(b"\x1b", b"")
+    assert t.gsm7_decode(unescaped) == t._gsm7_decode_each(unescaped)
+
+
 def test_known_septets() -> None:
     assert t.gsm7_encode("@$€{") == b"\x00\x02\x1b\x65\x1b\x28"
     assert t.gsm7_encode("¤") == b"\x24"
