@@ -364,6 +364,10 @@ class Node:
         with contextlib.suppress(Exception):
             await self.low_balance.stop()
         await self.channel.drain(DRAIN_WAIT_S)
+        # Loans answered early on USSD finish their settlement, EDR and SMS; any cut
+        # short stays CREDITING for the resolver of the next start.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.lending.drain_sagas(), DRAIN_WAIT_S)
         with contextlib.suppress(Exception):
             await self.ads.drain(DRAIN_WAIT_S)
         # Advance confirmations still running: let them finish (bounded); any left is

@@ -2,7 +2,9 @@
 
 Writes go through the group-commit writer (`write(fn)`: `fn(conn)` runs in a savepoint
 of the next batch, on the event-loop thread, and its result is returned once the
-batch's COMMIT, on the commit thread, is durable).
+batch's COMMIT, on the commit thread, is durable; `write_staged(fn)` returns the result
+as soon as `fn` has run, with a future for the durability, for callers whose write can
+be redone if it is lost).
 
 Two ways to read, both seeing everything committed (WAL lets them run while the writer
 writes):
@@ -72,6 +74,13 @@ class Ledger:
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` atomically in the next group commit; return once durable."""
         return await self.writer.submit(fn)
+
+    async def write_staged(
+        self, fn: Callable[[sqlite3.Connection], T]
+    ) -> tuple[T, asyncio.Future[T]]:
+        """Run `fn(conn)` in the next group commit; return its result once it has run,
+        with a future that resolves when it is durable (see `submit_staged`)."""
+        return await self.writer.submit_staged(fn)
 
     async def read_point(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` at once on the event-loop thread (sees everything committed).

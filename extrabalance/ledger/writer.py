@@ -74,7 +74,8 @@ class LedgerClosed(RuntimeError):
 @dataclass(slots=True)
 class _Op:
     fn: Callable[[Any], Any]
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any]  # resolved once the batch is durable
+    ran: asyncio.Future[Any] | None = None  # staged writes: resolved once `fn` has run
 
 
 class GroupCommitWriter:
@@ -146,6 +147,43 @@ class GroupCommitWriter:
             elif self._more is not None and not self._more.done():
                 self._more.set_result(None)
             return await future
+
+    async def submit_staged(self, fn: Callable[[Any], T]) -> tuple[T, asyncio.Future[T]]:
+        """Run `fn(conn)` in the next batch and return its result as soon as it has run,
+        before the batch is durable, with a future that resolves once it is (or raises
+        if the batch is rolled back).
+
+        For a caller that may act on the result before the fsync because losing the
+        write is recoverable: a later operation on this writer already sees it (same
+        connection, same or later batch), and if the batch never commits (crash,
+        failed COMMIT), it is as if `fn` never ran.
+        """
+        if self._closed:
+            raise LedgerClosed("ledger is closed")
+        await self._slots.acquire()
+        try:
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                self._bind(loop)
+            if self._closed:
+                raise LedgerClosed("ledger is closed")
+            durable: asyncio.Future[T] = loop.create_future()
+            ran: asyncio.Future[T] = loop.create_future()
+        except BaseException:
+            self._slots.release()
+            raise
+        durable.add_done_callback(self._staged_done)
+        self._pending.append(_Op(fn, durable, ran))
+        if self._drain_task is None:
+            self._drain_task = loop.create_task(self._drain(loop), name="ledger-writer")
+        elif self._more is not None and not self._more.done():
+            self._more.set_result(None)
+        return await asyncio.shield(ran), durable
+
+    def _staged_done(self, durable: asyncio.Future[Any]) -> None:
+        self._slots.release()
+        if not durable.cancelled():
+            durable.exception()  # the caller may not await it: never "never retrieved"
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The writer serves one event loop at a time (tests and CLI commands open a
@@ -220,6 +258,8 @@ class GroupCommitWriter:
             except Exception as exc:  # noqa: BLE001 - still locked: these callers fail
                 for _ in range(min(self.batch_ops_max, len(pending))):
                     op = pending.popleft()
+                    if op.ran is not None and not op.ran.done():
+                        op.ran.set_exception(exc)
                     if not op.future.done():
                         op.future.set_exception(exc)
                 return
@@ -238,9 +278,13 @@ class GroupCommitWriter:
                         conn.execute("ROLLBACK TO SAVEPOINT op")
                         conn.execute("RELEASE SAVEPOINT op")
                         batch.append((op, False, exc))
+                        if op.ran is not None and not op.ran.done():
+                            op.ran.set_exception(exc)
                     else:
                         conn.execute("RELEASE SAVEPOINT op")
                         batch.append((op, True, value))
+                        if op.ran is not None and not op.ran.done():
+                            op.ran.set_result(value)
                 if len(batch) >= self.batch_ops_max:
                     break
                 if pending:

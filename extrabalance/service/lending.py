@@ -63,6 +63,11 @@ from extrabalance.service.routing import RouteProber, Router
 
 log = structlog.get_logger(__name__)
 
+# A menu asked for while an operation of the same subscriber is finishing (a loan
+# answered on USSD whose settlement is being made durable, a payback) waits this long
+# for it, so the screen shows the result rather than "a request is in progress".
+SETTLED_READ_WAIT_S = 0.5
+
 NOT_EXECUTED_RESENDS_MAX = 2  # immediate re-sends of a 3002/3004 before giving up
 # Background confirmation of an advance: sends before the resolver takes over, and the
 # pauses between them (the first send goes right after the CCA; later ones carry the T
@@ -244,6 +249,21 @@ async def confirm_advance(
         return ConfirmStatus.CONFIRMED if confirmed else ConfirmStatus.REFUSED
 
 
+def _relay(saga: asyncio.Task[BorrowOutcome], answer: asyncio.Future[BorrowOutcome]) -> None:
+    """A saga that ends before it answered early (a refusal, a replay, an error)
+    answers with how it ended."""
+    if answer.done():
+        if not saga.cancelled():
+            saga.exception()  # seen (and logged by the saga) once answered
+        return
+    if saga.cancelled():
+        answer.cancel()
+    elif (exc := saga.exception()) is not None:
+        answer.set_exception(exc)
+    else:
+        answer.set_result(saga.result())
+
+
 @dataclass(frozen=True, slots=True)
 class _Intent:
     loan_id: str
@@ -285,23 +305,60 @@ class LendingService:
         self.confirm_retry_delays_s = confirm_retry_delays_s
         self.confirmations_max = confirmations_max
         self._confirmations: set[asyncio.Task[None]] = set()
+        self._sagas: set[asyncio.Task[BorrowOutcome]] = set()
 
     # -- borrow ------------------------------------------------------------------
 
     async def borrow(
-        self, msisdn: str, tier_id: int | None, channel: Channel, idempotency_key: str
+        self,
+        msisdn: str,
+        tier_id: int | None,
+        channel: Channel,
+        idempotency_key: str,
+        *,
+        answer_early: bool = False,
     ) -> BorrowOutcome:
         """Lend `tier_id` (None: the largest that fits) and credit it on the IN.
 
         Exactly once per `idempotency_key`: a replay returns the first outcome (or the
         loan's current settlement) with `replayed=True` and moves no money.
+
+        `answer_early` (the USSD final screen): return once the IN's answer is settled
+        in the ledger's open transaction, without waiting for that transaction's
+        fsync; the saga then finishes on its own (durability, EDR, SMS). Safe because
+        the intent was durable before the IN was asked: a settlement lost with its
+        batch (crash, failed COMMIT) leaves the loan CREDITING, and the resolver
+        settles it from the IN, which answers the same Session-Id with its first
+        answer. A replay meanwhile is answered from the writer's connection, which
+        already sees the settlement.
         """
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[BorrowOutcome] | None = (
+            loop.create_future() if answer_early else None
+        )
         # Once started, the saga runs to its settlement even if the caller gives up
-        # (USSD dialog timeout, connection closed): shield it from cancellation.
-        return await asyncio.shield(self._borrow(msisdn, tier_id, channel, idempotency_key))
+        # (USSD dialog timeout, connection closed): a task of its own, shielded.
+        saga = loop.create_task(self._borrow(msisdn, tier_id, channel, idempotency_key, answer))
+        self._sagas.add(saga)
+        saga.add_done_callback(self._sagas.discard)
+        if answer is None:
+            return await asyncio.shield(saga)
+        saga.add_done_callback(lambda task: _relay(task, answer))
+        return await asyncio.shield(answer)
+
+    async def drain_sagas(self) -> None:
+        """Wait for the loans still running (graceful stop, tests): a loan answered
+        early finishes its durability, EDR and SMS here."""
+        while self._sagas:
+            await asyncio.gather(*list(self._sagas), return_exceptions=True)
 
     async def _borrow(
-        self, msisdn: str, tier_id: int | None, channel: Channel, idempotency_key: str
+        self,
+        msisdn: str,
+        tier_id: int | None,
+        channel: Channel,
+        idempotency_key: str,
+        answer: asyncio.Future[BorrowOutcome] | None = None,
     ) -> BorrowOutcome:
         key = borrow_key(idempotency_key)
         async with self.locks.hold(msisdn):
@@ -379,10 +436,15 @@ class LendingService:
                         await safe_notify(self.notifier, loan_notice(step, msisdn, language))
                 return step
 
-            return await self._credit(msisdn, channel, step, session_id)
+            return await self._credit(msisdn, channel, step, session_id, answer)
 
     async def _credit(
-        self, msisdn: str, channel: str, step: _Intent, session_id: str
+        self,
+        msisdn: str,
+        channel: str,
+        step: _Intent,
+        session_id: str,
+        answer: asyncio.Future[BorrowOutcome] | None = None,
     ) -> BorrowOutcome:
         op = InOperation(
             InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id
@@ -391,9 +453,22 @@ class LendingService:
         if result.outcome is InOutcome.NOT_EXECUTED:
             # Every send was refused before execution: nothing credited, nothing owed.
             result = InResult(InOutcome.REFUSED, result.result_code)
-        outcome = await self.ledger.write(
-            lambda conn: settle_borrow(conn, step.loan_id, result, self.clock())
-        )
+        now = self.clock()
+        if answer is None:
+            outcome = await self.ledger.write(
+                lambda conn: settle_borrow(conn, step.loan_id, result, now)
+            )
+        else:
+            outcome, durable = await self.ledger.write_staged(
+                lambda conn: settle_borrow(conn, step.loan_id, result, now)
+            )
+            if not answer.done():
+                answer.set_result(outcome)
+            try:
+                await durable
+            except Exception as exc:  # noqa: BLE001 - the resolver redoes it from the IN
+                log.error("loan_settlement_lost", loan_id=step.loan_id, error=repr(exc))
+                raise
         self._emit_loan(msisdn, outcome, channel, result)
         await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
         if self.ads is not None and outcome.status is BorrowStatus.GRANTED:  # issue 7
@@ -437,6 +512,7 @@ class LendingService:
 
     async def quote(self, msisdn: str) -> Offer:
         """The menu of tiers for this subscriber now (USSD *123#)."""
+        await self.locks.settled(msisdn, SETTLED_READ_WAIT_S)
         loaded = await self.ledger.read_point(
             lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
         )
@@ -448,6 +524,7 @@ class LendingService:
     async def overview(self, msisdn: str) -> tuple[SubscriberStatus, Offer]:
         """The subscriber's status and his menu of tiers, from one read (a USSD dialog
         opens with both)."""
+        await self.locks.settled(msisdn, SETTLED_READ_WAIT_S)
         loaded = await self.ledger.read_point(
             lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
         )

@@ -34,6 +34,26 @@ class SubscriberLocks:
     def __len__(self) -> int:
         return len(self._locks)
 
+    def busy(self, msisdn: str) -> bool:
+        """True while an operation for this subscriber runs or waits here."""
+        return msisdn in self._locks
+
+    async def settled(self, msisdn: str, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until nothing runs for this subscriber; True if
+        so. For reads that should not show an operation about to finish as pending."""
+        if msisdn not in self._locks:
+            return True
+
+        async def take_turn() -> None:
+            async with self.hold(msisdn):
+                pass
+
+        try:
+            await asyncio.wait_for(take_turn(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
     def hold(self, msisdn: str) -> _Hold:
         """`async with locks.hold(msisdn):` runs the block alone for that subscriber."""
         return _Hold(self, msisdn)

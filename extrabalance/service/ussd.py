@@ -60,7 +60,10 @@ class LendingApi(Protocol):
     policy: Any  # replaced (never mutated) by a config reload
 
     async def quote(self, msisdn: str) -> Any: ...
-    async def borrow(self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str) -> Any: ...
+    async def borrow(
+        self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str,
+        *, answer_early: bool = False,
+    ) -> Any: ...
     async def status(self, msisdn: str) -> Any: ...
     async def overview(self, msisdn: str) -> tuple[Any, Any]: ...  # (status, offer), one read
     async def set_preferences(self, msisdn: str, **changes: Any) -> Any: ...
@@ -334,8 +337,11 @@ class UssdDialogs:
         ):
             return await self._confirm(key, dialog, dialog.tier_id)
         dialog.step = Step.BUSY
+        # The final screen goes out on the IN's answer, not after the ledger's fsync
+        # (see LendingService.borrow: a lost settlement is redone by the resolver).
         outcome = await self._lending.borrow(
-            dialog.msisdn, dialog.tier_id, "ussd", f"ussd:{dialog.dialog_id}:confirm"
+            dialog.msisdn, dialog.tier_id, "ussd", f"ussd:{dialog.dialog_id}:confirm",
+            answer_early=True,
         )
         status = str(getattr(outcome.status, "value", outcome.status)).upper()
         if status == "GRANTED":

@@ -58,7 +58,8 @@ class FakeLending:
         fields = {mapping[k]: v for k, v in changes.items() if v is not None}
         self.states[msisdn] = dataclasses.replace(self._state(msisdn), **fields)
 
-    async def borrow(self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str) -> Outcome:
+    async def borrow(self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str,
+                     *, answer_early: bool = False) -> Outcome:
         if idempotency_key in self.outcomes:
             return dataclasses.replace(self.outcomes[idempotency_key], replayed=True)
         self.borrow_calls += 1

@@ -111,3 +111,62 @@ def test_one_ledger_across_successive_event_loops(tmp_path):
     assert asyncio.run(step("one")) == ("one", 1)
     assert asyncio.run(step("two")) == ("two", 2)
     led.close_sync()
+
+
+async def test_a_staged_write_answers_before_its_commit_and_then_becomes_durable(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    writer = ledger.writer
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    plain_commit = writer._commit_and_check
+
+    def held_commit(conn):  # the COMMIT waits until the test lets it go
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        plain_commit(conn)
+
+    writer._commit_and_check = held_commit
+    value, durable = await ledger.writer.submit_staged(insert("a"))
+    assert value == "a" and not durable.done()
+    # A later write on the same writer sees it before it is durable; a reader does not.
+    later = asyncio.ensure_future(ledger.write(count))
+    other = connect(tmp_path / "l.db")
+    assert count(other) == 0
+    release.set()
+    assert await durable == "a"
+    assert await later == 1
+    assert count(other) == 1
+    other.close()
+    await ledger.close()
+
+
+async def test_a_staged_write_lost_with_its_batch_says_so_on_its_durable_future(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+
+    def failing_commit(conn):
+        raise OSError("disk I/O error (injected)")
+
+    ledger.writer._commit_and_check = failing_commit
+    value, durable = await ledger.writer.submit_staged(insert("a"))
+    assert value == "a"
+    try:
+        await durable
+    except OSError as exc:
+        assert "injected" in str(exc)
+    else:
+        raise AssertionError("the lost batch was reported durable")
+    del ledger.writer._commit_and_check
+    assert await ledger.read(count) == 0  # rolled back: as if it never ran
+    await ledger.close()
+
+
+async def test_a_staged_write_that_raises_raises_at_once(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    await ledger.write(insert("a"))
+    try:
+        await ledger.writer.submit_staged(insert("a"))  # duplicate key
+    except Exception as exc:  # noqa: BLE001
+        assert "UNIQUE" in str(exc)
+    else:
+        raise AssertionError("a failing staged write returned")
+    assert await ledger.write(count) == 1
+    await ledger.close()

@@ -209,6 +209,7 @@ class Harness:
         self._open()
 
     async def close(self) -> None:
+        await self.lending.drain_sagas()
         self.lending.abandon_confirmations()
         await self.lending.drain_confirmations()
         await self.ledger.close()
