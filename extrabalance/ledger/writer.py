@@ -132,20 +132,8 @@ class GroupCommitWriter:
 
     async def submit(self, fn: Callable[[Any], T]) -> T:
         """Run `fn(conn)` in the next batch; returns its result once committed."""
-        if self._closed:
-            raise LedgerClosed("ledger is closed")
         async with self._slots:  # bounds work in flight: callers wait, nothing is dropped
-            loop = asyncio.get_running_loop()
-            if loop is not self._loop:
-                self._bind(loop)
-            if self._closed:
-                raise LedgerClosed("ledger is closed")
-            future: asyncio.Future[T] = loop.create_future()
-            self._pending.append(_Op(fn, future))
-            if self._drain_task is None:
-                self._drain_task = loop.create_task(self._drain(loop), name="ledger-writer")
-            elif self._more is not None and not self._more.done():
-                self._more.set_result(None)
+            future: asyncio.Future[T] = self._enqueue(fn, staged=False)[0]
             return await future
 
     async def submit_staged(self, fn: Callable[[Any], T]) -> tuple[T, asyncio.Future[T]]:
@@ -158,27 +146,32 @@ class GroupCommitWriter:
         connection, same or later batch), and if the batch never commits (crash,
         failed COMMIT), it is as if `fn` never ran.
         """
-        if self._closed:
-            raise LedgerClosed("ledger is closed")
-        await self._slots.acquire()
+        await self._slots.acquire()  # released when the write is durable (or lost)
         try:
-            loop = asyncio.get_running_loop()
-            if loop is not self._loop:
-                self._bind(loop)
-            if self._closed:
-                raise LedgerClosed("ledger is closed")
-            durable: asyncio.Future[T] = loop.create_future()
-            ran: asyncio.Future[T] = loop.create_future()
+            durable, ran = self._enqueue(fn, staged=True)
         except BaseException:
             self._slots.release()
             raise
         durable.add_done_callback(self._staged_done)
-        self._pending.append(_Op(fn, durable, ran))
+        assert ran is not None
+        return await asyncio.shield(ran), durable
+
+    def _enqueue(
+        self, fn: Callable[[Any], T], *, staged: bool
+    ) -> tuple[asyncio.Future[T], asyncio.Future[T] | None]:
+        if self._closed:
+            raise LedgerClosed("ledger is closed")
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        future: asyncio.Future[T] = loop.create_future()
+        ran: asyncio.Future[T] | None = loop.create_future() if staged else None
+        self._pending.append(_Op(fn, future, ran))
         if self._drain_task is None:
             self._drain_task = loop.create_task(self._drain(loop), name="ledger-writer")
         elif self._more is not None and not self._more.done():
             self._more.set_result(None)
-        return await asyncio.shield(ran), durable
+        return future, ran
 
     def _staged_done(self, durable: asyncio.Future[Any]) -> None:
         self._slots.release()
