@@ -18,6 +18,8 @@ the loans' repaid columns are a cache of the same figure, checked against it in 
 
 SQL stays portable to PostgreSQL: `?` placeholders (translated by a PG adapter),
 `ON CONFLICT ... DO UPDATE`, no SQLite-only functions in the business statements.
+`tests/ledger/test_portable_sql.py` prepares every statement on PostgreSQL and replays
+a whole scenario there (docs/ledger.md "PostgreSQL").
 """
 
 from __future__ import annotations
