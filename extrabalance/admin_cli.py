@@ -1,6 +1,7 @@
 """Operator commands that work on the ledger file directly (no running node needed):
-`extrabalance import-profiles`, `extrabalance subscriber show|bar|unbar`, and
-`python -m extrabalance.admin_cli backup` (SQLite online backup).
+`extrabalance import-profiles`, `extrabalance subscriber show|bar|unbar`,
+`extrabalance purge-idempotency`, and `python -m extrabalance.admin_cli backup`
+(SQLite online backup).
 
 They may run beside a live node: SQLite (WAL) lets them read while the node writes,
 and their few writes wait behind the node's writer (busy timeout), never around it.
@@ -201,6 +202,48 @@ def subscriber_command(config_path: str | None, action: str, msisdn: str, reason
             print(f"{msisdn}: {'barred' if action == 'bar' else 'unbarred'} by {who.strip()} "
                   f"({reason.strip()})", file=out)
         _print_view(view, settings, out)
+    return EXIT_OK
+
+
+# -- purge-idempotency -------------------------------------------------------------------
+
+
+def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = None) -> int:
+    """Delete idempotency keys older than `storage.idempotency_retention_hours`.
+
+    The running node does this every hour; the command is for a first purge after an
+    upgrade or an operator who wants the space now. Safe beside a live node: it
+    deletes in small batches, each its own short transaction.
+    """
+    import asyncio
+    from datetime import timedelta
+
+    from extrabalance.ledger import Ledger
+    from extrabalance.service.retention import IdempotencyRetention
+
+    out = out or sys.stdout
+    settings = load_settings(config_path)
+    db_path = _ledger_path(settings)
+    if not db_path.exists():
+        print(f"purge-idempotency: no ledger at {db_path} (storage.path in the config)",
+              file=sys.stderr)
+        return EXIT_BAD_ROWS
+    hours = settings.storage.idempotency_retention_hours
+
+    async def purge() -> Any:
+        ledger = Ledger(db_path)
+        try:
+            retention = IdempotencyRetention(ledger, timedelta(hours=hours),
+                                             lambda: datetime.now(UTC))
+            return await retention.purge()
+        finally:
+            await ledger.close()
+
+    report = asyncio.run(purge())
+    print(f"{db_path}: {report.rows_purged:,} idempotency keys older than {hours} hours "
+          f"(before {report.cutoff.isoformat(timespec='seconds')}) purged in "
+          f"{report.batches:,} batches, {report.seconds:.1f} s "
+          f"({report.rows_per_s:,.0f} rows/s)", file=out)
     return EXIT_OK
 
 

@@ -84,6 +84,12 @@ def _cmd_subscriber(args: argparse.Namespace) -> int:
                               who=args.who, json_output=args.json)
 
 
+def _cmd_purge_idempotency(args: argparse.Namespace) -> int:
+    from extrabalance.admin_cli import purge_idempotency_command
+
+    return purge_idempotency_command(args.config)
+
+
 def _cmd_campaign(args: argparse.Namespace) -> int:  # issue 7
     from extrabalance.config import load_settings
     from extrabalance.service.campaign import campaign_command
@@ -173,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--who", default="cli", help="operator name for the audit trail")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_subscriber)
+
+    p = sub.add_parser("purge-idempotency",
+                       help="delete idempotency keys past storage.idempotency_retention_hours")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.set_defaults(func=_cmd_purge_idempotency)
 
     p = sub.add_parser("campaign", help="queue an advertisement campaign for the running node")
     p.add_argument("--template", default="ad_campaign", help="template key (every language)")

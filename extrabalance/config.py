@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from extrabalance.core.policy import (
     Condition,
@@ -35,6 +42,14 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 TIERS_MIN = 12
 SMPP_PASSWORD_MAX = 8  # SMPP 3.4 §4.1.1: password is a C-Octet String of at most 9 octets
 DEFAULT_CONFIG_NAME = "extrabalance.toml"
+# Idempotency keys must outlive every window in which a request can be replayed; the
+# longest is the MQTT persistent session (7 days, `MqttSettings.session_expiry_s`):
+# recharges committed but not yet acknowledged are redelivered when the node comes
+# back, however long it was away within that time. A day on top of it is the margin.
+# See docs/ledger.md "Idempotency retention".
+IDEMPOTENCY_RETENTION_HOURS_MIN = 8 * 24
+IDEMPOTENCY_RETENTION_HOURS_MAX = 10 * 366 * 24
+IDEMPOTENCY_RETENTION_HOURS_DEFAULT = 10 * 24
 
 
 class ConfigError(Exception):
@@ -77,6 +92,24 @@ class StorageSection(_Model):
     dsn: str | None = None
     group_commit_max_ops: Annotated[int, Field(ge=1, le=10_000)] = 256
     group_commit_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
+    # How long the first outcome of each inbound request is kept to answer replays.
+    idempotency_retention_hours: int = IDEMPOTENCY_RETENTION_HOURS_DEFAULT
+
+    @field_validator("idempotency_retention_hours")
+    @classmethod
+    def _retention_outlasts_replays(cls, hours: int) -> int:
+        if hours < IDEMPOTENCY_RETENTION_HOURS_MIN:
+            raise ValueError(
+                f"{hours} hours is shorter than the {IDEMPOTENCY_RETENTION_HOURS_MIN} hours "
+                "minimum: a recharge the MQTT broker redelivers after a restart (its session "
+                "lasts 7 days) could find its key purged and be handled again"
+            )
+        if hours > IDEMPOTENCY_RETENTION_HOURS_MAX:
+            raise ValueError(
+                f"{hours} hours is more than the {IDEMPOTENCY_RETENTION_HOURS_MAX} hours "
+                "(10 years) maximum"
+            )
+        return hours
 
 
 class DiameterSection(_Model):

@@ -18,7 +18,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.resolver import Resolver
+from extrabalance.service.retention import IdempotencyRetention
 from extrabalance.service.routing import RouteProber, Router, RouteRule
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
@@ -145,6 +146,10 @@ class Node:
                                  utc_now, **common)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
+        self.retention = IdempotencyRetention(
+            self.ledger, timedelta(hours=s.storage.idempotency_retention_hours), utc_now,
+            on_purged=self.metrics.idempotency_purged.inc,
+        )
         self.dialogs = UssdDialogs(
             self.lending, self.templates, ussd_code=s.smpp.ussd_code,
             timeout_s=s.smpp.dialog_timeout_s, dialogs_max=s.smpp.dialogs_max, node_name=s.node.name,
@@ -270,6 +275,7 @@ class Node:
             asyncio.create_task(self.recharges.run(), name="recharge-listener"),
             asyncio.create_task(self.resolver.run_forever(), name="resolver"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self.retention.run_forever(), name="idempotency-retention"),
             asyncio.create_task(self.low_balance.run(), name="lowbalance-listener"),
             asyncio.create_task(self.campaigns.run_forever(), name="campaigns"),
         ]

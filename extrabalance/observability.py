@@ -141,6 +141,9 @@ class Metrics:
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
         )
         self.recharges = Counter("eb_recharges", "Recharge events", ["outcome"], registry=r)
+        self.idempotency_purged = Counter(
+            "eb_idempotency_purged", "Idempotency keys purged past their retention", registry=r
+        )
         self.peer_up = Gauge("eb_diameter_peer_up", "Diameter peer open", ["peer"], registry=r)
         self.bind_up = Gauge("eb_smpp_bind_up", "SMPP bind bound", ["bind"], registry=r)
 

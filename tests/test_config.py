@@ -63,3 +63,28 @@ def test_secret_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("EB_SMPP_PASSWORD", "s3cret")
     assert load_settings().smpp.binds[0].password() == "s3cret"
     assert "s3cret" not in default_config_text()
+
+
+def test_idempotency_retention_default_and_bounds(tmp_path):
+    assert load_settings().storage.idempotency_retention_hours == 240
+    text = default_config_text()
+    old = "idempotency_retention_hours = 240"
+    assert old in text
+    for hours, words in ((24, "shorter than the 192 hours minimum"),
+                         (1_000_000, "maximum"), ('"ten days"', "integer")):
+        with pytest.raises(ConfigError) as info:
+            load_settings(write(tmp_path,
+                                text.replace(old, f"idempotency_retention_hours = {hours}")))
+        message = str(info.value)
+        assert "storage.idempotency_retention_hours" in message and words in message
+    assert load_settings(write(tmp_path, text.replace(old, "idempotency_retention_hours = 192"))
+                         ).storage.idempotency_retention_hours == 192
+
+
+def test_idempotency_retention_outlasts_the_mqtt_session():
+    """A recharge the broker redelivers after a restart must still find its key."""
+    from extrabalance.config import IDEMPOTENCY_RETENTION_HOURS_MIN
+    from extrabalance.recharge.listener import MqttSettings
+
+    session_hours = MqttSettings(host="127.0.0.1").session_expiry_s / 3600
+    assert IDEMPOTENCY_RETENTION_HOURS_MIN >= session_hours + 24

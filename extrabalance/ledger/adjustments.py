@@ -32,7 +32,7 @@ from extrabalance.ledger import store
 
 AdjustmentKind = Literal["waive", "waive_fee"]
 ADJUSTMENT_KINDS: tuple[str, ...] = ("waive", "waive_fee")
-IDEMPOTENCY_PREFIX = "admin-adjust:"
+IDEMPOTENCY_PREFIX = store.IDEMPOTENCY_KEPT_PREFIX  # never purged (see store)
 
 
 class AdjustmentError(ValueError):

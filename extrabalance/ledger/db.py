@@ -28,15 +28,22 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 def connect(
-    path: str | Path, *, synchronous: str = "FULL", cache_kib: int = CACHE_KIB_DEFAULT
+    path: str | Path,
+    *,
+    synchronous: str = "FULL",
+    cache_kib: int = CACHE_KIB_DEFAULT,
+    factory: type[sqlite3.Connection] = sqlite3.Connection,
 ) -> sqlite3.Connection:
-    """A connection in autocommit mode; callers issue BEGIN/COMMIT themselves."""
+    """A connection in autocommit mode; callers issue BEGIN/COMMIT themselves.
+    `factory`: the connection class (the PostgreSQL portability test records every
+    statement with a subclass)."""
     conn = sqlite3.connect(
         str(path),
         isolation_level=None,
         check_same_thread=False,
         timeout=BUSY_TIMEOUT_MS / 1000,
         cached_statements=STATEMENTS_CACHED_MAX,
+        factory=factory,
     )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")

@@ -18,6 +18,8 @@ the loans' repaid columns are a cache of the same figure, checked against it in 
 
 SQL stays portable to PostgreSQL: `?` placeholders (translated by a PG adapter),
 `ON CONFLICT ... DO UPDATE`, no SQLite-only functions in the business statements.
+`tests/ledger/test_portable_sql.py` prepares every statement on PostgreSQL and replays
+a whole scenario there (docs/ledger.md "PostgreSQL").
 """
 
 from __future__ import annotations
@@ -327,6 +329,25 @@ def idempotent_replace(
     )
 
 
+# Keys the retention purge never deletes. An operator may retry an adjustment with
+# the same request id at any time (a ticket re-run weeks later), and only this row
+# remembers that it was applied; adjustments are few, so keeping them costs nothing.
+IDEMPOTENCY_KEPT_PREFIX = "admin-adjust:"
+
+
+def purge_idempotency(conn: sqlite3.Connection, before: datetime, limit: int) -> int:
+    """Delete up to `limit` idempotency keys first recorded before `before`, oldest
+    first; returns how many. One small batch per call, so a purge never holds the
+    writer for long (see docs/ledger.md "Idempotency retention" for what still
+    protects a key after its row is gone)."""
+    cur = conn.execute(
+        "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency"
+        " WHERE created_at < ? AND key NOT LIKE ? ORDER BY created_at LIMIT ?)",
+        (ts(before), IDEMPOTENCY_KEPT_PREFIX + "%", limit),
+    )
+    return int(cur.rowcount)
+
+
 # -- journal -----------------------------------------------------------------------
 
 
@@ -413,6 +434,15 @@ def _loan(row: tuple[Any, ...]) -> LoanRow:
 def get_loan(conn: sqlite3.Connection, loan_id: str) -> LoanRow | None:
     row = conn.execute(
         f"SELECT {_LOAN_COLUMNS} FROM loans WHERE loan_id = ?", (loan_id,)
+    ).fetchone()
+    return _loan(row) if row else None
+
+
+def loan_by_idempotency_key(conn: sqlite3.Connection, key: str) -> LoanRow | None:
+    """The loan a request recorded (`loans.idempotency_key` is UNIQUE): it answers a
+    replay once the request's idempotency row is gone, or before it settled."""
+    row = conn.execute(
+        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE idempotency_key = ?", (key,)
     ).fetchone()
     return _loan(row) if row else None
 

@@ -142,6 +142,16 @@ def outcome_of_loan(loan: store.LoanRow, debt_minor: int) -> BorrowOutcome:
     )
 
 
+def advance_outcome_of_loan(loan: store.LoanRow) -> AdvanceOutcome:
+    """The CCA a granted advance stands for, for a retransmitted CCR: the grant again,
+    or 4012 once its confirmation was refused (as `confirm_advance` records it)."""
+    if loan.state == store.FAILED:
+        return AdvanceOutcome(
+            DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED, loan.loan_id, replayed=True
+        )
+    return AdvanceOutcome(DIAMETER_SUCCESS, loan.principal_minor, None, loan.loan_id, replayed=True)
+
+
 def settle_borrow(
     conn: sqlite3.Connection, loan_id: str, result: InResult, now: datetime
 ) -> BorrowOutcome:
@@ -373,12 +383,8 @@ class LendingService:
                 prior = store.idempotent_get(conn, key)
                 if prior is not None:
                     return BorrowOutcome.from_json(prior, replayed=True)
-                loan_row = conn.execute(
-                    "SELECT loan_id FROM loans WHERE idempotency_key = ?", (key,)
-                ).fetchone()
-                if loan_row is not None:  # intent recorded, not settled yet
-                    loan = store.get_loan(conn, loan_row[0])
-                    assert loan is not None
+                loan = store.loan_by_idempotency_key(conn, key)
+                if loan is not None:  # intent not settled yet, or its outcome purged
                     return replace(
                         outcome_of_loan(loan, store.debt_from_journal(conn, msisdn)), replayed=True
                     )
@@ -615,6 +621,9 @@ class LendingService:
                 prior = store.idempotent_get(conn, key)
                 if prior is not None:
                     return AdvanceOutcome.from_json(prior, replayed=True), None
+                advance = store.loan_by_idempotency_key(conn, key)
+                if advance is not None:  # granted; its outcome row was purged
+                    return advance_outcome_of_loan(advance), None
 
                 def done(
                     outcome: AdvanceOutcome, state: SubscriberState | None

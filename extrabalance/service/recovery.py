@@ -95,6 +95,18 @@ def settle_recovery_failed(
     return outcome
 
 
+def outcome_of_recovery(rec: store.RecoveryRow, debt_minor: int) -> PaybackOutcome:
+    """The answer to a recharge replayed after its recovery started (`recoveries.event_id`
+    is UNIQUE, so this row outlives the idempotency key): nothing is debited again."""
+    if rec.state == store.DONE:
+        status = PaybackStatus.RECOVERED
+    elif rec.state == store.FAILED:
+        status = PaybackStatus.NOT_RECOVERED
+    else:
+        status = PaybackStatus.PENDING
+    return PaybackOutcome(status, rec.recovered_minor, debt_minor, rec.recovery_id, replayed=True)
+
+
 def payback_notice(msisdn: str, outcome: PaybackOutcome, language: str) -> Notice:
     if outcome.debt_minor == 0:
         return Notice(
@@ -151,15 +163,9 @@ class PaybackService:
                 prior = store.idempotent_get(conn, key)
                 if prior is not None:
                     return PaybackOutcome.from_json(prior, replayed=True)
-                pending = store.recovery_by_event(conn, event.event_id)
-                if pending is not None:
-                    return PaybackOutcome(
-                        PaybackStatus.PENDING,
-                        0,
-                        store.debt_from_journal(conn, msisdn),
-                        pending.recovery_id,
-                        replayed=True,
-                    )
+                started = store.recovery_by_event(conn, event.event_id)
+                if started is not None:  # not settled yet, or its outcome purged
+                    return outcome_of_recovery(started, store.debt_from_journal(conn, msisdn))
 
                 def done(outcome: PaybackOutcome) -> PaybackOutcome:
                     store.idempotent_put(conn, key, outcome.to_json(), now)

@@ -1,12 +1,12 @@
-"""`extrabalance import-profiles`, `extrabalance subscriber ...` and the backup command,
-against a ledger file on disk."""
+"""`extrabalance import-profiles`, `extrabalance subscriber ...`, `extrabalance
+purge-idempotency` and the backup command, against a ledger file on disk."""
 
 from __future__ import annotations
 
 import io
 import json
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -14,6 +14,7 @@ from extrabalance import cli
 from extrabalance.admin_cli import (
     backup_command,
     import_profiles_command,
+    purge_idempotency_command,
     subscriber_command,
 )
 from extrabalance.ledger import store
@@ -132,3 +133,26 @@ def test_backup_is_a_consistent_checked_copy(config, tmp_path):
     copy = sqlite3.connect(copies[0])
     assert copy.execute("SELECT COUNT(*), SUM(amount_minor) FROM journal").fetchone() == (4, 0)
     assert backup_command(str(config), str(copies[0]), out=io.StringIO()) == 2  # no overwrite
+
+
+def test_purge_idempotency_deletes_keys_past_the_configured_retention(config, tmp_path):
+    _ledger_with_a_loan(tmp_path)
+    conn = connect(tmp_path / "ledger.db")
+    now = datetime.now(UTC)
+    conn.execute("BEGIN")
+    for i in range(1_200):  # more than one batch
+        store.idempotent_put(conn, f"borrow:old{i}", {"i": i}, now - timedelta(days=11))
+    store.idempotent_put(conn, "borrow:recent", {}, now - timedelta(days=9))
+    store.idempotent_put(conn, "admin-adjust:T-1", {}, now - timedelta(days=400))
+    conn.execute("COMMIT")
+    out = io.StringIO()
+    assert purge_idempotency_command(str(config), out=out) == 0  # default: 240 hours
+    assert "1,200 idempotency keys older than 240 hours" in out.getvalue()
+    left = {r[0] for r in conn.execute("SELECT key FROM idempotency")}
+    conn.close()
+    assert left == {"borrow:recent", "admin-adjust:T-1"}
+
+
+def test_purge_idempotency_without_a_ledger_file(config, capsys):
+    assert cli.main(["purge-idempotency", "--config", str(config)]) == 1
+    assert "no ledger" in capsys.readouterr().err
