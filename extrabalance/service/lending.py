@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
@@ -79,23 +79,6 @@ CC_REQUEST_TYPE_TERMINATION = 3
 BARRED_REASONS = (Reason.BARRED_BAD_DEBT, Reason.BARRED_MANUAL)
 
 Clock = Callable[[], datetime]
-
-
-@dataclass(frozen=True, slots=True)
-class AdVerdict:
-    send: bool
-    reason: str = ""  # why an ad was suppressed (cap, quiet hours, opt-out)
-
-
-AdPolicy = Callable[[SubscriberState, datetime], Awaitable[AdVerdict]]
-
-
-async def default_ad_policy(state: SubscriberState, now: datetime) -> AdVerdict:
-    """Send unless the subscriber said STOP ADS. Caps and quiet hours plug in here."""
-    del now
-    if state.ads_opt_out:
-        return AdVerdict(False, "opted_out")
-    return AdVerdict(True)
 
 
 async def call_in(in_port: InPort, op: InOperation) -> InResult:
@@ -294,9 +277,8 @@ class LendingService:
         clock: Clock,
         *,
         locks: SubscriberLocks | None = None,
-        ad_policy: AdPolicy = default_ad_policy,
         default_language: str = "en",
-        ads: Advertiser | None = None,  # issue 7: when set, it applies every ad rule
+        ads: Advertiser | None = None,  # without one, no advertisement is sent
         confirm_retry_delays_s: tuple[float, ...] = CONFIRM_RETRY_DELAYS_S,
         confirmations_max: int = CONFIRMATIONS_INFLIGHT_MAX,
     ) -> None:
@@ -308,7 +290,6 @@ class LendingService:
         self.router = router
         self.clock = clock
         self.locks = locks or SubscriberLocks()
-        self.ad_policy = ad_policy
         self.prober: RouteProber | None = None  # dynamic routing for unknown subscribers
         self.default_language = default_language
         self.ads = ads
@@ -783,17 +764,8 @@ class LendingService:
         )
         if outcome.result_code == DIAMETER_END_USER_SERVICE_DENIED:
             return
-        if self.ads is not None:  # issue 7: caps, quiet hours, rate; the CCA does not wait
+        if self.ads is not None:  # caps, quiet hours, rate; the CCA does not wait
             self.ads.fire_offer(msisdn, AdTrigger.OUT_OF_BALANCE)
-            return
-        verdict = await self.ad_policy(state, now)
-        if verdict.send:
-            await safe_notify(
-                self.notifier, Notice(msisdn, "ad_out_of_balance", {}, "ad", state.language)
-            )
-            self.events.emit("ad_sent", msisdn=msisdn, reason=_v(outcome.reason))
-        else:
-            self.events.emit("ad_suppressed", msisdn=msisdn, why=verdict.reason)
 
 
 def _v(reason: Reason | None) -> str | None:

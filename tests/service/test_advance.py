@@ -53,38 +53,14 @@ async def test_retransmission_grants_nothing_new(h):
     assert (await h.check_invariants())["debts"] == {M: 1100}
 
 
-async def test_not_opted_in_gets_4012_and_ad(h):
+async def test_not_opted_in_gets_4012_and_no_ad_without_an_advertiser(h):
+    """Advertisements are the Advertiser's alone (tests/ads): a lending service built
+    without one refuses with 4012 and sends nothing."""
     await h.add_profile(M)
     out = await ccr(h)
     assert out.result_code == 4012 and out.reason is Reason.NOT_OPTED_IN
-    assert h.notifier.sent[-1].template == "ad_out_of_balance"
-    assert h.notifier.sent[-1].kind == "ad"
-    assert "ad_sent" in h.events.kinds()
-    await ccr(h)  # retransmission: no second ad
-    assert len(h.notifier.sent) == 1
-
-
-async def test_ads_opt_out_suppressed(h):
-    await h.add_profile(M)
-    await h.lending.set_preferences(M, ads_opt_out=True)
-    out = await ccr(h)
-    assert out.result_code == 4012 and h.notifier.sent == []
-    assert ("ad_suppressed", {"msisdn": M, "why": "opted_out"}) in h.events.events
-
-
-async def test_ad_policy_hook(h):
-    from extrabalance.service.lending import AdVerdict
-
-    seen = []
-
-    async def capped(state, now):
-        seen.append(state.msisdn)
-        return AdVerdict(False, "daily_cap")
-
-    h.lending.ad_policy = capped
-    await h.add_profile(M)
-    await ccr(h)
-    assert seen == [M] and h.notifier.sent == []
+    assert h.notifier.sent == []
+    assert h.events.kinds() == ["refusal"]
 
 
 async def test_barred_gets_4010_no_ad(h):
