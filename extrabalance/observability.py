@@ -157,35 +157,45 @@ class EdrWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.node = node
         self._clock = clock
-        self._buffer: list[tuple[str, str]] = []  # (day, line)
+        # Lines of the current UTC day, written by one CSV writer into one buffer; a
+        # new day flushes the old day's lines to their own file first.
+        self._out = io.StringIO()
+        self._csv = csv.writer(self._out, lineterminator="\n")
+        self._lines = 0
+        self._day_number = -1
+        self._day = ""
 
     def path_for(self, day: str) -> Path:
         return self.directory / f"edr-{day}.csv"
 
     def write(self, kind: str, fields: dict[str, Any]) -> None:
-        now = datetime.fromtimestamp(self._clock(), UTC)
+        stamp = self._clock()
+        now = datetime.fromtimestamp(stamp, UTC)
+        day_number = int(stamp // 86_400)
+        if day_number != self._day_number:
+            self.flush()
+            self._day_number, self._day = day_number, now.strftime("%Y%m%d")
         row = {name: fields.get(name, "") for name in EDR_FIELDS}
         row.update(time=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                    node=self.node, kind=kind)
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerow(
-            "" if row[name] is None else row[name] for name in EDR_FIELDS)
-        self._buffer.append((now.strftime("%Y%m%d"), out.getvalue()))
-        if len(self._buffer) >= EDR_BUFFER_MAX:
+        self._csv.writerow("" if row[name] is None else row[name] for name in EDR_FIELDS)
+        self._lines += 1
+        if self._lines >= EDR_BUFFER_MAX:
             self.flush()
 
     def flush(self) -> None:
-        by_day: dict[str, list[str]] = {}
-        for day, line in self._buffer:
-            by_day.setdefault(day, []).append(line)
-        self._buffer.clear()
-        for day, lines in by_day.items():
-            path = self.path_for(day)
-            new = not path.exists()
-            with path.open("a", encoding="utf-8", newline="") as fh:
-                if new:
-                    fh.write(",".join(EDR_FIELDS) + "\n")
-                fh.writelines(lines)
+        if not self._lines:
+            return
+        text = self._out.getvalue()
+        self._out.seek(0)
+        self._out.truncate()
+        self._lines = 0
+        path = self.path_for(self._day)
+        new = not path.exists()
+        with path.open("a", encoding="utf-8", newline="") as fh:
+            if new:
+                fh.write(",".join(EDR_FIELDS) + "\n")
+            fh.write(text)
 
 
 # The services name a few fields and kinds differently from the EDR schema; the
@@ -230,4 +240,5 @@ class EventRecorder:
             self.edr.write(kind, fields)
         # The EDR is the record of business events; the log line is for debugging only
         # (a JSON line per event costs about as much as the EDR and metrics together).
-        self.log.debug(kind, **{k: v for k, v in fields.items() if v not in (None, "")})
+        if logging.root.isEnabledFor(logging.DEBUG):
+            self.log.debug(kind, **{k: v for k, v in fields.items() if v not in (None, "")})

@@ -39,3 +39,20 @@ def test_event_recorder_maps_service_field_names_onto_the_edr(tmp_path):
     assert rows[1]["reason"] == "cap_day"
     assert rows[2]["kind"] == "loan_pending"
     assert rec.metrics.paybacks.labels("full")._value.get() == 1
+
+
+def test_edr_lines_go_to_the_file_of_their_utc_day(tmp_path):
+    now = [86_400.0 - 0.5]  # half a second before midnight UTC, 1970-01-02
+    edr = EdrWriter(tmp_path, "n1", clock=lambda: now[0])
+    edr.write("loan", {"msisdn": "201001234567", "loan_id": "L1"})
+    now[0] += 1.0
+    edr.write("loan", {"msisdn": "201001234567", "loan_id": "L2, with a comma"})
+    edr.flush()
+    edr.write("loan", {"msisdn": "201001234567", "loan_id": "L3"})
+    edr.flush()
+    edr.flush()  # nothing buffered: nothing written
+    first = (tmp_path / "edr-19700101.csv").read_text().splitlines()
+    second = (tmp_path / "edr-19700102.csv").read_text().splitlines()
+    assert first[0] == second[0] and first[0].startswith("time,")
+    assert len(first) == 2 and "L1" in first[1] and first[1].startswith("1970-01-01T23:59:59.500Z")
+    assert len(second) == 3 and '"L2, with a comma"' in second[1] and "L3" in second[2]
