@@ -145,12 +145,16 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
         in_mix = {k: v for k, v in mix.items() if k in ("out_of_balance", "recharge")}
         common = {"duration_s": options.duration_s, "concurrency_max": options.concurrency_max,
                   "msisdns": net.msisdns}
-        await net.smsc_worker.call("traffic_start", mix=smsc_mix, seed=options.seed,
-                                   rate_per_s=options.rate_per_s * sum(smsc_mix.values()) / total,
-                                   **common)
-        await net.in_worker.call("traffic_start", mix=in_mix, seed=options.seed + 7,
-                                 rate_per_s=options.rate_per_s * sum(in_mix.values()) / total,
-                                 **common)
+        # A worker whose share of the mix is nothing gets no traffic (a USSD-only or
+        # recharge-only chaos run).
+        workers = []
+        for worker, worker_mix, seed in ((net.smsc_worker, smsc_mix, options.seed),
+                                         (net.in_worker, in_mix, options.seed + 7)):
+            share = sum(worker_mix.values())
+            if share > 0:
+                await worker.call("traffic_start", mix=worker_mix, seed=seed,
+                                  rate_per_s=options.rate_per_s * share / total, **common)
+                workers.append(worker)
         t0 = time.monotonic()
         for at_s, kind in plan(options):
             delay = t0 + at_s - time.monotonic()
@@ -162,7 +166,7 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
             result.faults[kind] += 1
             result.fault_log.append((round(time.monotonic() - t0, 2), kind, what))
             say(f"{time.monotonic() - t0:7.2f} s  {kind:<15} {what}")
-        for worker in (net.smsc_worker, net.in_worker):
+        for worker in workers:
             answer = await worker.call("traffic_wait", timeout_s=options.duration_s + 120)
             result.traffic[worker.name] = answer["report"]
         # Quiet period: the node up and connected, no traffic, until all is settled.
