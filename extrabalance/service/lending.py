@@ -453,7 +453,7 @@ class LendingService:
                 answer.set_result(outcome)
             try:
                 await durable
-            except Exception as exc:  # noqa: BLE001 - the resolver redoes it from the IN
+            except Exception as exc:
                 log.error("loan_settlement_lost", loan_id=step.loan_id, error=repr(exc))
                 raise
         self._emit_loan(msisdn, outcome, channel, result)

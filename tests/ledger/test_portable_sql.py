@@ -63,8 +63,8 @@ SQLITE_ONLY: tuple[tuple[str, str], ...] = (
     (r"PRAGMA wal_autocheckpoint=|PRAGMA wal_checkpoint",
      "none: the server's checkpointer (checkpoint_timeout, max_wal_size)"),
     (r"BEGIN IMMEDIATE",
-     "BEGIN; one subscriber's operations are serialised by SELECT ... FOR UPDATE on his "
-     "subscribers row, not by one database-wide write lock"),
+     ("BEGIN; one subscriber's operations are serialised by SELECT ... FOR UPDATE on his "
+      "subscribers row, not by one database-wide write lock")),
 )
 _SQLITE_ONLY_RE = re.compile("|".join(f"(?:{p})" for p, _ in SQLITE_ONLY))
 
@@ -371,7 +371,7 @@ async def _pg_connect():  # type: ignore[no-untyped-def]
     asyncpg = pytest.importorskip("asyncpg")
     try:
         return await asyncpg.connect(PG_DSN, timeout=PG_CONNECT_TIMEOUT_S)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         pytest.skip(f"no PostgreSQL at {PG_DSN} ({exc.__class__.__name__}: {exc}); "
                     "set EB_TEST_PG_DSN to run the portability check")
 
