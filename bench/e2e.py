@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--rate", type=float, default=None,
                       help="operations per second, all kinds together (default 200)")
     rate.add_argument("--max", action="store_true", help="as fast as it goes")
+    rate.add_argument("--capacity", default=None, metavar="RATES",
+                      help="capacity search: one run per rate (comma-separated, operations/s)"
+                           " in ascending order until p99 passes --p99-target")
+    p.add_argument("--p99-target", type=float, default=50.0,
+                   help="USSD p99 latency the capacity search holds to, ms (default 50)")
     p.add_argument("--duration", type=float, default=None, help="seconds of traffic (default 10)")
     p.add_argument("--mix", default=DEFAULT_MIX, help=f"default {DEFAULT_MIX}")
     p.add_argument("--subscribers", type=int, default=20_000)
@@ -172,13 +177,100 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
     )
 
 
+def capacity_rates(argv: list[str]) -> tuple[list[float], float] | None:
+    """(rates, p99 target ms) of a capacity search, or None for a single run."""
+    args = build_parser().parse_args(argv)
+    if args.capacity is None:
+        return None
+    try:
+        rates = sorted({float(r) for r in args.capacity.split(",") if r.strip()})
+    except ValueError:
+        raise SystemExit("extrabalance bench e2e: --capacity takes rates like 100,200,400") from None
+    if not rates or rates[0] <= 0:
+        raise SystemExit("extrabalance bench e2e: --capacity needs positive rates")
+    if args.p99_target <= 0:
+        raise SystemExit("extrabalance bench e2e: --p99-target must be positive")
+    return rates, args.p99_target
+
+
 def run_cli(argv: list[str], *, seconds: float, json_output: bool) -> dict[str, Any]:
     """Entry point of the `extrabalance bench e2e` dispatcher; returns the figures."""
     options = options_from_argv(argv, seconds=seconds, json_output=json_output)
+    search = capacity_rates(argv)
+    if search is not None:
+        result = asyncio.run(run_capacity(options, *search))
+        if not options.json_output:
+            print_capacity(result)
+        return result
     result = asyncio.run(run_e2e(options))
     if not options.json_output:
         print_summary(result)
     return result
+
+
+# A rate the load generator could not keep (operations started late) or the node did not
+# serve (fewer operations done than asked) is not a rate the node carries.
+CAPACITY_RATE_KEPT_SHARE = 0.95
+
+
+async def run_capacity(options: E2eOptions, rates: list[float],
+                       p99_target_ms: float) -> dict[str, Any]:
+    """The highest rate whose USSD p99 stays within `p99_target_ms` with the ledger
+    matching the IN: one complete run (fresh ledger, processes, reconciliation) per
+    rate, in ascending order, stopping at the first that fails."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = options.report_dir or Path("var/bench") / f"e2e-capacity-{stamp}"
+    rows: list[dict[str, Any]] = []
+    best: float | None = None
+    for rate in rates:
+        run = await run_e2e(dataclasses.replace(
+            options, rate_per_s=rate, report_dir=base / f"rate-{rate:g}", progress=False,
+            plot=False))
+        done_per_s = run["operations"] / run["traffic_s"] if run["traffic_s"] else 0.0
+        p99 = run["p99_ms"]
+        kept = run["late_starts"] == 0 and done_per_s >= CAPACITY_RATE_KEPT_SHARE * rate
+        within = (p99 is not None and p99 <= p99_target_ms and kept
+                  and run["ledger_matches_in"])
+        rows.append({
+            "rate_per_s": rate, "loans_per_s": run["loans_per_s"],
+            "ussd_loans_per_s": run["ussd_loans_per_s"],
+            "paybacks_per_s": run["paybacks_per_s"], "p50_ms": run["p50_ms"],
+            "p95_ms": run["p95_ms"], "p99_ms": p99, "cpu_s": run["cpu_s"],
+            "late_starts": run["late_starts"], "ledger_matches_in": run["ledger_matches_in"],
+            "within_target": within, "report_dir": run["report_dir"],
+        })
+        if not options.json_output:
+            print(f"rate {rate:g}/s: {run['loans_per_s']} loans/s, p99 {p99} ms, "
+                  f"ledger = IN {run['ledger_matches_in']}: {'within' if within else 'OUT'}")
+        if not within:
+            break
+        best = rate
+    return {
+        "command": options.command,
+        "p99_target_ms": p99_target_ms,
+        "max_rate_within_target_per_s": best,
+        "capacity": rows,
+        "ledger_matches_in": all(r["ledger_matches_in"] for r in rows),
+        "report_dir": str(base),
+    }
+
+
+def print_capacity(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Capacity within p99 {result['p99_target_ms']:g} ms")
+    for column in ("rate/s", "loans/s", "p50 ms", "p95 ms", "p99 ms", "CPU s node",
+                   "ledger = IN", "within"):
+        table.add_column(column)
+    for r in result["capacity"]:
+        table.add_row(f"{r['rate_per_s']:g}", str(r["loans_per_s"]), str(r["p50_ms"]),
+                      str(r["p95_ms"]), str(r["p99_ms"]), str(r["cpu_s"].get("node")),
+                      "yes" if r["ledger_matches_in"] else "NO",
+                      "yes" if r["within_target"] else "no")
+    console = Console()
+    console.print(table)
+    console.print(f"highest rate within the target: {result['max_rate_within_target_per_s']}")
 
 
 # --- the run -----------------------------------------------------------------------------

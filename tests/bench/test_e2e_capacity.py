@@ -1,0 +1,59 @@
+"""The capacity search of `extrabalance bench e2e --capacity`: its stopping rule, on
+stand-in runs (the real runs are tests/bench/test_e2e_short.py's)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import e2e
+
+
+def fake_runs(monkeypatch, p99_by_rate, *, matches=True, late_at=None):
+    asked = []
+
+    async def run_e2e(options):
+        rate = options.rate_per_s
+        asked.append(rate)
+        return {"operations": rate * 10, "traffic_s": 10.0, "p99_ms": p99_by_rate[rate],
+                "p50_ms": 5.0, "p95_ms": 9.0, "loans_per_s": rate, "ussd_loans_per_s": rate,
+                "paybacks_per_s": 0.0, "cpu_s": {"node": 1.0},
+                "late_starts": 7 if rate == late_at else 0,
+                "ledger_matches_in": matches, "report_dir": str(options.report_dir)}
+
+    monkeypatch.setattr(e2e, "run_e2e", run_e2e)
+    return asked
+
+
+async def test_stops_at_the_first_rate_past_the_target(monkeypatch, tmp_path):
+    asked = fake_runs(monkeypatch, {100.0: 20.0, 200.0: 45.0, 400.0: 80.0, 800.0: 300.0})
+    options = e2e.E2eOptions(report_dir=tmp_path, json_output=True)
+    result = await e2e.run_capacity(options, [100.0, 200.0, 400.0, 800.0], 50.0)
+    assert asked == [100.0, 200.0, 400.0]
+    assert result["max_rate_within_target_per_s"] == 200.0
+    assert [r["within_target"] for r in result["capacity"]] == [True, True, False]
+    assert result["ledger_matches_in"]
+
+
+async def test_a_rate_the_generator_could_not_keep_is_not_carried(monkeypatch, tmp_path):
+    fake_runs(monkeypatch, {100.0: 20.0, 200.0: 30.0}, late_at=200.0)
+    result = await e2e.run_capacity(e2e.E2eOptions(report_dir=tmp_path, json_output=True),
+                                    [100.0, 200.0], 50.0)
+    assert result["max_rate_within_target_per_s"] == 100.0
+
+
+async def test_books_that_do_not_balance_fail_the_search(monkeypatch, tmp_path):
+    fake_runs(monkeypatch, {100.0: 20.0}, matches=False)
+    result = await e2e.run_capacity(e2e.E2eOptions(report_dir=tmp_path, json_output=True),
+                                    [100.0], 50.0)
+    assert result["max_rate_within_target_per_s"] is None
+    assert result["ledger_matches_in"] is False
+
+
+def test_rates_are_parsed_and_sorted():
+    assert e2e.capacity_rates(["--capacity", "400,100, 200"]) == ([100.0, 200.0, 400.0], 50.0)
+    assert e2e.capacity_rates(["--capacity", "100", "--p99-target", "80"]) == ([100.0], 80.0)
+    assert e2e.capacity_rates(["--rate", "100"]) is None
+    with pytest.raises(SystemExit):
+        e2e.capacity_rates(["--capacity", "fast"])
+    with pytest.raises(SystemExit):
+        e2e.capacity_rates(["--capacity", "100", "--max"])
