@@ -69,6 +69,7 @@ class E2eOptions:
     arabic_share: float = 0.2  # subscribers whose profile language is Arabic
     profile_node: bool = False  # run the node under cProfile (report dir: node.prof)
     smpp: dict[str, Any] = field(default_factory=dict)  # binds, window_max, submit_rate_max_per_s
+    delivery_receipts: bool = True  # [smpp] delivery_receipts of the node
     opt_in_share: float = OPT_IN_SHARE
     in_request_timeout_ms: int = 2000  # the IN's wait for the node's out-of-balance answer
     warmup_s: float = 0.0  # unmeasured traffic first (builds debt for paybacks)
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mix of the warm-up (default ussd=1: subscribers get into debt)")
     p.add_argument("--profile-node", action="store_true",
                    help="run the node under cProfile; node.prof and its top functions in the report")
+    p.add_argument("--no-delivery-receipts", action="store_true",
+                   help="the node asks for no SMS delivery receipts ([smpp] delivery_receipts)")
     p.add_argument("--arabic-share", type=float, default=0.2,
                    help="share of subscribers with Arabic screens and SMS (default 0.2)")
     return p
@@ -173,6 +176,7 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         smpp={k: v for k, v in (("binds", args.binds), ("window_max", args.window),
                                 ("submit_rate_max_per_s", args.submit_rate_max))
               if v is not None},
+        delivery_receipts=not args.no_delivery_receipts,
         command="extrabalance bench e2e " + " ".join(argv),
     )
 
@@ -328,7 +332,8 @@ def opt_in(db_path: Path, msisdns: list[str], share: float, seed: int) -> int:
 def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
                 in_ports: dict[str, int], smpp_port: int, mqtt_port: int,
                 client_id: str = "extrabalance-bench",
-                smpp: dict[str, Any] | None = None) -> dict[str, Any]:
+                smpp: dict[str, Any] | None = None,
+                delivery_receipts: bool = True) -> dict[str, Any]:
     doc = json.loads(json.dumps(base))  # deep copy
     doc["storage"]["path"] = str(db_path)
     doc["diameter"]["listen_port"] = diameter_port
@@ -339,6 +344,7 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
     bind = {**doc["smpp"]["binds"][0], "host": "127.0.0.1", "port": smpp_port,
             "system_id": SMPP_SYSTEM_ID, "password_env": SMPP_PASSWORD_ENV, **tuning}
     doc["smpp"]["binds"] = [dict(bind) for _ in range(binds)]
+    doc["smpp"]["delivery_receipts"] = delivery_receipts
     doc["mqtt"]["host"] = "127.0.0.1"
     doc["mqtt"]["port"] = mqtt_port
     doc["mqtt"]["client_id"] = client_id
@@ -387,7 +393,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   client_id: str = "extrabalance-bench", arabic_share: float = 0.2,
                   broker_config: tuple[str, ...] = (), profile_path: Path | None = None,
                   smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
-                  in_request_timeout_ms: int = 2000) -> Any:
+                  in_request_timeout_ms: int = 2000, delivery_receipts: bool = True) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit."""
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.mosquitto import BrokerUnavailable, MosquittoBroker
@@ -429,7 +435,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             config = node_config(base, db_path=db_path, diameter_port=diameter_port,
                                  in_ports=in_worker.ready["ports"],
                                  smpp_port=smsc_worker.ready["ports"]["smpp"],
-                                 mqtt_port=broker.port, client_id=client_id, smpp=smpp)
+                                 mqtt_port=broker.port, client_id=client_id, smpp=smpp,
+                                 delivery_receipts=delivery_receipts)
             config_path = workdir / "node.toml"
             config_path.write_text(dump_toml(config), encoding="utf-8")
             env = {SMPP_PASSWORD_ENV: password, "EB_LOG_LEVEL": log_level}
@@ -602,7 +609,8 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        profile_path=(report_dir / "node.prof").resolve()
                        if options.profile_node else None, smpp=options.smpp,
                        opt_in_share=options.opt_in_share,
-                       in_request_timeout_ms=options.in_request_timeout_ms) as net:
+                       in_request_timeout_ms=options.in_request_timeout_ms,
+                       delivery_receipts=options.delivery_receipts) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")

@@ -198,6 +198,9 @@ class SmppSection(_Model):
     inbound_tasks_max: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
     ussd_abort_op: Annotated[int, Field(ge=0, le=255)] = 0x81
     sms_long_mode: Literal["udh", "message_payload"] = "udh"
+    # Ask the SMSC for a delivery receipt of every SMS (registered_delivery 1); each
+    # receipt is a deliver_sm the node answers and matches to what it sent.
+    delivery_receipts: bool = True
     binds: list[BindSection] = []
 
 

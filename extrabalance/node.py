@@ -162,6 +162,7 @@ class Node:
             abort_op=s.smpp.ussd_abort_op,
             observe_ussd=self.metrics.ussd_latency.observe,
             inbound_tasks_max=s.smpp.inbound_tasks_max,
+            delivery_receipts=s.smpp.delivery_receipts,
         )
         notifier.target = self.channel
         self.gy = GyServer(

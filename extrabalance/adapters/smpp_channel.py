@@ -56,6 +56,7 @@ class SmppChannel:
         ads_gate: Callable[[Notice], Awaitable[bool]] | None = None,
         observe_ussd: Callable[[float], None] | None = None,
         inbound_tasks_max: int = INBOUND_TASKS_MAX,
+        delivery_receipts: bool = True,
     ) -> None:
         if inbound_tasks_max < 1:
             raise ValueError("inbound_tasks_max must be at least 1")
@@ -66,6 +67,7 @@ class SmppChannel:
         self._policy = policy
         self._submit = submit
         self._send_sms = send_sms
+        self._delivery_receipts = delivery_receipts
         self._short_code = short_code
         self._ussd_source = ussd_code
         self._service_type = ussd_service_type
@@ -276,7 +278,8 @@ class SmppChannel:
 
     async def _send(self, msisdn: str, text: str, *, template: str) -> None:
         try:
-            results = await self._send_sms(self._short_code, msisdn, text)
+            results = await self._send_sms(self._short_code, msisdn, text,
+                                           registered_delivery=self._delivery_receipts)
         except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
             self.stats["sms_failed"] += 1
             log.warning("sms_submit_failed", msisdn=msisdn, template=template, error=str(exc))

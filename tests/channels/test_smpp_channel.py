@@ -15,20 +15,35 @@ from tests.channels.fake_lending import FakeLending
 M = "201001234567"
 
 
-def channel_with(lending: FakeLending, sent: list[tuple[str, str]]) -> SmppChannel:
+def channel_with(lending: FakeLending, sent: list[tuple[str, str]], *,
+                 receipts: list[bool] | None = None, **options) -> SmppChannel:
     s = load_settings()
     t = Templates(s.templates, "en", 2)
 
     async def submit(pdu):  # USSD screens: not used here
         return None
 
-    async def send_sms(source, dest, text):
+    async def send_sms(source, dest, text, *, registered_delivery=True):
         sent.append((dest, text))
+        if receipts is not None:
+            receipts.append(registered_delivery)
         return []
 
     return SmppChannel(dialogs=UssdDialogs(lending, t), lending=lending, templates=t,
                        policy=lending.policy, submit=submit, send_sms=send_sms,
-                       short_code="1234")
+                       short_code="1234", **options)
+
+
+async def test_delivery_receipts_are_asked_for_unless_turned_off():
+    lending = FakeLending(load_settings().policy())
+    for options, wanted in (({}, True), ({"delivery_receipts": False}, False)):
+        sent: list[tuple[str, str]] = []
+        receipts: list[bool] = []
+        ch = channel_with(lending, sent, receipts=receipts, **options)
+        ch.on_deliver(DeliverSm(source_addr=M, destination_addr="1234", short_message=b"HELP"),
+                      "bind-1")
+        await asyncio.sleep(0.05)
+        assert len(sent) == 1 and receipts == [wanted]
 
 
 async def test_long_mo_sms_is_reassembled_before_it_is_read():
