@@ -670,6 +670,10 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
         "max_ms": _round(latency.get("max_ms")),
         "ussd_dialogs_measured": int(latency.get("count") or 0),
         "cpu_s": cpu,
+        # What one loan costs each process (all its work in the window, divided by the
+        # loans done): the figure that says how many cores a target rate needs.
+        "cpu_ms_per_loan": ({name: round(1000 * seconds / window["loans"], 3)
+                             for name, seconds in cpu.items()} if window["loans"] else None),
         "counts": {**counts, "ads": ads},
         "outcomes": {name: r.get("outcomes", {}) for name, r in reports.items()},
         "late_starts": sum(r.get("late_starts", 0) for r in reports.values()),
@@ -799,6 +803,9 @@ def print_summary(result: dict[str, Any]) -> None:
         table.add_row(key, str(result[key]))
     for name, seconds in result["cpu_s"].items():
         table.add_row(f"cpu_s {name}", str(seconds))
+    per_loan = result.get("cpu_ms_per_loan")
+    if per_loan:
+        table.add_row("cpu_ms_per_loan", ", ".join(f"{k} {v}" for k, v in per_loan.items()))
     ok = result["ledger_matches_in"]
     table.add_row("ledger_matches_in", "[green]yes[/green]" if ok else "[red]NO[/red]")
     table.add_row("report", result["report"])
