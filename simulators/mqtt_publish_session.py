@@ -37,9 +37,9 @@ __all__ = [
     "Connected",
     "ConnectionRefused",
     "Event",
+    "Pong",
     "ProtocolViolation",
     "PublisherSession",
-    "Pong",
     "State",
 ]
 
@@ -146,10 +146,15 @@ def encode_connect(client_id: str, keepalive_s: int) -> bytes:
 def encode_publish(topic: bytes, packet_id: int, payload: bytes) -> bytes:
     """PUBLISH at QoS 1; `topic` already carries its length prefix (`encode_string`)."""
     length = len(topic) + 2 + len(payload)
-    return b"".join((
-        bytes((PUBLISH_QOS1,)), encode_remaining_length(length), topic,
-        packet_id.to_bytes(2, "big"), payload,
-    ))
+    return b"".join(
+        (
+            bytes((PUBLISH_QOS1,)),
+            encode_remaining_length(length),
+            topic,
+            packet_id.to_bytes(2, "big"),
+            payload,
+        )
+    )
 
 
 class PublisherSession:

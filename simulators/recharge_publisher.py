@@ -28,6 +28,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Iterable
+from functools import partial
 from types import TracebackType
 from typing import Self, cast
 
@@ -322,7 +323,7 @@ class _Connection(asyncio.Protocol):
             raise ConnectionError(f"connection lost: {self._error!r}")
         packet_id, data = self.session.publish(topic, payload)
         future: asyncio.Future[None] = self._loop.create_future()
-        future.add_done_callback(lambda f, packet_id=packet_id: self._forget(f, packet_id))
+        future.add_done_callback(partial(self._forget, packet_id))
         self._waiting[packet_id] = (future, self._loop.time())
         self._send(data)
         return future
@@ -358,7 +359,7 @@ class _Connection(asyncio.Protocol):
         if out and self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(out))
 
-    def _forget(self, future: asyncio.Future[None], packet_id: int) -> None:
+    def _forget(self, packet_id: int, future: asyncio.Future[None]) -> None:
         if future.cancelled() or future.exception() is not None:
             entry = self._waiting.get(packet_id)
             if entry is not None and entry[0] is future:

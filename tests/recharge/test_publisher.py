@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Self
 
 import pytest
 
@@ -88,7 +89,7 @@ class _FakeBroker:
         self.unacked_max = 0
         self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> _FakeBroker:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
 

@@ -28,13 +28,11 @@ def puback(packet_id: int) -> bytes:
 
 
 def decode_remaining_length(data: bytes) -> tuple[int, int]:
-    value, shift, used = 0, 0, 0
-    for byte in data:
-        used += 1
-        value |= (byte & 0x7F) << shift
+    value = 0
+    for used, byte in enumerate(data, start=1):
+        value |= (byte & 0x7F) << (7 * (used - 1))
         if not byte & 0x80:
             return value, used
-        shift += 7
     raise ValueError("incomplete")
 
 
