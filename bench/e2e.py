@@ -25,6 +25,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -47,6 +48,8 @@ IN_KINDS = ("out_of_balance", "recharge")
 SUBSCRIBERS_MAX = 1_000_000
 CONNECT_TIMEOUT_S = 30.0  # node bound to the SMSC and connected to the IN nodes
 SETTLE_MAX_S = 60.0  # after the traffic: every recharge consumed, every saga settled
+# (without progress for this long: given up; see settle)
+SETTLE_HARD_MAX_S = 900.0  # the settle phase's bound even while it makes progress
 PROGRESS_EVERY_S = 0.25
 OPT_IN_SHARE = 0.2  # subscribers opted in to automatic advances
 SMPP_SYSTEM_ID = "extrabalance"
@@ -72,6 +75,7 @@ class E2eOptions:
     delivery_receipts: bool = True  # [smpp] delivery_receipts of the node
     opt_in_share: float = OPT_IN_SHARE
     in_request_timeout_ms: int = 2000  # the IN's wait for the node's out-of-balance answer
+    mqtt_inflight_max: int | None = None  # [mqtt] inflight_max and the broker's to match
     warmup_s: float = 0.0  # unmeasured traffic first (builds debt for paybacks)
     warmup_mix: dict[str, float] = field(default_factory=lambda: parse_mix("ussd=1"))
     plot: bool = True
@@ -137,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SMPP window per bind (default: the config's, 10)")
     p.add_argument("--submit-rate-max", type=float, default=None,
                    help="submit_sm per second per bind (default: the config's, 1000)")
+    p.add_argument("--mqtt-inflight", type=int, default=None,
+                   help="recharges the node handles at once ([mqtt] inflight_max, and the "
+                        "broker's max_inflight_messages to match; default: the config's, 100)")
     p.add_argument("--warmup", type=float, default=0.0,
                    help="seconds of unmeasured traffic first (default none)")
     p.add_argument("--warmup-mix", default="ussd=1",
@@ -158,6 +165,8 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         duration = seconds if seconds > 2.0 else 10.0
     if not 0 < duration <= 3600:
         raise SystemExit("extrabalance bench e2e: --duration must be within 0..3600 s")
+    if args.mqtt_inflight is not None and not 1 <= args.mqtt_inflight <= 65_535:
+        raise SystemExit("extrabalance bench e2e: --mqtt-inflight within 1..65535")
     if not 1 <= args.subscribers <= SUBSCRIBERS_MAX:
         raise SystemExit(f"extrabalance bench e2e: --subscribers within 1..{SUBSCRIBERS_MAX}")
     try:
@@ -173,6 +182,7 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         seed=args.seed, log_level=args.log_level, plot=not args.no_plot,
         arabic_share=args.arabic_share, profile_node=args.profile_node,
         warmup_s=args.warmup, warmup_mix=parse_mix(args.warmup_mix),
+        mqtt_inflight_max=args.mqtt_inflight,
         smpp={k: v for k, v in (("binds", args.binds), ("window_max", args.window),
                                 ("submit_rate_max_per_s", args.submit_rate_max))
               if v is not None},
@@ -333,7 +343,8 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
                 in_ports: dict[str, int], smpp_port: int, mqtt_port: int,
                 client_id: str = "extrabalance-bench",
                 smpp: dict[str, Any] | None = None,
-                delivery_receipts: bool = True) -> dict[str, Any]:
+                delivery_receipts: bool = True,
+                mqtt_inflight_max: int | None = None) -> dict[str, Any]:
     doc = json.loads(json.dumps(base))  # deep copy
     doc["storage"]["path"] = str(db_path)
     doc["diameter"]["listen_port"] = diameter_port
@@ -348,6 +359,8 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
     doc["mqtt"]["host"] = "127.0.0.1"
     doc["mqtt"]["port"] = mqtt_port
     doc["mqtt"]["client_id"] = client_id
+    if mqtt_inflight_max is not None:
+        doc["mqtt"]["inflight_max"] = mqtt_inflight_max
     return doc
 
 
@@ -393,8 +406,12 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   client_id: str = "extrabalance-bench", arabic_share: float = 0.2,
                   broker_config: tuple[str, ...] = (), profile_path: Path | None = None,
                   smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
-                  in_request_timeout_ms: int = 2000, delivery_receipts: bool = True) -> Any:
-    """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit."""
+                  in_request_timeout_ms: int = 2000, delivery_receipts: bool = True,
+                  mqtt_inflight_max: int | None = None) -> Any:
+    """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit.
+
+    `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
+    max_inflight_messages together (the broker sends no more than its own)."""
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.mosquitto import BrokerUnavailable, MosquittoBroker
 
@@ -404,9 +421,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     try:
-        inflight = os.environ.get("EB_BENCH_MQTT_INFLIGHT")  # experiment, see bench/procs.py
-        if inflight:
-            broker_config = (*broker_config, f"max_inflight_messages {int(inflight)}")
+        if mqtt_inflight_max is not None:
+            broker_config = (*broker_config, f"max_inflight_messages {mqtt_inflight_max}")
         broker = MosquittoBroker(workdir / "mosquitto", extra_config=broker_config).start()
     except BrokerUnavailable as exc:
         raise SystemExit(f"extrabalance bench: needs a private Mosquitto broker: {exc}. "
@@ -436,7 +452,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                                  in_ports=in_worker.ready["ports"],
                                  smpp_port=smsc_worker.ready["ports"]["smpp"],
                                  mqtt_port=broker.port, client_id=client_id, smpp=smpp,
-                                 delivery_receipts=delivery_receipts)
+                                 delivery_receipts=delivery_receipts,
+                                 mqtt_inflight_max=mqtt_inflight_max)
             config_path = workdir / "node.toml"
             config_path.write_text(dump_toml(config), encoding="utf-8")
             env = {SMPP_PASSWORD_ENV: password, "EB_LOG_LEVEL": log_level}
@@ -462,20 +479,33 @@ async def wait_connected(net: Network, timeout_s: float = CONNECT_TIMEOUT_S) -> 
 
 
 async def settle(net: Network, *, max_s: float) -> dict[str, Any]:
-    """Wait until every published recharge reached the ledger and no saga is unsettled."""
-    deadline = time.monotonic() + max_s
+    """Wait until every published recharge reached the ledger and no saga is unsettled.
+
+    Gives up after `max_s` without progress (a published recharge newly in the
+    ledger, or a saga settled), and after `SETTLE_HARD_MAX_S` in any case: at --max the
+    IN can publish recharges faster than the node takes them, and the broker's backlog
+    may need longer than `max_s` to drain while the node is still working through it.
+    """
+    started = time.monotonic()
+    stall_deadline = started + max_s
+    hard_deadline = started + max(max_s, SETTLE_HARD_MAX_S)
     state: dict[str, Any] = {}
+    best = (math.inf, math.inf)
     dump_path = net.workdir / "in-progress.json"
     while True:
         await net.in_worker.call("dump", path=str(dump_path))
         in_dump = json.loads(dump_path.read_text())
         published = set(in_dump["published_event_ids"])
         state = ledger_state(net.db_path, published)
-        state["elapsed_s"] = round(max_s - (deadline - time.monotonic()), 2)
+        now = time.monotonic()
+        state["elapsed_s"] = round(now - started, 2)
         if state["recharges_missing"] == 0 and state["unsettled"] == 0:
             state["settled"] = True
             return state
-        if time.monotonic() > deadline or not net.node.alive:
+        if state["recharges_missing"] < best[0] or state["unsettled"] < best[1]:
+            stall_deadline = now + max_s
+        best = (min(best[0], state["recharges_missing"]), min(best[1], state["unsettled"]))
+        if now > min(stall_deadline, hard_deadline) or not net.node.alive:
             state["settled"] = False
             return state
         await asyncio.sleep(0.5)
@@ -610,7 +640,8 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        if options.profile_node else None, smpp=options.smpp,
                        opt_in_share=options.opt_in_share,
                        in_request_timeout_ms=options.in_request_timeout_ms,
-                       delivery_receipts=options.delivery_receipts) as net:
+                       delivery_receipts=options.delivery_receipts,
+                       mqtt_inflight_max=options.mqtt_inflight_max) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")

@@ -218,21 +218,12 @@ def node_argv(config_path: Path, profile_path: Path | None = None) -> list[str]:
         return [sys.executable, "-m", "cProfile", "-o", str(profile_path),
                 "-m", "extrabalance", *run]
     switch_ms = os.environ.get("EB_BENCH_SWITCH_INTERVAL_MS")
-    mqtt_inflight = os.environ.get("EB_BENCH_MQTT_INFLIGHT")
-    if switch_ms or mqtt_inflight:
-        prelude = "import sys\n"
-        if switch_ms:
-            prelude += f"sys.setswitchinterval({float(switch_ms) / 1000!r})\n"
-        if mqtt_inflight:
-            # Experiment: the recharge listener's window of unacknowledged messages,
-            # which the TOML cannot set yet (MqttSettings.inflight_max, default 20).
-            prelude += ("import dataclasses, extrabalance.recharge.listener as listener\n"
-                        "_settings = listener.MqttSettings\n"
-                        "listener.MqttSettings = lambda **kw: dataclasses.replace(_settings(**kw),"
-                        f" inflight_max={int(mqtt_inflight)})\n"
-                        "import extrabalance.node as node\n"
-                        "node.MqttSettings = listener.MqttSettings\n")
-        prelude += "from extrabalance.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    if switch_ms:
+        prelude = (
+            "import sys\n"
+            f"sys.setswitchinterval({float(switch_ms) / 1000!r})\n"
+            "from extrabalance.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        )
         return [sys.executable, "-c", prelude, *run]
     return [sys.executable, "-m", "extrabalance", *run]
 

@@ -908,13 +908,21 @@ class InSimulator:
 
         Without an MQTT target the event is built and returned, not published.
         """
+        event = self.top_up(msisdn, amount_minor)
+        await self.publish_recharge(event)
+        return event
+
+    def top_up(self, msisdn: str, amount_minor: int) -> RechargeEvent:
+        """Credit `msisdn` on its IN node's books and build the recharge event
+        (:meth:`publish_recharge` sends it)."""
         from extrabalance.recharge.events import RechargeEvent
 
         book = self.owner(msisdn)
         spec = book.spec
         event_id = f"{spec.name.upper()}-{self._event_epoch}-{next(self._event_numbers):09d}"
         after = book.add(msisdn, amount_minor, kind=KIND_RECHARGE, ref=event_id)
-        event = RechargeEvent(
+        self.stats[spec.name]["recharges"] += 1
+        return RechargeEvent(
             event_id=event_id,
             msisdn=msisdn,
             amount_minor=amount_minor,
@@ -923,13 +931,14 @@ class InSimulator:
             in_node=spec.origin_host,
             timestamp=datetime.now(UTC),
         )
-        stats = self.stats[spec.name]
-        stats["recharges"] += 1
-        publisher = self._publishers.get(spec.name)
+
+    async def publish_recharge(self, event: RechargeEvent) -> None:
+        """Publish a recharge made by :meth:`top_up` (returns once the broker has it)."""
+        name = self.owner(event.msisdn).spec.name
+        publisher = self._publishers.get(name)
         if publisher is not None:
             await publisher.publish(event)
-            stats["recharges_published"] += 1
-        return event
+            self.stats[name]["recharges_published"] += 1
 
     def stats_summary(self) -> dict[str, dict[str, int]]:
         return {name: dict(sorted(c.items())) for name, c in self.stats.items()}
