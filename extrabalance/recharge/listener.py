@@ -126,7 +126,7 @@ class MqttSettings:
     # in receipt order, so a slow one holds the acks of those behind it). On MQTT 5 it
     # is also sent to the broker as Receive Maximum, which Mosquitto 2.0 was measured
     # not to honour for a backlog: `inbox_max` is what bounds memory.
-    inflight_max: int = 20
+    inflight_max: int = 100  # as the [mqtt] section's default
     # Messages read from the socket and not yet handed to a handler. Mosquitto 2.0 was
     # measured sending a QoS 1 backlog far past its max_inflight_messages (and past an
     # MQTT 5 Receive Maximum), so the node bounds what it holds itself: at this many it
