@@ -23,6 +23,9 @@ What this file owns
   (TS 23.038 §5, the CBS coding USSD uses): UCS2 and 8-bit strings are hex octets
   whatever the encoding (27.007 §7.15); GSM 7-bit strings are in the session's encoding.
 
+AT has no command tags: a final result code that comes after its command timed out
+is taken for the next command's. The timeouts are long enough for that to be rare.
+
 It does no IO and reads no clock: the adapter queues commands (`command`,
 `ussd_send`, `ussd_cancel`, `sms_send`), writes `data_to_send()`, feeds what it reads
 to `receive_data(data, now_s)` and calls `tick(now_s)` at `next_deadline_s()`.

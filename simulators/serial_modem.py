@@ -23,8 +23,9 @@ import contextlib
 import os
 import sys
 import termios
+from collections import deque
 from collections.abc import Callable
-from typing import TextIO, TypeVar
+from typing import Any, TextIO
 
 from extrabalance.smpp.text import TextCodingError
 from simulators.at_session import (
@@ -121,7 +122,10 @@ class ModemHandset:
         self._trace = trace
         self._loop = asyncio.get_running_loop()
         self._waiters: dict[int, asyncio.Future[Event]] = {}
-        self._ussd: asyncio.Queue[UssdResult] = asyncio.Queue(maxsize=USSD_RESULTS_MAX)
+        # +CUSD that came while nobody waited (before the OK of AT+CUSD, or from the
+        # network unasked); the one the open exchange waits for goes to _screen_waiter.
+        self._screens: deque[UssdResult] = deque(maxlen=USSD_RESULTS_MAX)
+        self._screen_waiter: asyncio.Future[UssdResult] | None = None
         self._sms: asyncio.Queue[str] = asyncio.Queue(maxsize=INBOX_MAX)
         self._lock = asyncio.Lock()  # one USSD exchange or SMS at a time
         self._timer: asyncio.TimerHandle | None = None
@@ -158,9 +162,15 @@ class ModemHandset:
                 elif isinstance(event, CommandError | CommandTimeout):
                     self._note(f"{event.command}: {_failure(event)}")
             elif isinstance(event, UssdResult):
-                _put_dropping_oldest(self._ussd, event)
+                screen_waiter = self._screen_waiter
+                if screen_waiter is not None and not screen_waiter.done():
+                    screen_waiter.set_result(event)
+                else:
+                    self._screens.append(event)
             elif isinstance(event, SmsReceived):
-                _put_dropping_oldest(self._sms, event.text)
+                if self._sms.full():
+                    self._sms.get_nowait()  # the oldest unread SMS goes, like a full phone
+                self._sms.put_nowait(event.text)
             elif isinstance(event, Unsolicited):
                 self._note(f"ignored: {event.line}")
             elif isinstance(event, Discarded):
@@ -207,8 +217,9 @@ class ModemHandset:
         self._lost = reason
         self._note(reason)
         self._detach()
-        for waiter in self._waiters.values():
-            if not waiter.done():
+        waiters: list[asyncio.Future[Any] | None] = [*self._waiters.values(), self._screen_waiter]
+        for waiter in waiters:
+            if waiter is not None and not waiter.done():
                 waiter.set_exception(ModemError(reason))
         self._waiters.clear()
 
@@ -265,21 +276,27 @@ class ModemHandset:
 
     async def _ussd_exchange(self, text: str) -> Screen:
         async with self._lock:
-            while not self._ussd.empty():  # a screen nobody waited for is stale now
-                self._ussd.get_nowait()
+            self._screens.clear()  # a screen nobody waited for is stale now
             try:
                 await self._run(lambda now_s: self.session.ussd_send(
                     text, now_s, timeout_s=self.screen_timeout_s))
+                result = self._screens.popleft() if self._screens else await self._next_screen()
             except ModemError as exc:
                 raise HandsetError(str(exc)) from None
-            try:
-                async with asyncio.timeout(self.screen_timeout_s):
-                    result = await self._ussd.get()
             except TimeoutError:
                 with contextlib.suppress(HandsetError, ModemError):
                     await self._run(self.session.ussd_cancel)
                 raise ScreenTimeout(f"no USSD answer within {self.screen_timeout_s:g} s") from None
         return screen_of(result)
+
+    async def _next_screen(self) -> UssdResult:
+        waiter: asyncio.Future[UssdResult] = self._loop.create_future()
+        self._screen_waiter = waiter
+        try:
+            async with asyncio.timeout(self.screen_timeout_s):
+                return await waiter
+        finally:
+            self._screen_waiter = None
 
     async def abort(self) -> None:
         async with self._lock:
@@ -331,15 +348,6 @@ def _failure(event: CommandError | CommandTimeout) -> str:
     if isinstance(event, CommandTimeout):
         return f"no answer within {event.timeout_s:g} s"
     return event.describe()
-
-
-_T = TypeVar("_T")
-
-
-def _put_dropping_oldest(queue: asyncio.Queue[_T], item: _T) -> None:
-    if queue.full():
-        queue.get_nowait()
-    queue.put_nowait(item)
 
 
 async def initialise(link: ModemHandset, *, timeout_s: float = INIT_TIMEOUT_S) -> list[str]:

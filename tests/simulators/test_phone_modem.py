@@ -9,6 +9,7 @@ not from the session under test. No network, no real modem.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import pty
@@ -16,16 +17,26 @@ import select
 import threading
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from extrabalance.smpp.text import gsm7_decode, gsm7_encode, pack_septets, unpack_septets
 from simulators import handset as handset_module
-from simulators.at_session import UssdEncoding
-from simulators.handset import main_phone
-from simulators.serial_modem import EXIT_NO_DEVICE, EXIT_NOT_ANSWERING, run_modem_phone
+from simulators.at_session import AtSession, UssdEncoding
+from simulators.handset import (
+    HandsetError,
+    ScreenTimeout,
+    main_phone,
+)
+from simulators.serial_modem import (
+    EXIT_NO_DEVICE,
+    EXIT_NOT_ANSWERING,
+    ModemHandset,
+    open_serial,
+    run_modem_phone,
+)
 
 MENU = "Extra Balance (owe 0.00 EGP)\n1 Borrow 1.00 EGP\n2 My loans"
 CONFIRM = "Borrow 1.00 EGP? Fee 0.15 EGP.\n1 Yes\n2 No"
@@ -134,8 +145,9 @@ def pty_pair() -> Iterator[tuple[int, str]]:
     try:
         yield master_fd, os.ttyname(slave_fd)
     finally:
-        os.close(master_fd)
-        os.close(slave_fd)
+        for fd in (master_fd, slave_fd):
+            with contextlib.suppress(OSError):  # a test may have closed the master
+                os.close(fd)
 
 
 @pytest.mark.parametrize("encoding", list(UssdEncoding), ids=lambda e: e.value)
@@ -206,3 +218,55 @@ async def test_a_modem_that_does_not_answer(pty_pair: tuple[int, str]) -> None:
     code = await run_modem_phone("201", device, init_timeout_s=0.05, err=err)
     assert code == EXIT_NOT_ANSWERING
     assert "does not answer AT commands" in err.getvalue()
+
+
+async def _answer(master_fd: int, reply: bytes) -> bytes:
+    """Read what the phone wrote to the modem, then answer `reply`."""
+    data = await asyncio.to_thread(os.read, master_fd, 1024)
+    os.write(master_fd, reply)
+    return data
+
+
+@contextlib.asynccontextmanager
+async def link_on(device: str, screen_timeout_s: float) -> AsyncIterator[ModemHandset]:
+    """The phone's modem link on the pty's slave side, without the REPL."""
+    fd = open_serial(device, 115200)
+    link = ModemHandset(fd, AtSession(), short_code="1234", screen_timeout_s=screen_timeout_s)
+    try:
+        yield link
+    finally:
+        await link.close()
+        os.close(fd)
+
+
+async def test_no_screen_in_time_cancels_the_dialog(pty_pair: tuple[int, str]) -> None:
+    master_fd, device = pty_pair
+    async with link_on(device, screen_timeout_s=0.2) as link:
+        dial = asyncio.create_task(link.dial("*123#"))
+        assert await _answer(master_fd, b"\r\nOK\r\n") == b'AT+CUSD=1,"*123#",15\r'
+        assert await _answer(master_fd, b"\r\nOK\r\n") == b"AT+CUSD=2\r"
+        with pytest.raises(ScreenTimeout):
+            await dial
+
+
+async def test_a_modem_unplugged_mid_dialog_ends_the_wait(pty_pair: tuple[int, str]) -> None:
+    master_fd, device = pty_pair
+    async with link_on(device, screen_timeout_s=5.0) as link:
+        dial = asyncio.create_task(link.dial("*123#"))
+        await _answer(master_fd, b"\r\nOK\r\n")
+        await asyncio.sleep(0.05)
+        os.close(master_fd)  # the slave side now reads EIO, as when the stick is pulled
+        with pytest.raises(HandsetError, match="the modem (stopped answering|closed the line)"):
+            async with asyncio.timeout(1.0):
+                await dial
+        with pytest.raises(HandsetError):
+            await link.send_sms("BAL")
+
+
+def test_modem_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["201", "--modem", "x", "--embedded"], ["201", "--modem", "x", "--baud", "7"],
+                 ["201", "--modem", "x", "--ussd-encoding", "utf8"]):
+        with pytest.raises(SystemExit) as exited:
+            main_phone(argv)
+        assert exited.value.code == 2
+    assert "unsupported baud rate 7" in capsys.readouterr().err
