@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_sim)
 
-    p = sub.add_parser("phone", help="an interactive handset in the terminal",
+    p = sub.add_parser("phone", help="an interactive handset in the terminal "
+                       "(on the simulators, or on a GSM modem with --modem)",
                        prefix_chars="+", add_help=False)  # every option goes to the phone
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_phone)

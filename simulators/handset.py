@@ -13,8 +13,10 @@ What this file owns
     - connects to the control channel of a running `extrabalance sim smsc` (default;
       JSON lines on a loopback TCP port, see `smsc.CONTROL_PORT_DEFAULT`), or
     - with `--embedded`, runs its own SMSC simulator on the SMPP port and waits for the
-      node to bind to it.
-  Against a real USSD gateway there is no way in for a terminal: use a real handset.
+      node to bind to it, or
+    - with `--modem DEVICE`, drives a GSM/3G modem with a SIM by AT commands
+      (`serial_modem.py`, protocol in `at_session.py`): USSD and SMS go over the live
+      network to whatever USSD gateway and SMSC serve that SIM.
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ Type a USSD code (*123#) to dial, then the menu option to answer.
   sms TEXT    send TEXT to the short code (e.g. sms LOAN 5)
   cancel      close the open USSD dialog
   help        this text
-  quit        leave
+  quit        leave (also .quit, or Ctrl-D)
 Incoming SMS are shown as they arrive."""
 
 
@@ -290,7 +292,7 @@ async def phone_repl(link: PhoneLink, msisdn: str, *, out: Any = None) -> None:
     try:
         while True:
             line = await _read_line("ussd> " if in_dialog else f"{msisdn}> ")
-            if line is None or line.strip().lower() in {"quit", "exit"}:
+            if line is None or line.strip().lower() in {"quit", "exit", ".quit"}:
                 break
             line = line.strip()
             if not line:
@@ -340,13 +342,26 @@ async def run_phone(
     system_id: str = "extrabalance",
     password: str = "secret",
     short_code: str = "1234",
+    modem: str | None = None,
+    baud: int = 115200,
+    ussd_encoding: str = "text",
+    at_trace: bool = False,
 ) -> int:
     """Run the terminal handset until `quit` or end of input.
 
     Default: attach to the control channel of a running `sim smsc` at
     (smsc_host, control_port). `embedded=True`: start an SMSC simulator on
     (smsc_host, smsc_port) and wait for the node to bind with system_id/password.
+    `modem`: drive the GSM modem at that serial device instead (SMS to short_code).
     """
+    if modem is not None:
+        from simulators.at_session import UssdEncoding
+        from simulators.serial_modem import run_modem_phone
+
+        return await run_modem_phone(
+            msisdn, modem, baud=baud, encoding=UssdEncoding(ussd_encoding),
+            short_code=short_code, trace=at_trace,
+        )
     from simulators.smsc import CONTROL_PORT_DEFAULT, SmscSimulator
 
     if not embedded:
@@ -387,16 +402,41 @@ def main_phone(argv: list[str]) -> int:
     parser.add_argument("--smpp-port", type=int, default=2775, help="SMPP port with --embedded")
     parser.add_argument("--system-id", default="extrabalance", help="bind system_id (--embedded)")
     parser.add_argument("--password", default="secret", help="bind password (--embedded)")
-    parser.add_argument("--short-code", default="1234")
+    parser.add_argument("--short-code", default="1234",
+                        help="where `sms TEXT` goes (the node's short code)")
+    modem = parser.add_argument_group(
+        "GSM modem", "a USB modem (or a phone in modem mode) with a SIM, driven by AT "
+        "commands: USSD and SMS over the live network")
+    modem.add_argument("--modem", metavar="DEVICE", default=None,
+                       help="the modem's serial device (e.g. /dev/ttyUSB2)")
+    modem.add_argument("--baud", type=int, default=115200, help="serial speed (default 115200)")
+    modem.add_argument("--ussd-encoding", choices=["text", "gsm7-hex", "ucs2-hex"],
+                       default="text",
+                       help="how USSD strings go to the modem: text (AT+CSCS=\"IRA\"), "
+                       "gsm7-hex (packed GSM 7-bit as hex, many Huawei/ZTE sticks) or "
+                       "ucs2-hex (AT+CSCS=\"UCS2\"); default text")
+    modem.add_argument("--at-trace", action="store_true",
+                       help="print every AT command and answer on stderr")
     args = parser.parse_args(argv)
     if not args.msisdn.isdigit():
         parser.error("MSISDN must be digits only")
+    if args.modem is not None:
+        from simulators.serial_modem import baud_constant
+
+        if args.embedded:
+            parser.error("--modem and --embedded exclude each other")
+        try:
+            baud_constant(args.baud)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         return asyncio.run(
             run_phone(
                 args.msisdn, smsc_host=args.host, smsc_port=args.smpp_port,
                 control_port=args.control_port, embedded=args.embedded,
                 system_id=args.system_id, password=args.password, short_code=args.short_code,
+                modem=args.modem, baud=args.baud, ussd_encoding=args.ussd_encoding,
+                at_trace=args.at_trace,
             )
         )
     except KeyboardInterrupt:
