@@ -30,9 +30,12 @@ EDR_FIELDS = (
     "recovered_minor", "debt_after_minor", "reason", "loan_id", "recovery_id", "event_id",
     "in_node", "template", "detail",
 )
+# Every kind of business event the services emit (a test reads the sources to keep
+# this list whole); docs/operations.md says what each means.
 EDR_KINDS = frozenset({
-    "loan", "refusal", "payback", "ad_sent", "ad_suppressed", "bar", "unbar", "write_off",
-    "advance", "adjustment", "loan_failed", "loan_pending", "review",
+    "loan", "refusal", "loan_pending", "advance", "advance_confirmed", "advance_reversed",
+    "payback", "payback_pending", "ad_sent", "ad_suppressed", "bar", "unbar", "write_off",
+    "adjustment", "review",
 })
 EDR_BUFFER_MAX = 1000  # lines held before a flush is forced
 
@@ -198,12 +201,6 @@ class EdrWriter:
             fh.write(text)
 
 
-# The services name a few fields and kinds differently from the EDR schema; the
-# recorder maps them so that every column is filled the same way whoever emits it.
-FIELD_ALIASES = {"debt_minor": "debt_after_minor", "why": "reason", "trigger": "detail"}
-KIND_ALIASES = {"pending": "loan_pending"}
-
-
 class EventRecorder:
     """The service layer's `EventSink`: each business event → EDR line + metrics."""
 
@@ -213,10 +210,8 @@ class EventRecorder:
         self.log = structlog.get_logger("extrabalance.events")
 
     def emit(self, kind: str, **fields: Any) -> None:
-        kind = KIND_ALIASES.get(kind, kind)
-        for alias, name in FIELD_ALIASES.items():
-            if alias in fields and name not in fields:
-                fields[name] = fields.pop(alias)
+        """One business event: its fields carry the EDR columns' names (`EDR_FIELDS`);
+        any other field goes to the debug log only."""
         m = self.metrics
         m.events.labels(kind).inc()
         if kind in ("loan", "advance"):

@@ -25,20 +25,49 @@ def test_mask_msisdn():
     assert mask_msisdn("12345") == "*****"
 
 
-def test_event_recorder_maps_service_field_names_onto_the_edr(tmp_path):
+def test_event_recorder_writes_edr_columns_and_metrics(tmp_path):
     edr = EdrWriter(tmp_path, "n1", clock=lambda: 0.0)
     rec = EventRecorder(Metrics(), edr)
-    rec.emit("payback", msisdn="201001234567", recovered_minor=550, debt_minor=0)
-    rec.emit("ad_suppressed", msisdn="201001234567", why="cap_day")
-    rec.emit("pending", msisdn="201001234567", loan_id="L1")
+    rec.emit("payback", msisdn="201001234567", recovered_minor=550, debt_after_minor=0)
+    rec.emit("ad_suppressed", msisdn="201001234567", reason="cap_day")
+    rec.emit("loan_pending", msisdn="201001234567", loan_id="L1")
     edr.flush()
     lines = (tmp_path / "edr-19700101.csv").read_text().splitlines()
     header = lines[0].split(",")
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     assert rows[0]["kind"] == "payback" and rows[0]["debt_after_minor"] == "0"
     assert rows[1]["reason"] == "cap_day"
-    assert rows[2]["kind"] == "loan_pending"
+    assert rows[2]["kind"] == "loan_pending" and rows[2]["loan_id"] == "L1"
     assert rec.metrics.paybacks.labels("full")._value.get() == 1
+
+
+def test_every_event_the_services_emit_is_an_edr_kind_with_edr_columns():
+    """The services name kinds and fields as the EDR does: read every emit() call."""
+    import ast
+    from pathlib import Path
+
+    import extrabalance
+    from extrabalance.observability import EDR_FIELDS, EDR_KINDS
+
+    # Fields for the debug log only: who did it (the audit table has it), whether the
+    # resolver settled it, the Diameter result code, what debt_after_minor already says.
+    log_only = {"who", "resolved", "result_code", "full", "requested_minor"}
+    root = Path(extrabalance.__file__).parent
+    seen = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "emit" and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)):
+                kind = node.args[0].value
+                seen.add(kind)
+                assert kind in EDR_KINDS, f"{path.name}: emit({kind!r}) is not an EDR kind"
+                for keyword in node.keywords:
+                    if keyword.arg is not None:
+                        assert keyword.arg in EDR_FIELDS or keyword.arg in log_only, (
+                            f"{path.name}: emit({kind!r}, {keyword.arg}=...) names no EDR column")
+    assert {"loan", "payback", "loan_pending", "payback_pending", "refusal"} <= seen
 
 
 def test_edr_lines_go_to_the_file_of_their_utc_day(tmp_path):

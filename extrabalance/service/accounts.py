@@ -56,7 +56,7 @@ class AccountService:
         async with self.locks.hold(msisdn):
             now = self.clock()
             await self.ledger.write(lambda c: store.set_bar(c, msisdn, False, why, who, now))
-        self.events.emit("unbar", msisdn=msisdn, who=who, why=why)
+        self.events.emit("unbar", msisdn=msisdn, who=who, reason=why)
 
     async def age_debts(self, now: datetime | None = None, *, who: str = "ageing") -> AgeingReport:
         """Write off loans older than `write_off_days`; count those past `overdue_days`."""

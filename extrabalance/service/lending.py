@@ -236,7 +236,7 @@ async def confirm_advance(
             loan_id=loan_id,
             amount_minor=loan.principal_minor,
             fee_minor=loan.fee_minor,
-            debt_minor=debt_minor,
+            debt_after_minor=debt_minor,
             result_code=result.result_code,
         )
         return ConfirmStatus.CONFIRMED if confirmed else ConfirmStatus.REFUSED
@@ -474,7 +474,7 @@ class LendingService:
                 tier_id=outcome.tier_id,
                 amount_minor=outcome.amount_minor,
                 fee_minor=outcome.fee_minor,
-                debt_minor=outcome.debt_minor,
+                debt_after_minor=outcome.debt_minor,
                 channel=channel,
             )
         elif outcome.status is BorrowStatus.REFUSED:
@@ -487,7 +487,7 @@ class LendingService:
                 loan_id=outcome.loan_id,
             )
         else:
-            self.events.emit("pending", msisdn=msisdn, loan_id=outcome.loan_id, channel=channel)
+            self.events.emit("loan_pending", msisdn=msisdn, loan_id=outcome.loan_id, channel=channel)
 
     async def _language(self, msisdn: str) -> str:
         loaded = await self.ledger.read_point(
@@ -739,7 +739,7 @@ class LendingService:
                 tier_id=loan.tier_id,
                 amount_minor=loan.principal_minor,
                 fee_minor=loan.fee_minor,
-                debt_minor=debt_minor,
+                debt_after_minor=debt_minor,
                 requested_minor=requested_minor,
             )
             await safe_notify(

@@ -228,7 +228,7 @@ class PaybackService:
                     msisdn=msisdn,
                     recovery_id=step.recovery_id,
                     recovered_minor=outcome.recovered_minor,
-                    debt_minor=outcome.debt_minor,
+                    debt_after_minor=outcome.debt_minor,
                     full=outcome.debt_minor == 0,
                 )
                 await safe_notify(self.notifier, payback_notice(msisdn, outcome, step.language))
@@ -239,7 +239,7 @@ class PaybackService:
                         conn, step.recovery_id, store.UNKNOWN, self.clock()
                     )
                 )
-                self.events.emit("pending", msisdn=msisdn, recovery_id=step.recovery_id)
+                self.events.emit("payback_pending", msisdn=msisdn, recovery_id=step.recovery_id)
                 return PaybackOutcome(PaybackStatus.PENDING, 0, 0, step.recovery_id)
             # REFUSED (4012: the balance moved) or never executed: nothing was taken.
             smaller = requested // 2
@@ -257,7 +257,7 @@ class PaybackService:
                     msisdn=msisdn,
                     recovery_id=step.recovery_id,
                     recovered_minor=0,
-                    debt_minor=outcome.debt_minor,
+                    debt_after_minor=outcome.debt_minor,
                     full=False,
                     result_code=result.result_code,
                 )

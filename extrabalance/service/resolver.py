@@ -125,14 +125,16 @@ class Resolver:
         )
         return loaded.state.language
 
-    async def _unresolved(self, table: str, key: str) -> str:
+    async def _unresolved(self, table: str, key: str, msisdn: str) -> str:
         flagged = await self.ledger.write(
             lambda c: store.note_resolve_attempt(
                 c, table, key, self.review_after_attempts, self.clock()
             )
         )
         if flagged:
-            self.events.emit("review", table=table, id=key)
+            # The EDR names the record in its own column (loan_id or recovery_id).
+            column = "loan_id" if table == "loans" else "recovery_id"
+            self.events.emit("review", msisdn=msisdn, **{column: key})
             return "flagged"
         return "unknown"
 
@@ -144,7 +146,7 @@ class Resolver:
         if status is ConfirmStatus.GONE:
             return "gone"
         if status is ConfirmStatus.UNKNOWN:
-            return await self._unresolved("loans", loan_id)
+            return await self._unresolved("loans", loan_id, msisdn)
         return "settled"
 
     async def _resolve_loan(self, loan_id: str, msisdn: str) -> str:
@@ -177,7 +179,7 @@ class Resolver:
                     await self.ledger.write(
                         lambda c: store.settle_loan(c, loan_id, store.UNKNOWN, self.clock())
                     )
-                return await self._unresolved("loans", loan_id)
+                return await self._unresolved("loans", loan_id, msisdn)
             outcome = await self.ledger.write(
                 lambda c: settle_borrow(c, loan_id, result, self.clock())
             )
@@ -189,7 +191,7 @@ class Resolver:
                     tier_id=loan.tier_id,
                     amount_minor=loan.principal_minor,
                     fee_minor=loan.fee_minor,
-                    debt_minor=outcome.debt_minor,
+                    debt_after_minor=outcome.debt_minor,
                     channel=loan.channel,
                     resolved=True,
                 )
@@ -235,7 +237,7 @@ class Resolver:
                     msisdn=msisdn,
                     recovery_id=recovery_id,
                     recovered_minor=outcome.recovered_minor,
-                    debt_minor=outcome.debt_minor,
+                    debt_after_minor=outcome.debt_minor,
                     full=outcome.debt_minor == 0,
                     resolved=True,
                 )
@@ -252,4 +254,4 @@ class Resolver:
                 await self.ledger.write(
                     lambda c: store.set_recovery_state(c, recovery_id, store.UNKNOWN, self.clock())
                 )
-            return await self._unresolved("recoveries", recovery_id)
+            return await self._unresolved("recoveries", recovery_id, msisdn)

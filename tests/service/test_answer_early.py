@@ -9,15 +9,18 @@ from extrabalance.service.outcomes import BorrowStatus
 M = "201001234567"  # routed statically to in-a
 
 
-def hold_commits(h):
-    """Every COMMIT waits until the returned event is set."""
+def hold_commits(h, *, from_commit: int):
+    """COMMITs from the `from_commit`-th on wait until the returned event is set."""
     release = asyncio.Event()
     loop = asyncio.get_running_loop()
     writer = h.ledger.writer
     plain = writer._commit_and_check
+    commits = []
 
     def held(conn):
-        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        commits.append(1)
+        if len(commits) >= from_commit:
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
         plain(conn)
 
     writer._commit_and_check = held
@@ -30,14 +33,9 @@ def loan_state(conn):
 
 async def test_the_answer_comes_before_the_settlement_is_durable(h):
     await h.add_profile(M)
-    release = hold_commits(h)
-    release.set()  # the intent commits as usual ...
-    borrowing = asyncio.ensure_future(h.lending.borrow(M, 4, "ussd", "ussd:d1:confirm",
-                                                       answer_early=True))
-    while not h.fake_in.calls:
-        await asyncio.sleep(0.001)
-    release.clear()  # ... the settlement's COMMIT is held
-    out = await asyncio.wait_for(borrowing, 5)
+    release = hold_commits(h, from_commit=2)  # the intent commits, the settlement waits
+    out = await asyncio.wait_for(
+        h.lending.borrow(M, 4, "ussd", "ussd:d1:confirm", answer_early=True), 5)
     assert out.status is BorrowStatus.GRANTED and out.debt_minor == 1100
     # Not durable yet: no EDR, no SMS, and a reader still sees the intent.
     assert h.events.kinds() == [] and h.notifier.templates() == []
@@ -87,14 +85,9 @@ async def test_a_refusal_answers_early_too(h):
 
 async def test_a_menu_asked_for_meanwhile_waits_for_the_settlement(h):
     await h.add_profile(M)
-    release = hold_commits(h)
-    release.set()
-    borrowing = asyncio.ensure_future(h.lending.borrow(M, 4, "ussd", "ussd:d1:confirm",
-                                                       answer_early=True))
-    while not h.fake_in.calls:
-        await asyncio.sleep(0.001)
-    release.clear()
-    await asyncio.wait_for(borrowing, 5)
+    release = hold_commits(h, from_commit=2)
+    await asyncio.wait_for(
+        h.lending.borrow(M, 4, "ussd", "ussd:d1:confirm", answer_early=True), 5)
     menu = asyncio.ensure_future(h.lending.overview(M))
     await asyncio.sleep(0.05)
     assert not menu.done()  # the subscriber's lock is held until the loan is durable
