@@ -83,6 +83,7 @@ def migrate(conn: sqlite3.Connection, *, target: int | None = None) -> int:
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
     )
     current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+    applied_from = current
     for version, name, sql in migrations():
         if version <= current:
             continue
@@ -100,4 +101,9 @@ def migrate(conn: sqlite3.Connection, *, target: int | None = None) -> int:
                 conn.execute("ROLLBACK")
             raise RuntimeError(f"migration {version:04d}_{name} failed: {exc}") from exc
         current = version
+    if current != applied_from:
+        # A migration that rebuilt a table leaves a WAL file as large as the table;
+        # copy it into the database and cut the file back to zero, or its size alone
+        # would keep the writer checkpointing after every commit (WAL_BYTES_MAX).
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return int(current)

@@ -1,6 +1,7 @@
 """Schema upgrades keep every row: a ledger built at an older version and filled with
 data comes out of `migrate` with the same data under the new layout."""
 
+import os
 import sqlite3
 
 import pytest
@@ -48,6 +49,7 @@ def test_upgrade_keeps_every_subscriber_and_drops_the_rowid(old_ledger):
     conn = connect(old_ledger)
     try:
         assert migrate(conn) == len(migrations())
+        assert os.path.getsize(f"{old_ledger}-wal") == 0  # the copy is checkpointed
         got = conn.execute(
             f"SELECT {SUBSCRIBER_COLUMNS} FROM subscribers ORDER BY msisdn"
         ).fetchall()
