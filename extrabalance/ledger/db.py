@@ -25,7 +25,7 @@ BUSY_TIMEOUT_MS = 10_000  # how long a reader/importer waits behind the writer's
 # still go to the WAL with write() and fsync), so durability is unchanged; the price
 # is that a disk read error arrives as SIGBUS rather than an SQLite error. SQLite
 # clamps the value to its compile-time SQLITE_MAX_MMAP_SIZE (`PRAGMA compile_options`;
-# 0x7fff0000, just under 2 GiB, in Debian's and most distributions' builds), so the
+# SQLite's default is 0x7fff0000, just under 2 GiB, and common builds keep it), so the
 # pages past that offset of a larger file are read with pread() into the page cache.
 MMAP_SIZE_BYTES = 1 << 34
 CACHE_KIB_DEFAULT = 8_192  # page cache per connection (SQLite's own default is 2 MiB)
