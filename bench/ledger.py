@@ -121,6 +121,7 @@ def intent_op(m: str, tier_id: int, key: str, session: str):
             in_node="in-a",
             session_id=session,
             now=NOW,
+            subscriber_known=loaded.known,  # as the service does: the row was just read
         )
 
     return fn
