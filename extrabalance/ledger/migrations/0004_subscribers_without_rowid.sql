@@ -10,9 +10,8 @@
 -- hence `dialect: sqlite` above: a PostgreSQL runner records this migration as
 -- applied without running it (see extrabalance/ledger/db.py).
 --
--- Numbered 0004 after migration 0003 (another change); renumber at merge if that one
--- has not landed. Upgrading copies the table once, in one transaction (about a minute
--- and a half for 30 million rows); the old table's pages go to the free list and are
+-- Upgrading copies the table once, in one transaction (about a minute and a half for
+-- 30 million rows); the old table's pages go to the free list and are
 -- reused as the ledger grows (VACUUM gives them back to the file system).
 
 CREATE TABLE subscribers_by_msisdn (
