@@ -807,8 +807,18 @@ class FuzzRun:
             await asyncio.sleep(0.2)
         stats.extra["dead_letter_drain_ms"] = int((time.monotonic() - drain_started) * 1000)
         stats.answers["dead-lettered"] = self.dead_letters
-        counters = await self.probe()
-        listener: dict[str, Any] = counters["recharge_listener"] if counters else {}
+        # The node counts a payload invalid when it reads it and dead-lettered when the
+        # broker acknowledged the dead letter: ask until the two agree (a stall is a
+        # finding, reported below).
+        listener: dict[str, Any] = {}
+        asked_until = time.monotonic() + DRAIN_STALL_S
+        while True:
+            counters = await self.probe()
+            listener = counters["recharge_listener"] if counters else {}
+            if (not listener or int(listener["dead_lettered"]) >= int(listener["invalid"])
+                    or time.monotonic() > asked_until):
+                break
+            await asyncio.sleep(0.2)
         for key in ("received", "invalid", "dead_lettered", "handled", "acked",
                     "handler_failures", "reconnects", "redelivered"):
             stats.extra[f"node_{key}"] = int(listener.get(key, 0))
