@@ -222,9 +222,11 @@ def run_cli(argv: list[str], *, seconds: float, json_output: bool) -> dict[str, 
     return result
 
 
-# A rate the load generator could not keep (operations started late) or the node did not
-# serve (fewer operations done than asked) is not a rate the node carries.
+# A rate the load generator could not keep (operations started late: a few are the
+# scheduler's jitter, more say the generator or its slots are saturated) or the node did
+# not serve (fewer operations done than asked) is not a rate the node carries.
 CAPACITY_RATE_KEPT_SHARE = 0.95
+CAPACITY_LATE_SHARE_MAX = 0.01
 
 
 async def run_capacity(options: E2eOptions, rates: list[float],
@@ -242,7 +244,8 @@ async def run_capacity(options: E2eOptions, rates: list[float],
             plot=False))
         done_per_s = run["operations"] / run["traffic_s"] if run["traffic_s"] else 0.0
         p99 = run["p99_ms"]
-        kept = run["late_starts"] == 0 and done_per_s >= CAPACITY_RATE_KEPT_SHARE * rate
+        kept = (run["late_starts"] <= CAPACITY_LATE_SHARE_MAX * run["operations"]
+                and done_per_s >= CAPACITY_RATE_KEPT_SHARE * rate)
         within = (p99 is not None and p99 <= p99_target_ms and kept
                   and run["ledger_matches_in"])
         rows.append({
