@@ -386,6 +386,20 @@ def debt_from_journal(conn: sqlite3.Connection, msisdn: str) -> int:
     return int(row[0])
 
 
+def debt_owed(conn: sqlite3.Connection, msisdn: str) -> int:
+    """The subscriber's debt from his loans still owing (the repaid columns cache the
+    journal; the invariant tests check that the two agree). Unlike the journal's sum,
+    its cost does not grow with the subscriber's history: the (msisdn, state) index
+    finds only the loans not yet repaid or written off."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(principal_minor - principal_repaid_minor + fee_minor"
+        f" - fee_repaid_minor), 0) FROM loans WHERE msisdn = ?"
+        f" AND state IN ({_marks(LOAN_JOURNALLED_STATES)})",
+        (msisdn, *LOAN_JOURNALLED_STATES),
+    ).fetchone()
+    return int(row[0])
+
+
 def account_totals(conn: sqlite3.Connection) -> dict[str, int]:
     totals = dict.fromkeys(ACCOUNTS, 0)
     for account, amount in conn.execute(

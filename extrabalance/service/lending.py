@@ -146,7 +146,7 @@ def settle_borrow(
     else:
         new_state = store.UNKNOWN
     loan = store.settle_loan(conn, loan_id, new_state, now, result_code=result.result_code)
-    outcome = outcome_of_loan(loan, store.debt_from_journal(conn, loan.msisdn))
+    outcome = outcome_of_loan(loan, store.debt_owed(conn, loan.msisdn))
     if new_state != store.UNKNOWN and loan.idempotency_key:
         store.idempotent_replace(conn, loan.idempotency_key, outcome.to_json(), now)
     return outcome
@@ -227,7 +227,7 @@ async def confirm_advance(
                     DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED, loan_id
                 )
                 store.idempotent_replace(conn, row.idempotency_key, refused.to_json(), now)
-            return store.debt_from_journal(conn, msisdn)
+            return store.debt_owed(conn, msisdn)
 
         debt_minor = await ledger.write(settle)
         events.emit(
@@ -367,7 +367,7 @@ class LendingService:
                 loan = store.loan_by_idempotency_key(conn, key)
                 if loan is not None:  # intent not settled yet, or its outcome purged
                     return replace(
-                        outcome_of_loan(loan, store.debt_from_journal(conn, msisdn)), replayed=True
+                        outcome_of_loan(loan, store.debt_owed(conn, msisdn)), replayed=True
                     )
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
                 languages.append(loaded.state.language)

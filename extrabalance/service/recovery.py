@@ -89,7 +89,7 @@ def settle_recovery_failed(
     )
     store.set_recovery_state(conn, recovery_id, store.FAILED, now)
     outcome = PaybackOutcome(
-        PaybackStatus.NOT_RECOVERED, 0, store.debt_from_journal(conn, rec.msisdn), recovery_id
+        PaybackStatus.NOT_RECOVERED, 0, store.debt_owed(conn, rec.msisdn), recovery_id
     )
     store.idempotent_replace(conn, recharge_key(rec.event_id), outcome.to_json(), now)
     return outcome
@@ -165,7 +165,7 @@ class PaybackService:
                     return PaybackOutcome.from_json(prior, replayed=True)
                 started = store.recovery_by_event(conn, event.event_id)
                 if started is not None:  # not settled yet, or its outcome purged
-                    return outcome_of_recovery(started, store.debt_from_journal(conn, msisdn))
+                    return outcome_of_recovery(started, store.debt_owed(conn, msisdn))
 
                 def done(outcome: PaybackOutcome) -> PaybackOutcome:
                     store.idempotent_put(conn, key, outcome.to_json(), now)
