@@ -3,7 +3,8 @@ synchronous=FULL, against a naive one-commit-per-operation writer in the same ru
 profile import rate; database size per million subscribers. Prints JSON.
 
     python -m bench.ledger --subscribers 1000000 [--loans 20000] [--concurrency 256]
-    python -m bench.ledger --subscribers 30000000 --dir DIR   # operator scale (~4 GB)
+    python -m bench.ledger --subscribers 30000000 --dir DIR   # operator scale (~3 GB)
+    python -m bench.ledger --subscribers 1000000 --history 50  # borrowers with a past
 
 Each loan is the saga's two ledger writes: the intent (load the subscriber, decide,
 insert CREDITING) and the settlement (ACTIVE + four journal lines), exactly the
@@ -203,6 +204,39 @@ def bench_naive(db: Path, picks: list[int], tag: str) -> dict:
     return {**rates(len(picks), elapsed, cpu_s, "loans"), "commits": 2 * len(picks)}
 
 
+def add_history(db: Path, subscribers: list[int], loans_per_subscriber: int) -> dict:
+    """Give each of `subscribers` a past: `loans_per_subscriber` loans lent and repaid in
+    full (journal lines, loan rows, the bad-debt count back at zero), as years of
+    borrowing leave behind. Written with the ledger's own functions."""
+    conn = connect(db)
+    started = time.perf_counter()
+    loans = 0
+    conn.execute("BEGIN IMMEDIATE")
+    for count, i in enumerate(subscribers, 1):
+        m = msisdn(i)
+        for k in range(loans_per_subscriber):
+            amount, fee = 1000, 100
+            loan_id = store.insert_loan(
+                conn, msisdn=m, tier_id=4, principal_minor=amount, fee_minor=fee,
+                state=store.ACTIVE, channel="ussd", idempotency_key=f"history:{m}:{k}",
+                in_node="in-a", session_id=f"history;{m};{k}", now=NOW, subscriber_known=True)
+            store.post(conn, [("recovered_cash", amount + fee), ("fee_receivable", -fee),
+                              ("principal_receivable", -amount)],
+                       msisdn=m, memo="recover", now=NOW, loan_id=loan_id)
+            conn.execute("UPDATE loans SET principal_repaid_minor = ?, fee_repaid_minor = ?,"
+                         " state = ? WHERE loan_id = ?", (amount, fee, store.REPAID, loan_id))
+            loans += 1
+        conn.execute("UPDATE subscribers SET loans_since_full_payback = 0 WHERE msisdn = ?", (m,))
+        if count % 2_000 == 0:
+            conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return {"subscribers": len(subscribers), "loans_per_subscriber": loans_per_subscriber,
+            "loans": loans, "seconds": round(time.perf_counter() - started, 1)}
+
+
 class InstantIn:
     def __init__(self) -> None:
         self._ids = itertools.count()
@@ -294,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--no-reimport", action="store_true", help="skip the re-import pass")
     parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="loans already lent and repaid by every subscriber the passes borrow for",
+    )
+    parser.add_argument(
         "--dir",
         type=Path,
         default=None,
@@ -350,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         rnd = random.Random(11)
         picks = [rnd.randrange(args.subscribers) for _ in range(args.loans)]
         naive_picks = [rnd.randrange(args.subscribers) for _ in range(args.naive_loans)]
+        if args.history > 0:
+            result["history"] = add_history(
+                db, sorted(set(picks) | set(naive_picks)), args.history)
         group = asyncio.run(bench_group_commit(db, picks, args.concurrency, "g"))
         naive = bench_naive(db, naive_picks, "n")
         loans, paybacks = asyncio.run(bench_service(db, picks[: args.loans // 2], args.concurrency))
