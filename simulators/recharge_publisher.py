@@ -26,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
 from collections.abc import Iterable
 from functools import partial
 from types import TracebackType
 from typing import Self, cast
 
 from extrabalance.recharge.events import RechargeEvent, to_payload
+from extrabalance.window import FifoWindow
 from simulators.mqtt_publish_session import (
     Acked,
     Connected,
@@ -86,7 +86,7 @@ class RechargePublisher:
         self.backoff_max_s = backoff_max_s
         self.window_max = window_max  # PUBLISHes awaiting their PUBACK at once
         self.keepalive_s = keepalive_s
-        self._window = _Window(window_max)
+        self._window = FifoWindow(window_max)
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
         self._topics: dict[str, bytes] = {}  # in_node -> encoded topic name
@@ -230,41 +230,6 @@ class RechargePublisher:
         if self._connection is connection:
             self._connection = None
         connection.abort(reason)
-
-
-class _Window:
-    """At most `size` holders at once; the others wait in arrival order.
-
-    (asyncio.Semaphore in Python 3.11 scans its waiters on every acquire: with
-    hundreds of publishes queued that was the costliest line of the publisher.)
-    """
-
-    def __init__(self, size: int) -> None:
-        self._free = size
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    async def acquire(self) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter  # release() handed its slot to this waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed a slot, then cancelled: pass it on
-            else:
-                self._waiters.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._free += 1
 
 
 class _Connection(asyncio.Protocol):

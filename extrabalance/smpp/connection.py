@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 from extrabalance.smpp.pdu import RESPONSE_CLASS, Pdu, Status, make_response, status_name
@@ -41,6 +40,7 @@ from extrabalance.smpp.session import (
     State,
     Unbound,
 )
+from extrabalance.window import FifoWindow
 
 __all__ = ["READ_CHUNK_OCTETS", "TICK_INTERVAL_S", "RequestFailedError", "SmppConnection"]
 
@@ -94,10 +94,8 @@ class SmppConnection:
         self._tick_interval_s = tick_interval_s
         self._loop = asyncio.get_running_loop()
         self._futures: dict[int, asyncio.Future[Pdu]] = {}
-        # The window: free slots, and the callers waiting for one (FIFO; a released
-        # slot is handed to the first waiter, so a newcomer cannot overtake it).
-        self._slots_free = session.window_max
-        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        # The window of unanswered requests (FIFO: a newcomer cannot overtake a waiter).
+        self.slots = FifoWindow(session.window_max)
         self._flush_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.bound = asyncio.Event()
@@ -124,10 +122,7 @@ class SmppConnection:
 
     async def request(self, pdu: Pdu) -> Pdu:
         """Send a request and wait for its response (which may carry an error status)."""
-        if self._slots_free > 0 and not self._slot_waiters:
-            self._slots_free -= 1
-        else:
-            await self._wait_slot()
+        await self.slots.acquire()
         try:
             if self.closed.is_set():
                 raise RequestFailedError("closed")
@@ -143,29 +138,7 @@ class SmppConnection:
                     await self._writer.drain()
             return await fut
         finally:
-            self._release_slot()
-
-    async def _wait_slot(self) -> None:
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._slot_waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release_slot()  # the slot was handed over as we were cancelled
-            else:
-                with contextlib.suppress(ValueError):
-                    self._slot_waiters.remove(waiter)
-            raise
-
-    def _release_slot(self) -> None:
-        waiters = self._slot_waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot goes straight to this caller
-                return
-        self._slots_free += 1
+            self.slots.release()
 
     @property
     def window_free(self) -> int:

@@ -159,13 +159,13 @@ async def test_window_bounds_and_fifo(pair: Pair) -> None:
     tasks = [asyncio.create_task(esme.submit(_submit(i))) for i in range(8)]
     for _ in range(50):
         await asyncio.sleep(0.01)
-        if len(conn._slot_waiters) == 5:
+        if conn.slots.waiting == 5:
             break
-    assert conn.session.window_used == 3 and len(conn._slot_waiters) == 5
+    assert conn.session.window_used == 3 and conn.slots.waiting == 5
     gate.set()
     results = await asyncio.gather(*tasks)
     assert [r.message_id for r in results] == [f"2010{i:08d}" for i in range(8)]
-    assert conn.window_free == 3 and conn._slots_free == 3 and not conn._slot_waiters
+    assert conn.window_free == 3 and conn.slots.free == 3 and not conn.slots.waiting
 
 
 async def test_cancelled_waiter_gives_its_slot_back(pair: Pair) -> None:
@@ -187,7 +187,7 @@ async def test_cancelled_waiter_gives_its_slot_back(pair: Pair) -> None:
     gate.set()
     assert (await first).ok and (await third).ok
     assert second.cancelled()
-    assert conn._slots_free == 1 and not conn._slot_waiters
+    assert conn.slots.free == 1 and not conn.slots.waiting
 
 
 async def test_one_write_per_loop_turn(pair: Pair) -> None:
