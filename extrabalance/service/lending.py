@@ -125,13 +125,18 @@ def outcome_of_loan(loan: store.LoanRow, debt_minor: int) -> BorrowOutcome:
     )
 
 
+def refused_advance(loan_id: str, *, replayed: bool = False) -> AdvanceOutcome:
+    """The answer to an advance the IN refused when it was confirmed: 4012, nothing granted."""
+    return AdvanceOutcome(
+        DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED, loan_id, replayed=replayed
+    )
+
+
 def advance_outcome_of_loan(loan: store.LoanRow) -> AdvanceOutcome:
     """The CCA a granted advance stands for, for a retransmitted CCR: the grant again,
     or 4012 once its confirmation was refused (as `confirm_advance` records it)."""
     if loan.state == store.FAILED:
-        return AdvanceOutcome(
-            DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED, loan.loan_id, replayed=True
-        )
+        return refused_advance(loan.loan_id, replayed=True)
     return AdvanceOutcome(DIAMETER_SUCCESS, loan.principal_minor, None, loan.loan_id, replayed=True)
 
 
@@ -223,9 +228,7 @@ async def confirm_advance(
             )
             if not confirmed and row.idempotency_key:
                 # A late retransmission of the IN's CCR must not grant it again.
-                refused = AdvanceOutcome(
-                    DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED, loan_id
-                )
+                refused = refused_advance(loan_id)
                 store.idempotent_replace(conn, row.idempotency_key, refused.to_json(), now)
             return store.debt_owed(conn, msisdn)
 
@@ -441,14 +444,14 @@ class LendingService:
             # Every send was refused before execution: nothing credited, nothing owed.
             result = InResult(InOutcome.REFUSED, result.result_code)
         now = self.clock()
+
+        def settle(conn: sqlite3.Connection) -> BorrowOutcome:
+            return settle_borrow(conn, step.loan_id, result, now)
+
         if answer is None:
-            outcome = await self.ledger.write(
-                lambda conn: settle_borrow(conn, step.loan_id, result, now)
-            )
+            outcome = await self.ledger.write(settle)
         else:
-            outcome, durable = await self.ledger.write_staged(
-                lambda conn: settle_borrow(conn, step.loan_id, result, now)
-            )
+            outcome, durable = await self.ledger.write_staged(settle)
             if not answer.done():
                 answer.set_result(outcome)
             try:
@@ -499,11 +502,7 @@ class LendingService:
 
     async def quote(self, msisdn: str) -> Offer:
         """The menu of tiers for this subscriber now (USSD *123#)."""
-        await self.locks.settled(msisdn, SETTLED_READ_WAIT_S)
-        loaded = await self.ledger.read_point(
-            lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
-        )
-        return offer(loaded.state, self.policy, self.clock())
+        return (await self.overview(msisdn))[1]
 
     async def status(self, msisdn: str) -> SubscriberStatus:
         return (await self.overview(msisdn))[0]

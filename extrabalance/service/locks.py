@@ -34,10 +34,6 @@ class SubscriberLocks:
     def __len__(self) -> int:
         return len(self._locks)
 
-    def busy(self, msisdn: str) -> bool:
-        """True while an operation for this subscriber runs or waits here."""
-        return msisdn in self._locks
-
     async def settled(self, msisdn: str, timeout_s: float) -> bool:
         """Wait (at most `timeout_s`) until nothing runs for this subscriber; True if
         so. For reads that should not show an operation about to finish as pending."""

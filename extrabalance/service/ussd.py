@@ -182,7 +182,7 @@ class UssdDialogs:
                 return dialog.last_screen
             status, offer = await self._lending.overview(inp.msisdn)
             dialog = self._open(key, inp.msisdn, self._t.language(_attr(status, "language")))
-            dialog.offer, dialog.offer_policy = offer, self._lending.policy
+            self._keep_offer(dialog, offer)
             screen = await self._open_with_code(key, dialog, text)
         elif dialog is None:
             language = self._t.language(None)
@@ -358,14 +358,16 @@ class UssdDialogs:
         """The dialog's offer, read again only when the policy changed since (a reload:
         the fee may differ, and the subscriber must see what he will pay)."""
         if dialog.offer is None or dialog.offer_policy is not self._lending.policy:
-            dialog.offer = await self._lending.quote(dialog.msisdn)
-            dialog.offer_policy = self._lending.policy
+            self._keep_offer(dialog, await self._lending.quote(dialog.msisdn))
         return dialog.offer
+
+    def _keep_offer(self, dialog: Dialog, offer: Any) -> None:
+        dialog.offer, dialog.offer_policy = offer, self._lending.policy
 
     async def _account(self, key: tuple[str, str], dialog: Dialog, saved: bool = False) -> Screen:
         lang = dialog.language
         status, offer = await self._lending.overview(dialog.msisdn)
-        dialog.offer, dialog.offer_policy = offer, self._lending.policy
+        self._keep_offer(dialog, offer)
         dialog.step = Step.ACCOUNT
         on, off = self._t.render("on", lang), self._t.render("off", lang)
         text = self._t.render(

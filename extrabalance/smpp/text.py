@@ -122,7 +122,7 @@ def gsm7_encode(text: str) -> bytes:
     return text.translate(_ENCODE_TABLE).encode("latin-1")
 
 
-_DECODE_TABLE = {i: ch for i, ch in enumerate(_GSM7_BASIC)}
+_DECODE_TABLE = dict(enumerate(_GSM7_BASIC))
 
 
 def gsm7_decode(septets: bytes) -> str:
