@@ -73,6 +73,8 @@ class E2eOptions:
     profile_node: bool = False  # run the node under cProfile (report dir: node.prof)
     smpp: dict[str, Any] = field(default_factory=dict)  # binds, window_max, submit_rate_max_per_s
     delivery_receipts: bool = True  # [smpp] delivery_receipts of the node
+    # A capacity search instead of one run: (rates ascending, p99 target ms).
+    capacity: tuple[list[float], float] | None = None
     opt_in_share: float = OPT_IN_SHARE
     in_request_timeout_ms: int = 2000  # the IN's wait for the node's out-of-balance answer
     mqtt_inflight_max: int | None = None  # [mqtt] inflight_max and the broker's to match
@@ -187,13 +189,13 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
                                 ("submit_rate_max_per_s", args.submit_rate_max))
               if v is not None},
         delivery_receipts=not args.no_delivery_receipts,
+        capacity=_capacity_search(args),
         command="extrabalance bench e2e " + " ".join(argv),
     )
 
 
-def capacity_rates(argv: list[str]) -> tuple[list[float], float] | None:
+def _capacity_search(args: argparse.Namespace) -> tuple[list[float], float] | None:
     """(rates, p99 target ms) of a capacity search, or None for a single run."""
-    args = build_parser().parse_args(argv)
     if args.capacity is None:
         return None
     try:
@@ -210,9 +212,8 @@ def capacity_rates(argv: list[str]) -> tuple[list[float], float] | None:
 def run_cli(argv: list[str], *, seconds: float, json_output: bool) -> dict[str, Any]:
     """Entry point of the `extrabalance bench e2e` dispatcher; returns the figures."""
     options = options_from_argv(argv, seconds=seconds, json_output=json_output)
-    search = capacity_rates(argv)
-    if search is not None:
-        result = asyncio.run(run_capacity(options, *search))
+    if options.capacity is not None:
+        result = asyncio.run(run_capacity(options, *options.capacity))
         if not options.json_output:
             print_capacity(result)
         return result

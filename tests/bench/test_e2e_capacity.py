@@ -56,11 +56,15 @@ async def test_books_that_do_not_balance_fail_the_search(monkeypatch, tmp_path):
     assert result["ledger_matches_in"] is False
 
 
+def capacity_of(argv):
+    return e2e.options_from_argv(argv, seconds=2.0, json_output=True).capacity
+
+
 def test_rates_are_parsed_and_sorted():
-    assert e2e.capacity_rates(["--capacity", "400,100, 200"]) == ([100.0, 200.0, 400.0], 50.0)
-    assert e2e.capacity_rates(["--capacity", "100", "--p99-target", "80"]) == ([100.0], 80.0)
-    assert e2e.capacity_rates(["--rate", "100"]) is None
+    assert capacity_of(["--capacity", "400,100, 200"]) == ([100.0, 200.0, 400.0], 50.0)
+    assert capacity_of(["--capacity", "100", "--p99-target", "80"]) == ([100.0], 80.0)
+    assert capacity_of(["--rate", "100"]) is None
     with pytest.raises(SystemExit):
-        e2e.capacity_rates(["--capacity", "fast"])
+        capacity_of(["--capacity", "fast"])
     with pytest.raises(SystemExit):
-        e2e.capacity_rates(["--capacity", "100", "--max"])
+        capacity_of(["--capacity", "100", "--max"])
