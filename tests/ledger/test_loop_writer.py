@@ -4,9 +4,11 @@ what it must not do (hold the loop for a whole batch, or while another connectio
 holds the write lock)."""
 
 import asyncio
+import os
 
 from extrabalance.ledger import Ledger
 from extrabalance.ledger.db import connect
+from extrabalance.ledger.writer import GroupCommitWriter
 
 
 def insert(key, seen=None, ticks=None):
@@ -170,3 +172,42 @@ async def test_a_staged_write_that_raises_raises_at_once(tmp_path):
         raise AssertionError("a failing staged write returned")
     assert await ledger.write(count) == 1
     await ledger.close()
+
+
+async def test_a_wal_once_past_the_checkpoint_size_is_cut_back_when_it_starts_over(tmp_path):
+    # SQLite writes over a checkpointed WAL instead of shrinking it: unless the writer
+    # makes it cut the file back, a WAL that once reached the threshold would wake the
+    # checkpointer after every later commit (two more fsyncs each), for good.
+    threshold = 256 << 10
+    path = tmp_path / "l.db"
+    writer = GroupCommitWriter(path, batch_window_ms=0, checkpoint_wal_bytes=threshold)
+    blob = "x" * 4000
+
+    def bulk(batch):
+        def fn(conn):
+            conn.executemany(
+                "INSERT INTO idempotency (key, outcome, created_at) VALUES (?, ?, 'x')",
+                [(f"bulk-{batch}-{i}", blob) for i in range(32)],
+            )
+        return fn
+
+    try:
+        for batch in range(8):  # about 1 MiB: four times the threshold
+            await writer.submit(bulk(batch))
+        assert os.path.getsize(f"{path}-wal") >= threshold
+        # Commits go on asking for checkpoints until the WAL starts over and is cut.
+        for i in range(200):
+            await writer.submit(insert(f"a-{i}"))
+            if os.path.getsize(f"{path}-wal") < threshold:
+                break
+            await asyncio.sleep(0.01)
+        assert os.path.getsize(f"{path}-wal") < threshold
+        before = writer.checkpoints
+        assert before >= 1
+        for i in range(15):
+            await writer.submit(insert(f"b-{i}"))
+        await asyncio.sleep(0.2)  # a checkpointer woken by those commits would have run
+        assert writer.checkpoints == before  # a small WAL wakes nobody
+        assert os.path.getsize(f"{path}-wal") < threshold
+    finally:
+        await writer.aclose()

@@ -60,8 +60,10 @@ SQLITE_ONLY: tuple[tuple[str, str], ...] = (
     (r"PRAGMA busy_timeout=", "SET lock_timeout (a session setting)"),
     (r"PRAGMA foreign_keys=", "none needed: constraints are always enforced"),
     (r"PRAGMA (cache_size|mmap_size)=", "shared_buffers, effective_cache_size (server)"),
-    (r"PRAGMA wal_autocheckpoint=|PRAGMA wal_checkpoint",
-     "none: the server's checkpointer (checkpoint_timeout, max_wal_size)"),
+    (r"PRAGMA wal_autocheckpoint=|PRAGMA wal_checkpoint|PRAGMA journal_size_limit=",
+     "none: the server's checkpointer (checkpoint_timeout, max_wal_size, min_wal_size)"),
+    (r"PRAGMA temp_store=",
+     "none: a savepoint's undo lives in the server's own WAL records, no side file"),
     (r"BEGIN IMMEDIATE",
      ("BEGIN; one subscriber's operations are serialised by SELECT ... FOR UPDATE on his "
       "subscribers row, not by one database-wide write lock")),
