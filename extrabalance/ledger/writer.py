@@ -36,16 +36,17 @@ its own fsync only. Checkpointing never affects what is durable: a transaction i
 durable once its WAL frames are synced.
 
 The WAL file's size is what wakes the checkpointer, so it has to measure what was
-written since the last checkpoint. SQLite does not shrink the file by itself: once
-the WAL has been checkpointed it writes over it from the start, and a file that once
-reached the threshold would stay there and wake the checkpointer after every commit
-(measured in a node: a checkpoint, two more fsyncs and a re-mapping of the database
-in every reader per loan, about two thirds of the node's CPU at 200 loans/s). The
-writer therefore sets `journal_size_limit`: at the first commit after the WAL starts
-over, SQLite cuts the file back to half the checkpoint size (below that it writes over
-the file rather than growing it, which spares an fsync of the file's length). And the checkpointer runs at most
-once per `CHECKPOINT_INTERVAL_MIN_S`, so a WAL that cannot start over for a while
-(a reader still on an old snapshot) costs one checkpoint a second, not one a commit.
+written since the WAL last started over. SQLite does not shrink the file by itself:
+once every frame has been checkpointed, the next transaction writes over the file
+from its start, and a file that once reached the threshold (a profile import, an hour
+of traffic) would keep that size and wake the checkpointer after every commit for
+good, two more fsyncs per commit beside the commit's own. The writer therefore sets
+`journal_size_limit`: at the first commit after the WAL starts over, SQLite cuts the
+file back to half the threshold (below that it writes over the file rather than
+growing it, which spares an fsync of the file's length). Checkpoints then run only
+while the WAL holds more than the threshold; each commit in that state asks for
+another, so one soon ends between two commits and lets the WAL start over (a lone
+checkpoint racing a steady stream of commits never catches up).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class GroupCommitWriter:
         self._wal_path = f"{self.path}-wal"
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit")
         self._checkpoint_wanted = threading.Event()
-        self._checkpoint_stop = threading.Event()
+        self._checkpoint_stop = False
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="ledger-checkpoint", daemon=True
         )
@@ -243,7 +244,7 @@ class GroupCommitWriter:
 
     def _shutdown(self) -> None:
         self._committer.shutdown(wait=True)
-        self._checkpoint_stop.set()
+        self._checkpoint_stop = True
         self._checkpoint_wanted.set()
         self._checkpointer.join()
         if not self._conn_closed:
@@ -386,7 +387,7 @@ class GroupCommitWriter:
             while True:
                 self._checkpoint_wanted.wait()
                 self._checkpoint_wanted.clear()
-                if self._checkpoint_stop.is_set():
+                if self._checkpoint_stop:
                     return
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
