@@ -21,11 +21,11 @@ import contextlib
 import json
 import logging
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from extrabalance.clock import SYSTEM_CLOCK
 from simulators.in_node import InNodeSpec, InSimulator, MqttTarget, MsisdnRange, NodePeer
 from simulators.smsc import SmscSimulator
 from simulators.traffic import TrafficConfig, TrafficGenerator, TrafficMix
@@ -58,7 +58,7 @@ class CountingIn(InSimulator):
             self.unconfirmed_event_ids.append(event.event_id)
             raise
         self.published_event_ids.append(event.event_id)
-        self.published_at_s[event.event_id] = time.time()
+        self.published_at_s[event.event_id] = SYSTEM_CLOCK.time()
         return event
 
 

@@ -17,10 +17,10 @@ import json
 import re
 import sqlite3
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.config import Settings, load_settings
 
 MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
@@ -178,7 +178,7 @@ def subscriber_command(config_path: str | None, action: str, msisdn: str, reason
         return EXIT_BAD_ROWS
     try:
         if action in ("bar", "unbar"):
-            now = datetime.now(UTC)
+            now = SYSTEM_CLOCK.now()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 store.set_bar(conn, msisdn, action == "bar", reason.strip(), who.strip(), now)
@@ -234,7 +234,7 @@ def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = N
         ledger = Ledger(db_path)
         try:
             retention = IdempotencyRetention(ledger, timedelta(hours=hours),
-                                             lambda: datetime.now(UTC))
+                                             lambda: SYSTEM_CLOCK.now())
             return await retention.purge()
         finally:
             await ledger.close()
@@ -261,7 +261,7 @@ def backup_command(config_path: str | None, dest: str, *, out: TextIO | None = N
     src_path = _ledger_path(settings)
     target = Path(dest)
     if target.is_dir():
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = SYSTEM_CLOCK.now().strftime("%Y%m%dT%H%M%SZ")
         target = target / f"extrabalance-{stamp}.db"
     if target.exists():
         print(f"backup: {target} exists; not overwriting", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 from extrabalance.config import ConfigError
 
@@ -20,9 +21,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from extrabalance.clock import SYSTEM_CLOCK, StartedClock
     from extrabalance.node import run_node
 
-    return run_node(args.config)
+    clock = StartedClock(args.clock_start) if args.clock_start else SYSTEM_CLOCK
+    return run_node(args.config, clock)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -113,6 +116,15 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     return backup_command(args.config, args.dest)
 
 
+def _instant(text: str) -> datetime:
+    from extrabalance.clock import parse_instant
+
+    try:
+        return parse_instant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extrabalance",
@@ -127,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the node (production entry point)")
     p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("--clock-start", type=_instant, default=None, metavar="ISO8601",
+                   help="the node's clock starts at this instant (with its UTC offset) and "
+                        "advances in real time; for tests and benches that play a chosen hour")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")

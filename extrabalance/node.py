@@ -18,7 +18,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import structlog
 from extrabalance.adapters.gy_server import GyServer
 from extrabalance.adapters.in_diameter import DiameterInPort, InNodeAddress
 from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.clock import SYSTEM_CLOCK, Clock
 from extrabalance.config import Settings, load_settings
 from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddress, RequestTimeout
 from extrabalance.diameter.peer import LocalIdentity
@@ -62,10 +63,6 @@ EDR_FLUSH_S = 1.0
 ADS_PRUNE_S = 300.0  # how often ads_sent rows older than the caps' window are dropped
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 @dataclass
 class NodePorts:
     diameter: int = 0
@@ -73,14 +70,17 @@ class NodePorts:
 
 
 class Node:
-    def __init__(self, settings: Settings, *, edr_dir: str | Path | None = None) -> None:
+    def __init__(self, settings: Settings, *, edr_dir: str | Path | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = s = settings
+        self.clock = clock
+        utc_now = clock.now
         self.policy = s.policy()
         self.templates = Templates(s.templates, s.node.default_language, s.node.currency_exponent)
         self.metrics = Metrics()
         db_path = Path(s.storage.path)
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name)
+        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name, clock=clock.time)
         self.events = EventRecorder(self.metrics, self.edr)
         self.ledger = Ledger(
             db_path,
@@ -99,7 +99,7 @@ class Node:
                 origin_realm=s.node.origin_realm,
                 vendor_id=s.diameter.vendor_id,
                 product_name=s.diameter.product_name,
-                origin_state_id=int(time.time()) & 0xFFFFFFFF,
+                origin_state_id=int(clock.time()) & 0xFFFFFFFF,
             ),
             allowed_peers={n.origin_host for n in s.in_nodes},
             request_handler=self._on_diameter_request,
@@ -408,7 +408,7 @@ class _LateNotifier:
             await self.target.notify(notice)
 
 
-def run_node(config_path: str | None) -> int:
+def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
     """`extrabalance run --config FILE`: run until SIGTERM/SIGINT, then stop gracefully."""
     settings = load_settings(config_path)
     configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs,
@@ -421,7 +421,7 @@ def run_node(config_path: str | None) -> int:
         pass
 
     async def main() -> None:
-        node = Node(settings)
+        node = Node(settings, clock=clock)
         node.config_path = config_path  # the admin API's reload re-reads this file
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -25,6 +25,8 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from extrabalance.clock import SYSTEM_CLOCK
+
 EDR_FIELDS = (
     "time", "node", "kind", "msisdn", "channel", "tier_id", "amount_minor", "fee_minor",
     "recovered_minor", "debt_after_minor", "reason", "loan_id", "recovery_id", "event_id",
@@ -155,7 +157,7 @@ class EdrWriter:
     """Buffered CSV writer, one file per UTC day: `<dir>/edr-YYYYMMDD.csv`."""
 
     def __init__(self, directory: str | Path, node: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = SYSTEM_CLOCK.time) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.node = node

@@ -32,6 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.observability import EDR_FIELDS
 
 AD_CONVERSION_WINDOW = timedelta(hours=24)
@@ -227,7 +228,7 @@ def build_figures(day: date, edr_dir: Path, *, ledger_path: Path | None = None,
             f.ads_followed_by_loan_24h += 1
 
     if ledger_path is not None and ledger_path.exists():
-        _ledger_figures(f, day, ledger_path, settings, loan_msisdns, now or datetime.now(UTC))
+        _ledger_figures(f, day, ledger_path, settings, loan_msisdns, now or SYSTEM_CLOCK.now())
     return f
 
 

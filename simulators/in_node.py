@@ -53,9 +53,9 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.diameter.peer import DuplicateCache
 
 if TYPE_CHECKING:
@@ -584,7 +584,7 @@ class InSimulator:
         self._event_numbers = itertools.count(1)
         # A restarted simulator must not re-use event ids the node has already seen:
         # the run's start time (ms, hex) is part of every id.
-        self._event_epoch = f"{int(time.time() * 1000):x}"
+        self._event_epoch = f"{int(SYSTEM_CLOCK.time() * 1000):x}"
         self.stats: dict[str, Counter[str]] = {s.name: Counter() for s in specs}
         if mqtt is not None:
             # Publishers connect lazily, on the first recharge.
@@ -929,7 +929,7 @@ class InSimulator:
             currency=self.currency,
             balance_after_minor=after,
             in_node=spec.origin_host,
-            timestamp=datetime.now(UTC),
+            timestamp=SYSTEM_CLOCK.now(),
         )
 
     async def publish_recharge(self, event: RechargeEvent) -> None:

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.smpp.connection import RequestFailedError
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, SubmitSm, Tag
 from extrabalance.smpp.server import Smsc
@@ -449,7 +450,7 @@ class SmscSimulator:
             registered_delivery=submit.registered_delivery,
             message_id=message_id,
             system_id=system_id,
-            time_s=time.time(),
+            time_s=SYSTEM_CLOCK.time(),
             parts=info.total if info is not None else 1,
         )
         if is_ussd:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-import time
 from dataclasses import MISSING, dataclass, fields
 from functools import lru_cache
 from typing import Any, Final, TypeVar
+
+from extrabalance.clock import SYSTEM_CLOCK, Clock
 
 from . import codec
 from .codec import Avp, DiameterError, Message, avp
@@ -243,8 +244,8 @@ def _ccr_tail(requested_action: int | None, requested_minor: int | None,
     return tail, b"".join(codec.encode_avp(a) for a in tail)
 
 
-def ntp_now() -> int:
-    return codec.ntp_from_unix(time.time())
+def ntp_now(clock: Clock = SYSTEM_CLOCK) -> int:
+    return codec.ntp_from_unix(clock.time())
 
 
 # Flags of the per-request AVPs, from the dictionary (all M, no V).
@@ -639,7 +640,7 @@ class SessionIdGenerator:
     def __init__(self, origin_host: str, *, optional: str | None = None,
                  start_s: int | None = None) -> None:
         self._prefix = origin_host + ";"
-        self._high = (int(time.time()) if start_s is None else start_s) & 0xFFFFFFFF
+        self._high = (int(SYSTEM_CLOCK.time()) if start_s is None else start_s) & 0xFFFFFFFF
         self._counter = itertools.count()
         self._suffix = ";" + (str(os.getpid()) if optional is None else optional) \
             if optional != "" else ""

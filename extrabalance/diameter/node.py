@@ -40,10 +40,11 @@ import contextlib
 import logging
 import random
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from extrabalance.clock import SYSTEM_CLOCK
 
 from . import codec
 from .codec import DiameterError, Message
@@ -435,7 +436,7 @@ class DiameterNode:
         # dial at once. Off: every connection stands alone, as the node and the IN
         # simulator used them before (each dials the other, one connection each way).
         self.election = election
-        self._e2e = EndToEndIds(time.time(), self._rng)
+        self._e2e = EndToEndIds(SYSTEM_CLOCK.time(), self._rng)
         self._closing = False
 
     # --- server -----------------------------------------------------------------------
@@ -492,7 +493,7 @@ class DiameterNode:
                     if self.client_ssl_context else None), CONNECT_TIMEOUT_S)
                 conn = opened
                 await conn.opened
-                link.opened_at = time.time()
+                link.opened_at = SYSTEM_CLOCK.time()
                 link.last_error = None
                 backoff_s = self.reconnect_min_s
                 await conn.closed

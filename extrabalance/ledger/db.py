@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+
+from extrabalance.clock import SYSTEM_CLOCK
 
 BUSY_TIMEOUT_MS = 10_000  # how long a reader/importer waits behind the writer's lock
 # Pages read through a memory map instead of a read() call each: a point lookup in a
@@ -101,7 +102,7 @@ def migrate(conn: sqlite3.Connection, *, target: int | None = None) -> int:
             conn.executescript(
                 "BEGIN IMMEDIATE;\n" + sql + "\n"
                 f"INSERT INTO schema_version (version, name, applied_at) "
-                f"VALUES ({version}, '{name}', '{datetime.now(UTC).isoformat()}');\nCOMMIT;"
+                f"VALUES ({version}, '{name}', '{SYSTEM_CLOCK.now().isoformat()}');\nCOMMIT;"
             )
         except sqlite3.Error as exc:
             if conn.in_transaction:

@@ -17,10 +17,10 @@ import sqlite3
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.ledger.db import connect, migrate
 
 IMPORT_BATCH_ROWS = 50_000  # rows per transaction: big enough to amortise the fsync,
@@ -133,7 +133,7 @@ def import_profiles(
     # The import may run beside the node: more cache, same durability.
     conn.execute("PRAGMA cache_size=-262144")  # 256 MiB
     count_before = conn.execute("SELECT COUNT(*) FROM subscribers").fetchone()[0]
-    now = datetime.now(UTC).isoformat(timespec="microseconds")
+    now = SYSTEM_CLOCK.now().isoformat(timespec="microseconds")
     path = Path(csv_path)
     total_bytes = path.stat().st_size
     bar = None

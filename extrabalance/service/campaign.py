@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.lending import BorrowRequest, Granted, decide
 from extrabalance.core.model import SubscriberState
 from extrabalance.core.policy import Policy
@@ -237,7 +238,6 @@ def campaign_command(
     Exit codes: 0 done, 2 bad arguments."""
     import json
     import sys
-    from datetime import UTC
 
     from extrabalance.observability import mask_msisdn
 
@@ -259,13 +259,10 @@ def campaign_command(
     def show(msisdn: str) -> str:
         return mask_msisdn(msisdn) if settings.node.mask_msisdn_in_logs else msisdn
 
-    def clock() -> datetime:
-        return datetime.now(UTC)
-
     async def main() -> int:
         ledger = Ledger(settings.storage.path)
         try:
-            service = CampaignService(ledger, None, policy, clock,
+            service = CampaignService(ledger, None, policy, SYSTEM_CLOCK.now,
                                       send_rate_max_per_s=settings.ads.campaign.send_rate_max_per_s)
             if list_only:
                 rows = await service.list()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.service.templates import Templates
 from extrabalance.smpp.text import gsm7_length, is_gsm7
 
@@ -119,7 +120,7 @@ class UssdDialogs:
         self._clock = clock
         self._dialogs: OrderedDict[tuple[str, str], Dialog] = OrderedDict()
         self._ids = itertools.count(1)
-        self._id_prefix = f"{node_name}-{int(time.time() * 1000):x}"
+        self._id_prefix = f"{node_name}-{int(SYSTEM_CLOCK.time() * 1000):x}"
         self.stats = {"opened": 0, "expired": 0, "evicted": 0, "aborted": 0, "completed": 0}
 
     def set_templates(self, templates: Templates) -> None:
