@@ -85,7 +85,7 @@ bench-e2e: $(STAMP)
 	$(PY) -m extrabalance bench e2e
 
 lint: $(STAMP)
-	$(PY) -m pip install --quiet ruff mypy
+	$(PY) -m pip install --quiet -e '.[lint]'
 	$(PY) -m ruff check extrabalance simulators tests bench
 	$(PY) -m mypy
 
