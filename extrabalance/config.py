@@ -164,6 +164,11 @@ class InNodeSection(_Model):
     realm: str
     peers: Annotated[list[PeerAddr], Field(min_length=1)]
     ranges: list[RangeRule] = []
+    # Opt-in extension, not RFC 4006 (docs/diameter.md "Advance confirmation
+    # extension"): after each automatic advance, a REFUND_ACCOUNT under the IN's own
+    # Session-Id and CC-Request-Number. Only for an IN built to treat it and the CCA's
+    # grant as one operation; to any other IN it is a second credit.
+    advance_confirmation: bool = False
 
 
 class BindSection(_Model):

@@ -133,17 +133,19 @@ class Node:
             use_message_payload=s.smpp.sms_long_mode == "message_payload",
         )
         locks = SubscriberLocks()
+        confirming_ins = frozenset(n.origin_host for n in s.in_nodes if n.advance_confirmation)
         common = {"locks": locks, "default_language": s.node.default_language}
         # The services need a notifier before the SMPP channel (which needs the lending
         # service) exists: a forwarder breaks the cycle.
         notifier = _LateNotifier()
         self.lending = LendingService(self.ledger, self.in_port, notifier, self.events,
-                                      self.policy, self.router, utc_now, **common)
+                                      self.policy, self.router, utc_now, **common,
+                                      advance_confirmation_nodes=confirming_ins)
         self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
         self.payback = PaybackService(self.ledger, self.in_port, notifier, self.events,
                                       self.policy, self.router, utc_now, **common)
         self.resolver = Resolver(self.ledger, self.in_port, notifier, self.events, self.policy,
-                                 utc_now, **common)
+                                 utc_now, **common, advance_confirmation_nodes=confirming_ins)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
         self.retention = IdempotencyRetention(

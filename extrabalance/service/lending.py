@@ -7,16 +7,18 @@ transaction, so the ceiling holds even if two nodes shared the ledger; inside on
 node requests for one subscriber are also serialised by `SubscriberLocks`.
 
 out_of_balance: answered from the ledger alone, idempotent by Session-Id +
-CC-Request-Number. A granted advance is booked CONFIRMING (journalled, unsettled) and
-answered 2001 + Granted-Service-Unit; the IN adds it to the balance only if that
-answer reaches it in time. So every advance is then confirmed with the IN
-(`confirm_advance`): a REFUND_ACCOUNT for the same amount under the advance's own
-Session-Id and CC-Request-Number. The IN treats that key as one operation: if it
-applied the grant from the CCA the confirmation is a duplicate (2001, nothing new);
-if the CCA never reached it, it credits now. Either way the subscriber gets the
-credit exactly once and the loan becomes ACTIVE; a refusal reverses the booking
-(FAILED, nothing owed). The confirmation is sent in the background right after the
-answer, and by the resolver for any left CONFIRMING (crash, IN unreachable).
+CC-Request-Number. A granted advance is answered 2001 + Granted-Service-Unit, and
+that grant IS the credit (RFC 4006 §5.1, §8.17): a standard IN applies it, so the
+node books the advance ACTIVE and sends nothing else for it. The IN's retransmission
+of the same request (same Session-Id and CC-Request-Number, T flag) is answered
+with the same grant and books nothing new.
+
+Opt-in extension, per IN node (`advance_confirmation_nodes`, off by default): for an
+IN that implements docs/diameter.md "Advance confirmation extension", the advance is
+booked CONFIRMING and confirmed with a REFUND_ACCOUNT under the IN's own Session-Id
+and CC-Request-Number (`confirm_advance`); that IN keys the CCA's grant and the
+confirmation as one operation, so it credits once whichever arrives. Sent to any
+other IN, such a confirmation is a second credit: never by default.
 """
 
 from __future__ import annotations
@@ -284,6 +286,7 @@ class LendingService:
         ads: Advertiser | None = None,  # without one, no advertisement is sent
         confirm_retry_delays_s: tuple[float, ...] = CONFIRM_RETRY_DELAYS_S,
         confirmations_max: int = CONFIRMATIONS_INFLIGHT_MAX,
+        advance_confirmation_nodes: frozenset[str] = frozenset(),
     ) -> None:
         self.ledger = ledger
         self.in_port = in_port
@@ -298,6 +301,9 @@ class LendingService:
         self.ads = ads
         self.confirm_retry_delays_s = confirm_retry_delays_s
         self.confirmations_max = confirmations_max
+        # Origin-Hosts of the IN nodes that implement the confirmation extension
+        # (config `in_nodes[].advance_confirmation`); every other IN gets none.
+        self.advance_confirmation_nodes = advance_confirmation_nodes
         self._confirmations: set[asyncio.Task[None]] = set()
         self._sagas: set[asyncio.Task[BorrowOutcome]] = set()
 
@@ -581,20 +587,22 @@ class LendingService:
         (+ maybe an ad), 4010 barred, 5030 unknown. A retransmission (same Session-Id
         and CC-Request-Number) gets the first answer and grants nothing new.
 
-        A granted advance is booked CONFIRMING and, once this returns, confirmed with
-        the IN in the background (`confirm_advance`): whether or not the CCA reaches
-        the IN, the subscriber ends up credited exactly once or owes nothing.
+        A granted advance is booked ACTIVE: the grant in the CCA is the credit. Only
+        for an IN in `advance_confirmation_nodes` is it booked CONFIRMING and, once
+        this returns, confirmed with that IN in the background (`confirm_advance`).
 
         The IN applies the grant from the CCA only when the answer reaches it before
         its own timer. An advance is booked only if the commit happens before
         `deadline_monotonic` (checked in the transaction, just before the commit): past
         it, nothing is booked and 3004 TOO_BUSY is answered; the IN may send the
         request again and it is then decided afresh. The deadline makes late answers
-        rare; the confirmation makes them harmless."""
+        rare; the IN's retransmission of the request (answered with the same grant)
+        or, for an IN with the extension, the confirmation covers the rest."""
         key = f"ccr:{session_id}:{request_number}"
         async with self.locks.hold(msisdn):
             now = self.clock()
             static_node = self.router.static_route(msisdn)
+            confirms = origin_host in self.advance_confirmation_nodes
             granted: list[store.LoanRow] = []  # the advance as written (spares a read after)
 
             def answer(conn: sqlite3.Connection) -> tuple[AdvanceOutcome, SubscriberState | None]:
@@ -633,7 +641,7 @@ class LendingService:
                         tier_id=decision.tier.tier_id,
                         principal_minor=decision.amount_minor,
                         fee_minor=decision.fee_minor,
-                        state=store.CONFIRMING,
+                        state=store.CONFIRMING if confirms else store.ACTIVE,
                         channel="auto",
                         idempotency_key=key,
                         in_node=origin_host,
@@ -668,7 +676,7 @@ class LendingService:
                 await self._after_advance(
                     msisdn, outcome, state, requested_minor, now, granted[0] if granted else None
                 )
-        if granted:
+        if granted and confirms:
             # After the lock is released: the confirmation takes it again and reads
             # the ledger first, so the CCA normally leaves before it; if the
             # confirmation overtakes the CCA, the IN applies the grant only once anyway.

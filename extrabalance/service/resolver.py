@@ -8,10 +8,12 @@ what happened without risking a second credit. Still unknown: left for the next 
 after `review_after_attempts` runs it is flagged for manual review (and keeps
 blocking new traffic for that subscriber, which is refused OPERATION_PENDING).
 
-An automatic advance left CONFIRMING (node died between the commit and the CCA or
-its confirmation; the IN unreachable) is confirmed the same way: REFUND_ACCOUNT with
-the advance's own Session-Id and CC-Request-Number and the T flag; see
-`lending.confirm_advance`.
+An automatic advance left CONFIRMING (only for an IN with the opt-in confirmation
+extension: node died between the commit and the CCA or its confirmation; the IN
+unreachable) is confirmed the same way: REFUND_ACCOUNT with the advance's own
+Session-Id and CC-Request-Number and the T flag; see `lending.confirm_advance`. One
+whose IN no longer has the extension (the setting was turned off) is settled ACTIVE
+without sending anything: to that IN the CCA's grant is the credit.
 
 Runs at start-up before traffic, then every `interval_s`.
 """
@@ -19,6 +21,7 @@ Runs at start-up before traffic, then every `interval_s`.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import dataclass
 
 import structlog
@@ -80,8 +83,10 @@ class Resolver:
         batch_max: int = RESOLVE_BATCH_MAX,
         review_after_attempts: int = REVIEW_AFTER_ATTEMPTS,
         default_language: str = "en",
+        advance_confirmation_nodes: frozenset[str] = frozenset(),
     ) -> None:
         self.ledger = ledger
+        self.advance_confirmation_nodes = advance_confirmation_nodes
         self.in_port = in_port
         self.notifier = notifier
         self.events = events
@@ -98,7 +103,10 @@ class Resolver:
         settled_loans = settled_recs = unknown = flagged = 0
         for loan in loans:
             if loan.state == store.CONFIRMING:
-                result = await self._resolve_advance(loan.loan_id, loan.msisdn)
+                if loan.in_node in self.advance_confirmation_nodes:
+                    result = await self._resolve_advance(loan.loan_id, loan.msisdn)
+                else:
+                    result = await self._settle_unconfirmed_advance(loan.loan_id, loan.msisdn)
             else:
                 result = await self._resolve_loan(loan.loan_id, loan.msisdn)
             settled_loans += result == "settled"
@@ -147,6 +155,24 @@ class Resolver:
             return "gone"
         if status is ConfirmStatus.UNKNOWN:
             return await self._unresolved("loans", loan_id, msisdn)
+        return "settled"
+
+    async def _settle_unconfirmed_advance(self, loan_id: str, msisdn: str) -> str:
+        """A CONFIRMING advance of an IN without the confirmation extension: the CCA's
+        grant is the credit there, and a REFUND_ACCOUNT would be a second one."""
+        now = self.clock()
+
+        def settle(conn: sqlite3.Connection) -> bool:
+            loan = store.get_loan(conn, loan_id)
+            if loan is None or loan.state != store.CONFIRMING:
+                return False
+            store.settle_advance(conn, loan_id, True, now)
+            return True
+
+        async with self.locks.hold(msisdn):
+            if not await self.ledger.write(settle):
+                return "gone"
+        log.info("advance_settled_without_confirmation", loan_id=loan_id)
         return "settled"
 
     async def _resolve_loan(self, loan_id: str, msisdn: str) -> str:

@@ -250,7 +250,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
             patch.setattr(module, "connect", connect)
 
         async def scenario() -> None:
-            h = Harness(tmp_path / "ledger.db")
+            h = Harness(tmp_path / "ledger.db", advance_confirmation=True)  # its SQL too
             try:
                 await _scenario(h, tmp_path)
             finally:
