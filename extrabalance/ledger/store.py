@@ -33,28 +33,30 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from extrabalance.core import sagas
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
-from extrabalance.core.payback import Recovery, split
-from extrabalance.core.policy import RecoveryPolicy
+from extrabalance.core.payback import Recovery
+from extrabalance.core.sagas import (
+    ACTIVE,
+    CONFIRMING,
+    CREDITING,  # noqa: F401
+    DONE,
+    FAILED,
+    LOAN_JOURNALLED_STATES,
+    LOAN_OPEN_STATES,
+    LOAN_UNSETTLED_STATES,
+    PARTIALLY_REPAID,
+    RECOVERING,
+    RECOVERY_UNSETTLED_STATES,
+    REPAID,
+    REQUESTED,  # noqa: F401 - re-exported: callers read the saga words from here
+    UNKNOWN,  # noqa: F401
+    WRITTEN_OFF,
+    IllegalTransition,
+    LedgerInvariantError,
+)
 
-# Loan states (see docs/ledger.md).
-REQUESTED = "REQUESTED"
-CREDITING = "CREDITING"
-ACTIVE = "ACTIVE"
-PARTIALLY_REPAID = "PARTIALLY_REPAID"
-REPAID = "REPAID"
-FAILED = "FAILED"
-UNKNOWN = "UNKNOWN"
-WRITTEN_OFF = "WRITTEN_OFF"
-# An automatic advance answered 2001 + Granted-Service-Unit whose credit the IN has
-# not yet confirmed (see docs/diameter.md "Advance confirmation"). Journalled when
-# booked (the debt is visible at once); confirmed → ACTIVE, refused → FAILED with a
-# reversing journal entry.
-CONFIRMING = "CONFIRMING"
-LOAN_OPEN_STATES = (ACTIVE, PARTIALLY_REPAID)
-LOAN_UNSETTLED_STATES = (REQUESTED, CREDITING, UNKNOWN, CONFIRMING)
-# Loans whose amounts are in the journal (receivables) and in the repaid-columns cache.
-LOAN_JOURNALLED_STATES = (*LOAN_OPEN_STATES, CONFIRMING)
+# Loan and recovery states and their transitions: one table in core (docs/ledger.md).
 _LOAN_LIVE_STATES = LOAN_OPEN_STATES + LOAN_UNSETTLED_STATES
 
 
@@ -62,10 +64,6 @@ def _marks(values: tuple[str, ...]) -> str:
     """`?, ?, ...` for an IN list of fixed states (never built from input)."""
     return ", ".join("?" * len(values))
 
-# Recovery states.
-RECOVERING = "RECOVERING"
-DONE = "DONE"
-RECOVERY_UNSETTLED_STATES = (RECOVERING, UNKNOWN)
 
 ACCOUNTS = (
     "principal_receivable",
@@ -75,10 +73,6 @@ ACCOUNTS = (
     "recovered_cash",
     "written_off",
 )
-
-
-class LedgerInvariantError(AssertionError):
-    """Money would be created or lost: the operation is rolled back."""
 
 
 _last_ts: tuple[datetime, str] | None = None
@@ -481,6 +475,7 @@ def insert_loan(
     """Insert a loan; an ACTIVE or CONFIRMING one is journalled at once.
     `subscriber_known`: the caller has just read the subscribers row, so it need not
     be ensured again."""
+    sagas.check_loan_move(None, state, record=f"new loan {loan_id or ''}")
     loan_id = loan_id or new_id()
     if not subscriber_known:
         ensure_subscriber(conn, msisdn, now)
@@ -558,8 +553,7 @@ def settle_loan(
         return loan
     if loan.state == CONFIRMING or new_state == CONFIRMING:
         raise LedgerInvariantError(f"loan {loan_id}: advances settle through settle_advance")
-    if loan.state not in LOAN_UNSETTLED_STATES:
-        raise LedgerInvariantError(f"loan {loan_id} is {loan.state}, cannot become {new_state}")
+    sagas.check_loan_move(loan.state, new_state, record=f"loan {loan_id}")
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
         " WHERE loan_id = ?",
@@ -592,8 +586,11 @@ def settle_advance(
     new_state = ACTIVE if confirmed else FAILED
     if loan.state == new_state:
         return loan
-    if loan.state != CONFIRMING:
-        raise LedgerInvariantError(f"loan {loan_id} is {loan.state}, not {CONFIRMING}")
+    sagas.loan_step(
+        loan.state,
+        sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED,
+        record=f"loan {loan_id}",
+    )
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
         " WHERE loan_id = ?",
@@ -670,6 +667,7 @@ def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -
     if has_unsettled(conn, loan.msisdn):
         # A recovery in flight may still take this debt; write off on a later run.
         return 0
+    sagas.loan_step(loan.state, sagas.WRITE_OFF, record=f"loan {loan_id}")
     fee_left = loan.fee_minor - loan.fee_repaid_minor
     principal_left = loan.principal_minor - loan.principal_repaid_minor
     post(
@@ -796,12 +794,14 @@ def start_recovery_attempt(
     conn: sqlite3.Connection, recovery_id: str, session_id: str, requested_minor: int, now: datetime
 ) -> int:
     """Record the next DIRECT_DEBITING before it is sent; returns its attempt number."""
-    conn.execute(
+    cur = conn.execute(
         "UPDATE recoveries SET attempts = attempts + 1, diameter_session_id = ?,"
         " requested_minor = ?, request_number = 0, state = ?, updated_at = ?"
-        " WHERE recovery_id = ?",
-        (session_id, requested_minor, RECOVERING, ts(now), recovery_id),
+        f" WHERE recovery_id = ? AND state IN ({_marks(_NEXT_ATTEMPT_FROM)})",
+        (session_id, requested_minor, RECOVERING, ts(now), recovery_id, *_NEXT_ATTEMPT_FROM),
     )
+    if cur.rowcount != 1:
+        _refuse_recovery_move(conn, recovery_id, sagas.NEXT_ATTEMPT)
     attempt_no = conn.execute(
         "SELECT attempts FROM recoveries WHERE recovery_id = ?", (recovery_id,)
     ).fetchone()[0]
@@ -811,6 +811,24 @@ def start_recovery_attempt(
         (recovery_id, attempt_no, session_id, requested_minor, ts(now)),
     )
     return int(attempt_no)
+
+
+# States a new attempt may start from (the saga table's NEXT_ATTEMPT rows).
+_NEXT_ATTEMPT_FROM = tuple(
+    before
+    for (before, event) in sagas.RECOVERY_TRANSITIONS
+    if event == sagas.NEXT_ATTEMPT and before is not None
+)
+
+
+def _refuse_recovery_move(conn: sqlite3.Connection, recovery_id: str, event: str) -> None:
+    """A guarded UPDATE matched no row: say why (unknown id, or a move the saga table
+    does not allow from the state the recovery is in)."""
+    rec = get_recovery(conn, recovery_id)
+    if rec is None:
+        raise KeyError(recovery_id)
+    sagas.recovery_step(rec.state, event, record=f"recovery {recovery_id}")
+    raise AssertionError("unreachable: the guarded update should have matched")
 
 
 def note_recovery_attempt(
@@ -839,42 +857,48 @@ def note_recovery_attempt(
 def set_recovery_state(
     conn: sqlite3.Connection, recovery_id: str, state: str, now: datetime
 ) -> None:
-    conn.execute(
-        "UPDATE recoveries SET state = ?, updated_at = ? WHERE recovery_id = ?",
-        (state, ts(now), recovery_id),
+    """Move an unsettled recovery to UNKNOWN (answer lost) or FAILED (nothing taken).
+    Setting the state it already has changes nothing; a move the saga table does not
+    allow raises `IllegalTransition`. DONE is reached through `apply_recovery` only."""
+    if state == DONE:
+        raise IllegalTransition(f"recovery {recovery_id}: DONE is set by apply_recovery")
+    allowed = sagas.predecessors(state, sagas.RECOVERY_TRANSITIONS)
+    if not allowed:
+        raise IllegalTransition(f"recovery {recovery_id}: no move leads to {state}")
+    cur = conn.execute(
+        "UPDATE recoveries SET state = ?, updated_at = ? WHERE recovery_id = ?"
+        f" AND state IN ({_marks(allowed)})",
+        (state, ts(now), recovery_id, *allowed),
     )
-
-
-def settle_recovery(
-    conn: sqlite3.Connection,
-    recovery_id: str,
-    debited_minor: int,
-    policy: RecoveryPolicy,
-    now: datetime,
-    *,
-    rec: RecoveryRow | None = None,
-) -> tuple[Recovery, int]:
-    """Apply what the IN debited: journal, loans, bad-debt reset. Returns (split, debt left).
-
-    Idempotent: a recovery already DONE returns its recorded split again without
-    moving money. `rec`: the row, when the caller read it in this same savepoint.
-    """
-    if rec is None or rec.recovery_id != recovery_id:
-        rec = get_recovery(conn, recovery_id)
+    if cur.rowcount == 1:
+        return
+    rec = get_recovery(conn, recovery_id)
     if rec is None:
         raise KeyError(recovery_id)
-    loans = open_loans(conn, rec.msisdn)
-    if rec.state == DONE:
-        return Recovery(rec.recovered_minor, (), not loans), sum(x.owed_minor for x in loans)
-    owed = sum(x.owed_minor for x in loans)
-    if debited_minor > owed or debited_minor < 0:
-        raise LedgerInvariantError(
-            f"recovery {recovery_id}: IN debited {debited_minor}, owed {owed}"
-        )
-    allocation = split(loans, debited_minor, policy, owed)
-    by_id = {x.loan_id: x for x in loans}
+    if rec.state != state:
+        sagas.check_recovery_move(rec.state, state, record=f"recovery {recovery_id}")
+
+
+def apply_recovery(
+    conn: sqlite3.Connection,
+    rec: RecoveryRow,
+    allocation: Recovery,
+    now: datetime,
+) -> None:
+    """Book what the IN debited, split over the loans by the caller (`core.payback.
+    split`): one journal entry per loan, the loans' repaid columns and states, the
+    recovery DONE, and the bad-debt count reset when nothing is owed any more.
+
+    `rec`: the recovery as read in this same transaction. Each part must name an open
+    loan of the subscriber and take at most what it owes (else `LedgerInvariantError`,
+    and nothing is written).
+    """
+    sagas.recovery_step(rec.state, sagas.IN_DEBITED, record=f"recovery {rec.recovery_id}")
+    if sum(p.total_minor for p in allocation.parts) != allocation.total_minor:
+        raise LedgerInvariantError(f"recovery {rec.recovery_id}: parts do not add up")
     for part in allocation.parts:
-        loan = by_id[part.loan_id]
+        if part.fee_minor < 0 or part.principal_minor < 0:
+            raise LedgerInvariantError(f"recovery {rec.recovery_id}: negative part {part}")
         post(
             conn,
             [
@@ -886,25 +910,41 @@ def settle_recovery(
             memo="recover",
             now=now,
             loan_id=part.loan_id,
-            recovery_id=recovery_id,
+            recovery_id=rec.recovery_id,
         )
-        cleared = part.total_minor == loan.owed_minor
-        conn.execute(
+        # One statement moves the cache and the state, guarded so that only an open
+        # loan of this subscriber with that much owing matches.
+        cur = conn.execute(
             "UPDATE loans SET fee_repaid_minor = fee_repaid_minor + ?,"
-            " principal_repaid_minor = principal_repaid_minor + ?, state = ?, updated_at = ?"
-            " WHERE loan_id = ?",
+            " principal_repaid_minor = principal_repaid_minor + ?,"
+            " state = CASE WHEN principal_repaid_minor + ? = principal_minor"
+            " AND fee_repaid_minor + ? = fee_minor THEN ? ELSE ? END, updated_at = ?"
+            " WHERE loan_id = ? AND msisdn = ? AND state IN (?, ?)"
+            " AND fee_minor - fee_repaid_minor >= ?"
+            " AND principal_minor - principal_repaid_minor >= ?",
             (
                 part.fee_minor,
                 part.principal_minor,
-                REPAID if cleared else PARTIALLY_REPAID,
+                part.principal_minor,
+                part.fee_minor,
+                REPAID,
+                PARTIALLY_REPAID,
                 ts(now),
                 part.loan_id,
+                rec.msisdn,
+                *LOAN_OPEN_STATES,
+                part.fee_minor,
+                part.principal_minor,
             ),
         )
+        if cur.rowcount != 1:
+            raise LedgerInvariantError(
+                f"recovery {rec.recovery_id}: {part} is not owed on an open loan"
+            )
     conn.execute(
         "UPDATE recoveries SET recovered_minor = ?, state = ?, updated_at = ?"
         " WHERE recovery_id = ?",
-        (debited_minor, DONE, ts(now), recovery_id),
+        (allocation.total_minor, DONE, ts(now), rec.recovery_id),
     )
     if allocation.clears_all:
         # A full payback lifts the bad-debt bar.
@@ -912,7 +952,6 @@ def settle_recovery(
             "UPDATE subscribers SET loans_since_full_payback = 0, updated_at = ? WHERE msisdn = ?",
             (ts(now), rec.msisdn),
         )
-    return allocation, owed - debited_minor
 
 
 def unsettled_recoveries(conn: sqlite3.Connection, limit: int) -> list[RecoveryRow]:

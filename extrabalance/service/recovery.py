@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 
-from extrabalance.core.payback import allocate_payback
+from extrabalance.core.payback import allocate_payback, split
 from extrabalance.core.policy import Policy
 from extrabalance.ledger import Ledger, store
 from extrabalance.service.lending import Clock, call_in_with_resends, safe_notify
@@ -73,10 +73,31 @@ def settle_recovery_done(
     store.note_recovery_attempt(
         conn, recovery_id, InOutcome.DONE.value, result.result_code, rec.attempts
     )
-    _, debt_left = store.settle_recovery(conn, recovery_id, debited, policy.recovery, now, rec=rec)
+    debt_left = settle_debit(conn, rec, debited, policy, now)
     outcome = PaybackOutcome(PaybackStatus.RECOVERED, debited, debt_left, recovery_id)
     store.idempotent_replace(conn, recharge_key(rec.event_id), outcome.to_json(), now)
     return outcome
+
+
+def settle_debit(
+    conn: sqlite3.Connection,
+    rec: store.RecoveryRow,
+    debited_minor: int,
+    policy: Policy,
+    now: datetime,
+) -> int:
+    """Split what the IN debited over the open loans (core) and book it; returns the
+    debt left. A recovery already DONE books nothing again."""
+    loans = store.open_loans(conn, rec.msisdn)
+    owed = sum(loan.owed_minor for loan in loans)
+    if rec.state == store.DONE:
+        return owed
+    if debited_minor > owed or debited_minor < 0:
+        raise store.LedgerInvariantError(
+            f"recovery {rec.recovery_id}: IN debited {debited_minor}, owed {owed}"
+        )
+    store.apply_recovery(conn, rec, split(loans, debited_minor, policy.recovery, owed), now)
+    return owed - debited_minor
 
 
 def settle_recovery_failed(
