@@ -410,7 +410,10 @@ class _LateNotifier:
 
 def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
     """`extrabalance run --config FILE`: run until SIGTERM/SIGINT, then stop gracefully."""
+    from extrabalance.preflight import check_runtime
+
     settings = load_settings(config_path)
+    check_runtime(settings, config_path or "embedded default config")
     configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs,
                       level=os.environ.get("EB_LOG_LEVEL", "INFO"))
     try:
