@@ -235,7 +235,7 @@ class Node:
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""
-        await self.payback.handle_recharge(
+        outcome = await self.payback.handle_recharge(
             RechargeEvent(
                 event_id=event.event_id,
                 msisdn=event.msisdn,
@@ -244,6 +244,9 @@ class Node:
                 balance_after_minor=event.balance_after_minor,
             )
         )
+        # eb_recharges_total{outcome}: a redelivered recharge counts as `replayed`.
+        self.metrics.recharges.labels(
+            "replayed" if outcome.replayed else outcome.status.value.lower()).inc()
 
     async def _on_low_balance(self, event: LowBalanceEvent) -> None:
         """Returns once the ad decision is committed: the listener acknowledges after."""

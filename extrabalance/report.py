@@ -86,7 +86,8 @@ class ReportFigures:
     adjusted_minor: int = 0
     # From the ledger (None when the report ran without it):
     cohort_due_minor: int | None = None
-    cohort_repaid_minor: int | None = None
+    cohort_repaid_minor: int | None = None  # recovered from the subscribers' airtime
+    cohort_waived_minor: int | None = None  # forgiven by an operator (adjustments)
     cohort_recovery_rate: float | None = None
     cohort_repaid_loans: int | None = None
     payback_seconds: list[float] | None = None
@@ -232,6 +233,16 @@ def build_figures(day: date, edr_dir: Path, *, ledger_path: Path | None = None,
     return f
 
 
+def _waived_minor(conn: sqlite3.Connection, loan_ids: set[str]) -> int:
+    """What adjustments (`waive`, `waive_fee`) took off these loans."""
+    waived = 0
+    for (detail,) in conn.execute("SELECT detail FROM audit WHERE action = 'adjust'"):
+        for loan in json.loads(detail or "{}").get("loans", []):
+            if loan.get("loan_id") in loan_ids:
+                waived += int(loan.get("fee_minor", 0)) + int(loan.get("principal_minor", 0))
+    return waived
+
+
 def _ledger_figures(f: ReportFigures, day: date, ledger_path: Path, settings: Any,
                     loan_msisdns: list[tuple[str, int, int]], now: datetime) -> None:
     conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
@@ -240,12 +251,16 @@ def _ledger_figures(f: ReportFigures, day: date, ledger_path: Path, settings: An
         end = start + timedelta(days=1)
         rows = conn.execute(
             "SELECT principal_minor, fee_minor, principal_repaid_minor, fee_repaid_minor,"
-            " state, created_at, updated_at FROM loans WHERE created_at >= ? AND created_at < ?"
+            " state, created_at, updated_at, loan_id FROM loans"
+            " WHERE created_at >= ? AND created_at < ?"
             " AND state IN ('ACTIVE', 'PARTIALLY_REPAID', 'REPAID', 'WRITTEN_OFF')",
             (start.isoformat(), end.isoformat()),
         ).fetchall()
         f.cohort_due_minor = sum(r[0] + r[1] for r in rows)
-        f.cohort_repaid_minor = sum(r[2] + r[3] for r in rows if r[4] != "WRITTEN_OFF")
+        # A waiver (admin adjustment) is booked like a repayment on the loan: what was
+        # recovered is what the loan shows repaid less what was waived on it.
+        f.cohort_waived_minor = _waived_minor(conn, {r[7] for r in rows})
+        f.cohort_repaid_minor = sum(r[2] + r[3] for r in rows) - f.cohort_waived_minor
         f.cohort_recovery_rate = (round(f.cohort_repaid_minor / f.cohort_due_minor, 4)
                                   if f.cohort_due_minor else None)
         seconds = [(_time(r[6]) - _time(r[5])).total_seconds() for r in rows if r[4] == "REPAID"]
@@ -377,7 +392,8 @@ def render_markdown(f: ReportFigures) -> str:
               f"{pct(f.recovered_to_lent_ratio)}.", ""]
     if f.cohort_due_minor is not None:
         out += [(f"Loans of the day: {m(f.cohort_due_minor)} due (principal and fees), "
-                f"{m(f.cohort_repaid_minor or 0)} repaid so far: cohort recovery rate "
+                f"{m(f.cohort_repaid_minor or 0)} recovered and "
+                f"{m(f.cohort_waived_minor or 0)} waived so far: cohort recovery rate "
                 f"{pct(f.cohort_recovery_rate)}. {f.cohort_repaid_loans} fully repaid; "
                 f"time to full payback median {_duration(f.payback_median_s)}, "
                 f"90th percentile {_duration(f.payback_p90_s)}."), ""]

@@ -194,7 +194,9 @@ async def test_stats_figures_match_the_ledger(played):
     assert stats["lent_minor"] == 1400 and stats["fees_minor"] == 150
     assert stats["recovered_minor"] == 550
     assert stats["recovery_rate"] == round(550 / 1550, 4)
-    assert stats["refusals_by_reason"] == {"BARRED_BAD_DEBT": 1, "NOT_OPTED_IN": 1}
+    # USSD menu refusals (the ceiling, then the bar) count like the others.
+    assert stats["refusals_by_reason"] == {"BARRED_BAD_DEBT": 2, "CEILING_REACHED": 1,
+                                           "NOT_OPTED_IN": 1}
     assert set(stats["rates_per_s"]) == {"loans", "paybacks", "ads"}
     assert stats["peers_open"] >= 2 and stats["binds_bound"] == 1
 

@@ -138,8 +138,7 @@ def test_run_with_a_storage_path_that_cannot_be_created(tmp_path: Path,
     assert "storage.path" in err and str(blocker) in err and "Traceback" not in err
 
 
-def test_purge_idempotency_prints_its_summary_once(tmp_path: Path,
-                                                   capfd: pytest.CaptureFixture[str]) -> None:
+def test_purge_idempotency_prints_its_summary_once(tmp_path: Path) -> None:
     import sqlite3
 
     from extrabalance.ledger.db import migrate
@@ -148,9 +147,13 @@ def test_purge_idempotency_prints_its_summary_once(tmp_path: Path,
     conn = sqlite3.connect(tmp_path / "ledger.db")
     migrate(conn)
     conn.close()
-    assert cli.main(["purge-idempotency", "--config", str(config)]) == 0
-    captured = capfd.readouterr()
-    text = captured.out + captured.err
+    # A process of its own: the command sets up logging for the whole process.
+    proc = subprocess.run(
+        [sys.executable, "-m", "extrabalance", "purge-idempotency", "--config", str(config)],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
     assert text.count("purged") == 1, text
 
 

@@ -75,8 +75,10 @@ async def test_every_loan_and_payback_edr_matches_the_ledger(demo_run):
     for r in rows:
         assert r["time"].endswith("Z") and datetime.fromisoformat(r["time"])
         assert r["node"] == "eb-node-1"
-    assert [(r["kind"], r["msisdn"], r["reason"]) for r in rows if r["kind"] == "refusal"] == [
-        ("refusal", A, "NOT_OPTED_IN"), ("refusal", B, "BARRED_BAD_DEBT")]
+    # Refusals at the USSD menu are recorded like those of a borrow (SMS, auto).
+    assert [(r["msisdn"], r["channel"], r["reason"]) for r in rows if r["kind"] == "refusal"] == [
+        (A, "auto", "NOT_OPTED_IN"), (B, "ussd", "CEILING_REACHED"),
+        (B, "ussd", "BARRED_BAD_DEBT"), (B, "auto", "BARRED_BAD_DEBT")]
 
 
 def the_day(edr_dir) -> date:
@@ -109,7 +111,8 @@ async def test_report_figures_match_the_ledger(demo_run, tmp_path):
     assert f.cohort_due_minor == 1550 and f.cohort_repaid_minor == 550
     assert f.cohort_recovery_rate == round(550 / 1550, 4)
     assert f.cohort_repaid_loans == 1 and f.payback_median_s is not None
-    assert f.refusals_by_reason == {"BARRED_BAD_DEBT": 1, "NOT_OPTED_IN": 1}
+    assert f.refusals_by_reason == {"BARRED_BAD_DEBT": 2, "CEILING_REACHED": 1,
+                                    "NOT_OPTED_IN": 1}
     assert f.ads_sent == 1 and f.ads_followed_by_loan_24h == 1  # A borrowed after his ad
     assert f.ageing[0] == {"days": "0-7", "loans": 3, "owed_minor": 1000}
     assert sum(b["owed_minor"] for b in f.ageing) == 1000
