@@ -300,8 +300,12 @@ def _plots(f: ReportFigures, out_dir: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     made = []
+
+    def counts(axis: Any) -> None:
+        axis.set_major_locator(MaxNLocator(integer=True))  # no "0.5 refusals"
 
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
@@ -316,6 +320,7 @@ def _plots(f: ReportFigures, out_dir: Path) -> list[str]:
         ax.bar(range(24), values, bottom=bottom, label=channel)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set(title=f"Loans per hour (UTC), {f.day}", xlabel="hour", ylabel="loans")
+    counts(ax.yaxis)
     if f.loans_by_hour:
         ax.legend()
     save(fig, "loans_by_hour.png")
@@ -324,6 +329,7 @@ def _plots(f: ReportFigures, out_dir: Path) -> list[str]:
     reasons = list(f.refusals_by_reason)
     ax.barh(reasons or ["(none)"], [f.refusals_by_reason[r] for r in reasons] or [0])
     ax.set(title="Refusals by reason", xlabel="refusals")
+    counts(ax.xaxis)
     save(fig, "refusals.png")
 
     if f.ageing is not None:
@@ -336,8 +342,14 @@ def _plots(f: ReportFigures, out_dir: Path) -> list[str]:
 
     if f.payback_seconds:
         fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.hist([s / 3600 for s in f.payback_seconds], bins=min(24, len(f.payback_seconds)))
-        ax.set(title="Time to full payback, loans of the day", xlabel="hours", ylabel="loans")
+        longest_s = max(f.payback_seconds)
+        unit, unit_s = (("seconds", 1) if longest_s < 120 else ("minutes", 60)
+                        if longest_s < 7200 else ("hours", 3600))
+        # Edged bars: neighbouring bins stay apart instead of merging into one block.
+        ax.hist([s / unit_s for s in f.payback_seconds],
+                bins=min(24, max(1, len(f.payback_seconds))), edgecolor="black", linewidth=0.8)
+        ax.set(title="Time to full payback, loans of the day", xlabel=unit, ylabel="loans")
+        counts(ax.yaxis)
         save(fig, "time_to_payback.png")
     return made
 

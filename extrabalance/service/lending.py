@@ -745,6 +745,7 @@ class LendingService:
                 fee_minor=loan.fee_minor,
                 debt_after_minor=debt_minor,
                 requested_minor=requested_minor,
+                channel="auto",
             )
             await safe_notify(
                 self.notifier,
