@@ -36,6 +36,7 @@ from typing import Any
 
 from bench.e2e import Network, network, parse_mix, settle, wait_connected
 from bench.reconcile import reconcile
+from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
 
 CHAOS_CLIENT_ID = "extrabalance-chaos"  # the node's MQTT client id, the same on every restart
@@ -192,7 +193,7 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extrabalance chaos",
+    p = Parser(prog="extrabalance chaos",
                                 description="Kill the node, cut its links, restart the broker "
                                             "under load; then check every minor unit.")
     p.add_argument("--kills", type=int, default=20, help="node SIGKILLs (default 20)")

@@ -39,6 +39,7 @@ from typing import Any
 
 from bench.procs import ProcessSet, cpu_seconds, dump_toml, free_port
 from bench.reconcile import reconcile
+from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
 
 DEFAULT_MIX = "ussd=5,sms=1,oob=1,recharge=3"
@@ -120,7 +121,7 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extrabalance bench e2e",
+    p = Parser(prog="extrabalance bench e2e",
                                 description="End-to-end benchmark over real sockets.")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=float, default=None,

@@ -40,7 +40,8 @@ def _ledger_path(settings: Settings) -> Path:
 
 def import_profiles_command(config_path: str | None, csv_path: str, progress: bool = True,
                             *, out: TextIO | None = None) -> int:
-    """Import a profile CSV into the configured ledger; 0 if every row was good, else 1."""
+    """Import a profile CSV into the configured ledger: 0 if every row was good, 1 if
+    some rows were refused, 2 if the file as a whole was (unreadable, bad header)."""
     from extrabalance.ledger.profiles import ProfileFileError, import_profiles
 
     out = out or sys.stdout
@@ -49,9 +50,12 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
     db_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         report = import_profiles(db_path, csv_path, progress=progress)
-    except (ProfileFileError, OSError) as exc:
-        print(f"import-profiles: {exc}", file=out)
-        return EXIT_BAD_ROWS
+    except ProfileFileError as exc:
+        print(f"import-profiles: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"import-profiles: {csv_path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"{csv_path}: rows ok {report.rows_ok:,} (of which updated {report.rows_updated:,}), "
           f"bad rows {report.bad_rows_total:,}", file=out)
     for line_no, reason in report.bad_rows[:BAD_ROWS_PRINTED_MAX]:
@@ -219,6 +223,7 @@ def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = N
     from datetime import timedelta
 
     from extrabalance.ledger import Ledger
+    from extrabalance.observability import configure_logging
     from extrabalance.service.retention import IdempotencyRetention
 
     out = out or sys.stdout
@@ -229,6 +234,9 @@ def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = N
               file=sys.stderr)
         return EXIT_BAD_ROWS
     hours = settings.storage.idempotency_retention_hours
+    # The service logs its own `idempotency_purged` line (for the running node); here
+    # the summary below says it once, and warnings still reach stderr.
+    configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs, level="WARNING")
 
     async def purge() -> Any:
         ledger = Ledger(db_path)
@@ -265,6 +273,10 @@ def backup_command(config_path: str | None, dest: str, *, out: TextIO | None = N
         target = target / f"extrabalance-{stamp}.db"
     if target.exists():
         print(f"backup: {target} exists; not overwriting", file=sys.stderr)
+        return EXIT_USAGE
+    if not target.parent.is_dir():
+        print(f"backup: directory {str(target.parent)!r} does not exist; create it first "
+              "or name an existing one", file=sys.stderr)
         return EXIT_USAGE
     partial = target.with_name(target.name + ".partial")
     try:

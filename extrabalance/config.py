@@ -87,6 +87,8 @@ class NodeSection(_Model):
 
 
 class StorageSection(_Model):
+    # "postgres" is the planned scale-out backend; until the node has it, a config
+    # asking for it is refused rather than silently run on SQLite.
     backend: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "var/extrabalance.db"
     dsn: str | None = None
@@ -94,6 +96,14 @@ class StorageSection(_Model):
     group_commit_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
     # How long the first outcome of each inbound request is kept to answer replays.
     idempotency_retention_hours: int = IDEMPOTENCY_RETENTION_HOURS_DEFAULT
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_exists(cls, backend: str) -> str:
+        if backend != "sqlite":
+            raise ValueError(f"{backend!r} is not yet supported: the ledger runs on SQLite "
+                             "only (backend = \"sqlite\")")
+        return backend
 
     @field_validator("idempotency_retention_hours")
     @classmethod
@@ -484,6 +494,10 @@ def _format_error(source: str, exc: ValidationError) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and err["loc"][-1] in ("password", "token"):
+            name = err["loc"][-1]
+            msg = (f"a {name} is never written in the config: name an environment variable "
+                   f"with {name}_env or a file with {name}_file")
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 

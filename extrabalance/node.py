@@ -237,7 +237,7 @@ class Node:
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""
-        await self.payback.handle_recharge(
+        outcome = await self.payback.handle_recharge(
             RechargeEvent(
                 event_id=event.event_id,
                 msisdn=event.msisdn,
@@ -246,6 +246,9 @@ class Node:
                 balance_after_minor=event.balance_after_minor,
             )
         )
+        # eb_recharges_total{outcome}: a redelivered recharge counts as `replayed`.
+        self.metrics.recharges.labels(
+            "replayed" if outcome.replayed else outcome.status.value.lower()).inc()
 
     async def _on_low_balance(self, event: LowBalanceEvent) -> None:
         """Returns once the ad decision is committed: the listener acknowledges after."""
@@ -412,7 +415,10 @@ class _LateNotifier:
 
 def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
     """`extrabalance run --config FILE`: run until SIGTERM/SIGINT, then stop gracefully."""
+    from extrabalance.preflight import check_runtime
+
     settings = load_settings(config_path)
+    check_runtime(settings, config_path or "embedded default config")
     configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs,
                       level=os.environ.get("EB_LOG_LEVEL", "INFO"))
     try:

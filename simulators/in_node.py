@@ -49,12 +49,14 @@ import json
 import random
 import signal
 import sys
+import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
+from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.diameter.peer import DuplicateCache
 
@@ -1133,7 +1135,7 @@ def specs_from_config(path: str, host: str) -> tuple[list[InNodeSpec], NodePeer,
 
 
 def build_in_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="extrabalance sim in",
         description="Prepaid IN / OCS simulator: several IN nodes speaking Diameter Gy.",
         epilog=CONSOLE_HELP,
@@ -1175,13 +1177,30 @@ def build_in_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _console(sim: InSimulator, stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    while not stop.is_set():
+def _read_stdin(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str]) -> None:
+    while True:
         try:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
+            line = sys.stdin.readline()
         except (OSError, ValueError):
+            line = ""
+        try:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        except RuntimeError:  # the loop is closed: the simulator has stopped
             return
+        if not line:
+            return
+
+
+async def _console(sim: InSimulator, stop: asyncio.Event) -> None:
+    # stdin is read by a daemon thread, not the loop's executor: asyncio.run waits for
+    # its executor's threads at exit, and one blocked in readline() would hold Ctrl-C
+    # until the user pressed Enter.
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+    threading.Thread(target=_read_stdin, args=(loop, lines), name="sim-in-console",
+                     daemon=True).start()
+    while not stop.is_set():
+        line = await lines.get()
         if not line:
             return  # stdin closed: keep serving, stop reading
         try:

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
+from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.smpp.connection import RequestFailedError
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, SubmitSm, Tag
@@ -639,7 +640,7 @@ async def _control_session(
 
 
 def build_smsc_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="extrabalance sim smsc",
         description="SMSC / USSD gateway simulator: the SMPP server the node binds to.",
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from extrabalance.core.msisdn import is_msisdn
 from extrabalance.core.policy import Policy
 from extrabalance.service.keywords import Command, parse_keyword
 from extrabalance.service.ports import Notice
@@ -113,6 +114,10 @@ class SmppChannel:
         if pdu.is_delivery_receipt:
             self._receipt(pdu)
             return 0
+        if not is_msisdn(pdu.source_addr):
+            # Not a subscriber number (E.164, at most 15 digits): nobody to lend to.
+            self.stats["rejected"] += 1
+            return int(Status.ESME_RINVSRCADR)
         if ussd_op is None and pdu.service_type == self._service_type:
             # A USSD dialog message needs its operation; without it there is nothing
             # to answer on the handset.

@@ -506,6 +506,11 @@ class LendingService:
 
     # -- reads and preferences -----------------------------------------------------
 
+    def record_refusal(self, msisdn: str, reason: str, channel: str) -> None:
+        """A refusal a channel decided from the offer before any borrow (the USSD menu
+        of a subscriber who may not borrow): the same EDR and counter as a borrow's."""
+        self.events.emit("refusal", msisdn=msisdn, reason=reason, channel=channel)
+
     async def quote(self, msisdn: str) -> Offer:
         """The menu of tiers for this subscriber now (USSD *123#)."""
         return (await self.overview(msisdn))[1]
@@ -748,6 +753,7 @@ class LendingService:
                 fee_minor=loan.fee_minor,
                 debt_after_minor=debt_minor,
                 requested_minor=requested_minor,
+                channel="auto",
             )
             await safe_notify(
                 self.notifier,

@@ -68,6 +68,7 @@ class LendingApi(Protocol):
     async def status(self, msisdn: str) -> Any: ...
     async def overview(self, msisdn: str) -> tuple[Any, Any]: ...  # (status, offer), one read
     async def set_preferences(self, msisdn: str, **changes: Any) -> Any: ...
+    def record_refusal(self, msisdn: str, reason: str, channel: str) -> None: ...
 
 
 class Step(Enum):
@@ -287,14 +288,14 @@ class UssdDialogs:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refused(lang, offer.reason))
+            return self._close(key, self._refusal(dialog, offer.reason))
         items = [
             (str(t.tier_id), self._t.render("menu_item", lang, {"option": t.tier_id, "amount": t.amount_minor}))
             for t in offer.tiers
             if t.fits
         ]
         if not items:
-            return self._close(key, self._refused(lang, "CEILING_REACHED"))
+            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
         title = self._t.render("menu_title", lang, {"debt": offer.debt_minor, "headroom": offer.headroom_minor})
         dialog.pages = paginate(
             title,
@@ -310,12 +311,12 @@ class UssdDialogs:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refused(lang, offer.reason))
+            return self._close(key, self._refusal(dialog, offer.reason))
         tier = next((t for t in offer.tiers if t.tier_id == tier_id), None)
         if tier is None:
-            return self._close(key, self._refused(lang, "TIER_NOT_ALLOWED"))
+            return self._close(key, self._refusal(dialog, "TIER_NOT_ALLOWED"))
         if not tier.fits:
-            return self._close(key, self._refused(lang, "CEILING_REACHED"))
+            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
         dialog.step = Step.CONFIRM
         dialog.tier_id = tier_id
         dialog.quoted = (tier.amount_minor, tier.fee_minor, tier.total_minor)
@@ -385,6 +386,12 @@ class UssdDialogs:
             if screen_capacity(text) < 0:
                 text = text.split("\n", 1)[1]
         return Screen(text, final=False)
+
+    def _refusal(self, dialog: Dialog, reason: Any) -> Screen:
+        """A refusal decided at the menu, before any borrow: recorded like one the
+        lending service decides (EDR, eb_refusals_total), then shown."""
+        self._lending.record_refusal(dialog.msisdn, _reason_code(reason), "ussd")
+        return self._refused(dialog.language, reason)
 
     def _refused(self, lang: str, reason: Any) -> Screen:
         return Screen(self._t.render("refused_screen", lang, {"reason": _reason_code(reason)}), True)

@@ -74,3 +74,21 @@ async def test_loan_keyword_in_one_part_lends_once():
     ch.on_deliver(pdu, "bind-1")  # the SMSC re-sent it after a lost response
     await asyncio.sleep(0.05)
     assert lending.borrow_calls == 1
+
+
+async def test_source_longer_than_e164_is_refused_like_the_admin_api_does():
+    # E.164: at most 15 digits. 16 are refused at the SMPP edge (as by the admin API
+    # and the phone simulator), with the SMPP 3.4 status for a bad source address.
+    from extrabalance.core.msisdn import MSISDN_DIGITS_MAX, is_msisdn
+    from extrabalance.smpp.pdu import Status
+
+    lending = FakeLending(load_settings().policy())
+    sent: list[tuple[str, str]] = []
+    ch = channel_with(lending, sent)
+    too_long = "2" * (MSISDN_DIGITS_MAX + 1)
+    assert not is_msisdn(too_long) and is_msisdn("2" * MSISDN_DIGITS_MAX)
+    status = ch.on_deliver(DeliverSm(source_addr=too_long, destination_addr="1234",
+                                     short_message=b"HELP"), "bind-1")
+    assert status == Status.ESME_RINVSRCADR
+    await asyncio.sleep(0.05)
+    assert sent == []
