@@ -79,6 +79,9 @@ class E2eOptions:
     capacity: tuple[list[float], float] | None = None
     opt_in_share: float = OPT_IN_SHARE
     in_request_timeout_ms: int = 2000  # the IN's wait for the node's out-of-balance answer
+    # The opt-in advance confirmation extension, on the node and the simulated IN
+    # alike (off: the strict RFC 4006 IN, the default).
+    advance_confirmation: bool = False
     mqtt_inflight_max: int | None = None  # [mqtt] inflight_max and the broker's to match
     warmup_s: float = 0.0  # unmeasured traffic first (builds debt for paybacks)
     warmup_mix: dict[str, float] = field(default_factory=lambda: parse_mix("ussd=1"))
@@ -366,12 +369,14 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
                 client_id: str = "extrabalance-bench",
                 smpp: dict[str, Any] | None = None,
                 delivery_receipts: bool = True,
-                mqtt_inflight_max: int | None = None) -> dict[str, Any]:
+                mqtt_inflight_max: int | None = None,
+                advance_confirmation: bool = False) -> dict[str, Any]:
     doc = json.loads(json.dumps(base))  # deep copy
     doc["storage"]["path"] = str(db_path)
     doc["diameter"]["listen_port"] = diameter_port
     for node in doc["in_nodes"]:
         node["peers"] = [{"host": "127.0.0.1", "port": in_ports[node["name"]]}]
+        node["advance_confirmation"] = advance_confirmation
     tuning = dict(smpp or {})
     binds = int(tuning.pop("binds", 1))
     bind = {**doc["smpp"]["binds"][0], "host": "127.0.0.1", "port": smpp_port,
@@ -387,7 +392,7 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
 
 
 def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
-            request_timeout_ms: int = 2000) -> dict[str, Any]:
+            request_timeout_ms: int = 2000, advance_confirmation: bool = False) -> dict[str, Any]:
     node = base["node"]
     return {
         "nodes": [
@@ -403,6 +408,7 @@ def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
         "service_context_id": base["diameter"]["service_context_id"],
         "seed": seed,
         "request_timeout_ms": request_timeout_ms,
+        "advance_confirmation": advance_confirmation,
     }
 
 
@@ -430,7 +436,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
                   in_request_timeout_ms: int = 2000, delivery_receipts: bool = True,
                   mqtt_inflight_max: int | None = None,
-                  clock_start: str | None = None) -> Any:
+                  clock_start: str | None = None,
+                  advance_confirmation: bool = False) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit.
 
     `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
@@ -457,7 +464,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             in_worker = await procs.start_worker(
                 "in-sim", ["--role", "in", "--spec",
                            json.dumps(in_spec(base, diameter_port, broker.port, seed,
-                                              in_request_timeout_ms))])
+                                              in_request_timeout_ms, advance_confirmation))])
             password = os.urandom(4).hex()  # SMPP passwords are at most 8 octets
             smsc_worker = await procs.start_worker(
                 "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
@@ -476,7 +483,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                                  smpp_port=smsc_worker.ready["ports"]["smpp"],
                                  mqtt_port=broker.port, client_id=client_id, smpp=smpp,
                                  delivery_receipts=delivery_receipts,
-                                 mqtt_inflight_max=mqtt_inflight_max)
+                                 mqtt_inflight_max=mqtt_inflight_max,
+                                 advance_confirmation=advance_confirmation)
             config_path = workdir / "node.toml"
             config_path.write_text(dump_toml(config), encoding="utf-8")
             env = {SMPP_PASSWORD_ENV: password, "EB_LOG_LEVEL": log_level}
@@ -672,7 +680,8 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        in_request_timeout_ms=options.in_request_timeout_ms,
                        delivery_receipts=options.delivery_receipts,
                        mqtt_inflight_max=options.mqtt_inflight_max,
-                       clock_start=options.clock_start) as net:
+                       clock_start=options.clock_start,
+                       advance_confirmation=options.advance_confirmation) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")

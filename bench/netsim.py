@@ -103,6 +103,7 @@ class Worker:
                 s["service_context_id"], currency=s["currency"], mqtt=mqtt,
                 request_timeout_ms=int(s.get("request_timeout_ms", 2000)),
                 seed=s.get("seed"),
+                advance_confirmation=bool(s.get("advance_confirmation", False)),
             )
             return {"ports": await self.in_sim.start()}
         self.smsc = CountingSmsc(system_id=s["system_id"], password=s["password"],
@@ -188,6 +189,7 @@ class Worker:
                 "stats": sim.stats_summary(),
                 "duplicate_mismatch": sum(b.stats["duplicate_mismatch"]
                                           for b in sim.accounts.values()),
+                "nonstandard": sim.nonstandard(),
             }
         else:
             assert self.smsc is not None

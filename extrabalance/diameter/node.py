@@ -604,6 +604,11 @@ class DiameterNode:
             break
         return best
 
+    def new_end_to_end_id(self) -> int:
+        """An End-to-End id for a request the caller will re-send (RFC 6733 §3: the
+        same id on every re-send): store it with the operation and set it on the message."""
+        return self._e2e.next()
+
     async def request(self, group: str, msg: Message, *, timeout_ms: int | None = None) -> Message:
         """Send an application request to a peer of ``group`` and return its answer.
 
