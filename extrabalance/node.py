@@ -153,6 +153,7 @@ class Node:
         self.dialogs = UssdDialogs(
             self.lending, self.templates, ussd_code=s.smpp.ussd_code,
             timeout_s=s.smpp.dialog_timeout_s, dialogs_max=s.smpp.dialogs_max, node_name=s.node.name,
+            repeat_window_s=s.smpp.ussd_repeat_window_s,
         )
         self.channel = SmppChannel(
             dialogs=self.dialogs, lending=self.lending, templates=self.templates,

@@ -25,7 +25,7 @@ from extrabalance.core.policy import Policy
 from extrabalance.service.keywords import Command, parse_keyword
 from extrabalance.service.ports import Notice
 from extrabalance.service.templates import Templates, format_minor
-from extrabalance.service.ussd import UssdDialogs, UssdInput
+from extrabalance.service.ussd import Screen, UssdDialogs, UssdInput
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, TlvValueError, UssdOp
 from extrabalance.smpp.text import Reassembler, decode_text, parse_concat, parse_receipt
 from extrabalance.smpp.ussd import parse_ussd_deliver, ussd_submit
@@ -81,7 +81,7 @@ class SmppChannel:
         self.accepting = True
         self.stats = {"ussd_in": 0, "sms_in": 0, "receipts": 0, "receipts_matched": 0,
                       "throttled": 0, "rejected": 0, "sms_out": 0, "sms_failed": 0, "ussd_out": 0,
-                      "ussd_failed": 0}
+                      "ussd_failed": 0, "ussd_repeats": 0}
 
     @property
     def inflight(self) -> int:
@@ -165,17 +165,21 @@ class SmppChannel:
         if ind.is_abort:
             self._dialogs.abort(ind.msisdn, key)
             return
+        step = ind.session.sequence_number if ind.session is not None else None
         try:
             screen = await self._dialogs.handle(
-                UssdInput(ind.msisdn, key, ind.text, new_dialog=ind.op == UssdOp.PSSR_INDICATION)
+                UssdInput(ind.msisdn, key, ind.text, new_dialog=ind.op == UssdOp.PSSR_INDICATION,
+                          step=step)
             )
         except Exception:
             log.exception("ussd_dialog_failed", msisdn=ind.msisdn)
-            screen = None
+            screen = Screen(self._t.render("refused_screen", None, {"reason": "IN_UNAVAILABLE"}),
+                            final=True)
         if screen is None:
-            text, final = self._t.render("refused_screen", None, {"reason": "IN_UNAVAILABLE"}), True
-        else:
-            text, final = screen.text, screen.final
+            # The gateway repeated an input: its screen went out (or is on its way).
+            self.stats["ussd_repeats"] += 1
+            return
+        text, final = screen.text, screen.final
         session = None
         if ind.session is not None:
             session = ItsSessionInfo(
