@@ -164,6 +164,7 @@ class Node:
             observe_ussd=self.metrics.ussd_latency.observe,
             inbound_tasks_max=s.smpp.inbound_tasks_max,
             delivery_receipts=s.smpp.delivery_receipts,
+            sms_repeat_window_s=s.smpp.sms_repeat_window_s,
         )
         notifier.target = self.channel
         self.gy = GyServer(
