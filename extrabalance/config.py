@@ -208,6 +208,12 @@ class SmppSection(_Model):
     ussd_service_type: str = "USSD"
     dialog_id: Literal["its_session_info", "user_message_reference"] = "its_session_info"
     dialog_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60
+    # Without a step number (its_session_info) from the gateway, the same USSD text
+    # again within this many seconds is its repeat, not a new input (0: off).
+    ussd_repeat_window_s: Annotated[float, Field(ge=0, le=30)] = 2.0
+    # The same SMS loan request (MSISDN, keyword, amount) again within this many
+    # seconds is the SMSC re-sending it: the first outcome is replayed (0: off).
+    sms_repeat_window_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
     dialogs_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     # USSD and SMS being handled at once; beyond it deliver_sm gets ESME_RTHROTTLED.
     inbound_tasks_max: Annotated[int, Field(ge=1, le=1_000_000)] = 2000

@@ -155,6 +155,7 @@ class Node:
         self.dialogs = UssdDialogs(
             self.lending, self.templates, ussd_code=s.smpp.ussd_code,
             timeout_s=s.smpp.dialog_timeout_s, dialogs_max=s.smpp.dialogs_max, node_name=s.node.name,
+            repeat_window_s=s.smpp.ussd_repeat_window_s,
         )
         self.channel = SmppChannel(
             dialogs=self.dialogs, lending=self.lending, templates=self.templates,
@@ -165,6 +166,7 @@ class Node:
             observe_ussd=self.metrics.ussd_latency.observe,
             inbound_tasks_max=s.smpp.inbound_tasks_max,
             delivery_receipts=s.smpp.delivery_receipts,
+            sms_repeat_window_s=s.smpp.sms_repeat_window_s,
         )
         notifier.target = self.channel
         self.gy = GyServer(

@@ -92,3 +92,27 @@ async def test_source_longer_than_e164_is_refused_like_the_admin_api_does():
     assert status == Status.ESME_RINVSRCADR
     await asyncio.sleep(0.05)
     assert sent == []
+
+
+async def test_loan_keyword_resent_with_a_new_sequence_number_lends_once():
+    """An SMSC that missed our deliver_sm_resp re-sends the MO under a new sequence
+    number (and maybe on another bind): one loan. The same request after the window
+    is a new one."""
+    lending = FakeLending(load_settings().policy())
+    lending.add(M, 400, 5000)
+    sent: list[tuple[str, str]] = []
+    now = [1000.0]
+    ch = channel_with(lending, sent, clock=lambda: now[0])
+    for seq, bind, text in ((42, "bind-1", b"LOAN 5"), (43, "bind-1", b"LOAN 5"),
+                            (7, "bind-2", b"loan  5")):
+        ch.on_deliver(DeliverSm(source_addr=M, destination_addr="1234", short_message=text,
+                                sequence_number=seq), bind)
+        await asyncio.sleep(0.01)
+        now[0] += 10
+    assert lending.borrow_calls == 1
+    assert ch.stats["sms_repeats"] == 2
+    now[0] += 200  # past the 120 s window: the subscriber asks again
+    ch.on_deliver(DeliverSm(source_addr=M, destination_addr="1234", short_message=b"LOAN 5",
+                            sequence_number=44), "bind-1")
+    await asyncio.sleep(0.01)
+    assert lending.borrow_calls == 2

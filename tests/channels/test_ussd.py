@@ -57,12 +57,19 @@ def dialogs(lending, templates, clock):
     return UssdDialogs(lending, templates, timeout_s=60, clock=clock)
 
 
+# The dialog step (its_session_info sequence) a gateway gives each input, per dialog.
+_steps: dict[tuple[int, str, str], int] = {}
+
+
 async def dial(d: UssdDialogs, text: str, msisdn: str = A, key: str = "7") -> Screen:
-    return await d.handle(UssdInput(msisdn, key, text, new_dialog=True))
+    _steps[(id(d), msisdn, key)] = 0
+    return await d.handle(UssdInput(msisdn, key, text, new_dialog=True, step=0))
 
 
 async def reply(d: UssdDialogs, text: str, msisdn: str = A, key: str = "7") -> Screen:
-    return await d.handle(UssdInput(msisdn, key, text, new_dialog=False))
+    step = _steps.get((id(d), msisdn, key), 0) + 2  # the gateway's next input
+    _steps[(id(d), msisdn, key)] = step
+    return await d.handle(UssdInput(msisdn, key, text, new_dialog=False, step=step))
 
 
 def fits(screen: Screen) -> bool:
@@ -81,7 +88,11 @@ async def test_menu_pick_confirm_lends_once(dialogs, lending):
     assert done.final
     assert done.text == "Done: 5.00 EGP added to your balance. You owe 5.50 EGP."
     assert lending.borrow_calls == 1
-    # The gateway repeats the confirm after the dialog closed: no second loan.
+    # The gateway repeats the confirm after the dialog closed (same step): no second
+    # loan, and no second final screen either.
+    step = _steps[(id(dialogs), A, "7")]
+    assert await dialogs.handle(UssdInput(A, "7", "1", new_dialog=False, step=step)) is None
+    # A new input of the ended dialog finds it gone.
     again = await reply(dialogs, "1")
     assert again.final and "expired" in again.text
     assert lending.borrow_calls == 1
