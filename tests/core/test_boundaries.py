@@ -21,6 +21,7 @@ from extrabalance.core.policy import (
     PaybackOrder,
     RecoveryPolicy,
     RuleOp,
+    Segment,
     Tier,
 )
 from extrabalance.core.reasons import Reason
@@ -312,3 +313,41 @@ def test_eligibility_defaults_let_a_new_rich_subscriber_borrow():
     lenient = make_policy(eligibility=EligibilityPolicy())
     fresh = state(prof=profile(tenure=0, arpu=0, region="giza"), balance_minor=10**9)
     assert isinstance(decide(ask(1), fresh, lenient, NOW), Granted)
+
+
+# -- smaller rules the mutation run showed unchecked ---------------------------------
+
+
+def test_a_subscriber_without_a_profile_has_tenure_zero():
+    from tests.core.sample import make_policy
+
+    anyone = Segment("anyone", (), 1000, (1,), "flat", 3)
+    unknown = SubscriberState(M, None)
+    open_door = make_policy(segments=(anyone,), eligibility=EligibilityPolicy())
+    assert isinstance(decide(ask(1), unknown, open_door, NOW), Granted)
+    one_day = make_policy(segments=(anyone,), eligibility=EligibilityPolicy(min_tenure_days=1))
+    refused = decide(ask(1), unknown, one_day, NOW)
+    assert refused.reason is Reason.TENURE_TOO_SHORT and refused.detail == "tenure 0 d < 1 d"
+
+
+def test_no_segment_menu_has_no_headroom():
+    menu = offer(state(prof=profile(tenure=10, arpu=0)), POLICY, NOW)
+    assert (menu.headroom_minor, menu.debt_minor) == (0, 0)
+
+
+def test_a_manual_bar_says_why():
+    assert decide(ask(1), state(barred_manual=True), POLICY, NOW).detail == "barred by operator"
+    barred = state(barred_manual=True, barred_reason="fraud")
+    assert decide(ask(1), barred, POLICY, NOW).detail == "fraud"
+
+
+def test_an_automatic_advance_for_a_named_tier_gets_that_tier():
+    opted = state(auto_advance_opt_in=True)
+    d = decide(ask(1, "auto"), opted, POLICY, NOW)
+    assert isinstance(d, Granted) and d.tier.tier_id == 1
+
+
+def test_split_of_a_negative_budget_takes_nothing():
+    r = split([loan("a", 100, 10)], -5, RecoveryPolicy())
+    assert (r.total_minor, r.parts, r.clears_all) == (0, (), False)
+    assert split([], 0, RecoveryPolicy()).clears_all
