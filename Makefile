@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 HOUR_CHECKS ?= tests/bench/test_e2e_short.py
 
-.PHONY: demo test test-hours test-all wire-tools browser-test chaos fuzz soak bench bench-e2e lint clean
+.PHONY: demo test test-hours test-all wire-tools browser-test chaos fuzz soak bench bench-e2e mutate mutation lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,14 @@ bench: $(STAMP)
 
 bench-e2e: $(STAMP)
 	$(PY) -m extrabalance bench e2e
+
+# Mutation run over core/ and the ledger's money functions (docs/reliability.md,
+# "Mutation testing"): a long run of its own, not part of `make test`. Cached in
+# var/mutation/; MUTATE_ARGS="--jobs 1 --keep-killed" for a quicker re-run.
+mutate: $(STAMP)
+	nice -n 10 $(PY) -m bench.mutation --min-score 95 $(MUTATE_ARGS)
+
+mutation: mutate
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[lint]'
