@@ -974,3 +974,40 @@ def write_off_candidates(
         (*LOAN_OPEN_STATES, ts(before), limit),
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
+
+
+def count_overdue(
+    conn: sqlite3.Connection, created_before: datetime, created_since: datetime
+) -> int:
+    """Open loans created in [created_since, created_before) (debt ageing's report)."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM loans WHERE state IN (?, ?) AND created_at < ? AND created_at >= ?",
+        (*LOAN_OPEN_STATES, ts(created_before), ts(created_since)),
+    ).fetchone()
+    return int(row[0])
+
+
+def journal_entries(conn: sqlite3.Connection, msisdn: str) -> list[tuple[str, str, int]]:
+    """(tx_id, account, amount) of the subscriber's journal lines, in the order written."""
+    rows = conn.execute(
+        "SELECT tx_id, account, amount_minor FROM journal WHERE msisdn = ? ORDER BY tx_id, line_no",
+        (msisdn,),
+    ).fetchall()
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
+def put_profile(conn: sqlite3.Connection, profile: SubscriberProfile, now: datetime) -> None:
+    """Create or replace one subscriber's profile (the profile import's row, one at a time)."""
+    conn.execute(
+        "INSERT INTO subscribers (msisdn, tenure_days, arpu_minor, attributes, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (msisdn) DO UPDATE SET"
+        " tenure_days = excluded.tenure_days, arpu_minor = excluded.arpu_minor,"
+        " attributes = excluded.attributes, updated_at = excluded.updated_at",
+        (
+            profile.msisdn,
+            profile.tenure_days,
+            profile.arpu_minor,
+            json.dumps(dict(profile.attributes), sort_keys=True),
+            ts(now),
+        ),
+    )
