@@ -2,10 +2,9 @@
 
 What this file owns: `SqliteLedgerTx`, the ledger's connection class, whose methods
 are the port's operations (each one the function of the same name in `store.py` or
-`ads_store.py`, called with the connection itself), and `SqliteUnitOfWork`, which runs
-a service's unit of work through the existing `Ledger`: writes in the group-commit
-writer's next batch (one savepoint each, WAL, `synchronous=FULL`), reads on the
-reader connections.
+`ads_store.py`, called with the connection itself). The port's runner is the existing
+`Ledger`: writes in the group-commit writer's next batch (one savepoint each, WAL,
+`synchronous=FULL`), reads on the reader connections or inline on the loop.
 
 Why the connection is the transaction object: every connection the ledger opens is a
 `SqliteLedgerTx` (`db.connect`), so `Ledger.write(fn)` hands `fn` an object that already
@@ -16,18 +15,14 @@ port), and both kinds share one batch and one COMMIT.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING
 
 from extrabalance.ledger import ads_store, store
 
 if TYPE_CHECKING:
     from extrabalance.ledger.ledger import Ledger
     from extrabalance.service.unit_of_work import LedgerTx
-
-T = TypeVar("T")
 
 
 class SqliteLedgerTx(sqlite3.Connection):
@@ -91,34 +86,9 @@ class SqliteLedgerTx(sqlite3.Connection):
     settle_recipient = ads_store.settle_recipient
 
 
-def _on_conn(fn: Callable[[LedgerTx], T]) -> Callable[[Any], T]:
-    # The ledger's connections are SqliteLedgerTx (db.connect): the function is handed
-    # the connection itself.
-    return cast("Callable[[Any], T]", fn)
-
-
-class SqliteUnitOfWork:
-    """The port over an open `Ledger` (which the caller owns and closes)."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-
-    async def write(self, fn: Callable[[LedgerTx], T]) -> T:
-        return await self.ledger.write(_on_conn(fn))
-
-    async def write_staged(self, fn: Callable[[LedgerTx], T]) -> tuple[T, asyncio.Future[T]]:
-        return await self.ledger.write_staged(_on_conn(fn))
-
-    async def read(self, fn: Callable[[LedgerTx], T]) -> T:
-        return await self.ledger.read(_on_conn(fn))
-
-    async def read_point(self, fn: Callable[[LedgerTx], T]) -> T:
-        return await self.ledger.read_point(_on_conn(fn))
-
-
 if TYPE_CHECKING:  # mypy holds the adapter to the port
 
-    def _conforms(tx: SqliteLedgerTx, uow: SqliteUnitOfWork) -> None:
+    def _conforms(tx: SqliteLedgerTx, uow: Ledger) -> None:
         from extrabalance.service.unit_of_work import UnitOfWork
 
         _tx: LedgerTx = tx

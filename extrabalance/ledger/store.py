@@ -39,7 +39,7 @@ from extrabalance.core.payback import Recovery
 from extrabalance.core.sagas import (
     ACTIVE,
     CONFIRMING,
-    CREDITING,  # noqa: F401
+    CREDITING,
     DONE,
     FAILED,
     LOAN_JOURNALLED_STATES,
@@ -49,14 +49,34 @@ from extrabalance.core.sagas import (
     RECOVERING,
     RECOVERY_UNSETTLED_STATES,
     REPAID,
-    REQUESTED,  # noqa: F401 - re-exported: callers read the saga words from here
-    UNKNOWN,  # noqa: F401
+    REQUESTED,
+    UNKNOWN,
     WRITTEN_OFF,
     IllegalTransition,
     LedgerInvariantError,
 )
 
-# Loan and recovery states and their transitions: one table in core (docs/ledger.md).
+# Loan and recovery states and their transitions: one table in core (docs/ledger.md);
+# the saga words are re-exported here for the callers that read them from the store.
+__all__ = [
+    "ACTIVE",
+    "CONFIRMING",
+    "CREDITING",
+    "DONE",
+    "FAILED",
+    "LOAN_JOURNALLED_STATES",
+    "LOAN_OPEN_STATES",
+    "LOAN_UNSETTLED_STATES",
+    "PARTIALLY_REPAID",
+    "RECOVERING",
+    "RECOVERY_UNSETTLED_STATES",
+    "REPAID",
+    "REQUESTED",
+    "UNKNOWN",
+    "WRITTEN_OFF",
+    "IllegalTransition",
+    "LedgerInvariantError",
+]
 _LOAN_LIVE_STATES = LOAN_OPEN_STATES + LOAN_UNSETTLED_STATES
 
 

@@ -21,10 +21,10 @@ subscriber's lock.
 
 Adapters:
 
-* SQLite (`extrabalance.ledger.sqlite_uow`): the group-commit writer as it is (WAL,
-  `synchronous=FULL`, many units per COMMIT, each in its own savepoint, run on the
-  event-loop thread); its `LedgerTx` is the writer's own connection, so the port costs
-  no extra object per operation.
+* SQLite: `extrabalance.ledger.Ledger` is the runner, the group-commit writer as it
+  is (WAL, `synchronous=FULL`, many units per COMMIT, each in its own savepoint, run
+  on the event-loop thread); its `LedgerTx` is the ledger's own connection
+  (`ledger/sqlite_uow.py`), so the port costs no extra object or call per operation.
 * In memory (`extrabalance.ledger.memory`): the same operations and invariants over
   plain dicts, for the service tests; `tests/ledger/test_unit_of_work_contract.py` runs
   one set of tests against both.

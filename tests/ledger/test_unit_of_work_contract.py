@@ -15,7 +15,6 @@ from extrabalance.core.payback import Recovery, RecoveryPart, split
 from extrabalance.core.policy import PaybackOrder, RecoveryPolicy
 from extrabalance.ledger import Ledger, ads_store
 from extrabalance.ledger.memory import MemoryUnitOfWork, ReadOnly
-from extrabalance.ledger.sqlite_uow import SqliteUnitOfWork
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -30,7 +29,7 @@ async def uow(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Un
         return
     ledger = Ledger(tmp_path / "ledger.db", batch_window_ms=0.5)
     try:
-        yield SqliteUnitOfWork(ledger)
+        yield ledger
     finally:
         await ledger.close()
 
