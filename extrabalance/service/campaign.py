@@ -24,22 +24,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 
+from extrabalance.core import sagas
 from extrabalance.core.lending import BorrowRequest, Granted, decide
 from extrabalance.core.model import SubscriberState
 from extrabalance.core.policy import Policy
 from extrabalance.core.segments import match_segment
-from extrabalance.ledger import ads_store
 from extrabalance.service.ads import AdTrigger, Advertiser, TokenBucket
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
+
+if TYPE_CHECKING:
+    from extrabalance.ledger.ads_store import AudienceRow, CampaignRow
 
 log = structlog.get_logger(__name__)
 
 SAMPLE_MAX = 10  # recipients shown by a dry run
 CAMPAIGN_RECIPIENTS_MAX = 50_000_000  # bound on one campaign (30 M subscribers + margin)
 INSERT_CHUNK = 10_000  # recipients written per ledger transaction
+AUDIENCE_PAGE_ROWS = 10_000  # subscribers asked for per audience read (the ledger caps it too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +53,7 @@ class Audience:
     sample: tuple[str, ...]
 
 
-def eligible_never_borrowed(row: ads_store.AudienceRow, policy: Policy, segment: str | None) -> bool:
+def eligible_never_borrowed(row: AudienceRow, policy: Policy, segment: str | None) -> bool:
     """Would `decide` lend this subscriber the smallest tier now? (Bars, tenure,
     segment, ceiling — the same rules as a real request.)"""
     matched = match_segment(row.profile, policy.segments)
@@ -63,7 +68,7 @@ def eligible_never_borrowed(row: ads_store.AudienceRow, policy: Policy, segment:
 
 
 def iter_audience(tx: LedgerTx, policy: Policy, segment: str | None,
-                  limit: int | None, chunk: int = ads_store.AUDIENCE_CHUNK_MAX
+                  limit: int | None, chunk: int = AUDIENCE_PAGE_ROWS
                   ) -> Iterator[str]:
     """MSISDNs of the audience in MSISDN order, paged (bounded memory)."""
     after, given = "", 0
@@ -115,7 +120,7 @@ class CampaignService:
         return await self.ledger.read(count)
 
     async def create(self, template: str, segment: str | None, limit: int | None,
-                     created_by: str) -> ads_store.CampaignRow:
+                     created_by: str) -> CampaignRow:
         """Queue a campaign: the audience is fixed now; a running node sends it."""
         now = self.clock()
         campaign_id = await self.ledger.write(
@@ -140,7 +145,7 @@ class CampaignService:
             if not after:
                 break
         await self.ledger.write(lambda tx: tx.set_campaign_state(
-            campaign_id, ads_store.QUEUED, self.clock()))
+            campaign_id, sagas.CAMPAIGN_QUEUED, self.clock()))
         row = await self.ledger.read(lambda tx: tx.get_campaign(campaign_id))
         assert row is not None
         return row
@@ -150,14 +155,14 @@ class CampaignService:
 
         def cancel(tx: LedgerTx) -> bool:
             row = tx.get_campaign(campaign_id)
-            if row is None or row.state in (ads_store.DONE, ads_store.CANCELLED):
+            if row is None or row.state in (sagas.CAMPAIGN_DONE, sagas.CAMPAIGN_CANCELLED):
                 return False
-            tx.set_campaign_state(campaign_id, ads_store.CANCELLED, now)
+            tx.set_campaign_state(campaign_id, sagas.CAMPAIGN_CANCELLED, now)
             return True
 
         return await self.ledger.write(cancel)
 
-    async def list(self) -> list[ads_store.CampaignRow]:
+    async def list(self) -> list[CampaignRow]:
         return await self.ledger.read(lambda tx: tx.list_campaigns())
 
     # -- the node's side: draining --------------------------------------------------
@@ -177,12 +182,12 @@ class CampaignService:
             lambda tx: tx.pending_recipients(campaign.campaign_id, self.batch_max))
         if not msisdns:
             await self.ledger.write(lambda tx: tx.set_campaign_state(
-                campaign.campaign_id, ads_store.DONE, now))
+                campaign.campaign_id, sagas.CAMPAIGN_DONE, now))
             log.info("campaign_done", campaign_id=campaign.campaign_id)
             return 0
-        if campaign.state == ads_store.QUEUED:
+        if campaign.state == sagas.CAMPAIGN_QUEUED:
             await self.ledger.write(lambda tx: tx.set_campaign_state(
-                campaign.campaign_id, ads_store.RUNNING, now))
+                campaign.campaign_id, sagas.CAMPAIGN_RUNNING, now))
         decided = 0
         for msisdn in msisdns:
             # Wait for a token of the campaign's own rate and of the node's ad rate:
@@ -196,7 +201,7 @@ class CampaignService:
             verdict = await self.advertiser.offer(
                 msisdn, AdTrigger.CAMPAIGN, template=campaign.template,
                 campaign_id=campaign.campaign_id, rate_checked=True)
-            state = ads_store.SENT if verdict.send else ads_store.SUPPRESSED
+            state = sagas.RECIPIENT_SENT if verdict.send else sagas.RECIPIENT_SUPPRESSED
             settled_at = self.clock()
             await self.ledger.write(partial(
                 _settle_recipient, campaign_id=campaign.campaign_id, msisdn=msisdn, state=state,
