@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from extrabalance.core import sagas
+from extrabalance.core import journal, sagas
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
 from extrabalance.core.payback import Recovery
 from extrabalance.core.sagas import (
@@ -423,12 +423,7 @@ class MemoryLedgerTx:
         self, loan_id: str, msisdn: str, principal_minor: int, fee_minor: int, now: datetime
     ) -> None:
         self._post(
-            [
-                ("principal_receivable", principal_minor),
-                ("disbursed_float", -principal_minor),
-                ("fee_receivable", fee_minor),
-                ("fee_income", -fee_minor),
-            ],
+            journal.disbursement(principal_minor, fee_minor),
             msisdn=msisdn,
             memo="disburse",
             now=now,
@@ -471,12 +466,7 @@ class MemoryLedgerTx:
         settled = self._put_loan(replace(loan, state=new_state), now)
         if not confirmed:
             self._post(
-                [
-                    ("principal_receivable", -loan.principal_minor),
-                    ("disbursed_float", loan.principal_minor),
-                    ("fee_receivable", -loan.fee_minor),
-                    ("fee_income", loan.fee_minor),
-                ],
+                journal.reversal(loan.principal_minor, loan.fee_minor),
                 msisdn=loan.msisdn,
                 memo="advance_reversed",
                 now=now,
@@ -543,11 +533,7 @@ class MemoryLedgerTx:
         fee_left = loan.fee_minor - loan.fee_repaid_minor
         principal_left = loan.principal_minor - loan.principal_repaid_minor
         self._post(
-            [
-                ("written_off", fee_left + principal_left),
-                ("fee_receivable", -fee_left),
-                ("principal_receivable", -principal_left),
-            ],
+            journal.write_off(fee_left, principal_left),
             msisdn=loan.msisdn,
             memo="write_off",
             now=now,
@@ -693,11 +679,7 @@ class MemoryLedgerTx:
                     f"recovery {rec.recovery_id}: {part} is not owed on an open loan"
                 )
             self._post(
-                [
-                    ("recovered_cash", part.total_minor),
-                    ("fee_receivable", -part.fee_minor),
-                    ("principal_receivable", -part.principal_minor),
-                ],
+                journal.recovery(part.fee_minor, part.principal_minor),
                 msisdn=current.msisdn,
                 memo="recover",
                 now=now,

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from extrabalance.core import sagas
+from extrabalance.core import journal, sagas
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
 from extrabalance.core.payback import Recovery
 from extrabalance.core.sagas import (
@@ -85,14 +85,7 @@ def _marks(values: tuple[str, ...]) -> str:
     return ", ".join("?" * len(values))
 
 
-ACCOUNTS = (
-    "principal_receivable",
-    "fee_receivable",
-    "disbursed_float",
-    "fee_income",
-    "recovered_cash",
-    "written_off",
-)
+ACCOUNTS = journal.ACCOUNTS  # the journal's accounts (core/journal.py)
 
 
 _last_ts: tuple[datetime, str] | None = None
@@ -535,12 +528,7 @@ def _disburse(
     """Journal the credit and count the loan toward the bad-debt bar."""
     post(
         conn,
-        [
-            ("principal_receivable", principal_minor),
-            ("disbursed_float", -principal_minor),
-            ("fee_receivable", fee_minor),
-            ("fee_income", -fee_minor),
-        ],
+        journal.disbursement(principal_minor, fee_minor),
         msisdn=msisdn,
         memo="disburse",
         now=now,
@@ -622,12 +610,7 @@ def settle_advance(
         # the whole booking is reversed.
         post(
             conn,
-            [
-                ("principal_receivable", -loan.principal_minor),
-                ("disbursed_float", loan.principal_minor),
-                ("fee_receivable", -loan.fee_minor),
-                ("fee_income", loan.fee_minor),
-            ],
+            journal.reversal(loan.principal_minor, loan.fee_minor),
             msisdn=loan.msisdn,
             memo="advance_reversed",
             now=now,
@@ -692,11 +675,7 @@ def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -
     principal_left = loan.principal_minor - loan.principal_repaid_minor
     post(
         conn,
-        [
-            ("written_off", fee_left + principal_left),
-            ("fee_receivable", -fee_left),
-            ("principal_receivable", -principal_left),
-        ],
+        journal.write_off(fee_left, principal_left),
         msisdn=loan.msisdn,
         memo="write_off",
         now=now,
@@ -921,11 +900,7 @@ def apply_recovery(
             raise LedgerInvariantError(f"recovery {rec.recovery_id}: negative part {part}")
         post(
             conn,
-            [
-                ("recovered_cash", part.total_minor),
-                ("fee_receivable", -part.fee_minor),
-                ("principal_receivable", -part.principal_minor),
-            ],
+            journal.recovery(part.fee_minor, part.principal_minor),
             msisdn=rec.msisdn,
             memo="recover",
             now=now,
