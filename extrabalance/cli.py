@@ -99,8 +99,8 @@ def _cmd_purge_idempotency(args: argparse.Namespace) -> int:
 
 
 def _cmd_campaign(args: argparse.Namespace) -> int:  # issue 7
+    from extrabalance.campaign_cli import campaign_command
     from extrabalance.config import load_settings
-    from extrabalance.service.campaign import campaign_command
 
     return campaign_command(load_settings(args.config), template=args.template,
                             segment=args.segment, dry_run=args.dry_run, limit=args.limit,

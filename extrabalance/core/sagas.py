@@ -71,6 +71,18 @@ RECOVERY_STATES: Final = (RECOVERING, UNKNOWN, DONE, FAILED)
 RECOVERY_UNSETTLED_STATES: Final = (RECOVERING, UNKNOWN)
 RECOVERY_FINAL_STATES: Final = (DONE, FAILED)
 
+# -- advertisement campaigns (no money moves: words only, kept with the others) -----
+
+CAMPAIGN_PREPARING: Final = "PREPARING"  # recipients being added; not drained yet
+CAMPAIGN_QUEUED: Final = "QUEUED"
+CAMPAIGN_RUNNING: Final = "RUNNING"
+CAMPAIGN_DONE: Final = "DONE"
+CAMPAIGN_CANCELLED: Final = "CANCELLED"
+CAMPAIGN_ACTIVE_STATES: Final = (CAMPAIGN_QUEUED, CAMPAIGN_RUNNING)
+RECIPIENT_PENDING: Final = "PENDING"
+RECIPIENT_SENT: Final = "SENT"
+RECIPIENT_SUPPRESSED: Final = "SUPPRESSED"
+
 # -- events -----------------------------------------------------------------------------
 
 # Loans. `BOOK_*` create the record (from no state).

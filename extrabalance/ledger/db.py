@@ -42,11 +42,16 @@ def connect(
     *,
     synchronous: str = "FULL",
     cache_kib: int = CACHE_KIB_DEFAULT,
-    factory: type[sqlite3.Connection] = sqlite3.Connection,
+    factory: type[sqlite3.Connection] | None = None,
 ) -> sqlite3.Connection:
     """A connection in autocommit mode; callers issue BEGIN/COMMIT themselves.
-    `factory`: the connection class (the PostgreSQL portability test records every
+    `factory`: the connection class; by default `SqliteLedgerTx`, whose methods are the
+    unit-of-work port's operations (the PostgreSQL portability test records every
     statement with a subclass)."""
+    if factory is None:
+        from extrabalance.ledger.sqlite_uow import SqliteLedgerTx  # imports store: late
+
+        factory = SqliteLedgerTx
     conn = sqlite3.connect(
         str(path),
         isolation_level=None,

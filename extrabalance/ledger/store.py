@@ -33,13 +33,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from extrabalance.core import sagas
+from extrabalance.core import journal, sagas
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
 from extrabalance.core.payback import Recovery
 from extrabalance.core.sagas import (
     ACTIVE,
     CONFIRMING,
-    CREDITING,  # noqa: F401
+    CREDITING,
     DONE,
     FAILED,
     LOAN_JOURNALLED_STATES,
@@ -49,14 +49,34 @@ from extrabalance.core.sagas import (
     RECOVERING,
     RECOVERY_UNSETTLED_STATES,
     REPAID,
-    REQUESTED,  # noqa: F401 - re-exported: callers read the saga words from here
-    UNKNOWN,  # noqa: F401
+    REQUESTED,
+    UNKNOWN,
     WRITTEN_OFF,
     IllegalTransition,
     LedgerInvariantError,
 )
 
-# Loan and recovery states and their transitions: one table in core (docs/ledger.md).
+# Loan and recovery states and their transitions: one table in core (docs/ledger.md);
+# the saga words are re-exported here for the callers that read them from the store.
+__all__ = [
+    "ACTIVE",
+    "CONFIRMING",
+    "CREDITING",
+    "DONE",
+    "FAILED",
+    "LOAN_JOURNALLED_STATES",
+    "LOAN_OPEN_STATES",
+    "LOAN_UNSETTLED_STATES",
+    "PARTIALLY_REPAID",
+    "RECOVERING",
+    "RECOVERY_UNSETTLED_STATES",
+    "REPAID",
+    "REQUESTED",
+    "UNKNOWN",
+    "WRITTEN_OFF",
+    "IllegalTransition",
+    "LedgerInvariantError",
+]
 _LOAN_LIVE_STATES = LOAN_OPEN_STATES + LOAN_UNSETTLED_STATES
 
 
@@ -65,14 +85,7 @@ def _marks(values: tuple[str, ...]) -> str:
     return ", ".join("?" * len(values))
 
 
-ACCOUNTS = (
-    "principal_receivable",
-    "fee_receivable",
-    "disbursed_float",
-    "fee_income",
-    "recovered_cash",
-    "written_off",
-)
+ACCOUNTS = journal.ACCOUNTS  # the journal's accounts (core/journal.py)
 
 
 _last_ts: tuple[datetime, str] | None = None
@@ -515,12 +528,7 @@ def _disburse(
     """Journal the credit and count the loan toward the bad-debt bar."""
     post(
         conn,
-        [
-            ("principal_receivable", principal_minor),
-            ("disbursed_float", -principal_minor),
-            ("fee_receivable", fee_minor),
-            ("fee_income", -fee_minor),
-        ],
+        journal.disbursement(principal_minor, fee_minor),
         msisdn=msisdn,
         memo="disburse",
         now=now,
@@ -602,12 +610,7 @@ def settle_advance(
         # the whole booking is reversed.
         post(
             conn,
-            [
-                ("principal_receivable", -loan.principal_minor),
-                ("disbursed_float", loan.principal_minor),
-                ("fee_receivable", -loan.fee_minor),
-                ("fee_income", loan.fee_minor),
-            ],
+            journal.reversal(loan.principal_minor, loan.fee_minor),
             msisdn=loan.msisdn,
             memo="advance_reversed",
             now=now,
@@ -672,11 +675,7 @@ def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -
     principal_left = loan.principal_minor - loan.principal_repaid_minor
     post(
         conn,
-        [
-            ("written_off", fee_left + principal_left),
-            ("fee_receivable", -fee_left),
-            ("principal_receivable", -principal_left),
-        ],
+        journal.write_off(fee_left, principal_left),
         msisdn=loan.msisdn,
         memo="write_off",
         now=now,
@@ -901,11 +900,7 @@ def apply_recovery(
             raise LedgerInvariantError(f"recovery {rec.recovery_id}: negative part {part}")
         post(
             conn,
-            [
-                ("recovered_cash", part.total_minor),
-                ("fee_receivable", -part.fee_minor),
-                ("principal_receivable", -part.principal_minor),
-            ],
+            journal.recovery(part.fee_minor, part.principal_minor),
             msisdn=rec.msisdn,
             memo="recover",
             now=now,
@@ -974,3 +969,40 @@ def write_off_candidates(
         (*LOAN_OPEN_STATES, ts(before), limit),
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
+
+
+def count_overdue(
+    conn: sqlite3.Connection, created_before: datetime, created_since: datetime
+) -> int:
+    """Open loans created in [created_since, created_before) (debt ageing's report)."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM loans WHERE state IN (?, ?) AND created_at < ? AND created_at >= ?",
+        (*LOAN_OPEN_STATES, ts(created_before), ts(created_since)),
+    ).fetchone()
+    return int(row[0])
+
+
+def journal_entries(conn: sqlite3.Connection, msisdn: str) -> list[tuple[str, str, int]]:
+    """(tx_id, account, amount) of the subscriber's journal lines, in the order written."""
+    rows = conn.execute(
+        "SELECT tx_id, account, amount_minor FROM journal WHERE msisdn = ? ORDER BY tx_id, line_no",
+        (msisdn,),
+    ).fetchall()
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
+def put_profile(conn: sqlite3.Connection, profile: SubscriberProfile, now: datetime) -> None:
+    """Create or replace one subscriber's profile (the profile import's row, one at a time)."""
+    conn.execute(
+        "INSERT INTO subscribers (msisdn, tenure_days, arpu_minor, attributes, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (msisdn) DO UPDATE SET"
+        " tenure_days = excluded.tenure_days, arpu_minor = excluded.arpu_minor,"
+        " attributes = excluded.attributes, updated_at = excluded.updated_at",
+        (
+            profile.msisdn,
+            profile.tenure_days,
+            profile.arpu_minor,
+            json.dumps(dict(profile.attributes), sort_keys=True),
+            ts(now),
+        ),
+    )

@@ -12,14 +12,14 @@ listener may acknowledge the message when this returns.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from typing import TYPE_CHECKING
 
+from extrabalance.core import sagas
 from extrabalance.core.payback import allocate_payback, split
 from extrabalance.core.policy import Policy
-from extrabalance.ledger import Ledger, store
 from extrabalance.service.lending import Clock, call_in_with_resends, safe_notify
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import PaybackOutcome, PaybackStatus
@@ -35,6 +35,10 @@ from extrabalance.service.ports import (
     RechargeEvent,
 )
 from extrabalance.service.routing import Router
+from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
+
+if TYPE_CHECKING:
+    from extrabalance.ledger.store import RecoveryRow
 
 RECOVERY_ATTEMPTS_MAX = 3  # DIRECT_DEBITING attempts per recharge (amount halves each time)
 
@@ -52,17 +56,16 @@ class _Intent:
 
 
 def settle_recovery_done(
-    conn: sqlite3.Connection, recovery_id: str, result: InResult, policy: Policy, now: datetime
+    tx: LedgerTx, recovery_id: str, result: InResult, policy: Policy, now: datetime
 ) -> PaybackOutcome:
     """Apply a DONE debit: journal + loans + idempotent outcome."""
-    rec = store.get_recovery(conn, recovery_id)
+    rec = tx.get_recovery(recovery_id)
     assert rec is not None
     debited = result.amount_minor if result.amount_minor is not None else rec.requested_minor
     # The IN never takes more than asked; if it claims so, book what was asked and
     # leave an audit line for the operator rather than invent debt.
     if debited > rec.requested_minor or debited < 0:
-        store.audit(
-            conn,
+        tx.audit(
             rec.msisdn,
             "review",
             "payback",
@@ -70,58 +73,52 @@ def settle_recovery_done(
             now,
         )
         debited = rec.requested_minor
-    store.note_recovery_attempt(
-        conn, recovery_id, InOutcome.DONE.value, result.result_code, rec.attempts
-    )
-    debt_left = settle_debit(conn, rec, debited, policy, now)
+    tx.note_recovery_attempt(recovery_id, InOutcome.DONE.value, result.result_code, rec.attempts)
+    debt_left = settle_debit(tx, rec, debited, policy, now)
     outcome = PaybackOutcome(PaybackStatus.RECOVERED, debited, debt_left, recovery_id)
-    store.idempotent_replace(conn, recharge_key(rec.event_id), outcome.to_json(), now)
+    tx.idempotent_replace(recharge_key(rec.event_id), outcome.to_json(), now)
     return outcome
 
 
 def settle_debit(
-    conn: sqlite3.Connection,
-    rec: store.RecoveryRow,
+    tx: LedgerTx,
+    rec: RecoveryRow,
     debited_minor: int,
     policy: Policy,
     now: datetime,
 ) -> int:
     """Split what the IN debited over the open loans (core) and book it; returns the
     debt left. A recovery already DONE books nothing again."""
-    loans = store.open_loans(conn, rec.msisdn)
+    loans = tx.open_loans(rec.msisdn)
     owed = sum(loan.owed_minor for loan in loans)
-    if rec.state == store.DONE:
+    if rec.state == sagas.DONE:
         return owed
     if debited_minor > owed or debited_minor < 0:
-        raise store.LedgerInvariantError(
+        raise sagas.LedgerInvariantError(
             f"recovery {rec.recovery_id}: IN debited {debited_minor}, owed {owed}"
         )
-    store.apply_recovery(conn, rec, split(loans, debited_minor, policy.recovery, owed), now)
+    tx.apply_recovery(rec, split(loans, debited_minor, policy.recovery, owed), now)
     return owed - debited_minor
 
 
 def settle_recovery_failed(
-    conn: sqlite3.Connection, recovery_id: str, result: InResult, now: datetime
+    tx: LedgerTx, recovery_id: str, result: InResult, now: datetime
 ) -> PaybackOutcome:
-    rec = store.get_recovery(conn, recovery_id)
+    rec = tx.get_recovery(recovery_id)
     assert rec is not None
-    store.note_recovery_attempt(
-        conn, recovery_id, result.outcome.value, result.result_code, rec.attempts
-    )
-    store.set_recovery_state(conn, recovery_id, store.FAILED, now)
-    outcome = PaybackOutcome(
-        PaybackStatus.NOT_RECOVERED, 0, store.debt_owed(conn, rec.msisdn), recovery_id
-    )
-    store.idempotent_replace(conn, recharge_key(rec.event_id), outcome.to_json(), now)
+    tx.note_recovery_attempt(recovery_id, result.outcome.value, result.result_code, rec.attempts)
+    tx.set_recovery_state(recovery_id, sagas.FAILED, now)
+    outcome = PaybackOutcome(PaybackStatus.NOT_RECOVERED, 0, tx.debt_owed(rec.msisdn), recovery_id)
+    tx.idempotent_replace(recharge_key(rec.event_id), outcome.to_json(), now)
     return outcome
 
 
-def outcome_of_recovery(rec: store.RecoveryRow, debt_minor: int) -> PaybackOutcome:
+def outcome_of_recovery(rec: RecoveryRow, debt_minor: int) -> PaybackOutcome:
     """The answer to a recharge replayed after its recovery started (`recoveries.event_id`
     is UNIQUE, so this row outlives the idempotency key): nothing is debited again."""
-    if rec.state == store.DONE:
+    if rec.state == sagas.DONE:
         status = PaybackStatus.RECOVERED
-    elif rec.state == store.FAILED:
+    elif rec.state == sagas.FAILED:
         status = PaybackStatus.NOT_RECOVERED
     else:
         status = PaybackStatus.PENDING
@@ -145,7 +142,7 @@ def payback_notice(msisdn: str, outcome: PaybackOutcome, language: str) -> Notic
 class PaybackService:
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: UnitOfWork,
         in_port: InPort,
         notifier: Notifier,
         events: EventSink,
@@ -180,21 +177,21 @@ class PaybackService:
             now = self.clock()
             session_id = self.in_port.new_session_id()
 
-            def record_intent(conn: sqlite3.Connection) -> PaybackOutcome | _Intent:
-                prior = store.idempotent_get(conn, key)
+            def record_intent(tx: LedgerTx) -> PaybackOutcome | _Intent:
+                prior = tx.idempotent_get(key)
                 if prior is not None:
                     return PaybackOutcome.from_json(prior, replayed=True)
-                started = store.recovery_by_event(conn, event.event_id)
+                started = tx.recovery_by_event(event.event_id)
                 if started is not None:  # not settled yet, or its outcome purged
-                    return outcome_of_recovery(started, store.debt_owed(conn, msisdn))
+                    return outcome_of_recovery(started, tx.debt_owed(msisdn))
 
                 def done(outcome: PaybackOutcome) -> PaybackOutcome:
-                    store.idempotent_put(conn, key, outcome.to_json(), now)
+                    tx.idempotent_put(key, outcome.to_json(), now)
                     return outcome
 
-                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 if loaded.learned_in_node != event.in_node:  # write the row only on a change
-                    store.learn_route(conn, msisdn, event.in_node, now)
+                    tx.learn_route(msisdn, event.in_node, now)
                 debt = loaded.state.debt_minor
                 if debt == 0:
                     return done(PaybackOutcome(PaybackStatus.NOTHING_OWED))
@@ -209,8 +206,7 @@ class PaybackService:
                 plan = allocate_payback(loaded.state.open_loans, available, self.policy.recovery)
                 if plan.total_minor == 0:
                     return done(PaybackOutcome(PaybackStatus.NOTHING_RECOVERABLE, 0, debt))
-                recovery_id = store.insert_recovery(
-                    conn,
+                recovery_id = tx.insert_recovery(
                     event_id=event.event_id,
                     msisdn=msisdn,
                     recharge_minor=event.amount_minor,
@@ -256,9 +252,7 @@ class PaybackService:
                 return outcome
             if result.outcome is InOutcome.UNKNOWN:
                 await self.ledger.write(
-                    lambda conn: store.set_recovery_state(
-                        conn, step.recovery_id, store.UNKNOWN, self.clock()
-                    )
+                    lambda tx: tx.set_recovery_state(step.recovery_id, sagas.UNKNOWN, self.clock())
                 )
                 self.events.emit("payback_pending", msisdn=msisdn, recovery_id=step.recovery_id)
                 return PaybackOutcome(PaybackStatus.PENDING, 0, 0, step.recovery_id)
@@ -289,15 +283,13 @@ class PaybackService:
             now = self.clock()
 
             def next_attempt(
-                conn: sqlite3.Connection,
+                tx: LedgerTx,
                 session_id: str = session_id,
                 requested: int = requested,
                 result: InResult = result,
                 now: datetime = now,
             ) -> None:
-                store.note_recovery_attempt(
-                    conn, step.recovery_id, result.outcome.value, result.result_code
-                )
-                store.start_recovery_attempt(conn, step.recovery_id, session_id, requested, now)
+                tx.note_recovery_attempt(step.recovery_id, result.outcome.value, result.result_code)
+                tx.start_recovery_attempt(step.recovery_id, session_id, requested, now)
 
             await self.ledger.write(next_attempt)

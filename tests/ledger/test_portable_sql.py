@@ -38,11 +38,13 @@ from typing import Any
 
 import pytest
 
+from extrabalance.core.model import SubscriberProfile
 from extrabalance.ledger import ads_store, db, store
 from extrabalance.ledger import ledger as ledger_module
 from extrabalance.ledger import profiles as profiles_module
 from extrabalance.ledger import writer as writer_module
 from extrabalance.ledger.adjustments import apply_write_down
+from extrabalance.ledger.sqlite_uow import SqliteLedgerTx
 from extrabalance.ledger.views import subscriber_view
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.retention import IdempotencyRetention
@@ -118,7 +120,7 @@ class _Recorder:
 
 
 def _recording_class(recorder: _Recorder) -> type[sqlite3.Connection]:
-    class RecordingConnection(sqlite3.Connection):
+    class RecordingConnection(SqliteLedgerTx):  # the ledger's own class, recorded
         def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
             recorder.record(sql, params=parameters)
             return super().execute(sql, parameters)
@@ -212,6 +214,9 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         ads_store.active_campaigns(conn)
         for msisdn in ads_store.pending_recipients(conn, campaign, 10):
             ads_store.settle_recipient(conn, campaign, msisdn, ads_store.SENT, None, now)
+        store.put_profile(conn, SubscriberProfile(M4, 30, 100, {"plan": "youth"}), now)
+        store.journal_entries(conn, M1)
+        store.count_overdue(conn, now, now - timedelta(days=30))
 
     await h.ledger.write(ads)
     # Housekeeping: the idempotency purge.
