@@ -16,7 +16,7 @@ not share the node's core):
 Rates: each bind's submit cap (BindConfig.submit_rate_max_per_s) and the ads rate
 (ads.send_rate_max_per_s) are set from `--bind-rate` and `--ads-rate` so they are not
 what limits the figure unless asked; the JSON says which limit applied. The defaults
-of PROTOCOLS.md (window 10, 1 000 submits/s per bind) would cap one bind at 1 000/s:
+of docs/protocols.md (window 10, 1 000 submits/s per bind) would cap one bind at 1 000/s:
 the benchmark runs `--binds` binds of `--window` each, as an operator would configure
 a node for that rate.
 

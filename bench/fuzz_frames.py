@@ -42,7 +42,7 @@ SMPP_HEADER = struct.Struct(">IIII")
 UNKNOWN_AVP_CODE = 0x00FF_FF01  # not in the dictionary
 GROUPED_DEPTH_ATTACK = 40  # deeper than the codec's nesting bound
 
-# Result codes an out-of-balance CCR or a malformed request may get (PROTOCOLS.md).
+# Result codes an out-of-balance CCR or a malformed request may get (docs/protocols.md).
 DIAMETER_ALLOWED_RESULTS = frozenset({
     2001,  # DWA to a mutated DWR, TERMINATION
     3001, 3004, 3007, 3008, 3009,

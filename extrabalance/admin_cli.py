@@ -49,7 +49,8 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
     db_path = _ledger_path(settings)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        report = import_profiles(db_path, csv_path, progress=progress)
+        report = import_profiles(db_path, csv_path, progress=progress,
+                                 languages=settings.templates.keys())
     except ProfileFileError as exc:
         print(f"import-profiles: {exc}", file=sys.stderr)
         return EXIT_USAGE

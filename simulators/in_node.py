@@ -10,8 +10,8 @@ What this file owns
   the operation was applied, forced 3002 / 3004 (not applied) and 4010 / 4012 / 5030
   answers for a share of requests or for given MSISDNs, silent watchdog, disconnects.
 * The Diameter glue (`InSimulator`): one `DiameterNode` per IN node, each with its own
-  Origin-Host and listening port, serving PROTOCOLS.md "Node → IN" and sending
-  PROTOCOLS.md "IN → node" out-of-balance requests as a client; recharges published
+  Origin-Host and listening port, serving docs/protocols.md "Node → IN" and sending
+  docs/protocols.md "IN → node" out-of-balance requests as a client; recharges published
   on MQTT through `simulators.recharge_publisher`.
 * The `extrabalance sim in` entry point (`main_in`).
 
@@ -22,7 +22,7 @@ key is executed and its answer stored; every later request with that key, with o
 without the T flag, gets the stored answer and changes nothing. Two answers are
 deliberately NOT stored: 3002 UNABLE_TO_DELIVER and 3004 TOO_BUSY say "not executed",
 and the node re-sends the same key without the T flag expecting it to be executed
-then (RFC 6733 §7.1.3, PROTOCOLS.md). A dropped answer IS stored: the operation was
+then (RFC 6733 §7.1.3, docs/protocols.md). A dropped answer IS stored: the operation was
 applied and only the answer was lost, the case that makes retries dangerous.
 
 Strict by default: RFC 6733 / RFC 4006 and nothing private

@@ -12,7 +12,7 @@ What this file owns
 * The control channel (JSON lines on loopback) that `extrabalance phone` uses to drive
   a handset living in this process, and the `extrabalance sim smsc` entry point.
 
-USSD wire conventions (PROTOCOLS.md): input goes out as deliver_sm with service_type
+USSD wire conventions (docs/protocols.md): input goes out as deliver_sm with service_type
 `USSD`, source_addr = MSISDN, ussd_service_op 1 (PSSR indication, new dialog) or 18
 (USSR confirm, reply in a dialog), the dialog id TLV; screens come back as submit_sm
 with ussd_service_op 2 (USSR request: a menu) or 17 (PSSR response: final), the

@@ -1,7 +1,7 @@
 """IN → node: the out-of-balance credit-control request (the node is the Gy server).
 
 Translates a CCR into `LendingService.out_of_balance` and its outcome into a CCA,
-as PROTOCOLS.md says: 2001 + Granted-Service-Unit for an automatic advance, 4012 no
+as docs/protocols.md says: 2001 + Granted-Service-Unit for an automatic advance, 4012 no
 advance, 4010 barred, 5030 unknown subscriber, 5031 unknown Service-Context-Id;
 TERMINATION closes the session with 2001. An advance is booked CONFIRMING; once this
 handler has returned its CCA the lending service confirms it with the IN (REFUND_ACCOUNT

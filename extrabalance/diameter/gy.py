@@ -1,6 +1,6 @@
 """Credit control (RFC 4006/8506, 3GPP Gy) as the node and the IN simulator use it.
 
-This file owns the mapping between the two Gy exchanges of PROTOCOLS.md and typed
+This file owns the mapping between the two Gy exchanges of docs/protocols.md and typed
 values: ``CreditControlRequest`` / ``CreditControlAnswer`` ⇄ ``codec.Message``,
 CC-Money ⇄ integer minor units, and Session-Id generation (RFC 6733 §8.8). It is
 symmetric: either side of the wire builds and parses with the same functions.

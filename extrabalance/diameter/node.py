@@ -7,7 +7,7 @@ protocol itself is ``peer.PeerConnection`` (one per transport connection) and
 Client side: ``add_peer_group`` names a set of peers that serve one IN node (one
 realm). Each peer gets a link task that dials, exchanges CER/CEA, and redials with
 jittered exponential backoff when the connection ends. ``request`` sends on an
-OPEN peer of the group. Retry rules (RFC 6733 §5.5.4, PROTOCOLS.md):
+OPEN peer of the group. Retry rules (RFC 6733 §5.5.4, docs/protocols.md):
 
 * the End-to-End id is assigned once and kept for every re-send; each send gets a
   fresh Hop-by-Hop id from the connection;

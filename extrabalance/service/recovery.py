@@ -53,6 +53,7 @@ class _Intent:
     requested_minor: int
     in_node: str
     language: str
+    event_id: str = ""  # the recharge's, for the EDR
 
 
 def settle_recovery_done(
@@ -216,7 +217,8 @@ class PaybackService:
                     session_id=session_id,
                     requested_minor=plan.total_minor,
                 )
-                return _Intent(recovery_id, plan.total_minor, event.in_node, loaded.state.language)
+                return _Intent(recovery_id, plan.total_minor, event.in_node,
+                               loaded.state.language, event.event_id)
 
             step = await self.ledger.write(record_intent)
             self.router.learn(msisdn, event.in_node)
@@ -247,6 +249,8 @@ class PaybackService:
                     recovered_minor=outcome.recovered_minor,
                     debt_after_minor=outcome.debt_minor,
                     full=outcome.debt_minor == 0,
+                    event_id=step.event_id,
+                    in_node=step.in_node,
                 )
                 await safe_notify(self.notifier, payback_notice(msisdn, outcome, step.language))
                 return outcome
@@ -275,6 +279,8 @@ class PaybackService:
                     debt_after_minor=outcome.debt_minor,
                     full=False,
                     result_code=result.result_code,
+                    event_id=step.event_id,
+                    in_node=step.in_node,
                 )
                 return outcome
             attempt += 1

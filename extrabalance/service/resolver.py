@@ -266,6 +266,8 @@ class Resolver:
                     debt_after_minor=outcome.debt_minor,
                     full=outcome.debt_minor == 0,
                     resolved=True,
+                    event_id=rec.event_id,
+                    in_node=rec.in_node,
                 )
                 await safe_notify(
                     self.notifier, payback_notice(msisdn, outcome, await self._language(msisdn))

@@ -71,6 +71,10 @@ async def test_every_loan_and_payback_edr_matches_the_ledger(demo_run):
     for r in payback_edrs:
         assert int(r["recovered_minor"]) == recoveries[r["recovery_id"]]["recovered_minor"]
         assert r["msisdn"] == recoveries[r["recovery_id"]]["msisdn"]
+        # The recharge that paid: joins the EDR to the IN's own record of it.
+        assert r["event_id"] == recoveries[r["recovery_id"]]["event_id"] != ""
+        assert r["in_node"] == recoveries[r["recovery_id"]]["in_node"] != ""
+        assert r["debt_after_minor"] != ""
     # Every line's time is UTC ISO-8601 and its kind is a known one.
     for r in rows:
         assert r["time"].endswith("Z") and datetime.fromisoformat(r["time"])
