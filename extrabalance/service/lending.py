@@ -54,6 +54,7 @@ from extrabalance.service.outcomes import (
 )
 from extrabalance.service.ports import (
     EventSink,
+    FollowUp,
     InAction,
     InOperation,
     InOutcome,
@@ -308,6 +309,9 @@ class LendingService:
         # (config `in_nodes[].advance_confirmation`); every other IN gets none.
         self.advance_confirmation_nodes = advance_confirmation_nodes
         self._confirmations: set[asyncio.Task[None]] = set()
+        # Resolver.follow_up, wired by the node: a loan left UNKNOWN (no answer within
+        # the request timeout) is re-sent after the Tx-timer delays, not 30 s later.
+        self.follow_up: FollowUp | None = None
         self._sagas: set[asyncio.Task[BorrowOutcome]] = set()
 
     # -- borrow ------------------------------------------------------------------
@@ -469,6 +473,8 @@ class LendingService:
                 log.error("loan_settlement_lost", loan_id=step.loan_id, error=repr(exc))
                 raise
         self._emit_loan(msisdn, outcome, channel, result)
+        if outcome.status is BorrowStatus.PENDING and self.follow_up is not None:
+            self.follow_up("loan", step.loan_id, msisdn)
         await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
         if self.ads is not None and outcome.status is BorrowStatus.GRANTED:  # issue 7
             total_minor = (outcome.amount_minor or 0) + (outcome.fee_minor or 0)
