@@ -118,6 +118,8 @@ class Node:
             currency_numeric=s.node.currency_numeric,
             currency_exponent=exponent,
             transient_errors=(RequestTimeout, NoPeerAvailable, asyncio.TimeoutError, ConnectionError),
+            never_sent_errors=(NoPeerAvailable,),
+            end_to_end_ids=self.diameter.new_end_to_end_id,
             observe=lambda action, seconds: self.metrics.in_latency.labels(action).observe(seconds),
         )
         self.esme = Esme(
@@ -148,6 +150,8 @@ class Node:
                                  utc_now, **common, advance_confirmation_nodes=confirming_ins)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
+        # Pending IN operations are re-sent on the Tx-timer schedule, not only every 30 s.
+        self.lending.follow_up = self.payback.follow_up = self.resolver.follow_up
         self.retention = IdempotencyRetention(
             self.ledger, timedelta(hours=s.storage.idempotency_retention_hours), utc_now,
             on_purged=self.metrics.idempotency_purged.inc,
@@ -275,8 +279,10 @@ class Node:
                 log.warning("in_node_not_ready", in_node=origin_host)
 
         await asyncio.gather(*(ready(node.origin_host) for node in s.in_nodes))
-        report = await self.resolver.run_once()
-        log.info("resolved_at_start", report=str(report))
+        # Operations left pending by the last run are resolved in the background (the
+        # resolver's first run starts now, concurrently and bounded); a subscriber with
+        # one is refused OPERATION_PENDING until it settles, everyone else is served,
+        # so the listeners open at once.
         self.ports.diameter = await self.diameter.listen(s.diameter.listen_host, s.diameter.listen_port)
         await self.esme.start()
         self._tasks = [
@@ -391,6 +397,7 @@ class Node:
         except TimeoutError:
             # Left CONFIRMING for the resolver of the next start: nothing is lost.
             self.lending.abandon_confirmations()
+        self.resolver.abandon_follow_ups()  # their operations stay pending for the next run
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -793,6 +793,10 @@ class InSimulator:
         self._note_transmission(name, op, request)
         faults = self._faults[name]
         plan = plan_faults(faults, self._rng, op.msisdn)
+        if ccr.destination_realm.lower() != spec.realm.lower():
+            # RFC 6733 §6.1: not our realm; we relay nothing (3003, E bit, not applied).
+            stats["misrouted"] += 1
+            return self._error(request, spec, 3003, "Destination-Realm not served here")
         if ccr.destination_host is not None and ccr.destination_host != spec.origin_host:
             # A request for another IN node must never be executed here.
             stats["misrouted"] += 1

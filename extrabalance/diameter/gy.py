@@ -523,6 +523,18 @@ def _service_unit_money(msg: Message, unit_code: int) -> Avp | None:
     return unit.first(AVP_CC_MONEY)
 
 
+def units_requested_without_money(msg: Message) -> bool:
+    """A Requested-Service-Unit (top level or in an MSCC) that asks for units other
+    than money (CC-Time, CC-Total-Octets, CC-Service-Specific-Units…) and none in
+    CC-Money: a grant can only be in the unit asked for (RFC 4006 §8.18)."""
+    units = list(msg.all(AVP_REQUESTED_SERVICE_UNIT))
+    for mscc in msg.all(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL):
+        if isinstance(mscc.value, tuple):
+            units += mscc.all(AVP_REQUESTED_SERVICE_UNIT)
+    return any(isinstance(u.value, tuple) and u.value and u.first(AVP_CC_MONEY) is None
+               for u in units)
+
+
 def parse_ccr(msg: Message, currency_exponent: int = 2) -> CreditControlRequest:
     """The typed CCR, or the DiameterError the node answers with (5005, 5004)."""
     session_id = _require(msg, AVP_SESSION_ID, str)

@@ -45,6 +45,7 @@ from extrabalance.service.outcomes import (
     DIAMETER_END_USER_SERVICE_DENIED,
     DIAMETER_SUCCESS,
     DIAMETER_TOO_BUSY,
+    DIAMETER_UNKNOWN_SESSION_ID,
     DIAMETER_USER_UNKNOWN,
     AdvanceOutcome,
     BorrowOutcome,
@@ -53,6 +54,7 @@ from extrabalance.service.outcomes import (
 )
 from extrabalance.service.ports import (
     EventSink,
+    FollowUp,
     InAction,
     InOperation,
     InOutcome,
@@ -77,6 +79,8 @@ NOT_EXECUTED_RESENDS_MAX = 2  # immediate re-sends of a 3002/3004 before giving 
 # CONFIRMING for the resolver (it is durable, nothing is lost).
 CONFIRM_RETRY_DELAYS_S = (0.5, 2.0)
 CONFIRMATIONS_INFLIGHT_MAX = 1_000
+CC_REQUEST_TYPE_INITIAL = 1
+CC_REQUEST_TYPE_UPDATE = 2
 CC_REQUEST_TYPE_TERMINATION = 3
 BARRED_REASONS = (Reason.BARRED_BAD_DEBT, Reason.BARRED_MANUAL)
 
@@ -305,6 +309,9 @@ class LendingService:
         # (config `in_nodes[].advance_confirmation`); every other IN gets none.
         self.advance_confirmation_nodes = advance_confirmation_nodes
         self._confirmations: set[asyncio.Task[None]] = set()
+        # Resolver.follow_up, wired by the node: a loan left UNKNOWN (no answer within
+        # the request timeout) is re-sent after the Tx-timer delays, not 30 s later.
+        self.follow_up: FollowUp | None = None
         self._sagas: set[asyncio.Task[BorrowOutcome]] = set()
 
     # -- borrow ------------------------------------------------------------------
@@ -466,6 +473,8 @@ class LendingService:
                 log.error("loan_settlement_lost", loan_id=step.loan_id, error=repr(exc))
                 raise
         self._emit_loan(msisdn, outcome, channel, result)
+        if outcome.status is BorrowStatus.PENDING and self.follow_up is not None:
+            self.follow_up("loan", step.loan_id, msisdn)
         await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
         if self.ads is not None and outcome.status is BorrowStatus.GRANTED:  # issue 7
             total_minor = (outcome.amount_minor or 0) + (outcome.fee_minor or 0)
@@ -624,6 +633,11 @@ class LendingService:
                     store.idempotent_put(conn, key, outcome.to_json(), now)
                     return outcome, state
 
+                if (request_type in (CC_REQUEST_TYPE_UPDATE, CC_REQUEST_TYPE_TERMINATION)
+                        and not _session_known(conn, session_id)):
+                    # RFC 4006 §5.1: UPDATE and TERMINATION continue a session opened
+                    # by an INITIAL (CC-Request-Number 0); none was seen.
+                    return done(AdvanceOutcome(DIAMETER_UNKNOWN_SESSION_ID), None)
                 if request_type == CC_REQUEST_TYPE_TERMINATION:
                     return done(AdvanceOutcome(DIAMETER_SUCCESS), None)
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
@@ -675,7 +689,7 @@ class LendingService:
             outcome, state = await self.ledger.write(answer)
             if outcome.replayed or outcome.result_code == DIAMETER_TOO_BUSY:
                 return outcome
-            if outcome.result_code != DIAMETER_USER_UNKNOWN:
+            if outcome.result_code not in (DIAMETER_USER_UNKNOWN, DIAMETER_UNKNOWN_SESSION_ID):
                 self.router.learn(msisdn, origin_host)
             if state is not None:
                 await self._after_advance(
@@ -779,6 +793,15 @@ class LendingService:
             return
         if self.ads is not None:  # caps, quiet hours, rate; the CCA does not wait
             self.ads.fire_offer(msisdn, AdTrigger.OUT_OF_BALANCE)
+
+
+def _session_known(conn: sqlite3.Connection, session_id: str) -> bool:
+    """Whether the IN opened this credit-control session with an INITIAL_REQUEST
+    (CC-Request-Number 0, RFC 4006 §8.2): its answer is still kept, or it granted
+    an advance (kept with the loan after the answer was purged)."""
+    key = f"ccr:{session_id}:0"
+    return (store.idempotent_get(conn, key) is not None
+            or store.loan_by_idempotency_key(conn, key) is not None)
 
 
 def _v(reason: Reason | None) -> str | None:

@@ -22,9 +22,14 @@ from extrabalance.core.payback import allocate_payback, split
 from extrabalance.core.policy import Policy
 from extrabalance.service.lending import Clock, call_in_with_resends, safe_notify
 from extrabalance.service.locks import SubscriberLocks
-from extrabalance.service.outcomes import PaybackOutcome, PaybackStatus
+from extrabalance.service.outcomes import (
+    DIAMETER_CREDIT_LIMIT_REACHED,
+    PaybackOutcome,
+    PaybackStatus,
+)
 from extrabalance.service.ports import (
     EventSink,
+    FollowUp,
     InAction,
     InOperation,
     InOutcome,
@@ -165,6 +170,9 @@ class PaybackService:
         self.locks = locks or SubscriberLocks()
         self.attempts_max = attempts_max
         self.default_language = default_language
+        # Resolver.follow_up, wired by the node: a recovery left pending (no answer in
+        # time, or not executed) is re-sent after the Tx-timer delays, not 30 s later.
+        self.follow_up: FollowUp | None = None
 
     async def handle_recharge(self, event: RechargeEvent) -> PaybackOutcome:
         """Recover what is owed from this recharge. Idempotent by `event.event_id`."""
@@ -259,9 +267,29 @@ class PaybackService:
                     lambda tx: tx.set_recovery_state(step.recovery_id, sagas.UNKNOWN, self.clock())
                 )
                 self.events.emit("payback_pending", msisdn=msisdn, recovery_id=step.recovery_id)
+                if self.follow_up is not None:
+                    self.follow_up("recovery", step.recovery_id, msisdn)
                 return PaybackOutcome(PaybackStatus.PENDING, 0, 0, step.recovery_id)
-            # REFUSED (4012: the balance moved) or never executed: nothing was taken.
-            smaller = requested // 2
+            if result.outcome is InOutcome.NOT_EXECUTED:
+                # 3002/3004 on every immediate send: not executed, nothing taken. The
+                # same operation (Session-Id, amount) is re-sent later, never a smaller
+                # one (RFC 6733 §7.1.3): it stays RECOVERING for the follow-up and the
+                # resolver, which re-send it unchanged.
+                await self.ledger.write(
+                    partial(
+                        store.note_recovery_attempt,
+                        recovery_id=step.recovery_id,
+                        outcome=result.outcome.value,
+                        result_code=result.result_code,
+                    )
+                )
+                self.events.emit("payback_pending", msisdn=msisdn, recovery_id=step.recovery_id)
+                if self.follow_up is not None:
+                    self.follow_up("recovery", step.recovery_id, msisdn)
+                return PaybackOutcome(PaybackStatus.PENDING, 0, 0, step.recovery_id)
+            # REFUSED: 4012 (the balance moved since the recharge) is retried with a
+            # smaller amount under a new Session-Id; any other refusal ends it.
+            smaller = requested // 2 if result.result_code == DIAMETER_CREDIT_LIMIT_REACHED else 0
             if attempt >= self.attempts_max or smaller <= 0:
                 outcome = await self.ledger.write(
                     partial(

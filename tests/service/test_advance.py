@@ -87,9 +87,27 @@ async def test_unrouted_but_profiled_subscriber_learns_route(h):
 async def test_termination_grants_nothing(h):
     await h.add_profile(M)
     await h.lending.set_preferences(M, auto_advance=True)
-    out = await ccr(h, number=1, rtype=3)
+    await h.add_profile("201001234568")
+    assert (await ccr(h, number=0, rtype=1, msisdn="201001234568")).result_code == 4012
+    out = await ccr(h, number=1, rtype=3, msisdn="201001234568")
     assert out.result_code == 2001 and out.granted_minor is None
     assert (await h.check_invariants())["debts"] == {}
+
+
+async def test_update_or_termination_of_an_unknown_session_is_5002(h):
+    """RFC 4006 §5.1 / RFC 6733 §7.1.5: UPDATE and TERMINATION continue a session an
+    INITIAL opened; for a Session-Id the node never saw, 5002 and nothing granted."""
+    await h.add_profile(M)
+    await h.lending.set_preferences(M, auto_advance=True)
+    update = await ccr(h, session="never-opened", number=1, rtype=2)
+    assert update.result_code == 5002 and update.granted_minor is None
+    term = await ccr(h, session="never-opened-2", number=1, rtype=3)
+    assert term.result_code == 5002
+    assert (await h.check_invariants())["debts"] == {}
+    # Once the session is opened, its UPDATE is served.
+    assert (await ccr(h, session="s5", number=0, rtype=1)).result_code == 2001
+    assert (await ccr(h, session="s5", number=1, rtype=2)).result_code == 2001
+    assert (await ccr(h, session="s5", number=2, rtype=3)).result_code == 2001
 
 
 async def test_ceiling_reached_4012(h):
