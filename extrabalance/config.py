@@ -176,6 +176,9 @@ class BindSection(_Model):
     window_max: Annotated[int, Field(ge=1, le=1000)] = 10
     submit_rate_max_per_s: Annotated[int, Field(ge=1, le=100_000)] = 1000
     enquire_link_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # How long a submit_sm waits for its submit_sm_resp. A late answer still frees
+    # the request's window slot; the caller was told at the timeout.
+    response_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
 
     def password(self) -> str:
         value = _secret(self.password_env, self.password_file, f"SMPP bind {self.system_id}") or ""
@@ -199,6 +202,9 @@ class SmppSection(_Model):
     # The same SMS loan request (MSISDN, keyword, amount) again within this many
     # seconds is the SMSC re-sending it: the first outcome is replayed (0: off).
     sms_repeat_window_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
+    # A submit_sm whose response timed out may have reached the SMSC: it is sent again
+    # at most this many times (each a possible duplicate, counted). 0: never.
+    submit_timeout_resends: Annotated[int, Field(ge=0, le=5)] = 0
     dialogs_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     # USSD and SMS being handled at once; beyond it deliver_sm gets ESME_RTHROTTLED.
     inbound_tasks_max: Annotated[int, Field(ge=1, le=1_000_000)] = 2000

@@ -126,10 +126,12 @@ class Node:
                     host=b.host, port=b.port, system_id=b.system_id, password=b.password(),
                     system_type=b.system_type, window_max=b.window_max,
                     submit_rate_max_per_s=b.submit_rate_max_per_s, enquire_link_s=b.enquire_link_s,
+                    response_timeout_s=b.response_timeout_s,
                 )
                 for b in s.smpp.binds
             ],
             on_deliver=self._on_deliver,
+            timeout_resends_max=s.smpp.submit_timeout_resends,
             use_message_payload=s.smpp.sms_long_mode == "message_payload",
         )
         locks = SubscriberLocks()

@@ -44,6 +44,7 @@ CONCAT_PENDING_MAX = 10_000  # incoming long SMS waiting for their other parts
 CONCAT_TIMEOUT_S = 120.0  # a part whose siblings do not come in this time is dropped
 SMS_REPEAT_WINDOW_S = 120.0  # the same SMS loan request again within it: the SMSC's re-send
 SMS_RECENT_MAX = 100_000  # loan requests remembered for that window
+SCREENS_TRACKED_MAX = 100_000  # open dialogs whose latest screen is known
 
 
 class SmppChannel:
@@ -89,6 +90,8 @@ class SmppChannel:
         self._reassembler = Reassembler(entries_max=CONCAT_PENDING_MAX, timeout_s=CONCAT_TIMEOUT_S)
         self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # message id → (msisdn, template)
         self._clock = clock
+        # (msisdn, dialog key) → number of the dialog's latest screen
+        self._screens: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._sms_repeat_window_s = sms_repeat_window_s
         # (msisdn, request) → (first seen, idempotency key) of recent SMS loan requests
         self._recent_loans: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
@@ -208,12 +211,22 @@ class SmppChannel:
             user_message_reference=ind.user_message_reference,
             service_type=self._service_type,
         )
+        # A screen is re-sent (throttled, bind lost) only while it is the dialog's
+        # latest: never after a later screen or the final one went out.
+        dialog = (ind.msisdn, key)
+        generation = self._screens.get(dialog, 0) + 1
+        self._screens[dialog] = generation
+        self._screens.move_to_end(dialog)
+        while len(self._screens) > SCREENS_TRACKED_MAX:
+            self._screens.popitem(last=False)
         try:
-            await self._submit(submit)
+            await self._submit(submit, resend_if=lambda: self._screens.get(dialog) == generation)
             self.stats["ussd_out"] += 1
         except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
             self.stats["ussd_failed"] += 1
             log.warning("ussd_submit_failed", msisdn=ind.msisdn, error=str(exc))
+        if final and self._screens.get(dialog) == generation:
+            del self._screens[dialog]  # what is still being re-sent of it stops
         if self._observe_ussd is not None:
             self._observe_ussd(time.perf_counter() - started)
 

@@ -45,6 +45,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUBMIT_ATTEMPTS_MAX = 6  # first try + 5 resends, then SubmitError
+# Of those resends, how many may follow a response timeout: the SMSC may have taken
+# the first copy (it answered late or its answer was lost), so each is a possible
+# duplicate on the handset, counted in `Esme.stats["timeout_resends"]`.
+TIMEOUT_RESENDS_MAX = 0
 RETRY_BACKOFF_BASE_S = 0.05
 RETRY_BACKOFF_MAX_S = 5.0
 RECONNECT_BACKOFF_BASE_S = 0.2
@@ -156,6 +160,8 @@ class _BindWorker:
         self.connects = 0
         self.failures_in_row = 0
         self.bound_since_s: float | None = None
+        # submit_sm timed out / answered after their timeout, over every connection
+        self.counters = {"timeouts": 0, "late_responses": 0}
 
     @property
     def bound(self) -> bool:
@@ -196,7 +202,7 @@ class _BindWorker:
                 enquire_link_s=cfg.enquire_link_s,
             )
             conn = SmppConnection(session, reader, writer, self._on_request, name=self.name,
-                                  clock=self.esme._clock)
+                                  clock=self.esme._clock, stats=self.counters)
             session.bind("trx", cfg.system_id, cfg.password, cfg.system_type,
                          now_s=self.esme._clock())
             conn.flush()
@@ -257,6 +263,7 @@ class _BindWorker:
             "connects": self.connects,
             "last_error": self.last_error,
             "last_bind_status": self.last_bind_status,
+            **self.counters,
         }
 
 
@@ -275,6 +282,7 @@ class Esme:
         on_deliver: OnDeliver,
         *,
         submit_attempts_max: int = SUBMIT_ATTEMPTS_MAX,
+        timeout_resends_max: int = TIMEOUT_RESENDS_MAX,
         retry_backoff_base_s: float = RETRY_BACKOFF_BASE_S,
         retry_backoff_max_s: float = RETRY_BACKOFF_MAX_S,
         submit_wait_bound_s: float = SUBMIT_WAIT_BOUND_S,
@@ -290,6 +298,11 @@ class Esme:
         self._on_deliver = on_deliver
         self._clock = clock
         self.submit_attempts_max = submit_attempts_max
+        self.timeout_resends_max = timeout_resends_max
+        # timeout_resends: submits sent again after a response timeout (duplicate
+        # risk); timeout_given_up: submits not sent again (bound reached, or the
+        # caller no longer wanted it: a later screen of the same dialog went out).
+        self.stats = {"timeout_resends": 0, "timeout_given_up": 0}
         self.retry_backoff_base_s = retry_backoff_base_s
         self.retry_backoff_max_s = retry_backoff_max_s
         self.submit_wait_bound_s = submit_wait_bound_s
@@ -345,14 +358,32 @@ class Esme:
 
     # -- submitting ------------------------------------------------------------------
 
-    async def submit(self, pdu: SubmitSm) -> SubmitResult:
+    async def submit(self, pdu: SubmitSm, *,
+                     resend_if: Callable[[], bool] | None = None) -> SubmitResult:
         """Submit on the least loaded bound bind. Throttling answers
-        (ESME_RTHROTTLED, ESME_RMSGQFUL), timeouts and lost connections are retried
-        with bounded, jittered backoff, up to submit_attempts_max tries; then
-        SubmitError. Other error statuses are returned, not retried."""
+        (ESME_RTHROTTLED, ESME_RMSGQFUL) and lost connections are retried with
+        bounded, jittered backoff, up to submit_attempts_max tries; then SubmitError.
+        A response timeout is retried at most timeout_resends_max times (the SMSC may
+        have the first copy), and never when `resend_if()` says the message is no
+        longer wanted. Other error statuses are returned, not retried."""
         last_status: int | None = None
         last_reason = ""
+        timeout_resends = 0
         for attempt in range(1, self.submit_attempts_max + 1):
+            if attempt > 1 and resend_if is not None and not resend_if():
+                if last_reason == "timeout":
+                    self.stats["timeout_given_up"] += 1
+                raise SubmitError(f"submit_sm not sent again ({last_reason}): superseded",
+                                  last_status, attempt - 1)
+            if last_reason == "timeout":
+                if timeout_resends >= self.timeout_resends_max:
+                    self.stats["timeout_given_up"] += 1
+                    raise SubmitError(
+                        f"submit_sm unanswered after {timeout_resends + 1} attempts "
+                        f"(timeout resends bounded at {self.timeout_resends_max})",
+                        last_status, attempt - 1)
+                timeout_resends += 1
+                self.stats["timeout_resends"] += 1
             worker = self._least_loaded()  # no coroutine when a bind is up
             if worker is None:
                 try:
@@ -379,7 +410,7 @@ class Esme:
                     return SubmitResult("", status or Status.ESME_RUNKNOWNERR, attempt,
                                         worker.name)
                 last_status, last_reason = status, status_name(status)
-            if attempt < self.submit_attempts_max:
+            if attempt < self.submit_attempts_max and last_reason != "timeout":
                 ceiling = min(self.retry_backoff_max_s,
                               self.retry_backoff_base_s * 2 ** (attempt - 1))
                 await self._sleep(ceiling * random.uniform(0.5, 1.0))
