@@ -179,6 +179,22 @@ class BindSection(_Model):
     # How long a submit_sm waits for its submit_sm_resp. A late answer still frees
     # the request's window slot; the caller was told at the timeout.
     response_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # "idle": enquire_link after enquire_link_s without traffic (SMPP 3.4 §4.11);
+    # "periodic": every enquire_link_s, for gateways that poll on their own clock and
+    # expect ours too.
+    enquire_link_mode: Literal["idle", "periodic"] = "idle"
+    # its_session_info sequence of our USSD answers: the received one + 1
+    # ("increment") or the received one ("echo"), whichever the gateway expects.
+    its_sequence: Literal["increment", "echo"] = "increment"
+
+    def password_source(self) -> str:
+        """Where the password is read from, for error messages (never the value)."""
+        if self.password_env:
+            state = "" if self.password_env in os.environ else ", which is not set"
+            return f"environment variable {self.password_env}{state}"
+        if self.password_file:
+            return f"file {self.password_file}"
+        return "nowhere: set password_env or password_file"
 
     def password(self) -> str:
         value = _secret(self.password_env, self.password_file, f"SMPP bind {self.system_id}") or ""

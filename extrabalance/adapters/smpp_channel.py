@@ -67,6 +67,7 @@ class SmppChannel:
         inbound_tasks_max: int = INBOUND_TASKS_MAX,
         delivery_receipts: bool = True,
         sms_repeat_window_s: float = SMS_REPEAT_WINDOW_S,
+        its_sequence: Callable[[str], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if inbound_tasks_max < 1:
@@ -90,6 +91,8 @@ class SmppChannel:
         self._reassembler = Reassembler(entries_max=CONCAT_PENDING_MAX, timeout_s=CONCAT_TIMEOUT_S)
         self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # message id → (msisdn, template)
         self._clock = clock
+        # bind name → "increment" or "echo": the its_session_info sequence we answer with
+        self._its_sequence = its_sequence or (lambda bind: "increment")
         # (msisdn, dialog key) → number of the dialog's latest screen
         self._screens: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._sms_repeat_window_s = sms_repeat_window_s
@@ -140,7 +143,7 @@ class SmppChannel:
             return int(Status.ESME_RTHROTTLED)
         if ussd_op is not None:
             self.stats["ussd_in"] += 1
-            self._spawn(self._ussd(pdu))
+            self._spawn(self._ussd(pdu, system_id))
         else:
             self.stats["sms_in"] += 1
             self._spawn(self._sms(pdu, system_id))
@@ -166,7 +169,7 @@ class SmppChannel:
         if message_id is not None and self._sent.pop(message_id, None) is not None:
             self.stats["receipts_matched"] += 1
 
-    async def _ussd(self, pdu: DeliverSm) -> None:
+    async def _ussd(self, pdu: DeliverSm, bind: str = "") -> None:
         started = time.perf_counter()
         try:
             ind = parse_ussd_deliver(pdu, abort_op=self._abort_op)
@@ -199,11 +202,10 @@ class SmppChannel:
         text, final = screen.text, screen.final
         session = None
         if ind.session is not None:
-            session = ItsSessionInfo(
-                ind.session.session_number,
-                min(ind.session.sequence_number + 1, 0x7F),
-                end_of_session=final,
-            )
+            sequence = ind.session.sequence_number
+            if self._its_sequence(bind) != "echo":
+                sequence = min(sequence + 1, 0x7F)
+            session = ItsSessionInfo(ind.session.session_number, sequence, end_of_session=final)
         submit = ussd_submit(
             ind.msisdn, ind.dest_addr or self._ussd_source, text,
             op=UssdOp.PSSR_RESPONSE if final else UssdOp.USSR_REQUEST,

@@ -78,6 +78,14 @@ class BindConfig:
     enquire_link_s: float = 30.0
     response_timeout_s: float = 5.0
     reconnect_backoff_max_s: float = 30.0
+    # "idle": enquire_link after enquire_link_s without traffic (SMPP 3.4 §4.11);
+    # "periodic": every enquire_link_s whatever the traffic, for gateways that expect it.
+    enquire_link_mode: str = "idle"
+    # its_session_info sequence in our USSD answers: "increment" (the received one + 1)
+    # or "echo" (the received one), as the gateway expects.
+    its_sequence: str = "increment"
+    # Where the password came from, named when the SMSC refuses it (never the value).
+    password_source: str = ""
 
     @property
     def name(self) -> str:
@@ -161,7 +169,8 @@ class _BindWorker:
         self.failures_in_row = 0
         self.bound_since_s: float | None = None
         # submit_sm timed out / answered after their timeout, over every connection
-        self.counters = {"timeouts": 0, "late_responses": 0}
+        self.counters = {"timeouts": 0, "late_responses": 0, "connect_failures": 0,
+                         "connections_lost": 0, "binds": 0}
 
     @property
     def bound(self) -> bool:
@@ -195,11 +204,14 @@ class _BindWorker:
                 )
             except (TimeoutError, OSError) as exc:
                 self.last_error = f"connect failed: {exc or type(exc).__name__}"
+                self.counters["connect_failures"] += 1
+                self._log_failure(self.last_error)
                 await self._backoff()
                 continue
             session = Session(
                 Role.ESME, window_max=cfg.window_max, response_timeout_s=cfg.response_timeout_s,
                 enquire_link_s=cfg.enquire_link_s,
+                enquire_link_periodic=cfg.enquire_link_mode == "periodic",
             )
             conn = SmppConnection(session, reader, writer, self._on_request, name=self.name,
                                   clock=self.esme._clock, stats=self.counters)
@@ -210,27 +222,41 @@ class _BindWorker:
             await conn.bind_done.wait()
             if conn.bound.is_set():
                 self.conn = conn
+                rebind = self.counters["binds"] > 0
+                self.counters["binds"] += 1
                 self.failures_in_row = 0
                 self.last_error = None
                 self.bound_since_s = self.esme._clock()
                 self.esme._bound_changed()
-                log.info("smpp %s: bound", self.name)
+                log.info("smpp %s: %s", self.name, "bound again" if rebind else "bound")
             else:
                 self.last_bind_status = conn.bind_refused_status
                 if conn.bind_refused_status is not None:
                     self.last_error = f"bind refused: {status_name(conn.bind_refused_status)}"
+                    if (conn.bind_refused_status == Status.ESME_RINVPASWD
+                            and cfg.password_source):
+                        self.last_error += f" (password from {cfg.password_source})"
                 else:
                     self.last_error = f"closed before bind: {conn.close_reason}"
-                log.warning("smpp %s: %s", self.name, self.last_error)
+                self._log_failure(self.last_error)
                 conn.close()
             await runner
             if self.conn is conn:
-                self.last_error = self.last_error or f"connection lost: {conn.close_reason}"
+                self.last_error = f"connection lost: {conn.close_reason}"
+                self.counters["connections_lost"] += 1
+                log.warning("smpp %s: %s", self.name, self.last_error)
                 self.conn = None
                 self.bound_since_s = None
                 self.esme._bound_changed()
             if not self.esme._closing:
                 await self._backoff()
+
+    def _log_failure(self, error: str) -> None:
+        # Rate-limited: the first failure in a row, then the 2nd, 4th, 8th... (one
+        # line per backoff doubling) and every 64th once the backoff is at its cap.
+        n = self.failures_in_row + 1
+        if n & (n - 1) == 0 or n % 64 == 0:
+            log.warning("smpp %s: %s (%d in a row)", self.name, error, n)
 
     async def _backoff(self) -> None:
         # Exponential, capped, with jitter so that several nodes do not reconnect
@@ -352,6 +378,10 @@ class Esme:
                     await w.task
             if w.conn is not None:
                 w.conn.close()
+
+    def bind_config(self, name: str) -> BindConfig | None:
+        """The configuration of the bind named `name` (as given to on_deliver)."""
+        return next((w.cfg for w in self._workers if w.name == name), None)
 
     def bind_states(self) -> list[dict[str, object]]:
         return [w.state() for w in self._workers]

@@ -366,6 +366,7 @@ class Session:
         inbound_pending_max: int = INBOUND_PENDING_MAX_DEFAULT,
         response_timeout_s: float = 5.0,
         enquire_link_s: float = 30.0,
+        enquire_link_periodic: bool = False,
     ) -> None:
         if role is Role.SMSC and authenticator is None:
             raise ValueError("the SMSC role needs an authenticator")
@@ -378,6 +379,10 @@ class Session:
         self.inbound_pending_max = inbound_pending_max
         self.response_timeout_s = response_timeout_s
         self.enquire_link_s = enquire_link_s
+        # False: enquire_link after enquire_link_s of silence (SMPP 3.4 §4.11);
+        # True: every enquire_link_s whatever the traffic.
+        self.enquire_link_periodic = enquire_link_periodic
+        self._last_enquire_s: float | None = None
         self.state = State.OPEN
         self._framer = Framer()
         self._out = bytearray()
@@ -513,10 +518,14 @@ class Session:
             o.deadline_s = now_s + self.response_timeout_s * LATE_RESPONSE_WAIT_FACTOR
             self._events.append(RequestFailed(o.sent, seq, "timeout"))
         self._pump(now_s)
+        if self._last_enquire_s is None:
+            self._last_enquire_s = now_s
+        since = self._last_enquire_s if self.enquire_link_periodic else self._last_rx_s
         if (
             self.bound and self._enquire_seq is None
-            and now_s - self._last_rx_s >= self.enquire_link_s
+            and now_s - since >= self.enquire_link_s
         ):
+            self._last_enquire_s = now_s
             seq = self._take_seq()
             self._enquire_seq = seq
             self._outstanding[seq] = _Outstanding(

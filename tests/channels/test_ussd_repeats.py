@@ -255,3 +255,26 @@ async def test_an_earlier_screen_is_never_sent_again_after_a_later_one():
     await asyncio.sleep(0.01)
     assert len(wanted) == 3
     assert [w() for w in wanted] == [False, False, False]  # the final screen went out
+
+
+async def test_its_session_info_sequence_is_echoed_for_gateways_that_want_it():
+    s = load_settings()
+    t = Templates(s.templates, "en", 2)
+    lending = SlowLending(s.policy())
+    lending.add(A, 400, 5000)
+    for mode, wanted in (("increment", 4), ("echo", 3)):
+        answers = []
+
+        async def submit(pdu, **_):
+            answers.append(pdu.its_session_info)
+
+        async def send_sms(source, dest, text, *, registered_delivery=True):
+            return []
+
+        ch = SmppChannel(dialogs=UssdDialogs(lending, t), lending=lending, templates=t,
+                         policy=lending.policy, submit=submit, send_sms=send_sms,
+                         short_code="1234", its_sequence=lambda bind, m=mode: m)
+        ch.on_deliver(ussd_deliver(A, "*123#", "*123#", op=UssdOp.PSSR_INDICATION,
+                                   session=ItsSessionInfo(5, 3)), "bind-1")
+        await asyncio.sleep(0.01)
+        assert [(a.session_number, a.sequence_number) for a in answers] == [(5, wanted)]

@@ -298,3 +298,26 @@ def test_alert_notification_takes_no_response() -> None:
     events = esme.receive_data(encode(AlertNotification(source_addr="2010", sequence_number=4)), 0)
     assert isinstance(events[0], RequestReceived)
     assert esme.data_to_send() == b""
+
+
+def test_periodic_enquire_link_goes_out_whatever_the_traffic() -> None:
+    """A gateway that polls on its own clock expects ours too: with the periodic
+    mode, enquire_link every enquire_link_s even while traffic flows."""
+    for periodic, wanted in ((False, 0), (True, 3)):
+        esme, smsc = bound_pair(enquire_link_s=10.0, enquire_link_periodic=periodic)
+        sent = 0
+        for t in range(1, 36):  # a deliver_sm every second: never silent
+            smsc.send_request(DeliverSm(), float(t))
+            got = esme.receive_data(smsc.data_to_send(), float(t))
+            for ev in got:
+                esme.send_response(make_response(ev.pdu, 0))  # type: ignore[attr-defined]
+            esme.tick(float(t))
+            out = esme.data_to_send()
+            at = 0
+            while at < len(out):  # one PDU after the other: length, command_id, ...
+                length, command_id = struct.unpack_from(">II", out, at)
+                sent += command_id == CommandId.ENQUIRE_LINK
+                at += length
+            smsc.receive_data(out, float(t))
+            esme.receive_data(smsc.data_to_send(), float(t))
+        assert sent == wanted, periodic

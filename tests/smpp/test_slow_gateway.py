@@ -95,3 +95,38 @@ async def test_a_submit_no_longer_wanted_is_not_sent_again():
     finally:
         await esme.close()
         await smsc.close()
+
+
+async def test_connect_failures_and_an_unset_password_are_named(caplog):
+    import logging
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    esme = Esme([BindConfig("127.0.0.1", dead_port, "node", "pw",
+                            reconnect_backoff_max_s=0.05)], lambda pdu, bind: 0)
+    with caplog.at_level(logging.WARNING, logger="extrabalance.smpp.client"):
+        await esme.start()
+        try:
+            await wait_for(lambda: esme.bind_states()[0]["connect_failures"] >= 3)
+        finally:
+            await esme.close()
+    lines = [r.getMessage() for r in caplog.records if "connect failed" in r.getMessage()]
+    assert lines and f"127.0.0.1:{dead_port}" in lines[0] and "node@" in lines[0]
+    assert len(lines) < esme.bind_states()[0]["connect_failures"] + 1  # rate-limited
+
+    smsc = Smsc(credentials={"node": "pw"}, on_submit=lambda pdu, system_id: (0, "m"))
+    port = await smsc.listen("127.0.0.1", 0)
+    esme = Esme([BindConfig("127.0.0.1", port, "node", "",
+                            password_source="environment variable EB_SMPP_PASSWORD, "
+                                            "which is not set",
+                            reconnect_backoff_max_s=0.05)], lambda pdu, bind: 0)
+    await esme.start()
+    try:
+        await wait_for(lambda: esme.bind_states()[0]["last_bind_status"] is not None)
+        error = str(esme.bind_states()[0]["last_error"])
+        assert "ESME_RINVPASWD" in error and "EB_SMPP_PASSWORD, which is not set" in error
+    finally:
+        await esme.close()
+        await smsc.close()
