@@ -191,6 +191,25 @@ class BindSection(_Model):
     window_max: Annotated[int, Field(ge=1, le=1000)] = 10
     submit_rate_max_per_s: Annotated[int, Field(ge=1, le=100_000)] = 1000
     enquire_link_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # How long a submit_sm waits for its submit_sm_resp. A late answer still frees
+    # the request's window slot; the caller was told at the timeout.
+    response_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # "idle": enquire_link after enquire_link_s without traffic (SMPP 3.4 §4.11);
+    # "periodic": every enquire_link_s, for gateways that poll on their own clock and
+    # expect ours too.
+    enquire_link_mode: Literal["idle", "periodic"] = "idle"
+    # its_session_info sequence of our USSD answers: the received one + 1
+    # ("increment") or the received one ("echo"), whichever the gateway expects.
+    its_sequence: Literal["increment", "echo"] = "increment"
+
+    def password_source(self) -> str:
+        """Where the password is read from, for error messages (never the value)."""
+        if self.password_env:
+            state = "" if self.password_env in os.environ else ", which is not set"
+            return f"environment variable {self.password_env}{state}"
+        if self.password_file:
+            return f"file {self.password_file}"
+        return "nowhere: set password_env or password_file"
 
     def password(self) -> str:
         value = _secret(self.password_env, self.password_file, f"SMPP bind {self.system_id}") or ""
@@ -214,6 +233,9 @@ class SmppSection(_Model):
     # The same SMS loan request (MSISDN, keyword, amount) again within this many
     # seconds is the SMSC re-sending it: the first outcome is replayed (0: off).
     sms_repeat_window_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
+    # A submit_sm whose response timed out may have reached the SMSC: it is sent again
+    # at most this many times (each a possible duplicate, counted). 0: never.
+    submit_timeout_resends: Annotated[int, Field(ge=0, le=5)] = 0
     dialogs_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     # USSD and SMS being handled at once; beyond it deliver_sm gets ESME_RTHROTTLED.
     inbound_tasks_max: Annotated[int, Field(ge=1, le=1_000_000)] = 2000

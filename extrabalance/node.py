@@ -128,10 +128,14 @@ class Node:
                     host=b.host, port=b.port, system_id=b.system_id, password=b.password(),
                     system_type=b.system_type, window_max=b.window_max,
                     submit_rate_max_per_s=b.submit_rate_max_per_s, enquire_link_s=b.enquire_link_s,
+                    response_timeout_s=b.response_timeout_s,
+                    enquire_link_mode=b.enquire_link_mode, its_sequence=b.its_sequence,
+                    password_source=b.password_source(),
                 )
                 for b in s.smpp.binds
             ],
             on_deliver=self._on_deliver,
+            timeout_resends_max=s.smpp.submit_timeout_resends,
             use_message_payload=s.smpp.sms_long_mode == "message_payload",
         )
         locks = SubscriberLocks()
@@ -171,6 +175,7 @@ class Node:
             inbound_tasks_max=s.smpp.inbound_tasks_max,
             delivery_receipts=s.smpp.delivery_receipts,
             sms_repeat_window_s=s.smpp.sms_repeat_window_s,
+            its_sequence=self._its_sequence,
         )
         notifier.target = self.channel
         self.gy = GyServer(
@@ -240,6 +245,10 @@ class Node:
 
     def _on_deliver(self, pdu: Any, system_id: str) -> int:
         return self.channel.on_deliver(pdu, system_id)
+
+    def _its_sequence(self, bind: str) -> str:
+        cfg = self.esme.bind_config(bind)
+        return cfg.its_sequence if cfg is not None else "increment"
 
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""

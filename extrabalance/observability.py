@@ -107,16 +107,19 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
     ))
     handler.addFilter(RepeatLimiter())
+    numeric = logging.getLevelName(level.strip().upper())  # "info" as well as "INFO"
+    if not isinstance(numeric, int):
+        raise ValueError(f"log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
     root = logging.getLogger()
     root.handlers = [handler]
-    root.setLevel(logging.getLevelName(level))
+    root.setLevel(numeric)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             *shared,
             structlog.processors.JSONRenderer(),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )

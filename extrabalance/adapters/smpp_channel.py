@@ -45,6 +45,7 @@ CONCAT_PENDING_MAX = 10_000  # incoming long SMS waiting for their other parts
 CONCAT_TIMEOUT_S = 120.0  # a part whose siblings do not come in this time is dropped
 SMS_REPEAT_WINDOW_S = 120.0  # the same SMS loan request again within it: the SMSC's re-send
 SMS_RECENT_MAX = 100_000  # loan requests remembered for that window
+SCREENS_TRACKED_MAX = 100_000  # open dialogs whose latest screen is known
 
 
 class SmppChannel:
@@ -67,6 +68,7 @@ class SmppChannel:
         inbound_tasks_max: int = INBOUND_TASKS_MAX,
         delivery_receipts: bool = True,
         sms_repeat_window_s: float = SMS_REPEAT_WINDOW_S,
+        its_sequence: Callable[[str], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if inbound_tasks_max < 1:
@@ -90,6 +92,10 @@ class SmppChannel:
         self._reassembler = Reassembler(entries_max=CONCAT_PENDING_MAX, timeout_s=CONCAT_TIMEOUT_S)
         self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # message id → (msisdn, template)
         self._clock = clock
+        # bind name → "increment" or "echo": the its_session_info sequence we answer with
+        self._its_sequence = its_sequence or (lambda bind: "increment")
+        # (msisdn, dialog key) → number of the dialog's latest screen
+        self._screens: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._sms_repeat_window_s = sms_repeat_window_s
         # (msisdn, request) → (first seen, idempotency key) of recent SMS loan requests
         self._recent_loans: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
@@ -142,7 +148,7 @@ class SmppChannel:
             return int(Status.ESME_RTHROTTLED)
         if ussd_op is not None:
             self.stats["ussd_in"] += 1
-            self._spawn(self._ussd(pdu))
+            self._spawn(self._ussd(pdu, system_id))
         else:
             self.stats["sms_in"] += 1
             self._spawn(self._sms(pdu, system_id))
@@ -168,7 +174,7 @@ class SmppChannel:
         if message_id is not None and self._sent.pop(message_id, None) is not None:
             self.stats["receipts_matched"] += 1
 
-    async def _ussd(self, pdu: DeliverSm) -> None:
+    async def _ussd(self, pdu: DeliverSm, bind: str = "") -> None:
         started = time.perf_counter()
         try:
             ind = parse_ussd_deliver(pdu, abort_op=self._abort_op)
@@ -201,11 +207,10 @@ class SmppChannel:
         text, final = screen.text, screen.final
         session = None
         if ind.session is not None:
-            session = ItsSessionInfo(
-                ind.session.session_number,
-                min(ind.session.sequence_number + 1, 0x7F),
-                end_of_session=final,
-            )
+            sequence = ind.session.sequence_number
+            if self._its_sequence(bind) != "echo":
+                sequence = min(sequence + 1, 0x7F)
+            session = ItsSessionInfo(ind.session.session_number, sequence, end_of_session=final)
         submit = ussd_submit(
             ind.msisdn, ind.dest_addr or self._ussd_source, text,
             op=UssdOp.PSSR_RESPONSE if final else UssdOp.USSR_REQUEST,
@@ -213,12 +218,22 @@ class SmppChannel:
             user_message_reference=ind.user_message_reference,
             service_type=self._service_type,
         )
+        # A screen is re-sent (throttled, bind lost) only while it is the dialog's
+        # latest: never after a later screen or the final one went out.
+        dialog = (ind.msisdn, key)
+        generation = self._screens.get(dialog, 0) + 1
+        self._screens[dialog] = generation
+        self._screens.move_to_end(dialog)
+        while len(self._screens) > SCREENS_TRACKED_MAX:
+            self._screens.popitem(last=False)
         try:
-            await self._submit(submit)
+            await self._submit(submit, resend_if=lambda: self._screens.get(dialog) == generation)
             self.stats["ussd_out"] += 1
         except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
             self.stats["ussd_failed"] += 1
             log.warning("ussd_submit_failed", msisdn=ind.msisdn, error=str(exc))
+        if final and self._screens.get(dialog) == generation:
+            del self._screens[dialog]  # what is still being re-sent of it stops
         if self._observe_ussd is not None:
             self._observe_ussd(time.perf_counter() - started)
 

@@ -41,6 +41,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.service.keywords import ascii_digits
 from extrabalance.service.templates import Templates
 from extrabalance.smpp.text import gsm7_length, is_gsm7
 
@@ -237,7 +238,7 @@ class UssdDialogs:
         self.expire()
         now = self._clock()
         dialog = self._dialogs.get(key)
-        text = inp.text.strip()
+        text = ascii_digits(inp.text.strip())  # "١" is "1", as in SMS keywords
         if dialog is not None and self._is_repeat(dialog.inputs, inp, text, now):
             self.stats["repeats"] += 1
             answer = dialog.inputs.answers.get((inp.step, text))
@@ -512,25 +513,27 @@ def _parse_code(code: str, service_code: str) -> list[int] | None:
 def paginate(
     title: str, items: list[tuple[str, str]], *, more: str, tail: str
 ) -> list[list[tuple[str, str]]]:
-    """Greedy split of menu lines so that every page (title + lines + nav) fits a screen."""
-    more_option = more.split(" ", 1)[0]
-    tail_option = tail.split(" ", 1)[0]
+    """Greedy split of menu lines so that every page (title + lines + nav) fits a
+    screen, measured in the encoding the page goes out in (GSM 7-bit septets or UCS2
+    characters). A page that is not the last carries only the `more` line; the last
+    one carries `tail`: each page is filled up to the limit."""
+    more_line = (more.split(" ", 1)[0], more)
+    tail_line = (tail.split(" ", 1)[0], tail)
     pages: list[list[tuple[str, str]]] = []
     current: list[tuple[str, str]] = []
     for item in items:
-        trial = current + [item]
-        # Room must stay for both nav lines unless this could be the last page.
-        if current and screen_capacity(
-            render_page(title, trial + [(more_option, more), (tail_option, tail)])
-        ) < 0:
-            pages.append(current + [(more_option, more)])
-            current = [item]
-        else:
-            current = trial
-    if screen_capacity(render_page(title, current + [(tail_option, tail)])) < 0 and current:
-        pages.append(current + [(more_option, more)])
-        current = []
-    pages.append(current + [(tail_option, tail)])
+        if current and screen_capacity(render_page(title, [*current, item, more_line])) < 0:
+            pages.append([*current, more_line])
+            current = []
+        current.append(item)
+    # The last page ends with `tail` instead: what no longer fits goes to one more page.
+    moved: list[tuple[str, str]] = []
+    while current and screen_capacity(render_page(title, [*current, tail_line])) < 0:
+        moved.insert(0, current.pop())
+    if moved:
+        pages.append([*current, more_line])
+        current = moved
+    pages.append([*current, tail_line])
     for page in pages:
         if screen_capacity(render_page(title, page)) < 0:
             raise ValueError("a single menu line does not fit on a USSD screen")

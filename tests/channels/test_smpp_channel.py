@@ -20,7 +20,7 @@ def channel_with(lending: FakeLending, sent: list[tuple[str, str]], *,
     s = load_settings()
     t = Templates(s.templates, "en", 2)
 
-    async def submit(pdu):  # USSD screens: not used here
+    async def submit(pdu, **_):  # USSD screens: not used here
         return None
 
     async def send_sms(source, dest, text, *, registered_delivery=True):

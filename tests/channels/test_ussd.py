@@ -341,3 +341,30 @@ async def test_a_screen_too_long_is_split_never_cut(lending, settings, clock):
     assert "Fee 0.50 EGP, repay 5.50 EGP." in joined and parts[-1].text.endswith("2 Cancel")
     done = await reply(d, "1")
     assert done.final and lending.borrow_calls == 1
+
+
+async def test_arabic_indic_digits_are_menu_input(dialogs, lending):
+    """As in SMS (`سلفة ٥`): "٢" picks tier 2 and "۱" (Eastern Arabic-Indic) confirms."""
+    await lending.set_preferences(A, language="ar")
+    await dial(dialogs, "*123#")
+    confirm = await reply(dialogs, "٢")
+    assert confirm.text.startswith("سلفة") and not confirm.final
+    done = await reply(dialogs, "۱")
+    assert done.final and done.text.startswith("تم: أضيف")
+    assert lending.borrow_calls == 1
+
+
+async def test_arabic_menu_pages_are_filled_to_the_ucs2_limit(dialogs, lending):
+    await lending.set_preferences(V, language="ar")
+    pages = [await dial(dialogs, "*123#", msisdn=V)]
+    while "99 المزيد" in pages[-1].text:
+        pages.append(await reply(dialogs, "99", msisdn=V))
+    tiers = [line.split(" ")[0] for p in pages for line in p.text.splitlines()[1:-1]]
+    assert tiers == [str(i) for i in range(1, 13)]
+    title = pages[0].text.splitlines()[0]
+    for page, following in zip(pages, pages[1:], strict=False):
+        lines = page.text.splitlines()
+        # the next page's first tier would not have fitted on this one
+        fuller = "\n".join([title, *lines[1:-1], following.text.splitlines()[1], lines[-1]])
+        assert screen_capacity(fuller) < 0
+    assert len(pages) <= 6  # tier 8 no longer takes seven "99"

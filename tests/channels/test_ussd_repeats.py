@@ -125,7 +125,7 @@ async def test_channel_repeat_with_a_new_sequence_number_never_lends():
     lending.add(A, 400, 5000)
     screens: list[tuple[str, bool]] = []
 
-    async def submit(pdu):
+    async def submit(pdu, **_):
         screens.append((pdu.short_message.decode(), pdu.its_session_info.end_of_session))
 
     async def send_sms(source, dest, text, *, registered_delivery=True):
@@ -223,3 +223,58 @@ def test_loans_equal_confirms_that_answered_a_confirm_screen(script):
         assert finals <= 1
 
     asyncio.run(run())
+
+
+async def test_an_earlier_screen_is_never_sent_again_after_a_later_one():
+    """Whatever makes the ESME re-send a screen (throttling, a lost bind, a timeout
+    when allowed), it stops once a later screen of the dialog went out."""
+    s = load_settings()
+    t = Templates(s.templates, "en", 2)
+    lending = SlowLending(s.policy())
+    lending.add(A, 400, 5000)
+    wanted: list = []
+
+    async def submit(pdu, resend_if=None):
+        wanted.append(resend_if)
+
+    async def send_sms(source, dest, text, *, registered_delivery=True):
+        return []
+
+    ch = SmppChannel(dialogs=UssdDialogs(lending, t), lending=lending, templates=t,
+                     policy=lending.policy, submit=submit, send_sms=send_sms,
+                     short_code="1234")
+    for step, (text, op) in enumerate((("*123#", UssdOp.PSSR_INDICATION),
+                                       ("4", UssdOp.USSR_CONFIRM))):
+        ch.on_deliver(ussd_deliver(A, "*123#", text, op=op,
+                                   session=ItsSessionInfo(9, 2 * step)), "bind-1")
+        await asyncio.sleep(0.01)
+    assert len(wanted) == 2 and all(callable(w) for w in wanted)
+    assert [w() for w in wanted] == [False, True]  # the menu: never again
+    ch.on_deliver(ussd_deliver(A, "*123#", "1", session=ItsSessionInfo(9, 4),
+                               op=UssdOp.USSR_CONFIRM), "bind-1")
+    await asyncio.sleep(0.01)
+    assert len(wanted) == 3
+    assert [w() for w in wanted] == [False, False, False]  # the final screen went out
+
+
+async def test_its_session_info_sequence_is_echoed_for_gateways_that_want_it():
+    s = load_settings()
+    t = Templates(s.templates, "en", 2)
+    lending = SlowLending(s.policy())
+    lending.add(A, 400, 5000)
+    for mode, wanted in (("increment", 4), ("echo", 3)):
+        answers = []
+
+        async def submit(pdu, **_):
+            answers.append(pdu.its_session_info)
+
+        async def send_sms(source, dest, text, *, registered_delivery=True):
+            return []
+
+        ch = SmppChannel(dialogs=UssdDialogs(lending, t), lending=lending, templates=t,
+                         policy=lending.policy, submit=submit, send_sms=send_sms,
+                         short_code="1234", its_sequence=lambda bind, m=mode: m)
+        ch.on_deliver(ussd_deliver(A, "*123#", "*123#", op=UssdOp.PSSR_INDICATION,
+                                   session=ItsSessionInfo(5, 3)), "bind-1")
+        await asyncio.sleep(0.01)
+        assert [(a.session_number, a.sequence_number) for a in answers] == [(5, wanted)]
