@@ -185,6 +185,7 @@ class Node:
             mqtt_settings,
             self._on_recharge,
             expected_currency=s.node.currency,
+            in_nodes=frozenset(n.origin_host for n in s.in_nodes),
         )
         # -- advertisement SMS (issue 7): rules, low-balance subscriber, campaigns --
         self.ads = Advertiser(self.ledger, notifier, self.events, self.policy,
