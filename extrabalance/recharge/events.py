@@ -27,6 +27,7 @@ __all__ = [
     "origin_problem",
     "parse_recharge",
     "to_payload",
+    "topic_matches",
 ]
 
 # Bounds, named so the reason a payload was refused can say which one it broke.
@@ -206,7 +207,8 @@ def parse_recharge(payload: bytes, *, expected_currency: str) -> RechargeEvent:
     )
 
 
-def _filter_matches(topic_filter: str, topic: str) -> bool:
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether an MQTT topic filter (`+`, `#` wildcards) matches a topic name. Pure."""
     want, got = topic_filter.split("/"), topic.split("/")
     for i, level in enumerate(want):
         if level == "#":
@@ -232,7 +234,7 @@ def origin_problem(in_node: str, topic: str, topic_filters: tuple[str, ...],
         return f"field 'in_node' {shown!r} is not a configured IN node"
     levels = topic.split("/")
     for topic_filter in topic_filters:
-        if topic_filter.endswith("/+") and _filter_matches(topic_filter, topic):
+        if topic_filter.endswith("/+") and topic_matches(topic_filter, topic):
             if levels[-1] != in_node:
                 return (f"field 'in_node' {in_node!r} does not match the topic's IN "
                         f"{levels[-1]!r}")
