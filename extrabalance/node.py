@@ -32,6 +32,7 @@ from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddres
 from extrabalance.diameter.peer import LocalIdentity
 from extrabalance.ledger import Ledger
 from extrabalance.observability import EdrWriter, EventRecorder, Metrics, configure_logging
+from extrabalance.private_files import private_dir
 from extrabalance.recharge.events import RechargeEvent as WireRecharge
 from extrabalance.recharge.listener import MqttSettings, RechargeListener
 from extrabalance.recharge.lowbalance import (
@@ -79,7 +80,7 @@ class Node:
         self.templates = Templates(s.templates, s.node.default_language, s.node.currency_exponent)
         self.metrics = Metrics()
         db_path = Path(s.storage.path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(db_path.parent)
         self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name)
         self.events = EventRecorder(self.metrics, self.edr)
         self.ledger = Ledger(

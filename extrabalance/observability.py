@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from extrabalance.private_files import open_private, private_dir
 
 EDR_FIELDS = (
     "time", "node", "kind", "msisdn", "channel", "tier_id", "amount_minor", "fee_minor",
@@ -38,6 +41,22 @@ EDR_KINDS = frozenset({
     "adjustment", "review",
 })
 EDR_BUFFER_MAX = 1000  # lines held before a flush is forced
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell a spreadsheet will not run: text that starts with
+    `= + - @` (or a tab or CR) gets a leading `'` (OWASP's CSV-injection rule), unless it
+    is a plain number such as `-500`. None is the empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS) and not (
+            _PLAIN_NUMBER.fullmatch(value)):
+        return "'" + value
+    return value
 
 
 def mask_msisdn(msisdn: str) -> str:
@@ -156,8 +175,7 @@ class EdrWriter:
 
     def __init__(self, directory: str | Path, node: str,
                  clock: Callable[[], float] = time.time) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = private_dir(directory)
         self.node = node
         self._clock = clock
         # Lines of the current UTC day, written by one CSV writer into one buffer; a
@@ -181,7 +199,7 @@ class EdrWriter:
         row = {name: fields.get(name, "") for name in EDR_FIELDS}
         row.update(time=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                    node=self.node, kind=kind)
-        self._csv.writerow("" if row[name] is None else row[name] for name in EDR_FIELDS)
+        self._csv.writerow(csv_cell(row[name]) for name in EDR_FIELDS)
         self._lines += 1
         if self._lines >= EDR_BUFFER_MAX:
             self.flush()
@@ -195,7 +213,7 @@ class EdrWriter:
         self._lines = 0
         path = self.path_for(self._day)
         new = not path.exists()
-        with path.open("a", encoding="utf-8", newline="") as fh:
+        with open_private(path, "a", encoding="utf-8", newline="") as fh:
             if new:
                 fh.write(",".join(EDR_FIELDS) + "\n")
             fh.write(text)
