@@ -81,7 +81,9 @@ class Node:
         self.metrics = Metrics()
         db_path = Path(s.storage.path)
         private_dir(db_path.parent)
-        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name)
+        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name,
+                             failure_counter=self.metrics.edr_write_failures)
+        self.background_errors: dict[str, str] = {}  # task name → why it ended (/readyz)
         self.events = EventRecorder(self.metrics, self.edr)
         self.ledger = Ledger(
             db_path,
@@ -282,6 +284,8 @@ class Node:
             asyncio.create_task(self.low_balance.run(), name="lowbalance-listener"),
             asyncio.create_task(self.campaigns.run_forever(), name="campaigns"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._background_ended)
         self.started.set()
         log.info("node_started", node=s.node.name, diameter_port=self.ports.diameter)
 
@@ -295,12 +299,26 @@ class Node:
                 raise TimeoutError("MQTT subscription not up")
             await asyncio.sleep(0.02)
 
+    def _background_ended(self, task: asyncio.Task[Any]) -> None:
+        """A background task must never end silently: logged, counted, shown in /readyz."""
+        if task.cancelled() or self._stopped:
+            return
+        exc = task.exception()
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "returned"
+        self.background_errors[task.get_name()] = why
+        self.metrics.background_failures.labels(task.get_name()).inc()
+        log.error("background_task_ended", task=task.get_name(), error=why,
+                  exc_info=exc)
+
     async def _housekeeping(self) -> None:
         last_prune = time.monotonic()
         while True:
             await asyncio.sleep(DIALOG_SWEEP_S)
-            self.dialogs.expire()
-            self.edr.flush()
+            try:
+                self.dialogs.expire()
+            except Exception:  # one bad sweep must not end the EDR flushes below
+                log.exception("dialog_sweep_failed")
+            self.edr.flush()  # never raises: failures are held, logged, counted, retried
             if time.monotonic() - last_prune >= ADS_PRUNE_S:
                 last_prune = time.monotonic()
                 try:

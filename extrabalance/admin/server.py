@@ -288,6 +288,9 @@ class AdminServer:
         checks["smpp"] = {"ok": bool(bound), "bound": bound, "configured": len(binds)}
         mqtt = node.recharges.stats()
         checks["mqtt"] = {"ok": bool(mqtt.get("connected"))}
+        checks["edr"] = node.edr.health()
+        checks["background"] = {"ok": not node.background_errors,
+                                "ended": dict(node.background_errors)}
         return all(c["ok"] for c in checks.values()), checks
 
     async def h_readyz(self, request: Request) -> Response:

@@ -47,7 +47,7 @@ async def test_readyz_reports_each_item(played):
     reply = await call(port, "GET", "/readyz", token=TOKEN)
     body = reply.json()
     assert reply.status == 200 and body["ready"] is True
-    assert set(body["checks"]) == {"ledger", "diameter", "smpp", "mqtt"}
+    assert set(body["checks"]) == {"ledger", "diameter", "smpp", "mqtt", "edr", "background"}
     assert set(body["checks"]["diameter"]["in_nodes"]) == {"in-a", "in-b"}
     assert all(v["open_peers"] for v in body["checks"]["diameter"]["in_nodes"].values())
 
