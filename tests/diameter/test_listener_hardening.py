@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from extrabalance.config import ConfigError, load_settings
 from extrabalance.diameter.node import DiameterNode, LocalIdentity, PeerAddress, certificate_hosts
 
 from .test_node import IN_A_ID, NODE_ID, Recorder, wait_for
@@ -239,19 +238,3 @@ async def test_connection_bounds_per_client_and_in_all(nodes) -> None:
     writer.close()
     for _, w in held:
         w.close()
-
-
-def test_a_public_tls_listener_needs_a_ca(tmp_path) -> None:
-    """Finding 4: cert and key without tls_ca_file served any client that claimed to be
-    an IN. Off loopback that is now a configuration error."""
-    from tests.ops.support import write_config
-
-    extra = {"listen_host = \"127.0.0.1\"\nlisten_port = 3868":
-             "listen_host = \"0.0.0.0\"\nlisten_port = 3868\n"
-             "tls_cert_file = \"/etc/eb/node.pem\"\ntls_key_file = \"/etc/eb/node.key\""}
-    config = write_config(tmp_path, replace=extra)
-    with pytest.raises(ConfigError, match="tls_ca_file"):
-        load_settings(config)
-    config = write_config(tmp_path, replace={
-        k: v + "\ntls_ca_file = \"/etc/eb/ca.pem\"" for k, v in extra.items()})
-    assert load_settings(config).diameter.tls_ca_file == "/etc/eb/ca.pem"
