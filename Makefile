@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 HOUR_CHECKS ?= tests/bench/test_e2e_short.py
 
-.PHONY: demo test test-hours test-all wire-tools browser-test chaos fuzz soak bench bench-e2e mutate mutation lint clean
+.PHONY: demo test test-hours test-all wire-tools browser-test chaos fuzz soak bench bench-e2e mutate mutation lint audit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -97,5 +97,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check extrabalance simulators tests bench
 	$(PY) -m mypy
 
+# Known vulnerabilities of the installed dependencies, from PyPI's advisories alone;
+# tools/dependency_audit.py says what it covers and what it cannot.
+audit: $(STAMP)
+	$(PY) -m pip install --quiet pip-audit
+	$(PY) tools/dependency_audit.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf .audit-cache $(VENV) build *.egg-info .pytest_cache

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.config import Settings, load_settings
+from extrabalance.private_files import private_dir, private_file
 
 MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
 BAD_ROWS_PRINTED_MAX = 100  # bad rows listed on the terminal; the rest are counted
@@ -47,7 +48,7 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
     out = out or sys.stdout
     settings = load_settings(config_path)
     db_path = _ledger_path(settings)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(db_path.parent)
     try:
         report = import_profiles(db_path, csv_path, progress=progress,
                                  languages=settings.templates.keys())
@@ -286,6 +287,8 @@ def backup_command(config_path: str | None, dest: str, *, out: TextIO | None = N
         print(f"backup: {exc}", file=sys.stderr)
         return EXIT_BAD_ROWS
     try:
+        private_dir(partial.parent)
+        private_file(partial)  # a copy of the ledger: the node's user alone reads it
         dst = sqlite3.connect(partial)
         try:
             src.backup(dst, pages=BACKUP_PAGES_PER_STEP)

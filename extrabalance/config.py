@@ -144,6 +144,9 @@ class DiameterSection(_Model):
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
     allow_unauthenticated_public_listener: bool = False
+    # Connections peers dial to us, at once: in all, and from one address (issue 22).
+    inbound_connections_max: Annotated[int, Field(ge=1, le=100_000)] = 256
+    inbound_per_client_max: Annotated[int, Field(ge=1, le=10_000)] = 16
 
 
 class PeerAddr(_Model):
@@ -430,6 +433,17 @@ class Settings(_Model):
             raise ValueError(
                 "diameter.listen_host: a non-loopback listener without TLS needs "
                 "diameter.allow_unauthenticated_public_listener = true"
+            )
+        if (
+            self.diameter.listen_host not in LOOPBACK_HOSTS
+            and self.diameter.tls_cert_file and self.diameter.tls_key_file
+            and not self.diameter.tls_ca_file
+            and not self.diameter.allow_unauthenticated_public_listener
+        ):
+            raise ValueError(
+                "diameter.tls_ca_file: a non-loopback TLS listener needs the CA that signs "
+                "the INs' certificates, or any client could claim to be an IN (RFC 6733 "
+                "§13); set it, or diameter.allow_unauthenticated_public_listener = true"
             )
         return self
 

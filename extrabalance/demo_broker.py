@@ -15,18 +15,10 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from extrabalance.recharge.events import topic_matches
+
 QUEUE_MAX = 100_000  # messages held per offline persistent session
 PACKET_MAX = 1 << 20
-
-
-def _topic_matches(pattern: str, topic: str) -> bool:
-    pat, top = pattern.split("/"), topic.split("/")
-    for i, part in enumerate(pat):
-        if part == "#":
-            return True
-        if i >= len(top) or (part != "+" and part != top[i]):
-            return False
-    return len(pat) == len(top)
 
 
 def _encode_length(n: int) -> bytes:
@@ -95,7 +87,7 @@ class DemoBroker:
 
     def _route(self, topic: str, payload: bytes, qos: int) -> None:
         for session in self._sessions.values():
-            granted = [q for pat, q in session.subscriptions.items() if _topic_matches(pat, topic)]
+            granted = [q for pat, q in session.subscriptions.items() if topic_matches(pat, topic)]
             if granted:
                 self._send(session, topic, payload, min(qos, max(granted)))
 

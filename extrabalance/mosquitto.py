@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from extrabalance.private_files import open_private
+
 __all__ = ["BrokerUnavailable", "MosquittoBroker", "find_mosquitto"]
 
 START_TIMEOUT_S = 10.0
@@ -96,7 +98,7 @@ class MosquittoBroker:
     def start(self) -> MosquittoBroker:
         if self.running:
             return self
-        log = self.log_path.open("ab")
+        log = open_private(self.log_path, "ab")
         try:
             self._process = subprocess.Popen(
                 [self.binary, "-c", str(self.config_path)],

@@ -33,6 +33,7 @@ from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddres
 from extrabalance.diameter.peer import LocalIdentity
 from extrabalance.ledger import Ledger
 from extrabalance.observability import EdrWriter, EventRecorder, Metrics, configure_logging
+from extrabalance.private_files import private_dir
 from extrabalance.recharge.events import RechargeEvent as WireRecharge
 from extrabalance.recharge.listener import MqttSettings, RechargeListener
 from extrabalance.recharge.lowbalance import (
@@ -79,8 +80,10 @@ class Node:
         self.templates = Templates(s.templates, s.node.default_language, s.node.currency_exponent)
         self.metrics = Metrics()
         db_path = Path(s.storage.path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name, clock=clock.time)
+        private_dir(db_path.parent)
+        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name, clock=clock.time,
+                             failure_counter=self.metrics.edr_write_failures)
+        self.background_errors: dict[str, str] = {}  # task name → why it ended (/readyz)
         self.events = EventRecorder(self.metrics, self.edr)
         self.ledger = Ledger(
             db_path,
@@ -107,6 +110,8 @@ class Node:
             client_ssl_context=tls_dialer,
             watchdog_s=s.diameter.watchdog_s,
             request_timeout_ms=s.diameter.request_timeout_ms,
+            inbound_connections_max=s.diameter.inbound_connections_max,
+            inbound_per_client_max=s.diameter.inbound_per_client_max,
         )
         exponent = s.node.currency_exponent
         self.in_port = DiameterInPort(
@@ -198,6 +203,7 @@ class Node:
             mqtt_settings,
             self._on_recharge,
             expected_currency=s.node.currency,
+            in_nodes=frozenset(n.origin_host for n in s.in_nodes),
         )
         # -- advertisement SMS (issue 7): rules, low-balance subscriber, campaigns --
         self.ads = Advertiser(self.ledger, notifier, self.events, self.policy,
@@ -302,6 +308,8 @@ class Node:
             asyncio.create_task(self.low_balance.run(), name="lowbalance-listener"),
             asyncio.create_task(self.campaigns.run_forever(), name="campaigns"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._background_ended)
         self.started.set()
         log.info("node_started", node=s.node.name, diameter_port=self.ports.diameter)
 
@@ -315,12 +323,26 @@ class Node:
                 raise TimeoutError("MQTT subscription not up")
             await asyncio.sleep(0.02)
 
+    def _background_ended(self, task: asyncio.Task[Any]) -> None:
+        """A background task must never end silently: logged, counted, shown in /readyz."""
+        if task.cancelled() or self._stopped:
+            return
+        exc = task.exception()
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "returned"
+        self.background_errors[task.get_name()] = why
+        self.metrics.background_failures.labels(task.get_name()).inc()
+        log.error("background_task_ended", task=task.get_name(), error=why,
+                  exc_info=exc)
+
     async def _housekeeping(self) -> None:
         last_prune = time.monotonic()
         while True:
             await asyncio.sleep(DIALOG_SWEEP_S)
-            self.dialogs.expire()
-            self.edr.flush()
+            try:
+                self.dialogs.expire()
+            except Exception:  # one bad sweep must not end the EDR flushes below
+                log.exception("dialog_sweep_failed")
+            self.edr.flush()  # never raises: failures are held, logged, counted, retried
             if time.monotonic() - last_prune >= ADS_PRUNE_S:
                 last_prune = time.monotonic()
                 try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +27,9 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.private_files import open_private, private_dir
+
+log = structlog.get_logger(__name__)
 
 EDR_FIELDS = (
     "time", "node", "kind", "msisdn", "channel", "tier_id", "amount_minor", "fee_minor",
@@ -40,6 +44,25 @@ EDR_KINDS = frozenset({
     "adjustment", "review",
 })
 EDR_BUFFER_MAX = 1000  # lines held before a flush is forced
+# Lines held while flushes fail (about 200 bytes each: 40 MB); past it the oldest are
+# lost, counted and logged. A node that cannot write its EDRs for that long is not ready.
+EDR_PENDING_LINES_MAX = 200_000
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell a spreadsheet will not run: text that starts with
+    `= + - @` (or a tab or CR) gets a leading `'` (OWASP's CSV-injection rule), unless it
+    is a plain number such as `-500`. None is the empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS) and not (
+            _PLAIN_NUMBER.fullmatch(value)):
+        return "'" + value
+    return value
 
 
 def mask_msisdn(msisdn: str) -> str:
@@ -137,6 +160,12 @@ class Metrics:
         self.ads = Counter("eb_ads", "Advertisement SMS", ["outcome", "reason"], registry=r)
         self.bars = Counter("eb_bars", "Bars and unbars", ["action"], registry=r)
         self.write_offs = Counter("eb_write_offs", "Loans written off", registry=r)
+        self.edr_write_failures = Counter(
+            "eb_edr_write_failures", "EDR flushes that failed (lines kept and retried)",
+            registry=r)
+        self.background_failures = Counter(
+            "eb_background_failures", "Background tasks that ended with an error", ["task"],
+            registry=r)
         self.events = Counter("eb_events", "Business events by kind", ["kind"], registry=r)
         self.outstanding_minor = Gauge("eb_outstanding_minor", "Debt outstanding", registry=r)
         self.in_latency = Histogram(
@@ -157,21 +186,40 @@ class Metrics:
 
 
 class EdrWriter:
-    """Buffered CSV writer, one file per UTC day: `<dir>/edr-YYYYMMDD.csv`."""
+    """Buffered CSV writer, one file per UTC day: `<dir>/edr-YYYYMMDD.csv`.
+
+    A line is never dropped because the disk or the process's file table said no: a
+    flush that fails (no free descriptor, disk full, directory gone) keeps every line
+    it held, logs the error once per streak, counts it (`failures`, and the
+    `eb_edr_write_failures` metric), shows it in `health()` (and so in /readyz), and
+    the next flush tries again. Only past `EDR_PENDING_LINES_MAX` lines held would a
+    line be lost, and then it is counted and logged as such.
+    """
 
     def __init__(self, directory: str | Path, node: str,
-                 clock: Callable[[], float] = SYSTEM_CLOCK.time) -> None:
+                 clock: Callable[[], float] = SYSTEM_CLOCK.time,
+                 failure_counter: Counter | None = None) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.node = node
         self._clock = clock
+        self._failure_counter = failure_counter
         # Lines of the current UTC day, written by one CSV writer into one buffer; a
-        # new day flushes the old day's lines to their own file first.
+        # new day moves the old day's lines to `_pending` first.
         self._out = io.StringIO()
         self._csv = csv.writer(self._out, lineterminator="\n")
         self._lines = 0
         self._day_number = -1
         self._day = ""
+        self._pending: dict[str, list[tuple[str, int]]] = {}  # day → (text, lines) unwritten
+        self.pending_lines = 0
+        self.failures = 0  # flushes that failed, ever
+        self.failing_since: float | None = None  # clock of the first failure of a streak
+        self.last_error: str | None = None
+        self.lost_lines = 0  # only past EDR_PENDING_LINES_MAX
+        try:
+            private_dir(self.directory)
+        except OSError as exc:  # the next flush retries (and reports) it
+            self._failed(exc)
 
     def path_for(self, day: str) -> Path:
         return self.directory / f"edr-{day}.csv"
@@ -181,29 +229,80 @@ class EdrWriter:
         now = datetime.fromtimestamp(stamp, UTC)
         day_number = int(stamp // 86_400)
         if day_number != self._day_number:
-            self.flush()
+            self._hold_current()
             self._day_number, self._day = day_number, now.strftime("%Y%m%d")
         row = {name: fields.get(name, "") for name in EDR_FIELDS}
         row.update(time=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                    node=self.node, kind=kind)
-        self._csv.writerow("" if row[name] is None else row[name] for name in EDR_FIELDS)
+        self._csv.writerow(csv_cell(row[name]) for name in EDR_FIELDS)
         self._lines += 1
         if self._lines >= EDR_BUFFER_MAX:
             self.flush()
 
-    def flush(self) -> None:
+    def _hold_current(self) -> None:
         if not self._lines:
             return
-        text = self._out.getvalue()
+        self._pending.setdefault(self._day, []).append((self._out.getvalue(), self._lines))
+        self.pending_lines += self._lines
         self._out.seek(0)
         self._out.truncate()
         self._lines = 0
-        path = self.path_for(self._day)
-        new = not path.exists()
-        with path.open("a", encoding="utf-8", newline="") as fh:
-            if new:
-                fh.write(",".join(EDR_FIELDS) + "\n")
-            fh.write(text)
+        while self.pending_lines > EDR_PENDING_LINES_MAX:  # memory is bounded too
+            day = next(iter(self._pending))
+            _, lines = self._pending[day].pop(0)
+            if not self._pending[day]:
+                del self._pending[day]
+            self.pending_lines -= lines
+            self.lost_lines += lines
+            log.error("edr_lines_lost", lines=lines, held_max=EDR_PENDING_LINES_MAX,
+                       error=self.last_error)
+
+    def flush(self) -> bool:
+        """Write every held line; True when nothing is left held. Never raises."""
+        self._hold_current()
+        while self._pending:
+            day = next(iter(self._pending))
+            chunks = self._pending[day]
+            text = "".join(t for t, _ in chunks)
+            lines = sum(n for _, n in chunks)
+            try:
+                private_dir(self.directory)
+                path = self.path_for(day)
+                new = not path.exists()
+                with open_private(path, "a", encoding="utf-8", newline="") as fh:
+                    if new:
+                        fh.write(",".join(EDR_FIELDS) + "\n")
+                    fh.write(text)
+            except Exception as exc:  # noqa: BLE001 - held, logged, counted, retried
+                self._failed(exc)
+                return False
+            del self._pending[day]
+            self.pending_lines -= lines
+        if self.failing_since is not None:
+            log.info(
+                "edr_write_recovered", failed_for_s=round(self._clock() - self.failing_since, 3))
+            self.failing_since = None
+            self.last_error = None
+        return True
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self._failure_counter is not None:
+            self._failure_counter.inc()
+        error = f"{type(exc).__name__}: {exc}"
+        if self.failing_since is None or error != self.last_error:
+            log.error(
+                "edr_write_failed", directory=str(self.directory), error=error,
+                lines_held=self.pending_lines)
+        if self.failing_since is None:
+            self.failing_since = self._clock()
+        self.last_error = error
+
+    def health(self) -> dict[str, Any]:
+        """For /readyz: ok while no flush is failing."""
+        return {"ok": self.failing_since is None, "lines_held": self.pending_lines + self._lines,
+                "write_failures": self.failures, "lost_lines": self.lost_lines,
+                "error": self.last_error}
 
 
 class EventRecorder:

@@ -34,6 +34,7 @@ from typing import Any
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.observability import EDR_FIELDS
+from extrabalance.private_files import narrow, open_private, private_dir
 
 AD_CONVERSION_WINDOW = timedelta(hours=24)
 AGEING_BUCKETS_DAYS = ((0, 7), (8, 30), (31, 90), (91, 180), (181, None))
@@ -434,13 +435,16 @@ def render_markdown(f: ReportFigures) -> str:
 
 
 def write_report(f: ReportFigures, out_dir: Path, *, plots: bool = True) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     if plots:
         f.plots = _plots(f, out_dir)
-    (out_dir / "figures.json").write_text(json.dumps(f.as_dict(), indent=2, sort_keys=True),
-                                          encoding="utf-8")
+        for name in f.plots:
+            narrow(out_dir / name)
+    with open_private(out_dir / "figures.json", "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(f.as_dict(), indent=2, sort_keys=True))
     path = out_dir / "report.md"
-    path.write_text(render_markdown(f), encoding="utf-8")
+    with open_private(path, "w", encoding="utf-8") as fh:
+        fh.write(render_markdown(f))
     return path
 
 

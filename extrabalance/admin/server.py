@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import re
 import sqlite3
+import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -147,13 +148,42 @@ class ConfigProblem(ConfigError):
                          + "; ".join(f"{k}: {r}" for k, r in problems))
 
 
+AUTH_FAIL_LOG_INTERVAL_S = 60.0  # one line per client address per interval at most
+AUTH_FAIL_CLIENTS_TRACKED_MAX = 1000
+
+
+class AuthFailureLog:
+    """Logs wrong tokens without letting a guesser fill the disk or the log carry data:
+    one line per client address per `AUTH_FAIL_LOG_INTERVAL_S`, which counts the
+    failures it stands for, and the route template instead of the path (a path holds
+    an MSISDN)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}  # client → (last logged, unlogged)
+
+    def failed(self, peer: str, route: str) -> None:
+        client = peer.rpartition(":")[0] or peer
+        now = self._clock()
+        last, unlogged = self._seen.get(client, (float("-inf"), 0))
+        unlogged += 1
+        if now - last < AUTH_FAIL_LOG_INTERVAL_S:
+            self._seen[client] = (last, unlogged)
+            return
+        if client not in self._seen and len(self._seen) >= AUTH_FAIL_CLIENTS_TRACKED_MAX:
+            self._seen.clear()
+        self._seen[client] = (now, 0)
+        log.warning("admin_auth_failed", client=client, route=route, failures=unlogged)
+
+
 class AdminServer:
     """Construct with the node; `await start()` returns the bound port."""
 
     def __init__(self, node: Node, *, config_path: str | Path | None = None,
                  config_overrides: dict[str, Any] | None = None,
                  token: str | None = None, host: str | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.node = node
         self.config_path = config_path
         self.config_overrides = config_overrides
@@ -171,6 +201,7 @@ class AdminServer:
                 f"admin.listen_host {self.host!r} is not a loopback address and no admin "
                 f"token is configured (admin.token_env / admin.token_file): refusing to start")
         self.http = HttpServer(self.handle)
+        self.auth_failures = AuthFailureLog(clock)
         self.sampler = RateSampler(node.metrics.registry)
         self._reload_lock = asyncio.Lock()
         self._peer_labels: set[str] = set()  # gauge series set by the last refresh
@@ -225,7 +256,7 @@ class AdminServer:
         if scheme.lower() != "bearer" or not credentials:
             raise HttpError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(credentials.strip().encode(), self.token.encode()):
-            log.warning("admin_auth_failed", peer=request.peer, path=request.path)
+            self.auth_failures.failed(request.peer, route.template)
             raise HttpError(401, "wrong bearer token",
                             {"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
@@ -257,6 +288,9 @@ class AdminServer:
         checks["smpp"] = {"ok": bool(bound), "bound": bound, "configured": len(binds)}
         mqtt = node.recharges.stats()
         checks["mqtt"] = {"ok": bool(mqtt.get("connected"))}
+        checks["edr"] = node.edr.health()
+        checks["background"] = {"ok": not node.background_errors,
+                                "ended": dict(node.background_errors)}
         return all(c["ok"] for c in checks.values()), checks
 
     async def h_readyz(self, request: Request) -> Response:
@@ -289,8 +323,11 @@ class AdminServer:
     async def h_status_page(self, request: Request) -> Response:
         return Response(200, status_page_html(), "text/html; charset=utf-8", {
             # The page loads nothing from elsewhere and talks only to this server.
+            # It is never framed (no clickjacking of an operator's session).
             "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
-                                       "style-src 'unsafe-inline'; connect-src 'self'",
+                                       "style-src 'unsafe-inline'; connect-src 'self'; "
+                                       "frame-ancestors 'none'",
+            "X-Frame-Options": "DENY",
             "Referrer-Policy": "no-referrer",
         })
 

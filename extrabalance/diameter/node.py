@@ -50,6 +50,7 @@ from . import codec
 from .codec import DiameterError, Message
 from .constants import AVP_ORIGIN_HOST, DIAMETER_TOO_BUSY, DIAMETER_UNABLE_TO_COMPLY
 from .peer import (
+    CAPABILITIES_TIMEOUT_S,
     PENDING_MAX_DEFAULT,
     AcceptResponder,
     AnswerReceived,
@@ -98,6 +99,10 @@ RECONNECT_MAX_S: Final = 30.0
 CONNECT_TIMEOUT_S: Final = 5.0
 # How long close() waits for DPA before closing the transports anyway.
 CLOSE_TIMEOUT_S: Final = 2.0
+# Connections peers dialled to us, at once: in all and from one address. An IN has a
+# handful of peers; a client over either bound is closed at once (before its CER).
+INBOUND_CONNECTIONS_MAX: Final = 256
+INBOUND_PER_CLIENT_MAX: Final = 16
 
 RequestHandler = Callable[[Message, str], Awaitable[Message]]
 _new_message = tuple.__new__  # cheaper than Message._replace on the per-request path
@@ -160,6 +165,15 @@ class _Group:
     next_index: int = 0
 
 
+def certificate_hosts(cert: dict[str, Any]) -> frozenset[str]:
+    """The DNS names a verified peer certificate (`SSLObject.getpeercert()`) carries:
+    its subjectAltName DNS entries, or its subject CN when it has none. Lower case."""
+    names = [str(v) for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+    if not names:
+        names = [str(v) for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return frozenset(n.lower() for n in names)
+
+
 def _is_closed(machine: PeerLink) -> bool:
     # A function, not an inline test: the state changes while we await.
     return machine.state is LinkState.CLOSED
@@ -191,6 +205,7 @@ class _Connection(asyncio.Protocol):
             allowed_peers=node.allowed_peers,
             expected_origin_host=link.address.origin_host if link else None,
             watchdog_s=node.watchdog_s,
+            capabilities_timeout_s=node.capabilities_timeout_s,
             pending_max=node.pending_max,
             rng=node._rng,
             # Whether a CER is answered depends on the other connections to the same
@@ -205,6 +220,7 @@ class _Connection(asyncio.Protocol):
         self._timer_at: float | None = None
         self._inbound = 0
         self.remote: str = "?"
+        self.client: str | None = None  # the address counted against the inbound bounds
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -213,6 +229,13 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peername = transport.get_extra_info("peername")
         self.remote = f"{peername[0]}:{peername[1]}" if peername else "?"
+        if self.peer.role is Role.RESPONDER and not self.node._admit(self, peername):
+            transport.close()
+            return
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.context.verify_mode != ssl.CERT_NONE:
+            # A verified certificate: the peer's Origin-Host must be one of its names.
+            self.peer.certificate_hosts = certificate_hosts(ssl_object.getpeercert() or {})
         self.node._connections.add(self)
         link = self.link
         if link is not None:
@@ -231,6 +254,10 @@ class _Connection(asyncio.Protocol):
         self._after_input()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer.role is Role.RESPONDER:
+            if self.client is None:  # refused by _admit: never started
+                return
+            self.node._release(self)
         log.info("diameter connection %s ended: %s", self.remote,
                  self.peer.close_reason or exc or "closed by peer")
         self.peer.connection_lost(self.loop.time())
@@ -408,8 +435,19 @@ class DiameterNode:
         duplicate_cache: DuplicateCache | None = None,
         election: bool = False,
         rng: random.Random | None = None,
+        capabilities_timeout_s: float = CAPABILITIES_TIMEOUT_S,
+        inbound_connections_max: int = INBOUND_CONNECTIONS_MAX,
+        inbound_per_client_max: int = INBOUND_PER_CLIENT_MAX,
     ) -> None:
         self.identity = identity
+        # One timer for a connection that has not said who it is, plain or TLS: the
+        # TLS handshake and then the CER must each come within it (RFC 6733 §5.6: CER
+        # is the first message; the bound keeps a silent socket from holding a slot).
+        self.capabilities_timeout_s = capabilities_timeout_s
+        self.inbound_connections_max = inbound_connections_max
+        self.inbound_per_client_max = inbound_per_client_max
+        self._inbound_by_client: dict[str, int] = {}
+        self._inbound_total = 0
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.request_handler = request_handler
         self.ssl_context = ssl_context  # for the listener (server side)
@@ -444,10 +482,36 @@ class DiameterNode:
     async def listen(self, host: str, port: int) -> int:
         """Accept peers on host:port (0 picks a free port); returns the bound port."""
         server = await self._loop.create_server(
-            lambda: _Connection(self, Role.RESPONDER, None), host, port, ssl=self.ssl_context)
+            lambda: _Connection(self, Role.RESPONDER, None), host, port, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.capabilities_timeout_s if self.ssl_context else None)
         self._servers.append(server)
         bound: int = server.sockets[0].getsockname()[1]
         return bound
+
+    def _admit(self, conn: _Connection, peername: Any) -> bool:
+        """Count a connection a peer dialled against the inbound bounds; False: refuse."""
+        client = str(peername[0]) if isinstance(peername, tuple) else str(peername)
+        count = self._inbound_by_client.get(client, 0)
+        if count >= self.inbound_per_client_max or (
+                self._inbound_total >= self.inbound_connections_max):
+            log.warning("diameter connection from %s refused: %d from it, %d in all "
+                        "(bounds %d, %d)", client, count, self._inbound_total,
+                        self.inbound_per_client_max, self.inbound_connections_max)
+            return False
+        conn.client = client
+        self._inbound_by_client[client] = count + 1
+        self._inbound_total += 1
+        return True
+
+    def _release(self, conn: _Connection) -> None:
+        client = conn.client
+        assert client is not None
+        left = self._inbound_by_client[client] - 1
+        if left:
+            self._inbound_by_client[client] = left
+        else:
+            del self._inbound_by_client[client]
+        self._inbound_total -= 1
 
     # --- client -----------------------------------------------------------------------
 

@@ -386,6 +386,11 @@ class PeerConnection:
         self.role = role
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.expected_origin_host = expected_origin_host
+        # Over TLS with a verified peer certificate: the DNS names it carries (SAN, or
+        # the CN when it has none), lower case. The Origin-Host of the peer's CER/CEA
+        # must be one of them (RFC 6733 §13); None: no certificate to hold it to.
+        self.certificate_hosts: frozenset[str] | None = None
+        self._certificate_refused = False
         self.watchdog_s = watchdog_s
         self.pending_max = pending_max
         self.capabilities_timeout_s = capabilities_timeout_s
@@ -651,6 +656,13 @@ class PeerConnection:
         self.peer_applications = _applications_of(msg)
         if self.allowed_peers is not None and host not in self.allowed_peers:
             return Ev.RCV_CER_UNKNOWN_PEER
+        if not self._certificate_names(host):
+            # 3010 and disconnect, as for a peer we do not know: this one is not who
+            # it says it is (RFC 6733 §13).
+            self.close_reason = (f"CER Origin-Host {host!r} is not named by the peer's "
+                                 f"TLS certificate")
+            self._certificate_refused = True
+            return Ev.RCV_CER_UNKNOWN_PEER
         if not self._common_applications(self.peer_applications):
             return Ev.RCV_CER_NO_COMMON_APP
         state_id = msg.get(AVP_ORIGIN_STATE_ID)
@@ -675,10 +687,18 @@ class PeerConnection:
         if self.allowed_peers is not None and host not in self.allowed_peers:
             self.close_reason = f"CEA from unknown peer {host!r}"
             return Ev.RCV_CEA_FAIL
+        if not self._certificate_names(host):
+            self.close_reason = (f"CEA Origin-Host {host!r} is not named by the peer's "
+                                 f"TLS certificate")
+            return Ev.RCV_CEA_FAIL
         if not self._common_applications(self.peer_applications):
             self.close_reason = "no common application in CEA"
             return Ev.RCV_CEA_FAIL
         return Ev.RCV_CEA_OK
+
+    def _certificate_names(self, host: object) -> bool:
+        names = self.certificate_hosts
+        return names is None or (isinstance(host, str) and host.lower() in names)
 
     def _common_applications(self, theirs: frozenset[int]) -> bool:
         return bool(theirs & self._applications) or APPLICATION_RELAY in theirs
@@ -722,6 +742,9 @@ class PeerConnection:
         self._cea(DIAMETER_SUCCESS)
 
     def _act_send_cea_unknown_peer(self, now: float) -> None:
+        if self._certificate_refused:
+            self._cea(DIAMETER_UNKNOWN_PEER, "Origin-Host not named by the TLS certificate")
+            return
         self._cea(DIAMETER_UNKNOWN_PEER, "Origin-Host not configured")
         self.close_reason = f"unknown peer {self.peer_origin_host!r}"
 

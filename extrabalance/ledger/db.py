@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.private_files import narrow, private_file
 
 BUSY_TIMEOUT_MS = 10_000  # how long a reader/importer waits behind the writer's lock
 # Pages read through a memory map instead of a read() call each: a point lookup in a
@@ -52,6 +53,9 @@ def connect(
         from extrabalance.ledger.sqlite_uow import SqliteLedgerTx  # imports store: late
 
         factory = SqliteLedgerTx
+    private = str(path) != ":memory:" and not str(path).startswith("file:")
+    if private:
+        private_file(path)  # before SQLite creates it: 0600, and its WAL/SHM inherit that
     conn = sqlite3.connect(
         str(path),
         isolation_level=None,
@@ -61,6 +65,9 @@ def connect(
         factory=factory,
     )
     conn.execute("PRAGMA journal_mode=WAL")
+    if private:
+        for suffix in ("-wal", "-shm"):  # made by an older release under a loose umask
+            narrow(f"{path}{suffix}")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys=ON")

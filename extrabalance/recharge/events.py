@@ -24,8 +24,10 @@ __all__ = [
     "PAYLOAD_MAX_BYTES",
     "InvalidRecharge",
     "RechargeEvent",
+    "origin_problem",
     "parse_recharge",
     "to_payload",
+    "topic_matches",
 ]
 
 # Bounds, named so the reason a payload was refused can say which one it broke.
@@ -203,6 +205,41 @@ def parse_recharge(payload: bytes, *, expected_currency: str) -> RechargeEvent:
         in_node=in_node,
         timestamp=timestamp,
     )
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether an MQTT topic filter (`+`, `#` wildcards) matches a topic name. Pure."""
+    want, got = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(got) or (level != "+" and level != got[i]):
+            return False
+    return len(want) == len(got)
+
+
+def origin_problem(in_node: str, topic: str, topic_filters: tuple[str, ...],
+                   known_in_nodes: frozenset[str]) -> str | None:
+    """Why a recharge from `in_node`, received on `topic`, must not be believed; None
+    when it may. Pure.
+
+    The event's `in_node` becomes the subscriber's learned route, so it must be the
+    Origin-Host of a configured IN (anything else would send his next loan to a node
+    that does not exist), and where the topic names the IN (the level a filter's final
+    `+` matched: `extrabalance/recharge/<in_node>`) the two must agree: an IN may
+    speak only for itself.
+    """
+    if in_node not in known_in_nodes:
+        shown = in_node if len(in_node) <= 64 else in_node[:64] + "..."
+        return f"field 'in_node' {shown!r} is not a configured IN node"
+    levels = topic.split("/")
+    for topic_filter in topic_filters:
+        if topic_filter.endswith("/+") and topic_matches(topic_filter, topic):
+            if levels[-1] != in_node:
+                return (f"field 'in_node' {in_node!r} does not match the topic's IN "
+                        f"{levels[-1]!r}")
+            return None
+    return None
 
 
 def _format_timestamp(value: datetime) -> str:

@@ -91,7 +91,13 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from extrabalance.recharge.events import InvalidRecharge, RechargeEvent, parse_recharge
+from extrabalance.recharge.events import (
+    PAYLOAD_MAX_BYTES,
+    InvalidRecharge,
+    RechargeEvent,
+    origin_problem,
+    parse_recharge,
+)
 
 __all__ = ["MqttSettings", "RechargeListener"]
 
@@ -102,6 +108,9 @@ MQTT_V5 = 5
 # How long a (re)connection may take to get its SUBACK while the backlog queued before
 # it is drained; past it the session is restarted, keeping what was acknowledged.
 SUBACK_WAIT_S = 600.0
+# A dead letter carries at most this much of the original payload (base64) and says
+# how big the original was: a 1 MB payload must not become a 1.4 MB dead letter.
+DEAD_LETTER_PAYLOAD_MAX_BYTES = PAYLOAD_MAX_BYTES
 # The dead-letter publisher's client id: the subscriber's, plus this.
 DEAD_LETTER_CLIENT_SUFFIX = "-deadletter"
 
@@ -263,7 +272,9 @@ class RechargeListener:
     ``handle(event)`` must return only once the event is durably recorded, and must
     treat an ``event_id`` it has already recorded as done (duplicates are expected).
     ``on_invalid(payload, topic, reason)`` is told about every payload that was not a
-    recharge event, before it is dead-lettered.
+    recharge event, before it is dead-lettered. With ``in_nodes``, an event whose
+    ``in_node`` is not one of them or disagrees with its topic is dead-lettered too
+    (``events.origin_problem``).
     """
 
     def __init__(
@@ -273,8 +284,12 @@ class RechargeListener:
         *,
         expected_currency: str,
         on_invalid: Callable[[bytes, str, str], None] | None = None,
+        in_nodes: frozenset[str] | None = None,
     ) -> None:
         self._settings = settings
+        # The Origin-Hosts of the configured INs: an event from any other is dead-lettered
+        # (None: not checked, for tools that listen without a node's config).
+        self.in_nodes = in_nodes
         self._handle = handle
         self._expected_currency = expected_currency
         self._on_invalid = on_invalid
@@ -562,6 +577,11 @@ class RechargeListener:
         except InvalidRecharge as exc:
             await self._dead_letter(client, payload, topic, exc.reason)
             return
+        if self.in_nodes is not None:
+            problem = origin_problem(event.in_node, topic, self._settings.topics, self.in_nodes)
+            if problem is not None:
+                await self._dead_letter(client, payload, topic, problem)
+                return
         try:
             async with asyncio.timeout(self._settings.handle_timeout_s):
                 await self._handle(event)
@@ -588,7 +608,10 @@ class RechargeListener:
             {
                 "reason": reason,
                 "topic": topic,
-                "payload_b64": base64.b64encode(payload).decode("ascii"),
+                "payload_b64": base64.b64encode(
+                    payload[:DEAD_LETTER_PAYLOAD_MAX_BYTES]).decode("ascii"),
+                "payload_size": len(payload),
+                "payload_truncated": len(payload) > DEAD_LETTER_PAYLOAD_MAX_BYTES,
             }
         )
         # Waits for the broker's PUBACK: the original is acked only once the copy is safe.

@@ -260,7 +260,10 @@ class SmppConnection:
                 self.bound.set()
                 self.bind_done.set()
             elif isinstance(ev, BindRefused):
-                self.bind_refused_status = ev.status
+                if ev.detail:  # not a refusal: the SMSC's answer was at fault
+                    self.close_reason = ev.detail
+                else:
+                    self.bind_refused_status = ev.status
                 self.bind_done.set()
             elif isinstance(ev, Unbound):
                 self.close_reason = self.close_reason or (

@@ -143,6 +143,7 @@ class Event(_FastEnum):
     WRONG_ROLE = "a request this role never accepts"
     UNDECODABLE = "frame that does not decode"
     BIND_TIMEOUT = "no bind_resp in time"
+    BIND_RESP_BAD = "bind_resp that does not decode, or answers another bind or sequence"
 
 
 class Action(_FastEnum):
@@ -182,6 +183,10 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State | str | None, tuple[Action, .
     (S.BINDING, E.BIND_RESP_OK): (BOUND_AS_BIND, (A.MATCH, A.NOTIFY_BOUND)),
     (S.BINDING, E.BIND_RESP_ERROR): (S.OPEN, (A.MATCH, A.NOTIFY_BIND_REFUSED)),
     (S.BINDING, E.BIND_TIMEOUT): (S.OPEN, (A.NOTIFY_BIND_REFUSED,)),
+    # A bind_resp we cannot trust (malformed, oversized, another sequence number or
+    # bind type) leaves no bind to build on: give up this connection, so the adapter
+    # reconnects and binds again after its backoff, instead of waiting for nothing.
+    (S.BINDING, E.BIND_RESP_BAD): (S.CLOSED, (A.FAIL_PENDING, A.NOTIFY_BIND_REFUSED)),
     # --- BOUND: traffic in the directions the bind allows -----------------------
     (S.BOUND_TX, E.SEND_TO_SMSC): (None, (A.WRITE,)),
     (S.BOUND_TRX, E.SEND_TO_SMSC): (None, (A.WRITE,)),
@@ -270,6 +275,7 @@ class Bound:
 @dataclass(frozen=True, slots=True)
 class BindRefused:
     status: int
+    detail: str = ""  # why, when the bind_resp itself was at fault
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +403,7 @@ class Session:
         self._events: list[SessionEvent] = []
         self._auth_status = 0
         self._error: PduDecodeError | None = None
+        self._bad_bind_resp = ""  # what was wrong with the last bind_resp, if anything
 
     # -- introspection -----------------------------------------------------------
 
@@ -471,6 +478,9 @@ class Session:
         self._last_rx_s = now_s
         for item in self._framer.feed(data):
             if isinstance(item, PduDecodeError):
+                if self._is_bind_resp_error(item):
+                    self._dispatch(Event.BIND_RESP_BAD, None, now_s)
+                    break
                 self._error = item
                 self._dispatch(Event.UNDECODABLE, None, now_s)
                 if item.fatal:
@@ -480,6 +490,9 @@ class Session:
             try:
                 pdu = decode(item)
             except PduDecodeError as exc:
+                if self._is_bind_resp_error(exc):
+                    self._dispatch(Event.BIND_RESP_BAD, None, now_s)
+                    break
                 self._error = exc
                 self._dispatch(Event.UNDECODABLE, None, now_s)
                 continue
@@ -536,10 +549,27 @@ class Session:
 
     # -- the engine ------------------------------------------------------------------
 
+    def _is_bind_resp_error(self, exc: PduDecodeError) -> bool:
+        """A bind_resp that does not decode, while we wait for one: it is the answer to
+        our bind (nothing else is outstanding) and it cannot be read."""
+        if self.state is not State.BINDING or exc.command_id not in _BIND_RESP_IDS:
+            return False
+        self._bad_bind_resp = f"bind_resp does not decode: {exc}"
+        return True
+
     def _classify(self, pdu: Pdu) -> Event:
         cid = pdu.command_id
         if is_response(cid):
             if cid in _BIND_RESP_IDS:
+                if self.state is State.BINDING:
+                    bind = self._bind_pdu
+                    assert bind is not None
+                    if (pdu.sequence_number != bind.sequence_number
+                            or cid != bind.command_id | 0x80000000):
+                        self._bad_bind_resp = (
+                            f"{type(pdu).__name__} seq {pdu.sequence_number} does not answer "
+                            f"{type(bind).__name__} seq {bind.sequence_number}")
+                        return Event.BIND_RESP_BAD
                 return Event.BIND_RESP_OK if pdu.command_status == 0 else Event.BIND_RESP_ERROR
             if cid == CommandId.UNBIND_RESP:
                 return Event.UNBIND_RESP
@@ -644,7 +674,9 @@ class Session:
                 kind = _BIND_KIND[_BIND_STATE[CommandId(pdu.command_id)]]
             self._events.append(Bound(kind, self.peer_system_id))
         elif action is Action.NOTIFY_BIND_REFUSED:
-            if pdu is None:  # timeout: no answer at all
+            if event is Event.BIND_RESP_BAD:
+                self._events.append(BindRefused(Status.ESME_RUNKNOWNERR, self._bad_bind_resp))
+            elif pdu is None:  # timeout: no answer at all
                 self._events.append(BindRefused(Status.ESME_RUNKNOWNERR))
             else:
                 self._events.append(BindRefused(pdu.command_status or Status.ESME_RBINDFAIL))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from structlog.testing import capture_logs
 
 from extrabalance.admin import ROUTES, AdminConfigError, AdminServer
+from extrabalance.admin.server import AUTH_FAIL_LOG_INTERVAL_S, AuthFailureLog
 from extrabalance.demo import A, B
-from tests.admin.client import call
+from tests.admin.client import call, parse_reply, raw_call
 from tests.admin.conftest import TOKEN
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -45,7 +47,7 @@ async def test_readyz_reports_each_item(played):
     reply = await call(port, "GET", "/readyz", token=TOKEN)
     body = reply.json()
     assert reply.status == 200 and body["ready"] is True
-    assert set(body["checks"]) == {"ledger", "diameter", "smpp", "mqtt"}
+    assert set(body["checks"]) == {"ledger", "diameter", "smpp", "mqtt", "edr", "background"}
     assert set(body["checks"]["diameter"]["in_nodes"]) == {"in-a", "in-b"}
     assert all(v["open_peers"] for v in body["checks"]["diameter"]["in_nodes"].values())
 
@@ -251,3 +253,46 @@ async def test_status_page_is_served_without_data(played):
     assert reply.status == 200 and reply.headers["content-type"].startswith("text/html")
     assert "connect-src 'self'" in reply.headers["content-security-policy"]
     assert b"/api/v1/stats" in reply.body and json.dumps(TOKEN).encode() not in reply.body
+
+
+# -- hardening (issue 22) ----------------------------------------------------------
+
+async def test_auth_failures_are_throttled_and_carry_no_msisdn(played):
+    _env, admin, port = played
+    admin.auth_failures = AuthFailureLog()  # forget the failures earlier tests made
+    msisdn = "201001234567"
+    with capture_logs() as logs:
+        for _ in range(20):
+            reply = await call(port, "GET", f"/api/v1/subscribers/{msisdn}", token="wrong")
+            assert reply.status == 401
+    lines = [e for e in logs if e["event"] == "admin_auth_failed"]
+    assert len(lines) == 1, lines
+    assert msisdn not in json.dumps(lines, default=str)
+    assert lines[0]["route"] == "/api/v1/subscribers/{msisdn}"
+
+
+async def test_auth_failure_log_counts_what_it_held_back():
+    now = [1000.0]
+    flog = AuthFailureLog(clock=lambda: now[0])
+    with capture_logs() as logs:
+        for _ in range(5):
+            flog.failed("10.0.0.1:5555", "/api/v1/stats")
+        now[0] += AUTH_FAIL_LOG_INTERVAL_S
+        flog.failed("10.0.0.1:6666", "/api/v1/stats")
+    assert [e["failures"] for e in logs] == [1, 5]
+
+
+async def test_pages_refuse_to_be_framed(played):
+    _, _, port = played
+    for path in ("/", "/status"):
+        reply = await call(port, "GET", path)
+        assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
+        assert reply.headers["x-frame-options"] == "DENY"
+
+
+async def test_duplicate_authorization_is_refused_by_the_admin_api(played):
+    _, _, port = played
+    raw = (f"GET /api/v1/stats HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n"
+           f"Authorization: Bearer {TOKEN}\r\n\r\n").encode()
+    assert parse_reply(await raw_call(port, raw)).status == 400
+

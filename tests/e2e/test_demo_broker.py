@@ -4,7 +4,8 @@ import asyncio
 
 import aiomqtt
 
-from extrabalance.demo_broker import DemoBroker, _topic_matches
+from extrabalance.demo_broker import DemoBroker
+from extrabalance.recharge.events import topic_matches as _topic_matches
 
 
 def test_wildcards():

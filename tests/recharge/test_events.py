@@ -14,6 +14,7 @@ from extrabalance.recharge.events import (
     PAYLOAD_MAX_BYTES,
     InvalidRecharge,
     RechargeEvent,
+    origin_problem,
     parse_recharge,
     to_payload,
 )
@@ -205,3 +206,19 @@ def test_random_json_never_raises_anything_but_invalid_recharge(value: object) -
         parse_recharge(json.dumps(value).encode(), expected_currency="EGP")
     except InvalidRecharge as exc:
         assert exc.reason
+
+
+FILTERS = ("extrabalance/recharge/+",)
+KNOWN = frozenset({"in-a.operator.example", "in-b.operator.example"})
+
+
+@pytest.mark.parametrize("in_node, topic, problem", [
+    ("in-a.operator.example", "extrabalance/recharge/in-a.operator.example", None),
+    ("=HYPERLINK(\"x\")", "extrabalance/recharge/=HYPERLINK(\"x\")", "not a configured IN"),
+    ("in-b.operator.example", "extrabalance/recharge/in-a.operator.example",
+     "does not match the topic"),
+    ("in-b.operator.example", "operator/recharges", None),  # a topic that names no IN
+])
+def test_origin_problem(in_node, topic, problem) -> None:
+    found = origin_problem(in_node, topic, (*FILTERS, "operator/recharges"), KNOWN)
+    assert (found is None) if problem is None else (problem in found)

@@ -14,7 +14,11 @@ import paho.mqtt.client as paho
 import pytest
 
 from extrabalance.recharge.events import RechargeEvent, to_payload
-from extrabalance.recharge.listener import MqttSettings, RechargeListener
+from extrabalance.recharge.listener import (
+    DEAD_LETTER_PAYLOAD_MAX_BYTES,
+    MqttSettings,
+    RechargeListener,
+)
 from simulators.recharge_publisher import RechargePublisher
 from tests.mqtt_broker import MosquittoBroker
 from tests.recharge.support import fast_settings, make_event, running, wait_until
@@ -337,3 +341,45 @@ async def test_stop_before_run_is_not_lost(broker: MosquittoBroker) -> None:
     await listener.stop()  # e.g. a shutdown that races the start-up
     await asyncio.wait_for(listener.run(), 5)
     assert listener.stats()["connected"] is False
+
+
+async def test_recharges_from_unknown_or_impersonated_ins_are_dead_lettered(
+    broker: MosquittoBroker,
+) -> None:
+    """Issue 22, finding 2: an `in_node` that is no configured IN (here a spreadsheet
+    formula) was handled and became the subscriber's learned route. Now it is dead-
+    lettered with the reason, as is an IN speaking on another IN's topic; and a huge
+    payload's dead letter carries its first bytes and its real size, not all of it."""
+    handled: list[str] = []
+
+    async def handle(event: RechargeEvent) -> None:
+        handled.append(event.event_id)
+
+    settings = fast_settings(broker)
+    listener = RechargeListener(settings, handle, expected_currency="EGP",
+                                in_nodes=frozenset({"in-a", "in-b"}))
+    formula = to_payload(make_event(1, in_node="=cmd|' /C calc'!A0"))
+    impostor = to_payload(make_event(2, in_node="in-b"))
+    huge = b"x" * 1_000_000
+    dead: list[dict[str, object]] = []
+    async with aiomqtt.Client(broker.host, broker.port) as observer:
+        await observer.subscribe(settings.dead_letter_topic, qos=1)
+        async with running(listener), publisher_for(broker) as publisher:
+            await publisher.publish_payload("in-a", formula)
+            await publisher.publish_payload("in-a", impostor)  # in-b's event on in-a's topic
+            await publisher.publish_payload("in-a", huge)
+            await publisher.publish(make_event(3, in_node="in-b"))
+            async with asyncio.timeout(20):
+                async for message in observer.messages:
+                    assert isinstance(message.payload, bytes)
+                    dead.append(json.loads(message.payload))
+                    if len(dead) == 3:
+                        break
+            await wait_until(lambda: listener.stats()["handled"] >= 1, "the valid event")
+
+    assert handled == [make_event(3, in_node="in-b").event_id]
+    assert "is not a configured IN node" in str(dead[0]["reason"])
+    assert "does not match the topic" in str(dead[1]["reason"])
+    assert base64.b64decode(str(dead[0]["payload_b64"])) == formula
+    assert dead[2]["payload_size"] == 1_000_000 and dead[2]["payload_truncated"] is True
+    assert len(base64.b64decode(str(dead[2]["payload_b64"]))) == DEAD_LETTER_PAYLOAD_MAX_BYTES

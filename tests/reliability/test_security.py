@@ -114,8 +114,11 @@ def test_public_diameter_listener_without_tls_is_refused() -> None:
     allowed = load_settings(overrides={"diameter": {
         "listen_host": "0.0.0.0", "allow_unauthenticated_public_listener": True}})
     assert allowed.diameter.listen_host == "0.0.0.0"
-    with_tls = load_settings(overrides={"diameter": {
-        "listen_host": "0.0.0.0", "tls_cert_file": "c.pem", "tls_key_file": "k.pem"}})
+    # TLS that authenticates nobody is no better off loopback (issue 22): a CA is needed.
+    tls = {"listen_host": "0.0.0.0", "tls_cert_file": "c.pem", "tls_key_file": "k.pem"}
+    with pytest.raises(ConfigError, match="tls_ca_file"):
+        load_settings(overrides={"diameter": tls})
+    with_tls = load_settings(overrides={"diameter": {**tls, "tls_ca_file": "ca.pem"}})
     assert with_tls.diameter.tls_cert_file == "c.pem"
 
 
