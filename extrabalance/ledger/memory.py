@@ -702,8 +702,8 @@ class MemoryLedgerTx:
         t.recoveries[rec.recovery_id] = replace(
             current, recovered_minor=allocation.total_minor, state=DONE
         )
-        if allocation.clears_all:
-            sub = self._ensure(current.msisdn, now)
+        sub = t.subscribers.get(current.msisdn)
+        if allocation.clears_all and sub is not None:  # a full payback lifts the bar
             sub.loans_since_full_payback = 0
             sub.updated_at = ts(now)
 
@@ -857,7 +857,8 @@ class MemoryUnitOfWork:
         self.tables = _Tables()
         self.writes = 0  # units of work committed
 
-    def _write(self, fn: Callable[[LedgerTx], T]) -> T:
+    def write_now(self, fn: Callable[[LedgerTx], T]) -> T:
+        """`write`, without an event loop (property tests, tools)."""
         work = copy.deepcopy(self.tables)
         value = fn(MemoryLedgerTx(work, writable=True))
         self.tables = work
@@ -865,10 +866,10 @@ class MemoryUnitOfWork:
         return value
 
     async def write(self, fn: Callable[[LedgerTx], T]) -> T:
-        return self._write(fn)
+        return self.write_now(fn)
 
     async def write_staged(self, fn: Callable[[LedgerTx], T]) -> tuple[T, asyncio.Future[T]]:
-        value = self._write(fn)
+        value = self.write_now(fn)
         durable: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         durable.set_result(value)
         return value, durable
