@@ -172,33 +172,37 @@ LOAN_MOVES: Final = _pairs(LOAN_TRANSITIONS)  # (before, after) pairs some event
 RECOVERY_MOVES: Final = _pairs(RECOVERY_TRANSITIONS)
 
 
-def loan_step(state: str | None, event: str, *, record: str = "loan") -> str:
+# `key`: the loan's or recovery's id, for the error message (formatted only on error:
+# these run on every loan and payback).
+
+
+def loan_step(state: str | None, event: str, key: str = "") -> str:
     """The loan's next state on `event`; raises `IllegalTransition` if none."""
     after = LOAN_TRANSITIONS.get((state, event))
     if after is None:
-        raise IllegalTransition(f"{record} is {state}: {event} is not allowed")
+        raise IllegalTransition(f"loan {key} is {state}: {event} is not allowed")
     return after
 
 
-def recovery_step(state: str | None, event: str, *, record: str = "recovery") -> str:
+def recovery_step(state: str | None, event: str, key: str = "") -> str:
     """The recovery's next state on `event`; raises `IllegalTransition` if none."""
     after = RECOVERY_TRANSITIONS.get((state, event))
     if after is None:
-        raise IllegalTransition(f"{record} is {state}: {event} is not allowed")
+        raise IllegalTransition(f"recovery {key} is {state}: {event} is not allowed")
     return after
 
 
-def check_loan_move(before: str | None, after: str, *, record: str = "loan") -> None:
+def check_loan_move(before: str | None, after: str, key: str = "") -> None:
     """Raise `IllegalTransition` unless some event takes a loan from `before` to `after`
     (for adapters handed the target state rather than the event)."""
     if (before, after) not in LOAN_MOVES:
-        raise IllegalTransition(f"{record} is {before}, cannot become {after}")
+        raise IllegalTransition(f"loan {key} is {before}, cannot become {after}")
 
 
-def check_recovery_move(before: str | None, after: str, *, record: str = "recovery") -> None:
+def check_recovery_move(before: str | None, after: str, key: str = "") -> None:
     """As `check_loan_move`, for recoveries."""
     if (before, after) not in RECOVERY_MOVES:
-        raise IllegalTransition(f"{record} is {before}, cannot become {after}")
+        raise IllegalTransition(f"recovery {key} is {before}, cannot become {after}")
 
 
 def predecessors(after: str, table: Mapping[tuple[str | None, str], str]) -> tuple[str, ...]:
