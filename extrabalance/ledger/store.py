@@ -1,8 +1,11 @@
 """The ledger's business SQL: synchronous functions over one open connection.
 
-The service layer composes these inside `Ledger.write(fn)` (one savepoint, committed
-with its batch) or `Ledger.read(fn)`. Nothing here commits, talks to the network or
-decides a loan; the rules live in `extrabalance.core`.
+They are the SQLite side of the services' unit-of-work port: each is also a method of
+the ledger's connection class (`sqlite_uow.SqliteLedgerTx`), so a service calls
+`tx.settle_loan(...)` inside `Ledger.write(fn)` (one savepoint, committed with its
+batch) or `Ledger.read(fn)`. Nothing here commits, talks to the network or decides
+anything: the rules (which loan a payback goes to, which state may follow which) live
+in `extrabalance.core`.
 
 Journal scheme (debits positive, credits negative; every transaction sums to zero):
 
