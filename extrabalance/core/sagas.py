@@ -10,11 +10,12 @@ this table by `tests/core/test_sagas.py`.
 
 Rules the table encodes (docs/ledger.md "Loan saga", "Advance saga", "Recovery saga"):
 
-* money moves on exactly three kinds of transition: a loan becoming ACTIVE (or being
-  booked ACTIVE / CONFIRMING: the disbursement is journalled), a recovery becoming
-  DONE (the repayment is journalled and the loans move to PARTIALLY_REPAID / REPAID),
-  and a loan being WRITTEN_OFF. A CONFIRMING advance refused by the IN is FAILED with
-  a reversing entry;
+* money moves on these transitions only: a loan becoming ACTIVE (or being booked
+  ACTIVE / CONFIRMING: the disbursement is journalled), a recovery becoming DONE (the
+  repayment is journalled and the loans move to PARTIALLY_REPAID / REPAID), an
+  operator's write-down (part of a loan waived: PARTIALLY_REPAID; all that is left:
+  WRITTEN_OFF) and ageing (WRITTEN_OFF). A CONFIRMING advance refused by the IN is
+  FAILED with a reversing entry;
 * REPAID, FAILED, WRITTEN_OFF (loans) and DONE, FAILED (recoveries) are final;
 * a transition to the state a record already has is a replay of the same settlement
   (an IN answer seen twice, a resolver run after the saga settled) and changes
@@ -97,7 +98,8 @@ ADVANCE_CONFIRMED: Final = "advance_confirmed"
 ADVANCE_REFUSED: Final = "advance_refused"  # reversing entry, bad-debt count back
 REPAID_PART: Final = "repaid_part"  # a recovery took part of what is owed
 REPAID_ALL: Final = "repaid_all"  # a recovery took the rest
-WRITE_OFF: Final = "write_off"  # aged past write_off_days
+WRITE_OFF: Final = "write_off"  # aged past write_off_days, or the rest waived
+WAIVE_PART: Final = "waive_part"  # an operator's write-down of part of what is owed
 
 # Recoveries.
 BOOK_RECOVERY: Final = "book_recovery"  # recharge: RECOVERING with its first attempt
@@ -129,6 +131,8 @@ LOAN_TRANSITIONS: Final[dict[tuple[str | None, str], str]] = {
     (ACTIVE, REPAID_ALL): REPAID,
     (PARTIALLY_REPAID, REPAID_PART): PARTIALLY_REPAID,
     (PARTIALLY_REPAID, REPAID_ALL): REPAID,
+    (ACTIVE, WAIVE_PART): PARTIALLY_REPAID,
+    (PARTIALLY_REPAID, WAIVE_PART): PARTIALLY_REPAID,
     (ACTIVE, WRITE_OFF): WRITTEN_OFF,
     (PARTIALLY_REPAID, WRITE_OFF): WRITTEN_OFF,
 }
