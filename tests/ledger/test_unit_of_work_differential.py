@@ -27,8 +27,14 @@ MSISDNS = ("201001000001", "201001000002")
 POLICY = RecoveryPolicy(order=PaybackOrder.FEE_FIRST)
 
 ops = st.one_of(
-    st.tuples(st.just("loan"), st.integers(0, 1), st.sampled_from(sagas.LOAN_STATES),
-              st.integers(1, 50), st.integers(0, 9), st.none() | st.integers(0, 3)),
+    st.tuples(
+        st.just("loan"),
+        st.integers(0, 1),
+        st.sampled_from(sagas.LOAN_STATES),
+        st.integers(1, 50),
+        st.integers(0, 9),
+        st.none() | st.integers(0, 3),
+    ),
     st.tuples(st.just("settle"), st.integers(0, 7), st.sampled_from(sagas.LOAN_STATES)),
     st.tuples(st.just("advance"), st.integers(0, 7), st.booleans()),
     st.tuples(st.just("recovery"), st.integers(0, 1), st.integers(0, 3)),
@@ -79,19 +85,33 @@ def _apply(side: Side, op: tuple[Any, ...], now: datetime) -> str:
         if kind == "loan":
             _, m, state, principal, fee, key = op
             loan_id = tx.insert_loan(
-                msisdn=MSISDNS[m], tier_id=1, principal_minor=principal, fee_minor=fee,
-                state=state, channel="ussd", idempotency_key=None if key is None else f"k{key}",
-                in_node="in-a", session_id="s", now=now)
+                msisdn=MSISDNS[m],
+                tier_id=1,
+                principal_minor=principal,
+                fee_minor=fee,
+                state=state,
+                channel="ussd",
+                idempotency_key=None if key is None else f"k{key}",
+                in_node="in-a",
+                session_id="s",
+                now=now,
+            )
             side.loans.append(loan_id)
         elif kind == "settle":
             return tx.settle_loan(loan(op[1]), op[2], now).state
         elif kind == "advance":
             return tx.settle_advance(loan(op[1]), op[2], now).state
         elif kind == "recovery":
-            rec_id = tx.insert_recovery(event_id=f"e{op[2]}", msisdn=MSISDNS[op[1]],
-                                        recharge_minor=100, balance_after_minor=100,
-                                        in_node="in-a", now=now, session_id="d",
-                                        requested_minor=100)
+            rec_id = tx.insert_recovery(
+                event_id=f"e{op[2]}",
+                msisdn=MSISDNS[op[1]],
+                recharge_minor=100,
+                balance_after_minor=100,
+                in_node="in-a",
+                now=now,
+                session_id="d",
+                requested_minor=100,
+            )
             side.recoveries.append(rec_id)
         elif kind == "debit":
             row = tx.get_recovery(rec(op[1]))
