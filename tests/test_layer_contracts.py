@@ -75,7 +75,9 @@ def test_services_reach_storage_only_through_the_port() -> None:
         if hits:
             offenders[path.name] = hits
     new = sorted(set(offenders) - set(KNOWN_OFFENDERS))
-    assert not new, f"service modules importing storage directly: { {n: offenders[n] for n in new} }"
+    assert not new, (
+        f"service modules importing storage directly: { {n: offenders[n] for n in new} }"
+    )
     fixed = sorted(set(KNOWN_OFFENDERS) - set(offenders))
     assert not fixed, f"{fixed} comply now: remove them from KNOWN_OFFENDERS"
 

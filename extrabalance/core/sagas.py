@@ -10,11 +10,12 @@ this table by `tests/core/test_sagas.py`.
 
 Rules the table encodes (docs/ledger.md "Loan saga", "Advance saga", "Recovery saga"):
 
-* money moves on exactly three kinds of transition: a loan becoming ACTIVE (or being
-  booked ACTIVE / CONFIRMING: the disbursement is journalled), a recovery becoming
-  DONE (the repayment is journalled and the loans move to PARTIALLY_REPAID / REPAID),
-  and a loan being WRITTEN_OFF. A CONFIRMING advance refused by the IN is FAILED with
-  a reversing entry;
+* money moves on these transitions only: a loan becoming ACTIVE (or being booked
+  ACTIVE / CONFIRMING: the disbursement is journalled), a recovery becoming DONE (the
+  repayment is journalled and the loans move to PARTIALLY_REPAID / REPAID), an
+  operator's write-down (part of a loan waived: PARTIALLY_REPAID; all that is left:
+  WRITTEN_OFF) and ageing (WRITTEN_OFF). A CONFIRMING advance refused by the IN is
+  FAILED with a reversing entry;
 * REPAID, FAILED, WRITTEN_OFF (loans) and DONE, FAILED (recoveries) are final;
 * a transition to the state a record already has is a replay of the same settlement
   (an IN answer seen twice, a resolver run after the saga settled) and changes
@@ -97,7 +98,8 @@ ADVANCE_CONFIRMED: Final = "advance_confirmed"
 ADVANCE_REFUSED: Final = "advance_refused"  # reversing entry, bad-debt count back
 REPAID_PART: Final = "repaid_part"  # a recovery took part of what is owed
 REPAID_ALL: Final = "repaid_all"  # a recovery took the rest
-WRITE_OFF: Final = "write_off"  # aged past write_off_days
+WRITE_OFF: Final = "write_off"  # aged past write_off_days, or the rest waived
+WAIVE_PART: Final = "waive_part"  # an operator's write-down of part of what is owed
 
 # Recoveries.
 BOOK_RECOVERY: Final = "book_recovery"  # recharge: RECOVERING with its first attempt
@@ -129,6 +131,8 @@ LOAN_TRANSITIONS: Final[dict[tuple[str | None, str], str]] = {
     (ACTIVE, REPAID_ALL): REPAID,
     (PARTIALLY_REPAID, REPAID_PART): PARTIALLY_REPAID,
     (PARTIALLY_REPAID, REPAID_ALL): REPAID,
+    (ACTIVE, WAIVE_PART): PARTIALLY_REPAID,
+    (PARTIALLY_REPAID, WAIVE_PART): PARTIALLY_REPAID,
     (ACTIVE, WRITE_OFF): WRITTEN_OFF,
     (PARTIALLY_REPAID, WRITE_OFF): WRITTEN_OFF,
 }
@@ -172,33 +176,37 @@ LOAN_MOVES: Final = _pairs(LOAN_TRANSITIONS)  # (before, after) pairs some event
 RECOVERY_MOVES: Final = _pairs(RECOVERY_TRANSITIONS)
 
 
-def loan_step(state: str | None, event: str, *, record: str = "loan") -> str:
+# `key`: the loan's or recovery's id, for the error message (formatted only on error:
+# these run on every loan and payback).
+
+
+def loan_step(state: str | None, event: str, key: str = "") -> str:
     """The loan's next state on `event`; raises `IllegalTransition` if none."""
     after = LOAN_TRANSITIONS.get((state, event))
     if after is None:
-        raise IllegalTransition(f"{record} is {state}: {event} is not allowed")
+        raise IllegalTransition(f"loan {key} is {state}: {event} is not allowed")
     return after
 
 
-def recovery_step(state: str | None, event: str, *, record: str = "recovery") -> str:
+def recovery_step(state: str | None, event: str, key: str = "") -> str:
     """The recovery's next state on `event`; raises `IllegalTransition` if none."""
     after = RECOVERY_TRANSITIONS.get((state, event))
     if after is None:
-        raise IllegalTransition(f"{record} is {state}: {event} is not allowed")
+        raise IllegalTransition(f"recovery {key} is {state}: {event} is not allowed")
     return after
 
 
-def check_loan_move(before: str | None, after: str, *, record: str = "loan") -> None:
+def check_loan_move(before: str | None, after: str, key: str = "") -> None:
     """Raise `IllegalTransition` unless some event takes a loan from `before` to `after`
     (for adapters handed the target state rather than the event)."""
     if (before, after) not in LOAN_MOVES:
-        raise IllegalTransition(f"{record} is {before}, cannot become {after}")
+        raise IllegalTransition(f"loan {key} is {before}, cannot become {after}")
 
 
-def check_recovery_move(before: str | None, after: str, *, record: str = "recovery") -> None:
+def check_recovery_move(before: str | None, after: str, key: str = "") -> None:
     """As `check_loan_move`, for recoveries."""
     if (before, after) not in RECOVERY_MOVES:
-        raise IllegalTransition(f"{record} is {before}, cannot become {after}")
+        raise IllegalTransition(f"recovery {key} is {before}, cannot become {after}")
 
 
 def predecessors(after: str, table: Mapping[tuple[str | None, str], str]) -> tuple[str, ...]:

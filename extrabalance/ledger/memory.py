@@ -382,7 +382,7 @@ class MemoryLedgerTx:
         loan_id: str | None = None,
         subscriber_known: bool = False,
     ) -> str:
-        sagas.check_loan_move(None, state, record=f"new loan {loan_id or ''}")
+        sagas.check_loan_move(None, state, loan_id or "")
         t = self._w()
         loan_id = loan_id or new_id()
         if loan_id in t.loans:
@@ -443,7 +443,7 @@ class MemoryLedgerTx:
             return loan
         if loan.state == CONFIRMING or new_state == CONFIRMING:
             raise LedgerInvariantError(f"loan {loan_id}: advances settle through settle_advance")
-        sagas.check_loan_move(loan.state, new_state, record=f"loan {loan_id}")
+        sagas.check_loan_move(loan.state, new_state, loan_id)
         settled = self._put_loan(replace(loan, state=new_state), now)
         if new_state == ACTIVE:
             self._disburse(loan_id, loan.msisdn, loan.principal_minor, loan.fee_minor, now)
@@ -461,7 +461,7 @@ class MemoryLedgerTx:
         sagas.loan_step(
             loan.state,
             sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED,
-            record=f"loan {loan_id}",
+            loan_id,
         )
         settled = self._put_loan(replace(loan, state=new_state), now)
         if not confirmed:
@@ -529,7 +529,7 @@ class MemoryLedgerTx:
             return 0
         if self._has_unsettled(loan.msisdn):
             return 0
-        sagas.loan_step(loan.state, sagas.WRITE_OFF, record=f"loan {loan_id}")
+        sagas.loan_step(loan.state, sagas.WRITE_OFF, loan_id)
         fee_left = loan.fee_minor - loan.fee_repaid_minor
         principal_left = loan.principal_minor - loan.principal_repaid_minor
         self._post(
@@ -614,7 +614,7 @@ class MemoryLedgerTx:
         rec = t.recoveries.get(recovery_id)
         if rec is None:
             raise KeyError(recovery_id)
-        sagas.recovery_step(rec.state, sagas.NEXT_ATTEMPT, record=f"recovery {recovery_id}")
+        sagas.recovery_step(rec.state, sagas.NEXT_ATTEMPT, recovery_id)
         rec = replace(
             rec,
             attempts=rec.attempts + 1,
@@ -653,7 +653,7 @@ class MemoryLedgerTx:
             raise KeyError(recovery_id)
         if rec.state == state:
             return
-        sagas.check_recovery_move(rec.state, state, record=f"recovery {recovery_id}")
+        sagas.check_recovery_move(rec.state, state, recovery_id)
         t.recoveries[recovery_id] = replace(rec, state=state)
 
     def apply_recovery(self, rec: RecoveryRow, allocation: Recovery, now: datetime) -> None:
@@ -661,7 +661,7 @@ class MemoryLedgerTx:
         current = t.recoveries.get(rec.recovery_id)
         if current is None:
             raise KeyError(rec.recovery_id)
-        sagas.recovery_step(current.state, sagas.IN_DEBITED, record=f"recovery {rec.recovery_id}")
+        sagas.recovery_step(current.state, sagas.IN_DEBITED, rec.recovery_id)
         if sum(p.total_minor for p in allocation.parts) != allocation.total_minor:
             raise LedgerInvariantError(f"recovery {rec.recovery_id}: parts do not add up")
         for part in allocation.parts:
@@ -695,15 +695,15 @@ class MemoryLedgerTx:
                     loan,
                     fee_repaid_minor=fee_repaid,
                     principal_repaid_minor=principal_repaid,
-                    state=sagas.loan_step(loan.state, event, record=f"loan {loan.loan_id}"),
+                    state=sagas.loan_step(loan.state, event, loan.loan_id),
                 ),
                 now,
             )
         t.recoveries[rec.recovery_id] = replace(
             current, recovered_minor=allocation.total_minor, state=DONE
         )
-        if allocation.clears_all:
-            sub = self._ensure(current.msisdn, now)
+        sub = t.subscribers.get(current.msisdn)
+        if allocation.clears_all and sub is not None:  # a full payback lifts the bar
             sub.loans_since_full_payback = 0
             sub.updated_at = ts(now)
 
@@ -857,7 +857,8 @@ class MemoryUnitOfWork:
         self.tables = _Tables()
         self.writes = 0  # units of work committed
 
-    def _write(self, fn: Callable[[LedgerTx], T]) -> T:
+    def write_now(self, fn: Callable[[LedgerTx], T]) -> T:
+        """`write`, without an event loop (property tests, tools)."""
         work = copy.deepcopy(self.tables)
         value = fn(MemoryLedgerTx(work, writable=True))
         self.tables = work
@@ -865,10 +866,10 @@ class MemoryUnitOfWork:
         return value
 
     async def write(self, fn: Callable[[LedgerTx], T]) -> T:
-        return self._write(fn)
+        return self.write_now(fn)
 
     async def write_staged(self, fn: Callable[[LedgerTx], T]) -> tuple[T, asyncio.Future[T]]:
-        value = self._write(fn)
+        value = self.write_now(fn)
         durable: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         durable.set_result(value)
         return value, durable

@@ -1,8 +1,11 @@
 """The ledger's business SQL: synchronous functions over one open connection.
 
-The service layer composes these inside `Ledger.write(fn)` (one savepoint, committed
-with its batch) or `Ledger.read(fn)`. Nothing here commits, talks to the network or
-decides a loan; the rules live in `extrabalance.core`.
+They are the SQLite side of the services' unit-of-work port: each is also a method of
+the ledger's connection class (`sqlite_uow.SqliteLedgerTx`), so a service calls
+`tx.settle_loan(...)` inside `Ledger.write(fn)` (one savepoint, committed with its
+batch) or `Ledger.read(fn)`. Nothing here commits, talks to the network or decides
+anything: the rules (which loan a payback goes to, which state may follow which) live
+in `extrabalance.core`.
 
 Journal scheme (debits positive, credits negative; every transaction sums to zero):
 
@@ -488,7 +491,7 @@ def insert_loan(
     """Insert a loan; an ACTIVE or CONFIRMING one is journalled at once.
     `subscriber_known`: the caller has just read the subscribers row, so it need not
     be ensured again."""
-    sagas.check_loan_move(None, state, record=f"new loan {loan_id or ''}")
+    sagas.check_loan_move(None, state, loan_id or "")
     loan_id = loan_id or new_id()
     if not subscriber_known:
         ensure_subscriber(conn, msisdn, now)
@@ -561,7 +564,7 @@ def settle_loan(
         return loan
     if loan.state == CONFIRMING or new_state == CONFIRMING:
         raise LedgerInvariantError(f"loan {loan_id}: advances settle through settle_advance")
-    sagas.check_loan_move(loan.state, new_state, record=f"loan {loan_id}")
+    sagas.check_loan_move(loan.state, new_state, loan_id)
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
         " WHERE loan_id = ?",
@@ -597,7 +600,7 @@ def settle_advance(
     sagas.loan_step(
         loan.state,
         sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED,
-        record=f"loan {loan_id}",
+        loan_id,
     )
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
@@ -670,7 +673,7 @@ def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -
     if has_unsettled(conn, loan.msisdn):
         # A recovery in flight may still take this debt; write off on a later run.
         return 0
-    sagas.loan_step(loan.state, sagas.WRITE_OFF, record=f"loan {loan_id}")
+    sagas.loan_step(loan.state, sagas.WRITE_OFF, loan_id)
     fee_left = loan.fee_minor - loan.fee_repaid_minor
     principal_left = loan.principal_minor - loan.principal_repaid_minor
     post(
@@ -826,7 +829,7 @@ def _refuse_recovery_move(conn: sqlite3.Connection, recovery_id: str, event: str
     rec = get_recovery(conn, recovery_id)
     if rec is None:
         raise KeyError(recovery_id)
-    sagas.recovery_step(rec.state, event, record=f"recovery {recovery_id}")
+    sagas.recovery_step(rec.state, event, recovery_id)
     raise AssertionError("unreachable: the guarded update should have matched")
 
 
@@ -875,7 +878,7 @@ def set_recovery_state(
     if rec is None:
         raise KeyError(recovery_id)
     if rec.state != state:
-        sagas.check_recovery_move(rec.state, state, record=f"recovery {recovery_id}")
+        sagas.check_recovery_move(rec.state, state, recovery_id)
 
 
 def apply_recovery(
@@ -892,7 +895,7 @@ def apply_recovery(
     loan of the subscriber and take at most what it owes (else `LedgerInvariantError`,
     and nothing is written).
     """
-    sagas.recovery_step(rec.state, sagas.IN_DEBITED, record=f"recovery {rec.recovery_id}")
+    sagas.recovery_step(rec.state, sagas.IN_DEBITED, rec.recovery_id)
     if sum(p.total_minor for p in allocation.parts) != allocation.total_minor:
         raise LedgerInvariantError(f"recovery {rec.recovery_id}: parts do not add up")
     for part in allocation.parts:

@@ -379,3 +379,13 @@ async def test_ads_and_campaigns(uow: UnitOfWork) -> None:
         0,
     )
     assert [c.campaign_id for c in await uow.read(lambda tx: tx.list_campaigns())] == [campaign]
+
+
+def test_every_port_operation_is_exercised_here() -> None:
+    """A new `LedgerTx` operation needs a case in this module (run on both adapters)."""
+    from pathlib import Path
+
+    source = Path(__file__).read_text(encoding="utf-8")
+    operations = [name for name in vars(LedgerTx) if not name.startswith("_")]
+    assert len(operations) > 40
+    assert [name for name in operations if f"tx.{name}(" not in source] == []

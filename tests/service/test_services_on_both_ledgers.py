@@ -51,9 +51,18 @@ class Services:
 
         def book(tx: LedgerTx) -> str:
             tx.put_profile(SubscriberProfile(msisdn, 400, 6000), now)
-            return tx.insert_loan(msisdn=msisdn, tier_id=2, principal_minor=principal,
-                                  fee_minor=fee, state=sagas.ACTIVE, channel="ussd",
-                                  idempotency_key=None, in_node=IN_A, session_id="s", now=now)
+            return tx.insert_loan(
+                msisdn=msisdn,
+                tier_id=2,
+                principal_minor=principal,
+                fee_minor=fee,
+                state=sagas.ACTIVE,
+                channel="ussd",
+                idempotency_key=None,
+                in_node=IN_A,
+                session_id="s",
+                now=now,
+            )
 
         return await self.uow.write(book)
 
@@ -68,13 +77,20 @@ class Services:
 
 @pytest.fixture(params=["sqlite", "memory"])
 async def s(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Services]:
-    uow: Any = (Ledger(tmp_path / "ledger.db", batch_window_ms=0.5)
-                if request.param == "sqlite" else MemoryUnitOfWork())
+    uow: Any = (
+        Ledger(tmp_path / "ledger.db", batch_window_ms=0.5)
+        if request.param == "sqlite"
+        else MemoryUnitOfWork()
+    )
     clock, fake_in, notifier, events = Clock(), FakeIn(), FakeNotifier(), ListEvents()
     locks = SubscriberLocks()
     ads = Advertiser(uow, notifier, events, POLICY, RULES, clock, monotonic=Ticks())
     services = Services(
-        uow, clock, fake_in, notifier, events,
+        uow,
+        clock,
+        fake_in,
+        notifier,
+        events,
         AccountService(uow, notifier, events, POLICY, clock, locks=locks),
         PaybackService(uow, fake_in, notifier, events, POLICY, Router(ROUTES), clock, locks=locks),
         ads,
@@ -103,7 +119,11 @@ async def test_ageing_writes_off_old_loans_and_counts_overdue(s: Services) -> No
     await s.lend(M2, now=now - timedelta(days=recovery.overdue_days + 1))
     await s.lend(M3)
     report = await s.accounts.age_debts(now)
-    assert (report.overdue_loans, report.written_off_loans, report.written_off_minor) == (1, 1, 1100)
+    assert (report.overdue_loans, report.written_off_loans, report.written_off_minor) == (
+        1,
+        1,
+        1100,
+    )
     assert await s.debt(M1) == 0 and await s.debt(M2) == 1100
     assert (await s.uow.read(lambda tx: tx.account_totals()))["written_off"] == 1100
     assert s.events.kinds() == ["write_off"]
@@ -120,8 +140,9 @@ async def test_retention_purges_old_keys_in_batches(s: Services) -> None:
 
     await s.uow.write(keys)
     purged: list[int] = []
-    report = await IdempotencyRetention(s.uow, timedelta(days=2), s.clock, batch_rows=3,
-                                        on_purged=purged.append).purge()
+    report = await IdempotencyRetention(
+        s.uow, timedelta(days=2), s.clock, batch_rows=3, on_purged=purged.append
+    ).purge()
     assert (report.rows_purged, report.batches, purged) == (7, 3, [3, 3, 1])
     assert await s.uow.read(lambda tx: tx.idempotent_get("fresh")) == {}
     assert await s.uow.read(lambda tx: tx.idempotent_get("admin-adjust:T-1")) == {}
