@@ -13,32 +13,18 @@ from datetime import UTC, datetime
 from extrabalance.core import sagas
 from extrabalance.core.lending import BorrowRequest, Granted, decide
 from extrabalance.core.model import SubscriberProfile
-from extrabalance.core.policy import (
-    Condition,
-    Currency,
-    EligibilityPolicy,
-    FeePlan,
-    Policy,
-    RecoveryPolicy,
-    RuleOp,
-    Segment,
-    Tier,
-)
+from extrabalance.core.policy import Condition, EligibilityPolicy, RuleOp, Segment
 from extrabalance.service.unit_of_work import LedgerTx
+from tests.core.sample import make_policy
 from tests.pg import fresh_schema
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 M = "201001234567"
 CEILING = 5_000  # minor units: 45 loans of 100 + 10 fee fit, the 46th does not
-POLICY = Policy(
-    currency=Currency("EGP", 818, 2),
-    tiers={1: Tier(1, 100)},
-    fee_plans={"pct": FeePlan("pct", percent_bp=1000, min_fee_minor=10)},
-    segments=(Segment("all", (Condition("tenure_days", RuleOp.GE, 0),), CEILING, (1,), "pct",
-                      1_000_000),),
-    eligibility=EligibilityPolicy(),
-    recovery=RecoveryPolicy(),
-)
+# GOLD's rules with a small ceiling and no bad-debt bar, so only the ceiling stops him.
+POLICY = make_policy(segments=(Segment(
+    "all", (Condition("tenure_days", RuleOp.GE, 0),), CEILING, (1,), "ten_percent", 1_000_000),),
+    eligibility=EligibilityPolicy())
 REQUESTS = 200  # distinct request keys; each is sent to both nodes
 POOL = 4  # connections per node
 
