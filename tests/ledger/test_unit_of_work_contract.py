@@ -1,5 +1,6 @@
-"""One contract, two adapters: every `LedgerTx` operation and the ledger's invariants,
-run against the SQLite ledger and the in-memory one with the same assertions."""
+"""One contract, three adapters: every `LedgerTx` operation and the ledger's invariants,
+run against the SQLite ledger, the in-memory one and the PostgreSQL one (each test on
+a schema of its own) with the same assertions."""
 
 from __future__ import annotations
 
@@ -16,16 +17,27 @@ from extrabalance.core.policy import PaybackOrder, RecoveryPolicy
 from extrabalance.ledger import Ledger, ads_store
 from extrabalance.ledger.memory import MemoryUnitOfWork, ReadOnly
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
+from tests.pg import fresh_schema
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 M1, M2 = "201001234567", "201001234568"
 POLICY = RecoveryPolicy(order=PaybackOrder.FEE_FIRST)
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 async def uow(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[UnitOfWork]:
     if request.param == "memory":
         yield MemoryUnitOfWork()
+        return
+    if request.param == "postgresql":
+        from extrabalance.ledger.postgres import PostgresLedger
+
+        with fresh_schema() as conninfo:
+            pg = PostgresLedger(conninfo, pool_max=2)
+            try:
+                yield pg
+            finally:
+                await pg.close()
         return
     ledger = Ledger(tmp_path / "ledger.db", batch_window_ms=0.5)
     try:
