@@ -149,6 +149,7 @@ class _Enumerator:
         self.functions = functions  # None: the whole module
         self.found: list[Mutant] = []
         self._seen: dict[str, int] = {}
+        self._parents: list[ast.AST] = []
 
     def run(self, tree: ast.Module) -> list[Mutant]:
         self._visit(tree, (), MODULE_SCOPE, [], in_function=False)
@@ -164,6 +165,9 @@ class _Enumerator:
         before = _short(node)
         after = _short(replacement(copy.deepcopy(node)))
         base = f"{self.path}::{scope}::{op}::{before} -> {after}"
+        if op in ("const", "sign", "not", "state", "account") and self._parents:
+            # a bare `0 -> 1` says little: name the expression it sits in
+            base += f" in {_short(self._parents[-1], 60)}"
         n = self._seen.get(base, 0)
         self._seen[base] = n + 1
         key = base if n == 0 else f"{base}#{n + 1}"
@@ -200,6 +204,14 @@ class _Enumerator:
                              in_function=in_function, statements=False)
             return
         self._mutations(node, node_path, scope, in_function)
+        self._parents.append(node)
+        try:
+            self._visit_fields(node, node_path, scope, class_stack, in_function=in_function)
+        finally:
+            self._parents.pop()
+
+    def _visit_fields(self, node: ast.AST, node_path: tuple[Any, ...], scope: str,
+                      class_stack: list[str], *, in_function: bool) -> None:
         for name, value in ast.iter_fields(node):
             if name in ("annotation", "returns", "decorator_list", "type_comment"):
                 continue
@@ -668,6 +680,7 @@ class Result:
     seconds: float = 0.0
     fingerprint: str = ""
     source_hash: str = ""
+    key: str = ""
 
 
 def _source_hash(path: str, source: str) -> str:
@@ -713,9 +726,10 @@ def run(config: Config, mutants: list[Mutant], *, jobs: int, keep_killed: bool,
         progress: Callable[[str], None] = _say) -> dict[str, Result]:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     results_path = config.state_dir / "results.json"
-    cache: dict[str, dict[str, Any]] = {}
+    cache: dict[str, dict[str, Any]] = {}  # by the mutated module's hash
     if results_path.exists() and not fresh:
-        cache = json.loads(results_path.read_text())
+        cache = {v["source_hash"]: v for v in json.loads(results_path.read_text()).values()
+                 if v.get("source_hash")}
     fingerprint = _fingerprint(config)
     base = baseline(config, fingerprint)
     progress(f"baseline: {len(base['order'])} tests pass in {base.get('seconds', 0):.0f} s")
@@ -724,15 +738,15 @@ def run(config: Config, mutants: list[Mutant], *, jobs: int, keep_killed: bool,
     pending: list[tuple[Mutant, str, list[str]]] = []
     for m in mutants:
         digest = _source_hash(m.path, ast.unparse(mutated_tree(trees[m.module].tree, m)))
-        old = cache.get(m.key)
-        if old and old.get("source_hash") == digest:
+        old = cache.get(digest)
+        if old:
             same = old.get("fingerprint") == fingerprint
             if same or (keep_killed and old["status"] in ("killed", "timeout", "error")):
-                results[m.key] = Result(**old)
+                results[m.key] = Result(**{**old, "key": m.key})
                 continue
         nodeids = _tests_for(m, base)
         if not nodeids:
-            results[m.key] = Result("uncovered", "", 0.0, fingerprint, digest)
+            results[m.key] = Result("uncovered", "", 0.0, fingerprint, digest, m.key)
             continue
         pending.append((m, digest, nodeids))
     progress(f"{len(mutants)} mutants: {len(results)} known, {len(pending)} to run, "
@@ -741,7 +755,7 @@ def run(config: Config, mutants: list[Mutant], *, jobs: int, keep_killed: bool,
     done = 0
 
     def save() -> None:
-        merged = {**cache, **{k: vars(r) for k, r in results.items()}}
+        merged = {**cache, **{r.source_hash: vars(r) for r in results.values()}}
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
         tmp.replace(results_path)
@@ -780,7 +794,8 @@ def run(config: Config, mutants: list[Mutant], *, jobs: int, keep_killed: bool,
             status = {0: "survived", 1: "killed", -1: "timeout"}.get(code, "error")
             if status == "error" and not killer:
                 killer = f"exit {code}"
-            results[job.mutant.key] = Result(status, killer, seconds, fingerprint, digest)
+            results[job.mutant.key] = Result(status, killer, seconds, fingerprint, digest,
+                                             job.mutant.key)
             done += 1
             mark = {"survived": "SURVIVED", "killed": "killed"}.get(status, status)
             progress(f"[{done}/{len(pending)}] {mark:8} {seconds:5.1f}s "
