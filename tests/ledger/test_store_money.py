@@ -623,6 +623,11 @@ def test_load_subscriber_without_a_row_or_a_profile():
     loaded = store.load_subscriber(conn, A, balance_minor=5, default_language="ar")
     assert (loaded.known, loaded.learned_in_node, loaded.state.profile) == (False, None, None)
     assert (loaded.state.language, loaded.state.balance_minor) == ("ar", 5)
+    # a subscriber never seen: no loans counted, not barred, not opted in or out
+    s = loaded.state
+    assert (s.loans_since_full_payback, s.barred_manual, s.barred_reason, s.auto_advance_opt_in,
+            s.ads_opt_out, s.operation_pending, s.open_loans) == (0, False, None, False, False,
+                                                                  False, ())
     store.ensure_subscriber(conn, A, NOW)
     loaded = store.load_subscriber(conn, A)
     assert loaded.known and loaded.state.profile is None
