@@ -480,6 +480,10 @@ class _Recorder:
         _current_test = nodeid
         self.order.append(nodeid)
 
+    def pytest_collectreport(self, report: Any) -> None:
+        if report.failed:
+            self.failed.append(f"collecting {report.nodeid}")
+
     def pytest_runtest_logreport(self, report: Any) -> None:
         self.durations[report.nodeid] = self.durations.get(report.nodeid, 0.0) + report.duration
         if report.failed and report.nodeid not in self.failed:
