@@ -14,13 +14,17 @@ stopping at the first failure. A mutant is *killed* when a test fails (or errors
 runs past its timeout) and *survives* when every test passes: then no test would
 have noticed that line being wrong.
 
-How a mutant runs: this process imports pytest and the third-party libraries the
-tests use once, then forks one child per mutant. The child installs an import hook
-that serves the mutated source for the one module (the file on disk is never
-touched, so runs may go in parallel and in a checkout others use), imports the
-project fresh and calls pytest in-process. The baseline pass serves every target
-module with a call at the top of each function recording which test entered it,
-which gives each mutant its tests.
+How a mutant runs: the baseline pass runs in a child that imports the target
+modules through an import hook serving them with a call at the top of each function
+recording which test entered it; that gives each mutant its tests (all of them for a
+change outside any function). Then this process imports pytest, the project and
+the test modules once, and forks one child per mutant: for a change inside a
+function the child swaps that function's code object for the mutated one (every
+reference to the function sees it) and calls pytest in-process on the mutant's
+tests; for any other change (a module constant, a dataclass default) the child
+drops the project's modules and imports them afresh, the mutated module through the
+import hook. The files on disk are never touched, so runs may go in parallel and in
+a checkout others use. Mutated code keeps the file's line numbers.
 
 Results are cached in var/mutation/results.json by the mutated module's source: a
 second run re-runs only what changed. A cached survivor is run again whenever the
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import gc
 import hashlib
 import importlib
 import importlib.abc
@@ -144,6 +149,7 @@ class _Enumerator:
         self.functions = functions  # None: the whole module
         self.found: list[Mutant] = []
         self._seen: dict[str, int] = {}
+        self._parents: list[ast.AST] = []
 
     def run(self, tree: ast.Module) -> list[Mutant]:
         self._visit(tree, (), MODULE_SCOPE, [], in_function=False)
@@ -159,6 +165,9 @@ class _Enumerator:
         before = _short(node)
         after = _short(replacement(copy.deepcopy(node)))
         base = f"{self.path}::{scope}::{op}::{before} -> {after}"
+        if op in ("const", "sign", "not", "state", "account") and self._parents:
+            # a bare `0 -> 1` says little: name the expression it sits in
+            base += f" in {_short(self._parents[-1], 60)}"
         n = self._seen.get(base, 0)
         self._seen[base] = n + 1
         key = base if n == 0 else f"{base}#{n + 1}"
@@ -195,6 +204,14 @@ class _Enumerator:
                              in_function=in_function, statements=False)
             return
         self._mutations(node, node_path, scope, in_function)
+        self._parents.append(node)
+        try:
+            self._visit_fields(node, node_path, scope, class_stack, in_function=in_function)
+        finally:
+            self._parents.pop()
+
+    def _visit_fields(self, node: ast.AST, node_path: tuple[Any, ...], scope: str,
+                      class_stack: list[str], *, in_function: bool) -> None:
         for name, value in ast.iter_fields(node):
             if name in ("annotation", "returns", "decorator_list", "type_comment"):
                 continue
@@ -463,6 +480,10 @@ class _Recorder:
         _current_test = nodeid
         self.order.append(nodeid)
 
+    def pytest_collectreport(self, report: Any) -> None:
+        if report.failed:
+            self.failed.append(f"collecting {report.nodeid}")
+
     def pytest_runtest_logreport(self, report: Any) -> None:
         self.durations[report.nodeid] = self.durations.get(report.nodeid, 0.0) + report.duration
         if report.failed and report.nodeid not in self.failed:
@@ -474,9 +495,55 @@ def _pytest_args(config: Config, nodeids: list[str]) -> list[str]:
             "--rootdir", str(config.root), "-W", "ignore::DeprecationWarning", *nodeids]
 
 
+def _hypothesis_profile() -> None:
+    """Reproducible runs that leave no example database behind."""
+    try:
+        from hypothesis import settings
+    except ImportError:
+        return
+    settings.register_profile("mutation", database=None, derandomize=True)
+    settings.load_profile("mutation")
+
+
+def _own_modules(config: Config) -> set[str]:
+    """Top-level names of the project's and the tests' packages."""
+    return {t.path.split("/")[0] for t in config.targets} | {
+        Path(t).parts[0] for t in config.tests}
+
+
+def _find_code(code: Any, qualname: str) -> Any:
+    for const in code.co_consts:
+        if hasattr(const, "co_qualname"):
+            if const.co_qualname == qualname:
+                return const
+            found = _find_code(const, qualname)
+            if found is not None:
+                return found
+    return None
+
+
+def _patch(module_name: str, scope: str, tree: ast.Module, filename: str) -> None:
+    """Give the live function `scope` of the imported module the mutated code: every
+    reference to it (imported names, callbacks, tables) now runs the mutant."""
+    module: Any = sys.modules[module_name]
+    new = _find_code(compile(tree, filename, "exec"), scope)
+    owner: Any = module
+    parts = scope.split(".")
+    for part in parts[:-1]:
+        owner = getattr(owner, part)
+    func = owner.__dict__[parts[-1]]
+    if isinstance(func, property):
+        func = func.fget
+    if isinstance(func, (staticmethod, classmethod)):
+        func = func.__func__
+    func.__code__ = new
+
+
 def _child_run(config: Config, sources: dict[str, tuple[ast.Module, str]], nodeids: list[str],
-               log: Path, out: Path) -> None:
-    """In a forked child: run pytest on `nodeids` with `sources` served; never returns."""
+               log: Path, out: Path, patch: tuple[str, str] | None = None) -> None:
+    """In a forked child: run pytest on `nodeids` with `sources` served; never returns.
+    With `patch` (module, scope), the project is already imported: the one function
+    gets the mutated code instead."""
     code = 70
     try:
         os.setpgid(0, 0)
@@ -485,14 +552,17 @@ def _child_run(config: Config, sources: dict[str, tuple[ast.Module, str]], nodei
         os.dup2(fd, 2)
         os.chdir(config.root)
         sys.path.insert(0, str(config.root))
-        sys.meta_path.insert(0, _SourceFinder(sources))
-        try:
-            from hypothesis import settings
-
-            settings.register_profile("mutation", database=None, derandomize=True)
-            settings.load_profile("mutation")
-        except ImportError:
-            pass
+        if patch is not None:
+            module_name, scope = patch
+            tree, filename = sources[module_name]
+            _patch(module_name, scope, tree, filename)
+        else:
+            # Import the project afresh, the mutated module from its mutated tree.
+            own = _own_modules(config)
+            for name in [n for n in sys.modules if n.split(".")[0] in own]:
+                del sys.modules[name]
+            sys.meta_path.insert(0, _SourceFinder(sources))
+        _hypothesis_profile()
         import pytest
 
         recorder = _Recorder()
@@ -523,7 +593,8 @@ class _Job:
 
 
 def _fork(config: Config, sources: dict[str, tuple[ast.Module, str]], nodeids: list[str],
-          tag: str, timeout: float, mutant: Mutant | None) -> _Job:
+          tag: str, timeout: float, mutant: Mutant | None,
+          patch: tuple[str, str] | None = None) -> _Job:
     work = config.state_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     log, out = work / f"{tag}.log", work / f"{tag}.json"
@@ -532,7 +603,7 @@ def _fork(config: Config, sources: dict[str, tuple[ast.Module, str]], nodeids: l
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _child_run(config, sources, nodeids, log, out)
+        _child_run(config, sources, nodeids, log, out, patch)
     now = time.monotonic()
     return _Job(pid, now + timeout, now, log, out, mutant)
 
@@ -555,8 +626,7 @@ def _reap(job: _Job, block: bool) -> int | None:
 def _preimport(config: Config) -> None:
     """Import once, in this process, the third-party modules the tests import, so that
     each forked child only imports the project and the tests."""
-    own = {t.path.split("/")[0] for t in config.targets} | {
-        Path(t).parts[0] for t in config.tests} | {"bench", "simulators", "__main__"}
+    own = _own_modules(config) | {"bench", "simulators", "__main__"}
     job = _fork(config, {}, [*config.tests, "--collect-only"], "collect", 300, None)
     code = _reap(job, block=True)
     if code != 0 or not job.out.exists():
@@ -571,6 +641,39 @@ def _preimport(config: Config) -> None:
             pass
 
 
+def _import_project(config: Config, base: dict[str, Any]) -> None:
+    """Import, in this process, the project and every test module the baseline ran
+    (and their conftest files), so that a child forked for a mutant inside a function
+    only swaps that function's code and runs the tests: no import, little collection.
+    The baseline ran in a child, so nothing here was imported before it."""
+    sys.path.insert(0, str(config.root))
+    os.chdir(config.root)
+    _hypothesis_profile()
+    files = {nodeid.split("::")[0] for nodeid in base["order"]}
+    for test_dir in config.tests:
+        files |= {str(p.relative_to(config.root))
+                  for p in (config.root / test_dir).rglob("conftest.py")}
+    for t in config.targets:
+        importlib.import_module(t.module)
+    for rel in sorted(files, key=lambda f: (not f.endswith("conftest.py"), f)):
+        name = rel.removesuffix(".py").replace("/", ".")
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001, S110 - pytest imports it in the child then
+            pass
+
+
+def _fast(mutant: Mutant, base: dict[str, Any]) -> bool:
+    """Can the mutant run by swapping one function's code? Not for a change outside
+    functions or in argument defaults, nor for a function that ran while the tests
+    were imported (its results may be baked into module-level values)."""
+    if mutant.scope.startswith(MODULE_SCOPE):
+        return False
+    if any(step[0] in ("args", "defaults", "kw_defaults") for step in mutant.node_path):
+        return False
+    return "" not in base["hits"].get(mutant.scope, [])
+
+
 # -- the run ----------------------------------------------------------------------
 
 
@@ -581,6 +684,7 @@ class Result:
     seconds: float = 0.0
     fingerprint: str = ""
     source_hash: str = ""
+    key: str = ""
 
 
 def _source_hash(path: str, source: str) -> str:
@@ -622,53 +726,62 @@ def _say(text: str) -> None:
 
 
 def run(config: Config, mutants: list[Mutant], *, jobs: int, keep_killed: bool,
-        fresh: bool, progress: Callable[[str], None] = _say) -> dict[str, Result]:
+        fresh: bool, fast: bool = True,
+        progress: Callable[[str], None] = _say) -> dict[str, Result]:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     results_path = config.state_dir / "results.json"
-    cache: dict[str, dict[str, Any]] = {}
+    cache: dict[str, dict[str, Any]] = {}  # by the mutated module's hash
     if results_path.exists() and not fresh:
-        cache = json.loads(results_path.read_text())
+        cache = {v["source_hash"]: v for v in json.loads(results_path.read_text()).values()
+                 if v.get("source_hash")}
     fingerprint = _fingerprint(config)
     base = baseline(config, fingerprint)
     progress(f"baseline: {len(base['order'])} tests pass in {base.get('seconds', 0):.0f} s")
     trees = {t.module: t for t in config.targets}
     results: dict[str, Result] = {}
-    pending: list[tuple[Mutant, ast.Module, str, list[str]]] = []
+    pending: list[tuple[Mutant, str, list[str]]] = []
     for m in mutants:
-        source = mutated_tree(trees[m.module].tree, m)
-        digest = _source_hash(m.path, ast.unparse(source))
-        old = cache.get(m.key)
-        if old and old.get("source_hash") == digest:
+        digest = _source_hash(m.path, ast.unparse(mutated_tree(trees[m.module].tree, m)))
+        old = cache.get(digest)
+        if old:
             same = old.get("fingerprint") == fingerprint
             if same or (keep_killed and old["status"] in ("killed", "timeout", "error")):
-                results[m.key] = Result(**old)
+                results[m.key] = Result(**{**old, "key": m.key})
                 continue
         nodeids = _tests_for(m, base)
         if not nodeids:
-            results[m.key] = Result("uncovered", "", 0.0, fingerprint, digest)
+            results[m.key] = Result("uncovered", "", 0.0, fingerprint, digest, m.key)
             continue
-        pending.append((m, source, digest, nodeids))
+        pending.append((m, digest, nodeids))
     progress(f"{len(mutants)} mutants: {len(results)} known, {len(pending)} to run, "
              f"{jobs} at a time")
     running: list[tuple[_Job, str, str]] = []
     done = 0
 
     def save() -> None:
-        merged = {**cache, **{k: vars(r) for k, r in results.items()}}
+        merged = {**cache, **{r.source_hash: vars(r) for r in results.values()}}
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
         tmp.replace(results_path)
 
     queue = list(reversed(pending))
     n = 0
+    if fast and queue:
+        _import_project(config, base)
+    # A child's garbage collector would otherwise walk (and so copy) every object this
+    # process holds: freezing them keeps the fork's pages shared.
+    gc.collect()
+    gc.freeze()
     while queue or running:
         while queue and len(running) < jobs:
-            m, source, digest, nodeids = queue.pop()
+            m, digest, nodeids = queue.pop()
+            source = mutated_tree(trees[m.module].tree, m)
             budget = sum(base["durations"].get(t, 0.0) for t in nodeids)
             timeout = config.timeout_floor + config.timeout_factor * budget
             n += 1
             sources = {m.module: (source, str(config.root / m.path))}
-            running.append((_fork(config, sources, nodeids, f"m{n % 64}", timeout, m),
+            patch = (m.module, m.scope) if fast and _fast(m, base) else None
+            running.append((_fork(config, sources, nodeids, f"m{n % 64}", timeout, m, patch),
                             digest, ""))
         still = []
         for job, digest, _ in running:
@@ -685,7 +798,8 @@ def run(config: Config, mutants: list[Mutant], *, jobs: int, keep_killed: bool,
             status = {0: "survived", 1: "killed", -1: "timeout"}.get(code, "error")
             if status == "error" and not killer:
                 killer = f"exit {code}"
-            results[job.mutant.key] = Result(status, killer, seconds, fingerprint, digest)
+            results[job.mutant.key] = Result(status, killer, seconds, fingerprint, digest,
+                                             job.mutant.key)
             done += 1
             mark = {"survived": "SURVIVED", "killed": "killed"}.get(status, status)
             progress(f"[{done}/{len(pending)}] {mark:8} {seconds:5.1f}s "
@@ -757,16 +871,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--root", type=Path, default=None,
                         help="the project root (default: the config's, else this checkout)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where the cache and report go (default: the config's)")
     parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", default=None, help="run mutants whose key contains this")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--keep-killed", action="store_true",
                         help="reuse cached kills although sources or tests changed")
     parser.add_argument("--fresh", action="store_true", help="ignore the cache")
+    parser.add_argument("--no-fast", action="store_true",
+                        help="import the project afresh for every mutant (slower; the "
+                             "default swaps a mutated function's code in place)")
     parser.add_argument("--min-score", type=float, default=None,
                         help="exit 1 when a group scores below this (percent)")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.root.resolve() if args.root else None)
+    if args.state_dir is not None:
+        config.state_dir = args.state_dir.resolve()
     mutants = enumerate_mutants(config)
     if args.only:
         mutants = [m for m in mutants if args.only in m.key]
@@ -779,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     _preimport(config)
     to_run = [m for m in mutants if m.key not in config.equivalent]
     results = run(config, to_run, jobs=max(1, args.jobs), keep_killed=args.keep_killed,
-                  fresh=args.fresh)
+                  fresh=args.fresh, fast=not args.no_fast)
     for m in mutants:
         results.setdefault(m.key, Result("equivalent"))
     text = report(config, mutants, results)

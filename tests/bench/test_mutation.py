@@ -80,7 +80,7 @@ def test_mutants_of_each_kind_with_stable_keys(tmp_path: Path) -> None:
     assert SURVIVOR in keys
     assert "tiny/calc.py::capped::compare::amount > LIMIT -> amount <= LIMIT" in keys
     assert "tiny/calc.py::capped::delete::return LIMIT -> pass" in keys
-    assert "tiny/calc.py::<module>:LIMIT::const::100 -> 101" in keys
+    assert "tiny/calc.py::<module>:LIMIT::const::100 -> 101 in LIMIT = 100" in keys
     assert "tiny/calc.py::unused::arith::x + 1 -> x - 1" in keys
     assert not [k for k in keys if "At most" in k], "docstrings are not mutated"
     assert len(keys) == len(set(keys))
@@ -101,11 +101,14 @@ def test_account_and_state_swaps_only_inside_the_listed_functions(tmp_path: Path
     (tmp_path / "c.toml").write_text(
         'tests = []\n[[target]]\npath = "m.py"\nfunctions = ["post_it"]\n')
     config = mutation.load_config(tmp_path / "c.toml", tmp_path)
-    found = {(m.scope, m.op, m.before, m.after) for m in mutation.enumerate_mutants(config)}
+    mutants = mutation.enumerate_mutants(config)
+    found = {(m.scope, m.op, m.before, m.after) for m in mutants}
+    keys = [m.key for m in mutants]
     assert ("post_it", "account", "'fee_receivable'", "'principal_receivable'") in found
     assert ("post_it", "account", "'recovered_cash'", "'written_off'") in found
     assert ("post_it", "state", "REPAID", "PARTIALLY_REPAID") in found
     assert ("post_it", "sign", "-1", "1") in found
+    assert any(k.endswith("::sign::-1 -> 1 in ('fee_receivable', -1)") for k in keys)
     assert {scope for scope, *_ in found} == {"post_it"}
 
 

@@ -77,6 +77,8 @@ def test_conditions_on_imported_attributes_and_missing_profiles():
     # a tuple only makes sense with IN
     assert not condition_holds(profile(region="cairo"),
                                Condition("region", RuleOp.EQ, ("cairo",)))
+    assert not condition_holds(profile(region="cairo"),
+                               Condition("region", RuleOp.NE, ("luxor",)))
     # ordering a string against a number is false, whichever side is the string
     assert not condition_holds(profile(level="7"), Condition("level", RuleOp.LT, 9))
     assert not condition_holds(profile(level=7), Condition("level", RuleOp.GE, "1"))
@@ -249,6 +251,8 @@ def test_share_and_floor_boundaries():
     assert recoverable_minor(loans, 1001, half) == 500  # rounds down
     assert recoverable_minor(loans, 1000, RecoveryPolicy(min_balance_left_minor=1000)) == 0
     assert recoverable_minor(loans, 1001, RecoveryPolicy(min_balance_left_minor=1000)) == 1
+    # below the floor already: nothing, never a negative amount
+    assert recoverable_minor(loans, 999, RecoveryPolicy(min_balance_left_minor=1000)) == 0
     assert recoverable_minor([loan("a", 10, 0)], 1000, RecoveryPolicy()) == 10
 
 

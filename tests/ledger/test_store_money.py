@@ -623,6 +623,11 @@ def test_load_subscriber_without_a_row_or_a_profile():
     loaded = store.load_subscriber(conn, A, balance_minor=5, default_language="ar")
     assert (loaded.known, loaded.learned_in_node, loaded.state.profile) == (False, None, None)
     assert (loaded.state.language, loaded.state.balance_minor) == ("ar", 5)
+    # a subscriber never seen: no loans counted, not barred, not opted in or out
+    s = loaded.state
+    assert (s.loans_since_full_payback, s.barred_manual, s.barred_reason, s.auto_advance_opt_in,
+            s.ads_opt_out, s.operation_pending, s.open_loans) == (0, False, None, False, False,
+                                                                  False, ())
     store.ensure_subscriber(conn, A, NOW)
     loaded = store.load_subscriber(conn, A)
     assert loaded.known and loaded.state.profile is None
@@ -658,3 +663,15 @@ def test_post_refuses_an_unbalanced_entry_and_drops_zero_lines():
                         " FROM journal ORDER BY line_no").fetchall()
     assert rows == [(tx, 0, "recovered_cash", 5, "L", "R"),
                     (tx, 1, "principal_receivable", -5, "L", "R")]
+
+
+def test_open_loans_created_at_the_same_moment_are_ordered_by_id():
+    conn = fresh()
+    for loan_id, tier, state in [("L-b", 1, store.ACTIVE), ("L-a", 9, store.PARTIALLY_REPAID)]:
+        store.insert_loan(conn, msisdn=A, tier_id=tier, principal_minor=100, fee_minor=10,
+                          state=store.ACTIVE, channel="ussd", idempotency_key=None,
+                          in_node=None, session_id=None, now=NOW, loan_id=loan_id)
+        conn.execute("UPDATE loans SET state = ? WHERE loan_id = ?", (state, loan_id))
+    expected = ["L-a", "L-b"]
+    assert [x.loan_id for x in store.open_loans(conn, A)] == expected
+    assert [x.loan_id for x in store.load_subscriber(conn, A).state.open_loans] == expected
