@@ -131,8 +131,8 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
     ))
     handler.addFilter(RepeatLimiter())
     numeric = logging.getLevelName(level.strip().upper())  # "info" as well as "INFO"
-    if not isinstance(numeric, int):
-        raise ValueError(f"log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+    if not isinstance(numeric, int):  # an unknown name comes back as a string
+        raise ValueError(f"log level {level!r}: use DEBUG, INFO, WARNING or ERROR")  # noqa: TRY004
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(numeric)

@@ -275,14 +275,12 @@ class PaybackService:
                 # same operation (Session-Id, amount) is re-sent later, never a smaller
                 # one (RFC 6733 §7.1.3): it stays RECOVERING for the follow-up and the
                 # resolver, which re-send it unchanged.
-                await self.ledger.write(
-                    partial(
-                        store.note_recovery_attempt,
-                        recovery_id=step.recovery_id,
-                        outcome=result.outcome.value,
-                        result_code=result.result_code,
+                def not_executed(tx: LedgerTx, result: InResult = result) -> None:
+                    tx.note_recovery_attempt(
+                        step.recovery_id, result.outcome.value, result.result_code
                     )
-                )
+
+                await self.ledger.write(not_executed)
                 self.events.emit("payback_pending", msisdn=msisdn, recovery_id=step.recovery_id)
                 if self.follow_up is not None:
                     self.follow_up("recovery", step.recovery_id, msisdn)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from extrabalance.config import load_settings
@@ -362,7 +364,7 @@ async def test_arabic_menu_pages_are_filled_to_the_ucs2_limit(dialogs, lending):
     tiers = [line.split(" ")[0] for p in pages for line in p.text.splitlines()[1:-1]]
     assert tiers == [str(i) for i in range(1, 13)]
     title = pages[0].text.splitlines()[0]
-    for page, following in zip(pages, pages[1:], strict=False):
+    for page, following in itertools.pairwise(pages):
         lines = page.text.splitlines()
         # the next page's first tier would not have fitted on this one
         fuller = "\n".join([title, *lines[1:-1], following.text.splitlines()[1], lines[-1]])

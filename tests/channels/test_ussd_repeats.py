@@ -265,7 +265,7 @@ async def test_its_session_info_sequence_is_echoed_for_gateways_that_want_it():
     for mode, wanted in (("increment", 4), ("echo", 3)):
         answers = []
 
-        async def submit(pdu, **_):
+        async def submit(pdu, answers=answers, **_):
             answers.append(pdu.its_session_info)
 
         async def send_sms(source, dest, text, *, registered_delivery=True):

@@ -25,9 +25,9 @@ from extrabalance.smpp.pdu import (
 from extrabalance.smpp.session import (
     LATE_RESPONSE_WAIT_FACTOR,
     TRANSITIONS,
-    LateResponse,
     BindRefused,
     Bound,
+    LateResponse,
     LinkDead,
     ProtocolViolation,
     QueueFull,
