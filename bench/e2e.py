@@ -80,6 +80,9 @@ class E2eOptions:
     # The opt-in advance confirmation extension, on the node and the simulated IN
     # alike (off: the strict RFC 4006 IN, the default).
     advance_confirmation: bool = False
+    # Faults of the simulated IN nodes: {"drop_share": 0.1, "result_share": {"3004": 0.1}}
+    # (simulators.in_node.InFaults): answers lost after the operation was applied, 3004s.
+    in_faults: dict[str, Any] = field(default_factory=dict)
     mqtt_inflight_max: int | None = None  # [mqtt] inflight_max and the broker's to match
     warmup_s: float = 0.0  # unmeasured traffic first (builds debt for paybacks)
     warmup_mix: dict[str, float] = field(default_factory=lambda: parse_mix("ussd=1"))
@@ -374,7 +377,8 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
 
 
 def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
-            request_timeout_ms: int = 2000, advance_confirmation: bool = False) -> dict[str, Any]:
+            request_timeout_ms: int = 2000, advance_confirmation: bool = False,
+            in_faults: dict[str, Any] | None = None) -> dict[str, Any]:
     node = base["node"]
     return {
         "nodes": [
@@ -391,6 +395,7 @@ def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
         "seed": seed,
         "request_timeout_ms": request_timeout_ms,
         "advance_confirmation": advance_confirmation,
+        "faults": in_faults or {},
     }
 
 
@@ -418,7 +423,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
                   in_request_timeout_ms: int = 2000, delivery_receipts: bool = True,
                   mqtt_inflight_max: int | None = None,
-                  advance_confirmation: bool = False) -> Any:
+                  advance_confirmation: bool = False,
+                  in_faults: dict[str, Any] | None = None) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit.
 
     `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
@@ -445,7 +451,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             in_worker = await procs.start_worker(
                 "in-sim", ["--role", "in", "--spec",
                            json.dumps(in_spec(base, diameter_port, broker.port, seed,
-                                              in_request_timeout_ms, advance_confirmation))])
+                                              in_request_timeout_ms, advance_confirmation,
+                                              in_faults))])
             password = os.urandom(4).hex()  # SMPP passwords are at most 8 octets
             smsc_worker = await procs.start_worker(
                 "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
@@ -654,7 +661,8 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        in_request_timeout_ms=options.in_request_timeout_ms,
                        delivery_receipts=options.delivery_receipts,
                        mqtt_inflight_max=options.mqtt_inflight_max,
-                       advance_confirmation=options.advance_confirmation) as net:
+                       advance_confirmation=options.advance_confirmation,
+                       in_faults=options.in_faults) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")
