@@ -162,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the node asks for no SMS delivery receipts ([smpp] delivery_receipts)")
     p.add_argument("--arabic-share", type=float, default=0.2,
                    help="share of subscribers with Arabic screens and SMS (default 0.2)")
+    p.add_argument("--opt-in-share", type=float, default=OPT_IN_SHARE,
+                   help=f"share of subscribers opted in to automatic advances (default {OPT_IN_SHARE})")
+    p.add_argument("--in-drop", type=float, default=0.0, metavar="SHARE",
+                   help="the simulated IN applies this share of the node's requests and"
+                        " never answers them")
+    p.add_argument("--in-result", action="append", default=[], metavar="CODE=SHARE",
+                   help="the simulated IN answers this share with CODE (3002/3004: not"
+                        " executed; 4010/4012/5030), repeatable")
+    p.add_argument("--advance-confirmation", action="store_true",
+                   help="opt-in extension on the node and the simulated IN alike; by default"
+                        " the IN follows RFC 4006 alone and the CCA's grant is the credit")
     return p
 
 
@@ -196,8 +207,27 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
               if v is not None},
         delivery_receipts=not args.no_delivery_receipts,
         capacity=_capacity_search(args),
+        opt_in_share=args.opt_in_share,
+        advance_confirmation=args.advance_confirmation,
+        in_faults=_in_faults(args),
         command="extrabalance bench e2e " + " ".join(argv),
     )
+
+
+def _in_faults(args: argparse.Namespace) -> dict[str, Any]:
+    if not 0.0 <= args.in_drop <= 1.0:
+        raise SystemExit("extrabalance bench e2e: --in-drop within 0..1")
+    shares: dict[str, float] = {}
+    for item in args.in_result:
+        code, sep, share = item.partition("=")
+        try:
+            shares[str(int(code))] = float(share)
+        except ValueError:
+            raise SystemExit(f"extrabalance bench e2e: --in-result {item!r} is not CODE=SHARE"
+                             ) from None
+        if not sep:
+            raise SystemExit(f"extrabalance bench e2e: --in-result {item!r} is not CODE=SHARE")
+    return {"drop_share": args.in_drop, "result_share": shares} if args.in_drop or shares else {}
 
 
 def _capacity_search(args: argparse.Namespace) -> tuple[list[float], float] | None:
