@@ -16,7 +16,7 @@ not share the node's core):
 Rates: each bind's submit cap (BindConfig.submit_rate_max_per_s) and the ads rate
 (ads.send_rate_max_per_s) are set from `--bind-rate` and `--ads-rate` so they are not
 what limits the figure unless asked; the JSON says which limit applied. The defaults
-of PROTOCOLS.md (window 10, 1 000 submits/s per bind) would cap one bind at 1 000/s:
+of docs/protocols.md (window 10, 1 000 submits/s per bind) would cap one bind at 1 000/s:
 the benchmark runs `--binds` binds of `--window` each, as an operator would configure
 a node for that rate.
 
@@ -44,13 +44,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
 import structlog
 
 from bench.procs import cpu_seconds
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.config import load_settings
 from extrabalance.ledger import Ledger
 from extrabalance.service.ads import AdTrigger, Advertiser, rules_from_settings
@@ -139,7 +139,7 @@ async def run_ours(args: argparse.Namespace, port: int, workdir: Path,
     ledger = Ledger(workdir / "ads.db")
     events = CountingEvents()
     advertiser = Advertiser(ledger, channel, events, policy, rules_from_settings(settings),
-                            lambda: datetime.now(UTC))
+                            SYSTEM_CLOCK.now)
     msisdns = [f"2010{i:08d}" for i in range(args.subscribers)]
     work = [m for _ in range(args.offers_each) for m in msisdns]
     queue = iter(work)

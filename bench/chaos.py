@@ -36,6 +36,8 @@ from typing import Any
 
 from bench.e2e import Network, network, parse_mix, settle, wait_connected
 from bench.reconcile import reconcile
+from extrabalance.argparsing import Parser
+from extrabalance.clock import SYSTEM_CLOCK
 
 CHAOS_CLIENT_ID = "extrabalance-chaos"  # the node's MQTT client id, the same on every restart
 # Durable broker for the run: save after every change rather than every second, so a
@@ -129,7 +131,7 @@ async def inject(net: Network, kind: str, rng: random.Random) -> str:
 
 async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
     result = ChaosResult()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = SYSTEM_CLOCK.now().strftime("%Y%m%d-%H%M%S")
     report_dir = options.report_dir or Path("var/bench") / f"chaos-{stamp}"
     workdir = report_dir / "run"
     result.workdir = str(workdir)
@@ -161,7 +163,7 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
             if delay > 0:
                 await asyncio.sleep(delay)
             if kind == "broker_kill":
-                broker_kills_s.append(time.time())
+                broker_kills_s.append(SYSTEM_CLOCK.time())
             what = await inject(net, kind, rng)
             result.faults[kind] += 1
             result.fault_log.append((round(time.monotonic() - t0, 2), kind, what))
@@ -191,7 +193,7 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extrabalance chaos",
+    p = Parser(prog="extrabalance chaos",
                                 description="Kill the node, cut its links, restart the broker "
                                             "under load; then check every minor unit.")
     p.add_argument("--kills", type=int, default=20, help="node SIGKILLs (default 20)")

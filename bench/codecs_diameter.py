@@ -1,7 +1,7 @@
 """Diameter codec and round-trip benchmark: ours against python-diameter, same run.
 
 ``run(seconds)`` builds, encodes and decodes the node's CCR-Event REFUND_ACCOUNT
-(PROTOCOLS.md) with both libraries and reports messages per second and the ratio.
+(docs/protocols.md) with both libraries and reports messages per second and the ratio.
 ``run_roundtrips(seconds)`` measures pipelined CCR/CCA round trips between two
 DiameterNodes over one loopback connection.
 

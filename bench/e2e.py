@@ -39,6 +39,8 @@ from typing import Any
 
 from bench.procs import ProcessSet, cpu_seconds, dump_toml, free_port
 from bench.reconcile import reconcile
+from extrabalance.argparsing import Parser
+from extrabalance.clock import SYSTEM_CLOCK
 
 DEFAULT_MIX = "ussd=5,sms=1,oob=1,recharge=3"
 MIX_KINDS = {"ussd": ("ussd_menu", "ussd_shortcut"), "sms": ("sms_loan",),
@@ -77,11 +79,17 @@ class E2eOptions:
     capacity: tuple[list[float], float] | None = None
     opt_in_share: float = OPT_IN_SHARE
     in_request_timeout_ms: int = 2000  # the IN's wait for the node's out-of-balance answer
+    # The opt-in advance confirmation extension, on the node and the simulated IN
+    # alike (off: the strict RFC 4006 IN, the default).
+    advance_confirmation: bool = False
     mqtt_inflight_max: int | None = None  # [mqtt] inflight_max and the broker's to match
     warmup_s: float = 0.0  # unmeasured traffic first (builds debt for paybacks)
     warmup_mix: dict[str, float] = field(default_factory=lambda: parse_mix("ussd=1"))
     plot: bool = True
     command: str = ""
+    # ISO 8601 instant the node's clock starts at (`run --clock-start`): plays a chosen
+    # hour of the day, e.g. inside or outside the ads' quiet hours. None: real time.
+    clock_start: str | None = None
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -116,7 +124,7 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extrabalance bench e2e",
+    p = Parser(prog="extrabalance bench e2e",
                                 description="End-to-end benchmark over real sockets.")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=float, default=None,
@@ -156,7 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the node asks for no SMS delivery receipts ([smpp] delivery_receipts)")
     p.add_argument("--arabic-share", type=float, default=0.2,
                    help="share of subscribers with Arabic screens and SMS (default 0.2)")
+    p.add_argument("--clock-start", default=None, metavar="ISO8601", type=_instant,
+                   help="the node's clock starts at this instant (with its UTC offset) and "
+                        "advances in real time, e.g. to play the ads' quiet hours")
     return p
+
+
+def _instant(text: str) -> str:
+    from extrabalance.clock import parse_instant
+
+    try:
+        return parse_instant(text).isoformat()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> E2eOptions:
@@ -190,6 +210,7 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
               if v is not None},
         delivery_receipts=not args.no_delivery_receipts,
         capacity=_capacity_search(args),
+        clock_start=args.clock_start,
         command="extrabalance bench e2e " + " ".join(argv),
     )
 
@@ -235,7 +256,7 @@ async def run_capacity(options: E2eOptions, rates: list[float],
     """The highest rate whose USSD p99 stays within `p99_target_ms` with the ledger
     matching the IN: one complete run (fresh ledger, processes, reconciliation) per
     rate, in ascending order, stopping at the first that fails."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = SYSTEM_CLOCK.now().strftime("%Y%m%d-%H%M%S")
     base = options.report_dir or Path("var/bench") / f"e2e-capacity-{stamp}"
     rows: list[dict[str, Any]] = []
     best: float | None = None
@@ -348,12 +369,14 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
                 client_id: str = "extrabalance-bench",
                 smpp: dict[str, Any] | None = None,
                 delivery_receipts: bool = True,
-                mqtt_inflight_max: int | None = None) -> dict[str, Any]:
+                mqtt_inflight_max: int | None = None,
+                advance_confirmation: bool = False) -> dict[str, Any]:
     doc = json.loads(json.dumps(base))  # deep copy
     doc["storage"]["path"] = str(db_path)
     doc["diameter"]["listen_port"] = diameter_port
     for node in doc["in_nodes"]:
         node["peers"] = [{"host": "127.0.0.1", "port": in_ports[node["name"]]}]
+        node["advance_confirmation"] = advance_confirmation
     tuning = dict(smpp or {})
     binds = int(tuning.pop("binds", 1))
     bind = {**doc["smpp"]["binds"][0], "host": "127.0.0.1", "port": smpp_port,
@@ -369,7 +392,7 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
 
 
 def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
-            request_timeout_ms: int = 2000) -> dict[str, Any]:
+            request_timeout_ms: int = 2000, advance_confirmation: bool = False) -> dict[str, Any]:
     node = base["node"]
     return {
         "nodes": [
@@ -385,6 +408,7 @@ def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
         "service_context_id": base["diameter"]["service_context_id"],
         "seed": seed,
         "request_timeout_ms": request_timeout_ms,
+        "advance_confirmation": advance_confirmation,
     }
 
 
@@ -411,7 +435,9 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   broker_config: tuple[str, ...] = (), profile_path: Path | None = None,
                   smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
                   in_request_timeout_ms: int = 2000, delivery_receipts: bool = True,
-                  mqtt_inflight_max: int | None = None) -> Any:
+                  mqtt_inflight_max: int | None = None,
+                  clock_start: str | None = None,
+                  advance_confirmation: bool = False) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit.
 
     `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
@@ -438,7 +464,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             in_worker = await procs.start_worker(
                 "in-sim", ["--role", "in", "--spec",
                            json.dumps(in_spec(base, diameter_port, broker.port, seed,
-                                              in_request_timeout_ms))])
+                                              in_request_timeout_ms, advance_confirmation))])
             password = os.urandom(4).hex()  # SMPP passwords are at most 8 octets
             smsc_worker = await procs.start_worker(
                 "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
@@ -457,11 +483,13 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                                  smpp_port=smsc_worker.ready["ports"]["smpp"],
                                  mqtt_port=broker.port, client_id=client_id, smpp=smpp,
                                  delivery_receipts=delivery_receipts,
-                                 mqtt_inflight_max=mqtt_inflight_max)
+                                 mqtt_inflight_max=mqtt_inflight_max,
+                                 advance_confirmation=advance_confirmation)
             config_path = workdir / "node.toml"
             config_path.write_text(dump_toml(config), encoding="utf-8")
             env = {SMPP_PASSWORD_ENV: password, "EB_LOG_LEVEL": log_level}
-            node = await procs.start_node(config_path, env=env, profile_path=profile_path)
+            node = await procs.start_node(config_path, env=env, profile_path=profile_path,
+                                          clock_start=clock_start)
             net = Network(procs, workdir, broker, in_worker, smsc_worker, node, config_path,
                           db_path, env, msisdns, base)
             await wait_connected(net)
@@ -599,13 +627,19 @@ async def show_progress(workers: list[Any], options: E2eOptions, started: float)
 
 
 def count_edr(workdir: Path, kind: str) -> int:
-    total = 0
+    return sum(count_edr_reasons(workdir, kind).values())
+
+
+def count_edr_reasons(workdir: Path, kind: str) -> dict[str, int]:
+    """EDR lines of `kind`, counted by their `reason` column."""
+    reasons: dict[str, int] = {}
     for path in (workdir / "edr").glob("edr-*.csv"):
         with path.open(encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 if row.get("kind") == kind:
-                    total += 1
-    return total
+                    reason = row.get("reason") or ""
+                    reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
 
 
 def ledger_counts(db_path: Path) -> dict[str, int]:
@@ -633,7 +667,7 @@ def ledger_counts(db_path: Path) -> dict[str, int]:
 async def run_e2e(options: E2eOptions) -> dict[str, Any]:
     from extrabalance.bench import machine
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = SYSTEM_CLOCK.now().strftime("%Y%m%d-%H%M%S")
     report_dir = options.report_dir or Path("var/bench") / f"e2e-{stamp}"
     workdir = report_dir / "run"
     samples_path = workdir / "latency_ms.json"
@@ -645,7 +679,9 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        opt_in_share=options.opt_in_share,
                        in_request_timeout_ms=options.in_request_timeout_ms,
                        delivery_receipts=options.delivery_receipts,
-                       mqtt_inflight_max=options.mqtt_inflight_max) as net:
+                       mqtt_inflight_max=options.mqtt_inflight_max,
+                       clock_start=options.clock_start,
+                       advance_confirmation=options.advance_confirmation) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")
@@ -676,6 +712,7 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
     rec = reconcile(net.db_path, in_dump, smsc_dump, check_recharges=True)
     counts = ledger_counts(net.db_path)
     ads = count_edr(net.db_path.parent, "ad_sent")
+    ads_suppressed = count_edr_reasons(net.db_path.parent, "ad_suppressed")
     smsc_report = reports.get("smsc-sim", {})
     latency = smsc_report.get("ussd_latency", {})
     duration = options.duration_s
@@ -710,6 +747,8 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
         "cpu_ms_per_loan": ({name: round(1000 * seconds / window["loans"], 3)
                              for name, seconds in cpu.items()} if window["loans"] else None),
         "counts": {**counts, "ads": ads},
+        "ads_suppressed": ads_suppressed,
+        "clock_start": options.clock_start,
         "outcomes": {name: r.get("outcomes", {}) for name, r in reports.items()},
         "late_starts": sum(r.get("late_starts", 0) for r in reports.values()),
         "settled": settled,

@@ -31,7 +31,6 @@ IN debited). Run: `python -m extrabalance fuzz [--frames N] [--seconds S] [--see
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -59,6 +58,7 @@ from bench.fuzz_frames import (
     SmppFrames,
 )
 from bench.fuzz_peers import CLOSE_WAIT_S, DiameterConn, FuzzSmsc, RssSampler, rss_kib
+from extrabalance.argparsing import Parser
 from extrabalance.diameter.peer import CAPABILITIES_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1043,7 +1043,7 @@ def report_json(r: FuzzReport) -> dict[str, Any]:
 
 
 def run_cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="extrabalance fuzz", description=__doc__.splitlines()[0])
+    p = Parser(prog="extrabalance fuzz", description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=1_000_000)
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.add_argument("--seed", type=int, default=1)

@@ -42,11 +42,13 @@ SMPP_HEADER = struct.Struct(">IIII")
 UNKNOWN_AVP_CODE = 0x00FF_FF01  # not in the dictionary
 GROUPED_DEPTH_ATTACK = 40  # deeper than the codec's nesting bound
 
-# Result codes an out-of-balance CCR or a malformed request may get (PROTOCOLS.md).
+# Result codes an out-of-balance CCR or a malformed request may get (docs/protocols.md).
 DIAMETER_ALLOWED_RESULTS = frozenset({
     2001,  # DWA to a mutated DWR, TERMINATION
     3001, 3004, 3007, 3008, 3009,
+    3002, 3003,  # a mutated Destination-Host / Destination-Realm (RFC 6733 §6.1)
     4010, 4012,
+    5002,  # an UPDATE / TERMINATION of a session never opened
     5001, 5004, 5005, 5009, 5012,  # 5012: CER on an open connection
     5013, 5014, 5015, 5030, 5031,
 })

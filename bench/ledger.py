@@ -19,7 +19,6 @@ With `--dir`, the generated CSV is kept and reused by the next run of the same s
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import json
@@ -34,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from extrabalance.argparsing import Parser
 from extrabalance.core.lending import BorrowRequest, Granted, decide
 from extrabalance.core.policy import (
     Condition,
@@ -316,7 +316,7 @@ async def bench_service(db: Path, picks: list[int], concurrency: int) -> tuple[d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="extrabalance bench ledger", description=__doc__.split("\n\n")[0])
     parser.add_argument("--subscribers", type=int, default=1_000_000)
     parser.add_argument("--loans", type=int, default=20_000)
     parser.add_argument(

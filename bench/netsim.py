@@ -21,11 +21,11 @@ import contextlib
 import json
 import logging
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from extrabalance.clock import SYSTEM_CLOCK
 from simulators.in_node import InNodeSpec, InSimulator, MqttTarget, MsisdnRange, NodePeer
 from simulators.smsc import SmscSimulator
 from simulators.traffic import TrafficConfig, TrafficGenerator, TrafficMix
@@ -58,7 +58,7 @@ class CountingIn(InSimulator):
             self.unconfirmed_event_ids.append(event.event_id)
             raise
         self.published_event_ids.append(event.event_id)
-        self.published_at_s[event.event_id] = time.time()
+        self.published_at_s[event.event_id] = SYSTEM_CLOCK.time()
         return event
 
 
@@ -103,6 +103,7 @@ class Worker:
                 s["service_context_id"], currency=s["currency"], mqtt=mqtt,
                 request_timeout_ms=int(s.get("request_timeout_ms", 2000)),
                 seed=s.get("seed"),
+                advance_confirmation=bool(s.get("advance_confirmation", False)),
             )
             return {"ports": await self.in_sim.start()}
         self.smsc = CountingSmsc(system_id=s["system_id"], password=s["password"],
@@ -188,6 +189,7 @@ class Worker:
                 "stats": sim.stats_summary(),
                 "duplicate_mismatch": sum(b.stats["duplicate_mismatch"]
                                           for b in sim.accounts.values()),
+                "nonstandard": sim.nonstandard(),
             }
         else:
             assert self.smsc is not None

@@ -177,9 +177,10 @@ class ProcessSet:
             log.close()
 
     async def start_node(self, config_path: Path, *, env: dict[str, str] | None = None,
-                         name: str = "node", profile_path: Path | None = None) -> Proc:
+                         name: str = "node", profile_path: Path | None = None,
+                         clock_start: str | None = None) -> Proc:
         """`python -m extrabalance run --config FILE`, under cProfile when asked."""
-        argv = node_argv(config_path, profile_path)
+        argv = node_argv(config_path, profile_path, clock_start)
         process = await self._spawn(name, argv, env=env, control=False)
         proc = Proc(name, process, self.workdir / f"{name}.log")
         self.procs.append(proc)
@@ -210,10 +211,14 @@ class ProcessSet:
         return worker
 
 
-def node_argv(config_path: Path, profile_path: Path | None = None) -> list[str]:
+def node_argv(config_path: Path, profile_path: Path | None = None,
+              clock_start: str | None = None) -> list[str]:
     """The node's command line; `EB_BENCH_SWITCH_INTERVAL_MS` sets its GIL switch
-    interval (an experiment recorded in docs/benchmarks.md)."""
+    interval (an experiment recorded in docs/benchmarks.md); `clock_start` (ISO 8601)
+    starts the node's clock at that instant."""
     run = ["run", "--config", str(config_path)]
+    if clock_start is not None:
+        run += ["--clock-start", clock_start]
     if profile_path is not None:
         return [sys.executable, "-m", "cProfile", "-o", str(profile_path),
                 "-m", "extrabalance", *run]

@@ -35,6 +35,7 @@ from typing import Any
 import aiomqtt
 import structlog
 
+from extrabalance.argparsing import Parser
 from extrabalance.mosquitto import MosquittoBroker
 from extrabalance.recharge.events import RechargeEvent, to_payload
 from extrabalance.recharge.listener import MqttSettings, RechargeListener
@@ -238,20 +239,22 @@ def _version(distribution: str) -> str:
     return version(distribution)
 
 
-def cli() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def cli(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="extrabalance bench recharge",
+                    description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--window", type=int, default=100, help="publishes in flight")
     parser.add_argument("--uvloop", action="store_true", help="run both sides on uvloop")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.uvloop:
         import uvloop
 
         uvloop.run(main(args))
     else:
         asyncio.run(main(args))
+    return 0
 
 
 if __name__ == "__main__":
-    cli()
+    raise SystemExit(cli())

@@ -142,6 +142,10 @@ def _check(conn: sqlite3.Connection, r: Reconciliation, in_dump: dict[str, Any],
     if in_dump.get("duplicate_mismatch"):
         r.flag("in_duplicate_key_other_content",
                f"{in_dump['duplicate_mismatch']} requests re-used a key with other content")
+    for kind, count in sorted((in_dump.get("nonstandard") or {}).items()):
+        # What the strict IN counted outside RFC 6733 / RFC 4006 (simulators/in_node.py).
+        if count:
+            r.flag(kind, f"{count} requests")
 
     # -- loans -----------------------------------------------------------------------------
     lent_by_msisdn: Counter[str] = Counter()

@@ -13,7 +13,7 @@ subscription), the IN simulator and the SMSC simulator (bench/netsim.py workers)
 `python -m extrabalance run`. This process only steers and reads the figures.
 
 The node's SMPP binds are configured here (`--binds`, `--window`, `--bind-rate`): the
-PROTOCOLS.md defaults (one bind, window 10, 1 000 submits/s) would cap the run at
+docs/protocols.md defaults (one bind, window 10, 1 000 submits/s) would cap the run at
 about 1 000 / 4 = 250 dialogs/s (three screens and one SMS per loan), which measures
 the configuration, not the stack. The JSON says which caps applied.
 

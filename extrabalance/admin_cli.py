@@ -17,10 +17,10 @@ import json
 import re
 import sqlite3
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.config import Settings, load_settings
 from extrabalance.private_files import private_dir, private_file
 
@@ -41,7 +41,8 @@ def _ledger_path(settings: Settings) -> Path:
 
 def import_profiles_command(config_path: str | None, csv_path: str, progress: bool = True,
                             *, out: TextIO | None = None) -> int:
-    """Import a profile CSV into the configured ledger; 0 if every row was good, else 1."""
+    """Import a profile CSV into the configured ledger: 0 if every row was good, 1 if
+    some rows were refused, 2 if the file as a whole was (unreadable, bad header)."""
     from extrabalance.ledger.profiles import ProfileFileError, import_profiles
 
     out = out or sys.stdout
@@ -49,10 +50,14 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
     db_path = _ledger_path(settings)
     private_dir(db_path.parent)
     try:
-        report = import_profiles(db_path, csv_path, progress=progress)
-    except (ProfileFileError, OSError) as exc:
-        print(f"import-profiles: {exc}", file=out)
-        return EXIT_BAD_ROWS
+        report = import_profiles(db_path, csv_path, progress=progress,
+                                 languages=settings.templates.keys())
+    except ProfileFileError as exc:
+        print(f"import-profiles: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"import-profiles: {csv_path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"{csv_path}: rows ok {report.rows_ok:,} (of which updated {report.rows_updated:,}), "
           f"bad rows {report.bad_rows_total:,}", file=out)
     for line_no, reason in report.bad_rows[:BAD_ROWS_PRINTED_MAX]:
@@ -179,7 +184,7 @@ def subscriber_command(config_path: str | None, action: str, msisdn: str, reason
         return EXIT_BAD_ROWS
     try:
         if action in ("bar", "unbar"):
-            now = datetime.now(UTC)
+            now = SYSTEM_CLOCK.now()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 store.set_bar(conn, msisdn, action == "bar", reason.strip(), who.strip(), now)
@@ -220,6 +225,7 @@ def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = N
     from datetime import timedelta
 
     from extrabalance.ledger import Ledger
+    from extrabalance.observability import configure_logging
     from extrabalance.service.retention import IdempotencyRetention
 
     out = out or sys.stdout
@@ -230,12 +236,15 @@ def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = N
               file=sys.stderr)
         return EXIT_BAD_ROWS
     hours = settings.storage.idempotency_retention_hours
+    # The service logs its own `idempotency_purged` line (for the running node); here
+    # the summary below says it once, and warnings still reach stderr.
+    configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs, level="WARNING")
 
     async def purge() -> Any:
         ledger = Ledger(db_path)
         try:
             retention = IdempotencyRetention(ledger, timedelta(hours=hours),
-                                             lambda: datetime.now(UTC))
+                                             lambda: SYSTEM_CLOCK.now())
             return await retention.purge()
         finally:
             await ledger.close()
@@ -262,10 +271,14 @@ def backup_command(config_path: str | None, dest: str, *, out: TextIO | None = N
     src_path = _ledger_path(settings)
     target = Path(dest)
     if target.is_dir():
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = SYSTEM_CLOCK.now().strftime("%Y%m%dT%H%M%SZ")
         target = target / f"extrabalance-{stamp}.db"
     if target.exists():
         print(f"backup: {target} exists; not overwriting", file=sys.stderr)
+        return EXIT_USAGE
+    if not target.parent.is_dir():
+        print(f"backup: directory {str(target.parent)!r} does not exist; create it first "
+              "or name an existing one", file=sys.stderr)
         return EXIT_USAGE
     partial = target.with_name(target.name + ".partial")
     try:

@@ -37,6 +37,34 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _rows(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        return [row for key, inner in value.items()
+                for row in _rows(inner, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(value, float):
+        return [(prefix, f"{value:,.1f}")]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [(prefix, f"{value:,}")]
+    if isinstance(value, list | tuple):
+        return [(prefix, ", ".join(str(v) for v in value))]
+    return [(prefix, str(value))]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Figures as two aligned columns; nested figures get dotted names
+    (`machine.cpu`), numbers are right-aligned with thousands separators."""
+    rows = _rows(result)
+    name_width = max(len(name) for name, _ in rows)
+    numbers = {value for _, value in rows
+               if value.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()}
+    number_width = max((len(value) for value in numbers), default=0)
+    lines = []
+    for name, value in rows:
+        cell = value.rjust(number_width) if value in numbers else value
+        lines.append(f"{name:<{name_width}}  {cell}".rstrip())
+    return "\n".join(lines)
+
+
 def _bench_module(name: str) -> Any:
     root = Path(extrabalance.__file__).resolve().parents[1]
     if (root / "bench").is_dir() and str(root) not in sys.path:
@@ -64,16 +92,11 @@ def run_bench(what: str, *, json_output: bool, seconds: float, extra: list[str])
     else:
         # ledger, recharge: the module parses its own options and prints its own JSON.
         module = _bench_module({"ledger": "ledger", "recharge": "recharge_mqtt"}[what])
-        sys.argv = [f"extrabalance bench {what}", *extra]
-        outcome = module.main(extra) if what == "ledger" else asyncio.run(module.main())
+        outcome = module.main(extra) if what == "ledger" else module.cli(extra)
         return int(outcome or 0)
     if json_output:
         print(json.dumps(result, sort_keys=True))
     else:
-        width = max(len(k) for k in result)
-        for key, value in result.items():
-            if isinstance(value, float):
-                value = f"{value:,.1f}"
-            print(f"{key:<{width}}  {value}")
+        print(format_table(result))
     # A benchmark whose books do not balance has failed, whatever its speed.
     return 1 if result.get("ledger_matches_in") is False else 0

@@ -7,9 +7,12 @@ a missing optional dependency breaks only the command that uses it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
+from extrabalance.argparsing import Parser
 from extrabalance.config import ConfigError
 
 
@@ -20,15 +23,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from extrabalance.clock import SYSTEM_CLOCK, StartedClock
     from extrabalance.node import run_node
 
-    return run_node(args.config)
+    clock = StartedClock(args.clock_start) if args.clock_start else SYSTEM_CLOCK
+    return run_node(args.config, clock)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from extrabalance.config import load_settings
+    from extrabalance.preflight import check_runtime
 
     settings = load_settings(args.config)
+    check_runtime(settings, args.config or "embedded default config")
     print(f"{args.config or 'embedded default config'}: OK "
           f"({len(settings.tiers)} tiers, {len(settings.segments)} segments, "
           f"{len(settings.in_nodes)} IN nodes)")
@@ -38,7 +45,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from extrabalance.bench import run_bench
 
-    return run_bench(args.what, json_output=args.json, seconds=args.seconds, extra=args.extra)
+    return run_bench(args.what, json_output=args.json, seconds=args.seconds,
+                     extra=list(getattr(args, "rest", [])))
 
 
 def _cmd_chaos(args: argparse.Namespace) -> int:
@@ -91,8 +99,8 @@ def _cmd_purge_idempotency(args: argparse.Namespace) -> int:
 
 
 def _cmd_campaign(args: argparse.Namespace) -> int:  # issue 7
+    from extrabalance.campaign_cli import campaign_command
     from extrabalance.config import load_settings
-    from extrabalance.service.campaign import campaign_command
 
     return campaign_command(load_settings(args.config), template=args.template,
                             segment=args.segment, dry_run=args.dry_run, limit=args.limit,
@@ -113,8 +121,17 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     return backup_command(args.config, args.dest)
 
 
+def _instant(text: str) -> datetime:
+    from extrabalance.clock import parse_instant
+
+    try:
+        return parse_instant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="extrabalance",
         description="Extra Balance: airtime advances for prepaid subscribers.",
     )
@@ -127,18 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the node (production entry point)")
     p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("--clock-start", type=_instant, default=None, metavar="ISO8601",
+                   help="the node's clock starts at this instant (with its UTC offset) and "
+                        "advances in real time; for tests and benches that play a chosen hour")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")
     p.add_argument("--config", default=None, help="TOML config file (default: embedded)")
     p.set_defaults(func=_cmd_check_config)
 
-    p = sub.add_parser("bench", help="benchmarks (codecs, ledger, e2e)")
-    p.add_argument("what", choices=["codecs", "ledger", "e2e", "recharge"])
+    p = sub.add_parser("bench", help="benchmarks (codecs, ledger, e2e, recharge)",
+                       description="Benchmarks kept in the repository's bench/.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seconds", type=float, default=2.0, help="measuring time per case")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="options for that benchmark")
     p.set_defaults(func=_cmd_bench)
+    bench = p.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
+    b = bench.add_parser("codecs", help="Diameter and SMPP codecs, ours against peer libraries")
+    # SUPPRESS: given before the benchmark's name, the option is not reset here.
+    b.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print one JSON object")
+    b.add_argument("--seconds", type=float, default=argparse.SUPPRESS,
+                   help="measuring time per case (default 2)")
+    for name, text in DELEGATED_BENCHMARKS.items():
+        b = bench.add_parser(name, help=text, add_help=False, prefix_chars="+")
+        b.add_argument("rest", nargs=argparse.REMAINDER,
+                       help=f"options (see `extrabalance bench {name} --help`)")
 
     # Every option goes to bench/chaos.py's own parser (`chaos --help` shows them): no
     # prefix character here means argparse takes them all as the remainder.
@@ -155,10 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the work dir (ledger, node log)")
     p.set_defaults(func=_cmd_fuzz)
 
-    p = sub.add_parser("sim", help="run a bundled network simulator")
-    p.add_argument("which", choices=["in", "smsc"])
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("sim", help="run a bundled network simulator (in, smsc)",
+                       description="Network simulators for trying the node without a network.")
     p.set_defaults(func=_cmd_sim)
+    sims = p.add_subparsers(dest="which", required=True, metavar="SIMULATOR")
+    for name, text in SIMULATORS.items():
+        s = sims.add_parser(name, help=text, add_help=False, prefix_chars="+")
+        s.add_argument("rest", nargs=argparse.REMAINDER,
+                       help=f"options (see `extrabalance sim {name} --help`)")
 
     p = sub.add_parser("phone", help="an interactive handset in the terminal "
                        "(on the simulators, or on a GSM modem with --modem)",
@@ -214,8 +248,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose every argument goes to their own parser (their --help is theirs).
+SIMULATORS = {"in": "an IN (OCS): Diameter Gy server and MQTT recharge publisher",
+              "smsc": "an SMSC: SMPP server with handsets driven over a control port"}
+DELEGATED_BENCHMARKS = {"ledger": "the ledger's write path (group commit against naive)",
+                        "e2e": "end to end over real sockets: node, IN, SMSC, broker",
+                        "recharge": "MQTT recharges through Mosquitto, ours against aiomqtt"}
+_DELEGATED = {("phone",), ("chaos",), *(("sim", n) for n in SIMULATORS),
+              *(("bench", n) for n in DELEGATED_BENCHMARKS)}
+
+
+def _delegated_args(argv: list[str]) -> argparse.Namespace | None:
+    """`phone +201000000001`, `sim in --help`, `bench e2e --rate 100`: argparse would
+    take a leading `+` or `--help` for its own; these go whole to the command."""
+    for n in (2, 1):
+        if tuple(argv[:n]) in _DELEGATED:
+            command, rest = argv[:n], argv[n:]
+            func = {"phone": _cmd_phone, "chaos": _cmd_chaos, "sim": _cmd_sim,
+                    "bench": _cmd_bench}[command[0]]
+            return argparse.Namespace(command=command[0], func=func, rest=rest,
+                                      which=command[-1], what=command[-1],
+                                      json=False, seconds=2.0)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _delegated_args(argv) or build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -224,6 +283,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        print(exc.code, file=sys.stderr)  # a command's usage error, already one line
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing more to say, and no traceback from
+        # the interpreter flushing stdout into the closed pipe at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 2
+    except OSError as exc:
+        # A file or directory the command needs (a ledger path, a backup target, a
+        # port): one line naming it, no traceback.
+        print(f"extrabalance {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ class NodeSection(_Model):
 
 
 class StorageSection(_Model):
+    # "postgres" is the planned scale-out backend; until the node has it, a config
+    # asking for it is refused rather than silently run on SQLite.
     backend: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "var/extrabalance.db"
     dsn: str | None = None
@@ -94,6 +96,14 @@ class StorageSection(_Model):
     group_commit_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
     # How long the first outcome of each inbound request is kept to answer replays.
     idempotency_retention_hours: int = IDEMPOTENCY_RETENTION_HOURS_DEFAULT
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_exists(cls, backend: str) -> str:
+        if backend != "sqlite":
+            raise ValueError(f"{backend!r} is not yet supported: the ledger runs on SQLite "
+                             "only (backend = \"sqlite\")")
+        return backend
 
     @field_validator("idempotency_retention_hours")
     @classmethod
@@ -167,6 +177,11 @@ class InNodeSection(_Model):
     realm: str
     peers: Annotated[list[PeerAddr], Field(min_length=1)]
     ranges: list[RangeRule] = []
+    # Opt-in extension, not RFC 4006 (docs/diameter.md "Advance confirmation
+    # extension"): after each automatic advance, a REFUND_ACCOUNT under the IN's own
+    # Session-Id and CC-Request-Number. Only for an IN built to treat it and the CCA's
+    # grant as one operation; to any other IN it is a second credit.
+    advance_confirmation: bool = False
 
 
 class BindSection(_Model):
@@ -179,6 +194,25 @@ class BindSection(_Model):
     window_max: Annotated[int, Field(ge=1, le=1000)] = 10
     submit_rate_max_per_s: Annotated[int, Field(ge=1, le=100_000)] = 1000
     enquire_link_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # How long a submit_sm waits for its submit_sm_resp. A late answer still frees
+    # the request's window slot; the caller was told at the timeout.
+    response_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # "idle": enquire_link after enquire_link_s without traffic (SMPP 3.4 §4.11);
+    # "periodic": every enquire_link_s, for gateways that poll on their own clock and
+    # expect ours too.
+    enquire_link_mode: Literal["idle", "periodic"] = "idle"
+    # its_session_info sequence of our USSD answers: the received one + 1
+    # ("increment") or the received one ("echo"), whichever the gateway expects.
+    its_sequence: Literal["increment", "echo"] = "increment"
+
+    def password_source(self) -> str:
+        """Where the password is read from, for error messages (never the value)."""
+        if self.password_env:
+            state = "" if self.password_env in os.environ else ", which is not set"
+            return f"environment variable {self.password_env}{state}"
+        if self.password_file:
+            return f"file {self.password_file}"
+        return "nowhere: set password_env or password_file"
 
     def password(self) -> str:
         value = _secret(self.password_env, self.password_file, f"SMPP bind {self.system_id}") or ""
@@ -196,6 +230,15 @@ class SmppSection(_Model):
     ussd_service_type: str = "USSD"
     dialog_id: Literal["its_session_info", "user_message_reference"] = "its_session_info"
     dialog_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60
+    # Without a step number (its_session_info) from the gateway, the same USSD text
+    # again within this many seconds is its repeat, not a new input (0: off).
+    ussd_repeat_window_s: Annotated[float, Field(ge=0, le=30)] = 2.0
+    # The same SMS loan request (MSISDN, keyword, amount) again within this many
+    # seconds is the SMSC re-sending it: the first outcome is replayed (0: off).
+    sms_repeat_window_s: Annotated[float, Field(ge=0, le=3600)] = 120.0
+    # A submit_sm whose response timed out may have reached the SMSC: it is sent again
+    # at most this many times (each a possible duplicate, counted). 0: never.
+    submit_timeout_resends: Annotated[int, Field(ge=0, le=5)] = 0
     dialogs_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     # USSD and SMS being handled at once; beyond it deliver_sm gets ESME_RTHROTTLED.
     inbound_tasks_max: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
@@ -493,6 +536,10 @@ def _format_error(source: str, exc: ValidationError) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and err["loc"][-1] in ("password", "token"):
+            name = err["loc"][-1]
+            msg = (f"a {name} is never written in the config: name an environment variable "
+                   f"with {name}_env or a file with {name}_file")
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 

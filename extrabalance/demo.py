@@ -4,14 +4,17 @@ Everything talks over real sockets: the node, the IN simulator (Diameter), the S
 USSD gateway simulator (SMPP) and an MQTT broker (a private Mosquitto when installed,
 else the in-process demo-only broker). The story:
 
-1. Subscriber A (balance 0) tries a call: the IN's out-of-balance CCR gets 4012 and
-   A gets the advertisement SMS.
+1. Subscriber A (balance 0) tries a call: the IN's out-of-balance CCR gets 4012
+   (A has not opted in to automatic advances) and A gets the advertisement SMS.
 2. A dials *123#, picks a tier, sees fee and total, confirms: the node credits the
    IN (CCR REFUND_ACCOUNT); final screen and SMS.
 3. A recharges less than the debt: partial payback SMS; recharges again: full payback.
 4. Subscriber B borrows up to his segment's ceiling and is refused with the reason,
    and after the allowed number of loans without a full payback he is barred.
-5. Summary: loans, fees, recovered, outstanding — checked against the IN simulator.
+5. Subscriber C, whose language is Arabic, turns automatic advances on from the
+   *123# menu (Arabic screens); when he runs out of credit the node grants the
+   advance inside the CCA (2001) and tells him by SMS in Arabic.
+6. Summary: loans, fees, recovered, outstanding — checked against the IN simulator.
 
 `play(env)` returns the transcript as data so the test suite asserts every screen,
 SMS, result code and balance of the same story.
@@ -38,13 +41,16 @@ from extrabalance.service.templates import format_minor
 
 A = "201001234567"
 B = "201001234568"
+C = "201001234569"  # Arabic; opts in to automatic advances
 SMS_WAIT_S = 5.0
 DEMO_SMPP_PASSWORD_ENV = "EB_DEMO_SMPP_PASSWORD"
 
 
 @dataclass
 class Entry:
-    kind: str  # "title" | "diameter" (IN → node) | "in_op" (node → IN) | "screen" | "sms" | "note"
+    # "title" | "diameter" (the node's CCA to the IN's out-of-balance CCR) | "in_op"
+    # (the node's CCR to the IN and its answer) | "screen" | "sms" | "note"
+    kind: str
     msisdn: str = ""
     text: str = ""
     final: bool = False
@@ -167,7 +173,8 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
         profiles.write_text(
             "msisdn,tenure_days,arpu_minor,language\n"
             f"{A},400,5000,en\n"
-            f"{B},120,1000,en\n",
+            f"{B},120,1000,en\n"
+            f"{C},400,5000,ar\n",
             encoding="utf-8",
         )
         report = import_profiles(db_path, profiles, progress=False)
@@ -232,6 +239,8 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
 
     t.add(Entry("title", text="1. Subscriber A runs out of credit"))
     await out_of_balance(A)
+    t.add(Entry("note", A, "A has not opted in to automatic advances: the node answers 4012 "
+                           "(no credit granted now) and offers the *123# menu by SMS"))
     await sms(phone_a)
 
     t.add(Entry("title", text="2. A borrows from the *123# menu"))
@@ -266,7 +275,19 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
     await screen(phone_b, "*123#", dial=True)
     await out_of_balance(B)
 
-    t.add(Entry("title", text="5. Summary"))
+    t.add(Entry("title", text="5. Subscriber C (Arabic) turns automatic advances on"))
+    in_sim.set_balance(C, 0)
+    phone_c = smsc.handset(C)
+    await screen(phone_c, "*123#", dial=True)
+    await screen(phone_c, "0", dial=False)  # My account
+    await screen(phone_c, "1", dial=False)  # automatic advance: on
+    await screen(phone_c, "9", dial=False)  # back to the menu
+    await out_of_balance(C)
+    t.add(Entry("note", C, "C opted in: the node lends inside its answer (CCA 2001 with the "
+                           "granted amount); the call goes on"))
+    await sms(phone_c)
+
+    t.add(Entry("title", text="6. Summary"))
     return await summarise(env)
 
 
@@ -296,7 +317,7 @@ async def summarise(env: DemoEnv) -> Summary:
         outstanding_minor=int(outstanding),
         in_credited_minor=credited,
         in_debited_minor=debited,
-        balances_minor={m: env.in_sim.balance(m) for m in (A, B)},
+        balances_minor={m: env.in_sim.balance(m) for m in (A, B, C)},
         ledger_matches_in=(credited == int(loans[1]) and debited == int(recovered)
                            and int(loans[1]) + int(loans[2]) - int(recovered) == outstanding),
         journal_balanced=journal_sum == 0,
@@ -309,9 +330,7 @@ def _print_entry(entry: Entry) -> None:
         print(f"\n== {entry.text} " + "=" * max(0, 60 - len(entry.text)))
     elif entry.kind == "note":
         print(f"   [{entry.msisdn}] {entry.text}")
-    elif entry.kind == "diameter":
-        print(f"   [IN -> node] {entry.text}")
-    elif entry.kind == "in_op":
+    elif entry.kind in ("diameter", "in_op"):  # the node's CCA, or its own CCR
         print(f"   [node -> IN] {entry.text}")
     elif entry.kind == "screen":
         print(f"   +-- {entry.msisdn} sends {entry.dialled!r}")

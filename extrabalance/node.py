@@ -18,7 +18,7 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import structlog
 from extrabalance.adapters.gy_server import GyServer
 from extrabalance.adapters.in_diameter import DiameterInPort, InNodeAddress
 from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.clock import SYSTEM_CLOCK, Clock
 from extrabalance.config import Settings, load_settings
 from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddress, RequestTimeout
 from extrabalance.diameter.peer import LocalIdentity
@@ -63,10 +64,6 @@ EDR_FLUSH_S = 1.0
 ADS_PRUNE_S = 300.0  # how often ads_sent rows older than the caps' window are dropped
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 @dataclass
 class NodePorts:
     diameter: int = 0
@@ -74,14 +71,17 @@ class NodePorts:
 
 
 class Node:
-    def __init__(self, settings: Settings, *, edr_dir: str | Path | None = None) -> None:
+    def __init__(self, settings: Settings, *, edr_dir: str | Path | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = s = settings
+        self.clock = clock
+        utc_now = clock.now
         self.policy = s.policy()
         self.templates = Templates(s.templates, s.node.default_language, s.node.currency_exponent)
         self.metrics = Metrics()
         db_path = Path(s.storage.path)
         private_dir(db_path.parent)
-        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name,
+        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name, clock=clock.time,
                              failure_counter=self.metrics.edr_write_failures)
         self.background_errors: dict[str, str] = {}  # task name → why it ended (/readyz)
         self.events = EventRecorder(self.metrics, self.edr)
@@ -102,7 +102,7 @@ class Node:
                 origin_realm=s.node.origin_realm,
                 vendor_id=s.diameter.vendor_id,
                 product_name=s.diameter.product_name,
-                origin_state_id=int(time.time()) & 0xFFFFFFFF,
+                origin_state_id=int(clock.time()) & 0xFFFFFFFF,
             ),
             allowed_peers={n.origin_host for n in s.in_nodes},
             request_handler=self._on_diameter_request,
@@ -123,6 +123,8 @@ class Node:
             currency_numeric=s.node.currency_numeric,
             currency_exponent=exponent,
             transient_errors=(RequestTimeout, NoPeerAvailable, asyncio.TimeoutError, ConnectionError),
+            never_sent_errors=(NoPeerAvailable,),
+            end_to_end_ids=self.diameter.new_end_to_end_id,
             observe=lambda action, seconds: self.metrics.in_latency.labels(action).observe(seconds),
         )
         self.esme = Esme(
@@ -131,26 +133,34 @@ class Node:
                     host=b.host, port=b.port, system_id=b.system_id, password=b.password(),
                     system_type=b.system_type, window_max=b.window_max,
                     submit_rate_max_per_s=b.submit_rate_max_per_s, enquire_link_s=b.enquire_link_s,
+                    response_timeout_s=b.response_timeout_s,
+                    enquire_link_mode=b.enquire_link_mode, its_sequence=b.its_sequence,
+                    password_source=b.password_source(),
                 )
                 for b in s.smpp.binds
             ],
             on_deliver=self._on_deliver,
+            timeout_resends_max=s.smpp.submit_timeout_resends,
             use_message_payload=s.smpp.sms_long_mode == "message_payload",
         )
         locks = SubscriberLocks()
+        confirming_ins = frozenset(n.origin_host for n in s.in_nodes if n.advance_confirmation)
         common = {"locks": locks, "default_language": s.node.default_language}
         # The services need a notifier before the SMPP channel (which needs the lending
         # service) exists: a forwarder breaks the cycle.
         notifier = _LateNotifier()
         self.lending = LendingService(self.ledger, self.in_port, notifier, self.events,
-                                      self.policy, self.router, utc_now, **common)
+                                      self.policy, self.router, utc_now, **common,
+                                      advance_confirmation_nodes=confirming_ins)
         self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
         self.payback = PaybackService(self.ledger, self.in_port, notifier, self.events,
                                       self.policy, self.router, utc_now, **common)
         self.resolver = Resolver(self.ledger, self.in_port, notifier, self.events, self.policy,
-                                 utc_now, **common)
+                                 utc_now, **common, advance_confirmation_nodes=confirming_ins)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
+        # Pending IN operations are re-sent on the Tx-timer schedule, not only every 30 s.
+        self.lending.follow_up = self.payback.follow_up = self.resolver.follow_up
         self.retention = IdempotencyRetention(
             self.ledger, timedelta(hours=s.storage.idempotency_retention_hours), utc_now,
             on_purged=self.metrics.idempotency_purged.inc,
@@ -158,6 +168,7 @@ class Node:
         self.dialogs = UssdDialogs(
             self.lending, self.templates, ussd_code=s.smpp.ussd_code,
             timeout_s=s.smpp.dialog_timeout_s, dialogs_max=s.smpp.dialogs_max, node_name=s.node.name,
+            repeat_window_s=s.smpp.ussd_repeat_window_s,
         )
         self.channel = SmppChannel(
             dialogs=self.dialogs, lending=self.lending, templates=self.templates,
@@ -168,6 +179,8 @@ class Node:
             observe_ussd=self.metrics.ussd_latency.observe,
             inbound_tasks_max=s.smpp.inbound_tasks_max,
             delivery_receipts=s.smpp.delivery_receipts,
+            sms_repeat_window_s=s.smpp.sms_repeat_window_s,
+            its_sequence=self._its_sequence,
         )
         notifier.target = self.channel
         self.gy = GyServer(
@@ -239,9 +252,13 @@ class Node:
     def _on_deliver(self, pdu: Any, system_id: str) -> int:
         return self.channel.on_deliver(pdu, system_id)
 
+    def _its_sequence(self, bind: str) -> str:
+        cfg = self.esme.bind_config(bind)
+        return cfg.its_sequence if cfg is not None else "increment"
+
     async def _on_recharge(self, event: WireRecharge) -> None:
         """Returns only after the ledger commit: the listener acknowledges after it."""
-        await self.payback.handle_recharge(
+        outcome = await self.payback.handle_recharge(
             RechargeEvent(
                 event_id=event.event_id,
                 msisdn=event.msisdn,
@@ -250,6 +267,9 @@ class Node:
                 balance_after_minor=event.balance_after_minor,
             )
         )
+        # eb_recharges_total{outcome}: a redelivered recharge counts as `replayed`.
+        self.metrics.recharges.labels(
+            "replayed" if outcome.replayed else outcome.status.value.lower()).inc()
 
     async def _on_low_balance(self, event: LowBalanceEvent) -> None:
         """Returns once the ad decision is committed: the listener acknowledges after."""
@@ -274,8 +294,10 @@ class Node:
                 log.warning("in_node_not_ready", in_node=origin_host)
 
         await asyncio.gather(*(ready(node.origin_host) for node in s.in_nodes))
-        report = await self.resolver.run_once()
-        log.info("resolved_at_start", report=str(report))
+        # Operations left pending by the last run are resolved in the background (the
+        # resolver's first run starts now, concurrently and bounded); a subscriber with
+        # one is refused OPERATION_PENDING until it settles, everyone else is served,
+        # so the listeners open at once.
         self.ports.diameter = await self.diameter.listen(s.diameter.listen_host, s.diameter.listen_port)
         await self.esme.start()
         self._tasks = [
@@ -406,6 +428,7 @@ class Node:
         except TimeoutError:
             # Left CONFIRMING for the resolver of the next start: nothing is lost.
             self.lending.abandon_confirmations()
+        self.resolver.abandon_follow_ups()  # their operations stay pending for the next run
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -430,9 +453,12 @@ class _LateNotifier:
             await self.target.notify(notice)
 
 
-def run_node(config_path: str | None) -> int:
+def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
     """`extrabalance run --config FILE`: run until SIGTERM/SIGINT, then stop gracefully."""
+    from extrabalance.preflight import check_runtime
+
     settings = load_settings(config_path)
+    check_runtime(settings, config_path or "embedded default config")
     configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs,
                       level=os.environ.get("EB_LOG_LEVEL", "INFO"))
     try:
@@ -443,7 +469,7 @@ def run_node(config_path: str | None) -> int:
         pass
 
     async def main() -> None:
-        node = Node(settings)
+        node = Node(settings, clock=clock)
         node.config_path = config_path  # the admin API's reload re-reads this file
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

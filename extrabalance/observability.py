@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.private_files import open_private, private_dir
 
 log = structlog.get_logger(__name__)
@@ -129,16 +130,19 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
     ))
     handler.addFilter(RepeatLimiter())
+    numeric = logging.getLevelName(level.strip().upper())  # "info" as well as "INFO"
+    if not isinstance(numeric, int):  # an unknown name comes back as a string
+        raise ValueError(f"log level {level!r}: use DEBUG, INFO, WARNING or ERROR")  # noqa: TRY004
     root = logging.getLogger()
     root.handlers = [handler]
-    root.setLevel(logging.getLevelName(level))
+    root.setLevel(numeric)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             *shared,
             structlog.processors.JSONRenderer(),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
@@ -193,7 +197,7 @@ class EdrWriter:
     """
 
     def __init__(self, directory: str | Path, node: str,
-                 clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = SYSTEM_CLOCK.time,
                  failure_counter: Counter | None = None) -> None:
         self.directory = Path(directory)
         self.node = node

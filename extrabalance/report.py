@@ -32,6 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.observability import EDR_FIELDS
 from extrabalance.private_files import narrow, open_private, private_dir
 
@@ -86,7 +87,8 @@ class ReportFigures:
     adjusted_minor: int = 0
     # From the ledger (None when the report ran without it):
     cohort_due_minor: int | None = None
-    cohort_repaid_minor: int | None = None
+    cohort_repaid_minor: int | None = None  # recovered from the subscribers' airtime
+    cohort_waived_minor: int | None = None  # forgiven by an operator (adjustments)
     cohort_recovery_rate: float | None = None
     cohort_repaid_loans: int | None = None
     payback_seconds: list[float] | None = None
@@ -228,8 +230,18 @@ def build_figures(day: date, edr_dir: Path, *, ledger_path: Path | None = None,
             f.ads_followed_by_loan_24h += 1
 
     if ledger_path is not None and ledger_path.exists():
-        _ledger_figures(f, day, ledger_path, settings, loan_msisdns, now or datetime.now(UTC))
+        _ledger_figures(f, day, ledger_path, settings, loan_msisdns, now or SYSTEM_CLOCK.now())
     return f
+
+
+def _waived_minor(conn: sqlite3.Connection, loan_ids: set[str]) -> int:
+    """What adjustments (`waive`, `waive_fee`) took off these loans."""
+    waived = 0
+    for (detail,) in conn.execute("SELECT detail FROM audit WHERE action = 'adjust'"):
+        for loan in json.loads(detail or "{}").get("loans", []):
+            if loan.get("loan_id") in loan_ids:
+                waived += int(loan.get("fee_minor", 0)) + int(loan.get("principal_minor", 0))
+    return waived
 
 
 def _ledger_figures(f: ReportFigures, day: date, ledger_path: Path, settings: Any,
@@ -240,12 +252,16 @@ def _ledger_figures(f: ReportFigures, day: date, ledger_path: Path, settings: An
         end = start + timedelta(days=1)
         rows = conn.execute(
             "SELECT principal_minor, fee_minor, principal_repaid_minor, fee_repaid_minor,"
-            " state, created_at, updated_at FROM loans WHERE created_at >= ? AND created_at < ?"
+            " state, created_at, updated_at, loan_id FROM loans"
+            " WHERE created_at >= ? AND created_at < ?"
             " AND state IN ('ACTIVE', 'PARTIALLY_REPAID', 'REPAID', 'WRITTEN_OFF')",
             (start.isoformat(), end.isoformat()),
         ).fetchall()
         f.cohort_due_minor = sum(r[0] + r[1] for r in rows)
-        f.cohort_repaid_minor = sum(r[2] + r[3] for r in rows if r[4] != "WRITTEN_OFF")
+        # A waiver (admin adjustment) is booked like a repayment on the loan: what was
+        # recovered is what the loan shows repaid less what was waived on it.
+        f.cohort_waived_minor = _waived_minor(conn, {r[7] for r in rows})
+        f.cohort_repaid_minor = sum(r[2] + r[3] for r in rows) - f.cohort_waived_minor
         f.cohort_recovery_rate = (round(f.cohort_repaid_minor / f.cohort_due_minor, 4)
                                   if f.cohort_due_minor else None)
         seconds = [(_time(r[6]) - _time(r[5])).total_seconds() for r in rows if r[4] == "REPAID"]
@@ -285,8 +301,12 @@ def _plots(f: ReportFigures, out_dir: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     made = []
+
+    def counts(axis: Any) -> None:
+        axis.set_major_locator(MaxNLocator(integer=True))  # no "0.5 refusals"
 
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
@@ -301,6 +321,7 @@ def _plots(f: ReportFigures, out_dir: Path) -> list[str]:
         ax.bar(range(24), values, bottom=bottom, label=channel)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set(title=f"Loans per hour (UTC), {f.day}", xlabel="hour", ylabel="loans")
+    counts(ax.yaxis)
     if f.loans_by_hour:
         ax.legend()
     save(fig, "loans_by_hour.png")
@@ -309,6 +330,7 @@ def _plots(f: ReportFigures, out_dir: Path) -> list[str]:
     reasons = list(f.refusals_by_reason)
     ax.barh(reasons or ["(none)"], [f.refusals_by_reason[r] for r in reasons] or [0])
     ax.set(title="Refusals by reason", xlabel="refusals")
+    counts(ax.xaxis)
     save(fig, "refusals.png")
 
     if f.ageing is not None:
@@ -321,8 +343,14 @@ def _plots(f: ReportFigures, out_dir: Path) -> list[str]:
 
     if f.payback_seconds:
         fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.hist([s / 3600 for s in f.payback_seconds], bins=min(24, len(f.payback_seconds)))
-        ax.set(title="Time to full payback, loans of the day", xlabel="hours", ylabel="loans")
+        longest_s = max(f.payback_seconds)
+        unit, unit_s = (("seconds", 1) if longest_s < 120 else ("minutes", 60)
+                        if longest_s < 7200 else ("hours", 3600))
+        # Edged bars: neighbouring bins stay apart instead of merging into one block.
+        ax.hist([s / unit_s for s in f.payback_seconds],
+                bins=min(24, max(1, len(f.payback_seconds))), edgecolor="black", linewidth=0.8)
+        ax.set(title="Time to full payback, loans of the day", xlabel=unit, ylabel="loans")
+        counts(ax.yaxis)
         save(fig, "time_to_payback.png")
     return made
 
@@ -377,7 +405,8 @@ def render_markdown(f: ReportFigures) -> str:
               f"{pct(f.recovered_to_lent_ratio)}.", ""]
     if f.cohort_due_minor is not None:
         out += [(f"Loans of the day: {m(f.cohort_due_minor)} due (principal and fees), "
-                f"{m(f.cohort_repaid_minor or 0)} repaid so far: cohort recovery rate "
+                f"{m(f.cohort_repaid_minor or 0)} recovered and "
+                f"{m(f.cohort_waived_minor or 0)} waived so far: cohort recovery rate "
                 f"{pct(f.cohort_recovery_rate)}. {f.cohort_repaid_loans} fully repaid; "
                 f"time to full payback median {_duration(f.payback_median_s)}, "
                 f"90th percentile {_duration(f.payback_p90_s)}."), ""]

@@ -30,6 +30,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from extrabalance.argparsing import Parser
+
 if TYPE_CHECKING:
     from simulators.smsc import SmscSimulator
 
@@ -390,10 +392,22 @@ async def run_phone(
     return 0
 
 
+def _msisdn(text: str) -> str:
+    from extrabalance.core.msisdn import parse_msisdn
+
+    try:
+        return parse_msisdn(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main_phone(argv: list[str]) -> int:
     """`extrabalance phone MSISDN [...]`."""
-    parser = argparse.ArgumentParser(prog="extrabalance phone", description=__doc__.split("\n")[0])
-    parser.add_argument("msisdn", help="the subscriber this handset is (digits only)")
+    parser = Parser(prog="extrabalance phone",
+                    description=__doc__.split("\n")[0])
+    parser.add_argument("msisdn", type=_msisdn,
+                        help="the subscriber this handset is (E.164: up to 15 digits, "
+                             "a leading + is dropped)")
     parser.add_argument("--host", default="127.0.0.1", help="where the SMSC simulator runs")
     parser.add_argument("--control-port", type=int, default=None,
                         help="control channel of `sim smsc` (default 2776)")
@@ -418,8 +432,6 @@ def main_phone(argv: list[str]) -> int:
     modem.add_argument("--at-trace", action="store_true",
                        help="print every AT command and answer on stderr")
     args = parser.parse_args(argv)
-    if not args.msisdn.isdigit():
-        parser.error("MSISDN must be digits only")
     if args.modem is not None:
         from simulators.serial_modem import baud_constant
 

@@ -10,8 +10,8 @@ What this file owns
   the operation was applied, forced 3002 / 3004 (not applied) and 4010 / 4012 / 5030
   answers for a share of requests or for given MSISDNs, silent watchdog, disconnects.
 * The Diameter glue (`InSimulator`): one `DiameterNode` per IN node, each with its own
-  Origin-Host and listening port, serving PROTOCOLS.md "Node → IN" and sending
-  PROTOCOLS.md "IN → node" out-of-balance requests as a client; recharges published
+  Origin-Host and listening port, serving docs/protocols.md "Node → IN" and sending
+  docs/protocols.md "IN → node" out-of-balance requests as a client; recharges published
   on MQTT through `simulators.recharge_publisher`.
 * The `extrabalance sim in` entry point (`main_in`).
 
@@ -22,17 +22,27 @@ key is executed and its answer stored; every later request with that key, with o
 without the T flag, gets the stored answer and changes nothing. Two answers are
 deliberately NOT stored: 3002 UNABLE_TO_DELIVER and 3004 TOO_BUSY say "not executed",
 and the node re-sends the same key without the T flag expecting it to be executed
-then (RFC 6733 §7.1.3, PROTOCOLS.md). A dropped answer IS stored: the operation was
+then (RFC 6733 §7.1.3, docs/protocols.md). A dropped answer IS stored: the operation was
 applied and only the answer was lost, the case that makes retries dangerous.
 
+Strict by default: RFC 6733 / RFC 4006 and nothing private
+-----------------------------------------------------------
 An advance the node grants in a CCA (2001 + Granted-Service-Unit to our out-of-balance
-CCR) is an operation of the same table, keyed by that CCR's Session-Id and
-CC-Request-Number: applying it records a REFUND_ACCOUNT 2001 under the key, and it is
-applied only if the key is free. The node confirms every advance with a
-REFUND_ACCOUNT under that key (docs/diameter.md "Advance confirmation"), so the
-subscriber is credited exactly once whether the CCA, the confirmation or both arrive,
-in either order. A CCA that arrives after our request timed out is discarded, as a
-real IN does once it has given up.
+CCR) is credited once per (Session-Id, CC-Request-Number) of our CCR, and that is all:
+a REFUND_ACCOUNT from the node is a credit of its own, whatever Session-Id it
+carries. A CCA that arrives after our Tx timer is discarded, as a real IN does; we
+then re-send the same CCR once with the T flag and the same End-to-End id (RFC 6733
+§5.5.4), and apply the grant of its answer. What the node does outside the
+standards is counted per IN node (`nonstandard_*` stats): a REFUND_ACCOUNT carrying
+one of our own out-of-balance Session-Ids (the confirmation extension), a T flag on
+a request whose key we never received, a re-send of a key under another End-to-End
+id. A strict test asserts they stay zero.
+
+`advance_confirmation=True` (opt-in, docs/diameter.md "Advance confirmation
+extension"): the IN that the extension describes. The CCA's grant is an operation
+of the answer table under our CCR's key (recorded as a REFUND_ACCOUNT 2001) and
+applied only if the key is free, so the node's confirmation under that key is a
+duplicate, or the credit when the CCA never arrived.
 
 The pure part (ranges, accounts, faults) does no IO and is tested without sockets;
 the simulator never imports the node's application, domain or ledger code.
@@ -49,13 +59,15 @@ import json
 import random
 import signal
 import sys
+import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
+from extrabalance.argparsing import Parser
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.diameter.peer import DuplicateCache
 
 if TYPE_CHECKING:
@@ -84,6 +96,7 @@ FORCEABLE_RESULTS = frozenset(
 )
 
 # Bounds (TigerStyle: every table is bounded, and the bound has a name).
+OOB_RESENDS_MAX = 1  # re-sends of an out-of-balance CCR whose answer did not come in time
 ANSWERS_MAX = 1_000_000  # first answers remembered per IN node for duplicate detection
 APPLIED_MAX = 1_000_000  # entries of the applied-operations ledger kept per simulator
 AMOUNT_MAX_MINOR = 10**12  # one operation never moves more than this (same as recharge)
@@ -240,10 +253,15 @@ class InAccounts:
         initial_balance_minor: int = 0,
         answers_max: int = ANSWERS_MAX,
         ledger: deque[AppliedOp] | None = None,
+        confirmation_extension: bool = False,
     ) -> None:
         if answers_max < 1:
             raise ValueError("answers_max must be positive")
         self.spec = spec
+        self.confirmation_extension = confirmation_extension
+        # Strict mode: the keys of our own out-of-balance CCRs whose grant was applied
+        # (bounded like the answers).
+        self._grants: OrderedDict[tuple[str, int], int] = OrderedDict()
         self.initial_balance_minor = initial_balance_minor
         self._answers_max = answers_max
         self._balances: dict[str, int] = {}
@@ -254,6 +272,9 @@ class InAccounts:
             "duplicates": 0,
             "duplicate_mismatch": 0,  # same key, different content: a bug in the client
             "answers_evicted": 0,
+            # a REFUND_ACCOUNT under one of our own out-of-balance Session-Ids: a
+            # private confirmation rule, a second credit at an RFC-only IN
+            "nonstandard_refund_own_session": 0,
         }
 
     # -- balances --------------------------------------------------------------------
@@ -300,21 +321,26 @@ class InAccounts:
     ) -> bool:
         """Credit an advance the node granted in the CCA to our out-of-balance CCR.
 
-        Exactly once per (Session-Id, CC-Request-Number), shared with the node's
-        requests: if the key was executed already (the node's confirmation of this
-        advance came first, or refused it) nothing is applied. Otherwise the credit is
-        applied, written to the ledger as a grant and remembered as a REFUND_ACCOUNT
-        2001, so the node's confirmation gets 2001 and applies nothing new.
-        Returns True if credited now.
+        Exactly once per (Session-Id, CC-Request-Number) of our CCR. With the
+        confirmation extension that key is shared with the node's requests: if it was
+        executed already (the node's confirmation came first, or refused it) nothing
+        is applied; otherwise the grant is remembered as a REFUND_ACCOUNT 2001, so the
+        node's confirmation gets 2001 and applies nothing new. Returns True if
+        credited now.
         """
         _check_amount(amount_minor, allow_zero=False)
         key = (session_id, request_number)
-        if key in self._answers:
+        if key in self._grants or (self.confirmation_extension and key in self._answers):
             self.stats["grant_duplicates"] = self.stats.get("grant_duplicates", 0) + 1
             return False
-        op = BalanceOp(session_id, request_number, Action.REFUND_ACCOUNT, msisdn, amount_minor)
+        self._grants[key] = amount_minor
+        if len(self._grants) > self._answers_max:
+            self._grants.popitem(last=False)
         self._balances[msisdn] = self.balance(msisdn) + amount_minor
-        self._remember(key, op, OpAnswer(DIAMETER_SUCCESS))
+        if self.confirmation_extension:
+            op = BalanceOp(session_id, request_number, Action.REFUND_ACCOUNT, msisdn,
+                           amount_minor)
+            self._remember(key, op, OpAnswer(DIAMETER_SUCCESS))
         self._record(
             session_id, request_number, KIND_OUT_OF_BALANCE_GRANT, msisdn, amount_minor,
             DIAMETER_SUCCESS,
@@ -341,6 +367,10 @@ class InAccounts:
             return first[1], True
         if forced_result is not None and forced_result not in FORCEABLE_RESULTS:
             raise ValueError(f"result {forced_result} cannot be forced")
+        if (op.action is Action.REFUND_ACCOUNT and not self.confirmation_extension
+                and op.session_id.startswith(self.spec.origin_host + ";")):
+            # Our own Session-Ids begin with our Origin-Host (RFC 6733 §8.8).
+            self.stats["nonstandard_refund_own_session"] += 1
         if forced_result in NOT_EXECUTED_RESULTS:
             return OpAnswer(forced_result), False
         if forced_result is not None:
@@ -534,6 +564,8 @@ class InSimulator:
         request_timeout_ms: int = 2000,
         allowed_peers: Iterable[str] | None = None,
         seed: int | None = None,
+        advance_confirmation: bool = False,
+        oob_resends_max: int = OOB_RESENDS_MAX,
     ) -> None:
         specs = list(nodes)
         if not specs:
@@ -553,6 +585,12 @@ class InSimulator:
         self.request_timeout_ms = request_timeout_ms
         # Origin-Hosts allowed to connect (CER); None accepts any peer.
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
+        self.advance_confirmation = advance_confirmation
+        self.oob_resends_max = oob_resends_max
+        # (Session-Id, CC-Request-Number) → End-to-End id of the node's requests seen,
+        # per IN node: a re-send must keep the id (RFC 6733 §3).
+        self._seen_e2e: dict[str, OrderedDict[tuple[str, int], int]] = {
+            s.name: OrderedDict() for s in specs}
         self._rng = random.Random(seed)
         self._sweeper: asyncio.Task[None] | None = None
         self._ledger: deque[AppliedOp] = deque(maxlen=APPLIED_MAX)
@@ -560,7 +598,7 @@ class InSimulator:
         self.accounts: dict[str, InAccounts] = {
             s.name: InAccounts(
                 s, initial_balance_minor=initial_balance_minor, answers_max=answers_max,
-                ledger=self._ledger,
+                ledger=self._ledger, confirmation_extension=advance_confirmation,
             )
             for s in specs
         }
@@ -584,7 +622,7 @@ class InSimulator:
         self._event_numbers = itertools.count(1)
         # A restarted simulator must not re-use event ids the node has already seen:
         # the run's start time (ms, hex) is part of every id.
-        self._event_epoch = f"{int(time.time() * 1000):x}"
+        self._event_epoch = f"{int(SYSTEM_CLOCK.time() * 1000):x}"
         self.stats: dict[str, Counter[str]] = {s.name: Counter() for s in specs}
         if mqtt is not None:
             # Publishers connect lazily, on the first recharge.
@@ -752,8 +790,13 @@ class InSimulator:
         except codec.DiameterError as exc:
             stats[f"invalid_{exc.result_code}"] += 1
             return codec.error_answer(exc, spec.origin_host, spec.realm, request)
+        self._note_transmission(name, op, request)
         faults = self._faults[name]
         plan = plan_faults(faults, self._rng, op.msisdn)
+        if ccr.destination_realm.lower() != spec.realm.lower():
+            # RFC 6733 §6.1: not our realm; we relay nothing (3003, E bit, not applied).
+            stats["misrouted"] += 1
+            return self._error(request, spec, 3003, "Destination-Realm not served here")
         if ccr.destination_host is not None and ccr.destination_host != spec.origin_host:
             # A request for another IN node must never be executed here.
             stats["misrouted"] += 1
@@ -778,6 +821,33 @@ class InSimulator:
             currency_numeric=self.currency_numeric,
             currency_exponent=self.currency_exponent,
         )
+
+    def _note_transmission(self, name: str, op: BalanceOp, request: Message) -> None:
+        """Count what RFC 6733 §3 / §5.5.4 forbid: a T flag on the first request of a
+        key we see, and a re-send of a key under another End-to-End id."""
+        seen = self._seen_e2e[name]
+        key = (op.session_id, op.request_number)
+        first_e2e = seen.get(key)
+        if first_e2e is None:
+            if request.is_retransmit:
+                self.stats[name]["nonstandard_t_flag_on_first_request"] += 1
+            seen[key] = request.end_to_end_id
+            if len(seen) > ANSWERS_MAX:
+                seen.popitem(last=False)
+        elif first_e2e != request.end_to_end_id:
+            self.stats[name]["nonstandard_end_to_end_changed"] += 1
+
+    def nonstandard(self) -> dict[str, int]:
+        """Non-standard behaviour of the node seen so far, summed over the IN nodes
+        (every value 0 for a node that follows RFC 6733 / RFC 4006 alone)."""
+        out = {"nonstandard_t_flag_on_first_request": 0, "nonstandard_end_to_end_changed": 0,
+               "nonstandard_refund_own_session": 0}
+        for name, stats in self.stats.items():
+            for key in out:
+                out[key] += stats.get(key, 0)
+            out["nonstandard_refund_own_session"] += \
+                self.accounts[name].stats["nonstandard_refund_own_session"]
+        return out
 
     def _balance_op(self, ccr: Any, spec: InNodeSpec, request: Message) -> BalanceOp:
         from extrabalance.diameter import codec
@@ -844,11 +914,12 @@ class InSimulator:
 
         On 2001 with Granted-Service-Unit the granted amount is added to the balance,
         as a real IN does, and recorded in the ledger, once per Session-Id +
-        CC-Request-Number (`InAccounts.apply_grant`: the node's confirmation of the
-        advance may have credited it already). An answer later than
-        `request_timeout_ms` is discarded and RequestTimeout raised, as when none came.
-        Re-sending with the same `session_id` and `request_number` tests the node's
-        exactly-once handling.
+        CC-Request-Number (`InAccounts.apply_grant`). An answer later than
+        `request_timeout_ms` is discarded, as when none came; the same CCR is then
+        re-sent with the T flag and the same End-to-End id (RFC 6733 §5.5.4), at most
+        `oob_resends_max` times, and RequestTimeout raised when none is answered in
+        time. Re-sending with the same `session_id` and `request_number` tests the
+        node's exactly-once handling.
         """
         from extrabalance.diameter import gy
 
@@ -873,18 +944,31 @@ class InSimulator:
             has_mscc=mscc,
             event_timestamp=gy.ntp_now(),
         )
+        from extrabalance.diameter.codec import FLAG_RETRANSMIT
         from extrabalance.diameter.node import RequestTimeout
 
-        message = gy.build_ccr(ccr, currency_exponent=self.currency_exponent)
-        stats["oob_sent"] += 1
-        started = time.monotonic()
-        reply = await self._diameter[name].request(NODE_PEER_GROUP, message)
-        if (time.monotonic() - started) * 1000 > self.request_timeout_ms:
-            # The answer came after our timer: a real IN has given up on the request
-            # and discards it (DiameterNode checks its deadlines on a timer tick, so an
-            # answer can slip in just after one). The node's confirmation credits it.
-            stats["oob_late_discarded"] += 1
-            raise RequestTimeout(f"answer after {self.request_timeout_ms} ms, discarded")
+        diameter = self._diameter[name]
+        message = gy.build_ccr(ccr, currency_exponent=self.currency_exponent,
+                               end_to_end_id=diameter.new_end_to_end_id())
+        reply: Message | None = None
+        for send in range(self.oob_resends_max + 1):
+            stats["oob_sent" if send == 0 else "oob_resent_t_flag"] += 1
+            started = time.monotonic()
+            try:
+                reply = await diameter.request(NODE_PEER_GROUP, message)
+            except RequestTimeout:
+                reply = None
+            if reply is not None and (time.monotonic() - started) * 1000 > self.request_timeout_ms:
+                # The answer came after our timer: a real IN has given up on the request
+                # and discards it (DiameterNode checks its deadlines on a timer tick, so
+                # an answer can slip in just after one).
+                stats["oob_late_discarded"] += 1
+                reply = None
+            if reply is not None:
+                break
+            message = message.with_flags(FLAG_RETRANSMIT)  # it may have been received
+        if reply is None:
+            raise RequestTimeout(f"no answer within {self.request_timeout_ms} ms")
         cca = gy.parse_cca(reply, self.currency_exponent)
         stats[f"oob_result_{cca.result_code}"] += 1
         if cca.result_code == DIAMETER_SUCCESS and cca.granted_minor:
@@ -929,7 +1013,7 @@ class InSimulator:
             currency=self.currency,
             balance_after_minor=after,
             in_node=spec.origin_host,
-            timestamp=datetime.now(UTC),
+            timestamp=SYSTEM_CLOCK.now(),
         )
 
     async def publish_recharge(self, event: RechargeEvent) -> None:
@@ -1133,7 +1217,7 @@ def specs_from_config(path: str, host: str) -> tuple[list[InNodeSpec], NodePeer,
 
 
 def build_in_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="extrabalance sim in",
         description="Prepaid IN / OCS simulator: several IN nodes speaking Diameter Gy.",
         epilog=CONSOLE_HELP,
@@ -1153,6 +1237,10 @@ def build_in_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-balance", type=int, default=0, help="minor units for every subscriber")
     p.add_argument("--balance", action="append", default=[], metavar="MSISDN=AMOUNT_MINOR")
     p.add_argument("--watchdog-s", type=float, default=30.0)
+    p.add_argument("--advance-confirmation", action="store_true",
+                   help="opt-in: the IN of the advance confirmation extension (it keys a"
+                        " CCA's grant and the node's confirmation as one operation); by"
+                        " default the IN follows RFC 4006 alone")
     # faults
     p.add_argument("--delay-ms", type=int, default=0, help="answer delay")
     p.add_argument("--drop", type=float, default=0.0, help="share of answers dropped (applied)")
@@ -1175,13 +1263,30 @@ def build_in_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _console(sim: InSimulator, stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    while not stop.is_set():
+def _read_stdin(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str]) -> None:
+    while True:
         try:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
+            line = sys.stdin.readline()
         except (OSError, ValueError):
+            line = ""
+        try:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        except RuntimeError:  # the loop is closed: the simulator has stopped
             return
+        if not line:
+            return
+
+
+async def _console(sim: InSimulator, stop: asyncio.Event) -> None:
+    # stdin is read by a daemon thread, not the loop's executor: asyncio.run waits for
+    # its executor's threads at exit, and one blocked in readline() would hold Ctrl-C
+    # until the user pressed Enter.
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+    threading.Thread(target=_read_stdin, args=(loop, lines), name="sim-in-console",
+                     daemon=True).start()
+    while not stop.is_set():
+        line = await lines.get()
         if not line:
             return  # stdin closed: keep serving, stop reading
         try:
@@ -1312,6 +1417,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         initial_balance_minor=args.initial_balance,
         watchdog_s=args.watchdog_s,
         seed=args.seed,
+        advance_confirmation=args.advance_confirmation,
     )
     for msisdn, amount in parse_msisdn_map(args.balance).items():
         sim.set_balance(msisdn, amount)

@@ -12,7 +12,7 @@ What this file owns
 * The control channel (JSON lines on loopback) that `extrabalance phone` uses to drive
   a handset living in this process, and the `extrabalance sim smsc` entry point.
 
-USSD wire conventions (PROTOCOLS.md): input goes out as deliver_sm with service_type
+USSD wire conventions (docs/protocols.md): input goes out as deliver_sm with service_type
 `USSD`, source_addr = MSISDN, ussd_service_op 1 (PSSR indication, new dialog) or 18
 (USSR confirm, reply in a dialog), the dialog id TLV; screens come back as submit_sm
 with ussd_service_op 2 (USSR request: a menu) or 17 (PSSR response: final), the
@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
+from extrabalance.argparsing import Parser
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.smpp.connection import RequestFailedError
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, SubmitSm, Tag
 from extrabalance.smpp.server import Smsc
@@ -449,7 +451,7 @@ class SmscSimulator:
             registered_delivery=submit.registered_delivery,
             message_id=message_id,
             system_id=system_id,
-            time_s=time.time(),
+            time_s=SYSTEM_CLOCK.time(),
             parts=info.total if info is not None else 1,
         )
         if is_ussd:
@@ -638,7 +640,7 @@ async def _control_session(
 
 
 def build_smsc_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="extrabalance sim smsc",
         description="SMSC / USSD gateway simulator: the SMPP server the node binds to.",
     )

@@ -88,3 +88,13 @@ def test_idempotency_retention_outlasts_the_mqtt_session():
 
     session_hours = MqttSettings(host="127.0.0.1").session_expiry_s / 3600
     assert IDEMPOTENCY_RETENTION_HOURS_MIN >= session_hours + 24
+
+
+def test_smpp_password_source_names_an_unset_variable(monkeypatch):
+    from extrabalance.config import BindSection
+
+    monkeypatch.delenv("EB_TEST_SMPP_PW", raising=False)
+    bind = BindSection(system_id="eb", password_env="EB_TEST_SMPP_PW")
+    assert bind.password_source() == "environment variable EB_TEST_SMPP_PW, which is not set"
+    monkeypatch.setenv("EB_TEST_SMPP_PW", "x")
+    assert bind.password_source() == "environment variable EB_TEST_SMPP_PW"

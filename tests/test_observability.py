@@ -85,3 +85,21 @@ def test_edr_lines_go_to_the_file_of_their_utc_day(tmp_path):
     assert first[0] == second[0] and first[0].startswith("time,")
     assert len(first) == 2 and "L1" in first[1] and first[1].startswith("1970-01-01T23:59:59.500Z")
     assert len(second) == 3 and '"L2, with a comma"' in second[1] and "L3" in second[2]
+
+
+def test_log_level_is_accepted_in_any_case_and_a_wrong_one_is_named():
+    import io
+    import logging
+
+    import pytest
+
+    from extrabalance.observability import configure_logging
+
+    try:
+        for level in ("info", "Warning", " DEBUG "):
+            configure_logging(level=level, stream=io.StringIO())
+        assert logging.getLogger().level == logging.DEBUG
+        with pytest.raises(ValueError, match="'loud'"):
+            configure_logging(level="loud", stream=io.StringIO())
+    finally:
+        configure_logging(level="WARNING")

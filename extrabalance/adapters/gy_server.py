@@ -1,12 +1,13 @@
 """IN → node: the out-of-balance credit-control request (the node is the Gy server).
 
 Translates a CCR into `LendingService.out_of_balance` and its outcome into a CCA,
-as PROTOCOLS.md says: 2001 + Granted-Service-Unit for an automatic advance, 4012 no
+as docs/protocols.md says: 2001 + Granted-Service-Unit for an automatic advance, 4012 no
 advance, 4010 barred, 5030 unknown subscriber, 5031 unknown Service-Context-Id;
-TERMINATION closes the session with 2001. An advance is booked CONFIRMING; once this
-handler has returned its CCA the lending service confirms it with the IN (REFUND_ACCOUNT
-under this CCR's Session-Id and CC-Request-Number, docs/diameter.md "Advance
-confirmation"), so a CCA that never reaches the IN in time costs nobody anything. Malformed requests get the RFC's error
+TERMINATION closes a session with 2001; an UPDATE or TERMINATION of a session the node
+never saw (no INITIAL) is 5002 DIAMETER_UNKNOWN_SESSION_ID. A request for another
+Destination-Realm is 3003, for another Destination-Host 3002 (both with the E bit); a
+Requested-Service-Unit in anything but CC-Money is 5031 (nothing granted). The grant
+in the CCA is the credit (docs/diameter.md). Malformed requests get the RFC's error
 answer from the codec's validation; the lending service is never called for them.
 
 Overload, three rules, each answered with 3004 DIAMETER_TOO_BUSY and the E bit (RFC
@@ -50,6 +51,8 @@ log = structlog.get_logger(__name__)
 
 DIAMETER_RATING_FAILED = 5031
 DIAMETER_SUCCESS = 2001
+DIAMETER_UNABLE_TO_DELIVER = 3002
+DIAMETER_REALM_NOT_SERVED = 3003
 DIAMETER_TOO_BUSY = 3004
 DIAMETER_COMMAND_UNSUPPORTED = 3001
 DIAMETER_APPLICATION_UNSUPPORTED = 3007
@@ -61,7 +64,6 @@ OUT_OF_BALANCE_PER_SUBSCRIBER_MAX = 2
 # Every admitted request is answered within this many advance budgets
 # (`answer_deadline_ms`, 1000 ms by default → 3000 ms): 3004 if no decision yet.
 DEADLINE_PER_ADVANCE_BUDGET = 3
-TERMINATION_REQUEST = 3
 
 
 class OutOfBalanceApi(Protocol):
@@ -137,14 +139,25 @@ class GyServer:
         except DiameterError as exc:
             self.stats["errors"] += 1
             return error_answer(exc, self._host, self._realm, msg)
+        # RFC 6733 §6.1: a request for another realm or host is not ours to execute;
+        # we relay nothing, so it is answered as undeliverable (E bit, 3xxx).
+        if ccr.destination_realm.lower() != self._realm.lower():
+            return self._error(msg, DIAMETER_REALM_NOT_SERVED,
+                               f"Destination-Realm {ccr.destination_realm!r} not served here")
+        if ccr.destination_host is not None and ccr.destination_host.lower() != self._host.lower():
+            return self._error(msg, DIAMETER_UNABLE_TO_DELIVER,
+                               f"Destination-Host {ccr.destination_host!r} is not this node")
         if ccr.service_context_id != self._context:
             return self._cca(msg, DIAMETER_RATING_FAILED,
                              error_message=f"Service-Context-Id {ccr.service_context_id!r} not served")
         if (ccr.currency_numeric is not None and ccr.requested_minor is not None
                 and ccr.currency_numeric != self._currency_numeric):
             return self._cca(msg, DIAMETER_RATING_FAILED, error_message="currency not served")
-        if ccr.request_type == TERMINATION_REQUEST:
-            return self._cca(msg, DIAMETER_SUCCESS)
+        if gy.units_requested_without_money(msg):
+            # RFC 4006 §9 (5031): the node lends money only and cannot rate a request
+            # for time, volume or service units; it never grants a unit not asked for.
+            return self._cca(msg, DIAMETER_RATING_FAILED,
+                             error_message="only CC-Money is granted here")
         if self._inflight >= self.inflight_max:
             self.stats["too_busy"] += 1
             return error_answer(DiameterError(DIAMETER_TOO_BUSY, "too many requests in progress"),

@@ -5,10 +5,16 @@ set of tasks, so a slow IN never holds the gateway's window; past the bound the 
 answers ESME_RTHROTTLED and the gateway re-sends later, instead of queueing without
 limit. Outbound texts are rendered from templates in the subscriber's language.
 
-Idempotency of SMS loans: an MO deliver_sm has no message id of its own, so the key
-is the bind, the MSISDN and the user_message_reference when the SMSC sends one, or
-the PDU's sequence number: a deliver_sm the SMSC re-sends on the same bind after a
-lost response keeps both, and so replays the first outcome.
+Idempotency of SMS loans: an MO deliver_sm has no message id of its own (SMPP 3.4
+§4.6.1 gives the ESME none to key on), and an SMSC that missed our deliver_sm_resp
+re-sends the MO under a new sequence number, possibly on another bind. So a loan
+request is keyed by the MSISDN and the request itself (the keyword and the amount,
+normalised): the same request again within `sms_repeat_window_s` (default 120 s,
+longer than SMSC re-send intervals after a lost response, short enough that a
+subscriber asking again minutes later is a new request) reuses the first one's
+idempotency key, so the lending service replays the first outcome: one loan, and no
+second confirmation SMS. Outside the window, the user_message_reference (when sent)
+or the PDU's sequence number keys the request as before.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from typing import Any
 
 import structlog
 
+from extrabalance.core.msisdn import is_msisdn
 from extrabalance.core.policy import Policy
 from extrabalance.service.keywords import Command, parse_keyword
 from extrabalance.service.ports import Notice
 from extrabalance.service.templates import Templates, format_minor
-from extrabalance.service.ussd import UssdDialogs, UssdInput
+from extrabalance.service.ussd import Screen, UssdDialogs, UssdInput
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, TlvValueError, UssdOp
 from extrabalance.smpp.text import Reassembler, decode_text, parse_concat, parse_receipt
 from extrabalance.smpp.ussd import parse_ussd_deliver, ussd_submit
@@ -35,7 +42,10 @@ log = structlog.get_logger(__name__)
 INBOUND_TASKS_MAX = 2000  # deliver_sm being handled at once; beyond: ESME_RTHROTTLED
 SENT_TRACKED_MAX = 100_000
 CONCAT_PENDING_MAX = 10_000  # incoming long SMS waiting for their other parts
-CONCAT_TIMEOUT_S = 120.0  # a part whose siblings do not come in this time is dropped  # message ids remembered to match delivery receipts
+CONCAT_TIMEOUT_S = 120.0  # a part whose siblings do not come in this time is dropped
+SMS_REPEAT_WINDOW_S = 120.0  # the same SMS loan request again within it: the SMSC's re-send
+SMS_RECENT_MAX = 100_000  # loan requests remembered for that window
+SCREENS_TRACKED_MAX = 100_000  # open dialogs whose latest screen is known
 
 
 class SmppChannel:
@@ -57,6 +67,9 @@ class SmppChannel:
         observe_ussd: Callable[[float], None] | None = None,
         inbound_tasks_max: int = INBOUND_TASKS_MAX,
         delivery_receipts: bool = True,
+        sms_repeat_window_s: float = SMS_REPEAT_WINDOW_S,
+        its_sequence: Callable[[str], str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if inbound_tasks_max < 1:
             raise ValueError("inbound_tasks_max must be at least 1")
@@ -78,10 +91,18 @@ class SmppChannel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reassembler = Reassembler(entries_max=CONCAT_PENDING_MAX, timeout_s=CONCAT_TIMEOUT_S)
         self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # message id → (msisdn, template)
+        self._clock = clock
+        # bind name → "increment" or "echo": the its_session_info sequence we answer with
+        self._its_sequence = its_sequence or (lambda bind: "increment")
+        # (msisdn, dialog key) → number of the dialog's latest screen
+        self._screens: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._sms_repeat_window_s = sms_repeat_window_s
+        # (msisdn, request) → (first seen, idempotency key) of recent SMS loan requests
+        self._recent_loans: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
         self.accepting = True
         self.stats = {"ussd_in": 0, "sms_in": 0, "receipts": 0, "receipts_matched": 0,
                       "throttled": 0, "rejected": 0, "sms_out": 0, "sms_failed": 0, "ussd_out": 0,
-                      "ussd_failed": 0}
+                      "ussd_failed": 0, "ussd_repeats": 0, "sms_repeats": 0}
 
     @property
     def inflight(self) -> int:
@@ -113,6 +134,10 @@ class SmppChannel:
         if pdu.is_delivery_receipt:
             self._receipt(pdu)
             return 0
+        if not is_msisdn(pdu.source_addr):
+            # Not a subscriber number (E.164, at most 15 digits): nobody to lend to.
+            self.stats["rejected"] += 1
+            return int(Status.ESME_RINVSRCADR)
         if ussd_op is None and pdu.service_type == self._service_type:
             # A USSD dialog message needs its operation; without it there is nothing
             # to answer on the handset.
@@ -123,7 +148,7 @@ class SmppChannel:
             return int(Status.ESME_RTHROTTLED)
         if ussd_op is not None:
             self.stats["ussd_in"] += 1
-            self._spawn(self._ussd(pdu))
+            self._spawn(self._ussd(pdu, system_id))
         else:
             self.stats["sms_in"] += 1
             self._spawn(self._sms(pdu, system_id))
@@ -149,7 +174,7 @@ class SmppChannel:
         if message_id is not None and self._sent.pop(message_id, None) is not None:
             self.stats["receipts_matched"] += 1
 
-    async def _ussd(self, pdu: DeliverSm) -> None:
+    async def _ussd(self, pdu: DeliverSm, bind: str = "") -> None:
         started = time.perf_counter()
         try:
             ind = parse_ussd_deliver(pdu, abort_op=self._abort_op)
@@ -165,24 +190,27 @@ class SmppChannel:
         if ind.is_abort:
             self._dialogs.abort(ind.msisdn, key)
             return
+        step = ind.session.sequence_number if ind.session is not None else None
         try:
             screen = await self._dialogs.handle(
-                UssdInput(ind.msisdn, key, ind.text, new_dialog=ind.op == UssdOp.PSSR_INDICATION)
+                UssdInput(ind.msisdn, key, ind.text, new_dialog=ind.op == UssdOp.PSSR_INDICATION,
+                          step=step)
             )
         except Exception:
             log.exception("ussd_dialog_failed", msisdn=ind.msisdn)
-            screen = None
+            screen = Screen(self._t.render("refused_screen", None, {"reason": "IN_UNAVAILABLE"}),
+                            final=True)
         if screen is None:
-            text, final = self._t.render("refused_screen", None, {"reason": "IN_UNAVAILABLE"}), True
-        else:
-            text, final = screen.text, screen.final
+            # The gateway repeated an input: its screen went out (or is on its way).
+            self.stats["ussd_repeats"] += 1
+            return
+        text, final = screen.text, screen.final
         session = None
         if ind.session is not None:
-            session = ItsSessionInfo(
-                ind.session.session_number,
-                min(ind.session.sequence_number + 1, 0x7F),
-                end_of_session=final,
-            )
+            sequence = ind.session.sequence_number
+            if self._its_sequence(bind) != "echo":
+                sequence = min(sequence + 1, 0x7F)
+            session = ItsSessionInfo(ind.session.session_number, sequence, end_of_session=final)
         submit = ussd_submit(
             ind.msisdn, ind.dest_addr or self._ussd_source, text,
             op=UssdOp.PSSR_RESPONSE if final else UssdOp.USSR_REQUEST,
@@ -190,12 +218,22 @@ class SmppChannel:
             user_message_reference=ind.user_message_reference,
             service_type=self._service_type,
         )
+        # A screen is re-sent (throttled, bind lost) only while it is the dialog's
+        # latest: never after a later screen or the final one went out.
+        dialog = (ind.msisdn, key)
+        generation = self._screens.get(dialog, 0) + 1
+        self._screens[dialog] = generation
+        self._screens.move_to_end(dialog)
+        while len(self._screens) > SCREENS_TRACKED_MAX:
+            self._screens.popitem(last=False)
         try:
-            await self._submit(submit)
+            await self._submit(submit, resend_if=lambda: self._screens.get(dialog) == generation)
             self.stats["ussd_out"] += 1
         except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
             self.stats["ussd_failed"] += 1
             log.warning("ussd_submit_failed", msisdn=ind.msisdn, error=str(exc))
+        if final and self._screens.get(dialog) == generation:
+            del self._screens[dialog]  # what is still being re-sent of it stops
         if self._observe_ussd is not None:
             self._observe_ussd(time.perf_counter() - started)
 
@@ -211,7 +249,7 @@ class SmppChannel:
             return ""
         if info is None:
             return text
-        now = time.monotonic()
+        now = self._clock()
         self._reassembler.expire(now)
         return self._reassembler.feed(pdu.source_addr, info, text, now)
 
@@ -237,10 +275,10 @@ class SmppChannel:
                     if tier_id is None:
                         reply = self._amounts_reply(lang)
                 if reply is None:
-                    reference = pdu.user_message_reference
-                    ref = f"umr{reference}" if reference is not None else f"seq{pdu.sequence_number}"
-                    # The lending service confirms every outcome by SMS itself.
-                    await self._lending.borrow(msisdn, tier_id, "sms", f"sms:{system_id}:{msisdn}:{ref}")
+                    key = self._sms_loan_key(pdu, system_id, f"{kw.amount_major}")
+                    # The lending service confirms every outcome by SMS itself (a
+                    # replayed outcome is not confirmed again).
+                    await self._lending.borrow(msisdn, tier_id, "sms", key)
             elif kw.command is Command.BALANCE:
                 offer = await self._lending.quote(msisdn)
                 reply = self._t.render("balance_reply", lang, {
@@ -260,6 +298,26 @@ class SmppChannel:
             reply = self._t.render("loan_refused", lang, {"reason": "IN_UNAVAILABLE"})
         if reply is not None:
             await self._send(msisdn, reply, template=kw.command.value)
+
+    def _sms_loan_key(self, pdu: DeliverSm, system_id: str, request: str) -> str:
+        """The idempotency key of an SMS loan request: the first one's within the
+        repeat window (see the module docstring)."""
+        now = self._clock()
+        recent = self._recent_loans
+        while recent and now - next(iter(recent.values()))[0] > self._sms_repeat_window_s:
+            recent.popitem(last=False)
+        seen = recent.get((pdu.source_addr, request))
+        if seen is not None:
+            self.stats["sms_repeats"] += 1
+            return seen[1]
+        reference = pdu.user_message_reference
+        ref = f"umr{reference}" if reference is not None else f"seq{pdu.sequence_number}"
+        key = f"sms:{system_id}:{pdu.source_addr}:{ref}"
+        if self._sms_repeat_window_s > 0:
+            recent[(pdu.source_addr, request)] = (now, key)
+            while len(recent) > SMS_RECENT_MAX:
+                recent.popitem(last=False)
+        return key
 
     def _amounts_reply(self, lang: str) -> str:
         exponent = self._policy.currency.exponent

@@ -37,6 +37,7 @@ per shape, one dictionary lookup per AVP, and ``Avp`` is a tuple (cheap to build
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import struct
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -306,23 +307,54 @@ def error_answer(
     origin_realm: str,
     req: Message | None = None,
 ) -> Message:
-    """The RFC 6733 §7.2 answer to a request that failed with ``err``.
+    """The answer to a request that failed with ``err``.
 
-    E bit exactly for 3xxx (protocol errors); Session-Id echoed when present.
+    A 3xxx (protocol error) sets the E bit and is the generic answer-message of RFC
+    6733 §7.2. Any other code is an answer of the command itself, so it carries its
+    grammar's required AVPs (RFC 6733 §7.1): for a CCR, Auth-Application-Id,
+    CC-Request-Type and CC-Request-Number (RFC 4006 §3.2), copied from the request
+    (a zeroed example where the request lacked it, which its Failed-AVP then names).
+    Session-Id echoed when present.
     """
     req = req if req is not None else err.partial
     if req is None:
         raise ValueError("no request header to answer")
+    protocol_error = 3000 <= err.result_code < 4000
     avps: list[Avp] = []
     session_id = req.session_id
     if session_id is not None:
         avps.append(avp(263, session_id))
     avps += [avp(264, origin_host), avp(296, origin_realm), avp(268, err.result_code)]
+    if not protocol_error:
+        avps += _echoed_answer_avps(req)
     if err.text:
         avps.append(avp(281, err.text[:200]))
     if err.failed_avps:
         avps.append(avp(279, err.failed_avps))
-    return answer(req, avps, error=3000 <= err.result_code < 4000)
+    return answer(req, avps, error=protocol_error)
+
+
+# Required AVPs of an answer that the answer copies from its request (RFC 4006 §3.2:
+# CC-Request-Type and CC-Request-Number; Auth-Application-Id is the application's).
+_ECHOED_IN_ANSWER: Final = frozenset({258, 415, 416})
+
+
+def _echoed_answer_avps(req: Message) -> list[Avp]:
+    grammar = d.COMMAND_GRAMMAR.get((req.command_code, False))
+    if grammar is None:
+        return []
+    out: list[Avp] = []
+    for code, vendor in grammar.required:
+        if vendor or code not in _ECHOED_IN_ANSWER:
+            continue
+        found = req.first(code)
+        if code == 258:
+            out.append(avp(258, req.application_id))
+        elif found is not None and isinstance(found.value, int):
+            out.append(avp(code, found.value))
+        else:
+            out.append(_zero_example(code, 0))
+    return out
 
 
 # --- encoding -------------------------------------------------------------------------
@@ -632,11 +664,29 @@ _U_HEADER: Final = _S_HEADER.unpack_from
 class _AvpFault(Exception):
     """Internal: an AVP value did not decode; becomes a DiameterError at the top."""
 
-    def __init__(self, result_code: int, text: str, failed: Avp) -> None:
+    def __init__(self, result_code: int, text: str, failed: Avp | None) -> None:
         super().__init__(text)
         self.result_code = result_code
         self.text = text
+        # None: no AVP header could be read; the enclosing Grouped AVP stands in.
         self.failed = failed
+
+
+def _length_stand_in(code: int, vendor: int, buf: bytes = b"", start: int = 0, end: int = 0,
+                     depth: int = 0) -> Avp:
+    """RFC 6733 §7.1.5 (5014): the offending AVP's code with a zero-filled payload of
+    the minimum length its type needs, since its own length cannot be trusted: the
+    Failed-AVP is then well formed whatever the request's bytes were. A Grouped AVP
+    keeps the children that decode whole from buf[start:end] (what it does hold), or
+    else the zeroed examples of its required ones."""
+    stand_in = _zero_example(code, vendor)
+    entry = d.avp_def(code, vendor)
+    if entry is None or entry.type is not AvpType.GROUPED or depth >= MAX_GROUPED_DEPTH:
+        return stand_in
+    whole: list[Avp] = []
+    with contextlib.suppress(_AvpFault):
+        _decode_avps(buf, start, end, depth + 1, whole)
+    return avp(code, tuple(whole), vendor) if whole else stand_in
 
 
 # A decoder takes (buffer, start, end, depth) and returns the value.
@@ -747,15 +797,13 @@ def _decode_avps(
     decoders = _DECODER_BY_KEY
     while pos < end:
         if end - pos < 8:
-            raise _AvpFault(5014, "truncated AVP header",
-                            _new_avp(Avp, (0, 0, 0, buf[pos:end])))
+            raise _AvpFault(5014, "truncated AVP header", None)
         code, word = _U_II(buf, pos)
         flags = word >> 24
         length = word & 0xFFFFFF
         if flags & 0x80:
             if end - pos < 12:
-                raise _AvpFault(5014, "truncated vendor AVP header",
-                                _new_avp(Avp, (code, flags, 0, b"")))
+                raise _AvpFault(5014, "truncated vendor AVP header", None)
             vendor = _U_I(buf, pos + 8)[0]
             start = pos + 12
         else:
@@ -763,10 +811,9 @@ def _decode_avps(
             start = pos + 8
         stop = pos + length
         if stop < start or stop > end:
-            # RFC 6733 §7.5: Failed-AVP holds the offending AVP's header and what data
-            # we have; the length cannot be trusted so the data is what is left.
             raise _AvpFault(5014, f"AVP {d.avp_name(code, vendor)} length {length}",
-                            _new_avp(Avp, (code, flags, vendor, buf[start:min(end, start + 64)])))
+                            _length_stand_in(code, vendor, buf, start, min(end, stop)
+                                             if stop >= start else start, depth))
         key = code | (vendor << 32)
         dec = decoders.get(key)
         if dec is None:
@@ -774,8 +821,15 @@ def _decode_avps(
         else:
             try:
                 value = dec(buf, start, stop, depth)
-            except _AvpFault:
+            except _AvpFault as fault:
                 if not lenient:
+                    if fault.failed is None:
+                        # A child whose header cannot be read: this Grouped AVP is the
+                        # offending one (RFC 6733 §7.5), reported by a stand-in unless
+                        # that would be an empty group (then its own container is).
+                        stand_in = _length_stand_in(code, vendor, buf, start, stop, depth)
+                        if stand_in.value != ():
+                            fault.failed = stand_in
                     raise
                 value = buf[start:stop]
             except (ValueError, UnicodeDecodeError, struct.error) as exc:
@@ -783,15 +837,16 @@ def _decode_avps(
                     value = buf[start:stop]
                 else:
                     size = _FIXED_SIZE.get(key)
-                    rc = 5014 if size is not None and stop - start != size else 5004
-                    raise _AvpFault(rc, f"AVP {d.avp_name(code, vendor)}: {exc}",
+                    if size is not None and stop - start != size:
+                        raise _AvpFault(5014, f"AVP {d.avp_name(code, vendor)}: {exc}",
+                                        _length_stand_in(code, vendor)) from None
+                    raise _AvpFault(5004, f"AVP {d.avp_name(code, vendor)}: {exc}",
                                     _new_avp(Avp, (code, flags, vendor, buf[start:stop]))) from None
         append(_new_avp(Avp, (code, flags, vendor, value)))
         pos = stop + (-length & 3)
     if pos > end and not lenient:
         # The last AVP's padding runs past the end of its container.
-        raise _AvpFault(5014, "AVP padding beyond its container", out[-1] if out else
-                        _new_avp(Avp, (0, 0, 0, b"")))
+        raise _AvpFault(5014, "AVP padding beyond its container", out[-1] if out else None)
     return out
 
 
@@ -1036,7 +1091,8 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     try:
         _decode_avps_fast(buf, HEADER_BYTES, length, 0, out)
     except _AvpFault as fault:
-        raise DiameterError(fault.result_code, fault.text, (fault.failed,),
+        failed = () if fault.failed is None else (fault.failed,)  # no header readable at all
+        raise DiameterError(fault.result_code, fault.text, failed,
                             partial=Message(command, flags, app, hbh, e2e, tuple(out))) from None
     return _new_avp(Message, (command, flags, app, hbh, e2e, tuple(out), 1))
 

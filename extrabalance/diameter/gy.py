@@ -1,6 +1,6 @@
 """Credit control (RFC 4006/8506, 3GPP Gy) as the node and the IN simulator use it.
 
-This file owns the mapping between the two Gy exchanges of PROTOCOLS.md and typed
+This file owns the mapping between the two Gy exchanges of docs/protocols.md and typed
 values: ``CreditControlRequest`` / ``CreditControlAnswer`` ⇄ ``codec.Message``,
 CC-Money ⇄ integer minor units, and Session-Id generation (RFC 6733 §8.8). It is
 symmetric: either side of the wire builds and parses with the same functions.
@@ -18,10 +18,11 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-import time
 from dataclasses import MISSING, dataclass, fields
 from functools import lru_cache
 from typing import Any, Final, TypeVar
+
+from extrabalance.clock import SYSTEM_CLOCK, Clock
 
 from . import codec
 from .codec import Avp, DiameterError, Message, avp
@@ -243,8 +244,8 @@ def _ccr_tail(requested_action: int | None, requested_minor: int | None,
     return tail, b"".join(codec.encode_avp(a) for a in tail)
 
 
-def ntp_now() -> int:
-    return codec.ntp_from_unix(time.time())
+def ntp_now(clock: Clock = SYSTEM_CLOCK) -> int:
+    return codec.ntp_from_unix(clock.time())
 
 
 # Flags of the per-request AVPs, from the dictionary (all M, no V).
@@ -522,6 +523,18 @@ def _service_unit_money(msg: Message, unit_code: int) -> Avp | None:
     return unit.first(AVP_CC_MONEY)
 
 
+def units_requested_without_money(msg: Message) -> bool:
+    """A Requested-Service-Unit (top level or in an MSCC) that asks for units other
+    than money (CC-Time, CC-Total-Octets, CC-Service-Specific-Units…) and none in
+    CC-Money: a grant can only be in the unit asked for (RFC 4006 §8.18)."""
+    units = list(msg.all(AVP_REQUESTED_SERVICE_UNIT))
+    for mscc in msg.all(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL):
+        if isinstance(mscc.value, tuple):
+            units += mscc.all(AVP_REQUESTED_SERVICE_UNIT)
+    return any(isinstance(u.value, tuple) and u.value and u.first(AVP_CC_MONEY) is None
+               for u in units)
+
+
 def parse_ccr(msg: Message, currency_exponent: int = 2) -> CreditControlRequest:
     """The typed CCR, or the DiameterError the node answers with (5005, 5004)."""
     session_id = _require(msg, AVP_SESSION_ID, str)
@@ -639,7 +652,7 @@ class SessionIdGenerator:
     def __init__(self, origin_host: str, *, optional: str | None = None,
                  start_s: int | None = None) -> None:
         self._prefix = origin_host + ";"
-        self._high = (int(time.time()) if start_s is None else start_s) & 0xFFFFFFFF
+        self._high = (int(SYSTEM_CLOCK.time()) if start_s is None else start_s) & 0xFFFFFFFF
         self._counter = itertools.count()
         self._suffix = ";" + (str(os.getpid()) if optional is None else optional) \
             if optional != "" else ""

@@ -7,7 +7,7 @@ protocol itself is ``peer.PeerConnection`` (one per transport connection) and
 Client side: ``add_peer_group`` names a set of peers that serve one IN node (one
 realm). Each peer gets a link task that dials, exchanges CER/CEA, and redials with
 jittered exponential backoff when the connection ends. ``request`` sends on an
-OPEN peer of the group. Retry rules (RFC 6733 §5.5.4, PROTOCOLS.md):
+OPEN peer of the group. Retry rules (RFC 6733 §5.5.4, docs/protocols.md):
 
 * the End-to-End id is assigned once and kept for every re-send; each send gets a
   fresh Hop-by-Hop id from the connection;
@@ -40,10 +40,11 @@ import contextlib
 import logging
 import random
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from extrabalance.clock import SYSTEM_CLOCK
 
 from . import codec
 from .codec import DiameterError, Message
@@ -473,7 +474,7 @@ class DiameterNode:
         # dial at once. Off: every connection stands alone, as the node and the IN
         # simulator used them before (each dials the other, one connection each way).
         self.election = election
-        self._e2e = EndToEndIds(time.time(), self._rng)
+        self._e2e = EndToEndIds(SYSTEM_CLOCK.time(), self._rng)
         self._closing = False
 
     # --- server -----------------------------------------------------------------------
@@ -556,7 +557,7 @@ class DiameterNode:
                     if self.client_ssl_context else None), CONNECT_TIMEOUT_S)
                 conn = opened
                 await conn.opened
-                link.opened_at = time.time()
+                link.opened_at = SYSTEM_CLOCK.time()
                 link.last_error = None
                 backoff_s = self.reconnect_min_s
                 await conn.closed
@@ -666,6 +667,11 @@ class DiameterNode:
             group.next_index = (group.next_index + i + 1) % n
             break
         return best
+
+    def new_end_to_end_id(self) -> int:
+        """An End-to-End id for a request the caller will re-send (RFC 6733 §3: the
+        same id on every re-send): store it with the operation and set it on the message."""
+        return self._e2e.next()
 
     async def request(self, group: str, msg: Message, *, timeout_ms: int | None = None) -> Message:
         """Send an application request to a peer of ``group`` and return its answer.

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from extrabalance.core import sagas
 from extrabalance.ledger import store
 
 AdjustmentKind = Literal["waive", "waive_fee"]
@@ -117,12 +118,15 @@ def apply_write_down(
         cleared = fee + principal == loan.owed_minor
         state = store.WRITTEN_OFF if cleared else store.PARTIALLY_REPAID
         lines += [("fee_receivable", -fee), ("principal_receivable", -principal)]
-        conn.execute(
+        allowed = sagas.predecessors(state, sagas.LOAN_TRANSITIONS)  # the saga table's moves
+        cur = conn.execute(
             "UPDATE loans SET fee_repaid_minor = fee_repaid_minor + ?,"
             " principal_repaid_minor = principal_repaid_minor + ?, state = ?, updated_at = ?"
-            " WHERE loan_id = ?",
-            (fee, principal, state, store.ts(now), loan.loan_id),
+            f" WHERE loan_id = ? AND state IN ({', '.join('?' * len(allowed))})",
+            (fee, principal, state, store.ts(now), loan.loan_id, *allowed),
         )
+        if cur.rowcount != 1:
+            raise sagas.IllegalTransition(f"loan {loan.loan_id} cannot become {state}")
         touched.append({"loan_id": loan.loan_id, "fee_minor": fee,
                         "principal_minor": principal, "state": state})
     assert left == 0, "allocation must use the whole amount"

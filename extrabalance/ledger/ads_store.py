@@ -15,21 +15,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from extrabalance.core import sagas
 from extrabalance.core.model import SubscriberProfile
 from extrabalance.ledger.store import new_id
 
-# Campaign states.
-PREPARING = "PREPARING"  # recipients being added; not drained yet
-QUEUED = "QUEUED"
-RUNNING = "RUNNING"
-DONE = "DONE"
-CANCELLED = "CANCELLED"
-CAMPAIGN_ACTIVE_STATES = (QUEUED, RUNNING)
-
-# Recipient states.
-PENDING = "PENDING"
-SENT = "SENT"
-SUPPRESSED = "SUPPRESSED"
+# Campaign and recipient states (core/sagas.py).
+PREPARING = sagas.CAMPAIGN_PREPARING  # recipients being added; not drained yet
+QUEUED = sagas.CAMPAIGN_QUEUED
+RUNNING = sagas.CAMPAIGN_RUNNING
+DONE = sagas.CAMPAIGN_DONE
+CANCELLED = sagas.CAMPAIGN_CANCELLED
+CAMPAIGN_ACTIVE_STATES = sagas.CAMPAIGN_ACTIVE_STATES
+PENDING = sagas.RECIPIENT_PENDING
+SENT = sagas.RECIPIENT_SENT
+SUPPRESSED = sagas.RECIPIENT_SUPPRESSED
 
 AUDIENCE_CHUNK_MAX = 10_000  # subscriber rows read per audience query
 

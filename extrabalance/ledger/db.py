@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.private_files import narrow, private_file
 
 BUSY_TIMEOUT_MS = 10_000  # how long a reader/importer waits behind the writer's lock
@@ -43,11 +43,16 @@ def connect(
     *,
     synchronous: str = "FULL",
     cache_kib: int = CACHE_KIB_DEFAULT,
-    factory: type[sqlite3.Connection] = sqlite3.Connection,
+    factory: type[sqlite3.Connection] | None = None,
 ) -> sqlite3.Connection:
     """A connection in autocommit mode; callers issue BEGIN/COMMIT themselves.
-    `factory`: the connection class (the PostgreSQL portability test records every
+    `factory`: the connection class; by default `SqliteLedgerTx`, whose methods are the
+    unit-of-work port's operations (the PostgreSQL portability test records every
     statement with a subclass)."""
+    if factory is None:
+        from extrabalance.ledger.sqlite_uow import SqliteLedgerTx  # imports store: late
+
+        factory = SqliteLedgerTx
     private = str(path) != ":memory:" and not str(path).startswith("file:")
     if private:
         private_file(path)  # before SQLite creates it: 0600, and its WAL/SHM inherit that
@@ -109,7 +114,7 @@ def migrate(conn: sqlite3.Connection, *, target: int | None = None) -> int:
             conn.executescript(
                 "BEGIN IMMEDIATE;\n" + sql + "\n"
                 f"INSERT INTO schema_version (version, name, applied_at) "
-                f"VALUES ({version}, '{name}', '{datetime.now(UTC).isoformat()}');\nCOMMIT;"
+                f"VALUES ({version}, '{name}', '{SYSTEM_CLOCK.now().isoformat()}');\nCOMMIT;"
             )
         except sqlite3.Error as exc:
             if conn.in_transaction:

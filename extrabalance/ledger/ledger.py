@@ -13,6 +13,13 @@ writes):
   thread round trip `read` costs.
 * `read(fn)`: on a small pool of reader threads. For everything that may scan
   (admin views, totals, paging through subscribers): it never holds the loop.
+
+`Ledger` is the SQLite adapter of the services' unit-of-work port
+(`extrabalance.service.unit_of_work.UnitOfWork`): the connection each function is
+handed is a `SqliteLedgerTx` (`ledger/sqlite_uow.py`), whose methods are the port's
+operations, so a service's `ledger.write(lambda tx: tx.settle_loan(...))` and the older
+`ledger.write(lambda conn: store.settle_loan(conn, ...))` run the same way, in the
+same batches.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from extrabalance.ledger import store
 from extrabalance.ledger.db import connect
@@ -34,6 +41,9 @@ from extrabalance.ledger.writer import (
     WRITE_QUEUE_MAX,
     GroupCommitWriter,
 )
+
+if TYPE_CHECKING:
+    from extrabalance.ledger.sqlite_uow import SqliteLedgerTx
 
 T = TypeVar("T")
 
@@ -69,44 +79,44 @@ class Ledger:
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._point_conn: sqlite3.Connection | None = None
+        self._point_conn: SqliteLedgerTx | None = None
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[SqliteLedgerTx], T]) -> T:
         """Run `fn(conn)` atomically in the next group commit; return once durable."""
         return await self.writer.submit(fn)
 
     async def write_staged(
-        self, fn: Callable[[sqlite3.Connection], T]
+        self, fn: Callable[[SqliteLedgerTx], T]
     ) -> tuple[T, asyncio.Future[T]]:
         """Run `fn(conn)` in the next group commit; return its result once it has run,
         with a future that resolves when it is durable (see `submit_staged`)."""
         return await self.writer.submit_staged(fn)
 
-    async def read_point(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def read_point(self, fn: Callable[[SqliteLedgerTx], T]) -> T:
         """Run `fn(conn)` at once on the event-loop thread (sees everything committed).
 
         Only for reads bounded by an index lookup: the loop waits for it.
         """
         conn = self._point_conn
         if conn is None:
-            conn = self._point_conn = connect(self.path, synchronous=self._synchronous)
+            conn = self._point_conn = _connect_tx(self.path, self._synchronous)
         return fn(conn)
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def read(self, fn: Callable[[SqliteLedgerTx], T]) -> T:
         """Run `fn(conn)` on a reader connection (sees everything committed)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._read, fn)
 
-    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = getattr(self._local, "conn", None)
+    def _read(self, fn: Callable[[SqliteLedgerTx], T]) -> T:
+        conn: SqliteLedgerTx | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self.path, synchronous=self._synchronous)
+            conn = _connect_tx(self.path, self._synchronous)
             self._local.conn = conn
             with self._lock:
                 self._reader_conns.append(conn)
         return fn(conn)
 
-    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def read_sync(self, fn: Callable[[SqliteLedgerTx], T]) -> T:
         """Blocking read, for callers outside the event loop (admin commands)."""
         return self._readers.submit(self._read, fn).result()
 
@@ -148,3 +158,8 @@ class Ledger:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _connect_tx(path: str, synchronous: str) -> SqliteLedgerTx:
+    # db.connect's default connection class is SqliteLedgerTx (the port's operations).
+    return cast("SqliteLedgerTx", connect(path, synchronous=synchronous))

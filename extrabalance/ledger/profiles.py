@@ -15,12 +15,13 @@ import csv
 import io
 import sqlite3
 import sys
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
+from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.ledger.db import connect, migrate
 
 IMPORT_BATCH_ROWS = 50_000  # rows per transaction: big enough to amortise the fsync,
@@ -72,9 +73,11 @@ class _RowParser:
     separators=(",", ":"))` gives (ASCII-escaped strings, integers as numbers).
     """
 
-    def __init__(self, header: list[str], has_language: bool, extra_from: int, now: str):
+    def __init__(self, header: list[str], has_language: bool, extra_from: int, now: str,
+                 languages: frozenset[str] | None = None):
         self.fields = len(header)
         self.has_language = has_language
+        self.languages = languages
         self.extras = [
             (i, encode_basestring_ascii(header[i]) + ":") for i in range(extra_from, len(header))
         ]
@@ -99,6 +102,9 @@ class _RowParser:
                 2 <= len(language) <= 3 and language.isascii() and language.isalpha()
             ):
                 return f"language {row[3]!r} is not a 2-3 letter code"
+            if self.languages is not None and language not in self.languages:
+                return (f"language {language!r} has no templates (configured: "
+                        f"{', '.join(sorted(self.languages))})")
         parts = []
         for i, key in self.extras:
             value = row[i].strip()
@@ -125,15 +131,19 @@ def import_profiles(
     *,
     progress: bool = False,
     batch_rows: int = IMPORT_BATCH_ROWS,
+    languages: Collection[str] | None = None,
 ) -> ImportReport:
-    """Upsert every good row of `csv_path` into the ledger's subscribers table."""
+    """Upsert every good row of `csv_path` into the ledger's subscribers table.
+
+    `languages`: the languages the node has templates for; a row with another one is
+    refused (None: any 2-3 letter code)."""
     report = ImportReport()
     conn = connect(db_path)
     migrate(conn)
     # The import may run beside the node: more cache, same durability.
     conn.execute("PRAGMA cache_size=-262144")  # 256 MiB
     count_before = conn.execute("SELECT COUNT(*) FROM subscribers").fetchone()[0]
-    now = datetime.now(UTC).isoformat(timespec="microseconds")
+    now = SYSTEM_CLOCK.now().isoformat(timespec="microseconds")
     path = Path(csv_path)
     total_bytes = path.stat().st_size
     bar = None
@@ -177,11 +187,13 @@ def import_profiles(
                 )
                 bar.start()
                 task = bar.add_task("import", total=total_bytes, rows="0 rows")
-            parse = _RowParser(header, has_language, extra_from, now)
+            parse = _RowParser(header, has_language, extra_from, now,
+                               None if languages is None else frozenset(languages))
             flusher = _Flusher(conn)
             batch: list[tuple[object, ...]] = []
             rows = iter(reader)
             while True:
+                first_line = reader.line_num + 1  # where this row starts
                 try:
                     row = next(rows)
                 except StopIteration:
@@ -196,7 +208,12 @@ def import_profiles(
                     continue  # blank line
                 parsed = parse(row)
                 if isinstance(parsed, str):
-                    report.bad(reader.line_num, parsed)
+                    if reader.line_num > first_line and any("\n" in f for f in row):
+                        # A quote left open swallows the lines after it into one field:
+                        # the row to fix is where it opened, not where the file ended.
+                        parsed = (f"a quoted field opened on this line runs to line "
+                                  f"{reader.line_num}: unterminated quote? ({parsed})")
+                    report.bad(first_line, parsed)
                     continue
                 batch.append(parsed)
                 if len(batch) >= batch_rows:

@@ -1,8 +1,11 @@
 """The ledger's business SQL: synchronous functions over one open connection.
 
-The service layer composes these inside `Ledger.write(fn)` (one savepoint, committed
-with its batch) or `Ledger.read(fn)`. Nothing here commits, talks to the network or
-decides a loan; the rules live in `extrabalance.core`.
+They are the SQLite side of the services' unit-of-work port: each is also a method of
+the ledger's connection class (`sqlite_uow.SqliteLedgerTx`), so a service calls
+`tx.settle_loan(...)` inside `Ledger.write(fn)` (one savepoint, committed with its
+batch) or `Ledger.read(fn)`. Nothing here commits, talks to the network or decides
+anything: the rules (which loan a payback goes to, which state may follow which) live
+in `extrabalance.core`.
 
 Journal scheme (debits positive, credits negative; every transaction sums to zero):
 
@@ -33,28 +36,50 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from extrabalance.core import journal, sagas
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
-from extrabalance.core.payback import Recovery, split
-from extrabalance.core.policy import RecoveryPolicy
+from extrabalance.core.payback import Recovery
+from extrabalance.core.sagas import (
+    ACTIVE,
+    CONFIRMING,
+    CREDITING,
+    DONE,
+    FAILED,
+    LOAN_JOURNALLED_STATES,
+    LOAN_OPEN_STATES,
+    LOAN_UNSETTLED_STATES,
+    PARTIALLY_REPAID,
+    RECOVERING,
+    RECOVERY_UNSETTLED_STATES,
+    REPAID,
+    REQUESTED,
+    UNKNOWN,
+    WRITTEN_OFF,
+    IllegalTransition,
+    LedgerInvariantError,
+)
 
-# Loan states (see docs/ledger.md).
-REQUESTED = "REQUESTED"
-CREDITING = "CREDITING"
-ACTIVE = "ACTIVE"
-PARTIALLY_REPAID = "PARTIALLY_REPAID"
-REPAID = "REPAID"
-FAILED = "FAILED"
-UNKNOWN = "UNKNOWN"
-WRITTEN_OFF = "WRITTEN_OFF"
-# An automatic advance answered 2001 + Granted-Service-Unit whose credit the IN has
-# not yet confirmed (see docs/diameter.md "Advance confirmation"). Journalled when
-# booked (the debt is visible at once); confirmed → ACTIVE, refused → FAILED with a
-# reversing journal entry.
-CONFIRMING = "CONFIRMING"
-LOAN_OPEN_STATES = (ACTIVE, PARTIALLY_REPAID)
-LOAN_UNSETTLED_STATES = (REQUESTED, CREDITING, UNKNOWN, CONFIRMING)
-# Loans whose amounts are in the journal (receivables) and in the repaid-columns cache.
-LOAN_JOURNALLED_STATES = (*LOAN_OPEN_STATES, CONFIRMING)
+# Loan and recovery states and their transitions: one table in core (docs/ledger.md);
+# the saga words are re-exported here for the callers that read them from the store.
+__all__ = [
+    "ACTIVE",
+    "CONFIRMING",
+    "CREDITING",
+    "DONE",
+    "FAILED",
+    "LOAN_JOURNALLED_STATES",
+    "LOAN_OPEN_STATES",
+    "LOAN_UNSETTLED_STATES",
+    "PARTIALLY_REPAID",
+    "RECOVERING",
+    "RECOVERY_UNSETTLED_STATES",
+    "REPAID",
+    "REQUESTED",
+    "UNKNOWN",
+    "WRITTEN_OFF",
+    "IllegalTransition",
+    "LedgerInvariantError",
+]
 _LOAN_LIVE_STATES = LOAN_OPEN_STATES + LOAN_UNSETTLED_STATES
 
 
@@ -62,23 +87,8 @@ def _marks(values: tuple[str, ...]) -> str:
     """`?, ?, ...` for an IN list of fixed states (never built from input)."""
     return ", ".join("?" * len(values))
 
-# Recovery states.
-RECOVERING = "RECOVERING"
-DONE = "DONE"
-RECOVERY_UNSETTLED_STATES = (RECOVERING, UNKNOWN)
 
-ACCOUNTS = (
-    "principal_receivable",
-    "fee_receivable",
-    "disbursed_float",
-    "fee_income",
-    "recovered_cash",
-    "written_off",
-)
-
-
-class LedgerInvariantError(AssertionError):
-    """Money would be created or lost: the operation is rolled back."""
+ACCOUNTS = journal.ACCOUNTS  # the journal's accounts (core/journal.py)
 
 
 _last_ts: tuple[datetime, str] | None = None
@@ -481,6 +491,7 @@ def insert_loan(
     """Insert a loan; an ACTIVE or CONFIRMING one is journalled at once.
     `subscriber_known`: the caller has just read the subscribers row, so it need not
     be ensured again."""
+    sagas.check_loan_move(None, state, loan_id or "")
     loan_id = loan_id or new_id()
     if not subscriber_known:
         ensure_subscriber(conn, msisdn, now)
@@ -520,12 +531,7 @@ def _disburse(
     """Journal the credit and count the loan toward the bad-debt bar."""
     post(
         conn,
-        [
-            ("principal_receivable", principal_minor),
-            ("disbursed_float", -principal_minor),
-            ("fee_receivable", fee_minor),
-            ("fee_income", -fee_minor),
-        ],
+        journal.disbursement(principal_minor, fee_minor),
         msisdn=msisdn,
         memo="disburse",
         now=now,
@@ -558,8 +564,7 @@ def settle_loan(
         return loan
     if loan.state == CONFIRMING or new_state == CONFIRMING:
         raise LedgerInvariantError(f"loan {loan_id}: advances settle through settle_advance")
-    if loan.state not in LOAN_UNSETTLED_STATES:
-        raise LedgerInvariantError(f"loan {loan_id} is {loan.state}, cannot become {new_state}")
+    sagas.check_loan_move(loan.state, new_state, loan_id)
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
         " WHERE loan_id = ?",
@@ -592,8 +597,11 @@ def settle_advance(
     new_state = ACTIVE if confirmed else FAILED
     if loan.state == new_state:
         return loan
-    if loan.state != CONFIRMING:
-        raise LedgerInvariantError(f"loan {loan_id} is {loan.state}, not {CONFIRMING}")
+    sagas.loan_step(
+        loan.state,
+        sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED,
+        loan_id,
+    )
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
         " WHERE loan_id = ?",
@@ -605,12 +613,7 @@ def settle_advance(
         # the whole booking is reversed.
         post(
             conn,
-            [
-                ("principal_receivable", -loan.principal_minor),
-                ("disbursed_float", loan.principal_minor),
-                ("fee_receivable", -loan.fee_minor),
-                ("fee_income", loan.fee_minor),
-            ],
+            journal.reversal(loan.principal_minor, loan.fee_minor),
             msisdn=loan.msisdn,
             memo="advance_reversed",
             now=now,
@@ -670,15 +673,12 @@ def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -
     if has_unsettled(conn, loan.msisdn):
         # A recovery in flight may still take this debt; write off on a later run.
         return 0
+    sagas.loan_step(loan.state, sagas.WRITE_OFF, loan_id)
     fee_left = loan.fee_minor - loan.fee_repaid_minor
     principal_left = loan.principal_minor - loan.principal_repaid_minor
     post(
         conn,
-        [
-            ("written_off", fee_left + principal_left),
-            ("fee_receivable", -fee_left),
-            ("principal_receivable", -principal_left),
-        ],
+        journal.write_off(fee_left, principal_left),
         msisdn=loan.msisdn,
         memo="write_off",
         now=now,
@@ -796,12 +796,14 @@ def start_recovery_attempt(
     conn: sqlite3.Connection, recovery_id: str, session_id: str, requested_minor: int, now: datetime
 ) -> int:
     """Record the next DIRECT_DEBITING before it is sent; returns its attempt number."""
-    conn.execute(
+    cur = conn.execute(
         "UPDATE recoveries SET attempts = attempts + 1, diameter_session_id = ?,"
         " requested_minor = ?, request_number = 0, state = ?, updated_at = ?"
-        " WHERE recovery_id = ?",
-        (session_id, requested_minor, RECOVERING, ts(now), recovery_id),
+        f" WHERE recovery_id = ? AND state IN ({_marks(_NEXT_ATTEMPT_FROM)})",
+        (session_id, requested_minor, RECOVERING, ts(now), recovery_id, *_NEXT_ATTEMPT_FROM),
     )
+    if cur.rowcount != 1:
+        _refuse_recovery_move(conn, recovery_id, sagas.NEXT_ATTEMPT)
     attempt_no = conn.execute(
         "SELECT attempts FROM recoveries WHERE recovery_id = ?", (recovery_id,)
     ).fetchone()[0]
@@ -811,6 +813,24 @@ def start_recovery_attempt(
         (recovery_id, attempt_no, session_id, requested_minor, ts(now)),
     )
     return int(attempt_no)
+
+
+# States a new attempt may start from (the saga table's NEXT_ATTEMPT rows).
+_NEXT_ATTEMPT_FROM = tuple(
+    before
+    for (before, event) in sagas.RECOVERY_TRANSITIONS
+    if event == sagas.NEXT_ATTEMPT and before is not None
+)
+
+
+def _refuse_recovery_move(conn: sqlite3.Connection, recovery_id: str, event: str) -> None:
+    """A guarded UPDATE matched no row: say why (unknown id, or a move the saga table
+    does not allow from the state the recovery is in)."""
+    rec = get_recovery(conn, recovery_id)
+    if rec is None:
+        raise KeyError(recovery_id)
+    sagas.recovery_step(rec.state, event, recovery_id)
+    raise AssertionError("unreachable: the guarded update should have matched")
 
 
 def note_recovery_attempt(
@@ -839,72 +859,90 @@ def note_recovery_attempt(
 def set_recovery_state(
     conn: sqlite3.Connection, recovery_id: str, state: str, now: datetime
 ) -> None:
-    conn.execute(
-        "UPDATE recoveries SET state = ?, updated_at = ? WHERE recovery_id = ?",
-        (state, ts(now), recovery_id),
+    """Move an unsettled recovery to UNKNOWN (answer lost) or FAILED (nothing taken).
+    Setting the state it already has changes nothing; a move the saga table does not
+    allow raises `IllegalTransition`. DONE is reached through `apply_recovery` only."""
+    if state == DONE:
+        raise IllegalTransition(f"recovery {recovery_id}: DONE is set by apply_recovery")
+    allowed = sagas.predecessors(state, sagas.RECOVERY_TRANSITIONS)
+    if not allowed:
+        raise IllegalTransition(f"recovery {recovery_id}: no move leads to {state}")
+    cur = conn.execute(
+        "UPDATE recoveries SET state = ?, updated_at = ? WHERE recovery_id = ?"
+        f" AND state IN ({_marks(allowed)})",
+        (state, ts(now), recovery_id, *allowed),
     )
-
-
-def settle_recovery(
-    conn: sqlite3.Connection,
-    recovery_id: str,
-    debited_minor: int,
-    policy: RecoveryPolicy,
-    now: datetime,
-    *,
-    rec: RecoveryRow | None = None,
-) -> tuple[Recovery, int]:
-    """Apply what the IN debited: journal, loans, bad-debt reset. Returns (split, debt left).
-
-    Idempotent: a recovery already DONE returns its recorded split again without
-    moving money. `rec`: the row, when the caller read it in this same savepoint.
-    """
-    if rec is None or rec.recovery_id != recovery_id:
-        rec = get_recovery(conn, recovery_id)
+    if cur.rowcount == 1:
+        return
+    rec = get_recovery(conn, recovery_id)
     if rec is None:
         raise KeyError(recovery_id)
-    loans = open_loans(conn, rec.msisdn)
-    if rec.state == DONE:
-        return Recovery(rec.recovered_minor, (), not loans), sum(x.owed_minor for x in loans)
-    owed = sum(x.owed_minor for x in loans)
-    if debited_minor > owed or debited_minor < 0:
-        raise LedgerInvariantError(
-            f"recovery {recovery_id}: IN debited {debited_minor}, owed {owed}"
-        )
-    allocation = split(loans, debited_minor, policy, owed)
-    by_id = {x.loan_id: x for x in loans}
+    if rec.state != state:
+        sagas.check_recovery_move(rec.state, state, recovery_id)
+
+
+def apply_recovery(
+    conn: sqlite3.Connection,
+    rec: RecoveryRow,
+    allocation: Recovery,
+    now: datetime,
+) -> None:
+    """Book what the IN debited, split over the loans by the caller (`core.payback.
+    split`): one journal entry per loan, the loans' repaid columns and states, the
+    recovery DONE, and the bad-debt count reset when nothing is owed any more.
+
+    `rec`: the recovery as read in this same transaction. Each part must name an open
+    loan of the subscriber and take at most what it owes (else `LedgerInvariantError`,
+    and nothing is written).
+    """
+    sagas.recovery_step(rec.state, sagas.IN_DEBITED, rec.recovery_id)
+    if sum(p.total_minor for p in allocation.parts) != allocation.total_minor:
+        raise LedgerInvariantError(f"recovery {rec.recovery_id}: parts do not add up")
     for part in allocation.parts:
-        loan = by_id[part.loan_id]
+        if part.fee_minor < 0 or part.principal_minor < 0:
+            raise LedgerInvariantError(f"recovery {rec.recovery_id}: negative part {part}")
         post(
             conn,
-            [
-                ("recovered_cash", part.total_minor),
-                ("fee_receivable", -part.fee_minor),
-                ("principal_receivable", -part.principal_minor),
-            ],
+            journal.recovery(part.fee_minor, part.principal_minor),
             msisdn=rec.msisdn,
             memo="recover",
             now=now,
             loan_id=part.loan_id,
-            recovery_id=recovery_id,
+            recovery_id=rec.recovery_id,
         )
-        cleared = part.total_minor == loan.owed_minor
-        conn.execute(
+        # One statement moves the cache and the state, guarded so that only an open
+        # loan of this subscriber with that much owing matches.
+        cur = conn.execute(
             "UPDATE loans SET fee_repaid_minor = fee_repaid_minor + ?,"
-            " principal_repaid_minor = principal_repaid_minor + ?, state = ?, updated_at = ?"
-            " WHERE loan_id = ?",
+            " principal_repaid_minor = principal_repaid_minor + ?,"
+            " state = CASE WHEN principal_repaid_minor + ? = principal_minor"
+            " AND fee_repaid_minor + ? = fee_minor THEN ? ELSE ? END, updated_at = ?"
+            " WHERE loan_id = ? AND msisdn = ? AND state IN (?, ?)"
+            " AND fee_minor - fee_repaid_minor >= ?"
+            " AND principal_minor - principal_repaid_minor >= ?",
             (
                 part.fee_minor,
                 part.principal_minor,
-                REPAID if cleared else PARTIALLY_REPAID,
+                part.principal_minor,
+                part.fee_minor,
+                REPAID,
+                PARTIALLY_REPAID,
                 ts(now),
                 part.loan_id,
+                rec.msisdn,
+                *LOAN_OPEN_STATES,
+                part.fee_minor,
+                part.principal_minor,
             ),
         )
+        if cur.rowcount != 1:
+            raise LedgerInvariantError(
+                f"recovery {rec.recovery_id}: {part} is not owed on an open loan"
+            )
     conn.execute(
         "UPDATE recoveries SET recovered_minor = ?, state = ?, updated_at = ?"
         " WHERE recovery_id = ?",
-        (debited_minor, DONE, ts(now), recovery_id),
+        (allocation.total_minor, DONE, ts(now), rec.recovery_id),
     )
     if allocation.clears_all:
         # A full payback lifts the bad-debt bar.
@@ -912,7 +950,6 @@ def settle_recovery(
             "UPDATE subscribers SET loans_since_full_payback = 0, updated_at = ? WHERE msisdn = ?",
             (ts(now), rec.msisdn),
         )
-    return allocation, owed - debited_minor
 
 
 def unsettled_recoveries(conn: sqlite3.Connection, limit: int) -> list[RecoveryRow]:
@@ -935,3 +972,40 @@ def write_off_candidates(
         (*LOAN_OPEN_STATES, ts(before), limit),
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
+
+
+def count_overdue(
+    conn: sqlite3.Connection, created_before: datetime, created_since: datetime
+) -> int:
+    """Open loans created in [created_since, created_before) (debt ageing's report)."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM loans WHERE state IN (?, ?) AND created_at < ? AND created_at >= ?",
+        (*LOAN_OPEN_STATES, ts(created_before), ts(created_since)),
+    ).fetchone()
+    return int(row[0])
+
+
+def journal_entries(conn: sqlite3.Connection, msisdn: str) -> list[tuple[str, str, int]]:
+    """(tx_id, account, amount) of the subscriber's journal lines, in the order written."""
+    rows = conn.execute(
+        "SELECT tx_id, account, amount_minor FROM journal WHERE msisdn = ? ORDER BY tx_id, line_no",
+        (msisdn,),
+    ).fetchall()
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
+def put_profile(conn: sqlite3.Connection, profile: SubscriberProfile, now: datetime) -> None:
+    """Create or replace one subscriber's profile (the profile import's row, one at a time)."""
+    conn.execute(
+        "INSERT INTO subscribers (msisdn, tenure_days, arpu_minor, attributes, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (msisdn) DO UPDATE SET"
+        " tenure_days = excluded.tenure_days, arpu_minor = excluded.arpu_minor,"
+        " attributes = excluded.attributes, updated_at = excluded.updated_at",
+        (
+            profile.msisdn,
+            profile.tenure_days,
+            profile.arpu_minor,
+            json.dumps(dict(profile.attributes), sort_keys=True),
+            ts(now),
+        ),
+    )

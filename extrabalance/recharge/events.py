@@ -1,7 +1,7 @@
 """The recharge event and its wire format (UTF-8 JSON on MQTT).
 
 This module owns the one payload format the prepaid IN publishes on
-``extrabalance/recharge/<in_node>`` (see PROTOCOLS.md, "MQTT"). It is pure: bytes in,
+``extrabalance/recharge/<in_node>`` (see docs/protocols.md, "MQTT"). It is pure: bytes in,
 a validated :class:`RechargeEvent` or an :class:`InvalidRecharge` with a reason out,
 and the reverse. The node's listener and the bundled recharge publisher (a simulator)
 both use it, so the two sides cannot drift apart.
@@ -250,7 +250,7 @@ def _format_timestamp(value: datetime) -> str:
 
 
 def to_payload(event: RechargeEvent) -> bytes:
-    """Encode an event as the UTF-8 JSON payload of PROTOCOLS.md.
+    """Encode an event as the UTF-8 JSON payload of docs/protocols.md.
 
     ``parse_recharge(to_payload(e), expected_currency=e.currency) == e`` for every
     valid event.

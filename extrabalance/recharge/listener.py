@@ -117,7 +117,7 @@ DEAD_LETTER_CLIENT_SUFFIX = "-deadletter"
 
 @dataclass(frozen=True, slots=True)
 class MqttSettings:
-    """How the node reaches its broker. Defaults match PROTOCOLS.md."""
+    """How the node reaches its broker. Defaults match docs/protocols.md."""
 
     host: str = "127.0.0.1"
     port: int = 1883

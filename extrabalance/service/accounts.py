@@ -8,10 +8,10 @@ from datetime import datetime, timedelta
 from functools import partial
 
 from extrabalance.core.policy import Policy
-from extrabalance.ledger import Ledger, store
 from extrabalance.service.lending import Clock, safe_notify
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import EventSink, Notice, Notifier
+from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
 
 WRITE_OFF_BATCH_MAX = 10_000  # loans written off per age_debts run
 
@@ -26,7 +26,7 @@ class AgeingReport:
 class AccountService:
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: UnitOfWork,
         notifier: Notifier,
         events: EventSink,
         policy: Policy,
@@ -44,18 +44,16 @@ class AccountService:
     async def bar(self, msisdn: str, reason: str, who: str, *, notify: bool = True) -> None:
         async with self.locks.hold(msisdn):
             now = self.clock()
-            await self.ledger.write(lambda c: store.set_bar(c, msisdn, True, reason, who, now))
+            await self.ledger.write(lambda tx: tx.set_bar(msisdn, True, reason, who, now))
         self.events.emit("bar", msisdn=msisdn, reason=reason, who=who)
         if notify:
-            language = await self.ledger.read(
-                lambda c: store.load_subscriber(c, msisdn).state.language
-            )
+            language = await self.ledger.read(lambda tx: tx.load_subscriber(msisdn).state.language)
             await safe_notify(self.notifier, Notice(msisdn, "barred", {}, "sms", language))
 
     async def unbar(self, msisdn: str, who: str, why: str = "") -> None:
         async with self.locks.hold(msisdn):
             now = self.clock()
-            await self.ledger.write(lambda c: store.set_bar(c, msisdn, False, why, who, now))
+            await self.ledger.write(lambda tx: tx.set_bar(msisdn, False, why, who, now))
         self.events.emit("unbar", msisdn=msisdn, who=who, reason=why)
 
     async def age_debts(self, now: datetime | None = None, *, who: str = "ageing") -> AgeingReport:
@@ -65,23 +63,23 @@ class AccountService:
         write_off_before = now - timedelta(days=recovery.write_off_days)
         overdue_before = now - timedelta(days=recovery.overdue_days)
         candidates = await self.ledger.read(
-            lambda c: store.write_off_candidates(c, write_off_before, WRITE_OFF_BATCH_MAX)
+            lambda tx: tx.write_off_candidates(write_off_before, WRITE_OFF_BATCH_MAX)
         )
         written = amount = 0
         for msisdn, loan_id in candidates:
             async with self.locks.hold(msisdn):
                 minor = await self.ledger.write(
-                    partial(store.write_off, loan_id=loan_id, who=who, now=now)
+                    partial(_write_off, loan_id=loan_id, who=who, now=now)
                 )
             if minor:
                 written += 1
                 amount += minor
                 self.events.emit("write_off", msisdn=msisdn, loan_id=loan_id, amount_minor=minor)
         overdue = await self.ledger.read(
-            lambda c: c.execute(
-                "SELECT COUNT(*) FROM loans WHERE state IN (?, ?) AND created_at < ?"
-                " AND created_at >= ?",
-                (*store.LOAN_OPEN_STATES, store.ts(overdue_before), store.ts(write_off_before)),
-            ).fetchone()[0]
+            lambda tx: tx.count_overdue(overdue_before, write_off_before)
         )
         return AgeingReport(int(overdue), written, amount)
+
+
+def _write_off(tx: LedgerTx, *, loan_id: str, who: str, now: datetime) -> int:
+    return tx.write_off(loan_id, who, now)

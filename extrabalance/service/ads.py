@@ -27,22 +27,24 @@ subscriber misses one ad rather than getting two.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from extrabalance.core.policy import Policy
 from extrabalance.core.segments import match_segment
-from extrabalance.ledger import Ledger, ads_store, store
 from extrabalance.service.ports import EventSink, Notice, Notifier
+from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
+
+if TYPE_CHECKING:
+    from extrabalance.ledger.ads_store import AdSubscriberRow
 
 log = structlog.get_logger(__name__)
 
@@ -268,7 +270,7 @@ class TokenBucket:
 
 
 def subject_from_row(
-    msisdn: str, row: ads_store.AdSubscriberRow | None, policy: Policy, default_language: str
+    msisdn: str, row: AdSubscriberRow | None, policy: Policy, default_language: str
 ) -> AdSubject:
     if row is None:
         return AdSubject(msisdn, language=default_language)
@@ -302,7 +304,7 @@ class AdDecision:
 
 
 def decide_and_record(
-    conn: sqlite3.Connection,
+    tx: LedgerTx,
     ads: AdPolicy,
     policy: Policy,
     request: AdRequest,
@@ -314,24 +316,24 @@ def decide_and_record(
     """One ledger transaction: read the subject and his last 24 hours of ads, decide,
     take a rate token, and record the ad when it is to be sent."""
     if request.idempotency_key is not None:
-        prior = store.idempotent_get(conn, request.idempotency_key)
+        prior = tx.idempotent_get(request.idempotency_key)
         if prior is not None:
             return AdDecision(
                 AdVerdict(bool(prior["send"]), prior["reason"], prior["template"], True),
                 prior.get("language", default_language),
             )
-    row = ads_store.load_ad_subscriber(conn, request.msisdn)
+    row = tx.load_ad_subscriber(request.msisdn)
     subject = subject_from_row(request.msisdn, row, policy, default_language)
     history = [SentAd(at, trig) for at, trig in
-               ads_store.recent_ads(conn, request.msisdn, now - CAP_WINDOW)]
+               tx.recent_ads(request.msisdn, now - CAP_WINDOW)]
     verdict = ads.decide(subject, request.trigger, history, now, template=request.template)
     if verdict.send and not request.rate_checked and not take_token():
         verdict = AdVerdict(False, Suppressed.RATE.value, verdict.template)
     if verdict.send:
-        ads_store.record_ad(conn, request.msisdn, request.trigger.value, verdict.template, now,
+        tx.record_ad(request.msisdn, request.trigger.value, verdict.template, now,
                             request.campaign_id)
     if request.idempotency_key is not None:
-        store.idempotent_put(conn, request.idempotency_key, {
+        tx.idempotent_put(request.idempotency_key, {
             "send": verdict.send, "reason": verdict.reason, "template": verdict.template,
             "language": subject.language}, now)
     return AdDecision(verdict, subject.language)
@@ -343,7 +345,7 @@ class Advertiser:
 
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: UnitOfWork,
         notifier: Notifier,
         events: EventSink,
         policy: Policy,
@@ -408,7 +410,7 @@ class Advertiser:
                 return not inflight_full and bucket.take()
 
             decision = await self.ledger.write(
-                lambda conn: decide_and_record(conn, ads, policy, request, now,
+                lambda tx: decide_and_record(tx, ads, policy, request, now,
                                                take_token=take_token,
                                                default_language=self.default_language))
             verdict = decision.verdict
@@ -439,7 +441,7 @@ class Advertiser:
         """Trigger 3: a loan brought the debt to `debt_limit_share_bp` of the ceiling."""
         if debt_after_minor <= debt_before_minor:
             return
-        row = await self.ledger.read_point(lambda conn: ads_store.load_ad_subscriber(conn, msisdn))
+        row = await self.ledger.read_point(lambda tx: tx.load_ad_subscriber(msisdn))
         segment = match_segment(row.profile if row else None, self.policy.segments)
         if segment is None or not self.ads.debt_limit_crossed(
             segment.ceiling_minor, debt_before_minor, debt_after_minor
@@ -491,4 +493,4 @@ class Advertiser:
         """Drop ads_sent rows the caps no longer read (older than 24 hours + a margin)."""
         before = (now or self.clock()) - CAP_WINDOW - timedelta(hours=1)
         return await self.ledger.write(
-            lambda conn: ads_store.prune_ads(conn, before, PRUNE_BATCH_MAX))
+            lambda tx: tx.prune_ads(before, PRUNE_BATCH_MAX))

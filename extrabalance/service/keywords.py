@@ -31,6 +31,13 @@ class Keyword:
 
 
 _DIGITS = str.maketrans("٠١٢٣٤٥٦٧٨٩۰۱۲۳۴۵۶۷۸۹", "01234567890123456789")
+
+
+def ascii_digits(text: str) -> str:
+    """Arabic-Indic (٠-٩) and Eastern Arabic-Indic (۰-۹) digits as ASCII digits."""
+    return text.translate(_DIGITS)
+
+
 _ARABIC_FOLD = str.maketrans({"أ": "ا", "إ": "ا", "آ": "ا", "ة": "ه", "ى": "ي", "ـ": None})
 
 # (words, command, language); words are compared after folding.

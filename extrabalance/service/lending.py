@@ -7,16 +7,18 @@ transaction, so the ceiling holds even if two nodes shared the ledger; inside on
 node requests for one subscriber are also serialised by `SubscriberLocks`.
 
 out_of_balance: answered from the ledger alone, idempotent by Session-Id +
-CC-Request-Number. A granted advance is booked CONFIRMING (journalled, unsettled) and
-answered 2001 + Granted-Service-Unit; the IN adds it to the balance only if that
-answer reaches it in time. So every advance is then confirmed with the IN
-(`confirm_advance`): a REFUND_ACCOUNT for the same amount under the advance's own
-Session-Id and CC-Request-Number. The IN treats that key as one operation: if it
-applied the grant from the CCA the confirmation is a duplicate (2001, nothing new);
-if the CCA never reached it, it credits now. Either way the subscriber gets the
-credit exactly once and the loan becomes ACTIVE; a refusal reverses the booking
-(FAILED, nothing owed). The confirmation is sent in the background right after the
-answer, and by the resolver for any left CONFIRMING (crash, IN unreachable).
+CC-Request-Number. A granted advance is answered 2001 + Granted-Service-Unit, and
+that grant IS the credit (RFC 4006 §5.1, §8.17): a standard IN applies it, so the
+node books the advance ACTIVE and sends nothing else for it. The IN's retransmission
+of the same request (same Session-Id and CC-Request-Number, T flag) is answered
+with the same grant and books nothing new.
+
+Opt-in extension, per IN node (`advance_confirmation_nodes`, off by default): for an
+IN that implements docs/diameter.md "Advance confirmation extension", the advance is
+booked CONFIRMING and confirmed with a REFUND_ACCOUNT under the IN's own Session-Id
+and CC-Request-Number (`confirm_advance`); that IN keys the CCA's grant and the
+confirmation as one operation, so it credits once whichever arrives. Sent to any
+other IN, such a confirmation is a second credit: never by default.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from extrabalance.service.outcomes import (
     DIAMETER_END_USER_SERVICE_DENIED,
     DIAMETER_SUCCESS,
     DIAMETER_TOO_BUSY,
+    DIAMETER_UNKNOWN_SESSION_ID,
     DIAMETER_USER_UNKNOWN,
     AdvanceOutcome,
     BorrowOutcome,
@@ -51,6 +54,7 @@ from extrabalance.service.outcomes import (
 )
 from extrabalance.service.ports import (
     EventSink,
+    FollowUp,
     InAction,
     InOperation,
     InOutcome,
@@ -75,6 +79,8 @@ NOT_EXECUTED_RESENDS_MAX = 2  # immediate re-sends of a 3002/3004 before giving 
 # CONFIRMING for the resolver (it is durable, nothing is lost).
 CONFIRM_RETRY_DELAYS_S = (0.5, 2.0)
 CONFIRMATIONS_INFLIGHT_MAX = 1_000
+CC_REQUEST_TYPE_INITIAL = 1
+CC_REQUEST_TYPE_UPDATE = 2
 CC_REQUEST_TYPE_TERMINATION = 3
 BARRED_REASONS = (Reason.BARRED_BAD_DEBT, Reason.BARRED_MANUAL)
 
@@ -284,6 +290,7 @@ class LendingService:
         ads: Advertiser | None = None,  # without one, no advertisement is sent
         confirm_retry_delays_s: tuple[float, ...] = CONFIRM_RETRY_DELAYS_S,
         confirmations_max: int = CONFIRMATIONS_INFLIGHT_MAX,
+        advance_confirmation_nodes: frozenset[str] = frozenset(),
     ) -> None:
         self.ledger = ledger
         self.in_port = in_port
@@ -298,7 +305,13 @@ class LendingService:
         self.ads = ads
         self.confirm_retry_delays_s = confirm_retry_delays_s
         self.confirmations_max = confirmations_max
+        # Origin-Hosts of the IN nodes that implement the confirmation extension
+        # (config `in_nodes[].advance_confirmation`); every other IN gets none.
+        self.advance_confirmation_nodes = advance_confirmation_nodes
         self._confirmations: set[asyncio.Task[None]] = set()
+        # Resolver.follow_up, wired by the node: a loan left UNKNOWN (no answer within
+        # the request timeout) is re-sent after the Tx-timer delays, not 30 s later.
+        self.follow_up: FollowUp | None = None
         self._sagas: set[asyncio.Task[BorrowOutcome]] = set()
 
     # -- borrow ------------------------------------------------------------------
@@ -460,6 +473,8 @@ class LendingService:
                 log.error("loan_settlement_lost", loan_id=step.loan_id, error=repr(exc))
                 raise
         self._emit_loan(msisdn, outcome, channel, result)
+        if outcome.status is BorrowStatus.PENDING and self.follow_up is not None:
+            self.follow_up("loan", step.loan_id, msisdn)
         await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
         if self.ads is not None and outcome.status is BorrowStatus.GRANTED:  # issue 7
             total_minor = (outcome.amount_minor or 0) + (outcome.fee_minor or 0)
@@ -499,6 +514,11 @@ class LendingService:
         return loaded.state.language
 
     # -- reads and preferences -----------------------------------------------------
+
+    def record_refusal(self, msisdn: str, reason: str, channel: str) -> None:
+        """A refusal a channel decided from the offer before any borrow (the USSD menu
+        of a subscriber who may not borrow): the same EDR and counter as a borrow's."""
+        self.events.emit("refusal", msisdn=msisdn, reason=reason, channel=channel)
 
     async def quote(self, msisdn: str) -> Offer:
         """The menu of tiers for this subscriber now (USSD *123#)."""
@@ -581,20 +601,22 @@ class LendingService:
         (+ maybe an ad), 4010 barred, 5030 unknown. A retransmission (same Session-Id
         and CC-Request-Number) gets the first answer and grants nothing new.
 
-        A granted advance is booked CONFIRMING and, once this returns, confirmed with
-        the IN in the background (`confirm_advance`): whether or not the CCA reaches
-        the IN, the subscriber ends up credited exactly once or owes nothing.
+        A granted advance is booked ACTIVE: the grant in the CCA is the credit. Only
+        for an IN in `advance_confirmation_nodes` is it booked CONFIRMING and, once
+        this returns, confirmed with that IN in the background (`confirm_advance`).
 
         The IN applies the grant from the CCA only when the answer reaches it before
         its own timer. An advance is booked only if the commit happens before
         `deadline_monotonic` (checked in the transaction, just before the commit): past
         it, nothing is booked and 3004 TOO_BUSY is answered; the IN may send the
         request again and it is then decided afresh. The deadline makes late answers
-        rare; the confirmation makes them harmless."""
+        rare; the IN's retransmission of the request (answered with the same grant)
+        or, for an IN with the extension, the confirmation covers the rest."""
         key = f"ccr:{session_id}:{request_number}"
         async with self.locks.hold(msisdn):
             now = self.clock()
             static_node = self.router.static_route(msisdn)
+            confirms = origin_host in self.advance_confirmation_nodes
             granted: list[store.LoanRow] = []  # the advance as written (spares a read after)
 
             def answer(conn: sqlite3.Connection) -> tuple[AdvanceOutcome, SubscriberState | None]:
@@ -611,6 +633,11 @@ class LendingService:
                     store.idempotent_put(conn, key, outcome.to_json(), now)
                     return outcome, state
 
+                if (request_type in (CC_REQUEST_TYPE_UPDATE, CC_REQUEST_TYPE_TERMINATION)
+                        and not _session_known(conn, session_id)):
+                    # RFC 4006 §5.1: UPDATE and TERMINATION continue a session opened
+                    # by an INITIAL (CC-Request-Number 0); none was seen.
+                    return done(AdvanceOutcome(DIAMETER_UNKNOWN_SESSION_ID), None)
                 if request_type == CC_REQUEST_TYPE_TERMINATION:
                     return done(AdvanceOutcome(DIAMETER_SUCCESS), None)
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
@@ -633,7 +660,7 @@ class LendingService:
                         tier_id=decision.tier.tier_id,
                         principal_minor=decision.amount_minor,
                         fee_minor=decision.fee_minor,
-                        state=store.CONFIRMING,
+                        state=store.CONFIRMING if confirms else store.ACTIVE,
                         channel="auto",
                         idempotency_key=key,
                         in_node=origin_host,
@@ -662,13 +689,13 @@ class LendingService:
             outcome, state = await self.ledger.write(answer)
             if outcome.replayed or outcome.result_code == DIAMETER_TOO_BUSY:
                 return outcome
-            if outcome.result_code != DIAMETER_USER_UNKNOWN:
+            if outcome.result_code not in (DIAMETER_USER_UNKNOWN, DIAMETER_UNKNOWN_SESSION_ID):
                 self.router.learn(msisdn, origin_host)
             if state is not None:
                 await self._after_advance(
                     msisdn, outcome, state, requested_minor, now, granted[0] if granted else None
                 )
-        if granted:
+        if granted and confirms:
             # After the lock is released: the confirmation takes it again and reads
             # the ledger first, so the CCA normally leaves before it; if the
             # confirmation overtakes the CCA, the IN applies the grant only once anyway.
@@ -740,6 +767,7 @@ class LendingService:
                 fee_minor=loan.fee_minor,
                 debt_after_minor=debt_minor,
                 requested_minor=requested_minor,
+                channel="auto",
             )
             await safe_notify(
                 self.notifier,
@@ -765,6 +793,15 @@ class LendingService:
             return
         if self.ads is not None:  # caps, quiet hours, rate; the CCA does not wait
             self.ads.fire_offer(msisdn, AdTrigger.OUT_OF_BALANCE)
+
+
+def _session_known(conn: sqlite3.Connection, session_id: str) -> bool:
+    """Whether the IN opened this credit-control session with an INITIAL_REQUEST
+    (CC-Request-Number 0, RFC 4006 §8.2): its answer is still kept, or it granted
+    an advance (kept with the loan after the answer was purged)."""
+    key = f"ccr:{session_id}:0"
+    return (store.idempotent_get(conn, key) is not None
+            or store.loan_by_idempotency_key(conn, key) is not None)
 
 
 def _v(reason: Reason | None) -> str | None:

@@ -7,7 +7,7 @@ by the ledger *before* the operation is sent, so a retry is the same operation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Any, Literal, Protocol
@@ -55,6 +55,10 @@ class InPort(Protocol):
 
     def new_session_id(self) -> str: ...
 
+
+# Resolver.follow_up(kind, record id, msisdn): re-send a pending IN operation ("loan"
+# or "recovery") unchanged after the Tx-timer delays, in the background.
+FollowUp = Callable[[str, str, str], None]
 
 NoticeKind = Literal["sms", "ad"]
 

@@ -12,19 +12,24 @@ listener may acknowledge the message when this returns.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from typing import TYPE_CHECKING
 
-from extrabalance.core.payback import allocate_payback
+from extrabalance.core import sagas
+from extrabalance.core.payback import allocate_payback, split
 from extrabalance.core.policy import Policy
-from extrabalance.ledger import Ledger, store
 from extrabalance.service.lending import Clock, call_in_with_resends, safe_notify
 from extrabalance.service.locks import SubscriberLocks
-from extrabalance.service.outcomes import PaybackOutcome, PaybackStatus
+from extrabalance.service.outcomes import (
+    DIAMETER_CREDIT_LIMIT_REACHED,
+    PaybackOutcome,
+    PaybackStatus,
+)
 from extrabalance.service.ports import (
     EventSink,
+    FollowUp,
     InAction,
     InOperation,
     InOutcome,
@@ -35,6 +40,10 @@ from extrabalance.service.ports import (
     RechargeEvent,
 )
 from extrabalance.service.routing import Router
+from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
+
+if TYPE_CHECKING:
+    from extrabalance.ledger.store import RecoveryRow
 
 RECOVERY_ATTEMPTS_MAX = 3  # DIRECT_DEBITING attempts per recharge (amount halves each time)
 
@@ -49,20 +58,20 @@ class _Intent:
     requested_minor: int
     in_node: str
     language: str
+    event_id: str = ""  # the recharge's, for the EDR
 
 
 def settle_recovery_done(
-    conn: sqlite3.Connection, recovery_id: str, result: InResult, policy: Policy, now: datetime
+    tx: LedgerTx, recovery_id: str, result: InResult, policy: Policy, now: datetime
 ) -> PaybackOutcome:
     """Apply a DONE debit: journal + loans + idempotent outcome."""
-    rec = store.get_recovery(conn, recovery_id)
+    rec = tx.get_recovery(recovery_id)
     assert rec is not None
     debited = result.amount_minor if result.amount_minor is not None else rec.requested_minor
     # The IN never takes more than asked; if it claims so, book what was asked and
     # leave an audit line for the operator rather than invent debt.
     if debited > rec.requested_minor or debited < 0:
-        store.audit(
-            conn,
+        tx.audit(
             rec.msisdn,
             "review",
             "payback",
@@ -70,37 +79,52 @@ def settle_recovery_done(
             now,
         )
         debited = rec.requested_minor
-    store.note_recovery_attempt(
-        conn, recovery_id, InOutcome.DONE.value, result.result_code, rec.attempts
-    )
-    _, debt_left = store.settle_recovery(conn, recovery_id, debited, policy.recovery, now, rec=rec)
+    tx.note_recovery_attempt(recovery_id, InOutcome.DONE.value, result.result_code, rec.attempts)
+    debt_left = settle_debit(tx, rec, debited, policy, now)
     outcome = PaybackOutcome(PaybackStatus.RECOVERED, debited, debt_left, recovery_id)
-    store.idempotent_replace(conn, recharge_key(rec.event_id), outcome.to_json(), now)
+    tx.idempotent_replace(recharge_key(rec.event_id), outcome.to_json(), now)
     return outcome
+
+
+def settle_debit(
+    tx: LedgerTx,
+    rec: RecoveryRow,
+    debited_minor: int,
+    policy: Policy,
+    now: datetime,
+) -> int:
+    """Split what the IN debited over the open loans (core) and book it; returns the
+    debt left. A recovery already DONE books nothing again."""
+    loans = tx.open_loans(rec.msisdn)
+    owed = sum(loan.owed_minor for loan in loans)
+    if rec.state == sagas.DONE:
+        return owed
+    if debited_minor > owed or debited_minor < 0:
+        raise sagas.LedgerInvariantError(
+            f"recovery {rec.recovery_id}: IN debited {debited_minor}, owed {owed}"
+        )
+    tx.apply_recovery(rec, split(loans, debited_minor, policy.recovery, owed), now)
+    return owed - debited_minor
 
 
 def settle_recovery_failed(
-    conn: sqlite3.Connection, recovery_id: str, result: InResult, now: datetime
+    tx: LedgerTx, recovery_id: str, result: InResult, now: datetime
 ) -> PaybackOutcome:
-    rec = store.get_recovery(conn, recovery_id)
+    rec = tx.get_recovery(recovery_id)
     assert rec is not None
-    store.note_recovery_attempt(
-        conn, recovery_id, result.outcome.value, result.result_code, rec.attempts
-    )
-    store.set_recovery_state(conn, recovery_id, store.FAILED, now)
-    outcome = PaybackOutcome(
-        PaybackStatus.NOT_RECOVERED, 0, store.debt_owed(conn, rec.msisdn), recovery_id
-    )
-    store.idempotent_replace(conn, recharge_key(rec.event_id), outcome.to_json(), now)
+    tx.note_recovery_attempt(recovery_id, result.outcome.value, result.result_code, rec.attempts)
+    tx.set_recovery_state(recovery_id, sagas.FAILED, now)
+    outcome = PaybackOutcome(PaybackStatus.NOT_RECOVERED, 0, tx.debt_owed(rec.msisdn), recovery_id)
+    tx.idempotent_replace(recharge_key(rec.event_id), outcome.to_json(), now)
     return outcome
 
 
-def outcome_of_recovery(rec: store.RecoveryRow, debt_minor: int) -> PaybackOutcome:
+def outcome_of_recovery(rec: RecoveryRow, debt_minor: int) -> PaybackOutcome:
     """The answer to a recharge replayed after its recovery started (`recoveries.event_id`
     is UNIQUE, so this row outlives the idempotency key): nothing is debited again."""
-    if rec.state == store.DONE:
+    if rec.state == sagas.DONE:
         status = PaybackStatus.RECOVERED
-    elif rec.state == store.FAILED:
+    elif rec.state == sagas.FAILED:
         status = PaybackStatus.NOT_RECOVERED
     else:
         status = PaybackStatus.PENDING
@@ -124,7 +148,7 @@ def payback_notice(msisdn: str, outcome: PaybackOutcome, language: str) -> Notic
 class PaybackService:
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: UnitOfWork,
         in_port: InPort,
         notifier: Notifier,
         events: EventSink,
@@ -146,6 +170,9 @@ class PaybackService:
         self.locks = locks or SubscriberLocks()
         self.attempts_max = attempts_max
         self.default_language = default_language
+        # Resolver.follow_up, wired by the node: a recovery left pending (no answer in
+        # time, or not executed) is re-sent after the Tx-timer delays, not 30 s later.
+        self.follow_up: FollowUp | None = None
 
     async def handle_recharge(self, event: RechargeEvent) -> PaybackOutcome:
         """Recover what is owed from this recharge. Idempotent by `event.event_id`."""
@@ -159,21 +186,21 @@ class PaybackService:
             now = self.clock()
             session_id = self.in_port.new_session_id()
 
-            def record_intent(conn: sqlite3.Connection) -> PaybackOutcome | _Intent:
-                prior = store.idempotent_get(conn, key)
+            def record_intent(tx: LedgerTx) -> PaybackOutcome | _Intent:
+                prior = tx.idempotent_get(key)
                 if prior is not None:
                     return PaybackOutcome.from_json(prior, replayed=True)
-                started = store.recovery_by_event(conn, event.event_id)
+                started = tx.recovery_by_event(event.event_id)
                 if started is not None:  # not settled yet, or its outcome purged
-                    return outcome_of_recovery(started, store.debt_owed(conn, msisdn))
+                    return outcome_of_recovery(started, tx.debt_owed(msisdn))
 
                 def done(outcome: PaybackOutcome) -> PaybackOutcome:
-                    store.idempotent_put(conn, key, outcome.to_json(), now)
+                    tx.idempotent_put(key, outcome.to_json(), now)
                     return outcome
 
-                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 if loaded.learned_in_node != event.in_node:  # write the row only on a change
-                    store.learn_route(conn, msisdn, event.in_node, now)
+                    tx.learn_route(msisdn, event.in_node, now)
                 debt = loaded.state.debt_minor
                 if debt == 0:
                     return done(PaybackOutcome(PaybackStatus.NOTHING_OWED))
@@ -188,8 +215,7 @@ class PaybackService:
                 plan = allocate_payback(loaded.state.open_loans, available, self.policy.recovery)
                 if plan.total_minor == 0:
                     return done(PaybackOutcome(PaybackStatus.NOTHING_RECOVERABLE, 0, debt))
-                recovery_id = store.insert_recovery(
-                    conn,
+                recovery_id = tx.insert_recovery(
                     event_id=event.event_id,
                     msisdn=msisdn,
                     recharge_minor=event.amount_minor,
@@ -199,7 +225,8 @@ class PaybackService:
                     session_id=session_id,
                     requested_minor=plan.total_minor,
                 )
-                return _Intent(recovery_id, plan.total_minor, event.in_node, loaded.state.language)
+                return _Intent(recovery_id, plan.total_minor, event.in_node,
+                               loaded.state.language, event.event_id)
 
             step = await self.ledger.write(record_intent)
             self.router.learn(msisdn, event.in_node)
@@ -230,19 +257,37 @@ class PaybackService:
                     recovered_minor=outcome.recovered_minor,
                     debt_after_minor=outcome.debt_minor,
                     full=outcome.debt_minor == 0,
+                    event_id=step.event_id,
+                    in_node=step.in_node,
                 )
                 await safe_notify(self.notifier, payback_notice(msisdn, outcome, step.language))
                 return outcome
             if result.outcome is InOutcome.UNKNOWN:
                 await self.ledger.write(
-                    lambda conn: store.set_recovery_state(
-                        conn, step.recovery_id, store.UNKNOWN, self.clock()
-                    )
+                    lambda tx: tx.set_recovery_state(step.recovery_id, sagas.UNKNOWN, self.clock())
                 )
                 self.events.emit("payback_pending", msisdn=msisdn, recovery_id=step.recovery_id)
+                if self.follow_up is not None:
+                    self.follow_up("recovery", step.recovery_id, msisdn)
                 return PaybackOutcome(PaybackStatus.PENDING, 0, 0, step.recovery_id)
-            # REFUSED (4012: the balance moved) or never executed: nothing was taken.
-            smaller = requested // 2
+            if result.outcome is InOutcome.NOT_EXECUTED:
+                # 3002/3004 on every immediate send: not executed, nothing taken. The
+                # same operation (Session-Id, amount) is re-sent later, never a smaller
+                # one (RFC 6733 §7.1.3): it stays RECOVERING for the follow-up and the
+                # resolver, which re-send it unchanged.
+                def not_executed(tx: LedgerTx, result: InResult = result) -> None:
+                    tx.note_recovery_attempt(
+                        step.recovery_id, result.outcome.value, result.result_code
+                    )
+
+                await self.ledger.write(not_executed)
+                self.events.emit("payback_pending", msisdn=msisdn, recovery_id=step.recovery_id)
+                if self.follow_up is not None:
+                    self.follow_up("recovery", step.recovery_id, msisdn)
+                return PaybackOutcome(PaybackStatus.PENDING, 0, 0, step.recovery_id)
+            # REFUSED: 4012 (the balance moved since the recharge) is retried with a
+            # smaller amount under a new Session-Id; any other refusal ends it.
+            smaller = requested // 2 if result.result_code == DIAMETER_CREDIT_LIMIT_REACHED else 0
             if attempt >= self.attempts_max or smaller <= 0:
                 outcome = await self.ledger.write(
                     partial(
@@ -260,6 +305,8 @@ class PaybackService:
                     debt_after_minor=outcome.debt_minor,
                     full=False,
                     result_code=result.result_code,
+                    event_id=step.event_id,
+                    in_node=step.in_node,
                 )
                 return outcome
             attempt += 1
@@ -268,15 +315,13 @@ class PaybackService:
             now = self.clock()
 
             def next_attempt(
-                conn: sqlite3.Connection,
+                tx: LedgerTx,
                 session_id: str = session_id,
                 requested: int = requested,
                 result: InResult = result,
                 now: datetime = now,
             ) -> None:
-                store.note_recovery_attempt(
-                    conn, step.recovery_id, result.outcome.value, result.result_code
-                )
-                store.start_recovery_attempt(conn, step.recovery_id, session_id, requested, now)
+                tx.note_recovery_attempt(step.recovery_id, result.outcome.value, result.result_code)
+                tx.start_recovery_attempt(step.recovery_id, session_id, requested, now)
 
             await self.ledger.write(next_attempt)

@@ -8,17 +8,25 @@ what happened without risking a second credit. Still unknown: left for the next 
 after `review_after_attempts` runs it is flagged for manual review (and keeps
 blocking new traffic for that subscriber, which is refused OPERATION_PENDING).
 
-An automatic advance left CONFIRMING (node died between the commit and the CCA or
-its confirmation; the IN unreachable) is confirmed the same way: REFUND_ACCOUNT with
-the advance's own Session-Id and CC-Request-Number and the T flag; see
-`lending.confirm_advance`.
+An automatic advance left CONFIRMING (only for an IN with the opt-in confirmation
+extension: node died between the commit and the CCA or its confirmation; the IN
+unreachable) is confirmed the same way: REFUND_ACCOUNT with the advance's own
+Session-Id and CC-Request-Number and the T flag; see `lending.confirm_advance`. One
+whose IN no longer has the extension (the setting was turned off) is settled ACTIVE
+without sending anything: to that IN the CCA's grant is the credit.
 
-Runs at start-up before traffic, then every `interval_s`.
+Runs at start-up in the background (a subscriber with a pending operation is refused
+OPERATION_PENDING until it settles; the listeners do not wait), then every
+`interval_s`, up to `concurrent_max` operations at once. An operation left pending by
+a service is also followed up on its own (`follow_up`): re-sent after the Tx-timer
+delays `follow_up_delays_s` (2 s, 8 s), so a slow IN's answer settles it within
+seconds rather than at the next periodic run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import dataclass
 
 import structlog
@@ -56,6 +64,13 @@ log = structlog.get_logger(__name__)
 RESOLVE_BATCH_MAX = 1_000  # operations looked at per run
 REVIEW_AFTER_ATTEMPTS = 20  # runs before an unresolved operation goes to manual review
 RESOLVE_INTERVAL_S = 30.0
+# Follow-ups of one pending operation (a loan left UNKNOWN, a recovery not answered in
+# time or answered 3002/3004): re-sent unchanged this long after it was left pending,
+# then after the next delay, before the periodic run takes it over. Spaced like the
+# Tx timer (RFC 4006 §13) of a slow IN. At most FOLLOW_UPS_MAX run at once.
+FOLLOW_UP_DELAYS_S = (2.0, 8.0)
+RESOLVE_CONCURRENT_MAX = 32  # operations re-sent at once by one run
+FOLLOW_UPS_MAX = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +95,17 @@ class Resolver:
         batch_max: int = RESOLVE_BATCH_MAX,
         review_after_attempts: int = REVIEW_AFTER_ATTEMPTS,
         default_language: str = "en",
+        advance_confirmation_nodes: frozenset[str] = frozenset(),
+        follow_up_delays_s: tuple[float, ...] = FOLLOW_UP_DELAYS_S,
+        follow_ups_max: int = FOLLOW_UPS_MAX,
+        concurrent_max: int = RESOLVE_CONCURRENT_MAX,
     ) -> None:
         self.ledger = ledger
+        self.concurrent_max = concurrent_max
+        self.follow_up_delays_s = follow_up_delays_s
+        self.follow_ups_max = follow_ups_max
+        self._follow_ups: set[asyncio.Task[None]] = set()
+        self.advance_confirmation_nodes = advance_confirmation_nodes
         self.in_port = in_port
         self.notifier = notifier
         self.events = events
@@ -93,23 +117,66 @@ class Resolver:
         self.default_language = default_language
 
     async def run_once(self) -> ResolveReport:
+        """One pass over the pending operations, up to `concurrent_max` at once (one
+        subscriber's are serialised by his lock), each re-sent unchanged."""
         loans = await self.ledger.read(lambda c: store.unsettled_loans(c, self.batch_max))
         recs = await self.ledger.read(lambda c: store.unsettled_recoveries(c, self.batch_max))
-        settled_loans = settled_recs = unknown = flagged = 0
-        for loan in loans:
-            if loan.state == store.CONFIRMING:
-                result = await self._resolve_advance(loan.loan_id, loan.msisdn)
-            else:
-                result = await self._resolve_loan(loan.loan_id, loan.msisdn)
-            settled_loans += result == "settled"
-            unknown += result in ("unknown", "flagged")
-            flagged += result == "flagged"
-        for rec in recs:
-            result = await self._resolve_recovery(rec.recovery_id, rec.msisdn)
-            settled_recs += result == "settled"
-            unknown += result in ("unknown", "flagged")
-            flagged += result == "flagged"
-        return ResolveReport(settled_loans, settled_recs, unknown, flagged)
+        slots = asyncio.Semaphore(self.concurrent_max)
+
+        async def loan_result(loan: store.LoanRow) -> str:
+            async with slots:
+                if loan.state != store.CONFIRMING:
+                    return await self._resolve_loan(loan.loan_id, loan.msisdn)
+                if loan.in_node in self.advance_confirmation_nodes:
+                    return await self._resolve_advance(loan.loan_id, loan.msisdn)
+                return await self._settle_unconfirmed_advance(loan.loan_id, loan.msisdn)
+
+        async def recovery_result(rec: store.RecoveryRow) -> str:
+            async with slots:
+                return await self._resolve_recovery(rec.recovery_id, rec.msisdn)
+
+        loan_results = await asyncio.gather(*(loan_result(loan) for loan in loans))
+        rec_results = await asyncio.gather(*(recovery_result(rec) for rec in recs))
+        results = [*loan_results, *rec_results]
+        return ResolveReport(
+            loans_settled=loan_results.count("settled"),
+            recoveries_settled=rec_results.count("settled"),
+            still_unknown=results.count("unknown") + results.count("flagged"),
+            flagged_for_review=results.count("flagged"),
+        )
+
+    def follow_up(self, kind: str, record_id: str, msisdn: str) -> None:
+        """Re-send one pending operation ("loan" or "recovery") unchanged, in the
+        background, after each of `follow_up_delays_s` until it settles; beyond
+        `follow_ups_max` at once it is left to the periodic run (nothing is lost)."""
+        if len(self._follow_ups) >= self.follow_ups_max:
+            log.warning("follow_up_deferred", kind=kind, record_id=record_id)
+            return
+        task = asyncio.create_task(self._follow(kind, record_id, msisdn))
+        self._follow_ups.add(task)
+        task.add_done_callback(self._follow_ups.discard)
+
+    async def _follow(self, kind: str, record_id: str, msisdn: str) -> None:
+        resolve = self._resolve_loan if kind == "loan" else self._resolve_recovery
+        for delay_s in self.follow_up_delays_s:
+            await asyncio.sleep(delay_s)
+            try:
+                result = await resolve(record_id, msisdn)
+            except Exception:
+                log.exception("follow_up_failed", kind=kind, record_id=record_id)
+                return
+            if result in ("settled", "gone", "flagged"):
+                return
+
+    async def drain_follow_ups(self) -> None:
+        """Wait for the follow-ups running now (tests, shutdown)."""
+        while self._follow_ups:
+            await asyncio.gather(*list(self._follow_ups), return_exceptions=True)
+
+    def abandon_follow_ups(self) -> None:
+        """Cancel the follow-ups (their operations stay pending for the periodic run)."""
+        for task in list(self._follow_ups):
+            task.cancel()
 
     async def run_forever(self, interval_s: float = RESOLVE_INTERVAL_S) -> None:
         while True:
@@ -147,6 +214,24 @@ class Resolver:
             return "gone"
         if status is ConfirmStatus.UNKNOWN:
             return await self._unresolved("loans", loan_id, msisdn)
+        return "settled"
+
+    async def _settle_unconfirmed_advance(self, loan_id: str, msisdn: str) -> str:
+        """A CONFIRMING advance of an IN without the confirmation extension: the CCA's
+        grant is the credit there, and a REFUND_ACCOUNT would be a second one."""
+        now = self.clock()
+
+        def settle(conn: sqlite3.Connection) -> bool:
+            loan = store.get_loan(conn, loan_id)
+            if loan is None or loan.state != store.CONFIRMING:
+                return False
+            store.settle_advance(conn, loan_id, True, now)
+            return True
+
+        async with self.locks.hold(msisdn):
+            if not await self.ledger.write(settle):
+                return "gone"
+        log.info("advance_settled_without_confirmation", loan_id=loan_id)
         return "settled"
 
     async def _resolve_loan(self, loan_id: str, msisdn: str) -> str:
@@ -240,6 +325,8 @@ class Resolver:
                     debt_after_minor=outcome.debt_minor,
                     full=outcome.debt_minor == 0,
                     resolved=True,
+                    event_id=rec.event_id,
+                    in_node=rec.in_node,
                 )
                 await safe_notify(
                     self.notifier, payback_notice(msisdn, outcome, await self._language(msisdn))

@@ -9,7 +9,7 @@ retention are deleted. What still protects each key after its row is gone (the l
 and the recovery's own UNIQUE keys) is in docs/ledger.md "Idempotency retention".
 
 The purge goes through the ledger's one writer, one small batch per operation: each
-batch is a single `ledger.write`, so it shares a group commit with the loans of that
+batch is a single unit of work (`ledger.write`), so it shares a group commit with the loans of that
 moment and holds the event loop for a few milliseconds at most, and the next batch
 starts only after that commit. A backlog (the first purge after an upgrade) is worked
 off at the writer's pace without ever taking a long write lock.
@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from extrabalance.ledger import Ledger, store
 from extrabalance.service.lending import Clock
+from extrabalance.service.unit_of_work import UnitOfWork
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +56,7 @@ class IdempotencyRetention:
 
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: UnitOfWork,
         retention: timedelta,
         clock: Clock,
         *,
@@ -80,7 +80,7 @@ class IdempotencyRetention:
         rows = batches = 0
         while True:
             deleted = await self.ledger.write(
-                lambda conn: store.purge_idempotency(conn, cutoff, self.batch_rows)
+                lambda tx: tx.purge_idempotency(cutoff, self.batch_rows)
             )
             batches += 1
             rows += deleted

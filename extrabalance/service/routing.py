@@ -75,7 +75,7 @@ PROBE_NODES_MAX = 16  # IN nodes asked at most for one unknown subscriber
 
 
 class RouteProber:
-    """Finds the home IN of a subscriber no route knows (PROTOCOLS.md, dynamic routing):
+    """Finds the home IN of a subscriber no route knows (docs/protocols.md, dynamic routing):
     asks each candidate IN node with CHECK_BALANCE and keeps the first that knows him
     (does not answer 5030). CHECK_BALANCE moves no money, so probing is safe to repeat.
     """

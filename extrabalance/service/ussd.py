@@ -17,6 +17,16 @@ UCS2 characters: the tier list is paginated, never cut.
 Money safety: the loan is requested with an idempotency key made of the dialog's own
 id (unique per dialog, not the gateway's short session number, which wraps) and the
 step, so a duplicated deliver_sm replays the first outcome and never lends twice.
+
+Repeated inputs: gateways re-send a subscriber's input (a new SMPP sequence number,
+the same its_session_info) when they miss our deliver_sm_resp or time out on their
+side. An input is a repeat when it carries the same dialog step (the sequence number
+of its_session_info, SMPP 3.4 §5.3.2.43) and the same text as one already taken, or,
+when the gateway sends no step, the same text as the previous input within
+`repeat_window_s`. A repeat never advances the dialog: it gets the screen its first
+copy produced when that screen is still the dialog's latest and not final, and
+nothing otherwise (still in flight, overtaken by a later screen, or the dialog ended:
+never a second final screen). Ended dialogs are remembered for `timeout_s` for this.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.service.keywords import ascii_digits
 from extrabalance.service.templates import Templates
 from extrabalance.smpp.text import gsm7_length, is_gsm7
 
@@ -38,6 +50,10 @@ SCREEN_UCS2_MAX = 80  # characters of one USSD screen in UCS2
 OPTION_MORE = "99"
 OPTION_ACCOUNT = "0"
 OPTION_BACK = "9"
+# Without a step number from the gateway, the same text again within this many
+# seconds is taken as the gateway's repeat: shorter than a subscriber can read a
+# screen and answer it.
+REPEAT_WINDOW_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +62,7 @@ class UssdInput:
     dialog_key: str  # gateway dialog id (its_session_info or user_message_reference)
     text: str
     new_dialog: bool  # PSSR indication (op 1) rather than a USSR confirm (op 18)
+    step: int | None = None  # the gateway's sequence number of this input (its_session_info)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +84,17 @@ class LendingApi(Protocol):
     async def status(self, msisdn: str) -> Any: ...
     async def overview(self, msisdn: str) -> tuple[Any, Any]: ...  # (status, offer), one read
     async def set_preferences(self, msisdn: str, **changes: Any) -> Any: ...
+    def record_refusal(self, msisdn: str, reason: str, channel: str) -> None: ...
+
+
+@dataclass(slots=True)
+class _Inputs:
+    """The inputs a dialog took, to recognise a gateway's repeat of one of them."""
+
+    answers: dict[tuple[int | None, str], Screen | None] = field(default_factory=dict)
+    last_text: str | None = None
+    last_at: float = 0.0
+    closed_at: float = 0.0
 
 
 class Step(Enum):
@@ -95,6 +123,7 @@ class Dialog:
     offer: Any = None
     offer_policy: Any = None
     overflow: list[Screen] = field(default_factory=list)  # the rest of a long screen
+    inputs: _Inputs = field(default_factory=_Inputs)
 
 
 class UssdDialogs:
@@ -110,6 +139,7 @@ class UssdDialogs:
         dialogs_max: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
         node_name: str = "eb",
+        repeat_window_s: float = REPEAT_WINDOW_S,
     ) -> None:
         self._lending = lending
         self._t = templates
@@ -117,10 +147,14 @@ class UssdDialogs:
         self._timeout_s = timeout_s
         self._dialogs_max = dialogs_max
         self._clock = clock
+        self._repeat_window_s = repeat_window_s
         self._dialogs: OrderedDict[tuple[str, str], Dialog] = OrderedDict()
+        # Inputs of dialogs that ended, kept `timeout_s` to recognise late repeats.
+        self._ended: OrderedDict[tuple[str, str], _Inputs] = OrderedDict()
         self._ids = itertools.count(1)
-        self._id_prefix = f"{node_name}-{int(time.time() * 1000):x}"
-        self.stats = {"opened": 0, "expired": 0, "evicted": 0, "aborted": 0, "completed": 0}
+        self._id_prefix = f"{node_name}-{int(SYSTEM_CLOCK.time() * 1000):x}"
+        self.stats = {"opened": 0, "expired": 0, "evicted": 0, "aborted": 0, "completed": 0,
+                      "repeats": 0}
 
     def set_templates(self, templates: Templates) -> None:
         """Config reload: the next screen of every dialog uses the new texts."""
@@ -142,6 +176,9 @@ class UssdDialogs:
             del self._dialogs[key]
             dropped += 1
         self.stats["expired"] += dropped
+        ended = self._ended
+        while ended and now - next(iter(ended.values())).closed_at >= self._timeout_s:
+            ended.popitem(last=False)
         return dropped
 
     def abort(self, msisdn: str, dialog_key: str) -> None:
@@ -159,44 +196,95 @@ class UssdDialogs:
             self._dialogs.popitem(last=False)
             self.stats["evicted"] += 1
         dialog = Dialog(f"{self._id_prefix}-{next(self._ids)}", msisdn, language)
+        self._ended.pop(key, None)
         self._touch(key, dialog)
         self.stats["opened"] += 1
         return dialog
 
     def _close(self, key: tuple[str, str], screen: Screen) -> Screen:
-        self._dialogs.pop(key, None)
+        dialog = self._dialogs.pop(key, None)
+        if dialog is not None:
+            self._remember_ended(key, dialog.inputs)
         self.stats["completed"] += 1
         return screen
 
+    def _remember_ended(self, key: tuple[str, str], inputs: _Inputs) -> None:
+        inputs.closed_at = self._clock()
+        self._ended[key] = inputs
+        self._ended.move_to_end(key)
+        while len(self._ended) > self._dialogs_max:
+            self._ended.popitem(last=False)
+
+    def _is_repeat(self, inputs: _Inputs, inp: UssdInput, text: str, now: float) -> bool:
+        if inp.step is not None:
+            return (inp.step, text) in inputs.answers
+        return inputs.last_text == text and now - inputs.last_at <= self._repeat_window_s
+
+    def _took(self, inputs: _Inputs, inp: UssdInput, text: str, now: float) -> tuple[int | None, str]:
+        """Note an input as taken (its answer still to come); returns its key."""
+        if inp.step is None:
+            inputs.answers.clear()  # without steps only the previous input is compared
+        ident = (inp.step, text)
+        inputs.answers[ident] = None
+        inputs.last_text, inputs.last_at = text, now
+        return ident
+
     # -- input -----------------------------------------------------------------
 
-    async def handle(self, inp: UssdInput) -> Screen:
+    async def handle(self, inp: UssdInput) -> Screen | None:
+        """The screen answering `inp`, or None when nothing is to be sent (a repeat
+        whose screen went out already or is still being computed)."""
         key = (inp.msisdn, inp.dialog_key)
         self.expire()
+        now = self._clock()
         dialog = self._dialogs.get(key)
-        text = inp.text.strip()
+        text = ascii_digits(inp.text.strip())  # "١" is "1", as in SMS keywords
+        if dialog is not None and self._is_repeat(dialog.inputs, inp, text, now):
+            self.stats["repeats"] += 1
+            answer = dialog.inputs.answers.get((inp.step, text))
+            if answer is not None and answer is dialog.last_screen and not answer.final:
+                self._touch(key, dialog)
+                return answer
+            return None
+        ended = self._ended.get(key) if dialog is None else None
+        if ended is not None and self._is_repeat(ended, inp, text, now) and (
+            not inp.new_dialog or now - ended.last_at <= self._repeat_window_s
+        ):
+            # The dialog's final screen went out: never a second one.
+            self.stats["repeats"] += 1
+            return None
         if inp.new_dialog:
             if dialog is not None and dialog.last_screen is not None:
                 # The gateway repeated the opening deliver_sm: show the same screen.
                 self._touch(key, dialog)
                 return dialog.last_screen
+            # Opened before the ledger read, so that a repeat arriving meanwhile is
+            # recognised; the language is set once the subscriber is known.
+            dialog = self._open(key, inp.msisdn, self._t.language(None))
+            ident = self._took(dialog.inputs, inp, text, now)
             status, offer = await self._lending.overview(inp.msisdn)
-            dialog = self._open(key, inp.msisdn, self._t.language(_attr(status, "language")))
+            dialog.language = self._t.language(_attr(status, "language"))
             self._keep_offer(dialog, offer)
             screen = await self._open_with_code(key, dialog, text)
         elif dialog is None:
             language = self._t.language(None)
+            if ended is not None:  # its repeat gets no second "expired" screen
+                self._took(ended, inp, text, now)
             return Screen(self._t.render("expired_screen", language), final=True)
         else:
             self._touch(key, dialog)
+            ident = self._took(dialog.inputs, inp, text, now)
             if text == OPTION_MORE and dialog.overflow:
-                return self._next_overflow(key, dialog)
+                screen = self._next_overflow(key, dialog)
+                dialog.inputs.answers[ident] = screen
+                return screen
             dialog.overflow = []
             screen = await self._reply(key, dialog, text)
         if screen_capacity(screen.text) < 0:
             screen = self._paginate_screen(key, dialog, screen)
         if not screen.final and key in self._dialogs:
             dialog.last_screen = screen
+        dialog.inputs.answers[ident] = screen
         return screen
 
     def _paginate_screen(self, key: tuple[str, str], dialog: Dialog, screen: Screen) -> Screen:
@@ -206,6 +294,7 @@ class UssdDialogs:
         parts = split_screen(screen.text, more)
         if screen.final:
             # The dialog stays open for the rest of a final text; the last part ends it.
+            self._ended.pop(key, None)
             self._dialogs[key] = dialog
             self._touch(key, dialog)
         dialog.overflow = [Screen(p, False) for p in parts[1:-1]] + [Screen(parts[-1], screen.final)]
@@ -286,14 +375,14 @@ class UssdDialogs:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refused(lang, offer.reason))
+            return self._close(key, self._refusal(dialog, offer.reason))
         items = [
             (str(t.tier_id), self._t.render("menu_item", lang, {"option": t.tier_id, "amount": t.amount_minor}))
             for t in offer.tiers
             if t.fits
         ]
         if not items:
-            return self._close(key, self._refused(lang, "CEILING_REACHED"))
+            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
         title = self._t.render("menu_title", lang, {"debt": offer.debt_minor, "headroom": offer.headroom_minor})
         dialog.pages = paginate(
             title,
@@ -309,12 +398,12 @@ class UssdDialogs:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refused(lang, offer.reason))
+            return self._close(key, self._refusal(dialog, offer.reason))
         tier = next((t for t in offer.tiers if t.tier_id == tier_id), None)
         if tier is None:
-            return self._close(key, self._refused(lang, "TIER_NOT_ALLOWED"))
+            return self._close(key, self._refusal(dialog, "TIER_NOT_ALLOWED"))
         if not tier.fits:
-            return self._close(key, self._refused(lang, "CEILING_REACHED"))
+            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
         dialog.step = Step.CONFIRM
         dialog.tier_id = tier_id
         dialog.quoted = (tier.amount_minor, tier.fee_minor, tier.total_minor)
@@ -385,6 +474,12 @@ class UssdDialogs:
                 text = text.split("\n", 1)[1]
         return Screen(text, final=False)
 
+    def _refusal(self, dialog: Dialog, reason: Any) -> Screen:
+        """A refusal decided at the menu, before any borrow: recorded like one the
+        lending service decides (EDR, eb_refusals_total), then shown."""
+        self._lending.record_refusal(dialog.msisdn, _reason_code(reason), "ussd")
+        return self._refused(dialog.language, reason)
+
     def _refused(self, lang: str, reason: Any) -> Screen:
         return Screen(self._t.render("refused_screen", lang, {"reason": _reason_code(reason)}), True)
 
@@ -418,25 +513,27 @@ def _parse_code(code: str, service_code: str) -> list[int] | None:
 def paginate(
     title: str, items: list[tuple[str, str]], *, more: str, tail: str
 ) -> list[list[tuple[str, str]]]:
-    """Greedy split of menu lines so that every page (title + lines + nav) fits a screen."""
-    more_option = more.split(" ", 1)[0]
-    tail_option = tail.split(" ", 1)[0]
+    """Greedy split of menu lines so that every page (title + lines + nav) fits a
+    screen, measured in the encoding the page goes out in (GSM 7-bit septets or UCS2
+    characters). A page that is not the last carries only the `more` line; the last
+    one carries `tail`: each page is filled up to the limit."""
+    more_line = (more.split(" ", 1)[0], more)
+    tail_line = (tail.split(" ", 1)[0], tail)
     pages: list[list[tuple[str, str]]] = []
     current: list[tuple[str, str]] = []
     for item in items:
-        trial = current + [item]
-        # Room must stay for both nav lines unless this could be the last page.
-        if current and screen_capacity(
-            render_page(title, trial + [(more_option, more), (tail_option, tail)])
-        ) < 0:
-            pages.append(current + [(more_option, more)])
-            current = [item]
-        else:
-            current = trial
-    if screen_capacity(render_page(title, current + [(tail_option, tail)])) < 0 and current:
-        pages.append(current + [(more_option, more)])
-        current = []
-    pages.append(current + [(tail_option, tail)])
+        if current and screen_capacity(render_page(title, [*current, item, more_line])) < 0:
+            pages.append([*current, more_line])
+            current = []
+        current.append(item)
+    # The last page ends with `tail` instead: what no longer fits goes to one more page.
+    moved: list[tuple[str, str]] = []
+    while current and screen_capacity(render_page(title, [*current, tail_line])) < 0:
+        moved.insert(0, current.pop())
+    if moved:
+        pages.append([*current, more_line])
+        current = moved
+    pages.append([*current, tail_line])
     for page in pages:
         if screen_capacity(render_page(title, page)) < 0:
             raise ValueError("a single menu line does not fit on a USSD screen")

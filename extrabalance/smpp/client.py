@@ -45,6 +45,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUBMIT_ATTEMPTS_MAX = 6  # first try + 5 resends, then SubmitError
+# Of those resends, how many may follow a response timeout: the SMSC may have taken
+# the first copy (it answered late or its answer was lost), so each is a possible
+# duplicate on the handset, counted in `Esme.stats["timeout_resends"]`.
+TIMEOUT_RESENDS_MAX = 0
 RETRY_BACKOFF_BASE_S = 0.05
 RETRY_BACKOFF_MAX_S = 5.0
 RECONNECT_BACKOFF_BASE_S = 0.2
@@ -74,6 +78,14 @@ class BindConfig:
     enquire_link_s: float = 30.0
     response_timeout_s: float = 5.0
     reconnect_backoff_max_s: float = 30.0
+    # "idle": enquire_link after enquire_link_s without traffic (SMPP 3.4 §4.11);
+    # "periodic": every enquire_link_s whatever the traffic, for gateways that expect it.
+    enquire_link_mode: str = "idle"
+    # its_session_info sequence in our USSD answers: "increment" (the received one + 1)
+    # or "echo" (the received one), as the gateway expects.
+    its_sequence: str = "increment"
+    # Where the password came from, named when the SMSC refuses it (never the value).
+    password_source: str = ""
 
     @property
     def name(self) -> str:
@@ -156,6 +168,9 @@ class _BindWorker:
         self.connects = 0
         self.failures_in_row = 0
         self.bound_since_s: float | None = None
+        # submit_sm timed out / answered after their timeout, over every connection
+        self.counters = {"timeouts": 0, "late_responses": 0, "connect_failures": 0,
+                         "connections_lost": 0, "binds": 0}
 
     @property
     def bound(self) -> bool:
@@ -189,14 +204,17 @@ class _BindWorker:
                 )
             except (TimeoutError, OSError) as exc:
                 self.last_error = f"connect failed: {exc or type(exc).__name__}"
+                self.counters["connect_failures"] += 1
+                self._log_failure(self.last_error)
                 await self._backoff()
                 continue
             session = Session(
                 Role.ESME, window_max=cfg.window_max, response_timeout_s=cfg.response_timeout_s,
                 enquire_link_s=cfg.enquire_link_s,
+                enquire_link_periodic=cfg.enquire_link_mode == "periodic",
             )
             conn = SmppConnection(session, reader, writer, self._on_request, name=self.name,
-                                  clock=self.esme._clock)
+                                  clock=self.esme._clock, stats=self.counters)
             session.bind("trx", cfg.system_id, cfg.password, cfg.system_type,
                          now_s=self.esme._clock())
             conn.flush()
@@ -204,27 +222,41 @@ class _BindWorker:
             await conn.bind_done.wait()
             if conn.bound.is_set():
                 self.conn = conn
+                rebind = self.counters["binds"] > 0
+                self.counters["binds"] += 1
                 self.failures_in_row = 0
                 self.last_error = None
                 self.bound_since_s = self.esme._clock()
                 self.esme._bound_changed()
-                log.info("smpp %s: bound", self.name)
+                log.info("smpp %s: %s", self.name, "bound again" if rebind else "bound")
             else:
                 self.last_bind_status = conn.bind_refused_status
                 if conn.bind_refused_status is not None:
                     self.last_error = f"bind refused: {status_name(conn.bind_refused_status)}"
+                    if (conn.bind_refused_status == Status.ESME_RINVPASWD
+                            and cfg.password_source):
+                        self.last_error += f" (password from {cfg.password_source})"
                 else:
                     self.last_error = f"closed before bind: {conn.close_reason}"
-                log.warning("smpp %s: %s", self.name, self.last_error)
+                self._log_failure(self.last_error)
                 conn.close()
             await runner
             if self.conn is conn:
-                self.last_error = self.last_error or f"connection lost: {conn.close_reason}"
+                self.last_error = f"connection lost: {conn.close_reason}"
+                self.counters["connections_lost"] += 1
+                log.warning("smpp %s: %s", self.name, self.last_error)
                 self.conn = None
                 self.bound_since_s = None
                 self.esme._bound_changed()
             if not self.esme._closing:
                 await self._backoff()
+
+    def _log_failure(self, error: str) -> None:
+        # Rate-limited: the first failure in a row, then the 2nd, 4th, 8th... (one
+        # line per backoff doubling) and every 64th once the backoff is at its cap.
+        n = self.failures_in_row + 1
+        if n & (n - 1) == 0 or n % 64 == 0:
+            log.warning("smpp %s: %s (%d in a row)", self.name, error, n)
 
     async def _backoff(self) -> None:
         # Exponential, capped, with jitter so that several nodes do not reconnect
@@ -257,6 +289,7 @@ class _BindWorker:
             "connects": self.connects,
             "last_error": self.last_error,
             "last_bind_status": self.last_bind_status,
+            **self.counters,
         }
 
 
@@ -275,6 +308,7 @@ class Esme:
         on_deliver: OnDeliver,
         *,
         submit_attempts_max: int = SUBMIT_ATTEMPTS_MAX,
+        timeout_resends_max: int = TIMEOUT_RESENDS_MAX,
         retry_backoff_base_s: float = RETRY_BACKOFF_BASE_S,
         retry_backoff_max_s: float = RETRY_BACKOFF_MAX_S,
         submit_wait_bound_s: float = SUBMIT_WAIT_BOUND_S,
@@ -290,6 +324,11 @@ class Esme:
         self._on_deliver = on_deliver
         self._clock = clock
         self.submit_attempts_max = submit_attempts_max
+        self.timeout_resends_max = timeout_resends_max
+        # timeout_resends: submits sent again after a response timeout (duplicate
+        # risk); timeout_given_up: submits not sent again (bound reached, or the
+        # caller no longer wanted it: a later screen of the same dialog went out).
+        self.stats = {"timeout_resends": 0, "timeout_given_up": 0}
         self.retry_backoff_base_s = retry_backoff_base_s
         self.retry_backoff_max_s = retry_backoff_max_s
         self.submit_wait_bound_s = submit_wait_bound_s
@@ -340,19 +379,41 @@ class Esme:
             if w.conn is not None:
                 w.conn.close()
 
+    def bind_config(self, name: str) -> BindConfig | None:
+        """The configuration of the bind named `name` (as given to on_deliver)."""
+        return next((w.cfg for w in self._workers if w.name == name), None)
+
     def bind_states(self) -> list[dict[str, object]]:
         return [w.state() for w in self._workers]
 
     # -- submitting ------------------------------------------------------------------
 
-    async def submit(self, pdu: SubmitSm) -> SubmitResult:
+    async def submit(self, pdu: SubmitSm, *,
+                     resend_if: Callable[[], bool] | None = None) -> SubmitResult:
         """Submit on the least loaded bound bind. Throttling answers
-        (ESME_RTHROTTLED, ESME_RMSGQFUL), timeouts and lost connections are retried
-        with bounded, jittered backoff, up to submit_attempts_max tries; then
-        SubmitError. Other error statuses are returned, not retried."""
+        (ESME_RTHROTTLED, ESME_RMSGQFUL) and lost connections are retried with
+        bounded, jittered backoff, up to submit_attempts_max tries; then SubmitError.
+        A response timeout is retried at most timeout_resends_max times (the SMSC may
+        have the first copy), and never when `resend_if()` says the message is no
+        longer wanted. Other error statuses are returned, not retried."""
         last_status: int | None = None
         last_reason = ""
+        timeout_resends = 0
         for attempt in range(1, self.submit_attempts_max + 1):
+            if attempt > 1 and resend_if is not None and not resend_if():
+                if last_reason == "timeout":
+                    self.stats["timeout_given_up"] += 1
+                raise SubmitError(f"submit_sm not sent again ({last_reason}): superseded",
+                                  last_status, attempt - 1)
+            if last_reason == "timeout":
+                if timeout_resends >= self.timeout_resends_max:
+                    self.stats["timeout_given_up"] += 1
+                    raise SubmitError(
+                        f"submit_sm unanswered after {timeout_resends + 1} attempts "
+                        f"(timeout resends bounded at {self.timeout_resends_max})",
+                        last_status, attempt - 1)
+                timeout_resends += 1
+                self.stats["timeout_resends"] += 1
             worker = self._least_loaded()  # no coroutine when a bind is up
             if worker is None:
                 try:
@@ -379,7 +440,7 @@ class Esme:
                     return SubmitResult("", status or Status.ESME_RUNKNOWNERR, attempt,
                                         worker.name)
                 last_status, last_reason = status, status_name(status)
-            if attempt < self.submit_attempts_max:
+            if attempt < self.submit_attempts_max and last_reason != "timeout":
                 ceiling = min(self.retry_backoff_max_s,
                               self.retry_backoff_base_s * 2 ** (attempt - 1))
                 await self._sleep(ceiling * random.uniform(0.5, 1.0))

@@ -29,6 +29,7 @@ from extrabalance.smpp.pdu import RESPONSE_CLASS, Pdu, Status, make_response, st
 from extrabalance.smpp.session import (
     BindRefused,
     Bound,
+    LateResponse,
     LinkDead,
     ProtocolViolation,
     RequestFailed,
@@ -84,6 +85,7 @@ class SmppConnection:
         name: str = "",
         clock: Callable[[], float] = time.monotonic,
         tick_interval_s: float = TICK_INTERVAL_S,
+        stats: dict[str, int] | None = None,
     ) -> None:
         self.session = session
         self.name = name
@@ -94,6 +96,14 @@ class SmppConnection:
         self._tick_interval_s = tick_interval_s
         self._loop = asyncio.get_running_loop()
         self._futures: dict[int, asyncio.Future[Pdu]] = {}
+        # Requests whose caller was told "timeout" but which the peer may still answer:
+        # each keeps its window slot until its response or the connection's end.
+        self._late: set[int] = set()
+        self._taken_over: set[int] = set()  # of those, the ones request() must not release
+        # counted across connections when the owner passes its own dict
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("timeouts", 0)
+        self.stats.setdefault("late_responses", 0)
         # The window of unanswered requests (FIFO: a newcomer cannot overtake a waiter).
         self.slots = FifoWindow(session.window_max)
         self._flush_pending = False
@@ -123,6 +133,7 @@ class SmppConnection:
     async def request(self, pdu: Pdu) -> Pdu:
         """Send a request and wait for its response (which may carry an error status)."""
         await self.slots.acquire()
+        seq: int | None = None
         try:
             if self.closed.is_set():
                 raise RequestFailedError("closed")
@@ -138,11 +149,15 @@ class SmppConnection:
                     await self._writer.drain()
             return await fut
         finally:
-            self.slots.release()
+            if seq is not None and seq in self._taken_over:
+                # Timed out: the slot goes back with the late response or the close.
+                self._taken_over.discard(seq)
+            else:
+                self.slots.release()
 
     @property
     def window_free(self) -> int:
-        return self.session.window_max - len(self._futures)
+        return self.session.window_max - len(self._futures) - len(self._late)
 
     # -- the loops -------------------------------------------------------------------
 
@@ -186,6 +201,9 @@ class SmppConnection:
             if not fut.done():
                 fut.set_exception(RequestFailedError("closed"))
         self._futures.clear()
+        for _ in range(len(self._late)):
+            self.slots.release()  # waiters then find the connection closed
+        self._late.clear()
         for task in list(self._tasks):
             task.cancel()
         self.closed.set()
@@ -215,9 +233,21 @@ class SmppConnection:
                 fut = self._futures.pop(ev.sequence_number, None)
                 if fut is not None and not fut.done():
                     fut.set_result(ev.response)
+            elif isinstance(ev, LateResponse):
+                self.stats["late_responses"] += 1
+                if ev.sequence_number in self._late:
+                    self._late.discard(ev.sequence_number)
+                    self.slots.release()
             elif isinstance(ev, RequestFailed):
-                fut = self._futures.pop(ev.sequence_number, None)
-                if fut is not None and not fut.done():
+                seq = ev.sequence_number
+                fut = self._futures.pop(seq, None)
+                if fut is None:
+                    continue
+                if ev.reason == "timeout":
+                    self.stats["timeouts"] += 1
+                    self._late.add(seq)
+                    self._taken_over.add(seq)
+                if not fut.done():
                     fut.set_exception(RequestFailedError(ev.reason, ev.status))
             elif isinstance(ev, RequestReceived):
                 if ev.pdu.command_id not in RESPONSE_CLASS:
@@ -239,8 +269,8 @@ class SmppConnection:
                 self.close_reason = self.close_reason or (
                     "unbound by peer" if ev.by_peer else "unbound")
             elif isinstance(ev, LinkDead):
-                self.close_reason = "enquire_link unanswered"
-                log.warning("smpp %s: enquire_link unanswered, closing", self.name)
+                self.close_reason = ev.reason
+                log.warning("smpp %s: %s, closing", self.name, ev.reason)
             elif isinstance(ev, ProtocolViolation):
                 log.warning("smpp %s: %s", self.name, ev.detail)
 

@@ -62,6 +62,7 @@ from extrabalance.smpp.pdu import (
 __all__ = [
     "BIND_CLASSES",
     "INBOUND_PENDING_MAX_DEFAULT",
+    "LATE_RESPONSE_WAIT_FACTOR",
     "QUEUE_MAX_DEFAULT",
     "TRANSITIONS",
     "WINDOW_MAX_DEFAULT",
@@ -70,6 +71,7 @@ __all__ = [
     "BindRefused",
     "Bound",
     "Event",
+    "LateResponse",
     "LinkDead",
     "ProtocolViolation",
     "QueueFull",
@@ -87,6 +89,9 @@ __all__ = [
 WINDOW_MAX_DEFAULT = 10
 QUEUE_MAX_DEFAULT = 1_000
 INBOUND_PENDING_MAX_DEFAULT = 100
+# A request that timed out keeps its window slot this many response timeouts longer
+# for a late answer; then the connection is reset (the peer lost it).
+LATE_RESPONSE_WAIT_FACTOR = 6
 
 
 class _FastEnum(enum.Enum):
@@ -310,13 +315,26 @@ class RequestFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class LateResponse:
+    """The answer to a request already reported as RequestFailed("timeout"): its
+    window slot is free again. `response` is None when the answer did not decode."""
+
+    sent: Pdu
+    sequence_number: int
+    response: Pdu | None
+
+
+@dataclass(frozen=True, slots=True)
 class Unbound:
     by_peer: bool
 
 
 @dataclass(frozen=True, slots=True)
 class LinkDead:
-    """enquire_link went unanswered: close the transport and reconnect."""
+    """enquire_link went unanswered, or every window slot is held by a request the
+    peer never answered: close the transport and reconnect."""
+
+    reason: str = "enquire_link unanswered"
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,8 +344,8 @@ class ProtocolViolation:
 
 
 SessionEvent = (
-    Bound | BindRefused | RequestReceived | ResponseReceived | RequestFailed | Unbound
-    | LinkDead | ProtocolViolation
+    Bound | BindRefused | RequestReceived | ResponseReceived | RequestFailed | LateResponse
+    | Unbound | LinkDead | ProtocolViolation
 )
 
 
@@ -337,6 +355,7 @@ class _Outstanding:
     sequence_number: int
     deadline_s: float
     in_window: bool
+    timed_out: bool = False  # the caller was told; the window slot stays taken
 
 
 class Session:
@@ -353,6 +372,7 @@ class Session:
         inbound_pending_max: int = INBOUND_PENDING_MAX_DEFAULT,
         response_timeout_s: float = 5.0,
         enquire_link_s: float = 30.0,
+        enquire_link_periodic: bool = False,
     ) -> None:
         if role is Role.SMSC and authenticator is None:
             raise ValueError("the SMSC role needs an authenticator")
@@ -365,6 +385,10 @@ class Session:
         self.inbound_pending_max = inbound_pending_max
         self.response_timeout_s = response_timeout_s
         self.enquire_link_s = enquire_link_s
+        # False: enquire_link after enquire_link_s of silence (SMPP 3.4 §4.11);
+        # True: every enquire_link_s whatever the traffic.
+        self.enquire_link_periodic = enquire_link_periodic
+        self._last_enquire_s: float | None = None
         self.state = State.OPEN
         self._framer = Framer()
         self._out = bytearray()
@@ -479,11 +503,9 @@ class Session:
         """Fire response timeouts and enquire_link. Call at least every second."""
         if self._last_rx_s is None:
             self._last_rx_s = now_s
-        expired = [seq for seq, o in self._outstanding.items() if o.deadline_s <= now_s]
-        for seq in expired:
-            o = self._outstanding.pop(seq)
-            if o.in_window:
-                self._in_window -= 1
+        expired = [o for o in self._outstanding.values() if o.deadline_s <= now_s]
+        for o in expired:
+            seq = o.sequence_number
             if seq == self._enquire_seq:
                 self._enquire_seq = None
                 self._events.append(LinkDead())
@@ -491,14 +513,32 @@ class Session:
                 return self._take_events()
             if (self.state is State.BINDING and self._bind_pdu is not None
                     and seq == self._bind_pdu.sequence_number):
+                del self._outstanding[seq]
                 self._dispatch(Event.BIND_TIMEOUT, None, now_s)
                 continue
+            if o.timed_out:
+                # Not answered long after its timeout either: the peer lost it, and
+                # only a new connection gives its window slot back.
+                self._events.append(LinkDead(
+                    f"{type(o.sent).__name__} unanswered for "
+                    f"{self.response_timeout_s * (1 + LATE_RESPONSE_WAIT_FACTOR):g} s"))
+                self._dispatch(Event.CONNECTION_LOST, None, now_s)
+                return self._take_events()
+            # The request may still be answered (a slow peer): it keeps its window
+            # slot until its response, a generic_nack or the end of the connection,
+            # so the peer never sees more than window_max requests unanswered.
+            o.timed_out = True
+            o.deadline_s = now_s + self.response_timeout_s * LATE_RESPONSE_WAIT_FACTOR
             self._events.append(RequestFailed(o.sent, seq, "timeout"))
         self._pump(now_s)
+        if self._last_enquire_s is None:
+            self._last_enquire_s = now_s
+        since = self._last_enquire_s if self.enquire_link_periodic else self._last_rx_s
         if (
             self.bound and self._enquire_seq is None
-            and now_s - self._last_rx_s >= self.enquire_link_s
+            and now_s - since >= self.enquire_link_s
         ):
+            self._last_enquire_s = now_s
             seq = self._take_seq()
             self._enquire_seq = seq
             self._outstanding[seq] = _Outstanding(
@@ -645,6 +685,8 @@ class Session:
         elif action is Action.FAIL_PENDING:
             reason = "closed"
             for o in self._outstanding.values():
+                if o.timed_out:
+                    continue  # its caller was told at the timeout
                 if o.sent.command_id not in (CommandId.ENQUIRE_LINK, CommandId.UNBIND):
                     self._events.append(RequestFailed(o.sent, o.sequence_number, reason))
             for seq, req in self._queue:
@@ -675,6 +717,7 @@ class Session:
                 if o.in_window:
                     self._in_window -= 1
                 self._events.append(
+                    LateResponse(o.sent, seq, None) if o.timed_out else
                     RequestFailed(o.sent, seq, "undecodable response", exc.status))
                 self._pump(now_s)
             return
@@ -701,6 +744,9 @@ class Session:
         cid = o.sent.command_id
         if cid in _BIND_STATE or cid == CommandId.UNBIND:
             return  # bind/unbind outcomes are reported by NOTIFY_* actions
+        if o.timed_out:
+            self._events.append(LateResponse(o.sent, o.sequence_number, resp))
+            return
         self._events.append(ResponseReceived(o.sent, o.sequence_number, resp))
 
     def _take_seq(self) -> int:

@@ -1,7 +1,7 @@
 """USSD over SMPP: builders for the node (submit_sm) and the simulator (deliver_sm),
 and the parser of an incoming USSD deliver_sm. Pure functions, no IO.
 
-Conventions (PROTOCOLS.md): service_type "USSD"; ussd_service_op 0x0501 carries the
+Conventions (docs/protocols.md): service_type "USSD"; ussd_service_op 0x0501 carries the
 dialogue operation; the dialogue id is its_session_info 0x1383 (or
 user_message_reference 0x0204), always together with the MSISDN; a vendor value of
 ussd_service_op (default 0x81) aborts the dialogue. One screen holds at most 182 GSM

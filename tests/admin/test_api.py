@@ -193,10 +193,12 @@ async def test_stats_figures_match_the_ledger(played):
     stats = (await call(port, "GET", "/api/v1/stats", token=TOKEN)).json()
     totals = await env.node.ledger.account_totals()
     assert stats["outstanding_minor"] == totals["principal_receivable"] + totals["fee_receivable"]
-    assert stats["lent_minor"] == 1400 and stats["fees_minor"] == 150
+    assert stats["lent_minor"] == 1700 and stats["fees_minor"] == 180
     assert stats["recovered_minor"] == 550
-    assert stats["recovery_rate"] == round(550 / 1550, 4)
-    assert stats["refusals_by_reason"] == {"BARRED_BAD_DEBT": 1, "NOT_OPTED_IN": 1}
+    assert stats["recovery_rate"] == round(550 / 1880, 4)
+    # USSD menu refusals (the ceiling, then the bar) count like the others.
+    assert stats["refusals_by_reason"] == {"BARRED_BAD_DEBT": 2, "CEILING_REACHED": 1,
+                                           "NOT_OPTED_IN": 1}
     assert set(stats["rates_per_s"]) == {"loans", "paybacks", "ads"}
     assert stats["peers_open"] >= 2 and stats["binds_bound"] == 1
 

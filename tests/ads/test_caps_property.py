@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from extrabalance.ledger import store
 from extrabalance.ledger.db import migrate
+from extrabalance.ledger.sqlite_uow import SqliteLedgerTx
 from extrabalance.service.ads import AdPolicy, AdRequest, AdTrigger, decide_and_record
 from tests.ads.conftest import RULES
 from tests.core.sample import POLICY
@@ -30,7 +31,7 @@ event = st.tuples(
 
 
 def fresh_conn():
-    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn = sqlite3.connect(":memory:", isolation_level=None, factory=SqliteLedgerTx)
     migrate(conn)
     now = DAY_START
     for m in SUBSCRIBERS:

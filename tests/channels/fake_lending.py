@@ -32,6 +32,7 @@ class FakeLending:
     borrow_calls: int = 0
     pending: bool = False  # answer PENDING (the IN timed out)
     reads: int = 0  # quotes and overviews asked for (each is a ledger read in the node)
+    refusals: list[tuple[str, str, str]] = field(default_factory=list)  # record_refusal
 
     def add(self, msisdn: str, tenure_days: int, arpu_minor: int, **state: Any) -> None:
         self.states[msisdn] = SubscriberState(
@@ -51,6 +52,9 @@ class FakeLending:
     async def overview(self, msisdn: str) -> tuple[SubscriberState, Any]:
         self.reads += 1
         return self._state(msisdn), offer(self._state(msisdn), self.policy, datetime.now(UTC))
+
+    def record_refusal(self, msisdn: str, reason: str, channel: str) -> None:
+        self.refusals.append((msisdn, reason, channel))
 
     async def set_preferences(self, msisdn: str, **changes: Any) -> None:
         mapping = {"auto_advance": "auto_advance_opt_in", "ads_opt_out": "ads_opt_out",

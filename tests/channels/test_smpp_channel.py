@@ -20,7 +20,7 @@ def channel_with(lending: FakeLending, sent: list[tuple[str, str]], *,
     s = load_settings()
     t = Templates(s.templates, "en", 2)
 
-    async def submit(pdu):  # USSD screens: not used here
+    async def submit(pdu, **_):  # USSD screens: not used here
         return None
 
     async def send_sms(source, dest, text, *, registered_delivery=True):
@@ -74,3 +74,45 @@ async def test_loan_keyword_in_one_part_lends_once():
     ch.on_deliver(pdu, "bind-1")  # the SMSC re-sent it after a lost response
     await asyncio.sleep(0.05)
     assert lending.borrow_calls == 1
+
+
+async def test_source_longer_than_e164_is_refused_like_the_admin_api_does():
+    # E.164: at most 15 digits. 16 are refused at the SMPP edge (as by the admin API
+    # and the phone simulator), with the SMPP 3.4 status for a bad source address.
+    from extrabalance.core.msisdn import MSISDN_DIGITS_MAX, is_msisdn
+    from extrabalance.smpp.pdu import Status
+
+    lending = FakeLending(load_settings().policy())
+    sent: list[tuple[str, str]] = []
+    ch = channel_with(lending, sent)
+    too_long = "2" * (MSISDN_DIGITS_MAX + 1)
+    assert not is_msisdn(too_long) and is_msisdn("2" * MSISDN_DIGITS_MAX)
+    status = ch.on_deliver(DeliverSm(source_addr=too_long, destination_addr="1234",
+                                     short_message=b"HELP"), "bind-1")
+    assert status == Status.ESME_RINVSRCADR
+    await asyncio.sleep(0.05)
+    assert sent == []
+
+
+async def test_loan_keyword_resent_with_a_new_sequence_number_lends_once():
+    """An SMSC that missed our deliver_sm_resp re-sends the MO under a new sequence
+    number (and maybe on another bind): one loan. The same request after the window
+    is a new one."""
+    lending = FakeLending(load_settings().policy())
+    lending.add(M, 400, 5000)
+    sent: list[tuple[str, str]] = []
+    now = [1000.0]
+    ch = channel_with(lending, sent, clock=lambda: now[0])
+    for seq, bind, text in ((42, "bind-1", b"LOAN 5"), (43, "bind-1", b"LOAN 5"),
+                            (7, "bind-2", b"loan  5")):
+        ch.on_deliver(DeliverSm(source_addr=M, destination_addr="1234", short_message=text,
+                                sequence_number=seq), bind)
+        await asyncio.sleep(0.01)
+        now[0] += 10
+    assert lending.borrow_calls == 1
+    assert ch.stats["sms_repeats"] == 2
+    now[0] += 200  # past the 120 s window: the subscriber asks again
+    ch.on_deliver(DeliverSm(source_addr=M, destination_addr="1234", short_message=b"LOAN 5",
+                            sequence_number=44), "bind-1")
+    await asyncio.sleep(0.01)
+    assert lending.borrow_calls == 2

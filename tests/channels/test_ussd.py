@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from extrabalance.config import load_settings
@@ -57,12 +59,19 @@ def dialogs(lending, templates, clock):
     return UssdDialogs(lending, templates, timeout_s=60, clock=clock)
 
 
+# The dialog step (its_session_info sequence) a gateway gives each input, per dialog.
+_steps: dict[tuple[int, str, str], int] = {}
+
+
 async def dial(d: UssdDialogs, text: str, msisdn: str = A, key: str = "7") -> Screen:
-    return await d.handle(UssdInput(msisdn, key, text, new_dialog=True))
+    _steps[(id(d), msisdn, key)] = 0
+    return await d.handle(UssdInput(msisdn, key, text, new_dialog=True, step=0))
 
 
 async def reply(d: UssdDialogs, text: str, msisdn: str = A, key: str = "7") -> Screen:
-    return await d.handle(UssdInput(msisdn, key, text, new_dialog=False))
+    step = _steps.get((id(d), msisdn, key), 0) + 2  # the gateway's next input
+    _steps[(id(d), msisdn, key)] = step
+    return await d.handle(UssdInput(msisdn, key, text, new_dialog=False, step=step))
 
 
 def fits(screen: Screen) -> bool:
@@ -81,7 +90,11 @@ async def test_menu_pick_confirm_lends_once(dialogs, lending):
     assert done.final
     assert done.text == "Done: 5.00 EGP added to your balance. You owe 5.50 EGP."
     assert lending.borrow_calls == 1
-    # The gateway repeats the confirm after the dialog closed: no second loan.
+    # The gateway repeats the confirm after the dialog closed (same step): no second
+    # loan, and no second final screen either.
+    step = _steps[(id(dialogs), A, "7")]
+    assert await dialogs.handle(UssdInput(A, "7", "1", new_dialog=False, step=step)) is None
+    # A new input of the ended dialog finds it gone.
     again = await reply(dialogs, "1")
     assert again.final and "expired" in again.text
     assert lending.borrow_calls == 1
@@ -330,3 +343,30 @@ async def test_a_screen_too_long_is_split_never_cut(lending, settings, clock):
     assert "Fee 0.50 EGP, repay 5.50 EGP." in joined and parts[-1].text.endswith("2 Cancel")
     done = await reply(d, "1")
     assert done.final and lending.borrow_calls == 1
+
+
+async def test_arabic_indic_digits_are_menu_input(dialogs, lending):
+    """As in SMS (`سلفة ٥`): "٢" picks tier 2 and "۱" (Eastern Arabic-Indic) confirms."""
+    await lending.set_preferences(A, language="ar")
+    await dial(dialogs, "*123#")
+    confirm = await reply(dialogs, "٢")
+    assert confirm.text.startswith("سلفة") and not confirm.final
+    done = await reply(dialogs, "۱")
+    assert done.final and done.text.startswith("تم: أضيف")
+    assert lending.borrow_calls == 1
+
+
+async def test_arabic_menu_pages_are_filled_to_the_ucs2_limit(dialogs, lending):
+    await lending.set_preferences(V, language="ar")
+    pages = [await dial(dialogs, "*123#", msisdn=V)]
+    while "99 المزيد" in pages[-1].text:
+        pages.append(await reply(dialogs, "99", msisdn=V))
+    tiers = [line.split(" ")[0] for p in pages for line in p.text.splitlines()[1:-1]]
+    assert tiers == [str(i) for i in range(1, 13)]
+    title = pages[0].text.splitlines()[0]
+    for page, following in itertools.pairwise(pages):
+        lines = page.text.splitlines()
+        # the next page's first tier would not have fitted on this one
+        fuller = "\n".join([title, *lines[1:-1], following.text.splitlines()[1], lines[-1]])
+        assert screen_capacity(fuller) < 0
+    assert len(pages) <= 6  # tier 8 no longer takes seven "99"

@@ -29,6 +29,6 @@ def sample_ccr_dataclass(**changes: object) -> gy.CreditControlRequest:
 
 
 def sample_ccr(**changes: object) -> Message:
-    """The node's CCR-Event REFUND_ACCOUNT of PROTOCOLS.md, 10.00 EGP."""
+    """The node's CCR-Event REFUND_ACCOUNT of docs/protocols.md, 10.00 EGP."""
     return gy.build_ccr(sample_ccr_dataclass(**changes), currency_exponent=2,
                         hop_by_hop_id=0x1111, end_to_end_id=0x2222)

@@ -214,3 +214,75 @@ def test_the_wire_check_can_fail(tmp_path: Path) -> None:
     write_pcap(pcap, [(True, codec.encode(broken))])
     _, problems = tshark_problems(pcap)
     assert problems
+
+
+def expert_lines(pcap: Path, severity: str = "warn") -> list[str]:
+    """The summary lines of tshark's expert table at `severity` and above."""
+    base = ["tshark", "-n", "-r", str(pcap), "-d", f"tcp.port=={DIAMETER_PORT},diameter"]
+    out = subprocess.run([*base, "-2", "-q", "-z", f"expert,{severity}"], check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [line.strip() for line in out.stdout.splitlines()
+            if line.strip() and line.strip()[0].isdigit()]
+
+
+def _avp_positions(buf: bytes, pos: int, end: int, out: list[int]) -> list[int]:
+    grouped = {437, 413, 445, 443, 456}
+    while pos + 8 <= end:
+        code, word = struct.unpack_from(">II", buf, pos)
+        length = word & 0xFFFFFF
+        out.append(pos)
+        if code in grouped:
+            _avp_positions(buf, pos + 8, pos + length, out)
+        pos += length + (-length & 3)
+    return out
+
+
+def length_error_answers() -> list[bytes]:
+    """Issue 16: every single-AVP length corruption of a CCR (±1, ±4, ±8 on each AVP,
+    nested ones included) that the decoder answers 5014, and the answer we send."""
+    base = codec.encode(sample_ccr(requested_action=gy.REFUND_ACCOUNT))
+    answers = []
+    for pos in _avp_positions(base, codec.HEADER_BYTES, len(base), []):
+        for delta in (1, -1, 4, -4, 8, -8):
+            raw = bytearray(base)
+            word = struct.unpack_from(">I", raw, pos + 4)[0]
+            struct.pack_into(">I", raw, pos + 4, (word & 0xFF000000) | ((word & 0xFFFFFF) + delta))
+            try:
+                codec.decode(bytes(raw))
+            except DiameterError as err:
+                if err.result_code == 5014:
+                    answers.append(codec.encode(codec.error_answer(
+                        err, "eb.node.example", "node.example")))
+    return answers
+
+
+def test_a_length_error_answer_carries_a_well_formed_failed_avp() -> None:
+    """RFC 6733 §7.1.5 / §7.5: the Failed-AVP of a 5014 is a stand-in of the offending
+    AVP's code and minimum length (or the whole children of its Grouped AVP), which
+    our own strict decoder reads back without a fault."""
+    answers = length_error_answers()
+    assert len(answers) > 40
+    for data in answers:
+        failed = decode(data).first(279)
+        assert failed is not None
+        for inner in failed.value:
+            raw = codec.encode_avp(inner)
+            # The strict decoder (no leniency, as for a request) reads it back whole.
+            assert codec._decode_avps(raw, 0, len(raw), 0, None) == [inner], inner
+
+
+@needs_tshark
+def test_tshark_reads_every_length_error_answer_without_a_malformation(tmp_path: Path) -> None:
+    """The conformance prober's case (a CC-Money claiming more bytes than its
+    Requested-Service-Unit holds: "Malformed: Wrong AVP(413) length") and every other
+    single length corruption: tshark finds nothing malformed in our answers. Its only
+    warning left is for an AVP code it does not know, read where a wrong length made
+    the decoder look (the bytes the peer sent, reported as RFC 6733 §7.5 asks)."""
+    pcap = tmp_path / "answers.pcap"
+    write_pcap(pcap, [(False, data) for data in length_error_answers()])
+    lines = expert_lines(pcap)
+    bad = [line for line in lines if "Unknown AVP" not in line]
+    assert not bad, bad
+    text, _ = tshark_problems(pcap)
+    assert "Malformed Packet" not in text

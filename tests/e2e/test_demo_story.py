@@ -6,14 +6,14 @@ import json
 import subprocess
 import sys
 
-from extrabalance.demo import A, B, Transcript, demo_env, play
+from extrabalance.demo import A, B, C, Transcript, demo_env, play
 
 
 async def test_demo_story(tmp_path):
     transcript = Transcript()
     async with demo_env(tmp_path) as env:
         summary = await play(env, transcript)
-        balances = {m: env.in_sim.balance(m) for m in (A, B)}
+        balances = {m: env.in_sim.balance(m) for m in (A, B, C)}
         edr_dir = env.node.edr.directory
     got = [(e.kind, e.msisdn, e.text, e.final, e.dialled, e.result_code)
            for e in transcript.entries if e.kind in ("screen", "sms", "diameter", "in_op")]
@@ -21,6 +21,9 @@ async def test_demo_story(tmp_path):
         "Extra Balance (owe 0.00 EGP, can borrow 25.00 EGP)\n1 1.00 EGP\n2 2.00 EGP\n"
         "3 3.00 EGP\n4 5.00 EGP\n5 7.50 EGP\n6 10.00 EGP\n7 15.00 EGP\n8 20.00 EGP\n0 My account"
     )
+    menu_c = "رصيد إضافي (عليك 0.00 ج.م، متاح 25.00 ج.م)\n1 1.00 ج.م\n99 المزيد"
+    account_c = "الدين 0.00 ج.م المتاح 25.00 ج.م\n1 تلقائي: {}\n2 العروض: مفعل\n3 English\n9 رجوع"
+    on, off = "مفعل", "متوقف"
     confirm = "Borrow {}? Fee {}. You repay {} from your next recharge.\n1 Confirm\n2 Cancel"
     expected = [
         ("diameter", A, "CCA 4012 DIAMETER_CREDIT_LIMIT_REACHED", False, "", 4012),
@@ -55,22 +58,42 @@ async def test_demo_story(tmp_path):
         ("screen", B, "Sorry, no Extra Balance now: please repay your previous loans first",
          True, "*123#", None),
         ("diameter", B, "CCA 4010 DIAMETER_END_USER_SERVICE_DENIED", False, "", 4010),
+        # C: Arabic screens; automatic advance turned on in "My account", then granted
+        # inside the CCA and told by SMS in Arabic.
+        ("screen", C, menu_c, False, "*123#", None),
+        ("screen", C, account_c.format(off), False, "0", None),
+        ("screen", C, account_c.format(on), False, "1", None),
+        ("screen", C, menu_c, False, "9", None),
+        ("diameter", C, "CCA 2001 DIAMETER_SUCCESS, granted 3.00 EGP", False, "", 2001),
+        ("sms", C, "نفد رصيدك؟ أضفنا 3.00 ج.م رصيدا إضافيا (الرسوم 0.30 ج.م). عليك 3.30 ج.م.",
+         False, "", None),
     ]
     assert got == expected
+    # Why A got 4012 and C an advance is said, not left to guess.
+    notes = [e.text for e in transcript.entries if e.kind == "note"]
+    assert any(A in e.msisdn and "not opted in" in e.text and "4012" in e.text
+               for e in transcript.entries if e.kind == "note"), notes
     # A: lent 5.00 + 0.50 fee, recharged 3.00 (all taken) then 10.00 (2.50 taken).
-    # B: three loans (9.00) spent as he went, nothing recharged.
-    assert balances == {A: 750, B: 0}
-    assert summary.loans == 4
-    assert summary.principal_lent_minor == 1400
-    assert summary.fees_minor == 150
+    # B: three loans (9.00) spent as he went, nothing recharged. C: an advance of 3.00.
+    assert balances == {A: 750, B: 0, C: 300}
+    assert summary.loans == 5
+    assert summary.principal_lent_minor == 1700
+    assert summary.fees_minor == 180
     assert summary.recovered_minor == 550
-    assert summary.outstanding_minor == 1000
-    assert summary.in_credited_minor == 1400 and summary.in_debited_minor == 550
+    assert summary.outstanding_minor == 1330
+    assert summary.in_credited_minor == 1700 and summary.in_debited_minor == 550
     assert summary.ledger_matches_in and summary.journal_balanced
     # Every loan and payback also left an EDR line.
     lines = "".join(p.read_text() for p in sorted(edr_dir.glob("edr-*.csv")))
-    assert lines.count(",loan,") == 4
+    assert lines.count(",loan,") == 4 and lines.count(",advance,") == 1
     assert lines.count(",payback,") == 2
+
+
+def test_the_cca_is_printed_from_the_node_to_the_in(capsys):
+    from extrabalance.demo import Entry, _print_entry
+
+    _print_entry(Entry("diameter", A, "CCA 4012 DIAMETER_CREDIT_LIMIT_REACHED", result_code=4012))
+    assert capsys.readouterr().out.strip() == "[node -> IN] CCA 4012 DIAMETER_CREDIT_LIMIT_REACHED"
 
 
 def test_demo_command_json_summary():
@@ -83,4 +106,4 @@ def test_demo_command_json_summary():
     summary = json.loads(proc.stdout)
     assert summary["ledger_matches_in"] is True
     assert summary["journal_balanced"] is True
-    assert summary["loans"] == 4 and summary["outstanding_minor"] == 1000
+    assert summary["loans"] == 5 and summary["outstanding_minor"] == 1330

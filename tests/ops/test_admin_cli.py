@@ -50,12 +50,12 @@ def test_import_profiles_all_good_exits_0(config, tmp_path):
                                    out=io.StringIO()) == 0
 
 
-def test_import_profiles_bad_header_exits_1(config, tmp_path):
+def test_import_profiles_bad_header_exits_2(config, tmp_path, capsys):
     csv_path = tmp_path / "p.csv"
     csv_path.write_text("phone,tenure\n1,2\n")
     out = io.StringIO()
-    assert import_profiles_command(str(config), str(csv_path), progress=False, out=out) == 1
-    assert "header" in out.getvalue()
+    assert import_profiles_command(str(config), str(csv_path), progress=False, out=out) == 2
+    assert "header" in capsys.readouterr().err
 
 
 def _ledger_with_a_loan(tmp_path):

@@ -59,3 +59,43 @@ def test_dockerfile_runs_as_non_root_on_python_311_slim():
     assert "FROM python:3.11-slim" in text
     users = [line for line in text.splitlines() if line.startswith("USER ")]
     assert users and all("root" not in u and u.strip() != "USER 0" for u in users)
+
+
+def _image_config(tmp_path):
+    """The config the image carries, made by the Dockerfile's own sed line."""
+    import shlex
+    import subprocess
+    import tomllib
+
+    text = (DEPLOY / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("RUN sed "))
+    argv = shlex.split(line.removeprefix("RUN ").split(">")[0])
+    source = DEPLOY.parent / "config" / "extrabalance.toml"
+    out = subprocess.run([*argv[:-1], str(source)], check=True, capture_output=True,
+                         text=True).stdout
+    return tomllib.loads(out)
+
+
+def test_image_config_listens_on_every_interface(tmp_path):
+    from extrabalance.config import parse_settings
+
+    doc = _image_config(tmp_path)
+    settings = parse_settings(doc, "image config")
+    assert settings.diameter.listen_host == "0.0.0.0"  # -p 3868:3868 reaches it
+    assert settings.admin.listen_host == "0.0.0.0"
+    assert settings.storage.path.startswith("/var/lib/extrabalance/")  # the volume
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert "/etc/extrabalance/extrabalance.toml" in dockerfile.split("COPY --from=build")[-1]
+
+
+def test_unit_documentation_is_installed_by_the_install_steps():
+    unit = (DEPLOY / "systemd" / "extrabalance.service").read_text()
+    docs = [line.split("=", 1)[1] for line in unit.splitlines()
+            if line.startswith("Documentation=")]
+    install = (DEPLOY.parent / "docs" / "operations.md").read_text().split("## Install", 1)[1]
+    install = install.split("\n## ", 1)[0]
+    assert docs
+    for target in docs:
+        assert target.startswith(("http://", "https://", "file://", "man:")), target
+        if target.startswith("file://"):
+            assert target.removeprefix("file://") in install, f"{target} is never installed"

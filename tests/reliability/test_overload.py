@@ -238,7 +238,7 @@ async def test_smpp_channel_throttles_beyond_its_bound_and_the_bind_stays_up() -
         sent.append(args)
         return []
 
-    async def submit(pdu: Any) -> None:
+    async def submit(pdu: Any, **_: Any) -> None:
         return None
 
     channel = SmppChannel(dialogs=dialogs, lending=lending, templates=templates, policy=policy,

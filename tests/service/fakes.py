@@ -45,8 +45,12 @@ def credit_key(session_id: str, request_number: int) -> str:
 
 @dataclass
 class FakeIn:
-    """A prepaid IN that honours Session-Id + CC-Request-Number deduplication, for the
-    node's own requests and for the advances it grants in CCAs (`apply_grant`)."""
+    """A prepaid IN that honours Session-Id + CC-Request-Number deduplication of the
+    node's own requests (RFC 4006 and nothing else, by default): a grant in a CCA
+    (`apply_grant`) is credited once per out-of-balance request, and a REFUND_ACCOUNT
+    is a credit of its own whatever Session-Id it carries.
+    `confirmation_extension`: the IN of docs/diameter.md "Advance confirmation
+    extension", which keys a CCA's grant as the REFUND_ACCOUNT under its CCR's key."""
 
     balances: dict[str, int] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # msisdn -> in_node, when strict
@@ -55,6 +59,9 @@ class FakeIn:
     credits: dict[str, int] = field(default_factory=dict)  # credit_key -> credited
     debits: dict[str, int] = field(default_factory=dict)  # session_id -> debited
     calls: list[InOperation] = field(default_factory=list)
+    confirmation_extension: bool = False
+    credits_applied: int = 0  # every credit, grants and REFUND_ACCOUNTs alike
+    grants: set[tuple[str, int]] = field(default_factory=set)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def new_session_id(self) -> str:
@@ -67,15 +74,18 @@ class FakeIn:
         self, session_id: str, request_number: int, msisdn: str, amount_minor: int
     ) -> bool:
         """The CCA with Granted-Service-Unit for the IN's out-of-balance CCR reached
-        the IN in time: credit it, unless that key was executed already (the node's
-        confirmation came first), and remember it as a REFUND_ACCOUNT 2001 so the
-        confirmation is a duplicate. True if credited now."""
+        the IN in time: credit it once per request. With the extension, not if that
+        key was executed already (the node's confirmation came first), and remember it
+        as a REFUND_ACCOUNT 2001 so the confirmation is a duplicate. True if credited now."""
         key = (session_id, request_number)
-        if key in self.answers:
+        if key in self.grants or (self.confirmation_extension and key in self.answers):
             return False
+        self.grants.add(key)
         self.balances[msisdn] = self.balances.get(msisdn, 0) + amount_minor
         self.credits[credit_key(session_id, request_number)] = amount_minor
-        self.answers[key] = InResult(InOutcome.DONE, 2001, amount_minor)
+        self.credits_applied += 1
+        if self.confirmation_extension:
+            self.answers[key] = InResult(InOutcome.DONE, 2001, amount_minor)
         return True
 
     async def execute(self, op: InOperation) -> InResult:
@@ -108,6 +118,7 @@ class FakeIn:
                 return InResult(InOutcome.REFUSED, 4010)
             self.balances[op.msisdn] = balance + op.amount_minor
             self.credits[credit_key(op.session_id, op.request_number)] = op.amount_minor
+            self.credits_applied += 1
             return InResult(InOutcome.DONE, 2001, op.amount_minor)
         if op.action is InAction.DIRECT_DEBITING:
             if refuse or balance < op.amount_minor:
@@ -173,11 +184,16 @@ class Harness:
         clock: Clock | None = None,
         batch_window_ms: float = 0.5,
         review_after_attempts: int = 5,
+        advance_confirmation: bool = False,
     ) -> None:
+        # advance_confirmation: IN_A and IN_B implement the confirmation extension
+        # (the node confirms their advances; the fake IN keys grant and confirmation as one).
+        self.advance_confirmation_nodes = (
+            frozenset(r.in_node for r in ROUTES) if advance_confirmation else frozenset())
         self.review_after_attempts = review_after_attempts
         self.db_path = db_path
         self.policy = policy
-        self.fake_in = fake_in or FakeIn()
+        self.fake_in = fake_in or FakeIn(confirmation_extension=advance_confirmation)
         self.notifier = FakeNotifier()
         self.events = ListEvents()
         self.clock = clock or Clock()
@@ -190,11 +206,13 @@ class Harness:
         self.router = Router(ROUTES)
         common = (self.ledger, self.fake_in, self.notifier, self.events, self.policy)
         self.lending = LendingService(
-            *common, self.router, self.clock, locks=self.locks, confirm_retry_delays_s=(0.0, 0.0)
+            *common, self.router, self.clock, locks=self.locks, confirm_retry_delays_s=(0.0, 0.0),
+            advance_confirmation_nodes=self.advance_confirmation_nodes,
         )
         self.payback = PaybackService(*common, self.router, self.clock, locks=self.locks)
         self.resolver = Resolver(
-            *common, self.clock, locks=self.locks, review_after_attempts=self.review_after_attempts
+            *common, self.clock, locks=self.locks, review_after_attempts=self.review_after_attempts,
+            advance_confirmation_nodes=self.advance_confirmation_nodes,
         )
         self.accounts = AccountService(
             self.ledger, self.notifier, self.events, self.policy, self.clock, locks=self.locks

@@ -4,7 +4,7 @@ import pytest
 
 from extrabalance.core.policy import RecoveryPolicy
 from extrabalance.service.outcomes import PaybackStatus
-from extrabalance.service.ports import RechargeEvent
+from extrabalance.service.ports import InAction, RechargeEvent
 from tests.core.sample import make_policy
 from tests.service.fakes import LOST_ANSWER, NOT_EXECUTED, REFUSE, TIMEOUT, Harness
 
@@ -191,3 +191,45 @@ async def test_no_write_off_while_a_recovery_is_unsettled(h):
     await h.resolver.run_once()
     inv = await h.check_invariants()
     assert inv["debts"][M] == 0 and inv["totals"]["written_off"] == 0
+
+
+async def test_too_busy_every_time_resends_the_same_debit_later_never_a_smaller_one(h):
+    """Issue 16: 3004 (and 3002) mean "not executed, the same request later" (RFC 6733
+    §7.1.3): the recovery stays pending and the same Session-Id and amount are re-sent;
+    halving the amount under a new Session-Id is for 4012 alone."""
+    await borrow(h)
+    h.fake_in.balances[M] = 5000
+    h.fake_in.fail_next(NOT_EXECUTED, NOT_EXECUTED, NOT_EXECUTED)
+    out = await h.payback.handle_recharge(recharge("e1", 5000))
+    assert out.status is PaybackStatus.PENDING and h.fake_in.debits == {}
+    await h.resolver.run_once()
+    debits = [(c.session_id, c.amount_minor) for c in h.fake_in.calls
+              if c.action is InAction.DIRECT_DEBITING]
+    assert len(debits) == 4 and len(set(debits)) == 1 and debits[0][1] == 1100
+    final = await h.payback.handle_recharge(recharge("e1", 5000))
+    assert final.recovered_minor == 1100 and final.debt_minor == 0
+    assert (await h.check_invariants())["debts"][M] == 0
+
+
+async def test_4012_alone_is_retried_smaller(h):
+    await borrow(h)
+    h.fake_in.balances[M] = 5000
+    h.fake_in.fail_next(REFUSE)  # the fake refuses a debit with 4012: halved
+    out = await h.payback.handle_recharge(recharge("e1", 5000))
+    assert out.recovered_minor == 550  # 4012 → half under a new Session-Id
+
+
+async def test_a_pending_debit_is_followed_up_on_the_tx_schedule(h):
+    """A slow IN: the debit's answer is lost; the follow-up re-sends it (same
+    Session-Id) without waiting for the periodic resolver run."""
+    h.payback.follow_up = h.resolver.follow_up
+    h.resolver.follow_up_delays_s = (0.0, 0.0)
+    await borrow(h)
+    h.fake_in.balances[M] = 5000
+    h.fake_in.fail_next(TIMEOUT)
+    out = await h.payback.handle_recharge(recharge("e1", 5000))
+    assert out.status is PaybackStatus.PENDING
+    await h.resolver.drain_follow_ups()
+    debits = [c for c in h.fake_in.calls if c.action is InAction.DIRECT_DEBITING]
+    assert len(debits) == 2 and debits[0].session_id == debits[1].session_id
+    assert (await h.check_invariants())["debts"][M] == 0

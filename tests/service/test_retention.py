@@ -13,6 +13,7 @@ from extrabalance.ledger.adjustments import apply_write_down
 from extrabalance.service.outcomes import BorrowStatus, PaybackStatus
 from extrabalance.service.ports import InAction, RechargeEvent
 from extrabalance.service.retention import IdempotencyRetention
+from tests.service.fakes import Harness
 
 M = "201001234567"
 IN_A = "in-a.operator.example"
@@ -115,7 +116,15 @@ async def test_advance_ccr_replayed_after_purge_gets_the_same_grant(h):
     assert loans == (1,)
 
 
-async def test_refused_confirmation_replayed_after_purge_still_refuses(h):
+async def test_refused_confirmation_replayed_after_purge_still_refuses(tmp_path):
+    h = Harness(tmp_path / "ledger.db", advance_confirmation=True)  # the extension's refusal
+    try:
+        await _refused_confirmation_replayed_after_purge_still_refuses(h)
+    finally:
+        await h.close()
+
+
+async def _refused_confirmation_replayed_after_purge_still_refuses(h):
     await h.add_profile(M)
     await h.lending.set_preferences(M, auto_advance=True)
     first = await h.lending.out_of_balance("s1", 0, 1, M, None, IN_A)

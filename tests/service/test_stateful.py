@@ -43,7 +43,8 @@ class LedgerMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.dir = Path(tempfile.mkdtemp())
-        self.h = Harness(self.dir / "l.db", review_after_attempts=10_000, batch_window_ms=0)
+        self.h = Harness(self.dir / "l.db", review_after_attempts=10_000, batch_window_ms=0,
+                         advance_confirmation=True)  # the extension: the paths with most cases
         self.run(self._setup())
         self.crashes = 0
 

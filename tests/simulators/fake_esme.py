@@ -3,7 +3,7 @@
 `MenuApp.handle(deliver_sm) -> list[SubmitSm]` answers a two-level menu:
 `*123#` → menu (op 2), `1` → confirm (op 2), `1` → final (op 17, end bit); `*123*N#`
 → confirm directly; an SMS `LOAN` → an SMS reply. It echoes the dialog id the way
-PROTOCOLS.md says the node does. The same logic serves the loopback tests (behind a
+docs/protocols.md says the node does. The same logic serves the loopback tests (behind a
 real SMPP client) and the in-process ones (behind `InProcessServer`).
 """
 

@@ -148,7 +148,7 @@ def test_fault_plan() -> None:
 
 
 def test_grant_from_a_cca_then_its_confirmation_is_a_duplicate() -> None:
-    book = InAccounts(SPEC)
+    book = InAccounts(SPEC, confirmation_extension=True)
     assert book.apply_grant("in-a;1;5", 2, "201000000001", 500)
     assert book.balance("201000000001") == 500
     assert book.first_answer("in-a;1;5", 2) == OpAnswer(2001)
@@ -162,7 +162,7 @@ def test_grant_from_a_cca_then_its_confirmation_is_a_duplicate() -> None:
 
 
 def test_confirmation_first_then_the_cca_grant_applies_nothing() -> None:
-    book = InAccounts(SPEC)
+    book = InAccounts(SPEC, confirmation_extension=True)
     answer, duplicate = book.execute(op("in-a;1;6", Action.REFUND_ACCOUNT, 500))
     assert not duplicate and answer.result_code == 2001
     assert not book.apply_grant("in-a;1;6", 0, "201000000001", 500)
@@ -171,7 +171,7 @@ def test_confirmation_first_then_the_cca_grant_applies_nothing() -> None:
 
 
 def test_refused_confirmation_blocks_a_later_grant() -> None:
-    book = InAccounts(SPEC)
+    book = InAccounts(SPEC, confirmation_extension=True)
     answer, _ = book.execute(op("in-a;1;7", Action.REFUND_ACCOUNT, 500), forced_result=4010)
     assert answer.result_code == 4010
     assert not book.apply_grant("in-a;1;7", 0, "201000000001", 500)
@@ -180,7 +180,7 @@ def test_refused_confirmation_blocks_a_later_grant() -> None:
 
 @given(st.lists(st.sampled_from(["grant", "confirm"]), min_size=1, max_size=6))
 def test_an_advance_is_credited_once_in_any_order(order: list[str]) -> None:
-    book = InAccounts(SPEC)
+    book = InAccounts(SPEC, confirmation_extension=True)
     for what in order:
         if what == "grant":
             book.apply_grant("in-a;1;8", 1, "201000000001", 300)
@@ -188,3 +188,16 @@ def test_an_advance_is_credited_once_in_any_order(order: list[str]) -> None:
             book.execute(op("in-a;1;8", Action.REFUND_ACCOUNT, 300, n=1))
     assert book.balance("201000000001") == 300
     assert sum(a.moved_minor for a in book.applied()) == 300
+
+
+def test_strict_in_a_refund_under_our_own_session_is_a_second_credit() -> None:
+    """RFC 4006 alone: the CCA's grant is applied once per request of ours, and a
+    REFUND_ACCOUNT is a credit of its own; one that re-uses our Session-Id (the
+    private confirmation rule) is also counted as non-standard."""
+    book = InAccounts(SPEC)
+    assert book.apply_grant("in-a.test;1;5", 2, "201000000001", 500)
+    assert not book.apply_grant("in-a.test;1;5", 2, "201000000001", 500)  # once per request
+    answer, duplicate = book.execute(op("in-a.test;1;5", Action.REFUND_ACCOUNT, 500, n=2))
+    assert not duplicate and answer.result_code == 2001
+    assert book.balance("201000000001") == 1000
+    assert book.stats["nonstandard_refund_own_session"] == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -33,6 +33,7 @@ class FakeNode:
     port: int
     oob_requests: list[gy.CreditControlRequest]
     sessions: int = 0
+    wire: list[tuple[int, bool]] = field(default_factory=list)
 
     def ccr(
         self, action: int, amount: int, msisdn: str = SUB_A, *, dest: str = "in-a.test",
@@ -58,10 +59,12 @@ class FakeNode:
 @pytest.fixture
 async def stack() -> AsyncIterator[tuple[InSimulator, FakeNode]]:
     oob: list[gy.CreditControlRequest] = []
+    wire: list[tuple[int, bool]] = []  # (End-to-End id, T flag) of each out-of-balance CCR
 
     async def node_handler(msg: codec.Message, peer: str) -> codec.Message:
         ccr = gy.parse_ccr(msg)
         oob.append(ccr)
+        wire.append((msg.end_to_end_id, msg.is_retransmit))
         if ccr.msisdn == SLOW:
             await asyncio.sleep(0.2)
         if ccr.msisdn in (LUCKY, SLOW):
@@ -90,7 +93,9 @@ async def stack() -> AsyncIterator[tuple[InSimulator, FakeNode]]:
     await node.wait_ready("in-b", TIMEOUT_S)
     await sim.wait_connected(TIMEOUT_S)
     try:
-        yield sim, FakeNode(node, node_port, oob)
+        fake = FakeNode(node, node_port, oob)
+        fake.wire = wire
+        yield sim, fake
     finally:
         await node.close()
         await sim.close()
@@ -226,6 +231,7 @@ async def test_advance_confirmation_after_the_cca_is_a_duplicate(
     stack: tuple[InSimulator, FakeNode],
 ) -> None:
     sim, node = stack
+    sim.accounts["in-a"].confirmation_extension = True  # the opt-in extension
     result, granted = await sim.send_out_of_balance(
         LUCKY, session_id="in-a.test;77;1", request_number=3)
     assert (result, granted) == (2001, 300) and sim.balance(LUCKY) == 300
@@ -240,9 +246,11 @@ async def test_late_cca_is_discarded_and_the_confirmation_credits(
     stack: tuple[InSimulator, FakeNode],
 ) -> None:
     sim, node = stack
+    sim.accounts["in-a"].confirmation_extension = True  # the opt-in extension
     # The IN gives up after 50 ms (its DiameterNode's own timer is longer: the answer
     # slips in after the deadline, before the timer tick, and must still be ignored).
     sim.request_timeout_ms = 50
+    sim.oob_resends_max = 0  # no re-send: the confirmation is what credits it
     with pytest.raises(RequestTimeout):
         await sim.send_out_of_balance(SLOW, session_id="in-a.test;78;1")
     assert sim.balance(SLOW) == 0 and sim.stats["in-a"]["oob_late_discarded"] == 1
@@ -252,3 +260,27 @@ async def test_late_cca_is_discarded_and_the_confirmation_credits(
     again = node.ccr(gy.REFUND_ACCOUNT, 300, SLOW, session="in-a.test;78;1", retransmit=True)
     assert (await node.ask(again)).result_code == 2001
     assert sim.balance(SLOW) == 300
+
+
+async def test_strict_in_resends_a_late_ccr_with_t_and_the_same_end_to_end_id(
+    stack: tuple[InSimulator, FakeNode],
+) -> None:
+    """RFC 6733 §5.5.4: the strict IN (the default) discards an answer after its timer
+    and re-sends the same CCR with the T flag and the same End-to-End id; a REFUND
+    under its own Session-Id is a second credit there (no private rule)."""
+    sim, node = stack
+    sim.request_timeout_ms = 50
+    result, granted = await sim.send_out_of_balance(SLOW, session_id="in-a.test;79;1")
+    # The first answer came after 200 ms and was discarded; the re-send (T, same
+    # End-to-End id) was answered at once from the node's duplicate cache, which
+    # matches on (Origin-Host, End-to-End id): the handler ran once.
+    assert (result, granted) == (2001, 300) and sim.balance(SLOW) == 300
+    assert node.wire == [(node.wire[0][0], False)]
+    stats = sim.stats["in-a"]
+    assert stats["oob_late_discarded"] == 1 and stats["oob_resent_t_flag"] == 1
+    result, granted = await sim.send_out_of_balance(LUCKY, session_id="in-a.test;79;2")
+    assert (result, granted) == (2001, 300) and sim.balance(LUCKY) == 300
+    refund = node.ccr(gy.REFUND_ACCOUNT, 300, LUCKY, session="in-a.test;79;2")
+    assert (await node.ask(refund)).result_code == 2001
+    assert sim.balance(LUCKY) == 600
+    assert sim.nonstandard()["nonstandard_refund_own_session"] == 1

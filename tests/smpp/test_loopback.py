@@ -52,10 +52,12 @@ class Harness:
 
     async def start_esme(self, binds: int = 1, **kw: object) -> Esme:
         esme_kw = {k: kw.pop(k) for k in list(kw) if k in ("submit_attempts_max",
-                                                          "retry_backoff_base_s")}
+                                                          "retry_backoff_base_s",
+                                                          "timeout_resends_max")}
         self.esme = Esme([self.config(**kw) for _ in range(binds)], self.on_deliver,
                          retry_backoff_base_s=float(esme_kw.get("retry_backoff_base_s", 0.01)),
                          submit_attempts_max=int(esme_kw.get("submit_attempts_max", 6)),
+                         timeout_resends_max=int(esme_kw.get("timeout_resends_max", 0)),
                          submit_wait_bound_s=2.0)
         await self.esme.start()
         return self.esme
@@ -272,7 +274,7 @@ async def test_msgqful_is_resent_and_permanent_errors_returned(h: Harness) -> No
     assert second.status == Status.ESME_RINVDSTADR and second.attempts == 1
 
 
-async def test_response_timeout_is_resent(h: Harness) -> None:
+async def test_response_timeout_is_resent_when_configured(h: Harness) -> None:
     calls = 0
 
     async def stall_first(pdu: SubmitSm) -> None:
@@ -282,10 +284,11 @@ async def test_response_timeout_is_resent(h: Harness) -> None:
             await asyncio.sleep(0.8)
 
     h.on_submit_hook = stall_first
-    esme = await h.start_esme(response_timeout_s=0.3)
+    esme = await h.start_esme(response_timeout_s=0.3, timeout_resends_max=1)
     await esme.wait_bound(5.0)
     result = await esme.submit(SubmitSm(destination_addr="1"))
     assert result.ok and result.attempts == 2
+    assert esme.stats["timeout_resends"] == 1  # a possible duplicate, counted
     await asyncio.sleep(0.6)  # the late answer to the first try arrives and is ignored
     assert esme.bind_states()[0]["bound"] is True
 

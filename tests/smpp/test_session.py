@@ -23,9 +23,11 @@ from extrabalance.smpp.pdu import (
     make_response,
 )
 from extrabalance.smpp.session import (
+    LATE_RESPONSE_WAIT_FACTOR,
     TRANSITIONS,
     BindRefused,
     Bound,
+    LateResponse,
     LinkDead,
     ProtocolViolation,
     QueueFull,
@@ -163,16 +165,35 @@ def test_window_queue_and_queue_full() -> None:
     assert esme.window_used == 2 and esme.queued == 2
 
 
-def test_response_timeout_frees_window() -> None:
-    esme, _smsc = bound_pair(window_max=1, response_timeout_s=5.0)
-    esme.send_request(SubmitSm(), 0.0)
+def test_response_timeout_keeps_the_window_slot_until_the_late_response() -> None:
+    """A slow SMSC answers after our timeout: the caller is told at the timeout, but
+    the request still counts against the window until its response comes, so the
+    SMSC never has more than window_max requests unanswered."""
+    esme, smsc = bound_pair(window_max=1, response_timeout_s=5.0)
+    first = esme.send_request(SubmitSm(), 0.0)
     esme.send_request(SubmitSm(), 0.0)
     assert esme.queued == 1
     assert esme.tick(4.9) == []
     events = esme.tick(5.0)
     assert [type(e) for e in events] == [RequestFailed]
     assert events[0].reason == "timeout"  # type: ignore[union-attr]
-    assert esme.window_used == 1 and esme.queued == 0  # the queued one went out
+    assert esme.window_used == 1 and esme.queued == 1  # the slot is still taken
+    got = smsc.receive_data(esme.data_to_send(), 5.0)
+    assert [e.pdu.sequence_number for e in got] == [first]  # type: ignore[attr-defined]
+    smsc.send_response(make_response(got[0].pdu, 0, message_id="late"))  # type: ignore[attr-defined]
+    late = esme.receive_data(smsc.data_to_send(), 6.0)
+    assert [type(e) for e in late] == [LateResponse]
+    assert esme.window_used == 1 and esme.queued == 0  # the queued one went out now
+
+
+def test_a_request_never_answered_resets_the_connection() -> None:
+    esme, _smsc = bound_pair(window_max=2, response_timeout_s=5.0)
+    esme.send_request(SubmitSm(), 0.0)
+    assert [type(e) for e in esme.tick(5.0)] == [RequestFailed]
+    assert esme.tick(5.0 + 5.0 * LATE_RESPONSE_WAIT_FACTOR - 0.1) == []
+    events = esme.tick(5.0 + 5.0 * LATE_RESPONSE_WAIT_FACTOR)
+    assert isinstance(events[0], LinkDead) and "unanswered" in events[0].reason
+    assert esme.state is State.CLOSED
 
 
 def test_enquire_link_keeps_and_detects() -> None:
@@ -277,3 +298,26 @@ def test_alert_notification_takes_no_response() -> None:
     events = esme.receive_data(encode(AlertNotification(source_addr="2010", sequence_number=4)), 0)
     assert isinstance(events[0], RequestReceived)
     assert esme.data_to_send() == b""
+
+
+def test_periodic_enquire_link_goes_out_whatever_the_traffic() -> None:
+    """A gateway that polls on its own clock expects ours too: with the periodic
+    mode, enquire_link every enquire_link_s even while traffic flows."""
+    for periodic, wanted in ((False, 0), (True, 3)):
+        esme, smsc = bound_pair(enquire_link_s=10.0, enquire_link_periodic=periodic)
+        sent = 0
+        for t in range(1, 36):  # a deliver_sm every second: never silent
+            smsc.send_request(DeliverSm(), float(t))
+            got = esme.receive_data(smsc.data_to_send(), float(t))
+            for ev in got:
+                esme.send_response(make_response(ev.pdu, 0))  # type: ignore[attr-defined]
+            esme.tick(float(t))
+            out = esme.data_to_send()
+            at = 0
+            while at < len(out):  # one PDU after the other: length, command_id, ...
+                length, command_id = struct.unpack_from(">II", out, at)
+                sent += command_id == CommandId.ENQUIRE_LINK
+                at += length
+            smsc.receive_data(out, float(t))
+            esme.receive_data(smsc.data_to_send(), float(t))
+        assert sent == wanted, periodic

@@ -16,6 +16,7 @@ from extrabalance.smpp.pdu import DeliverSm, Pdu, SubmitSm, make_response
 from extrabalance.smpp.session import (
     BindRefused,
     Bound,
+    LateResponse,
     LinkDead,
     ProtocolViolation,
     QueueFull,
@@ -51,7 +52,8 @@ class SessionPair(RuleBasedStateMachine):
     def _events(self, side: str, events: list[object]) -> None:
         for ev in events:
             assert isinstance(ev, (Bound, BindRefused, RequestReceived, ResponseReceived,
-                                   RequestFailed, Unbound, LinkDead, ProtocolViolation))
+                                   RequestFailed, LateResponse, Unbound, LinkDead,
+                                   ProtocolViolation))
             if isinstance(ev, (ResponseReceived, RequestFailed)):
                 seq = ev.request.sequence_number
                 assert seq in self.unresolved[side], f"{side}: {seq} resolved twice"

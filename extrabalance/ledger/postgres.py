@@ -1,0 +1,439 @@
+"""The PostgreSQL adapter of the unit-of-work port (`extrabalance.service.unit_of_work`).
+
+What this file owns: `PostgresLedger` (the `UnitOfWork`: a bounded pool of psycopg 3
+connections, each unit of work on a pool thread in a transaction of its own),
+`PostgresLedgerTx` (the `LedgerTx`: the business SQL of `store.py` and `ads_store.py`
+run over a psycopg connection, placeholders translated), the subscriber lock that
+serialises one subscriber's units of work across every node sharing the database,
+and the migration runner for PostgreSQL.
+
+Why psycopg 3 and threads: the port's units are plain synchronous functions, so they
+run unchanged on a pool thread over a synchronous connection; measured against asyncpg
+on the same loan-intent transaction psycopg was the faster (docs/ledger.md
+"PostgreSQL", `bench/pg_driver.py`).
+
+Serialisation. Inside one node `SubscriberLocks` orders one subscriber's work; across
+nodes the database must. In a write unit, the first operation that names a subscriber
+(directly, or through a loan, recovery or request key of his) takes
+`SELECT 1 FROM subscribers WHERE msisdn = %s FOR UPDATE`. A subscriber without a row
+yet has nothing to lock, so then a transaction-scoped advisory lock on his MSISDN's
+hash is taken first and the row lock tried again: a unit that creates the row holds the
+advisory lock until it commits, and every later unit finds the row. Units read at READ
+COMMITTED, so whatever they read after the lock is the latest committed state.
+
+Retries. A unit that deadlocks (two subscribers locked in opposite orders) or hits a
+serialization failure is rolled back and run again from the start, up to
+`RETRIES_MAX` times: `fn` must have no effect outside its `LedgerTx` (true of every
+service's unit). A unit whose connection breaks is not retried: its COMMIT may or may
+not have happened, and the caller's saga (the resolver) settles it like any unknown.
+
+`write_staged` is `write`: the answer waits for the commit (the server's own commit
+batches concurrent transactions; no group commit in the node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
+
+import psycopg
+import psycopg.errors
+from psycopg_pool import ConnectionPool
+
+from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.core.model import SubscriberProfile
+from extrabalance.ledger import ads_store, db, store
+
+if TYPE_CHECKING:
+    from extrabalance.service.unit_of_work import LedgerTx
+
+T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DIALECT = "postgresql"
+POOL_MAX = 8  # connections (and threads) per node
+POOL_MIN = 1
+RETRIES_MAX = 20  # a unit rolled back by a deadlock or serialization failure: runs again
+RETRY_PAUSE_MAX_S = 0.02  # random pause before a retry, so two losers do not collide again
+CONNECT_TIMEOUT_S = 10.0
+_RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+# Advisory lock keys: a subscriber's is hashtextextended(msisdn, 0); the migration
+# runner's is this constant (class 0x4542 'EB', far from any hash by chance alone).
+MIGRATION_LOCK_KEY = 0x4542_0000_0000_0001
+
+_LOCK_ROW = "SELECT 1 FROM subscribers WHERE msisdn = %s FOR UPDATE"
+_LOCK_NEW = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+_OWNER_SQL = {
+    "loan": "SELECT msisdn FROM loans WHERE loan_id = %s",
+    "loan_key": "SELECT msisdn FROM loans WHERE idempotency_key = %s",
+    "recovery": "SELECT msisdn FROM recoveries WHERE recovery_id = %s",
+    "event": "SELECT msisdn FROM recoveries WHERE event_id = %s",
+}
+
+# -- placeholders --------------------------------------------------------------------
+
+_QUOTED_OR_MARK = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|%")
+_translated: dict[str, str] = {}
+
+
+def to_pyformat(sql: str) -> str:
+    """The store's `?` placeholders as psycopg's `%s` (a literal `%` doubled), leaving
+    quoted text alone. Cached: the business SQL is a few dozen fixed strings."""
+    out = _translated.get(sql)
+    if out is None:
+
+        def swap(m: re.Match[str]) -> str:
+            token = m.group(0)
+            return "%s" if token == "?" else "%%" if token == "%" else token
+
+        out = _translated[sql] = _QUOTED_OR_MARK.sub(swap, sql)
+    return out
+
+
+# -- the transaction object ----------------------------------------------------------
+
+
+def _op(fn: Callable[Concatenate[Any, P], R]) -> Callable[Concatenate[PostgresLedgerTx, P], R]:
+    """A store function as a method: called with the transaction as its connection."""
+
+    def method(self: PostgresLedgerTx, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return fn(self, *args, **kwargs)
+
+    method.__name__ = fn.__name__
+    method.__doc__ = fn.__doc__
+    return method
+
+
+def _by_msisdn(
+    fn: Callable[Concatenate[Any, str, P], R],
+) -> Callable[Concatenate[PostgresLedgerTx, str, P], R]:
+    """A store function whose first argument is the subscriber: lock him first."""
+
+    def method(self: PostgresLedgerTx, msisdn: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self.lock_subscriber(msisdn)
+        return fn(self, msisdn, *args, **kwargs)
+
+    method.__name__ = fn.__name__
+    method.__doc__ = fn.__doc__
+    return method
+
+
+def _by_owner(
+    kind: str, fn: Callable[Concatenate[Any, str, P], R]
+) -> Callable[Concatenate[PostgresLedgerTx, str, P], R]:
+    """A store function whose first argument names a loan or recovery (or its request
+    key or event): lock the subscriber it belongs to first."""
+
+    def method(self: PostgresLedgerTx, key: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self.lock_owner(kind, key)
+        return fn(self, key, *args, **kwargs)
+
+    method.__name__ = fn.__name__
+    method.__doc__ = fn.__doc__
+    return method
+
+
+class PostgresLedgerTx:
+    """One unit of work's transaction (see the module docstring). `execute` and
+    `executemany` take the store's SQLite-style SQL, so `store.py` runs unchanged."""
+
+    def __init__(self, conn: psycopg.Connection[Any], *, writable: bool) -> None:
+        self.conn = conn
+        self.writable = writable
+        self._locked: set[str] = set()
+        self._owners: dict[tuple[str, str], str] = {}
+
+    # -- the connection as store.py uses it -----------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        if params:
+            return self.conn.execute(to_pyformat(sql), params)
+        return self.conn.execute(sql)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> psycopg.Cursor[Any]:
+        cur = self.conn.cursor()
+        cur.executemany(to_pyformat(sql), list(rows))
+        return cur
+
+    # -- the subscriber lock ---------------------------------------------------------
+
+    def lock_subscriber(self, msisdn: str) -> None:
+        """Hold `msisdn`'s lock until this transaction ends (write units only)."""
+        if not self.writable or msisdn in self._locked:
+            return
+        if self.conn.execute(_LOCK_ROW, (msisdn,)).fetchone() is None:
+            # No row to lock: the advisory lock orders the units that may create it;
+            # the row lock is tried again in case one did while this one waited.
+            self.conn.execute(_LOCK_NEW, (msisdn,))
+            self.conn.execute(_LOCK_ROW, (msisdn,))
+        self._locked.add(msisdn)
+
+    def lock_owner(self, kind: str, key: str) -> None:
+        """Lock the subscriber a loan / recovery / request key / event belongs to."""
+        if not self.writable:
+            return
+        msisdn = self._owners.get((kind, key))
+        if msisdn is None:
+            row = self.conn.execute(_OWNER_SQL[kind], (key,)).fetchone()
+            if row is None:
+                return  # nothing of his yet: the operation finds nothing or creates it
+            msisdn = self._owners[(kind, key)] = row[0]
+        self.lock_subscriber(msisdn)
+
+    # -- the port's operations -------------------------------------------------------
+    # subscribers
+    load_subscriber = _by_msisdn(store.load_subscriber)
+    open_loans = _by_msisdn(store.open_loans)
+    debt_owed = _by_msisdn(store.debt_owed)
+    learn_route = _by_msisdn(store.learn_route)
+    learned_route = _by_msisdn(store.learned_route)
+    set_preferences = _by_msisdn(store.set_preferences)
+    set_bar = _by_msisdn(store.set_bar)
+    audit = _by_msisdn(store.audit)
+
+    def put_profile(self, profile: SubscriberProfile, now: Any) -> None:
+        self.lock_subscriber(profile.msisdn)
+        store.put_profile(self, profile, now)  # type: ignore[arg-type]
+
+    # idempotency (a request key is unique by itself; no subscriber lock needed)
+    idempotent_get = _op(store.idempotent_get)
+    idempotent_put = _op(store.idempotent_put)
+    idempotent_replace = _op(store.idempotent_replace)
+    purge_idempotency = _op(store.purge_idempotency)
+    # loans and advances
+    get_loan = _by_owner("loan", store.get_loan)
+    loan_by_idempotency_key = _by_owner("loan_key", store.loan_by_idempotency_key)
+
+    def insert_loan(self, **kwargs: Any) -> str:
+        self.lock_subscriber(kwargs["msisdn"])
+        return store.insert_loan(self, **kwargs)  # type: ignore[arg-type]
+
+    settle_loan = _by_owner("loan", store.settle_loan)
+    settle_advance = _by_owner("loan", store.settle_advance)
+    unsettled_loans = _op(store.unsettled_loans)
+
+    def note_resolve_attempt(
+        self, table: str, key: str, review_after: int, now: Any
+    ) -> bool:
+        self.lock_owner("loan" if table == "loans" else "recovery", key)
+        return store.note_resolve_attempt(self, table, key, review_after, now)  # type: ignore[arg-type]
+
+    write_off_candidates = _op(store.write_off_candidates)
+    write_off = _by_owner("loan", store.write_off)
+    count_overdue = _op(store.count_overdue)
+    # recoveries
+    get_recovery = _by_owner("recovery", store.get_recovery)
+    recovery_by_event = _by_owner("event", store.recovery_by_event)
+
+    def insert_recovery(self, **kwargs: Any) -> str:
+        self.lock_subscriber(kwargs["msisdn"])
+        return store.insert_recovery(self, **kwargs)  # type: ignore[arg-type]
+
+    start_recovery_attempt = _by_owner("recovery", store.start_recovery_attempt)
+    note_recovery_attempt = _by_owner("recovery", store.note_recovery_attempt)
+    set_recovery_state = _by_owner("recovery", store.set_recovery_state)
+
+    def apply_recovery(self, rec: store.RecoveryRow, allocation: Any, now: Any) -> None:
+        # `rec` was read in this unit; if it was read before the lock, read it again.
+        if self.writable and rec.msisdn not in self._locked:
+            self.lock_subscriber(rec.msisdn)
+            fresh = store.get_recovery(self, rec.recovery_id)  # type: ignore[arg-type]
+            rec = fresh if fresh is not None else rec
+        store.apply_recovery(self, rec, allocation, now)  # type: ignore[arg-type]
+
+    unsettled_recoveries = _op(store.unsettled_recoveries)
+    # journal
+    debt_from_journal = _by_msisdn(store.debt_from_journal)
+    account_totals = _op(store.account_totals)
+    journal_entries = _by_msisdn(store.journal_entries)
+    # advertisements (the caps' rows are the subscriber's: his lock orders them)
+    load_ad_subscriber = _by_msisdn(ads_store.load_ad_subscriber)
+    recent_ads = _by_msisdn(ads_store.recent_ads)
+    record_ad = _by_msisdn(ads_store.record_ad)
+    prune_ads = _op(ads_store.prune_ads)
+    # campaigns
+    audience_chunk = _op(ads_store.audience_chunk)
+    create_campaign = _op(ads_store.create_campaign)
+    add_recipients = _op(ads_store.add_recipients)
+    get_campaign = _op(ads_store.get_campaign)
+    list_campaigns = _op(ads_store.list_campaigns)
+    active_campaigns = _op(ads_store.active_campaigns)
+    set_campaign_state = _op(ads_store.set_campaign_state)
+    pending_recipients = _op(ads_store.pending_recipients)
+    settle_recipient = _op(ads_store.settle_recipient)
+
+
+# -- the unit of work ------------------------------------------------------------------
+
+
+class PostgresLedger:
+    """The port over a PostgreSQL database: `PostgresLedger(conninfo)`, then
+    `await ledger.close()`. Migrations are applied when it opens (`migrate=False` to
+    skip). Every node sharing the database opens its own."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        pool_max: int = POOL_MAX,
+        pool_min: int = POOL_MIN,
+        migrate: bool = True,
+        retries_max: int = RETRIES_MAX,
+    ) -> None:
+        if migrate:
+            with psycopg.connect(conninfo, autocommit=True,
+                                 connect_timeout=int(CONNECT_TIMEOUT_S)) as conn:
+                migrate_postgres(conn)
+        self.retries_max = retries_max
+        self.retries = 0  # units run again after a deadlock or serialization failure
+        self._retries_lock = threading.Lock()
+        self.pool = ConnectionPool(
+            conninfo,
+            min_size=pool_min,
+            max_size=pool_max,
+            kwargs={"autocommit": True},
+            open=True,
+            timeout=CONNECT_TIMEOUT_S,
+            name="ledger",
+        )
+        # One thread per connection: a unit holds its connection for its whole run.
+        self._threads = ThreadPoolExecutor(max_workers=pool_max, thread_name_prefix="ledger-pg")
+
+    # -- running units ----------------------------------------------------------------
+
+    def run_sync(self, fn: Callable[[PostgresLedgerTx], T], *, writable: bool) -> T:
+        """Run `fn` in one transaction on a pool connection (blocking); a deadlock or
+        serialization failure runs it again from the start."""
+        attempt = 0
+        with self.pool.connection() as conn:
+            conn.read_only = not writable  # sent with the BEGIN: no extra round trip
+            while True:
+                try:
+                    with conn.transaction():
+                        return fn(PostgresLedgerTx(conn, writable=writable))
+                except _RETRYABLE:
+                    attempt += 1
+                    if attempt > self.retries_max:
+                        raise
+                    with self._retries_lock:
+                        self.retries += 1
+                    time.sleep(random.uniform(0, RETRY_PAUSE_MAX_S))
+
+    async def _run(self, fn: Callable[[PostgresLedgerTx], T], writable: bool) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._threads, lambda: self.run_sync(fn, writable=writable)
+        )
+
+    async def write(self, fn: Callable[[PostgresLedgerTx], T]) -> T:
+        """Run `fn(tx)` in its own transaction; return once it is committed."""
+        return await self._run(fn, True)
+
+    async def write_staged(
+        self, fn: Callable[[PostgresLedgerTx], T]
+    ) -> tuple[T, asyncio.Future[T]]:
+        """`write`: the result is returned once committed, with a resolved future."""
+        value = await self._run(fn, True)
+        durable: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        durable.set_result(value)
+        return value, durable
+
+    async def read(self, fn: Callable[[PostgresLedgerTx], T]) -> T:
+        """Run `fn(tx)` in a READ ONLY transaction (sees everything committed)."""
+        return await self._run(fn, False)
+
+    async def read_point(self, fn: Callable[[PostgresLedgerTx], T]) -> T:
+        """As `read` (a round trip to the server either way)."""
+        return await self._run(fn, False)
+
+    def read_sync(self, fn: Callable[[PostgresLedgerTx], T]) -> T:
+        return self.run_sync(fn, writable=False)
+
+    # -- reads the admin command and the router use --------------------------------
+
+    async def learned_route(self, msisdn: str) -> str | None:
+        return await self.read_point(lambda tx: tx.learned_route(msisdn))
+
+    async def account_totals(self) -> dict[str, int]:
+        return await self.read(lambda tx: tx.account_totals())
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def close_sync(self) -> None:
+        self._threads.shutdown(wait=True)
+        self.pool.close()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.close_sync)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# -- migrations ------------------------------------------------------------------------
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The newest migration applied (0: none, or no ledger in this schema)."""
+    row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return 0
+    got = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+    return int(got[0]) if got else 0
+
+
+def migrate_postgres(conn: psycopg.Connection[Any], *, target: int | None = None) -> int:
+    """Apply the bundled migrations not yet applied (up to `target`), each in its own
+    transaction with its `schema_version` row; returns the version now in force.
+
+    `conn` must be in autocommit mode. A migration marked `-- dialect: sqlite` (a
+    storage layout of SQLite's) is recorded without running; one marked `-- dialect:
+    postgresql` runs here only. Nodes starting together take turns (an advisory lock).
+    """
+    if not conn.autocommit:
+        raise ValueError("migrate_postgres needs a connection in autocommit mode")
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+    current = 0
+    for version, name, sql in db.migrations(dialect=DIALECT):
+        if target is not None and version > target:
+            break
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+                current = schema_version(conn)
+                if version <= current:
+                    continue
+                if sql.strip():
+                    conn.execute(sql)  # several statements, no parameters: one simple query
+                conn.execute(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES (%s, %s, %s)",
+                    (version, name, SYSTEM_CLOCK.now().isoformat()),
+                )
+                current = version
+        except psycopg.Error as exc:
+            raise RuntimeError(f"migration {version:04d}_{name} failed on PostgreSQL: {exc}") from exc
+    return current if target is not None else max(current, schema_version(conn))
+
+
+if TYPE_CHECKING:  # mypy holds the adapter to the port
+
+    def _conforms(tx: PostgresLedgerTx, uow: PostgresLedger) -> None:
+        from extrabalance.service.unit_of_work import UnitOfWork
+
+        _tx: LedgerTx = tx
+        _uow: UnitOfWork = uow

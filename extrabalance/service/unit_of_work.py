@@ -1,0 +1,257 @@
+"""The unit-of-work port: how the services reach the ledger without knowing its database.
+
+What this file owns: the operations the use cases need from storage, as two
+protocols.
+
+* `LedgerTx` — one transaction's view of the ledger: named operations (load a
+  subscriber, insert a loan, settle it, book a recovery, record an idempotent outcome,
+  record an ad, ...). Everything a service does with money inside one `LedgerTx` is
+  committed or rolled back as a whole; an operation that breaks an invariant (an
+  unbalanced journal entry, a second row for a unique key, a state change the saga
+  table in `core/sagas.py` does not allow) raises and rolls the whole unit back.
+* `UnitOfWork` — runs a plain (synchronous) function over a `LedgerTx`: `write(fn)`
+  returns once the transaction is durable, `write_staged(fn)` once `fn` has run (with
+  a future for the durability), `read(fn)` / `read_point(fn)` see everything committed
+  and must not write.
+
+The functions are synchronous on purpose: a unit of work is a handful of indexed
+statements and some Python, and a service never awaits anything (the IN, the SMSC)
+while it holds a transaction. Network calls happen between units of work, under the
+subscriber's lock.
+
+Adapters:
+
+* SQLite: `extrabalance.ledger.Ledger` is the runner, the group-commit writer as it
+  is (WAL, `synchronous=FULL`, many units per COMMIT, each in its own savepoint, run
+  on the event-loop thread); its `LedgerTx` is the ledger's own connection
+  (`ledger/sqlite_uow.py`), so the port costs no extra object or call per operation.
+* In memory (`extrabalance.ledger.memory`): the same operations and invariants over
+  plain dicts, for the service tests; `tests/ledger/test_unit_of_work_contract.py` runs
+  one set of tests against both.
+
+Design for a PostgreSQL adapter (not built; the scale-out issue): psycopg 3 synchronous
+connections on a small thread pool, one transaction per `write(fn)` (no group commit:
+the database's own commit does the batching), `fn` running on the pool thread. The
+first operation that names a subscriber takes `SELECT ... FROM subscribers WHERE msisdn
+= %s FOR UPDATE`, which serialises the units of work of one subscriber across nodes
+sharing the database the way `SubscriberLocks` serialises them inside one node; the
+business SQL of `ledger/store.py` is already portable (`tests/ledger/test_portable_sql.py`).
+`write_staged` would be `write` (the answer waits for the commit). Nothing in this
+protocol assumes one process, one connection or the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:  # row types only: the services never import the SQL modules
+    from extrabalance.core.model import OpenLoan, SubscriberProfile
+    from extrabalance.core.payback import Recovery
+    from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, CampaignRow
+    from extrabalance.ledger.store import LoadedSubscriber, LoanRow, RecoveryRow
+
+T = TypeVar("T")
+
+
+class LedgerTx(Protocol):
+    """One transaction's operations. Money is in minor units; `now` is the service's
+    clock reading (adapters never read a clock for business timestamps)."""
+
+    # -- subscribers ---------------------------------------------------------------
+    def load_subscriber(
+        self, msisdn: str, *, balance_minor: int | None = None, default_language: str = "en"
+    ) -> LoadedSubscriber:
+        """Everything `core.lending.decide` needs: profile, open loans, pending work."""
+        ...
+
+    def put_profile(self, profile: SubscriberProfile, now: datetime) -> None:
+        """Create or replace the operator's profile of a subscriber (the daily CSV's
+        row); his loans, preferences and bars are kept."""
+        ...
+
+    def open_loans(self, msisdn: str) -> tuple[OpenLoan, ...]: ...
+    def debt_owed(self, msisdn: str) -> int: ...
+    def learn_route(self, msisdn: str, in_node: str, now: datetime) -> None: ...
+    def learned_route(self, msisdn: str) -> str | None: ...
+    def set_preferences(
+        self,
+        msisdn: str,
+        now: datetime,
+        *,
+        auto_advance: bool | None = None,
+        ads_opt_out: bool | None = None,
+        language: str | None = None,
+    ) -> None: ...
+    def set_bar(
+        self, msisdn: str, barred: bool, reason: str | None, who: str, now: datetime
+    ) -> None:
+        """Manual bar or unbar, with an audit line."""
+        ...
+
+    def audit(
+        self,
+        msisdn: str,
+        action: str,
+        who: str,
+        why: str,
+        now: datetime,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None: ...
+
+    # -- idempotency -----------------------------------------------------------------
+    def idempotent_get(self, key: str) -> dict[str, Any] | None: ...
+    def idempotent_put(self, key: str, outcome: Mapping[str, Any], now: datetime) -> None:
+        """Record the first outcome for `key`; a later put keeps the first."""
+        ...
+
+    def idempotent_replace(self, key: str, outcome: Mapping[str, Any], now: datetime) -> None:
+        """Overwrite a provisional outcome once the operation settled."""
+        ...
+
+    def purge_idempotency(self, before: datetime, limit: int) -> int: ...
+
+    # -- loans and advances ----------------------------------------------------------
+    def get_loan(self, loan_id: str) -> LoanRow | None: ...
+    def loan_by_idempotency_key(self, key: str) -> LoanRow | None: ...
+    def insert_loan(
+        self,
+        *,
+        msisdn: str,
+        tier_id: int,
+        principal_minor: int,
+        fee_minor: int,
+        state: str,
+        channel: str,
+        idempotency_key: str | None,
+        in_node: str | None,
+        session_id: str | None,
+        now: datetime,
+        request_number: int = 0,
+        loan_id: str | None = None,
+        subscriber_known: bool = False,
+    ) -> str:
+        """Book a loan in a state the saga table allows for a new record; ACTIVE and
+        CONFIRMING are journalled at once. The idempotency key is unique."""
+        ...
+
+    def settle_loan(
+        self, loan_id: str, new_state: str, now: datetime, *, result_code: int | None = None
+    ) -> LoanRow:
+        """Settle a borrow (ACTIVE journals the disbursement). Same state: no change."""
+        ...
+
+    def settle_advance(
+        self, loan_id: str, confirmed: bool, now: datetime, *, result_code: int | None = None
+    ) -> LoanRow:
+        """Settle a CONFIRMING advance; refused reverses its journal entry."""
+        ...
+
+    def unsettled_loans(self, limit: int) -> list[LoanRow]: ...
+    def note_resolve_attempt(
+        self, table: str, key: str, review_after: int, now: datetime
+    ) -> bool: ...
+
+    def write_off_candidates(self, before: datetime, limit: int) -> list[tuple[str, str]]: ...
+    def write_off(self, loan_id: str, who: str, now: datetime) -> int:
+        """Write the rest of an open loan off (journal + audit); 0 when it is not open
+        or the subscriber has a settlement in flight."""
+        ...
+
+    def count_overdue(self, created_before: datetime, created_since: datetime) -> int:
+        """Open loans created in [created_since, created_before)."""
+        ...
+
+    # -- recoveries ----------------------------------------------------------------------
+    def get_recovery(self, recovery_id: str) -> RecoveryRow | None: ...
+    def recovery_by_event(self, event_id: str) -> RecoveryRow | None: ...
+    def insert_recovery(
+        self,
+        *,
+        event_id: str,
+        msisdn: str,
+        recharge_minor: int,
+        balance_after_minor: int | None,
+        in_node: str | None,
+        now: datetime,
+        session_id: str | None = None,
+        requested_minor: int = 0,
+    ) -> str:
+        """Book a RECOVERING recovery (the recharge's `event_id` is unique)."""
+        ...
+
+    def start_recovery_attempt(
+        self, recovery_id: str, session_id: str, requested_minor: int, now: datetime
+    ) -> int: ...
+    def note_recovery_attempt(
+        self,
+        recovery_id: str,
+        outcome: str,
+        result_code: int | None,
+        attempt_no: int | None = None,
+    ) -> None: ...
+    def set_recovery_state(self, recovery_id: str, state: str, now: datetime) -> None: ...
+    def apply_recovery(self, rec: RecoveryRow, allocation: Recovery, now: datetime) -> None:
+        """Book a debit split over the open loans by `core.payback.split`."""
+        ...
+
+    def unsettled_recoveries(self, limit: int) -> list[RecoveryRow]: ...
+
+    # -- journal -----------------------------------------------------------------------
+    def debt_from_journal(self, msisdn: str) -> int: ...
+    def account_totals(self) -> dict[str, int]: ...
+    def journal_entries(self, msisdn: str) -> list[tuple[str, str, int]]:
+        """(transaction id, account, amount) of the subscriber's journal lines, in
+        the order written."""
+        ...
+
+    # -- advertisements ------------------------------------------------------------------
+    def load_ad_subscriber(self, msisdn: str) -> AdSubscriberRow | None: ...
+    def recent_ads(self, msisdn: str, since: datetime) -> list[tuple[datetime, str]]: ...
+    def record_ad(
+        self,
+        msisdn: str,
+        trigger: str,
+        template: str,
+        now: datetime,
+        campaign_id: str | None = None,
+    ) -> str: ...
+    def prune_ads(self, before: datetime, limit: int) -> int: ...
+
+    # -- campaigns -----------------------------------------------------------------------
+    def audience_chunk(self, after_msisdn: str, limit: int) -> list[AudienceRow]: ...
+    def create_campaign(
+        self, template: str, segment: str | None, created_by: str, now: datetime
+    ) -> str: ...
+    def add_recipients(self, campaign_id: str, msisdns: Iterable[str], now: datetime) -> int: ...
+    def get_campaign(self, campaign_id: str) -> CampaignRow | None: ...
+    def list_campaigns(self, limit: int = 50) -> list[CampaignRow]: ...
+    def active_campaigns(self) -> list[CampaignRow]: ...
+    def set_campaign_state(self, campaign_id: str, state: str, now: datetime) -> None: ...
+    def pending_recipients(self, campaign_id: str, limit: int) -> list[str]: ...
+    def settle_recipient(
+        self, campaign_id: str, msisdn: str, state: str, reason: str | None, now: datetime
+    ) -> bool: ...
+
+
+class UnitOfWork(Protocol):
+    """Runs units of work over a `LedgerTx` (see the module docstring)."""
+
+    async def write(self, fn: Callable[[LedgerTx], T]) -> T:
+        """Run `fn(tx)` atomically; return its result once it is durable."""
+        ...
+
+    async def write_staged(self, fn: Callable[[LedgerTx], T]) -> tuple[T, asyncio.Future[T]]:
+        """Run `fn(tx)` atomically; return its result once it has run, with a future
+        that resolves when it is durable (or raises if it was rolled back)."""
+        ...
+
+    async def read(self, fn: Callable[[LedgerTx], T]) -> T:
+        """Run `fn(tx)` over everything committed; may scan; must not write."""
+        ...
+
+    async def read_point(self, fn: Callable[[LedgerTx], T]) -> T:
+        """As `read`, for reads bounded by an index lookup (may run inline)."""
+        ...

@@ -1,0 +1,44 @@
+"""PostgreSQL for the tests: the server at `EB_TEST_PG_DSN` (default the machine's,
+`postgresql://postgres@127.0.0.1:5432/test`), each test on a schema of its own that is
+dropped afterwards. Skipped, with the reason, only when no server answers; CI always
+has one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+PG_DSN = os.environ.get("EB_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+CONNECT_TIMEOUT_S = 3
+
+
+def _admin():  # type: ignore[no-untyped-def]
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        return psycopg.connect(PG_DSN, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL answers at {PG_DSN} ({exc}); set EB_TEST_PG_DSN")
+
+
+def schema_conninfo(schema: str) -> str:
+    """`PG_DSN` with every connection's search_path set to `schema`."""
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(PG_DSN, options=f"-c search_path={schema}")
+
+
+@contextlib.contextmanager
+def fresh_schema(prefix: str = "eb_test") -> Iterator[str]:
+    """A new empty schema; yields a conninfo whose connections use it; dropped after."""
+    schema = f"{prefix}_{secrets.token_hex(5)}"
+    admin = _admin()
+    try:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        yield schema_conninfo(schema)
+    finally:
+        admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        admin.close()
