@@ -222,3 +222,17 @@ KNOWN = frozenset({"in-a.operator.example", "in-b.operator.example"})
 def test_origin_problem(in_node, topic, problem) -> None:
     found = origin_problem(in_node, topic, (*FILTERS, "operator/recharges"), KNOWN)
     assert (found is None) if problem is None else (problem in found)
+
+
+async def test_the_node_checks_recharges_against_its_configured_ins(tmp_path) -> None:
+    """The node hands its INs' Origin-Hosts to the listener (issue 22, finding 2)."""
+    from extrabalance.config import load_settings
+    from extrabalance.node import Node
+    from tests.ops.support import write_config
+
+    node = Node(load_settings(write_config(tmp_path)), edr_dir=tmp_path / "edr")
+    try:
+        assert node.recharges.in_nodes == frozenset(
+            {"in-a.operator.example", "in-b.operator.example"})
+    finally:
+        await node.ledger.close()
