@@ -24,9 +24,9 @@ def test_a_small_run_with_history(tmp_path, capsys):
 def test_postgresql_side_by_side_with_sqlite(tmp_path, capsys):
     """`--storage postgresql`: the same loans on both ledgers in one run, CPU counted
     on the client and on the server's processes."""
-    from tests.pg import PG_DSN, _admin
+    from tests.pg import PG_DSN, admin_connection
 
-    _admin().close()  # skips, with the reason, when no server answers
+    admin_connection().close()  # skips, with the reason, when no server answers
     code = bench_ledger.main(["--subscribers", "2000", "--loans", "200", "--concurrency", "16",
                               "--no-reimport", "--storage", "postgresql", "--pg-pool", "4",
                               "--pg-dsn", PG_DSN, "--dir", str(tmp_path)])
