@@ -54,6 +54,7 @@ from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import InOperation, InOutcome, InResult, Notice, RechargeEvent
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.routing import Router, RouteRule
+from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
 
 POLICY = Policy(
     currency=Currency("EGP", 818, 2),
@@ -103,15 +104,17 @@ def generate_csv(path: Path, subscribers: int) -> float:
 
 
 def intent_op(m: str, tier_id: int, key: str, session: str):
-    def fn(conn: sqlite3.Connection) -> str | None:
-        if store.idempotent_get(conn, key) is not None:
+    """The intent through the port's operations (the same store functions on SQLite;
+    on PostgreSQL with the subscriber's lock)."""
+
+    def fn(tx: LedgerTx) -> str | None:
+        if tx.idempotent_get(key) is not None:
             return None
-        loaded = store.load_subscriber(conn, m)
+        loaded = tx.load_subscriber(m)
         decision = decide(BorrowRequest(m, tier_id, "ussd"), loaded.state, POLICY, NOW)
         if not isinstance(decision, Granted):
             return None
-        return store.insert_loan(
-            conn,
+        return tx.insert_loan(
             msisdn=m,
             tier_id=tier_id,
             principal_minor=decision.amount_minor,
@@ -129,8 +132,8 @@ def intent_op(m: str, tier_id: int, key: str, session: str):
 
 
 def settle_op(loan_id: str):
-    def fn(conn: sqlite3.Connection) -> None:
-        store.settle_loan(conn, loan_id, store.ACTIVE, NOW, result_code=2001)
+    def fn(tx: LedgerTx) -> None:
+        tx.settle_loan(loan_id, store.ACTIVE, NOW, result_code=2001)
 
     return fn
 
@@ -163,8 +166,8 @@ def rates(count: int, wall_s: float, cpu_s: float, unit: str) -> dict:
     }
 
 
-async def bench_group_commit(db: Path, picks: list[int], concurrency: int, tag: str) -> dict:
-    ledger = Ledger(db)
+def lend_through(ledger: UnitOfWork, tag: str) -> Callable[[int, int], Awaitable[None]]:
+    """One loan (intent, then settlement) per item, each write a unit of work."""
 
     async def one(n: int, i: int) -> None:
         m = msisdn(i)
@@ -172,7 +175,13 @@ async def bench_group_commit(db: Path, picks: list[int], concurrency: int, tag: 
         if loan_id:
             await ledger.write(settle_op(loan_id))
 
-    wall_s, cpu_s = await run_concurrently(list(enumerate(picks)), concurrency, one)
+    return one
+
+
+async def bench_group_commit(db: Path, picks: list[int], concurrency: int, tag: str) -> dict:
+    ledger = Ledger(db)
+    wall_s, cpu_s = await run_concurrently(list(enumerate(picks)), concurrency,
+                                           lend_through(ledger, tag))
     batches, ops = ledger.writer.batches_committed, ledger.writer.ops_committed
     commit_s = getattr(ledger.writer, "commit_seconds", None)
     await ledger.close()
@@ -187,17 +196,104 @@ async def bench_group_commit(db: Path, picks: list[int], concurrency: int, tag: 
     return result
 
 
+PG_APPLICATION = "eb-bench-ledger"  # names this run's connections in pg_stat_activity
+# Server processes whose work a ledger load causes besides its own backends (other
+# clients of the same server add to them too: run on a quiet server).
+PG_SHARED_PROCESSES = ("walwriter", "checkpointer", "background writer")
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process on this machine (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_pids(conninfo: str) -> dict[str, list[int]]:
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid, backend_type, application_name FROM pg_stat_activity").fetchall()
+    return {
+        "backends": [p for p, _, app in rows if app == PG_APPLICATION],
+        "shared": [p for p, kind, _ in rows if kind in PG_SHARED_PROCESSES],
+    }
+
+
+def pg_bench_schema(dsn: str) -> tuple[str, str]:
+    """A new schema for this run: (schema, conninfo whose connections use it)."""
+    import secrets
+
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    schema = f"eb_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return schema, make_conninfo(dsn, options=f"-c search_path={schema}",
+                                 application_name=PG_APPLICATION)
+
+
+def pg_drop_schema(dsn: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+async def bench_postgresql(conninfo: str, picks: list[int], concurrency: int, tag: str,
+                           pool_max: int) -> dict:
+    """The group-commit pass's loans (intent, then settlement) through the PostgreSQL
+    adapter: one transaction each, the subscriber locked. CPU counted on both sides:
+    this process, and the server processes serving it (its pool's backends, and the
+    WAL writer, checkpointer and background writer), read from /proc."""
+    from extrabalance.ledger.postgres import PostgresLedger
+
+    ledger = PostgresLedger(conninfo, pool_max=pool_max, pool_min=pool_max)
+    try:
+        # Every pool connection open before the clock starts, so its backend is counted.
+        await asyncio.gather(*(ledger.read(lambda tx: tx.account_totals())
+                               for _ in range(pool_max * 2)))
+        pids = _server_pids(conninfo)
+        before = {p: _proc_cpu_s(p) for group in pids.values() for p in group}
+        wall_s, cpu_s = await run_concurrently(list(enumerate(picks)), concurrency,
+                                               lend_through(ledger, tag))
+        spent = {p: _proc_cpu_s(p) - before[p] for p in before}
+        backends_s = sum(spent[p] for p in pids["backends"])
+        shared_s = sum(spent[p] for p in pids["shared"])
+        retries = ledger.retries
+    finally:
+        await ledger.close()
+    count = len(picks)
+    result = rates(count, wall_s, cpu_s, "loans")
+    result["cpu_us_per_loan_client"] = result.pop("cpu_us_per_loan")
+    result["cpu_us_per_loan_server"] = round((backends_s + shared_s) / count * 1e6, 1)
+    result["cpu_us_per_loan_server_backends"] = round(backends_s / count * 1e6, 1)
+    result["cpu_us_per_loan_total"] = round(
+        result["cpu_us_per_loan_client"] + result["cpu_us_per_loan_server"], 1)
+    result["pool_connections"] = pool_max
+    result["server_backends_counted"] = len(pids["backends"])
+    result["transactions"] = 2 * count
+    result["retries"] = retries
+    return result
+
+
 def bench_naive(db: Path, picks: list[int], tag: str) -> dict:
     """The same two writes per loan, each in its own transaction and fsync."""
     conn = connect(db)
     started, cpu = time.perf_counter(), time.process_time()
     for n, i in enumerate(picks):
         conn.execute("BEGIN IMMEDIATE")
-        loan_id = intent_op(msisdn(i), 1 + n % 12, f"{tag}:{n}", f"s;{tag};{n}")(conn)
+        loan_id = intent_op(msisdn(i), 1 + n % 12, f"{tag}:{n}", f"s;{tag};{n}")(
+            conn)  # type: ignore[arg-type]
         conn.execute("COMMIT")
         if loan_id:
             conn.execute("BEGIN IMMEDIATE")
-            settle_op(loan_id)(conn)
+            settle_op(loan_id)(conn)  # type: ignore[arg-type]
             conn.execute("COMMIT")
     elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     conn.close()
@@ -334,6 +430,20 @@ def main(argv: list[str] | None = None) -> int:
         help="loans already lent and repaid by every subscriber the passes borrow for",
     )
     parser.add_argument(
+        "--storage",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="postgresql: the loans pass on SQLite and on PostgreSQL side by side in one "
+        "run (the imported subscribers copied with `ledger migrate`'s copy first); the "
+        "SQLite-only passes (naive, service sagas, reads) are left out",
+    )
+    parser.add_argument(
+        "--pg-dsn",
+        default=os.environ.get("EB_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
+        help="PostgreSQL server for --storage postgresql (a schema of its own, dropped after)",
+    )
+    parser.add_argument("--pg-pool", type=int, default=8, help="PostgreSQL connections")
+    parser.add_argument(
         "--dir",
         type=Path,
         default=None,
@@ -393,6 +503,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.history > 0:
             result["history"] = add_history(
                 db, sorted(set(picks) | set(naive_picks)), args.history)
+        if args.storage == "postgresql":
+            from extrabalance.ledger.pg_copy import copy_ledger
+
+            schema, conninfo = pg_bench_schema(args.pg_dsn)
+            try:
+                started = time.perf_counter()
+                copied = copy_ledger(db, conninfo)
+                copy_s = time.perf_counter() - started
+                result["postgresql_copy"] = {
+                    "verified": copied.verified,
+                    "rows": sum(t.target_rows for t in copied.tables),
+                    "seconds": round(copy_s, 1),
+                    "rows_per_s": round(sum(t.target_rows for t in copied.tables) / copy_s),
+                }
+                pg = asyncio.run(bench_postgresql(conninfo, picks, args.concurrency, "p",
+                                                  args.pg_pool))
+            finally:
+                pg_drop_schema(args.pg_dsn, schema)
+            group = asyncio.run(bench_group_commit(db, picks, args.concurrency, "g"))
+            result["loans_sqlite_group_commit"] = group
+            result["loans_postgresql"] = pg
+            result["postgresql_vs_sqlite"] = {
+                "loans_per_s_ratio": round(pg["loans_per_s"] / group["loans_per_s"], 2),
+                "cpu_per_loan_ratio": round(
+                    pg["cpu_us_per_loan_total"] / group["cpu_us_per_loan"], 2),
+            }
+            print(json.dumps(result, indent=2))
+            return 0
         group = asyncio.run(bench_group_commit(db, picks, args.concurrency, "g"))
         naive = bench_naive(db, naive_picks, "n")
         loans, paybacks = asyncio.run(bench_service(db, picks[: args.loans // 2], args.concurrency))

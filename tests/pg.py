@@ -16,7 +16,8 @@ PG_DSN = os.environ.get("EB_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/
 CONNECT_TIMEOUT_S = 3
 
 
-def _admin():  # type: ignore[no-untyped-def]
+def admin_connection():  # type: ignore[no-untyped-def]
+    """An autocommit connection to the test server (skips the test when none answers)."""
     psycopg = pytest.importorskip("psycopg")
     try:
         return psycopg.connect(PG_DSN, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
@@ -35,7 +36,7 @@ def schema_conninfo(schema: str) -> str:
 def fresh_schema(prefix: str = "eb_test") -> Iterator[str]:
     """A new empty schema; yields a conninfo whose connections use it; dropped after."""
     schema = f"{prefix}_{secrets.token_hex(5)}"
-    admin = _admin()
+    admin = admin_connection()
     try:
         admin.execute(f"CREATE SCHEMA {schema}")
         yield schema_conninfo(schema)

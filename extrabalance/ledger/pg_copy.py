@@ -76,7 +76,7 @@ class CopyReport:
 def _open_source(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise CopyError(f"{path}: no such ledger file")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     try:
         version = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
     except sqlite3.DatabaseError as exc:

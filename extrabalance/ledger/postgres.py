@@ -70,11 +70,17 @@ MIGRATION_LOCK_KEY = 0x4542_0000_0000_0001
 
 _LOCK_ROW = "SELECT 1 FROM subscribers WHERE msisdn = %s FOR UPDATE"
 _LOCK_NEW = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+# The owner of a loan / recovery and his row lock in one round trip (a subscriber who
+# has a loan or a recovery has a row: both inserts ensure it).
 _OWNER_SQL = {
-    "loan": "SELECT msisdn FROM loans WHERE loan_id = %s",
-    "loan_key": "SELECT msisdn FROM loans WHERE idempotency_key = %s",
-    "recovery": "SELECT msisdn FROM recoveries WHERE recovery_id = %s",
-    "event": "SELECT msisdn FROM recoveries WHERE event_id = %s",
+    kind: (f"SELECT s.msisdn FROM {table} x JOIN subscribers s ON s.msisdn = x.msisdn"
+           f" WHERE x.{column} = %s FOR UPDATE OF s")
+    for kind, table, column in (
+        ("loan", "loans", "loan_id"),
+        ("loan_key", "loans", "idempotency_key"),
+        ("recovery", "recoveries", "recovery_id"),
+        ("event", "recoveries", "event_id"),
+    )
 }
 
 # -- placeholders --------------------------------------------------------------------
@@ -180,12 +186,14 @@ class PostgresLedgerTx:
         if not self.writable:
             return
         msisdn = self._owners.get((kind, key))
-        if msisdn is None:
-            row = self.conn.execute(_OWNER_SQL[kind], (key,)).fetchone()
-            if row is None:
-                return  # nothing of his yet: the operation finds nothing or creates it
-            msisdn = self._owners[(kind, key)] = row[0]
-        self.lock_subscriber(msisdn)
+        if msisdn is not None:
+            self.lock_subscriber(msisdn)
+            return
+        row = self.conn.execute(_OWNER_SQL[kind], (key,)).fetchone()
+        if row is None:
+            return  # nothing of his yet: the operation finds nothing or creates it
+        msisdn = self._owners[(kind, key)] = row[0]
+        self._locked.add(msisdn)  # FOR UPDATE OF s: his row is locked already
 
     # -- the port's operations -------------------------------------------------------
     # subscribers

@@ -92,7 +92,7 @@ async def test_a_deadlock_between_two_subscribers_is_retried() -> None:
         node_a = PostgresLedger(conninfo, pool_max=POOL)
         node_b = PostgresLedger(conninfo, pool_max=POOL, migrate=False)
         try:
-            both = threading.Barrier(2, timeout=10)
+            both = threading.Barrier(2, timeout=120)  # a bound, not a timing margin
 
             def pair(first: str, second: str):  # type: ignore[no-untyped-def]
                 runs: list[int] = []

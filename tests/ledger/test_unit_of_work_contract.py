@@ -213,13 +213,20 @@ async def test_a_unit_that_raises_leaves_nothing_behind(uow: UnitOfWork) -> None
     assert await uow.read(lambda tx: tx.recovery_by_event("e")) is None
 
 
-async def test_reads_cannot_write_in_memory_and_see_committed_work(uow: UnitOfWork) -> None:
+async def test_reads_cannot_write_and_see_committed_work(uow: UnitOfWork) -> None:
     await uow.write(lambda tx: tx.idempotent_put("k", {"x": 1}, NOW))
     staged, durable = await uow.write_staged(lambda tx: tx.idempotent_get("k"))
     assert staged == {"x": 1} and await durable == {"x": 1}
     if isinstance(uow, MemoryUnitOfWork):
         with pytest.raises(ReadOnly):
             await uow.read(lambda tx: tx.idempotent_put("j", {}, NOW))
+    elif not isinstance(uow, Ledger):  # PostgreSQL: reads run in READ ONLY transactions
+        import psycopg
+
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            await uow.read(lambda tx: tx.idempotent_put("j", {}, NOW))
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            await uow.read_point(lambda tx: tx.idempotent_put("j", {}, NOW))
 
 
 async def test_an_advance_confirmed_or_reversed(uow: UnitOfWork) -> None:

@@ -1,10 +1,11 @@
 """The services that run on the unit-of-work port (accounts, retention, payback, ads,
-campaigns), each case run on the SQLite ledger and on the in-memory one with the same
-assertions. Debt is set up through the port (`insert_loan`), not the lending service,
+campaigns), each case run on the SQLite ledger, the in-memory one and the PostgreSQL
+one with the same assertions. Debt is set up through the port (`insert_loan`), not the lending service,
 which still speaks SQL."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +29,7 @@ from extrabalance.service.routing import Router
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
 from tests.ads.conftest import RULES, Ticks
 from tests.core.sample import POLICY
+from tests.pg import fresh_schema
 from tests.service.fakes import LOST_ANSWER, REFUSE, ROUTES, Clock, FakeIn, FakeNotifier, ListEvents
 
 M1, M2, M3 = "201001234567", "201001234568", "201001234569"
@@ -75,13 +77,21 @@ class Services:
         return await self.uow.read(both)
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 async def s(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Services]:
-    uow: Any = (
-        Ledger(tmp_path / "ledger.db", batch_window_ms=0.5)
-        if request.param == "sqlite"
-        else MemoryUnitOfWork()
-    )
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgresql":  # a schema of its own, dropped after
+            from extrabalance.ledger.postgres import PostgresLedger
+
+            uow: Any = PostgresLedger(stack.enter_context(fresh_schema("eb_svc")), pool_max=2)
+        else:
+            uow = (Ledger(tmp_path / "ledger.db", batch_window_ms=0.5)
+                   if request.param == "sqlite" else MemoryUnitOfWork())
+        async for services in _services(uow):
+            yield services
+
+
+async def _services(uow: Any) -> AsyncIterator[Services]:
     clock, fake_in, notifier, events = Clock(), FakeIn(), FakeNotifier(), ListEvents()
     locks = SubscriberLocks()
     ads = Advertiser(uow, notifier, events, POLICY, RULES, clock, monotonic=Ticks())
