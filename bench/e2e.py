@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import ProcessSet, cpu_seconds, dump_toml, free_port
-from bench.reconcile import reconcile
+from bench.reconcile import reconcile, settle_advances_with_in
 from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
 
@@ -747,7 +747,15 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
     self_cpu1 = os.times()
     in_dump = json.loads(in_dump_path.read_text())
     smsc_dump = json.loads(smsc_dump_path.read_text())
+    # With an RFC-only IN, an advance whose every answer came too late for it is
+    # settled from its records (reconcile-in), as an operator does; the extension
+    # settles its own by confirmation.
+    reversed_advances = ({} if options.advance_confirmation
+                         else settle_advances_with_in(net.db_path, in_dump))
     rec = reconcile(net.db_path, in_dump, smsc_dump, check_recharges=True)
+    if reversed_advances:
+        rec.notes.append(f"reconcile-in reversed {sum(reversed_advances.values())} advances"
+                         " the IN never applied")
     counts = ledger_counts(net.db_path)
     ads = count_edr(net.db_path.parent, "ad_sent")
     ads_suppressed = count_edr_reasons(net.db_path.parent, "ad_suppressed")

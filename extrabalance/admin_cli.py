@@ -71,6 +71,27 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
 # -- subscriber show | bar | unbar -------------------------------------------------------
 
 
+def _open_or_say(settings: Settings, command: str) -> sqlite3.Connection | None:
+    """The configured ledger, or None after telling the operator why not."""
+    try:
+        return _open_existing(_ledger_path(settings))
+    except FileNotFoundError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _in_transaction(conn: sqlite3.Connection, fn: Any, *, commit: bool = True) -> Any:
+    """Run fn(conn) in one write transaction; `commit=False` rolls it back (dry run)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT" if commit else "ROLLBACK")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return result
+
+
 def _open_existing(db_path: Path) -> sqlite3.Connection:
     from extrabalance.ledger.db import connect
 
@@ -177,21 +198,14 @@ def subscriber_command(config_path: str | None, action: str, msisdn: str, reason
               file=sys.stderr)
         return EXIT_USAGE
     settings = load_settings(config_path)
-    try:
-        conn = _open_existing(_ledger_path(settings))
-    except FileNotFoundError as exc:
-        print(f"subscriber: {exc}", file=sys.stderr)
+    conn = _open_or_say(settings, "subscriber")
+    if conn is None:
         return EXIT_BAD_ROWS
     try:
         if action in ("bar", "unbar"):
             now = SYSTEM_CLOCK.now()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                store.set_bar(conn, msisdn, action == "bar", reason.strip(), who.strip(), now)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            _in_transaction(conn, lambda c: store.set_bar(
+                c, msisdn, action == "bar", reason.strip(), who.strip(), now))
         view = subscriber_view_with_route(conn, settings, msisdn)
     finally:
         conn.close()
@@ -326,3 +340,63 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# -- reconcile-in ---------------------------------------------------------------------
+
+
+def reconcile_in_command(config_path: str | None, csv_path: str, in_node: str, until: str,
+                         *, apply: bool = False, json_output: bool = False,
+                         out: TextIO | None = None) -> int:
+    """`extrabalance reconcile-in FILE --in-node HOST --until TIME [--apply]`: compare
+    the ledger's automatic advances with the IN's extract of the grants it applied
+    (extrabalance.service.reconcile_in). 0: the books agree (or every difference was
+    reversed with --apply); 1: differences left to look at; 2: usage."""
+    from datetime import datetime
+
+    from extrabalance.service.reconcile_in import ExtractError, read_extract, reconcile_in
+
+    out = out or sys.stdout
+    settings = load_settings(config_path)
+    known = {n.origin_host for n in settings.in_nodes}
+    if in_node not in known:
+        print(f"reconcile-in: --in-node {in_node!r} is not an IN node of the config"
+              f" ({', '.join(sorted(known))})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cut_off = datetime.fromisoformat(until)
+    except ValueError:
+        print(f"reconcile-in: --until {until!r} is not an ISO 8601 time", file=sys.stderr)
+        return EXIT_USAGE
+    if cut_off.tzinfo is None:
+        print("reconcile-in: --until needs a time zone (e.g. 2026-12-07T00:00:00+00:00)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        grants = read_extract(csv_path)
+    except (OSError, ExtractError) as exc:
+        print(f"reconcile-in: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    conn = _open_or_say(settings, "reconcile-in")
+    if conn is None:
+        return EXIT_USAGE
+    try:
+        report = _in_transaction(conn, lambda c: reconcile_in(
+            c, grants, in_node=in_node, until=cut_off, apply=apply, now=SYSTEM_CLOCK.now()),
+            commit=apply)
+    finally:
+        conn.close()
+    doc = report.as_dict()
+    if json_output:
+        print(json.dumps(doc, indent=2, sort_keys=True), file=out)
+    else:
+        print(f"advances to {in_node} up to {doc['until']}: {report.advances_checked} checked,"
+              f" {report.confirmed} confirmed by the IN", file=out)
+        for name in ("reversed", "not_credited", "needs_review", "mismatches",
+                     "grants_without_advance"):
+            print(f"  {name.replace('_', ' ')}: {len(doc[name])}", file=out)
+            for row in doc[name][:20]:
+                print(f"    {row}", file=out)
+        if report.not_credited:
+            print("  (dry run: --apply reverses the advances not credited)", file=out)
+    return EXIT_OK if report.clean else EXIT_BAD_ROWS

@@ -86,6 +86,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return import_profiles_command(args.config, args.csv, progress=not args.quiet)
 
 
+def _cmd_reconcile_in(args: argparse.Namespace) -> int:
+    from extrabalance.admin_cli import reconcile_in_command
+
+    return reconcile_in_command(args.config, args.csv, args.in_node, args.until,
+                                apply=args.apply, json_output=args.json)
+
+
 def _cmd_subscriber(args: argparse.Namespace) -> int:
     from extrabalance.admin_cli import subscriber_command
 
@@ -245,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("reconcile-in", help="check automatic advances against the IN's own"
+                                            " records of the grants it applied")
+    p.add_argument("csv", help="the IN's extract: session_id,request_number,msisdn,amount_minor")
+    p.add_argument("--in-node", required=True, help="Origin-Host of the IN the extract is from")
+    p.add_argument("--until", required=True,
+                   help="the extract's cut-off, ISO 8601 with a time zone")
+    p.add_argument("--apply", action="store_true",
+                   help="reverse the advances the IN never credited (default: report only)")
+    p.add_argument("--config", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_reconcile_in)
 
     p = sub.add_parser("subscriber", help="show, bar or unbar a subscriber")
     p.add_argument("action", choices=["show", "bar", "unbar"])

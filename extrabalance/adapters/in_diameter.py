@@ -92,13 +92,13 @@ class DiameterInPort:
         # Raised when the request was not sent at all (no open peer): its first
         # transmission is still owed, so it must not carry the T flag.
         self._never_sent = never_sent_errors
-        # Operations none of whose requests may have been received by the IN so far:
-        # never sent, or answered 3002/3004 only. Their next send carries no T flag.
         self._session_ids = gy.SessionIdGenerator(origin_host)
         # The node passes its DiameterNode's generator (ids unique among all its
         # requests); alone, a random start of our own.
         self._e2e = end_to_end_ids or EndToEndIds(random.getrandbits(12), random.Random()).next
         self._e2e_by_key: OrderedDict[tuple[str, int], int] = OrderedDict()
+        # Operations none of whose requests may have been received by the IN so far:
+        # never sent, or answered 3002/3004 only. Their next send carries no T flag.
         self._not_received: OrderedDict[tuple[str, int], None] = OrderedDict()
 
     def new_session_id(self) -> str:

@@ -96,6 +96,9 @@ IN_REFUSED: Final = "in_refused"  # the IN said no, or never executed it
 IN_LOST: Final = "in_lost"  # timeout, connection lost: unknown outcome
 ADVANCE_CONFIRMED: Final = "advance_confirmed"
 ADVANCE_REFUSED: Final = "advance_refused"  # reversing entry, bad-debt count back
+# reconcile-in: the IN's own records show it never applied the grant of an ACTIVE
+# advance nothing was recovered of; reversed like a refused confirmation
+ADVANCE_NEVER_CREDITED: Final = "advance_never_credited"
 REPAID_PART: Final = "repaid_part"  # a recovery took part of what is owed
 REPAID_ALL: Final = "repaid_all"  # a recovery took the rest
 WRITE_OFF: Final = "write_off"  # aged past write_off_days, or the rest waived
@@ -126,6 +129,7 @@ LOAN_TRANSITIONS: Final[dict[tuple[str | None, str], str]] = {
     # an advance: the IN's answer to its confirmation
     (CONFIRMING, ADVANCE_CONFIRMED): ACTIVE,
     (CONFIRMING, ADVANCE_REFUSED): FAILED,
+    (ACTIVE, ADVANCE_NEVER_CREDITED): FAILED,
     # paying back and ageing
     (ACTIVE, REPAID_PART): PARTIALLY_REPAID,
     (ACTIVE, REPAID_ALL): REPAID,

@@ -585,13 +585,16 @@ def settle_advance(
     now: datetime,
     *,
     result_code: int | None = None,
+    never_credited: bool = False,
 ) -> LoanRow:
     """Settle a CONFIRMING advance from the IN's answer to its confirmation.
 
     Confirmed: ACTIVE; the journal entry written when it was booked stands. Refused:
     the IN never credited it, so FAILED with a reversing journal entry (nothing owed)
     and the bad-debt count taken back. Idempotent: an advance already in the target
-    state is returned unchanged.
+    state is returned unchanged. `never_credited` (reconciliation with the IN's own
+    records): an ACTIVE advance with nothing recovered or adjusted yet is reversed the
+    same way.
     """
     loan = get_loan(conn, loan_id)
     if loan is None:
@@ -599,11 +602,14 @@ def settle_advance(
     new_state = ACTIVE if confirmed else FAILED
     if loan.state == new_state:
         return loan
-    sagas.loan_step(
-        loan.state,
-        sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED,
-        loan_id,
-    )
+    reversible = (never_credited and not confirmed and loan.state == ACTIVE
+                  and loan.channel == "auto" and loan.principal_repaid_minor == 0
+                  and loan.fee_repaid_minor == 0)
+    if reversible:
+        event = sagas.ADVANCE_NEVER_CREDITED
+    else:
+        event = sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED
+    sagas.loan_step(loan.state, event, loan_id)
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
         " WHERE loan_id = ?",
@@ -656,6 +662,18 @@ def note_resolve_attempt(
         )
         return True
     return False
+
+
+def advances_of_in_node(conn: sqlite3.Connection, in_node: str, until: datetime
+                        ) -> list[LoanRow]:
+    """Automatic advances granted to `in_node`'s requests up to `until` (oldest first),
+    for reconciliation with that IN's records."""
+    rows = conn.execute(
+        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE channel = 'auto' AND in_node = ?"
+        " AND created_at <= ? ORDER BY created_at",
+        (in_node, ts(until)),
+    ).fetchall()
+    return [_loan(r) for r in rows]
 
 
 def unsettled_loans(conn: sqlite3.Connection, limit: int) -> list[LoanRow]:

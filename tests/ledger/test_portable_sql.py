@@ -187,6 +187,8 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     await h.lending.out_of_balance("s2", 0, 1, M3, None, IN_A)
     await h.lending.drain_confirmations()
     await h.lending.out_of_balance("s2", 1, 3, M3, None, IN_A)  # termination
+    # Reconciliation with the IN's records (reconcile-in): its read of the advances.
+    await h.ledger.read(lambda c: store.advances_of_in_node(c, IN_A, h.clock()))
     # Paybacks: nothing owed, partial after a 4012 retry, one left UNKNOWN and resolved.
     await h.payback.handle_recharge(RechargeEvent("e1", "201001239999", 500, IN_A, 500))
     fake_in.balances[M1] = 300

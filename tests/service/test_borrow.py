@@ -279,4 +279,6 @@ async def test_cancelled_caller_does_not_strand_the_loan(h):
             break
         await asyncio.sleep(0.005)
     assert view["loans"][0]["state"] == "ACTIVE"
+    # The settlement is visible before the saga, resumed after its commit, sends the SMS.
+    await h.lending.drain_sagas()
     assert h.notifier.templates() == ["loan_granted"]
