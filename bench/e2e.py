@@ -82,6 +82,8 @@ class E2eOptions:
     warmup_mix: dict[str, float] = field(default_factory=lambda: parse_mix("ussd=1"))
     plot: bool = True
     command: str = ""
+    # The SMSC simulator's gateway habits: repeat_share, submit_resp_delay_s (docs/smpp.md)
+    gateway: dict[str, float] = field(default_factory=dict)
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -156,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the node asks for no SMS delivery receipts ([smpp] delivery_receipts)")
     p.add_argument("--arabic-share", type=float, default=0.2,
                    help="share of subscribers with Arabic screens and SMS (default 0.2)")
+    p.add_argument("--gateway-repeat", type=float, default=None, metavar="SHARE",
+                   help="the SMSC repeats this share of USSD inputs and MO SMS (new sequence number)")
+    p.add_argument("--gateway-resp-delay", type=float, default=None, metavar="S",
+                   help="the SMSC answers every submit_sm this late")
+    p.add_argument("--response-timeout", type=float, default=None, metavar="S",
+                   help="the node's per-bind response_timeout_s")
     return p
 
 
@@ -186,8 +194,12 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         warmup_s=args.warmup, warmup_mix=parse_mix(args.warmup_mix),
         mqtt_inflight_max=args.mqtt_inflight,
         smpp={k: v for k, v in (("binds", args.binds), ("window_max", args.window),
-                                ("submit_rate_max_per_s", args.submit_rate_max))
+                                ("submit_rate_max_per_s", args.submit_rate_max),
+                                ("response_timeout_s", args.response_timeout))
               if v is not None},
+        gateway={k: v for k, v in (("repeat_share", args.gateway_repeat),
+                                   ("submit_resp_delay_s", args.gateway_resp_delay))
+                 if v is not None},
         delivery_receipts=not args.no_delivery_receipts,
         capacity=_capacity_search(args),
         command="extrabalance bench e2e " + " ".join(argv),
@@ -411,7 +423,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   broker_config: tuple[str, ...] = (), profile_path: Path | None = None,
                   smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
                   in_request_timeout_ms: int = 2000, delivery_receipts: bool = True,
-                  mqtt_inflight_max: int | None = None) -> Any:
+                  mqtt_inflight_max: int | None = None,
+                  gateway: dict[str, float] | None = None) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit.
 
     `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
@@ -443,7 +456,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             smsc_worker = await procs.start_worker(
                 "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
                     "system_id": SMPP_SYSTEM_ID, "password": password,
-                    "short_code": base["smpp"]["short_code"], "seed": seed})])
+                    "short_code": base["smpp"]["short_code"], "seed": seed,
+                    **(gateway or {})})])
             db_path = workdir / "extrabalance.db"
             msisdns = subscriber_msisdns(base, subscribers)
             profiles = workdir / "profiles.csv"
@@ -645,7 +659,8 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        opt_in_share=options.opt_in_share,
                        in_request_timeout_ms=options.in_request_timeout_ms,
                        delivery_receipts=options.delivery_receipts,
-                       mqtt_inflight_max=options.mqtt_inflight_max) as net:
+                       mqtt_inflight_max=options.mqtt_inflight_max,
+                       gateway=options.gateway) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")
