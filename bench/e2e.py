@@ -73,6 +73,7 @@ class E2eOptions:
     profile_node: bool = False  # run the node under cProfile (report dir: node.prof)
     smpp: dict[str, Any] = field(default_factory=dict)  # binds, window_max, submit_rate_max_per_s
     delivery_receipts: bool = True  # [smpp] delivery_receipts of the node
+    balance_check: bool = True  # [eligibility] check_balance_at_in of the node
     # A capacity search instead of one run: (rates ascending, p99 target ms).
     capacity: tuple[list[float], float] | None = None
     opt_in_share: float = OPT_IN_SHARE
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the node under cProfile; node.prof and its top functions in the report")
     p.add_argument("--no-delivery-receipts", action="store_true",
                    help="the node asks for no SMS delivery receipts ([smpp] delivery_receipts)")
+    p.add_argument("--no-balance-check", action="store_true",
+                   help="no CHECK_BALANCE before each loan ([eligibility] check_balance_at_in)")
     p.add_argument("--arabic-share", type=float, default=0.2,
                    help="share of subscribers with Arabic screens and SMS (default 0.2)")
     p.add_argument("--gateway-repeat", type=float, default=None, metavar="SHARE",
@@ -201,6 +204,7 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
                                    ("submit_resp_delay_s", args.gateway_resp_delay))
                  if v is not None},
         delivery_receipts=not args.no_delivery_receipts,
+        balance_check=not args.no_balance_check,
         capacity=_capacity_search(args),
         command="extrabalance bench e2e " + " ".join(argv),
     )
@@ -359,7 +363,7 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
                 in_ports: dict[str, int], smpp_port: int, mqtt_port: int,
                 client_id: str = "extrabalance-bench",
                 smpp: dict[str, Any] | None = None,
-                delivery_receipts: bool = True,
+                delivery_receipts: bool = True, balance_check: bool = True,
                 mqtt_inflight_max: int | None = None) -> dict[str, Any]:
     doc = json.loads(json.dumps(base))  # deep copy
     doc["storage"]["path"] = str(db_path)
@@ -372,6 +376,7 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
             "system_id": SMPP_SYSTEM_ID, "password_env": SMPP_PASSWORD_ENV, **tuning}
     doc["smpp"]["binds"] = [dict(bind) for _ in range(binds)]
     doc["smpp"]["delivery_receipts"] = delivery_receipts
+    doc["eligibility"]["check_balance_at_in"] = balance_check
     doc["mqtt"]["host"] = "127.0.0.1"
     doc["mqtt"]["port"] = mqtt_port
     doc["mqtt"]["client_id"] = client_id
@@ -423,6 +428,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   broker_config: tuple[str, ...] = (), profile_path: Path | None = None,
                   smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
                   in_request_timeout_ms: int = 2000, delivery_receipts: bool = True,
+                  balance_check: bool = True,
                   mqtt_inflight_max: int | None = None,
                   gateway: dict[str, float] | None = None) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit.
@@ -470,7 +476,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                                  in_ports=in_worker.ready["ports"],
                                  smpp_port=smsc_worker.ready["ports"]["smpp"],
                                  mqtt_port=broker.port, client_id=client_id, smpp=smpp,
-                                 delivery_receipts=delivery_receipts,
+                                 delivery_receipts=delivery_receipts, balance_check=balance_check,
                                  mqtt_inflight_max=mqtt_inflight_max)
             config_path = workdir / "node.toml"
             config_path.write_text(dump_toml(config), encoding="utf-8")
@@ -659,6 +665,7 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        opt_in_share=options.opt_in_share,
                        in_request_timeout_ms=options.in_request_timeout_ms,
                        delivery_receipts=options.delivery_receipts,
+                       balance_check=options.balance_check,
                        mqtt_inflight_max=options.mqtt_inflight_max,
                        gateway=options.gateway) as net:
         if options.warmup_s > 0:
