@@ -75,6 +75,7 @@ class E2eOptions:
     profile_node: bool = False  # run the node under cProfile (report dir: node.prof)
     smpp: dict[str, Any] = field(default_factory=dict)  # binds, window_max, submit_rate_max_per_s
     delivery_receipts: bool = True  # [smpp] delivery_receipts of the node
+    balance_check: bool = True  # [eligibility] check_balance_at_in of the node
     # A capacity search instead of one run: (rates ascending, p99 target ms).
     capacity: tuple[list[float], float] | None = None
     opt_in_share: float = OPT_IN_SHARE
@@ -93,6 +94,8 @@ class E2eOptions:
     # ISO 8601 instant the node's clock starts at (`run --clock-start`): plays a chosen
     # hour of the day, e.g. inside or outside the ads' quiet hours. None: real time.
     clock_start: str | None = None
+    # The SMSC simulator's gateway habits: repeat_share, submit_resp_delay_s (docs/smpp.md)
+    gateway: dict[str, float] = field(default_factory=dict)
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the node under cProfile; node.prof and its top functions in the report")
     p.add_argument("--no-delivery-receipts", action="store_true",
                    help="the node asks for no SMS delivery receipts ([smpp] delivery_receipts)")
+    p.add_argument("--no-balance-check", action="store_true",
+                   help="no CHECK_BALANCE before each loan ([eligibility] check_balance_at_in)")
     p.add_argument("--arabic-share", type=float, default=0.2,
                    help="share of subscribers with Arabic screens and SMS (default 0.2)")
     p.add_argument("--clock-start", default=None, metavar="ISO8601", type=_instant,
@@ -181,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advance-confirmation", action="store_true",
                    help="opt-in extension on the node and the simulated IN alike; by default"
                         " the IN follows RFC 4006 alone and the CCA's grant is the credit")
+    p.add_argument("--gateway-repeat", type=float, default=None, metavar="SHARE",
+                   help="the SMSC repeats this share of USSD inputs and MO SMS (new sequence number)")
+    p.add_argument("--gateway-resp-delay", type=float, default=None, metavar="S",
+                   help="the SMSC answers every submit_sm this late")
+    p.add_argument("--response-timeout", type=float, default=None, metavar="S",
+                   help="the node's per-bind response_timeout_s")
     return p
 
 
@@ -220,9 +231,14 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         warmup_s=args.warmup, warmup_mix=parse_mix(args.warmup_mix),
         mqtt_inflight_max=args.mqtt_inflight,
         smpp={k: v for k, v in (("binds", args.binds), ("window_max", args.window),
-                                ("submit_rate_max_per_s", args.submit_rate_max))
+                                ("submit_rate_max_per_s", args.submit_rate_max),
+                                ("response_timeout_s", args.response_timeout))
               if v is not None},
+        gateway={k: v for k, v in (("repeat_share", args.gateway_repeat),
+                                   ("submit_resp_delay_s", args.gateway_resp_delay))
+                 if v is not None},
         delivery_receipts=not args.no_delivery_receipts,
+        balance_check=not args.no_balance_check,
         capacity=_capacity_search(args),
         clock_start=args.clock_start,
         opt_in_share=args.opt_in_share,
@@ -401,7 +417,7 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
                 in_ports: dict[str, int], smpp_port: int, mqtt_port: int,
                 client_id: str = "extrabalance-bench",
                 smpp: dict[str, Any] | None = None,
-                delivery_receipts: bool = True,
+                delivery_receipts: bool = True, balance_check: bool = True,
                 mqtt_inflight_max: int | None = None,
                 advance_confirmation: bool = False) -> dict[str, Any]:
     doc = json.loads(json.dumps(base))  # deep copy
@@ -416,6 +432,7 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
             "system_id": SMPP_SYSTEM_ID, "password_env": SMPP_PASSWORD_ENV, **tuning}
     doc["smpp"]["binds"] = [dict(bind) for _ in range(binds)]
     doc["smpp"]["delivery_receipts"] = delivery_receipts
+    doc["eligibility"]["check_balance_at_in"] = balance_check
     doc["mqtt"]["host"] = "127.0.0.1"
     doc["mqtt"]["port"] = mqtt_port
     doc["mqtt"]["client_id"] = client_id
@@ -470,10 +487,12 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   broker_config: tuple[str, ...] = (), profile_path: Path | None = None,
                   smpp: dict[str, Any] | None = None, opt_in_share: float = OPT_IN_SHARE,
                   in_request_timeout_ms: int = 2000, delivery_receipts: bool = True,
+                  balance_check: bool = True,
                   mqtt_inflight_max: int | None = None,
                   clock_start: str | None = None,
                   advance_confirmation: bool = False,
-                  in_faults: dict[str, Any] | None = None) -> Any:
+                  in_faults: dict[str, Any] | None = None,
+                  gateway: dict[str, float] | None = None) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit.
 
     `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
@@ -506,7 +525,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             smsc_worker = await procs.start_worker(
                 "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
                     "system_id": SMPP_SYSTEM_ID, "password": password,
-                    "short_code": base["smpp"]["short_code"], "seed": seed})])
+                    "short_code": base["smpp"]["short_code"], "seed": seed,
+                    **(gateway or {})})])
             db_path = workdir / "extrabalance.db"
             msisdns = subscriber_msisdns(base, subscribers)
             profiles = workdir / "profiles.csv"
@@ -519,7 +539,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                                  in_ports=in_worker.ready["ports"],
                                  smpp_port=smsc_worker.ready["ports"]["smpp"],
                                  mqtt_port=broker.port, client_id=client_id, smpp=smpp,
-                                 delivery_receipts=delivery_receipts,
+                                 delivery_receipts=delivery_receipts, balance_check=balance_check,
                                  mqtt_inflight_max=mqtt_inflight_max,
                                  advance_confirmation=advance_confirmation)
             config_path = workdir / "node.toml"
@@ -716,10 +736,12 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        opt_in_share=options.opt_in_share,
                        in_request_timeout_ms=options.in_request_timeout_ms,
                        delivery_receipts=options.delivery_receipts,
+                       balance_check=options.balance_check,
                        mqtt_inflight_max=options.mqtt_inflight_max,
                        clock_start=options.clock_start,
                        advance_confirmation=options.advance_confirmation,
-                       in_faults=options.in_faults) as net:
+                       in_faults=options.in_faults,
+                       gateway=options.gateway) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")

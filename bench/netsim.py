@@ -119,7 +119,9 @@ class Worker:
             )
             return {"ports": await self.in_sim.start()}
         self.smsc = CountingSmsc(system_id=s["system_id"], password=s["password"],
-                                 short_code=s["short_code"], seed=s.get("seed"))
+                                 short_code=s["short_code"], seed=s.get("seed"),
+                                 repeat_share=float(s.get("repeat_share", 0.0)),
+                                 submit_resp_delay_s=float(s.get("submit_resp_delay_s", 0.0)))
         return {"ports": {"smpp": await self.smsc.start()}}
 
     # -- ops ------------------------------------------------------------------------------

@@ -362,6 +362,10 @@ class AdminSection(_Model):
 class EligibilitySection(_Model):
     min_tenure_days: Annotated[int, Field(ge=0)] = 0
     max_balance_to_borrow_minor: Annotated[int, Field(ge=0)] | None = None
+    # Apply that limit by asking the subscriber's IN before each loan: a CHECK_BALANCE
+    # (RFC 4006 §5.2.3, Requested-Action 2) for the limit + 1; ENOUGH_CREDIT refuses
+    # the loan with BALANCE_TOO_HIGH. Off: the limit is never applied.
+    check_balance_at_in: bool = True
 
 
 class RecoverySection(_Model):
@@ -565,7 +569,8 @@ class Settings(_Model):
             fee_plans=fee_plans,
             segments=segments,
             eligibility=EligibilityPolicy(
-                self.eligibility.min_tenure_days, self.eligibility.max_balance_to_borrow_minor
+                self.eligibility.min_tenure_days, self.eligibility.max_balance_to_borrow_minor,
+                self.eligibility.check_balance_at_in,
             ),
             recovery=RecoveryPolicy(
                 order=PaybackOrder(self.recovery.order),

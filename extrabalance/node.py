@@ -252,6 +252,26 @@ class Node:
     def _on_deliver(self, pdu: Any, system_id: str) -> int:
         return self.channel.on_deliver(pdu, system_id)
 
+    def gateway_events(self) -> dict[str, int]:
+        """What the SMPP gateways did that a clean peer does not, counted since start
+        (exported as eb_smpp_gateway_events)."""
+        binds = self.esme.bind_states()
+
+        def total(key: str) -> int:
+            return sum(int(b.get(key) or 0) for b in binds)  # type: ignore[call-overload]
+
+        return {
+            "ussd_repeats": self.dialogs.stats["repeats"],
+            "sms_repeats": self.channel.stats["sms_repeats"],
+            "submit_timeouts": total("timeouts"),
+            "late_responses": total("late_responses"),
+            "timeout_resends": self.esme.stats["timeout_resends"],
+            "timeout_given_up": self.esme.stats["timeout_given_up"],
+            "connect_failures": total("connect_failures"),
+            "connections_lost": total("connections_lost"),
+            "balance_checks_above_limit": self.lending.balance_checks["above_limit"],
+        }
+
     def _its_sequence(self, bind: str) -> str:
         cfg = self.esme.bind_config(bind)
         return cfg.its_sequence if cfg is not None else "increment"

@@ -183,6 +183,12 @@ class Metrics:
         )
         self.peer_up = Gauge("eb_diameter_peer_up", "Diameter peer open", ["peer"], registry=r)
         self.bind_up = Gauge("eb_smpp_bind_up", "SMPP bind bound", ["bind"], registry=r)
+        # Counts since start, read from the SMPP side when scraped (docs/smpp.md,
+        # "Gateways as they really behave"): ussd_repeats, sms_repeats,
+        # submit_timeouts, late_responses, timeout_resends (duplicate risk),
+        # timeout_given_up, connect_failures, connections_lost, balance_checks_above_limit.
+        self.smpp_events = Gauge("eb_smpp_gateway_events", "Gateway behaviour seen, since start",
+                                 ["kind"], registry=r)
 
 
 class EdrWriter:

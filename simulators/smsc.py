@@ -144,6 +144,10 @@ class SmscSimulator:
         throttle_share: float = 0.0,
         control_port: int | None = None,
         seed: int | None = None,
+        repeat_share: float = 0.0,
+        submit_resp_delay_s: float = 0.0,
+        enquire_link_s: float = 30.0,
+        its_sequence: str = "increment",
     ) -> None:
         self.host = host
         self.port = port
@@ -156,6 +160,17 @@ class SmscSimulator:
         self.delivery_receipts = delivery_receipts
         self.control_port = control_port
         self._rng = random.Random(seed)
+        # Real gateways' habits (docs/smpp.md, "Gateways as they really behave"):
+        # repeat this share of USSD inputs and MO SMS under a new sequence number,
+        # answer every submit_sm this late, poll enquire_link every enquire_link_s
+        # whatever the traffic, and expect our its_session_info sequence to be the
+        # input's + 1 ("increment") or the input's ("echo"); mismatches are counted.
+        if not 0.0 <= repeat_share <= 1.0:
+            raise ValueError("repeat share must be within 0..1")
+        self.repeat_share = repeat_share
+        self.submit_resp_delay_s = submit_resp_delay_s
+        self.enquire_link_s = enquire_link_s
+        self.its_sequence = its_sequence
         self._throttle_share = 0.0
         self.set_throttle(throttle_share)
         self._dialogs = DialogIds(self.dialog_id_mode)
@@ -179,7 +194,11 @@ class SmscSimulator:
             "receipts": 0,
             "deliver_failed": 0,
             "screen_timeouts": 0,
+            "repeats_sent": 0,  # inputs and MO SMS sent twice (new sequence number)
+            "its_sequence_mismatch": 0,  # screens whose its_session_info sequence was unexpected
+            "screens_after_final": 0,  # screens for a dialog whose final screen came already
         }
+        self._ended_dialogs: deque[tuple[str, int]] = deque(maxlen=OPEN_DIALOGS_MAX)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -193,9 +212,11 @@ class SmscSimulator:
         # it read the submit_sm, without a task per PDU.
         self._server = Smsc(
             credentials={self.system_id: self.password},
-            on_submit=self._on_submit,
+            on_submit=self._on_submit_late,
             system_id="smsc-sim",
             window_max=SMSC_WINDOW_MAX,
+            enquire_link_s=self.enquire_link_s,
+            enquire_link_periodic=True,
         )
         self.port = await self._server.listen(self.host, self.port)
         if self.control_port is not None:
@@ -315,7 +336,7 @@ class SmscSimulator:
         )
         self.stats["ussd_in"] += 1
         try:
-            status = await self._deliver(pdu)
+            status = await self._deliver_maybe_twice(pdu)
             if status != 0:
                 raise HandsetError(f"the node refused the USSD input (status 0x{status:02x})")
             # One timer handle per screen (asyncio.timeout costs several times more,
@@ -339,8 +360,21 @@ class SmscSimulator:
             self._end_dialog(msisdn, dialog_id)
         return screen
 
+    async def _deliver_maybe_twice(self, pdu: Any) -> int:
+        """Deliver; for `repeat_share` of them, deliver the same PDU again at once (a
+        new sequence number, as a gateway that missed our deliver_sm_resp does)."""
+        if not self.repeat_share or self._rng.random() >= self.repeat_share:
+            return await self._deliver(pdu)
+        self.stats["repeats_sent"] += 1
+        first, _again = await asyncio.gather(self._deliver(pdu), self._deliver(pdu),
+                                             return_exceptions=True)
+        if isinstance(first, BaseException):
+            raise first
+        return first
+
     def _end_dialog(self, msisdn: str, dialog_id: int) -> None:
-        self._waiting.pop((msisdn, dialog_id), None)
+        if self._waiting.pop((msisdn, dialog_id), None) is not None:
+            self._ended_dialogs.append((msisdn, dialog_id))
         self._dialogs.release(msisdn, dialog_id)
 
     async def ussd_begin(
@@ -393,7 +427,7 @@ class SmscSimulator:
         reference = next(self._message_ids) & 0xFF
         status = 0
         for segment in split_text(text, reference):
-            status = await self._deliver(
+            status = await self._deliver_maybe_twice(
                 DeliverSm(
                     source_addr_ton=1,
                     source_addr_npi=1,
@@ -457,7 +491,7 @@ class SmscSimulator:
         if is_ussd:
             self.stats["mt_ussd"] += 1
             self._mt.append(record)
-            self._route_screen(record)
+            self._route_screen(record, its.sequence_number if its is not None else None)
         else:
             self.stats["mt_sms"] += 1
             whole = self._reassemble(msisdn, info, text)
@@ -470,17 +504,35 @@ class SmscSimulator:
                 self._spawn(self._send_receipt(record, system_id))
         return 0, message_id
 
+    def _on_submit_late(self, submit: object, system_id: str) -> Any:
+        """`_on_submit`, its submit_sm_resp sent `submit_resp_delay_s` late."""
+        outcome = self._on_submit(submit, system_id)
+        if not self.submit_resp_delay_s:
+            return outcome
+
+        async def later() -> tuple[int, str]:
+            await asyncio.sleep(self.submit_resp_delay_s)
+            return outcome
+
+        return later()
+
     def _reassemble(self, msisdn: str, info: object, text: str) -> str | None:
         if not isinstance(info, ConcatInfo):
             return text
         return self._reassembler.feed(msisdn, info, text, time.monotonic())
 
-    def _route_screen(self, record: MtRecord) -> None:
+    def _route_screen(self, record: MtRecord, sequence: int | None = None) -> None:
         key = (record.msisdn, record.dialog_id if record.dialog_id is not None else -1)
         waiter = self._waiting.get(key)
         if waiter is None or waiter.future.done():
             self.stats["orphan_screens"] += 1
+            if waiter is None and key in self._ended_dialogs:
+                self.stats["screens_after_final"] += 1
             return
+        if sequence is not None:
+            wanted = waiter.sequence_number + (self.its_sequence != "echo")
+            if sequence != min(wanted, 0x7F):
+                self.stats["its_sequence_mismatch"] += 1
         final = record.end or record.ussd_service_op == USSD_OP_PSSR_RESPONSE
         waiter.future.set_result(Screen(record.text, final))
 
@@ -659,6 +711,14 @@ def build_smsc_parser() -> argparse.ArgumentParser:
     parser.add_argument("--receipts", action="store_true", help="send delivery receipts")
     parser.add_argument("--throttle", type=float, default=0.0,
                         help="share of submit_sm answered ESME_RTHROTTLED (0..1)")
+    parser.add_argument("--repeat", type=float, default=0.0,
+                        help="share of USSD input and MO SMS sent twice, new sequence number")
+    parser.add_argument("--submit-resp-delay", type=float, default=0.0,
+                        help="seconds before each submit_sm_resp (a slow gateway)")
+    parser.add_argument("--enquire-link", type=float, default=30.0,
+                        help="enquire_link every N seconds whatever the traffic")
+    parser.add_argument("--its-sequence", choices=["increment", "echo"], default="increment",
+                        help="its_session_info sequence expected in the node's screens")
     parser.add_argument("--seed", type=int, default=None)
     # Virtual subscribers (traffic) from this process.
     parser.add_argument("--traffic-rate", type=float, default=0.0,
@@ -693,6 +753,10 @@ async def _run_smsc(args: argparse.Namespace) -> int:
         throttle_share=args.throttle,
         control_port=None if args.control_port < 0 else args.control_port,
         seed=args.seed,
+        repeat_share=args.repeat,
+        submit_resp_delay_s=args.submit_resp_delay,
+        enquire_link_s=args.enquire_link,
+        its_sequence=args.its_sequence,
     )
     await smsc.start()
     control = f", control channel on {args.host}:{smsc.control_port}" if smsc.control_port else ""

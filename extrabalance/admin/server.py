@@ -314,6 +314,8 @@ class AdminServer:
                 gauge.labels(label).set(up)
             seen.clear()
             seen.update(values)
+        for kind, count in node.gateway_events().items():
+            node.metrics.smpp_events.labels(kind).set(count)
         return totals
 
     async def h_metrics(self, request: Request) -> Response:

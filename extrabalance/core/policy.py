@@ -98,6 +98,7 @@ class RecoveryPolicy:
 class EligibilityPolicy:
     min_tenure_days: int = 0
     max_balance_to_borrow_minor: int | None = None  # refuse if balance is above this
+    check_balance_at_in: bool = False  # ask the IN (CHECK_BALANCE) for that before a loan
 
 
 @dataclass(frozen=True, slots=True)

@@ -300,6 +300,8 @@ class LendingService:
         self.clock = clock
         self.locks = locks or SubscriberLocks()
         self.prober: RouteProber | None = None  # dynamic routing for unknown subscribers
+        # CHECK_BALANCE asked before a loan ([eligibility].max_balance_to_borrow_minor)
+        self.balance_checks = {"asked": 0, "above_limit": 0, "unanswered": 0}
         self.default_language = default_language
         self.ads = ads
         self.confirm_retry_delays_s = confirm_retry_delays_s
@@ -373,6 +375,7 @@ class LendingService:
             static_node = self.router.route(msisdn)
             if static_node is None and self.prober is not None:
                 static_node = await self._probe_route(msisdn, now)
+            above = await self._balance_above_limit(msisdn, static_node, channel)
             languages: list[str] = []  # the subscriber's, once read (spares a refusal a read)
 
             def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
@@ -395,9 +398,10 @@ class LendingService:
                     )
                     store.idempotent_put(conn, key, refused.to_json(), now)
                     return refused
-                decision = decide(
-                    BorrowRequest(msisdn, tier_id, channel), loaded.state, self.policy, now
-                )
+                state = loaded.state
+                if above is not None:  # the IN says: more than the limit left
+                    state = replace(state, balance_minor=above)
+                decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy, now)
                 if not isinstance(decision, Granted):
                     refused = BorrowOutcome(
                         BorrowStatus.REFUSED,
@@ -569,6 +573,36 @@ class LendingService:
                 language=language,
             )
         )
+
+    async def _balance_above_limit(
+        self, msisdn: str, in_node: str | None, channel: str
+    ) -> int | None:
+        """[eligibility].max_balance_to_borrow_minor, asked of the subscriber's IN: a
+        CHECK_BALANCE (RFC 4006 §5.2.3, Requested-Action 2, moves no money) for the
+        limit + 1. ENOUGH_CREDIT means the balance is above the limit: returns
+        limit + 1 (the least the balance is), else None. An IN that does not answer
+        leaves the rule unapplied (the loan itself then goes to that IN anyway).
+        Automatic advances are asked for by the IN when the balance is out: not asked."""
+        eligibility = self.policy.eligibility
+        limit = eligibility.max_balance_to_borrow_minor
+        if (limit is None or not eligibility.check_balance_at_in or in_node is None
+                or channel == "auto"):
+            return None
+        op = InOperation(InAction.CHECK_BALANCE, msisdn, in_node, limit + 1,
+                         self.in_port.new_session_id())
+        self.balance_checks["asked"] += 1
+        try:
+            result = await self.in_port.execute(op)
+        except Exception as exc:  # noqa: BLE001 - the rule is skipped, the loan goes on
+            result = InResult(InOutcome.UNKNOWN)
+            log.warning("balance_check_failed", msisdn=msisdn, error=str(exc))
+        if result.outcome is not InOutcome.DONE or result.enough_credit is None:
+            self.balance_checks["unanswered"] += 1
+            return None
+        if result.enough_credit:
+            self.balance_checks["above_limit"] += 1
+            return limit + 1
+        return None
 
     async def _probe_route(self, msisdn: str, now: datetime) -> str | None:
         """No static or cached route: a learned one from the ledger, else ask the IN

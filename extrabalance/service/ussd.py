@@ -182,8 +182,10 @@ class UssdDialogs:
         return dropped
 
     def abort(self, msisdn: str, dialog_key: str) -> None:
-        if self._dialogs.pop((msisdn, dialog_key), None) is not None:
+        dialog = self._dialogs.pop((msisdn, dialog_key), None)
+        if dialog is not None:
             self.stats["aborted"] += 1
+            self._remember_ended((msisdn, dialog_key), dialog.inputs)  # late repeats: nothing
 
     def _touch(self, key: tuple[str, str], dialog: Dialog) -> None:
         dialog.touched_at = self._clock()

@@ -153,6 +153,8 @@ class SmppConnection:
                 # Timed out: the slot goes back with the late response or the close.
                 self._taken_over.discard(seq)
             else:
+                if seq is not None:  # a caller gone before any answer: no late bookkeeping
+                    self._futures.pop(seq, None)
                 self.slots.release()
 
     @property

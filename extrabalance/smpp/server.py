@@ -69,6 +69,7 @@ class Smsc:
         system_id: str = "SMSC",
         window_max: int = 10,
         enquire_link_s: float = 30.0,
+        enquire_link_periodic: bool = False,
         response_timeout_s: float = 5.0,
         connections_max: int = CONNECTIONS_MAX,
         clock: Callable[[], float] = time.monotonic,
@@ -78,6 +79,7 @@ class Smsc:
         self.system_id = system_id
         self.window_max = window_max
         self.enquire_link_s = enquire_link_s
+        self.enquire_link_periodic = enquire_link_periodic
         self.response_timeout_s = response_timeout_s
         self.connections_max = connections_max
         self._clock = clock
@@ -163,6 +165,7 @@ class Smsc:
         session = Session(
             Role.SMSC, system_id=self.system_id, authenticator=self._authenticate,
             window_max=self.window_max, enquire_link_s=self.enquire_link_s,
+            enquire_link_periodic=self.enquire_link_periodic,
             response_timeout_s=self.response_timeout_s,
         )
         peer = writer.get_extra_info("peername")

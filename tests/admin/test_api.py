@@ -64,6 +64,10 @@ async def test_metrics_is_prometheus_text_with_fresh_outstanding_gauge(played):
     assert 'eb_diameter_peer_up{peer="in-a.operator.example out 127.0.0.1:' in text
     assert 'eb_diameter_peer_up{peer="in-b.operator.example in 127.0.0.1:' in text
     assert "eb_smpp_bind_up{bind=" in text
+    # what the gateways did beyond a clean peer (repeats, late answers, ...)
+    assert 'eb_smpp_gateway_events{kind="ussd_repeats"} 0.0' in text
+    assert 'eb_smpp_gateway_events{kind="timeout_resends"} 0.0' in text
+    assert 'eb_smpp_gateway_events{kind="balance_checks_above_limit"}' in text
 
 
 async def test_subscriber_view(played):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from extrabalance.adapters.smpp_channel import SmppChannel
 from extrabalance.config import load_settings
 from extrabalance.service.templates import Templates
-from extrabalance.service.ussd import UssdDialogs, UssdInput
+from extrabalance.service.ussd import Screen, UssdDialogs, UssdInput
 from extrabalance.smpp.pdu import ItsSessionInfo, UssdOp
 from extrabalance.smpp.ussd import ussd_deliver
 from tests.channels.fake_lending import FakeLending
@@ -169,12 +169,12 @@ TEXTS = ("1", "2", "4", "99", "0", "9", "x")
 @st.composite
 def scripts(draw):
     """A subscriber's inputs (each answering the screen it sees) and the gateway's
-    repeats: right after, concurrently, or of an older input later on."""
+    repeats: right after, concurrently, or of an older input later on; or an abort."""
     n = draw(st.integers(1, 8))
     steps = []
     for _ in range(n):
         text = draw(st.sampled_from(TEXTS))
-        how = draw(st.sampled_from(("none", "after", "concurrent", "old")))
+        how = draw(st.sampled_from(("none", "after", "concurrent", "old", "abort")))
         steps.append((text, how))
     opening = draw(st.sampled_from(("*123#", "*123*4#", "*123*1#")))
     return opening, steps
@@ -183,6 +183,8 @@ def scripts(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scripts())
 def test_loans_equal_confirms_that_answered_a_confirm_screen(script):
+    """For any interleaving of repeats, concurrent copies and aborts, the loans equal
+    the confirm inputs that answered a confirm screen (at most one per dialog)."""
     opening, steps = script
 
     async def run() -> None:
@@ -195,6 +197,9 @@ def test_loans_equal_confirms_that_answered_a_confirm_screen(script):
             step = 2 * i
             answered_confirm = (seen is not None and not seen.final
                                 and "Borrow" in seen.text and text == "1")
+            if how == "abort":  # the gateway aborts the dialog, then the input comes anyway
+                d.abort(A, "7")
+                seen = Screen("aborted", final=True)
             if how == "concurrent":
                 results = await asyncio.gather(d.handle(inp(text, step)),
                                                d.handle(inp(text, step)))

@@ -282,3 +282,32 @@ async def test_cancelled_caller_does_not_strand_the_loan(h):
     # The settlement is visible before the saga, resumed after its commit, sends the SMS.
     await h.lending.drain_sagas()
     assert h.notifier.templates() == ["loan_granted"]
+
+
+async def test_balance_above_the_limit_is_refused_after_asking_the_in(tmp_path):
+    """[eligibility].max_balance_to_borrow_minor is applied with a CHECK_BALANCE for
+    the limit + 1 (RFC 4006 §5.2.3): ENOUGH_CREDIT means more than the limit left."""
+    import dataclasses
+
+    from tests.service.fakes import POLICY, Harness
+
+    policy = dataclasses.replace(POLICY, eligibility=dataclasses.replace(
+        POLICY.eligibility, check_balance_at_in=True))
+    limit = policy.eligibility.max_balance_to_borrow_minor
+    h = Harness(tmp_path / "ledger.db", policy)
+    try:
+        await h.add_profile(M)
+        h.fake_in.balances[M] = limit + 50
+        out = await h.lending.borrow(M, 2, "sms", "sms:rich")
+        assert out.status is BorrowStatus.REFUSED and out.reason is Reason.BALANCE_TOO_HIGH
+        check = h.fake_in.calls[0]
+        assert check.action.name == "CHECK_BALANCE" and check.amount_minor == limit + 1
+        assert len(h.fake_in.calls) == 1 and h.fake_in.credits == {}
+        assert h.events.kinds() == ["refusal"]
+        assert h.notifier.sent[-1].params == {"reason": "BALANCE_TOO_HIGH"}
+        assert h.lending.balance_checks == {"asked": 1, "above_limit": 1, "unanswered": 0}
+        h.fake_in.balances[M] = limit  # exactly the limit: may borrow
+        out = await h.lending.borrow(M, 2, "sms", "sms:poor")
+        assert out.status is BorrowStatus.GRANTED
+    finally:
+        await h.close()

@@ -130,3 +130,38 @@ async def test_connect_failures_and_an_unset_password_are_named(caplog):
     finally:
         await esme.close()
         await smsc.close()
+
+
+async def test_a_caller_cancelled_before_the_timeout_gives_its_slot_back_once():
+    clock = Clock()
+    gates: list[asyncio.Event] = []
+
+    async def on_submit(pdu, system_id):
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+        return 0, "m"
+
+    smsc = Smsc(credentials={"node": "pw"}, on_submit=on_submit)
+    port = await smsc.listen("127.0.0.1", 0)
+    esme = Esme([BindConfig("127.0.0.1", port, "node", "pw", window_max=1,
+                            response_timeout_s=5.0, enquire_link_s=3600)],
+                lambda pdu, bind: 0, clock=clock)
+    await esme.start()
+    try:
+        await esme.wait_bound(5.0)
+        gone = asyncio.create_task(esme.submit(SubmitSm(destination_addr="20101")))
+        await wait_for(lambda: len(gates) == 1)
+        gone.cancel()  # e.g. a graceful stop gave up on it
+        await asyncio.gather(gone, return_exceptions=True)
+        clock.now += 6.0  # its timeout passes afterwards, then the late answer comes
+        await asyncio.sleep(0.5)
+        gates[0].set()
+        await asyncio.sleep(0.3)
+        conn = esme._workers[0].conn
+        assert conn is not None and conn.slots.free == 1  # never more than the window
+    finally:
+        for gate in gates:
+            gate.set()
+        await esme.close()
+        await smsc.close()
