@@ -82,6 +82,9 @@ class E2eOptions:
     # The opt-in advance confirmation extension, on the node and the simulated IN
     # alike (off: the strict RFC 4006 IN, the default).
     advance_confirmation: bool = False
+    # Faults of the simulated IN nodes: {"drop_share": 0.1, "result_share": {"3004": 0.1}}
+    # (simulators.in_node.InFaults): answers lost after the operation was applied, 3004s.
+    in_faults: dict[str, Any] = field(default_factory=dict)
     mqtt_inflight_max: int | None = None  # [mqtt] inflight_max and the broker's to match
     warmup_s: float = 0.0  # unmeasured traffic first (builds debt for paybacks)
     warmup_mix: dict[str, float] = field(default_factory=lambda: parse_mix("ussd=1"))
@@ -167,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock-start", default=None, metavar="ISO8601", type=_instant,
                    help="the node's clock starts at this instant (with its UTC offset) and "
                         "advances in real time, e.g. to play the ads' quiet hours")
+    p.add_argument("--opt-in-share", type=float, default=OPT_IN_SHARE,
+                   help=f"share of subscribers opted in to automatic advances (default {OPT_IN_SHARE})")
+    p.add_argument("--in-drop", type=float, default=0.0, metavar="SHARE",
+                   help="the simulated IN applies this share of the node's requests and"
+                        " never answers them")
+    p.add_argument("--in-result", action="append", default=[], metavar="CODE=SHARE",
+                   help="the simulated IN answers this share with CODE (3002/3004: not"
+                        " executed; 4010/4012/5030), repeatable")
+    p.add_argument("--advance-confirmation", action="store_true",
+                   help="opt-in extension on the node and the simulated IN alike; by default"
+                        " the IN follows RFC 4006 alone and the CCA's grant is the credit")
     return p
 
 
@@ -211,8 +225,27 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         delivery_receipts=not args.no_delivery_receipts,
         capacity=_capacity_search(args),
         clock_start=args.clock_start,
+        opt_in_share=args.opt_in_share,
+        advance_confirmation=args.advance_confirmation,
+        in_faults=_in_faults(args),
         command="extrabalance bench e2e " + " ".join(argv),
     )
+
+
+def _in_faults(args: argparse.Namespace) -> dict[str, Any]:
+    if not 0.0 <= args.in_drop <= 1.0:
+        raise SystemExit("extrabalance bench e2e: --in-drop within 0..1")
+    shares: dict[str, float] = {}
+    for item in args.in_result:
+        code, sep, share = item.partition("=")
+        try:
+            shares[str(int(code))] = float(share)
+        except ValueError:
+            raise SystemExit(f"extrabalance bench e2e: --in-result {item!r} is not CODE=SHARE"
+                             ) from None
+        if not sep:
+            raise SystemExit(f"extrabalance bench e2e: --in-result {item!r} is not CODE=SHARE")
+    return {"drop_share": args.in_drop, "result_share": shares} if args.in_drop or shares else {}
 
 
 def _capacity_search(args: argparse.Namespace) -> tuple[list[float], float] | None:
@@ -392,7 +425,8 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
 
 
 def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
-            request_timeout_ms: int = 2000, advance_confirmation: bool = False) -> dict[str, Any]:
+            request_timeout_ms: int = 2000, advance_confirmation: bool = False,
+            in_faults: dict[str, Any] | None = None) -> dict[str, Any]:
     node = base["node"]
     return {
         "nodes": [
@@ -409,6 +443,7 @@ def in_spec(base: dict[str, Any], diameter_port: int, mqtt_port: int, seed: int,
         "seed": seed,
         "request_timeout_ms": request_timeout_ms,
         "advance_confirmation": advance_confirmation,
+        "faults": in_faults or {},
     }
 
 
@@ -437,7 +472,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   in_request_timeout_ms: int = 2000, delivery_receipts: bool = True,
                   mqtt_inflight_max: int | None = None,
                   clock_start: str | None = None,
-                  advance_confirmation: bool = False) -> Any:
+                  advance_confirmation: bool = False,
+                  in_faults: dict[str, Any] | None = None) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit.
 
     `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
@@ -464,7 +500,8 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             in_worker = await procs.start_worker(
                 "in-sim", ["--role", "in", "--spec",
                            json.dumps(in_spec(base, diameter_port, broker.port, seed,
-                                              in_request_timeout_ms, advance_confirmation))])
+                                              in_request_timeout_ms, advance_confirmation,
+                                              in_faults))])
             password = os.urandom(4).hex()  # SMPP passwords are at most 8 octets
             smsc_worker = await procs.start_worker(
                 "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
@@ -681,7 +718,8 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        delivery_receipts=options.delivery_receipts,
                        mqtt_inflight_max=options.mqtt_inflight_max,
                        clock_start=options.clock_start,
-                       advance_confirmation=options.advance_confirmation) as net:
+                       advance_confirmation=options.advance_confirmation,
+                       in_faults=options.in_faults) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")

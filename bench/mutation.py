@@ -539,12 +539,15 @@ def _patch(module_name: str, scope: str, tree: ast.Module, filename: str) -> Non
     func.__code__ = new
 
 
+CHILD_FAILED = 70
+
+
 def _child_run(config: Config, sources: dict[str, tuple[ast.Module, str]], nodeids: list[str],
                log: Path, out: Path, patch: tuple[str, str] | None = None) -> None:
     """In a forked child: run pytest on `nodeids` with `sources` served; never returns.
     With `patch` (module, scope), the project is already imported: the one function
     gets the mutated code instead."""
-    code = 70
+    code = CHILD_FAILED
     try:
         os.setpgid(0, 0)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -795,9 +798,12 @@ def run(config: Config, mutants: list[Mutant], *, jobs: int, keep_killed: bool,
             if job.out.exists():
                 failed = json.loads(job.out.read_text()).get("failed", [])
                 killer = failed[0] if failed else ""
-            status = {0: "survived", 1: "killed", -1: "timeout"}.get(code, "error")
-            if status == "error" and not killer:
-                killer = f"exit {code}"
+            # 70: the child failed before or around pytest (the tool, not the tests):
+            # never counted as a kill.
+            status = {0: "survived", 1: "killed", -1: "timeout", CHILD_FAILED: "broken"}.get(
+                code, "error")
+            if status in ("error", "broken") and not killer:
+                killer = f"exit {code}; see {job.log}"
             results[job.mutant.key] = Result(status, killer, seconds, fingerprint, digest,
                                              job.mutant.key)
             done += 1
@@ -848,7 +854,7 @@ def report(config: Config, mutants: list[Mutant], results: dict[str, Result]) ->
                      f"{g['equivalent']} | {g['score']:.1f} % |")
     survivors = [m for m in mutants
                  if m.key not in config.equivalent
-                 and results[m.key].status in ("survived", "uncovered")]
+                 and results[m.key].status in ("survived", "uncovered", "broken")]
     lines += ["", f"## Survivors ({len(survivors)})", ""]
     for m in survivors:
         lines.append(f"- `{m.path}:{m.line}` {m.op} ({results[m.key].status}): "

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from extrabalance.clock import SYSTEM_CLOCK
-from simulators.in_node import InNodeSpec, InSimulator, MqttTarget, MsisdnRange, NodePeer
+from simulators.in_node import (
+    InFaults,
+    InNodeSpec,
+    InSimulator,
+    MqttTarget,
+    MsisdnRange,
+    NodePeer,
+)
 from simulators.smsc import SmscSimulator
 from simulators.traffic import TrafficConfig, TrafficGenerator, TrafficMix
 
@@ -104,6 +111,11 @@ class Worker:
                 request_timeout_ms=int(s.get("request_timeout_ms", 2000)),
                 seed=s.get("seed"),
                 advance_confirmation=bool(s.get("advance_confirmation", False)),
+                faults=InFaults(
+                    drop_share=float(s.get("faults", {}).get("drop_share", 0.0)),
+                    result_share={int(code): float(share) for code, share
+                                  in s.get("faults", {}).get("result_share", {}).items()},
+                ),
             )
             return {"ports": await self.in_sim.start()}
         self.smsc = CountingSmsc(system_id=s["system_id"], password=s["password"],

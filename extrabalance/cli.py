@@ -7,6 +7,7 @@ a missing optional dependency breaks only the command that uses it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -119,6 +120,45 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     from extrabalance.admin_cli import backup_command
 
     return backup_command(args.config, args.dest)
+
+
+def _cmd_ledger_migrate(args: argparse.Namespace) -> int:
+    from extrabalance.config import load_settings
+
+    if args.to:
+        from pydantic import ValidationError
+
+        from extrabalance.config import StorageSection
+
+        try:
+            storage = StorageSection(backend="postgresql", url=args.to,
+                                     password_env=args.password_env)
+        except ValidationError as exc:
+            raise ConfigError("ledger migrate --to: " + "; ".join(
+                str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())) from None
+    else:
+        storage = load_settings(args.config).storage
+        if storage.backend != "postgresql":
+            raise ConfigError('ledger migrate: give --to postgresql://... or a config with '
+                              'storage.backend = "postgresql"')
+    conninfo = storage.postgresql_conninfo()
+    from extrabalance.ledger.pg_copy import CopyError, copy_ledger
+
+    def progress(table: str, total: int, batch: int) -> None:
+        print(f"  {table}: {total} rows copied", file=sys.stderr)
+
+    try:
+        report = copy_ledger(args.source, conninfo, batch_rows=args.batch,
+                             progress=progress if not args.quiet else None)
+    except CopyError as exc:
+        print(f"extrabalance ledger migrate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict(), indent=2))
+    if not report.verified:
+        print("extrabalance ledger migrate: the copy does NOT match the source "
+              "(see the figures above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _instant(text: str) -> datetime:
@@ -241,6 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ledger", action="store_true",
                    help="EDRs only: no cohort, payback time, ageing or segment figures")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("ledger", help="ledger storage: copy the embedded ledger to PostgreSQL")
+    ledger = p.add_subparsers(dest="ledger_command", required=True)
+    m = ledger.add_parser(
+        "migrate", help="copy a SQLite ledger into PostgreSQL, verified and resumable",
+        description="Copies every table in batches (a re-run continues where a stopped "
+                    "copy left off), then compares rows per table and the journal's sum "
+                    "per account. Stop the node first.")
+    m.add_argument("--from", dest="source", required=True, metavar="SQLITE_PATH",
+                   help="the embedded ledger file")
+    m.add_argument("--to", default=None, metavar="URL",
+                   help="postgresql://USER@HOST:PORT/DATABASE (default: the config's "
+                        "[storage] url); the password comes from --password-env, "
+                        "PGPASSWORD or ~/.pgpass, never the URL")
+    m.add_argument("--password-env", default=None, metavar="NAME",
+                   help="environment variable holding the password (with --to)")
+    m.add_argument("--config", default=None, help="TOML config file (without --to)")
+    m.add_argument("--batch", type=int, default=5000, help="rows per transaction")
+    m.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    m.set_defaults(func=_cmd_ledger_migrate)
     p = sub.add_parser("backup", help="online, integrity-checked copy of the ledger")
     p.add_argument("dest", help="file to write (never overwritten)")
     p.add_argument("--config", default=None, help="TOML config file")

@@ -74,6 +74,21 @@ def _secret(env: str | None, file: str | None, what: str) -> str | None:
     return None
 
 
+def _url_password(url: str) -> str | None:
+    """The password in a postgresql://user:password@host/... URL, if any."""
+    netloc = url.split("://", 1)[1].split("/", 1)[0]
+    if "@" not in netloc:
+        return None
+    userinfo = netloc.rsplit("@", 1)[0]
+    return userinfo.split(":", 1)[1] if ":" in userinfo else None
+
+
+def _url_shown(url: str) -> str:
+    """A URL fit for an error message: its password, if any, replaced."""
+    password = _url_password(url)
+    return url.replace(f":{password}@", ":***@", 1) if password else url
+
+
 class NodeSection(_Model):
     name: str = "eb-node-1"
     origin_host: str
@@ -86,24 +101,86 @@ class NodeSection(_Model):
     mask_msisdn_in_logs: bool = True
 
 
+POSTGRESQL_URL_SCHEMES = ("postgresql://", "postgres://")
+POSTGRESQL_POOL_MAX = 8  # connections per node (the adapter's default)
+
+
 class StorageSection(_Model):
-    # "postgres" is the planned scale-out backend; until the node has it, a config
-    # asking for it is refused rather than silently run on SQLite.
-    backend: Literal["sqlite", "postgres"] = "sqlite"
+    # "sqlite": the embedded ledger (`path`). "postgresql": a PostgreSQL server (`url`,
+    # its password from `password_env` / `password_file`), for the tools already on the
+    # unit-of-work port (`extrabalance ledger migrate`); the node's `run` refuses it
+    # until its lending service is on the port too (preflight.runtime_problems).
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
     path: str = "var/extrabalance.db"
-    dsn: str | None = None
+    url: str | None = None  # postgresql://USER@HOST:PORT/DATABASE, without the password
+    dsn: str | None = None  # the same, under the name older configs used
+    password_env: str | None = None
+    password_file: str | None = None
+    pool_max: Annotated[int, Field(ge=1, le=100)] = POSTGRESQL_POOL_MAX
     group_commit_max_ops: Annotated[int, Field(ge=1, le=10_000)] = 256
     group_commit_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
     # How long the first outcome of each inbound request is kept to answer replays.
     idempotency_retention_hours: int = IDEMPOTENCY_RETENTION_HOURS_DEFAULT
 
-    @field_validator("backend")
+    @field_validator("backend", mode="before")
     @classmethod
-    def _backend_exists(cls, backend: str) -> str:
-        if backend != "sqlite":
-            raise ValueError(f"{backend!r} is not yet supported: the ledger runs on SQLite "
-                             "only (backend = \"sqlite\")")
+    def _backend_named(cls, backend: object) -> object:
+        if backend == "postgres":
+            raise ValueError('"postgres" is spelled "postgresql" (backend = "postgresql", '
+                             'with url = "postgresql://USER@HOST:PORT/DATABASE")')
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f'{backend!r} is not a ledger backend: "sqlite" or "postgresql"')
         return backend
+
+    @model_validator(mode="after")
+    def _server_settings(self) -> StorageSection:
+        if self.url and self.dsn:
+            raise ValueError("storage.url and storage.dsn name the same thing: keep one")
+        url = self.url or self.dsn
+        if self.backend == "sqlite":
+            if url or self.password_env or self.password_file:
+                raise ValueError('storage.url, dsn and password_* are for backend = '
+                                 '"postgresql"; the SQLite ledger is storage.path')
+            return self
+        if not url:
+            raise ValueError('storage.backend = "postgresql" needs storage.url '
+                             '("postgresql://USER@HOST:PORT/DATABASE")')
+        if not url.startswith(POSTGRESQL_URL_SCHEMES):
+            raise ValueError(f"storage.url {_url_shown(url)!r} is not a PostgreSQL URL "
+                             "(postgresql://USER@HOST:PORT/DATABASE)")
+        if _url_password(url):
+            raise ValueError("storage.url carries a password: put it in the environment "
+                             "(storage.password_env) or a file (storage.password_file)")
+        if self.password_env and self.password_file:
+            raise ValueError("storage.password_env and password_file: give one")
+        return self
+
+    def postgresql_url(self) -> str:
+        """The server's URL as configured (no password)."""
+        url = self.url or self.dsn
+        if self.backend != "postgresql" or not url:
+            raise ConfigError('storage.backend is not "postgresql"')
+        return url
+
+    def postgresql_conninfo(self) -> str:
+        """The connection string for the driver, with the password from its env
+        variable or file (the URL alone when neither is set: trust or .pgpass)."""
+        url = self.postgresql_url()
+        if self.password_env and self.password_env not in os.environ:
+            raise ConfigError(f"storage: environment variable {self.password_env} "
+                              "(password_env) is not set")
+        try:
+            password = _secret(self.password_env, self.password_file, "storage")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if password is None:
+            return url
+        try:
+            from psycopg.conninfo import make_conninfo
+        except ImportError as exc:  # the optional extra
+            raise ConfigError('storage.backend = "postgresql" needs the PostgreSQL driver: '
+                              "pip install 'extrabalance[postgresql]'") from exc
+        return make_conninfo(url, password=password)
 
     @field_validator("idempotency_retention_hours")
     @classmethod

@@ -70,12 +70,47 @@ def test_literal_password_names_password_env_and_file(tmp_path) -> None:
     assert "password_env" in str(exc.value) and "password_file" in str(exc.value)
 
 
-def test_postgres_backend_is_refused_until_it_exists(tmp_path) -> None:
-    text = default_config_text().replace('backend = "sqlite"', 'backend = "postgres"')
+def _postgresql(text: str, storage: str) -> str:
+    return text.replace('backend = "sqlite"', storage, 1)
+
+
+def test_postgres_is_spelled_postgresql(tmp_path) -> None:
+    text = _postgresql(default_config_text(), 'backend = "postgres"')
     assert 'backend = "postgres"' in text
     with pytest.raises(ConfigError) as exc:
         load_settings(_config(tmp_path, text))
-    assert "storage.backend" in str(exc.value) and "not yet supported" in str(exc.value)
+    assert "storage.backend" in str(exc.value) and '"postgresql"' in str(exc.value)
+
+
+@pytest.mark.parametrize(("storage", "words"), [
+    ('backend = "postgresql"', "needs storage.url"),
+    ('backend = "postgresql"\nurl = "mysql://db/x"', "is not a PostgreSQL URL"),
+    ('backend = "postgresql"\nurl = "postgresql://eb:s3cret@db/x"', "carries a password"),
+    ('backend = "postgresql"\nurl = "postgresql://eb@db/x"\ndsn = "postgresql://eb@db/x"',
+     "keep one"),
+    ('backend = "sqlite"\nurl = "postgresql://eb@db/x"', 'for backend = "postgresql"'),
+])
+def test_postgresql_settings_are_checked(tmp_path, storage, words) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(_config(tmp_path, _postgresql(default_config_text(), storage)))
+    assert words in str(exc.value) and "s3cret" not in str(exc.value)
+
+
+def test_postgresql_is_accepted_but_the_node_does_not_run_on_it_yet(tmp_path,
+                                                                     monkeypatch) -> None:
+    monkeypatch.setenv("EB_SMPP_PASSWORD", "pw123456")
+    monkeypatch.setenv("EB_PG_PASSWORD", "pg-secret")
+    text = _postgresql(default_config_text(), 'backend = "postgresql"\n'
+                       'url = "postgresql://eb@127.0.0.1:5432/ledger"\n'
+                       'password_env = "EB_PG_PASSWORD"')
+    settings = load_settings(_config(tmp_path, text))
+    assert settings.storage.postgresql_url() == "postgresql://eb@127.0.0.1:5432/ledger"
+    assert "pg-secret" in settings.storage.postgresql_conninfo()
+    problems = runtime_problems(settings)
+    assert any("lending service does not yet run on PostgreSQL" in p for p in problems)
+    monkeypatch.delenv("EB_PG_PASSWORD")
+    with pytest.raises(ConfigError, match="EB_PG_PASSWORD"):
+        settings.storage.postgresql_conninfo()
 
 
 def test_shipped_secrets_example_fits_smpp() -> None:

@@ -173,7 +173,7 @@ def _pairs(table: dict[tuple[str | None, str], str]) -> frozenset[tuple[str | No
 
 
 LOAN_MOVES: Final = _pairs(LOAN_TRANSITIONS)  # (before, after) pairs some event allows
-RECOVERY_MOVES: Final = _pairs(RECOVERY_TRANSITIONS)
+RECOVERY_MOVES: Final = _pairs(RECOVERY_TRANSITIONS)  # (the docs' diagrams are checked on them)
 
 
 # `key`: the loan's or recovery's id, for the error message (formatted only on error:
@@ -198,25 +198,29 @@ def recovery_step(state: str | None, event: str, key: str = "") -> str:
 
 def check_loan_move(before: str | None, after: str, key: str = "") -> None:
     """Raise `IllegalTransition` unless some event takes a loan from `before` to `after`
-    (for adapters handed the target state rather than the event)."""
+    (a new loan: `before` is None and the events are the `BOOK_*` ones)."""
     if (before, after) not in LOAN_MOVES:
         raise IllegalTransition(f"loan {key} is {before}, cannot become {after}")
 
 
-def check_recovery_move(before: str | None, after: str, key: str = "") -> None:
-    """As `check_loan_move`, for recoveries."""
-    if (before, after) not in RECOVERY_MOVES:
-        raise IllegalTransition(f"recovery {key} is {before}, cannot become {after}")
+def sources(event: str, table: Mapping[tuple[str | None, str], str]) -> tuple[str, ...]:
+    """The states (in table order) from which `event` moves a record: what an adapter
+    may put in a guarded `UPDATE ... WHERE state IN (...)`."""
+    return tuple(before for (before, ev) in table if ev == event and before is not None)
 
 
-def predecessors(after: str, table: Mapping[tuple[str | None, str], str]) -> tuple[str, ...]:
-    """States (in table order, without duplicates) from which some event leads to
-    `after`: what an adapter may put in a guarded `UPDATE ... WHERE state IN (...)`."""
-    seen: dict[str, None] = {}
-    for (before, _), to in table.items():
-        if to == after and before is not None:
-            seen.setdefault(before, None)
-    return tuple(seen)
+# Adapters handed a settlement's target state (`settle_loan(..., ACTIVE)`) map it to the
+# event it stands for; any other target is refused, whatever other event reaches it.
+LOAN_SETTLEMENTS: Final = {ACTIVE: IN_CREDITED, FAILED: IN_REFUSED, UNKNOWN: IN_LOST}
+RECOVERY_SETTLEMENTS: Final = {FAILED: IN_REFUSED, UNKNOWN: IN_LOST}
+
+
+def settlement_event(target: str, settlements: Mapping[str, str], key: str = "") -> str:
+    """The event a settlement to `target` stands for; `IllegalTransition` if none."""
+    event = settlements.get(target)
+    if event is None:
+        raise IllegalTransition(f"{key}: a settlement cannot set {target}")
+    return event
 
 
 def render_markdown() -> str:

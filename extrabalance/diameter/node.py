@@ -361,7 +361,9 @@ class _Connection(asyncio.Protocol):
         now = self.loop.time()
         if msg.flags & codec.FLAG_RETRANSMIT:
             cached = node._answers.get(origin, key_e2e, now)
-            if cached is not None:
+            # A first copy whose handler ended without an answer is no answer to wait for.
+            if cached is not None and not (isinstance(cached, asyncio.Future)
+                                           and cached.cancelled()):
                 self._answer_duplicate(msg, cached)
                 return
         if self._inbound >= INBOUND_CONCURRENT_MAX:
@@ -380,6 +382,9 @@ class _Connection(asyncio.Protocol):
         node = self.node
         try:
             answer = await node.request_handler(msg, self.peer.peer_origin_host or origin)
+        except asyncio.CancelledError:
+            fut.cancel()  # no answer: a re-send of this request is handled afresh
+            raise
         except DiameterError as err:
             answer = codec.error_answer(err, node.identity.origin_host,
                                         node.identity.origin_realm, msg)
@@ -468,7 +473,9 @@ class DiameterNode:
         self._links_by_host: dict[str, list[_Link]] = {}
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._answers = duplicate_cache or DuplicateCache()
+        # `is None`, not `or`: an empty cache is falsy, and a caller's own (such as a
+        # cache that remembers nothing) must be kept.
+        self._answers = duplicate_cache if duplicate_cache is not None else DuplicateCache()
         # RFC 6733 §5.6: one connection per configured peer (given with its
         # Origin-Host), whichever side dialled it, and the §5.6.4 election when both
         # dial at once. Off: every connection stands alone, as the node and the IN

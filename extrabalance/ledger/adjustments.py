@@ -118,7 +118,8 @@ def apply_write_down(
         cleared = fee + principal == loan.owed_minor
         state = store.WRITTEN_OFF if cleared else store.PARTIALLY_REPAID
         lines += [("fee_receivable", -fee), ("principal_receivable", -principal)]
-        allowed = sagas.predecessors(state, sagas.LOAN_TRANSITIONS)  # the saga table's moves
+        event = sagas.WRITE_OFF if cleared else sagas.WAIVE_PART
+        allowed = sagas.sources(event, sagas.LOAN_TRANSITIONS)  # the saga table's moves
         cur = conn.execute(
             "UPDATE loans SET fee_repaid_minor = fee_repaid_minor + ?,"
             " principal_repaid_minor = principal_repaid_minor + ?, state = ?, updated_at = ?"

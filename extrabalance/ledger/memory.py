@@ -36,7 +36,6 @@ from extrabalance.core.sagas import (
     RECOVERING,
     RECOVERY_UNSETTLED_STATES,
     WRITTEN_OFF,
-    IllegalTransition,
     LedgerInvariantError,
 )
 from extrabalance.ledger import ads_store
@@ -443,7 +442,9 @@ class MemoryLedgerTx:
             return loan
         if loan.state == CONFIRMING or new_state == CONFIRMING:
             raise LedgerInvariantError(f"loan {loan_id}: advances settle through settle_advance")
-        sagas.check_loan_move(loan.state, new_state, loan_id)
+        sagas.loan_step(
+            loan.state, sagas.settlement_event(new_state, sagas.LOAN_SETTLEMENTS, loan_id), loan_id
+        )
         settled = self._put_loan(replace(loan, state=new_state), now)
         if new_state == ACTIVE:
             self._disburse(loan_id, loan.msisdn, loan.principal_minor, loan.fee_minor, now)
@@ -645,15 +646,14 @@ class MemoryLedgerTx:
             row[2], row[3] = outcome, result_code
 
     def set_recovery_state(self, recovery_id: str, state: str, now: datetime) -> None:
-        if state == DONE:
-            raise IllegalTransition(f"recovery {recovery_id}: DONE is set by apply_recovery")
+        event = sagas.settlement_event(state, sagas.RECOVERY_SETTLEMENTS, recovery_id)
         t = self._w()
         rec = t.recoveries.get(recovery_id)
         if rec is None:
             raise KeyError(recovery_id)
         if rec.state == state:
             return
-        sagas.check_recovery_move(rec.state, state, recovery_id)
+        sagas.recovery_step(rec.state, event, recovery_id)
         t.recoveries[recovery_id] = replace(rec, state=state)
 
     def apply_recovery(self, rec: RecoveryRow, allocation: Recovery, now: datetime) -> None:

@@ -564,7 +564,9 @@ def settle_loan(
         return loan
     if loan.state == CONFIRMING or new_state == CONFIRMING:
         raise LedgerInvariantError(f"loan {loan_id}: advances settle through settle_advance")
-    sagas.check_loan_move(loan.state, new_state, loan_id)
+    sagas.loan_step(
+        loan.state, sagas.settlement_event(new_state, sagas.LOAN_SETTLEMENTS, loan_id), loan_id
+    )
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
         " WHERE loan_id = ?",
@@ -816,11 +818,7 @@ def start_recovery_attempt(
 
 
 # States a new attempt may start from (the saga table's NEXT_ATTEMPT rows).
-_NEXT_ATTEMPT_FROM = tuple(
-    before
-    for (before, event) in sagas.RECOVERY_TRANSITIONS
-    if event == sagas.NEXT_ATTEMPT and before is not None
-)
+_NEXT_ATTEMPT_FROM = sagas.sources(sagas.NEXT_ATTEMPT, sagas.RECOVERY_TRANSITIONS)
 
 
 def _refuse_recovery_move(conn: sqlite3.Connection, recovery_id: str, event: str) -> None:
@@ -862,11 +860,8 @@ def set_recovery_state(
     """Move an unsettled recovery to UNKNOWN (answer lost) or FAILED (nothing taken).
     Setting the state it already has changes nothing; a move the saga table does not
     allow raises `IllegalTransition`. DONE is reached through `apply_recovery` only."""
-    if state == DONE:
-        raise IllegalTransition(f"recovery {recovery_id}: DONE is set by apply_recovery")
-    allowed = sagas.predecessors(state, sagas.RECOVERY_TRANSITIONS)
-    if not allowed:
-        raise IllegalTransition(f"recovery {recovery_id}: no move leads to {state}")
+    event = sagas.settlement_event(state, sagas.RECOVERY_SETTLEMENTS, recovery_id)
+    allowed = sagas.sources(event, sagas.RECOVERY_TRANSITIONS)
     cur = conn.execute(
         "UPDATE recoveries SET state = ?, updated_at = ? WHERE recovery_id = ?"
         f" AND state IN ({_marks(allowed)})",
@@ -878,7 +873,7 @@ def set_recovery_state(
     if rec is None:
         raise KeyError(recovery_id)
     if rec.state != state:
-        sagas.check_recovery_move(rec.state, state, recovery_id)
+        sagas.recovery_step(rec.state, event, recovery_id)
 
 
 def apply_recovery(

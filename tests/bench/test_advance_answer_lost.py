@@ -62,3 +62,24 @@ def test_strict_in_credits_each_advance_once_and_sees_nothing_nonstandard(tmp_pa
     assert result["counts"]["advances"] > 0
     assert rec["matches"], rec["details"]
     assert rec["in_credits"] == rec["loans_granted"] == result["counts"]["advances"]
+
+
+def test_strict_in_with_lost_answers_and_3004_credits_once(tmp_path: Path) -> None:
+    """Issue 16: the default node against the strict IN with faults on the node's
+    requests (answers dropped after the credit or debit was applied, 3004 TOO_BUSY
+    without executing) for loans, advances and paybacks: every advance and loan
+    credited exactly once, every debit once, nothing non-standard seen by the IN."""
+    from bench.e2e import E2eOptions, parse_mix, run_e2e
+
+    options = E2eOptions(
+        rate_per_s=30.0, duration_s=3.0, subscribers=60, concurrency_max=10,
+        mix=parse_mix("ussd=2,oob=2,recharge=2"), report_dir=tmp_path / "report",
+        json_output=True, progress=False, arabic_share=0.0, settle_max_s=30.0,
+        opt_in_share=1.0, plot=False, command="test", warmup_s=1.0,
+        in_faults={"drop_share": 0.15, "result_share": {"3004": 0.15}},
+    )
+    result = asyncio.run(run_e2e(options))
+    rec = result["reconciliation"]
+    assert result["counts"]["advances"] > 0 and rec["loans_granted"] > result["counts"]["advances"]
+    assert rec["matches"], rec["details"]
+    assert rec["in_credits"] == rec["loans_granted"]

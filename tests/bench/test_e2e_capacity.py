@@ -68,3 +68,18 @@ def test_rates_are_parsed_and_sorted():
         capacity_of(["--capacity", "fast"])
     with pytest.raises(SystemExit):
         capacity_of(["--capacity", "100", "--max"])
+
+
+def test_in_fault_and_extension_options_are_parsed() -> None:
+    from bench import e2e
+
+    options = e2e.options_from_argv(
+        ["--in-drop", "0.1", "--in-result", "3004=0.2", "--opt-in-share", "1"],
+        seconds=2.0, json_output=True)
+    assert options.in_faults == {"drop_share": 0.1, "result_share": {"3004": 0.2}}
+    assert options.opt_in_share == 1.0 and not options.advance_confirmation
+    assert e2e.options_from_argv(["--advance-confirmation"], seconds=2.0,
+                                 json_output=True).advance_confirmation
+    assert e2e.options_from_argv([], seconds=2.0, json_output=True).in_faults == {}
+    with pytest.raises(SystemExit):
+        e2e.options_from_argv(["--in-result", "3004"], seconds=2.0, json_output=True)

@@ -151,8 +151,15 @@ def test_illegal_moves_raise_and_are_ledger_invariant_errors() -> None:
         sagas.check_loan_move(sagas.FAILED, sagas.ACTIVE)
     with pytest.raises(sagas.IllegalTransition):
         sagas.recovery_step(sagas.DONE, sagas.IN_REFUSED)
-    sagas.check_recovery_move(sagas.UNKNOWN, sagas.DONE)
-    assert sagas.predecessors(sagas.WRITTEN_OFF, sagas.LOAN_TRANSITIONS) == sagas.LOAN_OPEN_STATES
+    assert (sagas.UNKNOWN, sagas.DONE) in sagas.RECOVERY_MOVES
+    assert sagas.sources(sagas.WRITE_OFF, sagas.LOAN_TRANSITIONS) == sagas.LOAN_OPEN_STATES
+    # a settlement is the IN's answer: ACTIVE → REPAID is a move of the table, but
+    # not one a settlement may make
+    assert sagas.settlement_event(sagas.ACTIVE, sagas.LOAN_SETTLEMENTS) == sagas.IN_CREDITED
+    with pytest.raises(sagas.IllegalTransition):
+        sagas.settlement_event(sagas.REPAID, sagas.LOAN_SETTLEMENTS)
+    with pytest.raises(sagas.IllegalTransition):
+        sagas.settlement_event(sagas.DONE, sagas.RECOVERY_SETTLEMENTS)
 
 
 def test_store_reads_its_state_words_from_the_table() -> None:

@@ -91,7 +91,7 @@ async def test_an_operation_under_a_session_id_not_ours_keeps_its_id_in_this_pro
 
 async def test_a_resend_after_too_busy_carries_no_t_flag_but_after_a_timeout_it_does() -> None:
     """3004 / 3002: an answer was received and the request not executed, so its re-send
-    later is not a possible duplicate (PROTOCOLS.md, RFC 6733 §7.1.3); once a send went
+    later is not a possible duplicate (docs/protocols.md, RFC 6733 §7.1.3); once a send went
     unanswered, every later one is."""
 
     class Busy(Wire):

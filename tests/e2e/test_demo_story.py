@@ -21,7 +21,7 @@ async def test_demo_story(tmp_path):
         "Extra Balance (owe 0.00 EGP, can borrow 25.00 EGP)\n1 1.00 EGP\n2 2.00 EGP\n"
         "3 3.00 EGP\n4 5.00 EGP\n5 7.50 EGP\n6 10.00 EGP\n7 15.00 EGP\n8 20.00 EGP\n0 My account"
     )
-    menu_c = "رصيد إضافي (عليك 0.00 ج.م، متاح 25.00 ج.م)\n1 1.00 ج.م\n99 المزيد"
+    menu_c = "رصيد إضافي (عليك 0.00 ج.م، متاح 25.00 ج.م)\n1 1.00 ج.م\n2 2.00 ج.م\n99 المزيد"
     account_c = "الدين 0.00 ج.م المتاح 25.00 ج.م\n1 تلقائي: {}\n2 العروض: مفعل\n3 English\n9 رجوع"
     on, off = "مفعل", "متوقف"
     confirm = "Borrow {}? Fee {}. You repay {} from your next recharge.\n1 Confirm\n2 Cancel"

@@ -419,6 +419,13 @@ def test_insert_recovery_without_a_session_records_no_attempt():
     assert world.conn.execute(
         "SELECT attempt_no, diameter_session_id, requested_minor FROM recovery_attempts"
     ).fetchall() == [(1, "s9", 300)]
+    # a session without an amount asked: the attempt records 0 asked
+    rid = store.insert_recovery(world.conn, event_id="ev-no-amount", msisdn=A,
+                                recharge_minor=10, balance_after_minor=None, in_node=None,
+                                now=NOW, session_id="s10")
+    assert store.get_recovery(world.conn, rid).requested_minor == 0
+    assert world.conn.execute("SELECT requested_minor FROM recovery_attempts"
+                              " WHERE diameter_session_id = 's10'").fetchone() == (0,)
 
 
 # -- what is pending: recoveries wait for CONFIRMING advances ------------------------

@@ -151,10 +151,16 @@ async def test_illegal_transitions_raise_and_change_nothing(uow: UnitOfWork) -> 
         await uow.write(lambda tx: tx.settle_loan(loan_id, sagas.ACTIVE, NOW))
     with pytest.raises(sagas.IllegalTransition):
         await uow.write(lambda tx: _loan(tx, state=sagas.REPAID))
+    # REPAID follows ACTIVE in the table, but only through a recovery, never a settlement
+    active = await uow.write(lambda tx: _loan(tx))
+    with pytest.raises(sagas.IllegalTransition):
+        await uow.write(lambda tx: tx.settle_loan(active, sagas.REPAID, NOW))
+    with pytest.raises(sagas.IllegalTransition):
+        await uow.write(lambda tx: tx.settle_loan(active, sagas.WRITTEN_OFF, NOW))
     with pytest.raises(sagas.LedgerInvariantError):
         await uow.write(lambda tx: tx.settle_advance(loan_id, True, NOW))
     assert (await uow.read(lambda tx: tx.get_loan(loan_id))).state == sagas.FAILED  # type: ignore[union-attr]
-    assert await uow.read(lambda tx: tx.debt_owed(M1)) == 0
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == 1100  # the ACTIVE one, untouched
     rec_id = await uow.write(
         lambda tx: tx.insert_recovery(
             event_id="e1",

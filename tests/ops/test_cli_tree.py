@@ -29,7 +29,8 @@ def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[t
 TREE = _walk(cli.build_parser())
 GROUPS = {(): ["demo", "run", "bench", "sim", "phone", "backup"],
           ("bench",): ["codecs", "ledger", "e2e", "recharge"],
-          ("sim",): ["in", "smsc"]}
+          ("sim",): ["in", "smsc"],
+          ("ledger",): ["migrate"]}
 LEAVES = [p for p in TREE if p not in GROUPS]
 
 # One bad input per command, and the text the error must name.
@@ -52,6 +53,8 @@ BAD_INPUT: dict[tuple[str, ...], tuple[list[str], str]] = {
     ("campaign",): (["--limit", "abc"], "abc"),
     ("report",): (["--date", "yesterday"], "yesterday"),
     ("backup",): (["/nonexistent/dir/copy.db"], "/nonexistent/dir"),
+    ("ledger", "migrate"): (["--from", "/nonexistent/l.db", "--to", "postgresql://eb@127.0.0.1/x"],
+                            "/nonexistent/l.db"),
 }
 
 

@@ -66,7 +66,7 @@ def test_backup_copy_is_0600(tmp_path):
     migrate(conn)
     conn.close()
     dest = tmp_path / "backups"
-    dest.mkdir()  # 0755 under this umask: the operator's directory, left as it is
+    dest.mkdir(mode=0o755)  # the operator's directory: backup never creates one
     assert backup_command(str(config), str(dest / "copy.db"), out=io.StringIO()) == 0
     assert mode(dest / "copy.db") == 0o600
 

@@ -284,3 +284,20 @@ async def test_strict_in_resends_a_late_ccr_with_t_and_the_same_end_to_end_id(
     assert (await node.ask(refund)).result_code == 2001
     assert sim.balance(LUCKY) == 600
     assert sim.nonstandard()["nonstandard_refund_own_session"] == 1
+
+
+async def test_a_dropped_answer_then_a_t_resend_with_the_same_end_to_end_id_is_answered(
+    stack: tuple[InSimulator, FakeNode],
+) -> None:
+    """RFC 6733 §5.5.4: the re-send keeps the End-to-End id; the IN must answer it with
+    the first answer even though its handler dropped the first copy's answer (the
+    duplicate cache used to hold that copy's never-resolved future: no answer ever)."""
+    sim, node = stack
+    msg = node.ccr(gy.REFUND_ACCOUNT, 400, session="eb.test;9;10")._replace(end_to_end_id=0x5151)
+    sim.set_drop_share(1.0)
+    with pytest.raises(RequestTimeout):
+        await node.ask(msg, timeout_ms=300)
+    sim.set_drop_share(0.0)
+    again = await node.ask(msg.with_flags(codec.FLAG_RETRANSMIT), timeout_ms=2000)
+    assert again.result_code == 2001 and sim.balance(SUB_A) == 400
+    assert sim.stats["in-a"]["duplicates"] == 1
