@@ -301,7 +301,6 @@ def backup_command(config_path: str | None, dest: str, *, out: TextIO | None = N
         print(f"backup: {exc}", file=sys.stderr)
         return EXIT_BAD_ROWS
     try:
-        private_dir(partial.parent)
         private_file(partial)  # a copy of the ledger: the node's user alone reads it
         dst = sqlite3.connect(partial)
         try:

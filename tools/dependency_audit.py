@@ -45,36 +45,60 @@ def latest_release_audit(name: str, version: str) -> list[dict[str, Any]] | None
     """The advisories of `name` `version` from PyPI's project document, when `version`
     is its latest release (the only one that document speaks for); None otherwise."""
     try:
-        with urllib.request.urlopen(PROJECT_JSON.format(name=name),
-                                    timeout=FETCH_TIMEOUT_S) as reply:
+        with urllib.request.urlopen(
+            PROJECT_JSON.format(name=name), timeout=FETCH_TIMEOUT_S
+        ) as reply:
             doc = json.load(reply)
     except (OSError, ValueError):
         return None
     if doc.get("info", {}).get("version") != version:
         return None
-    return [{"id": v.get("id", "?"), "aliases": v.get("aliases") or [],
-             "fix_versions": v.get("fixed_in") or []}
-            for v in doc.get("vulnerabilities") or [] if not v.get("withdrawn")]
+    return [
+        {
+            "id": v.get("id", "?"),
+            "aliases": v.get("aliases") or [],
+            "fix_versions": v.get("fixed_in") or [],
+        }
+        for v in doc.get("vulnerabilities") or []
+        if not v.get("withdrawn")
+    ]
 
 
 def main() -> int:
-    cmd = [sys.executable, "-m", "pip_audit", "--local", "--skip-editable",
-           "--vulnerability-service", "pypi", "--cache-dir", str(CACHE),
-           "--progress-spinner", "off", "--format", "json", "--desc", "off"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip_audit",
+        "--local",
+        "--skip-editable",
+        "--vulnerability-service",
+        "pypi",
+        "--cache-dir",
+        str(CACHE),
+        "--progress-spinner",
+        "off",
+        "--format",
+        "json",
+        "--desc",
+        "off",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     try:
         report = json.loads(proc.stdout)
     except json.JSONDecodeError:
         print("audit: pip-audit gave no report:", proc.stderr.strip()[-2000:], file=sys.stderr)
         return 3
-    deps = [d for d in report["dependencies"]  # the project itself (installed editable)
-            if "editable" not in (d.get("skip_reason") or "")]
+    deps = [
+        d
+        for d in report["dependencies"]  # the project itself (installed editable)
+        if "editable" not in (d.get("skip_reason") or "")
+    ]
     pending = [d for d in deps if d.get("skip_reason")]
     named = [(d["name"], d["skip_reason"].rsplit("(", 1)[-1].rstrip(")")) for d in pending]
     with ThreadPoolExecutor(8) as pool:
         for dep, (name, version), vulns in zip(
-                pending, named, pool.map(lambda nv: latest_release_audit(*nv), named),
-                strict=True):
+            pending, named, pool.map(lambda nv: latest_release_audit(*nv), named), strict=True
+        ):
             if vulns is not None:
                 dep.update(version=version, vulns=vulns, skip_reason=None)
     skipped = [d for d in deps if d.get("skip_reason")]
@@ -83,10 +107,13 @@ def main() -> int:
     for dep, vuln in vulnerable:
         fixes = ", ".join(vuln.get("fix_versions", [])) or "-"
         aliases = ", ".join(vuln.get("aliases", []))
-        print(f"VULNERABLE {dep['name']} {dep['version']}: {vuln['id']} ({aliases}) "
-              f"fixed in {fixes}")
-    print(f"audit: {len(audited)} of {len(deps)} installed distributions audited against "
-          f"PyPI's advisories; {len(vulnerable)} known vulnerabilities")
+        print(
+            f"VULNERABLE {dep['name']} {dep['version']}: {vuln['id']} ({aliases}) fixed in {fixes}"
+        )
+    print(
+        f"audit: {len(audited)} of {len(deps)} installed distributions audited against "
+        f"PyPI's advisories; {len(vulnerable)} known vulnerabilities"
+    )
     if skipped:
         print(f"audit: NOT audited ({len(skipped)}), PyPI has no data for these versions:")
         for dep in skipped:

@@ -55,15 +55,25 @@ CONNECTIONS_MAX = 64
 PER_CLIENT_MAX = 16  # connections from one client address
 HEALTH_RESERVE = 4  # extra connections, beyond CONNECTIONS_MAX, for the health paths only
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
-SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "content-type",
-                  "host")
+SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "content-type", "host")
 
 REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
-    422: "Unprocessable Content", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    411: "Length Required",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
 SECURITY_HEADERS = {
@@ -130,8 +140,12 @@ def parse_json_body(body: bytes) -> Any:
     if json_depth(text) > JSON_DEPTH_MAX:
         raise HttpError(400, f"JSON nested deeper than {JSON_DEPTH_MAX} levels")
     try:
-        return json.loads(text, parse_int=_bounded_number, parse_float=_bounded_number,
-                          parse_constant=_no_constant)
+        return json.loads(
+            text,
+            parse_int=_bounded_number,
+            parse_float=_bounded_number,
+            parse_constant=_no_constant,
+        )
     except (json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise HttpError(400, f"malformed JSON body: {exc}") from None
 
@@ -195,8 +209,11 @@ def render_response(response: Response) -> bytes:
         **SECURITY_HEADERS,
         **response.headers,
     }
-    head = f"HTTP/1.1 {response.status} {reason}\r\n" + "".join(
-        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    head = (
+        f"HTTP/1.1 {response.status} {reason}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    )
     return head.encode("latin-1") + response.body
 
 
@@ -295,8 +312,10 @@ class _Connection(RequestHandler):
         client, self.peer = _client_of(transport)
         self.slot, displaced = self.owner.admission.admit(self, client)
         if isinstance(displaced, _Connection):
-            displaced.answer_and_close(503, "connection displaced: the admin API is busy and "
-                                            "this connection sent no request")
+            displaced.answer_and_close(
+                503,
+                "connection displaced: the admin API is busy and this connection sent no request",
+            )
         if self.slot is None:
             self.answer_and_close(503, "too many admin connections")
             return
@@ -349,8 +368,13 @@ class _Connection(RequestHandler):
             transport.write(render_response(error_response(status, message)))
         transport.close()
 
-    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         if isinstance(exc, http_exceptions.LineTooLong):
             status, text = 431, f"a request or header line longer than {LINE_BYTES_MAX} bytes"
         elif isinstance(exc, http_exceptions.HttpProcessingError):
@@ -361,18 +385,22 @@ class _Connection(RequestHandler):
         else:
             text = "internal error; see the node's log"
         if status >= 500:
-            log.error("admin_http_error", peer=self.peer, status=status,
-                      error=type(exc).__name__ if exc else None)
+            log.error(
+                "admin_http_error",
+                peer=self.peer,
+                status=status,
+                error=type(exc).__name__ if exc else None,
+            )
         else:
-            log.info("admin_http_bad_request", peer=self.peer, status=status,
-                     reason=text[:200])
+            log.info("admin_http_bad_request", peer=self.peer, status=status, reason=text[:200])
         response = _to_web(error_response(status, text))
         return response
 
 
 def _to_web(response: Response) -> web.Response:
-    out = web.Response(status=response.status, body=response.body,
-                       reason=REASONS.get(response.status))
+    out = web.Response(
+        status=response.status, body=response.body, reason=REASONS.get(response.status)
+    )
     out.headers["Content-Type"] = response.content_type
     out.headers.update(SECURITY_HEADERS)
     out.headers.update(response.headers)
@@ -383,10 +411,16 @@ def _to_web(response: Response) -> web.Response:
 class HttpServer:
     """`await HttpServer(handler).start(host, port)` → bound port; `await close()`."""
 
-    def __init__(self, handler: Handler, *, connections_max: int = CONNECTIONS_MAX,
-                 per_client_max: int = PER_CLIENT_MAX, health_reserve: int = HEALTH_RESERVE,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S,
-                 health_paths: frozenset[str] = HEALTH_PATHS) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        connections_max: int = CONNECTIONS_MAX,
+        per_client_max: int = PER_CLIENT_MAX,
+        health_reserve: int = HEALTH_RESERVE,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        health_paths: frozenset[str] = HEALTH_PATHS,
+    ) -> None:
         self.handler = handler
         self.request_timeout_s = request_timeout_s
         self.health_paths = health_paths
@@ -402,14 +436,17 @@ class HttpServer:
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
         kwargs: dict[str, Any] = {
-            "max_line_size": LINE_BYTES_MAX, "max_field_size": LINE_BYTES_MAX,
-            "max_headers": HEADERS_MAX, "access_log": None,
+            "max_line_size": LINE_BYTES_MAX,
+            "max_field_size": LINE_BYTES_MAX,
+            "max_headers": HEADERS_MAX,
+            "access_log": None,
             "keepalive_timeout": self.request_timeout_s + WRITE_TIMEOUT_S,
             "lingering_time": 0.0,
         }
         aio = self._aio = web.Server(self._serve, loop=loop, handler_cancellation=True)
         self._server = await loop.create_server(
-            lambda: _Connection(self, aio, loop=loop, **kwargs), host, port)
+            lambda: _Connection(self, aio, loop=loop, **kwargs), host, port
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
@@ -446,8 +483,9 @@ class HttpServer:
 
     async def _read(self, raw: web.BaseRequest, conn: _Connection) -> Request:
         if raw.version.major != 1:
-            raise HttpError(505, f"unsupported version HTTP/{raw.version.major}."
-                                 f"{raw.version.minor}")
+            raise HttpError(
+                505, f"unsupported version HTTP/{raw.version.major}.{raw.version.minor}"
+            )
         for name in SINGLE_HEADERS:
             if len(raw.headers.getall(name, ())) > 1:
                 raise HttpError(400, f"header {name} given more than once")
@@ -464,11 +502,17 @@ class HttpServer:
                     while len(body) < length and not raw.content.at_eof():
                         body += await raw.content.read(length - len(body))
             except TimeoutError:
-                raise HttpError(408, f"request not complete within {self.request_timeout_s} s"
-                                ) from None
+                raise HttpError(
+                    408, f"request not complete within {self.request_timeout_s} s"
+                ) from None
             if len(body) < length:
                 raise HttpError(400, "body shorter than Content-Length")
         headers = {k.lower(): v for k, v in raw.headers.items()}
-        head = RequestHead(raw.method, raw.path, parse_qs(raw.query_string),
-                           f"HTTP/{raw.version.major}.{raw.version.minor}", headers)
+        head = RequestHead(
+            raw.method,
+            raw.path,
+            parse_qs(raw.query_string),
+            f"HTTP/{raw.version.major}.{raw.version.minor}",
+            headers,
+        )
         return Request(head, body, conn.peer)

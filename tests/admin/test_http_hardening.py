@@ -24,12 +24,15 @@ SLOW_IN_HANDLER = [0]
 @pytest.fixture
 async def server():
     SLOW_IN_HANDLER[0] = 0
+
     async def handler(request: Request) -> Response:
         if request.path == "/slow":
             SLOW_IN_HANDLER[0] += 1
             await asyncio.sleep(30)
-        return json_response(200, {"path": request.path, "body": request.json(),
-                                   "auth": request.header("authorization")})
+        return json_response(
+            200,
+            {"path": request.path, "body": request.json(), "auth": request.header("authorization")},
+        )
 
     srv = HttpServer(handler, request_timeout_s=1.0)
     port = await srv.start("127.0.0.1", 0)
@@ -41,8 +44,9 @@ async def _slow_client(port: int, source: str, stop: asyncio.Event, opened: list
     """Sends half a request head, waits to be thrown out (408 or displaced), reconnects."""
     while not stop.is_set():
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port,
-                                                           local_addr=(source, 0))
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0)
+            )
         except OSError:
             await asyncio.sleep(0.05)
             continue
@@ -57,10 +61,14 @@ async def _slow_client(port: int, source: str, stop: asyncio.Event, opened: list
         await asyncio.sleep(0.01)
 
 
-@pytest.mark.parametrize("sources", [
-    ["127.0.0.2"],  # one attacker: the per-client bound holds him
-    [f"127.0.0.{i}" for i in range(2, 7)],  # 5 addresses x 14: the total bound is the one hit
-], ids=["one-address", "five-addresses"])
+@pytest.mark.parametrize(
+    "sources",
+    [
+        ["127.0.0.2"],  # one attacker: the per-client bound holds him
+        [f"127.0.0.{i}" for i in range(2, 7)],  # 5 addresses x 14: the total bound is the one hit
+    ],
+    ids=["one-address", "five-addresses"],
+)
 async def test_seventy_slow_reconnecting_clients_cannot_starve_healthz(server, sources):
     """Finding 1: 70 sockets that never finish a request and reconnect after each 408
     kept the 64-slot cap full and every /healthz (from the health checker's own
@@ -68,8 +76,10 @@ async def test_seventy_slow_reconnecting_clients_cannot_starve_healthz(server, s
     socket yields its slot to a newcomer once the total is reached."""
     _srv, port = server
     stop, opened = asyncio.Event(), [0]
-    siege = [asyncio.create_task(_slow_client(port, sources[i % len(sources)], stop, opened))
-             for i in range(70)]
+    siege = [
+        asyncio.create_task(_slow_client(port, sources[i % len(sources)], stop, opened))
+        for i in range(70)
+    ]
     try:
         async with asyncio.timeout(60):
             while opened[0] < 70:
@@ -129,16 +139,20 @@ async def test_reserved_slot_serves_health_only(server):
 
 async def test_duplicate_content_length_is_400(server):
     _, port = server
-    raw = (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
-           b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}")
+    raw = (
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}"
+    )
     reply = parse_reply(await raw_call(port, raw))
     assert reply.status == 400 and "error" in reply.json()
 
 
 async def test_duplicate_authorization_is_400(server):
     _, port = server
-    raw = (b"GET /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer one\r\n"
-           b"Authorization: Bearer two\r\n\r\n")
+    raw = (
+        b"GET /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer one\r\n"
+        b"Authorization: Bearer two\r\n\r\n"
+    )
     reply = parse_reply(await raw_call(port, raw))
     assert reply.status == 400 and "authorization" in reply.json()["error"]
 
@@ -150,12 +164,15 @@ async def test_huge_content_length_is_400_not_a_dropped_connection(server):
     assert reply.status == 400 and "error" in reply.json()
 
 
-@pytest.mark.parametrize("body", [
-    b"[" * 10_000 + b"]" * 10_000,
-    b'{"a":' * (JSON_DEPTH_MAX + 1) + b"1" + b"}" * (JSON_DEPTH_MAX + 1),
-    b'{"amount_minor": ' + b"9" * 5000 + b"}",
-    b'{"amount_minor": 1e' + b"9" * 100 + b"}",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 10_000 + b"]" * 10_000,
+        b'{"a":' * (JSON_DEPTH_MAX + 1) + b"1" + b"}" * (JSON_DEPTH_MAX + 1),
+        b'{"amount_minor": ' + b"9" * 5000 + b"}",
+        b'{"amount_minor": 1e' + b"9" * 100 + b"}",
+    ],
+)
 async def test_hostile_json_is_400_not_500(server, body):
     _, port = server
     reply = await call(port, "POST", "/x", raw_body=body)
@@ -168,6 +185,6 @@ async def test_json_inside_the_bounds_is_read(server):
     nested: object = 1
     for _ in range(JSON_DEPTH_MAX - 1):
         nested = {"a": nested}
-    body = {"n": nested, "s": "[[[[ not nesting ]]]] \" {{{", "big": 10**30, "x": 1.5e10}
+    body = {"n": nested, "s": '[[[[ not nesting ]]]] " {{{', "big": 10**30, "x": 1.5e10}
     reply = await call(port, "POST", "/x", body=body)
     assert reply.status == 200 and reply.json()["body"] == json.loads(json.dumps(body))

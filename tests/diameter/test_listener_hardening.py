@@ -31,30 +31,45 @@ class Pki:
         self.directory = directory
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test operator CA")])
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key()).serial_number(1)
-                     .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=3650))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-                     .sign(self.key, hashes.SHA256()))
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(1)
+            .not_valid_before(NOW)
+            .not_valid_after(NOW + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(self.key, hashes.SHA256())
+        )
         self.ca_file = directory / "ca.pem"
         self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, stem: str, cn: str, dns: list[str]) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-                   .issuer_name(self.cert.subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=3650)))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW)
+            .not_valid_after(NOW + dt.timedelta(days=3650))
+        )
         if dns:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), False)
+                x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), False
+            )
         cert = builder.sign(self.key, hashes.SHA256())
         cert_file, key_file = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         return cert_file, key_file
 
 
@@ -82,8 +97,9 @@ async def nodes() -> AsyncIterator[Callable[..., DiameterNode]]:
     made: list[DiameterNode] = []
 
     def make(identity: LocalIdentity, **kw: object) -> DiameterNode:
-        node = DiameterNode(identity, allowed_peers=None,
-                            request_handler=Recorder(identity.origin_host), **kw)  # type: ignore[arg-type]
+        node = DiameterNode(
+            identity, allowed_peers=None, request_handler=Recorder(identity.origin_host), **kw
+        )  # type: ignore[arg-type]
         made.append(node)
         return node
 
@@ -92,8 +108,7 @@ async def nodes() -> AsyncIterator[Callable[..., DiameterNode]]:
         await node.close()
 
 
-async def tls_listener(nodes: Callable[..., DiameterNode],
-                       pki: Pki) -> tuple[DiameterNode, int]:
+async def tls_listener(nodes: Callable[..., DiameterNode], pki: Pki) -> tuple[DiameterNode, int]:
     """The node listening on TLS with its certificate, requiring the IN's from the CA."""
     node_cert = pki.issue("node", "eb.node.example", ["eb.node.example"])
     server = nodes(NODE_ID, ssl_context=server_ctx(pki, node_cert))
@@ -104,20 +119,28 @@ def inbound_open(node: DiameterNode) -> list[dict[str, object]]:
     return [r for r in node.peer_states() if r["direction"] == "in" and r["state"] == "Open"]
 
 
-async def dial(nodes: Callable[..., DiameterNode], identity: LocalIdentity, port: int,
-               ctx: ssl.SSLContext | None, expect_host: str) -> DiameterNode:
+async def dial(
+    nodes: Callable[..., DiameterNode],
+    identity: LocalIdentity,
+    port: int,
+    ctx: ssl.SSLContext | None,
+    expect_host: str,
+) -> DiameterNode:
     client = nodes(identity, ssl_context=ctx)
     client.add_peer_group("g", "operator.example", [PeerAddress("127.0.0.1", port, expect_host)])
     return client
 
 
 def test_certificate_hosts_reads_san_then_cn() -> None:
-    assert certificate_hosts({"subjectAltName": (("DNS", "In-A.Operator.Example"),
-                                                 ("IP Address", "10.0.0.1")),
-                              "subject": ((("commonName", "ignored"),),)}) == {
-        "in-a.operator.example"}
+    assert certificate_hosts(
+        {
+            "subjectAltName": (("DNS", "In-A.Operator.Example"), ("IP Address", "10.0.0.1")),
+            "subject": ((("commonName", "ignored"),),),
+        }
+    ) == {"in-a.operator.example"}
     assert certificate_hosts({"subject": ((("commonName", "in-b.operator.example"),),)}) == {
-        "in-b.operator.example"}
+        "in-b.operator.example"
+    }
     assert certificate_hosts({}) == frozenset()
 
 
@@ -137,9 +160,13 @@ async def test_a_ca_signed_certificate_for_another_host_is_refused(nodes, pki) -
     server = nodes(NODE_ID, ssl_context=server_ctx(pki, node_cert))
     port = await server.listen("127.0.0.1", 0)
     client = await dial(nodes, IN_A_ID, port, client_ctx(pki, other), NODE_ID.origin_host)
-    await wait_for(lambda: any("TLS certificate" in str(r.get("last_error"))
-                               or "3010" in str(r.get("last_error"))
-                               for r in client.peer_states()), 10.0)
+    await wait_for(
+        lambda: any(
+            "TLS certificate" in str(r.get("last_error")) or "3010" in str(r.get("last_error"))
+            for r in client.peer_states()
+        ),
+        10.0,
+    )
     assert not inbound_open(server)
 
 
@@ -169,13 +196,14 @@ async def test_the_dialler_holds_the_answering_peer_to_its_certificate(nodes, pk
     server = nodes(IN_A_ID, ssl_context=server_ctx(pki, lying))
     port = await server.listen("127.0.0.1", 0)
     client = nodes(NODE_ID, ssl_context=client_ctx(pki, node_cert))
-    client.add_peer_group("in", "operator.example",
-                          [PeerAddress("127.0.0.1", port, None)])
+    client.add_peer_group("in", "operator.example", [PeerAddress("127.0.0.1", port, None)])
     ctx = client.client_ssl_context
     assert ctx is not None
     ctx.check_hostname = False  # the name check is the one under test, not TLS's
-    await wait_for(lambda: any("TLS certificate" in str(r.get("last_error"))
-                               for r in client.peer_states()), 10.0)
+    await wait_for(
+        lambda: any("TLS certificate" in str(r.get("last_error")) for r in client.peer_states()),
+        10.0,
+    )
     assert not [r for r in client.peer_states() if r["state"] == "Open"]
 
 

@@ -25,8 +25,11 @@ def audit():
 
 def fake_pip_audit(monkeypatch, audit, dependencies):
     out = json.dumps({"dependencies": dependencies, "fixes": []})
-    monkeypatch.setattr(audit.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
-        a, 0, stdout=out, stderr=""))
+    monkeypatch.setattr(
+        audit.subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=out, stderr=""),
+    )
 
 
 def project_documents(monkeypatch, audit, docs):
@@ -35,15 +38,23 @@ def project_documents(monkeypatch, audit, docs):
         if name not in docs:
             raise OSError("404")
         return io.BytesIO(json.dumps(docs[name]).encode())
+
     monkeypatch.setattr(audit.urllib.request, "urlopen", urlopen)
 
 
 def test_a_known_vulnerability_fails_the_audit(monkeypatch, audit, capsys):
-    fake_pip_audit(monkeypatch, audit, [
-        {"name": "aiohttp", "version": "3.9.1", "vulns": [
-            {"id": "PYSEC-X", "aliases": ["CVE-0000-1"], "fix_versions": ["3.9.2"]}]},
-        {"name": "extrabalance", "skip_reason": "distribution marked as editable"},
-    ])
+    fake_pip_audit(
+        monkeypatch,
+        audit,
+        [
+            {
+                "name": "aiohttp",
+                "version": "3.9.1",
+                "vulns": [{"id": "PYSEC-X", "aliases": ["CVE-0000-1"], "fix_versions": ["3.9.2"]}],
+            },
+            {"name": "extrabalance", "skip_reason": "distribution marked as editable"},
+        ],
+    )
     project_documents(monkeypatch, audit, {})
     assert audit.main() == 1
     out = capsys.readouterr().out
@@ -52,18 +63,36 @@ def test_a_known_vulnerability_fails_the_audit(monkeypatch, audit, capsys):
 
 
 def test_the_project_document_audits_the_latest_release_only(monkeypatch, audit, capsys):
-    fake_pip_audit(monkeypatch, audit, [
-        {"name": "yarl", "skip_reason": "Dependency not found on PyPI and could not be "
-                                        "audited: yarl (1.25.1)"},
-        {"name": "numpy", "skip_reason": "Dependency not found on PyPI and could not be "
-                                         "audited: numpy (2.4.6)"},
-    ])
-    project_documents(monkeypatch, audit, {
-        "yarl": {"info": {"version": "1.25.1"}, "vulnerabilities": [
-            {"id": "GHSA-Y", "aliases": [], "fixed_in": ["1.25.2"], "withdrawn": None},
-            {"id": "GHSA-OLD", "aliases": [], "fixed_in": [], "withdrawn": "2026-01-01"}]},
-        "numpy": {"info": {"version": "2.5.0"}, "vulnerabilities": []},  # not ours: newer
-    })
+    fake_pip_audit(
+        monkeypatch,
+        audit,
+        [
+            {
+                "name": "yarl",
+                "skip_reason": "Dependency not found on PyPI and could not be "
+                "audited: yarl (1.25.1)",
+            },
+            {
+                "name": "numpy",
+                "skip_reason": "Dependency not found on PyPI and could not be "
+                "audited: numpy (2.4.6)",
+            },
+        ],
+    )
+    project_documents(
+        monkeypatch,
+        audit,
+        {
+            "yarl": {
+                "info": {"version": "1.25.1"},
+                "vulnerabilities": [
+                    {"id": "GHSA-Y", "aliases": [], "fixed_in": ["1.25.2"], "withdrawn": None},
+                    {"id": "GHSA-OLD", "aliases": [], "fixed_in": [], "withdrawn": "2026-01-01"},
+                ],
+            },
+            "numpy": {"info": {"version": "2.5.0"}, "vulnerabilities": []},  # not ours: newer
+        },
+    )
     monkeypatch.setenv("AUDIT_STRICT", "0")
     assert audit.main() == 1
     out = capsys.readouterr().out
@@ -72,9 +101,17 @@ def test_the_project_document_audits_the_latest_release_only(monkeypatch, audit,
 
 
 def test_strict_mode_fails_on_what_could_not_be_audited(monkeypatch, audit):
-    fake_pip_audit(monkeypatch, audit, [
-        {"name": "numpy", "skip_reason": "Dependency not found on PyPI and could not be "
-                                         "audited: numpy (2.4.6)"}])
+    fake_pip_audit(
+        monkeypatch,
+        audit,
+        [
+            {
+                "name": "numpy",
+                "skip_reason": "Dependency not found on PyPI and could not be "
+                "audited: numpy (2.4.6)",
+            }
+        ],
+    )
     project_documents(monkeypatch, audit, {})
     monkeypatch.setenv("AUDIT_STRICT", "1")
     assert audit.main() == 2

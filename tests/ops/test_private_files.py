@@ -82,17 +82,20 @@ def test_report_files_are_0600(tmp_path):
     assert mode(out / "figures.json") == 0o600
 
 
-@pytest.mark.parametrize("value, cell", [
-    ("=cmd|' /C calc'!A0", "'=cmd|' /C calc'!A0"),
-    ("+1+1", "'+1+1"),
-    ("-2+3", "'-2+3"),
-    ("@SUM(A1)", "'@SUM(A1)"),
-    ("\t=1", "'\t=1"),
-    ("-500", "-500"),  # a number stays a number
-    (-500, -500),
-    ("who=ops; waived", "who=ops; waived"),
-    (None, ""),
-])
+@pytest.mark.parametrize(
+    "value, cell",
+    [
+        ("=cmd|' /C calc'!A0", "'=cmd|' /C calc'!A0"),
+        ("+1+1", "'+1+1"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\t=1", "'\t=1"),
+        ("-500", "-500"),  # a number stays a number
+        (-500, -500),
+        ("who=ops; waived", "who=ops; waived"),
+        (None, ""),
+    ],
+)
 def test_csv_cell(value, cell):
     assert csv_cell(value) == cell
 
@@ -101,12 +104,19 @@ def test_admin_text_reaches_the_edr_as_text_not_formula(tmp_path):
     """`reason` and `who` of an adjustment came into the EDR verbatim: `=cmd|...` ran
     when an operator opened the file in a spreadsheet."""
     edr = EdrWriter(tmp_path, "node-1", clock=lambda: 1_764_000_000.0)
-    edr.write("adjustment", {"msisdn": "201001234567", "reason": "=HYPERLINK(\"x\")",
-                             "detail": "who=@evil; -1+1", "debt_after_minor": -0})
+    edr.write(
+        "adjustment",
+        {
+            "msisdn": "201001234567",
+            "reason": '=HYPERLINK("x")',
+            "detail": "who=@evil; -1+1",
+            "debt_after_minor": -0,
+        },
+    )
     edr.flush()
     [path] = tmp_path.glob("edr-*.csv")
     [row] = list(csv.DictReader(path.open(encoding="utf-8")))
-    assert row["reason"] == "'=HYPERLINK(\"x\")"
+    assert row["reason"] == '\'=HYPERLINK("x")'
     assert row["detail"] == "who=@evil; -1+1"  # starts with a letter: harmless
     assert row["debt_after_minor"] == "0"
     assert date.fromisoformat(row["time"][:10])

@@ -41,8 +41,17 @@ def main() -> None:
     for fd in hog:
         os.close(fd)
     recovered = edr.flush()
-    print(json.dumps({"written": written, "flushes_ok": flushes_ok, "during": during,
-                      "recovered": recovered, "after": edr.health()}))
+    print(
+        json.dumps(
+            {
+                "written": written,
+                "flushes_ok": flushes_ok,
+                "during": during,
+                "recovered": recovered,
+                "after": edr.health(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_edr_line_reaches_disk_after_the_file_table_was_full(tmp_path):
-    proc = subprocess.run([sys.executable, str(CHILD), str(tmp_path / "edr")], cwd=REPO, check=False,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(CHILD), str(tmp_path / "edr")],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["flushes_ok"] == [False] * 5  # the flushes did fail...

@@ -100,8 +100,19 @@ async def test_esme_rebinds_after_an_untrustworthy_bind_resp(make) -> None:
         return 0
 
     # response_timeout_s is long: the rebind must come from the bad answer, not a timer.
-    esme = Esme([BindConfig("127.0.0.1", port, "node", "secret", response_timeout_s=60.0,
-                            reconnect_backoff_max_s=0.2)], on_deliver)
+    esme = Esme(
+        [
+            BindConfig(
+                "127.0.0.1",
+                port,
+                "node",
+                "secret",
+                response_timeout_s=60.0,
+                reconnect_backoff_max_s=0.2,
+            )
+        ],
+        on_deliver,
+    )
     await esme.start()
     try:
         await esme.wait_bound(20.0)
