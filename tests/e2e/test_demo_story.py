@@ -26,7 +26,7 @@ async def test_demo_story(tmp_path):
     on, off = "مفعل", "متوقف"
     confirm = "Borrow {}? Fee {}. You repay {} from your next recharge.\n1 Confirm\n2 Cancel"
     # [eligibility].max_balance_to_borrow_minor (1.00) asked of the IN before each loan
-    CHECK = "CCR CHECK_BALANCE 1.01 EGP on in-a: 2001 DIAMETER_SUCCESS"  # noqa: N806
+    CHECK = "CCR CHECK_BALANCE 1.01 EGP on in-a: 2001 DIAMETER_SUCCESS"
     expected = [
         ("diameter", A, "CCA 4012 DIAMETER_CREDIT_LIMIT_REACHED", False, "", 4012),
         ("sms", A, "Out of credit? Dial *123# for Extra Balance now and pay later.", False, "", None),
