@@ -21,12 +21,17 @@ async def test_a_backlog_is_read_in_bounded_steps_and_fully_dead_lettered(
     broker: MosquittoBroker,
 ) -> None:
     handled: list[str] = []
+    # The first event's handler waits until the whole backlog is at the broker, and the
+    # node's window (10) is smaller than the broker's in-flight limit (100): the broker
+    # keeps pushing while nothing can be acknowledged, so the inbox must fill and the
+    # reads must pause, however fast or loaded the machine is.
+    published = asyncio.Event()
 
     async def handle(event: RechargeEvent) -> None:
-        await asyncio.sleep(0.001)
+        await published.wait()
         handled.append(event.event_id)
 
-    settings = fast_settings(broker, inbox_max=INBOX_MAX)
+    settings = fast_settings(broker, inbox_max=INBOX_MAX, inflight_max=10)
     listener = RechargeListener(settings, handle, expected_currency="EGP")
     dead = 0
     async with aiomqtt.Client(broker.host, broker.port, identifier="observer",
@@ -56,6 +61,7 @@ async def test_a_backlog_is_read_in_bounded_steps_and_fully_dead_lettered(
                     payload = b"not json %d" % i if i % 100 else to_payload(make_event(i))
                     jobs.append(asyncio.create_task(publish(payload)))
                 await asyncio.gather(*jobs)
+            published.set()
             invalid = BACKLOG - BACKLOG // 100
             await wait_until(lambda: dead >= invalid and listener.stats()["dead_lettered"]
                              >= invalid, f"{invalid} dead letters", timeout_s=60)
