@@ -24,6 +24,8 @@ STORAGE_MODULES = ("sqlite3", "apsw", "psycopg", "asyncpg", "extrabalance.ledger
 KNOWN_OFFENDERS = {
     "lending.py": "sqlite3 closures and store calls (borrow, advance, confirm)",
     "resolver.py": "store calls and Ledger (settles loans the lending service booked)",
+    "reconcile_in.py": "store calls on the operator's connection (reverses advances an IN"
+    " never applied); landed beside the port, moves onto it with the lending service",
 }
 
 IO_MODULES = (
