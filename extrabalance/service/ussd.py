@@ -23,10 +23,11 @@ the same its_session_info) when they miss our deliver_sm_resp or time out on the
 side. An input is a repeat when it carries the same dialog step (the sequence number
 of its_session_info, SMPP 3.4 §5.3.2.43) and the same text as one already taken, or,
 when the gateway sends no step, the same text as the previous input within
-`repeat_window_s`. A repeat never advances the dialog: it gets the screen its first
-copy produced when that screen is still the dialog's latest and not final, and
-nothing otherwise (still in flight, overtaken by a later screen, or the dialog ended:
-never a second final screen). Ended dialogs are remembered for `timeout_s` for this.
+`repeat_window_s`. A repeat never advances the dialog and gets no screen of its own:
+its first copy's screen went out or is on its way, and a second copy could reach the
+handset after the subscriber's next input (a menu shown again where the confirm
+screen was due). Never a second final screen either: ended and aborted dialogs are
+remembered for `timeout_s` for this.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class LendingApi(Protocol):
 class _Inputs:
     """The inputs a dialog took, to recognise a gateway's repeat of one of them."""
 
-    answers: dict[tuple[int | None, str], Screen | None] = field(default_factory=dict)
+    taken: set[tuple[int | None, str]] = field(default_factory=set)  # (step, text)
     last_text: str | None = None
     last_at: float = 0.0
     closed_at: float = 0.0
@@ -219,17 +220,15 @@ class UssdDialogs:
 
     def _is_repeat(self, inputs: _Inputs, inp: UssdInput, text: str, now: float) -> bool:
         if inp.step is not None:
-            return (inp.step, text) in inputs.answers
+            return (inp.step, text) in inputs.taken
         return inputs.last_text == text and now - inputs.last_at <= self._repeat_window_s
 
-    def _took(self, inputs: _Inputs, inp: UssdInput, text: str, now: float) -> tuple[int | None, str]:
-        """Note an input as taken (its answer still to come); returns its key."""
+    def _took(self, inputs: _Inputs, inp: UssdInput, text: str, now: float) -> None:
+        """Note an input as taken, before its answer is computed."""
         if inp.step is None:
-            inputs.answers.clear()  # without steps only the previous input is compared
-        ident = (inp.step, text)
-        inputs.answers[ident] = None
+            inputs.taken.clear()  # without steps only the previous input is compared
+        inputs.taken.add((inp.step, text))
         inputs.last_text, inputs.last_at = text, now
-        return ident
 
     # -- input -----------------------------------------------------------------
 
@@ -242,11 +241,10 @@ class UssdDialogs:
         dialog = self._dialogs.get(key)
         text = ascii_digits(inp.text.strip())  # "١" is "1", as in SMS keywords
         if dialog is not None and self._is_repeat(dialog.inputs, inp, text, now):
+            # Its first copy's screen went out or is on its way: sending it again
+            # could reach the handset after the subscriber's next input.
             self.stats["repeats"] += 1
-            answer = dialog.inputs.answers.get((inp.step, text))
-            if answer is not None and answer is dialog.last_screen and not answer.final:
-                self._touch(key, dialog)
-                return answer
+            self._touch(key, dialog)
             return None
         ended = self._ended.get(key) if dialog is None else None
         if ended is not None and self._is_repeat(ended, inp, text, now) and (
@@ -263,7 +261,7 @@ class UssdDialogs:
             # Opened before the ledger read, so that a repeat arriving meanwhile is
             # recognised; the language is set once the subscriber is known.
             dialog = self._open(key, inp.msisdn, self._t.language(None))
-            ident = self._took(dialog.inputs, inp, text, now)
+            self._took(dialog.inputs, inp, text, now)
             status, offer = await self._lending.overview(inp.msisdn)
             dialog.language = self._t.language(_attr(status, "language"))
             self._keep_offer(dialog, offer)
@@ -275,18 +273,15 @@ class UssdDialogs:
             return Screen(self._t.render("expired_screen", language), final=True)
         else:
             self._touch(key, dialog)
-            ident = self._took(dialog.inputs, inp, text, now)
+            self._took(dialog.inputs, inp, text, now)
             if text == OPTION_MORE and dialog.overflow:
-                screen = self._next_overflow(key, dialog)
-                dialog.inputs.answers[ident] = screen
-                return screen
+                return self._next_overflow(key, dialog)
             dialog.overflow = []
             screen = await self._reply(key, dialog, text)
         if screen_capacity(screen.text) < 0:
             screen = self._paginate_screen(key, dialog, screen)
         if not screen.final and key in self._dialogs:
             dialog.last_screen = screen
-        dialog.inputs.answers[ident] = screen
         return screen
 
     def _paginate_screen(self, key: tuple[str, str], dialog: Dialog, screen: Screen) -> Screen:
