@@ -457,12 +457,14 @@ def test_a_debit_that_cannot_be_accounted_for_is_refused(debited):
     rolled_back(world.conn, settle_debit, world.conn, rec, debited, POLICY, NOW)
     assert journal_lines(world.conn) == 4  # the disbursement only
     assert store.get_recovery(world.conn, rid).state == store.RECOVERING
-    # the store by itself: a part larger than the loan owes, or a negative one
-    part = RecoveryPart("L0000", 50, 501) if debited > 0 else RecoveryPart("L0000", 51, -1)
-    err = rolled_back(world.conn, store.apply_recovery, world.conn, rec,
-                      Recovery(part.total_minor, (part,), clears_all=False), NOW)
-    assert not isinstance(err, store.IllegalTransition)
-    assert journal_lines(world.conn) == 4
+    # the store by itself: a part larger than the loan owes, or with one side negative
+    parts = ([RecoveryPart("L0000", 50, 501), RecoveryPart("L0000", 51, 500)] if debited > 0
+             else [RecoveryPart("L0000", 10, -1), RecoveryPart("L0000", -1, 10)])
+    for part in parts:
+        err = rolled_back(world.conn, store.apply_recovery, world.conn, rec,
+                          Recovery(part.total_minor, (part,), clears_all=False), NOW)
+        assert not isinstance(err, store.IllegalTransition)
+        assert journal_lines(world.conn) == 4
     assert store.get_recovery(world.conn, rid).state == store.RECOVERING
     # parts that do not add up to the total are refused too
     rolled_back(world.conn, store.apply_recovery, world.conn, rec,
@@ -643,7 +645,8 @@ def test_settle_loan_state_table(start, to):
         # Refused by the saga table. A settlement never sets REPAID (a loan is repaid by
         # apply_recovery only), nor moves a loan out of ACTIVE, PARTIALLY_REPAID or a
         # final state.
-        with pytest.raises(store.IllegalTransition):
+        with pytest.raises(store.IllegalTransition,
+                           match="cannot set" if to == store.REPAID else "not allowed"):
             store.settle_loan(conn, loan_id, to, NOW, result_code=5003)
         assert snapshot(conn) == before
         return
@@ -677,6 +680,44 @@ def test_settle_advance_state_table(start, confirmed):
         assert store.get_loan(conn, loan_id).state == target
         assert balances(conn, A)["principal_receivable"] == (100 if confirmed else 0)
         assert balances(conn, A)["fee_income"] == (-10 if confirmed else 0)
+
+
+@pytest.mark.parametrize("state", [store.UNKNOWN, store.PARTIALLY_REPAID, store.REPAID,
+                                   store.FAILED, store.WRITTEN_OFF])
+def test_a_loan_is_never_booked_in_a_state_only_a_settlement_reaches(state):
+    # booked REPAID or WRITTEN_OFF it would owe nothing and never be journalled
+    conn = fresh()
+    with pytest.raises(store.IllegalTransition, match="cannot become"):
+        store.insert_loan(conn, msisdn=A, tier_id=1, principal_minor=100, fee_minor=10,
+                          state=state, channel="ussd", idempotency_key=None, in_node=None,
+                          session_id=None, now=NOW, loan_id="L")
+    assert snapshot(conn) == ([], [], [])
+
+
+@pytest.mark.parametrize("start", [store.RECOVERING, store.UNKNOWN, store.DONE, store.FAILED])
+@pytest.mark.parametrize("to", [store.RECOVERING, store.UNKNOWN, store.DONE, store.FAILED])
+def test_set_recovery_state_table(start, to):
+    # Only UNKNOWN (answer lost) and FAILED (nothing taken) are settlements; DONE is
+    # reached by apply_recovery alone, a new attempt by start_recovery_attempt.
+    conn = fresh()
+    rid = store.insert_recovery(conn, event_id="e", msisdn=A, recharge_minor=10,
+                                balance_after_minor=None, in_node=None, now=NOW)
+    if start == store.DONE:
+        store.apply_recovery(conn, store.get_recovery(conn, rid),
+                             Recovery(0, (), clears_all=False), NOW)
+    elif start != store.RECOVERING:
+        store.set_recovery_state(conn, rid, start, NOW)
+    if to not in (store.UNKNOWN, store.FAILED):
+        with pytest.raises(store.IllegalTransition, match="cannot set"):
+            store.set_recovery_state(conn, rid, to, NOW)
+    elif start == to or start in (store.RECOVERING, store.UNKNOWN):
+        store.set_recovery_state(conn, rid, to, NOW)  # a replay of the same one: no-op
+    else:
+        with pytest.raises(store.IllegalTransition, match="not allowed"):
+            store.set_recovery_state(conn, rid, to, NOW)
+    final = to if to in (store.UNKNOWN, store.FAILED) and (
+        start in (store.RECOVERING, store.UNKNOWN)) else start
+    assert store.get_recovery(conn, rid).state == final
 
 
 def test_settling_an_unknown_loan_is_a_key_error():
