@@ -168,3 +168,20 @@ def test_store_reads_its_state_words_from_the_table() -> None:
     for name in ("ACTIVE", "CONFIRMING", "CREDITING", "DONE", "RECOVERING", "UNKNOWN"):
         assert getattr(store, name) is getattr(sagas, name)
     assert store.LedgerInvariantError is sagas.LedgerInvariantError
+
+
+@pytest.mark.parametrize(
+    ("table", "entry"),
+    [
+        ("LOAN_TRANSITIONS", {("ACTIVE", "repaid_all"): "PAID"}),  # no such state after
+        ("LOAN_TRANSITIONS", {("OWING", "repaid_all"): "REPAID"}),  # nor before
+        ("RECOVERY_TRANSITIONS", {("RECOVERING", "in_debited"): "REPAID"}),  # a loan's
+    ],
+)
+def test_a_table_naming_a_state_that_does_not_exist_is_refused_at_import(
+    monkeypatch: pytest.MonkeyPatch, table: str, entry: dict[tuple[str, str], str]
+) -> None:
+    sagas._check_tables()  # the table as shipped
+    monkeypatch.setattr(sagas, table, {**getattr(sagas, table), **entry})
+    with pytest.raises(AssertionError):
+        sagas._check_tables()

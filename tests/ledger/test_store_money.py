@@ -2,6 +2,13 @@
 per account and per subscriber (not only the total debt), and the store refusing
 every loan and recovery transition its state table forbids.
 
+Recoveries are booked as the service books them: `core.payback.split` divides what
+the IN debited over the open loans and `store.apply_recovery` journals each part; the
+guards that belong to the caller (a recovery already DONE books nothing again, a
+debit larger than the debt is refused) are checked through `service.recovery.
+settle_debit`. Transitions the saga table (`core.sagas`) forbids are asserted to be
+refused with `IllegalTransition` and to leave every table as it was.
+
 The property runs random histories (loans credited, failed and reversed, fee-first
 and principal-first partial and full paybacks, write-offs) through the store's public
 functions and checks after every step: each journal account's balance, each loan's
@@ -22,10 +29,12 @@ from hypothesis import strategies as st
 
 from extrabalance.core.lending import BorrowRequest, Granted, decide
 from extrabalance.core.model import OpenLoan
+from extrabalance.core.payback import Recovery, RecoveryPart, split
 from extrabalance.core.policy import PaybackOrder, RecoveryPolicy
 from extrabalance.core.reasons import Reason
 from extrabalance.ledger import store
 from extrabalance.ledger.db import connect, migrate
+from extrabalance.service.recovery import settle_debit
 from tests.core.sample import NOW, POLICY
 
 A, B = "201000000001", "201000000002"
@@ -53,6 +62,29 @@ def balances(conn: sqlite3.Connection, msisdn: str) -> dict[str, int]:
 
 def journal_lines(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0])
+
+
+def book(conn: sqlite3.Connection, rid: str, debited: int, policy: RecoveryPolicy = FEE_FIRST,
+         now=NOW) -> Recovery:
+    """Book `debited` for recovery `rid` as the service does: split over the open loans
+    (core), then applied by the store. Returns the allocation."""
+    rec = store.get_recovery(conn, rid)
+    allocation = split(store.open_loans(conn, rec.msisdn), debited, policy)
+    store.apply_recovery(conn, rec, allocation, now)
+    return allocation
+
+
+def rolled_back(conn: sqlite3.Connection, fn, *args) -> Exception:
+    """Run `fn` in a transaction that must fail; roll it back (as every caller does)
+    and return the error."""
+    conn.execute("BEGIN")
+    try:
+        fn(*args)
+    except store.LedgerInvariantError as exc:
+        return exc
+    finally:
+        conn.execute("ROLLBACK")
+    raise AssertionError(f"{fn.__name__} did not refuse")
 
 
 # -- the model ------------------------------------------------------------------------
@@ -169,7 +201,8 @@ class World:
                                     requested_minor=debited)
         rec = store.get_recovery(self.conn, rid)
         assert (rec.state, rec.requested_minor, rec.attempts) == (store.RECOVERING, debited, 1)
-        allocation, left = store.settle_recovery(self.conn, rid, debited, policy, now, rec=rec)
+        allocation = book(self.conn, rid, debited, policy, now)
+        left = store.debt_owed(self.conn, msisdn)
         parts = expected_split(self.model.open(msisdn), debited, order)
         assert [(p.loan_id, p.fee_minor, p.principal_minor) for p in allocation.parts] == parts
         assert allocation.total_minor == debited and left == owed - debited
@@ -237,6 +270,38 @@ def test_every_account_matches_the_loans_after_any_history(ops):
         getattr(world, op[0])(*op[1:])
         world.check()
     world.conn.close()
+
+
+# A loan is booked in REQUESTED, CREDITING, ACTIVE or CONFIRMING only; every other
+# state is reached by the moves the saga table allows.
+_BOOKED_AS = {store.UNKNOWN: store.CREDITING, store.FAILED: store.CREDITING,
+              store.PARTIALLY_REPAID: store.ACTIVE, store.REPAID: store.ACTIVE,
+              store.WRITTEN_OFF: store.ACTIVE}
+
+
+def loan_in(conn: sqlite3.Connection, state: str, *, known: bool = False,
+            channel: str = "ussd", key: str | None = None, loan_id: str | None = None,
+            msisdn: str = A, now=NOW) -> str:
+    """A loan of 100 + 10 fee in `state`, reached through the store's own moves."""
+    loan_id = store.insert_loan(conn, msisdn=msisdn, tier_id=1, principal_minor=100,
+                                fee_minor=10, state=_BOOKED_AS.get(state, state),
+                                channel=channel, idempotency_key=key, in_node=None,
+                                session_id=None, now=now, loan_id=loan_id,
+                                subscriber_known=known)
+    if state in (store.UNKNOWN, store.FAILED):
+        store.settle_loan(conn, loan_id, state, now)
+    elif state in (store.PARTIALLY_REPAID, store.REPAID):
+        rid = store.insert_recovery(conn, event_id=f"pay-{loan_id}", msisdn=msisdn,
+                                    recharge_minor=110, balance_after_minor=None,
+                                    in_node=None, now=now)
+        owed = 110 if state == store.REPAID else 30
+        part = RecoveryPart(loan_id, 10, owed - 10)
+        store.apply_recovery(conn, store.get_recovery(conn, rid),
+                             Recovery(owed, (part,), clears_all=state == store.REPAID), now)
+    elif state == store.WRITTEN_OFF:
+        assert store.write_off(conn, loan_id, "ageing", now) == 110
+    assert store.get_loan(conn, loan_id).state == state
+    return loan_id
 
 
 # -- the survivors of the mutation run, as examples ----------------------------------
@@ -346,7 +411,7 @@ def test_disbursement_journal_lines():
                      ("fee_income", -50, A, "L0000", "disburse")]
 
 
-# -- settle_recovery by itself --------------------------------------------------------
+# -- a recovery booked by itself (apply_recovery, and the service's settle_debit) -----
 
 
 def recovering(world: World, msisdn: str = A, session: str | None = "s1") -> str:
@@ -356,53 +421,89 @@ def recovering(world: World, msisdn: str = A, session: str | None = "s1") -> str
                                  requested_minor=300)
 
 
-def test_settle_recovery_is_idempotent_by_itself():
+def test_a_recovery_is_booked_once():
+    # Was: settle_recovery idempotent by itself. The DONE guard now lives in the
+    # caller (settle_debit), and the store refuses to book a DONE recovery again
+    # (the saga table has no DONE --in_debited--> move).
     world = world_with_loan()
     rid = recovering(world)
-    first, left = store.settle_recovery(world.conn, rid, 300, FEE_FIRST, NOW)
-    assert left == 250 and first.total_minor == 300
+    rec = store.get_recovery(world.conn, rid)
+    assert settle_debit(world.conn, rec, 300, POLICY, NOW) == 250
     lines = journal_lines(world.conn)
-    again, left_again = store.settle_recovery(world.conn, rid, 300, FEE_FIRST, NOW)
+    done = store.get_recovery(world.conn, rid)
+    assert (done.state, done.recovered_minor) == (store.DONE, 300)
+    assert settle_debit(world.conn, done, 300, POLICY, NOW) == 250  # books nothing
     assert journal_lines(world.conn) == lines
-    assert (again.total_minor, again.parts, again.clears_all, left_again) == (300, (), False, 250)
+    again = Recovery(300, (RecoveryPart("L0000", 0, 300),), clears_all=False)
+    err = rolled_back(world.conn, store.apply_recovery, world.conn, done, again, NOW)
+    assert isinstance(err, store.IllegalTransition)
+    assert journal_lines(world.conn) == lines
     assert store.open_loans(world.conn, A)[0].owed_minor == 250
-    # the whole debt paid by a second recovery; then the first replayed says clears_all
+    # the whole debt paid by a second recovery; the first replayed still books nothing
     rid2 = recovering(world)
-    assert store.settle_recovery(world.conn, rid2, 250, FEE_FIRST, NOW)[1] == 0
-    replay, left = store.settle_recovery(world.conn, rid, 300, FEE_FIRST, NOW)
-    assert (replay.total_minor, replay.clears_all, left) == (300, True, 0)
+    assert settle_debit(world.conn, store.get_recovery(world.conn, rid2), 250, POLICY,
+                        NOW) == 0
+    lines = journal_lines(world.conn)
+    assert settle_debit(world.conn, store.get_recovery(world.conn, rid), 300, POLICY, NOW) == 0
+    assert journal_lines(world.conn) == lines
+    assert store.load_subscriber(world.conn, A).state.loans_since_full_payback == 0
 
 
 @pytest.mark.parametrize("debited", [551, -1])
-def test_settle_recovery_refuses_a_debit_it_cannot_account_for(debited):
+def test_a_debit_that_cannot_be_accounted_for_is_refused(debited):
     world = world_with_loan()
     rid = recovering(world)
-    with pytest.raises(store.LedgerInvariantError):
-        store.settle_recovery(world.conn, rid, debited, FEE_FIRST, NOW)
+    rec = store.get_recovery(world.conn, rid)
+    rolled_back(world.conn, settle_debit, world.conn, rec, debited, POLICY, NOW)
     assert journal_lines(world.conn) == 4  # the disbursement only
     assert store.get_recovery(world.conn, rid).state == store.RECOVERING
+    # the store by itself: a part larger than the loan owes, or with one side negative
+    parts = ([RecoveryPart("L0000", 50, 501), RecoveryPart("L0000", 51, 500)] if debited > 0
+             else [RecoveryPart("L0000", 10, -1), RecoveryPart("L0000", -1, 10)])
+    for part in parts:
+        err = rolled_back(world.conn, store.apply_recovery, world.conn, rec,
+                          Recovery(part.total_minor, (part,), clears_all=False), NOW)
+        assert not isinstance(err, store.IllegalTransition)
+        assert journal_lines(world.conn) == 4
+    assert store.get_recovery(world.conn, rid).state == store.RECOVERING
+    # parts that do not add up to the total are refused too
+    rolled_back(world.conn, store.apply_recovery, world.conn, rec,
+                Recovery(100, (RecoveryPart("L0000", 50, 40),), clears_all=False), NOW)
+    assert journal_lines(world.conn) == 4
 
 
 @pytest.mark.parametrize("debited", [550, 0])
-def test_settle_recovery_accepts_the_whole_debt_and_nothing(debited):
+def test_a_recovery_of_the_whole_debt_or_of_nothing_is_booked(debited):
     world = world_with_loan()
     rid = recovering(world)
-    allocation, left = store.settle_recovery(world.conn, rid, debited, FEE_FIRST, NOW)
+    allocation = book(world.conn, rid, debited)
+    left = store.debt_owed(world.conn, A)
     assert left == 550 - debited and allocation.total_minor == debited
-    assert store.get_recovery(world.conn, rid).state == store.DONE
+    assert allocation.clears_all is (debited == 550)
+    done = store.get_recovery(world.conn, rid)
+    assert (done.state, done.recovered_minor) == (store.DONE, debited)
     (loan,) = store.open_loans(world.conn, A) or (None,)
     assert (loan is None) == (debited == 550)
+    assert store.load_subscriber(world.conn, A).state.loans_since_full_payback == (
+        0 if debited == 550 else 1)
 
 
-def test_settle_recovery_reads_its_own_row_not_a_stale_one():
+def test_a_recovery_pays_only_its_own_subscribers_loans():
+    # Was: settle_recovery reads its own row. apply_recovery is handed the row; a part
+    # naming another subscriber's loan matches no open loan of this one and is refused.
     world = world_with_loan()
     world.borrow(B, 200, 20, "active")
-    rid_a, rid_b = recovering(world, A), recovering(world, B)
-    other = store.get_recovery(world.conn, rid_b)
-    allocation, left = store.settle_recovery(world.conn, rid_a, 100, FEE_FIRST, NOW, rec=other)
-    assert left == 450 and [p.loan_id for p in allocation.parts] == ["L0000"]
+    rec_b = store.get_recovery(world.conn, recovering(world, B))
+    lines = journal_lines(world.conn)
+    rolled_back(world.conn, store.apply_recovery, world.conn, rec_b,
+                Recovery(100, (RecoveryPart("L0000", 50, 50),), clears_all=False), NOW)
+    assert journal_lines(world.conn) == lines
+    assert store.debt_owed(world.conn, A) == 550 and store.debt_owed(world.conn, B) == 220
+    # nor is B's loan written off while its recovery runs
+    assert store.write_off(world.conn, "L0001", "ageing", NOW) == 0
+    assert store.debt_owed(world.conn, B) == 220
     with pytest.raises(KeyError):
-        store.settle_recovery(world.conn, "no-such", 1, FEE_FIRST, NOW)
+        store.set_recovery_state(world.conn, "no-such", store.FAILED, NOW)
 
 
 def test_insert_recovery_without_a_session_records_no_attempt():
@@ -453,13 +554,16 @@ def test_pending_operations(loan_state, recovery_state, pending, recovery_pendin
     if known:
         store.ensure_subscriber(conn, A, NOW)
     if loan_state is not None:
-        store.insert_loan(conn, msisdn=A, tier_id=1, principal_minor=100, fee_minor=10,
-                          state=loan_state, channel="ussd", idempotency_key="k", in_node=None,
-                          session_id=None, now=NOW, subscriber_known=True)
+        loan_in(conn, loan_state, known=True, key="k")
     if recovery_state is not None:
         rid = store.insert_recovery(conn, event_id="e", msisdn=A, recharge_minor=10,
                                     balance_after_minor=None, in_node=None, now=NOW)
-        store.set_recovery_state(conn, rid, recovery_state, NOW)
+        if recovery_state == store.UNKNOWN:
+            store.set_recovery_state(conn, rid, recovery_state, NOW)
+        elif recovery_state == store.DONE:  # nothing taken: DONE through apply_recovery
+            store.apply_recovery(conn, store.get_recovery(conn, rid),
+                                 Recovery(0, (), clears_all=False), NOW)
+        assert store.get_recovery(conn, rid).state == recovery_state
     # another subscriber's pending work is not his
     store.insert_loan(conn, msisdn=B, tier_id=1, principal_minor=1, fee_minor=0,
                       state=store.CONFIRMING, channel="auto", idempotency_key="kb",
@@ -483,18 +587,23 @@ def test_no_write_off_while_anything_is_unsettled():
     store.settle_advance(world.conn, "ADV", True, NOW)
     rid = recovering(world)
     assert store.write_off(world.conn, "L0000", "ageing", NOW) == 0
-    store.settle_recovery(world.conn, rid, 0, FEE_FIRST, NOW)
+    book(world.conn, rid, 0)
     assert store.write_off(world.conn, "L0000", "ageing", NOW) == 550
 
 
 def test_write_off_refuses_loans_not_open():
+    # each loan its own subscriber: an unsettled one would hold back the others
+    for n, state in enumerate((store.FAILED, store.REPAID, store.WRITTEN_OFF)):
+        conn = fresh()
+        loan_in(conn, state, loan_id=state, msisdn=f"2019{n}")
+        before = snapshot(conn)
+        assert store.write_off(conn, state, "ageing", NOW) == 0
+        assert snapshot(conn) == before
     conn = fresh()
-    for state in (store.CREDITING, store.FAILED, store.REPAID, store.CONFIRMING):
-        store.insert_loan(conn, msisdn=B, tier_id=1, principal_minor=100, fee_minor=10,
-                          state=state, channel="ussd", idempotency_key=state, in_node=None,
-                          session_id=None, now=NOW, loan_id=state)
+    for state in (store.CREDITING, store.CONFIRMING):
+        loan_in(conn, state, key=state, loan_id=state, msisdn=B)
     lines = journal_lines(conn)
-    for state in (store.CREDITING, store.FAILED, store.REPAID, store.CONFIRMING, "missing"):
+    for state in (store.CREDITING, store.CONFIRMING, "missing"):
         assert store.write_off(conn, state, "ageing", NOW) == 0
     assert journal_lines(conn) == lines
 
@@ -505,10 +614,6 @@ LOAN_STATES = (store.REQUESTED, store.CREDITING, store.ACTIVE, store.PARTIALLY_R
                store.REPAID, store.FAILED, store.UNKNOWN, store.WRITTEN_OFF, store.CONFIRMING)
 
 
-def loan_in(conn: sqlite3.Connection, state: str) -> str:
-    return store.insert_loan(conn, msisdn=A, tier_id=1, principal_minor=100, fee_minor=10,
-                             state=state, channel="ussd", idempotency_key=None, in_node=None,
-                             session_id=None, now=NOW)
 
 
 def snapshot(conn: sqlite3.Connection) -> tuple:
@@ -528,10 +633,20 @@ def test_settle_loan_state_table(start, to):
         assert store.settle_loan(conn, loan_id, to, NOW).state == to
         assert snapshot(conn) == before
         return
-    allowed = start in (store.REQUESTED, store.CREDITING, store.UNKNOWN) and (
-        to != store.CONFIRMING)
-    if not allowed:
+    if store.CONFIRMING in (start, to):
+        # an advance settles through settle_advance only
         with pytest.raises(store.LedgerInvariantError):
+            store.settle_loan(conn, loan_id, to, NOW, result_code=5003)
+        assert snapshot(conn) == before
+        return
+    allowed = start in (store.REQUESTED, store.CREDITING, store.UNKNOWN) and (
+        to != store.REPAID)
+    if not allowed:
+        # Refused by the saga table. A settlement never sets REPAID (a loan is repaid by
+        # apply_recovery only), nor moves a loan out of ACTIVE, PARTIALLY_REPAID or a
+        # final state.
+        with pytest.raises(store.IllegalTransition,
+                           match="cannot set" if to == store.REPAID else "not allowed"):
             store.settle_loan(conn, loan_id, to, NOW, result_code=5003)
         assert snapshot(conn) == before
         return
@@ -556,7 +671,8 @@ def test_settle_advance_state_table(start, confirmed):
         assert store.settle_advance(conn, loan_id, confirmed, NOW).state == target
         assert snapshot(conn) == before
     elif start != store.CONFIRMING:
-        with pytest.raises(store.LedgerInvariantError):
+        # only a CONFIRMING advance is confirmed or refused (the saga table)
+        with pytest.raises(store.IllegalTransition):
             store.settle_advance(conn, loan_id, confirmed, NOW)
         assert snapshot(conn) == before
     else:
@@ -564,6 +680,44 @@ def test_settle_advance_state_table(start, confirmed):
         assert store.get_loan(conn, loan_id).state == target
         assert balances(conn, A)["principal_receivable"] == (100 if confirmed else 0)
         assert balances(conn, A)["fee_income"] == (-10 if confirmed else 0)
+
+
+@pytest.mark.parametrize("state", [store.UNKNOWN, store.PARTIALLY_REPAID, store.REPAID,
+                                   store.FAILED, store.WRITTEN_OFF])
+def test_a_loan_is_never_booked_in_a_state_only_a_settlement_reaches(state):
+    # booked REPAID or WRITTEN_OFF it would owe nothing and never be journalled
+    conn = fresh()
+    with pytest.raises(store.IllegalTransition, match="cannot become"):
+        store.insert_loan(conn, msisdn=A, tier_id=1, principal_minor=100, fee_minor=10,
+                          state=state, channel="ussd", idempotency_key=None, in_node=None,
+                          session_id=None, now=NOW, loan_id="L")
+    assert snapshot(conn) == ([], [], [])
+
+
+@pytest.mark.parametrize("start", [store.RECOVERING, store.UNKNOWN, store.DONE, store.FAILED])
+@pytest.mark.parametrize("to", [store.RECOVERING, store.UNKNOWN, store.DONE, store.FAILED])
+def test_set_recovery_state_table(start, to):
+    # Only UNKNOWN (answer lost) and FAILED (nothing taken) are settlements; DONE is
+    # reached by apply_recovery alone, a new attempt by start_recovery_attempt.
+    conn = fresh()
+    rid = store.insert_recovery(conn, event_id="e", msisdn=A, recharge_minor=10,
+                                balance_after_minor=None, in_node=None, now=NOW)
+    if start == store.DONE:
+        store.apply_recovery(conn, store.get_recovery(conn, rid),
+                             Recovery(0, (), clears_all=False), NOW)
+    elif start != store.RECOVERING:
+        store.set_recovery_state(conn, rid, start, NOW)
+    if to not in (store.UNKNOWN, store.FAILED):
+        with pytest.raises(store.IllegalTransition, match="cannot set"):
+            store.set_recovery_state(conn, rid, to, NOW)
+    elif start == to or start in (store.RECOVERING, store.UNKNOWN):
+        store.set_recovery_state(conn, rid, to, NOW)  # a replay of the same one: no-op
+    else:
+        with pytest.raises(store.IllegalTransition, match="not allowed"):
+            store.set_recovery_state(conn, rid, to, NOW)
+    final = to if to in (store.UNKNOWN, store.FAILED) and (
+        start in (store.RECOVERING, store.UNKNOWN)) else start
+    assert store.get_recovery(conn, rid).state == final
 
 
 def test_settling_an_unknown_loan_is_a_key_error():
