@@ -1,5 +1,6 @@
 """Operator commands that work on the ledger file directly (no running node needed):
-`extrabalance import-profiles`, `extrabalance subscriber show|bar|unbar`,
+`extrabalance import-profiles`,
+`extrabalance subscriber show|bar|unbar|auto-advance-on|auto-advance-off`,
 `extrabalance purge-idempotency`, and `python -m extrabalance.admin_cli backup`
 (SQLite online backup).
 
@@ -30,6 +31,7 @@ JOURNAL_LINES_PRINTED_MAX = 20
 AUDIT_LINES_PRINTED_MAX = 10
 BACKUP_PAGES_PER_STEP = 1024  # pages copied per step; the node writes between steps
 EXIT_OK, EXIT_BAD_ROWS, EXIT_USAGE = 0, 1, 2
+SUBSCRIBER_CHANGES = ("bar", "unbar", "auto-advance-on", "auto-advance-off")  # audited
 
 
 def _ledger_path(settings: Settings) -> Path:
@@ -183,17 +185,18 @@ def _print_view(view: dict[str, Any], settings: Settings, out: TextIO) -> None:
 def subscriber_command(config_path: str | None, action: str, msisdn: str, reason: str = "",
                        who: str = "cli", json_output: bool = False, *,
                        out: TextIO | None = None) -> int:
-    """`extrabalance subscriber show|bar|unbar MSISDN`: 0 done, 1 not found, 2 usage."""
+    """`extrabalance subscriber show|bar|unbar|auto-advance-on|auto-advance-off MSISDN`:
+    0 done, 1 not found, 2 usage."""
     from extrabalance.ledger import store
 
     out = out or sys.stdout
     if not MSISDN_RE.match(msisdn):
         print(f"subscriber: {msisdn!r} is not an MSISDN (1 to 15 digits)", file=sys.stderr)
         return EXIT_USAGE
-    if action not in ("show", "bar", "unbar"):
+    if action not in ("show", *SUBSCRIBER_CHANGES):
         print(f"subscriber: unknown action {action!r}", file=sys.stderr)
         return EXIT_USAGE
-    if action in ("bar", "unbar") and (not reason.strip() or not who.strip()):
+    if action in SUBSCRIBER_CHANGES and (not reason.strip() or not who.strip()):
         print(f"subscriber {action}: --reason and --who are required (audit trail)",
               file=sys.stderr)
         return EXIT_USAGE
@@ -202,10 +205,13 @@ def subscriber_command(config_path: str | None, action: str, msisdn: str, reason
     if conn is None:
         return EXIT_BAD_ROWS
     try:
+        now = SYSTEM_CLOCK.now()
         if action in ("bar", "unbar"):
-            now = SYSTEM_CLOCK.now()
             _in_transaction(conn, lambda c: store.set_bar(
                 c, msisdn, action == "bar", reason.strip(), who.strip(), now))
+        elif action in ("auto-advance-on", "auto-advance-off"):
+            changed = _in_transaction(conn, lambda c: _set_auto_advance(
+                c, msisdn, action == "auto-advance-on", reason.strip(), who.strip(), now))
         view = subscriber_view_with_route(conn, settings, msisdn)
     finally:
         conn.close()
@@ -218,11 +224,30 @@ def subscriber_command(config_path: str | None, action: str, msisdn: str, reason
     if json_output:
         print(json.dumps(view, indent=2, sort_keys=True, default=str), file=out)
     else:
-        if action != "show":
+        if action in ("bar", "unbar"):
             print(f"{msisdn}: {'barred' if action == 'bar' else 'unbarred'} by {who.strip()} "
                   f"({reason.strip()})", file=out)
+        elif action != "show":
+            state = "on" if action == "auto-advance-on" else "off"
+            print(f"{msisdn}: automatic advances {state}, by {who.strip()} ({reason.strip()})"
+                  if changed else f"{msisdn}: automatic advances already {state} (nothing "
+                  "written)", file=out)
         _print_view(view, settings, out)
     return EXIT_OK
+
+
+def _set_auto_advance(conn: sqlite3.Connection, msisdn: str, on: bool, why: str, who: str,
+                      now: Any) -> bool:
+    """Opt in or out, audited like the API's; False (nothing written) if already so."""
+    from extrabalance.ledger import store
+
+    row = conn.execute("SELECT auto_advance_opt_in FROM subscribers WHERE msisdn = ?",
+                       (msisdn,)).fetchone()
+    if bool(row and row[0]) == on:
+        return False
+    store.set_preferences(conn, msisdn, now, auto_advance=on)
+    store.audit(conn, msisdn, "auto_advance_on" if on else "auto_advance_off", who, why, now)
+    return True
 
 
 # -- purge-idempotency -------------------------------------------------------------------

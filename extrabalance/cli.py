@@ -265,11 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_reconcile_in)
 
-    p = sub.add_parser("subscriber", help="show, bar or unbar a subscriber")
-    p.add_argument("action", choices=["show", "bar", "unbar"])
+    p = sub.add_parser("subscriber", help="show, bar or unbar a subscriber, or opt him in to"
+                       " automatic advances or out")
+    p.add_argument("action", choices=["show", "bar", "unbar", "auto-advance-on",
+                                      "auto-advance-off"])
     p.add_argument("msisdn")
     p.add_argument("--config", default=None)
-    p.add_argument("--reason", default="", help="why (bar/unbar; kept in the audit trail)")
+    p.add_argument("--reason", default="", help="why (every change; kept in the audit trail)")
     p.add_argument("--who", default="cli", help="operator name for the audit trail")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_subscriber)

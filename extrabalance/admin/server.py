@@ -103,6 +103,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/subscribers/{msisdn}/bar", "bar", ADMIN),
     Route("POST", "/api/v1/subscribers/{msisdn}/unbar", "unbar", ADMIN),
     Route("POST", "/api/v1/subscribers/{msisdn}/adjustments", "adjust", ADMIN),
+    Route("POST", "/api/v1/subscribers/{msisdn}/auto-advance", "auto_advance", ADMIN),
     Route("GET", "/api/v1/peers", "peers", ADMIN),
     Route("GET", "/api/v1/binds", "binds", ADMIN),
     Route("GET", "/api/v1/stats", "stats", ADMIN),
@@ -382,6 +383,21 @@ class AdminServer:
         log.info("admin_unbar", msisdn=msisdn, who=who)
         return json_response(200, {"msisdn": msisdn, "barred": False, "reason": reason,
                                    "who": who})
+
+    async def h_auto_advance(self, request: Request, msisdn: str) -> Response:
+        body = self._object(request)
+        unknown = sorted(set(body) - {"enabled", "reason", "who"})
+        if unknown:
+            raise HttpError(400, f"unknown fields: {', '.join(unknown)}")
+        enabled = body.get("enabled")
+        if not isinstance(enabled, bool):
+            raise HttpError(400, "enabled must be true or false")
+        reason = self._text(body, "reason", required=True)
+        who = self._text(body, "who", required=True)
+        changed = await self.node.accounts.set_auto_advance(msisdn, enabled, who, reason)
+        log.info("admin_auto_advance", msisdn=msisdn, enabled=enabled, changed=changed, who=who)
+        return json_response(200, {"msisdn": msisdn, "auto_advance": enabled,
+                                   "changed": changed, "reason": reason, "who": who})
 
     async def h_adjust(self, request: Request, msisdn: str) -> Response:
         body = self._object(request)

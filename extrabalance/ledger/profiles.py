@@ -6,6 +6,12 @@ transaction per batch; re-importing updates rows in place and never touches what
 node owns (opt-ins, bars, learned routes, bad-debt counts). Every bad row is reported
 with its line number and reason; none is skipped silently.
 
+One optional named column, `auto_advance` (anywhere after `arpu_minor`), opts a
+subscriber in to automatic advances (`1`, `yes`, `true`, `on`) or out (`0`, `no`,
+`false`, `off`); an empty cell leaves his choice as it is. Every change it makes is
+written to the audit trail (action `auto_advance_on` / `auto_advance_off`, by
+`import-profiles`); a value equal to the present one writes nothing.
+
 Run alone: `python -m extrabalance.ledger.profiles LEDGER.db PROFILES.csv`.
 """
 
@@ -23,11 +29,16 @@ from pathlib import Path
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.ledger.db import connect, migrate
+from extrabalance.ledger.store import new_id
 
 IMPORT_BATCH_ROWS = 50_000  # rows per transaction: big enough to amortise the fsync,
 # small enough that the node's writer never waits long behind an import batch
 BAD_ROWS_KEPT_MAX = 10_000  # bad rows listed in the report; beyond that only counted
 REQUIRED = ("msisdn", "tenure_days", "arpu_minor")
+AUTO_ADVANCE_COLUMN = "auto_advance"
+AUTO_ADVANCE_VALUES = {"1": 1, "yes": 1, "true": 1, "on": 1, "y": 1,
+                       "0": 0, "no": 0, "false": 0, "off": 0, "n": 0}
+AUDIT_WHO = "import-profiles"
 READ_BUFFER_BYTES = 1 << 20
 
 UPSERT = (
@@ -37,6 +48,16 @@ UPSERT = (
     " arpu_minor = excluded.arpu_minor, attributes = excluded.attributes,"
     " language = COALESCE(excluded.language, subscribers.language),"
     " updated_at = excluded.updated_at"
+)
+# The opt-in column: the audit line first (only where the value changes), then the change.
+AUDIT_OPT_IN = (
+    "INSERT INTO audit (audit_id, msisdn, action, who, why, detail, created_at)"
+    " SELECT ?, msisdn, ?, ?, ?, '{}', ? FROM subscribers"
+    " WHERE msisdn = ? AND auto_advance_opt_in != ?"
+)
+SET_OPT_IN = (
+    "UPDATE subscribers SET auto_advance_opt_in = ?, updated_at = ?"
+    " WHERE msisdn = ? AND auto_advance_opt_in != ?"
 )
 
 
@@ -78,8 +99,13 @@ class _RowParser:
         self.fields = len(header)
         self.has_language = has_language
         self.languages = languages
+        # The opt-in column is the node's, not an attribute; a row then carries a 7th
+        # element (1, 0 or None for "leave as it is").
+        self.auto_at = (header.index(AUTO_ADVANCE_COLUMN)
+                        if AUTO_ADVANCE_COLUMN in header[extra_from:] else None)
         self.extras = [
             (i, encode_basestring_ascii(header[i]) + ":") for i in range(extra_from, len(header))
+            if i != self.auto_at
         ]
         self.now = now
 
@@ -105,6 +131,14 @@ class _RowParser:
             if self.languages is not None and language not in self.languages:
                 return (f"language {language!r} has no templates (configured: "
                         f"{', '.join(sorted(self.languages))})")
+        auto: int | None = None
+        if self.auto_at is not None:
+            cell = row[self.auto_at].strip().lower()
+            if cell:
+                auto = AUTO_ADVANCE_VALUES.get(cell)
+                if auto is None:
+                    return (f"auto_advance {row[self.auto_at]!r} is not one of 1/0, "
+                            "yes/no, true/false, on/off (or empty: unchanged)")
         parts = []
         for i, key in self.extras:
             value = row[i].strip()
@@ -115,7 +149,7 @@ class _RowParser:
                 parts.append(key + str(int(value)))
             else:
                 parts.append(key + encode_basestring_ascii(value))
-        return (
+        upsert = (
             msisdn,
             int(tenure),
             int(arpu),
@@ -123,6 +157,7 @@ class _RowParser:
             language,
             self.now,
         )
+        return upsert if self.auto_at is None else (*upsert, auto)
 
 
 def import_profiles(
@@ -273,7 +308,15 @@ class _Flusher:
 def _flush(conn: sqlite3.Connection, batch: list[tuple[object, ...]]) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(UPSERT, batch)
+        if batch and len(batch[0]) == 7:  # with the auto_advance column
+            conn.executemany(UPSERT, [row[:6] for row in batch])
+            opt = [(row[0], row[6], row[5]) for row in batch if row[6] is not None]
+            conn.executemany(AUDIT_OPT_IN, [
+                (new_id(), "auto_advance_on" if on else "auto_advance_off", AUDIT_WHO,
+                 "profile file", now, msisdn, on) for msisdn, on, now in opt])
+            conn.executemany(SET_OPT_IN, [(on, now, msisdn, on) for msisdn, on, now in opt])
+        else:
+            conn.executemany(UPSERT, batch)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -56,6 +56,21 @@ class AccountService:
             await self.ledger.write(lambda tx: tx.set_bar(msisdn, False, why, who, now))
         self.events.emit("unbar", msisdn=msisdn, who=who, reason=why)
 
+    async def set_auto_advance(self, msisdn: str, on: bool, who: str, why: str) -> bool:
+        """Opt `msisdn` in to automatic advances (or out), audited; False if it was
+        already so (nothing written)."""
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+
+            def change(tx: LedgerTx) -> bool:
+                if tx.load_subscriber(msisdn).state.auto_advance_opt_in == on:
+                    return False
+                tx.set_preferences(msisdn, now, auto_advance=on)
+                tx.audit(msisdn, "auto_advance_on" if on else "auto_advance_off", who, why, now)
+                return True
+
+            return bool(await self.ledger.write(change))
+
     async def age_debts(self, now: datetime | None = None, *, who: str = "ageing") -> AgeingReport:
         """Write off loans older than `write_off_days`; count those past `overdue_days`."""
         now = now or self.clock()

@@ -300,3 +300,39 @@ async def test_duplicate_authorization_is_refused_by_the_admin_api(played):
            f"Authorization: Bearer {TOKEN}\r\n\r\n").encode()
     assert parse_reply(await raw_call(port, raw)).status == 400
 
+
+
+async def test_auto_advance_opt_in_and_out_are_audited_and_take_effect(played):
+    _, _, port = played
+    path = f"/api/v1/subscribers/{A}"
+    reply = await call(port, "POST", path + "/auto-advance", token=TOKEN,
+                       body={"enabled": True, "reason": "asked at the shop", "who": "carol"})
+    assert reply.status == 200
+    assert (reply.json()["auto_advance"], reply.json()["changed"]) == (True, True)
+    view = (await call(port, "GET", path, token=TOKEN)).json()
+    assert view["subscriber"]["auto_advance_opt_in"] == 1
+    assert (view["audit"][0]["action"], view["audit"][0]["who"], view["audit"][0]["why"]) == (
+        "auto_advance_on", "carol", "asked at the shop")
+    again = await call(port, "POST", path + "/auto-advance", token=TOKEN,
+                       body={"enabled": True, "reason": "again", "who": "carol"})
+    assert again.status == 200 and again.json()["changed"] is False
+    reply = await call(port, "POST", path + "/auto-advance", token=TOKEN,
+                       body={"enabled": False, "reason": "called the hotline", "who": "dan"})
+    assert reply.status == 200 and reply.json()["changed"] is True
+    view = (await call(port, "GET", path, token=TOKEN)).json()
+    assert view["subscriber"]["auto_advance_opt_in"] == 0
+    assert [a["action"] for a in view["audit"][:2]] == ["auto_advance_off", "auto_advance_on"]
+
+
+@pytest.mark.parametrize("body", [
+    {"reason": "x", "who": "y"},  # no enabled
+    {"enabled": "yes", "reason": "x", "who": "y"},
+    {"enabled": True, "who": "y"},
+    {"enabled": True, "reason": "x"},
+    {"enabled": True, "reason": "x", "who": "y", "notify": True},
+])
+async def test_auto_advance_validates_its_body(played, body):
+    _, _, port = played
+    reply = await call(port, "POST", f"/api/v1/subscribers/{A}/auto-advance", token=TOKEN,
+                       body=body)
+    assert reply.status == 400 and "error" in reply.json()

@@ -85,26 +85,46 @@ def test_subscriber_show_text_and_json(config, tmp_path):
     assert view["route"]["in_node"] == "in-b.operator.example"
 
 
+def _shown(config):
+    out = io.StringIO()
+    subscriber_command(str(config), "show", M, json_output=True, out=out)
+    return json.loads(out.getvalue())
+
+
 def test_subscriber_bar_and_unbar_are_audited(config, tmp_path):
     _ledger_with_a_loan(tmp_path)
     assert subscriber_command(str(config), "bar", M, reason="fraud", who="dave",
                               out=io.StringIO()) == 0
-    out = io.StringIO()
-    subscriber_command(str(config), "show", M, json_output=True, out=out)
-    view = json.loads(out.getvalue())
+    view = _shown(config)
     assert view["subscriber"]["barred_manual"] == 1 and view["subscriber"]["barred_reason"] == "fraud"
     assert subscriber_command(str(config), "unbar", M, reason="cleared", who="erin",
                               out=io.StringIO()) == 0
-    out = io.StringIO()
-    subscriber_command(str(config), "show", M, json_output=True, out=out)
-    view = json.loads(out.getvalue())
+    view = _shown(config)
     assert view["subscriber"]["barred_manual"] == 0
     assert [(a["action"], a["who"]) for a in view["audit"]] == [("unbar", "erin"), ("bar", "dave")]
+
+
+def test_subscriber_auto_advance_on_and_off_are_audited(config, tmp_path, capsys):
+    _ledger_with_a_loan(tmp_path)
+    assert cli.main(["subscriber", "auto-advance-on", M, "--reason", "asked at the shop",
+                     "--who", "dave", "--config", str(config)]) == 0
+    assert "automatic advances on, by dave" in capsys.readouterr().out
+    out = io.StringIO()
+    assert subscriber_command(str(config), "auto-advance-on", M, reason="again", who="dave",
+                              out=out) == 0
+    assert "already on (nothing written)" in out.getvalue()
+    assert subscriber_command(str(config), "auto-advance-off", M, reason="hotline", who="erin",
+                              out=io.StringIO()) == 0
+    view = _shown(config)
+    assert view["subscriber"]["auto_advance_opt_in"] == 0
+    assert [(a["action"], a["who"], a["why"]) for a in view["audit"]] == [
+        ("auto_advance_off", "erin", "hotline"), ("auto_advance_on", "dave", "asked at the shop")]
 
 
 @pytest.mark.parametrize("action, msisdn, reason, code", [
     ("show", "12ab", "", 2),
     ("bar", M, "", 2),  # reason required
+    ("auto-advance-on", M, "", 2),  # reason required
     ("show", "209999999999", "", 1),  # unknown subscriber
 ])
 def test_subscriber_command_refusals(config, tmp_path, action, msisdn, reason, code):

@@ -49,6 +49,8 @@ BAD_INPUT: dict[tuple[str, ...], tuple[list[str], str]] = {
     ("phone",): (["2010000000000001"], "2010000000000001"),
     ("import-profiles",): (["/nonexistent/profiles.csv"], "/nonexistent/profiles.csv"),
     ("subscriber",): (["show", "abc"], "abc"),
+    ("reconcile-in",): (["/nonexistent/extract.csv", "--in-node", "nosuch", "--until",
+                         "2026-01-01T00:00:00+00:00"], "nosuch"),
     ("purge-idempotency",): (["--config", "/nonexistent/eb.toml"], "/nonexistent/eb.toml"),
     ("campaign",): (["--limit", "abc"], "abc"),
     ("report",): (["--date", "yesterday"], "yesterday"),
