@@ -173,9 +173,6 @@ async def test_fee_charged_is_the_fee_shown_across_a_reload(net):
     # asked of the IN before each loan) lets him borrow however many loans they made.
     env.in_sim.set_balance(msisdn, 0)
     phone = env.smsc.handset(msisdn)
-    # Out of credit again (earlier tests' loans credited him): the node asks the IN for
-    # the balance before it lends.
-    env.in_sim.set_balance(msisdn, 0)
     fees = lambda c: dict(c.execute(
         "SELECT loan_id, fee_minor FROM loans WHERE msisdn = ?", (msisdn,)).fetchall())
     count_loans = lambda c: len(fees(c))

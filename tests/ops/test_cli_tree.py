@@ -55,8 +55,6 @@ BAD_INPUT: dict[tuple[str, ...], tuple[list[str], str]] = {
     ("campaign",): (["--limit", "abc"], "abc"),
     ("report",): (["--date", "yesterday"], "yesterday"),
     ("backup",): (["/nonexistent/dir/copy.db"], "/nonexistent/dir"),
-    ("reconcile-in",): (["/nonexistent/grants.csv", "--in-node", "in-a.operator.example",
-                         "--until", "2026-01-01T00:00:00+00:00"], "/nonexistent/grants.csv"),
     ("ledger", "migrate"): (["--from", "/nonexistent/l.db", "--to", "postgresql://eb@127.0.0.1/x"],
                             "/nonexistent/l.db"),
 }
