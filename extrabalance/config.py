@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from extrabalance.core.limits import LimitPolicy
 from extrabalance.core.policy import (
     Condition,
     Currency,
@@ -382,6 +383,38 @@ class RecoverySection(_Model):
         return self
 
 
+class LimitsSection(_Model):
+    """Limits from behaviour (core/limits.py, docs/lending.md): off unless enabled."""
+
+    enabled: bool = False
+    window_days: Annotated[int, Field(ge=1, le=366)] = 30
+    recharge_share_bp: Annotated[int, Field(ge=0, le=100_000)] = 5_000
+    arpu_share_bp: Annotated[int, Field(ge=0, le=100_000)] = 0
+    floor_minor: Annotated[int, Field(ge=0)] = 0
+    on_time_days: Annotated[int, Field(ge=1)] = 14
+    on_time_raise_bp: Annotated[int, Field(ge=0, le=100_000)] = 1_000
+    late_lower_bp: Annotated[int, Field(ge=0, le=10_000)] = 2_000
+    partial_lower_bp: Annotated[int, Field(ge=0, le=10_000)] = 500
+    adjust_min_bp: Annotated[int, Field(ge=-10_000, le=0)] = -5_000
+    adjust_max_bp: Annotated[int, Field(ge=0, le=100_000)] = 10_000
+
+    def policy(self) -> LimitPolicy | None:
+        if not self.enabled:
+            return None
+        return LimitPolicy(
+            window_days=self.window_days,
+            recharge_share_bp=self.recharge_share_bp,
+            arpu_share_bp=self.arpu_share_bp,
+            floor_minor=self.floor_minor,
+            on_time_days=self.on_time_days,
+            on_time_raise_bp=self.on_time_raise_bp,
+            late_lower_bp=self.late_lower_bp,
+            partial_lower_bp=self.partial_lower_bp,
+            adjust_min_bp=self.adjust_min_bp,
+            adjust_max_bp=self.adjust_max_bp,
+        )
+
+
 class AutoAdvanceSection(_Model):
     tier: int | None = None
 
@@ -473,6 +506,7 @@ class Settings(_Model):
     eligibility: EligibilitySection = EligibilitySection()
     recovery: RecoverySection = RecoverySection()
     auto_advance: AutoAdvanceSection = AutoAdvanceSection()
+    limits: LimitsSection = LimitsSection()
     tiers: list[TierSection]
     fee_plans: dict[str, FeePlanSection]
     segments: Annotated[list[SegmentSection], Field(min_length=1)]
@@ -580,6 +614,7 @@ class Settings(_Model):
                 write_off_days=self.recovery.write_off_days,
             ),
             auto_advance_tier_id=self.auto_advance.tier,
+            limits=self.limits.policy(),
         )
 
 

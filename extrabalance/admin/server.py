@@ -52,6 +52,7 @@ from extrabalance.config import (
     default_config_text,
 )
 from extrabalance.ledger.adjustments import ADJUSTMENT_KINDS, AdjustmentError, apply_write_down
+from extrabalance.service.limits import limit_view
 
 if TYPE_CHECKING:
     from extrabalance.node import Node
@@ -340,6 +341,10 @@ class AdminServer:
         view = await self.node.ledger.subscriber_view(msisdn)
         if not view["known"] and not view["loans"] and not view["journal"]:
             return error_response(404, f"no subscriber {msisdn} in the ledger")
+        lending = self.node.lending
+        view["limit"] = await self.node.ledger.read_point(  # limits from behaviour (issue 20)
+            lambda tx: limit_view(tx, msisdn, lending.policy, lending.clock())
+        )
         view["route"]["static_in_node"] = self.node.router.static_route(msisdn)
         view["route"]["in_node"] = view["route"]["learned_in_node"] or view["route"][
             "static_in_node"]

@@ -67,6 +67,13 @@ def _fee(tier: Tier, segment: Segment, policy: Policy) -> int:
     return fee_for(tier, policy.fee_plans[segment.fee_plan])
 
 
+def ceiling_of(segment: Segment, state: SubscriberState) -> int:
+    """The most he may owe: the segment ceiling, or his limit from behaviour if lower."""
+    if state.limit_minor is None:
+        return segment.ceiling_minor
+    return min(segment.ceiling_minor, state.limit_minor)
+
+
 def _allowed_tiers(segment: Segment, policy: Policy) -> list[Tier]:
     """The segment's tiers that exist in the policy, smallest amount first."""
     tiers = [policy.tiers[t] for t in segment.tier_ids if t in policy.tiers]
@@ -118,6 +125,7 @@ def decide(
         return refused
     assert segment is not None
     debt_minor = state.debt_minor
+    ceiling_minor = ceiling_of(segment, state)
     tier_id = request.tier_id
     if tier_id is None and request.channel == "auto":
         tier_id = policy.auto_advance_tier_id
@@ -125,11 +133,11 @@ def decide(
         # The largest allowed tier whose amount + fee still fits under the ceiling.
         for tier in reversed(_allowed_tiers(segment, policy)):
             fee_minor = _fee(tier, segment, policy)
-            if debt_minor + tier.amount_minor + fee_minor <= segment.ceiling_minor:
+            if debt_minor + tier.amount_minor + fee_minor <= ceiling_minor:
                 return Granted(segment, tier, tier.amount_minor, fee_minor)
         return Refused(
             Reason.CEILING_REACHED,
-            f"no tier fits: debt {debt_minor}, ceiling {segment.ceiling_minor}",
+            f"no tier fits: debt {debt_minor}, ceiling {ceiling_minor}",
         )
     tier_or_none = policy.tiers.get(tier_id)
     if tier_or_none is None:
@@ -138,11 +146,11 @@ def decide(
     if tier_id not in segment.tier_ids:
         return Refused(Reason.TIER_NOT_ALLOWED, f"tier {tier_id} not offered to {segment.name}")
     fee_minor = _fee(tier, segment, policy)
-    if debt_minor + tier.amount_minor + fee_minor > segment.ceiling_minor:
+    if debt_minor + tier.amount_minor + fee_minor > ceiling_minor:
         return Refused(
             Reason.CEILING_REACHED,
             f"debt {debt_minor} + {tier.amount_minor} + fee {fee_minor} "
-            f"> ceiling {segment.ceiling_minor}",
+            f"> ceiling {ceiling_minor}",
         )
     return Granted(segment, tier, tier.amount_minor, fee_minor)
 
@@ -156,7 +164,7 @@ def offer(state: SubscriberState, policy: Policy, now: datetime) -> Offer:
         return Offer(
             False, refused.reason if refused else Reason.NO_SEGMENT, None, (), debt_minor, 0
         )
-    headroom_minor = max(segment.ceiling_minor - debt_minor, 0)
+    headroom_minor = max(ceiling_of(segment, state) - debt_minor, 0)
     tiers = []
     for tier in _allowed_tiers(segment, policy):
         fee_minor = _fee(tier, segment, policy)

@@ -60,6 +60,9 @@ class SubscriberState:
     ads_opt_out: bool = False
     language: str = "en"
     balance_minor: int | None = None  # main balance when known (e.g. from the IN)
+    # His limit from behaviour (core/limits.py) when that policy is on; the decision
+    # lends up to min(segment ceiling, limit_minor).
+    limit_minor: int | None = None
 
     @property
     def debt_minor(self) -> int:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from extrabalance.core.limits import LimitPolicy
+
 
 @dataclass(frozen=True, slots=True)
 class Currency:
@@ -110,3 +112,4 @@ class Policy:
     eligibility: EligibilityPolicy
     recovery: RecoveryPolicy
     auto_advance_tier_id: int | None = None  # tier granted inside an out-of-balance CCR
+    limits: LimitPolicy | None = None  # limits from behaviour (core/limits.py); None: off

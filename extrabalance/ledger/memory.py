@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from extrabalance.core import journal, sagas
+from extrabalance.core.limits import LimitState
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
 from extrabalance.core.payback import Recovery
 from extrabalance.core.sagas import (
@@ -107,6 +108,7 @@ class _Tables:
     journal: list[_Line] = field(default_factory=list)
     idempotency: dict[str, tuple[str, str]] = field(default_factory=dict)  # → (json, at)
     audit: list[dict[str, Any]] = field(default_factory=list)
+    limits: dict[str, tuple[LimitState, str]] = field(default_factory=dict)  # → (state, at)
     ads_sent: dict[str, tuple[str, str, str, str, str | None]] = field(default_factory=dict)
     campaigns: dict[str, CampaignRow] = field(default_factory=dict)
     # (campaign_id, msisdn) → (state, reason, updated_at)
@@ -225,6 +227,13 @@ class MemoryLedgerTx:
     def learned_route(self, msisdn: str) -> str | None:
         sub = self._t.subscribers.get(msisdn)
         return sub.learned_in_node if sub else None
+
+    def limit_state(self, msisdn: str) -> LimitState:
+        kept = self._t.limits.get(msisdn)
+        return kept[0] if kept else LimitState()
+
+    def put_limit_state(self, msisdn: str, state: LimitState, now: datetime) -> None:
+        self._w().limits[msisdn] = (state, ts(now))
 
     def set_preferences(
         self,

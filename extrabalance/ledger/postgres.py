@@ -203,6 +203,8 @@ class PostgresLedgerTx:
     learn_route = _by_msisdn(store.learn_route)
     learned_route = _by_msisdn(store.learned_route)
     set_preferences = _by_msisdn(store.set_preferences)
+    limit_state = _by_msisdn(store.limit_state)
+    put_limit_state = _by_msisdn(store.put_limit_state)
     set_bar = _by_msisdn(store.set_bar)
     audit = _by_msisdn(store.audit)
 

@@ -38,6 +38,8 @@ class SqliteLedgerTx(sqlite3.Connection):
     learn_route = store.learn_route
     learned_route = store.learned_route
     set_preferences = store.set_preferences
+    limit_state = store.limit_state
+    put_limit_state = store.put_limit_state
     set_bar = store.set_bar
     audit = store.audit
     # idempotency

@@ -37,6 +37,7 @@ from datetime import datetime
 from typing import Any
 
 from extrabalance.core import journal, sagas
+from extrabalance.core.limits import LimitState
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
 from extrabalance.core.payback import Recovery
 from extrabalance.core.sagas import (
@@ -253,6 +254,42 @@ def learned_route(conn: sqlite3.Connection, msisdn: str) -> str | None:
         "SELECT learned_in_node FROM subscribers WHERE msisdn = ?", (msisdn,)
     ).fetchone()
     return row[0] if row else None
+
+
+def limit_state(conn: sqlite3.Connection, msisdn: str) -> LimitState:
+    """What his limit from behaviour is computed from (empty for a new subscriber)."""
+    row = conn.execute(
+        "SELECT recharge_days, adjust_bp, on_time_paybacks, late_paybacks, partial_paybacks"
+        " FROM subscriber_limits WHERE msisdn = ?",
+        (msisdn,),
+    ).fetchone()
+    if row is None:
+        return LimitState()
+    days = tuple((int(d), int(a)) for d, a in json.loads(row[0]))
+    return LimitState(days, row[1], row[2], row[3], row[4])
+
+
+def put_limit_state(
+    conn: sqlite3.Connection, msisdn: str, state: LimitState, now: datetime
+) -> None:
+    """Store his limit state (after a recharge or a payback, in the same unit)."""
+    conn.execute(
+        "INSERT INTO subscriber_limits (msisdn, recharge_days, adjust_bp, on_time_paybacks,"
+        " late_paybacks, partial_paybacks, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (msisdn) DO UPDATE SET recharge_days = excluded.recharge_days,"
+        " adjust_bp = excluded.adjust_bp, on_time_paybacks = excluded.on_time_paybacks,"
+        " late_paybacks = excluded.late_paybacks, partial_paybacks = excluded.partial_paybacks,"
+        " updated_at = excluded.updated_at",
+        (
+            msisdn,
+            json.dumps([list(p) for p in state.recharge_days], separators=(",", ":")),
+            state.adjust_bp,
+            state.on_time_paybacks,
+            state.late_paybacks,
+            state.partial_paybacks,
+            ts(now),
+        ),
+    )
 
 
 def set_preferences(

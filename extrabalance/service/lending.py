@@ -34,11 +34,13 @@ from enum import Enum
 import structlog
 
 from extrabalance.core.lending import BorrowRequest, Channel, Granted, Offer, decide, offer
+from extrabalance.core.limits import Limit
 from extrabalance.core.model import SubscriberState
 from extrabalance.core.policy import Policy
 from extrabalance.core.reasons import Reason
 from extrabalance.ledger import Ledger, store
 from extrabalance.service.ads import AdTrigger, Advertiser
+from extrabalance.service.limits import current_limit, limit_edr, with_limit
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
     DIAMETER_CREDIT_LIMIT_REACHED,
@@ -271,6 +273,7 @@ class _Intent:
     in_node: str
     amount_minor: int
     language: str
+    limit: Limit | None = None  # his limit from behaviour, for the EDR
 
 
 class LendingService:
@@ -377,6 +380,7 @@ class LendingService:
                 static_node = await self._probe_route(msisdn, now)
             above = await self._balance_above_limit(msisdn, static_node, channel)
             languages: list[str] = []  # the subscriber's, once read (spares a refusal a read)
+            limits: list[Limit] = []  # his limit from behaviour, when that policy is on
 
             def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
                 prior = store.idempotent_get(conn, key)
@@ -401,6 +405,8 @@ class LendingService:
                 state = loaded.state
                 if above is not None:  # the IN says: more than the limit left
                     state = replace(state, balance_minor=above)
+                state, limit = with_limit(conn, state, self.policy, now)  # type: ignore[arg-type]
+                limits.extend([limit] if limit else [])
                 decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy, now)
                 if not isinstance(decision, Granted):
                     refused = BorrowOutcome(
@@ -425,7 +431,8 @@ class LendingService:
                     now=now,
                     subscriber_known=loaded.known,
                 )
-                return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language)
+                return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language,
+                               limits[0] if limits else None)
 
             step = await self.ledger.write(record_intent)
             if isinstance(step, BorrowOutcome):
@@ -436,6 +443,7 @@ class LendingService:
                         reason=_v(step.reason),
                         channel=channel,
                         tier_id=tier_id,
+                        **limit_edr(limits[0] if limits else None),
                     )
                     if channel != "auto":
                         language = languages[0] if languages else await self._language(msisdn)
@@ -475,7 +483,7 @@ class LendingService:
             except Exception as exc:
                 log.error("loan_settlement_lost", loan_id=step.loan_id, error=repr(exc))
                 raise
-        self._emit_loan(msisdn, outcome, channel, result)
+        self._emit_loan(msisdn, outcome, channel, result, step.limit)
         if outcome.status is BorrowStatus.PENDING and self.follow_up is not None:
             self.follow_up("loan", step.loan_id, msisdn)
         await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
@@ -485,7 +493,12 @@ class LendingService:
         return outcome
 
     def _emit_loan(
-        self, msisdn: str, outcome: BorrowOutcome, channel: str, result: InResult
+        self,
+        msisdn: str,
+        outcome: BorrowOutcome,
+        channel: str,
+        result: InResult,
+        limit: Limit | None = None,
     ) -> None:
         if outcome.status is BorrowStatus.GRANTED:
             self.events.emit(
@@ -497,6 +510,7 @@ class LendingService:
                 fee_minor=outcome.fee_minor,
                 debt_after_minor=outcome.debt_minor,
                 channel=channel,
+                **limit_edr(limit),
             )
         elif outcome.status is BorrowStatus.REFUSED:
             self.events.emit(
@@ -534,11 +548,17 @@ class LendingService:
         """The subscriber's status and his menu of tiers, from one read (a USSD dialog
         opens with both)."""
         await self.locks.settled(msisdn, SETTLED_READ_WAIT_S)
-        loaded = await self.ledger.read_point(
-            lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
-        )
+        now = self.clock()
+
+        def read(conn: sqlite3.Connection) -> tuple[store.LoadedSubscriber, Limit | None]:
+            loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+            return loaded, current_limit(conn, loaded.state, self.policy, now)  # type: ignore[arg-type]
+
+        loaded, limit = await self.ledger.read_point(read)
         s = loaded.state
-        quote = offer(s, self.policy, self.clock())
+        if limit is not None:
+            s = replace(s, limit_minor=limit.limit_minor)
+        quote = offer(s, self.policy, now)
         barred_reason = quote.reason if quote.reason in BARRED_REASONS else None
         return SubscriberStatus(
             msisdn=msisdn,
@@ -552,6 +572,7 @@ class LendingService:
             ads_opt_out=s.ads_opt_out,
             language=s.language,
             in_node=loaded.learned_in_node or self.router.static_route(msisdn),
+            limit=limit,
         ), quote
 
     async def set_preferences(
@@ -681,9 +702,8 @@ class LendingService:
                     )
                 if loaded.learned_in_node != origin_host:
                     store.learn_route(conn, msisdn, origin_host, now)
-                decision = decide(
-                    BorrowRequest(msisdn, None, "auto"), loaded.state, self.policy, now
-                )
+                state, _limit = with_limit(conn, loaded.state, self.policy, now)  # type: ignore[arg-type]
+                decision = decide(BorrowRequest(msisdn, None, "auto"), state, self.policy, now)
                 if isinstance(decision, Granted):
                     if deadline_monotonic is not None and time.monotonic() > deadline_monotonic:
                         return AdvanceOutcome(DIAMETER_TOO_BUSY, None, Reason.IN_UNAVAILABLE), None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from extrabalance.core.limits import Limit
 from extrabalance.core.model import OpenLoan
 from extrabalance.core.reasons import Reason
 
@@ -140,3 +141,4 @@ class SubscriberStatus:
     ads_opt_out: bool
     language: str
     in_node: str | None
+    limit: Limit | None = None  # his limit from behaviour, when that policy is on

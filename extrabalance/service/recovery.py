@@ -21,6 +21,7 @@ from extrabalance.core import sagas
 from extrabalance.core.payback import allocate_payback, split
 from extrabalance.core.policy import Policy
 from extrabalance.service.lending import Clock, call_in_with_resends, safe_notify
+from extrabalance.service.limits import note_payback, note_recharge
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
     DIAMETER_CREDIT_LIMIT_REACHED,
@@ -104,6 +105,8 @@ def settle_debit(
             f"recovery {rec.recovery_id}: IN debited {debited_minor}, owed {owed}"
         )
     tx.apply_recovery(rec, split(loans, debited_minor, policy.recovery, owed), now)
+    if debited_minor > 0:
+        note_payback(tx, rec.msisdn, loans, owed - debited_minor, policy, now)
     return owed - debited_minor
 
 
@@ -201,6 +204,7 @@ class PaybackService:
                 loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 if loaded.learned_in_node != event.in_node:  # write the row only on a change
                     tx.learn_route(msisdn, event.in_node, now)
+                note_recharge(tx, msisdn, event.amount_minor, self.policy, now)
                 debt = loaded.state.debt_minor
                 if debt == 0:
                     return done(PaybackOutcome(PaybackStatus.NOTHING_OWED))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MONEY_PARAMS = frozenset(
-    {"amount", "fee", "debt", "total", "recovered", "headroom", "ceiling", "balance"}
+    {"amount", "fee", "debt", "total", "recovered", "headroom", "ceiling", "balance", "limit"}
 )
 
 

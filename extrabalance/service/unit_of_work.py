@@ -48,6 +48,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:  # row types only: the services never import the SQL modules
+    from extrabalance.core.limits import LimitState
     from extrabalance.core.model import OpenLoan, SubscriberProfile
     from extrabalance.core.payback import Recovery
     from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, CampaignRow
@@ -85,6 +86,16 @@ class LedgerTx(Protocol):
         ads_opt_out: bool | None = None,
         language: str | None = None,
     ) -> None: ...
+    def limit_state(self, msisdn: str) -> LimitState:
+        """What his limit from behaviour is computed from (`core.limits`); empty for a
+        subscriber never seen."""
+        ...
+
+    def put_limit_state(self, msisdn: str, state: LimitState, now: datetime) -> None:
+        """Keep his limit state; written in the unit of the recharge or payback that
+        changed it."""
+        ...
+
     def set_bar(
         self, msisdn: str, barred: bool, reason: str | None, who: str, now: datetime
     ) -> None:

@@ -465,6 +465,14 @@ class UssdDialogs:
                 "ads": off if _attr(status, "ads_opt_out") else on,
             },
         )
+        limit = _attr(status, "limit")
+        if limit is not None and self._t.has("account_limit", lang):
+            # Limits from behaviour: his limit and why, above the screen when it fits.
+            why_key = f"limit_{limit.reason.value}"
+            why = self._t.render(why_key, lang) if self._t.has(why_key, lang) else ""
+            line = self._t.render("account_limit", lang, {"limit": limit.limit_minor, "why": why})
+            if screen_capacity(f"{line}\n{text}") >= 0:
+                text = f"{line}\n{text}"
         if saved:
             text = f"{self._t.render('settings_saved', lang)}\n{text}"
             if screen_capacity(text) < 0:

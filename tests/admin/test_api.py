@@ -80,6 +80,7 @@ async def test_subscriber_view(played):
     assert body["route"]["in_node"] == "in-a.operator.example"
     assert body["route"]["static_in_node"] == "in-a.operator.example"
     assert {"journal", "audit", "recoveries", "debt_minor"} <= set(body)
+    assert body["limit"] is None  # limits from behaviour are off in the demo's config
 
 
 async def test_subscriber_unknown_is_404_and_bad_msisdn_400(played):

@@ -370,3 +370,28 @@ async def test_arabic_menu_pages_are_filled_to_the_ucs2_limit(dialogs, lending):
         fuller = "\n".join([title, *lines[1:-1], following.text.splitlines()[1], lines[-1]])
         assert screen_capacity(fuller) < 0
     assert len(pages) <= 6  # tier 8 no longer takes seven "99"
+
+
+async def test_account_shows_the_limit_from_behaviour_and_why(dialogs, lending, monkeypatch):
+    from types import SimpleNamespace
+
+    from extrabalance.core.limits import Limit, LimitReason
+
+    limit = Limit(2000, LimitReason.RECHARGES, 4000, 2000, 0)
+    plain = lending.overview
+
+    async def overview(msisdn):
+        state, quote = await plain(msisdn)
+        shown = {f: getattr(state, f) for f in ("auto_advance_opt_in", "ads_opt_out", "language")}
+        return SimpleNamespace(**shown, limit=limit), quote
+
+    monkeypatch.setattr(lending, "overview", overview)
+    await dial(dialogs, "*123#")
+    account = await reply(dialogs, "0")
+    assert account.text.startswith("Your limit: 20.00 EGP (from your recharges)\nYou owe")
+    assert fits(account)
+    # The Arabic screen (UCS-2, 80 characters) has no room left: the line is left out
+    # rather than the screen cut; the headroom shown already follows the limit.
+    arabic = await reply(dialogs, "3")
+    assert arabic.text.startswith("الدين ") and "حدك" not in arabic.text
+    assert fits(arabic)

@@ -12,6 +12,7 @@ import pytest
 
 from extrabalance import cli
 from extrabalance.core import sagas
+from extrabalance.core.limits import LimitState
 from extrabalance.core.model import SubscriberProfile
 from extrabalance.ledger import Ledger
 from tests.ledger.test_unit_of_work_contract import NOW, _loan
@@ -38,6 +39,8 @@ async def _embedded_ledger(path: Path) -> dict[str, int]:
                     tx.apply_recovery(tx.get_recovery(rec), _split(tx, m, 500), NOW)
                 if n % 5 == 0:
                     tx.record_ad(m, "out_of_balance", "ad_oob", NOW)
+                if n % 4 == 0:
+                    tx.put_limit_state(m, LimitState(((20500, 100 * n),), 500, 1, 0, 0), NOW)
             _loan(tx, "201001299999", state=sagas.CREDITING, key="ussd:pending")
             campaign = tx.create_campaign("ad_campaign", None, "ops", NOW)
             tx.add_recipients(campaign, ["201001200001", "201001200002"], NOW)

@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from extrabalance.core.limits import LimitState
 from extrabalance.core.model import SubscriberProfile
 from extrabalance.ledger import ads_store, db, store
 from extrabalance.ledger import ledger as ledger_module
@@ -173,6 +174,10 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
             c, [("fee_income", 1)], msisdn=M1, memo="unbalanced", now=h.clock()))
     await h.lending.quote(M1)
     await h.lending.status(M1)
+    # Limits from behaviour (off in this policy): the state's write and read.
+    kept = LimitState(((20000, 500),), 1000, 1, 0, 0)
+    await h.ledger.write(lambda c: store.put_limit_state(c, M1, kept, h.clock()))
+    assert await h.ledger.read(lambda c: store.limit_state(c, M1)) == kept
     await h.ledger.learned_route(M1)
     # Advances: one confirmed, one whose confirmation the IN refuses.
     await h.lending.set_preferences(M3, auto_advance=True, ads_opt_out=False, language="ar")

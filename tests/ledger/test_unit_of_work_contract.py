@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from extrabalance.core import sagas
+from extrabalance.core.limits import LimitState
 from extrabalance.core.model import SubscriberProfile
 from extrabalance.core.payback import Recovery, RecoveryPart, split
 from extrabalance.core.policy import PaybackOrder, RecoveryPolicy
@@ -100,6 +101,25 @@ async def test_subscriber_profile_preferences_route_and_bar(uow: UnitOfWork) -> 
     await uow.write(lambda tx: tx.set_bar(M1, False, "cleared", "ops", NOW))
     assert not (await uow.read(lambda tx: tx.load_subscriber(M1))).state.barred_manual
     assert await uow.read(lambda tx: tx.load_ad_subscriber(M2)) is None
+
+
+async def test_limit_state_kept_replaced_and_rolled_back(uow: UnitOfWork) -> None:
+    assert await uow.read(lambda tx: tx.limit_state(M1)) == LimitState()
+    kept = LimitState(((20513, 5000), (20514, 250)), 1000, 2, 1, 3)
+    await uow.write(lambda tx: tx.put_limit_state(M1, kept, NOW))
+    assert await uow.read_point(lambda tx: tx.limit_state(M1)) == kept
+    assert await uow.read(lambda tx: tx.limit_state(M2)) == LimitState()
+    newer = LimitState(((20514, 900),), -500, 2, 1, 4)
+    await uow.write(lambda tx: tx.put_limit_state(M1, newer, NOW))
+    assert await uow.read(lambda tx: tx.limit_state(M1)) == newer
+
+    def fails(tx: LedgerTx) -> None:
+        tx.put_limit_state(M1, LimitState(), NOW)
+        raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        await uow.write(fails)
+    assert await uow.read(lambda tx: tx.limit_state(M1)) == newer
 
 
 async def test_idempotency_first_outcome_wins_replace_and_purge(uow: UnitOfWork) -> None:
