@@ -123,6 +123,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
                           use_ledger=not args.no_ledger)
 
 
+def _cmd_policy_backtest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from extrabalance.backtest import BacktestError, backtest, ledger_profiles, render
+    from extrabalance.config import load_settings
+
+    current = load_settings(args.current).policy()
+    new = load_settings(args.config).policy()
+    try:
+        profiles = ledger_profiles(Path(args.ledger)) if args.ledger else None
+        result = backtest(Path(args.edrs), current, new, profiles)
+    except (BacktestError, OSError) as exc:
+        print(f"policy backtest: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
 def _cmd_backup(args: argparse.Namespace) -> int:
     from extrabalance.admin_cli import backup_command
 
@@ -321,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=int, default=5000, help="rows per transaction")
     m.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     m.set_defaults(func=_cmd_ledger_migrate)
+    p = sub.add_parser("policy", help="lending policy tools: replay past EDRs under a new policy")
+    policy = p.add_subparsers(dest="policy_command", required=True)
+    b = policy.add_parser(
+        "backtest", help="lent, fees, recovery and bad debt: recorded, current and new policy",
+        description="Replays the EDR files of a directory under the current and a new "
+                    "config's lending policy (docs/lending.md \"Backtest\").")
+    b.add_argument("--edrs", required=True, metavar="DIR", help="directory of edr-*.csv files")
+    b.add_argument("--config", required=True, metavar="NEW.toml", help="the policy to try")
+    b.add_argument("--current", default=None, metavar="TOML",
+                   help="the policy that ran (default: the node's config)")
+    b.add_argument("--ledger", default=None, metavar="SQLITE_PATH",
+                   help="embedded ledger to read the subscribers' profiles from (read-only)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_policy_backtest)
     p = sub.add_parser("backup", help="online, integrity-checked copy of the ledger")
     p.add_argument("dest", help="file to write (never overwritten)")
     p.add_argument("--config", default=None, help="TOML config file")

@@ -34,13 +34,13 @@ log = structlog.get_logger(__name__)
 EDR_FIELDS = (
     "time", "node", "kind", "msisdn", "channel", "tier_id", "amount_minor", "fee_minor",
     "recovered_minor", "debt_after_minor", "reason", "loan_id", "recovery_id", "event_id",
-    "in_node", "template", "detail",
+    "in_node", "template", "detail", "limit_minor", "limit_reason",
 )
 # Every kind of business event the services emit (a test reads the sources to keep
 # this list whole); docs/operations.md says what each means.
 EDR_KINDS = frozenset({
     "loan", "refusal", "loan_pending", "advance", "advance_confirmed", "advance_reversed",
-    "payback", "payback_pending", "ad_sent", "ad_suppressed", "bar", "unbar", "write_off",
+    "payback", "payback_pending", "recharge", "ad_sent", "ad_suppressed", "bar", "unbar", "write_off",
     "adjustment", "review",
 })
 EDR_BUFFER_MAX = 1000  # lines held before a flush is forced

@@ -46,6 +46,8 @@ from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
 if TYPE_CHECKING:
     from extrabalance.ledger.store import RecoveryRow
 
+_NO_DEBIT = frozenset({PaybackStatus.NOTHING_OWED, PaybackStatus.DEFERRED,
+                       PaybackStatus.NOTHING_RECOVERABLE})
 RECOVERY_ATTEMPTS_MAX = 3  # DIRECT_DEBITING attempts per recharge (amount halves each time)
 
 
@@ -60,6 +62,7 @@ class _Intent:
     in_node: str
     language: str
     event_id: str = ""  # the recharge's, for the EDR
+    recharge_minor: int = 0  # the recharge's amount, for the EDR (the backtest replays it)
 
 
 def settle_recovery_done(
@@ -230,11 +233,17 @@ class PaybackService:
                     requested_minor=plan.total_minor,
                 )
                 return _Intent(recovery_id, plan.total_minor, event.in_node,
-                               loaded.state.language, event.event_id)
+                               loaded.state.language, event.event_id, event.amount_minor)
 
             step = await self.ledger.write(record_intent)
             self.router.learn(msisdn, event.in_node)
             if isinstance(step, PaybackOutcome):
+                if not step.replayed and step.status in _NO_DEBIT:
+                    # A recharge with no payback line: recorded all the same, so the
+                    # policy backtest knows every recharge (limits from behaviour).
+                    self.events.emit("recharge", msisdn=msisdn, amount_minor=event.amount_minor,
+                                     reason=step.status.value, event_id=event.event_id,
+                                     in_node=event.in_node)
                 return step
             return await self._debit(msisdn, step, session_id)
 
@@ -263,6 +272,7 @@ class PaybackService:
                     full=outcome.debt_minor == 0,
                     event_id=step.event_id,
                     in_node=step.in_node,
+                    amount_minor=step.recharge_minor,
                 )
                 await safe_notify(self.notifier, payback_notice(msisdn, outcome, step.language))
                 return outcome
@@ -311,6 +321,7 @@ class PaybackService:
                     result_code=result.result_code,
                     event_id=step.event_id,
                     in_node=step.in_node,
+                    amount_minor=step.recharge_minor,
                 )
                 return outcome
             attempt += 1
