@@ -30,7 +30,8 @@ TREE = _walk(cli.build_parser())
 GROUPS = {(): ["demo", "run", "bench", "sim", "phone", "backup"],
           ("bench",): ["codecs", "ledger", "e2e", "recharge"],
           ("sim",): ["in", "smsc"],
-          ("ledger",): ["migrate"]}
+          ("ledger",): ["migrate"],
+          ("policy",): ["backtest"]}
 LEAVES = [p for p in TREE if p not in GROUPS]
 
 # One bad input per command, and the text the error must name.
@@ -55,6 +56,8 @@ BAD_INPUT: dict[tuple[str, ...], tuple[list[str], str]] = {
     ("campaign",): (["--limit", "abc"], "abc"),
     ("report",): (["--date", "yesterday"], "yesterday"),
     ("backup",): (["/nonexistent/dir/copy.db"], "/nonexistent/dir"),
+    ("policy", "backtest"): (["--edrs", "/nonexistent/edr", "--config", "/nonexistent/new.toml"],
+                             "/nonexistent/new.toml"),
     ("ledger", "migrate"): (["--from", "/nonexistent/l.db", "--to", "postgresql://eb@127.0.0.1/x"],
                             "/nonexistent/l.db"),
 }
