@@ -52,11 +52,13 @@ SCREEN_TIMEOUT_S = 30.0
 SMS_TIMEOUT_S = 30.0
 # A USSD loan at the protocol minimum (SMPP 3.4 §4.4, §4.6; RFC 4006 §5.2):
 # 3 deliver_sm + 3 deliver_sm_resp (dial, tier, confirm), 3 submit_sm + 3 submit_sm_resp
-# (menu, confirmation screen, final screen), 1 submit_sm + 1 resp (the SMS), and a
-# delivery receipt with its resp: 16 PDUs. Diameter: one CCR/CCA to credit the account
-# (REFUND_ACCOUNT), plus the balance check the eligibility rules ask for: 4 messages.
-# Ledger: the loan written pending, then settled: 2 writes.
-PROTOCOL_MINIMUM = {"smpp_pdus": 16, "diameter_messages": 4, "ledger_writes": 2}
+# (menu, confirmation screen, final screen), 1 submit_sm + 1 resp (the SMS): 14 PDUs
+# (16 when the SMS asks for a delivery receipt; the node does not). Diameter: one CCR/CCA
+# to credit the account (REFUND_ACCOUNT), plus the balance check the eligibility rules
+# ask for: 4 messages. Ledger: the loan written pending, then settled: 2 writes (2
+# fdatasync). Sockets: one send per message out, about one receive per message in.
+PROTOCOL_MINIMUM = {"smpp_pdus": 14, "diameter_messages": 4, "ledger_writes": 2,
+                    "node_socket_sends": 9, "node_socket_receives": 9}
 LAYERS = ("smpp", "diameter", "adapters", "service", "ledger", "core", "node", "asyncio",
           "logging", "prometheus", "simulators", "bench", "other")
 OWNERS = ("node", "simulators", "loop", "bench")
@@ -524,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-anatomy-") as tmp:
             asyncio.run(_plain_run(args.loans, args.concurrency, Path(tmp)))
         return 0
-    with tempfile.TemporaryDirectory(prefix="bench-anatomy-") as tmp:
+    # The node's own log lines go to stderr, so stdout is the report alone.
+    with tempfile.TemporaryDirectory(prefix="bench-anatomy-") as tmp, \
+            contextlib.redirect_stdout(sys.stderr):
         result = asyncio.run(measure(args.loans, args.concurrency, Path(tmp)))
     if args.strace:
         result["strace"] = strace_per_loan(args.loans, args.concurrency)
