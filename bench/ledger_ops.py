@@ -6,7 +6,9 @@ transaction on one connection with `synchronous=OFF`. Prints JSON with the lowes
 
 For an A/B of two checkouts on one machine, run this file against each in turn:
 `cd CHECKOUT && PYTHONPATH=. python PATH/TO/bench/ledger_ops.py` (it uses only
-functions both sides have).
+functions both sides have). `--outbox` adds what the services write since the
+transactional outbox: one outbox row per settlement (the loan's and the payback's
+SMS); give it on the side that has the outbox.
 """
 
 from __future__ import annotations
@@ -45,7 +47,14 @@ def _batched(conn: Any, count: int, op: Callable[[int], None]) -> float:
     return time.process_time() - started
 
 
-def one_run(loans: int) -> tuple[float, float]:
+def put_message(conn: Any, msisdn: str, template: str, params: dict[str, int]) -> None:
+    from extrabalance.ledger.outbox_store import outbox_put  # not on checkouts before it
+
+    outbox_put(conn, msisdn=msisdn, template=template, params=params, kind="sms",
+               language="en", now=NOW)
+
+
+def one_run(loans: int, outbox: bool = False) -> tuple[float, float]:
     """(CPU µs per loan, CPU µs per payback) over `loans` subscribers."""
     with tempfile.TemporaryDirectory() as work:
         conn = connect(os.path.join(work, "ledger.db"), synchronous="OFF")
@@ -66,7 +75,11 @@ def one_run(loans: int) -> tuple[float, float]:
                 session_id=f"s{i}",
                 now=NOW,
             )
-            settle_borrow(conn, loan_id, InResult(InOutcome.DONE, 2001, 1000), NOW)
+            settled = settle_borrow(conn, loan_id, InResult(InOutcome.DONE, 2001, 1000), NOW)
+            if outbox:
+                put_message(conn, msisdns[i], "loan_granted", {
+                    "amount": settled.amount_minor or 0, "fee": settled.fee_minor or 0,
+                    "debt": settled.debt_minor})
 
         def pay_back(i: int) -> None:
             recovery_id = store.insert_recovery(
@@ -80,9 +93,12 @@ def one_run(loans: int) -> tuple[float, float]:
                 session_id=f"d{i}",
                 requested_minor=600,
             )
-            settle_recovery_done(
+            paid = settle_recovery_done(
                 conn, recovery_id, InResult(InOutcome.DONE, 2001, 600), POLICY, NOW
             )
+            if outbox:
+                put_message(conn, msisdns[i], "payback_partial",
+                            {"recovered": paid.recovered_minor, "debt": paid.debt_minor})
 
         lent_s = _batched(conn, loans, lend)
         paid_s = _batched(conn, loans, pay_back)
@@ -95,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loans", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--outbox", action="store_true",
+                        help="also write each settlement's outbox row (the SMS)")
     args = parser.parse_args(argv)
-    runs = [one_run(args.loans) for _ in range(args.repeat)]
+    runs = [one_run(args.loans, args.outbox) for _ in range(args.repeat)]
     print(
         json.dumps(
             {
                 "loans": args.loans,
                 "repeat": args.repeat,
+                "outbox": args.outbox,
                 "cpu_us_per_loan_min": round(min(r[0] for r in runs), 1),
                 "cpu_us_per_payback_min": round(min(r[1] for r in runs), 1),
             }

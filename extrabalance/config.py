@@ -325,6 +325,10 @@ class SmppSection(_Model):
     # Ask the SMSC for a delivery receipt of every SMS (registered_delivery 1); each
     # receipt is a deliver_sm the node answers and matches to what it sent.
     delivery_receipts: bool = True
+    # Opt-in: put 16 bits of each outbox message's id in the submit_sm's
+    # user_message_reference TLV (SMPP 3.4 §5.3.2.17), the same on every attempt, so
+    # an SMSC that keeps it can recognise a message the node sent twice.
+    outbox_reference_tlv: bool = False
     binds: list[BindSection] = []
 
 

@@ -46,6 +46,7 @@ from extrabalance.service.ads import AdTrigger, Advertiser, rules_from_settings
 from extrabalance.service.campaign import CampaignService
 from extrabalance.service.lending import LendingService
 from extrabalance.service.locks import SubscriberLocks
+from extrabalance.service.outbox import OutboxSender
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.resolver import Resolver
@@ -149,13 +150,16 @@ class Node:
         # The services need a notifier before the SMPP channel (which needs the lending
         # service) exists: a forwarder breaks the cycle.
         notifier = _LateNotifier()
-        self.lending = LendingService(self.ledger, self.in_port, notifier, self.events,
+        # Messages that report money go through the outbox: written with the money,
+        # sent in the background (never awaited before a CCA, a screen or a PUBACK).
+        self.outbox = OutboxSender(self.ledger, notifier, utc_now, monotonic=clock.monotonic)
+        self.lending = LendingService(self.ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common,
                                       advance_confirmation_nodes=confirming_ins)
         self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
-        self.payback = PaybackService(self.ledger, self.in_port, notifier, self.events,
+        self.payback = PaybackService(self.ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common)
-        self.resolver = Resolver(self.ledger, self.in_port, notifier, self.events, self.policy,
+        self.resolver = Resolver(self.ledger, self.in_port, self.outbox, self.events, self.policy,
                                  utc_now, **common, advance_confirmation_nodes=confirming_ins)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
@@ -181,6 +185,7 @@ class Node:
             delivery_receipts=s.smpp.delivery_receipts,
             sms_repeat_window_s=s.smpp.sms_repeat_window_s,
             its_sequence=self._its_sequence,
+            outbox_reference_tlv=s.smpp.outbox_reference_tlv,
         )
         notifier.target = self.channel
         self.gy = GyServer(
@@ -320,6 +325,7 @@ class Node:
         # so the listeners open at once.
         self.ports.diameter = await self.diameter.listen(s.diameter.listen_host, s.diameter.listen_port)
         await self.esme.start()
+        self.outbox.start()  # what the last run committed and did not send goes first
         self._tasks = [
             asyncio.create_task(self.recharges.run(), name="recharge-listener"),
             asyncio.create_task(self.resolver.run_forever(), name="resolver"),
@@ -369,6 +375,10 @@ class Node:
                     await self.ads.prune()
                 except Exception:
                     log.exception("ads_prune_failed")
+                try:
+                    await self.outbox.prune()
+                except Exception:
+                    log.exception("outbox_prune_failed")
 
     # -- configuration reload ------------------------------------------------------------
 
@@ -449,6 +459,11 @@ class Node:
             # Left CONFIRMING for the resolver of the next start: nothing is lost.
             self.lending.abandon_confirmations()
         self.resolver.abandon_follow_ups()  # their operations stay pending for the next run
+        # Messages due now get a bounded chance to leave; the rest stay in the outbox
+        # and are sent after the next start.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.outbox.drain(), DRAIN_WAIT_S)
+        await self.outbox.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -48,6 +48,12 @@ SMS_RECENT_MAX = 100_000  # loan requests remembered for that window
 SCREENS_TRACKED_MAX = 100_000  # open dialogs whose latest screen is known
 
 
+
+def outbox_reference(outbox_id: str) -> int:
+    """The 16 bits of an outbox id sent as user_message_reference: its last four hex
+    digits (random bits of the id), the same on every attempt of one message."""
+    return int(outbox_id[-4:], 16)
+
 class SmppChannel:
     def __init__(
         self,
@@ -70,6 +76,7 @@ class SmppChannel:
         sms_repeat_window_s: float = SMS_REPEAT_WINDOW_S,
         its_sequence: Callable[[str], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        outbox_reference_tlv: bool = False,
     ) -> None:
         if inbound_tasks_max < 1:
             raise ValueError("inbound_tasks_max must be at least 1")
@@ -81,6 +88,7 @@ class SmppChannel:
         self._submit = submit
         self._send_sms = send_sms
         self._delivery_receipts = delivery_receipts
+        self._outbox_reference_tlv = outbox_reference_tlv
         self._short_code = short_code
         self._ussd_source = ussd_code
         self._service_type = ussd_service_type
@@ -329,19 +337,32 @@ class SmppChannel:
     # -- outbound (the service layer's Notifier) --------------------------------
 
     async def notify(self, notice: Notice) -> None:
+        """Render and submit. A notice from the outbox (`outbox_id` set) raises when
+        the SMSC did not take it, so the outbox sender retries it; the log line names
+        the outbox id on every attempt (and, opt-in, so does user_message_reference)."""
         if notice.kind == "ad" and self._ads_gate is not None and not await self._ads_gate(notice):
             return
         text = self._t.render(notice.template, notice.language, notice.params)
-        await self._send(notice.msisdn, text, template=notice.template)
+        await self._send(notice.msisdn, text, template=notice.template,
+                         outbox_id=notice.outbox_id)
 
-    async def _send(self, msisdn: str, text: str, *, template: str) -> None:
+    async def _send(self, msisdn: str, text: str, *, template: str,
+                    outbox_id: str | None = None) -> None:
+        extra: dict[str, Any] = {}
+        if outbox_id is not None and self._outbox_reference_tlv:
+            extra["user_message_reference"] = outbox_reference(outbox_id)
         try:
             results = await self._send_sms(self._short_code, msisdn, text,
-                                           registered_delivery=self._delivery_receipts)
-        except Exception as exc:  # noqa: BLE001 - one subscriber's message never stops the channel
+                                           registered_delivery=self._delivery_receipts, **extra)
+        except Exception as exc:
             self.stats["sms_failed"] += 1
-            log.warning("sms_submit_failed", msisdn=msisdn, template=template, error=str(exc))
+            log.warning("sms_submit_failed", msisdn=msisdn, template=template, error=str(exc),
+                        outbox_id=outbox_id)
+            if outbox_id is not None:
+                raise
             return
+        if outbox_id is not None:
+            log.info("sms_submitted", template=template, outbox_id=outbox_id)
         self.stats["sms_out"] += 1
         for result in results or ():
             message_id = getattr(result, "message_id", None)

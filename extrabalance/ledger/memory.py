@@ -41,6 +41,7 @@ from extrabalance.core.sagas import (
 )
 from extrabalance.ledger import ads_store
 from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, CampaignRow, utc_ts
+from extrabalance.ledger.outbox_store import OutboxRow
 from extrabalance.ledger.store import (
     ACCOUNTS,
     IDEMPOTENCY_KEPT_PREFIX,
@@ -113,6 +114,8 @@ class _Tables:
     campaigns: dict[str, CampaignRow] = field(default_factory=dict)
     # (campaign_id, msisdn) → (state, reason, updated_at)
     recipients: dict[tuple[str, str], tuple[str, str | None, str]] = field(default_factory=dict)
+    # outbox_id → [row, next_attempt_at text, sent_at text or None]
+    outbox: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class MemoryLedgerTx:
@@ -856,6 +859,55 @@ class MemoryLedgerTx:
         else:
             t.campaigns[campaign_id] = replace(row, suppressed=row.suppressed + 1)
         return True
+
+    # -- outbox --------------------------------------------------------------------------
+
+    def outbox_put(
+        self,
+        *,
+        msisdn: str,
+        template: str,
+        params: Mapping[str, str | int],
+        kind: str,
+        language: str,
+        now: datetime,
+    ) -> str:
+        outbox_id = new_id()
+        # Stored as the SQL adapter reads it back: params through JSON, time in UTC.
+        row = OutboxRow(outbox_id, msisdn, template, json.loads(json.dumps(dict(params))),
+                        kind, language, now, 0)
+        self._w().outbox[outbox_id] = [row, utc_ts(now), None]
+        return outbox_id
+
+    def outbox_due(self, now: datetime, limit: int) -> list[OutboxRow]:
+        at = utc_ts(now)
+        due = sorted(
+            ((entry[1], oid) for oid, entry in self._t.outbox.items()
+             if entry[2] is None and entry[1] <= at)
+        )
+        return [self._t.outbox[oid][0] for _, oid in due[:limit]]
+
+    def outbox_retry_later(self, outbox_id: str, at: datetime) -> None:
+        entry = self._w().outbox.get(outbox_id)
+        if entry is not None and entry[2] is None:
+            entry[0] = replace(entry[0], attempts=entry[0].attempts + 1)
+            entry[1] = utc_ts(at)
+
+    def outbox_mark_sent(self, outbox_id: str, now: datetime) -> bool:
+        entry = self._w().outbox.get(outbox_id)
+        if entry is None or entry[2] is not None:
+            return False
+        entry[0] = replace(entry[0], attempts=entry[0].attempts + 1)
+        entry[2] = utc_ts(now)
+        return True
+
+    def outbox_prune(self, before: datetime, limit: int) -> int:
+        t = self._w()
+        at = utc_ts(before)
+        old = sorted((e[2], oid) for oid, e in t.outbox.items() if e[2] is not None and e[2] < at)
+        for _, oid in old[:limit]:
+            del t.outbox[oid]
+        return len(old[:limit])
 
 
 class MemoryUnitOfWork:

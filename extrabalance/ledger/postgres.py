@@ -48,7 +48,7 @@ from psycopg_pool import ConnectionPool
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.model import SubscriberProfile
-from extrabalance.ledger import ads_store, db, store
+from extrabalance.ledger import ads_store, db, outbox_store, store
 
 if TYPE_CHECKING:
     from extrabalance.service.unit_of_work import LedgerTx
@@ -278,6 +278,12 @@ class PostgresLedgerTx:
     set_campaign_state = _op(ads_store.set_campaign_state)
     pending_recipients = _op(ads_store.pending_recipients)
     settle_recipient = _op(ads_store.settle_recipient)
+    # outbox (rows of their own: the money they report took the subscriber's lock)
+    outbox_put = _op(outbox_store.outbox_put)
+    outbox_due = _op(outbox_store.outbox_due)
+    outbox_retry_later = _op(outbox_store.outbox_retry_later)
+    outbox_mark_sent = _op(outbox_store.outbox_mark_sent)
+    outbox_prune = _op(outbox_store.outbox_prune)
 
 
 # -- the unit of work ------------------------------------------------------------------

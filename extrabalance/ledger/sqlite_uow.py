@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING
 
-from extrabalance.ledger import ads_store, store
+from extrabalance.ledger import ads_store, outbox_store, store
 
 if TYPE_CHECKING:
     from extrabalance.ledger.ledger import Ledger
@@ -86,6 +86,12 @@ class SqliteLedgerTx(sqlite3.Connection):
     set_campaign_state = ads_store.set_campaign_state
     pending_recipients = ads_store.pending_recipients
     settle_recipient = ads_store.settle_recipient
+    # outbox
+    outbox_put = outbox_store.outbox_put
+    outbox_due = outbox_store.outbox_due
+    outbox_retry_later = outbox_store.outbox_retry_later
+    outbox_mark_sent = outbox_store.outbox_mark_sent
+    outbox_prune = outbox_store.outbox_prune
 
 
 if TYPE_CHECKING:  # mypy holds the adapter to the port

@@ -63,6 +63,7 @@ from extrabalance.service.ports import (
     InPort,
     InResult,
     Notice,
+    NoticeOutbox,
     Notifier,
 )
 from extrabalance.service.routing import RouteProber, Router
@@ -281,7 +282,7 @@ class LendingService:
         self,
         ledger: Ledger,
         in_port: InPort,
-        notifier: Notifier,
+        notifier: NoticeOutbox,
         events: EventSink,
         policy: Policy,
         router: Router,
@@ -379,7 +380,6 @@ class LendingService:
             if static_node is None and self.prober is not None:
                 static_node = await self._probe_route(msisdn, now)
             above = await self._balance_above_limit(msisdn, static_node, channel)
-            languages: list[str] = []  # the subscriber's, once read (spares a refusal a read)
             limits: list[Limit] = []  # his limit from behaviour, when that policy is on
 
             def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
@@ -392,7 +392,6 @@ class LendingService:
                         outcome_of_loan(loan, store.debt_owed(conn, msisdn)), replayed=True
                     )
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
-                languages.append(loaded.state.language)
                 in_node = loaded.learned_in_node or static_node
                 if in_node is None:
                     refused = BorrowOutcome(
@@ -401,6 +400,8 @@ class LendingService:
                         debt_minor=loaded.state.debt_minor,
                     )
                     store.idempotent_put(conn, key, refused.to_json(), now)
+                    if channel != "auto":
+                        self.notifier.put(conn, loan_notice(refused, msisdn, loaded.state.language), now)
                     return refused
                 state = loaded.state
                 if above is not None:  # the IN says: more than the limit left
@@ -416,6 +417,8 @@ class LendingService:
                         debt_minor=loaded.state.debt_minor,
                     )
                     store.idempotent_put(conn, key, refused.to_json(), now)
+                    if channel != "auto":
+                        self.notifier.put(conn, loan_notice(refused, msisdn, loaded.state.language), now)
                     return refused
                 loan_id = store.insert_loan(
                     conn,
@@ -446,8 +449,7 @@ class LendingService:
                         **limit_edr(limits[0] if limits else None),
                     )
                     if channel != "auto":
-                        language = languages[0] if languages else await self._language(msisdn)
-                        await safe_notify(self.notifier, loan_notice(step, msisdn, language))
+                        self.notifier.wake()
                 return step
 
             return await self._credit(msisdn, channel, step, session_id, answer)
@@ -470,7 +472,10 @@ class LendingService:
         now = self.clock()
 
         def settle(conn: sqlite3.Connection) -> BorrowOutcome:
-            return settle_borrow(conn, step.loan_id, result, now)
+            settled = settle_borrow(conn, step.loan_id, result, now)
+            # The message that reports it, in the same commit (sent after, never awaited).
+            self.notifier.put(conn, loan_notice(settled, msisdn, step.language), now)
+            return settled
 
         if answer is None:
             outcome = await self.ledger.write(settle)
@@ -486,7 +491,7 @@ class LendingService:
         self._emit_loan(msisdn, outcome, channel, result, step.limit)
         if outcome.status is BorrowStatus.PENDING and self.follow_up is not None:
             self.follow_up("loan", step.loan_id, msisdn)
-        await safe_notify(self.notifier, loan_notice(outcome, msisdn, step.language))
+        self.notifier.wake()
         if self.ads is not None and outcome.status is BorrowStatus.GRANTED:  # issue 7
             total_minor = (outcome.amount_minor or 0) + (outcome.fee_minor or 0)
             self.ads.fire_after_loan(msisdn, outcome.debt_minor - total_minor, outcome.debt_minor)
@@ -725,6 +730,15 @@ class LendingService:
                     loan = store.get_loan(conn, loan_id)
                     if loan is not None:
                         granted.append(loan)
+                    debt_minor = loaded.state.debt_minor + decision.amount_minor + decision.fee_minor
+                    self.notifier.put(conn, Notice(
+                        msisdn,
+                        "advance_granted",
+                        {"amount": decision.amount_minor, "fee": decision.fee_minor,
+                         "debt": debt_minor},
+                        "sms",
+                        loaded.state.language,
+                    ), now)
                     return done(
                         AdvanceOutcome(DIAMETER_SUCCESS, decision.amount_minor, None, loan_id),
                         loaded.state,
@@ -822,16 +836,7 @@ class LendingService:
                 requested_minor=requested_minor,
                 channel="auto",
             )
-            await safe_notify(
-                self.notifier,
-                Notice(
-                    msisdn,
-                    "advance_granted",
-                    {"amount": loan.principal_minor, "fee": loan.fee_minor, "debt": debt_minor},
-                    "sms",
-                    state.language,
-                ),
-            )
+            self.notifier.wake()  # the advance_granted SMS, written with the advance
             if self.ads is not None:  # issue 7: debt-limit ad
                 self.ads.fire_after_loan(msisdn, state.debt_minor, debt_minor)
             return

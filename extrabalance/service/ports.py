@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum, IntEnum
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from extrabalance.service.unit_of_work import LedgerTx
 
 
 class InAction(IntEnum):
@@ -75,12 +79,26 @@ class Notice:
     params: Mapping[str, str | int]
     kind: NoticeKind = "sms"
     language: str = "en"  # the subscriber's language preference
+    # Set when the notice comes from the outbox: the same id on every attempt, so the
+    # SMSC (user_message_reference) and the EDR can recognise a message sent twice.
+    outbox_id: str | None = None
 
 
 class Notifier(Protocol):
     async def notify(self, notice: Notice) -> None:
-        """Render and submit; must not raise on SMSC trouble."""
+        """Render and submit. Raises when the SMSC did not take the message (the
+        outbox sender retries it); callers outside the outbox log and go on."""
         ...
+
+
+class NoticeOutbox(Protocol):
+    """Where a use case leaves the messages that report money: `put` inside the unit
+    of work that moves the money (the message exists if and only if the money was
+    committed), `wake` once that unit is committed. Sending happens later, in the
+    background (`service/outbox.py`); nothing that answers the network waits for it."""
+
+    def put(self, tx: LedgerTx, notice: Notice, now: datetime) -> str: ...
+    def wake(self) -> None: ...
 
 
 class EventSink(Protocol):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from extrabalance.core import sagas
 from extrabalance.core.payback import allocate_payback, split
 from extrabalance.core.policy import Policy
-from extrabalance.service.lending import Clock, call_in_with_resends, safe_notify
+from extrabalance.service.lending import Clock, call_in_with_resends
 from extrabalance.service.limits import note_payback, note_recharge
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
@@ -37,7 +37,7 @@ from extrabalance.service.ports import (
     InPort,
     InResult,
     Notice,
-    Notifier,
+    NoticeOutbox,
     RechargeEvent,
 )
 from extrabalance.service.routing import Router
@@ -156,7 +156,7 @@ class PaybackService:
         self,
         ledger: UnitOfWork,
         in_port: InPort,
-        notifier: Notifier,
+        notifier: NoticeOutbox,
         events: EventSink,
         policy: Policy,
         router: Router,
@@ -254,15 +254,17 @@ class PaybackService:
             op = InOperation(InAction.DIRECT_DEBITING, msisdn, step.in_node, requested, session_id)
             result = await call_in_with_resends(self.in_port, op)
             if result.outcome is InOutcome.DONE:
-                outcome = await self.ledger.write(
-                    partial(
-                        settle_recovery_done,
-                        recovery_id=step.recovery_id,
-                        result=result,
-                        policy=self.policy,
-                        now=self.clock(),
-                    )
-                )
+                now = self.clock()
+
+                def settle(
+                    tx: LedgerTx, result: InResult = result, now: datetime = now
+                ) -> PaybackOutcome:
+                    settled = settle_recovery_done(tx, step.recovery_id, result, self.policy, now)
+                    # The message that reports it, in the same commit (sent after).
+                    self.notifier.put(tx, payback_notice(msisdn, settled, step.language), now)
+                    return settled
+
+                outcome = await self.ledger.write(settle)
                 self.events.emit(
                     "payback",
                     msisdn=msisdn,
@@ -274,7 +276,7 @@ class PaybackService:
                     in_node=step.in_node,
                     amount_minor=step.recharge_minor,
                 )
-                await safe_notify(self.notifier, payback_notice(msisdn, outcome, step.language))
+                self.notifier.wake()
                 return outcome
             if result.outcome is InOutcome.UNKNOWN:
                 await self.ledger.write(

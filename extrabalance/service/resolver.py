@@ -39,11 +39,10 @@ from extrabalance.service.lending import (
     call_in,
     confirm_advance,
     loan_notice,
-    safe_notify,
     settle_borrow,
 )
 from extrabalance.service.locks import SubscriberLocks
-from extrabalance.service.outcomes import BorrowStatus
+from extrabalance.service.outcomes import BorrowOutcome, BorrowStatus, PaybackOutcome
 from extrabalance.service.ports import (
     EventSink,
     InAction,
@@ -51,7 +50,7 @@ from extrabalance.service.ports import (
     InOutcome,
     InPort,
     InResult,
-    Notifier,
+    NoticeOutbox,
 )
 from extrabalance.service.recovery import (
     payback_notice,
@@ -86,7 +85,7 @@ class Resolver:
         self,
         ledger: Ledger,
         in_port: InPort,
-        notifier: Notifier,
+        notifier: NoticeOutbox,
         events: EventSink,
         policy: Policy,
         clock: Clock,
@@ -186,11 +185,8 @@ class Resolver:
                 log.exception("resolver_run_failed")
             await asyncio.sleep(interval_s)
 
-    async def _language(self, msisdn: str) -> str:
-        loaded = await self.ledger.read(
-            lambda c: store.load_subscriber(c, msisdn, default_language=self.default_language)
-        )
-        return loaded.state.language
+    def _language_in(self, c: sqlite3.Connection, msisdn: str) -> str:
+        return store.load_subscriber(c, msisdn, default_language=self.default_language).state.language
 
     async def _unresolved(self, table: str, key: str, msisdn: str) -> str:
         flagged = await self.ledger.write(
@@ -265,9 +261,15 @@ class Resolver:
                         lambda c: store.settle_loan(c, loan_id, store.UNKNOWN, self.clock())
                     )
                 return await self._unresolved("loans", loan_id, msisdn)
-            outcome = await self.ledger.write(
-                lambda c: settle_borrow(c, loan_id, result, self.clock())
-            )
+            now = self.clock()
+
+            def settle(c: sqlite3.Connection) -> BorrowOutcome:
+                settled = settle_borrow(c, loan_id, result, now)
+                if loan.channel != "auto":  # the message that reports it, same commit
+                    self.notifier.put(c, loan_notice(settled, msisdn, self._language_in(c, msisdn)), now)
+                return settled
+
+            outcome = await self.ledger.write(settle)
             if outcome.status is BorrowStatus.GRANTED:
                 self.events.emit(
                     "loan",
@@ -290,9 +292,7 @@ class Resolver:
                     resolved=True,
                 )
             if loan.channel != "auto":
-                await safe_notify(
-                    self.notifier, loan_notice(outcome, msisdn, await self._language(msisdn))
-                )
+                self.notifier.wake()  # the loan_notice, written with the settlement
             return "settled"
 
     async def _resolve_recovery(self, recovery_id: str, msisdn: str) -> str:
@@ -312,11 +312,14 @@ class Resolver:
             )
             result = await call_in(self.in_port, op)
             if result.outcome is InOutcome.DONE:
-                outcome = await self.ledger.write(
-                    lambda c: settle_recovery_done(
-                        c, recovery_id, result, self.policy, self.clock()
-                    )
-                )
+                now = self.clock()
+
+                def settle_recovery(c: sqlite3.Connection) -> PaybackOutcome:
+                    settled = settle_recovery_done(c, recovery_id, result, self.policy, now)
+                    self.notifier.put(c, payback_notice(msisdn, settled, self._language_in(c, msisdn)), now)
+                    return settled
+
+                outcome = await self.ledger.write(settle_recovery)
                 self.events.emit(
                     "payback",
                     msisdn=msisdn,
@@ -328,9 +331,7 @@ class Resolver:
                     event_id=rec.event_id,
                     in_node=rec.in_node,
                 )
-                await safe_notify(
-                    self.notifier, payback_notice(msisdn, outcome, await self._language(msisdn))
-                )
+                self.notifier.wake()  # the payback_notice, written with the settlement
                 return "settled"
             if result.outcome is InOutcome.REFUSED:
                 await self.ledger.write(

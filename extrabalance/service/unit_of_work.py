@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # row types only: the services never import the SQL modules
     from extrabalance.core.model import OpenLoan, SubscriberProfile
     from extrabalance.core.payback import Recovery
     from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, CampaignRow
+    from extrabalance.ledger.outbox_store import OutboxRow
     from extrabalance.ledger.store import LoadedSubscriber, LoanRow, RecoveryRow
 
 T = TypeVar("T")
@@ -245,6 +246,32 @@ class LedgerTx(Protocol):
     def settle_recipient(
         self, campaign_id: str, msisdn: str, state: str, reason: str | None, now: datetime
     ) -> bool: ...
+
+    # -- outbox (messages to subscribers, sent after the commit) ------------------------
+    def outbox_put(
+        self,
+        *,
+        msisdn: str,
+        template: str,
+        params: Mapping[str, str | int],
+        kind: str,
+        language: str,
+        now: datetime,
+    ) -> str:
+        """Queue a message in this unit of work: it exists if and only if the money
+        it reports was committed. Returns its outbox id."""
+        ...
+
+    def outbox_due(self, now: datetime, limit: int) -> list[OutboxRow]:
+        """Unsent messages due at `now`, oldest first."""
+        ...
+
+    def outbox_retry_later(self, outbox_id: str, at: datetime) -> None: ...
+    def outbox_mark_sent(self, outbox_id: str, now: datetime) -> bool:
+        """Mark sent (False if it was already)."""
+        ...
+
+    def outbox_prune(self, before: datetime, limit: int) -> int: ...
 
 
 class UnitOfWork(Protocol):

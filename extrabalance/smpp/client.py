@@ -452,15 +452,20 @@ class Esme:
     async def send_sms(
         self, source_addr: str, dest_addr: str, text: str, *,
         registered_delivery: bool = True, use_message_payload: bool | None = None,
+        user_message_reference: int | None = None,
     ) -> list[SubmitResult]:
         """Submit `text` as one SMS or as UDH-concatenated parts (GSM 7-bit or UCS2
-        chosen per text); with use_message_payload, one submit_sm with message_payload."""
+        chosen per text); with use_message_payload, one submit_sm with message_payload.
+        `user_message_reference` (0..65535) goes on every part as that TLV."""
         self._sms_ref = (self._sms_ref + 1) & 0xFF
         payload_mode = self.use_message_payload if use_message_payload is None else use_message_payload
         segments = split_text(text, self._sms_ref, use_message_payload=payload_mode)
         s_ton, s_npi, d_ton, d_npi = self._addr
         if not source_addr.isdigit():
             s_ton, s_npi = 5, 0  # alphanumeric sender
+        reference: tuple[tuple[int, bytes], ...] = (
+            ((Tag.USER_MESSAGE_REFERENCE, user_message_reference.to_bytes(2, "big")),)
+            if user_message_reference is not None else ())
         results = []
         for seg in segments:
             pdu = SubmitSm(
@@ -469,8 +474,8 @@ class Esme:
                 esm_class=seg.esm_class, data_coding=seg.data_coding,
                 registered_delivery=1 if registered_delivery else 0,
                 short_message=seg.short_message,
-                tlvs=((Tag.MESSAGE_PAYLOAD, seg.message_payload),)
-                if seg.message_payload is not None else (),
+                tlvs=(((Tag.MESSAGE_PAYLOAD, seg.message_payload),)
+                      if seg.message_payload is not None else ()) + reference,
             )
             results.append(await self.submit(pdu))
         return results

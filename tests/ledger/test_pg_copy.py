@@ -41,6 +41,9 @@ async def _embedded_ledger(path: Path) -> dict[str, int]:
                     tx.record_ad(m, "out_of_balance", "ad_oob", NOW)
                 if n % 4 == 0:
                     tx.put_limit_state(m, LimitState(((20500, 100 * n),), 500, 1, 0, 0), NOW)
+                if n % 7 == 0:
+                    tx.outbox_put(msisdn=m, template="loan_granted", params={"amount": 1000},
+                                  kind="sms", language="en", now=NOW)
             _loan(tx, "201001299999", state=sagas.CREDITING, key="ussd:pending")
             campaign = tx.create_campaign("ad_campaign", None, "ops", NOW)
             tx.add_recipients(campaign, ["201001200001", "201001200002"], NOW)

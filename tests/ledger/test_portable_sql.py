@@ -40,7 +40,7 @@ import pytest
 
 from extrabalance.core.limits import LimitState
 from extrabalance.core.model import SubscriberProfile
-from extrabalance.ledger import ads_store, db, store
+from extrabalance.ledger import ads_store, db, outbox_store, store
 from extrabalance.ledger import ledger as ledger_module
 from extrabalance.ledger import profiles as profiles_module
 from extrabalance.ledger import writer as writer_module
@@ -216,6 +216,15 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     await h.ledger.read(lambda c: subscriber_view(c, M2))
     # Ads and campaigns.
     now = h.clock()
+
+    def outbox(conn: sqlite3.Connection) -> None:
+        # The services queued messages above (outbox_put); the sender's side:
+        for row in outbox_store.outbox_due(conn, now, 10):
+            outbox_store.outbox_retry_later(conn, row.outbox_id, now)
+            outbox_store.outbox_mark_sent(conn, row.outbox_id, now)
+        outbox_store.outbox_prune(conn, now + timedelta(days=2), 100)
+
+    await h.ledger.write(outbox)
 
     def ads(conn: sqlite3.Connection) -> None:
         ads_store.load_ad_subscriber(conn, M1)

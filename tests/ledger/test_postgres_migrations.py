@@ -46,7 +46,8 @@ def test_text_columns_order_as_bytes_like_sqlite() -> None:
             " FROM information_schema.columns WHERE table_schema = current_schema()"
             " AND collation_name IS NOT NULL").fetchall())
         for column in ("subscribers.msisdn", "loans.created_at", "idempotency.created_at",
-                       "ads_sent.sent_at", "journal.tx_id", "campaign_recipients.msisdn"):
+                       "ads_sent.sent_at", "journal.tx_id", "campaign_recipients.msisdn",
+                       "outbox.next_attempt_at", "outbox.sent_at"):
             assert collations.get(column) == "C", column
         by_name = {name: sql for _, name, sql in db.migrations(dialect="sqlite")}
         assert by_name["postgresql_text_order"] == ""  # PostgreSQL's own: not SQLite's

@@ -434,3 +434,36 @@ def test_every_port_operation_is_exercised_here() -> None:
     operations = [name for name in vars(LedgerTx) if not name.startswith("_")]
     assert len(operations) > 40
     assert [name for name in operations if f"tx.{name}(" not in source] == []
+
+
+async def test_outbox_rows_commit_with_their_unit_and_are_sent_once(uow: UnitOfWork) -> None:
+    def loan_and_message(tx: LedgerTx) -> str:
+        _loan(tx)
+        return tx.outbox_put(msisdn=M1, template="loan_granted",
+                             params={"amount": 1000, "fee": 100}, kind="sms",
+                             language="ar", now=NOW)
+
+    first = await uow.write(loan_and_message)
+
+    def rolled_back(tx: LedgerTx) -> None:
+        tx.outbox_put(msisdn=M2, template="loan_granted", params={}, kind="sms",
+                      language="en", now=NOW)
+        raise RuntimeError("the money was not committed")
+
+    with pytest.raises(RuntimeError):
+        await uow.write(rolled_back)
+    due = await uow.read(lambda tx: tx.outbox_due(NOW, 10))
+    assert [(r.outbox_id, r.msisdn, r.template, dict(r.params), r.language, r.attempts)
+            for r in due] == [(first, M1, "loan_granted", {"amount": 1000, "fee": 100}, "ar", 0)]
+    assert due[0].created_at == NOW
+
+    later = NOW + timedelta(seconds=30)
+    await uow.write(lambda tx: tx.outbox_retry_later(first, later))
+    assert await uow.read(lambda tx: tx.outbox_due(NOW, 10)) == []
+    (again,) = await uow.read(lambda tx: tx.outbox_due(later, 10))
+    assert again.attempts == 1
+    assert await uow.write(lambda tx: tx.outbox_mark_sent(first, later)) is True
+    assert await uow.write(lambda tx: tx.outbox_mark_sent(first, later)) is False
+    assert await uow.read(lambda tx: tx.outbox_due(later + timedelta(days=1), 10)) == []
+    assert await uow.write(lambda tx: tx.outbox_prune(later, 10)) == 0
+    assert await uow.write(lambda tx: tx.outbox_prune(later + timedelta(seconds=1), 10)) == 1

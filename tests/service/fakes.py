@@ -131,13 +131,39 @@ class FakeIn:
 
 @dataclass
 class FakeNotifier:
+    """The SMSC side (`notify`) and, for the service tests, the outbox too: `put`
+    writes the outbox row in the unit of work like the node's `OutboxSender` and
+    counts the notice as sent when the service wakes the outbox after its commit (no
+    background sender runs here; `sent` lists those and what was notified directly,
+    `delivered` what `notify` took). The sender itself is tested
+    over a real ledger in tests/service/test_outbox.py."""
+
     sent: list[Notice] = field(default_factory=list)
+    queued: list[Notice] = field(default_factory=list)  # put, not yet woken (committed)
+    delivered: list[Notice] = field(default_factory=list)
     broken: bool = False
+    wakes: int = 0
 
     async def notify(self, notice: Notice) -> None:
         if self.broken:
             raise ConnectionError("SMSC down")
-        self.sent.append(notice)
+        self.delivered.append(notice)
+        if notice.outbox_id is None:  # sent directly (bars, ads): queued and delivered
+            self.sent.append(notice)
+
+    def put(self, tx: Any, notice: Notice, now: datetime) -> str:
+        outbox_id: str = tx.outbox_put(msisdn=notice.msisdn, template=notice.template,
+                                       params=notice.params, kind=notice.kind,
+                                       language=notice.language, now=now)
+        self.queued.append(notice)
+        return outbox_id
+
+    def wake(self) -> None:
+        """The services wake the outbox once their unit is committed: what they
+        queued counts as sent from then on."""
+        self.wakes += 1
+        self.sent.extend(self.queued)
+        self.queued.clear()
 
     def templates(self, msisdn: str | None = None) -> list[str]:
         return [n.template for n in self.sent if msisdn is None or n.msisdn == msisdn]
