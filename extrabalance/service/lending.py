@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
+from typing import cast
 
 import structlog
 
@@ -67,8 +68,15 @@ from extrabalance.service.ports import (
     Notifier,
 )
 from extrabalance.service.routing import RouteProber, Router
+from extrabalance.service.unit_of_work import LedgerTx
 
 log = structlog.get_logger(__name__)
+
+
+def _tx(conn: sqlite3.Connection) -> LedgerTx:
+    """The ledger's connections are its `SqliteLedgerTx`: the port's transaction (this
+    service's own closures still take the connection until it moves onto the port)."""
+    return cast("LedgerTx", conn)
 
 # A menu asked for while an operation of the same subscriber is finishing (a loan
 # answered on USSD whose settlement is being made durable, a payback) waits this long
@@ -401,7 +409,7 @@ class LendingService:
                     )
                     store.idempotent_put(conn, key, refused.to_json(), now)
                     if channel != "auto":
-                        self.notifier.put(conn, loan_notice(refused, msisdn, loaded.state.language), now)
+                        self.notifier.put(_tx(conn), loan_notice(refused, msisdn, loaded.state.language), now)
                     return refused
                 state = loaded.state
                 if above is not None:  # the IN says: more than the limit left
@@ -418,7 +426,7 @@ class LendingService:
                     )
                     store.idempotent_put(conn, key, refused.to_json(), now)
                     if channel != "auto":
-                        self.notifier.put(conn, loan_notice(refused, msisdn, loaded.state.language), now)
+                        self.notifier.put(_tx(conn), loan_notice(refused, msisdn, loaded.state.language), now)
                     return refused
                 loan_id = store.insert_loan(
                     conn,
@@ -474,7 +482,7 @@ class LendingService:
         def settle(conn: sqlite3.Connection) -> BorrowOutcome:
             settled = settle_borrow(conn, step.loan_id, result, now)
             # The message that reports it, in the same commit (sent after, never awaited).
-            self.notifier.put(conn, loan_notice(settled, msisdn, step.language), now)
+            self.notifier.put(_tx(conn), loan_notice(settled, msisdn, step.language), now)
             return settled
 
         if answer is None:
@@ -731,7 +739,7 @@ class LendingService:
                     if loan is not None:
                         granted.append(loan)
                     debt_minor = loaded.state.debt_minor + decision.amount_minor + decision.fee_minor
-                    self.notifier.put(conn, Notice(
+                    self.notifier.put(_tx(conn), Notice(
                         msisdn,
                         "advance_granted",
                         {"amount": decision.amount_minor, "fee": decision.fee_minor,
