@@ -206,6 +206,11 @@ class DiameterSection(_Model):
     service_context_id: str = "extrabalance@3gpp.org"
     watchdog_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     request_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 2000
+    # RFC 6733 §5.6.4: one connection per IN peer, whichever side dialled it, so the
+    # node's requests also use the connection an IN dialled to it. Off by default: an
+    # IN that does not run the election itself has its second connection refused
+    # (docs/diameter.md "Known limits").
+    election: bool = False
     # Budget to answer the IN's out-of-balance CCR with an advance; keep it well under
     # the IN's Tx timer (RFC 4006 §13): an advance the IN never receives is never booked.
     advance_answer_deadline_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000

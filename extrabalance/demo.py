@@ -138,6 +138,7 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
             base.diameter.service_context_id,
             currency=base.node.currency,
             mqtt=MqttTarget("127.0.0.1", mqtt_port),
+            election=bool((overrides or {}).get("diameter", {}).get("election", False)),
         )
         in_ports = await in_sim.start()
         stack.push_async_callback(in_sim.close)

@@ -111,6 +111,7 @@ class Node:
             client_ssl_context=tls_dialer,
             watchdog_s=s.diameter.watchdog_s,
             request_timeout_ms=s.diameter.request_timeout_ms,
+            election=s.diameter.election,
             inbound_connections_max=s.diameter.inbound_connections_max,
             inbound_per_client_max=s.diameter.inbound_per_client_max,
         )

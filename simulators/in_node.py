@@ -581,6 +581,7 @@ class InSimulator:
         advance_confirmation: bool = False,
         oob_resends_max: int = OOB_RESENDS_MAX,
         reject_nonstandard: bool = False,
+        election: bool = False,
     ) -> None:
         specs = list(nodes)
         if not specs:
@@ -605,6 +606,8 @@ class InSimulator:
         # Answer what the node does outside the standards with an error instead of
         # only counting it (see "Strict by default" above).
         self.reject_nonstandard = reject_nonstandard
+        # RFC 6733 §5.6.4 with the node: one connection, whichever side dialled it.
+        self.election = election
         # (Session-Id, CC-Request-Number) → End-to-End id of the node's requests seen,
         # per IN node: a re-send must keep the id (RFC 6733 §3).
         self._seen_e2e: dict[str, OrderedDict[tuple[str, int], int]] = {
@@ -1094,6 +1097,7 @@ class InSimulator:
             reconnect_min_s=RECONNECT_MIN_S,
             reconnect_max_s=RECONNECT_MAX_S,
             rng=random.Random(self._rng.random()),
+            election=self.election,
         )
 
     def _add_node_peer(self, name: str, diameter: Any) -> None:
