@@ -189,6 +189,11 @@ class Metrics:
         # timeout_given_up, connect_failures, connections_lost, balance_checks_above_limit.
         self.smpp_events = Gauge("eb_smpp_gateway_events", "Gateway behaviour seen, since start",
                                  ["kind"], registry=r)
+        # Per Diameter peer, since start (docs/diameter.md "Peer warnings"):
+        # cea_unknown_peer, unexpected_origin_host, cer_unknown_peer, late_answer.
+        self.peer_warnings = Gauge("eb_diameter_peer_warnings",
+                                   "Diameter peer identity problems and late answers, since start",
+                                   ["peer", "kind"], registry=r)
 
 
 class EdrWriter:

@@ -38,6 +38,14 @@ one of our own out-of-balance Session-Ids (the confirmation extension), a T flag
 a request whose key we never received, a re-send of a key under another End-to-End
 id. A strict test asserts they stay zero.
 
+`reject_nonstandard=True` (`--reject-nonstandard`) refuses instead of only counting:
+a re-send of a key under another End-to-End id and a REFUND_ACCOUNT under one of our
+own Session-Ids are answered 5012 DIAMETER_UNABLE_TO_COMPLY (CCA grammar, with an
+Error-Message saying which rule) and neither executed nor stored, so a node that
+relies on either sees a refusal rather than a silent second credit. A T flag on the
+first copy of a key is still only counted: an IN cannot tell it from a re-send whose
+first copy was lost (RFC 6733 §5.5.4), and processes it.
+
 `advance_confirmation=True` (opt-in, docs/diameter.md "Advance confirmation
 extension"): the IN that the extension describes. The CCA's grant is an operation
 of the answer table under our CCR's key (recorded as a REFUND_ACCOUNT 2001) and
@@ -81,6 +89,7 @@ DIAMETER_TOO_BUSY = 3004
 DIAMETER_END_USER_SERVICE_DENIED = 4010
 DIAMETER_CREDIT_LIMIT_REACHED = 4012
 DIAMETER_USER_UNKNOWN = 5030
+DIAMETER_UNABLE_TO_COMPLY = 5012  # reject_nonstandard's refusal (RFC 6733 §7.1.5)
 
 # Answers that mean "not executed, re-send later": never stored as the first answer.
 NOT_EXECUTED_RESULTS = frozenset({DIAMETER_UNABLE_TO_DELIVER, DIAMETER_TOO_BUSY})
@@ -347,6 +356,13 @@ class InAccounts:
         )
         return True
 
+    def own_session_refund(self, op: BalanceOp) -> bool:
+        """A REFUND_ACCOUNT under one of our own out-of-balance Session-Ids (the
+        confirmation extension), from a node when this IN does not implement it. Our
+        own Session-Ids begin with our Origin-Host (RFC 6733 §8.8)."""
+        return (op.action is Action.REFUND_ACCOUNT and not self.confirmation_extension
+                and op.session_id.startswith(self.spec.origin_host + ";"))
+
     def first_answer(self, session_id: str, request_number: int) -> OpAnswer | None:
         entry = self._answers.get((session_id, request_number))
         return entry[1] if entry is not None else None
@@ -367,9 +383,7 @@ class InAccounts:
             return first[1], True
         if forced_result is not None and forced_result not in FORCEABLE_RESULTS:
             raise ValueError(f"result {forced_result} cannot be forced")
-        if (op.action is Action.REFUND_ACCOUNT and not self.confirmation_extension
-                and op.session_id.startswith(self.spec.origin_host + ";")):
-            # Our own Session-Ids begin with our Origin-Host (RFC 6733 §8.8).
+        if self.own_session_refund(op):
             self.stats["nonstandard_refund_own_session"] += 1
         if forced_result in NOT_EXECUTED_RESULTS:
             return OpAnswer(forced_result), False
@@ -566,6 +580,7 @@ class InSimulator:
         seed: int | None = None,
         advance_confirmation: bool = False,
         oob_resends_max: int = OOB_RESENDS_MAX,
+        reject_nonstandard: bool = False,
     ) -> None:
         specs = list(nodes)
         if not specs:
@@ -587,6 +602,9 @@ class InSimulator:
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.advance_confirmation = advance_confirmation
         self.oob_resends_max = oob_resends_max
+        # Answer what the node does outside the standards with an error instead of
+        # only counting it (see "Strict by default" above).
+        self.reject_nonstandard = reject_nonstandard
         # (Session-Id, CC-Request-Number) → End-to-End id of the node's requests seen,
         # per IN node: a re-send must keep the id (RFC 6733 §3).
         self._seen_e2e: dict[str, OrderedDict[tuple[str, int], int]] = {
@@ -790,7 +808,17 @@ class InSimulator:
         except codec.DiameterError as exc:
             stats[f"invalid_{exc.result_code}"] += 1
             return codec.error_answer(exc, spec.origin_host, spec.realm, request)
-        self._note_transmission(name, op, request)
+        nonstandard = self._note_transmission(name, op, request)
+        if self.reject_nonstandard:
+            accounts = self.accounts[name]
+            if nonstandard is None and accounts.own_session_refund(op):
+                accounts.stats["nonstandard_refund_own_session"] += 1
+                nonstandard = ("REFUND_ACCOUNT under a Session-Id of this IN's own: "
+                               "no confirmation extension here")
+            if nonstandard is not None:
+                # Neither executed nor stored: the same request is refused every time.
+                stats["rejected_nonstandard"] += 1
+                return self._error(request, spec, DIAMETER_UNABLE_TO_COMPLY, nonstandard)
         faults = self._faults[name]
         plan = plan_faults(faults, self._rng, op.msisdn)
         if ccr.destination_realm.lower() != spec.realm.lower():
@@ -822,9 +850,12 @@ class InSimulator:
             currency_exponent=self.currency_exponent,
         )
 
-    def _note_transmission(self, name: str, op: BalanceOp, request: Message) -> None:
+    def _note_transmission(self, name: str, op: BalanceOp, request: Message) -> str | None:
         """Count what RFC 6733 §3 / §5.5.4 forbid: a T flag on the first request of a
-        key we see, and a re-send of a key under another End-to-End id."""
+        key we see, and a re-send of a key under another End-to-End id. Returns why the
+        request is to be refused in reject_nonstandard mode (the changed End-to-End
+        id only: a T flag on the first copy we see cannot be told apart from a re-send
+        whose first copy was lost, so an IN processes it, and so do we)."""
         seen = self._seen_e2e[name]
         key = (op.session_id, op.request_number)
         first_e2e = seen.get(key)
@@ -836,6 +867,9 @@ class InSimulator:
                 seen.popitem(last=False)
         elif first_e2e != request.end_to_end_id:
             self.stats[name]["nonstandard_end_to_end_changed"] += 1
+            return (f"Session-Id and CC-Request-Number re-sent under End-to-End id "
+                    f"{request.end_to_end_id:#010x}, first seen under {first_e2e:#010x}")
+        return None
 
     def nonstandard(self) -> dict[str, int]:
         """Non-standard behaviour of the node seen so far, summed over the IN nodes
@@ -1241,6 +1275,10 @@ def build_in_parser() -> argparse.ArgumentParser:
                    help="opt-in: the IN of the advance confirmation extension (it keys a"
                         " CCA's grant and the node's confirmation as one operation); by"
                         " default the IN follows RFC 4006 alone")
+    p.add_argument("--reject-nonstandard", action="store_true",
+                   help="answer 5012 DIAMETER_UNABLE_TO_COMPLY (not executed) to a request"
+                        " re-sent under another End-to-End id and to a REFUND_ACCOUNT under"
+                        " one of this IN's own Session-Ids, instead of only counting them")
     # faults
     p.add_argument("--delay-ms", type=int, default=0, help="answer delay")
     p.add_argument("--drop", type=float, default=0.0, help="share of answers dropped (applied)")
@@ -1418,6 +1456,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         watchdog_s=args.watchdog_s,
         seed=args.seed,
         advance_confirmation=args.advance_confirmation,
+        reject_nonstandard=args.reject_nonstandard,
     )
     for msisdn, amount in parse_msisdn_map(args.balance).items():
         sim.set_balance(msisdn, amount)

@@ -48,16 +48,26 @@ from extrabalance.clock import SYSTEM_CLOCK
 
 from . import codec
 from .codec import DiameterError, Message
-from .constants import AVP_ORIGIN_HOST, DIAMETER_TOO_BUSY, DIAMETER_UNABLE_TO_COMPLY
+from .constants import (
+    AVP_ORIGIN_HOST,
+    AVP_RESULT_CODE,
+    DIAMETER_TOO_BUSY,
+    DIAMETER_UNABLE_TO_COMPLY,
+)
 from .peer import (
+    APPLICATION_RELAY,
     CAPABILITIES_TIMEOUT_S,
+    CEA_UNKNOWN_PEER,
+    CER_UNKNOWN_PEER,
     PENDING_MAX_DEFAULT,
+    UNEXPECTED_ORIGIN_HOST,
     AcceptResponder,
     AnswerReceived,
     CapabilitiesReceived,
     DropConnection,
     DuplicateCache,
     EndToEndIds,
+    LateAnswer,
     LinkState,
     LocalIdentity,
     MessageRejected,
@@ -113,6 +123,72 @@ class PeerAddress:
     host: str
     port: int
     origin_host: str | None = None  # expected Origin-Host in its CEA; None accepts any allowed
+
+
+LATE_ANSWER: Final = "late_answer"
+# What an operator should check, by kind of peer warning.
+WARNING_HINTS: Final[dict[str, str]] = {
+    CEA_UNKNOWN_PEER: "the peer does not know this node: check that it has our Origin-Host"
+                      " and Origin-Realm (and the address we dial from) configured as a peer",
+    UNEXPECTED_ORIGIN_HOST: "the peer at this address is not the one configured: check the"
+                            " configured address and Origin-Host of the peer, and the peer's"
+                            " own Origin-Host setting",
+    CER_UNKNOWN_PEER: "a peer that is not configured dialled us: add its Origin-Host to the"
+                      " configured peers if it should be one, or find who runs it",
+    LATE_ANSWER: "the peer answered after the request had timed out (its outcome was left to"
+                 " the re-send or the resolver): check the peer's load and the network, or"
+                 " raise the request timeout (diameter.request_timeout_ms)",
+}
+
+
+class PeerWarnings:
+    """Identity problems and late answers of a peer, logged at warning once per streak.
+
+    A streak of one kind for one peer ends when that peer does right again: it opens
+    (identity problems), or it answers ``STREAK_END_ANSWERS`` requests in a row in time
+    and from the expected Origin-Host (so a peer that is late every other answer is
+    one streak, not a line per answer). The next problem after that is logged again.
+    Every occurrence is counted (``counts``, exported as a metric)."""
+
+    STREAK_END_ANSWERS: Final = 100
+    # (peer, kind) pairs counted apart; an unknown peer names itself in its CER, so
+    # beyond this its warnings are counted (and logged) under OTHER_PEERS.
+    KEYS_MAX: Final = 256
+    OTHER_PEERS: Final = "(other peers)"
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self._streaks: dict[tuple[str, str], list[int]] = {}  # [occurrences, good since]
+
+    @property
+    def active(self) -> bool:
+        return bool(self._streaks)
+
+    def warn(self, peer: str, kind: str, detail: str) -> None:
+        key = (peer, kind)
+        if key not in self.counts and len(self.counts) >= self.KEYS_MAX:
+            key = (self.OTHER_PEERS, kind)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        streak = self._streaks.get(key)
+        if streak is not None:
+            streak[0] += 1
+            streak[1] = 0
+            return
+        self._streaks[key] = [1, 0]
+        log.warning("diameter peer %s: %s: %s; %s", peer, kind, detail, WARNING_HINTS[kind],
+                    extra={"peer": key[0], "kind": kind})
+
+    def good(self, peer: str, *kinds: str, at_once: bool = False) -> None:
+        """The peer did right for these kinds: a step towards the end of their streaks."""
+        for kind in kinds:
+            streak = self._streaks.get((peer, kind))
+            if streak is None:
+                continue
+            streak[1] += 1
+            if at_once or streak[1] >= self.STREAK_END_ANSWERS:
+                del self._streaks[(peer, kind)]
+                log.info("diameter peer %s: %s over after %d occurrences", peer, kind,
+                         streak[0], extra={"peer": peer, "kind": kind})
 
 
 class NoPeerAvailable(Exception):
@@ -260,6 +336,9 @@ class _Connection(asyncio.Protocol):
             self.node._release(self)
         log.info("diameter connection %s ended: %s", self.remote,
                  self.peer.close_reason or exc or "closed by peer")
+        if self.peer.identity_problem is not None:
+            kind, detail = self.peer.identity_problem
+            self.node.warnings.warn(self.peer_name, kind, f"{detail} ({self.remote})")
         self.peer.connection_lost(self.loop.time())
         self._process_events()
         if self._timer is not None:
@@ -271,6 +350,30 @@ class _Connection(asyncio.Protocol):
             self.opened.exception()  # mark retrieved: the link logs it
         if not self.closed.done():
             self.closed.set_result(None)
+
+    @property
+    def peer_name(self) -> str:
+        """The peer as the operator configured it (its Origin-Host, else its address),
+        or as it named itself when it dialled us unconfigured."""
+        link = self.link
+        if link is not None:
+            return link.address.origin_host or f"{link.address.host}:{link.address.port}"
+        return self.peer.peer_origin_host or self.remote
+
+    def _answer_origin(self, message: Message) -> None:
+        """An answer from another Origin-Host than the peer's is worth a warning unless
+        the peer is a relay (answers then come from the servers behind it)."""
+        origin = message.get(AVP_ORIGIN_HOST)
+        expected = self.peer.peer_origin_host
+        warnings = self.node.warnings
+        if origin == expected or expected is None \
+                or APPLICATION_RELAY in self.peer.peer_applications:
+            if warnings.active:
+                warnings.good(self.peer_name, LATE_ANSWER, UNEXPECTED_ORIGIN_HOST)
+            return
+        warnings.warn(self.peer_name, UNEXPECTED_ORIGIN_HOST,
+                      f"answer from {origin!r} on the connection to {expected!r} "
+                      f"({self.remote})")
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -316,6 +419,13 @@ class _Connection(asyncio.Protocol):
                 fut = ev.token  # type: ignore[union-attr]
                 if not fut.done():
                     fut.set_result(ev.message)  # type: ignore[union-attr]
+                self._answer_origin(ev.message)  # type: ignore[union-attr]
+            elif kind is LateAnswer:
+                msg = ev.message  # type: ignore[union-attr]
+                self.node.warnings.warn(
+                    self.peer_name, LATE_ANSWER,
+                    f"answer (End-to-End id {msg.end_to_end_id:#010x}, result "
+                    f"{msg.get(AVP_RESULT_CODE)}) matches no pending request ({self.remote})")
             elif kind is RequestReceived:
                 self._request_received(ev.message)  # type: ignore[union-attr]
             elif kind is RequestTimedOut:
@@ -328,6 +438,9 @@ class _Connection(asyncio.Protocol):
                                                       "remote": self.remote})
                 if not self.opened.done():
                     self.opened.set_result(None)
+                if self.node.warnings.active:
+                    self.node.warnings.good(self.peer_name, CEA_UNKNOWN_PEER,
+                                            UNEXPECTED_ORIGIN_HOST, at_once=True)
                 link = self.link
                 if link is not None and link.machine is not None \
                         and self.peer.role is Role.INITIATOR:
@@ -472,6 +585,7 @@ class DiameterNode:
         # Origin-Host (lower case) -> the links that expect it, for the election.
         self._links_by_host: dict[str, list[_Link]] = {}
         self._connections: set[_Connection] = set()
+        self.warnings = PeerWarnings()
         self._tasks: set[asyncio.Task[Any]] = set()
         # `is None`, not `or`: an empty cache is falsy, and a caller's own (such as a
         # cache that remembers nothing) must be kept.
@@ -727,6 +841,11 @@ class DiameterNode:
         raise RequestTimeout(f"{last_reason} after {sends} sends")
 
     # --- admin ------------------------------------------------------------------------
+
+    def peer_warnings(self) -> dict[tuple[str, str], int]:
+        """(peer, kind) -> occurrences since start: CEA 3010, unexpected Origin-Host,
+        CER from an unknown peer, late answers (exported as eb_diameter_peer_warnings)."""
+        return dict(self.warnings.counts)
 
     def peer_states(self) -> list[dict[str, Any]]:
         """One row per known peer connection or configured peer, for the admin page."""

@@ -332,8 +332,21 @@ class MessageRejected:
     answered: bool
 
 
+@dataclass(frozen=True, slots=True)
+class LateAnswer:
+    """An answer that matches no pending request: it came after its request timed out
+    or failed over (or twice); discarded (RFC 6733 §6.2)."""
+
+    message: Message
+
+
 Event = (PeerOpened | CapabilitiesReceived | PeerRecovered | PeerSuspect | PeerClosed | RequestReceived
-         | AnswerReceived | RequestTimedOut | RequestsFailedOver | MessageRejected)
+         | AnswerReceived | RequestTimedOut | RequestsFailedOver | MessageRejected | LateAnswer)
+
+# Kinds of PeerConnection.identity_problem: why capabilities exchange failed on who is who.
+CEA_UNKNOWN_PEER: Final = "cea_unknown_peer"  # the peer answered our CER with 3010
+UNEXPECTED_ORIGIN_HOST: Final = "unexpected_origin_host"  # CEA (or answer) from another host
+CER_UNKNOWN_PEER: Final = "cer_unknown_peer"  # a peer we do not know dialled us: 3010
 
 
 class PendingTableFull(Exception):
@@ -402,6 +415,8 @@ class PeerConnection:
         self.peer_applications: frozenset[int] = frozenset()
         self.peer_origin_state_id: int | None = None
         self.close_reason: str | None = None
+        # (kind, detail) when the exchange failed on who is who; for the adapter's warning.
+        self.identity_problem: tuple[str, str] | None = None
         self._reject: tuple[int, str] = (DIAMETER_UNABLE_TO_COMPLY, "")
         self._framer = Framer()
         self._out: list[bytes] = []
@@ -655,6 +670,8 @@ class PeerConnection:
         self.peer_origin_realm = msg.get(AVP_ORIGIN_REALM)
         self.peer_applications = _applications_of(msg)
         if self.allowed_peers is not None and host not in self.allowed_peers:
+            self.identity_problem = (
+                CER_UNKNOWN_PEER, f"CER from {host!r}, not a configured peer; answered 3010")
             return Ev.RCV_CER_UNKNOWN_PEER
         if not self._certificate_names(host):
             # 3010 and disconnect, as for a peer we do not know: this one is not who
@@ -680,12 +697,17 @@ class PeerConnection:
         self.peer_origin_state_id = state_id if isinstance(state_id, int) else None
         if result != DIAMETER_SUCCESS:
             self.close_reason = f"CEA result {result}"
+            if result == DIAMETER_UNKNOWN_PEER:
+                self.identity_problem = (
+                    CEA_UNKNOWN_PEER, f"CEA from {host!r}: 3010 DIAMETER_UNKNOWN_PEER (it does not know us)")
             return Ev.RCV_CEA_FAIL
         if self.expected_origin_host is not None and host != self.expected_origin_host:
             self.close_reason = f"CEA from {host!r}, expected {self.expected_origin_host!r}"
+            self.identity_problem = (UNEXPECTED_ORIGIN_HOST, self.close_reason)
             return Ev.RCV_CEA_FAIL
         if self.allowed_peers is not None and host not in self.allowed_peers:
             self.close_reason = f"CEA from unknown peer {host!r}"
+            self.identity_problem = (UNEXPECTED_ORIGIN_HOST, self.close_reason)
             return Ev.RCV_CEA_FAIL
         if not self._certificate_names(host):
             self.close_reason = (f"CEA Origin-Host {host!r} is not named by the peer's "
@@ -823,8 +845,7 @@ class PeerConnection:
         if entry is None or entry.message.end_to_end_id != msg.end_to_end_id \
                 or entry.message.command_code != msg.command_code:
             # Late (after a timeout or failover) or duplicate: discard (RFC 6733 §6.2).
-            self._events.append(MessageRejected(0, "answer matches no pending request",
-                                                answered=False))
+            self._events.append(LateAnswer(msg))
             return
         del self._pending[msg.hop_by_hop_id]
         self._events.append(AnswerReceived(entry.token, msg))

@@ -68,6 +68,7 @@ async def test_metrics_is_prometheus_text_with_fresh_outstanding_gauge(played):
     assert 'eb_smpp_gateway_events{kind="ussd_repeats"} 0.0' in text
     assert 'eb_smpp_gateway_events{kind="timeout_resends"} 0.0' in text
     assert 'eb_smpp_gateway_events{kind="balance_checks_above_limit"}' in text
+    assert "# TYPE eb_diameter_peer_warnings gauge" in text
 
 
 async def test_subscriber_view(played):
@@ -355,3 +356,11 @@ async def test_auto_advance_validates_its_body(played, body):
     reply = await call(port, "POST", f"/api/v1/subscribers/{A}/auto-advance", token=TOKEN,
                        body=body)
     assert reply.status == 400 and "error" in reply.json()
+
+
+async def test_peer_warnings_are_on_metrics_by_peer_and_kind(played):
+    env, _, port = played
+    env.node.diameter.warnings.warn("in-a.operator.example", "late_answer", "test")
+    text = (await call(port, "GET", "/metrics", token=TOKEN)).body.decode()
+    assert ('eb_diameter_peer_warnings{kind="late_answer",peer="in-a.operator.example"} 1.0'
+            in text)

@@ -185,3 +185,10 @@ def test_a_table_naming_a_state_that_does_not_exist_is_refused_at_import(
     monkeypatch.setattr(sagas, table, {**getattr(sagas, table), **entry})
     with pytest.raises(AssertionError):
         sagas._check_tables()
+
+
+def test_each_step_answers_the_state_its_table_names() -> None:
+    for (before, event), after in sagas.LOAN_TRANSITIONS.items():
+        assert sagas.loan_step(before, event, "L") == after
+    for (before, event), after in sagas.RECOVERY_TRANSITIONS.items():
+        assert sagas.recovery_step(before, event, "R") == after

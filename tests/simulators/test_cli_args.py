@@ -43,6 +43,8 @@ def test_parsers_accept_the_documented_flags() -> None:
          "--result-msisdn", "1000=5030", "--silent-watchdog", "--mqtt", "127.0.0.1:1883"]
     )
     assert args.drop == 0.1 and args.result == ["3004=0.2"] and args.silent_watchdog
+    assert not args.reject_nonstandard
+    assert build_in_parser().parse_args(["--reject-nonstandard"]).reject_nonstandard
     args = build_smsc_parser().parse_args(
         ["--port", "0", "--throttle", "0.5", "--dialog-id", "user_message_reference", "--receipts"]
     )

@@ -160,3 +160,45 @@ async def test_recharge_event_without_broker() -> None:
     assert s.balance(SUB) == 2700
     kinds = [(e.action, e.moved_minor) for e in s.applied()]
     assert kinds == [("RECHARGE", 2500), ("RECHARGE", 100)]
+
+
+async def test_reject_nonstandard_refuses_a_refund_under_the_ins_own_session() -> None:
+    own = "in-a.test;7;1"  # a Session-Id of the IN's own out-of-balance CCR
+    counted = sim()
+    assert (await ask(counted, ccr(gy.REFUND_ACCOUNT, 300, session=own))).result_code == 2001
+    assert counted.balance(SUB) == 300  # only counted: a second credit
+    strict = sim(reject_nonstandard=True)
+    for _ in range(2):  # refused every time, never stored as a first answer
+        refused = await ask(strict, ccr(gy.REFUND_ACCOUNT, 300, session=own))
+        assert refused is not None and refused.result_code == 5012 and not refused.is_error
+        assert refused.session_id == own and refused.request_number == 0
+    assert strict.balance(SUB) == 0 and strict.applied() == []
+    assert strict.stats["in-a"]["rejected_nonstandard"] == 2
+    assert strict.nonstandard()["nonstandard_refund_own_session"] == 2
+    # a refund under the node's own Session-Id is standard and applied
+    assert (await ask(strict, ccr(gy.REFUND_ACCOUNT, 300, session="eb;9;9"))).result_code == 2001
+
+
+async def test_reject_nonstandard_refuses_a_resend_under_another_end_to_end_id() -> None:
+    strict = sim(reject_nonstandard=True)
+    first = ccr(gy.REFUND_ACCOUNT, 500)
+    assert (await ask(strict, first)).result_code == 2001
+    same_ids = first._replace(hop_by_hop_id=first.hop_by_hop_id + 1, flags=first.flags | codec.FLAG_RETRANSMIT)
+    assert (await ask(strict, same_ids)).result_code == 2001  # a proper re-send
+    other_e2e = first._replace(end_to_end_id=first.end_to_end_id ^ 1, flags=first.flags | codec.FLAG_RETRANSMIT)
+    refused = await ask(strict, other_e2e)
+    assert refused is not None and refused.result_code == 5012
+    assert strict.balance(SUB) == 500
+    assert strict.nonstandard()["nonstandard_end_to_end_changed"] == 1
+    # without the mode the same re-send is only counted and gets the first answer
+    counted = sim()
+    await ask(counted, first)
+    assert (await ask(counted, other_e2e)).result_code == 2001
+    assert counted.nonstandard()["nonstandard_end_to_end_changed"] == 1
+
+
+async def test_reject_nonstandard_still_processes_a_t_flag_on_the_first_copy() -> None:
+    strict = sim(reject_nonstandard=True)
+    answer = await ask(strict, ccr(gy.REFUND_ACCOUNT, 200, retransmit=True))
+    assert answer is not None and answer.result_code == 2001 and strict.balance(SUB) == 200
+    assert strict.nonstandard()["nonstandard_t_flag_on_first_request"] == 1
