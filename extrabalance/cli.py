@@ -141,6 +141,13 @@ def _cmd_policy_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dnd(args: argparse.Namespace) -> int:
+    from extrabalance.config import load_settings
+    from extrabalance.dnd_cli import dnd_command
+
+    return dnd_command(load_settings(args.config), args.action, args.file, args.source, args.who)
+
+
 def _cmd_backup(args: argparse.Namespace) -> int:
     from extrabalance.admin_cli import backup_command
 
@@ -353,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded ledger to read the subscribers' profiles from (read-only)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_policy_backtest)
+    p = sub.add_parser("dnd", help="the do-not-disturb list: import a file of MSISDNs, or list it")
+    p.add_argument("action", choices=("import", "list"))
+    p.add_argument("file", nargs="?", default=None,
+                   help="import: CSV or text, one MSISDN per line (first column)")
+    p.add_argument("--source", default="file", help="kept with each listed MSISDN")
+    p.add_argument("--who", default="cli", help="operator name kept with each listed MSISDN")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.set_defaults(func=_cmd_dnd)
     p = sub.add_parser("backup", help="online, integrity-checked copy of the ledger")
     p.add_argument("dest", help="file to write (never overwritten)")
     p.add_argument("--config", default=None, help="TOML config file")

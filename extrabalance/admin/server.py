@@ -52,6 +52,8 @@ from extrabalance.config import (
     default_config_text,
 )
 from extrabalance.ledger.adjustments import ADJUSTMENT_KINDS, AdjustmentError, apply_write_down
+from extrabalance.ledger.ads_store import DND_PAGE_MAX
+from extrabalance.service.dnd import DoNotDisturb
 from extrabalance.service.limits import limit_view
 
 if TYPE_CHECKING:
@@ -105,6 +107,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/subscribers/{msisdn}/unbar", "unbar", ADMIN),
     Route("POST", "/api/v1/subscribers/{msisdn}/adjustments", "adjust", ADMIN),
     Route("POST", "/api/v1/subscribers/{msisdn}/auto-advance", "auto_advance", ADMIN),
+    Route("GET", "/api/v1/dnd", "dnd_list", ADMIN),
+    Route("POST", "/api/v1/dnd/{msisdn}", "dnd_add", ADMIN),
+    Route("POST", "/api/v1/dnd/{msisdn}/remove", "dnd_remove", ADMIN),
     Route("GET", "/api/v1/peers", "peers", ADMIN),
     Route("GET", "/api/v1/binds", "binds", ADMIN),
     Route("GET", "/api/v1/stats", "stats", ADMIN),
@@ -381,6 +386,39 @@ class AdminServer:
         log.info("admin_bar", msisdn=msisdn, who=who)
         return json_response(200, {"msisdn": msisdn, "barred": True, "reason": reason,
                                    "who": who})
+
+    # -- the do-not-disturb list (service/dnd.py) -----------------------------------
+
+    def _dnd(self) -> DoNotDisturb:
+        return DoNotDisturb(self.node.ledger, self.node.lending.clock)
+
+    async def h_dnd_list(self, request: Request) -> Response:
+        after = (request.head.query.get("after") or [""])[0]
+        if after and not MSISDN_RE.match(after):
+            raise HttpError(400, "after must be an MSISDN (1 to 15 digits)")
+        limit_text = (request.head.query.get("limit") or ["100"])[0]
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= DND_PAGE_MAX:
+            raise HttpError(400, f"limit must be 1 to {DND_PAGE_MAX}")
+        rows = await self._dnd().page(after, int(limit_text))
+        return json_response(200, {"entries": [
+            {"msisdn": m, "source": src, "added_by": by, "added_at": at}
+            for m, src, by, at in rows]})
+
+    async def h_dnd_add(self, request: Request, msisdn: str) -> Response:
+        return await self._dnd_change(request, msisdn, listed=True)
+
+    async def h_dnd_remove(self, request: Request, msisdn: str) -> Response:
+        return await self._dnd_change(request, msisdn, listed=False)
+
+    async def _dnd_change(self, request: Request, msisdn: str, *, listed: bool) -> Response:
+        body = self._object(request)
+        reason = self._text(body, "reason", required=True)
+        who = self._text(body, "who", required=True)
+        dnd = self._dnd()
+        changed = await (dnd.add if listed else dnd.remove)(msisdn, who, reason)
+        log.info("admin_dnd_add" if listed else "admin_dnd_remove", msisdn=msisdn, who=who)
+        return json_response(200, {"msisdn": msisdn, "listed": listed,
+                                   "added" if listed else "removed": changed})
 
     async def h_unbar(self, request: Request, msisdn: str) -> Response:
         body = self._object(request)

@@ -71,6 +71,49 @@ def load_ad_subscriber(conn: sqlite3.Connection, msisdn: str) -> AdSubscriberRow
     return AdSubscriberRow(profile, bool(row[3]), bool(row[4]), int(row[5]), row[6])
 
 
+# -- the do-not-disturb list --------------------------------------------------------
+
+DND_PAGE_MAX = 10_000  # rows per list page
+
+
+def dnd_listed(conn: sqlite3.Connection, msisdn: str) -> bool:
+    """True when `msisdn` is on the do-not-disturb list (one primary-key lookup)."""
+    return conn.execute(
+        "SELECT 1 FROM do_not_disturb WHERE msisdn = ?", (msisdn,)
+    ).fetchone() is not None
+
+
+def dnd_add(conn: sqlite3.Connection, msisdns: Iterable[str], source: str, who: str,
+            now: datetime) -> int:
+    """Put MSISDNs on the list; returns how many were not on it yet."""
+    added = 0
+    for msisdn in msisdns:
+        cur = conn.execute(
+            "INSERT INTO do_not_disturb (msisdn, source, added_by, added_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (msisdn) DO NOTHING",
+            (msisdn, source, who, utc_ts(now)),
+        )
+        added += max(int(cur.rowcount), 0)
+    return added
+
+
+def dnd_remove(conn: sqlite3.Connection, msisdn: str) -> bool:
+    """Take an MSISDN off the list; False when it was not on it."""
+    cur = conn.execute("DELETE FROM do_not_disturb WHERE msisdn = ?", (msisdn,))
+    return int(cur.rowcount) > 0
+
+
+def dnd_page(conn: sqlite3.Connection, after_msisdn: str, limit: int
+             ) -> list[tuple[str, str, str, str]]:
+    """(msisdn, source, added_by, added_at) after `after_msisdn`, in MSISDN order."""
+    rows = conn.execute(
+        "SELECT msisdn, source, added_by, added_at FROM do_not_disturb WHERE msisdn > ?"
+        " ORDER BY msisdn LIMIT ?",
+        (after_msisdn, min(max(limit, 0), DND_PAGE_MAX)),
+    ).fetchall()
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
 # -- what was sent -------------------------------------------------------------------
 
 

@@ -110,6 +110,7 @@ class _Tables:
     idempotency: dict[str, tuple[str, str]] = field(default_factory=dict)  # → (json, at)
     audit: list[dict[str, Any]] = field(default_factory=list)
     limits: dict[str, tuple[LimitState, str]] = field(default_factory=dict)  # → (state, at)
+    dnd: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # → (source, by, at)
     ads_sent: dict[str, tuple[str, str, str, str, str | None]] = field(default_factory=dict)
     campaigns: dict[str, CampaignRow] = field(default_factory=dict)
     # (campaign_id, msisdn) → (state, reason, updated_at)
@@ -237,6 +238,24 @@ class MemoryLedgerTx:
 
     def put_limit_state(self, msisdn: str, state: LimitState, now: datetime) -> None:
         self._w().limits[msisdn] = (state, ts(now))
+
+    def dnd_listed(self, msisdn: str) -> bool:
+        return msisdn in self._t.dnd
+
+    def dnd_add(self, msisdns: Iterable[str], source: str, who: str, now: datetime) -> int:
+        dnd, added = self._w().dnd, 0
+        for msisdn in msisdns:
+            if msisdn not in dnd:
+                dnd[msisdn] = (source, who, utc_ts(now))
+                added += 1
+        return added
+
+    def dnd_remove(self, msisdn: str) -> bool:
+        return self._w().dnd.pop(msisdn, None) is not None
+
+    def dnd_page(self, after_msisdn: str, limit: int) -> list[tuple[str, str, str, str]]:
+        rows = sorted((m, *v) for m, v in self._t.dnd.items() if m > after_msisdn)
+        return rows[: min(max(limit, 0), ads_store.DND_PAGE_MAX)]
 
     def set_preferences(
         self,

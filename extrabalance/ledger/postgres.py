@@ -268,6 +268,11 @@ class PostgresLedgerTx:
     recent_ads = _by_msisdn(ads_store.recent_ads)
     record_ad = _by_msisdn(ads_store.record_ad)
     prune_ads = _op(ads_store.prune_ads)
+    # the do-not-disturb list (its own table, keyed by MSISDN: no subscriber lock)
+    dnd_listed = _op(ads_store.dnd_listed)
+    dnd_add = _op(ads_store.dnd_add)
+    dnd_remove = _op(ads_store.dnd_remove)
+    dnd_page = _op(ads_store.dnd_page)
     # campaigns
     audience_chunk = _op(ads_store.audience_chunk)
     create_campaign = _op(ads_store.create_campaign)

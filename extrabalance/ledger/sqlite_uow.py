@@ -76,6 +76,11 @@ class SqliteLedgerTx(sqlite3.Connection):
     recent_ads = ads_store.recent_ads
     record_ad = ads_store.record_ad
     prune_ads = ads_store.prune_ads
+    # the do-not-disturb list
+    dnd_listed = ads_store.dnd_listed
+    dnd_add = ads_store.dnd_add
+    dnd_remove = ads_store.dnd_remove
+    dnd_page = ads_store.dnd_page
     # campaigns
     audience_chunk = ads_store.audience_chunk
     create_campaign = ads_store.create_campaign

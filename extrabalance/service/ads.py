@@ -30,7 +30,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -67,6 +67,7 @@ class AdTrigger(str, Enum):
 class Suppressed(str, Enum):
     DISABLED = "disabled"
     OPTED_OUT = "opted_out"
+    DO_NOT_DISTURB = "do_not_disturb"  # on the operator's do-not-disturb list
     BARRED = "barred"
     QUIET_HOURS = "quiet_hours"
     CAP_DAY = "cap_day"
@@ -116,6 +117,7 @@ class AdSubject:
     barred: bool = False
     segment: str | None = None
     language: str = "en"
+    do_not_disturb: bool = False  # on the do-not-disturb list: never an ad
 
 
 def _minutes(hhmm: str) -> int:
@@ -206,6 +208,8 @@ class AdPolicy:
 
         if not r.enabled or trigger in r.triggers_disabled:
             return no(Suppressed.DISABLED)
+        if subject.do_not_disturb:
+            return no(Suppressed.DO_NOT_DISTURB)
         if subject.opted_out:
             return no(Suppressed.OPTED_OUT)
         if subject.barred:
@@ -324,6 +328,8 @@ def decide_and_record(
             )
     row = tx.load_ad_subscriber(request.msisdn)
     subject = subject_from_row(request.msisdn, row, policy, default_language)
+    if tx.dnd_listed(request.msisdn):
+        subject = replace(subject, do_not_disturb=True)
     history = [SentAd(at, trig) for at, trig in
                tx.recent_ads(request.msisdn, now - CAP_WINDOW)]
     verdict = ads.decide(subject, request.trigger, history, now, template=request.template)

@@ -84,6 +84,24 @@ async def test_subscriber_view(played):
     assert body["limit"] is None  # limits from behaviour are off in the demo's config
 
 
+async def test_do_not_disturb_add_list_remove(played):
+    _, _, port = played
+    body = {"reason": "regulator's list", "who": "ops"}
+    added = await call(port, "POST", f"/api/v1/dnd/{B}", token=TOKEN, body=body)
+    assert added.status == 200 and added.json() == {"msisdn": B, "listed": True, "added": True}
+    again = await call(port, "POST", f"/api/v1/dnd/{B}", token=TOKEN, body=body)
+    assert again.json()["added"] is False
+    page = (await call(port, "GET", "/api/v1/dnd?limit=10", token=TOKEN)).json()["entries"]
+    assert [(e["msisdn"], e["source"], e["added_by"]) for e in page] == [(B, "admin", "ops")]
+    assert (await call(port, "GET", f"/api/v1/dnd?after={B}", token=TOKEN)).json() == {
+        "entries": []}
+    assert (await call(port, "GET", "/api/v1/dnd?limit=0", token=TOKEN)).status == 400
+    assert (await call(port, "POST", f"/api/v1/dnd/{B}", token=TOKEN, body={})).status == 400
+    removed = await call(port, "POST", f"/api/v1/dnd/{B}/remove", token=TOKEN, body=body)
+    assert removed.json() == {"msisdn": B, "listed": False, "removed": True}
+    assert (await call(port, "GET", "/api/v1/dnd", token=TOKEN)).json() == {"entries": []}
+
+
 async def test_subscriber_unknown_is_404_and_bad_msisdn_400(played):
     _, _, port = played
     assert (await call(port, "GET", "/api/v1/subscribers/209999999999", token=TOKEN)).status == 404

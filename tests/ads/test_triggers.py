@@ -210,7 +210,9 @@ async def test_metrics_and_edr(tmp_path, h):
     assert metrics.ads.labels("suppressed", "opted_out")._value.get() == 1
     lines = next((tmp_path / "edr").iterdir()).read_text().splitlines()
     assert lines[1].split(",")[2:4] == ["ad_sent", M]
-    assert lines[2].endswith(",ad_low_balance,low_balance") and ",opted_out," in lines[2]
+    row = dict(zip(lines[0].split(","), lines[2].split(","), strict=True))
+    assert (row["template"], row["detail"], row["reason"]) == (
+        "ad_low_balance", "low_balance", "opted_out")
 
 
 async def test_store_row_for_unknown_subscriber(h):

@@ -39,6 +39,8 @@ async def _embedded_ledger(path: Path) -> dict[str, int]:
                     tx.apply_recovery(tx.get_recovery(rec), _split(tx, m, 500), NOW)
                 if n % 5 == 0:
                     tx.record_ad(m, "out_of_balance", "ad_oob", NOW)
+                if n % 7 == 0:
+                    tx.dnd_add([m], "file", "ops", NOW)
                 if n % 4 == 0:
                     tx.put_limit_state(m, LimitState(((20500, 100 * n),), 500, 1, 0, 0), NOW)
                 if n % 7 == 0:

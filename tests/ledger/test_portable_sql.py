@@ -178,6 +178,11 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     kept = LimitState(((20000, 500),), 1000, 1, 0, 0)
     await h.ledger.write(lambda c: store.put_limit_state(c, M1, kept, h.clock()))
     assert await h.ledger.read(lambda c: store.limit_state(c, M1)) == kept
+    # The do-not-disturb list: every statement.
+    assert await h.ledger.write(lambda c: ads_store.dnd_add(c, [M4], "file", "ops", h.clock()))
+    assert await h.ledger.read(lambda c: ads_store.dnd_listed(c, M4))
+    assert len(await h.ledger.read(lambda c: ads_store.dnd_page(c, "", 5))) == 1
+    assert await h.ledger.write(lambda c: ads_store.dnd_remove(c, M4))
     await h.ledger.learned_route(M1)
     # Advances: one confirmed, one whose confirmation the IN refuses.
     await h.lending.set_preferences(M3, auto_advance=True, ads_opt_out=False, language="ar")

@@ -122,6 +122,20 @@ async def test_limit_state_kept_replaced_and_rolled_back(uow: UnitOfWork) -> Non
     assert await uow.read(lambda tx: tx.limit_state(M1)) == newer
 
 
+async def test_do_not_disturb_list_add_remove_page(uow: UnitOfWork) -> None:
+    assert not await uow.read_point(lambda tx: tx.dnd_listed(M1))
+    assert await uow.write(lambda tx: tx.dnd_add([M2, M1, M1], "file", "ops", NOW)) == 2
+    assert await uow.write(lambda tx: tx.dnd_add([M1], "admin", "ops", NOW)) == 0
+    assert await uow.read_point(lambda tx: tx.dnd_listed(M1))
+    page = await uow.read(lambda tx: tx.dnd_page("", 10))
+    assert [row[:3] for row in page] == [(M1, "file", "ops"), (M2, "file", "ops")]
+    assert await uow.read(lambda tx: tx.dnd_page(M1, 10)) == page[1:]
+    assert await uow.read(lambda tx: tx.dnd_page("", 1)) == page[:1]
+    assert await uow.write(lambda tx: tx.dnd_remove(M1)) is True
+    assert await uow.write(lambda tx: tx.dnd_remove(M1)) is False
+    assert not await uow.read(lambda tx: tx.dnd_listed(M1))
+
+
 async def test_idempotency_first_outcome_wins_replace_and_purge(uow: UnitOfWork) -> None:
     def write(tx: LedgerTx) -> None:
         tx.idempotent_put("k", {"a": 1}, NOW)
