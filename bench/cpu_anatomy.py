@@ -42,7 +42,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +64,6 @@ OWNERS = ("node", "simulators", "loop", "bench")
 SYSCALL_METHODS = frozenset({"send", "sendall", "sendmsg", "recv", "recv_into", "recvfrom",
                              "poll", "select", "control", "write", "read", "fsync",
                              "execute", "executemany", "commit"})
-
-_SEP = os.sep
 
 
 def layer_of(filename: str) -> str:
