@@ -18,8 +18,11 @@ Rules that keep it exactly-once:
 * one write connection, one transaction at a time: the next batch starts only after
   the previous COMMIT returned (the loop never touches the connection while the
   commit thread has it);
-* each operation runs inside its own SAVEPOINT: an operation that raises is rolled
-  back alone and its caller gets the exception; the others in the batch commit;
+* each operation but a batch's first runs inside its own SAVEPOINT: an operation that
+  raises is rolled back alone and its caller gets the exception; the others in the
+  batch commit. The first needs none: when it raises, the transaction holds nothing
+  else and is rolled back whole (two SQL statements fewer per batch; a batch of one,
+  the usual case below saturation, runs its operation and nothing more);
 * a caller's future is resolved only after the COMMIT returned, so "awaited" means
   "durable". A failed COMMIT rolls the whole batch back and every caller gets the
   error.
@@ -287,20 +290,23 @@ class GroupCommitWriter:
                 room = self.batch_ops_max - len(batch)
                 for _ in range(min(room, self.loop_slice_ops, len(pending))):
                     op = pending.popleft()
-                    conn.execute("SAVEPOINT op")
-                    try:
-                        value = op.fn(conn)
-                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                        conn.execute("ROLLBACK TO SAVEPOINT op")
-                        conn.execute("RELEASE SAVEPOINT op")
-                        batch.append((op, False, exc))
-                        if op.ran is not None and not op.ran.done():
-                            op.ran.set_exception(exc)
-                    else:
-                        conn.execute("RELEASE SAVEPOINT op")
+                    if not batch:
+                        # The first operation needs no SAVEPOINT: the transaction holds
+                        # nothing else, so rolling it back is rolling back the operation.
+                        try:
+                            value = op.fn(conn)
+                        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                            self._rollback()
+                            if op.ran is not None and not op.ran.done():
+                                op.ran.set_exception(exc)
+                            if not op.future.done():
+                                op.future.set_exception(exc)
+                            return  # nothing to commit; _drain begins the next batch
                         batch.append((op, True, value))
                         if op.ran is not None and not op.ran.done():
                             op.ran.set_result(value)
+                        continue
+                    batch.append(_in_savepoint(conn, op))
                 if len(batch) >= self.batch_ops_max:
                     break
                 if pending:
@@ -413,3 +419,21 @@ def _begin_waiting(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
     finally:
         _set_busy_timeout(conn, 0)
+
+
+def _in_savepoint(conn: sqlite3.Connection, op: _Op) -> tuple[_Op, bool, Any]:
+    """Run a batch's second or later operation inside its own SAVEPOINT: when it
+    raises, only its own writes are undone and the batch goes on."""
+    conn.execute("SAVEPOINT op")
+    try:
+        value = op.fn(conn)
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+        conn.execute("ROLLBACK TO SAVEPOINT op")
+        conn.execute("RELEASE SAVEPOINT op")
+        if op.ran is not None and not op.ran.done():
+            op.ran.set_exception(exc)
+        return op, False, exc
+    conn.execute("RELEASE SAVEPOINT op")
+    if op.ran is not None and not op.ran.done():
+        op.ran.set_result(value)
+    return op, True, value

@@ -85,6 +85,9 @@ SITES_NOT_RUN: dict[tuple[str, str], str] = {
         "PRAGMA wal_checkpoint(RESTART) past 1 GiB of WAL (SQLite only)",
     ("extrabalance/ledger/db.py", "migrate"):
         "ROLLBACK after a failed migration (the same word in PostgreSQL)",
+    ("extrabalance/ledger/writer.py", "_in_savepoint"):
+        "SAVEPOINT / RELEASE / ROLLBACK TO of a batch's second and later operations (the "
+        "same words in PostgreSQL); the scenario writes one operation at a time",
     ("extrabalance/ledger/writer.py", "_rollback"):
         "ROLLBACK after a failed COMMIT (the same word in PostgreSQL)",
     ("extrabalance/ledger/profiles.py", "_flush"):

@@ -69,6 +69,36 @@ async def test_failing_op_rolls_back_alone(ledger):
     assert keys == ["a", "c"]
 
 
+async def test_failing_first_op_of_a_batch_rolls_back_alone(ledger):
+    """The first operation of a batch runs without a SAVEPOINT; when it raises, its
+    writes are gone and the operations after it still commit."""
+    def bad(conn):
+        conn.execute("INSERT INTO idempotency (key, outcome, created_at) VALUES ('b', '{}', 'x')")
+        raise ValueError("business rule broke")
+
+    results = await asyncio.gather(
+        ledger.write(bad), ledger.write(insert("a")), ledger.write(insert("c")),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], ValueError)
+    assert results[1:] == ["a", "c"]
+    keys = await ledger.read(
+        lambda c: [r[0] for r in c.execute("SELECT key FROM idempotency ORDER BY key")]
+    )
+    assert keys == ["a", "c"]
+    await ledger.write(insert("d"))  # the writer goes on
+    assert ledger.writer.ops_committed == 3
+
+
+async def test_a_batch_of_one_runs_no_savepoint(ledger):
+    """A lone write is BEGIN, its own statements and COMMIT: nothing more."""
+    statements: list[str] = []
+    ledger.writer._conn.set_trace_callback(statements.append)
+    await ledger.write(insert("solo"))
+    ledger.writer._conn.set_trace_callback(None)
+    assert [s.split()[0] for s in statements] == ["BEGIN", "INSERT", "COMMIT"], statements
+
+
 async def test_constraint_violation_reaches_caller(ledger):
     await ledger.write(insert("dup"))
     with pytest.raises(sqlite3.IntegrityError):
