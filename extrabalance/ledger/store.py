@@ -948,6 +948,18 @@ def apply_recovery(
     sagas.recovery_step(rec.state, sagas.IN_DEBITED, rec.recovery_id)
     if sum(p.total_minor for p in allocation.parts) != allocation.total_minor:
         raise LedgerInvariantError(f"recovery {rec.recovery_id}: parts do not add up")
+    # Guarded on the stored row, not on `rec`: a stale copy of a recovery already
+    # booked (DONE, FAILED) or of another subscriber's matches nothing and books nothing.
+    cur = conn.execute(
+        "UPDATE recoveries SET recovered_minor = ?, state = ?, updated_at = ?"
+        " WHERE recovery_id = ? AND msisdn = ? AND state IN (?, ?)",
+        (allocation.total_minor, DONE, ts(now), rec.recovery_id, rec.msisdn,
+         *RECOVERY_UNSETTLED_STATES),
+    )
+    if cur.rowcount != 1:
+        raise LedgerInvariantError(
+            f"recovery {rec.recovery_id}: not an unsettled recovery of {rec.msisdn}"
+        )
     for part in allocation.parts:
         if part.fee_minor < 0 or part.principal_minor < 0:
             raise LedgerInvariantError(f"recovery {rec.recovery_id}: negative part {part}")
@@ -989,11 +1001,6 @@ def apply_recovery(
             raise LedgerInvariantError(
                 f"recovery {rec.recovery_id}: {part} is not owed on an open loan"
             )
-    conn.execute(
-        "UPDATE recoveries SET recovered_minor = ?, state = ?, updated_at = ?"
-        " WHERE recovery_id = ?",
-        (allocation.total_minor, DONE, ts(now), rec.recovery_id),
-    )
     if allocation.clears_all:
         # A full payback lifts the bad-debt bar.
         conn.execute(

@@ -837,3 +837,26 @@ def test_open_loans_created_at_the_same_moment_are_ordered_by_id():
     expected = ["L-a", "L-b"]
     assert [x.loan_id for x in store.open_loans(conn, A)] == expected
     assert [x.loan_id for x in store.load_subscriber(conn, A).state.open_loans] == expected
+
+
+@pytest.mark.parametrize("settled", [store.DONE, store.FAILED])
+def test_a_stale_copy_of_a_settled_recovery_books_nothing(settled):
+    # The row handed in was read before the recovery settled (DONE or FAILED since):
+    # booking it again would take the same debit twice. The guard is the stored row.
+    conn = fresh()
+    store.ensure_subscriber(conn, A, NOW)
+    loan_id = store.insert_loan(conn, msisdn=A, tier_id=1, principal_minor=100, fee_minor=10,
+                                state=store.ACTIVE, channel="ussd", idempotency_key="k",
+                                in_node=None, session_id=None, now=NOW)
+    rid = store.insert_recovery(conn, event_id="e", msisdn=A, recharge_minor=50,
+                                balance_after_minor=None, in_node=None, now=NOW)
+    stale = store.get_recovery(conn, rid)
+    allocation = Recovery(50, (RecoveryPart(loan_id, 10, 40),), clears_all=False)
+    if settled == store.DONE:
+        store.apply_recovery(conn, stale, allocation, NOW)
+    else:
+        store.set_recovery_state(conn, rid, store.FAILED, NOW)
+    before = (balances(conn, A), journal_lines(conn), store.get_loan(conn, loan_id))
+    error = rolled_back(conn, store.apply_recovery, conn, stale, allocation, NOW)
+    assert "not an unsettled recovery" in str(error)
+    assert (balances(conn, A), journal_lines(conn), store.get_loan(conn, loan_id)) == before
