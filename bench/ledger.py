@@ -32,6 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from extrabalance.argparsing import Parser
 from extrabalance.core.lending import BorrowRequest, Granted, decide
@@ -345,7 +346,18 @@ class InstantIn:
 
 
 class NullNotifier:
+    """The services' outbox as the node has it (the row is written in the money's unit
+    of work, as in production), with nothing sending it."""
+
     async def notify(self, notice: Notice) -> None:
+        return None
+
+    def put(self, tx: Any, notice: Notice, now: Any) -> str:
+        return str(tx.outbox_put(msisdn=notice.msisdn, template=notice.template,
+                                 params=notice.params, kind=notice.kind,
+                                 language=notice.language, now=now))
+
+    def wake(self) -> None:
         return None
 
 
