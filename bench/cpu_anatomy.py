@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -325,8 +326,7 @@ async def measure(loans: int, concurrency: int, workdir: Path) -> dict[str, Any]
     report = import_profiles(workdir / "extrabalance.db", profiles, progress=False)
     if report.bad_rows:
         raise RuntimeError(f"generated profiles rejected: {report.bad_rows[:5]}")
-    # No logging below WARNING, as in production at load.
-    os.environ.setdefault("EB_LOG_LEVEL", "WARNING")
+    restore_logs = _quiet_logs()
     loop = asyncio.get_running_loop()
     owners = Owners()
     aio = AsyncCounter(loop, owners)
@@ -368,6 +368,7 @@ async def measure(loans: int, concurrency: int, workdir: Path) -> dict[str, Any]
             wire["smpp_pdus"] -= 2 * receipts0
     finally:
         aio.uninstall()
+        restore_logs()
     return _report(loans, concurrency, calls, aio, blocks, gcs, wire)
 
 
@@ -550,11 +551,28 @@ async def _plain_run(loans: int, concurrency: int, workdir: Path) -> None:
     profiles.write_text("msisdn,tenure_days,arpu_minor,language\n"
                         + "".join(f"{m},400,5000,en\n" for m in msisdns), encoding="utf-8")
     import_profiles(workdir / "extrabalance.db", profiles, progress=False)
+    restore_logs = _quiet_logs()
+    try:
+        async with demo_env(workdir) as env:
+            for m in msisdns:
+                env.in_sim.set_balance(m, 0)
+            await _loans(env, msisdns, concurrency)
+    finally:
+        restore_logs()
+
+
+def _quiet_logs() -> Callable[[], None]:
+    """No node logging below WARNING while counting, as in production at load. Returns
+    what puts the caller's environment back: the tests run this in-process, and a
+    level left behind silences every node a later test starts."""
+    before = os.environ.get("EB_LOG_LEVEL")
     os.environ.setdefault("EB_LOG_LEVEL", "WARNING")
-    async with demo_env(workdir) as env:
-        for m in msisdns:
-            env.in_sim.set_balance(m, 0)
-        await _loans(env, msisdns, concurrency)
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop("EB_LOG_LEVEL", None)
+
+    return restore
 
 
 if __name__ == "__main__":
