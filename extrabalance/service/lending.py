@@ -769,9 +769,9 @@ class LendingService:
             outcome, state = await self.ledger.write(answer)
             for loan in evidenced:
                 self.events.emit("advance_session_evidence", msisdn=loan.msisdn,
-                                 loan_id=loan.loan_id, session_id=session_id,
-                                 request_type=request_type, request_number=request_number,
-                                 used_minor=used_minor)
+                                 loan_id=loan.loan_id, in_node=origin_host, channel="auto",
+                                 detail=f"{session_id};{request_type};{request_number};"
+                                        f"{'' if used_minor is None else used_minor}")
             if outcome.replayed or outcome.result_code == DIAMETER_TOO_BUSY:
                 return outcome
             if outcome.result_code not in (DIAMETER_USER_UNKNOWN, DIAMETER_UNKNOWN_SESSION_ID):

@@ -43,7 +43,8 @@ async def test_termination_with_used_units_confirms_the_initial_advance(h):
         "SELECT action FROM audit WHERE msisdn = ? AND action = 'advance_session_evidence'",
         (M,)).fetchall())
     assert len(audit) == 1
-    assert "advance_session_evidence" in h.events.kinds()
+    edr = [f for k, f in h.events.events if k == "advance_session_evidence"]
+    assert [(f["loan_id"], f["detail"]) for f in edr] == [(grant.loan_id, "s1;3;1;420")]
     # A re-send of the TERMINATION records nothing twice.
     await h.lending.out_of_balance("s1", 1, TERMINATION, M, None, IN_A, used_minor=420)
     assert await _evidence(h, grant.loan_id) == (TERMINATION, 1, 420)
