@@ -417,7 +417,7 @@ def reconcile_in_command(config_path: str | None, csv_path: str, in_node: str, u
         print(f"advances to {in_node} up to {doc['until']}: {report.advances_checked} checked,"
               f" {report.confirmed} confirmed by the IN", file=out)
         for name in ("reversed", "not_credited", "needs_review", "mismatches",
-                     "grants_without_advance"):
+                     "grants_without_advance", "session_confirmed_missing"):
             print(f"  {name.replace('_', ' ')}: {len(doc[name])}", file=out)
             for row in doc[name][:20]:
                 print(f"    {row}", file=out)

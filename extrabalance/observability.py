@@ -40,6 +40,7 @@ EDR_FIELDS = (
 # this list whole); docs/operations.md says what each means.
 EDR_KINDS = frozenset({
     "loan", "refusal", "loan_pending", "advance", "advance_confirmed", "advance_reversed",
+    "advance_session_evidence",
     "payback", "payback_pending", "recharge", "ad_sent", "ad_suppressed", "bar", "unbar", "write_off",
     "adjustment", "review",
 })

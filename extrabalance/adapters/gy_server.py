@@ -70,7 +70,8 @@ class OutOfBalanceApi(Protocol):
     async def out_of_balance(self, session_id: str, request_number: int, request_type: int,
                              msisdn: str, requested_minor: int | None,
                              origin_host: str, *,
-                             deadline_monotonic: float | None = None) -> Any: ...
+                             deadline_monotonic: float | None = None,
+                             used_minor: int | None = None) -> Any: ...
 
 
 class GyServer:
@@ -201,6 +202,7 @@ class GyServer:
                 ccr.session_id, ccr.request_number, ccr.request_type, ccr.msisdn,
                 ccr.requested_minor, ccr.origin_host,
                 deadline_monotonic=received + self._deadline_s,
+                used_minor=ccr.used_minor,
             )
         except Exception:
             log.exception("out_of_balance_failed", session_id=ccr.session_id)

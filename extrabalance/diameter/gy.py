@@ -57,6 +57,7 @@ from .constants import (
     AVP_SUBSCRIPTION_ID_DATA,
     AVP_SUBSCRIPTION_ID_TYPE,
     AVP_UNIT_VALUE,
+    AVP_USED_SERVICE_UNIT,
     AVP_VALUE_DIGITS,
     CC_REQUEST_TYPE_EVENT_REQUEST,
     CC_REQUEST_TYPE_INITIAL_REQUEST,
@@ -145,6 +146,7 @@ class CreditControlRequest:
     currency_numeric: int | None = None
     has_mscc: bool = False
     event_timestamp: int | None = None  # NTP seconds (since 1900)
+    used_minor: int | None = None  # Used-Service-Unit CC-Money (RFC 4006 §8.19)
 
 
 @_init_through_slots
@@ -574,6 +576,10 @@ def parse_ccr(msg: Message, currency_exponent: int = 2) -> CreditControlRequest:
     money = _service_unit_money(msg, AVP_REQUESTED_SERVICE_UNIT)
     if money is not None:
         requested_minor, currency_numeric = minor_from_cc_money(money, currency_exponent, msg)
+    used_minor = None
+    used = _service_unit_money(msg, AVP_USED_SERVICE_UNIT)
+    if used is not None:
+        used_minor, _ = minor_from_cc_money(used, currency_exponent, msg)
     stamp = msg.get(AVP_EVENT_TIMESTAMP)
     destination_host = msg.get(AVP_DESTINATION_HOST)
     return CreditControlRequest(
@@ -591,6 +597,7 @@ def parse_ccr(msg: Message, currency_exponent: int = 2) -> CreditControlRequest:
         currency_numeric=currency_numeric,
         has_mscc=msg.first(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL) is not None,
         event_timestamp=stamp if isinstance(stamp, int) else None,
+        used_minor=used_minor,
     )
 
 

@@ -117,6 +117,9 @@ class _Tables:
     recipients: dict[tuple[str, str], tuple[str, str | None, str]] = field(default_factory=dict)
     # outbox_id → [row, next_attempt_at text, sent_at text or None]
     outbox: dict[str, list[Any]] = field(default_factory=dict)
+    # loan_id → (session_id, request_type, request_number, used_minor, created_at)
+    session_evidence: dict[str, tuple[str, int, int, int | None, str]] = field(
+        default_factory=dict)
 
 
 class MemoryLedgerTx:
@@ -508,6 +511,23 @@ class MemoryLedgerTx:
             sub.loans_since_full_payback = max(0, sub.loans_since_full_payback - 1)
             sub.updated_at = ts(now)
         return settled
+
+    def record_session_evidence(
+        self, loan_id: str, session_id: str, request_type: int, request_number: int,
+        used_minor: int | None, now: datetime,
+    ) -> bool:
+        t = self._w()
+        if loan_id not in t.loans:
+            raise KeyError(loan_id)  # the table's foreign key
+        if loan_id in t.session_evidence:
+            return False
+        t.session_evidence[loan_id] = (
+            session_id, request_type, request_number, used_minor, ts(now))
+        return True
+
+    def session_evidence(self, loan_id: str) -> tuple[int, int, int | None] | None:
+        row = self._t.session_evidence.get(loan_id)
+        return (row[1], row[2], row[3]) if row else None
 
     def unsettled_loans(self, limit: int) -> list[LoanRow]:
         rows = [

@@ -227,6 +227,8 @@ class PostgresLedgerTx:
 
     settle_loan = _by_owner("loan", store.settle_loan)
     settle_advance = _by_owner("loan", store.settle_advance)
+    record_session_evidence = _by_owner("loan", store.record_session_evidence)
+    session_evidence = _op(store.session_evidence)
     unsettled_loans = _op(store.unsettled_loans)
 
     def note_resolve_attempt(

@@ -53,6 +53,8 @@ class SqliteLedgerTx(sqlite3.Connection):
     insert_loan = store.insert_loan
     settle_loan = store.settle_loan
     settle_advance = store.settle_advance
+    record_session_evidence = store.record_session_evidence
+    session_evidence = store.session_evidence
     unsettled_loans = store.unsettled_loans
     note_resolve_attempt = store.note_resolve_attempt
     write_off_candidates = store.write_off_candidates

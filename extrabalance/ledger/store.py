@@ -701,6 +701,38 @@ def note_resolve_attempt(
     return False
 
 
+def record_session_evidence(
+    conn: sqlite3.Connection,
+    loan_id: str,
+    session_id: str,
+    request_type: int,
+    request_number: int,
+    used_minor: int | None,
+    now: datetime,
+) -> bool:
+    """Record that the IN continued the credit-control session of advance `loan_id`
+    (an UPDATE or TERMINATION after the INITIAL that granted it: RFC 4006 §5.2), with
+    the Used-Service-Unit money it reported, if any. The first such request is kept;
+    True if this call recorded it."""
+    cur = conn.execute(
+        "INSERT INTO advance_session_evidence (loan_id, session_id, request_type,"
+        " request_number, used_minor, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (loan_id) DO NOTHING",
+        (loan_id, session_id, request_type, request_number, used_minor, ts(now)),
+    )
+    return cur.rowcount == 1
+
+
+def session_evidence(conn: sqlite3.Connection, loan_id: str) -> tuple[int, int, int | None] | None:
+    """(request_type, request_number, used_minor) of the IN's request that confirmed
+    advance `loan_id` by continuing its session, or None."""
+    row = conn.execute(
+        "SELECT request_type, request_number, used_minor FROM advance_session_evidence"
+        " WHERE loan_id = ?", (loan_id,),
+    ).fetchone()
+    return (int(row[0]), int(row[1]), None if row[2] is None else int(row[2])) if row else None
+
+
 def advances_of_in_node(conn: sqlite3.Connection, in_node: str, until: datetime
                         ) -> list[LoanRow]:
     """Automatic advances granted to `in_node`'s requests up to `until` (oldest first),

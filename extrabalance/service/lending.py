@@ -663,6 +663,7 @@ class LendingService:
         origin_host: str,
         *,
         deadline_monotonic: float | None = None,
+        used_minor: int | None = None,
     ) -> AdvanceOutcome:
         """Answer the IN's out-of-balance CCR: an auto-advance (2001 + amount), 4012
         (+ maybe an ad), 4010 barred, 5030 unknown. A retransmission (same Session-Id
@@ -685,6 +686,7 @@ class LendingService:
             static_node = self.router.static_route(msisdn)
             confirms = origin_host in self.advance_confirmation_nodes
             granted: list[store.LoanRow] = []  # the advance as written (spares a read after)
+            evidenced: list[store.LoanRow] = []  # an advance the IN's session confirmed
 
             def answer(conn: sqlite3.Connection) -> tuple[AdvanceOutcome, SubscriberState | None]:
                 prior = store.idempotent_get(conn, key)
@@ -705,6 +707,9 @@ class LendingService:
                     # RFC 4006 §5.1: UPDATE and TERMINATION continue a session opened
                     # by an INITIAL (CC-Request-Number 0); none was seen.
                     return done(AdvanceOutcome(DIAMETER_UNKNOWN_SESSION_ID), None)
+                if request_type in (CC_REQUEST_TYPE_UPDATE, CC_REQUEST_TYPE_TERMINATION):
+                    evidenced.extend(_session_evidence(
+                        _tx(conn), session_id, request_type, request_number, used_minor, now))
                 if request_type == CC_REQUEST_TYPE_TERMINATION:
                     return done(AdvanceOutcome(DIAMETER_SUCCESS), None)
                 loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
@@ -762,6 +767,11 @@ class LendingService:
                 )
 
             outcome, state = await self.ledger.write(answer)
+            for loan in evidenced:
+                self.events.emit("advance_session_evidence", msisdn=loan.msisdn,
+                                 loan_id=loan.loan_id, in_node=origin_host, channel="auto",
+                                 detail=f"{session_id};{request_type};{request_number};"
+                                        f"{'' if used_minor is None else used_minor}")
             if outcome.replayed or outcome.result_code == DIAMETER_TOO_BUSY:
                 return outcome
             if outcome.result_code not in (DIAMETER_USER_UNKNOWN, DIAMETER_UNKNOWN_SESSION_ID):
@@ -868,6 +878,27 @@ def _session_known(conn: sqlite3.Connection, session_id: str) -> bool:
     key = f"ccr:{session_id}:0"
     return (store.idempotent_get(conn, key) is not None
             or store.loan_by_idempotency_key(conn, key) is not None)
+
+
+def _session_evidence(tx: LedgerTx, session_id: str, request_type: int,
+                      request_number: int, used_minor: int | None,
+                      now: datetime) -> list[store.LoanRow]:
+    """An UPDATE or TERMINATION continuing a session whose INITIAL granted an advance
+    shows the IN received that CCA and applied the grant (RFC 4006 §5.2; its
+    Used-Service-Unit, §8.19, reports what it consumed): recorded once on the advance,
+    with an audit line. The advance if this request recorded it."""
+    loan = tx.loan_by_idempotency_key(f"ccr:{session_id}:0")
+    if loan is None or loan.state in (store.FAILED, store.REQUESTED):
+        return []
+    if not tx.record_session_evidence(loan.loan_id, session_id, request_type,
+                                      request_number, used_minor, now):
+        return []
+    tx.audit(loan.msisdn, "advance_session_evidence", loan.in_node or "in",
+             f"advance {loan.loan_id} confirmed by CC-Request-Number {request_number}"
+             f" of its session", now,
+             {"session_id": session_id, "request_type": request_type,
+              "used_minor": used_minor})
+    return [loan]
 
 
 def _v(reason: Reason | None) -> str | None:

@@ -15,6 +15,7 @@ cut-off.
 | booked, nothing recovered, no payback running | absent | `--apply`: reversed (FAILED, reversing journal entry, nothing owed; a late re-send of the IN's request is answered 4012) |
 | booked, partly or wholly recovered, adjusted, or a payback running | absent | listed for review, not touched |
 | booked | applied with another MSISDN or amount | listed as a mismatch |
+| booked by an INITIAL whose session the IN continued (UPDATE/TERMINATION) | absent | confirmed by the IN's session, missing from the extract: listed, never reversed |
 | none | applied | listed: the IN credited a grant the node did not book |
 
 Extract format, CSV with a header line (one row per grant the IN applied):
@@ -86,6 +87,8 @@ class ReconcileInReport:
     needs_review: list[dict[str, Any]] = field(default_factory=list)
     mismatches: list[dict[str, Any]] = field(default_factory=list)
     grants_without_advance: list[dict[str, Any]] = field(default_factory=list)
+    # Applied by the IN's own session (RFC 4006 §5.2), yet absent from its extract.
+    session_confirmed_missing: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +97,7 @@ class ReconcileInReport:
             "reversed": self.reversed, "not_credited": self.not_credited,
             "needs_review": self.needs_review, "mismatches": self.mismatches,
             "grants_without_advance": self.grants_without_advance,
+            "session_confirmed_missing": self.session_confirmed_missing,
         }
 
     @property
@@ -126,6 +130,14 @@ def reconcile_in(conn: sqlite3.Connection, grants: list[InGrant], *, in_node: st
             else:
                 report.mismatches.append({**row, "in_msisdn": grant.msisdn,
                                           "in_amount_minor": grant.amount_minor})
+            continue
+        evidence = store.session_evidence(conn, loan.loan_id)
+        if evidence is not None:
+            # The IN continued the INITIAL's session: it received the CCA and applied
+            # the grant. Never reversed; its extract lacks a row it should have.
+            report.session_confirmed_missing.append({
+                **row, "why": "confirmed by the IN's session, missing from the extract",
+                "evidence_request_number": evidence[1], "used_minor": evidence[2]})
             continue
         loaded = store.load_subscriber(conn, loan.msisdn)
         reversible = (loan.state == store.ACTIVE and loan.principal_repaid_minor == 0

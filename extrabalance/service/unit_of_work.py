@@ -161,6 +161,19 @@ class LedgerTx(Protocol):
         """Settle a CONFIRMING advance; refused reverses its journal entry."""
         ...
 
+    def record_session_evidence(
+        self, loan_id: str, session_id: str, request_type: int, request_number: int,
+        used_minor: int | None, now: datetime,
+    ) -> bool:
+        """The IN continued advance `loan_id`'s credit-control session (an UPDATE or
+        TERMINATION after the granting INITIAL, RFC 4006 §5.2): it applied the grant.
+        The first such request is kept; True if this call recorded it."""
+        ...
+
+    def session_evidence(self, loan_id: str) -> tuple[int, int, int | None] | None:
+        """(request_type, request_number, used_minor) of that request, or None."""
+        ...
+
     def unsettled_loans(self, limit: int) -> list[LoanRow]: ...
     def note_resolve_attempt(
         self, table: str, key: str, review_after: int, now: datetime

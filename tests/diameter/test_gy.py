@@ -249,3 +249,37 @@ def test_cca_template_bytes_equal_the_plain_encoding(
     data = encode(msg)
     assert data[20:] == _plain_encoding(msg)
     assert decode(data) == msg
+
+
+async def test_used_service_unit_money_reaches_the_lending_service() -> None:
+    """RFC 4006 §8.19: the Used-Service-Unit CC-Money of an UPDATE/TERMINATION, top level
+    or in an MSCC, is parsed and handed on as `used_minor` (session evidence)."""
+    from extrabalance.adapters.gy_server import GyServer
+
+    ccr = sample_ccr_dataclass(request_type=gy.TERMINATION_REQUEST, request_number=1,
+                               requested_minor=None, currency_numeric=None)
+    usu = avp(446, [_money(420, -2)])
+    msg = decode(encode(_with(gy.build_ccr(ccr), 446, usu)))
+    assert gy.parse_ccr(msg).used_minor == 420
+    mscc = avp(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL, [avp(446, [_money(7, 0)])])
+    assert gy.parse_ccr(_with(gy.build_ccr(ccr), 456, mscc)).used_minor == 700
+    assert gy.parse_ccr(gy.build_ccr(ccr)).used_minor is None
+
+    seen: dict[str, object] = {}
+
+    class Lending:
+        async def out_of_balance(self, *args: object, **kwargs: object) -> object:
+            seen.update(kwargs)
+
+            class Outcome:
+                result_code = 2001
+                granted_minor = None
+
+            return Outcome()
+
+    server = GyServer(Lending(), origin_host=ccr.destination_host or "",
+                      origin_realm=ccr.destination_realm,
+                      service_context_id=ccr.service_context_id, currency_numeric=818,
+                      currency_exponent=2)
+    answer = await server(msg, ccr.origin_host)
+    assert answer.get(268) == 2001 and seen["used_minor"] == 420

@@ -200,6 +200,10 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     await h.lending.out_of_balance("s2", 0, 1, M3, None, IN_A)
     await h.lending.drain_confirmations()
     await h.lending.out_of_balance("s2", 1, 3, M3, None, IN_A)  # termination
+    # Session evidence: s1's TERMINATION confirms its INITIAL's advance.
+    await h.lending.out_of_balance("s1", 1, 3, M3, None, IN_A, used_minor=100)
+    if first.loan_id:
+        assert await h.ledger.read(lambda c: store.session_evidence(c, first.loan_id or ""))
     # Reconciliation with the IN's records (reconcile-in): its read of the advances.
     await h.ledger.read(lambda c: store.advances_of_in_node(c, IN_A, h.clock()))
     # Paybacks: nothing owed, partial after a 4012 retry, one left UNKNOWN and resolved.

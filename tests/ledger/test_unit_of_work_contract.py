@@ -282,6 +282,27 @@ async def test_an_advance_confirmed_or_reversed(uow: UnitOfWork) -> None:
     await uow.read(lambda tx: _balanced(tx, M1))
 
 
+async def test_session_evidence_recorded_once_on_the_advance(uow: UnitOfWork) -> None:
+    loan_id = await uow.write(lambda tx: _loan(tx, key="ccr:s:0"))
+    assert await uow.read(lambda tx: tx.session_evidence(loan_id)) is None
+    assert await uow.write(lambda tx: tx.record_session_evidence(loan_id, "s", 3, 1, 420, NOW))
+    # The first request that continued the session is kept.
+    assert not await uow.write(lambda tx: tx.record_session_evidence(loan_id, "s", 3, 2, 9, NOW))
+    assert await uow.read(lambda tx: tx.session_evidence(loan_id)) == (3, 1, 420)
+    other = await uow.write(lambda tx: _loan(tx, key="ccr:t:0"))
+    assert await uow.write(lambda tx: tx.record_session_evidence(other, "t", 2, 1, None, NOW))
+    assert await uow.read(lambda tx: tx.session_evidence(other)) == (2, 1, None)
+
+    def then_fail(tx: LedgerTx) -> None:
+        third = _loan(tx, key="ccr:u:0")
+        tx.record_session_evidence(third, "u", 3, 1, 5, NOW)
+        raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        await uow.write(then_fail)
+    assert await uow.read(lambda tx: tx.loan_by_idempotency_key("ccr:u:0")) is None
+
+
 async def test_recovery_attempts_split_and_settle(uow: UnitOfWork) -> None:
     def setup(tx: LedgerTx) -> str:
         _loan(tx, principal=1000, fee=100, now=NOW)
