@@ -37,8 +37,8 @@ def extract(*keys: tuple[str, int, str]) -> list[InGrant]:
 
 async def run(h: Harness, grants: list[InGrant], *, apply: bool):
     until = h.clock() + timedelta(minutes=1)
-    return await h.ledger.write(lambda conn: reconcile_in(
-        conn, grants, in_node=IN_A, until=until, apply=apply, now=h.clock()))
+    return await h.ledger.write(lambda tx: reconcile_in(
+        tx, grants, in_node=IN_A, until=until, apply=apply, now=h.clock()))
 
 
 async def test_advances_the_in_never_applied_are_reversed_the_rest_confirmed(h):
@@ -57,9 +57,7 @@ async def test_advances_the_in_never_applied_are_reversed_the_rest_confirmed(h):
     done = await run(h, grants, apply=True)
     assert [r["request_number"] for r in done.reversed] == [2] and not done.not_credited
     assert (await h.check_invariants())["debts"][M] == 1100  # 550 no longer owed
-    states = await h.ledger.read(lambda c: c.execute(
-        "SELECT request_number, state FROM loans WHERE msisdn = ? ORDER BY request_number",
-        (M,)).fetchall())
+    states = sorted((loan.request_number, loan.state) for loan in await h.loans(M))
     assert states == [(0, "ACTIVE"), (1, "ACTIVE"), (2, "FAILED")]
     # The IN's late re-send of that request is refused, not granted again.
     again = await h.lending.out_of_balance("s1", 2, 2, M, None, IN_A)
@@ -68,7 +66,8 @@ async def test_advances_the_in_never_applied_are_reversed_the_rest_confirmed(h):
     assert not (await run(h, grants, apply=True)).reversed
 
 
-async def test_the_command_reports_and_applies(h, tmp_path):
+async def test_the_command_reports_and_applies(h_sqlite, tmp_path):
+    h = h_sqlite  # the command opens the configured SQLite file
     await advances(h)
     config = write_config(tmp_path)
     # The command opens the configured ledger: point it at the harness's.
