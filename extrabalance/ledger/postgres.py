@@ -382,6 +382,11 @@ class PostgresLedger:
 
     # -- reads the admin command and the router use --------------------------------
 
+    async def subscriber_view(self, msisdn: str) -> dict[str, Any]:
+        from extrabalance.ledger.views import subscriber_view
+
+        return await self.read(lambda tx: subscriber_view(tx, msisdn))  # type: ignore[arg-type]
+
     async def learned_route(self, msisdn: str) -> str | None:
         return await self.read_point(lambda tx: tx.learned_route(msisdn))
 
