@@ -7,6 +7,7 @@ recovered yet, and lists the rest."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from datetime import timedelta
@@ -68,6 +69,10 @@ async def test_advances_the_in_never_applied_are_reversed_the_rest_confirmed(h):
 
 async def test_the_command_reports_and_applies(h_sqlite, tmp_path):
     h = h_sqlite  # the command opens the configured SQLite file
+
+    async def command(*args, **kwargs):  # as from a shell: a process (thread) of its own
+        return await asyncio.to_thread(reconcile_in_command, *args, **kwargs)
+
     await advances(h)
     config = write_config(tmp_path)
     # The command opens the configured ledger: point it at the harness's.
@@ -79,17 +84,17 @@ async def test_the_command_reports_and_applies(h_sqlite, tmp_path):
     assert len(read_extract(csv_path)) == 3
     until = (h.clock() + timedelta(minutes=1)).isoformat()
     out = io.StringIO()
-    code = reconcile_in_command(str(config), str(csv_path), IN_A, until, json_output=True,
+    code = await command(str(config), str(csv_path), IN_A, until, json_output=True,
                                 out=out)
     report = json.loads(out.getvalue())
     assert code == 1 and [r["msisdn"] for r in report["not_credited"]] == [M2]
     out = io.StringIO()
-    assert reconcile_in_command(str(config), str(csv_path), IN_A, until, apply=True,
+    assert await command(str(config), str(csv_path), IN_A, until, apply=True,
                                 json_output=True, out=out) == 0
     assert [r["msisdn"] for r in json.loads(out.getvalue())["reversed"]] == [M2]
     assert (await h.check_invariants())["debts"].get(M2, 0) == 0
     # Usage errors: an unknown IN node, a time without a zone, a bad extract.
-    assert reconcile_in_command(str(config), str(csv_path), "in-x.example", until) == 2
-    assert reconcile_in_command(str(config), str(csv_path), IN_A, "2026-12-07T00:00:00") == 2
+    assert await command(str(config), str(csv_path), "in-x.example", until) == 2
+    assert await command(str(config), str(csv_path), IN_A, "2026-12-07T00:00:00") == 2
     csv_path.write_text("session_id,msisdn\ns1,1\n")
-    assert reconcile_in_command(str(config), str(csv_path), IN_A, until) == 2
+    assert await command(str(config), str(csv_path), IN_A, until) == 2
