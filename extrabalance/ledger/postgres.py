@@ -245,6 +245,7 @@ class PostgresLedgerTx:
     settle_advance = _by_owner("loan", store.settle_advance)
     record_session_evidence = _by_owner("loan", store.record_session_evidence)
     session_evidence = _op(store.session_evidence)
+    advances_of_in_node = _op(store.advances_of_in_node)
     unsettled_loans = _op(store.unsettled_loans)
 
     def note_resolve_attempt(
