@@ -49,6 +49,7 @@ from psycopg_pool import ConnectionPool
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.model import SubscriberProfile
+from extrabalance.core.sagas import SAGA_LEASE_S
 from extrabalance.ledger import ads_store, db, outbox_store, store
 
 if TYPE_CHECKING:
@@ -70,9 +71,6 @@ _RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetect
 MIGRATION_LOCK_KEY = 0x4542_0000_0000_0001
 
 _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
-# How long a node's new saga is its own before another node may take it over; its
-# resolver renews the lease every run (RESOLVE_INTERVAL_S, 30 s) while it lives.
-SAGA_LEASE_S = 120.0
 _LOCK_ROW = "SELECT 1 FROM subscribers WHERE msisdn = %s FOR UPDATE"
 _LOCK_NEW = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 # The owner of a loan / recovery and his row lock in one round trip (a subscriber who

@@ -97,3 +97,86 @@ async def test_two_nodes_lend_one_subscriber_within_his_ceiling_once_per_key() -
                 await node.drain_sagas()
             for ledger in ledgers:
                 await ledger.close()
+
+
+SUBSCRIBERS = [f"2010012{n:05d}" for n in range(12)]
+
+
+async def test_a_dead_nodes_sagas_are_taken_over_once_when_its_lease_runs_out() -> None:
+    """Node A leaves loans and paybacks with unknown outcomes (the IN's answers lost)
+    and dies. While its lease runs, the resolvers of B and C leave them alone; once it
+    ran out they race for them and each operation is re-sent once, by one of them, and
+    settled once: the IN credited and debited exactly what the ledger says."""
+    from extrabalance.ledger.postgres import PostgresLedger
+    from extrabalance.service.ports import RechargeEvent
+    from extrabalance.service.recovery import PaybackService
+    from extrabalance.service.resolver import Resolver
+    from tests.service.fakes import LOST_ANSWER
+
+    clock, fake_in = Clock(), FakeIn()
+    lease_s = 120.0
+    with fresh_schema("eb_lease") as conninfo:
+        node_a = PostgresLedger(conninfo, pool_max=2, node_name="node-a", saga_lease_s=lease_s)
+        others = [PostgresLedger(conninfo, pool_max=2, migrate=False, node_name=name)
+                  for name in ("node-b", "node-c")]
+        try:
+            lending = LendingService(node_a, fake_in, FakeNotifier(), ListEvents(), POLICY,
+                                     Router(ROUTES), clock, locks=SubscriberLocks())
+            payback = PaybackService(node_a, fake_in, FakeNotifier(), ListEvents(), POLICY,
+                                     Router(ROUTES), clock, locks=SubscriberLocks())
+            for m in SUBSCRIBERS:
+                await node_a.write(lambda tx, m=m: tx.put_profile(SubscriberProfile(m, 400, 5000),
+                                                                  clock()))
+            half = len(SUBSCRIBERS) // 2
+            # A: half the subscribers borrow and their credit's answer is lost ...
+            for m in SUBSCRIBERS[:half]:
+                fake_in.fail_next(LOST_ANSWER)
+                await lending.borrow(m, 1, "ussd", f"ussd:{m}")
+            # ... the other half borrow, then recharge, and the debit's answer is lost.
+            for m in SUBSCRIBERS[half:]:
+                await lending.borrow(m, 1, "ussd", f"ussd:{m}")
+                fake_in.balances[m] = 1_000  # his balance after the recharge
+                fake_in.fail_next(LOST_ANSWER)
+                await payback.handle_recharge(RechargeEvent(f"ev-{m}", m, 1_000, "in-a", 1_000))
+            await lending.drain_sagas()
+            await node_a.close()  # node A dies
+            sent_before = len(fake_in.calls)
+
+            resolvers = [Resolver(ledger, fake_in, FakeNotifier(), ListEvents(), POLICY, clock,
+                                  locks=SubscriberLocks(), node_name=ledger.node_name or "",
+                                  lease_s=lease_s)
+                         for ledger in others]
+            clock.advance(seconds=lease_s - 1)  # A's lease still runs
+            reports = await asyncio.gather(*(r.run_once() for r in resolvers))
+            assert len(fake_in.calls) == sent_before and all(
+                r.loans_settled == r.recoveries_settled == r.still_unknown == 0 for r in reports)
+
+            clock.advance(seconds=2)  # A's lease ran out: B and C race for its sagas
+            reports = await asyncio.gather(*(r.run_once() for r in resolvers))
+            assert sum(r.loans_settled for r in reports) == half
+            assert sum(r.recoveries_settled for r in reports) == len(SUBSCRIBERS) - half
+            resent = Counter((op.session_id, op.request_number)
+                             for op in fake_in.calls[sent_before:])
+            assert len(resent) == len(SUBSCRIBERS) and set(resent.values()) == {1}
+            assert all(op.retransmission for op in fake_in.calls[sent_before:])
+
+            ledger = others[0]
+            loans = await ledger.read(lambda tx: tx.conn.execute(
+                "SELECT state, owner_node FROM loans ORDER BY msisdn").fetchall())
+            recs = await ledger.read(lambda tx: tx.conn.execute(
+                "SELECT state, recovered_minor, owner_node FROM recoveries").fetchall())
+            assert [s for s, _ in loans[:half]] == ["ACTIVE"] * half
+            assert [s for s, _ in loans[half:]] == ["REPAID"] * (len(SUBSCRIBERS) - half)
+            assert {s for s, _, _ in recs} == {"DONE"}
+            assert {owner for _, owner in loans[:half]} <= {"node-b", "node-c"}
+            # The ledger and the IN agree: every credit once, every debit once.
+            assert fake_in.credits_applied == len(SUBSCRIBERS)
+            assert sum(r for _, r, _ in recs) == 110 * (len(SUBSCRIBERS) - half)
+            for m in SUBSCRIBERS[half:]:
+                assert fake_in.balances[m] == 1_000 - 110  # one debit of the 1.10 owed
+            # A second pass finds nothing left to settle.
+            again = await asyncio.gather(*(r.run_once() for r in resolvers))
+            assert all(r.loans_settled == r.recoveries_settled == 0 for r in again)
+        finally:
+            for other in others:
+                await other.close()
