@@ -316,7 +316,8 @@ class Resolver:
 
                 def settle_recovery(c: sqlite3.Connection) -> PaybackOutcome:
                     settled = settle_recovery_done(c, recovery_id, result, self.policy, now)
-                    self.notifier.put(c, payback_notice(msisdn, settled, self._language_in(c, msisdn)), now)
+                    if self.policy.protection.recovery_sms:
+                        self.notifier.put(c, payback_notice(msisdn, settled, self._language_in(c, msisdn)), now)
                     return settled
 
                 outcome = await self.ledger.write(settle_recovery)
