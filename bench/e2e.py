@@ -699,6 +699,22 @@ def count_edr_reasons(workdir: Path, kind: str) -> dict[str, int]:
     return reasons
 
 
+def node_cpu_per_operation(node_cpu_s: float, window: dict[str, int]) -> dict[str, Any]:
+    """The node's CPU milliseconds per loan and per payback done in the window.
+
+    Each figure charges all the node's CPU in the window to that one kind of operation,
+    so it is the cost of one operation only when the mix holds that kind alone (`--mix
+    ussd=1` for loans, `--mix recharge=1` for paybacks); `node_cpu_mixed` says when the
+    window held both and the two figures overlap. None when no such operation was done.
+    """
+    loans, paybacks = window.get("loans", 0), window.get("paybacks", 0)
+    return {
+        "node_cpu_ms_per_loan": round(1000 * node_cpu_s / loans, 3) if loans else None,
+        "node_cpu_ms_per_payback": round(1000 * node_cpu_s / paybacks, 3) if paybacks else None,
+        "node_cpu_mixed": bool(loans and paybacks),
+    }
+
+
 def ledger_counts(db_path: Path) -> dict[str, int]:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
@@ -814,6 +830,7 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
         # loans done): the figure that says how many cores a target rate needs.
         "cpu_ms_per_loan": ({name: round(1000 * seconds / window["loans"], 3)
                              for name, seconds in cpu.items()} if window["loans"] else None),
+        **node_cpu_per_operation(cpu["node"], window),
         "counts": {**counts, "ads": ads},
         "ads_suppressed": ads_suppressed,
         "clock_start": options.clock_start,
@@ -945,6 +962,9 @@ def print_summary(result: dict[str, Any]) -> None:
         table.add_row(key, str(result[key]))
     for name, seconds in result["cpu_s"].items():
         table.add_row(f"cpu_s {name}", str(seconds))
+    for key in ("node_cpu_ms_per_loan", "node_cpu_ms_per_payback"):
+        if result.get(key) is not None:
+            table.add_row(key, str(result[key]))
     per_loan = result.get("cpu_ms_per_loan")
     if per_loan:
         table.add_row("cpu_ms_per_loan", ", ".join(f"{k} {v}" for k, v in per_loan.items()))

@@ -100,13 +100,15 @@ class Worker:
     async def start(self) -> dict[str, Any]:
         s = self.spec
         if self.role == "in":
-            peer = NodePeer(*s["node_peer"]) if s.get("node_peer") else None
+            # "node_peers": several Extra Balance nodes (docs/scale-out.md); "node_peer": one.
+            peers = [NodePeer(*p) for p in s.get("node_peers") or
+                     ([s["node_peer"]] if s.get("node_peer") else [])]
             mqtt = MqttTarget(s["mqtt"][0], int(s["mqtt"][1])) if s.get("mqtt") else None
             self.in_sim = CountingIn(
                 [InNodeSpec(n["name"], n["origin_host"], n["realm"],
                             ranges=tuple(MsisdnRange.parse(r) for r in n["ranges"]))
                  for n in s["nodes"]],
-                peer, int(s["currency_numeric"]), int(s["currency_exponent"]),
+                peers or None, int(s["currency_numeric"]), int(s["currency_exponent"]),
                 s["service_context_id"], currency=s["currency"], mqtt=mqtt,
                 request_timeout_ms=int(s.get("request_timeout_ms", 2000)),
                 seed=s.get("seed"),

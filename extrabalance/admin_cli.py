@@ -49,6 +49,8 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
 
     out = out or sys.stdout
     settings = load_settings(config_path)
+    if refused_on_postgresql(settings, "import-profiles"):
+        return EXIT_USAGE
     db_path = _ledger_path(settings)
     private_dir(db_path.parent)
     try:
@@ -74,8 +76,34 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
 # -- subscriber show | bar | unbar -------------------------------------------------------
 
 
+# What to use instead when the ledger is on PostgreSQL (these commands open the SQLite
+# file; the node and the commands on the unit-of-work port run on either ledger).
+ON_POSTGRESQL = {
+    "subscriber": "use the admin API of a running node (GET /api/v1/subscribers/MSISDN, "
+                  "POST .../bar, .../unbar, .../auto-advance)",
+    "reconcile-in": "not available on PostgreSQL yet",
+    "import-profiles": "not available on PostgreSQL yet; load the CSV with PostgreSQL's "
+                       "COPY into the subscribers table, or import into an SQLite ledger and "
+                       "copy it with `extrabalance ledger migrate`",
+    "backup": "back the server up with PostgreSQL's own tools (pg_dump, pg_basebackup)",
+}
+
+
+def refused_on_postgresql(settings: Settings, command: str) -> bool:
+    """True (after saying why on stderr) when `command` works on the SQLite file and
+    the configured ledger is on PostgreSQL."""
+    from extrabalance.ledger.factory import sqlite_only
+
+    why = sqlite_only(settings.storage, command, ON_POSTGRESQL[command])
+    if why:
+        print(why, file=sys.stderr)
+    return why is not None
+
+
 def _open_or_say(settings: Settings, command: str) -> sqlite3.Connection | None:
     """The configured ledger, or None after telling the operator why not."""
+    if refused_on_postgresql(settings, command):
+        return None
     try:
         return _open_existing(_ledger_path(settings))
     except FileNotFoundError as exc:
@@ -264,24 +292,28 @@ def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = N
     import asyncio
     from datetime import timedelta
 
-    from extrabalance.ledger import Ledger
+    from extrabalance.ledger.factory import open_ledger
     from extrabalance.observability import configure_logging
     from extrabalance.service.retention import IdempotencyRetention
 
     out = out or sys.stdout
     settings = load_settings(config_path)
-    db_path = _ledger_path(settings)
-    if not db_path.exists():
-        print(f"purge-idempotency: no ledger at {db_path} (storage.path in the config)",
-              file=sys.stderr)
-        return EXIT_BAD_ROWS
+    if settings.storage.backend == "sqlite":
+        db_path = _ledger_path(settings)
+        if not db_path.exists():
+            print(f"purge-idempotency: no ledger at {db_path} (storage.path in the config)",
+                  file=sys.stderr)
+            return EXIT_BAD_ROWS
+        where = str(db_path)
+    else:
+        where = settings.storage.postgresql_url_shown()
     hours = settings.storage.idempotency_retention_hours
     # The service logs its own `idempotency_purged` line (for the running node); here
     # the summary below says it once, and warnings still reach stderr.
     configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs, level="WARNING")
 
     async def purge() -> Any:
-        ledger = Ledger(db_path)
+        ledger = open_ledger(settings.storage)
         try:
             retention = IdempotencyRetention(ledger, timedelta(hours=hours),
                                              lambda: SYSTEM_CLOCK.now())
@@ -290,7 +322,7 @@ def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = N
             await ledger.close()
 
     report = asyncio.run(purge())
-    print(f"{db_path}: {report.rows_purged:,} idempotency keys older than {hours} hours "
+    print(f"{where}: {report.rows_purged:,} idempotency keys older than {hours} hours "
           f"(before {report.cutoff.isoformat(timespec='seconds')}) purged in "
           f"{report.batches:,} batches, {report.seconds:.1f} s "
           f"({report.rows_per_s:,.0f} rows/s)", file=out)
@@ -308,6 +340,8 @@ def backup_command(config_path: str | None, dest: str, *, out: TextIO | None = N
     """
     out = out or sys.stdout
     settings = load_settings(config_path)
+    if refused_on_postgresql(settings, "backup"):
+        return EXIT_USAGE
     src_path = _ledger_path(settings)
     target = Path(dest)
     if target.is_dir():

@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="daily report (Markdown + PNG) from the EDRs and ledger")
     p.add_argument("--date", required=True, help="UTC day, YYYY-MM-DD")
     p.add_argument("--edr-dir", default=None,
-                   help="EDR directory (default: 'edr' beside the ledger file)")
+                   help="EDR directory (default: storage.edr_dir, or 'edr' beside the ledger file)")
     p.add_argument("--out", default=None, help="output directory (default: report-DATE)")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--no-ledger", action="store_true",

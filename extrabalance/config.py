@@ -105,15 +105,19 @@ class NodeSection(_Model):
 
 POSTGRESQL_URL_SCHEMES = ("postgresql://", "postgres://")
 POSTGRESQL_POOL_MAX = 8  # connections per node (the adapter's default)
+POSTGRESQL_EDR_DIR_DEFAULT = "var/edr"
 
 
 class StorageSection(_Model):
     # "sqlite": the embedded ledger (`path`). "postgresql": a PostgreSQL server (`url`,
-    # its password from `password_env` / `password_file`), for the tools already on the
-    # unit-of-work port (`extrabalance ledger migrate`); the node's `run` refuses it
-    # until its lending service is on the port too (preflight.runtime_problems).
+    # its password from `password_env` / `password_file`) that several nodes may share
+    # (docs/scale-out.md).
     backend: Literal["sqlite", "postgresql"] = "sqlite"
     path: str = "var/extrabalance.db"
+    # Where this node writes its EDR files: `edr` beside `path` by default (SQLite), and
+    # `var/edr` on PostgreSQL, which has no ledger file. Each node writes its own day
+    # files (edr-YYYYMMDD.csv), so nodes sharing a ledger must not share this directory.
+    edr_dir: str | None = None
     url: str | None = None  # postgresql://USER@HOST:PORT/DATABASE, without the password
     dsn: str | None = None  # the same, under the name older configs used
     password_env: str | None = None
@@ -156,6 +160,18 @@ class StorageSection(_Model):
         if self.password_env and self.password_file:
             raise ValueError("storage.password_env and password_file: give one")
         return self
+
+    def edr_directory(self) -> Path:
+        """Where this node's EDR files go (see `edr_dir`)."""
+        if self.edr_dir:
+            return Path(self.edr_dir)
+        if self.backend == "postgresql":
+            return Path(POSTGRESQL_EDR_DIR_DEFAULT)
+        return Path(self.path).parent / "edr"
+
+    def postgresql_url_shown(self) -> str:
+        """The server's URL for messages (any password in it hidden)."""
+        return _url_shown(self.postgresql_url())
 
     def postgresql_url(self) -> str:
         """The server's URL as configured (no password)."""

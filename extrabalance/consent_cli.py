@@ -12,7 +12,7 @@ import sys
 from typing import Any, TextIO
 
 from extrabalance.core.msisdn import is_msisdn
-from extrabalance.ledger import Ledger
+from extrabalance.ledger.factory import open_ledger
 from extrabalance.service.protection import consent_rows
 
 COLUMNS = ("at", "msisdn", "action", "channel", "who", "why", "detail")
@@ -26,7 +26,7 @@ def consent_export_command(settings: Any, msisdn: str, *, as_json: bool = False,
         return 2
 
     async def read() -> list[dict[str, Any]]:
-        ledger = Ledger(settings.storage.path)
+        ledger = open_ledger(settings.storage)  # SQLite or PostgreSQL, as the node
         try:
             return await ledger.read(lambda tx: consent_rows(tx, msisdn))
         finally:

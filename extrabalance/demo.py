@@ -178,9 +178,12 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
             f"{C},400,5000,ar\n",
             encoding="utf-8",
         )
-        report = import_profiles(db_path, profiles, progress=False)
-        if report.bad_rows:
-            raise RuntimeError(f"demo profiles rejected: {report.bad_rows}")
+        if settings.storage.backend == "sqlite":
+            report = import_profiles(db_path, profiles, progress=False)
+            if report.bad_rows:
+                raise RuntimeError(f"demo profiles rejected: {report.bad_rows}")
+        else:  # the profile import is SQLite's: the same rows through the ledger port
+            await _put_profiles(settings, profiles)
 
         node = Node(settings)
         await node.start()
@@ -189,6 +192,32 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
         await in_sim.wait_connected(10.0)
         await smsc.wait_bound(10.0)
         yield DemoEnv(node, in_sim, smsc, settings, broker_kind, workdir)
+
+
+async def _put_profiles(settings: Settings, profiles: Path) -> None:
+    """The demo's profile CSV written one row at a time through the ledger port."""
+    import csv
+
+    from extrabalance.clock import SYSTEM_CLOCK
+    from extrabalance.core.model import SubscriberProfile
+    from extrabalance.ledger.factory import open_ledger
+
+    now = SYSTEM_CLOCK.now()
+    ledger = open_ledger(settings.storage)
+    try:
+        with profiles.open(encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                msisdn = row["msisdn"]
+                profile = SubscriberProfile(msisdn, int(row["tenure_days"]), int(row["arpu_minor"]))
+
+                def put(tx: Any, profile: SubscriberProfile = profile,
+                        language: str = row["language"]) -> None:
+                    tx.put_profile(profile, now)
+                    tx.set_preferences(profile.msisdn, now, language=language)
+
+                await ledger.write(put)
+    finally:
+        await ledger.close()
 
 
 async def play(env: DemoEnv, transcript: Transcript) -> Summary:

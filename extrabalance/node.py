@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -32,6 +32,7 @@ from extrabalance.config import Settings, load_settings
 from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddress, RequestTimeout
 from extrabalance.diameter.peer import LocalIdentity
 from extrabalance.ledger import Ledger
+from extrabalance.ledger.factory import NodeLedger, open_ledger
 from extrabalance.observability import EdrWriter, EventRecorder, Metrics, configure_logging
 from extrabalance.private_files import private_dir
 from extrabalance.recharge.events import RechargeEvent as WireRecharge
@@ -80,17 +81,19 @@ class Node:
         self.policy = s.policy()
         self.templates = Templates(s.templates, s.node.default_language, s.node.currency_exponent)
         self.metrics = Metrics()
-        db_path = Path(s.storage.path)
-        private_dir(db_path.parent)
-        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name, clock=clock.time,
+        if s.storage.backend == "sqlite":
+            private_dir(Path(s.storage.path).parent)
+        self.edr = EdrWriter(edr_dir or s.storage.edr_directory(), s.node.name, clock=clock.time,
                              failure_counter=self.metrics.edr_write_failures)
         self.background_errors: dict[str, str] = {}  # task name → why it ended (/readyz)
         self.events = EventRecorder(self.metrics, self.edr)
-        self.ledger = Ledger(
-            db_path,
-            batch_ops_max=s.storage.group_commit_max_ops,
-            batch_window_ms=s.storage.group_commit_wait_ms,
-        )
+        # SQLite (this node's file) or PostgreSQL (shared by the cluster's nodes),
+        # migrated before anything else opens.
+        self.ledger: NodeLedger = open_ledger(s.storage)
+        # The lending service and the resolver are typed on the SQLite ledger while
+        # their units still call the store functions; they use only the port's
+        # write/read/read_point, which both ledgers run.
+        port_ledger = cast(Ledger, self.ledger)
         rules = []
         for node in s.in_nodes:
             for r in node.ranges:
@@ -154,13 +157,13 @@ class Node:
         # Messages that report money go through the outbox: written with the money,
         # sent in the background (never awaited before a CCA, a screen or a PUBACK).
         self.outbox = OutboxSender(self.ledger, notifier, utc_now, monotonic=clock.monotonic)
-        self.lending = LendingService(self.ledger, self.in_port, self.outbox, self.events,
+        self.lending = LendingService(port_ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common,
                                       advance_confirmation_nodes=confirming_ins)
         self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
         self.payback = PaybackService(self.ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common)
-        self.resolver = Resolver(self.ledger, self.in_port, self.outbox, self.events, self.policy,
+        self.resolver = Resolver(port_ledger, self.in_port, self.outbox, self.events, self.policy,
                                  utc_now, **common, advance_confirmation_nodes=confirming_ins)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)

@@ -462,7 +462,12 @@ def report_command(config_path: str | None, day_text: str, edr_dir: str | None =
         return 2
     settings = load_settings(config_path)
     db_path = Path(settings.storage.path)
-    edrs = Path(edr_dir) if edr_dir else db_path.parent / "edr"
+    edrs = Path(edr_dir) if edr_dir else settings.storage.edr_directory()
+    if use_ledger and settings.storage.backend != "sqlite":
+        print('report: the ledger figures are read from the SQLite file; this config has '
+              'storage.backend = "postgresql": run with --no-ledger for the EDR figures',
+              file=sys.stderr)
+        return 2
     out = Path(out_dir) if out_dir else Path(f"report-{day.isoformat()}")
     try:
         figures = build_figures(day, edrs, ledger_path=db_path if use_ledger else None,

@@ -13,6 +13,11 @@ What this file owns
   Origin-Host and listening port, serving docs/protocols.md "Node → IN" and sending
   docs/protocols.md "IN → node" out-of-balance requests as a client; recharges published
   on MQTT through `simulators.recharge_publisher`.
+* Several Extra Balance nodes (docs/scale-out.md): given more than one node peer, each
+  IN node dials every one of them, spreads its out-of-balance CCRs over the open
+  connections (round robin, realm-routed: no Destination-Host, RFC 6733 §6.1) and,
+  when a node's connection goes away with requests pending, re-sends them to another
+  node with the T flag and the same End-to-End id (RFC 6733 §5.5.4).
 * The `extrabalance sim in` entry point (`main_in`).
 
 Exactly-once, as the node relies on it
@@ -564,7 +569,7 @@ class InSimulator:
     def __init__(
         self,
         nodes: Iterable[InNodeSpec],
-        node_peer: NodePeer | tuple[str, int, str, str] | None = None,
+        node_peer: NodePeer | tuple[str, int, str, str] | Iterable[NodePeer] | None = None,
         currency_numeric: int = 818,
         currency_exponent: int = 2,
         service_context_id: str = "extrabalance@3gpp.org",
@@ -589,9 +594,9 @@ class InSimulator:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"IN node names repeat: {names}")
-        if isinstance(node_peer, tuple):
-            node_peer = NodePeer(*node_peer)
-        self.node_peer = node_peer
+        self.node_peers = _node_peers(node_peer)
+        # The first node peer; the only one unless the node runs as several processes.
+        self.node_peer = self.node_peers[0] if self.node_peers else None
         self.currency = currency
         self.currency_numeric = currency_numeric
         self.currency_exponent = currency_exponent
@@ -928,13 +933,24 @@ class InSimulator:
 
     # -- IN → node: out-of-balance (we are the client) ---------------------------------
 
-    async def wait_connected(self, timeout_s: float = 5.0) -> None:
-        """Wait until every IN node has an open connection to the Extra Balance node."""
+    async def wait_connected(self, timeout_s: float = 5.0, *, every_node: bool = False) -> None:
+        """Wait until every IN node has an open connection to the Extra Balance node
+        (to each of the nodes with `every_node`, when there are several)."""
         if self.node_peer is None:
             raise RuntimeError("no node_peer configured")
         await asyncio.gather(
             *(d.wait_ready(NODE_PEER_GROUP, timeout_s) for d in self._diameter.values())
         )
+        if every_node:
+            async with asyncio.timeout(timeout_s):
+                while not all(self.open_node_peers(name) == len(self.node_peers)
+                              for name in self._diameter):
+                    await asyncio.sleep(NODE_PEER_POLL_S)
+
+    def open_node_peers(self, name: str) -> int:
+        """How many Extra Balance nodes IN node `name` has an open connection to."""
+        rows = self._diameter[name].peer_states()
+        return sum(1 for r in rows if r["group"] == NODE_PEER_GROUP and r["state"] == "Open")
 
     async def send_out_of_balance(
         self,
@@ -971,7 +987,10 @@ class InSimulator:
             origin_host=spec.origin_host,
             origin_realm=spec.realm,
             destination_realm=self.node_peer.realm,
-            destination_host=self.node_peer.origin_host,
+            # Several nodes serve the realm: realm-routed, so that any of them may take
+            # the request and its failover copy (RFC 6733 §6.1, §5.5.4).
+            destination_host=(self.node_peer.origin_host if len(self.node_peers) == 1
+                              else None),
             request_type=request_type,
             request_number=request_number,
             msisdn=msisdn,
@@ -1008,6 +1027,8 @@ class InSimulator:
             raise RequestTimeout(f"no answer within {self.request_timeout_ms} ms")
         cca = gy.parse_cca(reply, self.currency_exponent)
         stats[f"oob_result_{cca.result_code}"] += 1
+        if len(self.node_peers) > 1:
+            stats[f"oob_answered_by {_origin_host(reply)}"] += 1
         if cca.result_code == DIAMETER_SUCCESS and cca.granted_minor:
             book = self.accounts[name]
             if book.owns(msisdn):
@@ -1104,9 +1125,9 @@ class InSimulator:
         from extrabalance.diameter.node import PeerAddress
 
         assert self.node_peer is not None
-        peer = self.node_peer
         diameter.add_peer_group(
-            NODE_PEER_GROUP, peer.realm, [PeerAddress(peer.host, peer.port, peer.origin_host)]
+            NODE_PEER_GROUP, self.node_peer.realm,
+            [PeerAddress(p.host, p.port, p.origin_host) for p in self.node_peers],
         )
 
     async def _silence_sweeper(self) -> None:
@@ -1119,6 +1140,42 @@ class InSimulator:
             await asyncio.sleep(SILENCE_SWEEP_S)
 
 
+def _node_peers(
+    given: NodePeer | tuple[str, int, str, str] | Iterable[NodePeer] | None,
+) -> tuple[NodePeer, ...]:
+    """The Extra Balance nodes as a tuple: one `NodePeer` (or its 4-tuple), several, or none.
+
+    Several nodes are one Diameter realm (the IN routes to the realm, not a host), each
+    with its own Origin-Host."""
+    if given is None:
+        return ()
+    if isinstance(given, NodePeer):
+        return (given,)
+    if isinstance(given, tuple) and len(given) == 4 and isinstance(given[1], int):
+        return (NodePeer(*given),)  # type: ignore[arg-type]
+    peers = tuple(p if isinstance(p, NodePeer) else NodePeer(*p) for p in given)
+    if len(peers) > NODE_PEERS_MAX:
+        raise ValueError(f"at most {NODE_PEERS_MAX} Extra Balance nodes")
+    if len({p.realm.lower() for p in peers}) > 1:
+        raise ValueError("the Extra Balance nodes must share one realm: "
+                         + ", ".join(sorted({p.realm for p in peers})))
+    hosts = [p.origin_host.lower() for p in peers]
+    if len(set(hosts)) != len(hosts):
+        raise ValueError(f"each Extra Balance node needs its own Origin-Host: {hosts}")
+    return peers
+
+
+def _origin_host(message: Message) -> str:
+    from extrabalance.diameter.constants import AVP_ORIGIN_HOST
+
+    value = message.get(AVP_ORIGIN_HOST)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value) if value is not None else "?"
+
+
+NODE_PEERS_MAX = 64  # Extra Balance nodes one IN node dials
+NODE_PEER_POLL_S = 0.02  # how often wait_connected(every_node=True) looks again
 RECONNECT_MIN_S = 0.2  # the IN redials the node quickly: disconnect faults heal fast
 RECONNECT_MAX_S = 5.0
 SILENCE_SWEEP_S = 0.05  # how soon a new connection of a silent IN node is silenced too
@@ -1220,6 +1277,15 @@ def parse_node_arg(text: str, host: str) -> InNodeSpec:
     )
 
 
+def parse_node_peer_arg(text: str) -> NodePeer:
+    """`HOST:PORT:ORIGIN_HOST:REALM` → NodePeer."""
+    parts = text.split(":")
+    if len(parts) != 4 or not parts[1].isdigit():
+        raise ValueError(f"expected HOST:PORT:ORIGIN_HOST:REALM, got {text!r}")
+    host, port, origin_host, realm = parts
+    return NodePeer(host, int(port), origin_host, realm)
+
+
 def specs_from_config(path: str, host: str) -> tuple[list[InNodeSpec], NodePeer, dict[str, Any]]:
     """IN nodes (`[[in_nodes]]`, first peer's port), the node's own address, [node] values.
 
@@ -1265,8 +1331,11 @@ def build_in_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the IN nodes listen on")
     p.add_argument("--node", action="append", default=[], metavar="NAME,HOST,REALM,PORT,RANGES",
                    help="an IN node (repeatable); RANGES: START-END or PREFIX*, ';'-separated")
-    p.add_argument("--node-peer", metavar="HOST:PORT:ORIGIN_HOST:REALM",
-                   help="the Extra Balance node, for out-of-balance CCRs")
+    p.add_argument("--node-peer", action="append", default=[],
+                   metavar="HOST:PORT:ORIGIN_HOST:REALM",
+                   help="the Extra Balance node, for out-of-balance CCRs; repeat it for"
+                        " several nodes (one realm, each its own Origin-Host): the CCRs"
+                        " are spread over them and fail over to another when one goes")
     p.add_argument("--no-node-peer", action="store_true", help="never connect to the node")
     p.add_argument("--currency", default=None)
     p.add_argument("--currency-numeric", type=int, default=None)
@@ -1417,18 +1486,18 @@ TRAFFIC_INFLIGHT_MAX = 1000  # out-of-balance requests / recharges in flight fro
 async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     defaults: dict[str, Any] = {}
     specs: list[InNodeSpec] = []
-    peer: NodePeer | None = None
+    peers: list[NodePeer] = []
     if args.config:
-        specs, peer, defaults = specs_from_config(args.config, args.host)
+        specs, config_peer, defaults = specs_from_config(args.config, args.host)
+        peers = [config_peer]
     if args.node:
         specs = [parse_node_arg(n, args.host) for n in args.node]
     if not specs:
         parser.error("give --node (repeatable) or --config")
     if args.node_peer:
-        host, port, origin_host, realm = args.node_peer.split(":")
-        peer = NodePeer(host, int(port), origin_host, realm)
+        peers = [parse_node_peer_arg(text) for text in args.node_peer]
     if args.no_node_peer:
-        peer = None
+        peers = []
     mqtt = None
     if args.mqtt:
         mhost, _, mport = args.mqtt.rpartition(":")
@@ -1443,7 +1512,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     faults.validate()
     sim = InSimulator(
         specs,
-        peer,
+        peers or None,
         currency_numeric=args.currency_numeric or int(defaults.get("currency_numeric", 818)),
         currency_exponent=(
             args.currency_exponent if args.currency_exponent is not None
@@ -1470,7 +1539,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for spec in specs:
         print(f"IN node {spec.name} ({spec.origin_host}) on {spec.host}:{ports[spec.name]}"
               f" serving {', '.join(map(str, spec.ranges))}", flush=True)
-    if peer is not None:
+    for peer in peers:
         print(f"out-of-balance CCRs go to {peer.origin_host} at {peer.host}:{peer.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1485,7 +1554,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         rng = random.Random(args.seed)
         pool = [r.sample(rng) for s in specs for r in s.ranges for _ in range(1000)]
     tasks = []
-    if args.oob_rate > 0 and peer is not None:
+    if args.oob_rate > 0 and peers:
         tasks.append(asyncio.create_task(_traffic_loop(sim, "oob", args.oob_rate, pool, args, stop)))
     if args.recharge_rate > 0:
         tasks.append(asyncio.create_task(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
-import sqlite3
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -53,6 +52,7 @@ from extrabalance.config import (
 )
 from extrabalance.ledger.adjustments import ADJUSTMENT_KINDS, AdjustmentError, apply_write_down
 from extrabalance.ledger.ads_store import DND_PAGE_MAX
+from extrabalance.ledger.factory import ledger_errors
 from extrabalance.service.accounts import OptInRefused
 from extrabalance.service.dnd import DoNotDisturb
 from extrabalance.service.limits import limit_view
@@ -571,7 +571,7 @@ async def write_down(node: Node, msisdn: str, *, kind: str, amount_minor: int, w
                 who=who, reason=reason, now=now, loan_id=loan_id, request_id=request_id))
         except AdjustmentError as exc:
             raise HttpError(409, str(exc)) from None
-        except sqlite3.Error as exc:
+        except ledger_errors() as exc:
             raise HttpError(500, f"ledger error: {exc}") from None
     if not result.replayed:
         node.events.emit("adjustment", msisdn=msisdn, amount_minor=result.amount_minor,

@@ -227,6 +227,18 @@ def settlement_event(target: str, settlements: Mapping[str, str], key: str = "")
     return event
 
 
+def advance_settlement_event(
+    state: str, confirmed: bool, *, never_credited: bool, channel: str, repaid_minor: int
+) -> str:
+    """The event settling an advance stands for: confirmed or refused by its IN, or
+    (`never_credited`, reconciliation with the IN's records) an ACTIVE automatic
+    advance nothing was recovered of, which the IN shows it never applied."""
+    if (never_credited and not confirmed and state == ACTIVE and channel == "auto"
+            and repaid_minor == 0):
+        return ADVANCE_NEVER_CREDITED
+    return ADVANCE_CONFIRMED if confirmed else ADVANCE_REFUSED
+
+
 def render_markdown() -> str:
     """The transition tables as Markdown, as docs/ledger.md carries them."""
     lines = []

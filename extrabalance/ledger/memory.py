@@ -504,7 +504,13 @@ class MemoryLedgerTx:
         return settled
 
     def settle_advance(
-        self, loan_id: str, confirmed: bool, now: datetime, *, result_code: int | None = None
+        self,
+        loan_id: str,
+        confirmed: bool,
+        now: datetime,
+        *,
+        result_code: int | None = None,
+        never_credited: bool = False,
     ) -> LoanRow:
         loan = self._t.loans.get(loan_id)
         if loan is None:
@@ -512,11 +518,10 @@ class MemoryLedgerTx:
         new_state = ACTIVE if confirmed else FAILED
         if loan.state == new_state:
             return loan
-        sagas.loan_step(
-            loan.state,
-            sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED,
-            loan_id,
-        )
+        event = sagas.advance_settlement_event(
+            loan.state, confirmed, never_credited=never_credited, channel=loan.channel,
+            repaid_minor=loan.principal_repaid_minor + loan.fee_repaid_minor)
+        sagas.loan_step(loan.state, event, loan_id)
         settled = self._put_loan(replace(loan, state=new_state), now)
         if not confirmed:
             self._post(
@@ -547,6 +552,12 @@ class MemoryLedgerTx:
     def session_evidence(self, loan_id: str) -> tuple[int, int, int | None] | None:
         row = self._t.session_evidence.get(loan_id)
         return (row[1], row[2], row[3]) if row else None
+
+    def advances_of_in_node(self, in_node: str, until: datetime) -> list[LoanRow]:
+        at = ts(until)
+        rows = [r for r in self._t.loans.values()
+                if r.channel == "auto" and r.in_node == in_node and r.created_at <= at]
+        return sorted(rows, key=lambda r: r.created_at)
 
     def unsettled_loans(self, limit: int) -> list[LoanRow]:
         rows = [

@@ -231,6 +231,7 @@ class PostgresLedgerTx:
     settle_advance = _by_owner("loan", store.settle_advance)
     record_session_evidence = _by_owner("loan", store.record_session_evidence)
     session_evidence = _op(store.session_evidence)
+    advances_of_in_node = _op(store.advances_of_in_node)
     unsettled_loans = _op(store.unsettled_loans)
 
     def note_resolve_attempt(
@@ -382,6 +383,11 @@ class PostgresLedger:
         return self.run_sync(fn, writable=False)
 
     # -- reads the admin command and the router use --------------------------------
+
+    async def subscriber_view(self, msisdn: str) -> dict[str, Any]:
+        from extrabalance.ledger.views import subscriber_view
+
+        return await self.read(lambda tx: subscriber_view(tx, msisdn))  # type: ignore[arg-type]
 
     async def learned_route(self, msisdn: str) -> str | None:
         return await self.read_point(lambda tx: tx.learned_route(msisdn))

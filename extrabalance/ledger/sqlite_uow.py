@@ -8,9 +8,9 @@ are the port's operations (each one the function of the same name in `store.py` 
 
 Why the connection is the transaction object: every connection the ledger opens is a
 `SqliteLedgerTx` (`db.connect`), so `Ledger.write(fn)` hands `fn` an object that already
-speaks the port. A unit of work costs no wrapper object and no extra call over the
-closures that take the connection (the lending service's, until it moves onto the
-port), and both kinds share one batch and one COMMIT.
+speaks the port. A unit of work costs no wrapper object and no extra call over a
+closure that took the connection, and the ledger's own tools (which still do) share one
+batch and one COMMIT with the services.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class SqliteLedgerTx(sqlite3.Connection):
     settle_advance = store.settle_advance
     record_session_evidence = store.record_session_evidence
     session_evidence = store.session_evidence
+    advances_of_in_node = store.advances_of_in_node
     unsettled_loans = store.unsettled_loans
     note_resolve_attempt = store.note_resolve_attempt
     write_off_candidates = store.write_off_candidates

@@ -681,13 +681,9 @@ def settle_advance(
     new_state = ACTIVE if confirmed else FAILED
     if loan.state == new_state:
         return loan
-    reversible = (never_credited and not confirmed and loan.state == ACTIVE
-                  and loan.channel == "auto" and loan.principal_repaid_minor == 0
-                  and loan.fee_repaid_minor == 0)
-    if reversible:
-        event = sagas.ADVANCE_NEVER_CREDITED
-    else:
-        event = sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED
+    event = sagas.advance_settlement_event(
+        loan.state, confirmed, never_credited=never_credited, channel=loan.channel,
+        repaid_minor=loan.principal_repaid_minor + loan.fee_repaid_minor)
     sagas.loan_step(loan.state, event, loan_id)
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"

@@ -24,16 +24,16 @@ other IN, such a confirmation is a second credit: never by default.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from extrabalance.core import sagas
 from extrabalance.core.fees import fee_for
 from extrabalance.core.lending import (
     BorrowRequest,
@@ -49,7 +49,6 @@ from extrabalance.core.model import SubscriberState
 from extrabalance.core.policy import Policy
 from extrabalance.core.reasons import Reason
 from extrabalance.core.segments import match_segment
-from extrabalance.ledger import Ledger, store
 from extrabalance.service.ads import AdTrigger, Advertiser
 from extrabalance.service.limits import current_limit, limit_edr, with_limit
 from extrabalance.service.locks import SubscriberLocks
@@ -93,15 +92,12 @@ from extrabalance.service.protection import (
     with_loan_times,
 )
 from extrabalance.service.routing import RouteProber, Router
-from extrabalance.service.unit_of_work import LedgerTx
+from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
+
+if TYPE_CHECKING:  # the row type the port's loan operations return
+    from extrabalance.ledger.store import LoadedSubscriber, LoanRow
 
 log = structlog.get_logger(__name__)
-
-
-def _tx(conn: sqlite3.Connection) -> LedgerTx:
-    """The ledger's connections are its `SqliteLedgerTx`: the port's transaction (this
-    service's own closures still take the connection until it moves onto the port)."""
-    return cast("LedgerTx", conn)
 
 # A menu asked for while an operation of the same subscriber is finishing (a loan
 # answered on USSD whose settlement is being made durable, a payback) waits this long
@@ -153,11 +149,11 @@ def borrow_key(idempotency_key: str) -> str:
     return f"borrow:{idempotency_key}"
 
 
-def outcome_of_loan(loan: store.LoanRow, debt_minor: int) -> BorrowOutcome:
+def outcome_of_loan(loan: LoanRow, debt_minor: int) -> BorrowOutcome:
     """The borrow answer a loan row stands for (used for replays and the resolver)."""
-    if loan.state in store.LOAN_UNSETTLED_STATES:
+    if loan.state in sagas.LOAN_UNSETTLED_STATES:
         status, reason = BorrowStatus.PENDING, Reason.IN_UNAVAILABLE
-    elif loan.state == store.FAILED:
+    elif loan.state == sagas.FAILED:
         status, reason = BorrowStatus.REFUSED, Reason.IN_REFUSED
     else:
         status, reason = BorrowStatus.GRANTED, None
@@ -173,28 +169,28 @@ def refused_advance(loan_id: str, *, replayed: bool = False) -> AdvanceOutcome:
     )
 
 
-def advance_outcome_of_loan(loan: store.LoanRow) -> AdvanceOutcome:
+def advance_outcome_of_loan(loan: LoanRow) -> AdvanceOutcome:
     """The CCA a granted advance stands for, for a retransmitted CCR: the grant again,
     or 4012 once its confirmation was refused (as `confirm_advance` records it)."""
-    if loan.state == store.FAILED:
+    if loan.state == sagas.FAILED:
         return refused_advance(loan.loan_id, replayed=True)
     return AdvanceOutcome(DIAMETER_SUCCESS, loan.principal_minor, None, loan.loan_id, replayed=True)
 
 
 def settle_borrow(
-    conn: sqlite3.Connection, loan_id: str, result: InResult, now: datetime
+    tx: LedgerTx, loan_id: str, result: InResult, now: datetime
 ) -> BorrowOutcome:
     """Settle a CREDITING/UNKNOWN loan from the IN's answer (saga step 3 / resolver)."""
     if result.outcome is InOutcome.DONE:
-        new_state = store.ACTIVE
+        new_state = sagas.ACTIVE
     elif result.outcome is InOutcome.REFUSED:
-        new_state = store.FAILED
+        new_state = sagas.FAILED
     else:
-        new_state = store.UNKNOWN
-    loan = store.settle_loan(conn, loan_id, new_state, now, result_code=result.result_code)
-    outcome = outcome_of_loan(loan, store.debt_owed(conn, loan.msisdn))
-    if new_state != store.UNKNOWN and loan.idempotency_key:
-        store.idempotent_replace(conn, loan.idempotency_key, outcome.to_json(), now)
+        new_state = sagas.UNKNOWN
+    loan = tx.settle_loan(loan_id, new_state, now, result_code=result.result_code)
+    outcome = outcome_of_loan(loan, tx.debt_owed(loan.msisdn))
+    if new_state != sagas.UNKNOWN and loan.idempotency_key:
+        tx.idempotent_replace(loan.idempotency_key, outcome.to_json(), now)
     return outcome
 
 
@@ -221,7 +217,7 @@ class ConfirmStatus(Enum):
 
 
 async def confirm_advance(
-    ledger: Ledger,
+    ledger: UnitOfWork,
     in_port: InPort,
     events: EventSink,
     locks: SubscriberLocks,
@@ -240,8 +236,8 @@ async def confirm_advance(
     after a crash that may have happened after an earlier send).
     """
     async with locks.hold(msisdn):
-        loan = await ledger.read(lambda conn: store.get_loan(conn, loan_id))
-        if loan is None or loan.state != store.CONFIRMING:
+        loan = await ledger.read(lambda tx: tx.get_loan(loan_id))
+        if loan is None or loan.state != sagas.CONFIRMING:
             return ConfirmStatus.GONE
         if loan.diameter_session_id is None or loan.in_node is None:
             log.error("advance_without_key", loan_id=loan_id)  # never written so
@@ -263,15 +259,13 @@ async def confirm_advance(
         confirmed = result.outcome is InOutcome.DONE
         now = clock()
 
-        def settle(conn: sqlite3.Connection) -> int:
-            row = store.settle_advance(
-                conn, loan_id, confirmed, now, result_code=result.result_code
-            )
+        def settle(tx: LedgerTx) -> int:
+            row = tx.settle_advance(loan_id, confirmed, now, result_code=result.result_code)
             if not confirmed and row.idempotency_key:
                 # A late retransmission of the IN's CCR must not grant it again.
                 refused = refused_advance(loan_id)
-                store.idempotent_replace(conn, row.idempotency_key, refused.to_json(), now)
-            return store.debt_owed(conn, msisdn)
+                tx.idempotent_replace(row.idempotency_key, refused.to_json(), now)
+            return tx.debt_owed(msisdn)
 
         debt_minor = await ledger.write(settle)
         events.emit(
@@ -313,7 +307,7 @@ class _Intent:
 class LendingService:
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: UnitOfWork,
         in_port: InPort,
         notifier: NoticeOutbox,
         events: EventSink,
@@ -415,16 +409,16 @@ class LendingService:
             above = await self._balance_above_limit(msisdn, static_node, channel)
             limits: list[Limit] = []  # his limit from behaviour, when that policy is on
 
-            def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
-                prior = store.idempotent_get(conn, key)
+            def record_intent(tx: LedgerTx) -> BorrowOutcome | _Intent:
+                prior = tx.idempotent_get(key)
                 if prior is not None:
                     return BorrowOutcome.from_json(prior, replayed=True)
-                loan = store.loan_by_idempotency_key(conn, key)
+                loan = tx.loan_by_idempotency_key(key)
                 if loan is not None:  # intent not settled yet, or its outcome purged
                     return replace(
-                        outcome_of_loan(loan, store.debt_owed(conn, msisdn)), replayed=True
+                        outcome_of_loan(loan, tx.debt_owed(msisdn)), replayed=True
                     )
-                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 in_node = loaded.learned_in_node or static_node
                 if in_node is None:
                     refused = BorrowOutcome(
@@ -432,20 +426,20 @@ class LendingService:
                         Reason.UNKNOWN_SUBSCRIBER,
                         debt_minor=loaded.state.debt_minor,
                     )
-                    store.idempotent_put(conn, key, refused.to_json(), now)
+                    tx.idempotent_put(key, refused.to_json(), now)
                     if channel != "auto":
-                        self.notifier.put(_tx(conn), loan_notice(refused, msisdn, loaded.state.language), now)
+                        self.notifier.put(tx, loan_notice(refused, msisdn, loaded.state.language), now)
                     return refused
                 state = loaded.state
                 if above is not None:  # the IN says: more than the limit left
                     state = replace(state, balance_minor=above)
-                state, limit = with_limit(conn, state, self.policy, now)  # type: ignore[arg-type]
+                state, limit = with_limit(tx, state, self.policy, now)
                 limits.extend([limit] if limit else [])
-                state = with_loan_times(_tx(conn), state, self.policy, now)
+                state = with_loan_times(tx, state, self.policy, now)
                 decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy, now)
                 if not isinstance(decision, Granted):
                     if channel != "auto":
-                        audit_consent(_tx(conn), self.policy, msisdn, LOAN_REFUSED, channel, now,
+                        audit_consent(tx, self.policy, msisdn, LOAN_REFUSED, channel, now,
                                       {"reason": decision.reason.value, "tier_id": tier_id},
                                       who="node", why=decision.detail)
                     refused = BorrowOutcome(
@@ -454,17 +448,16 @@ class LendingService:
                         tier_id=tier_id,
                         debt_minor=loaded.state.debt_minor,
                     )
-                    store.idempotent_put(conn, key, refused.to_json(), now)
+                    tx.idempotent_put(key, refused.to_json(), now)
                     if channel != "auto":
-                        self.notifier.put(_tx(conn), loan_notice(refused, msisdn, loaded.state.language), now)
+                        self.notifier.put(tx, loan_notice(refused, msisdn, loaded.state.language), now)
                     return refused
-                loan_id = store.insert_loan(
-                    conn,
+                loan_id = tx.insert_loan(
                     msisdn=msisdn,
                     tier_id=decision.tier.tier_id,
                     principal_minor=decision.amount_minor,
                     fee_minor=decision.fee_minor,
-                    state=store.CREDITING,
+                    state=sagas.CREDITING,
                     channel=channel,
                     idempotency_key=key,
                     in_node=in_node,
@@ -473,7 +466,7 @@ class LendingService:
                     subscriber_known=loaded.known,
                 )
                 if channel != "auto":  # what he agreed to, with the loan it asked for
-                    audit_consent(_tx(conn), self.policy, msisdn, LOAN_CONSENT, channel, now, {
+                    audit_consent(tx, self.policy, msisdn, LOAN_CONSENT, channel, now, {
                         "tier_id": decision.tier.tier_id, "loan_id": loan_id,
                         **figures(decision.amount_minor, decision.fee_minor)})
                 return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language,
@@ -513,10 +506,10 @@ class LendingService:
             result = InResult(InOutcome.REFUSED, result.result_code)
         now = self.clock()
 
-        def settle(conn: sqlite3.Connection) -> BorrowOutcome:
-            settled = settle_borrow(conn, step.loan_id, result, now)
+        def settle(tx: LedgerTx) -> BorrowOutcome:
+            settled = settle_borrow(tx, step.loan_id, result, now)
             # The message that reports it, in the same commit (sent after, never awaited).
-            self.notifier.put(_tx(conn), loan_notice(settled, msisdn, step.language), now)
+            self.notifier.put(tx, loan_notice(settled, msisdn, step.language), now)
             return settled
 
         if answer is None:
@@ -573,7 +566,7 @@ class LendingService:
 
     async def _language(self, msisdn: str) -> str:
         loaded = await self.ledger.read_point(
-            lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
+            lambda tx: tx.load_subscriber(msisdn, default_language=self.default_language)
         )
         return loaded.state.language
 
@@ -597,12 +590,11 @@ class LendingService:
         await self.locks.settled(msisdn, SETTLED_READ_WAIT_S)
         now = self.clock()
 
-        def read(conn: sqlite3.Connection) -> tuple[store.LoadedSubscriber, Limit | None]:
-            loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+        def read(tx: LedgerTx) -> tuple[LoadedSubscriber, Limit | None]:
+            loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
             if self.policy.protection.counts_loans:  # the menu shows a cap or a pause
-                loaded = replace(
-                    loaded, state=with_loan_times(_tx(conn), loaded.state, self.policy, now))
-            return loaded, current_limit(conn, loaded.state, self.policy, now)  # type: ignore[arg-type]
+                loaded = replace(loaded, state=with_loan_times(tx, loaded.state, self.policy, now))
+            return loaded, current_limit(tx, loaded.state, self.policy, now)
 
         loaded, limit = await self.ledger.read_point(read)
         s = loaded.state
@@ -641,17 +633,16 @@ class LendingService:
         now = self.clock()
         protection = self.policy.protection
 
-        def change(conn: sqlite3.Connection) -> str | None:
-            tx = _tx(conn)
+        def change(tx: LedgerTx) -> str | None:
             auto = auto_advance
             waits: str | None = None
             if auto and protection.double_opt_in:
-                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 if not loaded.state.auto_advance_opt_in:
                     self._ask_auto_advance(tx, loaded.state, channel, now)
                     auto, waits = None, "confirm_by_sms"
-            store.set_preferences(conn, msisdn, now, auto_advance=auto,
-                                  ads_opt_out=ads_opt_out, language=language)
+            tx.set_preferences(msisdn, now, auto_advance=auto, ads_opt_out=ads_opt_out,
+                               language=language)
             if auto is not None:
                 audit_consent(tx, self.policy, msisdn,
                               AUTO_ADVANCE_ON if auto else AUTO_ADVANCE_OFF, channel, now)
@@ -691,8 +682,7 @@ class LendingService:
             return
         now = self.clock()
         await self.ledger.write(
-            lambda conn: audit_consent(_tx(conn), self.policy, msisdn, action, channel, now,
-                                       detail))
+            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail))
 
     async def sms_loan(
         self, msisdn: str, tier_id: int | None, idempotency_key: str
@@ -712,8 +702,7 @@ class LendingService:
             now = self.clock()
             ask_key = f"smsask:{idempotency_key}"
 
-            def ask(conn: sqlite3.Connection) -> None:
-                tx = _tx(conn)
+            def ask(tx: LedgerTx) -> None:
                 if tx.idempotent_get(ask_key) is not None:
                     return  # the SMSC's re-send of the same LOAN: asked already
                 tx.idempotent_put(ask_key, {"asked": True}, now)
@@ -737,7 +726,7 @@ class LendingService:
         YES to the same request lends nothing more."""
         now = self.clock()
         request = await self.ledger.read_point(
-            lambda conn: pending_request(_tx(conn), msisdn, self.policy, now))
+            lambda tx: pending_request(tx, msisdn, self.policy, now))
         if request is None:
             return "nothing_to_confirm"
         if request.action == LOAN_CONFIRM_REQUESTED:
@@ -755,10 +744,9 @@ class LendingService:
         async with self.locks.hold(msisdn):
             now = self.clock()
 
-            def turn_on(conn: sqlite3.Connection) -> None:
-                tx = _tx(conn)
-                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
-                store.set_preferences(conn, msisdn, now, auto_advance=True)
+            def turn_on(tx: LedgerTx) -> None:
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
+                tx.set_preferences(msisdn, now, auto_advance=True)
                 tx.audit(msisdn, AUTO_ADVANCE_ON, WHO_SUBSCRIBER, "sms reply", now,
                          {"channel": "sms", "request": request.audit_id})
                 self.notifier.put(tx, Notice(msisdn, "auto_advance_on_sms", {}, "sms",
@@ -801,13 +789,13 @@ class LendingService:
     async def _probe_route(self, msisdn: str, now: datetime) -> str | None:
         """No static or cached route: a learned one from the ledger, else ask the IN
         nodes (CHECK_BALANCE, moves no money) and remember the one that knows him."""
-        learned = await self.ledger.learned_route(msisdn)
+        learned = await self.ledger.read_point(lambda tx: tx.learned_route(msisdn))
         if learned is not None:
             return learned
         assert self.prober is not None
         found = await self.prober.probe(msisdn)
         if found is not None:
-            await self.ledger.write(lambda c: store.learn_route(c, msisdn, found, now))
+            await self.ledger.write(lambda tx: tx.learn_route(msisdn, found, now))
             self.router.learn(msisdn, found)
         return found
 
@@ -845,54 +833,53 @@ class LendingService:
             now = self.clock()
             static_node = self.router.static_route(msisdn)
             confirms = origin_host in self.advance_confirmation_nodes
-            granted: list[store.LoanRow] = []  # the advance as written (spares a read after)
-            evidenced: list[store.LoanRow] = []  # an advance the IN's session confirmed
+            granted: list[LoanRow] = []  # the advance as written (spares a read after)
+            evidenced: list[LoanRow] = []  # an advance the IN's session confirmed
 
-            def answer(conn: sqlite3.Connection) -> tuple[AdvanceOutcome, SubscriberState | None]:
-                prior = store.idempotent_get(conn, key)
+            def answer(tx: LedgerTx) -> tuple[AdvanceOutcome, SubscriberState | None]:
+                prior = tx.idempotent_get(key)
                 if prior is not None:
                     return AdvanceOutcome.from_json(prior, replayed=True), None
-                advance = store.loan_by_idempotency_key(conn, key)
+                advance = tx.loan_by_idempotency_key(key)
                 if advance is not None:  # granted; its outcome row was purged
                     return advance_outcome_of_loan(advance), None
 
                 def done(
                     outcome: AdvanceOutcome, state: SubscriberState | None
                 ) -> tuple[AdvanceOutcome, SubscriberState | None]:
-                    store.idempotent_put(conn, key, outcome.to_json(), now)
+                    tx.idempotent_put(key, outcome.to_json(), now)
                     return outcome, state
 
                 if (request_type in (CC_REQUEST_TYPE_UPDATE, CC_REQUEST_TYPE_TERMINATION)
-                        and not _session_known(conn, session_id)):
+                        and not _session_known(tx, session_id)):
                     # RFC 4006 §5.1: UPDATE and TERMINATION continue a session opened
                     # by an INITIAL (CC-Request-Number 0); none was seen.
                     return done(AdvanceOutcome(DIAMETER_UNKNOWN_SESSION_ID), None)
                 if request_type in (CC_REQUEST_TYPE_UPDATE, CC_REQUEST_TYPE_TERMINATION):
                     evidenced.extend(_session_evidence(
-                        _tx(conn), session_id, request_type, request_number, used_minor, now))
+                        tx, session_id, request_type, request_number, used_minor, now))
                 if request_type == CC_REQUEST_TYPE_TERMINATION:
                     return done(AdvanceOutcome(DIAMETER_SUCCESS), None)
-                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 has_profile = loaded.state.profile is not None
                 if static_node is None and loaded.learned_in_node is None and not has_profile:
                     return done(
                         AdvanceOutcome(DIAMETER_USER_UNKNOWN, None, Reason.UNKNOWN_SUBSCRIBER), None
                     )
                 if loaded.learned_in_node != origin_host:
-                    store.learn_route(conn, msisdn, origin_host, now)
-                state, _limit = with_limit(conn, loaded.state, self.policy, now)  # type: ignore[arg-type]
-                state = with_loan_times(_tx(conn), state, self.policy, now)
+                    tx.learn_route(msisdn, origin_host, now)
+                state, _limit = with_limit(tx, loaded.state, self.policy, now)
+                state = with_loan_times(tx, state, self.policy, now)
                 decision = decide(BorrowRequest(msisdn, None, "auto"), state, self.policy, now)
                 if isinstance(decision, Granted):
                     if deadline_monotonic is not None and time.monotonic() > deadline_monotonic:
                         return AdvanceOutcome(DIAMETER_TOO_BUSY, None, Reason.IN_UNAVAILABLE), None
-                    loan_id = store.insert_loan(
-                        conn,
+                    loan_id = tx.insert_loan(
                         msisdn=msisdn,
                         tier_id=decision.tier.tier_id,
                         principal_minor=decision.amount_minor,
                         fee_minor=decision.fee_minor,
-                        state=store.CONFIRMING if confirms else store.ACTIVE,
+                        state=sagas.CONFIRMING if confirms else sagas.ACTIVE,
                         channel="auto",
                         idempotency_key=key,
                         in_node=origin_host,
@@ -901,11 +888,11 @@ class LendingService:
                         request_number=request_number,
                         subscriber_known=True,  # load_subscriber or learn_route wrote it
                     )
-                    loan = store.get_loan(conn, loan_id)
+                    loan = tx.get_loan(loan_id)
                     if loan is not None:
                         granted.append(loan)
                     debt_minor = loaded.state.debt_minor + decision.amount_minor + decision.fee_minor
-                    self.notifier.put(_tx(conn), Notice(
+                    self.notifier.put(tx, Notice(
                         msisdn,
                         "advance_granted",
                         {"amount": decision.amount_minor, "fee": decision.fee_minor,
@@ -996,11 +983,11 @@ class LendingService:
         state: SubscriberState,
         requested_minor: int | None,
         now: datetime,
-        granted: store.LoanRow | None = None,
+        granted: LoanRow | None = None,
     ) -> None:
         if outcome.result_code == DIAMETER_SUCCESS and outcome.granted_minor is not None:
             loan = granted or await self.ledger.read_point(
-                lambda conn: store.get_loan(conn, outcome.loan_id or "")
+                lambda tx: tx.get_loan(outcome.loan_id or "")
             )
             assert loan is not None
             debt_minor = state.debt_minor + loan.principal_minor + loan.fee_minor
@@ -1032,24 +1019,24 @@ class LendingService:
             self.ads.fire_offer(msisdn, AdTrigger.OUT_OF_BALANCE)
 
 
-def _session_known(conn: sqlite3.Connection, session_id: str) -> bool:
+def _session_known(tx: LedgerTx, session_id: str) -> bool:
     """Whether the IN opened this credit-control session with an INITIAL_REQUEST
     (CC-Request-Number 0, RFC 4006 §8.2): its answer is still kept, or it granted
     an advance (kept with the loan after the answer was purged)."""
     key = f"ccr:{session_id}:0"
-    return (store.idempotent_get(conn, key) is not None
-            or store.loan_by_idempotency_key(conn, key) is not None)
+    return (tx.idempotent_get(key) is not None
+            or tx.loan_by_idempotency_key(key) is not None)
 
 
 def _session_evidence(tx: LedgerTx, session_id: str, request_type: int,
                       request_number: int, used_minor: int | None,
-                      now: datetime) -> list[store.LoanRow]:
+                      now: datetime) -> list[LoanRow]:
     """An UPDATE or TERMINATION continuing a session whose INITIAL granted an advance
     shows the IN received that CCA and applied the grant (RFC 4006 §5.2; its
     Used-Service-Unit, §8.19, reports what it consumed): recorded once on the advance,
     with an audit line. The advance if this request recorded it."""
     loan = tx.loan_by_idempotency_key(f"ccr:{session_id}:0")
-    if loan is None or loan.state in (store.FAILED, store.REQUESTED):
+    if loan is None or loan.state in (sagas.FAILED, sagas.REQUESTED):
         return []
     if not tx.record_session_evidence(loan.loan_id, session_id, request_type,
                                       request_number, used_minor, now):

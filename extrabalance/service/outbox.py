@@ -122,6 +122,9 @@ class OutboxSender:
 
     async def _run(self) -> None:
         while True:
+            # Cleared before the read, not after: a wake that comes while the read runs
+            # (a row committed after the read's snapshot) starts the next read at once.
+            self._wake.clear()
             try:
                 started = await self.send_due()
             except Exception:
@@ -129,7 +132,6 @@ class OutboxSender:
                 started = 0
             if started:
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
 

@@ -27,17 +27,18 @@ Adapters:
   (`ledger/sqlite_uow.py`), so the port costs no extra object or call per operation.
 * In memory (`extrabalance.ledger.memory`): the same operations and invariants over
   plain dicts, for the service tests; `tests/ledger/test_unit_of_work_contract.py` runs
-  one set of tests against both.
+  one set of tests against all three.
+* PostgreSQL (`extrabalance.ledger.postgres`): psycopg 3 synchronous connections on a
+  small thread pool, one transaction per `write(fn)` (no group commit: the database's
+  own commit does the batching), `fn` running on the pool thread. The first operation
+  of a write unit that names a subscriber (directly, or through a loan, recovery or
+  request key of his) takes `SELECT ... FROM subscribers WHERE msisdn = %s FOR UPDATE`,
+  which serialises one subscriber's units of work across nodes sharing the database the
+  way `SubscriberLocks` serialises them inside one node. That is why a service calls
+  the port's operations and never the SQL functions behind them with a connection:
+  those take no lock. `write_staged` is `write` (the answer waits for the commit).
 
-Design for a PostgreSQL adapter (not built; the scale-out issue): psycopg 3 synchronous
-connections on a small thread pool, one transaction per `write(fn)` (no group commit:
-the database's own commit does the batching), `fn` running on the pool thread. The
-first operation that names a subscriber takes `SELECT ... FROM subscribers WHERE msisdn
-= %s FOR UPDATE`, which serialises the units of work of one subscriber across nodes
-sharing the database the way `SubscriberLocks` serialises them inside one node; the
-business SQL of `ledger/store.py` is already portable (`tests/ledger/test_portable_sql.py`).
-`write_staged` would be `write` (the answer waits for the commit). Nothing in this
-protocol assumes one process, one connection or the event-loop thread.
+Nothing in this protocol assumes one process, one connection or the event-loop thread.
 """
 
 from __future__ import annotations
@@ -166,9 +167,22 @@ class LedgerTx(Protocol):
         ...
 
     def settle_advance(
-        self, loan_id: str, confirmed: bool, now: datetime, *, result_code: int | None = None
+        self,
+        loan_id: str,
+        confirmed: bool,
+        now: datetime,
+        *,
+        result_code: int | None = None,
+        never_credited: bool = False,
     ) -> LoanRow:
-        """Settle a CONFIRMING advance; refused reverses its journal entry."""
+        """Settle a CONFIRMING advance; refused reverses its journal entry.
+        `never_credited` (reconciliation with the IN's own records): an ACTIVE advance
+        with nothing recovered yet is reversed the same way."""
+        ...
+
+    def advances_of_in_node(self, in_node: str, until: datetime) -> list[LoanRow]:
+        """Automatic advances granted to `in_node`'s requests up to `until`, oldest
+        first (reconciliation with that IN's records; may scan)."""
         ...
 
     def record_session_evidence(

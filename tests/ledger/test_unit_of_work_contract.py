@@ -282,6 +282,49 @@ async def test_an_advance_confirmed_or_reversed(uow: UnitOfWork) -> None:
     await uow.read(lambda tx: _balanced(tx, M1))
 
 
+def _advance(tx: LedgerTx, key: str, in_node: str, now: datetime, msisdn: str = M1) -> str:
+    return tx.insert_loan(
+        msisdn=msisdn,
+        tier_id=1,
+        principal_minor=500,
+        fee_minor=50,
+        state=sagas.ACTIVE,
+        channel="auto",
+        idempotency_key=f"ccr:{key}:0",
+        in_node=in_node,
+        session_id=key,
+        now=now,
+    )
+
+
+async def test_advances_of_an_in_node_and_one_it_never_credited(uow: UnitOfWork) -> None:
+    early = await uow.write(lambda tx: _advance(tx, "a", "in-a", NOW))
+    later = await uow.write(lambda tx: _advance(tx, "b", "in-a", NOW + timedelta(hours=1)))
+    await uow.write(lambda tx: _advance(tx, "c", "in-b", NOW))
+    borrow = await uow.write(lambda tx: _loan(tx))  # a borrow to in-a: not an advance
+    found = await uow.read(lambda tx: tx.advances_of_in_node("in-a", NOW + timedelta(hours=2)))
+    assert [loan.loan_id for loan in found] == [early, later]
+    cut = await uow.read(lambda tx: tx.advances_of_in_node("in-a", NOW))
+    assert [loan.loan_id for loan in cut] == [early]
+    assert await uow.read(lambda tx: tx.advances_of_in_node("in-z", NOW)) == []
+    # An ACTIVE advance is not refused by a plain settlement, only reversed when the
+    # IN's records show it never credited it.
+    with pytest.raises(sagas.LedgerInvariantError):
+        await uow.write(lambda tx: tx.settle_advance(early, False, NOW))
+    debt = await uow.read(lambda tx: tx.debt_owed(M1))
+    reversed_ = await uow.write(
+        lambda tx: tx.settle_advance(early, False, NOW, never_credited=True))
+    assert reversed_.state == sagas.FAILED
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == debt - 550
+    again = await uow.write(lambda tx: tx.settle_advance(early, False, NOW, never_credited=True))
+    assert again.state == sagas.FAILED
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == debt - 550
+    # A borrow (not an advance) is never reversed so.
+    with pytest.raises(sagas.LedgerInvariantError):
+        await uow.write(lambda tx: tx.settle_advance(borrow, False, NOW, never_credited=True))
+    await uow.read(lambda tx: _balanced(tx, M1))
+
+
 async def test_session_evidence_recorded_once_on_the_advance(uow: UnitOfWork) -> None:
     loan_id = await uow.write(lambda tx: _loan(tx, key="ccr:s:0"))
     assert await uow.read(lambda tx: tx.session_evidence(loan_id)) is None

@@ -1,7 +1,8 @@
 """The services that run on the unit-of-work port (accounts, retention, payback, ads,
 campaigns), each case run on the SQLite ledger, the in-memory one and the PostgreSQL
-one with the same assertions. Debt is set up through the port (`insert_loan`), not the lending service,
-which still speaks SQL."""
+one with the same assertions. Debt is set up through the port (`insert_loan`); the
+lending service and the resolver have their own cases on the three ledgers
+(`test_lending_on_three_ledgers.py`)."""
 
 from __future__ import annotations
 

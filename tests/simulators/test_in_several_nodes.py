@@ -1,0 +1,141 @@
+"""The IN simulator in front of several Extra Balance nodes, over real Diameter on
+127.0.0.1.
+
+Two nodes are played by the shared DiameterNode, each with its own Origin-Host in one
+realm. The IN dials both, spreads its out-of-balance CCRs over them, and when one
+node's connection goes away with a CCR pending, re-sends that CCR to the other with
+the T flag and the same End-to-End id (RFC 6733 §5.5.4); the grant is credited once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from extrabalance.diameter import codec, gy
+from extrabalance.diameter.node import DiameterNode, LocalIdentity
+from simulators.in_node import (
+    InNodeSpec,
+    InSimulator,
+    MsisdnRange,
+    NodePeer,
+    _drop_connections,
+    parse_node_peer_arg,
+)
+
+REALM = "test"
+SUB = "201000000001"
+GRANT_MINOR = 300
+TIMEOUT_S = 5.0
+
+
+@dataclass
+class Node:
+    """One Extra Balance node as the IN sees it: what reached it, on the wire."""
+
+    origin_host: str
+    diameter: DiameterNode | None = None
+    port: int = 0
+    # (Session-Id, CC-Request-Number, End-to-End id, T flag, Destination-Host)
+    seen: list[tuple[str, int, int, bool, str | None]] = field(default_factory=list)
+    hold: asyncio.Event | None = None  # set: answer; None: answer at once
+    received: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def start_node(node: Node) -> None:
+    async def handler(msg: codec.Message, peer: str) -> codec.Message:
+        ccr = gy.parse_ccr(msg)
+        node.seen.append((ccr.session_id, ccr.request_number, msg.end_to_end_id,
+                          msg.is_retransmit, ccr.destination_host))
+        node.received.set()
+        if node.hold is not None:
+            await node.hold.wait()
+        return gy.build_cca(msg, node.origin_host, REALM, 2001, GRANT_MINOR,
+                            currency_numeric=818, currency_exponent=2)
+
+    node.diameter = DiameterNode(
+        LocalIdentity(node.origin_host, REALM), allowed_peers=None, request_handler=handler,
+        watchdog_s=5.0, request_timeout_ms=2000,
+    )
+    node.port = await node.diameter.listen("127.0.0.1", 0)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[tuple[InSimulator, Node, Node]]:
+    first, second = Node("eb1.test"), Node("eb2.test")
+    await start_node(first)
+    await start_node(second)
+    sim = InSimulator(
+        [InNodeSpec("in-a", "in-a.test", REALM, ranges=(MsisdnRange.parse("2010*"),))],
+        [NodePeer("127.0.0.1", n.port, n.origin_host, REALM) for n in (first, second)],
+        seed=3, request_timeout_ms=2000,
+    )
+    await sim.start()
+    try:
+        await sim.wait_connected(TIMEOUT_S, every_node=True)
+        yield sim, first, second
+    finally:
+        await sim.close()
+        for n in (first, second):
+            assert n.diameter is not None
+            await n.diameter.close()
+
+
+async def test_out_of_balance_ccrs_are_spread_over_the_nodes_realm_routed(
+    cluster: tuple[InSimulator, Node, Node],
+) -> None:
+    sim, first, second = cluster
+    for _ in range(6):
+        result, granted = await sim.send_out_of_balance(SUB)
+        assert (result, granted) == (2001, GRANT_MINOR)
+    assert len(first.seen) == len(second.seen) == 3
+    # Any node of the realm may take a CCR: none names a Destination-Host.
+    assert {row[4] for row in first.seen + second.seen} == {None}
+    assert sim.balance(SUB) == 6 * GRANT_MINOR
+    stats = sim.stats["in-a"]
+    assert stats["oob_answered_by eb1.test"] == stats["oob_answered_by eb2.test"] == 3
+
+
+async def test_a_node_lost_with_a_ccr_pending_the_ccr_goes_to_the_other_with_the_t_flag(
+    cluster: tuple[InSimulator, Node, Node],
+) -> None:
+    sim, first, second = cluster
+    # Both nodes hold their answer, so whichever gets the CCR first keeps it pending.
+    first.hold, second.hold = asyncio.Event(), asyncio.Event()
+    pending = asyncio.create_task(sim.send_out_of_balance(SUB))
+    done, _ = await asyncio.wait(
+        [asyncio.create_task(first.received.wait()), asyncio.create_task(second.received.wait())],
+        timeout=TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+    assert done, "the CCR reached no node"
+    lost, survivor = (first, second) if first.seen else (second, first)
+    survivor.hold.set()  # type: ignore[union-attr]
+    # The node that has the CCR crashes: its connections go without a DPR.
+    assert lost.diameter is not None
+    assert await _drop_connections(lost.diameter) >= 1
+    result, granted = await asyncio.wait_for(pending, TIMEOUT_S)
+    assert (result, granted) == (2001, GRANT_MINOR)
+    [(sid, number, e2e, t_flag, _dest)] = lost.seen
+    assert not t_flag
+    # The copy the survivor got: same Session-Id, CC-Request-Number and End-to-End id,
+    # the T flag set (it may have been received).
+    assert survivor.seen == [(sid, number, e2e, True, None)]
+    assert sim.balance(SUB) == GRANT_MINOR  # credited once
+    assert sim.nonstandard()["nonstandard_end_to_end_changed"] == 0
+
+
+def test_node_peers_must_share_a_realm_and_have_their_own_origin_host() -> None:
+    spec = InNodeSpec("in-a", "in-a.test", REALM, ranges=(MsisdnRange.parse("2010*"),))
+    with pytest.raises(ValueError, match="one realm"):
+        InSimulator([spec], [NodePeer("127.0.0.1", 1, "eb1.test", "a"),
+                             NodePeer("127.0.0.1", 2, "eb2.test", "b")])
+    with pytest.raises(ValueError, match="own Origin-Host"):
+        InSimulator([spec], [NodePeer("127.0.0.1", 1, "eb1.test", REALM),
+                             NodePeer("127.0.0.1", 2, "EB1.test", REALM)])
+    one = InSimulator([spec], NodePeer("127.0.0.1", 1, "eb1.test", REALM))
+    assert one.node_peers == (one.node_peer,)
+    assert parse_node_peer_arg("127.0.0.1:3869:eb2.x:x") == NodePeer("127.0.0.1", 3869, "eb2.x", "x")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_node_peer_arg("127.0.0.1:eb2.x:x")
