@@ -347,6 +347,48 @@ def audit(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One line of a subscriber's audit trail (oldest first when listed)."""
+
+    audit_id: str
+    action: str
+    who: str
+    why: str
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+AUDIT_TRAIL_MAX = 10_000  # lines of one subscriber's trail read at once at most
+
+
+def audit_trail(
+    conn: sqlite3.Connection, msisdn: str, actions: tuple[str, ...] = (), limit: int = AUDIT_TRAIL_MAX
+) -> list[AuditRow]:
+    """His audit lines (only `actions` when given), oldest first, the newest `limit`."""
+    where = f" AND action IN ({_marks(actions)})" if actions else ""
+    rows = conn.execute(
+        "SELECT audit_id, action, who, why, detail, created_at FROM audit"
+        f" WHERE msisdn = ?{where} ORDER BY created_at DESC, audit_id DESC LIMIT ?",
+        (msisdn, *actions, max(0, min(limit, AUDIT_TRAIL_MAX))),
+    ).fetchall()
+    return [
+        AuditRow(r[0], r[1], r[2], r[3], json.loads(r[4] or "{}"), datetime.fromisoformat(r[5]))
+        for r in reversed(rows)
+    ]
+
+
+def loan_times(conn: sqlite3.Connection, msisdn: str, since: datetime) -> tuple[datetime, ...]:
+    """When his loans and advances that did not fail were taken, since `since`
+    (the consumer-protection cap and cooling-off count them)."""
+    rows = conn.execute(
+        "SELECT created_at FROM loans WHERE msisdn = ? AND created_at >= ? AND state != ?"
+        " ORDER BY created_at",
+        (msisdn, ts(since), FAILED),
+    ).fetchall()
+    return tuple(datetime.fromisoformat(r[0]) for r in rows)
+
+
 def set_bar(
     conn: sqlite3.Connection, msisdn: str, barred: bool, reason: str | None, who: str, now: datetime
 ) -> None:
