@@ -58,7 +58,8 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
     private_dir(db_path.parent)
     try:
         report = import_profiles(db_path, csv_path, progress=progress,
-                                 languages=settings.templates.keys())
+                                 languages=settings.templates.keys(),
+                                 bulk_opt_in=settings.protection.policy().bulk_opt_in)
     except ProfileFileError as exc:
         print(f"import-profiles: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -88,7 +88,7 @@ class Node:
         self.events = EventRecorder(self.metrics, self.edr)
         # SQLite (this node's file) or PostgreSQL (shared by the cluster's nodes),
         # migrated before anything else opens.
-        self.ledger: NodeLedger = open_ledger(s.storage)
+        self.ledger: NodeLedger = open_ledger(s.storage, node_name=s.node.name)
         rules = []
         for node in s.in_nodes:
             for r in node.ranges:
@@ -159,7 +159,8 @@ class Node:
         self.payback = PaybackService(self.ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common)
         self.resolver = Resolver(self.ledger, self.in_port, self.outbox, self.events, self.policy,
-                                 utc_now, **common, advance_confirmation_nodes=confirming_ins)
+                                 utc_now, **common, advance_confirmation_nodes=confirming_ins,
+                                 node_name=s.node.name)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
         # Pending IN operations are re-sent on the Tx-timer schedule, not only every 30 s.
