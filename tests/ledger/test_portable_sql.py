@@ -244,6 +244,9 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         read_models.open_loan_ages(conn)
         read_models.profiles(conn)
         read_models.profiles_of(conn, {M1, M2})
+        # The audit trail and loan times the consumer-protection rules read.
+        store.audit_trail(conn, M1, ("adjust",))
+        store.loan_times(conn, M1, day)
 
     await h.ledger.read(reports)
     # Ads and campaigns.
