@@ -44,7 +44,9 @@ from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, Campaign
 from extrabalance.ledger.outbox_store import OutboxRow
 from extrabalance.ledger.store import (
     ACCOUNTS,
+    AUDIT_TRAIL_MAX,
     IDEMPOTENCY_KEPT_PREFIX,
+    AuditRow,
     LoadedSubscriber,
     LoanRow,
     RecoveryRow,
@@ -295,6 +297,7 @@ class MemoryLedgerTx:
     ) -> None:
         self._w().audit.append(
             {
+                "audit_id": new_id(),
                 "msisdn": msisdn,
                 "action": action,
                 "who": who,
@@ -303,6 +306,22 @@ class MemoryLedgerTx:
                 "created_at": ts(now),
             }
         )
+
+    def audit_trail(
+        self, msisdn: str, actions: tuple[str, ...] = (), limit: int = AUDIT_TRAIL_MAX
+    ) -> list[AuditRow]:
+        rows = [a for a in self._t.audit
+                if a["msisdn"] == msisdn and (not actions or a["action"] in actions)]
+        rows.sort(key=lambda a: (a["created_at"], a["audit_id"]))
+        rows = rows[len(rows) - max(0, min(limit, AUDIT_TRAIL_MAX)):] if limit > 0 else []
+        return [AuditRow(a["audit_id"], a["action"], a["who"], a["why"], dict(a["detail"]),
+                         datetime.fromisoformat(a["created_at"])) for a in rows]
+
+    def loan_times(self, msisdn: str, since: datetime) -> tuple[datetime, ...]:
+        after = ts(since)
+        return tuple(sorted(
+            datetime.fromisoformat(r.created_at) for r in self._t.loans.values()
+            if r.msisdn == msisdn and r.created_at >= after and r.state != FAILED))
 
     def set_bar(
         self, msisdn: str, barred: bool, reason: str | None, who: str, now: datetime

@@ -214,6 +214,8 @@ class PostgresLedgerTx:
     put_limit_state = _by_msisdn(store.put_limit_state)
     set_bar = _by_msisdn(store.set_bar)
     audit = _by_msisdn(store.audit)
+    audit_trail = _op(store.audit_trail)
+    loan_times = _op(store.loan_times)
 
     def put_profile(self, profile: SubscriberProfile, now: Any) -> None:
         self.lock_subscriber(profile.msisdn)

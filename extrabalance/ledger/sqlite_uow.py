@@ -42,6 +42,8 @@ class SqliteLedgerTx(sqlite3.Connection):
     put_limit_state = store.put_limit_state
     set_bar = store.set_bar
     audit = store.audit
+    audit_trail = store.audit_trail
+    loan_times = store.loan_times
     # idempotency
     idempotent_get = store.idempotent_get
     idempotent_put = store.idempotent_put

@@ -333,8 +333,9 @@ class Resolver:
 
                 def settle_recovery(tx: LedgerTx) -> PaybackOutcome:
                     settled = settle_recovery_done(tx, recovery_id, result, self.policy, now)
-                    language = self._language_in(tx, msisdn)
-                    self.notifier.put(tx, payback_notice(msisdn, settled, language), now)
+                    if self.policy.protection.recovery_sms:
+                        language = self._language_in(tx, msisdn)
+                        self.notifier.put(tx, payback_notice(msisdn, settled, language), now)
                     return settled
 
                 outcome = await self.ledger.write(settle_recovery)

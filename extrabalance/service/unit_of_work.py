@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # row types only: the services never import the SQL modules
     from extrabalance.core.payback import Recovery
     from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, CampaignRow
     from extrabalance.ledger.outbox_store import OutboxRow
-    from extrabalance.ledger.store import LoadedSubscriber, LoanRow, RecoveryRow
+    from extrabalance.ledger.store import AuditRow, LoadedSubscriber, LoanRow, RecoveryRow
 
 T = TypeVar("T")
 
@@ -113,6 +113,16 @@ class LedgerTx(Protocol):
         now: datetime,
         detail: Mapping[str, Any] | None = None,
     ) -> None: ...
+
+    def audit_trail(
+        self, msisdn: str, actions: tuple[str, ...] = (), limit: int = 10_000
+    ) -> list[AuditRow]:
+        """His audit lines (only `actions` when given), oldest first, the newest `limit`."""
+        ...
+
+    def loan_times(self, msisdn: str, since: datetime) -> tuple[datetime, ...]:
+        """When his loans that did not fail were taken, since `since`, oldest first."""
+        ...
 
     # -- idempotency -----------------------------------------------------------------
     def idempotent_get(self, key: str) -> dict[str, Any] | None: ...

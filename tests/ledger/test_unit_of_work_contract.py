@@ -597,3 +597,31 @@ async def test_outbox_rows_commit_with_their_unit_and_are_sent_once(uow: UnitOfW
     assert await uow.read(lambda tx: tx.outbox_due(later + timedelta(days=1), 10)) == []
     assert await uow.write(lambda tx: tx.outbox_prune(later, 10)) == 0
     assert await uow.write(lambda tx: tx.outbox_prune(later + timedelta(seconds=1), 10)) == 1
+
+
+async def test_consent_trail_and_loan_times(uow: UnitOfWork) -> None:
+    """The consumer-protection reads: his audit lines (filtered, oldest first, the
+    newest `limit`) and the times of his loans that did not fail."""
+    later = NOW + timedelta(hours=1)
+
+    def write(tx: LedgerTx) -> None:
+        tx.audit(M1, "loan_confirm_requested", "subscriber", "sms", NOW, {"tier_id": 3})
+        tx.audit(M1, "bar", "ops", "fraud", NOW)
+        tx.audit(M1, "loan_consent", "subscriber", "sms", later, {"loan_id": "x"})
+        tx.audit(M2, "loan_consent", "subscriber", "ussd", later)
+        _loan(tx, key="k1", now=NOW)
+        _loan(tx, key="k2", state=sagas.CREDITING, now=later)
+        failed = _loan(tx, key="k3", state=sagas.CREDITING, now=later)
+        tx.settle_loan(failed, sagas.FAILED, later)
+        _loan(tx, M2, key="k4", now=later)
+
+    await uow.write(write)
+    actions = ("loan_confirm_requested", "loan_consent")
+    rows = await uow.read(lambda tx: tx.audit_trail(M1, actions))
+    assert [(r.action, r.detail, r.created_at) for r in rows] == [
+        ("loan_confirm_requested", {"tier_id": 3}, NOW), ("loan_consent", {"loan_id": "x"}, later)]
+    assert [r.action for r in await uow.read(lambda tx: tx.audit_trail(M1, actions, 1))] == [
+        "loan_consent"]
+    assert len(await uow.read(lambda tx: tx.audit_trail(M1))) == 3
+    assert await uow.read(lambda tx: tx.loan_times(M1, NOW)) == (NOW, later)
+    assert await uow.read(lambda tx: tx.loan_times(M1, NOW + timedelta(minutes=1))) == (later,)
