@@ -46,7 +46,7 @@ from extrabalance.service.ads import AdTrigger, Advertiser, rules_from_settings
 from extrabalance.service.campaign import CampaignService
 from extrabalance.service.lending import LendingService
 from extrabalance.service.locks import SubscriberLocks
-from extrabalance.service.outbox import OutboxSender
+from extrabalance.service.outbox import OUTBOX_CLAIM_S, OutboxSender
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.resolver import Resolver
@@ -151,7 +151,10 @@ class Node:
         notifier = _LateNotifier()
         # Messages that report money go through the outbox: written with the money,
         # sent in the background (never awaited before a CCA, a screen or a PUBACK).
-        self.outbox = OutboxSender(self.ledger, notifier, utc_now, monotonic=clock.monotonic)
+        # On PostgreSQL other nodes may share the outbox: rows are taken, not read.
+        self.outbox = OutboxSender(
+            self.ledger, notifier, utc_now, monotonic=clock.monotonic,
+            claim_s=OUTBOX_CLAIM_S if s.storage.backend == "postgresql" else None)
         self.lending = LendingService(self.ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common,
                                       advance_confirmation_nodes=confirming_ins)

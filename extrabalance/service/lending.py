@@ -410,6 +410,9 @@ class LendingService:
             limits: list[Limit] = []  # his limit from behaviour, when that policy is on
 
             def record_intent(tx: LedgerTx) -> BorrowOutcome | _Intent:
+                # His state first: on PostgreSQL this takes his row lock, so the replay
+                # checks below see a request another node booked a moment ago.
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 prior = tx.idempotent_get(key)
                 if prior is not None:
                     return BorrowOutcome.from_json(prior, replayed=True)
@@ -418,7 +421,6 @@ class LendingService:
                     return replace(
                         outcome_of_loan(loan, tx.debt_owed(msisdn)), replayed=True
                     )
-                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 in_node = loaded.learned_in_node or static_node
                 if in_node is None:
                     refused = BorrowOutcome(

@@ -247,6 +247,7 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
             outbox_store.outbox_retry_later(conn, row.outbox_id, now)
             outbox_store.outbox_mark_sent(conn, row.outbox_id, now)
         outbox_store.outbox_prune(conn, now + timedelta(days=2), 100)
+        outbox_store.outbox_claim_due(conn, now, now + timedelta(minutes=1), 10)  # several nodes
 
     await h.ledger.write(outbox)
 
