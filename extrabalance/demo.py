@@ -101,6 +101,25 @@ class DemoEnv:
     workdir: Path
 
 
+def loopback_overrides(base: Settings, *, diameter_port: int, in_ports: dict[str, int],
+                       smsc_port: int, mqtt_port: int, mqtt_client_id: str) -> dict[str, Any]:
+    """Config overrides that point a node at simulators on 127.0.0.1: its Diameter
+    port, the IN simulator's ports, the SMSC simulator's bind, the broker's port."""
+    return {
+        "diameter": {"listen_port": diameter_port},
+        "in_nodes": [
+            {**n.model_dump(exclude_none=True),
+             "peers": [{"host": "127.0.0.1", "port": in_ports[n.name]}]}
+            for n in base.in_nodes
+        ],
+        "smpp": {"binds": [{"host": "127.0.0.1", "port": smsc_port,
+                            "system_id": "extrabalance",
+                            "password_env": DEMO_SMPP_PASSWORD_ENV}]},
+        "mqtt": {"port": mqtt_port, "client_id": mqtt_client_id},
+        "admin": {"listen_port": 0},
+    }
+
+
 @contextlib.asynccontextmanager
 async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> AsyncIterator[DemoEnv]:
     """Start broker, simulators and node on loopback; stop them all afterwards.
@@ -152,18 +171,10 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
 
         db_path = workdir / "extrabalance.db"
         settings = load_settings(overrides={
+            **loopback_overrides(base, diameter_port=diameter_port, in_ports=in_ports,
+                                 smsc_port=smsc_port, mqtt_port=mqtt_port,
+                                 mqtt_client_id="extrabalance-demo"),
             "storage": {"path": str(db_path)},
-            "diameter": {"listen_port": diameter_port},
-            "in_nodes": [
-                {**n.model_dump(exclude_none=True),
-                 "peers": [{"host": "127.0.0.1", "port": in_ports[n.name]}]}
-                for n in base.in_nodes
-            ],
-            "smpp": {"binds": [{"host": "127.0.0.1", "port": smsc_port,
-                                "system_id": "extrabalance",
-                                "password_env": DEMO_SMPP_PASSWORD_ENV}]},
-            "mqtt": {"port": mqtt_port, "client_id": "extrabalance-demo"},
-            "admin": {"listen_port": 0},
             # issue 7: the story plays the same at any hour (no quiet hours) and shows
             # the out-of-balance ad only (the debt-limit ad would interleave its SMS).
             "ads": {"quiet_hours": None, "triggers": {"debt_limit": {"enabled": False}}},

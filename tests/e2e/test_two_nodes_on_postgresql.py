@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 
 from extrabalance.config import load_settings
-from extrabalance.demo import DEMO_SMPP_PASSWORD_ENV, _put_profiles, free_port
+from extrabalance.demo import (
+    DEMO_SMPP_PASSWORD_ENV,
+    _put_profiles,
+    free_port,
+    loopback_overrides,
+)
 from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
 from extrabalance.node import Node
 from simulators.in_node import InNodeSpec, InSimulator, MqttTarget, MsisdnRange, NodePeer
@@ -30,22 +35,15 @@ WAIT_S = 60.0
 
 def _node_settings(base: Any, name: str, url: str, tmp: Path, *, diameter_port: int,
                    in_ports: dict[str, int], smsc_port: int, mqtt_port: int) -> Any:
+    overrides = loopback_overrides(base, diameter_port=diameter_port, in_ports=in_ports,
+                                   smsc_port=smsc_port, mqtt_port=mqtt_port,
+                                   mqtt_client_id=f"extrabalance-{name}")
+    overrides["mqtt"]["shared_group"] = "extrabalance"
     return load_settings(overrides={
+        **overrides,
         "node": {"name": name, "origin_host": f"{name}.operator.example"},
         "storage": {"backend": "postgresql", "url": url, "pool_max": 3,
                     "edr_dir": str(tmp / name / "edr")},
-        "diameter": {"listen_port": diameter_port},
-        "in_nodes": [
-            {**n.model_dump(exclude_none=True),
-             "peers": [{"host": "127.0.0.1", "port": in_ports[n.name]}]}
-            for n in base.in_nodes
-        ],
-        "smpp": {"binds": [{"host": "127.0.0.1", "port": smsc_port,
-                            "system_id": "extrabalance",
-                            "password_env": DEMO_SMPP_PASSWORD_ENV}]},
-        "mqtt": {"port": mqtt_port, "client_id": f"extrabalance-{name}",
-                 "shared_group": "extrabalance"},
-        "admin": {"listen_port": 0},
         "ads": {"enabled": False},  # no offer SMS interleaved with the paybacks
     })
 
