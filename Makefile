@@ -72,6 +72,11 @@ test-all: $(STAMP) wire-tools
 chaos: $(STAMP) wire-tools
 	$(PY) -m extrabalance chaos
 
+# Two nodes on one PostgreSQL ledger ($$EB_BENCH_PG_DSN): node 2 killed again and
+# again, then for good; node 1 carries on (docs/scale-out.md).
+chaos-cluster: $(STAMP) wire-tools
+	$(PY) -m extrabalance chaos --nodes 2 --storage postgresql
+
 fuzz: $(STAMP)
 	$(PY) -m extrabalance fuzz
 

@@ -637,14 +637,19 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
         broker.stop()
 
 
-async def wait_connected(net: Network, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Until the node is bound to the SMSC and every IN node reaches it."""
+async def wait_connected(net: Network, timeout_s: float = CONNECT_TIMEOUT_S, *,
+                         nodes_up: int | None = None) -> None:
+    """Until the node is bound to the SMSC and every IN node reaches it; with several
+    nodes, until `nodes_up` of them (default all) are bound and every one of them is
+    reached by every IN node."""
+    up = len(net.nodes) if nodes_up is None else nodes_up
     several = len(net.nodes) > 1
     try:
         await asyncio.gather(
             net.smsc_worker.call("wait_bound", timeout_s=timeout_s,
-                                 binds=len(net.nodes) * net.binds_per_node if several else 1),
-            net.in_worker.call("wait_connected", timeout_s=timeout_s, every_node=several),
+                                 binds=up * net.binds_per_node if several else 1),
+            net.in_worker.call("wait_connected", timeout_s=timeout_s,
+                               every_node=several and up == len(net.nodes)),
         )
     except (RuntimeError, TimeoutError) as exc:
         logs = "; ".join(f"{n.name} log: {n.log_tail()}" for n in net.nodes)
