@@ -54,6 +54,7 @@ DEFAULT_MIX = "ussd=4,sms=1,oob=2,recharge=3"
 RESTART_PAUSE_MAX_S = 1.0  # a killed node stays down up to this long
 QUIET_MAX_S = 90.0  # the quiet period ends when all is settled, or after this long
 NODE_UP_WAIT_S = 30.0
+CLUSTER_SAGA_LEASE_S = 20.0  # the nodes' saga lease in a chaos run with several nodes
 
 
 @dataclass
@@ -75,6 +76,9 @@ class ChaosOptions:
     nodes: int = 1  # node processes on one ledger (more than one: storage "postgresql")
     storage: str = "sqlite"
     pg_dsn: str | None = None
+    # With several nodes: how soon the survivor takes over the sagas of the node lost
+    # for good ([storage] saga_lease_s); the quiet period waits at least this long.
+    saga_lease_s: float = CLUSTER_SAGA_LEASE_S
 
 
 @dataclass
@@ -171,7 +175,8 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
     async with network(workdir, subscribers=options.subscribers, seed=options.seed,
                        log_level="WARNING", client_id=CHAOS_CLIENT_ID, arabic_share=0.0,
                        broker_config=BROKER_CONFIG, nodes=options.nodes,
-                       storage=options.storage, pg_dsn=options.pg_dsn) as net:
+                       storage=options.storage, pg_dsn=options.pg_dsn,
+                       saga_lease_s=options.saga_lease_s if options.nodes > 1 else None) as net:
         total = sum(mix.values())
         smsc_mix = {k: v for k, v in mix.items() if k in ("ussd_menu", "ussd_shortcut", "sms_loan")}
         in_mix = {k: v for k, v in mix.items() if k in ("out_of_balance", "recharge")}
@@ -208,7 +213,10 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
                 await net.procs.restart_node(node, net.config_paths[index], env=net.node_env)
         await wait_connected(net, NODE_UP_WAIT_S, nodes_up=len(net.nodes) - len(lost))
         say("quiet period: waiting for the resolver and the recharge backlog")
-        result.settled = await settle(net, max_s=options.quiet_max_s)
+        # A node lost for good keeps its sagas until their lease runs out; then the
+        # survivor's next resolver run takes them (nothing moves meanwhile).
+        quiet_s = options.quiet_max_s + (options.saga_lease_s if lost else 0.0)
+        result.settled = await settle(net, max_s=quiet_s)
         result.nodes = {"nodes": len(net.nodes), "lost": sorted(net.nodes[i].name for i in lost),
                         "exit_codes": await net.stop_nodes()}
         in_dump_path, smsc_dump_path = workdir / "in-dump.json", workdir / "smsc-dump.json"
@@ -252,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                         " postgresql) node 1 survives, the others are killed and one is lost")
     p.add_argument("--storage", choices=("sqlite", "postgresql"), default="sqlite",
                    help="postgresql: a schema of the run's own at $EB_BENCH_PG_DSN, dropped after")
+    p.add_argument("--saga-lease", type=float, default=CLUSTER_SAGA_LEASE_S,
+                   help="with several nodes, the nodes' [storage] saga_lease_s (default"
+                        f" {CLUSTER_SAGA_LEASE_S:g}): the survivor takes over the lost node's"
+                        " sagas this long after its last renewal")
     return p
 
 
@@ -297,7 +309,7 @@ def run_cli(argv: list[str]) -> int:
         in_disconnects=args.in_disconnects, smpp_drops=args.smpp_drops,
         broker_restarts=args.broker_restarts, broker_kills=args.broker_kills,
         report_dir=Path(args.report) if args.report else None, json_output=args.json,
-        nodes=args.nodes, storage=args.storage,
+        nodes=args.nodes, storage=args.storage, saga_lease_s=args.saga_lease,
     )
     result = asyncio.run(run_chaos(options, echo=None if args.json else print))
     if args.json:

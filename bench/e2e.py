@@ -553,7 +553,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   in_faults: dict[str, Any] | None = None,
                   gateway: dict[str, float] | None = None,
                   nodes: int = 1, storage: str = "sqlite",
-                  pg_dsn: str | None = None) -> Any:
+                  pg_dsn: str | None = None, saga_lease_s: float | None = None) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node(s); all stopped on exit.
 
     `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
@@ -619,7 +619,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             for i in range(nodes):
                 doc = cluster_node_config(config, index=i, nodes=nodes, workdir=workdir,
                                           diameter_port=diameter_ports[i], pg=pg,
-                                          client_id=client_id)
+                                          client_id=client_id, saga_lease_s=saga_lease_s)
                 name = "node" if nodes == 1 else f"node{i + 1}"
                 config_path = workdir / f"{name}.toml"
                 config_path.write_text(dump_toml(doc), encoding="utf-8")

@@ -38,6 +38,7 @@ from extrabalance.core.policy import (
     Tier,
 )
 from extrabalance.core.protection import PRESETS, ProtectionPolicy, resolve
+from extrabalance.core.sagas import SAGA_LEASE_S
 
 MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -127,6 +128,12 @@ class StorageSection(_Model):
     group_commit_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
     # How long the first outcome of each inbound request is kept to answer replays.
     idempotency_retention_hours: int = IDEMPOTENCY_RETENTION_HOURS_DEFAULT
+    # Several nodes on one ledger: an unsettled loan or recovery stays leased to its node
+    # this long after the node's resolver last renewed it (it renews every quarter of it,
+    # 30 s at most); another node's resolver takes over a saga only once its lease ran out
+    # (docs/scale-out.md). Shorter: a dead node's operations are finished sooner; never
+    # shorter than a node's longest pause (a GC, a blocked disk) or a live node loses them.
+    saga_lease_s: Annotated[float, Field(ge=4, le=3600)] = SAGA_LEASE_S
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -26,7 +26,7 @@ def test_two_nodes_one_lost_for_good_lose_and_double_nothing(tmp_path: Path) -> 
     options = ChaosOptions(kills=2, duration_s=12.0, rate_per_s=40.0, subscribers=400,
                            seed=11, in_disconnects=1, smpp_drops=1, broker_restarts=1,
                            broker_kills=1, report_dir=tmp_path, quiet_max_s=40.0,
-                           nodes=2, storage="postgresql", pg_dsn=PG_DSN)
+                           nodes=2, storage="postgresql", pg_dsn=PG_DSN, saga_lease_s=6.0)
     result = asyncio.run(run_chaos(options))
     rec = result.reconciliation
     assert result.faults["node_kill"] == 2 and result.faults["node_lost"] == 1
