@@ -45,6 +45,11 @@ browser-test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m extrabalance demo
 
+# Two nodes on one PostgreSQL ledger ($$EB_DEMO_PG_URL, default the local server): one
+# is killed mid-dialog and the other finishes the story (docs/scale-out.md).
+demo-cluster: $(STAMP)
+	$(PY) -m extrabalance demo --nodes 2
+
 test: $(STAMP) wire-tools
 	$(PY) -m pytest
 	@$(MAKE) --no-print-directory test-hours
