@@ -777,6 +777,9 @@ def build_smsc_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-port", type=int, default=CONTROL_PORT_DEFAULT,
                         help="control channel for `extrabalance phone` (0: any, -1: off)")
     parser.add_argument("--system-id", default="extrabalance", help="bind system_id accepted")
+    parser.add_argument("--also-system-id", action="append", default=[], metavar="SYSTEM_ID",
+                        help="another system_id accepted with the same password (repeatable):"
+                             " several nodes, each binding as its own ESME")
     parser.add_argument("--password", default=None,
                         help="bind password (default: $EB_SMPP_PASSWORD, else 'secret')")
     parser.add_argument("--short-code", default="1234")
@@ -833,6 +836,7 @@ async def _run_smsc(args: argparse.Namespace) -> int:
         submit_resp_delay_s=args.submit_resp_delay,
         enquire_link_s=args.enquire_link,
         its_sequence=args.its_sequence,
+        more_binds=dict.fromkeys(args.also_system_id, password),
     )
     await smsc.start()
     control = f", control channel on {args.host}:{smsc.control_port}" if smsc.control_port else ""
