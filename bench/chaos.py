@@ -117,9 +117,14 @@ def plan(options: ChaosOptions) -> list[tuple[float, str]]:
         else max(1, options.kills // 10),
     }
     start, end = 0.05 * options.duration_s, 0.9 * options.duration_s
-    events = [(rng.uniform(start, end), kind) for kind, n in counts.items() for _ in range(n)]
+    lost_at = LOST_AT_SHARE * options.duration_s
+    # With several nodes the restarts come before the loss: after it, only the
+    # survivor is left, and it is never killed.
+    kill_end = lost_at if options.nodes > 1 else end
+    events = [(rng.uniform(start, kill_end if kind == "node_kill" else end), kind)
+              for kind, n in counts.items() for _ in range(n)]
     if options.nodes > 1:
-        events.append((LOST_AT_SHARE * options.duration_s, "node_lost"))
+        events.append((lost_at, "node_lost"))
     return sorted(events)
 
 

@@ -39,3 +39,16 @@ def test_two_nodes_one_lost_for_good_lose_and_double_nothing(tmp_path: Path) -> 
     assert result.settled["settled"], result.settled
     assert rec["loans_granted"] > 0 and rec["recoveries_done"] > 0
     assert rec["recharges_checked"] > 0
+
+
+def test_with_several_nodes_the_kills_come_before_the_loss() -> None:
+    from bench.chaos import LOST_AT_SHARE, ChaosOptions, plan
+
+    for seed in range(20):
+        events = plan(ChaosOptions(kills=10, duration_s=100.0, seed=seed, nodes=2,
+                                   storage="postgresql"))
+        kills = [at for at, kind in events if kind == "node_kill"]
+        assert [kind for _at, kind in events].count("node_lost") == 1
+        assert len(kills) == 10 and max(kills) < LOST_AT_SHARE * 100.0
+    one = plan(ChaosOptions(kills=10, duration_s=100.0, seed=1))
+    assert "node_lost" not in [kind for _at, kind in one]
