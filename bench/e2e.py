@@ -994,6 +994,7 @@ def write_report(report_dir: Path, result: dict[str, Any], samples_path: Path, *
         "# Extra Balance end-to-end benchmark",
         "",
         f"- command: `{result['command']}`",
+        f"- nodes: {result.get('nodes', 1)} on the {result.get('storage', 'sqlite')} ledger",
         f"- machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['platform']}",
         (f"- target rate: {result['rate_target_per_s']} ops/s for {result['duration_s']} s, "
         f"{result['subscribers']} subscribers, mix {json.dumps(result['mix'])}"),
