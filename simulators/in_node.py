@@ -1350,6 +1350,9 @@ def build_in_parser() -> argparse.ArgumentParser:
                         " several nodes (one realm, each its own Origin-Host): the CCRs"
                         " are spread over them and fail over to another when one goes")
     p.add_argument("--no-node-peer", action="store_true", help="never connect to the node")
+    p.add_argument("--election", action="store_true",
+                   help="one connection per node, whichever side dialled it (RFC 6733 §5.6.4):"
+                        " a node that dials this IN is used for the IN's CCRs to it")
     p.add_argument("--currency", default=None)
     p.add_argument("--currency-numeric", type=int, default=None)
     p.add_argument("--currency-exponent", type=int, default=None)
@@ -1543,6 +1546,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         seed=args.seed,
         advance_confirmation=args.advance_confirmation,
         reject_nonstandard=args.reject_nonstandard,
+        election=args.election,
     )
     for msisdn, amount in parse_msisdn_map(args.balance).items():
         sim.set_balance(msisdn, amount)

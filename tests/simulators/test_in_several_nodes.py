@@ -188,3 +188,41 @@ async def test_a_key_sent_again_by_another_node_is_a_duplicate_not_a_changed_id(
 
 async def _no_requests(msg: codec.Message, peer: str) -> codec.Message:
     raise AssertionError("the IN sends these clients nothing")
+
+
+async def test_nodes_that_dial_the_in_are_used_for_its_ccrs_with_the_election() -> None:
+    """RFC 6733 §5.6.4 with each node (`election=True`): a node that dialled the IN is
+    that node's one connection, and the IN's CCRs go over it; the IN need not reach the
+    nodes' own ports (here nothing listens there)."""
+    nodes = [Node("eb1.test"), Node("eb2.test")]
+    sim = InSimulator(
+        [InNodeSpec("in-a", "in-a.test", REALM, ranges=(MsisdnRange.parse("2010*"),))],
+        [NodePeer("127.0.0.1", _closed_port(), n.origin_host, REALM) for n in nodes],
+        seed=9, election=True,
+    )
+    ports = await sim.start()
+    try:
+        for node in nodes:
+            await start_node(node)
+            assert node.diameter is not None
+            node.diameter.add_peer_group("in", REALM, [
+                PeerAddress("127.0.0.1", ports["in-a"], "in-a.test")])
+            await node.diameter.wait_ready("in", TIMEOUT_S)
+        await sim.wait_connected(TIMEOUT_S, every_node=True)
+        for _ in range(4):
+            assert await sim.send_out_of_balance(SUB) == (2001, GRANT_MINOR)
+        assert len(nodes[0].seen) == len(nodes[1].seen) == 2
+        assert sim.balance(SUB) == 4 * GRANT_MINOR
+    finally:
+        await sim.close()
+        for node in nodes:
+            if node.diameter is not None:
+                await node.diameter.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
