@@ -208,6 +208,10 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         assert await h.ledger.read(lambda c: store.session_evidence(c, first.loan_id or ""))
     # Reconciliation with the IN's records (reconcile-in): its read of the advances.
     await h.ledger.read(lambda c: store.advances_of_in_node(c, IN_A, h.clock()))
+    # Consumer protection: the loans a rolling-window cap counts, and the consent trail.
+    await h.ledger.read(lambda c: store.loan_times(c, M1, h.clock() - timedelta(days=30)))
+    await h.ledger.read(lambda c: store.audit_trail(c, M1))
+    await h.ledger.read(lambda c: store.audit_trail(c, M1, ("bar", "unbar")))
     # Paybacks: nothing owed, partial after a 4012 retry, one left UNKNOWN and resolved.
     await h.payback.handle_recharge(RechargeEvent("e1", "201001239999", 500, IN_A, 500))
     fake_in.balances[M1] = 300
