@@ -378,6 +378,10 @@ class MqttSection(_Model):
     # Messages read and not yet acknowledged; beyond it the socket is not read, so a
     # backlog stays on the broker and not in the node's memory.
     inbox_max: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    # Several nodes on one ledger: each recharge to one node of the group, through an
+    # MQTT shared subscription ($share/<group>/<topic>; the broker must support them:
+    # Mosquitto 2.0, EMQX, HiveMQ, VerneMQ). Off (None): every node gets every event.
+    shared_group: Annotated[str, Field(pattern=r"^[^/+#\s]+$")] | None = None
 
     def password(self) -> str | None:
         return _secret(self.password_env, self.password_file, "MQTT")

@@ -202,7 +202,7 @@ class Node:
             topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
             username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
             ca_file=s.mqtt.ca_file, inflight_max=s.mqtt.inflight_max,
-            inbox_max=s.mqtt.inbox_max,
+            inbox_max=s.mqtt.inbox_max, shared_group=s.mqtt.shared_group,
         )
         self.recharges = RechargeListener(
             mqtt_settings,

@@ -229,6 +229,9 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         lambda c: store.claim_unsettled_recoveries(c, "node-a", h.clock(), leased, 9))
     await h.ledger.read(lambda c: store.saga_lease(c, "recoveries", "none"))
     await h.ledger.read(lambda c: (store.unsettled_loans(c, 9), store.unsettled_recoveries(c, 9)))
+    # Consumer protection's reads (off in this policy): the audit trail and loan times.
+    await h.ledger.read(lambda c: (store.audit_trail(c, M1, ("bar",)),
+                                   store.loan_times(c, M1, h.clock() - timedelta(days=30))))
     # Operator actions: bar, unbar, a write-down, ageing, the admin view.
     await h.accounts.bar(M2, "fraud check", "ops", notify=False)
     await h.accounts.unbar(M2, "ops", "cleared")
