@@ -919,6 +919,61 @@ _unpack_tlv_head = struct.Struct(">HH").unpack_from
 
 def _validate(p: _Header) -> None:
     """Raise PduEncodeError unless `p` can go on the wire as it is."""
+    if not _fits(p):
+        _validate_slowly(p)
+
+
+# (C-string fields as (name, size), octet fields, octet-string fields as (name, size))
+# of each PDU class, for the fast check below.
+_Plan = tuple[tuple[tuple[str, int], ...], tuple[str, ...], tuple[tuple[str, int], ...]]
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type) -> _Plan:
+    layout = _LAYOUT[cls]
+    plan = (tuple((n, size) for n, kind, size, _ in layout if kind == _C),
+            tuple(n for n, kind, _, _ in layout if kind == _U8),
+            tuple((n, size) for n, kind, size, _ in layout if kind != _C and kind != _U8))
+    _PLANS[cls] = plan
+    return plan
+
+
+def _fits(p: _Header) -> bool:
+    """True when `p` is plainly encodable as it is: plain ints in range, ASCII strings
+    short enough, bytes, TLVs as (int, bytes) pairs. Anything else (an enum member to
+    normalise, latin-1 text, a bytearray, an error to name) is left to the slow check,
+    which has the final word. Every PDU the node builds passes here."""
+    status, seq, tlvs = p.command_status, p.sequence_number, p.tlvs
+    if not (type(status) is int and 0 <= status <= 0xFFFFFFFF
+            and type(seq) is int and 0 <= seq <= 0xFFFFFFFF and type(tlvs) is tuple):
+        return False
+    for pair in tlvs:
+        if not (type(pair) is tuple and len(pair) == 2):
+            return False
+        tag, value = pair
+        if not (type(tag) is int and 0 <= tag <= 0xFFFF
+                and type(value) is bytes and len(value) <= 0xFFFF):
+            return False
+    cls = type(p)
+    strings, octets, blobs = _PLANS.get(cls) or _plan(cls)
+    for field_name, size in strings:
+        v = getattr(p, field_name)
+        if not (type(v) is str and len(v) < size and v.isascii() and "\0" not in v):
+            return False
+    for field_name in octets:
+        v = getattr(p, field_name)
+        if not (type(v) is int and 0 <= v <= 0xFF):
+            return False
+    for field_name, size in blobs:
+        v = getattr(p, field_name)
+        if not (type(v) is bytes and len(v) <= size):
+            return False
+    return True
+
+
+def _validate_slowly(p: _Header) -> None:
+    """The full check: names what is wrong, and normalises what can be (enum members
+    to ints, bytearray and memoryview to bytes, TLV lists to tuples)."""
     name = type(p).__name__
     for attr in ("command_status", "sequence_number"):
         v = getattr(p, attr)
