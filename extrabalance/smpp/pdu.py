@@ -36,7 +36,7 @@ import inspect
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 __all__ = [
     "COMMAND_LENGTH_MAX",
@@ -1174,6 +1174,69 @@ def with_sequence_number(pdu: Pdu, sequence_number: int) -> Pdu:
         setter(obj, getattr(pdu, name))
     _SEQ_SETTER(obj, sequence_number)
     return obj
+
+
+_SmT = TypeVar("_SmT", bound=_Sm)
+
+
+class _SmBuilder(Protocol):
+    def __call__(self, cls: type[_SmT], **fields: Any) -> _SmT: ...
+
+
+def _make_sm_builder() -> _SmBuilder:
+    # The setters below go in the dataclass's field order; say so, or fail at import.
+    assert _FIELD_NAMES[SubmitSm] == _FIELD_NAMES[DeliverSm] == (
+        "tlvs", "command_status", "sequence_number", "service_type", "source_addr_ton",
+        "source_addr_npi", "source_addr", "dest_addr_ton", "dest_addr_npi",
+        "destination_addr", "esm_class", "protocol_id", "priority_flag",
+        "schedule_delivery_time", "validity_period", "registered_delivery",
+        "replace_if_present_flag", "data_coding", "sm_default_msg_id", "short_message")
+    (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17,
+     s18, s19) = _SETTERS[SubmitSm]
+    new = _new_object
+    validate = _validate
+
+    def build_sm(
+        cls: type[_SmT], *, service_type: str = "", source_addr_ton: int = 0,
+        source_addr_npi: int = 0, source_addr: str = "", dest_addr_ton: int = 0,
+        dest_addr_npi: int = 0, destination_addr: str = "", esm_class: int = 0,
+        protocol_id: int = 0, priority_flag: int = 0, schedule_delivery_time: str = "",
+        validity_period: str = "", registered_delivery: int = 0,
+        replace_if_present_flag: int = 0, data_coding: int = 0, sm_default_msg_id: int = 0,
+        short_message: bytes = b"", tlvs: Tlvs = _NO_TLVS, command_status: int = 0,
+        sequence_number: int = 0,
+    ) -> _SmT:
+        """`cls(...)` for submit_sm / deliver_sm with the same check, without the
+        frozen dataclass's __init__ (a setattr through object per field: most of the
+        cost of building a USSD screen)."""
+        o: _SmT = new(cls)
+        s0(o, tlvs)
+        s1(o, command_status)
+        s2(o, sequence_number)
+        s3(o, service_type)
+        s4(o, source_addr_ton)
+        s5(o, source_addr_npi)
+        s6(o, source_addr)
+        s7(o, dest_addr_ton)
+        s8(o, dest_addr_npi)
+        s9(o, destination_addr)
+        s10(o, esm_class)
+        s11(o, protocol_id)
+        s12(o, priority_flag)
+        s13(o, schedule_delivery_time)
+        s14(o, validity_period)
+        s15(o, registered_delivery)
+        s16(o, replace_if_present_flag)
+        s17(o, data_coding)
+        s18(o, sm_default_msg_id)
+        s19(o, short_message)
+        validate(o)
+        return o
+
+    return cast(_SmBuilder, build_sm)
+
+
+build_sm = _make_sm_builder()
 
 
 def _make_sm_decoder() -> Callable[[type, bytes, int, int, int], Pdu]:

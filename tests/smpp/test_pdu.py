@@ -352,7 +352,7 @@ def _valid_value(cls: type, name: str) -> st.SearchStrategy[object]:
 
 
 @given(st.sampled_from(list(m._LAYOUT)), st.data())
-@settings(max_examples=600)
+@settings(max_examples=600, deadline=None)
 def test_fast_check_accepts_only_what_the_full_check_accepts(cls: type, data: st.DataObject) -> None:
     """`_fits` (every PDU built on the hot path) may send a PDU to the full check, but
     never passes one that the full check would refuse or change. Every field valid but
@@ -389,3 +389,24 @@ def test_the_node_s_pdus_take_the_fast_check() -> None:
     assert type(throttled.command_status) is int and m._fits(throttled)  # ... normalised
     object.__setattr__(throttled, "command_status", Status.ESME_RTHROTTLED)
     assert not m._fits(throttled)  # a value to normalise goes to the full check
+
+
+@given(st.sampled_from([m.SubmitSm, m.DeliverSm]), st.data())
+@settings(max_examples=300, deadline=None)
+def test_build_sm_is_the_constructor(cls: type, data: st.DataObject) -> None:
+    """`build_sm` (the node's USSD screens and SMS) builds what the dataclass does, and
+    refuses what it refuses, with every field valid but at most one."""
+    names = ["tlvs", "command_status", "sequence_number",
+             *(name for name, _, _, _ in m._LAYOUT[cls])]
+    odd = data.draw(st.sampled_from([None, *names]))
+    kwargs = {name: data.draw(_valid_value(cls, name) if name != odd else _any_value)
+              for name in names}
+    try:
+        expected = cls(**kwargs)
+    except PduEncodeError:
+        with pytest.raises(PduEncodeError):
+            m.build_sm(cls, **kwargs)
+        return
+    built = m.build_sm(cls, **kwargs)
+    assert type(built) is cls and built == expected
+    assert encode(built) == encode(expected)
