@@ -141,6 +141,13 @@ def _cmd_policy_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_consent(args: argparse.Namespace) -> int:
+    from extrabalance.config import load_settings
+    from extrabalance.consent_cli import consent_export_command
+
+    return consent_export_command(load_settings(args.config), args.msisdn, as_json=args.json)
+
+
 def _cmd_dnd(args: argparse.Namespace) -> int:
     from extrabalance.config import load_settings
     from extrabalance.dnd_cli import dnd_command
@@ -368,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--who", default="cli", help="operator name kept with each listed MSISDN")
     p.add_argument("--config", default=None, help="TOML config file")
     p.set_defaults(func=_cmd_dnd)
+    p = sub.add_parser("consent", help="a subscriber's consent trail (consents, refusals, opt-ins)")
+    p.add_argument("action", choices=("export",))
+    p.add_argument("msisdn", help="the subscriber, international form, digits only")
+    p.add_argument("--json", action="store_true", help="JSON instead of CSV")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.set_defaults(func=_cmd_consent)
     p = sub.add_parser("backup", help="online, integrity-checked copy of the ledger")
     p.add_argument("dest", help="file to write (never overwritten)")
     p.add_argument("--config", default=None, help="TOML config file")

@@ -37,6 +37,7 @@ from extrabalance.core.policy import (
     Segment,
     Tier,
 )
+from extrabalance.core.protection import PRESETS, ProtectionPolicy, resolve
 
 MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -440,6 +441,38 @@ class LimitsSection(_Model):
         )
 
 
+class ProtectionSection(_Model):
+    """Consumer protection (core/protection.py, docs/lending.md): a jurisdiction's
+    preset, any key of which may be set here instead. Unset keys take the preset's
+    value; without the section the node behaves as before (payback SMS on)."""
+
+    preset: str = "none"
+    fee_percent_required: bool | None = None
+    sms_confirm: bool | None = None
+    confirm_ttl_s: Annotated[int, Field(ge=30, le=86_400)] | None = None
+    recovery_sms: bool | None = None
+    loans_per_window_max: Annotated[int, Field(ge=0, le=1_000)] | None = None
+    window_hours: Annotated[int, Field(ge=1, le=8_784)] | None = None
+    cooling_off_after: Annotated[int, Field(ge=0, le=100)] | None = None
+    cooling_off_window_hours: Annotated[int, Field(ge=1, le=8_784)] | None = None
+    cooling_off_hours: Annotated[int, Field(ge=1, le=8_784)] | None = None
+    double_opt_in: bool | None = None
+    bulk_opt_in: bool | None = None
+    consent_audit: bool | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (one of {', '.join(sorted(PRESETS))})")
+        return preset
+
+    def policy(self) -> ProtectionPolicy:
+        overrides = {k: v for k, v in self.model_dump().items()
+                     if k != "preset" and v is not None}
+        return resolve(self.preset, overrides)
+
+
 class AutoAdvanceSection(_Model):
     tier: int | None = None
 
@@ -532,6 +565,7 @@ class Settings(_Model):
     recovery: RecoverySection = RecoverySection()
     auto_advance: AutoAdvanceSection = AutoAdvanceSection()
     limits: LimitsSection = LimitsSection()
+    protection: ProtectionSection = ProtectionSection()
     tiers: list[TierSection]
     fee_plans: dict[str, FeePlanSection]
     segments: Annotated[list[SegmentSection], Field(min_length=1)]
@@ -564,6 +598,7 @@ class Settings(_Model):
             missing = [k for k in TEMPLATE_KEYS_REQUIRED if k not in table]
             if missing:
                 raise ValueError(f"templates.{lang}: missing {', '.join(missing)}")
+        _check_protection(self)
         _check_ads(self)  # issue 7
         if (
             self.diameter.listen_host not in LOOPBACK_HOSTS
@@ -640,7 +675,33 @@ class Settings(_Model):
             ),
             auto_advance_tier_id=self.auto_advance.tier,
             limits=self.limits.policy(),
+            protection=self.protection.policy(),
         )
+
+
+# Templates that show the fee before a confirmation, and what each must show when
+# [protection] requires the fee as an amount and a percentage.
+FEE_CONFIRM_TEMPLATES = ("confirm", "loan_confirm_sms")
+
+
+def _check_protection(settings: Settings) -> None:
+    protection = settings.protection.policy()
+    for lang, table in settings.templates.items():
+        if protection.sms_confirm and "loan_confirm_sms" not in table:
+            raise ValueError(f"templates.{lang}: missing loan_confirm_sms "
+                             "(protection.sms_confirm asks for an SMS confirmation)")
+        if protection.double_opt_in and "opt_in_confirm_sms" not in table:
+            raise ValueError(f"templates.{lang}: missing opt_in_confirm_sms "
+                             "(protection.double_opt_in asks for a reply to an SMS)")
+        if not protection.fee_percent_required:
+            continue
+        for key in FEE_CONFIRM_TEMPLATES:
+            text = str(table.get(key, ""))
+            if key in table and not ("{fee}" in text and "{fee_percent}" in text):
+                raise ValueError(
+                    f"templates.{lang}.{key}: protection preset {protection.preset!r} shows "
+                    "the fee as an amount and a percentage: the text needs {fee} and "
+                    "{fee_percent}")
 
 
 def _check_ads(settings: Settings) -> None:

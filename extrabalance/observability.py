@@ -110,6 +110,18 @@ class RepeatLimiter(logging.Filter):
         return True
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written, not when logging was set up: a
+    process (or a test harness) that swaps stderr later still gets the lines, and a
+    stream closed since is never written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
                       stream: Any = None) -> None:
     def _mask(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +137,8 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
         structlog.processors.format_exc_info,
     ]
     # The protocol stacks log through the standard library: the same JSON lines.
-    handler = logging.StreamHandler(stream or sys.stderr)
+    stream = stream or _CurrentStderr()
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processor=structlog.processors.JSONRenderer(),
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
@@ -144,7 +157,7 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 

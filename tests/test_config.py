@@ -98,3 +98,32 @@ def test_smpp_password_source_names_an_unset_variable(monkeypatch):
     assert bind.password_source() == "environment variable EB_TEST_SMPP_PW, which is not set"
     monkeypatch.setenv("EB_TEST_SMPP_PW", "x")
     assert bind.password_source() == "environment variable EB_TEST_SMPP_PW"
+
+
+def test_protection_presets_load_with_the_shipped_templates(tmp_path):
+    base = load_settings().policy().protection
+    assert base.preset == "none" and base.recovery_sms and not base.sms_confirm
+    text = default_config_text()
+    for preset in ("eg-ntra", "ng-fccpc"):
+        changed = text.replace('preset = "none"', f'preset = "{preset}"', 1)
+        protection = load_settings(write(tmp_path, changed)).policy().protection
+        assert protection.preset == preset and protection.fee_percent_required
+        assert protection.double_opt_in and not protection.bulk_opt_in
+    overridden = text.replace('preset = "none"', 'preset = "eg-ntra"\ncooling_off_after = 0', 1)
+    assert load_settings(write(tmp_path, overridden)).policy().protection.cooling_off_after == 0
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ('preset = "none"', 'preset = "fr-cnil"', "unknown preset 'fr-cnil'"),
+    ('preset = "none"', 'preset = "none"\nmax_loans = 3', "Extra inputs"),
+    ('confirm = "Borrow {amount}? Fee {fee} ({fee_percent}).', 'confirm = "Borrow {amount}? Fee {fee}.',
+     "templates.en.confirm: protection preset 'eg-ntra' shows the fee as an amount and a percentage"),
+])
+def test_protection_mistakes_name_the_key(tmp_path, old, new, words):
+    text = default_config_text().replace('preset = "none"', 'preset = "eg-ntra"', 1)
+    old = old.replace('preset = "none"', 'preset = "eg-ntra"')
+    new = new.replace('preset = "none"', 'preset = "eg-ntra"')
+    assert old in text, old
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text.replace(old, new, 1)))
+    assert words in str(info.value)

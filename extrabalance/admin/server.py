@@ -53,8 +53,10 @@ from extrabalance.config import (
 from extrabalance.ledger.adjustments import ADJUSTMENT_KINDS, AdjustmentError, apply_write_down
 from extrabalance.ledger.ads_store import DND_PAGE_MAX
 from extrabalance.ledger.factory import ledger_errors
+from extrabalance.service.accounts import OptInRefused
 from extrabalance.service.dnd import DoNotDisturb
 from extrabalance.service.limits import limit_view
+from extrabalance.service.protection import consent_rows
 
 if TYPE_CHECKING:
     from extrabalance.node import Node
@@ -107,6 +109,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/subscribers/{msisdn}/unbar", "unbar", ADMIN),
     Route("POST", "/api/v1/subscribers/{msisdn}/adjustments", "adjust", ADMIN),
     Route("POST", "/api/v1/subscribers/{msisdn}/auto-advance", "auto_advance", ADMIN),
+    Route("GET", "/api/v1/subscribers/{msisdn}/consents", "consents", ADMIN),
     Route("GET", "/api/v1/dnd", "dnd_list", ADMIN),
     Route("POST", "/api/v1/dnd/{msisdn}", "dnd_add", ADMIN),
     Route("POST", "/api/v1/dnd/{msisdn}/remove", "dnd_remove", ADMIN),
@@ -357,6 +360,11 @@ class AdminServer:
             "static_in_node"]
         return json_response(200, view)
 
+    async def h_consents(self, request: Request, msisdn: str) -> Response:
+        """His consent trail (docs/lending.md "Consumer protection"), oldest first."""
+        rows = await self.node.ledger.read(lambda tx: consent_rows(tx, msisdn))
+        return json_response(200, {"msisdn": msisdn, "consents": rows})
+
     @staticmethod
     def _text(body: dict[str, Any], name: str, *, required: bool) -> str:
         value = body.get(name, "")
@@ -439,7 +447,10 @@ class AdminServer:
             raise HttpError(400, "enabled must be true or false")
         reason = self._text(body, "reason", required=True)
         who = self._text(body, "who", required=True)
-        changed = await self.node.accounts.set_auto_advance(msisdn, enabled, who, reason)
+        try:
+            changed = await self.node.accounts.set_auto_advance(msisdn, enabled, who, reason)
+        except OptInRefused as exc:
+            raise HttpError(409, str(exc)) from None
         log.info("admin_auto_advance", msisdn=msisdn, enabled=enabled, changed=changed, who=who)
         return json_response(200, {"msisdn": msisdn, "auto_advance": enabled,
                                    "changed": changed, "reason": reason, "who": who})

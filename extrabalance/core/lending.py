@@ -14,6 +14,7 @@ from typing import Literal
 from extrabalance.core.fees import fee_for
 from extrabalance.core.model import SubscriberState
 from extrabalance.core.policy import Policy, Segment, Tier
+from extrabalance.core.protection import frequency_refusal
 from extrabalance.core.reasons import Reason
 from extrabalance.core.segments import match_segment
 
@@ -81,7 +82,7 @@ def _allowed_tiers(segment: Segment, policy: Policy) -> list[Tier]:
 
 
 def _gate(
-    state: SubscriberState, policy: Policy, channel: Channel
+    state: SubscriberState, policy: Policy, channel: Channel, now: datetime
 ) -> tuple[Segment | None, Refused | None]:
     """The checks that do not depend on the tier, in the documented order."""
     segment = match_segment(state.profile, policy.segments)
@@ -105,6 +106,11 @@ def _gate(
             Reason.TENURE_TOO_SHORT,
             f"tenure {tenure_days} d < {policy.eligibility.min_tenure_days} d",
         )
+    if policy.protection.counts_loans:
+        frequent = frequency_refusal(state.loan_times, now, policy.protection)
+        if frequent is not None:
+            return segment, Refused(
+                frequent.reason, f"{frequent.detail}; again from {frequent.until.isoformat()}")
     limit = policy.eligibility.max_balance_to_borrow_minor
     if limit is not None and state.balance_minor is not None and state.balance_minor > limit:
         return segment, Refused(Reason.BALANCE_TOO_HIGH, f"balance {state.balance_minor} > {limit}")
@@ -114,13 +120,9 @@ def _gate(
 def decide(
     request: BorrowRequest, state: SubscriberState, policy: Policy, now: datetime
 ) -> Decision:
-    """Grant or refuse one loan. Never grants past the segment ceiling.
-
-    `now` is accepted so time-based rules (quiet hours, ageing) can join without a
-    signature change; no rule reads it today.
-    """
-    del now
-    segment, refused = _gate(state, policy, request.channel)
+    """Grant or refuse one loan. Never grants past the segment ceiling. `now` is read
+    by the consumer-protection rules (the cap per rolling window, the cooling-off)."""
+    segment, refused = _gate(state, policy, request.channel, now)
     if refused is not None:
         return refused
     assert segment is not None
@@ -157,9 +159,8 @@ def decide(
 
 def offer(state: SubscriberState, policy: Policy, now: datetime) -> Offer:
     """The menu: every tier of the subscriber's segment, marked whether it fits."""
-    del now
     debt_minor = state.debt_minor
-    segment, refused = _gate(state, policy, "ussd")
+    segment, refused = _gate(state, policy, "ussd", now)
     if segment is None:
         return Offer(
             False, refused.reason if refused else Reason.NO_SEGMENT, None, (), debt_minor, 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from extrabalance.core.limits import LimitPolicy
+from extrabalance.core.protection import ProtectionPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,3 +114,5 @@ class Policy:
     recovery: RecoveryPolicy
     auto_advance_tier_id: int | None = None  # tier granted inside an out-of-balance CCR
     limits: LimitPolicy | None = None  # limits from behaviour (core/limits.py); None: off
+    # consumer protection (core/protection.py); the default changes nothing
+    protection: ProtectionPolicy = field(default_factory=ProtectionPolicy)

@@ -44,7 +44,9 @@ from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, Campaign
 from extrabalance.ledger.outbox_store import OutboxRow
 from extrabalance.ledger.store import (
     ACCOUNTS,
+    AUDIT_TRAIL_MAX,
     IDEMPOTENCY_KEPT_PREFIX,
+    AuditRow,
     LoadedSubscriber,
     LoanRow,
     RecoveryRow,
@@ -120,6 +122,12 @@ class _Tables:
     # loan_id → (session_id, request_type, request_number, used_minor, created_at)
     session_evidence: dict[str, tuple[str, int, int, int | None, str]] = field(
         default_factory=dict)
+    # ("loans" | "recoveries", id) → (owner_node, lease_until text): migration 0011
+    leases: dict[tuple[str, str], tuple[str | None, str | None]] = field(default_factory=dict)
+
+
+def _ts_or_none(moment: datetime | None) -> str | None:
+    return ts(moment) if moment is not None else None
 
 
 class MemoryLedgerTx:
@@ -289,6 +297,7 @@ class MemoryLedgerTx:
     ) -> None:
         self._w().audit.append(
             {
+                "audit_id": new_id(),
                 "msisdn": msisdn,
                 "action": action,
                 "who": who,
@@ -297,6 +306,22 @@ class MemoryLedgerTx:
                 "created_at": ts(now),
             }
         )
+
+    def audit_trail(
+        self, msisdn: str, actions: tuple[str, ...] = (), limit: int = AUDIT_TRAIL_MAX
+    ) -> list[AuditRow]:
+        rows = [a for a in self._t.audit
+                if a["msisdn"] == msisdn and (not actions or a["action"] in actions)]
+        rows.sort(key=lambda a: (a["created_at"], a["audit_id"]))
+        rows = rows[len(rows) - max(0, min(limit, AUDIT_TRAIL_MAX)):] if limit > 0 else []
+        return [AuditRow(a["audit_id"], a["action"], a["who"], a["why"], dict(a["detail"]),
+                         datetime.fromisoformat(a["created_at"])) for a in rows]
+
+    def loan_times(self, msisdn: str, since: datetime) -> tuple[datetime, ...]:
+        after = ts(since)
+        return tuple(sorted(
+            datetime.fromisoformat(r.created_at) for r in self._t.loans.values()
+            if r.msisdn == msisdn and r.created_at >= after and r.state != FAILED))
 
     def set_bar(
         self, msisdn: str, barred: bool, reason: str | None, who: str, now: datetime
@@ -414,6 +439,8 @@ class MemoryLedgerTx:
         request_number: int = 0,
         loan_id: str | None = None,
         subscriber_known: bool = False,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
         sagas.check_loan_move(None, state, loan_id or "")
         t = self._w()
@@ -448,6 +475,7 @@ class MemoryLedgerTx:
         )
         if idempotency_key is not None:
             t.loan_keys[idempotency_key] = loan_id
+        t.leases[("loans", loan_id)] = (owner_node, _ts_or_none(lease_until))
         if state in (ACTIVE, CONFIRMING):
             self._disburse(loan_id, msisdn, principal_minor, fee_minor, now)
         return loan_id
@@ -641,6 +669,8 @@ class MemoryLedgerTx:
         now: datetime,
         session_id: str | None = None,
         requested_minor: int = 0,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
         sagas.recovery_step(None, sagas.BOOK_RECOVERY)
         t = self._w()
@@ -666,6 +696,7 @@ class MemoryLedgerTx:
         )
         t.recovery_events[event_id] = recovery_id
         t.recovery_created[recovery_id] = ts(now)
+        t.leases[("recoveries", recovery_id)] = (owner_node, _ts_or_none(lease_until))
         if first:
             t.attempts[(recovery_id, 1)] = [session_id, requested_minor, None, None]
         return recovery_id
@@ -779,6 +810,42 @@ class MemoryLedgerTx:
         ]
         rows.sort(key=lambda r: self._t.recovery_created[r.recovery_id])
         return rows[:limit]
+
+    # -- leases on the sagas -------------------------------------------------------------
+
+    def _claim(self, table: str, keys: list[str], owner: str, now: datetime,
+               lease_until: datetime, limit: int) -> list[str]:
+        """The first `limit` of `keys` (oldest first) `owner` may take, leased to him."""
+        t = self._w()
+        claimed: list[str] = []
+        for key in keys:
+            if len(claimed) >= limit:
+                break
+            holder, until = t.leases.get((table, key), (None, None))
+            if holder is None or holder == owner or (until is not None and until < ts(now)):
+                t.leases[(table, key)] = (owner, ts(lease_until))
+                claimed.append(key)
+        return claimed
+
+    def claim_unsettled_loans(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[LoanRow]:
+        # Every unsettled row, not the first `limit`: those leased elsewhere are skipped.
+        rows = self.unsettled_loans(len(self._t.loans))
+        keys = self._claim("loans", [r.loan_id for r in rows], owner, now, lease_until, limit)
+        return sorted((self._t.loans[k] for k in keys), key=lambda r: (r.created_at, r.loan_id))
+
+    def claim_unsettled_recoveries(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[RecoveryRow]:
+        rows = self.unsettled_recoveries(len(self._t.recoveries))
+        keys = self._claim("recoveries", [r.recovery_id for r in rows], owner, now,
+                           lease_until, limit)
+        return sorted((self._t.recoveries[k] for k in keys),
+                      key=lambda r: (self._t.recovery_created[r.recovery_id], r.recovery_id))
+
+    def saga_lease(self, table: str, key: str) -> tuple[str | None, str | None]:
+        return self._t.leases.get((table, key), (None, None))
 
     # -- advertisements ----------------------------------------------------------------
 

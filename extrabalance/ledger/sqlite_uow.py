@@ -42,6 +42,8 @@ class SqliteLedgerTx(sqlite3.Connection):
     put_limit_state = store.put_limit_state
     set_bar = store.set_bar
     audit = store.audit
+    audit_trail = store.audit_trail
+    loan_times = store.loan_times
     # idempotency
     idempotent_get = store.idempotent_get
     idempotent_put = store.idempotent_put
@@ -70,6 +72,10 @@ class SqliteLedgerTx(sqlite3.Connection):
     set_recovery_state = store.set_recovery_state
     apply_recovery = store.apply_recovery
     unsettled_recoveries = store.unsettled_recoveries
+    # leases on the sagas
+    claim_unsettled_loans = store.claim_unsettled_loans
+    claim_unsettled_recoveries = store.claim_unsettled_recoveries
+    saga_lease = store.saga_lease
     # journal
     debt_from_journal = store.debt_from_journal
     account_totals = store.account_totals

@@ -347,6 +347,48 @@ def audit(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One line of a subscriber's audit trail (oldest first when listed)."""
+
+    audit_id: str
+    action: str
+    who: str
+    why: str
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+AUDIT_TRAIL_MAX = 10_000  # lines of one subscriber's trail read at once at most
+
+
+def audit_trail(
+    conn: sqlite3.Connection, msisdn: str, actions: tuple[str, ...] = (), limit: int = AUDIT_TRAIL_MAX
+) -> list[AuditRow]:
+    """His audit lines (only `actions` when given), oldest first, the newest `limit`."""
+    where = f" AND action IN ({_marks(actions)})" if actions else ""
+    rows = conn.execute(
+        "SELECT audit_id, action, who, why, detail, created_at FROM audit"
+        f" WHERE msisdn = ?{where} ORDER BY created_at DESC, audit_id DESC LIMIT ?",
+        (msisdn, *actions, max(0, min(limit, AUDIT_TRAIL_MAX))),
+    ).fetchall()
+    return [
+        AuditRow(r[0], r[1], r[2], r[3], json.loads(r[4] or "{}"), datetime.fromisoformat(r[5]))
+        for r in reversed(rows)
+    ]
+
+
+def loan_times(conn: sqlite3.Connection, msisdn: str, since: datetime) -> tuple[datetime, ...]:
+    """When his loans and advances that did not fail were taken, since `since`
+    (the consumer-protection cap and cooling-off count them)."""
+    rows = conn.execute(
+        "SELECT created_at FROM loans WHERE msisdn = ? AND created_at >= ? AND state != ?"
+        " ORDER BY created_at",
+        (msisdn, ts(since), FAILED),
+    ).fetchall()
+    return tuple(datetime.fromisoformat(r[0]) for r in rows)
+
+
 def set_bar(
     conn: sqlite3.Connection, msisdn: str, barred: bool, reason: str | None, who: str, now: datetime
 ) -> None:
@@ -537,10 +579,13 @@ def insert_loan(
     request_number: int = 0,
     loan_id: str | None = None,
     subscriber_known: bool = False,
+    owner_node: str | None = None,
+    lease_until: datetime | None = None,
 ) -> str:
     """Insert a loan; an ACTIVE or CONFIRMING one is journalled at once.
     `subscriber_known`: the caller has just read the subscribers row, so it need not
-    be ensured again."""
+    be ensured again. `owner_node` / `lease_until`: the node whose saga it is, until
+    when (see `claim_unsettled_loans`)."""
     sagas.check_loan_move(None, state, loan_id or "")
     loan_id = loan_id or new_id()
     if not subscriber_known:
@@ -548,7 +593,8 @@ def insert_loan(
     conn.execute(
         "INSERT INTO loans (loan_id, msisdn, tier_id, principal_minor, fee_minor, state,"
         " channel, idempotency_key, in_node, diameter_session_id, request_number,"
-        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " created_at, updated_at, owner_node, lease_until)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             loan_id,
             msisdn,
@@ -563,6 +609,8 @@ def insert_loan(
             request_number,
             ts(now),
             ts(now),
+            owner_node,
+            ts(lease_until) if lease_until is not None else None,
         ),
     )
     if state in (ACTIVE, CONFIRMING):
@@ -857,15 +905,19 @@ def insert_recovery(
     now: datetime,
     session_id: str | None = None,
     requested_minor: int = 0,
+    owner_node: str | None = None,
+    lease_until: datetime | None = None,
 ) -> str:
     """Insert a RECOVERING recovery. With `session_id`, its first DIRECT_DEBITING
     attempt is recorded too (the same rows `start_recovery_attempt` writes, in two
-    statements instead of four)."""
+    statements instead of four). `owner_node` / `lease_until`: see
+    `claim_unsettled_recoveries`."""
     recovery_id = new_id()
     conn.execute(
         "INSERT INTO recoveries (recovery_id, event_id, msisdn, recharge_minor,"
         " balance_after_minor, requested_minor, state, in_node, diameter_session_id,"
-        " attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " attempts, created_at, updated_at, owner_node, lease_until)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             recovery_id,
             event_id,
@@ -879,6 +931,8 @@ def insert_recovery(
             1 if session_id is not None else 0,
             ts(now),
             ts(now),
+            owner_node,
+            ts(lease_until) if lease_until is not None else None,
         ),
     )
     if session_id is not None:
@@ -1107,3 +1161,55 @@ def put_profile(conn: sqlite3.Connection, profile: SubscriberProfile, now: datet
             ts(now),
         ),
     )
+
+
+# -- leases on the sagas (migration 0011) ------------------------------------------------
+# An unsettled loan or recovery is claimable by `owner` when it has no owner, is his
+# already (his lease is renewed), or its lease ran out (its node died). The claim is
+# one UPDATE ... RETURNING: on SQLite the single writer makes it atomic; on PostgreSQL
+# the adapter adds FOR UPDATE SKIP LOCKED to the inner SELECT, so two nodes claiming at
+# once never both get a row and never wait for each other.
+
+_CLAIMABLE = "(owner_node IS NULL OR owner_node = ? OR lease_until < ?)"
+
+
+def claim_unsettled_loans(
+    conn: sqlite3.Connection, owner: str, now: datetime, lease_until: datetime, limit: int,
+    *, lock_rows: str = "",
+) -> list[LoanRow]:
+    """Unsettled loans (not flagged for review) that `owner` may settle, oldest first,
+    at most `limit`, leased to him until `lease_until`."""
+    rows = conn.execute(
+        f"UPDATE loans SET owner_node = ?, lease_until = ? WHERE loan_id IN ("
+        f"SELECT loan_id FROM loans WHERE state IN ({_marks(LOAN_UNSETTLED_STATES)})"
+        f" AND needs_review = 0 AND {_CLAIMABLE} ORDER BY created_at LIMIT ?{lock_rows})"
+        f" RETURNING {_LOAN_COLUMNS}",
+        (owner, ts(lease_until), *LOAN_UNSETTLED_STATES, owner, ts(now), limit),
+    ).fetchall()
+    return sorted((_loan(r) for r in rows), key=lambda r: (r.created_at, r.loan_id))
+
+
+def claim_unsettled_recoveries(
+    conn: sqlite3.Connection, owner: str, now: datetime, lease_until: datetime, limit: int,
+    *, lock_rows: str = "",
+) -> list[RecoveryRow]:
+    """As `claim_unsettled_loans`, for recoveries with a DIRECT_DEBITING sent."""
+    rows = conn.execute(
+        f"UPDATE recoveries SET owner_node = ?, lease_until = ? WHERE recovery_id IN ("
+        "SELECT recovery_id FROM recoveries WHERE state IN (?, ?) AND needs_review = 0"
+        f" AND diameter_session_id IS NOT NULL AND {_CLAIMABLE}"
+        f" ORDER BY created_at LIMIT ?{lock_rows})"
+        f" RETURNING {_RECOVERY_COLUMNS}, created_at",
+        (owner, ts(lease_until), *RECOVERY_UNSETTLED_STATES, owner, ts(now), limit),
+    ).fetchall()
+    ordered = sorted(rows, key=lambda r: (r[-1], r[0]))
+    return [_recovery(r[:-1]) for r in ordered]
+
+
+def saga_lease(conn: sqlite3.Connection, table: str, key: str) -> tuple[str | None, str | None]:
+    """(owner_node, lease_until) of a loan (`table` "loans") or recovery ("recoveries")."""
+    column = {"loans": "loan_id", "recoveries": "recovery_id"}[table]
+    row = conn.execute(
+        f"SELECT owner_node, lease_until FROM {table} WHERE {column} = ?", (key,)
+    ).fetchone()
+    return (row[0], row[1]) if row else (None, None)

@@ -23,6 +23,10 @@ class AgeingReport:
     written_off_minor: int
 
 
+class OptInRefused(Exception):
+    """An operator's opt-in that the consumer-protection policy does not allow."""
+
+
 class AccountService:
     def __init__(
         self,
@@ -58,7 +62,12 @@ class AccountService:
 
     async def set_auto_advance(self, msisdn: str, on: bool, who: str, why: str) -> bool:
         """Opt `msisdn` in to automatic advances (or out), audited; False if it was
-        already so (nothing written)."""
+        already so (nothing written). Raises `OptInRefused` for an opt-in when the
+        consumer-protection preset allows it only by the subscriber's own reply."""
+        if on and not self.policy.protection.bulk_opt_in:
+            raise OptInRefused(
+                f"the protection preset {self.policy.protection.preset!r} allows the opt-in "
+                "to automatic advances only by the subscriber's reply YES (double opt-in)")
         async with self.locks.hold(msisdn):
             now = self.clock()
 

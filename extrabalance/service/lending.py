@@ -29,16 +29,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from extrabalance.core import sagas
-from extrabalance.core.lending import BorrowRequest, Channel, Granted, Offer, decide, offer
+from extrabalance.core.fees import fee_for
+from extrabalance.core.lending import (
+    BorrowRequest,
+    Channel,
+    Granted,
+    Offer,
+    OfferTier,
+    decide,
+    offer,
+)
 from extrabalance.core.limits import Limit
 from extrabalance.core.model import SubscriberState
 from extrabalance.core.policy import Policy
 from extrabalance.core.reasons import Reason
+from extrabalance.core.segments import match_segment
 from extrabalance.service.ads import AdTrigger, Advertiser
 from extrabalance.service.limits import current_limit, limit_edr, with_limit
 from extrabalance.service.locks import SubscriberLocks
@@ -65,6 +75,21 @@ from extrabalance.service.ports import (
     Notice,
     NoticeOutbox,
     Notifier,
+)
+from extrabalance.service.protection import (
+    ADS_OPT_IN,
+    ADS_OPT_OUT,
+    AUTO_ADVANCE_OFF,
+    AUTO_ADVANCE_ON,
+    AUTO_ADVANCE_REQUESTED,
+    LOAN_CONFIRM_REQUESTED,
+    LOAN_CONSENT,
+    LOAN_REFUSED,
+    WHO_SUBSCRIBER,
+    audit_consent,
+    figures,
+    pending_request,
+    with_loan_times,
 )
 from extrabalance.service.routing import RouteProber, Router
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
@@ -410,8 +435,13 @@ class LendingService:
                     state = replace(state, balance_minor=above)
                 state, limit = with_limit(tx, state, self.policy, now)
                 limits.extend([limit] if limit else [])
+                state = with_loan_times(tx, state, self.policy, now)
                 decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy, now)
                 if not isinstance(decision, Granted):
+                    if channel != "auto":
+                        audit_consent(tx, self.policy, msisdn, LOAN_REFUSED, channel, now,
+                                      {"reason": decision.reason.value, "tier_id": tier_id},
+                                      who="node", why=decision.detail)
                     refused = BorrowOutcome(
                         BorrowStatus.REFUSED,
                         decision.reason,
@@ -435,6 +465,10 @@ class LendingService:
                     now=now,
                     subscriber_known=loaded.known,
                 )
+                if channel != "auto":  # what he agreed to, with the loan it asked for
+                    audit_consent(tx, self.policy, msisdn, LOAN_CONSENT, channel, now, {
+                        "tier_id": decision.tier.tier_id, "loan_id": loan_id,
+                        **figures(decision.amount_minor, decision.fee_minor)})
                 return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language,
                                limits[0] if limits else None)
 
@@ -558,6 +592,8 @@ class LendingService:
 
         def read(tx: LedgerTx) -> tuple[LoadedSubscriber, Limit | None]:
             loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
+            if self.policy.protection.counts_loans:  # the menu shows a cap or a pause
+                loaded = replace(loaded, state=with_loan_times(tx, loaded.state, self.policy, now))
             return loaded, current_limit(tx, loaded.state, self.policy, now)
 
         loaded, limit = await self.ledger.read_point(read)
@@ -588,17 +624,137 @@ class LendingService:
         auto_advance: bool | None = None,
         ads_opt_out: bool | None = None,
         language: str | None = None,
+        channel: str = "ussd",
+    ) -> str | None:
+        """Change his preferences, each change on his consent trail when the policy keeps
+        one. Turning automatic advances on under a double opt-in changes nothing yet:
+        an SMS asks him to reply YES (`confirm_by_reply`), and "confirm_by_sms" is
+        returned so the screen can say so."""
+        now = self.clock()
+        protection = self.policy.protection
+
+        def change(tx: LedgerTx) -> str | None:
+            auto = auto_advance
+            waits: str | None = None
+            if auto and protection.double_opt_in:
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
+                if not loaded.state.auto_advance_opt_in:
+                    self._ask_auto_advance(tx, loaded.state, channel, now)
+                    auto, waits = None, "confirm_by_sms"
+            tx.set_preferences(msisdn, now, auto_advance=auto, ads_opt_out=ads_opt_out,
+                               language=language)
+            if auto is not None:
+                audit_consent(tx, self.policy, msisdn,
+                              AUTO_ADVANCE_ON if auto else AUTO_ADVANCE_OFF, channel, now)
+            if ads_opt_out is not None:
+                audit_consent(tx, self.policy, msisdn,
+                              ADS_OPT_OUT if ads_opt_out else ADS_OPT_IN, channel, now)
+            return waits
+
+        waits = await self.ledger.write(change)
+        if waits is not None:
+            self.notifier.wake()
+        return waits
+
+    def _ask_auto_advance(
+        self, tx: LedgerTx, state: SubscriberState, channel: str, now: datetime
     ) -> None:
+        """The double opt-in's first step: the request on his trail, and the SMS that
+        names the advance and its fee and asks for YES (in the same commit)."""
+        amount_minor = fee_minor = 0
+        segment = match_segment(state.profile, self.policy.segments)
+        tier = self.policy.tiers.get(self.policy.auto_advance_tier_id or 0)
+        if segment is not None and tier is not None:
+            amount_minor = tier.amount_minor
+            fee_minor = fee_for(tier, self.policy.fee_plans[segment.fee_plan])
+        shown = figures(amount_minor, fee_minor)
+        tx.audit(state.msisdn, AUTO_ADVANCE_REQUESTED, WHO_SUBSCRIBER, channel, now,
+                 {"channel": channel, **shown})
+        self.notifier.put(tx, Notice(state.msisdn, "opt_in_confirm_sms", {
+            "amount": amount_minor, "fee": fee_minor, "fee_percent": shown["fee_percent"],
+            "minutes": self.policy.protection.confirm_ttl_s // 60}, "sms", state.language), now)
+
+    async def record_consent(
+        self, msisdn: str, action: str, channel: str, detail: dict[str, Any] | None = None
+    ) -> None:
+        """A consent line a channel decided (he cancelled on the confirm screen)."""
+        if not self.policy.protection.keeps_trail:
+            return
         now = self.clock()
         await self.ledger.write(
-            lambda tx: tx.set_preferences(
-                msisdn,
-                now,
-                auto_advance=auto_advance,
-                ads_opt_out=ads_opt_out,
-                language=language,
-            )
-        )
+            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail))
+
+    async def sms_loan(
+        self, msisdn: str, tier_id: int | None, idempotency_key: str
+    ) -> BorrowOutcome | None:
+        """An SMS `LOAN [n]`: lent at once, or, with `[protection] sms_confirm`, answered
+        by an SMS with the amount, the fee and its percentage, and lent only on his
+        reply YES (`confirm_by_reply`). None: the confirmation was asked for. A request
+        the node would refuse is refused at once (its SMS, EDR and trail line)."""
+        protection = self.policy.protection
+        if not protection.sms_confirm:
+            return await self.borrow(msisdn, tier_id, "sms", idempotency_key)
+        status, quote = await self.overview(msisdn)
+        tier = _offered(quote, tier_id)
+        if tier is None:
+            return await self.borrow(msisdn, tier_id, "sms", idempotency_key)
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+            ask_key = f"smsask:{idempotency_key}"
+
+            def ask(tx: LedgerTx) -> None:
+                if tx.idempotent_get(ask_key) is not None:
+                    return  # the SMSC's re-send of the same LOAN: asked already
+                tx.idempotent_put(ask_key, {"asked": True}, now)
+                shown = figures(tier.amount_minor, tier.fee_minor)
+                tx.audit(msisdn, LOAN_CONFIRM_REQUESTED, WHO_SUBSCRIBER, "sms", now,
+                         {"channel": "sms", "tier_id": tier.tier_id, **shown})
+                self.notifier.put(tx, Notice(msisdn, "loan_confirm_sms", {
+                    "amount": tier.amount_minor, "fee": tier.fee_minor,
+                    "fee_percent": shown["fee_percent"], "total": tier.total_minor,
+                    "minutes": protection.confirm_ttl_s // 60}, "sms", status.language), now)
+
+            await self.ledger.write(ask)
+        self.notifier.wake()
+        return None
+
+    async def confirm_by_reply(self, msisdn: str) -> str | None:
+        """His SMS `YES`: completes the request waiting on his trail (an SMS loan, or
+        the double opt-in to automatic advances). Returns the template to answer with
+        when nothing was waiting ("nothing_to_confirm"); else None (the outcome goes by
+        SMS). A loan is asked for with a key made of the request's audit id: a second
+        YES to the same request lends nothing more."""
+        now = self.clock()
+        request = await self.ledger.read_point(
+            lambda tx: pending_request(tx, msisdn, self.policy, now))
+        if request is None:
+            return "nothing_to_confirm"
+        if request.action == LOAN_CONFIRM_REQUESTED:
+            tier_id = int(request.detail["tier_id"])
+            _status, quote = await self.overview(msisdn)
+            tier = _offered(quote, tier_id)
+            if tier is not None and (tier.amount_minor, tier.fee_minor) != (
+                    request.detail.get("amount_minor"), request.detail.get("fee_minor")):
+                # The tariff changed since he was asked: he is asked again with the new
+                # figures, never charged a fee he was not shown.
+                await self.sms_loan(msisdn, tier_id, f"reask:{request.audit_id}")
+                return None
+            await self.borrow(msisdn, tier_id, "sms", f"smsyes:{request.audit_id}")
+            return None
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+
+            def turn_on(tx: LedgerTx) -> None:
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
+                tx.set_preferences(msisdn, now, auto_advance=True)
+                tx.audit(msisdn, AUTO_ADVANCE_ON, WHO_SUBSCRIBER, "sms reply", now,
+                         {"channel": "sms", "request": request.audit_id})
+                self.notifier.put(tx, Notice(msisdn, "auto_advance_on_sms", {}, "sms",
+                                             loaded.state.language), now)
+
+            await self.ledger.write(turn_on)
+        self.notifier.wake()
+        return None
 
     async def _balance_above_limit(
         self, msisdn: str, in_node: str | None, channel: str
@@ -713,6 +869,7 @@ class LendingService:
                 if loaded.learned_in_node != origin_host:
                     tx.learn_route(msisdn, origin_host, now)
                 state, _limit = with_limit(tx, loaded.state, self.policy, now)
+                state = with_loan_times(tx, state, self.policy, now)
                 decision = decide(BorrowRequest(msisdn, None, "auto"), state, self.policy, now)
                 if isinstance(decision, Granted):
                     if deadline_monotonic is not None and time.monotonic() > deadline_monotonic:
@@ -890,6 +1047,17 @@ def _session_evidence(tx: LedgerTx, session_id: str, request_type: int,
              {"session_id": session_id, "request_type": request_type,
               "used_minor": used_minor})
     return [loan]
+
+
+def _offered(quote: Offer, tier_id: int | None) -> OfferTier | None:
+    """The tier of his menu a request names (None: the largest that fits, as `decide`
+    picks it), when he may take it now; else None."""
+    if not quote.eligible:
+        return None
+    fitting = [t for t in quote.tiers if t.fits]
+    if tier_id is None:
+        return max(fitting, key=lambda t: (t.amount_minor, t.tier_id), default=None)
+    return next((t for t in fitting if t.tier_id == tier_id), None)
 
 
 def _v(reason: Reason | None) -> str | None:

@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # row types only: the services never import the SQL modules
     from extrabalance.core.payback import Recovery
     from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, CampaignRow
     from extrabalance.ledger.outbox_store import OutboxRow
-    from extrabalance.ledger.store import LoadedSubscriber, LoanRow, RecoveryRow
+    from extrabalance.ledger.store import AuditRow, LoadedSubscriber, LoanRow, RecoveryRow
 
 T = TypeVar("T")
 
@@ -114,6 +114,16 @@ class LedgerTx(Protocol):
         detail: Mapping[str, Any] | None = None,
     ) -> None: ...
 
+    def audit_trail(
+        self, msisdn: str, actions: tuple[str, ...] = (), limit: int = 10_000
+    ) -> list[AuditRow]:
+        """His audit lines (only `actions` when given), oldest first, the newest `limit`."""
+        ...
+
+    def loan_times(self, msisdn: str, since: datetime) -> tuple[datetime, ...]:
+        """When his loans that did not fail were taken, since `since`, oldest first."""
+        ...
+
     # -- idempotency -----------------------------------------------------------------
     def idempotent_get(self, key: str) -> dict[str, Any] | None: ...
     def idempotent_put(self, key: str, outcome: Mapping[str, Any], now: datetime) -> None:
@@ -145,9 +155,12 @@ class LedgerTx(Protocol):
         request_number: int = 0,
         loan_id: str | None = None,
         subscriber_known: bool = False,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
         """Book a loan in a state the saga table allows for a new record; ACTIVE and
-        CONFIRMING are journalled at once. The idempotency key is unique."""
+        CONFIRMING are journalled at once. The idempotency key is unique. An adapter
+        that knows its node leases the saga to it when `owner_node` is not given."""
         ...
 
     def settle_loan(
@@ -217,8 +230,11 @@ class LedgerTx(Protocol):
         now: datetime,
         session_id: str | None = None,
         requested_minor: int = 0,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
-        """Book a RECOVERING recovery (the recharge's `event_id` is unique)."""
+        """Book a RECOVERING recovery (the recharge's `event_id` is unique); leased as
+        `insert_loan`'s loan."""
         ...
 
     def start_recovery_attempt(
@@ -237,6 +253,25 @@ class LedgerTx(Protocol):
         ...
 
     def unsettled_recoveries(self, limit: int) -> list[RecoveryRow]: ...
+
+    # -- leases on the sagas (several nodes on one ledger) -----------------------------
+    def claim_unsettled_loans(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[LoanRow]:
+        """The unsettled loans `owner` may settle, oldest first, at most `limit`,
+        leased to him until `lease_until`: those without an owner, his own (renewed)
+        and those whose lease ran out. Two nodes claiming at once never share a row."""
+        ...
+
+    def claim_unsettled_recoveries(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[RecoveryRow]:
+        """As `claim_unsettled_loans`, for recoveries with a debit sent."""
+        ...
+
+    def saga_lease(self, table: str, key: str) -> tuple[str | None, str | None]:
+        """(owner_node, lease_until) of a loan ("loans") or recovery ("recoveries")."""
+        ...
 
     # -- journal -----------------------------------------------------------------------
     def debt_from_journal(self, msisdn: str) -> int: ...

@@ -42,3 +42,13 @@ def test_loan_with_words_keeps_them_for_the_reply():
 
 def test_bal_with_trailing_words_is_not_balance():
     assert parse_keyword("bal please now").command is Command.UNKNOWN
+
+
+def test_yes_in_both_languages_is_a_confirmation():
+    from extrabalance.service.keywords import Command, parse_keyword
+
+    for text, lang in (("YES", "en"), (" y ", "en"), ("Confirm", "en"), ("نعم", "ar"),
+                       ("موافق", "ar"), ("تأكيد", "ar")):
+        kw = parse_keyword(text)
+        assert (kw.command, kw.language) == (Command.CONFIRM, lang), text
+    assert parse_keyword("YES PLEASE").command is Command.UNKNOWN

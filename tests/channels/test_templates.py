@@ -19,7 +19,7 @@ def test_render_money_and_reason_in_both_languages():
         "Extra Balance not granted: this would pass your limit; repay first"
     )
     assert t.render("payback_partial", "ar", {"recovered": 300, "debt": 250}) == (
-        "شكرا. تم سداد 3.00 ج.م من الرصيد الإضافي. المتبقي: 2.50 ج.م."
+        "شكرا. خصمنا 3.00 ج.م من شحنتك لسداد الرصيد الإضافي. المتبقي: 2.50 ج.م."
     )
     assert t.language("fr") == "en"
 

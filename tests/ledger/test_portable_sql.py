@@ -102,6 +102,8 @@ POSTGRESQL_FILES: dict[str, str] = {
         "(tests/ledger/test_unit_of_work_contract.py, test_postgres_migrations.py)",
     "extrabalance/ledger/pg_copy.py":
         "the copy of a SQLite ledger into PostgreSQL (tests/ledger/test_pg_copy.py)",
+    "extrabalance/ledger/factory.py":
+        "the reachability check of a PostgreSQL ledger (tests/test_preflight.py)",
 }
 
 M1, M2, M3, M4 = "201001234567", "201001234568", "201001234569", "201001234570"
@@ -206,6 +208,10 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         assert await h.ledger.read(lambda c: store.session_evidence(c, first.loan_id or ""))
     # Reconciliation with the IN's records (reconcile-in): its read of the advances.
     await h.ledger.read(lambda c: store.advances_of_in_node(c, IN_A, h.clock()))
+    # Consumer protection: the loans a rolling-window cap counts, and the consent trail.
+    await h.ledger.read(lambda c: store.loan_times(c, M1, h.clock() - timedelta(days=30)))
+    await h.ledger.read(lambda c: store.audit_trail(c, M1))
+    await h.ledger.read(lambda c: store.audit_trail(c, M1, ("bar", "unbar")))
     # Paybacks: nothing owed, partial after a 4012 retry, one left UNKNOWN and resolved.
     await h.payback.handle_recharge(RechargeEvent("e1", "201001239999", 500, IN_A, 500))
     fake_in.balances[M1] = 300
@@ -216,6 +222,13 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     fake_in.fail_next(LOST_ANSWER)
     await h.payback.handle_recharge(RechargeEvent("e3", M2, 5_000, IN_A, 5_000))
     await h.resolver.run_once()
+    # Leases on the sagas (several nodes on one ledger): claim, renew, look.
+    leased = h.clock() + timedelta(minutes=2)
+    await h.ledger.write(lambda c: store.claim_unsettled_loans(c, "node-a", h.clock(), leased, 9))
+    await h.ledger.write(
+        lambda c: store.claim_unsettled_recoveries(c, "node-a", h.clock(), leased, 9))
+    await h.ledger.read(lambda c: store.saga_lease(c, "recoveries", "none"))
+    await h.ledger.read(lambda c: (store.unsettled_loans(c, 9), store.unsettled_recoveries(c, 9)))
     # Operator actions: bar, unbar, a write-down, ageing, the admin view.
     await h.accounts.bar(M2, "fraud check", "ops", notify=False)
     await h.accounts.unbar(M2, "ops", "cleared")
