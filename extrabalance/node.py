@@ -125,7 +125,8 @@ class Node:
             transient_errors=(RequestTimeout, NoPeerAvailable, asyncio.TimeoutError, ConnectionError),
             never_sent_errors=(NoPeerAvailable,),
             end_to_end_ids=self.diameter.new_end_to_end_id,
-            observe=lambda action, seconds: self.metrics.in_latency.labels(action).observe(seconds),
+            observe=lambda action, seconds: self.metrics.child(
+                self.metrics.in_latency, action).observe(seconds),
         )
         self.esme = Esme(
             [

@@ -208,6 +208,18 @@ class Metrics:
         self.peer_warnings = Gauge("eb_diameter_peer_warnings",
                                    "Diameter peer identity problems and late answers, since start",
                                    ["peer", "kind"], registry=r)
+        # Labelled children already looked up: `labels()` validates and locks on
+        # every call, and a loan updates four labelled metrics. As many entries as
+        # the registry holds children.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
 
 class EdrWriter:
@@ -342,16 +354,16 @@ class EventRecorder:
         """One business event: its fields carry the EDR columns' names (`EDR_FIELDS`);
         any other field goes to the debug log only."""
         m = self.metrics
-        m.events.labels(kind).inc()
+        m.child(m.events, kind).inc()
         if kind in ("loan", "advance"):
-            m.loans.labels(fields.get("channel") or ("auto" if kind == "advance" else "")).inc()
+            m.child(m.loans, fields.get("channel") or ("auto" if kind == "advance" else "")).inc()
             m.lent_minor.inc(int(fields.get("amount_minor") or 0))
             m.fees_minor.inc(int(fields.get("fee_minor") or 0))
         elif kind == "refusal":
-            m.refusals.labels(str(fields.get("reason", ""))).inc()
+            m.child(m.refusals, str(fields.get("reason", ""))).inc()
         elif kind == "payback":
             full = fields.get("debt_after_minor") in (0, "0")
-            m.paybacks.labels("full" if full else "partial").inc()
+            m.child(m.paybacks, "full" if full else "partial").inc()
             m.recovered_minor.inc(int(fields.get("recovered_minor") or 0))
         elif kind in ("ad_sent", "ad_suppressed"):
             m.ads.labels("sent" if kind == "ad_sent" else "suppressed",
