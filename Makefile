@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 HOUR_CHECKS ?= tests/bench/test_e2e_short.py
 
-.PHONY: demo test test-hours test-all wire-tools browser-test chaos fuzz soak bench bench-e2e mutate mutation lint audit clean
+.PHONY: demo demo-cluster test test-hours test-all wire-tools browser-test chaos chaos-cluster fuzz soak bench bench-e2e bench-cluster mutate mutation lint audit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,12 @@ bench: $(STAMP)
 
 bench-e2e: $(STAMP)
 	$(PY) -m extrabalance bench e2e
+
+# One node, then two, on one PostgreSQL ledger ($$EB_BENCH_PG_DSN, default the local
+# server; each run a schema of its own, dropped after): docs/scale-out.md.
+bench-cluster: $(STAMP) wire-tools
+	for n in 1 2; do $(PY) -m extrabalance bench e2e --nodes $$n --storage postgresql \
+		--max --duration 20 --subscribers 20000 --json || exit 1; done
 
 # Mutation run over core/ and the ledger's money functions (docs/reliability.md,
 # "Mutation testing"): a long run of its own, not part of `make test`. Cached in

@@ -128,14 +128,19 @@ class Worker:
 
     # -- ops ------------------------------------------------------------------------------
 
-    async def op_wait_connected(self, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def op_wait_connected(self, timeout_s: float = 30.0,
+                                every_node: bool = False) -> dict[str, Any]:
         assert self.in_sim is not None
-        await self.in_sim.wait_connected(timeout_s)
+        await self.in_sim.wait_connected(timeout_s, every_node=every_node)
         return {}
 
-    async def op_wait_bound(self, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def op_wait_bound(self, timeout_s: float = 30.0, binds: int = 1) -> dict[str, Any]:
+        """Until `binds` node binds can take a deliver_sm (every node's, with several)."""
         assert self.smsc is not None
         await self.smsc.wait_bound(timeout_s)
+        async with asyncio.timeout(timeout_s):
+            while len(self.smsc.binds()) < binds:
+                await asyncio.sleep(0.02)
         return {}
 
     async def op_disconnect(self, node: str | None = None) -> dict[str, Any]:

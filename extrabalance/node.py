@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
@@ -31,7 +31,6 @@ from extrabalance.clock import SYSTEM_CLOCK, Clock
 from extrabalance.config import Settings, load_settings
 from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddress, RequestTimeout
 from extrabalance.diameter.peer import LocalIdentity
-from extrabalance.ledger import Ledger
 from extrabalance.ledger.factory import NodeLedger, open_ledger
 from extrabalance.observability import EdrWriter, EventRecorder, Metrics, configure_logging
 from extrabalance.private_files import private_dir
@@ -89,11 +88,7 @@ class Node:
         self.events = EventRecorder(self.metrics, self.edr)
         # SQLite (this node's file) or PostgreSQL (shared by the cluster's nodes),
         # migrated before anything else opens.
-        self.ledger: NodeLedger = open_ledger(s.storage)
-        # The lending service and the resolver are typed on the SQLite ledger while
-        # their units still call the store functions; they use only the port's
-        # write/read/read_point, which both ledgers run.
-        port_ledger = cast(Ledger, self.ledger)
+        self.ledger: NodeLedger = open_ledger(s.storage, node_name=s.node.name)
         rules = []
         for node in s.in_nodes:
             for r in node.ranges:
@@ -157,14 +152,15 @@ class Node:
         # Messages that report money go through the outbox: written with the money,
         # sent in the background (never awaited before a CCA, a screen or a PUBACK).
         self.outbox = OutboxSender(self.ledger, notifier, utc_now, monotonic=clock.monotonic)
-        self.lending = LendingService(port_ledger, self.in_port, self.outbox, self.events,
+        self.lending = LendingService(self.ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common,
                                       advance_confirmation_nodes=confirming_ins)
         self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
         self.payback = PaybackService(self.ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common)
-        self.resolver = Resolver(port_ledger, self.in_port, self.outbox, self.events, self.policy,
-                                 utc_now, **common, advance_confirmation_nodes=confirming_ins)
+        self.resolver = Resolver(self.ledger, self.in_port, self.outbox, self.events, self.policy,
+                                 utc_now, **common, advance_confirmation_nodes=confirming_ins,
+                                 node_name=s.node.name)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
         # Pending IN operations are re-sent on the Tx-timer schedule, not only every 30 s.

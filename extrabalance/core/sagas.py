@@ -248,3 +248,10 @@ def render_markdown() -> str:
             lines.append(f"| {before or '(new)'} | `{event}` | {after} |")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# Several nodes on one ledger (docs/scale-out.md "How two nodes stay correct"): an
+# unsettled loan or recovery is leased to the node running its saga for this long; that
+# node's resolver renews the lease on every run (every 30 s), so only a node that has
+# stopped for longer than this loses its sagas to another node's resolver.
+SAGA_LEASE_S: Final = 120.0

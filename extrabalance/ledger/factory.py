@@ -32,9 +32,12 @@ def ledger_errors() -> tuple[type[Exception], ...]:
     return (sqlite3.Error, psycopg.Error)
 
 
-def open_ledger(storage: StorageSection, *, migrate: bool = True) -> NodeLedger:
+def open_ledger(storage: StorageSection, *, migrate: bool = True,
+                node_name: str | None = None) -> NodeLedger:
     """The configured ledger, migrated (raises `ConfigError` when PostgreSQL cannot be
-    reached or its schema cannot be brought up to date)."""
+    reached or its schema cannot be brought up to date). `node_name`: on PostgreSQL,
+    the node every new saga is leased to (docs/scale-out.md); the node passes its own,
+    the commands none."""
     if storage.backend == "sqlite":
         return Ledger(
             storage.path,
@@ -50,7 +53,8 @@ def open_ledger(storage: StorageSection, *, migrate: bool = True) -> NodeLedger:
         raise ConfigError('storage.backend = "postgresql" needs the PostgreSQL driver: '
                           "pip install 'extrabalance[postgresql]'") from exc
     try:
-        return PostgresLedger(conninfo, pool_max=storage.pool_max, migrate=migrate)
+        return PostgresLedger(conninfo, pool_max=storage.pool_max, migrate=migrate,
+                              node_name=node_name)
     except psycopg.OperationalError as exc:
         raise ConfigError(f"storage.url {storage.postgresql_url_shown()!r}: cannot connect "
                           f"to PostgreSQL: {_first_line(exc)}") from exc

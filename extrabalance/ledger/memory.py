@@ -122,6 +122,12 @@ class _Tables:
     # loan_id → (session_id, request_type, request_number, used_minor, created_at)
     session_evidence: dict[str, tuple[str, int, int, int | None, str]] = field(
         default_factory=dict)
+    # ("loans" | "recoveries", id) → (owner_node, lease_until text): migration 0011
+    leases: dict[tuple[str, str], tuple[str | None, str | None]] = field(default_factory=dict)
+
+
+def _ts_or_none(moment: datetime | None) -> str | None:
+    return ts(moment) if moment is not None else None
 
 
 class MemoryLedgerTx:
@@ -433,6 +439,8 @@ class MemoryLedgerTx:
         request_number: int = 0,
         loan_id: str | None = None,
         subscriber_known: bool = False,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
         sagas.check_loan_move(None, state, loan_id or "")
         t = self._w()
@@ -467,6 +475,7 @@ class MemoryLedgerTx:
         )
         if idempotency_key is not None:
             t.loan_keys[idempotency_key] = loan_id
+        t.leases[("loans", loan_id)] = (owner_node, _ts_or_none(lease_until))
         if state in (ACTIVE, CONFIRMING):
             self._disburse(loan_id, msisdn, principal_minor, fee_minor, now)
         return loan_id
@@ -660,6 +669,8 @@ class MemoryLedgerTx:
         now: datetime,
         session_id: str | None = None,
         requested_minor: int = 0,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
         sagas.recovery_step(None, sagas.BOOK_RECOVERY)
         t = self._w()
@@ -685,6 +696,7 @@ class MemoryLedgerTx:
         )
         t.recovery_events[event_id] = recovery_id
         t.recovery_created[recovery_id] = ts(now)
+        t.leases[("recoveries", recovery_id)] = (owner_node, _ts_or_none(lease_until))
         if first:
             t.attempts[(recovery_id, 1)] = [session_id, requested_minor, None, None]
         return recovery_id
@@ -798,6 +810,42 @@ class MemoryLedgerTx:
         ]
         rows.sort(key=lambda r: self._t.recovery_created[r.recovery_id])
         return rows[:limit]
+
+    # -- leases on the sagas -------------------------------------------------------------
+
+    def _claim(self, table: str, keys: list[str], owner: str, now: datetime,
+               lease_until: datetime, limit: int) -> list[str]:
+        """The first `limit` of `keys` (oldest first) `owner` may take, leased to him."""
+        t = self._w()
+        claimed: list[str] = []
+        for key in keys:
+            if len(claimed) >= limit:
+                break
+            holder, until = t.leases.get((table, key), (None, None))
+            if holder is None or holder == owner or (until is not None and until < ts(now)):
+                t.leases[(table, key)] = (owner, ts(lease_until))
+                claimed.append(key)
+        return claimed
+
+    def claim_unsettled_loans(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[LoanRow]:
+        # Every unsettled row, not the first `limit`: those leased elsewhere are skipped.
+        rows = self.unsettled_loans(len(self._t.loans))
+        keys = self._claim("loans", [r.loan_id for r in rows], owner, now, lease_until, limit)
+        return sorted((self._t.loans[k] for k in keys), key=lambda r: (r.created_at, r.loan_id))
+
+    def claim_unsettled_recoveries(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[RecoveryRow]:
+        rows = self.unsettled_recoveries(len(self._t.recoveries))
+        keys = self._claim("recoveries", [r.recovery_id for r in rows], owner, now,
+                           lease_until, limit)
+        return sorted((self._t.recoveries[k] for k in keys),
+                      key=lambda r: (self._t.recovery_created[r.recovery_id], r.recovery_id))
+
+    def saga_lease(self, table: str, key: str) -> tuple[str | None, str | None]:
+        return self._t.leases.get((table, key), (None, None))
 
     # -- advertisements ----------------------------------------------------------------
 

@@ -72,6 +72,10 @@ class SqliteLedgerTx(sqlite3.Connection):
     set_recovery_state = store.set_recovery_state
     apply_recovery = store.apply_recovery
     unsettled_recoveries = store.unsettled_recoveries
+    # leases on the sagas
+    claim_unsettled_loans = store.claim_unsettled_loans
+    claim_unsettled_recoveries = store.claim_unsettled_recoveries
+    saga_lease = store.saga_lease
     # journal
     debt_from_journal = store.debt_from_journal
     account_totals = store.account_totals

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import structlog
@@ -102,8 +103,14 @@ class Resolver:
         follow_up_delays_s: tuple[float, ...] = FOLLOW_UP_DELAYS_S,
         follow_ups_max: int = FOLLOW_UPS_MAX,
         concurrent_max: int = RESOLVE_CONCURRENT_MAX,
+        node_name: str = "",
+        lease_s: float = sagas.SAGA_LEASE_S,
     ) -> None:
         self.ledger = ledger
+        # Several nodes on one ledger: this node claims the operations it settles
+        # (its own, renewed; those of no node; those of a node whose lease ran out).
+        self.node_name = node_name
+        self.lease = timedelta(seconds=lease_s)
         self.concurrent_max = concurrent_max
         self.follow_up_delays_s = follow_up_delays_s
         self.follow_ups_max = follow_ups_max
@@ -120,10 +127,15 @@ class Resolver:
         self.default_language = default_language
 
     async def run_once(self) -> ResolveReport:
-        """One pass over the pending operations, up to `concurrent_max` at once (one
-        subscriber's are serialised by his lock), each re-sent unchanged."""
-        loans = await self.ledger.read(lambda tx: tx.unsettled_loans(self.batch_max))
-        recs = await self.ledger.read(lambda tx: tx.unsettled_recoveries(self.batch_max))
+        """One pass over the pending operations this node claims (see `node_name`), up
+        to `concurrent_max` at once (one subscriber's are serialised by his lock), each
+        re-sent unchanged."""
+        now = self.clock()
+        until, me, most = now + self.lease, self.node_name, self.batch_max
+        loans = await self.ledger.write(
+            lambda tx: tx.claim_unsettled_loans(me, now, until, most))
+        recs = await self.ledger.write(
+            lambda tx: tx.claim_unsettled_recoveries(me, now, until, most))
         slots = asyncio.Semaphore(self.concurrent_max)
 
         async def loan_result(loan: LoanRow) -> str:

@@ -155,9 +155,12 @@ class LedgerTx(Protocol):
         request_number: int = 0,
         loan_id: str | None = None,
         subscriber_known: bool = False,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
         """Book a loan in a state the saga table allows for a new record; ACTIVE and
-        CONFIRMING are journalled at once. The idempotency key is unique."""
+        CONFIRMING are journalled at once. The idempotency key is unique. An adapter
+        that knows its node leases the saga to it when `owner_node` is not given."""
         ...
 
     def settle_loan(
@@ -227,8 +230,11 @@ class LedgerTx(Protocol):
         now: datetime,
         session_id: str | None = None,
         requested_minor: int = 0,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
-        """Book a RECOVERING recovery (the recharge's `event_id` is unique)."""
+        """Book a RECOVERING recovery (the recharge's `event_id` is unique); leased as
+        `insert_loan`'s loan."""
         ...
 
     def start_recovery_attempt(
@@ -247,6 +253,25 @@ class LedgerTx(Protocol):
         ...
 
     def unsettled_recoveries(self, limit: int) -> list[RecoveryRow]: ...
+
+    # -- leases on the sagas (several nodes on one ledger) -----------------------------
+    def claim_unsettled_loans(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[LoanRow]:
+        """The unsettled loans `owner` may settle, oldest first, at most `limit`,
+        leased to him until `lease_until`: those without an owner, his own (renewed)
+        and those whose lease ran out. Two nodes claiming at once never share a row."""
+        ...
+
+    def claim_unsettled_recoveries(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[RecoveryRow]:
+        """As `claim_unsettled_loans`, for recoveries with a debit sent."""
+        ...
+
+    def saga_lease(self, table: str, key: str) -> tuple[str | None, str | None]:
+        """(owner_node, lease_until) of a loan ("loans") or recovery ("recoveries")."""
+        ...
 
     # -- journal -----------------------------------------------------------------------
     def debt_from_journal(self, msisdn: str) -> int: ...

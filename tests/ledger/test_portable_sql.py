@@ -102,6 +102,8 @@ POSTGRESQL_FILES: dict[str, str] = {
         "(tests/ledger/test_unit_of_work_contract.py, test_postgres_migrations.py)",
     "extrabalance/ledger/pg_copy.py":
         "the copy of a SQLite ledger into PostgreSQL (tests/ledger/test_pg_copy.py)",
+    "extrabalance/ledger/factory.py":
+        "the reachability check of a PostgreSQL ledger (tests/test_preflight.py)",
 }
 
 M1, M2, M3, M4 = "201001234567", "201001234568", "201001234569", "201001234570"
@@ -216,6 +218,13 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     fake_in.fail_next(LOST_ANSWER)
     await h.payback.handle_recharge(RechargeEvent("e3", M2, 5_000, IN_A, 5_000))
     await h.resolver.run_once()
+    # Leases on the sagas (several nodes on one ledger): claim, renew, look.
+    leased = h.clock() + timedelta(minutes=2)
+    await h.ledger.write(lambda c: store.claim_unsettled_loans(c, "node-a", h.clock(), leased, 9))
+    await h.ledger.write(
+        lambda c: store.claim_unsettled_recoveries(c, "node-a", h.clock(), leased, 9))
+    await h.ledger.read(lambda c: store.saga_lease(c, "recoveries", "none"))
+    await h.ledger.read(lambda c: (store.unsettled_loans(c, 9), store.unsettled_recoveries(c, 9)))
     # Operator actions: bar, unbar, a write-down, ageing, the admin view.
     await h.accounts.bar(M2, "fraud check", "ops", notify=False)
     await h.accounts.unbar(M2, "ops", "cleared")

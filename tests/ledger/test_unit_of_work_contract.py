@@ -461,6 +461,58 @@ async def test_ageing_write_off_and_resolver_review(uow: UnitOfWork) -> None:
     assert await uow.write(lambda tx: tx.write_off(m2_loan.loan_id, "ageing", NOW)) == 0
 
 
+async def test_saga_leases_claimed_renewed_and_taken_over(uow: UnitOfWork) -> None:
+    """Several nodes on one ledger: a node's sagas are its own while its lease runs; its
+    resolver's claim renews them; another node takes them over only once the lease
+    ran out; a row without an owner is anyone's; a settled row is nobody's."""
+    from extrabalance.ledger.store import ts
+
+    a, b, lease, s = "node-a", "node-b", timedelta(seconds=120), timedelta(seconds=1)
+
+    def book(tx: LedgerTx) -> tuple[str, str, str]:
+        mine = tx.insert_loan(
+            msisdn=M1, tier_id=2, principal_minor=1000, fee_minor=100, state=sagas.CREDITING,
+            channel="ussd", idempotency_key="k-a", in_node="in-a", session_id="s;1", now=NOW,
+            owner_node=a, lease_until=NOW + lease)
+        free = _loan(tx, M2, state=sagas.CREDITING, now=NOW + s)  # booked with no owner
+        rec = tx.insert_recovery(
+            event_id="ev-1", msisdn=M1, recharge_minor=500, balance_after_minor=None,
+            in_node="in-a", now=NOW, session_id="d;1", requested_minor=500,
+            owner_node=a, lease_until=NOW + lease)
+        return mine, free, rec
+
+    mine, free, rec = await uow.write(book)
+    assert await uow.read(lambda tx: tx.saga_lease("loans", mine)) == (a, ts(NOW + lease))
+    assert await uow.read(lambda tx: tx.saga_lease("loans", free)) == (None, None)
+
+    def claim(node: str, at: datetime, limit: int = 10) -> Any:
+        def unit(tx: LedgerTx) -> tuple[list[str], list[str]]:
+            loans = tx.claim_unsettled_loans(node, at, at + lease, limit)
+            recs = tx.claim_unsettled_recoveries(node, at, at + lease, limit)
+            return [x.loan_id for x in loans], [x.recovery_id for x in recs]
+
+        return uow.write(unit)
+
+    # B while A lives: only the row nobody owned, now B's
+    assert await claim(b, NOW + 10 * s) == ([free], [])
+    assert await uow.read(lambda tx: tx.saga_lease("loans", free)) == (b, ts(NOW + 10 * s + lease))
+    # A renews its own, and does not take B's
+    assert await claim(a, NOW + 60 * s) == ([mine], [rec])
+    assert await uow.read(lambda tx: tx.saga_lease("recoveries", rec)) == (
+        a, ts(NOW + 60 * s + lease))
+    assert await claim(b, NOW + 60 * s + lease - s) == ([free], [])  # A's lease still runs
+    # A died: once its lease ran out, B takes over, oldest first, at most `limit`
+    after = NOW + 60 * s + lease + s
+    assert await claim(b, after, limit=1) == ([mine], [rec])
+    assert await claim(b, after) == ([mine, free], [rec])
+    assert await uow.read(lambda tx: tx.saga_lease("loans", mine)) == (b, ts(after + lease))
+    assert await claim(a, after) == ([], [])  # A, back, finds them taken
+    # settled: nobody's to claim
+    await uow.write(lambda tx: tx.settle_loan(mine, sagas.ACTIVE, after))
+    await uow.write(lambda tx: tx.set_recovery_state(rec, sagas.FAILED, after))
+    assert await claim(b, after) == ([free], [])
+
+
 async def test_ads_and_campaigns(uow: UnitOfWork) -> None:
     def setup(tx: LedgerTx) -> str:
         for m in (M1, M2, "201001234569"):
