@@ -220,6 +220,9 @@ class BalanceOp:
     action: Action
     msisdn: str
     amount_minor: int
+    # A bundle credit (REFUND_ACCOUNT with an MSCC in units, not money): what to add
+    # to the subscriber's bucket of that kind; amount_minor is then 0.
+    bundle: Any = None  # gy.BundleUnits
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +230,7 @@ class OpAnswer:
     result_code: int
     granted_minor: int | None = None  # DIRECT_DEBITING: what was debited
     check_balance_result: CheckBalanceResult | None = None
+    granted_units: Any = None  # a bundle credited: gy.BundleUnits
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +245,8 @@ class AppliedOp:
     amount_minor: int  # requested (or granted, for grants and recharges)
     result_code: int
     balance_after_minor: int
+    bundle_kind: str = ""  # a bundle credit: "data", "voice" or "sms" ...
+    units: int = 0  # ... and how many units (octets, seconds, SMS) it added
 
     @property
     def moved_minor(self) -> int:
@@ -280,6 +286,8 @@ class InAccounts:
         self.initial_balance_minor = initial_balance_minor
         self._answers_max = answers_max
         self._balances: dict[str, int] = {}
+        # Bundle buckets per subscriber: (kind, Rating-Group, Service-Identifier) → units
+        self._buckets: dict[str, dict[tuple[str, int | None, int | None], int]] = {}
         self._answers: OrderedDict[tuple[str, int], tuple[BalanceOp, OpAnswer]] = OrderedDict()
         self._ledger: deque[AppliedOp] = ledger if ledger is not None else deque(maxlen=APPLIED_MAX)
         self.stats: dict[str, int] = {
@@ -306,6 +314,13 @@ class InAccounts:
 
     def balances(self) -> dict[str, int]:
         return dict(self._balances)
+
+    def buckets(self, msisdn: str) -> dict[str, int]:
+        """His bundle buckets, units by kind ("data" octets, "voice" seconds, "sms")."""
+        out: dict[str, int] = {}
+        for (kind, _rg, _si), units in self._buckets.get(msisdn, {}).items():
+            out[kind] = out.get(kind, 0) + units
+        return out
 
     def applied(self) -> list[AppliedOp]:
         """The ledger entries (shared with the other nodes when a ledger was passed in)."""
@@ -403,12 +418,18 @@ class InAccounts:
         self._remember(key, op, answer)
         self._record(
             op.session_id, op.request_number, op.action.name, op.msisdn, op.amount_minor,
-            answer.result_code,
+            answer.result_code, op.bundle,
         )
         return answer, False
 
     def _apply(self, op: BalanceOp) -> OpAnswer:
         balance = self.balance(op.msisdn)
+        if op.bundle is not None:  # only REFUND_ACCOUNT gets here (_balance_op)
+            b = op.bundle
+            mine = self._buckets.setdefault(op.msisdn, {})
+            key = (b.kind, b.rating_group, b.service_identifier)
+            mine[key] = mine.get(key, 0) + b.quantity
+            return OpAnswer(DIAMETER_SUCCESS, granted_units=b)
         if op.action is Action.REFUND_ACCOUNT:
             self._balances[op.msisdn] = balance + op.amount_minor
             return OpAnswer(DIAMETER_SUCCESS)
@@ -431,7 +452,8 @@ class InAccounts:
             self.stats["answers_evicted"] += 1
 
     def _record(
-        self, ref: str, number: int, kind: str, msisdn: str, amount_minor: int, result: int
+        self, ref: str, number: int, kind: str, msisdn: str, amount_minor: int, result: int,
+        bundle: Any = None,
     ) -> None:
         self._ledger.append(
             AppliedOp(
@@ -443,6 +465,8 @@ class InAccounts:
                 amount_minor=amount_minor,
                 result_code=result,
                 balance_after_minor=self.balance(msisdn),
+                bundle_kind=bundle.kind if bundle is not None else "",
+                units=bundle.quantity if bundle is not None else 0,
             )
         )
 
@@ -724,6 +748,11 @@ class InSimulator:
             out.update(book.balances())
         return out
 
+    def buckets(self, msisdn: str) -> dict[str, int]:
+        """His bundle buckets on his IN node: units by kind (data octets, voice
+        seconds, SMS)."""
+        return self.owner(msisdn).buckets(msisdn)
+
     def applied(self) -> list[AppliedOp]:
         """Every operation that got a final answer, grants and recharges, oldest first."""
         return list(self._ledger)
@@ -857,6 +886,7 @@ class InSimulator:
             None if answer.check_balance_result is None else int(answer.check_balance_result),
             currency_numeric=self.currency_numeric,
             currency_exponent=self.currency_exponent,
+            granted_units=answer.granted_units,
         )
 
     def _note_transmission(self, name: str, op: BalanceOp, request: Message) -> str | None:
@@ -921,6 +951,14 @@ class InSimulator:
             raise codec.DiameterError(
                 5005, "Requested-Action missing", (codec.avp(AVP_REQUESTED_ACTION, 0),), request
             )
+        if ccr.bundle is not None:
+            # A bundle credit: units in an MSCC, no money (RFC 4006 §8.16).
+            if ccr.requested_action != Action.REFUND_ACCOUNT:
+                raise codec.DiameterError(
+                    5004, "units other than money are credited only (REFUND_ACCOUNT)",
+                    (codec.avp(AVP_REQUESTED_ACTION, ccr.requested_action),), request)
+            return BalanceOp(ccr.session_id, ccr.request_number, Action.REFUND_ACCOUNT,
+                             ccr.msisdn, 0, ccr.bundle)
         if ccr.requested_minor is None:
             raise codec.DiameterError(
                 5005, "Requested-Service-Unit with CC-Money missing",

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from extrabalance.core import sagas
-from extrabalance.core.policy import Policy
+from extrabalance.core.policy import Bundle, Policy
 from extrabalance.service.lending import (
     Clock,
     ConfirmStatus,
@@ -275,6 +275,7 @@ class Resolver:
                 loan.diameter_session_id,
                 loan.request_number,
                 retransmission=True,
+                bundle=_bundle_of(self.policy, loan.tier_id),
             )
             result = await call_in(self.in_port, op)
             if result.outcome not in (InOutcome.DONE, InOutcome.REFUSED):
@@ -290,7 +291,8 @@ class Resolver:
                 settled = settle_borrow(tx, loan_id, result, now)
                 if loan.channel != "auto":  # the message that reports it, same commit
                     language = self._language_in(tx, msisdn)
-                    self.notifier.put(tx, loan_notice(settled, msisdn, language), now)
+                    self.notifier.put(tx, loan_notice(settled, msisdn, language,
+                                                      _bundle_of(self.policy, loan.tier_id)), now)
                 return settled
 
             outcome = await self.ledger.write(settle)
@@ -369,3 +371,10 @@ class Resolver:
                     lambda tx: tx.set_recovery_state(recovery_id, sagas.UNKNOWN, self.clock())
                 )
             return await self._unresolved("recoveries", recovery_id, msisdn)
+
+
+def _bundle_of(policy: Policy, tier_id: int) -> Bundle | None:
+    """The bundle a loan's tier credits (None: money). A loan is re-sent under its own
+    Session-Id: an IN that received the first send answers it again unchanged."""
+    tier = policy.tiers.get(tier_id)
+    return tier.bundle if tier is not None else None
