@@ -39,6 +39,7 @@ from extrabalance.core.policy import (
     Tier,
 )
 from extrabalance.core.protection import PRESETS, ProtectionPolicy, resolve
+from extrabalance.core.sagas import SAGA_LEASE_S
 
 MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -128,6 +129,12 @@ class StorageSection(_Model):
     group_commit_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
     # How long the first outcome of each inbound request is kept to answer replays.
     idempotency_retention_hours: int = IDEMPOTENCY_RETENTION_HOURS_DEFAULT
+    # Several nodes on one ledger: an unsettled loan or recovery stays leased to its node
+    # this long after the node's resolver last renewed it (it renews every quarter of it,
+    # 30 s at most); another node's resolver takes over a saga only once its lease ran out
+    # (docs/scale-out.md). Shorter: a dead node's operations are finished sooner; never
+    # shorter than a node's longest pause (a GC, a blocked disk) or a live node loses them.
+    saga_lease_s: Annotated[float, Field(ge=4, le=3600)] = SAGA_LEASE_S
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -372,6 +379,10 @@ class MqttSection(_Model):
     # Messages read and not yet acknowledged; beyond it the socket is not read, so a
     # backlog stays on the broker and not in the node's memory.
     inbox_max: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    # Several nodes on one ledger: each recharge to one node of the group, through an
+    # MQTT shared subscription ($share/<group>/<topic>; the broker must support them:
+    # Mosquitto 2.0, EMQX, HiveMQ, VerneMQ). Off (None): every node gets every event.
+    shared_group: Annotated[str, Field(pattern=r"^[^/+#\s]+$")] | None = None
 
     def password(self) -> str | None:
         return _secret(self.password_env, self.password_file, "MQTT")

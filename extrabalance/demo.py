@@ -36,7 +36,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,25 +118,13 @@ class DemoEnv:
 async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> AsyncIterator[DemoEnv]:
     """Start broker, simulators and node on loopback; stop them all afterwards.
     `overrides` are deep-merged over the demo's settings (tests use it)."""
-    from extrabalance.demo_broker import DemoBroker
     from extrabalance.ledger.profiles import import_profiles
-    from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
     from extrabalance.node import Node
     from simulators.in_node import InNodeSpec, InSimulator, MqttTarget, MsisdnRange, NodePeer
     from simulators.smsc import SmscSimulator
 
     async with contextlib.AsyncExitStack() as stack:
-        if find_mosquitto() is not None:
-            mosquitto = MosquittoBroker(workdir / "mosquitto")
-            mosquitto.start()
-            stack.callback(mosquitto.stop)
-            mqtt_port, broker_kind = mosquitto.port, "mosquitto"
-        else:
-            demo_broker = DemoBroker()
-            mqtt_port = await demo_broker.start()
-            stack.push_async_callback(demo_broker.stop)
-            broker_kind = "in-process demo-only broker (Mosquitto not installed)"
-
+        mqtt_port, broker_kind = await start_broker(stack, workdir)
         base = load_settings()
         diameter_port = free_port()
         in_sim = InSimulator(
@@ -210,6 +198,7 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
         yield DemoEnv(node, in_sim, smsc, settings, broker_kind, workdir)
 
 
+<<<<<<< HEAD
 def _demo_bundle(base: Settings) -> dict[str, Any]:
     """The shipped tiers plus the demo's data bundle, offered to `regular`."""
     tiers = [t.model_dump(exclude_none=True) for t in base.tiers]
@@ -220,6 +209,23 @@ def _demo_bundle(base: Settings) -> dict[str, Any]:
         if seg["name"] == "regular":
             seg["tiers"] = [*seg["tiers"], DEMO_BUNDLE_TIER]
     return {"tiers": tiers, "segments": segments}
+=======
+async def start_broker(stack: contextlib.AsyncExitStack, workdir: Path) -> tuple[int, str]:
+    """A private Mosquitto when installed, else the in-process demo-only broker; stopped
+    when `stack` closes. Returns (port, what it is)."""
+    from extrabalance.demo_broker import DemoBroker
+    from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
+
+    if find_mosquitto() is not None:
+        mosquitto = MosquittoBroker(workdir / "mosquitto")
+        mosquitto.start()
+        stack.callback(mosquitto.stop)
+        return mosquitto.port, "mosquitto"
+    demo_broker = DemoBroker()
+    port = await demo_broker.start()
+    stack.push_async_callback(demo_broker.stop)
+    return port, "in-process demo-only broker (Mosquitto not installed)"
+>>>>>>> main
 
 
 async def _put_profiles(settings: Settings, profiles: Path) -> None:
@@ -460,24 +466,30 @@ def _print_summary(s: Summary, exponent: int, currency: str) -> None:
 
 
 def run_demo(*, json_output: bool = False, keep: bool = False) -> int:
-    import logging
-
-    from extrabalance.observability import configure_logging
-
-    configure_logging(level="ERROR")
-    logging.disable(logging.WARNING)
-    workdir = Path(tempfile.mkdtemp(prefix="extrabalance-demo-"))
-    transcript = Transcript(echo=None if json_output else _print_entry)
-
-    async def main() -> Summary:
+    async def story(workdir: Path, transcript: Transcript) -> Summary:
         async with demo_env(workdir) as env:
             if not json_output:
                 print(f"Extra Balance demo on loopback (ledger {workdir / 'extrabalance.db'}; "
                       f"MQTT: {env.broker_kind})")
             return await play(env, transcript)
 
+    return run_story(story, prefix="extrabalance-demo-", json_output=json_output, keep=keep)
+
+
+def run_story(story: Callable[[Path, Transcript], Awaitable[Summary]], *, prefix: str,
+              json_output: bool, keep: bool) -> int:
+    """Play `story` in a temporary directory, print it (or the summary as JSON); 0 when
+    the ledger and the IN agree."""
+    import logging
+
+    from extrabalance.observability import configure_logging
+
+    configure_logging(level="ERROR")
+    logging.disable(logging.WARNING)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    transcript = Transcript(echo=None if json_output else _print_entry)
     try:
-        summary = asyncio.run(main())
+        summary = asyncio.run(story(workdir, transcript))
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

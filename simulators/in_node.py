@@ -41,7 +41,8 @@ then re-send the same CCR once with the T flag and the same End-to-End id (RFC 6
 standards is counted per IN node (`nonstandard_*` stats): a REFUND_ACCOUNT carrying
 one of our own out-of-balance Session-Ids (the confirmation extension), a T flag on
 a request whose key we never received, a re-send of a key under another End-to-End
-id. A strict test asserts they stay zero.
+id by the same Origin-Host (another node of the realm sending the key uses its own
+ids, RFC 6733 §3). A strict test asserts they stay zero.
 
 `reject_nonstandard=True` (`--reject-nonstandard`) refuses instead of only counting:
 a re-send of a key under another End-to-End id and a REFUND_ACCOUNT under one of our
@@ -637,9 +638,9 @@ class InSimulator:
         self.reject_nonstandard = reject_nonstandard
         # RFC 6733 §5.6.4 with the node: one connection, whichever side dialled it.
         self.election = election
-        # (Session-Id, CC-Request-Number) → End-to-End id of the node's requests seen,
-        # per IN node: a re-send must keep the id (RFC 6733 §3).
-        self._seen_e2e: dict[str, OrderedDict[tuple[str, int], int]] = {
+        # (Session-Id, CC-Request-Number) → (Origin-Host, End-to-End id) of the node's
+        # requests seen, per IN node: a re-send must keep the id (RFC 6733 §3).
+        self._seen_e2e: dict[str, OrderedDict[tuple[str, int], tuple[str, int]]] = {
             s.name: OrderedDict() for s in specs}
         self._rng = random.Random(seed)
         self._sweeper: asyncio.Task[None] | None = None
@@ -893,16 +894,28 @@ class InSimulator:
         key we see, and a re-send of a key under another End-to-End id. Returns why the
         request is to be refused in reject_nonstandard mode (the changed End-to-End
         id only: a T flag on the first copy we see cannot be told apart from a re-send
-        whose first copy was lost, so an IN processes it, and so do we)."""
+        whose first copy was lost, so an IN processes it, and so do we).
+
+        An End-to-End id is unique per originator (RFC 6733 §3: with the Origin-Host it
+        detects duplicates), so a key sent again by another node of the realm (it took
+        over an operation a stopped node left: docs/scale-out.md) carries that node's
+        own id; it is counted as `requests_from_another_node`, and its first answer
+        replayed as for any duplicate (RFC 4006 §5.1: Session-Id and
+        CC-Request-Number)."""
         seen = self._seen_e2e[name]
         key = (op.session_id, op.request_number)
-        first_e2e = seen.get(key)
-        if first_e2e is None:
+        origin = _origin_host(request).lower()
+        first = seen.get(key)
+        if first is None:
             if request.is_retransmit:
                 self.stats[name]["nonstandard_t_flag_on_first_request"] += 1
-            seen[key] = request.end_to_end_id
+            seen[key] = (origin, request.end_to_end_id)
             if len(seen) > ANSWERS_MAX:
                 seen.popitem(last=False)
+            return None
+        first_origin, first_e2e = first
+        if first_origin != origin:
+            self.stats[name]["requests_from_another_node"] += 1
         elif first_e2e != request.end_to_end_id:
             self.stats[name]["nonstandard_end_to_end_changed"] += 1
             return (f"Session-Id and CC-Request-Number re-sent under End-to-End id "
@@ -1375,6 +1388,9 @@ def build_in_parser() -> argparse.ArgumentParser:
                         " several nodes (one realm, each its own Origin-Host): the CCRs"
                         " are spread over them and fail over to another when one goes")
     p.add_argument("--no-node-peer", action="store_true", help="never connect to the node")
+    p.add_argument("--election", action="store_true",
+                   help="one connection per node, whichever side dialled it (RFC 6733 §5.6.4):"
+                        " a node that dials this IN is used for the IN's CCRs to it")
     p.add_argument("--currency", default=None)
     p.add_argument("--currency-numeric", type=int, default=None)
     p.add_argument("--currency-exponent", type=int, default=None)
@@ -1568,6 +1584,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         seed=args.seed,
         advance_confirmation=args.advance_confirmation,
         reject_nonstandard=args.reject_nonstandard,
+        election=args.election,
     )
     for msisdn, amount in parse_msisdn_map(args.balance).items():
         sim.set_balance(msisdn, amount)

@@ -129,6 +129,21 @@ def test_protection_mistakes_name_the_key(tmp_path, old, new, words):
     assert words in str(info.value)
 
 
+def test_saga_lease_is_bounded_and_sets_how_often_the_resolver_renews() -> None:
+    from pydantic import ValidationError
+
+    from extrabalance.config import StorageSection
+    from extrabalance.service.resolver import resolve_interval_s
+
+    assert StorageSection().saga_lease_s == 120
+    assert StorageSection(saga_lease_s=8).saga_lease_s == 8
+    for bad in (3, 3601):
+        with pytest.raises(ValidationError):
+            StorageSection(saga_lease_s=bad)
+    # Renewed every 30 s, or every quarter of a shorter lease.
+    assert resolve_interval_s(120) == 30 and resolve_interval_s(8) == 2
+
+
 BUNDLE_TIER = ('[[tiers]]\nid = 13\namount_minor = 1000\n'
                'bundle = { kind = "data", quantity = 524288000, rating_group = 10 }\n')
 

@@ -6,6 +6,10 @@
   the port's operations return (`...Row`, `LoadedSubscriber`), never a module such as
   `ledger.store` (whose functions take a connection and bypass the adapters' locks).
   Loan and recovery states come from `core/sagas.py`;
+* entry points (`admin_cli`, `report`, `backtest`, the admin API) move money through
+  the services and read through the port or a read model of `ledger/`: they import
+  neither `ledger.store` nor `ledger.adjustments`, and those with no file of their own
+  to handle import no database driver;
 * the domain core does no IO and reads no clock: no asyncio, sockets, threads,
   processes or time module in `extrabalance/core/`, and no `datetime.now()` /
   `date.today()` / `time.time()`-style calls (the caller passes `now`).
@@ -23,6 +27,14 @@ STORAGE_MODULES = ("sqlite3", "apsw", "psycopg", "asyncpg", "extrabalance.ledger
 # What a service may name from the ledger for its annotations (under TYPE_CHECKING).
 ROW_TYPE_NAMES = ("LoadedSubscriber",)
 ROW_TYPE_SUFFIX = "Row"
+
+# Entry points translate; they reach the ledger through the services, the port, or a
+# read model of `ledger/` (`read_models`, `views`), never its business SQL.
+ENTRY_POINTS = ("admin_cli.py", "report.py", "backtest.py", "admin/server.py")
+ENTRY_POINT_BANS = ("extrabalance.ledger.store", "extrabalance.ledger.adjustments")
+# Of those, the ones with no reason to open a database themselves (admin_cli keeps
+# `sqlite3` for the SQLite online backup, a tool of the file itself).
+NO_DRIVER = ("report.py", "backtest.py", "admin/server.py")
 
 IO_MODULES = (
     "asyncio",
@@ -111,6 +123,18 @@ def test_services_take_no_connection() -> None:
                 if "Connection" in annotation or "Cursor" in annotation:
                     problems.append(f"{path.name}:{node.lineno} {node.arg}: {annotation}")
     assert not problems
+
+
+def test_entry_points_reach_money_through_services_or_the_port() -> None:
+    problems = {}
+    for name in ENTRY_POINTS:
+        path = PACKAGE / name
+        hits = _hits(_runtime_imports(path), ENTRY_POINT_BANS)
+        if name in NO_DRIVER:
+            hits += _hits(_runtime_imports(path), ("sqlite3", "psycopg"))
+        if hits:
+            problems[name] = hits
+    assert not problems, f"entry points around the services: {problems}"
 
 
 def test_the_contract_test_sees_a_storage_import(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from psycopg_pool import ConnectionPool
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.model import SubscriberProfile
 from extrabalance.core.sagas import SAGA_LEASE_S
-from extrabalance.ledger import ads_store, db, outbox_store, store
+from extrabalance.ledger import adjustments, ads_store, db, outbox_store, store
 
 if TYPE_CHECKING:
     from extrabalance.service.unit_of_work import LedgerTx
@@ -257,6 +257,7 @@ class PostgresLedgerTx:
     write_off_candidates = _op(store.write_off_candidates)
     write_off = _by_owner("loan", store.write_off)
     count_overdue = _op(store.count_overdue)
+    write_down = _by_msisdn(adjustments.apply_write_down)
     # recoveries
     get_recovery = _by_owner("recovery", store.get_recovery)
     recovery_by_event = _by_owner("event", store.recovery_by_event)

@@ -68,6 +68,12 @@ log = structlog.get_logger(__name__)
 RESOLVE_BATCH_MAX = 1_000  # operations looked at per run
 REVIEW_AFTER_ATTEMPTS = 20  # runs before an unresolved operation goes to manual review
 RESOLVE_INTERVAL_S = 30.0
+
+
+def resolve_interval_s(lease_s: float) -> float:
+    """How often the resolver runs (and so renews its leases): every 30 s, or every
+    quarter of a shorter lease, so that a live node renews well before it runs out."""
+    return min(RESOLVE_INTERVAL_S, lease_s / 4)
 # Follow-ups of one pending operation (a loan left UNKNOWN, a recovery not answered in
 # time or answered 3002/3004): re-sent unchanged this long after it was left pending,
 # then after the next delay, before the periodic run takes it over. Spaced like the
@@ -194,6 +200,7 @@ class Resolver:
             task.cancel()
 
     async def run_forever(self, interval_s: float = RESOLVE_INTERVAL_S) -> None:
+        """Run every `interval_s` (shorter than the lease, which each run renews)."""
         while True:
             try:
                 await self.run_once()

@@ -49,6 +49,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:  # row types only: the services never import the SQL modules
+    from extrabalance.core.adjustments import AdjustmentResult
     from extrabalance.core.limits import LimitState
     from extrabalance.core.model import OpenLoan, SubscriberProfile
     from extrabalance.core.payback import Recovery
@@ -214,6 +215,24 @@ class LedgerTx(Protocol):
 
     def count_overdue(self, created_before: datetime, created_since: datetime) -> int:
         """Open loans created in [created_since, created_before)."""
+        ...
+
+    def write_down(
+        self,
+        msisdn: str,
+        *,
+        kind: str,
+        amount_minor: int,
+        who: str,
+        reason: str,
+        now: datetime,
+        loan_id: str | None = None,
+        request_id: str | None = None,
+    ) -> AdjustmentResult:
+        """An operator's goodwill write-down of his debt (`core.adjustments`): one
+        balanced journal entry, the loans' repaid columns, an `adjust` audit line.
+        Raises `AdjustmentError` (nothing changed) when refused; the same `request_id`
+        again answers the first result, replayed."""
         ...
 
     # -- recoveries ----------------------------------------------------------------------
