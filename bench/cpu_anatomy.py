@@ -557,7 +557,7 @@ async def _plain_run(loans: int, concurrency: int, workdir: Path) -> None:
     import_profiles(workdir / "extrabalance.db", profiles, progress=False)
     restore_logs = _quiet_logs()
     try:
-        async with demo_env(workdir) as env:
+        async with demo_env(workdir, {"limits": {"enabled": False}}) as env:  # as before
             for m in msisdns:
                 env.in_sim.set_balance(m, 0)
             await _loans(env, msisdns, concurrency)

@@ -198,7 +198,6 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
         yield DemoEnv(node, in_sim, smsc, settings, broker_kind, workdir)
 
 
-<<<<<<< HEAD
 def _demo_bundle(base: Settings) -> dict[str, Any]:
     """The shipped tiers plus the demo's data bundle, offered to `regular`."""
     tiers = [t.model_dump(exclude_none=True) for t in base.tiers]
@@ -209,7 +208,8 @@ def _demo_bundle(base: Settings) -> dict[str, Any]:
         if seg["name"] == "regular":
             seg["tiers"] = [*seg["tiers"], DEMO_BUNDLE_TIER]
     return {"tiers": tiers, "segments": segments}
-=======
+
+
 async def start_broker(stack: contextlib.AsyncExitStack, workdir: Path) -> tuple[int, str]:
     """A private Mosquitto when installed, else the in-process demo-only broker; stopped
     when `stack` closes. Returns (port, what it is)."""
@@ -225,7 +225,6 @@ async def start_broker(stack: contextlib.AsyncExitStack, workdir: Path) -> tuple
     port = await demo_broker.start()
     stack.push_async_callback(demo_broker.stop)
     return port, "in-process demo-only broker (Mosquitto not installed)"
->>>>>>> main
 
 
 async def _put_profiles(settings: Settings, profiles: Path) -> None:
