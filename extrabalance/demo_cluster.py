@@ -352,6 +352,10 @@ class _SummaryEnv:
     def broker_kind(self) -> str:
         return self.cluster.broker_kind
 
+    @property
+    def settings(self) -> Settings:  # the tiers: which of them are bundles
+        return self.cluster.settings
+
 
 def run_cluster_demo(*, nodes: int = 2, json_output: bool = False, keep: bool = False) -> int:
     async def story(workdir: Path, transcript: Transcript) -> Summary:

@@ -85,6 +85,7 @@ from extrabalance.service.protection import (
     LOAN_CONFIRM_REQUESTED,
     LOAN_CONSENT,
     LOAN_REFUSED,
+    WHO_NODE,
     WHO_SUBSCRIBER,
     audit_consent,
     figures,
@@ -697,12 +698,15 @@ class LendingService:
     async def record_consent(
         self, msisdn: str, action: str, channel: str, detail: dict[str, Any] | None = None
     ) -> None:
-        """A consent line a channel decided (he cancelled on the confirm screen)."""
+        """A consent line a channel decided: he cancelled on the confirm screen, or the
+        menu refused him before any borrow (written as the node's)."""
         if not self.policy.protection.keeps_trail:
             return
         now = self.clock()
+        who = WHO_NODE if action == LOAN_REFUSED else WHO_SUBSCRIBER
         await self.ledger.write(
-            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail))
+            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail,
+                                     who=who))
 
     async def sms_loan(
         self, msisdn: str, tier_id: int | None, idempotency_key: str, *, kind: str = MONEY

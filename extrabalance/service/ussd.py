@@ -384,10 +384,10 @@ class UssdDialogs:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refusal(dialog, offer.reason))
+            return self._close(key, await self._refusal(dialog, offer.reason))
         items = [(str(t.tier_id), self._menu_item(t, lang)) for t in offer.tiers if t.fits]
         if not items:
-            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
+            return self._close(key, await self._refusal(dialog, "CEILING_REACHED"))
         title = self._t.render("menu_title", lang, {"debt": offer.debt_minor, "headroom": offer.headroom_minor})
         dialog.pages = paginate(
             title,
@@ -410,12 +410,12 @@ class UssdDialogs:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refusal(dialog, offer.reason))
+            return self._close(key, await self._refusal(dialog, offer.reason))
         tier = next((t for t in offer.tiers if t.tier_id == tier_id), None)
         if tier is None:
-            return self._close(key, self._refusal(dialog, "TIER_NOT_ALLOWED"))
+            return self._close(key, await self._refusal(dialog, "TIER_NOT_ALLOWED"))
         if not tier.fits:
-            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
+            return self._close(key, await self._refusal(dialog, "CEILING_REACHED"))
         dialog.step = Step.CONFIRM
         dialog.tier_id = tier_id
         dialog.quoted = (tier.amount_minor, tier.fee_minor, tier.total_minor)
@@ -503,10 +503,13 @@ class UssdDialogs:
                 text = text.split("\n", 1)[1]
         return Screen(text, final=False)
 
-    def _refusal(self, dialog: Dialog, reason: Any) -> Screen:
+    async def _refusal(self, dialog: Dialog, reason: Any) -> Screen:
         """A refusal decided at the menu, before any borrow: recorded like one the
-        lending service decides (EDR, eb_refusals_total), then shown."""
+        lending service decides (EDR, eb_refusals_total, the consent trail when a
+        protection preset keeps one), then shown."""
         self._lending.record_refusal(dialog.msisdn, _reason_code(reason), "ussd")
+        await self._lending.record_consent(dialog.msisdn, "loan_refused", "ussd",
+                                           {"reason": _reason_code(reason)})
         return self._refused(dialog.language, reason)
 
     def _refused(self, lang: str, reason: Any) -> Screen:
