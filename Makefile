@@ -13,7 +13,7 @@ HOUR_CHECKS ?= tests/bench/test_e2e_short.py
 TEST_WORKERS ?= 4
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-.PHONY: demo test test-hours test-all wire-tools browser-test chaos fuzz soak bench bench-e2e mutate mutation lint audit clean
+.PHONY: demo demo-cluster test test-hours test-all wire-tools browser-test chaos chaos-cluster fuzz soak bench bench-e2e bench-cluster mutate mutation lint audit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ browser-test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m extrabalance demo
 
+# Two nodes on one PostgreSQL ledger ($$EB_DEMO_PG_URL, default the local server): one
+# is killed mid-dialog and the other finishes the story (docs/scale-out.md).
+demo-cluster: $(STAMP)
+	$(PY) -m extrabalance demo --nodes 2
+
 test: $(STAMP) wire-tools
 	$(PY) -m pytest $(XDIST)
 	@$(MAKE) --no-print-directory test-hours
@@ -83,6 +88,11 @@ test-all: $(STAMP) wire-tools
 chaos: $(STAMP) wire-tools
 	$(PY) -m extrabalance chaos
 
+# Two nodes on one PostgreSQL ledger ($$EB_BENCH_PG_DSN): node 2 killed again and
+# again, then for good; node 1 carries on (docs/scale-out.md).
+chaos-cluster: $(STAMP) wire-tools
+	$(PY) -m extrabalance chaos --nodes 2 --storage postgresql
+
 fuzz: $(STAMP)
 	$(PY) -m extrabalance fuzz
 
@@ -94,6 +104,12 @@ bench: $(STAMP)
 
 bench-e2e: $(STAMP)
 	$(PY) -m extrabalance bench e2e
+
+# One node, then two, on one PostgreSQL ledger ($$EB_BENCH_PG_DSN, default the local
+# server; each run a schema of its own, dropped after): docs/scale-out.md.
+bench-cluster: $(STAMP) wire-tools
+	for n in 1 2; do $(PY) -m extrabalance bench e2e --nodes $$n --storage postgresql \
+		--max --duration 20 --subscribers 20000 --json || exit 1; done
 
 # Mutation run over core/ and the ledger's money functions (docs/reliability.md,
 # "Mutation testing"): a long run of its own, not part of `make test`. Cached in

@@ -15,6 +15,12 @@ with a latency plot is written to --report DIR (default var/bench/e2e-<time>).
 
     extrabalance bench e2e [--rate N | --max] [--duration S]
         [--mix ussd=5,sms=1,oob=1,recharge=3] [--subscribers N] [--json] [--report DIR]
+        [--nodes N --storage postgresql]
+
+Several nodes (docs/scale-out.md): `--nodes N --storage postgresql` starts N node
+processes on one PostgreSQL ledger, a schema of the run's own (bench/cluster.py); the
+IN simulator dials every node and the SMSC simulator spreads dialogs over every node's
+binds. CPU per loan then counts the PostgreSQL server's processes too.
 """
 
 from __future__ import annotations
@@ -37,6 +43,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cluster import (
+    NODES_MAX,
+    PgRun,
+    PgServerCpu,
+    cluster_node_config,
+    ledger_reader,
+    node_origin_host,
+    pg_run,
+    snapshot_to_sqlite,
+)
 from bench.procs import ProcessSet, cpu_seconds, dump_toml, free_port
 from bench.reconcile import reconcile, settle_advances_with_in
 from extrabalance.argparsing import Parser
@@ -96,6 +112,9 @@ class E2eOptions:
     clock_start: str | None = None
     # The SMSC simulator's gateway habits: repeat_share, submit_resp_delay_s (docs/smpp.md)
     gateway: dict[str, float] = field(default_factory=dict)
+    nodes: int = 1  # node processes, on one ledger (several need storage "postgresql")
+    storage: str = "sqlite"  # the nodes' ledger: "sqlite" (a file) or "postgresql"
+    pg_dsn: str | None = None  # the PostgreSQL server (default $EB_BENCH_PG_DSN or local)
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -192,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the SMSC answers every submit_sm this late")
     p.add_argument("--response-timeout", type=float, default=None, metavar="S",
                    help="the node's per-bind response_timeout_s")
+    p.add_argument("--nodes", type=int, default=1,
+                   help=f"node processes on one ledger (1..{NODES_MAX}; more than one needs"
+                        " --storage postgresql): docs/scale-out.md")
+    p.add_argument("--storage", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="the nodes' ledger; postgresql: a schema of the run's own on the"
+                        " server at $EB_BENCH_PG_DSN (default the local one), dropped after")
     return p
 
 
@@ -220,6 +245,7 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         mix = parse_mix(args.mix)
     except ValueError as exc:
         raise SystemExit(f"extrabalance bench e2e: {exc}") from None
+    check_nodes(args.nodes, args.storage, "extrabalance bench e2e")
     return E2eOptions(
         rate_per_s=None if args.max else (args.rate if args.rate is not None else 200.0),
         duration_s=duration, mix=mix, subscribers=args.subscribers,
@@ -245,7 +271,17 @@ def options_from_argv(argv: list[str], *, seconds: float, json_output: bool) -> 
         advance_confirmation=args.advance_confirmation,
         in_faults=_in_faults(args),
         command="extrabalance bench e2e " + " ".join(argv),
+        nodes=args.nodes,
+        storage=args.storage,
     )
+
+
+def check_nodes(nodes: int, storage: str, prog: str) -> None:
+    if not 1 <= nodes <= NODES_MAX:
+        raise SystemExit(f"{prog}: --nodes within 1..{NODES_MAX}")
+    if nodes > 1 and storage != "postgresql":
+        raise SystemExit(f"{prog}: --nodes {nodes} share one ledger: add --storage postgresql"
+                         " (an SQLite ledger belongs to one node)")
 
 
 def _in_faults(args: argparse.Namespace) -> dict[str, Any]:
@@ -482,6 +518,29 @@ class Network:
     node_env: dict[str, str]
     msisdns: list[str]
     base: dict[str, Any]
+    # Every node process (`node` is the first) and its config; the PostgreSQL run when
+    # the ledger is on PostgreSQL (then `db_path` is the snapshot taken after the run).
+    nodes: list[Any] = field(default_factory=list)
+    config_paths: list[Path] = field(default_factory=list)
+    pg: PgRun | None = None
+    binds_per_node: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            self.nodes = [self.node]
+            self.config_paths = [self.config_path]
+
+    def reader(self) -> Any:
+        """A read-only connection on the ledger the nodes use."""
+        return ledger_reader(self.db_path, self.pg)
+
+    async def stop_nodes(self) -> list[int | None]:
+        """Stop every node (SIGTERM, then SIGKILL); for PostgreSQL, then copy the
+        ledger into `db_path` for the reconciliation."""
+        codes = [await node.stop() for node in self.nodes]
+        if self.pg is not None:
+            snapshot_to_sqlite(self.pg, self.db_path)
+        return codes
 
 
 @contextlib.asynccontextmanager
@@ -495,11 +554,15 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   clock_start: str | None = None,
                   advance_confirmation: bool = False,
                   in_faults: dict[str, Any] | None = None,
-                  gateway: dict[str, float] | None = None) -> Any:
-    """Broker, IN worker, SMSC worker, profiles and the node; all stopped on exit.
+                  gateway: dict[str, float] | None = None,
+                  nodes: int = 1, storage: str = "sqlite",
+                  pg_dsn: str | None = None, saga_lease_s: float | None = None) -> Any:
+    """Broker, IN worker, SMSC worker, profiles and the node(s); all stopped on exit.
 
     `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
-    max_inflight_messages together (the broker sends no more than its own)."""
+    max_inflight_messages together (the broker sends no more than its own).
+    `nodes` > 1 (with `storage="postgresql"`): that many node processes on one ledger,
+    a PostgreSQL schema of the run's own, created here and dropped on exit."""
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.mosquitto import BrokerUnavailable, MosquittoBroker
 
@@ -516,14 +579,21 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
         raise SystemExit(f"extrabalance bench: needs a private Mosquitto broker: {exc}. "
                          "Install it (apt-get install mosquitto; `make wire-tools` does it).")
     try:
-        async with ProcessSet(workdir) as procs:
+        async with contextlib.AsyncExitStack() as stack:
+            pg = stack.enter_context(pg_run(pg_dsn)) if storage == "postgresql" else None
+            procs = await stack.enter_async_context(ProcessSet(workdir))
             base = default_config()
-            diameter_port = free_port()
+            diameter_ports = [free_port() for _ in range(nodes)]
+            diameter_port = diameter_ports[0]
+            spec = in_spec(base, diameter_port, broker.port, seed, in_request_timeout_ms,
+                           advance_confirmation, in_faults)
+            if nodes > 1:
+                node = base["node"]
+                spec["node_peers"] = [
+                    ["127.0.0.1", port, node_origin_host(node["origin_host"], i, nodes),
+                     node["origin_realm"]] for i, port in enumerate(diameter_ports)]
             in_worker = await procs.start_worker(
-                "in-sim", ["--role", "in", "--spec",
-                           json.dumps(in_spec(base, diameter_port, broker.port, seed,
-                                              in_request_timeout_ms, advance_confirmation,
-                                              in_faults))])
+                "in-sim", ["--role", "in", "--spec", json.dumps(spec)])
             password = os.urandom(4).hex()  # SMPP passwords are at most 8 octets
             smsc_worker = await procs.start_worker(
                 "smsc-sim", ["--role", "smsc", "--spec", json.dumps({
@@ -545,29 +615,48 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                                  delivery_receipts=delivery_receipts, balance_check=balance_check,
                                  mqtt_inflight_max=mqtt_inflight_max,
                                  advance_confirmation=advance_confirmation)
-            config_path = workdir / "node.toml"
-            config_path.write_text(dump_toml(config), encoding="utf-8")
+            if pg is not None:
+                pg.load(db_path)
             env = {SMPP_PASSWORD_ENV: password, "EB_LOG_LEVEL": log_level}
-            node = await procs.start_node(config_path, env=env, profile_path=profile_path,
-                                          clock_start=clock_start)
-            net = Network(procs, workdir, broker, in_worker, smsc_worker, node, config_path,
-                          db_path, env, msisdns, base)
+            started, config_paths = [], []
+            for i in range(nodes):
+                doc = cluster_node_config(config, index=i, nodes=nodes, workdir=workdir,
+                                          diameter_port=diameter_ports[i], pg=pg,
+                                          client_id=client_id, saga_lease_s=saga_lease_s)
+                name = "node" if nodes == 1 else f"node{i + 1}"
+                config_path = workdir / f"{name}.toml"
+                config_path.write_text(dump_toml(doc), encoding="utf-8")
+                config_paths.append(config_path)
+                started.append(await procs.start_node(
+                    config_path, env=env, name=name, clock_start=clock_start,
+                    profile_path=None if profile_path is None
+                    else profile_path.with_name(f"{name}.prof")))
+            net = Network(procs, workdir, broker, in_worker, smsc_worker, started[0],
+                          config_paths[0], db_path, env, msisdns, base, started, config_paths,
+                          pg, len(config["smpp"]["binds"]))
             await wait_connected(net)
             yield net
     finally:
         broker.stop()
 
 
-async def wait_connected(net: Network, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Until the node is bound to the SMSC and every IN node reaches it."""
+async def wait_connected(net: Network, timeout_s: float = CONNECT_TIMEOUT_S, *,
+                         nodes_up: int | None = None) -> None:
+    """Until the node is bound to the SMSC and every IN node reaches it; with several
+    nodes, until `nodes_up` of them (default all) are bound and every one of them is
+    reached by every IN node."""
+    up = len(net.nodes) if nodes_up is None else nodes_up
+    several = len(net.nodes) > 1
     try:
         await asyncio.gather(
-            net.smsc_worker.call("wait_bound", timeout_s=timeout_s),
-            net.in_worker.call("wait_connected", timeout_s=timeout_s),
+            net.smsc_worker.call("wait_bound", timeout_s=timeout_s,
+                                 binds=up * net.binds_per_node if several else 1),
+            net.in_worker.call("wait_connected", timeout_s=timeout_s,
+                               every_node=several and up == len(net.nodes)),
         )
     except (RuntimeError, TimeoutError) as exc:
-        raise RuntimeError(f"the node did not come up ({exc}); node log: "
-                           f"{net.node.log_tail()}") from None
+        logs = "; ".join(f"{n.name} log: {n.log_tail()}" for n in net.nodes)
+        raise RuntimeError(f"the node did not come up ({exc}); {logs}") from None
 
 
 async def settle(net: Network, *, max_s: float) -> dict[str, Any]:
@@ -588,7 +677,7 @@ async def settle(net: Network, *, max_s: float) -> dict[str, Any]:
         await net.in_worker.call("dump", path=str(dump_path))
         in_dump = json.loads(dump_path.read_text())
         published = set(in_dump["published_event_ids"])
-        state = ledger_state(net.db_path, published)
+        state = ledger_state(net, published)
         now = time.monotonic()
         state["elapsed_s"] = round(now - started, 2)
         if state["recharges_missing"] == 0 and state["unsettled"] == 0:
@@ -597,14 +686,14 @@ async def settle(net: Network, *, max_s: float) -> dict[str, Any]:
         if state["recharges_missing"] < best[0] or state["unsettled"] < best[1]:
             stall_deadline = now + max_s
         best = (min(best[0], state["recharges_missing"]), min(best[1], state["unsettled"]))
-        if now > min(stall_deadline, hard_deadline) or not net.node.alive:
+        if now > min(stall_deadline, hard_deadline) or not any(n.alive for n in net.nodes):
             state["settled"] = False
             return state
         await asyncio.sleep(0.5)
 
 
-def ledger_state(db_path: Path, published: set[str]) -> dict[str, Any]:
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+def ledger_state(net: Network, published: set[str]) -> dict[str, Any]:
+    conn = net.reader()
     try:
         unsettled = conn.execute(
             "SELECT (SELECT COUNT(*) FROM loans"
@@ -693,7 +782,8 @@ def count_edr(workdir: Path, kind: str) -> int:
 def count_edr_reasons(workdir: Path, kind: str) -> dict[str, int]:
     """EDR lines of `kind`, counted by their `reason` column."""
     reasons: dict[str, int] = {}
-    for path in (workdir / "edr").glob("edr-*.csv"):
+    # `edr` beside a SQLite ledger; `edr-nodeN`, one per node, on PostgreSQL.
+    for path in workdir.glob("edr*/edr-*.csv"):
         with path.open(encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 if row.get("kind") == kind:
@@ -702,8 +792,25 @@ def count_edr_reasons(workdir: Path, kind: str) -> dict[str, int]:
     return reasons
 
 
-def ledger_counts(db_path: Path) -> dict[str, int]:
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+def node_cpu_per_operation(node_cpu_s: float, window: dict[str, int]) -> dict[str, Any]:
+    """The node's CPU milliseconds per loan and per payback done in the window.
+
+    Each figure charges all the node's CPU in the window to that one kind of operation,
+    so it is the cost of one operation only when the mix holds that kind alone (`--mix
+    ussd=1` for loans, `--mix recharge=1` for paybacks); `node_cpu_mixed` says when the
+    window held both and the two figures overlap. None when no such operation was done.
+    """
+    loans, paybacks = window.get("loans", 0), window.get("paybacks", 0)
+    return {
+        "node_cpu_ms_per_loan": round(1000 * node_cpu_s / loans, 3) if loans else None,
+        "node_cpu_ms_per_payback": round(1000 * node_cpu_s / paybacks, 3) if paybacks else None,
+        "node_cpu_mixed": bool(loans and paybacks),
+    }
+
+
+def ledger_counts(db_path: Path, pg: PgRun | None = None) -> dict[str, int]:
+    """What the ledger holds (the file at `db_path`, or the run's PostgreSQL schema)."""
+    conn = ledger_reader(db_path, pg)
     try:
         granted = "('ACTIVE','PARTIALLY_REPAID','REPAID','WRITTEN_OFF')"
         q = lambda sql: int(conn.execute(sql).fetchone()[0])
@@ -744,26 +851,34 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        clock_start=options.clock_start,
                        advance_confirmation=options.advance_confirmation,
                        in_faults=options.in_faults,
-                       gateway=options.gateway) as net:
+                       gateway=options.gateway, nodes=options.nodes,
+                       storage=options.storage, pg_dsn=options.pg_dsn) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")
             await settle(net, max_s=options.settle_max_s)
-        counts0 = ledger_counts(net.db_path)
-        procs = {"node": net.node, "in_sim": net.in_worker, "smsc_sim": net.smsc_worker}
+        counts0 = ledger_counts(net.db_path, net.pg)
+        procs = {n.name: n for n in net.nodes}
+        procs.update({"in_sim": net.in_worker, "smsc_sim": net.smsc_worker})
         broker_pid = net.broker._process.pid if net.broker._process is not None else None
+        server_cpu = PgServerCpu(net.pg) if net.pg is not None else None
         cpu0 = {name: p.cpu_s() for name, p in procs.items()}
         cpu0["mosquitto"] = (cpu_seconds(broker_pid) or 0.0) if broker_pid else 0.0
+        if server_cpu is not None:
+            server_cpu.start()
         t0 = time.monotonic()
         reports = await drive_traffic(net, options, samples_path=samples_path)
         traffic_s = time.monotonic() - t0
         # What the node finished within the traffic window (the backlog it drains while
         # settling is not counted in the rates).
-        window = {k: v - counts0[k] for k, v in ledger_counts(net.db_path).items()}
+        window = {k: v - counts0[k] for k, v in ledger_counts(net.db_path, net.pg).items()}
         cpu1 = {name: p.cpu_s() for name, p in procs.items()}
         cpu1["mosquitto"] = (cpu_seconds(broker_pid) or 0.0) if broker_pid else 0.0
+        if server_cpu is not None:
+            cpu0["postgresql"], cpu1["postgresql"] = 0.0, server_cpu.seconds()
         settled = await settle(net, max_s=options.settle_max_s)
-        node_exit = await net.node.stop()
+        node_exits = await net.stop_nodes()
+        node_exit = next((code for code in node_exits if code), node_exits[0])
         in_dump_path, smsc_dump_path = workdir / "in-dump.json", workdir / "smsc-dump.json"
         await net.in_worker.call("dump", path=str(in_dump_path))
         await net.smsc_worker.call("dump", path=str(smsc_dump_path))
@@ -782,17 +897,23 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
         rec.notes.append(f"reconcile-in reversed {sum(reversed_advances.values())} advances"
                          " the IN never applied")
     counts = ledger_counts(net.db_path)
-    ads = count_edr(net.db_path.parent, "ad_sent")
-    ads_suppressed = count_edr_reasons(net.db_path.parent, "ad_suppressed")
+    ads = count_edr(workdir, "ad_sent")
+    ads_suppressed = count_edr_reasons(workdir, "ad_suppressed")
     smsc_report = reports.get("smsc-sim", {})
     latency = smsc_report.get("ussd_latency", {})
     duration = options.duration_s
     cpu = {name: round(cpu1[name] - cpu0[name], 2) for name in cpu0}
     cpu["bench"] = round((self_cpu1.user + self_cpu1.system)
                          - (self_cpu0.user + self_cpu0.system), 2)
+    if options.nodes > 1:
+        cpu["nodes"] = round(sum(cpu[n] for n in procs if n.startswith("node")), 2)
     result: dict[str, Any] = {
         "command": options.command,
         "machine": machine(),
+        "nodes": options.nodes,
+        "storage": options.storage,
+        "pg_schema": net.pg.schema if net.pg is not None else None,  # dropped after the run
+        "node_exit_codes": node_exits,
         "rate_target_per_s": options.rate_per_s or "max",
         "duration_s": duration,
         "traffic_s": round(traffic_s, 2),
@@ -817,6 +938,13 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
         # loans done): the figure that says how many cores a target rate needs.
         "cpu_ms_per_loan": ({name: round(1000 * seconds / window["loans"], 3)
                              for name, seconds in cpu.items()} if window["loans"] else None),
+        # The system's own processes (the node(s), the broker, the database server),
+        # without the simulators and the benchmark: what the operator's cores carry.
+        "cpu_ms_per_loan_system": (round(1000 * sum(
+            seconds for name, seconds in cpu.items()
+            if name.startswith("node") and name != "nodes" or name in ("mosquitto", "postgresql")
+        ) / window["loans"], 3) if window["loans"] else None),
+        **node_cpu_per_operation(cpu.get("node", cpu.get("nodes", 0.0)), window),
         "counts": {**counts, "ads": ads},
         "ads_suppressed": ads_suppressed,
         "clock_start": options.clock_start,
@@ -869,6 +997,7 @@ def write_report(report_dir: Path, result: dict[str, Any], samples_path: Path, *
         "# Extra Balance end-to-end benchmark",
         "",
         f"- command: `{result['command']}`",
+        f"- nodes: {result.get('nodes', 1)} on the {result.get('storage', 'sqlite')} ledger",
         f"- machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['platform']}",
         (f"- target rate: {result['rate_target_per_s']} ops/s for {result['duration_s']} s, "
         f"{result['subscribers']} subscribers, mix {json.dumps(result['mix'])}"),
@@ -948,6 +1077,9 @@ def print_summary(result: dict[str, Any]) -> None:
         table.add_row(key, str(result[key]))
     for name, seconds in result["cpu_s"].items():
         table.add_row(f"cpu_s {name}", str(seconds))
+    for key in ("node_cpu_ms_per_loan", "node_cpu_ms_per_payback"):
+        if result.get(key) is not None:
+            table.add_row(key, str(result[key]))
     per_loan = result.get("cpu_ms_per_loan")
     if per_loan:
         table.add_row("cpu_ms_per_loan", ", ".join(f"{k} {v}" for k, v in per_loan.items()))

@@ -100,13 +100,15 @@ class Worker:
     async def start(self) -> dict[str, Any]:
         s = self.spec
         if self.role == "in":
-            peer = NodePeer(*s["node_peer"]) if s.get("node_peer") else None
+            # "node_peers": several Extra Balance nodes (docs/scale-out.md); "node_peer": one.
+            peers = [NodePeer(*p) for p in s.get("node_peers") or
+                     ([s["node_peer"]] if s.get("node_peer") else [])]
             mqtt = MqttTarget(s["mqtt"][0], int(s["mqtt"][1])) if s.get("mqtt") else None
             self.in_sim = CountingIn(
                 [InNodeSpec(n["name"], n["origin_host"], n["realm"],
                             ranges=tuple(MsisdnRange.parse(r) for r in n["ranges"]))
                  for n in s["nodes"]],
-                peer, int(s["currency_numeric"]), int(s["currency_exponent"]),
+                peers or None, int(s["currency_numeric"]), int(s["currency_exponent"]),
                 s["service_context_id"], currency=s["currency"], mqtt=mqtt,
                 request_timeout_ms=int(s.get("request_timeout_ms", 2000)),
                 seed=s.get("seed"),
@@ -126,14 +128,19 @@ class Worker:
 
     # -- ops ------------------------------------------------------------------------------
 
-    async def op_wait_connected(self, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def op_wait_connected(self, timeout_s: float = 30.0,
+                                every_node: bool = False) -> dict[str, Any]:
         assert self.in_sim is not None
-        await self.in_sim.wait_connected(timeout_s)
+        await self.in_sim.wait_connected(timeout_s, every_node=every_node)
         return {}
 
-    async def op_wait_bound(self, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def op_wait_bound(self, timeout_s: float = 30.0, binds: int = 1) -> dict[str, Any]:
+        """Until `binds` node binds can take a deliver_sm (every node's, with several)."""
         assert self.smsc is not None
         await self.smsc.wait_bound(timeout_s)
+        async with asyncio.timeout(timeout_s):
+            while len(self.smsc.binds()) < binds:
+                await asyncio.sleep(0.02)
         return {}
 
     async def op_disconnect(self, node: str | None = None) -> dict[str, Any]:

@@ -6,9 +6,12 @@
 
 They may run beside a live node: SQLite (WAL) lets them read while the node writes,
 and their few writes wait behind the node's writer (busy timeout), never around it.
-A bar or unbar from here is audited like one from the API but sends no SMS and writes
-no EDR line (the node owns the SMPP binds and the EDR files); use the admin API when
-the subscriber should be told.
+`subscriber` and `reconcile-in` go through the services on the unit-of-work port, on
+the configured ledger (SQLite or PostgreSQL): a bar or unbar from here takes the
+subscriber's lock (on PostgreSQL his row lock, which orders it with every node's
+work), is audited and writes its EDR line (`bar` / `unbar`, in the node's EDR
+directory) like one from the admin API, but sends no SMS (the node owns the SMPP
+binds); use the admin API when the subscriber should be told.
 """
 
 from __future__ import annotations
@@ -49,11 +52,14 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
 
     out = out or sys.stdout
     settings = load_settings(config_path)
+    if refused_on_postgresql(settings, "import-profiles"):
+        return EXIT_USAGE
     db_path = _ledger_path(settings)
     private_dir(db_path.parent)
     try:
         report = import_profiles(db_path, csv_path, progress=progress,
-                                 languages=settings.templates.keys())
+                                 languages=settings.templates.keys(),
+                                 bulk_opt_in=settings.protection.policy().bulk_opt_in)
     except ProfileFileError as exc:
         print(f"import-profiles: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -73,25 +79,60 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
 # -- subscriber show | bar | unbar -------------------------------------------------------
 
 
-def _open_or_say(settings: Settings, command: str) -> sqlite3.Connection | None:
-    """The configured ledger, or None after telling the operator why not."""
-    try:
-        return _open_existing(_ledger_path(settings))
-    except FileNotFoundError as exc:
-        print(f"{command}: {exc}", file=sys.stderr)
-        return None
+# What to use instead when the ledger is on PostgreSQL (these commands open the SQLite
+# file; the node and the commands on the unit-of-work port run on either ledger).
+ON_POSTGRESQL = {
+    "import-profiles": "not available on PostgreSQL yet; load the CSV with PostgreSQL's "
+                       "COPY into the subscribers table, or import into an SQLite ledger and "
+                       "copy it with `extrabalance ledger migrate`",
+    "backup": "back the server up with PostgreSQL's own tools (pg_dump, pg_basebackup)",
+}
 
 
-def _in_transaction(conn: sqlite3.Connection, fn: Any, *, commit: bool = True) -> Any:
-    """Run fn(conn) in one write transaction; `commit=False` rolls it back (dry run)."""
-    conn.execute("BEGIN IMMEDIATE")
+def refused_on_postgresql(settings: Settings, command: str) -> bool:
+    """True (after saying why on stderr) when `command` works on the SQLite file and
+    the configured ledger is on PostgreSQL."""
+    from extrabalance.ledger.factory import sqlite_only
+
+    why = sqlite_only(settings.storage, command, ON_POSTGRESQL[command])
+    if why:
+        print(why, file=sys.stderr)
+    return why is not None
+
+
+def _ledger_missing(settings: Settings, command: str) -> bool:
+    """True (after saying so) when the configured SQLite file does not exist: these
+    commands never create a ledger."""
+    if settings.storage.backend != "sqlite" or _ledger_path(settings).exists():
+        return False
+    print(f"{command}: no ledger at {_ledger_path(settings)} (storage.path in the config)",
+          file=sys.stderr)
+    return True
+
+
+class _NoSms:
+    """The commands' notifier: they have no SMSC (the running node has the binds)."""
+
+    async def notify(self, notice: Any) -> None:
+        raise RuntimeError("the operator commands send no SMS; use the admin API")
+
+
+async def _with_accounts(settings: Settings, fn: Any) -> Any:
+    """Run `await fn(ledger, accounts)` on the configured ledger, with the account
+    service whose events go to the node's EDR directory; closes both after."""
+    from extrabalance.ledger.factory import open_ledger
+    from extrabalance.observability import EdrWriter, EventRecorder, Metrics
+    from extrabalance.service.accounts import AccountService
+
+    ledger = open_ledger(settings.storage)
+    edr = EdrWriter(settings.storage.edr_directory(), settings.node.name)
+    accounts = AccountService(ledger, _NoSms(), EventRecorder(Metrics(), edr),
+                              settings.policy(), SYSTEM_CLOCK.now)
     try:
-        result = fn(conn)
-        conn.execute("COMMIT" if commit else "ROLLBACK")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return result
+        return await fn(ledger, accounts)
+    finally:
+        edr.flush()
+        await ledger.close()
 
 
 def _open_existing(db_path: Path) -> sqlite3.Connection:
@@ -108,14 +149,13 @@ def _money(minor: int | None, settings: Settings) -> str:
     return f"{format_minor(int(minor or 0), settings.node.currency_exponent)} {settings.node.currency}"
 
 
-def subscriber_view_with_route(conn: sqlite3.Connection, settings: Settings,
+def subscriber_view_with_route(view: dict[str, Any], settings: Settings,
                                msisdn: str) -> dict[str, Any]:
+    """The ledger's view of `msisdn` (`ledger/views.py`) with his route and segment."""
     from extrabalance.core.model import SubscriberProfile
     from extrabalance.core.segments import match_segment
-    from extrabalance.ledger.views import subscriber_view
     from extrabalance.service.routing import Router, RouteRule
 
-    view = subscriber_view(conn, msisdn)
     router = Router([RouteRule(n.origin_host, prefix=r.prefix, start=r.start, end=r.end)
                      for n in settings.in_nodes for r in n.ranges])
     learned = view["route"]["learned_in_node"]
@@ -186,8 +226,9 @@ def subscriber_command(config_path: str | None, action: str, msisdn: str, reason
                        who: str = "cli", json_output: bool = False, *,
                        out: TextIO | None = None) -> int:
     """`extrabalance subscriber show|bar|unbar|auto-advance-on|auto-advance-off MSISDN`:
-    0 done, 1 not found, 2 usage."""
-    from extrabalance.ledger import store
+    0 done, 1 not found, 2 usage. The changes go through `AccountService` (lock, audit,
+    EDR), on the configured ledger."""
+    import asyncio
 
     out = out or sys.stdout
     if not MSISDN_RE.match(msisdn):
@@ -201,20 +242,23 @@ def subscriber_command(config_path: str | None, action: str, msisdn: str, reason
               file=sys.stderr)
         return EXIT_USAGE
     settings = load_settings(config_path)
-    conn = _open_or_say(settings, "subscriber")
-    if conn is None:
+    if _ledger_missing(settings, "subscriber"):
         return EXIT_BAD_ROWS
-    try:
-        now = SYSTEM_CLOCK.now()
-        if action in ("bar", "unbar"):
-            _in_transaction(conn, lambda c: store.set_bar(
-                c, msisdn, action == "bar", reason.strip(), who.strip(), now))
+    why, by = reason.strip(), who.strip()
+
+    async def change(ledger: Any, accounts: Any) -> tuple[dict[str, Any], bool]:
+        changed = True
+        if action == "bar":
+            await accounts.bar(msisdn, why, by, notify=False)
+        elif action == "unbar":
+            await accounts.unbar(msisdn, by, why)
         elif action in ("auto-advance-on", "auto-advance-off"):
-            changed = _in_transaction(conn, lambda c: _set_auto_advance(
-                c, msisdn, action == "auto-advance-on", reason.strip(), who.strip(), now))
-        view = subscriber_view_with_route(conn, settings, msisdn)
-    finally:
-        conn.close()
+            changed = await accounts.set_auto_advance(
+                msisdn, action == "auto-advance-on", by, why)
+        return await ledger.subscriber_view(msisdn), changed
+
+    shown, changed = asyncio.run(_with_accounts(settings, change))
+    view = subscriber_view_with_route(shown, settings, msisdn)
     if action == "show" and not view["known"] and not view["loans"]:
         if json_output:
             print(json.dumps(view, indent=2, sort_keys=True, default=str), file=out)
@@ -236,20 +280,6 @@ def subscriber_command(config_path: str | None, action: str, msisdn: str, reason
     return EXIT_OK
 
 
-def _set_auto_advance(conn: sqlite3.Connection, msisdn: str, on: bool, why: str, who: str,
-                      now: Any) -> bool:
-    """Opt in or out, audited like the API's; False (nothing written) if already so."""
-    from extrabalance.ledger import store
-
-    row = conn.execute("SELECT auto_advance_opt_in FROM subscribers WHERE msisdn = ?",
-                       (msisdn,)).fetchone()
-    if bool(row and row[0]) == on:
-        return False
-    store.set_preferences(conn, msisdn, now, auto_advance=on)
-    store.audit(conn, msisdn, "auto_advance_on" if on else "auto_advance_off", who, why, now)
-    return True
-
-
 # -- purge-idempotency -------------------------------------------------------------------
 
 
@@ -263,24 +293,28 @@ def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = N
     import asyncio
     from datetime import timedelta
 
-    from extrabalance.ledger import Ledger
+    from extrabalance.ledger.factory import open_ledger
     from extrabalance.observability import configure_logging
     from extrabalance.service.retention import IdempotencyRetention
 
     out = out or sys.stdout
     settings = load_settings(config_path)
-    db_path = _ledger_path(settings)
-    if not db_path.exists():
-        print(f"purge-idempotency: no ledger at {db_path} (storage.path in the config)",
-              file=sys.stderr)
-        return EXIT_BAD_ROWS
+    if settings.storage.backend == "sqlite":
+        db_path = _ledger_path(settings)
+        if not db_path.exists():
+            print(f"purge-idempotency: no ledger at {db_path} (storage.path in the config)",
+                  file=sys.stderr)
+            return EXIT_BAD_ROWS
+        where = str(db_path)
+    else:
+        where = settings.storage.postgresql_url_shown()
     hours = settings.storage.idempotency_retention_hours
     # The service logs its own `idempotency_purged` line (for the running node); here
     # the summary below says it once, and warnings still reach stderr.
     configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs, level="WARNING")
 
     async def purge() -> Any:
-        ledger = Ledger(db_path)
+        ledger = open_ledger(settings.storage)
         try:
             retention = IdempotencyRetention(ledger, timedelta(hours=hours),
                                              lambda: SYSTEM_CLOCK.now())
@@ -289,7 +323,7 @@ def purge_idempotency_command(config_path: str | None, *, out: TextIO | None = N
             await ledger.close()
 
     report = asyncio.run(purge())
-    print(f"{db_path}: {report.rows_purged:,} idempotency keys older than {hours} hours "
+    print(f"{where}: {report.rows_purged:,} idempotency keys older than {hours} hours "
           f"(before {report.cutoff.isoformat(timespec='seconds')}) purged in "
           f"{report.batches:,} batches, {report.seconds:.1f} s "
           f"({report.rows_per_s:,.0f} rows/s)", file=out)
@@ -307,6 +341,8 @@ def backup_command(config_path: str | None, dest: str, *, out: TextIO | None = N
     """
     out = out or sys.stdout
     settings = load_settings(config_path)
+    if refused_on_postgresql(settings, "backup"):
+        return EXIT_USAGE
     src_path = _ledger_path(settings)
     target = Path(dest)
     if target.is_dir():
@@ -376,6 +412,7 @@ def reconcile_in_command(config_path: str | None, csv_path: str, in_node: str, u
     the ledger's automatic advances with the IN's extract of the grants it applied
     (extrabalance.service.reconcile_in). 0: the books agree (or every difference was
     reversed with --apply); 1: differences left to look at; 2: usage."""
+    import asyncio
     from datetime import datetime
 
     from extrabalance.service.reconcile_in import ExtractError, read_extract, reconcile_in
@@ -401,15 +438,18 @@ def reconcile_in_command(config_path: str | None, csv_path: str, in_node: str, u
     except (OSError, ExtractError) as exc:
         print(f"reconcile-in: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    conn = _open_or_say(settings, "reconcile-in")
-    if conn is None:
+    if _ledger_missing(settings, "reconcile-in"):
         return EXIT_USAGE
-    try:
-        report = _in_transaction(conn, lambda c: reconcile_in(
-            c, grants, in_node=in_node, until=cut_off, apply=apply, now=SYSTEM_CLOCK.now()),
-            commit=apply)
-    finally:
-        conn.close()
+
+    async def run(ledger: Any, accounts: Any) -> Any:
+        def check(tx: Any) -> Any:
+            return reconcile_in(tx, grants, in_node=in_node, until=cut_off, apply=apply,
+                                now=SYSTEM_CLOCK.now())
+
+        # A dry run only reads; --apply reverses in one unit of work.
+        return await (ledger.write(check) if apply else ledger.read(check))
+
+    report = asyncio.run(_with_accounts(settings, run))
     doc = report.as_dict()
     if json_output:
         print(json.dumps(doc, indent=2, sort_keys=True), file=out)

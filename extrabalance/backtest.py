@@ -30,8 +30,6 @@ decisions, allocations and write-offs are the same functions over the same state
 from __future__ import annotations
 
 import csv
-import json
-import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -250,16 +248,11 @@ def _reverse(sub: _Sub, loan_id: str, t: Totals) -> None:
 
 def ledger_profiles(path: Path) -> dict[str, SubscriberProfile]:
     """Every profile of an embedded ledger file, opened read-only."""
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    from extrabalance.ledger import read_models
+
+    conn = read_models.open_read_only(path)
     try:
-        out = {}
-        for msisdn, tenure, arpu, attributes in conn.execute(
-            "SELECT msisdn, tenure_days, arpu_minor, attributes FROM subscribers"
-            " WHERE tenure_days IS NOT NULL"
-        ):
-            out[msisdn] = SubscriberProfile(
-                msisdn, tenure, arpu or 0, json.loads(attributes) if attributes else {})
-        return out
+        return read_models.profiles(conn)
     finally:
         conn.close()
 

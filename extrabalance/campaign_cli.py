@@ -10,8 +10,8 @@ import sys
 from typing import Any
 
 from extrabalance.clock import SYSTEM_CLOCK
-from extrabalance.ledger import Ledger
 from extrabalance.ledger.ads_store import CampaignRow
+from extrabalance.ledger.factory import open_ledger
 from extrabalance.observability import mask_msisdn
 from extrabalance.service.campaign import CampaignService
 
@@ -53,7 +53,7 @@ def campaign_command(
         return mask_msisdn(msisdn) if settings.node.mask_msisdn_in_logs else msisdn
 
     async def main() -> int:
-        ledger = Ledger(settings.storage.path)
+        ledger = open_ledger(settings.storage)
         try:
             service = CampaignService(ledger, None, policy, SYSTEM_CLOCK.now,
                                       send_rate_max_per_s=settings.ads.campaign.send_rate_max_per_s)

@@ -18,6 +18,10 @@ from extrabalance.config import ConfigError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.nodes > 1:
+        from extrabalance.demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(nodes=args.nodes, json_output=args.json, keep=args.keep)
     from extrabalance.demo import run_demo
 
     return run_demo(json_output=args.json, keep=args.keep)
@@ -141,6 +145,13 @@ def _cmd_policy_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_consent(args: argparse.Namespace) -> int:
+    from extrabalance.config import load_settings
+    from extrabalance.consent_cli import consent_export_command
+
+    return consent_export_command(load_settings(args.config), args.msisdn, as_json=args.json)
+
+
 def _cmd_dnd(args: argparse.Namespace) -> int:
     from extrabalance.config import load_settings
     from extrabalance.dnd_cli import dnd_command
@@ -212,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="play the whole story on loopback with the bundled simulators")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the demo's temp dir (ledger, logs)")
+    p.add_argument("--nodes", type=int, default=1, choices=range(1, 5), metavar="N",
+                   help="N > 1: N node processes on one PostgreSQL ledger (a schema of its own "
+                        "at $EB_DEMO_PG_URL, default the local server), one killed mid-dialog "
+                        "(docs/scale-out.md)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("run", help="run the node (production entry point)")
@@ -321,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="daily report (Markdown + PNG) from the EDRs and ledger")
     p.add_argument("--date", required=True, help="UTC day, YYYY-MM-DD")
     p.add_argument("--edr-dir", default=None,
-                   help="EDR directory (default: 'edr' beside the ledger file)")
+                   help="EDR directory (default: storage.edr_dir, or 'edr' beside the ledger file)")
     p.add_argument("--out", default=None, help="output directory (default: report-DATE)")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--no-ledger", action="store_true",
@@ -368,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--who", default="cli", help="operator name kept with each listed MSISDN")
     p.add_argument("--config", default=None, help="TOML config file")
     p.set_defaults(func=_cmd_dnd)
+    p = sub.add_parser("consent", help="a subscriber's consent trail (consents, refusals, opt-ins)")
+    p.add_argument("action", choices=("export",))
+    p.add_argument("msisdn", help="the subscriber, international form, digits only")
+    p.add_argument("--json", action="store_true", help="JSON instead of CSV")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.set_defaults(func=_cmd_consent)
     p = sub.add_parser("backup", help="online, integrity-checked copy of the ledger")
     p.add_argument("dest", help="file to write (never overwritten)")
     p.add_argument("--config", default=None, help="TOML config file")

@@ -26,6 +26,7 @@ from pydantic import (
 
 from extrabalance.core.limits import LimitPolicy
 from extrabalance.core.policy import (
+    Bundle,
     Condition,
     Currency,
     EligibilityPolicy,
@@ -37,6 +38,8 @@ from extrabalance.core.policy import (
     Segment,
     Tier,
 )
+from extrabalance.core.protection import PRESETS, ProtectionPolicy, resolve
+from extrabalance.core.sagas import SAGA_LEASE_S
 
 MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -104,15 +107,19 @@ class NodeSection(_Model):
 
 POSTGRESQL_URL_SCHEMES = ("postgresql://", "postgres://")
 POSTGRESQL_POOL_MAX = 8  # connections per node (the adapter's default)
+POSTGRESQL_EDR_DIR_DEFAULT = "var/edr"
 
 
 class StorageSection(_Model):
     # "sqlite": the embedded ledger (`path`). "postgresql": a PostgreSQL server (`url`,
-    # its password from `password_env` / `password_file`), for the tools already on the
-    # unit-of-work port (`extrabalance ledger migrate`); the node's `run` refuses it
-    # until its lending service is on the port too (preflight.runtime_problems).
+    # its password from `password_env` / `password_file`) that several nodes may share
+    # (docs/scale-out.md).
     backend: Literal["sqlite", "postgresql"] = "sqlite"
     path: str = "var/extrabalance.db"
+    # Where this node writes its EDR files: `edr` beside `path` by default (SQLite), and
+    # `var/edr` on PostgreSQL, which has no ledger file. Each node writes its own day
+    # files (edr-YYYYMMDD.csv), so nodes sharing a ledger must not share this directory.
+    edr_dir: str | None = None
     url: str | None = None  # postgresql://USER@HOST:PORT/DATABASE, without the password
     dsn: str | None = None  # the same, under the name older configs used
     password_env: str | None = None
@@ -122,6 +129,12 @@ class StorageSection(_Model):
     group_commit_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
     # How long the first outcome of each inbound request is kept to answer replays.
     idempotency_retention_hours: int = IDEMPOTENCY_RETENTION_HOURS_DEFAULT
+    # Several nodes on one ledger: an unsettled loan or recovery stays leased to its node
+    # this long after the node's resolver last renewed it (it renews every quarter of it,
+    # 30 s at most); another node's resolver takes over a saga only once its lease ran out
+    # (docs/scale-out.md). Shorter: a dead node's operations are finished sooner; never
+    # shorter than a node's longest pause (a GC, a blocked disk) or a live node loses them.
+    saga_lease_s: Annotated[float, Field(ge=4, le=3600)] = SAGA_LEASE_S
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -155,6 +168,18 @@ class StorageSection(_Model):
         if self.password_env and self.password_file:
             raise ValueError("storage.password_env and password_file: give one")
         return self
+
+    def edr_directory(self) -> Path:
+        """Where this node's EDR files go (see `edr_dir`)."""
+        if self.edr_dir:
+            return Path(self.edr_dir)
+        if self.backend == "postgresql":
+            return Path(POSTGRESQL_EDR_DIR_DEFAULT)
+        return Path(self.path).parent / "edr"
+
+    def postgresql_url_shown(self) -> str:
+        """The server's URL for messages (any password in it hidden)."""
+        return _url_shown(self.postgresql_url())
 
     def postgresql_url(self) -> str:
         """The server's URL as configured (no password)."""
@@ -354,6 +379,10 @@ class MqttSection(_Model):
     # Messages read and not yet acknowledged; beyond it the socket is not read, so a
     # backlog stays on the broker and not in the node's memory.
     inbox_max: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    # Several nodes on one ledger: each recharge to one node of the group, through an
+    # MQTT shared subscription ($share/<group>/<topic>; the broker must support them:
+    # Mosquitto 2.0, EMQX, HiveMQ, VerneMQ). Off (None): every node gets every event.
+    shared_group: Annotated[str, Field(pattern=r"^[^/+#\s]+$")] | None = None
 
     def password(self) -> str | None:
         return _secret(self.password_env, self.password_file, "MQTT")
@@ -424,13 +453,69 @@ class LimitsSection(_Model):
         )
 
 
+class ProtectionSection(_Model):
+    """Consumer protection (core/protection.py, docs/lending.md): a jurisdiction's
+    preset, any key of which may be set here instead. Unset keys take the preset's
+    value; without the section the node behaves as before (payback SMS on)."""
+
+    preset: str = "none"
+    fee_percent_required: bool | None = None
+    sms_confirm: bool | None = None
+    confirm_ttl_s: Annotated[int, Field(ge=30, le=86_400)] | None = None
+    recovery_sms: bool | None = None
+    loans_per_window_max: Annotated[int, Field(ge=0, le=1_000)] | None = None
+    window_hours: Annotated[int, Field(ge=1, le=8_784)] | None = None
+    cooling_off_after: Annotated[int, Field(ge=0, le=100)] | None = None
+    cooling_off_window_hours: Annotated[int, Field(ge=1, le=8_784)] | None = None
+    cooling_off_hours: Annotated[int, Field(ge=1, le=8_784)] | None = None
+    double_opt_in: bool | None = None
+    bulk_opt_in: bool | None = None
+    consent_audit: bool | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (one of {', '.join(sorted(PRESETS))})")
+        return preset
+
+    def policy(self) -> ProtectionPolicy:
+        overrides = {k: v for k, v in self.model_dump().items()
+                     if k != "preset" and v is not None}
+        return resolve(self.preset, overrides)
+
+
 class AutoAdvanceSection(_Model):
     tier: int | None = None
+
+
+class BundleSection(_Model):
+    """A bundle tier (docs/lending.md "Bundle advances"): what the IN credits instead
+    of money, in the unit of its kind on the wire; `amount_minor` of the tier is its
+    money price. At least one of service_identifier and rating_group names the
+    service at the IN (RFC 4006 §8.28, §8.29)."""
+
+    kind: Literal["data", "voice", "sms"]
+    quantity: Annotated[int, Field(gt=0, le=2**63 - 1)]  # octets, seconds or SMS
+    service_identifier: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    rating_group: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+
+    @model_validator(mode="after")
+    def _names_a_service(self) -> BundleSection:
+        if self.service_identifier is None and self.rating_group is None:
+            raise ValueError("a bundle needs service_identifier or rating_group")
+        if self.kind == "voice" and self.quantity > 2**32 - 1:
+            raise ValueError("voice quantity is seconds in CC-Time (Unsigned32)")
+        return self
+
+    def bundle(self) -> Bundle:
+        return Bundle(self.kind, self.quantity, self.service_identifier, self.rating_group)
 
 
 class TierSection(_Model):
     id: Annotated[int, Field(ge=1, le=99)]
     amount_minor: Annotated[int, Field(gt=0)]
+    bundle: BundleSection | None = None  # off unless configured: a money tier
 
 
 class FeePlanSection(_Model):
@@ -516,6 +601,7 @@ class Settings(_Model):
     recovery: RecoverySection = RecoverySection()
     auto_advance: AutoAdvanceSection = AutoAdvanceSection()
     limits: LimitsSection = LimitsSection()
+    protection: ProtectionSection = ProtectionSection()
     tiers: list[TierSection]
     fee_plans: dict[str, FeePlanSection]
     segments: Annotated[list[SegmentSection], Field(min_length=1)]
@@ -537,6 +623,15 @@ class Settings(_Model):
                 raise ValueError(f"segments[{i}].tiers: unknown tier ids {unknown}")
         if self.auto_advance.tier is not None and self.auto_advance.tier not in tier_ids:
             raise ValueError(f"auto_advance.tier: no tier {self.auto_advance.tier}")
+        if any(t.id == self.auto_advance.tier and t.bundle is not None for t in self.tiers):
+            raise ValueError(f"auto_advance.tier: tier {self.auto_advance.tier} is a bundle; "
+                             "the IN's out-of-balance CCR is granted in money")
+        if any(t.bundle is not None for t in self.tiers):
+            for lang, table in self.templates.items():
+                missing = [k for k in BUNDLE_TEMPLATE_KEYS if k not in table]
+                if missing:
+                    raise ValueError(f"templates.{lang}: missing {', '.join(missing)} "
+                                     "(bundle tiers are configured)")
         names = [n.name for n in self.in_nodes]
         if len(set(names)) != len(names):
             raise ValueError("in_nodes: two IN nodes share a name")
@@ -548,6 +643,7 @@ class Settings(_Model):
             missing = [k for k in TEMPLATE_KEYS_REQUIRED if k not in table]
             if missing:
                 raise ValueError(f"templates.{lang}: missing {', '.join(missing)}")
+        _check_protection(self)
         _check_ads(self)  # issue 7
         if (
             self.diameter.listen_host not in LOOPBACK_HOSTS
@@ -608,7 +704,8 @@ class Settings(_Model):
         )
         return Policy(
             currency=self.currency(),
-            tiers={t.id: Tier(t.id, t.amount_minor) for t in self.tiers},
+            tiers={t.id: Tier(t.id, t.amount_minor, t.bundle.bundle() if t.bundle else None)
+                   for t in self.tiers},
             fee_plans=fee_plans,
             segments=segments,
             eligibility=EligibilityPolicy(
@@ -624,7 +721,40 @@ class Settings(_Model):
             ),
             auto_advance_tier_id=self.auto_advance.tier,
             limits=self.limits.policy(),
+            protection=self.protection.policy(),
         )
+
+
+# Templates a node with bundle tiers needs in every language (docs/lending.md).
+BUNDLE_TEMPLATE_KEYS = ("bundle_data", "bundle_voice", "bundle_sms", "menu_item_bundle",
+                        "confirm_bundle", "granted_screen_bundle", "loan_granted_bundle",
+                        "loan_confirm_sms_bundle", "no_bundle")
+
+
+# Templates that show the fee before a confirmation, and what each must show when
+# [protection] requires the fee as an amount and a percentage.
+FEE_CONFIRM_TEMPLATES = ("confirm", "loan_confirm_sms", "confirm_bundle",
+                         "loan_confirm_sms_bundle")
+
+
+def _check_protection(settings: Settings) -> None:
+    protection = settings.protection.policy()
+    for lang, table in settings.templates.items():
+        if protection.sms_confirm and "loan_confirm_sms" not in table:
+            raise ValueError(f"templates.{lang}: missing loan_confirm_sms "
+                             "(protection.sms_confirm asks for an SMS confirmation)")
+        if protection.double_opt_in and "opt_in_confirm_sms" not in table:
+            raise ValueError(f"templates.{lang}: missing opt_in_confirm_sms "
+                             "(protection.double_opt_in asks for a reply to an SMS)")
+        if not protection.fee_percent_required:
+            continue
+        for key in FEE_CONFIRM_TEMPLATES:
+            text = str(table.get(key, ""))
+            if key in table and not ("{fee}" in text and "{fee_percent}" in text):
+                raise ValueError(
+                    f"templates.{lang}.{key}: protection preset {protection.preset!r} shows "
+                    "the fee as an amount and a percentage: the text needs {fee} and "
+                    "{fee_percent}")
 
 
 def _check_ads(settings: Settings) -> None:

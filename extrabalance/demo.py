@@ -30,7 +30,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,25 +105,13 @@ class DemoEnv:
 async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> AsyncIterator[DemoEnv]:
     """Start broker, simulators and node on loopback; stop them all afterwards.
     `overrides` are deep-merged over the demo's settings (tests use it)."""
-    from extrabalance.demo_broker import DemoBroker
     from extrabalance.ledger.profiles import import_profiles
-    from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
     from extrabalance.node import Node
     from simulators.in_node import InNodeSpec, InSimulator, MqttTarget, MsisdnRange, NodePeer
     from simulators.smsc import SmscSimulator
 
     async with contextlib.AsyncExitStack() as stack:
-        if find_mosquitto() is not None:
-            mosquitto = MosquittoBroker(workdir / "mosquitto")
-            mosquitto.start()
-            stack.callback(mosquitto.stop)
-            mqtt_port, broker_kind = mosquitto.port, "mosquitto"
-        else:
-            demo_broker = DemoBroker()
-            mqtt_port = await demo_broker.start()
-            stack.push_async_callback(demo_broker.stop)
-            broker_kind = "in-process demo-only broker (Mosquitto not installed)"
-
+        mqtt_port, broker_kind = await start_broker(stack, workdir)
         base = load_settings()
         diameter_port = free_port()
         in_sim = InSimulator(
@@ -178,9 +166,12 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
             f"{C},400,5000,ar\n",
             encoding="utf-8",
         )
-        report = import_profiles(db_path, profiles, progress=False)
-        if report.bad_rows:
-            raise RuntimeError(f"demo profiles rejected: {report.bad_rows}")
+        if settings.storage.backend == "sqlite":
+            report = import_profiles(db_path, profiles, progress=False)
+            if report.bad_rows:
+                raise RuntimeError(f"demo profiles rejected: {report.bad_rows}")
+        else:  # the profile import is SQLite's: the same rows through the ledger port
+            await _put_profiles(settings, profiles)
 
         node = Node(settings)
         await node.start()
@@ -189,6 +180,49 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
         await in_sim.wait_connected(10.0)
         await smsc.wait_bound(10.0)
         yield DemoEnv(node, in_sim, smsc, settings, broker_kind, workdir)
+
+
+async def start_broker(stack: contextlib.AsyncExitStack, workdir: Path) -> tuple[int, str]:
+    """A private Mosquitto when installed, else the in-process demo-only broker; stopped
+    when `stack` closes. Returns (port, what it is)."""
+    from extrabalance.demo_broker import DemoBroker
+    from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
+
+    if find_mosquitto() is not None:
+        mosquitto = MosquittoBroker(workdir / "mosquitto")
+        mosquitto.start()
+        stack.callback(mosquitto.stop)
+        return mosquitto.port, "mosquitto"
+    demo_broker = DemoBroker()
+    port = await demo_broker.start()
+    stack.push_async_callback(demo_broker.stop)
+    return port, "in-process demo-only broker (Mosquitto not installed)"
+
+
+async def _put_profiles(settings: Settings, profiles: Path) -> None:
+    """The demo's profile CSV written one row at a time through the ledger port."""
+    import csv
+
+    from extrabalance.clock import SYSTEM_CLOCK
+    from extrabalance.core.model import SubscriberProfile
+    from extrabalance.ledger.factory import open_ledger
+
+    now = SYSTEM_CLOCK.now()
+    ledger = open_ledger(settings.storage)
+    try:
+        with profiles.open(encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                msisdn = row["msisdn"]
+                profile = SubscriberProfile(msisdn, int(row["tenure_days"]), int(row["arpu_minor"]))
+
+                def put(tx: Any, profile: SubscriberProfile = profile,
+                        language: str = row["language"]) -> None:
+                    tx.put_profile(profile, now)
+                    tx.set_preferences(profile.msisdn, now, language=language)
+
+                await ledger.write(put)
+    finally:
+        await ledger.close()
 
 
 async def play(env: DemoEnv, transcript: Transcript) -> Summary:
@@ -362,24 +396,30 @@ def _print_summary(s: Summary, exponent: int, currency: str) -> None:
 
 
 def run_demo(*, json_output: bool = False, keep: bool = False) -> int:
-    import logging
-
-    from extrabalance.observability import configure_logging
-
-    configure_logging(level="ERROR")
-    logging.disable(logging.WARNING)
-    workdir = Path(tempfile.mkdtemp(prefix="extrabalance-demo-"))
-    transcript = Transcript(echo=None if json_output else _print_entry)
-
-    async def main() -> Summary:
+    async def story(workdir: Path, transcript: Transcript) -> Summary:
         async with demo_env(workdir) as env:
             if not json_output:
                 print(f"Extra Balance demo on loopback (ledger {workdir / 'extrabalance.db'}; "
                       f"MQTT: {env.broker_kind})")
             return await play(env, transcript)
 
+    return run_story(story, prefix="extrabalance-demo-", json_output=json_output, keep=keep)
+
+
+def run_story(story: Callable[[Path, Transcript], Awaitable[Summary]], *, prefix: str,
+              json_output: bool, keep: bool) -> int:
+    """Play `story` in a temporary directory, print it (or the summary as JSON); 0 when
+    the ledger and the IN agree."""
+    import logging
+
+    from extrabalance.observability import configure_logging
+
+    configure_logging(level="ERROR")
+    logging.disable(logging.WARNING)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    transcript = Transcript(echo=None if json_output else _print_entry)
     try:
-        summary = asyncio.run(main())
+        summary = asyncio.run(story(workdir, transcript))
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

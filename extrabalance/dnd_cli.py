@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from extrabalance.clock import SYSTEM_CLOCK
-from extrabalance.ledger import Ledger
+from extrabalance.ledger.factory import open_ledger
 from extrabalance.service.dnd import DoNotDisturb, ImportReport
 
 LIST_PAGE_ROWS = 1_000
@@ -25,7 +25,7 @@ def dnd_command(settings: Any, action: str, path: str | None, source: str, who: 
         return 2
 
     async def main() -> int:
-        ledger = Ledger(settings.storage.path)
+        ledger = open_ledger(settings.storage)
         try:
             dnd = DoNotDisturb(ledger, SYSTEM_CLOCK.now)
             if action == "list":

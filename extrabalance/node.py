@@ -31,7 +31,7 @@ from extrabalance.clock import SYSTEM_CLOCK, Clock
 from extrabalance.config import Settings, load_settings
 from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddress, RequestTimeout
 from extrabalance.diameter.peer import LocalIdentity
-from extrabalance.ledger import Ledger
+from extrabalance.ledger.factory import NodeLedger, open_ledger
 from extrabalance.observability import EdrWriter, EventRecorder, Metrics, configure_logging
 from extrabalance.private_files import private_dir
 from extrabalance.recharge.events import RechargeEvent as WireRecharge
@@ -49,7 +49,7 @@ from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outbox import OutboxSender
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.recovery import PaybackService
-from extrabalance.service.resolver import Resolver
+from extrabalance.service.resolver import Resolver, resolve_interval_s
 from extrabalance.service.retention import IdempotencyRetention
 from extrabalance.service.routing import RouteProber, Router, RouteRule
 from extrabalance.service.templates import Templates
@@ -80,17 +80,15 @@ class Node:
         self.policy = s.policy()
         self.templates = Templates(s.templates, s.node.default_language, s.node.currency_exponent)
         self.metrics = Metrics()
-        db_path = Path(s.storage.path)
-        private_dir(db_path.parent)
-        self.edr = EdrWriter(edr_dir or db_path.parent / "edr", s.node.name, clock=clock.time,
+        if s.storage.backend == "sqlite":
+            private_dir(Path(s.storage.path).parent)
+        self.edr = EdrWriter(edr_dir or s.storage.edr_directory(), s.node.name, clock=clock.time,
                              failure_counter=self.metrics.edr_write_failures)
         self.background_errors: dict[str, str] = {}  # task name → why it ended (/readyz)
         self.events = EventRecorder(self.metrics, self.edr)
-        self.ledger = Ledger(
-            db_path,
-            batch_ops_max=s.storage.group_commit_max_ops,
-            batch_window_ms=s.storage.group_commit_wait_ms,
-        )
+        # SQLite (this node's file) or PostgreSQL (shared by the cluster's nodes),
+        # migrated before anything else opens.
+        self.ledger: NodeLedger = open_ledger(s.storage, node_name=s.node.name)
         rules = []
         for node in s.in_nodes:
             for r in node.ranges:
@@ -127,7 +125,8 @@ class Node:
             transient_errors=(RequestTimeout, NoPeerAvailable, asyncio.TimeoutError, ConnectionError),
             never_sent_errors=(NoPeerAvailable,),
             end_to_end_ids=self.diameter.new_end_to_end_id,
-            observe=lambda action, seconds: self.metrics.in_latency.labels(action).observe(seconds),
+            observe=lambda action, seconds: self.metrics.child(
+                self.metrics.in_latency, action).observe(seconds),
         )
         self.esme = Esme(
             [
@@ -161,7 +160,8 @@ class Node:
         self.payback = PaybackService(self.ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common)
         self.resolver = Resolver(self.ledger, self.in_port, self.outbox, self.events, self.policy,
-                                 utc_now, **common, advance_confirmation_nodes=confirming_ins)
+                                 utc_now, **common, advance_confirmation_nodes=confirming_ins,
+                                 node_name=s.node.name, lease_s=s.storage.saga_lease_s)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
         # Pending IN operations are re-sent on the Tx-timer schedule, not only every 30 s.
@@ -203,7 +203,7 @@ class Node:
             topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
             username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
             ca_file=s.mqtt.ca_file, inflight_max=s.mqtt.inflight_max,
-            inbox_max=s.mqtt.inbox_max,
+            inbox_max=s.mqtt.inbox_max, shared_group=s.mqtt.shared_group,
         )
         self.recharges = RechargeListener(
             mqtt_settings,
@@ -329,7 +329,8 @@ class Node:
         self.outbox.start()  # what the last run committed and did not send goes first
         self._tasks = [
             asyncio.create_task(self.recharges.run(), name="recharge-listener"),
-            asyncio.create_task(self.resolver.run_forever(), name="resolver"),
+            asyncio.create_task(self.resolver.run_forever(
+                resolve_interval_s(s.storage.saga_lease_s)), name="resolver"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
             asyncio.create_task(self.retention.run_forever(), name="idempotency-retention"),
             asyncio.create_task(self.low_balance.run(), name="lowbalance-listener"),

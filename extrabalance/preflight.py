@@ -1,5 +1,6 @@
 """What `run` needs from the machine beyond a valid file: secrets present and within
-their protocol's limits, a ledger path that can be created. `check-config` and `run`
+their protocol's limits, a ledger path that can be created (or, on PostgreSQL, a server
+that answers), an EDR directory that can be written. `check-config` and `run`
 ask the same questions, so a config that checks OK does not fail at start-up (or, worse,
 start and then fail to bind for ever with a missing password).
 """
@@ -10,17 +11,6 @@ import os
 from pathlib import Path
 
 from extrabalance.config import ConfigError, Settings
-
-# The PostgreSQL ledger adapter exists (ledger/postgres.py) and the tools on the
-# unit-of-work port use it (`extrabalance ledger migrate`), but the node's lending
-# service and resolver still talk to the SQLite ledger directly: a node started on
-# PostgreSQL would lend from a file the other nodes never see.
-POSTGRESQL_NOT_YET = (
-    'storage.backend = "postgresql": the node\'s lending service does not yet run on '
-    "PostgreSQL (it still uses the SQLite ledger directly); run the node on "
-    'backend = "sqlite". The PostgreSQL ledger serves `extrabalance ledger migrate` '
-    "for now (docs/ledger.md \"PostgreSQL\")"
-)
 
 
 def storage_problem(path_text: str) -> str | None:
@@ -41,15 +31,35 @@ def storage_problem(path_text: str) -> str | None:
     return None
 
 
+def directory_problem(path: Path, what: str) -> str | None:
+    """Why directory `path` cannot be created or written (None: it can)."""
+    if path.exists() and not path.is_dir():
+        return f"{what} {str(path)!r} is a file, not a directory"
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{what} {str(path)!r} cannot be created: {str(ancestor)!r} is a file"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{what} {str(path)!r} cannot be created or written: {str(ancestor)!r} is not writable"
+    return None
+
+
 def runtime_problems(settings: Settings) -> list[str]:
     """Everything `run` would fail on that the file's validation cannot see."""
     problems = []
-    if settings.storage.backend == "postgresql":
-        problems.append(POSTGRESQL_NOT_YET)
+    storage = settings.storage
+    if storage.backend == "postgresql":
+        from extrabalance.ledger.factory import postgresql_problem
+
+        problem = postgresql_problem(storage)
     else:
-        problem = storage_problem(settings.storage.path)
-        if problem:
-            problems.append(problem)
+        problem = storage_problem(storage.path)
+    if problem:
+        problems.append(problem)
+    problem = directory_problem(storage.edr_directory(), "storage.edr_dir (EDR files)")
+    if problem:
+        problems.append(problem)
     for i, bind in enumerate(settings.smpp.binds):
         where = f"smpp.binds[{i}] ({bind.system_id})"
         if bind.password_env and bind.password_env not in os.environ:

@@ -13,6 +13,11 @@ What this file owns
   Origin-Host and listening port, serving docs/protocols.md "Node → IN" and sending
   docs/protocols.md "IN → node" out-of-balance requests as a client; recharges published
   on MQTT through `simulators.recharge_publisher`.
+* Several Extra Balance nodes (docs/scale-out.md): given more than one node peer, each
+  IN node dials every one of them, spreads its out-of-balance CCRs over the open
+  connections (round robin, realm-routed: no Destination-Host, RFC 6733 §6.1) and,
+  when a node's connection goes away with requests pending, re-sends them to another
+  node with the T flag and the same End-to-End id (RFC 6733 §5.5.4).
 * The `extrabalance sim in` entry point (`main_in`).
 
 Exactly-once, as the node relies on it
@@ -36,7 +41,8 @@ then re-send the same CCR once with the T flag and the same End-to-End id (RFC 6
 standards is counted per IN node (`nonstandard_*` stats): a REFUND_ACCOUNT carrying
 one of our own out-of-balance Session-Ids (the confirmation extension), a T flag on
 a request whose key we never received, a re-send of a key under another End-to-End
-id. A strict test asserts they stay zero.
+id by the same Origin-Host (another node of the realm sending the key uses its own
+ids, RFC 6733 §3). A strict test asserts they stay zero.
 
 `reject_nonstandard=True` (`--reject-nonstandard`) refuses instead of only counting:
 a re-send of a key under another End-to-End id and a REFUND_ACCOUNT under one of our
@@ -214,6 +220,9 @@ class BalanceOp:
     action: Action
     msisdn: str
     amount_minor: int
+    # A bundle credit (REFUND_ACCOUNT with an MSCC in units, not money): what to add
+    # to the subscriber's bucket of that kind; amount_minor is then 0.
+    bundle: Any = None  # gy.BundleUnits
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +230,7 @@ class OpAnswer:
     result_code: int
     granted_minor: int | None = None  # DIRECT_DEBITING: what was debited
     check_balance_result: CheckBalanceResult | None = None
+    granted_units: Any = None  # a bundle credited: gy.BundleUnits
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +245,8 @@ class AppliedOp:
     amount_minor: int  # requested (or granted, for grants and recharges)
     result_code: int
     balance_after_minor: int
+    bundle_kind: str = ""  # a bundle credit: "data", "voice" or "sms" ...
+    units: int = 0  # ... and how many units (octets, seconds, SMS) it added
 
     @property
     def moved_minor(self) -> int:
@@ -274,6 +286,8 @@ class InAccounts:
         self.initial_balance_minor = initial_balance_minor
         self._answers_max = answers_max
         self._balances: dict[str, int] = {}
+        # Bundle buckets per subscriber: (kind, Rating-Group, Service-Identifier) → units
+        self._buckets: dict[str, dict[tuple[str, int | None, int | None], int]] = {}
         self._answers: OrderedDict[tuple[str, int], tuple[BalanceOp, OpAnswer]] = OrderedDict()
         self._ledger: deque[AppliedOp] = ledger if ledger is not None else deque(maxlen=APPLIED_MAX)
         self.stats: dict[str, int] = {
@@ -300,6 +314,13 @@ class InAccounts:
 
     def balances(self) -> dict[str, int]:
         return dict(self._balances)
+
+    def buckets(self, msisdn: str) -> dict[str, int]:
+        """His bundle buckets, units by kind ("data" octets, "voice" seconds, "sms")."""
+        out: dict[str, int] = {}
+        for (kind, _rg, _si), units in self._buckets.get(msisdn, {}).items():
+            out[kind] = out.get(kind, 0) + units
+        return out
 
     def applied(self) -> list[AppliedOp]:
         """The ledger entries (shared with the other nodes when a ledger was passed in)."""
@@ -397,12 +418,18 @@ class InAccounts:
         self._remember(key, op, answer)
         self._record(
             op.session_id, op.request_number, op.action.name, op.msisdn, op.amount_minor,
-            answer.result_code,
+            answer.result_code, op.bundle,
         )
         return answer, False
 
     def _apply(self, op: BalanceOp) -> OpAnswer:
         balance = self.balance(op.msisdn)
+        if op.bundle is not None:  # only REFUND_ACCOUNT gets here (_balance_op)
+            b = op.bundle
+            mine = self._buckets.setdefault(op.msisdn, {})
+            key = (b.kind, b.rating_group, b.service_identifier)
+            mine[key] = mine.get(key, 0) + b.quantity
+            return OpAnswer(DIAMETER_SUCCESS, granted_units=b)
         if op.action is Action.REFUND_ACCOUNT:
             self._balances[op.msisdn] = balance + op.amount_minor
             return OpAnswer(DIAMETER_SUCCESS)
@@ -425,7 +452,8 @@ class InAccounts:
             self.stats["answers_evicted"] += 1
 
     def _record(
-        self, ref: str, number: int, kind: str, msisdn: str, amount_minor: int, result: int
+        self, ref: str, number: int, kind: str, msisdn: str, amount_minor: int, result: int,
+        bundle: Any = None,
     ) -> None:
         self._ledger.append(
             AppliedOp(
@@ -437,6 +465,8 @@ class InAccounts:
                 amount_minor=amount_minor,
                 result_code=result,
                 balance_after_minor=self.balance(msisdn),
+                bundle_kind=bundle.kind if bundle is not None else "",
+                units=bundle.quantity if bundle is not None else 0,
             )
         )
 
@@ -564,7 +594,7 @@ class InSimulator:
     def __init__(
         self,
         nodes: Iterable[InNodeSpec],
-        node_peer: NodePeer | tuple[str, int, str, str] | None = None,
+        node_peer: NodePeer | tuple[str, int, str, str] | Iterable[NodePeer] | None = None,
         currency_numeric: int = 818,
         currency_exponent: int = 2,
         service_context_id: str = "extrabalance@3gpp.org",
@@ -589,9 +619,9 @@ class InSimulator:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"IN node names repeat: {names}")
-        if isinstance(node_peer, tuple):
-            node_peer = NodePeer(*node_peer)
-        self.node_peer = node_peer
+        self.node_peers = _node_peers(node_peer)
+        # The first node peer; the only one unless the node runs as several processes.
+        self.node_peer = self.node_peers[0] if self.node_peers else None
         self.currency = currency
         self.currency_numeric = currency_numeric
         self.currency_exponent = currency_exponent
@@ -608,9 +638,9 @@ class InSimulator:
         self.reject_nonstandard = reject_nonstandard
         # RFC 6733 §5.6.4 with the node: one connection, whichever side dialled it.
         self.election = election
-        # (Session-Id, CC-Request-Number) → End-to-End id of the node's requests seen,
-        # per IN node: a re-send must keep the id (RFC 6733 §3).
-        self._seen_e2e: dict[str, OrderedDict[tuple[str, int], int]] = {
+        # (Session-Id, CC-Request-Number) → (Origin-Host, End-to-End id) of the node's
+        # requests seen, per IN node: a re-send must keep the id (RFC 6733 §3).
+        self._seen_e2e: dict[str, OrderedDict[tuple[str, int], tuple[str, int]]] = {
             s.name: OrderedDict() for s in specs}
         self._rng = random.Random(seed)
         self._sweeper: asyncio.Task[None] | None = None
@@ -717,6 +747,11 @@ class InSimulator:
         for book in self.accounts.values():
             out.update(book.balances())
         return out
+
+    def buckets(self, msisdn: str) -> dict[str, int]:
+        """His bundle buckets on his IN node: units by kind (data octets, voice
+        seconds, SMS)."""
+        return self.owner(msisdn).buckets(msisdn)
 
     def applied(self) -> list[AppliedOp]:
         """Every operation that got a final answer, grants and recharges, oldest first."""
@@ -851,6 +886,7 @@ class InSimulator:
             None if answer.check_balance_result is None else int(answer.check_balance_result),
             currency_numeric=self.currency_numeric,
             currency_exponent=self.currency_exponent,
+            granted_units=answer.granted_units,
         )
 
     def _note_transmission(self, name: str, op: BalanceOp, request: Message) -> str | None:
@@ -858,16 +894,28 @@ class InSimulator:
         key we see, and a re-send of a key under another End-to-End id. Returns why the
         request is to be refused in reject_nonstandard mode (the changed End-to-End
         id only: a T flag on the first copy we see cannot be told apart from a re-send
-        whose first copy was lost, so an IN processes it, and so do we)."""
+        whose first copy was lost, so an IN processes it, and so do we).
+
+        An End-to-End id is unique per originator (RFC 6733 §3: with the Origin-Host it
+        detects duplicates), so a key sent again by another node of the realm (it took
+        over an operation a stopped node left: docs/scale-out.md) carries that node's
+        own id; it is counted as `requests_from_another_node`, and its first answer
+        replayed as for any duplicate (RFC 4006 §5.1: Session-Id and
+        CC-Request-Number)."""
         seen = self._seen_e2e[name]
         key = (op.session_id, op.request_number)
-        first_e2e = seen.get(key)
-        if first_e2e is None:
+        origin = _origin_host(request).lower()
+        first = seen.get(key)
+        if first is None:
             if request.is_retransmit:
                 self.stats[name]["nonstandard_t_flag_on_first_request"] += 1
-            seen[key] = request.end_to_end_id
+            seen[key] = (origin, request.end_to_end_id)
             if len(seen) > ANSWERS_MAX:
                 seen.popitem(last=False)
+            return None
+        first_origin, first_e2e = first
+        if first_origin != origin:
+            self.stats[name]["requests_from_another_node"] += 1
         elif first_e2e != request.end_to_end_id:
             self.stats[name]["nonstandard_end_to_end_changed"] += 1
             return (f"Session-Id and CC-Request-Number re-sent under End-to-End id "
@@ -903,6 +951,14 @@ class InSimulator:
             raise codec.DiameterError(
                 5005, "Requested-Action missing", (codec.avp(AVP_REQUESTED_ACTION, 0),), request
             )
+        if ccr.bundle is not None:
+            # A bundle credit: units in an MSCC, no money (RFC 4006 §8.16).
+            if ccr.requested_action != Action.REFUND_ACCOUNT:
+                raise codec.DiameterError(
+                    5004, "units other than money are credited only (REFUND_ACCOUNT)",
+                    (codec.avp(AVP_REQUESTED_ACTION, ccr.requested_action),), request)
+            return BalanceOp(ccr.session_id, ccr.request_number, Action.REFUND_ACCOUNT,
+                             ccr.msisdn, 0, ccr.bundle)
         if ccr.requested_minor is None:
             raise codec.DiameterError(
                 5005, "Requested-Service-Unit with CC-Money missing",
@@ -928,13 +984,24 @@ class InSimulator:
 
     # -- IN → node: out-of-balance (we are the client) ---------------------------------
 
-    async def wait_connected(self, timeout_s: float = 5.0) -> None:
-        """Wait until every IN node has an open connection to the Extra Balance node."""
+    async def wait_connected(self, timeout_s: float = 5.0, *, every_node: bool = False) -> None:
+        """Wait until every IN node has an open connection to the Extra Balance node
+        (to each of the nodes with `every_node`, when there are several)."""
         if self.node_peer is None:
             raise RuntimeError("no node_peer configured")
         await asyncio.gather(
             *(d.wait_ready(NODE_PEER_GROUP, timeout_s) for d in self._diameter.values())
         )
+        if every_node:
+            async with asyncio.timeout(timeout_s):
+                while not all(self.open_node_peers(name) == len(self.node_peers)
+                              for name in self._diameter):
+                    await asyncio.sleep(NODE_PEER_POLL_S)
+
+    def open_node_peers(self, name: str) -> int:
+        """How many Extra Balance nodes IN node `name` has an open connection to."""
+        rows = self._diameter[name].peer_states()
+        return sum(1 for r in rows if r["group"] == NODE_PEER_GROUP and r["state"] == "Open")
 
     async def send_out_of_balance(
         self,
@@ -971,7 +1038,10 @@ class InSimulator:
             origin_host=spec.origin_host,
             origin_realm=spec.realm,
             destination_realm=self.node_peer.realm,
-            destination_host=self.node_peer.origin_host,
+            # Several nodes serve the realm: realm-routed, so that any of them may take
+            # the request and its failover copy (RFC 6733 §6.1, §5.5.4).
+            destination_host=(self.node_peer.origin_host if len(self.node_peers) == 1
+                              else None),
             request_type=request_type,
             request_number=request_number,
             msisdn=msisdn,
@@ -1008,6 +1078,8 @@ class InSimulator:
             raise RequestTimeout(f"no answer within {self.request_timeout_ms} ms")
         cca = gy.parse_cca(reply, self.currency_exponent)
         stats[f"oob_result_{cca.result_code}"] += 1
+        if len(self.node_peers) > 1:
+            stats[f"oob_answered_by {_origin_host(reply)}"] += 1
         if cca.result_code == DIAMETER_SUCCESS and cca.granted_minor:
             book = self.accounts[name]
             if book.owns(msisdn):
@@ -1104,9 +1176,9 @@ class InSimulator:
         from extrabalance.diameter.node import PeerAddress
 
         assert self.node_peer is not None
-        peer = self.node_peer
         diameter.add_peer_group(
-            NODE_PEER_GROUP, peer.realm, [PeerAddress(peer.host, peer.port, peer.origin_host)]
+            NODE_PEER_GROUP, self.node_peer.realm,
+            [PeerAddress(p.host, p.port, p.origin_host) for p in self.node_peers],
         )
 
     async def _silence_sweeper(self) -> None:
@@ -1119,6 +1191,42 @@ class InSimulator:
             await asyncio.sleep(SILENCE_SWEEP_S)
 
 
+def _node_peers(
+    given: NodePeer | tuple[str, int, str, str] | Iterable[NodePeer] | None,
+) -> tuple[NodePeer, ...]:
+    """The Extra Balance nodes as a tuple: one `NodePeer` (or its 4-tuple), several, or none.
+
+    Several nodes are one Diameter realm (the IN routes to the realm, not a host), each
+    with its own Origin-Host."""
+    if given is None:
+        return ()
+    if isinstance(given, NodePeer):
+        return (given,)
+    if isinstance(given, tuple) and len(given) == 4 and isinstance(given[1], int):
+        return (NodePeer(*given),)  # type: ignore[arg-type]
+    peers = tuple(p if isinstance(p, NodePeer) else NodePeer(*p) for p in given)
+    if len(peers) > NODE_PEERS_MAX:
+        raise ValueError(f"at most {NODE_PEERS_MAX} Extra Balance nodes")
+    if len({p.realm.lower() for p in peers}) > 1:
+        raise ValueError("the Extra Balance nodes must share one realm: "
+                         + ", ".join(sorted({p.realm for p in peers})))
+    hosts = [p.origin_host.lower() for p in peers]
+    if len(set(hosts)) != len(hosts):
+        raise ValueError(f"each Extra Balance node needs its own Origin-Host: {hosts}")
+    return peers
+
+
+def _origin_host(message: Message) -> str:
+    from extrabalance.diameter.constants import AVP_ORIGIN_HOST
+
+    value = message.get(AVP_ORIGIN_HOST)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value) if value is not None else "?"
+
+
+NODE_PEERS_MAX = 64  # Extra Balance nodes one IN node dials
+NODE_PEER_POLL_S = 0.02  # how often wait_connected(every_node=True) looks again
 RECONNECT_MIN_S = 0.2  # the IN redials the node quickly: disconnect faults heal fast
 RECONNECT_MAX_S = 5.0
 SILENCE_SWEEP_S = 0.05  # how soon a new connection of a silent IN node is silenced too
@@ -1220,6 +1328,15 @@ def parse_node_arg(text: str, host: str) -> InNodeSpec:
     )
 
 
+def parse_node_peer_arg(text: str) -> NodePeer:
+    """`HOST:PORT:ORIGIN_HOST:REALM` → NodePeer."""
+    parts = text.split(":")
+    if len(parts) != 4 or not parts[1].isdigit():
+        raise ValueError(f"expected HOST:PORT:ORIGIN_HOST:REALM, got {text!r}")
+    host, port, origin_host, realm = parts
+    return NodePeer(host, int(port), origin_host, realm)
+
+
 def specs_from_config(path: str, host: str) -> tuple[list[InNodeSpec], NodePeer, dict[str, Any]]:
     """IN nodes (`[[in_nodes]]`, first peer's port), the node's own address, [node] values.
 
@@ -1265,9 +1382,15 @@ def build_in_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the IN nodes listen on")
     p.add_argument("--node", action="append", default=[], metavar="NAME,HOST,REALM,PORT,RANGES",
                    help="an IN node (repeatable); RANGES: START-END or PREFIX*, ';'-separated")
-    p.add_argument("--node-peer", metavar="HOST:PORT:ORIGIN_HOST:REALM",
-                   help="the Extra Balance node, for out-of-balance CCRs")
+    p.add_argument("--node-peer", action="append", default=[],
+                   metavar="HOST:PORT:ORIGIN_HOST:REALM",
+                   help="the Extra Balance node, for out-of-balance CCRs; repeat it for"
+                        " several nodes (one realm, each its own Origin-Host): the CCRs"
+                        " are spread over them and fail over to another when one goes")
     p.add_argument("--no-node-peer", action="store_true", help="never connect to the node")
+    p.add_argument("--election", action="store_true",
+                   help="one connection per node, whichever side dialled it (RFC 6733 §5.6.4):"
+                        " a node that dials this IN is used for the IN's CCRs to it")
     p.add_argument("--currency", default=None)
     p.add_argument("--currency-numeric", type=int, default=None)
     p.add_argument("--currency-exponent", type=int, default=None)
@@ -1417,18 +1540,18 @@ TRAFFIC_INFLIGHT_MAX = 1000  # out-of-balance requests / recharges in flight fro
 async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     defaults: dict[str, Any] = {}
     specs: list[InNodeSpec] = []
-    peer: NodePeer | None = None
+    peers: list[NodePeer] = []
     if args.config:
-        specs, peer, defaults = specs_from_config(args.config, args.host)
+        specs, config_peer, defaults = specs_from_config(args.config, args.host)
+        peers = [config_peer]
     if args.node:
         specs = [parse_node_arg(n, args.host) for n in args.node]
     if not specs:
         parser.error("give --node (repeatable) or --config")
     if args.node_peer:
-        host, port, origin_host, realm = args.node_peer.split(":")
-        peer = NodePeer(host, int(port), origin_host, realm)
+        peers = [parse_node_peer_arg(text) for text in args.node_peer]
     if args.no_node_peer:
-        peer = None
+        peers = []
     mqtt = None
     if args.mqtt:
         mhost, _, mport = args.mqtt.rpartition(":")
@@ -1443,7 +1566,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     faults.validate()
     sim = InSimulator(
         specs,
-        peer,
+        peers or None,
         currency_numeric=args.currency_numeric or int(defaults.get("currency_numeric", 818)),
         currency_exponent=(
             args.currency_exponent if args.currency_exponent is not None
@@ -1461,6 +1584,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         seed=args.seed,
         advance_confirmation=args.advance_confirmation,
         reject_nonstandard=args.reject_nonstandard,
+        election=args.election,
     )
     for msisdn, amount in parse_msisdn_map(args.balance).items():
         sim.set_balance(msisdn, amount)
@@ -1470,7 +1594,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for spec in specs:
         print(f"IN node {spec.name} ({spec.origin_host}) on {spec.host}:{ports[spec.name]}"
               f" serving {', '.join(map(str, spec.ranges))}", flush=True)
-    if peer is not None:
+    for peer in peers:
         print(f"out-of-balance CCRs go to {peer.origin_host} at {peer.host}:{peer.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1485,7 +1609,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         rng = random.Random(args.seed)
         pool = [r.sample(rng) for s in specs for r in s.ranges for _ in range(1000)]
     tasks = []
-    if args.oob_rate > 0 and peer is not None:
+    if args.oob_rate > 0 and peers:
         tasks.append(asyncio.create_task(_traffic_loop(sim, "oob", args.oob_rate, pool, args, stop)))
     if args.recharge_rate > 0:
         tasks.append(asyncio.create_task(

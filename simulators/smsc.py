@@ -9,6 +9,12 @@ What this file owns
   injects throttling (ESME_RTHROTTLED on a share of submits) or drops the binds.
 * Dialog ids: `its_session_info` session numbers per MSISDN (0..255, wrapping, never
   reusing one still open) or `user_message_reference` (0..65535), by flag.
+* Which bind carries what, when several binds (of one node or of several nodes,
+  docs/scale-out.md) are up: a new USSD dialog goes to the next bind in turn and keeps
+  it for all its inputs; when that bind has gone, the next input goes to another bind,
+  and an input whose bind went away before it was answered is delivered once more on
+  another (a real gateway does both). An MO SMS goes to the next bind in turn, all its
+  parts on the same one. `dialogs_moved` and `inputs_redelivered` count the moves.
 * The control channel (JSON lines on loopback) that `extrabalance phone` uses to drive
   a handset living in this process, and the `extrabalance sim smsc` entry point.
 
@@ -124,6 +130,7 @@ class MtRecord:
 class _Waiter:
     future: asyncio.Future[Screen]
     sequence_number: int = 0
+    bind: Any = None  # the bind (server-side connection) this dialog's inputs go to
 
 
 class SmscSimulator:
@@ -148,11 +155,15 @@ class SmscSimulator:
         submit_resp_delay_s: float = 0.0,
         enquire_link_s: float = 30.0,
         its_sequence: str = "increment",
+        more_binds: dict[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.system_id = system_id
         self.password = password
+        # Other ESMEs allowed to bind (system_id -> password): several nodes, each its
+        # own system_id, as a gateway gives each of its clients.
+        self.more_binds = dict(more_binds or {})
         self.short_code = short_code
         self.ussd_service_type = ussd_service_type
         self.dialog_id_mode = DialogIdMode(dialog_id_mode)
@@ -197,7 +208,10 @@ class SmscSimulator:
             "repeats_sent": 0,  # inputs and MO SMS sent twice (new sequence number)
             "its_sequence_mismatch": 0,  # screens whose its_session_info sequence was unexpected
             "screens_after_final": 0,  # screens for a dialog whose final screen came already
+            "dialogs_moved": 0,  # inputs sent on another bind: the dialog's bind had gone
+            "inputs_redelivered": 0,  # inputs delivered again on another bind (theirs died)
         }
+        self._bind_turn = itertools.count()
         self._ended_dialogs: deque[tuple[str, int]] = deque(maxlen=OPEN_DIALOGS_MAX)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -211,7 +225,7 @@ class SmscSimulator:
         # _on_submit answers at once: the server sends the submit_sm_resp in the turn
         # it read the submit_sm, without a task per PDU.
         self._server = Smsc(
-            credentials={self.system_id: self.password},
+            credentials={self.system_id: self.password, **self.more_binds},
             on_submit=self._on_submit_late,
             system_id="smsc-sim",
             window_max=SMSC_WINDOW_MAX,
@@ -266,15 +280,50 @@ class SmscSimulator:
             raise RuntimeError("SmscSimulator is not started")
         return self._server
 
-    async def _deliver(self, pdu: Any, *, system_id: str | None = None) -> int:
+    async def _deliver(self, pdu: Any, *, system_id: str | None = None, bind: Any = None) -> int:
         server = self._require_server()
 
         try:
-            status = await server.deliver(pdu, system_id=system_id)
+            status = await server.deliver(pdu, system_id=system_id, connection=bind)
         except (RequestFailedError, ConnectionError, LookupError) as exc:
             self.stats["deliver_failed"] += 1
             raise HandsetError(f"cannot deliver to the node: {exc}") from None
         return int(status)
+
+    def binds(self) -> list[Any]:
+        """The node binds that can take a deliver_sm now (server-side connections)."""
+        return list(self._require_server().receivers())
+
+    def _next_bind(self, avoid: Any = None) -> Any:
+        """The next bind in turn (another than `avoid` when there is one), None if none."""
+        live = self._require_server().receivers()
+        others = [b for b in live if b is not avoid] or live
+        if not others:
+            return None
+        return others[next(self._bind_turn) % len(others)]
+
+    def _bind_alive(self, bind: Any) -> bool:
+        return bind is not None and bind in self._require_server().receivers()
+
+    def dialog_system_id(self, msisdn: str, dialog_id: int) -> str | None:
+        """The system_id of the bind an open dialog's inputs go to (None: not open)."""
+        waiter = self._waiting.get((msisdn, dialog_id))
+        if waiter is None or waiter.bind is None:
+            return None
+        return str(waiter.bind.session.peer_system_id)
+
+    async def drop_dialog_bind(self, msisdn: str, dialog_id: int) -> bool:
+        """Cut the one bind an open dialog's inputs go to (the gateway's side of a
+        broken link); False if the dialog is not open or its bind is gone already."""
+        waiter = self._waiting.get((msisdn, dialog_id))
+        if waiter is None or not self._bind_alive(waiter.bind):
+            return False
+        waiter.bind.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DROP_WAIT_S):
+                while self._bind_alive(waiter.bind):
+                    await asyncio.sleep(0.01)
+        return True
 
     # -- what tests check ---------------------------------------------------------------
 
@@ -335,8 +384,15 @@ class SmscSimulator:
             **self._dialog_id_kwargs(dialog_id, waiter.sequence_number),
         )
         self.stats["ussd_in"] += 1
+        if waiter.bind is None:
+            waiter.bind = self._next_bind()
+        elif not self._bind_alive(waiter.bind):
+            # The dialog's bind has gone (its node stopped, the link broke): the input
+            # goes to another bind, as a gateway does; that node may not know the dialog.
+            self.stats["dialogs_moved"] += 1
+            waiter.bind = self._next_bind(avoid=waiter.bind)
         try:
-            status = await self._deliver_maybe_twice(pdu)
+            status = await self._deliver_input(pdu, waiter)
             if status != 0:
                 raise HandsetError(f"the node refused the USSD input (status 0x{status:02x})")
             # One timer handle per screen (asyncio.timeout costs several times more,
@@ -351,7 +407,7 @@ class SmscSimulator:
             self.stats["screen_timeouts"] += 1
             abort = self._close_with_abort(msisdn, dialog_id)
             if abort is not None:
-                self._spawn(self._deliver_quietly(abort))
+                self._spawn(self._deliver_quietly(*abort))
             raise ScreenTimeout(f"no USSD screen for {msisdn} within {timeout_s} s") from None
         except BaseException:
             self._end_dialog(msisdn, dialog_id)
@@ -360,13 +416,29 @@ class SmscSimulator:
             self._end_dialog(msisdn, dialog_id)
         return screen
 
-    async def _deliver_maybe_twice(self, pdu: Any) -> int:
+    async def _deliver_input(self, pdu: Any, waiter: _Waiter) -> int:
+        """Deliver a USSD input on its dialog's bind; if that bind went away before
+        answering, once more on another bind (the node that had it may have read it)."""
+        try:
+            return await self._deliver_maybe_twice(pdu, waiter.bind)
+        except HandsetError:
+            if self._bind_alive(waiter.bind):
+                raise
+            other = self._next_bind(avoid=waiter.bind)
+            if other is None or other is waiter.bind:
+                raise
+            self.stats["inputs_redelivered"] += 1
+            waiter.bind = other
+            return await self._deliver_maybe_twice(pdu, other)
+
+    async def _deliver_maybe_twice(self, pdu: Any, bind: Any = None) -> int:
         """Deliver; for `repeat_share` of them, deliver the same PDU again at once (a
         new sequence number, as a gateway that missed our deliver_sm_resp does)."""
         if not self.repeat_share or self._rng.random() >= self.repeat_share:
-            return await self._deliver(pdu)
+            return await self._deliver(pdu, bind=bind)
         self.stats["repeats_sent"] += 1
-        first, _again = await asyncio.gather(self._deliver(pdu), self._deliver(pdu),
+        first, _again = await asyncio.gather(self._deliver(pdu, bind=bind),
+                                             self._deliver(pdu, bind=bind),
                                              return_exceptions=True)
         if isinstance(first, BaseException):
             raise first
@@ -395,27 +467,28 @@ class SmscSimulator:
 
     async def ussd_abort(self, msisdn: str, dialog_id: int) -> None:
         """The subscriber (or the network) ends the dialog: deliver_sm with the abort op."""
-        pdu = self._close_with_abort(msisdn, dialog_id)
-        if pdu is not None:
-            with contextlib.suppress(HandsetError, OSError, TimeoutError):
-                await self._deliver(pdu)
+        abort = self._close_with_abort(msisdn, dialog_id)
+        if abort is not None:
+            await self._deliver_quietly(*abort)
 
-    def _close_with_abort(self, msisdn: str, dialog_id: int) -> Any:
-        """Forget the dialog now; the abort deliver_sm to send, or None if it was not open."""
+    def _close_with_abort(self, msisdn: str, dialog_id: int) -> tuple[Any, Any] | None:
+        """Forget the dialog now; the abort deliver_sm to send and the bind to send it
+        on (the dialog's, or any when that one has gone), or None if it was not open."""
 
         waiter = self._waiting.get((msisdn, dialog_id))
         if waiter is None:
             return None
         self._end_dialog(msisdn, dialog_id)
-        return ussd_deliver(
+        pdu = ussd_deliver(
             msisdn, self.short_code, "", op=self.ussd_abort_op,
             service_type=self.ussd_service_type,
             **self._dialog_id_kwargs(dialog_id, waiter.sequence_number + 1),
         )
+        return pdu, waiter.bind if self._bind_alive(waiter.bind) else None
 
-    async def _deliver_quietly(self, pdu: Any) -> None:
+    async def _deliver_quietly(self, pdu: Any, bind: Any = None) -> None:
         with contextlib.suppress(HandsetError, OSError, TimeoutError):
-            await self._deliver(pdu)
+            await self._deliver(pdu, bind=bind)
 
     async def send_mo_sms(self, msisdn: str, text: str, *, to: str | None = None) -> int:
         """An SMS from the subscriber to the short code (deliver_sm, no USSD TLVs).
@@ -426,6 +499,8 @@ class SmscSimulator:
         self.stats["mo_sms"] += 1
         reference = next(self._message_ids) & 0xFF
         status = 0
+        # Every part on one bind: the node that gets them joins them.
+        bind = self._next_bind()
         for segment in split_text(text, reference):
             status = await self._deliver_maybe_twice(
                 DeliverSm(
@@ -436,7 +511,8 @@ class SmscSimulator:
                     esm_class=segment.esm_class,
                     data_coding=segment.data_coding,
                     short_message=segment.short_message,
-                )
+                ),
+                bind,
             )
             if status != 0:
                 break
@@ -701,6 +777,9 @@ def build_smsc_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-port", type=int, default=CONTROL_PORT_DEFAULT,
                         help="control channel for `extrabalance phone` (0: any, -1: off)")
     parser.add_argument("--system-id", default="extrabalance", help="bind system_id accepted")
+    parser.add_argument("--also-system-id", action="append", default=[], metavar="SYSTEM_ID",
+                        help="another system_id accepted with the same password (repeatable):"
+                             " several nodes, each binding as its own ESME")
     parser.add_argument("--password", default=None,
                         help="bind password (default: $EB_SMPP_PASSWORD, else 'secret')")
     parser.add_argument("--short-code", default="1234")
@@ -757,6 +836,7 @@ async def _run_smsc(args: argparse.Namespace) -> int:
         submit_resp_delay_s=args.submit_resp_delay,
         enquire_link_s=args.enquire_link,
         its_sequence=args.its_sequence,
+        more_binds=dict.fromkeys(args.also_system_id, password),
     )
     await smsc.start()
     control = f", control channel on {args.host}:{smsc.control_port}" if smsc.control_port else ""

@@ -32,6 +32,25 @@ def schema_conninfo(schema: str) -> str:
     return make_conninfo(PG_DSN, options=f"-c search_path={schema}")
 
 
+def schema_url(schema: str) -> str:
+    """`PG_DSN` as a postgresql:// URL (what `storage.url` takes) whose connections use
+    `schema`."""
+    from urllib.parse import quote
+
+    joiner = "&" if "?" in PG_DSN else "?"
+    return f"{PG_DSN}{joiner}options={quote(f'-c search_path={schema}', safe='')}"
+
+
+@contextlib.contextmanager
+def fresh_schema_url(prefix: str = "eb_test") -> Iterator[str]:
+    """As `fresh_schema`, yielding a URL for `storage.url` (a node's config)."""
+    with fresh_schema(prefix) as conninfo:
+        from psycopg.conninfo import conninfo_to_dict
+
+        options = str(conninfo_to_dict(conninfo)["options"])
+        yield schema_url(options.split("search_path=", 1)[1])
+
+
 @contextlib.contextmanager
 def fresh_schema(prefix: str = "eb_test") -> Iterator[str]:
     """A new empty schema; yields a conninfo whose connections use it; dropped after."""

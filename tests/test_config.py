@@ -98,3 +98,71 @@ def test_smpp_password_source_names_an_unset_variable(monkeypatch):
     assert bind.password_source() == "environment variable EB_TEST_SMPP_PW, which is not set"
     monkeypatch.setenv("EB_TEST_SMPP_PW", "x")
     assert bind.password_source() == "environment variable EB_TEST_SMPP_PW"
+
+
+def test_protection_presets_load_with_the_shipped_templates(tmp_path):
+    base = load_settings().policy().protection
+    assert base.preset == "none" and base.recovery_sms and not base.sms_confirm
+    text = default_config_text()
+    for preset in ("eg-ntra", "ng-fccpc"):
+        changed = text.replace('preset = "none"', f'preset = "{preset}"', 1)
+        protection = load_settings(write(tmp_path, changed)).policy().protection
+        assert protection.preset == preset and protection.fee_percent_required
+        assert protection.double_opt_in and not protection.bulk_opt_in
+    overridden = text.replace('preset = "none"', 'preset = "eg-ntra"\ncooling_off_after = 0', 1)
+    assert load_settings(write(tmp_path, overridden)).policy().protection.cooling_off_after == 0
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ('preset = "none"', 'preset = "fr-cnil"', "unknown preset 'fr-cnil'"),
+    ('preset = "none"', 'preset = "none"\nmax_loans = 3', "Extra inputs"),
+    ('confirm = "Borrow {amount}? Fee {fee} ({fee_percent}).', 'confirm = "Borrow {amount}? Fee {fee}.',
+     "templates.en.confirm: protection preset 'eg-ntra' shows the fee as an amount and a percentage"),
+])
+def test_protection_mistakes_name_the_key(tmp_path, old, new, words):
+    text = default_config_text().replace('preset = "none"', 'preset = "eg-ntra"', 1)
+    old = old.replace('preset = "none"', 'preset = "eg-ntra"')
+    new = new.replace('preset = "none"', 'preset = "eg-ntra"')
+    assert old in text, old
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text.replace(old, new, 1)))
+    assert words in str(info.value)
+
+
+def test_saga_lease_is_bounded_and_sets_how_often_the_resolver_renews() -> None:
+    from pydantic import ValidationError
+
+    from extrabalance.config import StorageSection
+    from extrabalance.service.resolver import resolve_interval_s
+
+    assert StorageSection().saga_lease_s == 120
+    assert StorageSection(saga_lease_s=8).saga_lease_s == 8
+    for bad in (3, 3601):
+        with pytest.raises(ValidationError):
+            StorageSection(saga_lease_s=bad)
+    # Renewed every 30 s, or every quarter of a shorter lease.
+    assert resolve_interval_s(120) == 30 and resolve_interval_s(8) == 2
+
+
+BUNDLE_TIER = ('[[tiers]]\nid = 13\namount_minor = 1000\n'
+               'bundle = { kind = "data", quantity = 524288000, rating_group = 10 }\n')
+
+
+def test_a_bundle_tier_loads_and_its_mistakes_are_named(tmp_path):
+    text = default_config_text().replace("[fee_plans.standard]",
+                                         BUNDLE_TIER + "\n[fee_plans.standard]", 1)
+    tier = load_settings(write(tmp_path, text)).policy().tiers[13]
+    assert (tier.kind, tier.amount_minor, tier.bundle.quantity) == ("data", 1000, 524288000)
+    assert load_settings().policy().tiers[1].bundle is None  # none shipped
+    for old, new, words in (
+        (", rating_group = 10 }", " }", "service_identifier or rating_group"),
+        ('kind = "data"', 'kind = "video"', "tiers.12.bundle.kind"),
+        ("", "", "auto_advance.tier: tier 13 is a bundle"),
+    ):
+        changed = default_config_text().replace(
+            "[fee_plans.standard]", BUNDLE_TIER.replace(old, new) + "\n[fee_plans.standard]", 1)
+        if not old:
+            changed = changed.replace("\ntier = 3 ", "\ntier = 13 ", 1)
+        with pytest.raises(ConfigError) as info:
+            load_settings(write(tmp_path, changed))
+        assert words in str(info.value), (words, str(info.value))

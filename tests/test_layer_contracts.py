@@ -1,10 +1,15 @@
 """Layer contracts, read from the source (docs/ledger.md "Unit of work"):
 
-* the services reach storage only through the unit-of-work port: no `sqlite3` and no
-  runtime import of the ledger's SQL modules in `extrabalance/service/` (imports under
-  `if TYPE_CHECKING:` only name row types). The services not moved yet are listed in
-  `KNOWN_OFFENDERS`; the list must shrink, never grow, and must name no file that
-  already complies;
+* the services reach storage only through the unit-of-work port: no `sqlite3` (or any
+  database driver) and no runtime import of the ledger's modules in
+  `extrabalance/service/`; imports under `if TYPE_CHECKING:` may name the row types
+  the port's operations return (`...Row`, `LoadedSubscriber`), never a module such as
+  `ledger.store` (whose functions take a connection and bypass the adapters' locks).
+  Loan and recovery states come from `core/sagas.py`;
+* entry points (`admin_cli`, `report`, `backtest`, the admin API) move money through
+  the services and read through the port or a read model of `ledger/`: they import
+  neither `ledger.store` nor `ledger.adjustments`, and those with no file of their own
+  to handle import no database driver;
 * the domain core does no IO and reads no clock: no asyncio, sockets, threads,
   processes or time module in `extrabalance/core/`, and no `datetime.now()` /
   `date.today()` / `time.time()`-style calls (the caller passes `now`).
@@ -19,14 +24,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "extrabalance"
 
 # What a service may not import at run time: the database and its SQL.
 STORAGE_MODULES = ("sqlite3", "apsw", "psycopg", "asyncpg", "extrabalance.ledger")
-# Service modules that still speak SQL, to be moved onto the port with the lending
-# service (each with what it still uses).
-KNOWN_OFFENDERS = {
-    "lending.py": "sqlite3 closures and store calls (borrow, advance, confirm)",
-    "resolver.py": "store calls and Ledger (settles loans the lending service booked)",
-    "reconcile_in.py": "store calls on the operator's connection (reverses advances an IN"
-    " never applied); landed beside the port, moves onto it with the lending service",
-}
+# What a service may name from the ledger for its annotations (under TYPE_CHECKING).
+ROW_TYPE_NAMES = ("LoadedSubscriber",)
+ROW_TYPE_SUFFIX = "Row"
+
+# Entry points translate; they reach the ledger through the services, the port, or a
+# read model of `ledger/` (`read_models`, `views`), never its business SQL.
+ENTRY_POINTS = ("admin_cli.py", "report.py", "backtest.py", "admin/server.py")
+ENTRY_POINT_BANS = ("extrabalance.ledger.store", "extrabalance.ledger.adjustments")
+# Of those, the ones with no reason to open a database themselves (admin_cli keeps
+# `sqlite3` for the SQLite online backup, a tool of the file itself).
+NO_DRIVER = ("report.py", "backtest.py", "admin/server.py")
 
 IO_MODULES = (
     "asyncio",
@@ -40,6 +48,26 @@ IO_MODULES = (
     "sqlite3",
 )
 CLOCK_CALLS = {"now", "utcnow", "today", "time", "monotonic", "perf_counter", "time_ns"}
+
+
+def _type_checking_imports(path: Path) -> list[str]:
+    """`module.name` of every `from module import name` inside `if TYPE_CHECKING:`
+    (and `module` for a plain `import module` there)."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for inner in node.body:
+                for child in ast.walk(inner):
+                    if isinstance(child, ast.Import):
+                        found.extend(alias.name for alias in child.names)
+                    elif isinstance(child, ast.ImportFrom) and child.module:
+                        found.extend(f"{child.module}.{alias.name}" for alias in child.names)
+    return found
+
+
+def _not_a_row_type(qualified: str) -> bool:
+    name = qualified.rsplit(".", 1)[-1]
+    return not (name.endswith(ROW_TYPE_SUFFIX) or name in ROW_TYPE_NAMES)
 
 
 def _runtime_imports(path: Path) -> list[str]:
@@ -74,14 +102,39 @@ def test_services_reach_storage_only_through_the_port() -> None:
     offenders = {}
     for path in sorted((PACKAGE / "service").glob("*.py")):
         hits = _hits(_runtime_imports(path), STORAGE_MODULES)
+        typed = [
+            name
+            for name in _hits(_type_checking_imports(path), STORAGE_MODULES)
+            if _not_a_row_type(name)
+        ]
+        if hits or typed:
+            offenders[path.name] = hits + typed
+    assert not offenders, f"service modules reaching storage around the port: {offenders}"
+
+
+def test_services_take_no_connection() -> None:
+    """No unit of work in a service is typed over a database connection (`conn:
+    sqlite3.Connection`, `psycopg.Connection`): every closure takes a `LedgerTx`."""
+    problems = []
+    for path in sorted((PACKAGE / "service").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.arg) and node.annotation is not None:
+                annotation = ast.unparse(node.annotation)
+                if "Connection" in annotation or "Cursor" in annotation:
+                    problems.append(f"{path.name}:{node.lineno} {node.arg}: {annotation}")
+    assert not problems
+
+
+def test_entry_points_reach_money_through_services_or_the_port() -> None:
+    problems = {}
+    for name in ENTRY_POINTS:
+        path = PACKAGE / name
+        hits = _hits(_runtime_imports(path), ENTRY_POINT_BANS)
+        if name in NO_DRIVER:
+            hits += _hits(_runtime_imports(path), ("sqlite3", "psycopg"))
         if hits:
-            offenders[path.name] = hits
-    new = sorted(set(offenders) - set(KNOWN_OFFENDERS))
-    assert not new, (
-        f"service modules importing storage directly: { {n: offenders[n] for n in new} }"
-    )
-    fixed = sorted(set(KNOWN_OFFENDERS) - set(offenders))
-    assert not fixed, f"{fixed} comply now: remove them from KNOWN_OFFENDERS"
+            problems[name] = hits
+    assert not problems, f"entry points around the services: {problems}"
 
 
 def test_the_contract_test_sees_a_storage_import(tmp_path: Path) -> None:
@@ -97,6 +150,19 @@ def test_the_contract_test_sees_a_storage_import(tmp_path: Path) -> None:
         "extrabalance.ledger.store",
         "sqlite3",
     ]
+    assert _type_checking_imports(sample) == ["extrabalance.ledger.store.LoanRow"]
+    assert not _not_a_row_type("extrabalance.ledger.store.LoanRow")
+
+
+def test_the_contract_test_sees_a_ledger_module_named_for_typing(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from extrabalance.ledger import store\n"
+        "    import sqlite3\n"
+    )
+    names = _hits(_type_checking_imports(sample), STORAGE_MODULES)
+    assert [n for n in names if _not_a_row_type(n)] == ["extrabalance.ledger.store", "sqlite3"]
 
 
 def test_the_core_does_no_io_and_reads_no_clock() -> None:

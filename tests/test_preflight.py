@@ -4,6 +4,9 @@ a backend the node does not have is refused."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,21 +99,44 @@ def test_postgresql_settings_are_checked(tmp_path, storage, words) -> None:
     assert words in str(exc.value) and "s3cret" not in str(exc.value)
 
 
-def test_postgresql_is_accepted_but_the_node_does_not_run_on_it_yet(tmp_path,
-                                                                     monkeypatch) -> None:
+def test_postgresql_that_does_not_answer_is_a_clear_problem(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("EB_SMPP_PASSWORD", "pw123456")
     monkeypatch.setenv("EB_PG_PASSWORD", "pg-secret")
+    with socket.socket() as closed:  # a loopback port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
     text = _postgresql(default_config_text(), 'backend = "postgresql"\n'
-                       'url = "postgresql://eb@127.0.0.1:5432/ledger"\n'
+                       f'url = "postgresql://eb@127.0.0.1:{port}/ledger"\n'
                        'password_env = "EB_PG_PASSWORD"')
     settings = load_settings(_config(tmp_path, text))
-    assert settings.storage.postgresql_url() == "postgresql://eb@127.0.0.1:5432/ledger"
+    assert settings.storage.postgresql_url() == f"postgresql://eb@127.0.0.1:{port}/ledger"
     assert "pg-secret" in settings.storage.postgresql_conninfo()
     problems = runtime_problems(settings)
-    assert any("lending service does not yet run on PostgreSQL" in p for p in problems)
+    unreachable = [p for p in problems if "cannot connect to PostgreSQL" in p]
+    assert len(unreachable) == 1, problems
+    assert f"127.0.0.1:{port}" in unreachable[0] and "pg-secret" not in unreachable[0]
     monkeypatch.delenv("EB_PG_PASSWORD")
     with pytest.raises(ConfigError, match="EB_PG_PASSWORD"):
         settings.storage.postgresql_conninfo()
+    assert any("EB_PG_PASSWORD" in p for p in runtime_problems(settings))
+
+
+def test_postgresql_that_answers_passes_and_edrs_go_to_their_own_directory(
+        tmp_path, monkeypatch) -> None:
+    from tests.pg import PG_DSN, admin_connection
+
+    admin_connection().close()  # skips, saying why, when no server answers
+    monkeypatch.setenv("EB_SMPP_PASSWORD", "pw123456")
+    edrs = tmp_path / "node-a-edr"
+    text = _postgresql(default_config_text(), 'backend = "postgresql"\n'
+                       f'url = "{PG_DSN}"\nedr_dir = "{edrs}"')
+    settings = load_settings(_config(tmp_path, text))
+    assert runtime_problems(settings) == []
+    assert settings.storage.edr_directory() == edrs
+    (tmp_path / "a-file").write_text("")
+    blocked = settings.model_copy(update={"storage": settings.storage.model_copy(
+        update={"edr_dir": str(tmp_path / "a-file")})})
+    assert any("storage.edr_dir" in p and "is a file" in p for p in runtime_problems(blocked))
 
 
 def test_shipped_secrets_example_fits_smpp() -> None:
@@ -118,3 +144,45 @@ def test_shipped_secrets_example_fits_smpp() -> None:
     value = next(line.split("=", 1)[1] for line in lines
                  if line.startswith("EB_SMPP_PASSWORD="))
     assert 1 <= len(value) <= 8
+
+
+@contextlib.contextmanager
+def _logging_kept() -> Iterator[None]:
+    """Put the logging configuration back as it was (for the tests that run after)."""
+    import logging
+
+    import structlog
+
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        root.handlers = handlers
+        root.setLevel(level)
+
+
+def test_commands_on_the_sqlite_file_say_so_on_postgresql_and_the_port_ones_run(
+        tmp_path, monkeypatch, capsys) -> None:
+    """backup and report's ledger figures read the SQLite file: on PostgreSQL they
+    refuse, naming what to use; subscriber and purge-idempotency are on the port and
+    run there."""
+    from tests.pg import admin_connection, fresh_schema_url
+
+    admin_connection().close()  # skips, saying why, when no server answers
+    with fresh_schema_url("eb_cli") as url:
+        config = _config(tmp_path, _postgresql(default_config_text(),
+                                               f'backend = "postgresql"\nurl = "{url}"'))
+        code = cli.main(["backup", str(tmp_path / "copy.db"), "--config", str(config)])
+        err = capsys.readouterr().err
+        assert code == 2 and "pg_dump" in err and 'backend = "postgresql"' in err
+        assert not (tmp_path / "copy.db").exists()
+        code = cli.main(["subscriber", "show", "201001234567", "--config", str(config)])
+        assert code == 1 and "not in the ledger" in capsys.readouterr().out  # on the port
+        code = cli.main(["report", "--date", "2026-12-01", "--config", str(config)])
+        assert code == 2 and "--no-ledger" in capsys.readouterr().err
+        with _logging_kept():  # the command configures the process's logging
+            code = cli.main(["purge-idempotency", "--config", str(config)])
+        out = capsys.readouterr().out
+        assert code == 0 and "0 idempotency keys" in out and "127.0.0.1" in out

@@ -279,14 +279,29 @@ class SmppChannel:
                 elif kw.amount_major is not None:
                     wanted = kw.amount_major * 10 ** self._policy.currency.exponent
                     tier_id = next((t.tier_id for t in self._policy.tiers.values()
-                                    if t.amount_minor == wanted), None)
+                                    if t.amount_minor == wanted and t.bundle is None), None)
                     if tier_id is None:
                         reply = self._amounts_reply(lang)
                 if reply is None:
                     key = self._sms_loan_key(pdu, system_id, f"{kw.amount_major}")
                     # The lending service confirms every outcome by SMS itself (a
-                    # replayed outcome is not confirmed again).
-                    await self._lending.borrow(msisdn, tier_id, "sms", key)
+                    # replayed outcome is not confirmed again), or, under a consumer-
+                    # protection preset, asks for the reply YES first.
+                    await self._lending.sms_loan(msisdn, tier_id, key)
+            elif kw.command is Command.DATA:
+                if not any(t.kind == "data" for t in self._policy.tiers.values()):
+                    reply = self._t.render("no_bundle", lang) if self._t.has(
+                        "no_bundle", lang) else self._t.render("unknown_keyword", lang)
+                else:
+                    key = self._sms_loan_key(pdu, system_id, "data")
+                    # Outcome by SMS from the lending service, as for LOAN.
+                    await self._lending.sms_loan(msisdn, None, key, kind="data")
+            elif kw.command is Command.CONFIRM:
+                _key, repeat = self._sms_request(pdu, system_id, "yes")
+                if not repeat:  # the SMSC's re-send of a YES just taken gets nothing
+                    template = await self._lending.confirm_by_reply(msisdn)
+                    if template is not None:
+                        reply = self._t.render(template, lang)
             elif kw.command is Command.BALANCE:
                 offer = await self._lending.quote(msisdn)
                 reply = self._t.render("balance_reply", lang, {
@@ -310,6 +325,10 @@ class SmppChannel:
     def _sms_loan_key(self, pdu: DeliverSm, system_id: str, request: str) -> str:
         """The idempotency key of an SMS loan request: the first one's within the
         repeat window (see the module docstring)."""
+        return self._sms_request(pdu, system_id, request)[0]
+
+    def _sms_request(self, pdu: DeliverSm, system_id: str, request: str) -> tuple[str, bool]:
+        """The request's key, and whether it repeats one taken within the window."""
         now = self._clock()
         recent = self._recent_loans
         while recent and now - next(iter(recent.values()))[0] > self._sms_repeat_window_s:
@@ -317,7 +336,7 @@ class SmppChannel:
         seen = recent.get((pdu.source_addr, request))
         if seen is not None:
             self.stats["sms_repeats"] += 1
-            return seen[1]
+            return seen[1], True
         reference = pdu.user_message_reference
         ref = f"umr{reference}" if reference is not None else f"seq{pdu.sequence_number}"
         key = f"sms:{system_id}:{pdu.source_addr}:{ref}"
@@ -325,13 +344,14 @@ class SmppChannel:
             recent[(pdu.source_addr, request)] = (now, key)
             while len(recent) > SMS_RECENT_MAX:
                 recent.popitem(last=False)
-        return key
+        return key, False
 
     def _amounts_reply(self, lang: str) -> str:
         exponent = self._policy.currency.exponent
         amounts = ", ".join(
             format_minor(t.amount_minor, exponent).removesuffix("." + "0" * exponent)
-            for t in sorted(self._policy.tiers.values(), key=lambda t: t.amount_minor))
+            for t in sorted(self._policy.tiers.values(), key=lambda t: t.amount_minor)
+            if t.bundle is None)
         return self._t.render("no_such_amount", lang, {"amounts": amounts})
 
     # -- outbound (the service layer's Notifier) --------------------------------

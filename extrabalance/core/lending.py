@@ -13,7 +13,8 @@ from typing import Literal
 
 from extrabalance.core.fees import fee_for
 from extrabalance.core.model import SubscriberState
-from extrabalance.core.policy import Policy, Segment, Tier
+from extrabalance.core.policy import MONEY, Bundle, Policy, Segment, Tier
+from extrabalance.core.protection import frequency_refusal
 from extrabalance.core.reasons import Reason
 from extrabalance.core.segments import match_segment
 
@@ -25,6 +26,9 @@ class BorrowRequest:
     msisdn: str
     tier_id: int | None  # None: the largest allowed tier that fits under the ceiling
     channel: Channel
+    # With tier_id None: the kind of tier to pick from ("money", or a bundle kind such
+    # as "data" for the SMS keyword DATA). A bundle is never picked for plain LOAN.
+    kind: str = MONEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,7 @@ class OfferTier:
     fee_minor: int
     total_minor: int
     fits: bool  # debt + total stays within the ceiling
+    bundle: Bundle | None = None  # a bundle tier: what it credits (amount is its price)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +79,16 @@ def ceiling_of(segment: Segment, state: SubscriberState) -> int:
     return min(segment.ceiling_minor, state.limit_minor)
 
 
-def _allowed_tiers(segment: Segment, policy: Policy) -> list[Tier]:
-    """The segment's tiers that exist in the policy, smallest amount first."""
-    tiers = [policy.tiers[t] for t in segment.tier_ids if t in policy.tiers]
+def _allowed_tiers(segment: Segment, policy: Policy, kind: str | None = None) -> list[Tier]:
+    """The segment's tiers that exist in the policy (of `kind` when given), smallest
+    amount first."""
+    tiers = [policy.tiers[t] for t in segment.tier_ids
+             if t in policy.tiers and (kind is None or policy.tiers[t].kind == kind)]
     return sorted(tiers, key=lambda t: (t.amount_minor, t.tier_id))
 
 
 def _gate(
-    state: SubscriberState, policy: Policy, channel: Channel
+    state: SubscriberState, policy: Policy, channel: Channel, now: datetime
 ) -> tuple[Segment | None, Refused | None]:
     """The checks that do not depend on the tier, in the documented order."""
     segment = match_segment(state.profile, policy.segments)
@@ -105,6 +112,11 @@ def _gate(
             Reason.TENURE_TOO_SHORT,
             f"tenure {tenure_days} d < {policy.eligibility.min_tenure_days} d",
         )
+    if policy.protection.counts_loans:
+        frequent = frequency_refusal(state.loan_times, now, policy.protection)
+        if frequent is not None:
+            return segment, Refused(
+                frequent.reason, f"{frequent.detail}; again from {frequent.until.isoformat()}")
     limit = policy.eligibility.max_balance_to_borrow_minor
     if limit is not None and state.balance_minor is not None and state.balance_minor > limit:
         return segment, Refused(Reason.BALANCE_TOO_HIGH, f"balance {state.balance_minor} > {limit}")
@@ -114,13 +126,9 @@ def _gate(
 def decide(
     request: BorrowRequest, state: SubscriberState, policy: Policy, now: datetime
 ) -> Decision:
-    """Grant or refuse one loan. Never grants past the segment ceiling.
-
-    `now` is accepted so time-based rules (quiet hours, ageing) can join without a
-    signature change; no rule reads it today.
-    """
-    del now
-    segment, refused = _gate(state, policy, request.channel)
+    """Grant or refuse one loan. Never grants past the segment ceiling. `now` is read
+    by the consumer-protection rules (the cap per rolling window, the cooling-off)."""
+    segment, refused = _gate(state, policy, request.channel, now)
     if refused is not None:
         return refused
     assert segment is not None
@@ -131,7 +139,8 @@ def decide(
         tier_id = policy.auto_advance_tier_id
     if tier_id is None:
         # The largest allowed tier whose amount + fee still fits under the ceiling.
-        for tier in reversed(_allowed_tiers(segment, policy)):
+        kind = MONEY if request.channel == "auto" else request.kind
+        for tier in reversed(_allowed_tiers(segment, policy, kind)):
             fee_minor = _fee(tier, segment, policy)
             if debt_minor + tier.amount_minor + fee_minor <= ceiling_minor:
                 return Granted(segment, tier, tier.amount_minor, fee_minor)
@@ -157,9 +166,8 @@ def decide(
 
 def offer(state: SubscriberState, policy: Policy, now: datetime) -> Offer:
     """The menu: every tier of the subscriber's segment, marked whether it fits."""
-    del now
     debt_minor = state.debt_minor
-    segment, refused = _gate(state, policy, "ussd")
+    segment, refused = _gate(state, policy, "ussd", now)
     if segment is None:
         return Offer(
             False, refused.reason if refused else Reason.NO_SEGMENT, None, (), debt_minor, 0
@@ -176,6 +184,7 @@ def offer(state: SubscriberState, policy: Policy, now: datetime) -> Offer:
                 fee_minor,
                 total_minor,
                 total_minor <= headroom_minor,
+                tier.bundle,
             )
         )
     reason: Reason | None = refused.reason if refused else None

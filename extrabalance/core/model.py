@@ -63,6 +63,9 @@ class SubscriberState:
     # His limit from behaviour (core/limits.py) when that policy is on; the decision
     # lends up to min(segment ceiling, limit_minor).
     limit_minor: int | None = None
+    # Times of his loans (not failed) within the protection rules' look-back, when a
+    # cap or a cooling-off pause is configured (core/protection.py); else empty.
+    loan_times: tuple[datetime, ...] = ()
 
     @property
     def debt_minor(self) -> int:

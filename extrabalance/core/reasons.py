@@ -18,3 +18,5 @@ class Reason(str, Enum):
     UNKNOWN_SUBSCRIBER = "UNKNOWN_SUBSCRIBER"  # MSISDN outside every IN range
     IN_REFUSED = "IN_REFUSED"  # the IN declined the credit
     IN_UNAVAILABLE = "IN_UNAVAILABLE"  # outcome unknown; the resolver settles it
+    LOAN_CAP_REACHED = "LOAN_CAP_REACHED"  # most loans allowed in the rolling window taken
+    COOLING_OFF = "COOLING_OFF"  # a pause after several loans in a short time

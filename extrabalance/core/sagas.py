@@ -227,6 +227,18 @@ def settlement_event(target: str, settlements: Mapping[str, str], key: str = "")
     return event
 
 
+def advance_settlement_event(
+    state: str, confirmed: bool, *, never_credited: bool, channel: str, repaid_minor: int
+) -> str:
+    """The event settling an advance stands for: confirmed or refused by its IN, or
+    (`never_credited`, reconciliation with the IN's records) an ACTIVE automatic
+    advance nothing was recovered of, which the IN shows it never applied."""
+    if (never_credited and not confirmed and state == ACTIVE and channel == "auto"
+            and repaid_minor == 0):
+        return ADVANCE_NEVER_CREDITED
+    return ADVANCE_CONFIRMED if confirmed else ADVANCE_REFUSED
+
+
 def render_markdown() -> str:
     """The transition tables as Markdown, as docs/ledger.md carries them."""
     lines = []
@@ -236,3 +248,10 @@ def render_markdown() -> str:
             lines.append(f"| {before or '(new)'} | `{event}` | {after} |")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# Several nodes on one ledger (docs/scale-out.md "How two nodes stay correct"): an
+# unsettled loan or recovery is leased to the node running its saga for this long; that
+# node's resolver renews the lease on every run (every 30 s), so only a node that has
+# stopped for longer than this loses its sagas to another node's resolver.
+SAGA_LEASE_S: Final = 120.0

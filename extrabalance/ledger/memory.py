@@ -23,6 +23,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from extrabalance.core import journal, sagas
+from extrabalance.core.adjustments import (
+    AdjustmentError,
+    AdjustmentResult,
+    check_request,
+    spread_write_down,
+)
 from extrabalance.core.limits import LimitState
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
 from extrabalance.core.payback import Recovery
@@ -44,7 +50,9 @@ from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, Campaign
 from extrabalance.ledger.outbox_store import OutboxRow
 from extrabalance.ledger.store import (
     ACCOUNTS,
+    AUDIT_TRAIL_MAX,
     IDEMPOTENCY_KEPT_PREFIX,
+    AuditRow,
     LoadedSubscriber,
     LoanRow,
     RecoveryRow,
@@ -120,6 +128,12 @@ class _Tables:
     # loan_id → (session_id, request_type, request_number, used_minor, created_at)
     session_evidence: dict[str, tuple[str, int, int, int | None, str]] = field(
         default_factory=dict)
+    # ("loans" | "recoveries", id) → (owner_node, lease_until text): migration 0011
+    leases: dict[tuple[str, str], tuple[str | None, str | None]] = field(default_factory=dict)
+
+
+def _ts_or_none(moment: datetime | None) -> str | None:
+    return ts(moment) if moment is not None else None
 
 
 class MemoryLedgerTx:
@@ -289,6 +303,7 @@ class MemoryLedgerTx:
     ) -> None:
         self._w().audit.append(
             {
+                "audit_id": new_id(),
                 "msisdn": msisdn,
                 "action": action,
                 "who": who,
@@ -297,6 +312,22 @@ class MemoryLedgerTx:
                 "created_at": ts(now),
             }
         )
+
+    def audit_trail(
+        self, msisdn: str, actions: tuple[str, ...] = (), limit: int = AUDIT_TRAIL_MAX
+    ) -> list[AuditRow]:
+        rows = [a for a in self._t.audit
+                if a["msisdn"] == msisdn and (not actions or a["action"] in actions)]
+        rows.sort(key=lambda a: (a["created_at"], a["audit_id"]))
+        rows = rows[len(rows) - max(0, min(limit, AUDIT_TRAIL_MAX)):] if limit > 0 else []
+        return [AuditRow(a["audit_id"], a["action"], a["who"], a["why"], dict(a["detail"]),
+                         datetime.fromisoformat(a["created_at"])) for a in rows]
+
+    def loan_times(self, msisdn: str, since: datetime) -> tuple[datetime, ...]:
+        after = ts(since)
+        return tuple(sorted(
+            datetime.fromisoformat(r.created_at) for r in self._t.loans.values()
+            if r.msisdn == msisdn and r.created_at >= after and r.state != FAILED))
 
     def set_bar(
         self, msisdn: str, barred: bool, reason: str | None, who: str, now: datetime
@@ -414,6 +445,8 @@ class MemoryLedgerTx:
         request_number: int = 0,
         loan_id: str | None = None,
         subscriber_known: bool = False,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
         sagas.check_loan_move(None, state, loan_id or "")
         t = self._w()
@@ -448,6 +481,7 @@ class MemoryLedgerTx:
         )
         if idempotency_key is not None:
             t.loan_keys[idempotency_key] = loan_id
+        t.leases[("loans", loan_id)] = (owner_node, _ts_or_none(lease_until))
         if state in (ACTIVE, CONFIRMING):
             self._disburse(loan_id, msisdn, principal_minor, fee_minor, now)
         return loan_id
@@ -485,7 +519,13 @@ class MemoryLedgerTx:
         return settled
 
     def settle_advance(
-        self, loan_id: str, confirmed: bool, now: datetime, *, result_code: int | None = None
+        self,
+        loan_id: str,
+        confirmed: bool,
+        now: datetime,
+        *,
+        result_code: int | None = None,
+        never_credited: bool = False,
     ) -> LoanRow:
         loan = self._t.loans.get(loan_id)
         if loan is None:
@@ -493,11 +533,10 @@ class MemoryLedgerTx:
         new_state = ACTIVE if confirmed else FAILED
         if loan.state == new_state:
             return loan
-        sagas.loan_step(
-            loan.state,
-            sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED,
-            loan_id,
-        )
+        event = sagas.advance_settlement_event(
+            loan.state, confirmed, never_credited=never_credited, channel=loan.channel,
+            repaid_minor=loan.principal_repaid_minor + loan.fee_repaid_minor)
+        sagas.loan_step(loan.state, event, loan_id)
         settled = self._put_loan(replace(loan, state=new_state), now)
         if not confirmed:
             self._post(
@@ -528,6 +567,12 @@ class MemoryLedgerTx:
     def session_evidence(self, loan_id: str) -> tuple[int, int, int | None] | None:
         row = self._t.session_evidence.get(loan_id)
         return (row[1], row[2], row[3]) if row else None
+
+    def advances_of_in_node(self, in_node: str, until: datetime) -> list[LoanRow]:
+        at = ts(until)
+        rows = [r for r in self._t.loans.values()
+                if r.channel == "auto" and r.in_node == in_node and r.created_at <= at]
+        return sorted(rows, key=lambda r: r.created_at)
 
     def unsettled_loans(self, limit: int) -> list[LoanRow]:
         rows = [
@@ -602,6 +647,60 @@ class MemoryLedgerTx:
         )
         return fee_left + principal_left
 
+    def write_down(
+        self,
+        msisdn: str,
+        *,
+        kind: str,
+        amount_minor: int,
+        who: str,
+        reason: str,
+        now: datetime,
+        loan_id: str | None = None,
+        request_id: str | None = None,
+    ) -> AdjustmentResult:
+        key = IDEMPOTENCY_KEPT_PREFIX + request_id if request_id else None
+        if key is not None:
+            first = self.idempotent_get(key)
+            if first is not None:
+                return AdjustmentResult.replay(first, msisdn)
+        check_request(kind, amount_minor, who, reason)
+        if self._has_unsettled(msisdn):
+            raise AdjustmentError(
+                "an operation for this subscriber is still unsettled; retry later")
+        parts = spread_write_down(self.open_loans(msisdn), kind, amount_minor, loan_id)
+        debt_before = self.debt_from_journal(msisdn)
+        lines: list[tuple[str, int]] = []
+        touched: list[dict[str, Any]] = []
+        for part in parts:
+            loan = self._t.loans[part.loan_id]
+            event = sagas.WRITE_OFF if part.cleared else sagas.WAIVE_PART
+            state = sagas.loan_step(loan.state, event, loan.loan_id)
+            self._put_loan(replace(
+                loan, state=state,
+                fee_repaid_minor=loan.fee_repaid_minor + part.fee_minor,
+                principal_repaid_minor=loan.principal_repaid_minor + part.principal_minor,
+            ), now)
+            lines += [("fee_receivable", -part.fee_minor),
+                      ("principal_receivable", -part.principal_minor)]
+            touched.append({"loan_id": part.loan_id, "fee_minor": part.fee_minor,
+                            "principal_minor": part.principal_minor, "state": state})
+        tx_id = self._post([("written_off", amount_minor), *lines], msisdn=msisdn,
+                           memo=f"adjust_{kind}", now=now,
+                           loan_id=touched[0]["loan_id"] if len(touched) == 1 else None)
+        debt_after = self.debt_from_journal(msisdn)
+        if debt_after != debt_before - amount_minor or debt_after < 0:
+            raise LedgerInvariantError(
+                f"adjustment for {msisdn}: debt {debt_before} - {amount_minor} != {debt_after}")
+        result = AdjustmentResult(tx_id, msisdn, kind, amount_minor, debt_before, debt_after,
+                                  tuple(touched))
+        self.audit(msisdn, "adjust", who, reason, now,
+                   {"kind": kind, "amount_minor": amount_minor, "tx_id": tx_id,
+                    "loans": touched, "request_id": request_id})
+        if key is not None:
+            self.idempotent_put(key, result.as_dict(), now)
+        return result
+
     def count_overdue(self, created_before: datetime, created_since: datetime) -> int:
         high, low = ts(created_before), ts(created_since)
         return sum(
@@ -630,6 +729,8 @@ class MemoryLedgerTx:
         now: datetime,
         session_id: str | None = None,
         requested_minor: int = 0,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
         sagas.recovery_step(None, sagas.BOOK_RECOVERY)
         t = self._w()
@@ -655,6 +756,7 @@ class MemoryLedgerTx:
         )
         t.recovery_events[event_id] = recovery_id
         t.recovery_created[recovery_id] = ts(now)
+        t.leases[("recoveries", recovery_id)] = (owner_node, _ts_or_none(lease_until))
         if first:
             t.attempts[(recovery_id, 1)] = [session_id, requested_minor, None, None]
         return recovery_id
@@ -768,6 +870,42 @@ class MemoryLedgerTx:
         ]
         rows.sort(key=lambda r: self._t.recovery_created[r.recovery_id])
         return rows[:limit]
+
+    # -- leases on the sagas -------------------------------------------------------------
+
+    def _claim(self, table: str, keys: list[str], owner: str, now: datetime,
+               lease_until: datetime, limit: int) -> list[str]:
+        """The first `limit` of `keys` (oldest first) `owner` may take, leased to him."""
+        t = self._w()
+        claimed: list[str] = []
+        for key in keys:
+            if len(claimed) >= limit:
+                break
+            holder, until = t.leases.get((table, key), (None, None))
+            if holder is None or holder == owner or (until is not None and until < ts(now)):
+                t.leases[(table, key)] = (owner, ts(lease_until))
+                claimed.append(key)
+        return claimed
+
+    def claim_unsettled_loans(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[LoanRow]:
+        # Every unsettled row, not the first `limit`: those leased elsewhere are skipped.
+        rows = self.unsettled_loans(len(self._t.loans))
+        keys = self._claim("loans", [r.loan_id for r in rows], owner, now, lease_until, limit)
+        return sorted((self._t.loans[k] for k in keys), key=lambda r: (r.created_at, r.loan_id))
+
+    def claim_unsettled_recoveries(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[RecoveryRow]:
+        rows = self.unsettled_recoveries(len(self._t.recoveries))
+        keys = self._claim("recoveries", [r.recovery_id for r in rows], owner, now,
+                           lease_until, limit)
+        return sorted((self._t.recoveries[k] for k in keys),
+                      key=lambda r: (self._t.recovery_created[r.recovery_id], r.recovery_id))
+
+    def saga_lease(self, table: str, key: str) -> tuple[str | None, str | None]:
+        return self._t.leases.get((table, key), (None, None))
 
     # -- advertisements ----------------------------------------------------------------
 

@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
 import psycopg
@@ -48,7 +49,8 @@ from psycopg_pool import ConnectionPool
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.model import SubscriberProfile
-from extrabalance.ledger import ads_store, db, outbox_store, store
+from extrabalance.core.sagas import SAGA_LEASE_S
+from extrabalance.ledger import adjustments, ads_store, db, outbox_store, store
 
 if TYPE_CHECKING:
     from extrabalance.service.unit_of_work import LedgerTx
@@ -68,6 +70,7 @@ _RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetect
 # runner's is this constant (class 0x4542 'EB', far from any hash by chance alone).
 MIGRATION_LOCK_KEY = 0x4542_0000_0000_0001
 
+_SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
 _LOCK_ROW = "SELECT 1 FROM subscribers WHERE msisdn = %s FOR UPDATE"
 _LOCK_NEW = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 # The owner of a loan / recovery and his row lock in one round trip (a subscriber who
@@ -150,9 +153,13 @@ class PostgresLedgerTx:
     """One unit of work's transaction (see the module docstring). `execute` and
     `executemany` take the store's SQLite-style SQL, so `store.py` runs unchanged."""
 
-    def __init__(self, conn: psycopg.Connection[Any], *, writable: bool) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], *, writable: bool,
+                 owner_node: str | None = None,
+                 lease: timedelta = timedelta(seconds=SAGA_LEASE_S)) -> None:
         self.conn = conn
         self.writable = writable
+        self.owner_node = owner_node  # the node a new saga is leased to (None: nobody)
+        self.lease = lease
         self._locked: set[str] = set()
         self._owners: dict[tuple[str, str], str] = {}
 
@@ -207,6 +214,8 @@ class PostgresLedgerTx:
     put_limit_state = _by_msisdn(store.put_limit_state)
     set_bar = _by_msisdn(store.set_bar)
     audit = _by_msisdn(store.audit)
+    audit_trail = _op(store.audit_trail)
+    loan_times = _op(store.loan_times)
 
     def put_profile(self, profile: SubscriberProfile, now: Any) -> None:
         self.lock_subscriber(profile.msisdn)
@@ -223,12 +232,20 @@ class PostgresLedgerTx:
 
     def insert_loan(self, **kwargs: Any) -> str:
         self.lock_subscriber(kwargs["msisdn"])
+        self._leased(kwargs)
         return store.insert_loan(self, **kwargs)  # type: ignore[arg-type]
+
+    def _leased(self, kwargs: dict[str, Any]) -> None:
+        """A new saga is this node's until its lease runs out (its resolver renews it)."""
+        if kwargs.get("owner_node") is None and self.owner_node is not None:
+            kwargs["owner_node"] = self.owner_node
+            kwargs["lease_until"] = kwargs["now"] + self.lease
 
     settle_loan = _by_owner("loan", store.settle_loan)
     settle_advance = _by_owner("loan", store.settle_advance)
     record_session_evidence = _by_owner("loan", store.record_session_evidence)
     session_evidence = _op(store.session_evidence)
+    advances_of_in_node = _op(store.advances_of_in_node)
     unsettled_loans = _op(store.unsettled_loans)
 
     def note_resolve_attempt(
@@ -240,12 +257,14 @@ class PostgresLedgerTx:
     write_off_candidates = _op(store.write_off_candidates)
     write_off = _by_owner("loan", store.write_off)
     count_overdue = _op(store.count_overdue)
+    write_down = _by_msisdn(adjustments.apply_write_down)
     # recoveries
     get_recovery = _by_owner("recovery", store.get_recovery)
     recovery_by_event = _by_owner("event", store.recovery_by_event)
 
     def insert_recovery(self, **kwargs: Any) -> str:
         self.lock_subscriber(kwargs["msisdn"])
+        self._leased(kwargs)
         return store.insert_recovery(self, **kwargs)  # type: ignore[arg-type]
 
     start_recovery_attempt = _by_owner("recovery", store.start_recovery_attempt)
@@ -261,6 +280,23 @@ class PostgresLedgerTx:
         store.apply_recovery(self, rec, allocation, now)  # type: ignore[arg-type]
 
     unsettled_recoveries = _op(store.unsettled_recoveries)
+    # leases on the sagas: rows claimed under FOR UPDATE SKIP LOCKED, so two nodes'
+    # resolvers never claim one row and never wait on each other (no subscriber lock:
+    # the claim settles nothing, the resolver's own units take it)
+
+    def claim_unsettled_loans(
+        self, owner: str, now: Any, lease_until: Any, limit: int
+    ) -> list[store.LoanRow]:
+        return store.claim_unsettled_loans(self, owner, now, lease_until, limit,  # type: ignore[arg-type]
+                                           lock_rows=_SKIP_LOCKED)
+
+    def claim_unsettled_recoveries(
+        self, owner: str, now: Any, lease_until: Any, limit: int
+    ) -> list[store.RecoveryRow]:
+        return store.claim_unsettled_recoveries(self, owner, now, lease_until, limit,  # type: ignore[arg-type]
+                                                lock_rows=_SKIP_LOCKED)
+
+    saga_lease = _op(store.saga_lease)
     # journal
     debt_from_journal = _by_msisdn(store.debt_from_journal)
     account_totals = _op(store.account_totals)
@@ -309,7 +345,11 @@ class PostgresLedger:
         pool_min: int = POOL_MIN,
         migrate: bool = True,
         retries_max: int = RETRIES_MAX,
+        node_name: str | None = None,
+        saga_lease_s: float = SAGA_LEASE_S,
     ) -> None:
+        self.node_name = node_name  # new sagas are leased to this node (None: to nobody)
+        self.saga_lease = timedelta(seconds=saga_lease_s)
         if migrate:
             with psycopg.connect(conninfo, autocommit=True,
                                  connect_timeout=int(CONNECT_TIMEOUT_S)) as conn:
@@ -340,7 +380,9 @@ class PostgresLedger:
             while True:
                 try:
                     with conn.transaction():
-                        return fn(PostgresLedgerTx(conn, writable=writable))
+                        return fn(PostgresLedgerTx(conn, writable=writable,
+                                                   owner_node=self.node_name,
+                                                   lease=self.saga_lease))
                 except _RETRYABLE:
                     attempt += 1
                     if attempt > self.retries_max:
@@ -380,6 +422,11 @@ class PostgresLedger:
         return self.run_sync(fn, writable=False)
 
     # -- reads the admin command and the router use --------------------------------
+
+    async def subscriber_view(self, msisdn: str) -> dict[str, Any]:
+        from extrabalance.ledger.views import subscriber_view
+
+        return await self.read(lambda tx: subscriber_view(tx, msisdn))  # type: ignore[arg-type]
 
     async def learned_route(self, msisdn: str) -> str | None:
         return await self.read_point(lambda tx: tx.learned_route(msisdn))

@@ -95,7 +95,8 @@ class _RowParser:
     """
 
     def __init__(self, header: list[str], has_language: bool, extra_from: int, now: str,
-                 languages: frozenset[str] | None = None):
+                 languages: frozenset[str] | None = None, bulk_opt_in: bool = True):
+        self.bulk_opt_in = bulk_opt_in
         self.fields = len(header)
         self.has_language = has_language
         self.languages = languages
@@ -139,6 +140,10 @@ class _RowParser:
                 if auto is None:
                     return (f"auto_advance {row[self.auto_at]!r} is not one of 1/0, "
                             "yes/no, true/false, on/off (or empty: unchanged)")
+                if auto and not self.bulk_opt_in:
+                    return ("auto_advance on: the consumer-protection preset allows the "
+                            "opt-in only by the subscriber's own reply ([protection] "
+                            "bulk_opt_in = false)")
         parts = []
         for i, key in self.extras:
             value = row[i].strip()
@@ -167,11 +172,13 @@ def import_profiles(
     progress: bool = False,
     batch_rows: int = IMPORT_BATCH_ROWS,
     languages: Collection[str] | None = None,
+    bulk_opt_in: bool = True,
 ) -> ImportReport:
     """Upsert every good row of `csv_path` into the ledger's subscribers table.
 
     `languages`: the languages the node has templates for; a row with another one is
-    refused (None: any 2-3 letter code)."""
+    refused (None: any 2-3 letter code). `bulk_opt_in` false ([protection]): a row that
+    opts a subscriber in to automatic advances is refused (opting out stays possible)."""
     report = ImportReport()
     conn = connect(db_path)
     migrate(conn)
@@ -223,7 +230,8 @@ def import_profiles(
                 bar.start()
                 task = bar.add_task("import", total=total_bytes, rows="0 rows")
             parse = _RowParser(header, has_language, extra_from, now,
-                               None if languages is None else frozenset(languages))
+                               None if languages is None else frozenset(languages),
+                               bulk_opt_in)
             flusher = _Flusher(conn)
             batch: list[tuple[object, ...]] = []
             rows = iter(reader)

@@ -8,9 +8,9 @@ are the port's operations (each one the function of the same name in `store.py` 
 
 Why the connection is the transaction object: every connection the ledger opens is a
 `SqliteLedgerTx` (`db.connect`), so `Ledger.write(fn)` hands `fn` an object that already
-speaks the port. A unit of work costs no wrapper object and no extra call over the
-closures that take the connection (the lending service's, until it moves onto the
-port), and both kinds share one batch and one COMMIT.
+speaks the port. A unit of work costs no wrapper object and no extra call over a
+closure that took the connection, and the ledger's own tools (which still do) share one
+batch and one COMMIT with the services.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING
 
-from extrabalance.ledger import ads_store, outbox_store, store
+from extrabalance.ledger import adjustments, ads_store, outbox_store, store
 
 if TYPE_CHECKING:
     from extrabalance.ledger.ledger import Ledger
@@ -42,6 +42,8 @@ class SqliteLedgerTx(sqlite3.Connection):
     put_limit_state = store.put_limit_state
     set_bar = store.set_bar
     audit = store.audit
+    audit_trail = store.audit_trail
+    loan_times = store.loan_times
     # idempotency
     idempotent_get = store.idempotent_get
     idempotent_put = store.idempotent_put
@@ -55,11 +57,13 @@ class SqliteLedgerTx(sqlite3.Connection):
     settle_advance = store.settle_advance
     record_session_evidence = store.record_session_evidence
     session_evidence = store.session_evidence
+    advances_of_in_node = store.advances_of_in_node
     unsettled_loans = store.unsettled_loans
     note_resolve_attempt = store.note_resolve_attempt
     write_off_candidates = store.write_off_candidates
     write_off = store.write_off
     count_overdue = store.count_overdue
+    write_down = adjustments.apply_write_down
     # recoveries
     get_recovery = store.get_recovery
     recovery_by_event = store.recovery_by_event
@@ -69,6 +73,10 @@ class SqliteLedgerTx(sqlite3.Connection):
     set_recovery_state = store.set_recovery_state
     apply_recovery = store.apply_recovery
     unsettled_recoveries = store.unsettled_recoveries
+    # leases on the sagas
+    claim_unsettled_loans = store.claim_unsettled_loans
+    claim_unsettled_recoveries = store.claim_unsettled_recoveries
+    saga_lease = store.saga_lease
     # journal
     debt_from_journal = store.debt_from_journal
     account_totals = store.account_totals

@@ -168,6 +168,24 @@ def has_unsettled(conn: sqlite3.Connection, msisdn: str) -> bool:
     return rec is not None
 
 
+# One statement, one read transaction: the profile row (kind 0), the loans not yet
+# closed (kind 1, by the (msisdn, state) index) and whether a recovery is unsettled
+# (kind 2). As three statements each began its own read transaction, and on a
+# connection that sees the writer commit between loans each one re-read its pages.
+# Columns line up by type (INTEGER, BIGINT, TEXT ...) so PostgreSQL takes the UNION too.
+_LOAD_SUBSCRIBER_SQL = (
+    "SELECT 0, tenure_days, arpu_minor, attributes, language, auto_advance_opt_in,"
+    " ads_opt_out, barred_manual, barred_reason, loans_since_full_payback, learned_in_node"
+    " FROM subscribers WHERE msisdn = ?"
+    " UNION ALL SELECT 1, tier_id, principal_minor, loan_id, created_at, fee_minor,"
+    " principal_repaid_minor, fee_repaid_minor, state, NULL, NULL FROM loans"
+    f" WHERE msisdn = ? AND state IN ({_marks(_LOAN_LIVE_STATES)})"
+    " UNION ALL SELECT 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+    " WHERE EXISTS (SELECT 1 FROM recoveries WHERE msisdn = ?"
+    f" AND state IN ({_marks(RECOVERY_UNSETTLED_STATES)}))"
+)
+
+
 def load_subscriber(
     conn: sqlite3.Connection,
     msisdn: str,
@@ -175,40 +193,35 @@ def load_subscriber(
     balance_minor: int | None = None,
     default_language: str = "en",
 ) -> LoadedSubscriber:
-    """Everything `decide` needs, in three point lookups (the profile row, the loans
-    not yet closed, one unsettled recovery); this runs once per loan and payback."""
-    row = conn.execute(
-        "SELECT tenure_days, arpu_minor, attributes, language, auto_advance_opt_in,"
-        " ads_opt_out, barred_manual, barred_reason, loans_since_full_payback,"
-        " learned_in_node FROM subscribers WHERE msisdn = ?",
-        (msisdn,),
-    ).fetchone()
-    # Open and unsettled loans in one pass over the (msisdn, state) index.
+    """Everything `decide` needs in one statement (the profile row, the loans not yet
+    closed, whether a recovery is unsettled); this runs once per loan and payback."""
+    row = None
     open_rows = []
-    loan_pending = advance_confirming = False
+    loan_pending = advance_confirming = recovery_unsettled = False
     for r in conn.execute(
-        "SELECT loan_id, tier_id, principal_minor, fee_minor, principal_repaid_minor,"
-        " fee_repaid_minor, created_at, state FROM loans"
-        f" WHERE msisdn = ? AND state IN ({_marks(_LOAN_LIVE_STATES)})",
-        (msisdn, *_LOAN_LIVE_STATES),
+        _LOAD_SUBSCRIBER_SQL,
+        (msisdn, msisdn, *_LOAN_LIVE_STATES, msisdn, *RECOVERY_UNSETTLED_STATES),
     ):
-        if r[7] in LOAN_OPEN_STATES:
-            open_rows.append(r)
+        kind = r[0]
+        if kind == 1:
+            # (tier_id, principal, loan_id, created_at, fee, principal_repaid,
+            #  fee_repaid, state)
+            if r[8] in LOAN_OPEN_STATES:
+                open_rows.append(r)
+            else:
+                loan_pending = True
+                advance_confirming = advance_confirming or r[8] == CONFIRMING
+        elif kind == 0:
+            row = r
         else:
-            loan_pending = True
-            advance_confirming = advance_confirming or r[7] == CONFIRMING
-    open_rows.sort(key=lambda r: (r[6], r[0]))  # oldest first, as open_loans orders them
+            recovery_unsettled = True
+    if len(open_rows) > 1:
+        open_rows.sort(key=lambda r: (r[4], r[3]))  # oldest first, as open_loans orders them
     loans = tuple(
-        OpenLoan(r[0], r[1], r[2], r[3], r[4], r[5], datetime.fromisoformat(r[6]))
+        OpenLoan(r[3], r[1], r[2], r[5], r[6], r[7], datetime.fromisoformat(r[4]))
         for r in open_rows
     )
-    recovery_pending = advance_confirming or (
-        conn.execute(
-            "SELECT 1 FROM recoveries WHERE msisdn = ? AND state IN (?, ?) LIMIT 1",
-            (msisdn, *RECOVERY_UNSETTLED_STATES),
-        ).fetchone()
-        is not None
-    )
+    recovery_pending = advance_confirming or recovery_unsettled
     pending = loan_pending or recovery_pending
     if row is None:
         state = SubscriberState(
@@ -221,23 +234,23 @@ def load_subscriber(
         )
         return LoadedSubscriber(state, False, None, recovery_pending)
     profile = None
-    if row[0] is not None:
-        attrs: Mapping[str, str | int] = json.loads(row[2]) if row[2] else {}
-        profile = SubscriberProfile(msisdn, row[0], row[1] or 0, attrs)
+    if row[1] is not None:
+        attrs: Mapping[str, str | int] = json.loads(row[3]) if row[3] else {}
+        profile = SubscriberProfile(msisdn, row[1], row[2] or 0, attrs)
     state = SubscriberState(
         msisdn=msisdn,
         profile=profile,
         open_loans=loans,
-        loans_since_full_payback=row[8],
-        barred_manual=bool(row[6]),
-        barred_reason=row[7],
+        loans_since_full_payback=row[9],
+        barred_manual=bool(row[7]),
+        barred_reason=row[8],
         operation_pending=pending,
-        auto_advance_opt_in=bool(row[4]),
-        ads_opt_out=bool(row[5]),
-        language=row[3] or default_language,
+        auto_advance_opt_in=bool(row[5]),
+        ads_opt_out=bool(row[6]),
+        language=row[4] or default_language,
         balance_minor=balance_minor,
     )
-    return LoadedSubscriber(state, True, row[9], recovery_pending)
+    return LoadedSubscriber(state, True, row[10], recovery_pending)
 
 
 def learn_route(conn: sqlite3.Connection, msisdn: str, in_node: str, now: datetime) -> None:
@@ -332,6 +345,48 @@ def audit(
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (new_id(), msisdn, action, who, why, json.dumps(detail or {}), ts(now)),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One line of a subscriber's audit trail (oldest first when listed)."""
+
+    audit_id: str
+    action: str
+    who: str
+    why: str
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+AUDIT_TRAIL_MAX = 10_000  # lines of one subscriber's trail read at once at most
+
+
+def audit_trail(
+    conn: sqlite3.Connection, msisdn: str, actions: tuple[str, ...] = (), limit: int = AUDIT_TRAIL_MAX
+) -> list[AuditRow]:
+    """His audit lines (only `actions` when given), oldest first, the newest `limit`."""
+    where = f" AND action IN ({_marks(actions)})" if actions else ""
+    rows = conn.execute(
+        "SELECT audit_id, action, who, why, detail, created_at FROM audit"
+        f" WHERE msisdn = ?{where} ORDER BY created_at DESC, audit_id DESC LIMIT ?",
+        (msisdn, *actions, max(0, min(limit, AUDIT_TRAIL_MAX))),
+    ).fetchall()
+    return [
+        AuditRow(r[0], r[1], r[2], r[3], json.loads(r[4] or "{}"), datetime.fromisoformat(r[5]))
+        for r in reversed(rows)
+    ]
+
+
+def loan_times(conn: sqlite3.Connection, msisdn: str, since: datetime) -> tuple[datetime, ...]:
+    """When his loans and advances that did not fail were taken, since `since`
+    (the consumer-protection cap and cooling-off count them)."""
+    rows = conn.execute(
+        "SELECT created_at FROM loans WHERE msisdn = ? AND created_at >= ? AND state != ?"
+        " ORDER BY created_at",
+        (msisdn, ts(since), FAILED),
+    ).fetchall()
+    return tuple(datetime.fromisoformat(r[0]) for r in rows)
 
 
 def set_bar(
@@ -524,10 +579,13 @@ def insert_loan(
     request_number: int = 0,
     loan_id: str | None = None,
     subscriber_known: bool = False,
+    owner_node: str | None = None,
+    lease_until: datetime | None = None,
 ) -> str:
     """Insert a loan; an ACTIVE or CONFIRMING one is journalled at once.
     `subscriber_known`: the caller has just read the subscribers row, so it need not
-    be ensured again."""
+    be ensured again. `owner_node` / `lease_until`: the node whose saga it is, until
+    when (see `claim_unsettled_loans`)."""
     sagas.check_loan_move(None, state, loan_id or "")
     loan_id = loan_id or new_id()
     if not subscriber_known:
@@ -535,7 +593,8 @@ def insert_loan(
     conn.execute(
         "INSERT INTO loans (loan_id, msisdn, tier_id, principal_minor, fee_minor, state,"
         " channel, idempotency_key, in_node, diameter_session_id, request_number,"
-        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " created_at, updated_at, owner_node, lease_until)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             loan_id,
             msisdn,
@@ -550,6 +609,8 @@ def insert_loan(
             request_number,
             ts(now),
             ts(now),
+            owner_node,
+            ts(lease_until) if lease_until is not None else None,
         ),
     )
     if state in (ACTIVE, CONFIRMING):
@@ -639,13 +700,9 @@ def settle_advance(
     new_state = ACTIVE if confirmed else FAILED
     if loan.state == new_state:
         return loan
-    reversible = (never_credited and not confirmed and loan.state == ACTIVE
-                  and loan.channel == "auto" and loan.principal_repaid_minor == 0
-                  and loan.fee_repaid_minor == 0)
-    if reversible:
-        event = sagas.ADVANCE_NEVER_CREDITED
-    else:
-        event = sagas.ADVANCE_CONFIRMED if confirmed else sagas.ADVANCE_REFUSED
+    event = sagas.advance_settlement_event(
+        loan.state, confirmed, never_credited=never_credited, channel=loan.channel,
+        repaid_minor=loan.principal_repaid_minor + loan.fee_repaid_minor)
     sagas.loan_step(loan.state, event, loan_id)
     conn.execute(
         "UPDATE loans SET state = ?, result_code = COALESCE(?, result_code), updated_at = ?"
@@ -848,15 +905,19 @@ def insert_recovery(
     now: datetime,
     session_id: str | None = None,
     requested_minor: int = 0,
+    owner_node: str | None = None,
+    lease_until: datetime | None = None,
 ) -> str:
     """Insert a RECOVERING recovery. With `session_id`, its first DIRECT_DEBITING
     attempt is recorded too (the same rows `start_recovery_attempt` writes, in two
-    statements instead of four)."""
+    statements instead of four). `owner_node` / `lease_until`: see
+    `claim_unsettled_recoveries`."""
     recovery_id = new_id()
     conn.execute(
         "INSERT INTO recoveries (recovery_id, event_id, msisdn, recharge_minor,"
         " balance_after_minor, requested_minor, state, in_node, diameter_session_id,"
-        " attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " attempts, created_at, updated_at, owner_node, lease_until)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             recovery_id,
             event_id,
@@ -870,6 +931,8 @@ def insert_recovery(
             1 if session_id is not None else 0,
             ts(now),
             ts(now),
+            owner_node,
+            ts(lease_until) if lease_until is not None else None,
         ),
     )
     if session_id is not None:
@@ -1098,3 +1161,55 @@ def put_profile(conn: sqlite3.Connection, profile: SubscriberProfile, now: datet
             ts(now),
         ),
     )
+
+
+# -- leases on the sagas (migration 0011) ------------------------------------------------
+# An unsettled loan or recovery is claimable by `owner` when it has no owner, is his
+# already (his lease is renewed), or its lease ran out (its node died). The claim is
+# one UPDATE ... RETURNING: on SQLite the single writer makes it atomic; on PostgreSQL
+# the adapter adds FOR UPDATE SKIP LOCKED to the inner SELECT, so two nodes claiming at
+# once never both get a row and never wait for each other.
+
+_CLAIMABLE = "(owner_node IS NULL OR owner_node = ? OR lease_until < ?)"
+
+
+def claim_unsettled_loans(
+    conn: sqlite3.Connection, owner: str, now: datetime, lease_until: datetime, limit: int,
+    *, lock_rows: str = "",
+) -> list[LoanRow]:
+    """Unsettled loans (not flagged for review) that `owner` may settle, oldest first,
+    at most `limit`, leased to him until `lease_until`."""
+    rows = conn.execute(
+        f"UPDATE loans SET owner_node = ?, lease_until = ? WHERE loan_id IN ("
+        f"SELECT loan_id FROM loans WHERE state IN ({_marks(LOAN_UNSETTLED_STATES)})"
+        f" AND needs_review = 0 AND {_CLAIMABLE} ORDER BY created_at LIMIT ?{lock_rows})"
+        f" RETURNING {_LOAN_COLUMNS}",
+        (owner, ts(lease_until), *LOAN_UNSETTLED_STATES, owner, ts(now), limit),
+    ).fetchall()
+    return sorted((_loan(r) for r in rows), key=lambda r: (r.created_at, r.loan_id))
+
+
+def claim_unsettled_recoveries(
+    conn: sqlite3.Connection, owner: str, now: datetime, lease_until: datetime, limit: int,
+    *, lock_rows: str = "",
+) -> list[RecoveryRow]:
+    """As `claim_unsettled_loans`, for recoveries with a DIRECT_DEBITING sent."""
+    rows = conn.execute(
+        f"UPDATE recoveries SET owner_node = ?, lease_until = ? WHERE recovery_id IN ("
+        "SELECT recovery_id FROM recoveries WHERE state IN (?, ?) AND needs_review = 0"
+        f" AND diameter_session_id IS NOT NULL AND {_CLAIMABLE}"
+        f" ORDER BY created_at LIMIT ?{lock_rows})"
+        f" RETURNING {_RECOVERY_COLUMNS}, created_at",
+        (owner, ts(lease_until), *RECOVERY_UNSETTLED_STATES, owner, ts(now), limit),
+    ).fetchall()
+    ordered = sorted(rows, key=lambda r: (r[-1], r[0]))
+    return [_recovery(r[:-1]) for r in ordered]
+
+
+def saga_lease(conn: sqlite3.Connection, table: str, key: str) -> tuple[str | None, str | None]:
+    """(owner_node, lease_until) of a loan (`table` "loans") or recovery ("recoveries")."""
+    column = {"loans": "loan_id", "recoveries": "recovery_id"}[table]
+    row = conn.execute(
+        f"SELECT owner_node, lease_until FROM {table} WHERE {column} = ?", (key,)
+    ).fetchone()
+    return (row[0], row[1]) if row else (None, None)

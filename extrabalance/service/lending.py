@@ -24,22 +24,31 @@ other IN, such a confirmation is a second credit: never by default.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
-from typing import cast
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from extrabalance.core.lending import BorrowRequest, Channel, Granted, Offer, decide, offer
+from extrabalance.core import sagas
+from extrabalance.core.fees import fee_for
+from extrabalance.core.lending import (
+    BorrowRequest,
+    Channel,
+    Granted,
+    Offer,
+    OfferTier,
+    decide,
+    offer,
+)
 from extrabalance.core.limits import Limit
 from extrabalance.core.model import SubscriberState
-from extrabalance.core.policy import Policy
+from extrabalance.core.policy import MONEY, Bundle, Policy
 from extrabalance.core.reasons import Reason
-from extrabalance.ledger import Ledger, store
+from extrabalance.core.segments import match_segment
 from extrabalance.service.ads import AdTrigger, Advertiser
 from extrabalance.service.limits import current_limit, limit_edr, with_limit
 from extrabalance.service.locks import SubscriberLocks
@@ -67,16 +76,28 @@ from extrabalance.service.ports import (
     NoticeOutbox,
     Notifier,
 )
+from extrabalance.service.protection import (
+    ADS_OPT_IN,
+    ADS_OPT_OUT,
+    AUTO_ADVANCE_OFF,
+    AUTO_ADVANCE_ON,
+    AUTO_ADVANCE_REQUESTED,
+    LOAN_CONFIRM_REQUESTED,
+    LOAN_CONSENT,
+    LOAN_REFUSED,
+    WHO_SUBSCRIBER,
+    audit_consent,
+    figures,
+    pending_request,
+    with_loan_times,
+)
 from extrabalance.service.routing import RouteProber, Router
-from extrabalance.service.unit_of_work import LedgerTx
+from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
+
+if TYPE_CHECKING:  # the row type the port's loan operations return
+    from extrabalance.ledger.store import LoadedSubscriber, LoanRow
 
 log = structlog.get_logger(__name__)
-
-
-def _tx(conn: sqlite3.Connection) -> LedgerTx:
-    """The ledger's connections are its `SqliteLedgerTx`: the port's transaction (this
-    service's own closures still take the connection until it moves onto the port)."""
-    return cast("LedgerTx", conn)
 
 # A menu asked for while an operation of the same subscriber is finishing (a loan
 # answered on USSD whose settlement is being made durable, a payback) waits this long
@@ -128,11 +149,11 @@ def borrow_key(idempotency_key: str) -> str:
     return f"borrow:{idempotency_key}"
 
 
-def outcome_of_loan(loan: store.LoanRow, debt_minor: int) -> BorrowOutcome:
+def outcome_of_loan(loan: LoanRow, debt_minor: int) -> BorrowOutcome:
     """The borrow answer a loan row stands for (used for replays and the resolver)."""
-    if loan.state in store.LOAN_UNSETTLED_STATES:
+    if loan.state in sagas.LOAN_UNSETTLED_STATES:
         status, reason = BorrowStatus.PENDING, Reason.IN_UNAVAILABLE
-    elif loan.state == store.FAILED:
+    elif loan.state == sagas.FAILED:
         status, reason = BorrowStatus.REFUSED, Reason.IN_REFUSED
     else:
         status, reason = BorrowStatus.GRANTED, None
@@ -148,32 +169,42 @@ def refused_advance(loan_id: str, *, replayed: bool = False) -> AdvanceOutcome:
     )
 
 
-def advance_outcome_of_loan(loan: store.LoanRow) -> AdvanceOutcome:
+def advance_outcome_of_loan(loan: LoanRow) -> AdvanceOutcome:
     """The CCA a granted advance stands for, for a retransmitted CCR: the grant again,
     or 4012 once its confirmation was refused (as `confirm_advance` records it)."""
-    if loan.state == store.FAILED:
+    if loan.state == sagas.FAILED:
         return refused_advance(loan.loan_id, replayed=True)
     return AdvanceOutcome(DIAMETER_SUCCESS, loan.principal_minor, None, loan.loan_id, replayed=True)
 
 
 def settle_borrow(
-    conn: sqlite3.Connection, loan_id: str, result: InResult, now: datetime
+    tx: LedgerTx, loan_id: str, result: InResult, now: datetime
 ) -> BorrowOutcome:
     """Settle a CREDITING/UNKNOWN loan from the IN's answer (saga step 3 / resolver)."""
     if result.outcome is InOutcome.DONE:
-        new_state = store.ACTIVE
+        new_state = sagas.ACTIVE
     elif result.outcome is InOutcome.REFUSED:
-        new_state = store.FAILED
+        new_state = sagas.FAILED
     else:
-        new_state = store.UNKNOWN
-    loan = store.settle_loan(conn, loan_id, new_state, now, result_code=result.result_code)
-    outcome = outcome_of_loan(loan, store.debt_owed(conn, loan.msisdn))
-    if new_state != store.UNKNOWN and loan.idempotency_key:
-        store.idempotent_replace(conn, loan.idempotency_key, outcome.to_json(), now)
+        new_state = sagas.UNKNOWN
+    loan = tx.settle_loan(loan_id, new_state, now, result_code=result.result_code)
+    outcome = outcome_of_loan(loan, tx.debt_owed(loan.msisdn))
+    if new_state != sagas.UNKNOWN and loan.idempotency_key:
+        tx.idempotent_replace(loan.idempotency_key, outcome.to_json(), now)
     return outcome
 
 
-def loan_notice(outcome: BorrowOutcome, msisdn: str, language: str) -> Notice:
+def loan_notice(outcome: BorrowOutcome, msisdn: str, language: str,
+                bundle: Bundle | None = None) -> Notice:
+    if outcome.status is BorrowStatus.GRANTED and bundle is not None:
+        return Notice(
+            msisdn,
+            "loan_granted_bundle",
+            {"amount": outcome.amount_minor, "fee": outcome.fee_minor, "debt": outcome.debt_minor,
+             "bundle": bundle.as_param()},
+            "sms",
+            language,
+        )
     if outcome.status is BorrowStatus.GRANTED:
         return Notice(
             msisdn,
@@ -196,7 +227,7 @@ class ConfirmStatus(Enum):
 
 
 async def confirm_advance(
-    ledger: Ledger,
+    ledger: UnitOfWork,
     in_port: InPort,
     events: EventSink,
     locks: SubscriberLocks,
@@ -215,8 +246,8 @@ async def confirm_advance(
     after a crash that may have happened after an earlier send).
     """
     async with locks.hold(msisdn):
-        loan = await ledger.read(lambda conn: store.get_loan(conn, loan_id))
-        if loan is None or loan.state != store.CONFIRMING:
+        loan = await ledger.read(lambda tx: tx.get_loan(loan_id))
+        if loan is None or loan.state != sagas.CONFIRMING:
             return ConfirmStatus.GONE
         if loan.diameter_session_id is None or loan.in_node is None:
             log.error("advance_without_key", loan_id=loan_id)  # never written so
@@ -238,15 +269,13 @@ async def confirm_advance(
         confirmed = result.outcome is InOutcome.DONE
         now = clock()
 
-        def settle(conn: sqlite3.Connection) -> int:
-            row = store.settle_advance(
-                conn, loan_id, confirmed, now, result_code=result.result_code
-            )
+        def settle(tx: LedgerTx) -> int:
+            row = tx.settle_advance(loan_id, confirmed, now, result_code=result.result_code)
             if not confirmed and row.idempotency_key:
                 # A late retransmission of the IN's CCR must not grant it again.
                 refused = refused_advance(loan_id)
-                store.idempotent_replace(conn, row.idempotency_key, refused.to_json(), now)
-            return store.debt_owed(conn, msisdn)
+                tx.idempotent_replace(row.idempotency_key, refused.to_json(), now)
+            return tx.debt_owed(msisdn)
 
         debt_minor = await ledger.write(settle)
         events.emit(
@@ -283,12 +312,13 @@ class _Intent:
     amount_minor: int
     language: str
     limit: Limit | None = None  # his limit from behaviour, for the EDR
+    bundle: Bundle | None = None  # a bundle tier: credited in its units at the IN
 
 
 class LendingService:
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: UnitOfWork,
         in_port: InPort,
         notifier: NoticeOutbox,
         events: EventSink,
@@ -337,8 +367,9 @@ class LendingService:
         idempotency_key: str,
         *,
         answer_early: bool = False,
+        kind: str = MONEY,
     ) -> BorrowOutcome:
-        """Lend `tier_id` (None: the largest that fits) and credit it on the IN.
+        """Lend `tier_id` (None: the largest of `kind` that fits) and credit it on the IN.
 
         Exactly once per `idempotency_key`: a replay returns the first outcome (or the
         loan's current settlement) with `replayed=True` and moves no money.
@@ -358,7 +389,8 @@ class LendingService:
         )
         # Once started, the saga runs to its settlement even if the caller gives up
         # (USSD dialog timeout, connection closed): a task of its own, shielded.
-        saga = loop.create_task(self._borrow(msisdn, tier_id, channel, idempotency_key, answer))
+        saga = loop.create_task(
+            self._borrow(msisdn, tier_id, channel, idempotency_key, answer, kind))
         self._sagas.add(saga)
         saga.add_done_callback(self._sagas.discard)
         if answer is None:
@@ -379,6 +411,7 @@ class LendingService:
         channel: Channel,
         idempotency_key: str,
         answer: asyncio.Future[BorrowOutcome] | None = None,
+        kind: str = MONEY,
     ) -> BorrowOutcome:
         key = borrow_key(idempotency_key)
         async with self.locks.hold(msisdn):
@@ -390,16 +423,16 @@ class LendingService:
             above = await self._balance_above_limit(msisdn, static_node, channel)
             limits: list[Limit] = []  # his limit from behaviour, when that policy is on
 
-            def record_intent(conn: sqlite3.Connection) -> BorrowOutcome | _Intent:
-                prior = store.idempotent_get(conn, key)
+            def record_intent(tx: LedgerTx) -> BorrowOutcome | _Intent:
+                prior = tx.idempotent_get(key)
                 if prior is not None:
                     return BorrowOutcome.from_json(prior, replayed=True)
-                loan = store.loan_by_idempotency_key(conn, key)
+                loan = tx.loan_by_idempotency_key(key)
                 if loan is not None:  # intent not settled yet, or its outcome purged
                     return replace(
-                        outcome_of_loan(loan, store.debt_owed(conn, msisdn)), replayed=True
+                        outcome_of_loan(loan, tx.debt_owed(msisdn)), replayed=True
                     )
-                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 in_node = loaded.learned_in_node or static_node
                 if in_node is None:
                     refused = BorrowOutcome(
@@ -407,34 +440,39 @@ class LendingService:
                         Reason.UNKNOWN_SUBSCRIBER,
                         debt_minor=loaded.state.debt_minor,
                     )
-                    store.idempotent_put(conn, key, refused.to_json(), now)
+                    tx.idempotent_put(key, refused.to_json(), now)
                     if channel != "auto":
-                        self.notifier.put(_tx(conn), loan_notice(refused, msisdn, loaded.state.language), now)
+                        self.notifier.put(tx, loan_notice(refused, msisdn, loaded.state.language), now)
                     return refused
                 state = loaded.state
                 if above is not None:  # the IN says: more than the limit left
                     state = replace(state, balance_minor=above)
-                state, limit = with_limit(conn, state, self.policy, now)  # type: ignore[arg-type]
+                state, limit = with_limit(tx, state, self.policy, now)
                 limits.extend([limit] if limit else [])
-                decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy, now)
+                state = with_loan_times(tx, state, self.policy, now)
+                decision = decide(BorrowRequest(msisdn, tier_id, channel, kind), state,
+                                  self.policy, now)
                 if not isinstance(decision, Granted):
+                    if channel != "auto":
+                        audit_consent(tx, self.policy, msisdn, LOAN_REFUSED, channel, now,
+                                      {"reason": decision.reason.value, "tier_id": tier_id},
+                                      who="node", why=decision.detail)
                     refused = BorrowOutcome(
                         BorrowStatus.REFUSED,
                         decision.reason,
                         tier_id=tier_id,
                         debt_minor=loaded.state.debt_minor,
                     )
-                    store.idempotent_put(conn, key, refused.to_json(), now)
+                    tx.idempotent_put(key, refused.to_json(), now)
                     if channel != "auto":
-                        self.notifier.put(_tx(conn), loan_notice(refused, msisdn, loaded.state.language), now)
+                        self.notifier.put(tx, loan_notice(refused, msisdn, loaded.state.language), now)
                     return refused
-                loan_id = store.insert_loan(
-                    conn,
+                loan_id = tx.insert_loan(
                     msisdn=msisdn,
                     tier_id=decision.tier.tier_id,
                     principal_minor=decision.amount_minor,
                     fee_minor=decision.fee_minor,
-                    state=store.CREDITING,
+                    state=sagas.CREDITING,
                     channel=channel,
                     idempotency_key=key,
                     in_node=in_node,
@@ -442,8 +480,14 @@ class LendingService:
                     now=now,
                     subscriber_known=loaded.known,
                 )
+                bundle = decision.tier.bundle
+                if channel != "auto":  # what he agreed to, with the loan it asked for
+                    audit_consent(tx, self.policy, msisdn, LOAN_CONSENT, channel, now, {
+                        "tier_id": decision.tier.tier_id, "loan_id": loan_id,
+                        **figures(decision.amount_minor, decision.fee_minor),
+                        **({"bundle": bundle.as_param()} if bundle else {})})
                 return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language,
-                               limits[0] if limits else None)
+                               limits[0] if limits else None, bundle)
 
             step = await self.ledger.write(record_intent)
             if isinstance(step, BorrowOutcome):
@@ -471,7 +515,8 @@ class LendingService:
         answer: asyncio.Future[BorrowOutcome] | None = None,
     ) -> BorrowOutcome:
         op = InOperation(
-            InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id
+            InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id,
+            bundle=step.bundle,
         )
         result = await call_in_with_resends(self.in_port, op)
         if result.outcome is InOutcome.NOT_EXECUTED:
@@ -479,10 +524,10 @@ class LendingService:
             result = InResult(InOutcome.REFUSED, result.result_code)
         now = self.clock()
 
-        def settle(conn: sqlite3.Connection) -> BorrowOutcome:
-            settled = settle_borrow(conn, step.loan_id, result, now)
+        def settle(tx: LedgerTx) -> BorrowOutcome:
+            settled = settle_borrow(tx, step.loan_id, result, now)
             # The message that reports it, in the same commit (sent after, never awaited).
-            self.notifier.put(_tx(conn), loan_notice(settled, msisdn, step.language), now)
+            self.notifier.put(tx, loan_notice(settled, msisdn, step.language, step.bundle), now)
             return settled
 
         if answer is None:
@@ -539,7 +584,7 @@ class LendingService:
 
     async def _language(self, msisdn: str) -> str:
         loaded = await self.ledger.read_point(
-            lambda conn: store.load_subscriber(conn, msisdn, default_language=self.default_language)
+            lambda tx: tx.load_subscriber(msisdn, default_language=self.default_language)
         )
         return loaded.state.language
 
@@ -563,9 +608,11 @@ class LendingService:
         await self.locks.settled(msisdn, SETTLED_READ_WAIT_S)
         now = self.clock()
 
-        def read(conn: sqlite3.Connection) -> tuple[store.LoadedSubscriber, Limit | None]:
-            loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
-            return loaded, current_limit(conn, loaded.state, self.policy, now)  # type: ignore[arg-type]
+        def read(tx: LedgerTx) -> tuple[LoadedSubscriber, Limit | None]:
+            loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
+            if self.policy.protection.counts_loans:  # the menu shows a cap or a pause
+                loaded = replace(loaded, state=with_loan_times(tx, loaded.state, self.policy, now))
+            return loaded, current_limit(tx, loaded.state, self.policy, now)
 
         loaded, limit = await self.ledger.read_point(read)
         s = loaded.state
@@ -595,18 +642,140 @@ class LendingService:
         auto_advance: bool | None = None,
         ads_opt_out: bool | None = None,
         language: str | None = None,
+        channel: str = "ussd",
+    ) -> str | None:
+        """Change his preferences, each change on his consent trail when the policy keeps
+        one. Turning automatic advances on under a double opt-in changes nothing yet:
+        an SMS asks him to reply YES (`confirm_by_reply`), and "confirm_by_sms" is
+        returned so the screen can say so."""
+        now = self.clock()
+        protection = self.policy.protection
+
+        def change(tx: LedgerTx) -> str | None:
+            auto = auto_advance
+            waits: str | None = None
+            if auto and protection.double_opt_in:
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
+                if not loaded.state.auto_advance_opt_in:
+                    self._ask_auto_advance(tx, loaded.state, channel, now)
+                    auto, waits = None, "confirm_by_sms"
+            tx.set_preferences(msisdn, now, auto_advance=auto, ads_opt_out=ads_opt_out,
+                               language=language)
+            if auto is not None:
+                audit_consent(tx, self.policy, msisdn,
+                              AUTO_ADVANCE_ON if auto else AUTO_ADVANCE_OFF, channel, now)
+            if ads_opt_out is not None:
+                audit_consent(tx, self.policy, msisdn,
+                              ADS_OPT_OUT if ads_opt_out else ADS_OPT_IN, channel, now)
+            return waits
+
+        waits = await self.ledger.write(change)
+        if waits is not None:
+            self.notifier.wake()
+        return waits
+
+    def _ask_auto_advance(
+        self, tx: LedgerTx, state: SubscriberState, channel: str, now: datetime
     ) -> None:
+        """The double opt-in's first step: the request on his trail, and the SMS that
+        names the advance and its fee and asks for YES (in the same commit)."""
+        amount_minor = fee_minor = 0
+        segment = match_segment(state.profile, self.policy.segments)
+        tier = self.policy.tiers.get(self.policy.auto_advance_tier_id or 0)
+        if segment is not None and tier is not None:
+            amount_minor = tier.amount_minor
+            fee_minor = fee_for(tier, self.policy.fee_plans[segment.fee_plan])
+        shown = figures(amount_minor, fee_minor)
+        tx.audit(state.msisdn, AUTO_ADVANCE_REQUESTED, WHO_SUBSCRIBER, channel, now,
+                 {"channel": channel, **shown})
+        self.notifier.put(tx, Notice(state.msisdn, "opt_in_confirm_sms", {
+            "amount": amount_minor, "fee": fee_minor, "fee_percent": shown["fee_percent"],
+            "minutes": self.policy.protection.confirm_ttl_s // 60}, "sms", state.language), now)
+
+    async def record_consent(
+        self, msisdn: str, action: str, channel: str, detail: dict[str, Any] | None = None
+    ) -> None:
+        """A consent line a channel decided (he cancelled on the confirm screen)."""
+        if not self.policy.protection.keeps_trail:
+            return
         now = self.clock()
         await self.ledger.write(
-            lambda conn: store.set_preferences(
-                conn,
-                msisdn,
-                now,
-                auto_advance=auto_advance,
-                ads_opt_out=ads_opt_out,
-                language=language,
-            )
-        )
+            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail))
+
+    async def sms_loan(
+        self, msisdn: str, tier_id: int | None, idempotency_key: str, *, kind: str = MONEY
+    ) -> BorrowOutcome | None:
+        """An SMS `LOAN [n]`: lent at once, or, with `[protection] sms_confirm`, answered
+        by an SMS with the amount, the fee and its percentage, and lent only on his
+        reply YES (`confirm_by_reply`). None: the confirmation was asked for. A request
+        the node would refuse is refused at once (its SMS, EDR and trail line)."""
+        protection = self.policy.protection
+        if not protection.sms_confirm:
+            return await self.borrow(msisdn, tier_id, "sms", idempotency_key, kind=kind)
+        status, quote = await self.overview(msisdn)
+        tier = _offered(quote, tier_id, kind)
+        if tier is None:
+            return await self.borrow(msisdn, tier_id, "sms", idempotency_key, kind=kind)
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+            ask_key = f"smsask:{idempotency_key}"
+
+            def ask(tx: LedgerTx) -> None:
+                if tx.idempotent_get(ask_key) is not None:
+                    return  # the SMSC's re-send of the same LOAN: asked already
+                tx.idempotent_put(ask_key, {"asked": True}, now)
+                shown = figures(tier.amount_minor, tier.fee_minor)
+                bundle = {"bundle": tier.bundle.as_param()} if tier.bundle else {}
+                tx.audit(msisdn, LOAN_CONFIRM_REQUESTED, WHO_SUBSCRIBER, "sms", now,
+                         {"channel": "sms", "tier_id": tier.tier_id, **shown, **bundle})
+                self.notifier.put(tx, Notice(
+                    msisdn, "loan_confirm_sms_bundle" if bundle else "loan_confirm_sms", {
+                        "amount": tier.amount_minor, "fee": tier.fee_minor,
+                        "fee_percent": shown["fee_percent"], "total": tier.total_minor,
+                        "minutes": protection.confirm_ttl_s // 60, **bundle},
+                    "sms", status.language), now)
+
+            await self.ledger.write(ask)
+        self.notifier.wake()
+        return None
+
+    async def confirm_by_reply(self, msisdn: str) -> str | None:
+        """His SMS `YES`: completes the request waiting on his trail (an SMS loan, or
+        the double opt-in to automatic advances). Returns the template to answer with
+        when nothing was waiting ("nothing_to_confirm"); else None (the outcome goes by
+        SMS). A loan is asked for with a key made of the request's audit id: a second
+        YES to the same request lends nothing more."""
+        now = self.clock()
+        request = await self.ledger.read_point(
+            lambda tx: pending_request(tx, msisdn, self.policy, now))
+        if request is None:
+            return "nothing_to_confirm"
+        if request.action == LOAN_CONFIRM_REQUESTED:
+            tier_id = int(request.detail["tier_id"])
+            _status, quote = await self.overview(msisdn)
+            tier = _offered(quote, tier_id)
+            if tier is not None and (tier.amount_minor, tier.fee_minor) != (
+                    request.detail.get("amount_minor"), request.detail.get("fee_minor")):
+                # The tariff changed since he was asked: he is asked again with the new
+                # figures, never charged a fee he was not shown.
+                await self.sms_loan(msisdn, tier_id, f"reask:{request.audit_id}")
+                return None
+            await self.borrow(msisdn, tier_id, "sms", f"smsyes:{request.audit_id}")
+            return None
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+
+            def turn_on(tx: LedgerTx) -> None:
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
+                tx.set_preferences(msisdn, now, auto_advance=True)
+                tx.audit(msisdn, AUTO_ADVANCE_ON, WHO_SUBSCRIBER, "sms reply", now,
+                         {"channel": "sms", "request": request.audit_id})
+                self.notifier.put(tx, Notice(msisdn, "auto_advance_on_sms", {}, "sms",
+                                             loaded.state.language), now)
+
+            await self.ledger.write(turn_on)
+        self.notifier.wake()
+        return None
 
     async def _balance_above_limit(
         self, msisdn: str, in_node: str | None, channel: str
@@ -641,13 +810,13 @@ class LendingService:
     async def _probe_route(self, msisdn: str, now: datetime) -> str | None:
         """No static or cached route: a learned one from the ledger, else ask the IN
         nodes (CHECK_BALANCE, moves no money) and remember the one that knows him."""
-        learned = await self.ledger.learned_route(msisdn)
+        learned = await self.ledger.read_point(lambda tx: tx.learned_route(msisdn))
         if learned is not None:
             return learned
         assert self.prober is not None
         found = await self.prober.probe(msisdn)
         if found is not None:
-            await self.ledger.write(lambda c: store.learn_route(c, msisdn, found, now))
+            await self.ledger.write(lambda tx: tx.learn_route(msisdn, found, now))
             self.router.learn(msisdn, found)
         return found
 
@@ -685,53 +854,53 @@ class LendingService:
             now = self.clock()
             static_node = self.router.static_route(msisdn)
             confirms = origin_host in self.advance_confirmation_nodes
-            granted: list[store.LoanRow] = []  # the advance as written (spares a read after)
-            evidenced: list[store.LoanRow] = []  # an advance the IN's session confirmed
+            granted: list[LoanRow] = []  # the advance as written (spares a read after)
+            evidenced: list[LoanRow] = []  # an advance the IN's session confirmed
 
-            def answer(conn: sqlite3.Connection) -> tuple[AdvanceOutcome, SubscriberState | None]:
-                prior = store.idempotent_get(conn, key)
+            def answer(tx: LedgerTx) -> tuple[AdvanceOutcome, SubscriberState | None]:
+                prior = tx.idempotent_get(key)
                 if prior is not None:
                     return AdvanceOutcome.from_json(prior, replayed=True), None
-                advance = store.loan_by_idempotency_key(conn, key)
+                advance = tx.loan_by_idempotency_key(key)
                 if advance is not None:  # granted; its outcome row was purged
                     return advance_outcome_of_loan(advance), None
 
                 def done(
                     outcome: AdvanceOutcome, state: SubscriberState | None
                 ) -> tuple[AdvanceOutcome, SubscriberState | None]:
-                    store.idempotent_put(conn, key, outcome.to_json(), now)
+                    tx.idempotent_put(key, outcome.to_json(), now)
                     return outcome, state
 
                 if (request_type in (CC_REQUEST_TYPE_UPDATE, CC_REQUEST_TYPE_TERMINATION)
-                        and not _session_known(conn, session_id)):
+                        and not _session_known(tx, session_id)):
                     # RFC 4006 §5.1: UPDATE and TERMINATION continue a session opened
                     # by an INITIAL (CC-Request-Number 0); none was seen.
                     return done(AdvanceOutcome(DIAMETER_UNKNOWN_SESSION_ID), None)
                 if request_type in (CC_REQUEST_TYPE_UPDATE, CC_REQUEST_TYPE_TERMINATION):
                     evidenced.extend(_session_evidence(
-                        _tx(conn), session_id, request_type, request_number, used_minor, now))
+                        tx, session_id, request_type, request_number, used_minor, now))
                 if request_type == CC_REQUEST_TYPE_TERMINATION:
                     return done(AdvanceOutcome(DIAMETER_SUCCESS), None)
-                loaded = store.load_subscriber(conn, msisdn, default_language=self.default_language)
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 has_profile = loaded.state.profile is not None
                 if static_node is None and loaded.learned_in_node is None and not has_profile:
                     return done(
                         AdvanceOutcome(DIAMETER_USER_UNKNOWN, None, Reason.UNKNOWN_SUBSCRIBER), None
                     )
                 if loaded.learned_in_node != origin_host:
-                    store.learn_route(conn, msisdn, origin_host, now)
-                state, _limit = with_limit(conn, loaded.state, self.policy, now)  # type: ignore[arg-type]
+                    tx.learn_route(msisdn, origin_host, now)
+                state, _limit = with_limit(tx, loaded.state, self.policy, now)
+                state = with_loan_times(tx, state, self.policy, now)
                 decision = decide(BorrowRequest(msisdn, None, "auto"), state, self.policy, now)
                 if isinstance(decision, Granted):
                     if deadline_monotonic is not None and time.monotonic() > deadline_monotonic:
                         return AdvanceOutcome(DIAMETER_TOO_BUSY, None, Reason.IN_UNAVAILABLE), None
-                    loan_id = store.insert_loan(
-                        conn,
+                    loan_id = tx.insert_loan(
                         msisdn=msisdn,
                         tier_id=decision.tier.tier_id,
                         principal_minor=decision.amount_minor,
                         fee_minor=decision.fee_minor,
-                        state=store.CONFIRMING if confirms else store.ACTIVE,
+                        state=sagas.CONFIRMING if confirms else sagas.ACTIVE,
                         channel="auto",
                         idempotency_key=key,
                         in_node=origin_host,
@@ -740,11 +909,11 @@ class LendingService:
                         request_number=request_number,
                         subscriber_known=True,  # load_subscriber or learn_route wrote it
                     )
-                    loan = store.get_loan(conn, loan_id)
+                    loan = tx.get_loan(loan_id)
                     if loan is not None:
                         granted.append(loan)
                     debt_minor = loaded.state.debt_minor + decision.amount_minor + decision.fee_minor
-                    self.notifier.put(_tx(conn), Notice(
+                    self.notifier.put(tx, Notice(
                         msisdn,
                         "advance_granted",
                         {"amount": decision.amount_minor, "fee": decision.fee_minor,
@@ -835,11 +1004,11 @@ class LendingService:
         state: SubscriberState,
         requested_minor: int | None,
         now: datetime,
-        granted: store.LoanRow | None = None,
+        granted: LoanRow | None = None,
     ) -> None:
         if outcome.result_code == DIAMETER_SUCCESS and outcome.granted_minor is not None:
             loan = granted or await self.ledger.read_point(
-                lambda conn: store.get_loan(conn, outcome.loan_id or "")
+                lambda tx: tx.get_loan(outcome.loan_id or "")
             )
             assert loan is not None
             debt_minor = state.debt_minor + loan.principal_minor + loan.fee_minor
@@ -871,24 +1040,24 @@ class LendingService:
             self.ads.fire_offer(msisdn, AdTrigger.OUT_OF_BALANCE)
 
 
-def _session_known(conn: sqlite3.Connection, session_id: str) -> bool:
+def _session_known(tx: LedgerTx, session_id: str) -> bool:
     """Whether the IN opened this credit-control session with an INITIAL_REQUEST
     (CC-Request-Number 0, RFC 4006 §8.2): its answer is still kept, or it granted
     an advance (kept with the loan after the answer was purged)."""
     key = f"ccr:{session_id}:0"
-    return (store.idempotent_get(conn, key) is not None
-            or store.loan_by_idempotency_key(conn, key) is not None)
+    return (tx.idempotent_get(key) is not None
+            or tx.loan_by_idempotency_key(key) is not None)
 
 
 def _session_evidence(tx: LedgerTx, session_id: str, request_type: int,
                       request_number: int, used_minor: int | None,
-                      now: datetime) -> list[store.LoanRow]:
+                      now: datetime) -> list[LoanRow]:
     """An UPDATE or TERMINATION continuing a session whose INITIAL granted an advance
     shows the IN received that CCA and applied the grant (RFC 4006 §5.2; its
     Used-Service-Unit, §8.19, reports what it consumed): recorded once on the advance,
     with an audit line. The advance if this request recorded it."""
     loan = tx.loan_by_idempotency_key(f"ccr:{session_id}:0")
-    if loan is None or loan.state in (store.FAILED, store.REQUESTED):
+    if loan is None or loan.state in (sagas.FAILED, sagas.REQUESTED):
         return []
     if not tx.record_session_evidence(loan.loan_id, session_id, request_type,
                                       request_number, used_minor, now):
@@ -899,6 +1068,19 @@ def _session_evidence(tx: LedgerTx, session_id: str, request_type: int,
              {"session_id": session_id, "request_type": request_type,
               "used_minor": used_minor})
     return [loan]
+
+
+def _offered(quote: Offer, tier_id: int | None, kind: str = MONEY) -> OfferTier | None:
+    """The tier of his menu a request names (None: the largest of `kind` that fits, as
+    `decide` picks it), when he may take it now; else None."""
+    if not quote.eligible:
+        return None
+    fitting = [t for t in quote.tiers if t.fits]
+    if tier_id is None:
+        fitting = [t for t in fitting if (t.bundle.kind if t.bundle else MONEY) == kind]
+    if tier_id is None:
+        return max(fitting, key=lambda t: (t.amount_minor, t.tier_id), default=None)
+    return next((t for t in fitting if t.tier_id == tier_id), None)
 
 
 def _v(reason: Reason | None) -> str | None:

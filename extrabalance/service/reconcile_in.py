@@ -25,15 +25,15 @@ Extract format, CSV with a header line (one row per grant the IN applied):
 from __future__ import annotations
 
 import csv
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from extrabalance.core import sagas
 from extrabalance.core.reasons import Reason
-from extrabalance.ledger import store
 from extrabalance.service.outcomes import DIAMETER_CREDIT_LIMIT_REACHED, AdvanceOutcome
+from extrabalance.service.unit_of_work import LedgerTx
 
 EXTRACT_COLUMNS = ("session_id", "request_number", "msisdn", "amount_minor")
 EXTRACT_ROWS_MAX = 10_000_000  # one extract; a bigger one is cut by the IN per day
@@ -106,16 +106,16 @@ class ReconcileInReport:
                     or self.grants_without_advance)
 
 
-def reconcile_in(conn: sqlite3.Connection, grants: list[InGrant], *, in_node: str,
+def reconcile_in(tx: LedgerTx, grants: list[InGrant], *, in_node: str,
                  until: datetime, apply: bool, now: datetime) -> ReconcileInReport:
     """Compare the ledger's advances to `in_node` up to `until` with the IN's `grants`;
-    with `apply`, reverse those the IN never credited (in the caller's transaction).
+    with `apply`, reverse those the IN never credited (in the caller's unit of work).
     Moves money only by reversing a booking the IN shows it never applied."""
-    report = ReconcileInReport(in_node, store.ts(until), apply)
+    report = ReconcileInReport(in_node, until.isoformat(timespec="microseconds"), apply)
     by_key = {(g.session_id, g.request_number): g for g in grants}
     seen: set[tuple[str, int]] = set()
-    for loan in store.advances_of_in_node(conn, in_node, until):
-        if loan.state in (store.FAILED, store.REQUESTED):
+    for loan in tx.advances_of_in_node(in_node, until):
+        if loan.state in (sagas.FAILED, sagas.REQUESTED):
             continue  # nothing was granted (a refused confirmation, or never answered)
         report.advances_checked += 1
         key = (loan.diameter_session_id or "", loan.request_number)
@@ -131,7 +131,7 @@ def reconcile_in(conn: sqlite3.Connection, grants: list[InGrant], *, in_node: st
                 report.mismatches.append({**row, "in_msisdn": grant.msisdn,
                                           "in_amount_minor": grant.amount_minor})
             continue
-        evidence = store.session_evidence(conn, loan.loan_id)
+        evidence = tx.session_evidence(loan.loan_id)
         if evidence is not None:
             # The IN continued the INITIAL's session: it received the CCA and applied
             # the grant. Never reversed; its extract lacks a row it should have.
@@ -139,8 +139,8 @@ def reconcile_in(conn: sqlite3.Connection, grants: list[InGrant], *, in_node: st
                 **row, "why": "confirmed by the IN's session, missing from the extract",
                 "evidence_request_number": evidence[1], "used_minor": evidence[2]})
             continue
-        loaded = store.load_subscriber(conn, loan.msisdn)
-        reversible = (loan.state == store.ACTIVE and loan.principal_repaid_minor == 0
+        loaded = tx.load_subscriber(loan.msisdn)
+        reversible = (loan.state == sagas.ACTIVE and loan.principal_repaid_minor == 0
                       and loan.fee_repaid_minor == 0 and not loaded.recovery_pending)
         if not reversible:
             report.needs_review.append(row)
@@ -148,15 +148,15 @@ def reconcile_in(conn: sqlite3.Connection, grants: list[InGrant], *, in_node: st
         if not apply:
             report.not_credited.append(row)
             continue
-        settled = store.settle_advance(conn, loan.loan_id, False, now, never_credited=True)
+        settled = tx.settle_advance(loan.loan_id, False, now, never_credited=True)
         if settled.idempotency_key:
             # A late re-send of the IN's request must not grant it again.
             refused = AdvanceOutcome(DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED,
                                      loan.loan_id)
-            store.idempotent_replace(conn, settled.idempotency_key, refused.to_json(), now)
-        store.audit(conn, loan.msisdn, "advance_reversed", "reconcile-in",
-                    f"advance {loan.loan_id} not in {in_node}'s records up to {report.until}",
-                    now)
+            tx.idempotent_replace(settled.idempotency_key, refused.to_json(), now)
+        tx.audit(loan.msisdn, "advance_reversed", "reconcile-in",
+                 f"advance {loan.loan_id} not in {in_node}'s records up to {report.until}",
+                 now)
         report.reversed.append(row)
     for key, grant in by_key.items():
         if key not in seen:

@@ -260,8 +260,10 @@ class PaybackService:
                     tx: LedgerTx, result: InResult = result, now: datetime = now
                 ) -> PaybackOutcome:
                     settled = settle_recovery_done(tx, step.recovery_id, result, self.policy, now)
-                    # The message that reports it, in the same commit (sent after).
-                    self.notifier.put(tx, payback_notice(msisdn, settled, step.language), now)
+                    # The message that names the deduction, in the same commit (sent
+                    # after); on unless [protection] recovery_sms = false.
+                    if self.policy.protection.recovery_sms:
+                        self.notifier.put(tx, payback_notice(msisdn, settled, step.language), now)
                     return settled
 
                 outcome = await self.ledger.write(settle)

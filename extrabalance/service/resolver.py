@@ -26,13 +26,14 @@ seconds rather than at the next periodic run.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import structlog
 
-from extrabalance.core.policy import Policy
-from extrabalance.ledger import Ledger, store
+from extrabalance.core import sagas
+from extrabalance.core.policy import Bundle, Policy
 from extrabalance.service.lending import (
     Clock,
     ConfirmStatus,
@@ -57,12 +58,22 @@ from extrabalance.service.recovery import (
     settle_recovery_done,
     settle_recovery_failed,
 )
+from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
+
+if TYPE_CHECKING:  # the row types the port's operations return
+    from extrabalance.ledger.store import LoanRow, RecoveryRow
 
 log = structlog.get_logger(__name__)
 
 RESOLVE_BATCH_MAX = 1_000  # operations looked at per run
 REVIEW_AFTER_ATTEMPTS = 20  # runs before an unresolved operation goes to manual review
 RESOLVE_INTERVAL_S = 30.0
+
+
+def resolve_interval_s(lease_s: float) -> float:
+    """How often the resolver runs (and so renews its leases): every 30 s, or every
+    quarter of a shorter lease, so that a live node renews well before it runs out."""
+    return min(RESOLVE_INTERVAL_S, lease_s / 4)
 # Follow-ups of one pending operation (a loan left UNKNOWN, a recovery not answered in
 # time or answered 3002/3004): re-sent unchanged this long after it was left pending,
 # then after the next delay, before the periodic run takes it over. Spaced like the
@@ -83,7 +94,7 @@ class ResolveReport:
 class Resolver:
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: UnitOfWork,
         in_port: InPort,
         notifier: NoticeOutbox,
         events: EventSink,
@@ -98,8 +109,14 @@ class Resolver:
         follow_up_delays_s: tuple[float, ...] = FOLLOW_UP_DELAYS_S,
         follow_ups_max: int = FOLLOW_UPS_MAX,
         concurrent_max: int = RESOLVE_CONCURRENT_MAX,
+        node_name: str = "",
+        lease_s: float = sagas.SAGA_LEASE_S,
     ) -> None:
         self.ledger = ledger
+        # Several nodes on one ledger: this node claims the operations it settles
+        # (its own, renewed; those of no node; those of a node whose lease ran out).
+        self.node_name = node_name
+        self.lease = timedelta(seconds=lease_s)
         self.concurrent_max = concurrent_max
         self.follow_up_delays_s = follow_up_delays_s
         self.follow_ups_max = follow_ups_max
@@ -116,21 +133,26 @@ class Resolver:
         self.default_language = default_language
 
     async def run_once(self) -> ResolveReport:
-        """One pass over the pending operations, up to `concurrent_max` at once (one
-        subscriber's are serialised by his lock), each re-sent unchanged."""
-        loans = await self.ledger.read(lambda c: store.unsettled_loans(c, self.batch_max))
-        recs = await self.ledger.read(lambda c: store.unsettled_recoveries(c, self.batch_max))
+        """One pass over the pending operations this node claims (see `node_name`), up
+        to `concurrent_max` at once (one subscriber's are serialised by his lock), each
+        re-sent unchanged."""
+        now = self.clock()
+        until, me, most = now + self.lease, self.node_name, self.batch_max
+        loans = await self.ledger.write(
+            lambda tx: tx.claim_unsettled_loans(me, now, until, most))
+        recs = await self.ledger.write(
+            lambda tx: tx.claim_unsettled_recoveries(me, now, until, most))
         slots = asyncio.Semaphore(self.concurrent_max)
 
-        async def loan_result(loan: store.LoanRow) -> str:
+        async def loan_result(loan: LoanRow) -> str:
             async with slots:
-                if loan.state != store.CONFIRMING:
+                if loan.state != sagas.CONFIRMING:
                     return await self._resolve_loan(loan.loan_id, loan.msisdn)
                 if loan.in_node in self.advance_confirmation_nodes:
                     return await self._resolve_advance(loan.loan_id, loan.msisdn)
                 return await self._settle_unconfirmed_advance(loan.loan_id, loan.msisdn)
 
-        async def recovery_result(rec: store.RecoveryRow) -> str:
+        async def recovery_result(rec: RecoveryRow) -> str:
             async with slots:
                 return await self._resolve_recovery(rec.recovery_id, rec.msisdn)
 
@@ -178,6 +200,7 @@ class Resolver:
             task.cancel()
 
     async def run_forever(self, interval_s: float = RESOLVE_INTERVAL_S) -> None:
+        """Run every `interval_s` (shorter than the lease, which each run renews)."""
         while True:
             try:
                 await self.run_once()
@@ -185,13 +208,13 @@ class Resolver:
                 log.exception("resolver_run_failed")
             await asyncio.sleep(interval_s)
 
-    def _language_in(self, c: sqlite3.Connection, msisdn: str) -> str:
-        return store.load_subscriber(c, msisdn, default_language=self.default_language).state.language
+    def _language_in(self, tx: LedgerTx, msisdn: str) -> str:
+        return tx.load_subscriber(msisdn, default_language=self.default_language).state.language
 
     async def _unresolved(self, table: str, key: str, msisdn: str) -> str:
         flagged = await self.ledger.write(
-            lambda c: store.note_resolve_attempt(
-                c, table, key, self.review_after_attempts, self.clock()
+            lambda tx: tx.note_resolve_attempt(
+                table, key, self.review_after_attempts, self.clock()
             )
         )
         if flagged:
@@ -217,11 +240,11 @@ class Resolver:
         grant is the credit there, and a REFUND_ACCOUNT would be a second one."""
         now = self.clock()
 
-        def settle(conn: sqlite3.Connection) -> bool:
-            loan = store.get_loan(conn, loan_id)
-            if loan is None or loan.state != store.CONFIRMING:
+        def settle(tx: LedgerTx) -> bool:
+            loan = tx.get_loan(loan_id)
+            if loan is None or loan.state != sagas.CONFIRMING:
                 return False
-            store.settle_advance(conn, loan_id, True, now)
+            tx.settle_advance(loan_id, True, now)
             return True
 
         async with self.locks.hold(msisdn):
@@ -233,15 +256,15 @@ class Resolver:
     async def _resolve_loan(self, loan_id: str, msisdn: str) -> str:
         # Under the subscriber's lock, so a saga still in flight is never raced.
         async with self.locks.hold(msisdn):
-            loan = await self.ledger.read(lambda c: store.get_loan(c, loan_id))
-            if loan is None or loan.state not in store.LOAN_UNSETTLED_STATES:
+            loan = await self.ledger.read(lambda tx: tx.get_loan(loan_id))
+            if loan is None or loan.state not in sagas.LOAN_UNSETTLED_STATES:
                 return "gone"
-            if loan.state == store.CONFIRMING:  # an advance: never credited a second way
+            if loan.state == sagas.CONFIRMING:  # an advance: never credited a second way
                 return "gone"
             if loan.diameter_session_id is None or loan.in_node is None:
                 # Recorded but never sent: nothing can have been credited.
                 await self.ledger.write(
-                    lambda c: settle_borrow(c, loan_id, InResult(InOutcome.REFUSED), self.clock())
+                    lambda tx: settle_borrow(tx, loan_id, InResult(InOutcome.REFUSED), self.clock())
                 )
                 return "settled"
             op = InOperation(
@@ -252,21 +275,24 @@ class Resolver:
                 loan.diameter_session_id,
                 loan.request_number,
                 retransmission=True,
+                bundle=_bundle_of(self.policy, loan.tier_id),
             )
             result = await call_in(self.in_port, op)
             if result.outcome not in (InOutcome.DONE, InOutcome.REFUSED):
                 # NOT_EXECUTED on a re-send says nothing about the first send.
-                if loan.state != store.UNKNOWN:
+                if loan.state != sagas.UNKNOWN:
                     await self.ledger.write(
-                        lambda c: store.settle_loan(c, loan_id, store.UNKNOWN, self.clock())
+                        lambda tx: tx.settle_loan(loan_id, sagas.UNKNOWN, self.clock())
                     )
                 return await self._unresolved("loans", loan_id, msisdn)
             now = self.clock()
 
-            def settle(c: sqlite3.Connection) -> BorrowOutcome:
-                settled = settle_borrow(c, loan_id, result, now)
+            def settle(tx: LedgerTx) -> BorrowOutcome:
+                settled = settle_borrow(tx, loan_id, result, now)
                 if loan.channel != "auto":  # the message that reports it, same commit
-                    self.notifier.put(c, loan_notice(settled, msisdn, self._language_in(c, msisdn)), now)
+                    language = self._language_in(tx, msisdn)
+                    self.notifier.put(tx, loan_notice(settled, msisdn, language,
+                                                      _bundle_of(self.policy, loan.tier_id)), now)
                 return settled
 
             outcome = await self.ledger.write(settle)
@@ -297,8 +323,8 @@ class Resolver:
 
     async def _resolve_recovery(self, recovery_id: str, msisdn: str) -> str:
         async with self.locks.hold(msisdn):
-            rec = await self.ledger.read(lambda c: store.get_recovery(c, recovery_id))
-            if rec is None or rec.state not in store.RECOVERY_UNSETTLED_STATES:
+            rec = await self.ledger.read(lambda tx: tx.get_recovery(recovery_id))
+            if rec is None or rec.state not in sagas.RECOVERY_UNSETTLED_STATES:
                 return "gone"
             assert rec.diameter_session_id is not None and rec.in_node is not None
             op = InOperation(
@@ -314,9 +340,11 @@ class Resolver:
             if result.outcome is InOutcome.DONE:
                 now = self.clock()
 
-                def settle_recovery(c: sqlite3.Connection) -> PaybackOutcome:
-                    settled = settle_recovery_done(c, recovery_id, result, self.policy, now)
-                    self.notifier.put(c, payback_notice(msisdn, settled, self._language_in(c, msisdn)), now)
+                def settle_recovery(tx: LedgerTx) -> PaybackOutcome:
+                    settled = settle_recovery_done(tx, recovery_id, result, self.policy, now)
+                    if self.policy.protection.recovery_sms:
+                        language = self._language_in(tx, msisdn)
+                        self.notifier.put(tx, payback_notice(msisdn, settled, language), now)
                     return settled
 
                 outcome = await self.ledger.write(settle_recovery)
@@ -335,11 +363,18 @@ class Resolver:
                 return "settled"
             if result.outcome is InOutcome.REFUSED:
                 await self.ledger.write(
-                    lambda c: settle_recovery_failed(c, recovery_id, result, self.clock())
+                    lambda tx: settle_recovery_failed(tx, recovery_id, result, self.clock())
                 )
                 return "settled"
-            if rec.state != store.UNKNOWN:
+            if rec.state != sagas.UNKNOWN:
                 await self.ledger.write(
-                    lambda c: store.set_recovery_state(c, recovery_id, store.UNKNOWN, self.clock())
+                    lambda tx: tx.set_recovery_state(recovery_id, sagas.UNKNOWN, self.clock())
                 )
             return await self._unresolved("recoveries", recovery_id, msisdn)
+
+
+def _bundle_of(policy: Policy, tier_id: int) -> Bundle | None:
+    """The bundle a loan's tier credits (None: money). A loan is re-sent under its own
+    Session-Id: an IN that received the first send answers it again unchanged."""
+    tier = policy.tiers.get(tier_id)
+    return tier.bundle if tier is not None else None

@@ -27,17 +27,18 @@ Adapters:
   (`ledger/sqlite_uow.py`), so the port costs no extra object or call per operation.
 * In memory (`extrabalance.ledger.memory`): the same operations and invariants over
   plain dicts, for the service tests; `tests/ledger/test_unit_of_work_contract.py` runs
-  one set of tests against both.
+  one set of tests against all three.
+* PostgreSQL (`extrabalance.ledger.postgres`): psycopg 3 synchronous connections on a
+  small thread pool, one transaction per `write(fn)` (no group commit: the database's
+  own commit does the batching), `fn` running on the pool thread. The first operation
+  of a write unit that names a subscriber (directly, or through a loan, recovery or
+  request key of his) takes `SELECT ... FROM subscribers WHERE msisdn = %s FOR UPDATE`,
+  which serialises one subscriber's units of work across nodes sharing the database the
+  way `SubscriberLocks` serialises them inside one node. That is why a service calls
+  the port's operations and never the SQL functions behind them with a connection:
+  those take no lock. `write_staged` is `write` (the answer waits for the commit).
 
-Design for a PostgreSQL adapter (not built; the scale-out issue): psycopg 3 synchronous
-connections on a small thread pool, one transaction per `write(fn)` (no group commit:
-the database's own commit does the batching), `fn` running on the pool thread. The
-first operation that names a subscriber takes `SELECT ... FROM subscribers WHERE msisdn
-= %s FOR UPDATE`, which serialises the units of work of one subscriber across nodes
-sharing the database the way `SubscriberLocks` serialises them inside one node; the
-business SQL of `ledger/store.py` is already portable (`tests/ledger/test_portable_sql.py`).
-`write_staged` would be `write` (the answer waits for the commit). Nothing in this
-protocol assumes one process, one connection or the event-loop thread.
+Nothing in this protocol assumes one process, one connection or the event-loop thread.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:  # row types only: the services never import the SQL modules
+    from extrabalance.core.adjustments import AdjustmentResult
     from extrabalance.core.limits import LimitState
     from extrabalance.core.model import OpenLoan, SubscriberProfile
     from extrabalance.core.payback import Recovery
     from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, CampaignRow
     from extrabalance.ledger.outbox_store import OutboxRow
-    from extrabalance.ledger.store import LoadedSubscriber, LoanRow, RecoveryRow
+    from extrabalance.ledger.store import AuditRow, LoadedSubscriber, LoanRow, RecoveryRow
 
 T = TypeVar("T")
 
@@ -113,6 +115,16 @@ class LedgerTx(Protocol):
         detail: Mapping[str, Any] | None = None,
     ) -> None: ...
 
+    def audit_trail(
+        self, msisdn: str, actions: tuple[str, ...] = (), limit: int = 10_000
+    ) -> list[AuditRow]:
+        """His audit lines (only `actions` when given), oldest first, the newest `limit`."""
+        ...
+
+    def loan_times(self, msisdn: str, since: datetime) -> tuple[datetime, ...]:
+        """When his loans that did not fail were taken, since `since`, oldest first."""
+        ...
+
     # -- idempotency -----------------------------------------------------------------
     def idempotent_get(self, key: str) -> dict[str, Any] | None: ...
     def idempotent_put(self, key: str, outcome: Mapping[str, Any], now: datetime) -> None:
@@ -144,9 +156,12 @@ class LedgerTx(Protocol):
         request_number: int = 0,
         loan_id: str | None = None,
         subscriber_known: bool = False,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
         """Book a loan in a state the saga table allows for a new record; ACTIVE and
-        CONFIRMING are journalled at once. The idempotency key is unique."""
+        CONFIRMING are journalled at once. The idempotency key is unique. An adapter
+        that knows its node leases the saga to it when `owner_node` is not given."""
         ...
 
     def settle_loan(
@@ -156,9 +171,22 @@ class LedgerTx(Protocol):
         ...
 
     def settle_advance(
-        self, loan_id: str, confirmed: bool, now: datetime, *, result_code: int | None = None
+        self,
+        loan_id: str,
+        confirmed: bool,
+        now: datetime,
+        *,
+        result_code: int | None = None,
+        never_credited: bool = False,
     ) -> LoanRow:
-        """Settle a CONFIRMING advance; refused reverses its journal entry."""
+        """Settle a CONFIRMING advance; refused reverses its journal entry.
+        `never_credited` (reconciliation with the IN's own records): an ACTIVE advance
+        with nothing recovered yet is reversed the same way."""
+        ...
+
+    def advances_of_in_node(self, in_node: str, until: datetime) -> list[LoanRow]:
+        """Automatic advances granted to `in_node`'s requests up to `until`, oldest
+        first (reconciliation with that IN's records; may scan)."""
         ...
 
     def record_session_evidence(
@@ -189,6 +217,24 @@ class LedgerTx(Protocol):
         """Open loans created in [created_since, created_before)."""
         ...
 
+    def write_down(
+        self,
+        msisdn: str,
+        *,
+        kind: str,
+        amount_minor: int,
+        who: str,
+        reason: str,
+        now: datetime,
+        loan_id: str | None = None,
+        request_id: str | None = None,
+    ) -> AdjustmentResult:
+        """An operator's goodwill write-down of his debt (`core.adjustments`): one
+        balanced journal entry, the loans' repaid columns, an `adjust` audit line.
+        Raises `AdjustmentError` (nothing changed) when refused; the same `request_id`
+        again answers the first result, replayed."""
+        ...
+
     # -- recoveries ----------------------------------------------------------------------
     def get_recovery(self, recovery_id: str) -> RecoveryRow | None: ...
     def recovery_by_event(self, event_id: str) -> RecoveryRow | None: ...
@@ -203,8 +249,11 @@ class LedgerTx(Protocol):
         now: datetime,
         session_id: str | None = None,
         requested_minor: int = 0,
+        owner_node: str | None = None,
+        lease_until: datetime | None = None,
     ) -> str:
-        """Book a RECOVERING recovery (the recharge's `event_id` is unique)."""
+        """Book a RECOVERING recovery (the recharge's `event_id` is unique); leased as
+        `insert_loan`'s loan."""
         ...
 
     def start_recovery_attempt(
@@ -223,6 +272,25 @@ class LedgerTx(Protocol):
         ...
 
     def unsettled_recoveries(self, limit: int) -> list[RecoveryRow]: ...
+
+    # -- leases on the sagas (several nodes on one ledger) -----------------------------
+    def claim_unsettled_loans(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[LoanRow]:
+        """The unsettled loans `owner` may settle, oldest first, at most `limit`,
+        leased to him until `lease_until`: those without an owner, his own (renewed)
+        and those whose lease ran out. Two nodes claiming at once never share a row."""
+        ...
+
+    def claim_unsettled_recoveries(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[RecoveryRow]:
+        """As `claim_unsettled_loans`, for recoveries with a debit sent."""
+        ...
+
+    def saga_lease(self, table: str, key: str) -> tuple[str | None, str | None]:
+        """(owner_node, lease_until) of a loan ("loans") or recovery ("recoveries")."""
+        ...
 
     # -- journal -----------------------------------------------------------------------
     def debt_from_journal(self, msisdn: str) -> int: ...

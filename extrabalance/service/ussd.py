@@ -42,6 +42,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.core.protection import fee_percent
 from extrabalance.service.keywords import ascii_digits
 from extrabalance.service.templates import Templates
 from extrabalance.smpp.text import gsm7_length, is_gsm7
@@ -84,8 +85,12 @@ class LendingApi(Protocol):
     ) -> Any: ...
     async def status(self, msisdn: str) -> Any: ...
     async def overview(self, msisdn: str) -> tuple[Any, Any]: ...  # (status, offer), one read
+    # "confirm_by_sms" when turning auto-advance on waits for his reply (double opt-in)
     async def set_preferences(self, msisdn: str, **changes: Any) -> Any: ...
     def record_refusal(self, msisdn: str, reason: str, channel: str) -> None: ...
+    async def record_consent(
+        self, msisdn: str, action: str, channel: str, detail: dict[str, Any] | None = None
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -331,6 +336,11 @@ class UssdDialogs:
             if text == "1" and dialog.tier_id is not None:
                 return await self._lend(key, dialog)
             if text == "2":
+                if dialog.quoted is not None:  # declined: on his consent trail
+                    amount, fee, total = dialog.quoted
+                    await self._lending.record_consent(dialog.msisdn, "loan_declined", "ussd", {
+                        "tier_id": dialog.tier_id, "amount_minor": amount, "fee_minor": fee,
+                        "fee_percent": fee_percent(fee, amount), "total_minor": total})
                 return self._close(key, Screen(self._t.render("cancelled_screen", lang), True))
             return self._again(dialog)
         if dialog.step is Step.ACCOUNT:
@@ -338,9 +348,11 @@ class UssdDialogs:
                 return await self._menu(key, dialog, page=0)
             status = await self._lending.status(dialog.msisdn)
             if text == "1":
-                await self._lending.set_preferences(
+                waits = await self._lending.set_preferences(
                     dialog.msisdn, auto_advance=not bool(_attr(status, "auto_advance_opt_in"))
                 )
+                if waits == "confirm_by_sms" and self._t.has("opt_in_sms_sent", lang):
+                    return await self._account(key, dialog, note="opt_in_sms_sent")
             elif text == "2":
                 await self._lending.set_preferences(
                     dialog.msisdn, ads_opt_out=not bool(_attr(status, "ads_opt_out"))
@@ -373,11 +385,7 @@ class UssdDialogs:
         offer = await self._offer(dialog)
         if not offer.eligible:
             return self._close(key, self._refusal(dialog, offer.reason))
-        items = [
-            (str(t.tier_id), self._t.render("menu_item", lang, {"option": t.tier_id, "amount": t.amount_minor}))
-            for t in offer.tiers
-            if t.fits
-        ]
+        items = [(str(t.tier_id), self._menu_item(t, lang)) for t in offer.tiers if t.fits]
         if not items:
             return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
         title = self._t.render("menu_title", lang, {"debt": offer.debt_minor, "headroom": offer.headroom_minor})
@@ -390,6 +398,13 @@ class UssdDialogs:
         dialog.step = Step.MENU
         dialog.page = min(page, len(dialog.pages) - 1)
         return Screen(render_page(title, dialog.pages[dialog.page]), final=False)
+
+    def _menu_item(self, tier: Any, lang: str) -> str:
+        bundle = getattr(tier, "bundle", None)
+        if bundle is None:
+            return self._t.render("menu_item", lang, {"option": tier.tier_id, "amount": tier.amount_minor})
+        return self._t.render("menu_item_bundle", lang, {
+            "option": tier.tier_id, "amount": tier.amount_minor, "bundle": bundle.as_param()})
 
     async def _confirm(self, key: tuple[str, str], dialog: Dialog, tier_id: int) -> Screen:
         lang = dialog.language
@@ -404,10 +419,13 @@ class UssdDialogs:
         dialog.step = Step.CONFIRM
         dialog.tier_id = tier_id
         dialog.quoted = (tier.amount_minor, tier.fee_minor, tier.total_minor)
-        text = self._t.render(
-            "confirm", lang,
-            {"amount": tier.amount_minor, "fee": tier.fee_minor, "total": tier.total_minor},
-        )
+        params: dict[str, Any] = {
+            "amount": tier.amount_minor, "fee": tier.fee_minor, "total": tier.total_minor,
+            "fee_percent": fee_percent(tier.fee_minor, tier.amount_minor)}
+        bundle = getattr(tier, "bundle", None)
+        if bundle is not None:
+            params["bundle"] = bundle.as_param()
+        text = self._t.render("confirm" if bundle is None else "confirm_bundle", lang, params)
         return Screen(text, final=False)
 
     async def _lend(self, key: tuple[str, str], dialog: Dialog) -> Screen:
@@ -430,7 +448,12 @@ class UssdDialogs:
             answer_early=True,
         )
         status = str(getattr(outcome.status, "value", outcome.status)).upper()
-        if status == "GRANTED":
+        bundle = getattr(tier, "bundle", None) if tier is not None else None
+        if status == "GRANTED" and bundle is not None:
+            text = self._t.render("granted_screen_bundle", lang, {
+                "bundle": bundle.as_param(), "amount": outcome.amount_minor,
+                "debt": outcome.debt_minor})
+        elif status == "GRANTED":
             text = self._t.render(
                 "granted_screen", lang, {"amount": outcome.amount_minor, "debt": outcome.debt_minor}
             )
@@ -450,7 +473,8 @@ class UssdDialogs:
     def _keep_offer(self, dialog: Dialog, offer: Any) -> None:
         dialog.offer, dialog.offer_policy = offer, self._lending.policy
 
-    async def _account(self, key: tuple[str, str], dialog: Dialog, saved: bool = False) -> Screen:
+    async def _account(self, key: tuple[str, str], dialog: Dialog, saved: bool = False,
+                       note: str | None = None) -> Screen:
         lang = dialog.language
         status, offer = await self._lending.overview(dialog.msisdn)
         self._keep_offer(dialog, offer)
@@ -473,8 +497,8 @@ class UssdDialogs:
             line = self._t.render("account_limit", lang, {"limit": limit.limit_minor, "why": why})
             if screen_capacity(f"{line}\n{text}") >= 0:
                 text = f"{line}\n{text}"
-        if saved:
-            text = f"{self._t.render('settings_saved', lang)}\n{text}"
+        if saved or note:
+            text = f"{self._t.render(note or 'settings_saved', lang)}\n{text}"
             if screen_capacity(text) < 0:
                 text = text.split("\n", 1)[1]
         return Screen(text, final=False)

@@ -138,18 +138,28 @@ class Smsc:
     def bound_system_ids(self) -> list[str]:
         return [c.session.peer_system_id for c in self._conns if c.session.bound]
 
-    # -- delivering --------------------------------------------------------------------
-
-    async def deliver(self, pdu: DeliverSm, system_id: str | None = None) -> int:
-        """Send deliver_sm to a bound receiver/transceiver (of `system_id` if given,
-        round-robin otherwise) and return the deliver_sm_resp status. The bind's
-        window is honoured (waits for a slot). Raises NoReceiverError when nobody
-        can take it, RequestFailedError on timeout or connection loss."""
-        candidates = [
+    def receivers(self, system_id: str | None = None) -> list[SmppConnection]:
+        """The binds that can take a deliver_sm now (of `system_id` if given)."""
+        return [
             c for c in self._conns
             if c.session.state in _RECEIVER_STATES
             and (system_id is None or c.session.peer_system_id == system_id)
         ]
+
+    # -- delivering --------------------------------------------------------------------
+
+    async def deliver(self, pdu: DeliverSm, system_id: str | None = None, *,
+                      connection: SmppConnection | None = None) -> int:
+        """Send deliver_sm to a bound receiver/transceiver (`connection` if given, else
+        one of `system_id`'s, else any, round-robin) and return the deliver_sm_resp
+        status. The bind's window is honoured (waits for a slot). Raises
+        NoReceiverError when nobody can take it (or `connection` is no longer
+        bound), RequestFailedError on timeout or connection loss."""
+        candidates = self.receivers(system_id)
+        if connection is not None:
+            if connection not in candidates:
+                raise NoReceiverError("that bind is gone")
+            candidates = [connection]
         if not candidates:
             raise NoReceiverError(f"no receiver bound{f' as {system_id}' if system_id else ''}")
         conn = candidates[next(self._rr) % len(candidates)]

@@ -364,3 +364,20 @@ async def test_peer_warnings_are_on_metrics_by_peer_and_kind(played):
     text = (await call(port, "GET", "/metrics", token=TOKEN)).body.decode()
     assert ('eb_diameter_peer_warnings{kind="late_answer",peer="in-a.operator.example"} 1.0'
             in text)
+
+
+async def test_consent_trail_of_a_subscriber_is_exported(played):
+    """GET .../consents: his consent lines, oldest first, the same as the CLI export."""
+    _, _, port = played
+    path = f"/api/v1/subscribers/{B}"
+    for enabled, who in ((True, "erin"), (False, "frank")):
+        reply = await call(port, "POST", path + "/auto-advance", token=TOKEN,
+                           body={"enabled": enabled, "reason": "by phone", "who": who})
+        assert reply.status == 200
+    reply = await call(port, "GET", path + "/consents", token=TOKEN)
+    assert reply.status == 200 and reply.json()["msisdn"] == B
+    lines = [(c["action"], c["who"], c["why"]) for c in reply.json()["consents"]]
+    assert lines[-2:] == [("auto_advance_on", "erin", "by phone"),
+                          ("auto_advance_off", "frank", "by phone")]
+    assert (await call(port, "GET", path + "/consents")).status == 401
+    assert (await call(port, "GET", "/api/v1/subscribers/12ab/consents", token=TOKEN)).status == 400

@@ -182,12 +182,12 @@ async def test_fee_charged_is_the_fee_shown_across_a_reload(net):
     assert (await call(port, "POST", "/api/v1/config/reload", token=TOKEN)).status == 200
     await phone.dial("*123#", timeout_s=10)
     confirm = await phone.reply("1", timeout_s=10)
-    assert "Fee 0.10 EGP" in confirm.text
+    assert "Fee 0.10 EGP (10%)" in confirm.text
     config.write_text(config_text(fee_bp=2000))
     assert (await call(port, "POST", "/api/v1/config/reload", token=TOKEN)).status == 200
     try:
         again = await phone.reply("1", timeout_s=10)
-        assert not again.final and "Fee 0.20 EGP" in again.text
+        assert not again.final and "Fee 0.20 EGP (20%)" in again.text
         assert await env.node.ledger.read(count_loans) == loans_before
         done = await phone.reply("1", timeout_s=10)
         assert done.final, done.text

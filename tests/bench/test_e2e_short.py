@@ -59,6 +59,9 @@ def test_short_mixed_run_at_noon_ledger_matches_in_and_ads_sent(tmp_path: Path) 
     for key in ("loans_per_s", "paybacks_per_s", "ads_per_s", "p50_ms", "p95_ms", "p99_ms"):
         assert key in result
     assert set(result["cpu_s"]) >= {"node", "in_sim", "smsc_sim"}
+    # Both kinds ran, so both per-operation figures are there and flagged as overlapping.
+    assert result["node_cpu_ms_per_loan"] > 0 and result["node_cpu_ms_per_payback"] > 0
+    assert result["node_cpu_mixed"] is True
     assert (tmp_path / "report" / "report.md").exists()
     assert (tmp_path / "report" / "latency.png").exists()
 
@@ -70,3 +73,15 @@ def test_short_mixed_run_at_night_ads_suppressed_by_quiet_hours(tmp_path: Path) 
     edr = (tmp_path / "report" / "run" / "edr")
     lines = [line for path in edr.glob("edr-*.csv") for line in path.read_text().splitlines()]
     assert any(",ad_suppressed," in line and ",quiet_hours," in line for line in lines)
+
+
+def test_node_cpu_per_operation_divides_by_the_kind_done() -> None:
+    from bench.e2e import node_cpu_per_operation
+
+    loans_only = node_cpu_per_operation(2.0, {"loans": 1000, "paybacks": 0})
+    assert loans_only == {"node_cpu_ms_per_loan": 2.0, "node_cpu_ms_per_payback": None,
+                          "node_cpu_mixed": False}
+    paybacks_only = node_cpu_per_operation(1.5, {"loans": 0, "paybacks": 3000})
+    assert paybacks_only == {"node_cpu_ms_per_loan": None, "node_cpu_ms_per_payback": 0.5,
+                             "node_cpu_mixed": False}
+    assert node_cpu_per_operation(1.0, {"loans": 10, "paybacks": 10})["node_cpu_mixed"]

@@ -33,6 +33,7 @@ class FakeLending:
     pending: bool = False  # answer PENDING (the IN timed out)
     reads: int = 0  # quotes and overviews asked for (each is a ledger read in the node)
     refusals: list[tuple[str, str, str]] = field(default_factory=list)  # record_refusal
+    consents: list[tuple[str, str, str]] = field(default_factory=list)  # record_consent
 
     def add(self, msisdn: str, tenure_days: int, arpu_minor: int, **state: Any) -> None:
         self.states[msisdn] = SubscriberState(
@@ -56,6 +57,17 @@ class FakeLending:
     def record_refusal(self, msisdn: str, reason: str, channel: str) -> None:
         self.refusals.append((msisdn, reason, channel))
 
+    async def record_consent(self, msisdn: str, action: str, channel: str,
+                             detail: dict[str, Any] | None = None) -> None:
+        self.consents.append((msisdn, action, channel))
+
+    async def sms_loan(self, msisdn: str, tier_id: int | None, key: str, *,
+                       kind: str = "money") -> Outcome:
+        return await self.borrow(msisdn, tier_id, "sms", key, kind=kind)
+
+    async def confirm_by_reply(self, msisdn: str) -> str | None:
+        return "nothing_to_confirm"
+
     async def set_preferences(self, msisdn: str, **changes: Any) -> None:
         mapping = {"auto_advance": "auto_advance_opt_in", "ads_opt_out": "ads_opt_out",
                    "language": "language"}
@@ -63,12 +75,12 @@ class FakeLending:
         self.states[msisdn] = dataclasses.replace(self._state(msisdn), **fields)
 
     async def borrow(self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str,
-                     *, answer_early: bool = False) -> Outcome:
+                     *, answer_early: bool = False, kind: str = "money") -> Outcome:
         if idempotency_key in self.outcomes:
             return dataclasses.replace(self.outcomes[idempotency_key], replayed=True)
         self.borrow_calls += 1
         state = self._state(msisdn)
-        decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy,  # type: ignore[arg-type]
+        decision = decide(BorrowRequest(msisdn, tier_id, channel, kind), state, self.policy,  # type: ignore[arg-type]
                           datetime.now(UTC))
         if not isinstance(decision, Granted):
             result = Outcome("REFUSED", decision.reason, None, tier_id, 0, 0, state.debt_minor)

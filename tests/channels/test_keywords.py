@@ -42,3 +42,22 @@ def test_loan_with_words_keeps_them_for_the_reply():
 
 def test_bal_with_trailing_words_is_not_balance():
     assert parse_keyword("bal please now").command is Command.UNKNOWN
+
+
+def test_yes_in_both_languages_is_a_confirmation():
+    from extrabalance.service.keywords import Command, parse_keyword
+
+    for text, lang in (("YES", "en"), (" y ", "en"), ("Confirm", "en"), ("نعم", "ar"),
+                       ("موافق", "ar"), ("تأكيد", "ar")):
+        kw = parse_keyword(text)
+        assert (kw.command, kw.language) == (Command.CONFIRM, lang), text
+    assert parse_keyword("YES PLEASE").command is Command.UNKNOWN
+
+
+def test_data_in_both_languages_asks_for_a_data_bundle():
+    from extrabalance.service.keywords import Command, parse_keyword
+
+    for text, lang in (("DATA", "en"), ("internet", "en"), ("باقة", "ar"), ("إنترنت", "ar"),
+                       ("نت", "ar")):
+        kw = parse_keyword(text)
+        assert (kw.command, kw.language) == (Command.DATA, lang), text

@@ -116,3 +116,37 @@ async def test_loan_keyword_resent_with_a_new_sequence_number_lends_once():
                             sequence_number=44), "bind-1")
     await asyncio.sleep(0.01)
     assert lending.borrow_calls == 2
+
+
+async def settle(ch: SmppChannel) -> None:
+    """Until the channel has handled what it took (no clock involved)."""
+    while ch.inflight:
+        await asyncio.sleep(0)
+
+
+async def test_yes_goes_to_the_lending_service_once_and_its_answer_is_sent():
+    """The reply YES (or نعم) completes what waits for it; the SMSC's re-send of the
+    same YES within the window is not a second answer."""
+    lending = FakeLending(load_settings().policy())
+    calls: list[str] = []
+
+    async def confirm_by_reply(msisdn: str) -> str | None:
+        calls.append(msisdn)
+        return "nothing_to_confirm"
+
+    lending.confirm_by_reply = confirm_by_reply  # type: ignore[method-assign]
+    sent: list[tuple[str, str]] = []
+    now = [1000.0]
+    ch = channel_with(lending, sent, clock=lambda: now[0])
+    for seq, text in ((1, b"YES"), (2, b"yes")):
+        ch.on_deliver(DeliverSm(source_addr=M, destination_addr="1234", short_message=text,
+                                sequence_number=seq), "bind-1")
+        await settle(ch)
+        now[0] += 5
+    assert calls == [M] and len(sent) == 1
+    assert sent[0][1].startswith("There is nothing to confirm now.")
+    now[0] += 200
+    ch.on_deliver(DeliverSm(source_addr=M, destination_addr="1234", data_coding=8,
+                            short_message="نعم".encode("utf-16-be"), sequence_number=3), "bind-1")
+    await settle(ch)
+    assert calls == [M, M] and sent[-1][1].startswith("لا يوجد ما يحتاج تأكيدا")

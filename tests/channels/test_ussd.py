@@ -84,7 +84,7 @@ async def test_menu_pick_confirm_lends_once(dialogs, lending):
     assert menu.text.startswith("Extra Balance (owe 0.00 EGP, can borrow 25.00 EGP)")
     assert "4 5.00 EGP" in menu.text
     confirm = await reply(dialogs, "4")
-    assert confirm.text.startswith("Borrow 5.00 EGP? Fee 0.50 EGP. You repay 5.50 EGP")
+    assert confirm.text.startswith("Borrow 5.00 EGP? Fee 0.50 EGP (10%). You repay 5.50 EGP")
     assert not confirm.final
     done = await reply(dialogs, "1")
     assert done.final
@@ -127,7 +127,7 @@ async def test_a_debt_grown_during_the_dialog_is_refused_by_the_loan(dialogs, le
 
 async def test_shortcut_goes_straight_to_confirm(dialogs):
     screen = await dial(dialogs, "*123*2#")
-    assert screen.text.startswith("Borrow 2.00 EGP? Fee 0.20 EGP. You repay 2.20 EGP")
+    assert screen.text.startswith("Borrow 2.00 EGP? Fee 0.20 EGP (10%). You repay 2.20 EGP")
 
 
 async def test_shortcut_for_a_tier_the_segment_lacks(dialogs):
@@ -307,7 +307,7 @@ async def test_changed_tariff_is_shown_again_before_lending(dialogs, lending, se
     plans["standard"] = dataclasses.replace(plans["standard"], percent_bp=2000)
     lending.policy = dataclasses.replace(lending.policy, fee_plans=plans)
     screen = await reply(dialogs, "1")
-    assert not screen.final and screen.text.startswith("Borrow 5.00 EGP? Fee 1.00 EGP.")
+    assert not screen.final and screen.text.startswith("Borrow 5.00 EGP? Fee 1.00 EGP (20%).")
     assert lending.borrow_calls == 0
     done = await reply(dialogs, "1")
     assert done.final and lending.borrow_calls == 1
@@ -395,3 +395,25 @@ async def test_account_shows_the_limit_from_behaviour_and_why(dialogs, lending, 
     arabic = await reply(dialogs, "3")
     assert arabic.text.startswith("الدين ") and "حدك" not in arabic.text
     assert fits(arabic)
+
+
+async def test_a_cancelled_confirm_is_a_declined_consent_with_the_figures(dialogs, lending):
+    await dial(dialogs, "*123*4#")
+    done = await reply(dialogs, "2")
+    assert done.final and lending.borrow_calls == 0
+    assert lending.consents == [(A, "loan_declined", "ussd")]
+
+
+async def test_double_opt_in_says_the_sms_is_on_its_way(dialogs, lending, monkeypatch):
+    """Turning auto-advance on under a double opt-in: the account screen says to
+    reply YES to the SMS, and the setting stays off."""
+
+    async def waits_for_reply(msisdn, **changes):
+        return "confirm_by_sms"
+
+    monkeypatch.setattr(lending, "set_preferences", waits_for_reply)
+    await dial(dialogs, "*123*0#")
+    screen = await reply(dialogs, "1")
+    assert not screen.final and fits(screen)
+    assert screen.text.startswith("Reply YES to our SMS to turn it on.\n")
+    assert "1 Auto-advance: off" in screen.text

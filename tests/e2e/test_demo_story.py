@@ -24,30 +24,30 @@ async def test_demo_story(tmp_path):
     menu_c = "رصيد إضافي (عليك 0.00 ج.م، متاح 25.00 ج.م)\n1 1.00 ج.م\n2 2.00 ج.م\n99 المزيد"
     account_c = "الدين 0.00 ج.م المتاح 25.00 ج.م\n1 تلقائي: {}\n2 العروض: مفعل\n3 English\n9 رجوع"
     on, off = "مفعل", "متوقف"
-    confirm = "Borrow {}? Fee {}. You repay {} from your next recharge.\n1 Confirm\n2 Cancel"
+    confirm = "Borrow {}? Fee {} ({}). You repay {} from your next recharge.\n1 Confirm\n2 Cancel"
     # [eligibility].max_balance_to_borrow_minor (1.00) asked of the IN before each loan
     CHECK = "CCR CHECK_BALANCE 1.01 EGP on in-a: 2001 DIAMETER_SUCCESS"
     expected = [
         ("diameter", A, "CCA 4012 DIAMETER_CREDIT_LIMIT_REACHED", False, "", 4012),
         ("sms", A, "Out of credit? Dial *123# for Extra Balance now and pay later.", False, "", None),
         ("screen", A, menu_a, False, "*123#", None),
-        ("screen", A, confirm.format("5.00 EGP", "0.50 EGP", "5.50 EGP"), False, "4", None),
+        ("screen", A, confirm.format("5.00 EGP", "0.50 EGP", "10%", "5.50 EGP"), False, "4", None),
         ("screen", A, "Done: 5.00 EGP added to your balance. You owe 5.50 EGP.", True, "1", None),
         ("in_op", A, CHECK, False, "", 2001),
         ("in_op", A, "CCR REFUND_ACCOUNT 5.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
         ("sms", A, ("Extra Balance: 5.00 EGP added to your balance (fee 0.50 EGP). You owe 5.50 EGP;"
                    " it is repaid from your next recharge."), False, "", None),
         ("in_op", A, "CCR DIRECT_DEBITING 3.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
-        ("sms", A, "Thank you. 3.00 EGP of your Extra Balance was repaid. Remaining: 2.50 EGP.",
-         False, "", None),
+        ("sms", A, ("Thank you. 3.00 EGP was deducted from your recharge to repay your Extra Balance."
+                   " Remaining: 2.50 EGP."), False, "", None),
         ("in_op", A, "CCR DIRECT_DEBITING 2.50 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
-        ("sms", A, ("Thank you. Your Extra Balance is fully repaid (2.50 EGP). Dial *123# whenever"
-                   " you need it."), False, "", None),
+        ("sms", A, ("Thank you. 2.50 EGP was deducted from your recharge: your Extra Balance is fully"
+                   " repaid. Dial *123# whenever you need it."), False, "", None),
         ("in_op", B, CHECK, False, "", 2001),
         ("in_op", B, "CCR REFUND_ACCOUNT 5.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
         ("sms", B, ("Extra Balance: 5.00 EGP added to your balance (fee 0.50 EGP). You owe 5.50 EGP;"
                    " it is repaid from your next recharge."), False, "", None),
-        ("screen", B, confirm.format("3.00 EGP", "0.35 EGP", "3.35 EGP"), False, "*123*3#", None),
+        ("screen", B, confirm.format("3.00 EGP", "0.35 EGP", "11.67%", "3.35 EGP"), False, "*123*3#", None),
         ("screen", B, "Done: 3.00 EGP added to your balance. You owe 8.85 EGP.", True, "1", None),
         ("in_op", B, CHECK, False, "", 2001),
         ("in_op", B, "CCR REFUND_ACCOUNT 3.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),
@@ -55,7 +55,7 @@ async def test_demo_story(tmp_path):
                    " it is repaid from your next recharge."), False, "", None),
         ("screen", B, "Sorry, no Extra Balance now: this would pass your limit; repay first",
          True, "*123*2#", None),
-        ("screen", B, confirm.format("1.00 EGP", "0.15 EGP", "1.15 EGP"), False, "*123*1#", None),
+        ("screen", B, confirm.format("1.00 EGP", "0.15 EGP", "15%", "1.15 EGP"), False, "*123*1#", None),
         ("screen", B, "Done: 1.00 EGP added to your balance. You owe 10.00 EGP.", True, "1", None),
         ("in_op", B, CHECK, False, "", 2001),
         ("in_op", B, "CCR REFUND_ACCOUNT 1.00 EGP on in-a: 2001 DIAMETER_SUCCESS", False, "", 2001),

@@ -40,7 +40,7 @@ import pytest
 
 from extrabalance.core.limits import LimitState
 from extrabalance.core.model import SubscriberProfile
-from extrabalance.ledger import ads_store, db, outbox_store, store
+from extrabalance.ledger import ads_store, db, outbox_store, read_models, store
 from extrabalance.ledger import ledger as ledger_module
 from extrabalance.ledger import profiles as profiles_module
 from extrabalance.ledger import writer as writer_module
@@ -102,6 +102,8 @@ POSTGRESQL_FILES: dict[str, str] = {
         "(tests/ledger/test_unit_of_work_contract.py, test_postgres_migrations.py)",
     "extrabalance/ledger/pg_copy.py":
         "the copy of a SQLite ledger into PostgreSQL (tests/ledger/test_pg_copy.py)",
+    "extrabalance/ledger/factory.py":
+        "the reachability check of a PostgreSQL ledger (tests/test_preflight.py)",
 }
 
 M1, M2, M3, M4 = "201001234567", "201001234568", "201001234569", "201001234570"
@@ -206,6 +208,10 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         assert await h.ledger.read(lambda c: store.session_evidence(c, first.loan_id or ""))
     # Reconciliation with the IN's records (reconcile-in): its read of the advances.
     await h.ledger.read(lambda c: store.advances_of_in_node(c, IN_A, h.clock()))
+    # Consumer protection: the loans a rolling-window cap counts, and the consent trail.
+    await h.ledger.read(lambda c: store.loan_times(c, M1, h.clock() - timedelta(days=30)))
+    await h.ledger.read(lambda c: store.audit_trail(c, M1))
+    await h.ledger.read(lambda c: store.audit_trail(c, M1, ("bar", "unbar")))
     # Paybacks: nothing owed, partial after a 4012 retry, one left UNKNOWN and resolved.
     await h.payback.handle_recharge(RechargeEvent("e1", "201001239999", 500, IN_A, 500))
     fake_in.balances[M1] = 300
@@ -216,6 +222,16 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     fake_in.fail_next(LOST_ANSWER)
     await h.payback.handle_recharge(RechargeEvent("e3", M2, 5_000, IN_A, 5_000))
     await h.resolver.run_once()
+    # Leases on the sagas (several nodes on one ledger): claim, renew, look.
+    leased = h.clock() + timedelta(minutes=2)
+    await h.ledger.write(lambda c: store.claim_unsettled_loans(c, "node-a", h.clock(), leased, 9))
+    await h.ledger.write(
+        lambda c: store.claim_unsettled_recoveries(c, "node-a", h.clock(), leased, 9))
+    await h.ledger.read(lambda c: store.saga_lease(c, "recoveries", "none"))
+    await h.ledger.read(lambda c: (store.unsettled_loans(c, 9), store.unsettled_recoveries(c, 9)))
+    # Consumer protection's reads (off in this policy): the audit trail and loan times.
+    await h.ledger.read(lambda c: (store.audit_trail(c, M1, ("bar",)),
+                                   store.loan_times(c, M1, h.clock() - timedelta(days=30))))
     # Operator actions: bar, unbar, a write-down, ageing, the admin view.
     await h.accounts.bar(M2, "fraud check", "ops", notify=False)
     await h.accounts.unbar(M2, "ops", "cleared")
@@ -226,6 +242,20 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     await h.ledger.subscriber_view(M1)
     await h.ledger.account_totals()
     await h.ledger.read(lambda c: subscriber_view(c, M2))
+    # The reports' read models (the daily report, the backtest).
+    day = h.clock().replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def reports(conn: sqlite3.Connection) -> None:
+        cohort = read_models.cohort_loans(conn, day, day + timedelta(days=1))
+        read_models.waived_minor(conn, {loan.loan_id for loan in cohort})
+        read_models.open_loan_ages(conn)
+        read_models.profiles(conn)
+        read_models.profiles_of(conn, {M1, M2})
+        # The audit trail and loan times the consumer-protection rules read.
+        store.audit_trail(conn, M1, ("adjust",))
+        store.loan_times(conn, M1, day)
+
+    await h.ledger.read(reports)
     # Ads and campaigns.
     now = h.clock()
 

@@ -74,3 +74,19 @@ def test_auto_advance_column_opts_in_and_out_with_an_audit_line_per_change(tmp_p
     assert audit == [("201000000001", "auto_advance_on", "import-profiles"),
                      ("201000000001", "auto_advance_off", "import-profiles"),
                      ("201000000002", "auto_advance_on", "import-profiles")]
+
+
+def test_opt_in_by_file_is_refused_where_the_protection_preset_forbids_it(tmp_path):
+    """[protection] bulk_opt_in = false (the eg-ntra and ng-fccpc presets): a row that
+    opts in is refused and says why; opting out still works."""
+    db = tmp_path / "l.db"
+    csv_path = tmp_path / "a.csv"
+    csv_path.write_text("msisdn,tenure_days,arpu_minor,auto_advance\n"
+                        "201000000001,1,2,yes\n201000000002,1,2,no\n")
+    report = import_profiles(db, csv_path, bulk_opt_in=False)
+    assert report.rows_ok == 1
+    assert [(line, "reply" in why) for line, why in report.bad_rows] == [(2, True)]
+    conn = sqlite3.connect(db)
+    assert dict(conn.execute("SELECT msisdn, auto_advance_opt_in FROM subscribers")) == {
+        "201000000002": 0}
+    conn.close()

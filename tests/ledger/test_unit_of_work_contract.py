@@ -282,6 +282,86 @@ async def test_an_advance_confirmed_or_reversed(uow: UnitOfWork) -> None:
     await uow.read(lambda tx: _balanced(tx, M1))
 
 
+def _advance(tx: LedgerTx, key: str, in_node: str, now: datetime, msisdn: str = M1) -> str:
+    return tx.insert_loan(
+        msisdn=msisdn,
+        tier_id=1,
+        principal_minor=500,
+        fee_minor=50,
+        state=sagas.ACTIVE,
+        channel="auto",
+        idempotency_key=f"ccr:{key}:0",
+        in_node=in_node,
+        session_id=key,
+        now=now,
+    )
+
+
+async def test_advances_of_an_in_node_and_one_it_never_credited(uow: UnitOfWork) -> None:
+    early = await uow.write(lambda tx: _advance(tx, "a", "in-a", NOW))
+    later = await uow.write(lambda tx: _advance(tx, "b", "in-a", NOW + timedelta(hours=1)))
+    await uow.write(lambda tx: _advance(tx, "c", "in-b", NOW))
+    borrow = await uow.write(lambda tx: _loan(tx))  # a borrow to in-a: not an advance
+    found = await uow.read(lambda tx: tx.advances_of_in_node("in-a", NOW + timedelta(hours=2)))
+    assert [loan.loan_id for loan in found] == [early, later]
+    cut = await uow.read(lambda tx: tx.advances_of_in_node("in-a", NOW))
+    assert [loan.loan_id for loan in cut] == [early]
+    assert await uow.read(lambda tx: tx.advances_of_in_node("in-z", NOW)) == []
+    # An ACTIVE advance is not refused by a plain settlement, only reversed when the
+    # IN's records show it never credited it.
+    with pytest.raises(sagas.LedgerInvariantError):
+        await uow.write(lambda tx: tx.settle_advance(early, False, NOW))
+    debt = await uow.read(lambda tx: tx.debt_owed(M1))
+    reversed_ = await uow.write(
+        lambda tx: tx.settle_advance(early, False, NOW, never_credited=True))
+    assert reversed_.state == sagas.FAILED
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == debt - 550
+    again = await uow.write(lambda tx: tx.settle_advance(early, False, NOW, never_credited=True))
+    assert again.state == sagas.FAILED
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == debt - 550
+    # A borrow (not an advance) is never reversed so.
+    with pytest.raises(sagas.LedgerInvariantError):
+        await uow.write(lambda tx: tx.settle_advance(borrow, False, NOW, never_credited=True))
+    await uow.read(lambda tx: _balanced(tx, M1))
+
+
+async def test_a_write_down_spreads_books_audits_and_replays(uow: UnitOfWork) -> None:
+    from extrabalance.core.adjustments import AdjustmentError
+
+    first = await uow.write(lambda tx: _loan(tx, principal=500, fee=50))
+    second = await uow.write(lambda tx: _loan(tx, principal=300, fee=35,
+                                              now=NOW + timedelta(minutes=1)))
+    later = NOW + timedelta(days=1)
+
+    def waive(amount: int, kind: str = "waive", msisdn: str = M1, **kw: Any) -> Any:
+        return uow.write(lambda tx: tx.write_down(
+            msisdn, kind=kind, amount_minor=amount, who="ops", reason="goodwill", now=later,
+            **kw))
+
+    result = await waive(600, request_id="t-1")
+    assert [(x["loan_id"], x["fee_minor"], x["principal_minor"], x["state"])
+            for x in result.loans] == [(first, 50, 500, sagas.WRITTEN_OFF),
+                                       (second, 35, 15, sagas.PARTIALLY_REPAID)]
+    assert (result.debt_before_minor, result.debt_after_minor) == (885, 285)
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == 285
+    assert (await uow.read(lambda tx: tx.account_totals()))["written_off"] == 600
+    again = await waive(600, request_id="t-1")
+    assert again.replayed and again.tx_id == result.tx_id
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == 285
+    for amount, kind, why in ((1, "waive_fee", "exceeds"), (286, "waive", "exceeds"),
+                              (0, "waive", "positive"),
+                              (5, "grow", "kind")):
+        with pytest.raises(AdjustmentError, match=why):
+            await waive(amount, kind)
+    with pytest.raises(AdjustmentError, match="another subscriber"):
+        await waive(1, msisdn=M2, request_id="t-1")
+    await uow.write(lambda tx: _loan(tx, state=sagas.CREDITING, key="k"))
+    with pytest.raises(AdjustmentError, match="unsettled"):
+        await waive(10)
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == 285
+    await uow.read(lambda tx: _balanced(tx, M1))
+
+
 async def test_session_evidence_recorded_once_on_the_advance(uow: UnitOfWork) -> None:
     loan_id = await uow.write(lambda tx: _loan(tx, key="ccr:s:0"))
     assert await uow.read(lambda tx: tx.session_evidence(loan_id)) is None
@@ -418,6 +498,58 @@ async def test_ageing_write_off_and_resolver_review(uow: UnitOfWork) -> None:
     assert await uow.write(lambda tx: tx.write_off(m2_loan.loan_id, "ageing", NOW)) == 0
 
 
+async def test_saga_leases_claimed_renewed_and_taken_over(uow: UnitOfWork) -> None:
+    """Several nodes on one ledger: a node's sagas are its own while its lease runs; its
+    resolver's claim renews them; another node takes them over only once the lease
+    ran out; a row without an owner is anyone's; a settled row is nobody's."""
+    from extrabalance.ledger.store import ts
+
+    a, b, lease, s = "node-a", "node-b", timedelta(seconds=120), timedelta(seconds=1)
+
+    def book(tx: LedgerTx) -> tuple[str, str, str]:
+        mine = tx.insert_loan(
+            msisdn=M1, tier_id=2, principal_minor=1000, fee_minor=100, state=sagas.CREDITING,
+            channel="ussd", idempotency_key="k-a", in_node="in-a", session_id="s;1", now=NOW,
+            owner_node=a, lease_until=NOW + lease)
+        free = _loan(tx, M2, state=sagas.CREDITING, now=NOW + s)  # booked with no owner
+        rec = tx.insert_recovery(
+            event_id="ev-1", msisdn=M1, recharge_minor=500, balance_after_minor=None,
+            in_node="in-a", now=NOW, session_id="d;1", requested_minor=500,
+            owner_node=a, lease_until=NOW + lease)
+        return mine, free, rec
+
+    mine, free, rec = await uow.write(book)
+    assert await uow.read(lambda tx: tx.saga_lease("loans", mine)) == (a, ts(NOW + lease))
+    assert await uow.read(lambda tx: tx.saga_lease("loans", free)) == (None, None)
+
+    def claim(node: str, at: datetime, limit: int = 10) -> Any:
+        def unit(tx: LedgerTx) -> tuple[list[str], list[str]]:
+            loans = tx.claim_unsettled_loans(node, at, at + lease, limit)
+            recs = tx.claim_unsettled_recoveries(node, at, at + lease, limit)
+            return [x.loan_id for x in loans], [x.recovery_id for x in recs]
+
+        return uow.write(unit)
+
+    # B while A lives: only the row nobody owned, now B's
+    assert await claim(b, NOW + 10 * s) == ([free], [])
+    assert await uow.read(lambda tx: tx.saga_lease("loans", free)) == (b, ts(NOW + 10 * s + lease))
+    # A renews its own, and does not take B's
+    assert await claim(a, NOW + 60 * s) == ([mine], [rec])
+    assert await uow.read(lambda tx: tx.saga_lease("recoveries", rec)) == (
+        a, ts(NOW + 60 * s + lease))
+    assert await claim(b, NOW + 60 * s + lease - s) == ([free], [])  # A's lease still runs
+    # A died: once its lease ran out, B takes over, oldest first, at most `limit`
+    after = NOW + 60 * s + lease + s
+    assert await claim(b, after, limit=1) == ([mine], [rec])
+    assert await claim(b, after) == ([mine, free], [rec])
+    assert await uow.read(lambda tx: tx.saga_lease("loans", mine)) == (b, ts(after + lease))
+    assert await claim(a, after) == ([], [])  # A, back, finds them taken
+    # settled: nobody's to claim
+    await uow.write(lambda tx: tx.settle_loan(mine, sagas.ACTIVE, after))
+    await uow.write(lambda tx: tx.set_recovery_state(rec, sagas.FAILED, after))
+    assert await claim(b, after) == ([free], [])
+
+
 async def test_ads_and_campaigns(uow: UnitOfWork) -> None:
     def setup(tx: LedgerTx) -> str:
         for m in (M1, M2, "201001234569"):
@@ -502,3 +634,31 @@ async def test_outbox_rows_commit_with_their_unit_and_are_sent_once(uow: UnitOfW
     assert await uow.read(lambda tx: tx.outbox_due(later + timedelta(days=1), 10)) == []
     assert await uow.write(lambda tx: tx.outbox_prune(later, 10)) == 0
     assert await uow.write(lambda tx: tx.outbox_prune(later + timedelta(seconds=1), 10)) == 1
+
+
+async def test_consent_trail_and_loan_times(uow: UnitOfWork) -> None:
+    """The consumer-protection reads: his audit lines (filtered, oldest first, the
+    newest `limit`) and the times of his loans that did not fail."""
+    later = NOW + timedelta(hours=1)
+
+    def write(tx: LedgerTx) -> None:
+        tx.audit(M1, "loan_confirm_requested", "subscriber", "sms", NOW, {"tier_id": 3})
+        tx.audit(M1, "bar", "ops", "fraud", NOW)
+        tx.audit(M1, "loan_consent", "subscriber", "sms", later, {"loan_id": "x"})
+        tx.audit(M2, "loan_consent", "subscriber", "ussd", later)
+        _loan(tx, key="k1", now=NOW)
+        _loan(tx, key="k2", state=sagas.CREDITING, now=later)
+        failed = _loan(tx, key="k3", state=sagas.CREDITING, now=later)
+        tx.settle_loan(failed, sagas.FAILED, later)
+        _loan(tx, M2, key="k4", now=later)
+
+    await uow.write(write)
+    actions = ("loan_confirm_requested", "loan_consent")
+    rows = await uow.read(lambda tx: tx.audit_trail(M1, actions))
+    assert [(r.action, r.detail, r.created_at) for r in rows] == [
+        ("loan_confirm_requested", {"tier_id": 3}, NOW), ("loan_consent", {"loan_id": "x"}, later)]
+    assert [r.action for r in await uow.read(lambda tx: tx.audit_trail(M1, actions, 1))] == [
+        "loan_consent"]
+    assert len(await uow.read(lambda tx: tx.audit_trail(M1))) == 3
+    assert await uow.read(lambda tx: tx.loan_times(M1, NOW)) == (NOW, later)
+    assert await uow.read(lambda tx: tx.loan_times(M1, NOW + timedelta(minutes=1))) == (later,)

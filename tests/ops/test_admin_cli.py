@@ -104,6 +104,39 @@ def test_subscriber_bar_and_unbar_are_audited(config, tmp_path):
     assert [(a["action"], a["who"]) for a in view["audit"]] == [("unbar", "erin"), ("bar", "dave")]
 
 
+def test_a_bar_from_the_command_writes_its_edr_line_like_the_api(config, tmp_path):
+    _ledger_with_a_loan(tmp_path)
+    assert subscriber_command(str(config), "bar", M, reason="fraud", who="dave",
+                              out=io.StringIO()) == 0
+    assert subscriber_command(str(config), "unbar", M, reason="cleared", who="erin",
+                              out=io.StringIO()) == 0
+    edr = "".join(p.read_text() for p in sorted((tmp_path / "edr").glob("edr-*.csv")))
+    kinds = [line.split(",")[2] for line in edr.splitlines()[1:]]
+    assert kinds == ["bar", "unbar"]
+    assert "fraud" in edr and "cleared" in edr
+
+
+def test_subscriber_and_its_changes_on_postgresql(tmp_path):
+    """The command runs on the configured ledger through the account service: on
+    PostgreSQL too (no SQLite file is made)."""
+    from tests.pg import admin_connection, fresh_schema_url
+
+    admin_connection().close()  # skips, saying why, when no server answers
+    with fresh_schema_url("eb_cli") as url:
+        storage = f'backend = "postgresql"\nurl = "{url}"\nedr_dir = "{tmp_path / "edr"}"'
+        config = write_config(tmp_path, replace={'backend = "sqlite"': storage})
+        assert subscriber_command(str(config), "bar", M, reason="fraud", who="dave",
+                                  out=io.StringIO()) == 0
+        view = _shown(config)
+        assert view["subscriber"]["barred_manual"] and view["audit"][0]["who"] == "dave"
+        assert subscriber_command(str(config), "auto-advance-on", M, reason="shop", who="dave",
+                                  out=io.StringIO()) == 0
+        assert _shown(config)["subscriber"]["auto_advance_opt_in"]
+    assert not (tmp_path / "ledger.db").exists()
+    edr = "".join(p.read_text() for p in sorted((tmp_path / "edr").glob("edr-*.csv")))
+    assert [line.split(",")[2] for line in edr.splitlines()[1:]] == ["bar"]
+
+
 def test_subscriber_auto_advance_on_and_off_are_audited(config, tmp_path, capsys):
     _ledger_with_a_loan(tmp_path)
     assert cli.main(["subscriber", "auto-advance-on", M, "--reason", "asked at the shop",

@@ -57,6 +57,7 @@ BAD_INPUT: dict[tuple[str, ...], tuple[list[str], str]] = {
     ("report",): (["--date", "yesterday"], "yesterday"),
     ("backup",): (["/nonexistent/dir/copy.db"], "/nonexistent/dir"),
     ("dnd",): (["import", "/nonexistent/dnd.csv"], "/nonexistent/dnd.csv"),
+    ("consent",): (["export", "20100abc"], "20100abc"),
     ("policy", "backtest"): (["--edrs", "/nonexistent/edr", "--config", "/nonexistent/new.toml"],
                              "/nonexistent/new.toml"),
     ("ledger", "migrate"): (["--from", "/nonexistent/l.db", "--to", "postgresql://eb@127.0.0.1/x"],

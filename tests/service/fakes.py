@@ -3,6 +3,8 @@ wires the services over a real (temporary) ledger."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -10,8 +12,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from extrabalance.core import sagas
+from extrabalance.core.journal import DEBT_ACCOUNTS
+from extrabalance.core.model import SubscriberProfile
 from extrabalance.core.policy import Policy
-from extrabalance.ledger import Ledger, store
+from extrabalance.ledger import Ledger
+from extrabalance.ledger.memory import MemoryUnitOfWork
+from extrabalance.ledger.store import LoanRow, RecoveryRow
 from extrabalance.service.accounts import AccountService
 from extrabalance.service.lending import LendingService
 from extrabalance.service.locks import SubscriberLocks
@@ -19,7 +26,9 @@ from extrabalance.service.ports import InAction, InOperation, InOutcome, InResul
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.resolver import Resolver
 from extrabalance.service.routing import Router, RouteRule
+from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
 from tests.core.sample import NOW, POLICY
+from tests.pg import fresh_schema
 
 
 class SimulatedCrash(BaseException):
@@ -197,9 +206,19 @@ ROUTES = [
 ]
 
 
+# The ledgers the service tests run on: the same cases, the same assertions.
+BACKENDS = ("sqlite", "memory", "postgresql")
+
+
 class Harness:
-    """Services over a real ledger in `db_path`, with fake ports. `restart()` drops
-    every in-memory object and re-opens the same database, as after a crash."""
+    """Services over a ledger with fake ports: a real (temporary) SQLite file by
+    default, or the in-memory one, or a PostgreSQL schema of its own (`backend`).
+    `restart()` drops every in-memory object and re-opens the same ledger, as after a
+    crash (the in-memory ledger keeps what was committed, as a file would).
+
+    The checks (`check_invariants`, `view`, `loans`) read every row: over SQL on
+    SQLite and PostgreSQL, over the tables on the in-memory ledger, so they see what
+    is stored rather than what the port says."""
 
     def __init__(
         self,
@@ -211,23 +230,41 @@ class Harness:
         batch_window_ms: float = 0.5,
         review_after_attempts: int = 5,
         advance_confirmation: bool = False,
+        backend: str = "sqlite",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
         # advance_confirmation: IN_A and IN_B implement the confirmation extension
         # (the node confirms their advances; the fake IN keys grant and confirmation as one).
         self.advance_confirmation_nodes = (
             frozenset(r.in_node for r in ROUTES) if advance_confirmation else frozenset())
         self.review_after_attempts = review_after_attempts
         self.db_path = db_path
+        self.backend = backend
         self.policy = policy
         self.fake_in = fake_in or FakeIn(confirmation_extension=advance_confirmation)
         self.notifier = FakeNotifier()
         self.events = ListEvents()
         self.clock = clock or Clock()
         self.batch_window_ms = batch_window_ms
+        self._resources = contextlib.ExitStack()
+        self._memory = MemoryUnitOfWork() if backend == "memory" else None
+        self._pg_conninfo = (
+            self._resources.enter_context(fresh_schema("eb_svc"))
+            if backend == "postgresql" else None)
         self._open()
 
+    def _new_ledger(self) -> Any:
+        if self._memory is not None:
+            return self._memory
+        if self._pg_conninfo is not None:
+            from extrabalance.ledger.postgres import PostgresLedger
+
+            return PostgresLedger(self._pg_conninfo, pool_max=4)
+        return Ledger(self.db_path, batch_window_ms=self.batch_window_ms)
+
     def _open(self) -> None:
-        self.ledger = Ledger(self.db_path, batch_window_ms=self.batch_window_ms)
+        self.ledger: UnitOfWork | Any = self._new_ledger()
         self.locks = SubscriberLocks()
         self.router = Router(ROUTES)
         common = (self.ledger, self.fake_in, self.notifier, self.events, self.policy)
@@ -253,65 +290,124 @@ class Harness:
         self._open()
 
     async def close(self) -> None:
-        await self.lending.drain_sagas()
-        self.lending.abandon_confirmations()
-        await self.lending.drain_confirmations()
-        await self.ledger.close()
+        try:
+            await self.lending.drain_sagas()
+            self.lending.abandon_confirmations()
+            await self.lending.drain_confirmations()
+            await self.ledger.close()
+        finally:
+            self._resources.close()
 
     # -- set-up and checks -------------------------------------------------------
 
     async def add_profile(
         self, msisdn: str, tenure_days: int = 400, arpu_minor: int = 6000, **attributes: str | int
     ) -> None:
-        import json
-
         now = self.clock()
+        profile = SubscriberProfile(msisdn, tenure_days, arpu_minor, dict(attributes))
+        await self.ledger.write(lambda tx: tx.put_profile(profile, now))
 
-        def upsert(conn: Any) -> None:
-            conn.execute(
-                "INSERT INTO subscribers (msisdn, tenure_days, arpu_minor, attributes,"
-                " updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (msisdn) DO UPDATE SET"
-                " tenure_days = excluded.tenure_days, arpu_minor = excluded.arpu_minor,"
-                " attributes = excluded.attributes",
-                (msisdn, tenure_days, arpu_minor, json.dumps(attributes), store.ts(now)),
-            )
+    async def learned_route(self, msisdn: str) -> str | None:
+        return await self.ledger.read_point(lambda tx: tx.learned_route(msisdn))
 
-        await self.ledger.write(upsert)
+    async def loans(self, msisdn: str | None = None) -> list[LoanRow]:
+        """Every loan (of `msisdn`), oldest first."""
+        if self._memory is not None:
+            rows = list(self._memory.tables.loans.values())
+        else:
+            def read(tx: Any) -> list[LoanRow]:
+                ids = tx.execute("SELECT loan_id FROM loans").fetchall()
+                return [tx.get_loan(row[0]) for row in ids]
+
+            rows = await self.ledger.read(read)
+        return sorted((r for r in rows if msisdn in (None, r.msisdn)),
+                      key=lambda r: (r.created_at, r.loan_id))
+
+    async def recoveries(self) -> list[RecoveryRow]:
+        if self._memory is not None:
+            return list(self._memory.tables.recoveries.values())
+
+        def read(tx: Any) -> list[RecoveryRow]:
+            ids = tx.execute("SELECT recovery_id FROM recoveries").fetchall()
+            return [tx.get_recovery(row[0]) for row in ids]
+
+        return list(await self.ledger.read(read))
+
+    async def recovery_attempts(self) -> list[tuple[int, int, str | None]]:
+        """(attempt number, amount asked, outcome) of every debit attempt."""
+        if self._memory is not None:
+            return sorted((no, att[1], att[2])
+                          for (_, no), att in self._memory.tables.attempts.items())
+        rows = await self.ledger.read(lambda tx: tx.execute(
+            "SELECT attempt_no, requested_minor, outcome FROM recovery_attempts").fetchall())
+        return sorted((int(r[0]), int(r[1]), r[2]) for r in rows)
+
+    async def audit(self, msisdn: str) -> list[dict[str, Any]]:
+        """His audit lines, oldest first (action, who, why)."""
+        if self._memory is not None:
+            lines = [a for a in self._memory.tables.audit if a["msisdn"] == msisdn]
+            return [{k: a[k] for k in ("action", "who", "why")} for a in lines]
+        rows = await self.ledger.read(lambda tx: tx.execute(
+            "SELECT action, who, why FROM audit WHERE msisdn = ? ORDER BY created_at, audit_id",
+            (msisdn,)).fetchall())
+        return [{"action": r[0], "who": r[1], "why": r[2]} for r in rows]
+
+    async def journal_lines(self) -> list[tuple[str, str, str, int]]:
+        """(transaction id, account, msisdn, amount) of every journal line."""
+        if self._memory is not None:
+            return [(ln.tx_id, ln.account, ln.msisdn, ln.amount_minor)
+                    for ln in self._memory.tables.journal]
+        rows = await self.ledger.read(lambda tx: tx.execute(
+            "SELECT tx_id, account, msisdn, amount_minor FROM journal").fetchall())
+        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+    async def view(self, msisdn: str) -> dict[str, Any]:
+        """One subscriber's story, as the checks read it: his loans (dicts, oldest
+        first), audit lines (newest first), whether an operation is pending, his debt."""
+        loaded = await self.ledger.read(lambda tx: tx.load_subscriber(msisdn))
+        return {
+            "loans": [dataclasses.asdict(loan) for loan in await self.loans(msisdn)],
+            "audit": list(reversed(await self.audit(msisdn))),
+            "operation_pending": loaded.state.operation_pending,
+            "debt_minor": loaded.state.debt_minor,
+        }
 
     async def check_invariants(self) -> dict[str, Any]:
         """The money invariants; returns figures for further assertions."""
+        lines = await self.journal_lines()
+        by_tx: dict[str, int] = {}
+        debts: dict[str, int] = {}
+        for tx_id, account, msisdn, amount_minor in lines:
+            by_tx[tx_id] = by_tx.get(tx_id, 0) + amount_minor
+            if account in DEBT_ACCOUNTS:
+                debts[msisdn] = debts.get(msisdn, 0) + amount_minor
+        unbalanced = sorted(tx_id for tx_id, total in by_tx.items() if total != 0)
+        assert unbalanced == [], f"unbalanced transactions {unbalanced}"
+        loans = await self.loans()
+        for msisdn, debt in debts.items():
+            assert debt >= 0, f"negative debt {msisdn} {debt}"
+            cached = sum(
+                ln.principal_minor - ln.principal_repaid_minor + ln.fee_minor
+                - ln.fee_repaid_minor
+                for ln in loans
+                if ln.msisdn == msisdn and ln.state in sagas.LOAN_JOURNALLED_STATES
+            )
+            assert cached == debt, f"loan cache {cached} != journal {debt} for {msisdn}"
 
-        def gather(conn: Any) -> dict[str, Any]:
-            unbalanced = conn.execute(
-                "SELECT tx_id FROM journal GROUP BY tx_id HAVING SUM(amount_minor) <> 0"
-            ).fetchall()
-            assert unbalanced == [], f"unbalanced transactions {unbalanced}"
-            per_sub = conn.execute(
-                "SELECT msisdn, SUM(amount_minor) FROM journal WHERE account IN"
-                " ('principal_receivable', 'fee_receivable') GROUP BY msisdn"
-            ).fetchall()
-            for msisdn, debt in per_sub:
-                assert debt >= 0, f"negative debt {msisdn} {debt}"
-                cached = conn.execute(
-                    "SELECT COALESCE(SUM(principal_minor - principal_repaid_minor + fee_minor"
-                    " - fee_repaid_minor), 0) FROM loans WHERE msisdn = ? AND state IN (?, ?, ?)",
-                    (msisdn, *store.LOAN_JOURNALLED_STATES),
-                ).fetchone()[0]
-                assert cached == debt, f"loan cache {cached} != journal {debt} for {msisdn}"
-            return {
-                "totals": store.account_totals(conn),
-                "debts": dict(per_sub),
-                # every granted loan, advances included, by credit_key
-                "granted_sessions": {
-                    credit_key(r[0], r[1]): r[2]
-                    for r in conn.execute(
-                        "SELECT diameter_session_id, request_number, principal_minor FROM loans"
-                        " WHERE state IN ('ACTIVE', 'PARTIALLY_REPAID', 'REPAID', 'WRITTEN_OFF')"
-                    )
-                },
-                "recovered": conn.execute(
-                    "SELECT COALESCE(SUM(recovered_minor), 0) FROM recoveries WHERE state = 'DONE'"
-                ).fetchone()[0],
-            }
+        def port_agrees(tx: LedgerTx) -> None:
+            for msisdn, debt in debts.items():
+                assert tx.debt_owed(msisdn) == tx.debt_from_journal(msisdn) == debt
 
-        return await self.ledger.read(gather)
+        await self.ledger.read(port_agrees)
+        granted = (sagas.ACTIVE, sagas.PARTIALLY_REPAID, sagas.REPAID, sagas.WRITTEN_OFF)
+        return {
+            "totals": await self.ledger.read(lambda tx: tx.account_totals()),
+            "debts": debts,
+            # every granted loan, advances included, by credit_key
+            "granted_sessions": {
+                credit_key(ln.diameter_session_id or "", ln.request_number): ln.principal_minor
+                for ln in loans if ln.state in granted
+            },
+            "recovered": sum(r.recovered_minor for r in await self.recoveries()
+                             if r.state == sagas.DONE),
+        }

@@ -18,8 +18,7 @@ async def ccr(h, session="s1", number=0, rtype=1, msisdn=M, requested=None, host
 
 
 async def loan_states(h):
-    return await h.ledger.read(
-        lambda c: c.execute("SELECT state FROM loans ORDER BY created_at").fetchall())
+    return [(loan.state,) for loan in await h.loans()]
 
 
 async def test_opted_in_gets_advance_recorded_active_without_refund(h):
@@ -73,14 +72,14 @@ async def test_barred_gets_4010_no_ad(h):
 async def test_unknown_msisdn_5030(h):
     out = await ccr(h, msisdn="999123")
     assert out.result_code == 5030
-    assert (await h.ledger.learned_route("999123")) is None
+    assert (await h.learned_route("999123")) is None
 
 
 async def test_unrouted_but_profiled_subscriber_learns_route(h):
     await h.add_profile("999123")
     out = await ccr(h, msisdn="999123", host="in-c.operator.example")
     assert out.result_code == 4012
-    assert (await h.ledger.learned_route("999123")) == "in-c.operator.example"
+    assert (await h.learned_route("999123")) == "in-c.operator.example"
     assert h.router.route("999123") == "in-c.operator.example"
 
 
@@ -162,12 +161,12 @@ async def test_an_rfc_only_in_credits_each_advance_exactly_once(h):
 async def test_advance_left_confirming_for_an_in_without_the_extension_settles_silently(h):
     """A CONFIRMING advance (booked while the IN had the extension, now turned off)
     is settled ACTIVE by the resolver without a REFUND_ACCOUNT (a second credit there)."""
-    from extrabalance.ledger import store
+    from extrabalance.core import sagas
 
     await h.add_profile(M)
     now = h.clock()
-    await h.ledger.write(lambda c: store.insert_loan(
-        c, msisdn=M, tier_id=3, principal_minor=500, fee_minor=50, state=store.CONFIRMING,
+    await h.ledger.write(lambda tx: tx.insert_loan(
+        msisdn=M, tier_id=3, principal_minor=500, fee_minor=50, state=sagas.CONFIRMING,
         channel="auto", idempotency_key="ccr:s7:0", in_node=IN_A, session_id="s7", now=now))
     report = await h.resolver.run_once()
     assert report.loans_settled == 1 and h.fake_in.calls == []

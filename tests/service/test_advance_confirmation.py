@@ -6,13 +6,13 @@ import pytest
 
 from extrabalance.core.reasons import Reason
 from extrabalance.service.ports import RechargeEvent
-from tests.service.fakes import NOT_EXECUTED, REFUSE, TIMEOUT, Harness
+from tests.service.fakes import BACKENDS, NOT_EXECUTED, REFUSE, TIMEOUT, Harness
 from tests.service.test_advance import IN_A, M, ccr, loan_states
 
 
-@pytest.fixture
-async def h(tmp_path):
-    harness = Harness(tmp_path / "ledger.db", advance_confirmation=True)
+@pytest.fixture(params=BACKENDS)
+async def h(request, tmp_path):
+    harness = Harness(tmp_path / "ledger.db", advance_confirmation=True, backend=request.param)
     yield harness
     await harness.close()
 
@@ -102,9 +102,8 @@ async def test_in_refuses_the_confirmation_advance_failed_and_reversed(h):
     totals = inv["totals"]
     assert totals["disbursed_float"] == 0 and totals["fee_income"] == 0
     assert "advance_reversed" in h.events.kinds()
-    sub = await h.ledger.read(lambda c: c.execute(
-        "SELECT loans_since_full_payback FROM subscribers WHERE msisdn = ?", (M,)).fetchone())
-    assert sub == (0,)
+    loaded = await h.ledger.read(lambda tx: tx.load_subscriber(M))
+    assert loaded.state.loans_since_full_payback == 0
     # A late retransmission of the CCR is refused, not granted again.
     again = await h.lending.out_of_balance("s1", 0, 1, M, None, IN_A)
     assert again.replayed and again.result_code == 4012 and again.granted_minor is None
@@ -159,9 +158,8 @@ async def test_never_answered_confirmation_goes_to_review_and_stays_owed(h):
     for _ in range(h.review_after_attempts):
         h.fake_in.fail_next(TIMEOUT)
         await h.resolver.run_once()
-    flagged = await h.ledger.read(lambda c: c.execute(
-        "SELECT state, needs_review FROM loans").fetchall())
-    assert flagged == [("CONFIRMING", 1)]
+    flagged = [(loan.state, loan.needs_review) for loan in await h.loans()]
+    assert flagged == [("CONFIRMING", True)]
     assert (await h.resolver.run_once()).loans_settled == 0  # left to the operator
     assert (await h.check_invariants())["debts"] == {M: 550}
     assert (await h.lending.status(M)).operation_pending

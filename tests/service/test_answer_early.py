@@ -3,8 +3,17 @@
 
 import asyncio
 
+import pytest
+
 from extrabalance.ledger import store
 from extrabalance.service.outcomes import BorrowStatus
+
+
+@pytest.fixture
+def h(h_sqlite):
+    """SQLite only: the group-commit writer's staged answers are the SQLite ledger's own."""
+    return h_sqlite
+
 
 M = "201001234567"  # routed statically to in-a
 

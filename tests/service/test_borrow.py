@@ -64,7 +64,7 @@ async def test_in_refusal_fails_loan_nothing_owed(h):
     assert out.status is BorrowStatus.REFUSED and out.reason is Reason.IN_REFUSED
     inv = await h.check_invariants()
     assert inv["debts"] == {} and inv["granted_sessions"] == {}
-    view = await h.ledger.subscriber_view(M)
+    view = await h.view(M)
     assert view["loans"][0]["state"] == "FAILED"
     assert (await h.lending.borrow(M, 3, "ussd", "k")).reason is Reason.IN_REFUSED
 
@@ -122,7 +122,7 @@ async def test_resolver_leaves_unknown_and_flags_for_review(h):
     assert report.flagged_for_review == 1
     assert (await h.resolver.run_once()).still_unknown == 0  # no longer retried
     assert "review" in h.events.kinds()
-    view = await h.ledger.subscriber_view(M)
+    view = await h.view(M)
     assert view["loans"][0]["needs_review"] == 1 and view["operation_pending"]
     assert any(a["action"] == "review" for a in view["audit"])
 
@@ -135,7 +135,7 @@ async def test_crash_after_in_applied_resolves_to_active(h):
     with pytest.raises(SimulatedCrash):
         await h.lending.borrow(M, 5, "ussd", "k")
     await h.restart()
-    view = await h.ledger.subscriber_view(M)
+    view = await h.view(M)
     assert view["loans"][0]["state"] == "CREDITING"
     await h.resolver.run_once()
     inv = await h.check_invariants()
@@ -190,7 +190,7 @@ async def test_manual_bar_unbar_audited(h):
     h.clock.advance(minutes=1)
     await h.accounts.unbar(M, "ops:bob", "cleared")
     assert (await h.lending.borrow(M, 1, "ussd", "k2")).status is BorrowStatus.GRANTED
-    view = await h.ledger.subscriber_view(M)
+    view = await h.view(M)
     assert [(a["action"], a["who"]) for a in reversed(view["audit"])] == [
         ("bar", "ops:alice"),
         ("unbar", "ops:bob"),
@@ -267,14 +267,14 @@ async def test_cancelled_caller_does_not_strand_the_loan(h):
     task = asyncio.create_task(h.lending.borrow(M, 3, "ussd", "k"))
     while not h.fake_in.calls and not gate.is_set():
         await asyncio.sleep(0.001)
-        if (await h.ledger.subscriber_view(M))["loans"]:
+        if (await h.view(M))["loans"]:
             break
     task.cancel()
     gate.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     for _ in range(200):
-        view = await h.ledger.subscriber_view(M)
+        view = await h.view(M)
         if view["loans"][0]["state"] == "ACTIVE":
             break
         await asyncio.sleep(0.005)

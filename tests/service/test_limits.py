@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from extrabalance.core.limits import LimitPolicy, LimitReason
+from extrabalance.core.limits import LimitPolicy, LimitReason, LimitState
 from extrabalance.service.limits import limit_view
 from extrabalance.service.outcomes import BorrowStatus, PaybackStatus
 from extrabalance.service.ports import RechargeEvent
@@ -84,6 +84,4 @@ async def test_off_by_default_nothing_is_kept_or_shown(h):
     loan = await h.lending.borrow(M, None, "ussd", "k1")
     assert loan.amount_minor == 10000  # the segment ceiling alone: 100.00 + 10.00 fee
     assert "limit_minor" not in [f for k, f in h.events.events if k == "loan"][-1]
-    rows = await h.ledger.read(
-        lambda tx: tx.execute("SELECT count(*) FROM subscriber_limits").fetchone()[0])
-    assert rows == 0
+    assert await h.ledger.read(lambda tx: tx.limit_state(M)) == LimitState()

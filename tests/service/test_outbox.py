@@ -8,6 +8,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from extrabalance.adapters.gy_server import GyServer
 from extrabalance.diameter import gy
 from extrabalance.service.lending import LendingService
@@ -15,6 +17,13 @@ from extrabalance.service.outbox import OutboxSender
 from extrabalance.service.outcomes import BorrowStatus
 from extrabalance.service.ports import Notice
 from tests.service.fakes import FakeNotifier, Harness
+
+
+@pytest.fixture
+def h(h_sqlite):
+    """SQLite only: these cases read the SQLite outbox table itself (the outbox operations run on every ledger in tests/ledger/test_unit_of_work_contract.py)."""
+    return h_sqlite
+
 
 IN_A = "in-a.operator.example"
 SUBSCRIBERS = [f"2010012{i:05d}" for i in range(8)]

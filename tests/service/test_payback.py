@@ -29,7 +29,7 @@ async def test_nothing_owed_recorded_and_replayed(h):
     again = await h.payback.handle_recharge(recharge("e1", 1000))
     assert again.replayed and again.status is PaybackStatus.NOTHING_OWED
     assert h.fake_in.calls == []
-    assert (await h.ledger.learned_route(M)) == IN_A
+    assert (await h.learned_route(M)) == IN_A
 
 
 async def test_full_payback(h):
@@ -45,7 +45,7 @@ async def test_full_payback(h):
     assert inv["debts"][M] == 0 and inv["totals"]["recovered_cash"] == 1100
     assert h.notifier.sent[-1].template == "payback_full"
     assert h.notifier.sent[-1].params == {"recovered": 1100}
-    view = await h.ledger.subscriber_view(M)
+    view = await h.view(M)
     assert view["loans"][0]["state"] == "REPAID"
 
 
@@ -54,7 +54,7 @@ async def test_partial_payback_fee_first(h):
     h.fake_in.balances[M] = 300
     out = await h.payback.handle_recharge(recharge("e1", 300, balance_after=300))
     assert (out.recovered_minor, out.debt_minor) == (300, 800)
-    view = await h.ledger.subscriber_view(M)
+    view = await h.view(M)
     loan = view["loans"][0]
     assert loan["state"] == "PARTIALLY_REPAID"
     assert (loan["fee_repaid_minor"], loan["principal_repaid_minor"]) == (100, 200)
@@ -81,11 +81,7 @@ async def test_refused_retries_with_half_each_with_own_session(h):
     sessions = {c.session_id for c in h.fake_in.calls if c.action.name == "DIRECT_DEBITING"}
     assert len(sessions) == 3
     assert out.recovered_minor == 275 and out.debt_minor == 825
-    attempts = await h.ledger.read(
-        lambda c: c.execute(
-            "SELECT attempt_no, requested_minor, outcome FROM recovery_attempts ORDER BY attempt_no"
-        ).fetchall()
-    )
+    attempts = await h.recovery_attempts()
     assert attempts == [(1, 1100, "REFUSED"), (2, 550, "REFUSED"), (3, 275, "DONE")]
 
 
@@ -134,7 +130,7 @@ async def test_oldest_loan_first_across_loans(h):
     h.fake_in.balances[M] = 1300
     out = await h.payback.handle_recharge(recharge("e1", 1300))
     assert out.recovered_minor == 1300 and out.debt_minor == 350
-    view = await h.ledger.subscriber_view(M)
+    view = await h.view(M)
     states = [(ln["tier_id"], ln["state"]) for ln in view["loans"]]
     assert states == [(4, "REPAID"), (3, "PARTIALLY_REPAID")]
 

@@ -7,6 +7,7 @@ recovered yet, and lists the rest."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from datetime import timedelta
@@ -37,8 +38,8 @@ def extract(*keys: tuple[str, int, str]) -> list[InGrant]:
 
 async def run(h: Harness, grants: list[InGrant], *, apply: bool):
     until = h.clock() + timedelta(minutes=1)
-    return await h.ledger.write(lambda conn: reconcile_in(
-        conn, grants, in_node=IN_A, until=until, apply=apply, now=h.clock()))
+    return await h.ledger.write(lambda tx: reconcile_in(
+        tx, grants, in_node=IN_A, until=until, apply=apply, now=h.clock()))
 
 
 async def test_advances_the_in_never_applied_are_reversed_the_rest_confirmed(h):
@@ -57,9 +58,7 @@ async def test_advances_the_in_never_applied_are_reversed_the_rest_confirmed(h):
     done = await run(h, grants, apply=True)
     assert [r["request_number"] for r in done.reversed] == [2] and not done.not_credited
     assert (await h.check_invariants())["debts"][M] == 1100  # 550 no longer owed
-    states = await h.ledger.read(lambda c: c.execute(
-        "SELECT request_number, state FROM loans WHERE msisdn = ? ORDER BY request_number",
-        (M,)).fetchall())
+    states = sorted((loan.request_number, loan.state) for loan in await h.loans(M))
     assert states == [(0, "ACTIVE"), (1, "ACTIVE"), (2, "FAILED")]
     # The IN's late re-send of that request is refused, not granted again.
     again = await h.lending.out_of_balance("s1", 2, 2, M, None, IN_A)
@@ -68,7 +67,12 @@ async def test_advances_the_in_never_applied_are_reversed_the_rest_confirmed(h):
     assert not (await run(h, grants, apply=True)).reversed
 
 
-async def test_the_command_reports_and_applies(h, tmp_path):
+async def test_the_command_reports_and_applies(h_sqlite, tmp_path):
+    h = h_sqlite  # the command opens the configured SQLite file
+
+    async def command(*args, **kwargs):  # as from a shell: a process (thread) of its own
+        return await asyncio.to_thread(reconcile_in_command, *args, **kwargs)
+
     await advances(h)
     config = write_config(tmp_path)
     # The command opens the configured ledger: point it at the harness's.
@@ -80,17 +84,17 @@ async def test_the_command_reports_and_applies(h, tmp_path):
     assert len(read_extract(csv_path)) == 3
     until = (h.clock() + timedelta(minutes=1)).isoformat()
     out = io.StringIO()
-    code = reconcile_in_command(str(config), str(csv_path), IN_A, until, json_output=True,
+    code = await command(str(config), str(csv_path), IN_A, until, json_output=True,
                                 out=out)
     report = json.loads(out.getvalue())
     assert code == 1 and [r["msisdn"] for r in report["not_credited"]] == [M2]
     out = io.StringIO()
-    assert reconcile_in_command(str(config), str(csv_path), IN_A, until, apply=True,
+    assert await command(str(config), str(csv_path), IN_A, until, apply=True,
                                 json_output=True, out=out) == 0
     assert [r["msisdn"] for r in json.loads(out.getvalue())["reversed"]] == [M2]
     assert (await h.check_invariants())["debts"].get(M2, 0) == 0
     # Usage errors: an unknown IN node, a time without a zone, a bad extract.
-    assert reconcile_in_command(str(config), str(csv_path), "in-x.example", until) == 2
-    assert reconcile_in_command(str(config), str(csv_path), IN_A, "2026-12-07T00:00:00") == 2
+    assert await command(str(config), str(csv_path), "in-x.example", until) == 2
+    assert await command(str(config), str(csv_path), IN_A, "2026-12-07T00:00:00") == 2
     csv_path.write_text("session_id,msisdn\ns1,1\n")
-    assert reconcile_in_command(str(config), str(csv_path), IN_A, until) == 2
+    assert await command(str(config), str(csv_path), IN_A, until) == 2

@@ -15,6 +15,12 @@ from extrabalance.service.ports import InAction, RechargeEvent
 from extrabalance.service.retention import IdempotencyRetention
 from tests.service.fakes import Harness
 
+
+@pytest.fixture
+def h(h_sqlite):
+    """SQLite only: these cases write and count the SQLite idempotency table itself (retention runs on every ledger in test_services_on_both_ledgers.py)."""
+    return h_sqlite
+
 M = "201001234567"
 IN_A = "in-a.operator.example"
 RETENTION = timedelta(days=10)

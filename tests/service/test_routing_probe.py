@@ -19,7 +19,7 @@ async def test_unknown_subscriber_is_probed_learned_and_served(h):
     assert [c.in_node for c in probes] == [IN_A, IN_B]  # in-a said 5030, in-b knows him
     credit = [c for c in h.fake_in.calls if c.action is InAction.REFUND_ACCOUNT]
     assert [c.in_node for c in credit] == [IN_B]
-    assert await h.ledger.learned_route(UNROUTED) == IN_B
+    assert await h.learned_route(UNROUTED) == IN_B
     # Known now: the next loan needs no probe.
     h.fake_in.calls.clear()
     await h.lending.borrow(UNROUTED, 1, "ussd", "k2")

@@ -1,7 +1,8 @@
 """The services that run on the unit-of-work port (accounts, retention, payback, ads,
 campaigns), each case run on the SQLite ledger, the in-memory one and the PostgreSQL
-one with the same assertions. Debt is set up through the port (`insert_loan`), not the lending service,
-which still speaks SQL."""
+one with the same assertions. Debt is set up through the port (`insert_loan`); the
+lending service and the resolver have their own cases on the three ledgers
+(`test_lending_on_three_ledgers.py`)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,24 @@ async def test_bar_unbar_and_the_barred_sms(s: Services) -> None:
     await s.accounts.unbar(M1, "ops", "cleared")
     assert not (await s.uow.read(lambda tx: tx.load_subscriber(M1))).state.barred_manual
     assert s.events.kinds() == ["bar", "unbar"]
+
+
+async def test_a_write_down_under_the_lock_with_its_edr_once(s: Services) -> None:
+    from extrabalance.core.adjustments import AdjustmentError
+
+    loan_id = await s.lend(M1)
+    result = await s.accounts.write_down(M1, kind="waive_fee", amount_minor=100, who="ops",
+                                         reason="goodwill", request_id="r-1")
+    assert (result.debt_before_minor, result.debt_after_minor) == (1100, 1000)
+    again = await s.accounts.write_down(M1, kind="waive_fee", amount_minor=100, who="ops",
+                                        reason="goodwill", request_id="r-1")
+    assert again.replayed and await s.debt(M1) == 1000
+    with pytest.raises(AdjustmentError):
+        await s.accounts.write_down(M1, kind="waive", amount_minor=1001, who="ops",
+                                    reason="too much")
+    assert await s.debt(M1) == 1000
+    assert [(k, f["amount_minor"], f["loan_id"], f["reason"]) for k, f in s.events.events] == [
+        ("adjustment", 100, loan_id, "waive_fee")]
 
 
 async def test_ageing_writes_off_old_loans_and_counts_overdue(s: Services) -> None:

@@ -27,8 +27,8 @@ async def _evidence(h: Harness, loan_id: str):
 
 async def _reconcile(h: Harness, *, apply: bool):
     until = h.clock() + timedelta(minutes=1)
-    return await h.ledger.write(lambda conn: reconcile_in(
-        conn, [], in_node=IN_A, until=until, apply=apply, now=h.clock()))
+    return await h.ledger.write(lambda tx: reconcile_in(
+        tx, [], in_node=IN_A, until=until, apply=apply, now=h.clock()))
 
 
 async def test_termination_with_used_units_confirms_the_initial_advance(h):
@@ -39,9 +39,7 @@ async def test_termination_with_used_units_confirms_the_initial_advance(h):
     end = await h.lending.out_of_balance("s1", 1, TERMINATION, M, None, IN_A, used_minor=420)
     assert end.result_code == 2001
     assert await _evidence(h, grant.loan_id) == (TERMINATION, 1, 420)
-    audit = await h.ledger.read(lambda c: c.execute(
-        "SELECT action FROM audit WHERE msisdn = ? AND action = 'advance_session_evidence'",
-        (M,)).fetchall())
+    audit = [a for a in await h.audit(M) if a["action"] == "advance_session_evidence"]
     assert len(audit) == 1
     edr = [f for k, f in h.events.events if k == "advance_session_evidence"]
     assert [(f["loan_id"], f["detail"]) for f in edr] == [(grant.loan_id, "s1;3;1;420")]
@@ -84,6 +82,5 @@ async def test_update_or_termination_of_an_unknown_session_stays_5002(h):
         out = await h.lending.out_of_balance("nosuch", number, kind, M, None, IN_A,
                                              used_minor=100)
         assert out.result_code == 5002
-    rows = await h.ledger.read(lambda c: c.execute(
-        "SELECT COUNT(*) FROM advance_session_evidence").fetchone())
-    assert rows[0] == 0
+    assert not [a for a in await h.audit(M) if a["action"] == "advance_session_evidence"]
+    assert await h.loans() == []  # no advance to hold evidence

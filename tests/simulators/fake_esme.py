@@ -95,7 +95,8 @@ class InProcessServer:
         self.delivered: list[DeliverSm] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def deliver(self, pdu: DeliverSm, system_id: str | None = None) -> int:
+    async def deliver(self, pdu: DeliverSm, system_id: str | None = None, *,
+                      connection: Any = None) -> int:
         self.delivered.append(pdu)
         if pdu.esm_class & 0x04:
             self.receipts.append(pdu)
@@ -114,6 +115,9 @@ class InProcessServer:
 
     def bound_system_ids(self) -> list[str]:
         return ["extrabalance"]
+
+    def receivers(self, system_id: str | None = None) -> list[Any]:
+        return [self]  # one bind, always up
 
     async def drop_binds(self) -> int:
         return 1
