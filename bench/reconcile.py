@@ -143,6 +143,13 @@ def _check(conn: sqlite3.Connection, r: Reconciliation, in_dump: dict[str, Any],
     if in_dump.get("duplicate_mismatch"):
         r.flag("in_duplicate_key_other_content",
                f"{in_dump['duplicate_mismatch']} requests re-used a key with other content")
+    taken_over = sum(int(stats.get("requests_from_another_node", 0))
+                     for stats in (in_dump.get("stats") or {}).values())
+    if taken_over:
+        # Several nodes: a node finished an operation another node had left (stopped
+        # or killed); the IN replayed its first answer (simulators/in_node.py).
+        r.notes.append(f"{taken_over} requests came again from another node than the"
+                       " first (operations taken over from a stopped node)")
     for kind, count in sorted((in_dump.get("nonstandard") or {}).items()):
         # What the strict IN counted outside RFC 6733 / RFC 4006 (simulators/in_node.py).
         if not count:

@@ -110,6 +110,18 @@ class RepeatLimiter(logging.Filter):
         return True
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written, not when logging was set up: a
+    process (or a test harness) that swaps stderr later still gets the lines, and a
+    stream closed since is never written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
                       stream: Any = None) -> None:
     def _mask(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +137,8 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
         structlog.processors.format_exc_info,
     ]
     # The protocol stacks log through the standard library: the same JSON lines.
-    handler = logging.StreamHandler(stream or sys.stderr)
+    stream = stream or _CurrentStderr()
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processor=structlog.processors.JSONRenderer(),
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
@@ -144,7 +157,7 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 
@@ -195,6 +208,18 @@ class Metrics:
         self.peer_warnings = Gauge("eb_diameter_peer_warnings",
                                    "Diameter peer identity problems and late answers, since start",
                                    ["peer", "kind"], registry=r)
+        # Labelled children already looked up: `labels()` validates and locks on
+        # every call, and a loan updates four labelled metrics. As many entries as
+        # the registry holds children.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
 
 class EdrWriter:
@@ -329,16 +354,16 @@ class EventRecorder:
         """One business event: its fields carry the EDR columns' names (`EDR_FIELDS`);
         any other field goes to the debug log only."""
         m = self.metrics
-        m.events.labels(kind).inc()
+        m.child(m.events, kind).inc()
         if kind in ("loan", "advance"):
-            m.loans.labels(fields.get("channel") or ("auto" if kind == "advance" else "")).inc()
+            m.child(m.loans, fields.get("channel") or ("auto" if kind == "advance" else "")).inc()
             m.lent_minor.inc(int(fields.get("amount_minor") or 0))
             m.fees_minor.inc(int(fields.get("fee_minor") or 0))
         elif kind == "refusal":
-            m.refusals.labels(str(fields.get("reason", ""))).inc()
+            m.child(m.refusals, str(fields.get("reason", ""))).inc()
         elif kind == "payback":
             full = fields.get("debt_after_minor") in (0, "0")
-            m.paybacks.labels("full" if full else "partial").inc()
+            m.child(m.paybacks, "full" if full else "partial").inc()
             m.recovered_minor.inc(int(fields.get("recovered_minor") or 0))
         elif kind in ("ad_sent", "ad_suppressed"):
             m.ads.labels("sent" if kind == "ad_sent" else "suppressed",

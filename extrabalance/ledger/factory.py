@@ -54,7 +54,7 @@ def open_ledger(storage: StorageSection, *, migrate: bool = True,
                           "pip install 'extrabalance[postgresql]'") from exc
     try:
         return PostgresLedger(conninfo, pool_max=storage.pool_max, migrate=migrate,
-                              node_name=node_name)
+                              node_name=node_name, saga_lease_s=storage.saga_lease_s)
     except psycopg.OperationalError as exc:
         raise ConfigError(f"storage.url {storage.postgresql_url_shown()!r}: cannot connect "
                           f"to PostgreSQL: {_first_line(exc)}") from exc

@@ -1064,6 +1064,13 @@ class MemoryLedgerTx:
         )
         return [self._t.outbox[oid][0] for _, oid in due[:limit]]
 
+    def outbox_claim_due(self, now: datetime, until: datetime, limit: int) -> list[OutboxRow]:
+        t = self._w()
+        rows = self.outbox_due(now, limit)
+        for row in rows:
+            t.outbox[row.outbox_id][1] = utc_ts(until)
+        return sorted(rows, key=lambda row: (row.created_at, row.outbox_id))
+
     def outbox_retry_later(self, outbox_id: str, at: datetime) -> None:
         entry = self._w().outbox.get(outbox_id)
         if entry is not None and entry[2] is None:

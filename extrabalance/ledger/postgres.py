@@ -324,6 +324,11 @@ class PostgresLedgerTx:
     # outbox (rows of their own: the money they report took the subscriber's lock)
     outbox_put = _op(outbox_store.outbox_put)
     outbox_due = _op(outbox_store.outbox_due)
+
+    def outbox_claim_due(self, now: Any, until: Any, limit: int) -> list[outbox_store.OutboxRow]:
+        return outbox_store.outbox_claim_due(self, now, until, limit,  # type: ignore[arg-type]
+                                             lock_rows=_SKIP_LOCKED)
+
     outbox_retry_later = _op(outbox_store.outbox_retry_later)
     outbox_mark_sent = _op(outbox_store.outbox_mark_sent)
     outbox_prune = _op(outbox_store.outbox_prune)

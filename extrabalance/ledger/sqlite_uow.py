@@ -104,6 +104,7 @@ class SqliteLedgerTx(sqlite3.Connection):
     # outbox
     outbox_put = outbox_store.outbox_put
     outbox_due = outbox_store.outbox_due
+    outbox_claim_due = outbox_store.outbox_claim_due
     outbox_retry_later = outbox_store.outbox_retry_later
     outbox_mark_sent = outbox_store.outbox_mark_sent
     outbox_prune = outbox_store.outbox_prune

@@ -46,7 +46,7 @@ from extrabalance.core.lending import (
 )
 from extrabalance.core.limits import Limit
 from extrabalance.core.model import SubscriberState
-from extrabalance.core.policy import Policy
+from extrabalance.core.policy import MONEY, Bundle, Policy
 from extrabalance.core.reasons import Reason
 from extrabalance.core.segments import match_segment
 from extrabalance.service.ads import AdTrigger, Advertiser
@@ -80,6 +80,7 @@ from extrabalance.service.protection import (
     LOAN_CONFIRM_REQUESTED,
     LOAN_CONSENT,
     LOAN_REFUSED,
+    WHO_NODE,
     WHO_SUBSCRIBER,
     audit_consent,
     figures,
@@ -190,7 +191,17 @@ def settle_borrow(
     return outcome
 
 
-def loan_notice(outcome: BorrowOutcome, msisdn: str, language: str) -> Notice:
+def loan_notice(outcome: BorrowOutcome, msisdn: str, language: str,
+                bundle: Bundle | None = None) -> Notice:
+    if outcome.status is BorrowStatus.GRANTED and bundle is not None:
+        return Notice(
+            msisdn,
+            "loan_granted_bundle",
+            {"amount": outcome.amount_minor, "fee": outcome.fee_minor, "debt": outcome.debt_minor,
+             "bundle": bundle.as_param()},
+            "sms",
+            language,
+        )
     if outcome.status is BorrowStatus.GRANTED:
         return Notice(
             msisdn,
@@ -298,6 +309,7 @@ class _Intent:
     amount_minor: int
     language: str
     limit: Limit | None = None  # his limit from behaviour, for the EDR
+    bundle: Bundle | None = None  # a bundle tier: credited in its units at the IN
 
 
 class LendingService:
@@ -352,8 +364,9 @@ class LendingService:
         idempotency_key: str,
         *,
         answer_early: bool = False,
+        kind: str = MONEY,
     ) -> BorrowOutcome:
-        """Lend `tier_id` (None: the largest that fits) and credit it on the IN.
+        """Lend `tier_id` (None: the largest of `kind` that fits) and credit it on the IN.
 
         Exactly once per `idempotency_key`: a replay returns the first outcome (or the
         loan's current settlement) with `replayed=True` and moves no money.
@@ -373,7 +386,8 @@ class LendingService:
         )
         # Once started, the saga runs to its settlement even if the caller gives up
         # (USSD dialog timeout, connection closed): a task of its own, shielded.
-        saga = loop.create_task(self._borrow(msisdn, tier_id, channel, idempotency_key, answer))
+        saga = loop.create_task(
+            self._borrow(msisdn, tier_id, channel, idempotency_key, answer, kind))
         self._sagas.add(saga)
         saga.add_done_callback(self._sagas.discard)
         if answer is None:
@@ -394,6 +408,7 @@ class LendingService:
         channel: Channel,
         idempotency_key: str,
         answer: asyncio.Future[BorrowOutcome] | None = None,
+        kind: str = MONEY,
     ) -> BorrowOutcome:
         key = borrow_key(idempotency_key)
         async with self.locks.hold(msisdn):
@@ -406,6 +421,9 @@ class LendingService:
             limits: list[Limit] = []  # his limit from behaviour, when that policy is on
 
             def record_intent(tx: LedgerTx) -> BorrowOutcome | _Intent:
+                # His state first: on PostgreSQL this takes his row lock, so the replay
+                # checks below see a request another node booked a moment ago.
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 prior = tx.idempotent_get(key)
                 if prior is not None:
                     return BorrowOutcome.from_json(prior, replayed=True)
@@ -414,7 +432,6 @@ class LendingService:
                     return replace(
                         outcome_of_loan(loan, tx.debt_owed(msisdn)), replayed=True
                     )
-                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 in_node = loaded.learned_in_node or static_node
                 if in_node is None:
                     refused = BorrowOutcome(
@@ -432,7 +449,8 @@ class LendingService:
                 state, limit = with_limit(tx, state, self.policy, now)
                 limits.extend([limit] if limit else [])
                 state = with_loan_times(tx, state, self.policy, now)
-                decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy, now)
+                decision = decide(BorrowRequest(msisdn, tier_id, channel, kind), state,
+                                  self.policy, now)
                 if not isinstance(decision, Granted):
                     if channel != "auto":
                         audit_consent(tx, self.policy, msisdn, LOAN_REFUSED, channel, now,
@@ -461,12 +479,14 @@ class LendingService:
                     now=now,
                     subscriber_known=loaded.known,
                 )
+                bundle = decision.tier.bundle
                 if channel != "auto":  # what he agreed to, with the loan it asked for
                     audit_consent(tx, self.policy, msisdn, LOAN_CONSENT, channel, now, {
                         "tier_id": decision.tier.tier_id, "loan_id": loan_id,
-                        **figures(decision.amount_minor, decision.fee_minor)})
+                        **figures(decision.amount_minor, decision.fee_minor),
+                        **({"bundle": bundle.as_param()} if bundle else {})})
                 return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language,
-                               limits[0] if limits else None)
+                               limits[0] if limits else None, bundle)
 
             step = await self.ledger.write(record_intent)
             if isinstance(step, BorrowOutcome):
@@ -494,7 +514,8 @@ class LendingService:
         answer: asyncio.Future[BorrowOutcome] | None = None,
     ) -> BorrowOutcome:
         op = InOperation(
-            InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id
+            InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id,
+            bundle=step.bundle,
         )
         result = await call_in_with_resends(self.in_port, op)
         if result.outcome is InOutcome.NOT_EXECUTED:
@@ -505,7 +526,7 @@ class LendingService:
         def settle(tx: LedgerTx) -> BorrowOutcome:
             settled = settle_borrow(tx, step.loan_id, result, now)
             # The message that reports it, in the same commit (sent after, never awaited).
-            self.notifier.put(tx, loan_notice(settled, msisdn, step.language), now)
+            self.notifier.put(tx, loan_notice(settled, msisdn, step.language, step.bundle), now)
             return settled
 
         if answer is None:
@@ -673,15 +694,18 @@ class LendingService:
     async def record_consent(
         self, msisdn: str, action: str, channel: str, detail: dict[str, Any] | None = None
     ) -> None:
-        """A consent line a channel decided (he cancelled on the confirm screen)."""
+        """A consent line a channel decided: he cancelled on the confirm screen, or the
+        menu refused him before any borrow (written as the node's)."""
         if not self.policy.protection.keeps_trail:
             return
         now = self.clock()
+        who = WHO_NODE if action == LOAN_REFUSED else WHO_SUBSCRIBER
         await self.ledger.write(
-            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail))
+            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail,
+                                     who=who))
 
     async def sms_loan(
-        self, msisdn: str, tier_id: int | None, idempotency_key: str
+        self, msisdn: str, tier_id: int | None, idempotency_key: str, *, kind: str = MONEY
     ) -> BorrowOutcome | None:
         """An SMS `LOAN [n]`: lent at once, or, with `[protection] sms_confirm`, answered
         by an SMS with the amount, the fee and its percentage, and lent only on his
@@ -689,11 +713,11 @@ class LendingService:
         the node would refuse is refused at once (its SMS, EDR and trail line)."""
         protection = self.policy.protection
         if not protection.sms_confirm:
-            return await self.borrow(msisdn, tier_id, "sms", idempotency_key)
+            return await self.borrow(msisdn, tier_id, "sms", idempotency_key, kind=kind)
         status, quote = await self.overview(msisdn)
-        tier = _offered(quote, tier_id)
+        tier = _offered(quote, tier_id, kind)
         if tier is None:
-            return await self.borrow(msisdn, tier_id, "sms", idempotency_key)
+            return await self.borrow(msisdn, tier_id, "sms", idempotency_key, kind=kind)
         async with self.locks.hold(msisdn):
             now = self.clock()
             ask_key = f"smsask:{idempotency_key}"
@@ -703,12 +727,15 @@ class LendingService:
                     return  # the SMSC's re-send of the same LOAN: asked already
                 tx.idempotent_put(ask_key, {"asked": True}, now)
                 shown = figures(tier.amount_minor, tier.fee_minor)
+                bundle = {"bundle": tier.bundle.as_param()} if tier.bundle else {}
                 tx.audit(msisdn, LOAN_CONFIRM_REQUESTED, WHO_SUBSCRIBER, "sms", now,
-                         {"channel": "sms", "tier_id": tier.tier_id, **shown})
-                self.notifier.put(tx, Notice(msisdn, "loan_confirm_sms", {
-                    "amount": tier.amount_minor, "fee": tier.fee_minor,
-                    "fee_percent": shown["fee_percent"], "total": tier.total_minor,
-                    "minutes": protection.confirm_ttl_s // 60}, "sms", status.language), now)
+                         {"channel": "sms", "tier_id": tier.tier_id, **shown, **bundle})
+                self.notifier.put(tx, Notice(
+                    msisdn, "loan_confirm_sms_bundle" if bundle else "loan_confirm_sms", {
+                        "amount": tier.amount_minor, "fee": tier.fee_minor,
+                        "fee_percent": shown["fee_percent"], "total": tier.total_minor,
+                        "minutes": protection.confirm_ttl_s // 60, **bundle},
+                    "sms", status.language), now)
 
             await self.ledger.write(ask)
         self.notifier.wake()
@@ -1049,12 +1076,14 @@ def _session_evidence(tx: LedgerTx, session_id: str, request_type: int,
     return [loan]
 
 
-def _offered(quote: Offer, tier_id: int | None) -> OfferTier | None:
-    """The tier of his menu a request names (None: the largest that fits, as `decide`
-    picks it), when he may take it now; else None."""
+def _offered(quote: Offer, tier_id: int | None, kind: str = MONEY) -> OfferTier | None:
+    """The tier of his menu a request names (None: the largest of `kind` that fits, as
+    `decide` picks it), when he may take it now; else None."""
     if not quote.eligible:
         return None
     fitting = [t for t in quote.tiers if t.fits]
+    if tier_id is None:
+        fitting = [t for t in fitting if (t.bundle.kind if t.bundle else MONEY) == kind]
     if tier_id is None:
         return max(fitting, key=lambda t: (t.amount_minor, t.tier_id), default=None)
     return next((t for t in fitting if t.tier_id == tier_id), None)

@@ -14,6 +14,7 @@ from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
+    from extrabalance.core.policy import Bundle
     from extrabalance.service.unit_of_work import LedgerTx
 
 
@@ -44,6 +45,9 @@ class InOperation:
     session_id: str
     request_number: int = 0
     retransmission: bool = False  # set the T flag
+    # A bundle tier's loan: REFUND_ACCOUNT credits these units (Multiple-Services-
+    # Credit-Control) instead of money; amount_minor is then the bundle's price.
+    bundle: Bundle | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -361,6 +361,11 @@ class LedgerTx(Protocol):
         """Unsent messages due at `now`, oldest first."""
         ...
 
+    def outbox_claim_due(self, now: datetime, until: datetime, limit: int) -> list[OutboxRow]:
+        """The unsent messages due at `now`, oldest first, taken for sending: not due
+        again before `until` (another node's sender skips them meanwhile)."""
+        ...
+
     def outbox_retry_later(self, outbox_id: str, at: datetime) -> None: ...
     def outbox_mark_sent(self, outbox_id: str, now: datetime) -> bool:
         """Mark sent (False if it was already)."""

@@ -26,6 +26,7 @@ from extrabalance.smpp.pdu import (
     Status,
     SubmitSm,
     Tag,
+    build_sm,
     make_response,
     status_name,
 )
@@ -468,8 +469,8 @@ class Esme:
             if user_message_reference is not None else ())
         results = []
         for seg in segments:
-            pdu = SubmitSm(
-                source_addr_ton=s_ton, source_addr_npi=s_npi, source_addr=source_addr,
+            pdu = build_sm(
+                SubmitSm, source_addr_ton=s_ton, source_addr_npi=s_npi, source_addr=source_addr,
                 dest_addr_ton=d_ton, dest_addr_npi=d_npi, destination_addr=dest_addr,
                 esm_class=seg.esm_class, data_coding=seg.data_coding,
                 registered_delivery=1 if registered_delivery else 0,

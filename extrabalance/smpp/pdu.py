@@ -36,7 +36,7 @@ import inspect
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 __all__ = [
     "COMMAND_LENGTH_MAX",
@@ -919,6 +919,61 @@ _unpack_tlv_head = struct.Struct(">HH").unpack_from
 
 def _validate(p: _Header) -> None:
     """Raise PduEncodeError unless `p` can go on the wire as it is."""
+    if not _fits(p):
+        _validate_slowly(p)
+
+
+# (C-string fields as (name, size), octet fields, octet-string fields as (name, size))
+# of each PDU class, for the fast check below.
+_Plan = tuple[tuple[tuple[str, int], ...], tuple[str, ...], tuple[tuple[str, int], ...]]
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type) -> _Plan:
+    layout = _LAYOUT[cls]
+    plan = (tuple((n, size) for n, kind, size, _ in layout if kind == _C),
+            tuple(n for n, kind, _, _ in layout if kind == _U8),
+            tuple((n, size) for n, kind, size, _ in layout if kind != _C and kind != _U8))
+    _PLANS[cls] = plan
+    return plan
+
+
+def _fits(p: _Header) -> bool:
+    """True when `p` is plainly encodable as it is: plain ints in range, ASCII strings
+    short enough, bytes, TLVs as (int, bytes) pairs. Anything else (an enum member to
+    normalise, latin-1 text, a bytearray, an error to name) is left to the slow check,
+    which has the final word. Every PDU the node builds passes here."""
+    status, seq, tlvs = p.command_status, p.sequence_number, p.tlvs
+    if not (type(status) is int and 0 <= status <= 0xFFFFFFFF
+            and type(seq) is int and 0 <= seq <= 0xFFFFFFFF and type(tlvs) is tuple):
+        return False
+    for pair in tlvs:
+        if not (type(pair) is tuple and len(pair) == 2):
+            return False
+        tag, value = pair
+        if not (type(tag) is int and 0 <= tag <= 0xFFFF
+                and type(value) is bytes and len(value) <= 0xFFFF):
+            return False
+    cls = type(p)
+    strings, octets, blobs = _PLANS.get(cls) or _plan(cls)
+    for field_name, size in strings:
+        v = getattr(p, field_name)
+        if not (type(v) is str and len(v) < size and v.isascii() and "\0" not in v):
+            return False
+    for field_name in octets:
+        v = getattr(p, field_name)
+        if not (type(v) is int and 0 <= v <= 0xFF):
+            return False
+    for field_name, size in blobs:
+        v = getattr(p, field_name)
+        if not (type(v) is bytes and len(v) <= size):
+            return False
+    return True
+
+
+def _validate_slowly(p: _Header) -> None:
+    """The full check: names what is wrong, and normalises what can be (enum members
+    to ints, bytearray and memoryview to bytes, TLV lists to tuples)."""
     name = type(p).__name__
     for attr in ("command_status", "sequence_number"):
         v = getattr(p, attr)
@@ -1119,6 +1174,69 @@ def with_sequence_number(pdu: Pdu, sequence_number: int) -> Pdu:
         setter(obj, getattr(pdu, name))
     _SEQ_SETTER(obj, sequence_number)
     return obj
+
+
+_SmT = TypeVar("_SmT", bound=_Sm)
+
+
+class _SmBuilder(Protocol):
+    def __call__(self, cls: type[_SmT], **fields: Any) -> _SmT: ...
+
+
+def _make_sm_builder() -> _SmBuilder:
+    # The setters below go in the dataclass's field order; say so, or fail at import.
+    assert _FIELD_NAMES[SubmitSm] == _FIELD_NAMES[DeliverSm] == (
+        "tlvs", "command_status", "sequence_number", "service_type", "source_addr_ton",
+        "source_addr_npi", "source_addr", "dest_addr_ton", "dest_addr_npi",
+        "destination_addr", "esm_class", "protocol_id", "priority_flag",
+        "schedule_delivery_time", "validity_period", "registered_delivery",
+        "replace_if_present_flag", "data_coding", "sm_default_msg_id", "short_message")
+    (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17,
+     s18, s19) = _SETTERS[SubmitSm]
+    new = _new_object
+    validate = _validate
+
+    def build_sm(
+        cls: type[_SmT], *, service_type: str = "", source_addr_ton: int = 0,
+        source_addr_npi: int = 0, source_addr: str = "", dest_addr_ton: int = 0,
+        dest_addr_npi: int = 0, destination_addr: str = "", esm_class: int = 0,
+        protocol_id: int = 0, priority_flag: int = 0, schedule_delivery_time: str = "",
+        validity_period: str = "", registered_delivery: int = 0,
+        replace_if_present_flag: int = 0, data_coding: int = 0, sm_default_msg_id: int = 0,
+        short_message: bytes = b"", tlvs: Tlvs = _NO_TLVS, command_status: int = 0,
+        sequence_number: int = 0,
+    ) -> _SmT:
+        """`cls(...)` for submit_sm / deliver_sm with the same check, without the
+        frozen dataclass's __init__ (a setattr through object per field: most of the
+        cost of building a USSD screen)."""
+        o: _SmT = new(cls)
+        s0(o, tlvs)
+        s1(o, command_status)
+        s2(o, sequence_number)
+        s3(o, service_type)
+        s4(o, source_addr_ton)
+        s5(o, source_addr_npi)
+        s6(o, source_addr)
+        s7(o, dest_addr_ton)
+        s8(o, dest_addr_npi)
+        s9(o, destination_addr)
+        s10(o, esm_class)
+        s11(o, protocol_id)
+        s12(o, priority_flag)
+        s13(o, schedule_delivery_time)
+        s14(o, validity_period)
+        s15(o, registered_delivery)
+        s16(o, replace_if_present_flag)
+        s17(o, data_coding)
+        s18(o, sm_default_msg_id)
+        s19(o, short_message)
+        validate(o)
+        return o
+
+    return cast(_SmBuilder, build_sm)
+
+
+build_sm = _make_sm_builder()
 
 
 def _make_sm_decoder() -> Callable[[type, bytes, int, int, int], Pdu]:

@@ -20,6 +20,7 @@ from extrabalance.smpp.pdu import (
     Tag,
     Tlvs,
     UssdOp,
+    build_sm,
     tlv_u8,
     tlv_u16,
 )
@@ -83,8 +84,8 @@ def ussd_submit(
     final screen. GSM 7-bit (data_coding 0x0F by default, 0x00 for gateways that want
     it) or UCS2 (0x08) is chosen from the text. Raises UssdTooLong."""
     data_coding, octets = _encode_screen(text, gsm_data_coding)
-    return SubmitSm(
-        service_type=service_type, source_addr_ton=0, source_addr_npi=1,
+    return build_sm(
+        SubmitSm, service_type=service_type, source_addr_ton=0, source_addr_npi=1,
         source_addr=source_addr, dest_addr_ton=1, dest_addr_npi=1, destination_addr=msisdn,
         data_coding=data_coding, short_message=octets,
         tlvs=_tlvs(op, session, user_message_reference),
@@ -105,8 +106,9 @@ def ussd_deliver(
     """What a USSD gateway sends the node: op 1 PSSR indication (dialled string,
     new dialogue), 18 USSR confirm (the subscriber's reply), or the abort value."""
     data_coding, octets = _encode_screen(text, gsm_data_coding)
-    return DeliverSm(
-        service_type=service_type, source_addr_ton=1, source_addr_npi=1, source_addr=msisdn,
+    return build_sm(
+        DeliverSm, service_type=service_type, source_addr_ton=1, source_addr_npi=1,
+        source_addr=msisdn,
         dest_addr_ton=0, dest_addr_npi=1, destination_addr=dest_addr,
         data_coding=data_coding, short_message=octets,
         tlvs=_tlvs(op, session, user_message_reference),

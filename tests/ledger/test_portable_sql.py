@@ -208,6 +208,10 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         assert await h.ledger.read(lambda c: store.session_evidence(c, first.loan_id or ""))
     # Reconciliation with the IN's records (reconcile-in): its read of the advances.
     await h.ledger.read(lambda c: store.advances_of_in_node(c, IN_A, h.clock()))
+    # Consumer protection: the loans a rolling-window cap counts, and the consent trail.
+    await h.ledger.read(lambda c: store.loan_times(c, M1, h.clock() - timedelta(days=30)))
+    await h.ledger.read(lambda c: store.audit_trail(c, M1))
+    await h.ledger.read(lambda c: store.audit_trail(c, M1, ("bar", "unbar")))
     # Paybacks: nothing owed, partial after a 4012 retry, one left UNKNOWN and resolved.
     await h.payback.handle_recharge(RechargeEvent("e1", "201001239999", 500, IN_A, 500))
     fake_in.balances[M1] = 300
@@ -225,6 +229,9 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         lambda c: store.claim_unsettled_recoveries(c, "node-a", h.clock(), leased, 9))
     await h.ledger.read(lambda c: store.saga_lease(c, "recoveries", "none"))
     await h.ledger.read(lambda c: (store.unsettled_loans(c, 9), store.unsettled_recoveries(c, 9)))
+    # Consumer protection's reads (off in this policy): the audit trail and loan times.
+    await h.ledger.read(lambda c: (store.audit_trail(c, M1, ("bar",)),
+                                   store.loan_times(c, M1, h.clock() - timedelta(days=30))))
     # Operator actions: bar, unbar, a write-down, ageing, the admin view.
     await h.accounts.bar(M2, "fraud check", "ops", notify=False)
     await h.accounts.unbar(M2, "ops", "cleared")
@@ -258,6 +265,7 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
             outbox_store.outbox_retry_later(conn, row.outbox_id, now)
             outbox_store.outbox_mark_sent(conn, row.outbox_id, now)
         outbox_store.outbox_prune(conn, now + timedelta(days=2), 100)
+        outbox_store.outbox_claim_due(conn, now, now + timedelta(minutes=1), 10)  # several nodes
 
     await h.ledger.write(outbox)
 

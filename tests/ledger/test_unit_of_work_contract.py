@@ -636,6 +636,29 @@ async def test_outbox_rows_commit_with_their_unit_and_are_sent_once(uow: UnitOfW
     assert await uow.write(lambda tx: tx.outbox_prune(later + timedelta(seconds=1), 10)) == 1
 
 
+async def test_outbox_rows_taken_by_one_sender_at_a_time(uow: UnitOfWork) -> None:
+    """Several nodes' senders on one outbox: a row taken is not due again until the
+    claim runs out (the taker died), and then it is due once more."""
+    def put(tx: LedgerTx, msisdn: str, at: datetime) -> str:
+        return tx.outbox_put(msisdn=msisdn, template="loan_granted", params={}, kind="sms",
+                             language="en", now=at)
+
+    first = await uow.write(lambda tx: put(tx, M1, NOW))
+    second = await uow.write(lambda tx: put(tx, M2, NOW + timedelta(seconds=1)))
+    until = NOW + timedelta(minutes=1)
+    later = NOW + timedelta(seconds=5)
+    taken = await uow.write(lambda tx: tx.outbox_claim_due(later, until, 1))
+    assert [r.outbox_id for r in taken] == [first]  # oldest first, at most `limit`
+    taken = await uow.write(lambda tx: tx.outbox_claim_due(later, until, 10))
+    assert [r.outbox_id for r in taken] == [second]  # the other sender: only the rest
+    assert await uow.write(lambda tx: tx.outbox_claim_due(later, until, 10)) == []
+    assert await uow.write(lambda tx: tx.outbox_mark_sent(second, later)) is True
+    # the first taker died without sending: due again once its claim ran out
+    after = until + timedelta(seconds=1)
+    again = await uow.write(lambda tx: tx.outbox_claim_due(after, after + timedelta(minutes=1), 10))
+    assert [(r.outbox_id, r.msisdn) for r in again] == [(first, M1)]
+
+
 async def test_consent_trail_and_loan_times(uow: UnitOfWork) -> None:
     """The consumer-protection reads: his audit lines (filtered, oldest first, the
     newest `limit`) and the times of his loans that did not fail."""

@@ -54,6 +54,9 @@ class BlockedLending:
         self.borrows += 1
         await self.release.wait()
 
+    async def sms_loan(self, msisdn: str, tier_id: int | None, key: str) -> None:
+        await self.borrow(msisdn, tier_id, "sms", key)
+
 
 @contextlib.asynccontextmanager
 async def gy_pair(lending: BlockedLending, inflight_max: int) -> Any:

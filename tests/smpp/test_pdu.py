@@ -331,3 +331,82 @@ def test_replace_keeps_validation() -> None:
     with pytest.raises(PduEncodeError):
         dataclasses.replace(p, destination_addr="9" * 30)
     assert isinstance(make_response(GenericNack(sequence_number=1)), GenericNack)
+
+
+# Field values around the edges: right and wrong types, lengths at and past the limit,
+# NUL and non-ASCII text, enum members.
+_any_value = st.one_of(
+    st.integers(-1, 0x1_0000_0000), st.sampled_from([Status.ESME_RTHROTTLED, 255, 256]),
+    st.text(max_size=70), st.binary(max_size=300), st.builds(bytearray, st.binary(max_size=4)),
+    st.none(),
+)
+
+
+def _valid_value(cls: type, name: str) -> st.SearchStrategy[object]:
+    if name == "tlvs":
+        return _tlvs
+    if name in ("command_status", "sequence_number"):
+        return st.integers(0, 0xFFFFFFFF)
+    kind, size = next((k, sz) for n, k, sz, _ in m._LAYOUT[cls] if n == name)
+    return _cstr(size) if kind == m._C else _u8 if kind == m._U8 else st.binary(max_size=size)
+
+
+@given(st.sampled_from(list(m._LAYOUT)), st.data())
+@settings(max_examples=600, deadline=None)
+def test_fast_check_accepts_only_what_the_full_check_accepts(cls: type, data: st.DataObject) -> None:
+    """`_fits` (every PDU built on the hot path) may send a PDU to the full check, but
+    never passes one that the full check would refuse or change. Every field valid but
+    at most one, which takes a value around the edges."""
+    shell = object.__new__(cls)
+    names = ["tlvs", "command_status", "sequence_number",
+             *(name for name, _, _, _ in m._LAYOUT[cls])]
+    odd = data.draw(st.sampled_from([None, *names]))
+    for name in names:
+        if name != odd:
+            value = data.draw(_valid_value(cls, name))
+        elif name == "tlvs":
+            value = data.draw(st.lists(st.tuples(_any_value, _any_value), max_size=2).map(tuple))
+        else:
+            value = data.draw(_any_value)
+        object.__setattr__(shell, name, value)
+    if not m._fits(shell):
+        return
+    before = {name: getattr(shell, name) for name in names}
+    m._validate_slowly(shell)  # raises PduEncodeError if the fast check was wrong
+    assert {name: getattr(shell, name) for name in names} == before
+    assert all(type(getattr(shell, n)) is type(v) for n, v in before.items())
+
+
+def test_the_node_s_pdus_take_the_fast_check() -> None:
+    from extrabalance.smpp.ussd import ussd_submit
+
+    screen = ussd_submit("201000000001", "123", "1. 10 EGP\n2. 20 EGP",
+                         session=ItsSessionInfo(5, 2, False), user_message_reference=7)
+    assert m._fits(screen)
+    assert m._fits(make_response(screen))
+    assert m._fits(SubmitSmResp(sequence_number=5, message_id="abc123"))
+    throttled = SubmitSmResp(command_status=Status.ESME_RTHROTTLED)  # an enum member ...
+    assert type(throttled.command_status) is int and m._fits(throttled)  # ... normalised
+    object.__setattr__(throttled, "command_status", Status.ESME_RTHROTTLED)
+    assert not m._fits(throttled)  # a value to normalise goes to the full check
+
+
+@given(st.sampled_from([m.SubmitSm, m.DeliverSm]), st.data())
+@settings(max_examples=300, deadline=None)
+def test_build_sm_is_the_constructor(cls: type, data: st.DataObject) -> None:
+    """`build_sm` (the node's USSD screens and SMS) builds what the dataclass does, and
+    refuses what it refuses, with every field valid but at most one."""
+    names = ["tlvs", "command_status", "sequence_number",
+             *(name for name, _, _, _ in m._LAYOUT[cls])]
+    odd = data.draw(st.sampled_from([None, *names]))
+    kwargs = {name: data.draw(_valid_value(cls, name) if name != odd else _any_value)
+              for name in names}
+    try:
+        expected = cls(**kwargs)
+    except PduEncodeError:
+        with pytest.raises(PduEncodeError):
+            m.build_sm(cls, **kwargs)
+        return
+    built = m.build_sm(cls, **kwargs)
+    assert type(built) is cls and built == expected
+    assert encode(built) == encode(expected)
