@@ -6,6 +6,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 HOUR_CHECKS ?= tests/bench/test_e2e_short.py
+# `make test` runs the suite on this many pytest-xdist workers, one test file per worker
+# at a time (`--dist loadfile`: a file's module fixtures are set up once). The suite
+# mostly waits (nodes starting, brokers restarting, timers), so more workers than cores
+# pay; TEST_WORKERS=0 runs it in one process, as plain `pytest` does.
+TEST_WORKERS ?= 4
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: demo demo-cluster test test-hours test-all wire-tools browser-test chaos chaos-cluster fuzz soak bench bench-e2e bench-cluster mutate mutation lint audit clean
 
@@ -45,25 +51,35 @@ browser-test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m extrabalance demo
 
+# Two nodes on one PostgreSQL ledger ($$EB_DEMO_PG_URL, default the local server): one
+# is killed mid-dialog and the other finishes the story (docs/scale-out.md).
+demo-cluster: $(STAMP)
+	$(PY) -m extrabalance demo --nodes 2
+
 test: $(STAMP) wire-tools
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 	@$(MAKE) --no-print-directory test-hours
 
 # The checks whose outcome depends on the hour (ads' quiet hours 22:00-08:00 in the
 # shipped [node].timezone) again with the whole process clock at 23:30 and at 12:00
 # Cairo time (Debian `faketime`): the tests set the node's own clock, so they pass at
-# any hour the machine says.
+# any hour the machine says. Both hours run at once (each run has its own ports, broker
+# and ledger); the output of each hour is shown when both have ended.
 test-hours: $(STAMP)
 	@if ! command -v faketime >/dev/null 2>&1; then \
 	  echo "test-hours: skipped: faketime is not installed (apt-get install faketime)"; \
 	else \
-	  day=$$(TZ=Africa/Cairo date +%F); \
+	  day=$$(TZ=Africa/Cairo date +%F); out=$$(mktemp -d); pids=""; \
 	  for hm in 23:30 12:00; do \
 	    at=$$(date -u -d "TZ=\"Africa/Cairo\" $$day $$hm" "+%F %T"); \
-	    echo "test-hours: $(HOUR_CHECKS) at $$hm Africa/Cairo ($$at UTC)"; \
+	    log="$$out/$${hm%:*}.log"; \
+	    echo "test-hours: $(HOUR_CHECKS) at $$hm Africa/Cairo ($$at UTC)" > "$$log"; \
 	    TZ=UTC faketime -f "@$$at" $(PY) -m pytest -q -p no:cacheprovider $(HOUR_CHECKS) \
-	      || exit 1; \
+	      >> "$$log" 2>&1 & \
+	    pids="$$pids $$!"; \
 	  done; \
+	  status=0; for pid in $$pids; do wait $$pid || status=1; done; \
+	  cat "$$out"/*.log; rm -rf "$$out"; exit $$status; \
 	fi
 
 test-all: $(STAMP) wire-tools
@@ -71,6 +87,11 @@ test-all: $(STAMP) wire-tools
 
 chaos: $(STAMP) wire-tools
 	$(PY) -m extrabalance chaos
+
+# Two nodes on one PostgreSQL ledger ($$EB_BENCH_PG_DSN): node 2 killed again and
+# again, then for good; node 1 carries on (docs/scale-out.md).
+chaos-cluster: $(STAMP) wire-tools
+	$(PY) -m extrabalance chaos --nodes 2 --storage postgresql
 
 fuzz: $(STAMP)
 	$(PY) -m extrabalance fuzz

@@ -19,6 +19,13 @@ no USSD dialog or SMS lent twice. A table of the faults and of the discrepancies
 printed; exit 1 on any discrepancy.
 
     extrabalance chaos [--kills 20] [--duration 150] [--rate 60] [--seed 7] [--json]
+        [--nodes 2 --storage postgresql]
+
+Several nodes on one PostgreSQL ledger (docs/scale-out.md): node 1 is the survivor;
+the SIGKILLs hit the other nodes (each restarted), and at about two thirds of the
+traffic one of them is SIGKILLed for good (`node_lost`). The IN's Diameter failover and
+the gateway's binds carry the traffic to the nodes left; the reconciliation afterwards
+must find nothing lost or doubled, the dead node's half-done operations included.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import Network, network, parse_mix, settle, wait_connected
+from bench.e2e import Network, check_nodes, network, parse_mix, settle, wait_connected
 from bench.reconcile import reconcile, settle_advances_with_in
 from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
@@ -47,6 +54,7 @@ DEFAULT_MIX = "ussd=4,sms=1,oob=2,recharge=3"
 RESTART_PAUSE_MAX_S = 1.0  # a killed node stays down up to this long
 QUIET_MAX_S = 90.0  # the quiet period ends when all is settled, or after this long
 NODE_UP_WAIT_S = 30.0
+CLUSTER_SAGA_LEASE_S = 20.0  # the nodes' saga lease in a chaos run with several nodes
 
 
 @dataclass
@@ -65,6 +73,12 @@ class ChaosOptions:
     json_output: bool = False
     quiet_max_s: float = QUIET_MAX_S
     concurrency_max: int = 100
+    nodes: int = 1  # node processes on one ledger (more than one: storage "postgresql")
+    storage: str = "sqlite"
+    pg_dsn: str | None = None
+    # With several nodes: how soon the survivor takes over the sagas of the node lost
+    # for good ([storage] saga_lease_s); the quiet period waits at least this long.
+    saga_lease_s: float = CLUSTER_SAGA_LEASE_S
 
 
 @dataclass
@@ -75,6 +89,7 @@ class ChaosResult:
     traffic: dict[str, Any] = field(default_factory=dict)
     settled: dict[str, Any] = field(default_factory=dict)
     workdir: str = ""
+    nodes: dict[str, Any] = field(default_factory=dict)  # how many, which were lost
 
     @property
     def discrepancies(self) -> int:
@@ -84,7 +99,7 @@ class ChaosResult:
         return {"faults": dict(self.faults), "discrepancies": self.discrepancies,
                 "reconciliation": self.reconciliation, "traffic": self.traffic,
                 "settled": self.settled, "workdir": self.workdir,
-                "fault_log": self.fault_log}
+                "fault_log": self.fault_log, "nodes": self.nodes}
 
 
 def plan(options: ChaosOptions) -> list[tuple[float, str]]:
@@ -102,18 +117,40 @@ def plan(options: ChaosOptions) -> list[tuple[float, str]]:
         else max(1, options.kills // 10),
     }
     start, end = 0.05 * options.duration_s, 0.9 * options.duration_s
-    events = [(rng.uniform(start, end), kind) for kind, n in counts.items() for _ in range(n)]
+    lost_at = LOST_AT_SHARE * options.duration_s
+    # With several nodes the restarts come before the loss: after it, only the
+    # survivor is left, and it is never killed.
+    kill_end = lost_at if options.nodes > 1 else end
+    events = [(rng.uniform(start, kill_end if kind == "node_kill" else end), kind)
+              for kind, n in counts.items() for _ in range(n)]
+    if options.nodes > 1:
+        events.append((lost_at, "node_lost"))
     return sorted(events)
 
 
-async def inject(net: Network, kind: str, rng: random.Random) -> str:
-    """One fault; returns what was done (for the log)."""
+LOST_AT_SHARE = 0.66  # with several nodes, one is lost for good this far into the traffic
+
+
+async def inject(net: Network, kind: str, rng: random.Random, lost: set[int]) -> str:
+    """One fault; returns what was done (for the log). `lost`: indexes of the nodes
+    killed for good (never restarted)."""
+    # With several nodes the first is the survivor: the others take the kills.
+    targets = [i for i in range(len(net.nodes)) if i not in lost and (i or len(net.nodes) == 1)]
+    if kind in ("node_kill", "node_lost") and not targets:
+        return "no node left to kill but the survivor: skipped"
     if kind == "node_kill":
-        await net.node.kill()
+        index = rng.choice(targets)
+        node = net.nodes[index]
+        await node.kill()
         pause_s = rng.uniform(0.0, RESTART_PAUSE_MAX_S)
         await asyncio.sleep(pause_s)
-        await net.procs.restart_node(net.node, net.config_path, env=net.node_env)
-        return f"SIGKILL, restarted after {pause_s:.2f} s"
+        await net.procs.restart_node(node, net.config_paths[index], env=net.node_env)
+        return f"{node.name}: SIGKILL, restarted after {pause_s:.2f} s"
+    if kind == "node_lost":
+        index = targets[-1]
+        await net.nodes[index].kill()
+        lost.add(index)
+        return f"{net.nodes[index].name}: SIGKILL, never restarted"
     if kind == "in_disconnect":
         answer = await net.in_worker.call("disconnect")
         return f"{answer['closed']} Diameter connection(s) cut"
@@ -139,9 +176,12 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
     broker_kills_s: list[float] = []
     say = echo or (lambda _text: None)
     mix = parse_mix(options.mix)
+    lost: set[int] = set()
     async with network(workdir, subscribers=options.subscribers, seed=options.seed,
                        log_level="WARNING", client_id=CHAOS_CLIENT_ID, arabic_share=0.0,
-                       broker_config=BROKER_CONFIG) as net:
+                       broker_config=BROKER_CONFIG, nodes=options.nodes,
+                       storage=options.storage, pg_dsn=options.pg_dsn,
+                       saga_lease_s=options.saga_lease_s if options.nodes > 1 else None) as net:
         total = sum(mix.values())
         smsc_mix = {k: v for k, v in mix.items() if k in ("ussd_menu", "ussd_shortcut", "sms_loan")}
         in_mix = {k: v for k, v in mix.items() if k in ("out_of_balance", "recharge")}
@@ -164,20 +204,26 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
                 await asyncio.sleep(delay)
             if kind == "broker_kill":
                 broker_kills_s.append(SYSTEM_CLOCK.time())
-            what = await inject(net, kind, rng)
+            what = await inject(net, kind, rng, lost)
             result.faults[kind] += 1
             result.fault_log.append((round(time.monotonic() - t0, 2), kind, what))
             say(f"{time.monotonic() - t0:7.2f} s  {kind:<15} {what}")
         for worker in workers:
             answer = await worker.call("traffic_wait", timeout_s=options.duration_s + 120)
             result.traffic[worker.name] = answer["report"]
-        # Quiet period: the node up and connected, no traffic, until all is settled.
-        if not net.node.alive:
-            await net.procs.restart_node(net.node, net.config_path, env=net.node_env)
-        await wait_connected(net, NODE_UP_WAIT_S)
+        # Quiet period: the nodes up and connected (all but those lost for good), no
+        # traffic, until all is settled.
+        for index, node in enumerate(net.nodes):
+            if not node.alive and index not in lost:
+                await net.procs.restart_node(node, net.config_paths[index], env=net.node_env)
+        await wait_connected(net, NODE_UP_WAIT_S, nodes_up=len(net.nodes) - len(lost))
         say("quiet period: waiting for the resolver and the recharge backlog")
-        result.settled = await settle(net, max_s=options.quiet_max_s)
-        await net.node.stop()
+        # A node lost for good keeps its sagas until their lease runs out; then the
+        # survivor's next resolver run takes them (nothing moves meanwhile).
+        quiet_s = options.quiet_max_s + (options.saga_lease_s if lost else 0.0)
+        result.settled = await settle(net, max_s=quiet_s)
+        result.nodes = {"nodes": len(net.nodes), "lost": sorted(net.nodes[i].name for i in lost),
+                        "exit_codes": await net.stop_nodes()}
         in_dump_path, smsc_dump_path = workdir / "in-dump.json", workdir / "smsc-dump.json"
         await net.in_worker.call("dump", path=str(in_dump_path))
         await net.smsc_worker.call("dump", path=str(smsc_dump_path))
@@ -214,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker-kills", type=int, default=None)
     p.add_argument("--report", default=None, help="directory (default var/bench/chaos-<time>)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="node processes on one ledger; with more than one (and --storage"
+                        " postgresql) node 1 survives, the others are killed and one is lost")
+    p.add_argument("--storage", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="postgresql: a schema of the run's own at $EB_BENCH_PG_DSN, dropped after")
+    p.add_argument("--saga-lease", type=float, default=CLUSTER_SAGA_LEASE_S,
+                   help="with several nodes, the nodes' [storage] saga_lease_s (default"
+                        f" {CLUSTER_SAGA_LEASE_S:g}): the survivor takes over the lost node's"
+                        " sagas this long after its last renewal")
     return p
 
 
@@ -252,12 +307,14 @@ def run_cli(argv: list[str]) -> int:
     if args.kills < 0 or args.duration <= 0 or args.rate <= 0:
         print("extrabalance chaos: --kills >= 0, --duration > 0 and --rate > 0", file=sys.stderr)
         return 2
+    check_nodes(args.nodes, args.storage, "extrabalance chaos")
     options = ChaosOptions(
         kills=args.kills, duration_s=args.duration, rate_per_s=args.rate,
         subscribers=args.subscribers, mix=args.mix, seed=args.seed,
         in_disconnects=args.in_disconnects, smpp_drops=args.smpp_drops,
         broker_restarts=args.broker_restarts, broker_kills=args.broker_kills,
         report_dir=Path(args.report) if args.report else None, json_output=args.json,
+        nodes=args.nodes, storage=args.storage, saga_lease_s=args.saga_lease,
     )
     result = asyncio.run(run_chaos(options, echo=None if args.json else print))
     if args.json:

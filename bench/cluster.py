@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 from collections.abc import Iterator
@@ -121,14 +122,21 @@ def node_origin_host(base_origin_host: str, index: int, nodes: int) -> str:
 
 
 def cluster_node_config(doc: dict[str, Any], *, index: int, nodes: int, workdir: Path,
-                        diameter_port: int, pg: PgRun | None,
-                        client_id: str) -> dict[str, Any]:
-    """Node `index` of `nodes` from the single node's config `doc` (not changed)."""
+                        diameter_port: int, pg: PgRun | None, client_id: str,
+                        saga_lease_s: float | None = None) -> dict[str, Any]:
+    """Node `index` of `nodes` from the single node's config `doc` (not changed).
+
+    Each node its own name (the sagas it runs are leased to it), Origin-Host, port,
+    MQTT client id and EDR directory; `saga_lease_s` how soon a dead node's sagas go to
+    another node."""
     out = json.loads(json.dumps(doc))  # deep copy
     out["node"]["origin_host"] = node_origin_host(doc["node"]["origin_host"], index, nodes)
     out["diameter"]["listen_port"] = diameter_port
     if nodes > 1:
+        out["node"]["name"] = f"{re.sub(r'-?[0-9]+$', '', doc['node']['name'])}-{index + 1}"
         out["mqtt"]["client_id"] = f"{client_id}-{index + 1}"
+    if saga_lease_s is not None:
+        out["storage"]["saga_lease_s"] = saga_lease_s
     if pg is not None:
         storage = out["storage"]
         storage["backend"] = "postgresql"

@@ -459,6 +459,9 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
     doc = json.loads(json.dumps(base))  # deep copy
     doc["storage"]["path"] = str(db_path)
     doc["diameter"]["listen_port"] = diameter_port
+    # The admin API on a free port: runs side by side (the suite's workers, the two
+    # hours of `make test-hours`) would otherwise meet on the shipped 8080.
+    doc["admin"]["listen_port"] = 0
     for node in doc["in_nodes"]:
         node["peers"] = [{"host": "127.0.0.1", "port": in_ports[node["name"]]}]
         node["advance_confirmation"] = advance_confirmation
@@ -553,7 +556,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
                   in_faults: dict[str, Any] | None = None,
                   gateway: dict[str, float] | None = None,
                   nodes: int = 1, storage: str = "sqlite",
-                  pg_dsn: str | None = None) -> Any:
+                  pg_dsn: str | None = None, saga_lease_s: float | None = None) -> Any:
     """Broker, IN worker, SMSC worker, profiles and the node(s); all stopped on exit.
 
     `mqtt_inflight_max` sets the node's [mqtt] inflight_max and the broker's
@@ -619,7 +622,7 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
             for i in range(nodes):
                 doc = cluster_node_config(config, index=i, nodes=nodes, workdir=workdir,
                                           diameter_port=diameter_ports[i], pg=pg,
-                                          client_id=client_id)
+                                          client_id=client_id, saga_lease_s=saga_lease_s)
                 name = "node" if nodes == 1 else f"node{i + 1}"
                 config_path = workdir / f"{name}.toml"
                 config_path.write_text(dump_toml(doc), encoding="utf-8")
@@ -637,14 +640,19 @@ async def network(workdir: Path, *, subscribers: int, seed: int, log_level: str,
         broker.stop()
 
 
-async def wait_connected(net: Network, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Until the node is bound to the SMSC and every IN node reaches it."""
+async def wait_connected(net: Network, timeout_s: float = CONNECT_TIMEOUT_S, *,
+                         nodes_up: int | None = None) -> None:
+    """Until the node is bound to the SMSC and every IN node reaches it; with several
+    nodes, until `nodes_up` of them (default all) are bound and every one of them is
+    reached by every IN node."""
+    up = len(net.nodes) if nodes_up is None else nodes_up
     several = len(net.nodes) > 1
     try:
         await asyncio.gather(
             net.smsc_worker.call("wait_bound", timeout_s=timeout_s,
-                                 binds=len(net.nodes) * net.binds_per_node if several else 1),
-            net.in_worker.call("wait_connected", timeout_s=timeout_s, every_node=several),
+                                 binds=up * net.binds_per_node if several else 1),
+            net.in_worker.call("wait_connected", timeout_s=timeout_s,
+                               every_node=several and up == len(net.nodes)),
         )
     except (RuntimeError, TimeoutError) as exc:
         logs = "; ".join(f"{n.name} log: {n.log_tail()}" for n in net.nodes)
@@ -989,6 +997,7 @@ def write_report(report_dir: Path, result: dict[str, Any], samples_path: Path, *
         "# Extra Balance end-to-end benchmark",
         "",
         f"- command: `{result['command']}`",
+        f"- nodes: {result.get('nodes', 1)} on the {result.get('storage', 'sqlite')} ledger",
         f"- machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['platform']}",
         (f"- target rate: {result['rate_target_per_s']} ops/s for {result['duration_s']} s, "
         f"{result['subscribers']} subscribers, mix {json.dumps(result['mix'])}"),

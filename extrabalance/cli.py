@@ -18,6 +18,10 @@ from extrabalance.config import ConfigError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.nodes > 1:
+        from extrabalance.demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(nodes=args.nodes, json_output=args.json, keep=args.keep)
     from extrabalance.demo import run_demo
 
     return run_demo(json_output=args.json, keep=args.keep)
@@ -219,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="play the whole story on loopback with the bundled simulators")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the demo's temp dir (ledger, logs)")
+    p.add_argument("--nodes", type=int, default=1, choices=range(1, 5), metavar="N",
+                   help="N > 1: N node processes on one PostgreSQL ledger (a schema of its own "
+                        "at $EB_DEMO_PG_URL, default the local server), one killed mid-dialog "
+                        "(docs/scale-out.md)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("run", help="run the node (production entry point)")

@@ -26,6 +26,7 @@ from pydantic import (
 
 from extrabalance.core.limits import LimitPolicy
 from extrabalance.core.policy import (
+    Bundle,
     Condition,
     Currency,
     EligibilityPolicy,
@@ -38,6 +39,7 @@ from extrabalance.core.policy import (
     Tier,
 )
 from extrabalance.core.protection import PRESETS, ProtectionPolicy, resolve
+from extrabalance.core.sagas import SAGA_LEASE_S
 
 MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -127,6 +129,12 @@ class StorageSection(_Model):
     group_commit_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
     # How long the first outcome of each inbound request is kept to answer replays.
     idempotency_retention_hours: int = IDEMPOTENCY_RETENTION_HOURS_DEFAULT
+    # Several nodes on one ledger: an unsettled loan or recovery stays leased to its node
+    # this long after the node's resolver last renewed it (it renews every quarter of it,
+    # 30 s at most); another node's resolver takes over a saga only once its lease ran out
+    # (docs/scale-out.md). Shorter: a dead node's operations are finished sooner; never
+    # shorter than a node's longest pause (a GC, a blocked disk) or a live node loses them.
+    saga_lease_s: Annotated[float, Field(ge=4, le=3600)] = SAGA_LEASE_S
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -371,6 +379,10 @@ class MqttSection(_Model):
     # Messages read and not yet acknowledged; beyond it the socket is not read, so a
     # backlog stays on the broker and not in the node's memory.
     inbox_max: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    # Several nodes on one ledger: each recharge to one node of the group, through an
+    # MQTT shared subscription ($share/<group>/<topic>; the broker must support them:
+    # Mosquitto 2.0, EMQX, HiveMQ, VerneMQ). Off (None): every node gets every event.
+    shared_group: Annotated[str, Field(pattern=r"^[^/+#\s]+$")] | None = None
 
     def password(self) -> str | None:
         return _secret(self.password_env, self.password_file, "MQTT")
@@ -477,9 +489,33 @@ class AutoAdvanceSection(_Model):
     tier: int | None = None
 
 
+class BundleSection(_Model):
+    """A bundle tier (docs/lending.md "Bundle advances"): what the IN credits instead
+    of money, in the unit of its kind on the wire; `amount_minor` of the tier is its
+    money price. At least one of service_identifier and rating_group names the
+    service at the IN (RFC 4006 §8.28, §8.29)."""
+
+    kind: Literal["data", "voice", "sms"]
+    quantity: Annotated[int, Field(gt=0, le=2**63 - 1)]  # octets, seconds or SMS
+    service_identifier: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    rating_group: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+
+    @model_validator(mode="after")
+    def _names_a_service(self) -> BundleSection:
+        if self.service_identifier is None and self.rating_group is None:
+            raise ValueError("a bundle needs service_identifier or rating_group")
+        if self.kind == "voice" and self.quantity > 2**32 - 1:
+            raise ValueError("voice quantity is seconds in CC-Time (Unsigned32)")
+        return self
+
+    def bundle(self) -> Bundle:
+        return Bundle(self.kind, self.quantity, self.service_identifier, self.rating_group)
+
+
 class TierSection(_Model):
     id: Annotated[int, Field(ge=1, le=99)]
     amount_minor: Annotated[int, Field(gt=0)]
+    bundle: BundleSection | None = None  # off unless configured: a money tier
 
 
 class FeePlanSection(_Model):
@@ -587,6 +623,15 @@ class Settings(_Model):
                 raise ValueError(f"segments[{i}].tiers: unknown tier ids {unknown}")
         if self.auto_advance.tier is not None and self.auto_advance.tier not in tier_ids:
             raise ValueError(f"auto_advance.tier: no tier {self.auto_advance.tier}")
+        if any(t.id == self.auto_advance.tier and t.bundle is not None for t in self.tiers):
+            raise ValueError(f"auto_advance.tier: tier {self.auto_advance.tier} is a bundle; "
+                             "the IN's out-of-balance CCR is granted in money")
+        if any(t.bundle is not None for t in self.tiers):
+            for lang, table in self.templates.items():
+                missing = [k for k in BUNDLE_TEMPLATE_KEYS if k not in table]
+                if missing:
+                    raise ValueError(f"templates.{lang}: missing {', '.join(missing)} "
+                                     "(bundle tiers are configured)")
         names = [n.name for n in self.in_nodes]
         if len(set(names)) != len(names):
             raise ValueError("in_nodes: two IN nodes share a name")
@@ -659,7 +704,8 @@ class Settings(_Model):
         )
         return Policy(
             currency=self.currency(),
-            tiers={t.id: Tier(t.id, t.amount_minor) for t in self.tiers},
+            tiers={t.id: Tier(t.id, t.amount_minor, t.bundle.bundle() if t.bundle else None)
+                   for t in self.tiers},
             fee_plans=fee_plans,
             segments=segments,
             eligibility=EligibilityPolicy(
@@ -679,9 +725,16 @@ class Settings(_Model):
         )
 
 
+# Templates a node with bundle tiers needs in every language (docs/lending.md).
+BUNDLE_TEMPLATE_KEYS = ("bundle_data", "bundle_voice", "bundle_sms", "menu_item_bundle",
+                        "confirm_bundle", "granted_screen_bundle", "loan_granted_bundle",
+                        "loan_confirm_sms_bundle", "no_bundle")
+
+
 # Templates that show the fee before a confirmation, and what each must show when
 # [protection] requires the fee as an amount and a percentage.
-FEE_CONFIRM_TEMPLATES = ("confirm", "loan_confirm_sms")
+FEE_CONFIRM_TEMPLATES = ("confirm", "loan_confirm_sms", "confirm_bundle",
+                         "loan_confirm_sms_bundle")
 
 
 def _check_protection(settings: Settings) -> None:

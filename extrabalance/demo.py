@@ -8,13 +8,19 @@ else the in-process demo-only broker). The story:
    (A has not opted in to automatic advances) and A gets the advertisement SMS.
 2. A dials *123#, picks a tier, sees fee and total, confirms: the node credits the
    IN (CCR REFUND_ACCOUNT); final screen and SMS.
-3. A recharges less than the debt: partial payback SMS; recharges again: full payback.
+3. A recharges less than the debt: partial payback SMS; recharges again: full payback,
+   and his limit from behaviour rises (the demo runs with `[limits]` on: a starter
+   limit of 10.00, -5 % for the partial payback, +10 % for the full one on time: 10.50),
+   shown in "My account".
 4. Subscriber B borrows up to his segment's ceiling and is refused with the reason,
    and after the allowed number of loans without a full payback he is barred.
 5. Subscriber C, whose language is Arabic, turns automatic advances on from the
    *123# menu (Arabic screens); when he runs out of credit the node grants the
    advance inside the CCA (2001) and tells him by SMS in Arabic.
-6. Summary: loans, fees, recovered, outstanding — checked against the IN simulator.
+6. A texts DATA: a 500 MB data bundle (tier 13, price 5.00 EGP) credited at the IN as
+   units in a Multiple-Services-Credit-Control, owed in money.
+7. Summary: loans, fees, recovered, outstanding — checked against the IN simulator,
+   money and the bundle units of its data bucket.
 
 `play(env)` returns the transcript as data so the test suite asserts every screen,
 SMS, result code and balance of the same story.
@@ -30,12 +36,13 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from extrabalance.config import Settings, deep_merge, load_settings
+from extrabalance.diameter.constants import DIAMETER_SUCCESS
 from extrabalance.diameter.dictionary import RESULT_CODE_NAMES
 from extrabalance.service.templates import format_minor
 
@@ -43,6 +50,11 @@ A = "201001234567"
 B = "201001234568"
 C = "201001234569"  # Arabic; opts in to automatic advances
 SMS_WAIT_S = 5.0
+# The demo's tier 13: a data bundle for the `regular` segment (docs/lending.md).
+DEMO_BUNDLE_TIER = 13
+DEMO_BUNDLE = {"kind": "data", "quantity": 500 * 2**20, "service_identifier": 1,
+               "rating_group": 10}
+DEMO_BUNDLE_PRICE_MINOR = 500
 DEMO_SMPP_PASSWORD_ENV = "EB_DEMO_SMPP_PASSWORD"
 
 
@@ -71,6 +83,8 @@ class Summary:
     ledger_matches_in: bool
     journal_balanced: bool
     broker: str
+    bundle_loans: int = 0  # loans of a bundle tier (counted in `loans` too)
+    bundle_units_credited: dict[str, int] = field(default_factory=dict)  # the IN's buckets
 
 
 @dataclass
@@ -101,29 +115,36 @@ class DemoEnv:
     workdir: Path
 
 
+def loopback_overrides(base: Settings, *, diameter_port: int, in_ports: dict[str, int],
+                       smsc_port: int, mqtt_port: int, mqtt_client_id: str) -> dict[str, Any]:
+    """Config overrides that point a node at simulators on 127.0.0.1: its Diameter
+    port, the IN simulator's ports, the SMSC simulator's bind, the broker's port."""
+    return {
+        "diameter": {"listen_port": diameter_port},
+        "in_nodes": [
+            {**n.model_dump(exclude_none=True),
+             "peers": [{"host": "127.0.0.1", "port": in_ports[n.name]}]}
+            for n in base.in_nodes
+        ],
+        "smpp": {"binds": [{"host": "127.0.0.1", "port": smsc_port,
+                            "system_id": "extrabalance",
+                            "password_env": DEMO_SMPP_PASSWORD_ENV}]},
+        "mqtt": {"port": mqtt_port, "client_id": mqtt_client_id},
+        "admin": {"listen_port": 0},
+    }
+
+
 @contextlib.asynccontextmanager
 async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> AsyncIterator[DemoEnv]:
     """Start broker, simulators and node on loopback; stop them all afterwards.
     `overrides` are deep-merged over the demo's settings (tests use it)."""
-    from extrabalance.demo_broker import DemoBroker
     from extrabalance.ledger.profiles import import_profiles
-    from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
     from extrabalance.node import Node
     from simulators.in_node import InNodeSpec, InSimulator, MqttTarget, MsisdnRange, NodePeer
     from simulators.smsc import SmscSimulator
 
     async with contextlib.AsyncExitStack() as stack:
-        if find_mosquitto() is not None:
-            mosquitto = MosquittoBroker(workdir / "mosquitto")
-            mosquitto.start()
-            stack.callback(mosquitto.stop)
-            mqtt_port, broker_kind = mosquitto.port, "mosquitto"
-        else:
-            demo_broker = DemoBroker()
-            mqtt_port = await demo_broker.start()
-            stack.push_async_callback(demo_broker.stop)
-            broker_kind = "in-process demo-only broker (Mosquitto not installed)"
-
+        mqtt_port, broker_kind = await start_broker(stack, workdir)
         base = load_settings()
         diameter_port = free_port()
         in_sim = InSimulator(
@@ -152,21 +173,16 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
 
         db_path = workdir / "extrabalance.db"
         settings = load_settings(overrides={
+            **loopback_overrides(base, diameter_port=diameter_port, in_ports=in_ports,
+                                 smsc_port=smsc_port, mqtt_port=mqtt_port,
+                                 mqtt_client_id="extrabalance-demo"),
             "storage": {"path": str(db_path)},
-            "diameter": {"listen_port": diameter_port},
-            "in_nodes": [
-                {**n.model_dump(exclude_none=True),
-                 "peers": [{"host": "127.0.0.1", "port": in_ports[n.name]}]}
-                for n in base.in_nodes
-            ],
-            "smpp": {"binds": [{"host": "127.0.0.1", "port": smsc_port,
-                                "system_id": "extrabalance",
-                                "password_env": DEMO_SMPP_PASSWORD_ENV}]},
-            "mqtt": {"port": mqtt_port, "client_id": "extrabalance-demo"},
-            "admin": {"listen_port": 0},
             # issue 7: the story plays the same at any hour (no quiet hours) and shows
             # the out-of-balance ad only (the debt-limit ad would interleave its SMS).
             "ads": {"quiet_hours": None, "triggers": {"debt_limit": {"enabled": False}}},
+            # Limits from behaviour, on in the demo only: everyone starts at 10.00.
+            "limits": {"enabled": True, "floor_minor": 1000},
+            **_demo_bundle(base),
         })
         if overrides:
             settings = Settings.model_validate(deep_merge(settings.model_dump(), overrides))
@@ -192,6 +208,35 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
         await in_sim.wait_connected(10.0)
         await smsc.wait_bound(10.0)
         yield DemoEnv(node, in_sim, smsc, settings, broker_kind, workdir)
+
+
+def _demo_bundle(base: Settings) -> dict[str, Any]:
+    """The shipped tiers plus the demo's data bundle, offered to `regular`."""
+    tiers = [t.model_dump(exclude_none=True) for t in base.tiers]
+    tiers.append({"id": DEMO_BUNDLE_TIER, "amount_minor": DEMO_BUNDLE_PRICE_MINOR,
+                  "bundle": DEMO_BUNDLE})
+    segments = [s.model_dump(mode="json") for s in base.segments]
+    for seg in segments:
+        if seg["name"] == "regular":
+            seg["tiers"] = [*seg["tiers"], DEMO_BUNDLE_TIER]
+    return {"tiers": tiers, "segments": segments}
+
+
+async def start_broker(stack: contextlib.AsyncExitStack, workdir: Path) -> tuple[int, str]:
+    """A private Mosquitto when installed, else the in-process demo-only broker; stopped
+    when `stack` closes. Returns (port, what it is)."""
+    from extrabalance.demo_broker import DemoBroker
+    from extrabalance.mosquitto import MosquittoBroker, find_mosquitto
+
+    if find_mosquitto() is not None:
+        mosquitto = MosquittoBroker(workdir / "mosquitto")
+        mosquitto.start()
+        stack.callback(mosquitto.stop)
+        return mosquitto.port, "mosquitto"
+    demo_broker = DemoBroker()
+    port = await demo_broker.start()
+    stack.push_async_callback(demo_broker.stop)
+    return port, "in-process demo-only broker (Mosquitto not installed)"
 
 
 async def _put_profiles(settings: Settings, profiles: Path) -> None:
@@ -235,8 +280,10 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
         applied = in_sim.applied()
         for op in applied[seen[0]:]:
             if op.action in ("REFUND_ACCOUNT", "DIRECT_DEBITING", "CHECK_BALANCE"):
+                what = (f"{op.units // 2**20} MB {op.bundle_kind}" if op.bundle_kind
+                        else money(op.amount_minor))
                 t.add(Entry("in_op", op.msisdn,
-                            f"CCR {op.action} {money(op.amount_minor)} on {op.node}: "
+                            f"CCR {op.action} {what} on {op.node}: "
                             f"{op.result_code} {RESULT_CODE_NAMES.get(op.result_code, '')}",
                             result_code=op.result_code))
         seen[0] = len(applied)
@@ -287,6 +334,9 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
     await recharge(A, 1000)
     await sms(phone_a)
     t.add(Entry("note", A, f"IN balance after payback {money(in_sim.balance(A))}"))
+    t.add(Entry("note", A, "a partial payback (-5 %), then a full one on time (+10 %): his "
+                           "limit rises from 10.00 to 10.50 EGP; My account shows it"))
+    await screen(phone_a, "*123*0#", dial=True)
 
     t.add(Entry("title", text="4. Subscriber B borrows up to his ceiling, then is barred"))
     await phone_b.send_sms("LOAN 5")
@@ -317,7 +367,15 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
                            "granted amount); the call goes on"))
     await sms(phone_c)
 
-    t.add(Entry("title", text="6. Summary"))
+    t.add(Entry("title", text="6. A borrows a data bundle by SMS"))
+    in_sim.spend(A)
+    await phone_a.send_sms("DATA")
+    t.add(Entry("note", A, 'sends SMS "DATA": the largest data bundle that fits his limit'))
+    await sms(phone_a)
+    t.add(Entry("note", A, f"IN data bucket {in_sim.buckets(A).get('data', 0) // 2**20} MB; "
+                           f"IN balance {money(in_sim.balance(A))} (the bundle is owed in money)"))
+
+    t.add(Entry("title", text="7. Summary"))
     return await summarise(env)
 
 
@@ -334,9 +392,30 @@ async def summarise(env: DemoEnv) -> Summary:
         "SELECT COALESCE(SUM(recovered_minor), 0) FROM recoveries WHERE state = 'DONE'"
     ).fetchone()[0])
     journal_sum = sum(totals.values())
+    bundles = {tier_id: tier.bundle for tier_id, tier in env.settings.policy().tiers.items()
+               if tier.bundle is not None}
+    by_tier = await ledger.read(lambda c: c.execute(
+        "SELECT tier_id, COUNT(*) FROM loans WHERE state NOT IN ('FAILED', 'REQUESTED')"
+        " GROUP BY tier_id").fetchall())
+    expected_units: dict[str, int] = {}
+    bundle_loans = 0
+    for tier_id, count in by_tier:
+        bundle = bundles.get(int(tier_id))
+        if bundle is not None:
+            bundle_loans += int(count)
+            expected_units[bundle.kind] = expected_units.get(bundle.kind, 0) + (
+                int(count) * bundle.quantity)
+    bundle_price = await ledger.read(lambda c: c.execute(
+        "SELECT COALESCE(SUM(principal_minor), 0) FROM loans WHERE state NOT IN"
+        f" ('FAILED', 'REQUESTED') AND tier_id IN ({','.join(map(str, bundles)) or 'NULL'})"
+    ).fetchone()[0])
     applied = env.in_sim.applied()
     credited = sum(op.moved_minor for op in applied
                    if op.action in ("REFUND_ACCOUNT", KIND_OUT_OF_BALANCE_GRANT))
+    units: dict[str, int] = {}
+    for op in applied:
+        if op.bundle_kind and op.result_code == DIAMETER_SUCCESS:
+            units[op.bundle_kind] = units.get(op.bundle_kind, 0) + op.units
     debited = -sum(op.moved_minor for op in applied if op.action == "DIRECT_DEBITING")
     outstanding = totals.get("principal_receivable", 0) + totals.get("fee_receivable", 0)
     return Summary(
@@ -348,10 +427,14 @@ async def summarise(env: DemoEnv) -> Summary:
         in_credited_minor=credited,
         in_debited_minor=debited,
         balances_minor={m: env.in_sim.balance(m) for m in (A, B, C)},
-        ledger_matches_in=(credited == int(loans[1]) and debited == int(recovered)
+        # Money loans are the IN's money credits; bundle loans its units, owed in money.
+        ledger_matches_in=(credited == int(loans[1]) - int(bundle_price)
+                           and units == expected_units and debited == int(recovered)
                            and int(loans[1]) + int(loans[2]) - int(recovered) == outstanding),
         journal_balanced=journal_sum == 0,
         broker=env.broker_kind,
+        bundle_loans=bundle_loans,
+        bundle_units_credited=units,
     )
 
 
@@ -380,6 +463,9 @@ def _print_summary(s: Summary, exponent: int, currency: str) -> None:
         ("recovered", m(s.recovered_minor)),
         ("outstanding", m(s.outstanding_minor)),
         ("IN credited (REFUND_ACCOUNT + advances)", m(s.in_credited_minor)),
+        ("bundle loans / IN units credited", f"{s.bundle_loans} / " + (", ".join(
+            f"{units // 2**20} MB {kind}" if kind == "data" else f"{units} {kind}"
+            for kind, units in sorted(s.bundle_units_credited.items())) or "none")),
         ("IN debited (DIRECT_DEBITING)", m(s.in_debited_minor)),
         ("ledger matches the IN", "yes" if s.ledger_matches_in else "NO"),
         ("journal balanced", "yes" if s.journal_balanced else "NO"),
@@ -391,24 +477,30 @@ def _print_summary(s: Summary, exponent: int, currency: str) -> None:
 
 
 def run_demo(*, json_output: bool = False, keep: bool = False) -> int:
-    import logging
-
-    from extrabalance.observability import configure_logging
-
-    configure_logging(level="ERROR")
-    logging.disable(logging.WARNING)
-    workdir = Path(tempfile.mkdtemp(prefix="extrabalance-demo-"))
-    transcript = Transcript(echo=None if json_output else _print_entry)
-
-    async def main() -> Summary:
+    async def story(workdir: Path, transcript: Transcript) -> Summary:
         async with demo_env(workdir) as env:
             if not json_output:
                 print(f"Extra Balance demo on loopback (ledger {workdir / 'extrabalance.db'}; "
                       f"MQTT: {env.broker_kind})")
             return await play(env, transcript)
 
+    return run_story(story, prefix="extrabalance-demo-", json_output=json_output, keep=keep)
+
+
+def run_story(story: Callable[[Path, Transcript], Awaitable[Summary]], *, prefix: str,
+              json_output: bool, keep: bool) -> int:
+    """Play `story` in a temporary directory, print it (or the summary as JSON); 0 when
+    the ledger and the IN agree."""
+    import logging
+
+    from extrabalance.observability import configure_logging
+
+    configure_logging(level="ERROR")
+    logging.disable(logging.WARNING)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    transcript = Transcript(echo=None if json_output else _print_entry)
     try:
-        summary = asyncio.run(main())
+        summary = asyncio.run(story(workdir, transcript))
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

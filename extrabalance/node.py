@@ -46,10 +46,10 @@ from extrabalance.service.ads import AdTrigger, Advertiser, rules_from_settings
 from extrabalance.service.campaign import CampaignService
 from extrabalance.service.lending import LendingService
 from extrabalance.service.locks import SubscriberLocks
-from extrabalance.service.outbox import OutboxSender
+from extrabalance.service.outbox import OUTBOX_CLAIM_S, OutboxSender
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.recovery import PaybackService
-from extrabalance.service.resolver import Resolver
+from extrabalance.service.resolver import Resolver, resolve_interval_s
 from extrabalance.service.retention import IdempotencyRetention
 from extrabalance.service.routing import RouteProber, Router, RouteRule
 from extrabalance.service.templates import Templates
@@ -152,7 +152,10 @@ class Node:
         notifier = _LateNotifier()
         # Messages that report money go through the outbox: written with the money,
         # sent in the background (never awaited before a CCA, a screen or a PUBACK).
-        self.outbox = OutboxSender(self.ledger, notifier, utc_now, monotonic=clock.monotonic)
+        # On PostgreSQL other nodes may share the outbox: rows are taken, not read.
+        self.outbox = OutboxSender(
+            self.ledger, notifier, utc_now, monotonic=clock.monotonic,
+            claim_s=OUTBOX_CLAIM_S if s.storage.backend == "postgresql" else None)
         self.lending = LendingService(self.ledger, self.in_port, self.outbox, self.events,
                                       self.policy, self.router, utc_now, **common,
                                       advance_confirmation_nodes=confirming_ins)
@@ -161,7 +164,7 @@ class Node:
                                       self.policy, self.router, utc_now, **common)
         self.resolver = Resolver(self.ledger, self.in_port, self.outbox, self.events, self.policy,
                                  utc_now, **common, advance_confirmation_nodes=confirming_ins,
-                                 node_name=s.node.name)
+                                 node_name=s.node.name, lease_s=s.storage.saga_lease_s)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
         # Pending IN operations are re-sent on the Tx-timer schedule, not only every 30 s.
@@ -203,7 +206,7 @@ class Node:
             topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,
             username=s.mqtt.username, password=s.mqtt.password(), tls=s.mqtt.tls,
             ca_file=s.mqtt.ca_file, inflight_max=s.mqtt.inflight_max,
-            inbox_max=s.mqtt.inbox_max,
+            inbox_max=s.mqtt.inbox_max, shared_group=s.mqtt.shared_group,
         )
         self.recharges = RechargeListener(
             mqtt_settings,
@@ -329,7 +332,8 @@ class Node:
         self.outbox.start()  # what the last run committed and did not send goes first
         self._tasks = [
             asyncio.create_task(self.recharges.run(), name="recharge-listener"),
-            asyncio.create_task(self.resolver.run_forever(), name="resolver"),
+            asyncio.create_task(self.resolver.run_forever(
+                resolve_interval_s(s.storage.saga_lease_s)), name="resolver"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
             asyncio.create_task(self.retention.run_forever(), name="idempotency-retention"),
             asyncio.create_task(self.low_balance.run(), name="lowbalance-listener"),

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import csv
 import json
-import sqlite3
 import statistics
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.observability import EDR_FIELDS
 from extrabalance.private_files import narrow, open_private, private_dir
+
+if TYPE_CHECKING:
+    import sqlite3
 
 AD_CONVERSION_WINDOW = timedelta(hours=24)
 AGEING_BUCKETS_DAYS = ((0, 7), (8, 30), (31, 90), (91, 180), (181, None))
@@ -136,18 +138,17 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _segments_by_msisdn(conn: sqlite3.Connection, msisdns: set[str],
                         settings: Any) -> dict[str, str]:
-    from extrabalance.core.model import SubscriberProfile
     from extrabalance.core.segments import match_segment
+    from extrabalance.ledger.read_models import profiles_of
 
     segments = settings.policy().segments
+    found = profiles_of(conn, msisdns)
     out: dict[str, str] = {}
     for m in msisdns:
-        row = conn.execute("SELECT tenure_days, arpu_minor, attributes FROM subscribers"
-                           " WHERE msisdn = ?", (m,)).fetchone()
-        if row is None or row[0] is None:
+        profile = found.get(m)
+        if profile is None:
             out[m] = "(no profile)"
             continue
-        profile = SubscriberProfile(m, row[0], row[1] or 0, json.loads(row[2]) if row[2] else {})
         seg = match_segment(profile, segments)
         out[m] = seg.name if seg else "(no segment)"
     return out
@@ -234,47 +235,32 @@ def build_figures(day: date, edr_dir: Path, *, ledger_path: Path | None = None,
     return f
 
 
-def _waived_minor(conn: sqlite3.Connection, loan_ids: set[str]) -> int:
-    """What adjustments (`waive`, `waive_fee`) took off these loans."""
-    waived = 0
-    for (detail,) in conn.execute("SELECT detail FROM audit WHERE action = 'adjust'"):
-        for loan in json.loads(detail or "{}").get("loans", []):
-            if loan.get("loan_id") in loan_ids:
-                waived += int(loan.get("fee_minor", 0)) + int(loan.get("principal_minor", 0))
-    return waived
-
-
 def _ledger_figures(f: ReportFigures, day: date, ledger_path: Path, settings: Any,
                     loan_msisdns: list[tuple[str, int, int]], now: datetime) -> None:
-    conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
+    from extrabalance.ledger import read_models
+
+    conn = read_models.open_read_only(ledger_path)
     try:
         start = datetime(day.year, day.month, day.day, tzinfo=UTC)
         end = start + timedelta(days=1)
-        rows = conn.execute(
-            "SELECT principal_minor, fee_minor, principal_repaid_minor, fee_repaid_minor,"
-            " state, created_at, updated_at, loan_id FROM loans"
-            " WHERE created_at >= ? AND created_at < ?"
-            " AND state IN ('ACTIVE', 'PARTIALLY_REPAID', 'REPAID', 'WRITTEN_OFF')",
-            (start.isoformat(), end.isoformat()),
-        ).fetchall()
-        f.cohort_due_minor = sum(r[0] + r[1] for r in rows)
+        cohort = read_models.cohort_loans(conn, start, end)
+        f.cohort_due_minor = sum(r.principal_minor + r.fee_minor for r in cohort)
         # A waiver (admin adjustment) is booked like a repayment on the loan: what was
         # recovered is what the loan shows repaid less what was waived on it.
-        f.cohort_waived_minor = _waived_minor(conn, {r[7] for r in rows})
-        f.cohort_repaid_minor = sum(r[2] + r[3] for r in rows) - f.cohort_waived_minor
+        f.cohort_waived_minor = read_models.waived_minor(conn, {r.loan_id for r in cohort})
+        f.cohort_repaid_minor = (sum(r.principal_repaid_minor + r.fee_repaid_minor
+                                     for r in cohort) - f.cohort_waived_minor)
         f.cohort_recovery_rate = (round(f.cohort_repaid_minor / f.cohort_due_minor, 4)
                                   if f.cohort_due_minor else None)
-        seconds = [(_time(r[6]) - _time(r[5])).total_seconds() for r in rows if r[4] == "REPAID"]
+        seconds = [(_time(r.updated_at) - _time(r.created_at)).total_seconds()
+                   for r in cohort if r.state == "REPAID"]
         f.cohort_repaid_loans = len(seconds)
         f.payback_seconds = sorted(round(s, 3) for s in seconds)
         if seconds:
             f.payback_median_s = round(statistics.median(seconds), 3)
             f.payback_p90_s = round(_percentile(seconds, 0.9), 3)
         ageing = []
-        open_rows = conn.execute(
-            "SELECT created_at, principal_minor - principal_repaid_minor + fee_minor"
-            " - fee_repaid_minor FROM loans WHERE state IN ('ACTIVE', 'PARTIALLY_REPAID')"
-        ).fetchall()
+        open_rows = read_models.open_loan_ages(conn)
         for low, high in AGEING_BUCKETS_DAYS:
             in_bucket = [owed for created, owed in open_rows
                          if low <= (now - _time(created)).days

@@ -41,7 +41,8 @@ then re-send the same CCR once with the T flag and the same End-to-End id (RFC 6
 standards is counted per IN node (`nonstandard_*` stats): a REFUND_ACCOUNT carrying
 one of our own out-of-balance Session-Ids (the confirmation extension), a T flag on
 a request whose key we never received, a re-send of a key under another End-to-End
-id. A strict test asserts they stay zero.
+id by the same Origin-Host (another node of the realm sending the key uses its own
+ids, RFC 6733 §3). A strict test asserts they stay zero.
 
 `reject_nonstandard=True` (`--reject-nonstandard`) refuses instead of only counting:
 a re-send of a key under another End-to-End id and a REFUND_ACCOUNT under one of our
@@ -81,20 +82,21 @@ from typing import TYPE_CHECKING, Any, Self
 
 from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.diameter.constants import (  # the Result-Codes it answers with
+    DIAMETER_CREDIT_LIMIT_REACHED,
+    DIAMETER_END_USER_SERVICE_DENIED,
+    DIAMETER_SUCCESS,
+    DIAMETER_TOO_BUSY,
+    DIAMETER_UNABLE_TO_COMPLY,
+    DIAMETER_UNABLE_TO_DELIVER,
+    DIAMETER_USER_UNKNOWN,
+)
 from extrabalance.diameter.peer import DuplicateCache
 
 if TYPE_CHECKING:
     from extrabalance.diameter.codec import Message
     from extrabalance.recharge.events import RechargeEvent
 
-# --- Result codes this simulator answers with (RFC 6733 §7.1, RFC 4006 §9) ---------
-DIAMETER_SUCCESS = 2001
-DIAMETER_UNABLE_TO_DELIVER = 3002
-DIAMETER_TOO_BUSY = 3004
-DIAMETER_END_USER_SERVICE_DENIED = 4010
-DIAMETER_CREDIT_LIMIT_REACHED = 4012
-DIAMETER_USER_UNKNOWN = 5030
-DIAMETER_UNABLE_TO_COMPLY = 5012  # reject_nonstandard's refusal (RFC 6733 §7.1.5)
 
 # Answers that mean "not executed, re-send later": never stored as the first answer.
 NOT_EXECUTED_RESULTS = frozenset({DIAMETER_UNABLE_TO_DELIVER, DIAMETER_TOO_BUSY})
@@ -219,6 +221,9 @@ class BalanceOp:
     action: Action
     msisdn: str
     amount_minor: int
+    # A bundle credit (REFUND_ACCOUNT with an MSCC in units, not money): what to add
+    # to the subscriber's bucket of that kind; amount_minor is then 0.
+    bundle: Any = None  # gy.BundleUnits
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +231,7 @@ class OpAnswer:
     result_code: int
     granted_minor: int | None = None  # DIRECT_DEBITING: what was debited
     check_balance_result: CheckBalanceResult | None = None
+    granted_units: Any = None  # a bundle credited: gy.BundleUnits
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +246,8 @@ class AppliedOp:
     amount_minor: int  # requested (or granted, for grants and recharges)
     result_code: int
     balance_after_minor: int
+    bundle_kind: str = ""  # a bundle credit: "data", "voice" or "sms" ...
+    units: int = 0  # ... and how many units (octets, seconds, SMS) it added
 
     @property
     def moved_minor(self) -> int:
@@ -279,6 +287,8 @@ class InAccounts:
         self.initial_balance_minor = initial_balance_minor
         self._answers_max = answers_max
         self._balances: dict[str, int] = {}
+        # Bundle buckets per subscriber: (kind, Rating-Group, Service-Identifier) → units
+        self._buckets: dict[str, dict[tuple[str, int | None, int | None], int]] = {}
         self._answers: OrderedDict[tuple[str, int], tuple[BalanceOp, OpAnswer]] = OrderedDict()
         self._ledger: deque[AppliedOp] = ledger if ledger is not None else deque(maxlen=APPLIED_MAX)
         self.stats: dict[str, int] = {
@@ -305,6 +315,13 @@ class InAccounts:
 
     def balances(self) -> dict[str, int]:
         return dict(self._balances)
+
+    def buckets(self, msisdn: str) -> dict[str, int]:
+        """His bundle buckets, units by kind ("data" octets, "voice" seconds, "sms")."""
+        out: dict[str, int] = {}
+        for (kind, _rg, _si), units in self._buckets.get(msisdn, {}).items():
+            out[kind] = out.get(kind, 0) + units
+        return out
 
     def applied(self) -> list[AppliedOp]:
         """The ledger entries (shared with the other nodes when a ledger was passed in)."""
@@ -402,12 +419,18 @@ class InAccounts:
         self._remember(key, op, answer)
         self._record(
             op.session_id, op.request_number, op.action.name, op.msisdn, op.amount_minor,
-            answer.result_code,
+            answer.result_code, op.bundle,
         )
         return answer, False
 
     def _apply(self, op: BalanceOp) -> OpAnswer:
         balance = self.balance(op.msisdn)
+        if op.bundle is not None:  # only REFUND_ACCOUNT gets here (_balance_op)
+            b = op.bundle
+            mine = self._buckets.setdefault(op.msisdn, {})
+            key = (b.kind, b.rating_group, b.service_identifier)
+            mine[key] = mine.get(key, 0) + b.quantity
+            return OpAnswer(DIAMETER_SUCCESS, granted_units=b)
         if op.action is Action.REFUND_ACCOUNT:
             self._balances[op.msisdn] = balance + op.amount_minor
             return OpAnswer(DIAMETER_SUCCESS)
@@ -430,7 +453,8 @@ class InAccounts:
             self.stats["answers_evicted"] += 1
 
     def _record(
-        self, ref: str, number: int, kind: str, msisdn: str, amount_minor: int, result: int
+        self, ref: str, number: int, kind: str, msisdn: str, amount_minor: int, result: int,
+        bundle: Any = None,
     ) -> None:
         self._ledger.append(
             AppliedOp(
@@ -442,6 +466,8 @@ class InAccounts:
                 amount_minor=amount_minor,
                 result_code=result,
                 balance_after_minor=self.balance(msisdn),
+                bundle_kind=bundle.kind if bundle is not None else "",
+                units=bundle.quantity if bundle is not None else 0,
             )
         )
 
@@ -613,9 +639,9 @@ class InSimulator:
         self.reject_nonstandard = reject_nonstandard
         # RFC 6733 §5.6.4 with the node: one connection, whichever side dialled it.
         self.election = election
-        # (Session-Id, CC-Request-Number) → End-to-End id of the node's requests seen,
-        # per IN node: a re-send must keep the id (RFC 6733 §3).
-        self._seen_e2e: dict[str, OrderedDict[tuple[str, int], int]] = {
+        # (Session-Id, CC-Request-Number) → (Origin-Host, End-to-End id) of the node's
+        # requests seen, per IN node: a re-send must keep the id (RFC 6733 §3).
+        self._seen_e2e: dict[str, OrderedDict[tuple[str, int], tuple[str, int]]] = {
             s.name: OrderedDict() for s in specs}
         self._rng = random.Random(seed)
         self._sweeper: asyncio.Task[None] | None = None
@@ -722,6 +748,11 @@ class InSimulator:
         for book in self.accounts.values():
             out.update(book.balances())
         return out
+
+    def buckets(self, msisdn: str) -> dict[str, int]:
+        """His bundle buckets on his IN node: units by kind (data octets, voice
+        seconds, SMS)."""
+        return self.owner(msisdn).buckets(msisdn)
 
     def applied(self) -> list[AppliedOp]:
         """Every operation that got a final answer, grants and recharges, oldest first."""
@@ -856,6 +887,7 @@ class InSimulator:
             None if answer.check_balance_result is None else int(answer.check_balance_result),
             currency_numeric=self.currency_numeric,
             currency_exponent=self.currency_exponent,
+            granted_units=answer.granted_units,
         )
 
     def _note_transmission(self, name: str, op: BalanceOp, request: Message) -> str | None:
@@ -863,16 +895,28 @@ class InSimulator:
         key we see, and a re-send of a key under another End-to-End id. Returns why the
         request is to be refused in reject_nonstandard mode (the changed End-to-End
         id only: a T flag on the first copy we see cannot be told apart from a re-send
-        whose first copy was lost, so an IN processes it, and so do we)."""
+        whose first copy was lost, so an IN processes it, and so do we).
+
+        An End-to-End id is unique per originator (RFC 6733 §3: with the Origin-Host it
+        detects duplicates), so a key sent again by another node of the realm (it took
+        over an operation a stopped node left: docs/scale-out.md) carries that node's
+        own id; it is counted as `requests_from_another_node`, and its first answer
+        replayed as for any duplicate (RFC 4006 §5.1: Session-Id and
+        CC-Request-Number)."""
         seen = self._seen_e2e[name]
         key = (op.session_id, op.request_number)
-        first_e2e = seen.get(key)
-        if first_e2e is None:
+        origin = _origin_host(request).lower()
+        first = seen.get(key)
+        if first is None:
             if request.is_retransmit:
                 self.stats[name]["nonstandard_t_flag_on_first_request"] += 1
-            seen[key] = request.end_to_end_id
+            seen[key] = (origin, request.end_to_end_id)
             if len(seen) > ANSWERS_MAX:
                 seen.popitem(last=False)
+            return None
+        first_origin, first_e2e = first
+        if first_origin != origin:
+            self.stats[name]["requests_from_another_node"] += 1
         elif first_e2e != request.end_to_end_id:
             self.stats[name]["nonstandard_end_to_end_changed"] += 1
             return (f"Session-Id and CC-Request-Number re-sent under End-to-End id "
@@ -908,6 +952,14 @@ class InSimulator:
             raise codec.DiameterError(
                 5005, "Requested-Action missing", (codec.avp(AVP_REQUESTED_ACTION, 0),), request
             )
+        if ccr.bundle is not None:
+            # A bundle credit: units in an MSCC, no money (RFC 4006 §8.16).
+            if ccr.requested_action != Action.REFUND_ACCOUNT:
+                raise codec.DiameterError(
+                    5004, "units other than money are credited only (REFUND_ACCOUNT)",
+                    (codec.avp(AVP_REQUESTED_ACTION, ccr.requested_action),), request)
+            return BalanceOp(ccr.session_id, ccr.request_number, Action.REFUND_ACCOUNT,
+                             ccr.msisdn, 0, ccr.bundle)
         if ccr.requested_minor is None:
             raise codec.DiameterError(
                 5005, "Requested-Service-Unit with CC-Money missing",
@@ -1337,6 +1389,9 @@ def build_in_parser() -> argparse.ArgumentParser:
                         " several nodes (one realm, each its own Origin-Host): the CCRs"
                         " are spread over them and fail over to another when one goes")
     p.add_argument("--no-node-peer", action="store_true", help="never connect to the node")
+    p.add_argument("--election", action="store_true",
+                   help="one connection per node, whichever side dialled it (RFC 6733 §5.6.4):"
+                        " a node that dials this IN is used for the IN's CCRs to it")
     p.add_argument("--currency", default=None)
     p.add_argument("--currency-numeric", type=int, default=None)
     p.add_argument("--currency-exponent", type=int, default=None)
@@ -1530,6 +1585,7 @@ async def _run_in(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         seed=args.seed,
         advance_confirmation=args.advance_confirmation,
         reject_nonstandard=args.reject_nonstandard,
+        election=args.election,
     )
     for msisdn, amount in parse_msisdn_map(args.balance).items():
         sim.set_balance(msisdn, amount)

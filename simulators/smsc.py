@@ -155,11 +155,15 @@ class SmscSimulator:
         submit_resp_delay_s: float = 0.0,
         enquire_link_s: float = 30.0,
         its_sequence: str = "increment",
+        more_binds: dict[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.system_id = system_id
         self.password = password
+        # Other ESMEs allowed to bind (system_id -> password): several nodes, each its
+        # own system_id, as a gateway gives each of its clients.
+        self.more_binds = dict(more_binds or {})
         self.short_code = short_code
         self.ussd_service_type = ussd_service_type
         self.dialog_id_mode = DialogIdMode(dialog_id_mode)
@@ -221,7 +225,7 @@ class SmscSimulator:
         # _on_submit answers at once: the server sends the submit_sm_resp in the turn
         # it read the submit_sm, without a task per PDU.
         self._server = Smsc(
-            credentials={self.system_id: self.password},
+            credentials={self.system_id: self.password, **self.more_binds},
             on_submit=self._on_submit_late,
             system_id="smsc-sim",
             window_max=SMSC_WINDOW_MAX,
@@ -300,6 +304,13 @@ class SmscSimulator:
 
     def _bind_alive(self, bind: Any) -> bool:
         return bind is not None and bind in self._require_server().receivers()
+
+    def dialog_system_id(self, msisdn: str, dialog_id: int) -> str | None:
+        """The system_id of the bind an open dialog's inputs go to (None: not open)."""
+        waiter = self._waiting.get((msisdn, dialog_id))
+        if waiter is None or waiter.bind is None:
+            return None
+        return str(waiter.bind.session.peer_system_id)
 
     async def drop_dialog_bind(self, msisdn: str, dialog_id: int) -> bool:
         """Cut the one bind an open dialog's inputs go to (the gateway's side of a
@@ -766,6 +777,9 @@ def build_smsc_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-port", type=int, default=CONTROL_PORT_DEFAULT,
                         help="control channel for `extrabalance phone` (0: any, -1: off)")
     parser.add_argument("--system-id", default="extrabalance", help="bind system_id accepted")
+    parser.add_argument("--also-system-id", action="append", default=[], metavar="SYSTEM_ID",
+                        help="another system_id accepted with the same password (repeatable):"
+                             " several nodes, each binding as its own ESME")
     parser.add_argument("--password", default=None,
                         help="bind password (default: $EB_SMPP_PASSWORD, else 'secret')")
     parser.add_argument("--short-code", default="1234")
@@ -822,6 +836,7 @@ async def _run_smsc(args: argparse.Namespace) -> int:
         submit_resp_delay_s=args.submit_resp_delay,
         enquire_link_s=args.enquire_link,
         its_sequence=args.its_sequence,
+        more_binds=dict.fromkeys(args.also_system_id, password),
     )
     await smsc.start()
     control = f", control channel on {args.host}:{smsc.control_port}" if smsc.control_port else ""

@@ -127,3 +127,42 @@ def test_protection_mistakes_name_the_key(tmp_path, old, new, words):
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, text.replace(old, new, 1)))
     assert words in str(info.value)
+
+
+def test_saga_lease_is_bounded_and_sets_how_often_the_resolver_renews() -> None:
+    from pydantic import ValidationError
+
+    from extrabalance.config import StorageSection
+    from extrabalance.service.resolver import resolve_interval_s
+
+    assert StorageSection().saga_lease_s == 120
+    assert StorageSection(saga_lease_s=8).saga_lease_s == 8
+    for bad in (3, 3601):
+        with pytest.raises(ValidationError):
+            StorageSection(saga_lease_s=bad)
+    # Renewed every 30 s, or every quarter of a shorter lease.
+    assert resolve_interval_s(120) == 30 and resolve_interval_s(8) == 2
+
+
+BUNDLE_TIER = ('[[tiers]]\nid = 13\namount_minor = 1000\n'
+               'bundle = { kind = "data", quantity = 524288000, rating_group = 10 }\n')
+
+
+def test_a_bundle_tier_loads_and_its_mistakes_are_named(tmp_path):
+    text = default_config_text().replace("[fee_plans.standard]",
+                                         BUNDLE_TIER + "\n[fee_plans.standard]", 1)
+    tier = load_settings(write(tmp_path, text)).policy().tiers[13]
+    assert (tier.kind, tier.amount_minor, tier.bundle.quantity) == ("data", 1000, 524288000)
+    assert load_settings().policy().tiers[1].bundle is None  # none shipped
+    for old, new, words in (
+        (", rating_group = 10 }", " }", "service_identifier or rating_group"),
+        ('kind = "data"', 'kind = "video"', "tiers.12.bundle.kind"),
+        ("", "", "auto_advance.tier: tier 13 is a bundle"),
+    ):
+        changed = default_config_text().replace(
+            "[fee_plans.standard]", BUNDLE_TIER.replace(old, new) + "\n[fee_plans.standard]", 1)
+        if not old:
+            changed = changed.replace("\ntier = 3 ", "\ntier = 13 ", 1)
+        with pytest.raises(ConfigError) as info:
+            load_settings(write(tmp_path, changed))
+        assert words in str(info.value), (words, str(info.value))

@@ -12,6 +12,13 @@ answer mapped onto what the saga needs to know:
 | no answer in time, connection lost      | UNKNOWN        | resolver re-sends with T  |
 | no open peer for that IN (never sent)   | UNKNOWN        | resolver finishes it      |
 
+A bundle advance (a tier with a bundle, `InOperation.bundle`) is the same REFUND_ACCOUNT
+EVENT with Multiple-Services-Indicator 1 and one Multiple-Services-Credit-Control
+carrying Service-Identifier / Rating-Group and a Requested-Service-Unit in the bundle's
+unit (CC-Total-Octets, CC-Time or CC-Service-Specific-Units; RFC 4006 §8.16-8.26)
+instead of CC-Money; the IN answers with the Granted-Service-Unit in that unit. Every
+other operation goes out byte for byte as before.
+
 Re-sends (RFC 6733 §3, §5.5.4): every request of one operation carries the same
 End-to-End id, across restarts too. The id is allocated with the operation's
 Session-Id and written into that Session-Id's implementation-specific part (RFC 6733
@@ -39,14 +46,19 @@ import structlog
 
 from extrabalance.diameter import gy
 from extrabalance.diameter.codec import DiameterError, Message
+from extrabalance.diameter.constants import (
+    CHECK_BALANCE_RESULT_ENOUGH_CREDIT,
+    DIAMETER_CREDIT_LIMIT_REACHED,
+    DIAMETER_SUCCESS,
+    DIAMETER_TOO_BUSY,
+    DIAMETER_UNABLE_TO_DELIVER,
+)
 from extrabalance.diameter.peer import EndToEndIds
 from extrabalance.service.ports import InAction, InOperation, InOutcome, InResult
 
 log = structlog.get_logger(__name__)
 
-DIAMETER_SUCCESS = 2001
-NOT_EXECUTED_CODES = frozenset({3002, 3004})
-CHECK_BALANCE_ENOUGH = 0
+NOT_EXECUTED_CODES = frozenset({DIAMETER_UNABLE_TO_DELIVER, DIAMETER_TOO_BUSY})
 # Operations whose End-to-End id is kept in memory (Session-Ids not ours) and whose
 # sends all found no open peer (first transmission still owed); the oldest go first.
 E2E_REMEMBERED_MAX = 65_536
@@ -135,7 +147,11 @@ class DiameterInPort:
             # A route to an IN we have no peers for: the request cannot be delivered
             # and was never sent.
             log.warning("no_such_in_node", in_node=op.in_node)
-            return InResult(InOutcome.NOT_EXECUTED, 3002)
+            return InResult(InOutcome.NOT_EXECUTED, DIAMETER_UNABLE_TO_DELIVER)
+        bundle = None
+        if op.bundle is not None:
+            bundle = gy.BundleUnits(op.bundle.kind, op.bundle.quantity,
+                                    op.bundle.service_identifier, op.bundle.rating_group)
         ccr = gy.CreditControlRequest(
             session_id=op.session_id,
             origin_host=self._host,
@@ -147,9 +163,13 @@ class DiameterInPort:
             msisdn=op.msisdn,
             service_context_id=self._context,
             requested_action=int(op.action),
-            requested_minor=op.amount_minor,
-            currency_numeric=self._currency_numeric,
+            # A bundle advance asks for its units in an MSCC, no money (docs/lending.md
+            # "Bundle advances"); every other operation, exactly as before.
+            requested_minor=op.amount_minor if bundle is None else None,
+            currency_numeric=self._currency_numeric if bundle is None else None,
             event_timestamp=gy.ntp_now(),
+            has_mscc=bundle is not None,
+            bundle=bundle,
         )
         key = (op.session_id, op.request_number)
         # T only if an earlier request of this operation may have reached the IN.
@@ -186,14 +206,20 @@ class DiameterInPort:
         if code == DIAMETER_SUCCESS:
             enough = None
             if op.action is InAction.CHECK_BALANCE:
-                enough = cca.check_balance_result == CHECK_BALANCE_ENOUGH
+                enough = cca.check_balance_result == CHECK_BALANCE_RESULT_ENOUGH_CREDIT
             amount = cca.granted_minor
             if op.action is InAction.REFUND_ACCOUNT and amount is None:
                 amount = op.amount_minor
+            if bundle is not None and cca.granted_units not in (None, bundle):
+                # 2001 is the IN's word that it applied the request; a grant that
+                # differs from what was asked is logged for the operator, not undone.
+                log.warning("bundle_grant_differs", session_id=op.session_id,
+                            asked=bundle.quantity, granted=cca.granted_units.quantity)
             return InResult(InOutcome.DONE, code, amount, enough)
         if code in NOT_EXECUTED_CODES:
             return InResult(InOutcome.NOT_EXECUTED, code)
         if 3000 <= code < 4000:
             # Another protocol error (3xxx): the request was not processed.
             return InResult(InOutcome.NOT_EXECUTED, code)
-        return InResult(InOutcome.REFUSED, code)
+        return InResult(InOutcome.REFUSED, code,
+                        short_of_credit=code == DIAMETER_CREDIT_LIMIT_REACHED)

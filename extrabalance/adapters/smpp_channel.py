@@ -279,7 +279,7 @@ class SmppChannel:
                 elif kw.amount_major is not None:
                     wanted = kw.amount_major * 10 ** self._policy.currency.exponent
                     tier_id = next((t.tier_id for t in self._policy.tiers.values()
-                                    if t.amount_minor == wanted), None)
+                                    if t.amount_minor == wanted and t.bundle is None), None)
                     if tier_id is None:
                         reply = self._amounts_reply(lang)
                 if reply is None:
@@ -288,6 +288,14 @@ class SmppChannel:
                     # replayed outcome is not confirmed again), or, under a consumer-
                     # protection preset, asks for the reply YES first.
                     await self._lending.sms_loan(msisdn, tier_id, key)
+            elif kw.command is Command.DATA:
+                if not any(t.kind == "data" for t in self._policy.tiers.values()):
+                    reply = self._t.render("no_bundle", lang) if self._t.has(
+                        "no_bundle", lang) else self._t.render("unknown_keyword", lang)
+                else:
+                    key = self._sms_loan_key(pdu, system_id, "data")
+                    # Outcome by SMS from the lending service, as for LOAN.
+                    await self._lending.sms_loan(msisdn, None, key, kind="data")
             elif kw.command is Command.CONFIRM:
                 _key, repeat = self._sms_request(pdu, system_id, "yes")
                 if not repeat:  # the SMSC's re-send of a YES just taken gets nothing
@@ -342,7 +350,8 @@ class SmppChannel:
         exponent = self._policy.currency.exponent
         amounts = ", ".join(
             format_minor(t.amount_minor, exponent).removesuffix("." + "0" * exponent)
-            for t in sorted(self._policy.tiers.values(), key=lambda t: t.amount_minor))
+            for t in sorted(self._policy.tiers.values(), key=lambda t: t.amount_minor)
+            if t.bundle is None)
         return self._t.render("no_such_amount", lang, {"amounts": amounts})
 
     # -- outbound (the service layer's Notifier) --------------------------------

@@ -2,8 +2,8 @@
 
 It runs in the node's own event loop (`http.HttpServer`), so it reads the node's live
 objects (peer table, binds, metrics registry) without locks, and sends every change
-through the same services the traffic uses (`AccountService` for bars, the ledger's
-writer for adjustments), under the same per-subscriber lock.
+through the same services the traffic uses (`AccountService` for bars and
+adjustments), under the same per-subscriber lock.
 
 Authentication (docs/operations.md, "Admin API"):
 - a bearer token, from the environment variable `admin.token_env` or the file
@@ -50,7 +50,7 @@ from extrabalance.config import (
     deep_merge,
     default_config_text,
 )
-from extrabalance.ledger.adjustments import ADJUSTMENT_KINDS, AdjustmentError, apply_write_down
+from extrabalance.core.adjustments import ADJUSTMENT_KINDS, AdjustmentError
 from extrabalance.ledger.ads_store import DND_PAGE_MAX
 from extrabalance.ledger.factory import ledger_errors
 from extrabalance.service.accounts import OptInRefused
@@ -557,25 +557,15 @@ async def reload_on_signal(node: Node, config_path: str | Path | None) -> None:
 async def write_down(node: Node, msisdn: str, *, kind: str, amount_minor: int, who: str,
                      reason: str, loan_id: str | None = None,
                      request_id: str | None = None) -> dict[str, Any]:
-    """Goodwill write-down of a subscriber's debt, under his lock, audited, with an EDR.
-
-    Money: one balanced journal entry (`ledger.adjustments.apply_write_down`); raises
-    `HttpError` 409 when the ledger refuses (unsettled operation, amount too large).
-    """
-    accounts = node.accounts
-    async with accounts.locks.hold(msisdn):
-        now = accounts.clock()
-        try:
-            result = await node.ledger.write(lambda c: apply_write_down(
-                c, msisdn, kind=kind, amount_minor=amount_minor,  # type: ignore[arg-type]
-                who=who, reason=reason, now=now, loan_id=loan_id, request_id=request_id))
-        except AdjustmentError as exc:
-            raise HttpError(409, str(exc)) from None
-        except ledger_errors() as exc:
-            raise HttpError(500, f"ledger error: {exc}") from None
-    if not result.replayed:
-        node.events.emit("adjustment", msisdn=msisdn, amount_minor=result.amount_minor,
-                         debt_after_minor=result.debt_after_minor,
-                         loan_id=(result.loans[0]["loan_id"] if len(result.loans) == 1 else ""),
-                         reason=kind, detail=f"who={who}; {reason}")
+    """Goodwill write-down of a subscriber's debt through the account service (his
+    lock, one balanced journal entry, audit, EDR); 409 when the ledger refuses it
+    (unsettled operation, amount too large), 500 on a database error."""
+    try:
+        result = await node.accounts.write_down(
+            msisdn, kind=kind, amount_minor=amount_minor, who=who, reason=reason,
+            loan_id=loan_id, request_id=request_id)
+    except AdjustmentError as exc:
+        raise HttpError(409, str(exc)) from None
+    except ledger_errors() as exc:
+        raise HttpError(500, f"ledger error: {exc}") from None
     return result.as_dict()

@@ -13,7 +13,7 @@ from typing import Literal
 
 from extrabalance.core.fees import fee_for
 from extrabalance.core.model import SubscriberState
-from extrabalance.core.policy import Policy, Segment, Tier
+from extrabalance.core.policy import MONEY, Bundle, Policy, Segment, Tier
 from extrabalance.core.protection import frequency_refusal
 from extrabalance.core.reasons import Reason
 from extrabalance.core.segments import match_segment
@@ -26,6 +26,9 @@ class BorrowRequest:
     msisdn: str
     tier_id: int | None  # None: the largest allowed tier that fits under the ceiling
     channel: Channel
+    # With tier_id None: the kind of tier to pick from ("money", or a bundle kind such
+    # as "data" for the SMS keyword DATA). A bundle is never picked for plain LOAN.
+    kind: str = MONEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class OfferTier:
     fee_minor: int
     total_minor: int
     fits: bool  # debt + total stays within the ceiling
+    bundle: Bundle | None = None  # a bundle tier: what it credits (amount is its price)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +79,11 @@ def ceiling_of(segment: Segment, state: SubscriberState) -> int:
     return min(segment.ceiling_minor, state.limit_minor)
 
 
-def _allowed_tiers(segment: Segment, policy: Policy) -> list[Tier]:
-    """The segment's tiers that exist in the policy, smallest amount first."""
-    tiers = [policy.tiers[t] for t in segment.tier_ids if t in policy.tiers]
+def _allowed_tiers(segment: Segment, policy: Policy, kind: str | None = None) -> list[Tier]:
+    """The segment's tiers that exist in the policy (of `kind` when given), smallest
+    amount first."""
+    tiers = [policy.tiers[t] for t in segment.tier_ids
+             if t in policy.tiers and (kind is None or policy.tiers[t].kind == kind)]
     return sorted(tiers, key=lambda t: (t.amount_minor, t.tier_id))
 
 
@@ -133,7 +139,8 @@ def decide(
         tier_id = policy.auto_advance_tier_id
     if tier_id is None:
         # The largest allowed tier whose amount + fee still fits under the ceiling.
-        for tier in reversed(_allowed_tiers(segment, policy)):
+        kind = MONEY if request.channel == "auto" else request.kind
+        for tier in reversed(_allowed_tiers(segment, policy, kind)):
             fee_minor = _fee(tier, segment, policy)
             if debt_minor + tier.amount_minor + fee_minor <= ceiling_minor:
                 return Granted(segment, tier, tier.amount_minor, fee_minor)
@@ -177,6 +184,7 @@ def offer(state: SubscriberState, policy: Policy, now: datetime) -> Offer:
                 fee_minor,
                 total_minor,
                 total_minor <= headroom_minor,
+                tier.bundle,
             )
         )
     reason: Reason | None = refused.reason if refused else None

@@ -23,12 +23,43 @@ class Currency:
     exponent: int  # minor units per major = 10**exponent, e.g. 2
 
 
+BUNDLE_KINDS = ("data", "voice", "sms")  # what a bundle tier credits at the IN
+MONEY = "money"  # the kind of a tier that credits airtime
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """What a bundle tier credits at the IN instead of money: `quantity` in the unit
+    of its kind on the wire (RFC 4006 §8.16-8.26): data in octets (CC-Total-Octets),
+    voice in seconds (CC-Time), SMS in units (CC-Service-Specific-Units), for the
+    service the IN knows by `service_identifier` and/or `rating_group`."""
+
+    kind: str  # one of BUNDLE_KINDS
+    quantity: int
+    service_identifier: int | None = None
+    rating_group: int | None = None
+
+    def as_param(self) -> str:
+        """The bundle as a message parameter, `kind:quantity` (`data:524288000`): the
+        templates turn it into words in the subscriber's language (`{bundle}`)."""
+        return f"{self.kind}:{self.quantity}"
+
+
 @dataclass(frozen=True, slots=True)
 class Tier:
-    """A loan denomination. `tier_id` is what the subscriber types (1..N)."""
+    """A loan denomination. `tier_id` is what the subscriber types (1..N).
+
+    `amount_minor` is what he owes for it (before the fee): the airtime credited, or,
+    for a bundle tier, the bundle's money price; fees, ceilings and recovery read it
+    alike."""
 
     tier_id: int
     amount_minor: int
+    bundle: Bundle | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.bundle.kind if self.bundle is not None else MONEY
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,9 @@ from .constants import (
     AVP_CC_MONEY,
     AVP_CC_REQUEST_NUMBER,
     AVP_CC_REQUEST_TYPE,
+    AVP_CC_SERVICE_SPECIFIC_UNITS,
+    AVP_CC_TIME,
+    AVP_CC_TOTAL_OCTETS,
     AVP_CHECK_BALANCE_RESULT,
     AVP_CURRENCY_CODE,
     AVP_DESTINATION_HOST,
@@ -127,6 +130,56 @@ def _init_through_slots(cls: type[_T]) -> type[_T]:
     return cls
 
 
+# The unit AVPs a bundle is counted in (RFC 4006 §8.18 Requested-Service-Unit, §8.17
+# Granted-Service-Unit): data in octets (CC-Total-Octets §8.23, Unsigned64), voice in
+# seconds (CC-Time §8.21, Unsigned32), SMS in units (CC-Service-Specific-Units §8.26,
+# Unsigned64).
+BUNDLE_UNIT_AVPS: Final = {"data": AVP_CC_TOTAL_OCTETS, "voice": AVP_CC_TIME,
+                           "sms": AVP_CC_SERVICE_SPECIFIC_UNITS}
+_UNIT_KINDS: Final = {code: kind for kind, code in BUNDLE_UNIT_AVPS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class BundleUnits:
+    """Units of one service in a Multiple-Services-Credit-Control (RFC 4006 §8.16):
+    what a bundle advance asks the IN to credit (in the CCR's Requested-Service-Unit)
+    and what the IN granted (in the CCA's Granted-Service-Unit)."""
+
+    kind: str  # "data", "voice" or "sms": the unit AVP (BUNDLE_UNIT_AVPS)
+    quantity: int
+    service_identifier: int | None = None
+    rating_group: int | None = None
+
+
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _bundle_mscc(unit_code: int, bundle: BundleUnits) -> Avp:
+    """MSCC{unit-AVP{quantity}, Service-Identifier, Rating-Group} (§8.16 order)."""
+    children = [avp(unit_code, (avp(BUNDLE_UNIT_AVPS[bundle.kind], bundle.quantity),))]
+    if bundle.service_identifier is not None:
+        children.append(avp(AVP_SERVICE_IDENTIFIER, bundle.service_identifier))
+    if bundle.rating_group is not None:
+        children.append(avp(AVP_RATING_GROUP, bundle.rating_group))
+    return codec.intern_avp(avp(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL, tuple(children)))
+
+
+def _bundle_in(msg: Message, unit_code: int) -> BundleUnits | None:
+    """The first MSCC whose service unit (`unit_code`) counts units other than money."""
+    for mscc in msg.all(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL):
+        if not isinstance(mscc.value, tuple):
+            continue
+        unit = mscc.first(unit_code)
+        if unit is None or not isinstance(unit.value, tuple):
+            continue
+        for child in unit.value:
+            kind = _UNIT_KINDS.get(child.code)
+            if kind is not None and isinstance(child.value, int):
+                si, rg = mscc.get(AVP_SERVICE_IDENTIFIER), mscc.get(AVP_RATING_GROUP)
+                return BundleUnits(kind, child.value,
+                                   si if isinstance(si, int) else None,
+                                   rg if isinstance(rg, int) else None)
+    return None
+
+
 @_init_through_slots
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CreditControlRequest:
@@ -147,6 +200,9 @@ class CreditControlRequest:
     has_mscc: bool = False
     event_timestamp: int | None = None  # NTP seconds (since 1900)
     used_minor: int | None = None  # Used-Service-Unit CC-Money (RFC 4006 §8.19)
+    # A bundle advance: MSCC with the units to credit (Requested-Service-Unit in
+    # CC-Total-Octets / CC-Time / CC-Service-Specific-Units) instead of CC-Money.
+    bundle: BundleUnits | None = None
 
 
 @_init_through_slots
@@ -165,6 +221,7 @@ class CreditControlAnswer:
     error_message: str | None = None
     is_error: bool = False  # the E bit (3xxx protocol errors)
     experimental: bool = False  # result_code came from Experimental-Result
+    granted_units: BundleUnits | None = None  # MSCC Granted-Service-Unit other than money
 
 
 # --- building -------------------------------------------------------------------------
@@ -246,6 +303,20 @@ def _ccr_tail(requested_action: int | None, requested_minor: int | None,
     return tail, b"".join(codec.encode_avp(a) for a in tail)
 
 
+@lru_cache(maxsize=AVP_CACHE_MAX)
+def _ccr_bundle_tail(requested_action: int | None,
+                     bundle: BundleUnits) -> tuple[tuple[Avp, ...], bytes]:
+    """The tail of a bundle advance's CCR: Requested-Action, Multiple-Services-
+    Indicator (MULTIPLE_SERVICES_SUPPORTED, §8.40) and one MSCC with the units to
+    credit in its Requested-Service-Unit; no CC-Money (the price stays in the ledger)."""
+    avps: list[Avp] = []
+    if requested_action is not None:
+        avps.append(_cached_avp(AVP_REQUESTED_ACTION, requested_action))
+    avps += [_MSI_SUPPORTED, _bundle_mscc(AVP_REQUESTED_SERVICE_UNIT, bundle)]
+    tail = tuple(avps)
+    return tail, b"".join(codec.encode_avp(a) for a in tail)
+
+
 def ntp_now(clock: Clock = SYSTEM_CLOCK) -> int:
     return codec.ntp_from_unix(clock.time())
 
@@ -280,8 +351,11 @@ def build_ccr(
     head, head_bytes = _ccr_routing(ccr.origin_host, ccr.origin_realm, ccr.destination_host,
                                     ccr.destination_realm, ccr.service_context_id,
                                     ccr.request_type, ccr.request_number)
-    tail, tail_bytes = _ccr_tail(ccr.requested_action, ccr.requested_minor,
-                                 ccr.currency_numeric, currency_exponent, ccr.has_mscc)
+    if ccr.bundle is None:
+        tail, tail_bytes = _ccr_tail(ccr.requested_action, ccr.requested_minor,
+                                     ccr.currency_numeric, currency_exponent, ccr.has_mscc)
+    else:
+        tail, tail_bytes = _ccr_bundle_tail(ccr.requested_action, ccr.bundle)
     session_id = ccr.session_id
     msisdn = ccr.msisdn
     stamp = ccr.event_timestamp
@@ -327,12 +401,15 @@ def build_cca(
     currency_exponent: int,
     error_message: str | None = None,
     event_timestamp: int | None = None,
+    granted_units: BundleUnits | None = None,
 ) -> Message:
     """The CCA for ``request`` (a received CCR message, or its parsed form).
 
     E bit exactly for 3xxx. Granted-Service-Unit goes inside MSCC when the request
-    carried MSCC (RFC 4006 §5.1.2), top level otherwise. ``event_timestamp`` (NTP
-    seconds) defaults to now.
+    carried MSCC (RFC 4006 §5.1.2), top level otherwise. ``granted_units`` (a bundle
+    credited) is the Granted-Service-Unit in the bundle's unit, in the MSCC, with the
+    request's Service-Identifier and Rating-Group. ``event_timestamp`` (NTP seconds)
+    defaults to now.
     """
     if isinstance(request, Message):
         session_id = request.get(AVP_SESSION_ID)
@@ -365,6 +442,9 @@ def build_cca(
     if granted_minor is not None:
         gsu = _service_unit(AVP_GRANTED_SERVICE_UNIT, granted_minor, currency_numeric,
                             currency_exponent)
+    elif granted_units is not None:
+        gsu = avp(AVP_GRANTED_SERVICE_UNIT,
+                  (avp(BUNDLE_UNIT_AVPS[granted_units.kind], granted_units.quantity),))
     if has_mscc:
         children: list[Avp] = []
         if gsu is not None:
@@ -576,6 +656,7 @@ def parse_ccr(msg: Message, currency_exponent: int = 2) -> CreditControlRequest:
     money = _service_unit_money(msg, AVP_REQUESTED_SERVICE_UNIT)
     if money is not None:
         requested_minor, currency_numeric = minor_from_cc_money(money, currency_exponent, msg)
+    bundle = _bundle_in(msg, AVP_REQUESTED_SERVICE_UNIT) if money is None else None
     used_minor = None
     used = _service_unit_money(msg, AVP_USED_SERVICE_UNIT)
     if used is not None:
@@ -598,6 +679,7 @@ def parse_ccr(msg: Message, currency_exponent: int = 2) -> CreditControlRequest:
         has_mscc=msg.first(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL) is not None,
         event_timestamp=stamp if isinstance(stamp, int) else None,
         used_minor=used_minor,
+        bundle=bundle,
     )
 
 
@@ -623,6 +705,7 @@ def parse_cca(msg: Message, currency_exponent: int = 2) -> CreditControlAnswer:
     money = _service_unit_money(msg, AVP_GRANTED_SERVICE_UNIT)
     if money is not None:
         granted_minor, currency_numeric = minor_from_cc_money(money, currency_exponent, msg)
+    granted_units = _bundle_in(msg, AVP_GRANTED_SERVICE_UNIT) if money is None else None
     session_id = msg.get(AVP_SESSION_ID)
     origin_host = msg.get(AVP_ORIGIN_HOST)
     number = msg.get(AVP_CC_REQUEST_NUMBER)
@@ -641,6 +724,7 @@ def parse_cca(msg: Message, currency_exponent: int = 2) -> CreditControlAnswer:
         error_message=error_message if isinstance(error_message, str) else None,
         is_error=msg.is_error,
         experimental=result[1],
+        granted_units=granted_units,
     )
 
 

@@ -18,50 +18,38 @@ Every adjustment writes an `adjust` audit row (who, why, what) and may carry an
 operator's request id: the same request id applied twice changes nothing the second
 time and returns the first result.
 
-Nothing here commits; callers run `apply_write_down` inside `Ledger.write`.
+How much comes off which loan is `core.adjustments.spread_write_down`, shared with the
+in-memory ledger. `apply_write_down` is the port's `write_down` operation on SQLite and
+PostgreSQL (`LedgerTx.write_down`): it commits nothing itself, the unit of work does.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from extrabalance.core import sagas
+from extrabalance.core.adjustments import (
+    ADJUSTMENT_KINDS,
+    AdjustmentError,
+    AdjustmentKind,
+    AdjustmentResult,
+    check_request,
+    spread_write_down,
+)
 from extrabalance.ledger import store
 
-AdjustmentKind = Literal["waive", "waive_fee"]
-ADJUSTMENT_KINDS: tuple[str, ...] = ("waive", "waive_fee")
+__all__ = ["ADJUSTMENT_KINDS", "AdjustmentError", "AdjustmentKind", "AdjustmentResult",
+           "apply_write_down"]
 IDEMPOTENCY_PREFIX = store.IDEMPOTENCY_KEPT_PREFIX  # never purged (see store)
-
-
-class AdjustmentError(ValueError):
-    """The adjustment cannot be applied as asked; nothing was changed."""
-
-
-@dataclass(frozen=True, slots=True)
-class AdjustmentResult:
-    tx_id: str | None
-    msisdn: str
-    kind: str
-    amount_minor: int  # what was actually written down
-    debt_before_minor: int
-    debt_after_minor: int
-    loans: tuple[dict[str, Any], ...]  # per loan: loan_id, fee_minor, principal_minor, state
-    replayed: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["loans"] = list(self.loans)
-        return d
 
 
 def apply_write_down(
     conn: sqlite3.Connection,
     msisdn: str,
     *,
-    kind: AdjustmentKind,
+    kind: AdjustmentKind | str,
     amount_minor: int,
     who: str,
     reason: str,
@@ -78,59 +66,33 @@ def apply_write_down(
     if request_id:
         first = store.idempotent_get(conn, IDEMPOTENCY_PREFIX + request_id)
         if first is not None:
-            if first.get("msisdn") != msisdn:
-                raise AdjustmentError("request_id was already used for another subscriber")
-            first["loans"] = tuple(first["loans"])
-            first["replayed"] = True
-            return AdjustmentResult(**first)
-    if kind not in ADJUSTMENT_KINDS:
-        raise AdjustmentError(f"kind must be one of {', '.join(ADJUSTMENT_KINDS)}")
-    if not isinstance(amount_minor, int) or isinstance(amount_minor, bool) or amount_minor <= 0:
-        raise AdjustmentError("amount_minor must be a positive integer (minor units)")
-    if not who.strip() or not reason.strip():
-        raise AdjustmentError("who and reason are required for the audit trail")
+            return AdjustmentResult.replay(first, msisdn)
+    check_request(kind, amount_minor, who, reason)
     if store.has_unsettled(conn, msisdn):
         # A recovery or credit in flight may still move this debt: waiving now could
         # leave the loan cache and the IN disagreeing. Try again once it settled.
         raise AdjustmentError("an operation for this subscriber is still unsettled; retry later")
-    loans = store.open_loans(conn, msisdn)
-    if loan_id is not None:
-        loans = tuple(x for x in loans if x.loan_id == loan_id)
-        if not loans:
-            raise AdjustmentError(f"no open loan {loan_id} for this subscriber")
-    waivable = sum(x.fee_owed_minor if kind == "waive_fee" else x.owed_minor for x in loans)
-    if amount_minor > waivable:
-        raise AdjustmentError(
-            f"amount_minor {amount_minor} exceeds what can be waived ({waivable})")
+    parts = spread_write_down(store.open_loans(conn, msisdn), kind, amount_minor, loan_id)
     debt_before = store.debt_from_journal(conn, msisdn)
     lines: list[tuple[str, int]] = []
     touched: list[dict[str, Any]] = []
-    left = amount_minor
-    for loan in loans:
-        if left == 0:
-            break
-        fee = min(left, loan.fee_owed_minor)
-        left -= fee
-        principal = 0 if kind == "waive_fee" else min(left, loan.principal_owed_minor)
-        left -= principal
-        if fee == 0 and principal == 0:
-            continue
-        cleared = fee + principal == loan.owed_minor
-        state = store.WRITTEN_OFF if cleared else store.PARTIALLY_REPAID
-        lines += [("fee_receivable", -fee), ("principal_receivable", -principal)]
-        event = sagas.WRITE_OFF if cleared else sagas.WAIVE_PART
+    for part in parts:
+        state = store.WRITTEN_OFF if part.cleared else store.PARTIALLY_REPAID
+        lines += [("fee_receivable", -part.fee_minor),
+                  ("principal_receivable", -part.principal_minor)]
+        event = sagas.WRITE_OFF if part.cleared else sagas.WAIVE_PART
         allowed = sagas.sources(event, sagas.LOAN_TRANSITIONS)  # the saga table's moves
         cur = conn.execute(
             "UPDATE loans SET fee_repaid_minor = fee_repaid_minor + ?,"
             " principal_repaid_minor = principal_repaid_minor + ?, state = ?, updated_at = ?"
             f" WHERE loan_id = ? AND state IN ({', '.join('?' * len(allowed))})",
-            (fee, principal, state, store.ts(now), loan.loan_id, *allowed),
+            (part.fee_minor, part.principal_minor, state, store.ts(now), part.loan_id,
+             *allowed),
         )
         if cur.rowcount != 1:
-            raise sagas.IllegalTransition(f"loan {loan.loan_id} cannot become {state}")
-        touched.append({"loan_id": loan.loan_id, "fee_minor": fee,
-                        "principal_minor": principal, "state": state})
-    assert left == 0, "allocation must use the whole amount"
+            raise sagas.IllegalTransition(f"loan {part.loan_id} cannot become {state}")
+        touched.append({"loan_id": part.loan_id, "fee_minor": part.fee_minor,
+                        "principal_minor": part.principal_minor, "state": state})
     tx_id = store.post(
         conn,
         [("written_off", amount_minor), *lines],

@@ -23,6 +23,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from extrabalance.core import journal, sagas
+from extrabalance.core.adjustments import (
+    AdjustmentError,
+    AdjustmentResult,
+    check_request,
+    spread_write_down,
+)
 from extrabalance.core.limits import LimitState
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
 from extrabalance.core.payback import Recovery
@@ -641,6 +647,60 @@ class MemoryLedgerTx:
         )
         return fee_left + principal_left
 
+    def write_down(
+        self,
+        msisdn: str,
+        *,
+        kind: str,
+        amount_minor: int,
+        who: str,
+        reason: str,
+        now: datetime,
+        loan_id: str | None = None,
+        request_id: str | None = None,
+    ) -> AdjustmentResult:
+        key = IDEMPOTENCY_KEPT_PREFIX + request_id if request_id else None
+        if key is not None:
+            first = self.idempotent_get(key)
+            if first is not None:
+                return AdjustmentResult.replay(first, msisdn)
+        check_request(kind, amount_minor, who, reason)
+        if self._has_unsettled(msisdn):
+            raise AdjustmentError(
+                "an operation for this subscriber is still unsettled; retry later")
+        parts = spread_write_down(self.open_loans(msisdn), kind, amount_minor, loan_id)
+        debt_before = self.debt_from_journal(msisdn)
+        lines: list[tuple[str, int]] = []
+        touched: list[dict[str, Any]] = []
+        for part in parts:
+            loan = self._t.loans[part.loan_id]
+            event = sagas.WRITE_OFF if part.cleared else sagas.WAIVE_PART
+            state = sagas.loan_step(loan.state, event, loan.loan_id)
+            self._put_loan(replace(
+                loan, state=state,
+                fee_repaid_minor=loan.fee_repaid_minor + part.fee_minor,
+                principal_repaid_minor=loan.principal_repaid_minor + part.principal_minor,
+            ), now)
+            lines += [("fee_receivable", -part.fee_minor),
+                      ("principal_receivable", -part.principal_minor)]
+            touched.append({"loan_id": part.loan_id, "fee_minor": part.fee_minor,
+                            "principal_minor": part.principal_minor, "state": state})
+        tx_id = self._post([("written_off", amount_minor), *lines], msisdn=msisdn,
+                           memo=f"adjust_{kind}", now=now,
+                           loan_id=touched[0]["loan_id"] if len(touched) == 1 else None)
+        debt_after = self.debt_from_journal(msisdn)
+        if debt_after != debt_before - amount_minor or debt_after < 0:
+            raise LedgerInvariantError(
+                f"adjustment for {msisdn}: debt {debt_before} - {amount_minor} != {debt_after}")
+        result = AdjustmentResult(tx_id, msisdn, kind, amount_minor, debt_before, debt_after,
+                                  tuple(touched))
+        self.audit(msisdn, "adjust", who, reason, now,
+                   {"kind": kind, "amount_minor": amount_minor, "tx_id": tx_id,
+                    "loans": touched, "request_id": request_id})
+        if key is not None:
+            self.idempotent_put(key, result.as_dict(), now)
+        return result
+
     def count_overdue(self, created_before: datetime, created_since: datetime) -> int:
         high, low = ts(created_before), ts(created_since)
         return sum(
@@ -1003,6 +1063,13 @@ class MemoryLedgerTx:
              if entry[2] is None and entry[1] <= at)
         )
         return [self._t.outbox[oid][0] for _, oid in due[:limit]]
+
+    def outbox_claim_due(self, now: datetime, until: datetime, limit: int) -> list[OutboxRow]:
+        t = self._w()
+        rows = self.outbox_due(now, limit)
+        for row in rows:
+            t.outbox[row.outbox_id][1] = utc_ts(until)
+        return sorted(rows, key=lambda row: (row.created_at, row.outbox_id))
 
     def outbox_retry_later(self, outbox_id: str, at: datetime) -> None:
         entry = self._w().outbox.get(outbox_id)

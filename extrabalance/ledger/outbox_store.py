@@ -70,6 +70,26 @@ def outbox_due(conn: sqlite3.Connection, now: datetime, limit: int) -> list[Outb
     ]
 
 
+def outbox_claim_due(conn: sqlite3.Connection, now: datetime, until: datetime, limit: int,
+                     *, lock_rows: str = "") -> list[OutboxRow]:
+    """`outbox_due`, taken for sending: each row returned is not due again before
+    `until`, so another node's sender (several nodes on one ledger) does not send it
+    too; a node that dies before marking it sent leaves it due again at `until`. On
+    PostgreSQL the adapter chooses the rows FOR UPDATE SKIP LOCKED."""
+    rows = conn.execute(
+        "UPDATE outbox SET next_attempt_at = ? WHERE outbox_id IN (SELECT outbox_id"
+        " FROM outbox WHERE sent_at IS NULL AND next_attempt_at <= ?"
+        f" ORDER BY next_attempt_at, outbox_id LIMIT ?{lock_rows})"
+        " RETURNING outbox_id, msisdn, template, params, kind, language, created_at, attempts",
+        (utc_ts(until), utc_ts(now), limit),
+    ).fetchall()
+    return sorted(
+        (OutboxRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], parse_ts(r[6]), int(r[7]))
+         for r in rows),
+        key=lambda row: (row.created_at, row.outbox_id),
+    )
+
+
 def outbox_retry_later(conn: sqlite3.Connection, outbox_id: str, at: datetime) -> None:
     """Count a failed attempt and hold the message back until `at`."""
     conn.execute(

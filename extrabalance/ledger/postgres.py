@@ -50,7 +50,7 @@ from psycopg_pool import ConnectionPool
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.model import SubscriberProfile
 from extrabalance.core.sagas import SAGA_LEASE_S
-from extrabalance.ledger import ads_store, db, outbox_store, store
+from extrabalance.ledger import adjustments, ads_store, db, outbox_store, store
 
 if TYPE_CHECKING:
     from extrabalance.service.unit_of_work import LedgerTx
@@ -257,6 +257,7 @@ class PostgresLedgerTx:
     write_off_candidates = _op(store.write_off_candidates)
     write_off = _by_owner("loan", store.write_off)
     count_overdue = _op(store.count_overdue)
+    write_down = _by_msisdn(adjustments.apply_write_down)
     # recoveries
     get_recovery = _by_owner("recovery", store.get_recovery)
     recovery_by_event = _by_owner("event", store.recovery_by_event)
@@ -323,6 +324,11 @@ class PostgresLedgerTx:
     # outbox (rows of their own: the money they report took the subscriber's lock)
     outbox_put = _op(outbox_store.outbox_put)
     outbox_due = _op(outbox_store.outbox_due)
+
+    def outbox_claim_due(self, now: Any, until: Any, limit: int) -> list[outbox_store.OutboxRow]:
+        return outbox_store.outbox_claim_due(self, now, until, limit,  # type: ignore[arg-type]
+                                             lock_rows=_SKIP_LOCKED)
+
     outbox_retry_later = _op(outbox_store.outbox_retry_later)
     outbox_mark_sent = _op(outbox_store.outbox_mark_sent)
     outbox_prune = _op(outbox_store.outbox_prune)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING
 
-from extrabalance.ledger import ads_store, outbox_store, store
+from extrabalance.ledger import adjustments, ads_store, outbox_store, store
 
 if TYPE_CHECKING:
     from extrabalance.ledger.ledger import Ledger
@@ -63,6 +63,7 @@ class SqliteLedgerTx(sqlite3.Connection):
     write_off_candidates = store.write_off_candidates
     write_off = store.write_off
     count_overdue = store.count_overdue
+    write_down = adjustments.apply_write_down
     # recoveries
     get_recovery = store.get_recovery
     recovery_by_event = store.recovery_by_event
@@ -103,6 +104,7 @@ class SqliteLedgerTx(sqlite3.Connection):
     # outbox
     outbox_put = outbox_store.outbox_put
     outbox_due = outbox_store.outbox_due
+    outbox_claim_due = outbox_store.outbox_claim_due
     outbox_retry_later = outbox_store.outbox_retry_later
     outbox_mark_sent = outbox_store.outbox_mark_sent
     outbox_prune = outbox_store.outbox_prune

@@ -77,6 +77,7 @@ import base64
 import contextlib
 import json
 import random
+import re
 import socket
 import ssl
 import time
@@ -111,6 +112,7 @@ SUBACK_WAIT_S = 600.0
 # A dead letter carries at most this much of the original payload (base64) and says
 # how big the original was: a 1 MB payload must not become a 1.4 MB dead letter.
 DEAD_LETTER_PAYLOAD_MAX_BYTES = PAYLOAD_MAX_BYTES
+_SHARE_NAME = re.compile(r"[^/+#\s]+")  # a shared subscription's group name (MQTT 5 §4.8.2)
 # The dead-letter publisher's client id: the subscriber's, plus this.
 DEAD_LETTER_CLIENT_SUFFIX = "-deadletter"
 
@@ -145,6 +147,11 @@ class MqttSettings:
     # MQTT 5 only: how long the broker keeps the session (and queued messages) while
     # the node is away. 3.1.1 sessions with clean session off never expire.
     session_expiry_s: int = 7 * 24 * 3600
+    # Several nodes on one ledger: subscribe `$share/<group>/<filter>` (MQTT 5 §4.8.2
+    # shared subscriptions; Mosquitto 2.0 serves them on 3.1.1 and 5 alike), so the broker gives
+    # each recharge to one node of the group instead of to all. None: every node that
+    # subscribes gets every recharge (one node, or a test).
+    shared_group: str | None = None
     handle_timeout_s: float = 60.0  # a handler (or a dead-letter PUBACK) slower: failed
     connect_timeout_s: float = 10.0  # CONNACK and SUBACK waits
     drain_timeout_s: float = 30.0  # on stop or disconnect: wait for running handlers
@@ -156,6 +163,9 @@ class MqttSettings:
             raise ValueError("MqttSettings.topics must name at least one topic filter")
         if any(ch in self.dead_letter_topic for ch in "+#") or not self.dead_letter_topic:
             raise ValueError("MqttSettings.dead_letter_topic must be a topic name, not a filter")
+        if self.shared_group is not None and not _SHARE_NAME.fullmatch(self.shared_group):
+            raise ValueError("MqttSettings.shared_group must be a non-empty name without "
+                             "'/', '+' or '#'")
         if self.protocol_version not in (MQTT_V311, MQTT_V5):
             raise ValueError("MqttSettings.protocol_version must be 4 (3.1.1) or 5")
         if not 1 <= self.inflight_max <= 65535:
@@ -166,6 +176,13 @@ class MqttSettings:
             raise ValueError("MqttSettings.session_expiry_s must be > 0 (persistent session)")
         if not 0 < self.reconnect_backoff_initial_s <= self.reconnect_backoff_max_s:
             raise ValueError("reconnect backoff must satisfy 0 < initial <= max")
+
+    def subscription_filters(self) -> tuple[str, ...]:
+        """What the node subscribes: `topics`, each as `$share/<group>/<filter>` when
+        the node is one of a shared group. Messages still arrive on their own topics."""
+        if self.shared_group is None:
+            return self.topics
+        return tuple(f"$share/{self.shared_group}/{topic}" for topic in self.topics)
 
 
 class _HandlerFailed(Exception):
@@ -457,7 +474,7 @@ class RechargeListener:
             # restarts with a backlog larger than its inbox never reconnects.
             pump = asyncio.ensure_future(self._pump(client, dead_letter_client, inbox, flow))
             subscribing = asyncio.ensure_future(client.subscribe(
-                [(topic, 1) for topic in s.topics], timeout=SUBACK_WAIT_S))
+                [(topic, 1) for topic in s.subscription_filters()], timeout=SUBACK_WAIT_S))
             try:
                 await asyncio.wait({pump, subscribing}, return_when=asyncio.FIRST_COMPLETED)
                 if not subscribing.done():
@@ -467,7 +484,8 @@ class RechargeListener:
                 if _subscription_refused(granted):
                     raise aiomqtt.MqttError(f"broker refused QoS 1 subscription: {granted!r}")
                 self._connected = True
-                log.info("recharge.subscribed", client_id=s.client_id, topics=list(s.topics))
+                log.info("recharge.subscribed", client_id=s.client_id,
+                         topics=list(s.subscription_filters()))
                 await pump
             finally:
                 for task in (subscribing, pump):

@@ -1,17 +1,23 @@
-"""Operator actions on accounts: manual bar/unbar (audited) and debt ageing
-(overdue count, write-off with journal entries)."""
+"""Operator actions on accounts: manual bar/unbar (audited), opting in to automatic
+advances, goodwill write-downs and debt ageing (overdue count, write-off with journal
+entries). Each runs under the subscriber's lock, is audited in its unit of work and
+emits its EDR event; the admin API and the operator commands both call these."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
+from typing import TYPE_CHECKING
 
 from extrabalance.core.policy import Policy
 from extrabalance.service.lending import Clock, safe_notify
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import EventSink, Notice, Notifier
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
+
+if TYPE_CHECKING:
+    from extrabalance.core.adjustments import AdjustmentResult
 
 WRITE_OFF_BATCH_MAX = 10_000  # loans written off per age_debts run
 
@@ -79,6 +85,34 @@ class AccountService:
                 return True
 
             return bool(await self.ledger.write(change))
+
+    async def write_down(
+        self,
+        msisdn: str,
+        *,
+        kind: str,
+        amount_minor: int,
+        who: str,
+        reason: str,
+        loan_id: str | None = None,
+        request_id: str | None = None,
+    ) -> AdjustmentResult:
+        """Goodwill write-down of his debt (`core.adjustments`): one balanced journal
+        entry and an audit line in one unit of work, under his lock, then the
+        `adjustment` EDR (not for a replayed `request_id`). Raises `AdjustmentError`
+        when refused (unsettled operation, amount too large): nothing changed."""
+        async with self.locks.hold(msisdn):
+            now = self.clock()
+            result = await self.ledger.write(lambda tx: tx.write_down(
+                msisdn, kind=kind, amount_minor=amount_minor, who=who, reason=reason,
+                now=now, loan_id=loan_id, request_id=request_id))
+        if not result.replayed:
+            self.events.emit("adjustment", msisdn=msisdn, amount_minor=result.amount_minor,
+                             debt_after_minor=result.debt_after_minor,
+                             loan_id=(result.loans[0]["loan_id"] if len(result.loans) == 1
+                                      else ""),
+                             reason=kind, detail=f"who={who}; {reason}")
+        return result
 
     async def age_debts(self, now: datetime | None = None, *, who: str = "ageing") -> AgeingReport:
         """Write off loans older than `write_off_days`; count those past `overdue_days`."""

@@ -20,6 +20,7 @@ class Command(Enum):
     STOP_ADS = "stop_ads"
     START_ADS = "start_ads"
     CONFIRM = "confirm"  # YES: completes an SMS loan's confirmation or an opt-in
+    DATA = "data"  # the largest data bundle that fits (bundle tiers configured)
     UNKNOWN = "unknown"
 
 
@@ -49,12 +50,14 @@ _VOCABULARY: tuple[tuple[tuple[str, ...], Command, str], ...] = (
     (("stop ads", "stop", "stopads", "unsub"), Command.STOP_ADS, "en"),
     (("start ads", "start", "startads"), Command.START_ADS, "en"),
     (("yes", "y", "confirm"), Command.CONFIRM, "en"),
+    (("data", "internet", "bundle"), Command.DATA, "en"),
     (("سلفه", "سلف", "قرض", "رصيد اضافي"), Command.LOAN, "ar"),
     (("رصيد", "دين", "مديونيه"), Command.BALANCE, "ar"),
     (("مساعده", "مساعدة"), Command.HELP, "ar"),
     (("ايقاف العروض", "ايقاف", "الغاء"), Command.STOP_ADS, "ar"),
     (("تشغيل العروض", "تشغيل"), Command.START_ADS, "ar"),
     (("نعم", "موافق", "تاكيد"), Command.CONFIRM, "ar"),
+    (("باقه", "انترنت", "بيانات", "نت"), Command.DATA, "ar"),
 )
 
 

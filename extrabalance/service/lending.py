@@ -46,19 +46,14 @@ from extrabalance.core.lending import (
 )
 from extrabalance.core.limits import Limit
 from extrabalance.core.model import SubscriberState
-from extrabalance.core.policy import Policy
+from extrabalance.core.policy import MONEY, Bundle, Policy
 from extrabalance.core.reasons import Reason
 from extrabalance.core.segments import match_segment
 from extrabalance.service.ads import AdTrigger, Advertiser
 from extrabalance.service.limits import current_limit, limit_edr, with_limit
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
-    DIAMETER_CREDIT_LIMIT_REACHED,
-    DIAMETER_END_USER_SERVICE_DENIED,
-    DIAMETER_SUCCESS,
-    DIAMETER_TOO_BUSY,
-    DIAMETER_UNKNOWN_SESSION_ID,
-    DIAMETER_USER_UNKNOWN,
+    AdvanceDecision,
     AdvanceOutcome,
     BorrowOutcome,
     BorrowStatus,
@@ -85,6 +80,7 @@ from extrabalance.service.protection import (
     LOAN_CONFIRM_REQUESTED,
     LOAN_CONSENT,
     LOAN_REFUSED,
+    WHO_NODE,
     WHO_SUBSCRIBER,
     audit_consent,
     figures,
@@ -165,7 +161,7 @@ def outcome_of_loan(loan: LoanRow, debt_minor: int) -> BorrowOutcome:
 def refused_advance(loan_id: str, *, replayed: bool = False) -> AdvanceOutcome:
     """The answer to an advance the IN refused when it was confirmed: 4012, nothing granted."""
     return AdvanceOutcome(
-        DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED, loan_id, replayed=replayed
+        AdvanceDecision.NO_ADVANCE, None, Reason.IN_REFUSED, loan_id, replayed=replayed
     )
 
 
@@ -174,7 +170,8 @@ def advance_outcome_of_loan(loan: LoanRow) -> AdvanceOutcome:
     or 4012 once its confirmation was refused (as `confirm_advance` records it)."""
     if loan.state == sagas.FAILED:
         return refused_advance(loan.loan_id, replayed=True)
-    return AdvanceOutcome(DIAMETER_SUCCESS, loan.principal_minor, None, loan.loan_id, replayed=True)
+    return AdvanceOutcome(AdvanceDecision.ADVANCED, loan.principal_minor, None, loan.loan_id,
+                          replayed=True)
 
 
 def settle_borrow(
@@ -194,7 +191,17 @@ def settle_borrow(
     return outcome
 
 
-def loan_notice(outcome: BorrowOutcome, msisdn: str, language: str) -> Notice:
+def loan_notice(outcome: BorrowOutcome, msisdn: str, language: str,
+                bundle: Bundle | None = None) -> Notice:
+    if outcome.status is BorrowStatus.GRANTED and bundle is not None:
+        return Notice(
+            msisdn,
+            "loan_granted_bundle",
+            {"amount": outcome.amount_minor, "fee": outcome.fee_minor, "debt": outcome.debt_minor,
+             "bundle": bundle.as_param()},
+            "sms",
+            language,
+        )
     if outcome.status is BorrowStatus.GRANTED:
         return Notice(
             msisdn,
@@ -302,6 +309,7 @@ class _Intent:
     amount_minor: int
     language: str
     limit: Limit | None = None  # his limit from behaviour, for the EDR
+    bundle: Bundle | None = None  # a bundle tier: credited in its units at the IN
 
 
 class LendingService:
@@ -356,8 +364,9 @@ class LendingService:
         idempotency_key: str,
         *,
         answer_early: bool = False,
+        kind: str = MONEY,
     ) -> BorrowOutcome:
-        """Lend `tier_id` (None: the largest that fits) and credit it on the IN.
+        """Lend `tier_id` (None: the largest of `kind` that fits) and credit it on the IN.
 
         Exactly once per `idempotency_key`: a replay returns the first outcome (or the
         loan's current settlement) with `replayed=True` and moves no money.
@@ -377,7 +386,8 @@ class LendingService:
         )
         # Once started, the saga runs to its settlement even if the caller gives up
         # (USSD dialog timeout, connection closed): a task of its own, shielded.
-        saga = loop.create_task(self._borrow(msisdn, tier_id, channel, idempotency_key, answer))
+        saga = loop.create_task(
+            self._borrow(msisdn, tier_id, channel, idempotency_key, answer, kind))
         self._sagas.add(saga)
         saga.add_done_callback(self._sagas.discard)
         if answer is None:
@@ -398,6 +408,7 @@ class LendingService:
         channel: Channel,
         idempotency_key: str,
         answer: asyncio.Future[BorrowOutcome] | None = None,
+        kind: str = MONEY,
     ) -> BorrowOutcome:
         key = borrow_key(idempotency_key)
         async with self.locks.hold(msisdn):
@@ -410,6 +421,9 @@ class LendingService:
             limits: list[Limit] = []  # his limit from behaviour, when that policy is on
 
             def record_intent(tx: LedgerTx) -> BorrowOutcome | _Intent:
+                # His state first: on PostgreSQL this takes his row lock, so the replay
+                # checks below see a request another node booked a moment ago.
+                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 prior = tx.idempotent_get(key)
                 if prior is not None:
                     return BorrowOutcome.from_json(prior, replayed=True)
@@ -418,7 +432,6 @@ class LendingService:
                     return replace(
                         outcome_of_loan(loan, tx.debt_owed(msisdn)), replayed=True
                     )
-                loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 in_node = loaded.learned_in_node or static_node
                 if in_node is None:
                     refused = BorrowOutcome(
@@ -436,7 +449,8 @@ class LendingService:
                 state, limit = with_limit(tx, state, self.policy, now)
                 limits.extend([limit] if limit else [])
                 state = with_loan_times(tx, state, self.policy, now)
-                decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy, now)
+                decision = decide(BorrowRequest(msisdn, tier_id, channel, kind), state,
+                                  self.policy, now)
                 if not isinstance(decision, Granted):
                     if channel != "auto":
                         audit_consent(tx, self.policy, msisdn, LOAN_REFUSED, channel, now,
@@ -465,12 +479,14 @@ class LendingService:
                     now=now,
                     subscriber_known=loaded.known,
                 )
+                bundle = decision.tier.bundle
                 if channel != "auto":  # what he agreed to, with the loan it asked for
                     audit_consent(tx, self.policy, msisdn, LOAN_CONSENT, channel, now, {
                         "tier_id": decision.tier.tier_id, "loan_id": loan_id,
-                        **figures(decision.amount_minor, decision.fee_minor)})
+                        **figures(decision.amount_minor, decision.fee_minor),
+                        **({"bundle": bundle.as_param()} if bundle else {})})
                 return _Intent(loan_id, in_node, decision.amount_minor, loaded.state.language,
-                               limits[0] if limits else None)
+                               limits[0] if limits else None, bundle)
 
             step = await self.ledger.write(record_intent)
             if isinstance(step, BorrowOutcome):
@@ -498,7 +514,8 @@ class LendingService:
         answer: asyncio.Future[BorrowOutcome] | None = None,
     ) -> BorrowOutcome:
         op = InOperation(
-            InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id
+            InAction.REFUND_ACCOUNT, msisdn, step.in_node, step.amount_minor, session_id,
+            bundle=step.bundle,
         )
         result = await call_in_with_resends(self.in_port, op)
         if result.outcome is InOutcome.NOT_EXECUTED:
@@ -509,7 +526,7 @@ class LendingService:
         def settle(tx: LedgerTx) -> BorrowOutcome:
             settled = settle_borrow(tx, step.loan_id, result, now)
             # The message that reports it, in the same commit (sent after, never awaited).
-            self.notifier.put(tx, loan_notice(settled, msisdn, step.language), now)
+            self.notifier.put(tx, loan_notice(settled, msisdn, step.language, step.bundle), now)
             return settled
 
         if answer is None:
@@ -677,15 +694,18 @@ class LendingService:
     async def record_consent(
         self, msisdn: str, action: str, channel: str, detail: dict[str, Any] | None = None
     ) -> None:
-        """A consent line a channel decided (he cancelled on the confirm screen)."""
+        """A consent line a channel decided: he cancelled on the confirm screen, or the
+        menu refused him before any borrow (written as the node's)."""
         if not self.policy.protection.keeps_trail:
             return
         now = self.clock()
+        who = WHO_NODE if action == LOAN_REFUSED else WHO_SUBSCRIBER
         await self.ledger.write(
-            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail))
+            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail,
+                                     who=who))
 
     async def sms_loan(
-        self, msisdn: str, tier_id: int | None, idempotency_key: str
+        self, msisdn: str, tier_id: int | None, idempotency_key: str, *, kind: str = MONEY
     ) -> BorrowOutcome | None:
         """An SMS `LOAN [n]`: lent at once, or, with `[protection] sms_confirm`, answered
         by an SMS with the amount, the fee and its percentage, and lent only on his
@@ -693,11 +713,11 @@ class LendingService:
         the node would refuse is refused at once (its SMS, EDR and trail line)."""
         protection = self.policy.protection
         if not protection.sms_confirm:
-            return await self.borrow(msisdn, tier_id, "sms", idempotency_key)
+            return await self.borrow(msisdn, tier_id, "sms", idempotency_key, kind=kind)
         status, quote = await self.overview(msisdn)
-        tier = _offered(quote, tier_id)
+        tier = _offered(quote, tier_id, kind)
         if tier is None:
-            return await self.borrow(msisdn, tier_id, "sms", idempotency_key)
+            return await self.borrow(msisdn, tier_id, "sms", idempotency_key, kind=kind)
         async with self.locks.hold(msisdn):
             now = self.clock()
             ask_key = f"smsask:{idempotency_key}"
@@ -707,12 +727,15 @@ class LendingService:
                     return  # the SMSC's re-send of the same LOAN: asked already
                 tx.idempotent_put(ask_key, {"asked": True}, now)
                 shown = figures(tier.amount_minor, tier.fee_minor)
+                bundle = {"bundle": tier.bundle.as_param()} if tier.bundle else {}
                 tx.audit(msisdn, LOAN_CONFIRM_REQUESTED, WHO_SUBSCRIBER, "sms", now,
-                         {"channel": "sms", "tier_id": tier.tier_id, **shown})
-                self.notifier.put(tx, Notice(msisdn, "loan_confirm_sms", {
-                    "amount": tier.amount_minor, "fee": tier.fee_minor,
-                    "fee_percent": shown["fee_percent"], "total": tier.total_minor,
-                    "minutes": protection.confirm_ttl_s // 60}, "sms", status.language), now)
+                         {"channel": "sms", "tier_id": tier.tier_id, **shown, **bundle})
+                self.notifier.put(tx, Notice(
+                    msisdn, "loan_confirm_sms_bundle" if bundle else "loan_confirm_sms", {
+                        "amount": tier.amount_minor, "fee": tier.fee_minor,
+                        "fee_percent": shown["fee_percent"], "total": tier.total_minor,
+                        "minutes": protection.confirm_ttl_s // 60, **bundle},
+                    "sms", status.language), now)
 
             await self.ledger.write(ask)
         self.notifier.wake()
@@ -813,8 +836,9 @@ class LendingService:
         deadline_monotonic: float | None = None,
         used_minor: int | None = None,
     ) -> AdvanceOutcome:
-        """Answer the IN's out-of-balance CCR: an auto-advance (2001 + amount), 4012
-        (+ maybe an ad), 4010 barred, 5030 unknown. A retransmission (same Session-Id
+        """Decide the IN's out-of-balance CCR: ADVANCED (an auto-advance), NO_ADVANCE
+        (+ maybe an ad), DENIED (barred), UNKNOWN_SUBSCRIBER; the Gy adapter answers
+        them 2001 + amount, 4012, 4010, 5030. A retransmission (same Session-Id
         and CC-Request-Number) gets the first answer and grants nothing new.
 
         A granted advance is booked ACTIVE: the grant in the CCA is the credit. Only
@@ -824,7 +848,7 @@ class LendingService:
         The IN applies the grant from the CCA only when the answer reaches it before
         its own timer. An advance is booked only if the commit happens before
         `deadline_monotonic` (checked in the transaction, just before the commit): past
-        it, nothing is booked and 3004 TOO_BUSY is answered; the IN may send the
+        it, nothing is booked and TOO_LATE is answered (3004 TOO_BUSY on the wire); the IN may send the
         request again and it is then decided afresh. The deadline makes late answers
         rare; the IN's retransmission of the request (answered with the same grant)
         or, for an IN with the extension, the confirmation covers the rest."""
@@ -854,18 +878,18 @@ class LendingService:
                         and not _session_known(tx, session_id)):
                     # RFC 4006 §5.1: UPDATE and TERMINATION continue a session opened
                     # by an INITIAL (CC-Request-Number 0); none was seen.
-                    return done(AdvanceOutcome(DIAMETER_UNKNOWN_SESSION_ID), None)
+                    return done(AdvanceOutcome(AdvanceDecision.UNKNOWN_SESSION), None)
                 if request_type in (CC_REQUEST_TYPE_UPDATE, CC_REQUEST_TYPE_TERMINATION):
                     evidenced.extend(_session_evidence(
                         tx, session_id, request_type, request_number, used_minor, now))
                 if request_type == CC_REQUEST_TYPE_TERMINATION:
-                    return done(AdvanceOutcome(DIAMETER_SUCCESS), None)
+                    return done(AdvanceOutcome(AdvanceDecision.ACKNOWLEDGED), None)
                 loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 has_profile = loaded.state.profile is not None
                 if static_node is None and loaded.learned_in_node is None and not has_profile:
-                    return done(
-                        AdvanceOutcome(DIAMETER_USER_UNKNOWN, None, Reason.UNKNOWN_SUBSCRIBER), None
-                    )
+                    unknown = AdvanceOutcome(AdvanceDecision.UNKNOWN_SUBSCRIBER, None,
+                                             Reason.UNKNOWN_SUBSCRIBER)
+                    return done(unknown, None)
                 if loaded.learned_in_node != origin_host:
                     tx.learn_route(msisdn, origin_host, now)
                 state, _limit = with_limit(tx, loaded.state, self.policy, now)
@@ -873,7 +897,9 @@ class LendingService:
                 decision = decide(BorrowRequest(msisdn, None, "auto"), state, self.policy, now)
                 if isinstance(decision, Granted):
                     if deadline_monotonic is not None and time.monotonic() > deadline_monotonic:
-                        return AdvanceOutcome(DIAMETER_TOO_BUSY, None, Reason.IN_UNAVAILABLE), None
+                        late = AdvanceOutcome(AdvanceDecision.TOO_LATE, None,
+                                              Reason.IN_UNAVAILABLE)
+                        return late, None
                     loan_id = tx.insert_loan(
                         msisdn=msisdn,
                         tier_id=decision.tier.tier_id,
@@ -901,16 +927,16 @@ class LendingService:
                         loaded.state.language,
                     ), now)
                     return done(
-                        AdvanceOutcome(DIAMETER_SUCCESS, decision.amount_minor, None, loan_id),
+                        AdvanceOutcome(AdvanceDecision.ADVANCED, decision.amount_minor, None, loan_id),
                         loaded.state,
                     )
                 if decision.reason in BARRED_REASONS:
                     return done(
-                        AdvanceOutcome(DIAMETER_END_USER_SERVICE_DENIED, None, decision.reason),
+                        AdvanceOutcome(AdvanceDecision.DENIED, None, decision.reason),
                         loaded.state,
                     )
                 return done(
-                    AdvanceOutcome(DIAMETER_CREDIT_LIMIT_REACHED, None, decision.reason),
+                    AdvanceOutcome(AdvanceDecision.NO_ADVANCE, None, decision.reason),
                     loaded.state,
                 )
 
@@ -920,9 +946,10 @@ class LendingService:
                                  loan_id=loan.loan_id, in_node=origin_host, channel="auto",
                                  detail=f"{session_id};{request_type};{request_number};"
                                         f"{'' if used_minor is None else used_minor}")
-            if outcome.replayed or outcome.result_code == DIAMETER_TOO_BUSY:
+            if outcome.replayed or outcome.decision is AdvanceDecision.TOO_LATE:
                 return outcome
-            if outcome.result_code not in (DIAMETER_USER_UNKNOWN, DIAMETER_UNKNOWN_SESSION_ID):
+            if outcome.decision not in (AdvanceDecision.UNKNOWN_SUBSCRIBER,
+                                        AdvanceDecision.UNKNOWN_SESSION):
                 self.router.learn(msisdn, origin_host)
             if state is not None:
                 await self._after_advance(
@@ -985,7 +1012,7 @@ class LendingService:
         now: datetime,
         granted: LoanRow | None = None,
     ) -> None:
-        if outcome.result_code == DIAMETER_SUCCESS and outcome.granted_minor is not None:
+        if outcome.decision is AdvanceDecision.ADVANCED and outcome.granted_minor is not None:
             loan = granted or await self.ledger.read_point(
                 lambda tx: tx.get_loan(outcome.loan_id or "")
             )
@@ -1011,9 +1038,9 @@ class LendingService:
             msisdn=msisdn,
             reason=_v(outcome.reason),
             channel="auto",
-            result_code=outcome.result_code,
+            decision=outcome.decision.value,
         )
-        if outcome.result_code == DIAMETER_END_USER_SERVICE_DENIED:
+        if outcome.decision is AdvanceDecision.DENIED:
             return
         if self.ads is not None:  # caps, quiet hours, rate; the CCA does not wait
             self.ads.fire_offer(msisdn, AdTrigger.OUT_OF_BALANCE)
@@ -1049,12 +1076,14 @@ def _session_evidence(tx: LedgerTx, session_id: str, request_type: int,
     return [loan]
 
 
-def _offered(quote: Offer, tier_id: int | None) -> OfferTier | None:
-    """The tier of his menu a request names (None: the largest that fits, as `decide`
-    picks it), when he may take it now; else None."""
+def _offered(quote: Offer, tier_id: int | None, kind: str = MONEY) -> OfferTier | None:
+    """The tier of his menu a request names (None: the largest of `kind` that fits, as
+    `decide` picks it), when he may take it now; else None."""
     if not quote.eligible:
         return None
     fitting = [t for t in quote.tiers if t.fits]
+    if tier_id is None:
+        fitting = [t for t in fitting if (t.bundle.kind if t.bundle else MONEY) == kind]
     if tier_id is None:
         return max(fitting, key=lambda t: (t.amount_minor, t.tier_id), default=None)
     return next((t for t in fitting if t.tier_id == tier_id), None)

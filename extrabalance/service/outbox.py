@@ -46,6 +46,9 @@ OUTBOX_RETRY_DELAYS_S = (2.0, 10.0, 30.0, 120.0, 600.0)  # the last one repeats
 OUTBOX_ATTEMPTS_MAX = 60  # about 9 hours of retries, then the row is given up
 OUTBOX_IDLE_POLL_S = 5.0  # look for due retries this often when nobody wakes us
 OUTBOX_KEPT_S = 86_400.0  # sent rows are pruned after a day
+# Several nodes: a message taken by one node's sender is not due again for this long
+# (a batch is started within seconds; a node that dies leaves it due after this).
+OUTBOX_CLAIM_S = 60.0
 
 
 class OutboxSender:
@@ -64,6 +67,7 @@ class OutboxSender:
         retry_delays_s: tuple[float, ...] = OUTBOX_RETRY_DELAYS_S,
         attempts_max: int = OUTBOX_ATTEMPTS_MAX,
         idle_poll_s: float = OUTBOX_IDLE_POLL_S,
+        claim_s: float | None = None,
     ) -> None:
         if concurrency_max < 1 or rate_per_s <= 0 or batch_max < 1 or not retry_delays_s:
             raise ValueError("outbox bounds must be positive")
@@ -77,6 +81,10 @@ class OutboxSender:
         self.retry_delays_s = retry_delays_s
         self.attempts_max = attempts_max
         self.idle_poll_s = idle_poll_s
+        # Several nodes on one ledger: rows are taken for sending (`outbox_claim_due`)
+        # and not due again for `claim_s`, so two nodes never send one message; None
+        # (one node): rows are read, as nothing else sends them.
+        self.claim = None if claim_s is None else timedelta(seconds=claim_s)
         self._slots = asyncio.Semaphore(concurrency_max)
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
@@ -145,7 +153,12 @@ class OutboxSender:
         self._finished.clear()
         # On the loop thread (an index range, at most batch_max rows): a reader thread
         # would cost a thread hop and a GIL hand-off for every SMS a loan sends.
-        rows = await self.ledger.read_point(lambda tx: tx.outbox_due(now, self.batch_max))
+        if self.claim is not None:
+            until = now + self.claim
+            rows = await self.ledger.write(
+                lambda tx: tx.outbox_claim_due(now, until, self.batch_max))
+        else:
+            rows = await self.ledger.read_point(lambda tx: tx.outbox_due(now, self.batch_max))
         started = 0
         for row in rows:
             await self._slots.acquire()

@@ -14,6 +14,7 @@ from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
+    from extrabalance.core.policy import Bundle
     from extrabalance.service.unit_of_work import LedgerTx
 
 
@@ -44,6 +45,9 @@ class InOperation:
     session_id: str
     request_number: int = 0
     retransmission: bool = False  # set the T flag
+    # A bundle tier's loan: REFUND_ACCOUNT credits these units (Multiple-Services-
+    # Credit-Control) instead of money; amount_minor is then the bundle's price.
+    bundle: Bundle | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,9 @@ class InResult:
     result_code: int | None = None
     amount_minor: int | None = None  # debited (DIRECT_DEBITING) or granted
     enough_credit: bool | None = None  # CHECK_BALANCE answer
+    # REFUSED because the account lacks the credit (a DIRECT_DEBITING larger than the
+    # balance: 4012 CREDIT_LIMIT_REACHED); a smaller amount may pass.
+    short_of_credit: bool = False
 
 
 class InPort(Protocol):

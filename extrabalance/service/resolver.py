@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from extrabalance.core import sagas
-from extrabalance.core.policy import Policy
+from extrabalance.core.policy import Bundle, Policy
 from extrabalance.service.lending import (
     Clock,
     ConfirmStatus,
@@ -68,6 +68,12 @@ log = structlog.get_logger(__name__)
 RESOLVE_BATCH_MAX = 1_000  # operations looked at per run
 REVIEW_AFTER_ATTEMPTS = 20  # runs before an unresolved operation goes to manual review
 RESOLVE_INTERVAL_S = 30.0
+
+
+def resolve_interval_s(lease_s: float) -> float:
+    """How often the resolver runs (and so renews its leases): every 30 s, or every
+    quarter of a shorter lease, so that a live node renews well before it runs out."""
+    return min(RESOLVE_INTERVAL_S, lease_s / 4)
 # Follow-ups of one pending operation (a loan left UNKNOWN, a recovery not answered in
 # time or answered 3002/3004): re-sent unchanged this long after it was left pending,
 # then after the next delay, before the periodic run takes it over. Spaced like the
@@ -194,6 +200,7 @@ class Resolver:
             task.cancel()
 
     async def run_forever(self, interval_s: float = RESOLVE_INTERVAL_S) -> None:
+        """Run every `interval_s` (shorter than the lease, which each run renews)."""
         while True:
             try:
                 await self.run_once()
@@ -268,6 +275,7 @@ class Resolver:
                 loan.diameter_session_id,
                 loan.request_number,
                 retransmission=True,
+                bundle=_bundle_of(self.policy, loan.tier_id),
             )
             result = await call_in(self.in_port, op)
             if result.outcome not in (InOutcome.DONE, InOutcome.REFUSED):
@@ -283,7 +291,8 @@ class Resolver:
                 settled = settle_borrow(tx, loan_id, result, now)
                 if loan.channel != "auto":  # the message that reports it, same commit
                     language = self._language_in(tx, msisdn)
-                    self.notifier.put(tx, loan_notice(settled, msisdn, language), now)
+                    self.notifier.put(tx, loan_notice(settled, msisdn, language,
+                                                      _bundle_of(self.policy, loan.tier_id)), now)
                 return settled
 
             outcome = await self.ledger.write(settle)
@@ -362,3 +371,10 @@ class Resolver:
                     lambda tx: tx.set_recovery_state(recovery_id, sagas.UNKNOWN, self.clock())
                 )
             return await self._unresolved("recoveries", recovery_id, msisdn)
+
+
+def _bundle_of(policy: Policy, tier_id: int) -> Bundle | None:
+    """The bundle a loan's tier credits (None: money). A loan is re-sent under its own
+    Session-Id: an IN that received the first send answers it again unchanged."""
+    tier = policy.tiers.get(tier_id)
+    return tier.bundle if tier is not None else None

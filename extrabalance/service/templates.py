@@ -4,6 +4,8 @@ Templates come from the `[templates.<lang>]` tables of the config. Parameters ar
 passed as integers (money in minor units) or strings; any parameter named in
 `MONEY_PARAMS` is formatted with the node's currency (`5.00 EGP`). A refusal reason
 code passed as `reason` is turned into the language's words from `[templates.<lang>.reasons]`.
+A bundle passed as `bundle` (`data:524288000`: kind, then octets, seconds or SMS) is
+turned into words by the language's `bundle_<kind>` template.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ def format_minor(amount_minor: int, exponent: int) -> str:
     return f"{sign}{whole}.{frac:0{exponent}d}"
 
 
+def _units(quantity: int, per: int) -> str:
+    """`quantity / per` for a screen: whole, or with one decimal (rounded down)."""
+    whole, rest = divmod(quantity, per)
+    if rest == 0:
+        return str(whole)
+    return f"{whole}.{rest * 10 // per}"
+
+
 @dataclass(frozen=True, slots=True)
 class Templates:
     tables: Mapping[str, Mapping[str, Any]]
@@ -52,6 +62,14 @@ class Templates:
         reasons = self.tables[self.language(language)].get("reasons", {})
         return str(reasons.get(code, code))
 
+    def bundle(self, kind: str, quantity: int, language: str) -> str:
+        """A bundle in words: data in MB (2^20 octets), voice in minutes, SMS counted."""
+        if kind == "data":
+            return self.render("bundle_data", language, {"mb": _units(quantity, 1 << 20)})
+        if kind == "voice":
+            return self.render("bundle_voice", language, {"minutes": _units(quantity, 60)})
+        return self.render("bundle_sms", language, {"count": quantity})
+
     def has(self, key: str, language: str) -> bool:
         return key in self.tables[self.language(language)]
 
@@ -67,6 +85,9 @@ class Templates:
                 values[name] = self.money(value, lang)
             elif name == "reason" and isinstance(value, str):
                 values[name] = self.reason(value, lang)
+            elif name == "bundle" and isinstance(value, str) and ":" in value:
+                kind, _, quantity = value.partition(":")
+                values[name] = self.bundle(kind, int(quantity), lang)
             else:
                 values[name] = value
         try:

@@ -49,6 +49,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:  # row types only: the services never import the SQL modules
+    from extrabalance.core.adjustments import AdjustmentResult
     from extrabalance.core.limits import LimitState
     from extrabalance.core.model import OpenLoan, SubscriberProfile
     from extrabalance.core.payback import Recovery
@@ -216,6 +217,24 @@ class LedgerTx(Protocol):
         """Open loans created in [created_since, created_before)."""
         ...
 
+    def write_down(
+        self,
+        msisdn: str,
+        *,
+        kind: str,
+        amount_minor: int,
+        who: str,
+        reason: str,
+        now: datetime,
+        loan_id: str | None = None,
+        request_id: str | None = None,
+    ) -> AdjustmentResult:
+        """An operator's goodwill write-down of his debt (`core.adjustments`): one
+        balanced journal entry, the loans' repaid columns, an `adjust` audit line.
+        Raises `AdjustmentError` (nothing changed) when refused; the same `request_id`
+        again answers the first result, replayed."""
+        ...
+
     # -- recoveries ----------------------------------------------------------------------
     def get_recovery(self, recovery_id: str) -> RecoveryRow | None: ...
     def recovery_by_event(self, event_id: str) -> RecoveryRow | None: ...
@@ -340,6 +359,11 @@ class LedgerTx(Protocol):
 
     def outbox_due(self, now: datetime, limit: int) -> list[OutboxRow]:
         """Unsent messages due at `now`, oldest first."""
+        ...
+
+    def outbox_claim_due(self, now: datetime, until: datetime, limit: int) -> list[OutboxRow]:
+        """The unsent messages due at `now`, oldest first, taken for sending: not due
+        again before `until` (another node's sender skips them meanwhile)."""
         ...
 
     def outbox_retry_later(self, outbox_id: str, at: datetime) -> None: ...

@@ -384,14 +384,10 @@ class UssdDialogs:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refusal(dialog, offer.reason))
-        items = [
-            (str(t.tier_id), self._t.render("menu_item", lang, {"option": t.tier_id, "amount": t.amount_minor}))
-            for t in offer.tiers
-            if t.fits
-        ]
+            return self._close(key, await self._refusal(dialog, offer.reason))
+        items = [(str(t.tier_id), self._menu_item(t, lang)) for t in offer.tiers if t.fits]
         if not items:
-            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
+            return self._close(key, await self._refusal(dialog, "CEILING_REACHED"))
         title = self._t.render("menu_title", lang, {"debt": offer.debt_minor, "headroom": offer.headroom_minor})
         dialog.pages = paginate(
             title,
@@ -403,24 +399,33 @@ class UssdDialogs:
         dialog.page = min(page, len(dialog.pages) - 1)
         return Screen(render_page(title, dialog.pages[dialog.page]), final=False)
 
+    def _menu_item(self, tier: Any, lang: str) -> str:
+        bundle = getattr(tier, "bundle", None)
+        if bundle is None:
+            return self._t.render("menu_item", lang, {"option": tier.tier_id, "amount": tier.amount_minor})
+        return self._t.render("menu_item_bundle", lang, {
+            "option": tier.tier_id, "amount": tier.amount_minor, "bundle": bundle.as_param()})
+
     async def _confirm(self, key: tuple[str, str], dialog: Dialog, tier_id: int) -> Screen:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refusal(dialog, offer.reason))
+            return self._close(key, await self._refusal(dialog, offer.reason))
         tier = next((t for t in offer.tiers if t.tier_id == tier_id), None)
         if tier is None:
-            return self._close(key, self._refusal(dialog, "TIER_NOT_ALLOWED"))
+            return self._close(key, await self._refusal(dialog, "TIER_NOT_ALLOWED"))
         if not tier.fits:
-            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
+            return self._close(key, await self._refusal(dialog, "CEILING_REACHED"))
         dialog.step = Step.CONFIRM
         dialog.tier_id = tier_id
         dialog.quoted = (tier.amount_minor, tier.fee_minor, tier.total_minor)
-        text = self._t.render(
-            "confirm", lang,
-            {"amount": tier.amount_minor, "fee": tier.fee_minor, "total": tier.total_minor,
-             "fee_percent": fee_percent(tier.fee_minor, tier.amount_minor)},
-        )
+        params: dict[str, Any] = {
+            "amount": tier.amount_minor, "fee": tier.fee_minor, "total": tier.total_minor,
+            "fee_percent": fee_percent(tier.fee_minor, tier.amount_minor)}
+        bundle = getattr(tier, "bundle", None)
+        if bundle is not None:
+            params["bundle"] = bundle.as_param()
+        text = self._t.render("confirm" if bundle is None else "confirm_bundle", lang, params)
         return Screen(text, final=False)
 
     async def _lend(self, key: tuple[str, str], dialog: Dialog) -> Screen:
@@ -443,7 +448,12 @@ class UssdDialogs:
             answer_early=True,
         )
         status = str(getattr(outcome.status, "value", outcome.status)).upper()
-        if status == "GRANTED":
+        bundle = getattr(tier, "bundle", None) if tier is not None else None
+        if status == "GRANTED" and bundle is not None:
+            text = self._t.render("granted_screen_bundle", lang, {
+                "bundle": bundle.as_param(), "amount": outcome.amount_minor,
+                "debt": outcome.debt_minor})
+        elif status == "GRANTED":
             text = self._t.render(
                 "granted_screen", lang, {"amount": outcome.amount_minor, "debt": outcome.debt_minor}
             )
@@ -493,10 +503,13 @@ class UssdDialogs:
                 text = text.split("\n", 1)[1]
         return Screen(text, final=False)
 
-    def _refusal(self, dialog: Dialog, reason: Any) -> Screen:
+    async def _refusal(self, dialog: Dialog, reason: Any) -> Screen:
         """A refusal decided at the menu, before any borrow: recorded like one the
-        lending service decides (EDR, eb_refusals_total), then shown."""
+        lending service decides (EDR, eb_refusals_total, the consent trail when a
+        protection preset keeps one), then shown."""
         self._lending.record_refusal(dialog.msisdn, _reason_code(reason), "ussd")
+        await self._lending.record_consent(dialog.msisdn, "loan_refused", "ussd",
+                                           {"reason": _reason_code(reason)})
         return self._refused(dialog.language, reason)
 
     def _refused(self, lang: str, reason: Any) -> Screen:

@@ -34,7 +34,10 @@ async def server():
             {"path": request.path, "body": request.json(), "auth": request.header("authorization")},
         )
 
-    srv = HttpServer(handler, request_timeout_s=1.0)
+    # Short, so the siege below cycles (408, reconnect) quickly; not so short that a
+    # health check on a busy machine (the suite runs on several workers) is itself cut
+    # off before its event loop gets to read the head it sent at once.
+    srv = HttpServer(handler, request_timeout_s=3.0)
     port = await srv.start("127.0.0.1", 0)
     yield srv, port
     await srv.close()

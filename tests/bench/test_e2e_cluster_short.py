@@ -69,6 +69,7 @@ def test_each_node_gets_its_own_identity_and_the_one_ledger(tmp_path: Path) -> N
     assert hosts == [f"node1.{base['node']['origin_host']}", f"node2.{base['node']['origin_host']}"]
     assert [d["diameter"]["listen_port"] for d in docs] == [4000, 4001]
     assert [d["mqtt"]["client_id"] for d in docs] == ["eb-1", "eb-2"]
+    assert [d["node"]["name"] for d in docs] == ["eb-node-1", "eb-node-2"]  # sagas leased apart
     assert len({d["storage"]["edr_dir"] for d in docs}) == 2  # never a shared EDR directory
     assert {d["storage"]["backend"] for d in docs} == {"postgresql"}
     url = docs[1]["storage"]["url"]

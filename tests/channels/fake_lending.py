@@ -61,8 +61,9 @@ class FakeLending:
                              detail: dict[str, Any] | None = None) -> None:
         self.consents.append((msisdn, action, channel))
 
-    async def sms_loan(self, msisdn: str, tier_id: int | None, key: str) -> Outcome:
-        return await self.borrow(msisdn, tier_id, "sms", key)
+    async def sms_loan(self, msisdn: str, tier_id: int | None, key: str, *,
+                       kind: str = "money") -> Outcome:
+        return await self.borrow(msisdn, tier_id, "sms", key, kind=kind)
 
     async def confirm_by_reply(self, msisdn: str) -> str | None:
         return "nothing_to_confirm"
@@ -74,12 +75,12 @@ class FakeLending:
         self.states[msisdn] = dataclasses.replace(self._state(msisdn), **fields)
 
     async def borrow(self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str,
-                     *, answer_early: bool = False) -> Outcome:
+                     *, answer_early: bool = False, kind: str = "money") -> Outcome:
         if idempotency_key in self.outcomes:
             return dataclasses.replace(self.outcomes[idempotency_key], replayed=True)
         self.borrow_calls += 1
         state = self._state(msisdn)
-        decision = decide(BorrowRequest(msisdn, tier_id, channel), state, self.policy,  # type: ignore[arg-type]
+        decision = decide(BorrowRequest(msisdn, tier_id, channel, kind), state, self.policy,  # type: ignore[arg-type]
                           datetime.now(UTC))
         if not isinstance(decision, Granted):
             result = Outcome("REFUSED", decision.reason, None, tier_id, 0, 0, state.debt_minor)

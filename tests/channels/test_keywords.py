@@ -52,3 +52,12 @@ def test_yes_in_both_languages_is_a_confirmation():
         kw = parse_keyword(text)
         assert (kw.command, kw.language) == (Command.CONFIRM, lang), text
     assert parse_keyword("YES PLEASE").command is Command.UNKNOWN
+
+
+def test_data_in_both_languages_asks_for_a_data_bundle():
+    from extrabalance.service.keywords import Command, parse_keyword
+
+    for text, lang in (("DATA", "en"), ("internet", "en"), ("باقة", "ar"), ("إنترنت", "ar"),
+                       ("نت", "ar")):
+        kw = parse_keyword(text)
+        assert (kw.command, kw.language) == (Command.DATA, lang), text

@@ -39,3 +39,15 @@ def test_missing_parameter_is_a_clear_error():
         t.render("x", "en", {})
     with pytest.raises(TemplateError, match="no template"):
         t.render("nope", "en")
+
+
+def test_bundles_in_words_in_both_languages():
+    from extrabalance.config import load_settings
+    from extrabalance.service.templates import Templates
+
+    t = Templates(load_settings().templates, "en", 2)
+    assert t.render("menu_item_bundle", "en", {
+        "option": 13, "amount": 1000, "bundle": "data:524288000"}) == "13 500 MB data 10.00 EGP"
+    assert t.bundle("data", 1_572_864, "en") == "1.5 MB data"
+    assert t.bundle("voice", 1800, "ar") == "30 دقيقة مكالمات"
+    assert t.bundle("sms", 100, "en") == "100 SMS"

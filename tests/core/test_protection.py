@@ -87,3 +87,4 @@ def test_decide_and_offer_refuse_during_the_pause_for_every_channel():
     assert isinstance(decide(BorrowRequest(s.msisdn, 1, "ussd"), s, policy, later), Granted)
     # Without the rule the same history lends.
     assert isinstance(decide(BorrowRequest(s.msisdn, 1, "ussd"), s, POLICY, NOW), Granted)
+

@@ -20,6 +20,7 @@ from extrabalance.diameter.constants import (
     AVP_SUBSCRIPTION_ID,
     AVP_VENDOR_ID,
 )
+from extrabalance.service.outcomes import AdvanceDecision, AdvanceOutcome
 
 from .helpers import sample_ccr, sample_ccr_dataclass
 
@@ -268,14 +269,9 @@ async def test_used_service_unit_money_reaches_the_lending_service() -> None:
     seen: dict[str, object] = {}
 
     class Lending:
-        async def out_of_balance(self, *args: object, **kwargs: object) -> object:
+        async def out_of_balance(self, *args: object, **kwargs: object) -> AdvanceOutcome:
             seen.update(kwargs)
-
-            class Outcome:
-                result_code = 2001
-                granted_minor = None
-
-            return Outcome()
+            return AdvanceOutcome(AdvanceDecision.ACKNOWLEDGED)
 
     server = GyServer(Lending(), origin_host=ccr.destination_host or "",
                       origin_realm=ccr.destination_realm,
@@ -283,3 +279,36 @@ async def test_used_service_unit_money_reaches_the_lending_service() -> None:
                       currency_exponent=2)
     answer = await server(msg, ccr.origin_host)
     assert answer.get(268) == 2001 and seen["used_minor"] == 420
+
+
+def test_a_bundle_ccr_carries_its_units_in_an_mscc_and_no_money():
+    """Requested-Action REFUND_ACCOUNT, Multiple-Services-Indicator 1 and one MSCC with
+    Requested-Service-Unit{CC-Total-Octets | CC-Time | CC-Service-Specific-Units},
+    Service-Identifier, Rating-Group (RFC 4006 §8.16-8.29); it validates and parses
+    back, and the CCA's Granted-Service-Unit comes back in the same unit."""
+    from extrabalance.diameter.constants import (
+        AVP_CC_MONEY,
+        AVP_MULTIPLE_SERVICES_CREDIT_CONTROL,
+        AVP_MULTIPLE_SERVICES_INDICATOR,
+        AVP_REQUESTED_SERVICE_UNIT,
+    )
+
+    for kind, unit in gy.BUNDLE_UNIT_AVPS.items():
+        bundle = gy.BundleUnits(kind, 3600, service_identifier=7, rating_group=20)
+        msg = gy.build_ccr(gy.CreditControlRequest(
+            session_id="eb;1;2", origin_host="eb.test", origin_realm="test",
+            destination_realm="test", msisdn="201001234567",
+            requested_action=gy.REFUND_ACCOUNT, has_mscc=True, bundle=bundle))
+        wire = codec.decode(codec.encode(msg))
+        codec.validate(wire)
+        assert wire.get(AVP_MULTIPLE_SERVICES_INDICATOR) == 1
+        assert wire.first(AVP_REQUESTED_SERVICE_UNIT) is None  # nothing at top level
+        mscc = wire.first(AVP_MULTIPLE_SERVICES_CREDIT_CONTROL)
+        rsu = mscc.first(AVP_REQUESTED_SERVICE_UNIT)
+        assert rsu.get(unit) == 3600 and rsu.first(AVP_CC_MONEY) is None
+        parsed = gy.parse_ccr(wire)
+        assert parsed.bundle == bundle and parsed.requested_minor is None
+        cca = gy.build_cca(wire, "in.test", "test", 2001, currency_numeric=818,
+                           currency_exponent=2, granted_units=bundle)
+        back = gy.parse_cca(codec.decode(codec.encode(cca)))
+        assert back.granted_units == bundle and back.granted_minor is None

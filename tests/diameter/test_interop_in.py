@@ -121,6 +121,9 @@ async def network(tmp_path: Any) -> Any:
     in_port_number = free_port()
     theirs = TheirNode(IN_HOST, REALM, ip_addresses=["127.0.0.1"], tcp_port=in_port_number,
                        vendor_ids=[0, 10415])
+    # Its connection thread wakes this often, and its stop waits for that wake-up (up to
+    # 7 s at the library's default of 6); peer timers are not what these tests look at.
+    theirs.wakeup_interval = 1
     our_peer = theirs.add_peer(f"aaa://{NODE_HOST}", REALM)
     app = SimpleThreadingApplication(4, is_auth_application=True, request_handler=book.handle)
     theirs.add_application(app, [our_peer])

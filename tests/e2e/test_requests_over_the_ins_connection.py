@@ -17,8 +17,11 @@ from extrabalance.mosquitto import find_mosquitto
 @pytest.mark.skipif(find_mosquitto() is None, reason="needs Mosquitto (make test installs it)")
 @pytest.mark.parametrize("election", [True, False])
 async def test_requests_use_the_connection_the_in_dialled_only_with_the_election(
-        tmp_path, election):
+        tmp_path, election, monkeypatch):
     dead = free_port()  # nothing listens there: the node's own dial never succeeds
+    # Start-up waits this long for its own dial before it opens its listener: here that
+    # dial never succeeds, and what is checked starts after the listener is open.
+    monkeypatch.setattr("extrabalance.node.PEERS_READY_WAIT_S", 0.2)
     in_nodes = [{**n.model_dump(exclude_none=True), "peers": [{"host": "127.0.0.1",
                                                                 "port": dead}]}
                 for n in load_settings().in_nodes]

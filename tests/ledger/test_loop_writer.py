@@ -192,9 +192,13 @@ async def test_a_wal_once_past_the_checkpoint_size_is_cut_back_when_it_starts_ov
         return fn
 
     try:
+        largest = 0
         for batch in range(8):  # about 1 MiB: four times the threshold
             await writer.submit(bulk(batch))
-        assert os.path.getsize(f"{path}-wal") >= threshold
+            # The checkpointer runs beside the writes: on a busy machine it may already
+            # have restarted the WAL before the last batch, so the peak is what counts.
+            largest = max(largest, os.path.getsize(f"{path}-wal"))
+        assert largest >= threshold
         # Commits go on asking for checkpoints until the WAL starts over and is cut.
         for i in range(200):
             await writer.submit(insert(f"a-{i}"))

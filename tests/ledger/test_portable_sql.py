@@ -40,7 +40,7 @@ import pytest
 
 from extrabalance.core.limits import LimitState
 from extrabalance.core.model import SubscriberProfile
-from extrabalance.ledger import ads_store, db, outbox_store, store
+from extrabalance.ledger import ads_store, db, outbox_store, read_models, store
 from extrabalance.ledger import ledger as ledger_module
 from extrabalance.ledger import profiles as profiles_module
 from extrabalance.ledger import writer as writer_module
@@ -229,6 +229,9 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         lambda c: store.claim_unsettled_recoveries(c, "node-a", h.clock(), leased, 9))
     await h.ledger.read(lambda c: store.saga_lease(c, "recoveries", "none"))
     await h.ledger.read(lambda c: (store.unsettled_loans(c, 9), store.unsettled_recoveries(c, 9)))
+    # Consumer protection's reads (off in this policy): the audit trail and loan times.
+    await h.ledger.read(lambda c: (store.audit_trail(c, M1, ("bar",)),
+                                   store.loan_times(c, M1, h.clock() - timedelta(days=30))))
     # Operator actions: bar, unbar, a write-down, ageing, the admin view.
     await h.accounts.bar(M2, "fraud check", "ops", notify=False)
     await h.accounts.unbar(M2, "ops", "cleared")
@@ -239,6 +242,20 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     await h.ledger.subscriber_view(M1)
     await h.ledger.account_totals()
     await h.ledger.read(lambda c: subscriber_view(c, M2))
+    # The reports' read models (the daily report, the backtest).
+    day = h.clock().replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def reports(conn: sqlite3.Connection) -> None:
+        cohort = read_models.cohort_loans(conn, day, day + timedelta(days=1))
+        read_models.waived_minor(conn, {loan.loan_id for loan in cohort})
+        read_models.open_loan_ages(conn)
+        read_models.profiles(conn)
+        read_models.profiles_of(conn, {M1, M2})
+        # The audit trail and loan times the consumer-protection rules read.
+        store.audit_trail(conn, M1, ("adjust",))
+        store.loan_times(conn, M1, day)
+
+    await h.ledger.read(reports)
     # Ads and campaigns.
     now = h.clock()
 
@@ -248,6 +265,7 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
             outbox_store.outbox_retry_later(conn, row.outbox_id, now)
             outbox_store.outbox_mark_sent(conn, row.outbox_id, now)
         outbox_store.outbox_prune(conn, now + timedelta(days=2), 100)
+        outbox_store.outbox_claim_due(conn, now, now + timedelta(minutes=1), 10)  # several nodes
 
     await h.ledger.write(outbox)
 

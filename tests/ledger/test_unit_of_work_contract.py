@@ -325,6 +325,43 @@ async def test_advances_of_an_in_node_and_one_it_never_credited(uow: UnitOfWork)
     await uow.read(lambda tx: _balanced(tx, M1))
 
 
+async def test_a_write_down_spreads_books_audits_and_replays(uow: UnitOfWork) -> None:
+    from extrabalance.core.adjustments import AdjustmentError
+
+    first = await uow.write(lambda tx: _loan(tx, principal=500, fee=50))
+    second = await uow.write(lambda tx: _loan(tx, principal=300, fee=35,
+                                              now=NOW + timedelta(minutes=1)))
+    later = NOW + timedelta(days=1)
+
+    def waive(amount: int, kind: str = "waive", msisdn: str = M1, **kw: Any) -> Any:
+        return uow.write(lambda tx: tx.write_down(
+            msisdn, kind=kind, amount_minor=amount, who="ops", reason="goodwill", now=later,
+            **kw))
+
+    result = await waive(600, request_id="t-1")
+    assert [(x["loan_id"], x["fee_minor"], x["principal_minor"], x["state"])
+            for x in result.loans] == [(first, 50, 500, sagas.WRITTEN_OFF),
+                                       (second, 35, 15, sagas.PARTIALLY_REPAID)]
+    assert (result.debt_before_minor, result.debt_after_minor) == (885, 285)
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == 285
+    assert (await uow.read(lambda tx: tx.account_totals()))["written_off"] == 600
+    again = await waive(600, request_id="t-1")
+    assert again.replayed and again.tx_id == result.tx_id
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == 285
+    for amount, kind, why in ((1, "waive_fee", "exceeds"), (286, "waive", "exceeds"),
+                              (0, "waive", "positive"),
+                              (5, "grow", "kind")):
+        with pytest.raises(AdjustmentError, match=why):
+            await waive(amount, kind)
+    with pytest.raises(AdjustmentError, match="another subscriber"):
+        await waive(1, msisdn=M2, request_id="t-1")
+    await uow.write(lambda tx: _loan(tx, state=sagas.CREDITING, key="k"))
+    with pytest.raises(AdjustmentError, match="unsettled"):
+        await waive(10)
+    assert await uow.read(lambda tx: tx.debt_owed(M1)) == 285
+    await uow.read(lambda tx: _balanced(tx, M1))
+
+
 async def test_session_evidence_recorded_once_on_the_advance(uow: UnitOfWork) -> None:
     loan_id = await uow.write(lambda tx: _loan(tx, key="ccr:s:0"))
     assert await uow.read(lambda tx: tx.session_evidence(loan_id)) is None
@@ -597,6 +634,29 @@ async def test_outbox_rows_commit_with_their_unit_and_are_sent_once(uow: UnitOfW
     assert await uow.read(lambda tx: tx.outbox_due(later + timedelta(days=1), 10)) == []
     assert await uow.write(lambda tx: tx.outbox_prune(later, 10)) == 0
     assert await uow.write(lambda tx: tx.outbox_prune(later + timedelta(seconds=1), 10)) == 1
+
+
+async def test_outbox_rows_taken_by_one_sender_at_a_time(uow: UnitOfWork) -> None:
+    """Several nodes' senders on one outbox: a row taken is not due again until the
+    claim runs out (the taker died), and then it is due once more."""
+    def put(tx: LedgerTx, msisdn: str, at: datetime) -> str:
+        return tx.outbox_put(msisdn=msisdn, template="loan_granted", params={}, kind="sms",
+                             language="en", now=at)
+
+    first = await uow.write(lambda tx: put(tx, M1, NOW))
+    second = await uow.write(lambda tx: put(tx, M2, NOW + timedelta(seconds=1)))
+    until = NOW + timedelta(minutes=1)
+    later = NOW + timedelta(seconds=5)
+    taken = await uow.write(lambda tx: tx.outbox_claim_due(later, until, 1))
+    assert [r.outbox_id for r in taken] == [first]  # oldest first, at most `limit`
+    taken = await uow.write(lambda tx: tx.outbox_claim_due(later, until, 10))
+    assert [r.outbox_id for r in taken] == [second]  # the other sender: only the rest
+    assert await uow.write(lambda tx: tx.outbox_claim_due(later, until, 10)) == []
+    assert await uow.write(lambda tx: tx.outbox_mark_sent(second, later)) is True
+    # the first taker died without sending: due again once its claim ran out
+    after = until + timedelta(seconds=1)
+    again = await uow.write(lambda tx: tx.outbox_claim_due(after, after + timedelta(minutes=1), 10))
+    assert [(r.outbox_id, r.msisdn) for r in again] == [(first, M1)]
 
 
 async def test_consent_trail_and_loan_times(uow: UnitOfWork) -> None:

@@ -123,6 +123,24 @@ async def test_bar_unbar_and_the_barred_sms(s: Services) -> None:
     assert s.events.kinds() == ["bar", "unbar"]
 
 
+async def test_a_write_down_under_the_lock_with_its_edr_once(s: Services) -> None:
+    from extrabalance.core.adjustments import AdjustmentError
+
+    loan_id = await s.lend(M1)
+    result = await s.accounts.write_down(M1, kind="waive_fee", amount_minor=100, who="ops",
+                                         reason="goodwill", request_id="r-1")
+    assert (result.debt_before_minor, result.debt_after_minor) == (1100, 1000)
+    again = await s.accounts.write_down(M1, kind="waive_fee", amount_minor=100, who="ops",
+                                        reason="goodwill", request_id="r-1")
+    assert again.replayed and await s.debt(M1) == 1000
+    with pytest.raises(AdjustmentError):
+        await s.accounts.write_down(M1, kind="waive", amount_minor=1001, who="ops",
+                                    reason="too much")
+    assert await s.debt(M1) == 1000
+    assert [(k, f["amount_minor"], f["loan_id"], f["reason"]) for k, f in s.events.events] == [
+        ("adjustment", 100, loan_id, "waive_fee")]
+
+
 async def test_ageing_writes_off_old_loans_and_counts_overdue(s: Services) -> None:
     recovery = POLICY.recovery
     now = s.clock()

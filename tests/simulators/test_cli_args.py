@@ -48,6 +48,12 @@ def test_parsers_accept_the_documented_flags() -> None:
     args = build_smsc_parser().parse_args(
         ["--port", "0", "--throttle", "0.5", "--dialog-id", "user_message_reference", "--receipts"]
     )
+    assert build_smsc_parser().parse_args(
+        ["--also-system-id", "eb-node-2", "--also-system-id", "eb-node-3"]
+    ).also_system_id == ["eb-node-2", "eb-node-3"]
+    assert build_in_parser().parse_args(
+        ["--node-peer", "127.0.0.1:3868:eb1.x:x", "--node-peer", "127.0.0.1:3869:eb2.x:x"]
+    ).node_peer == ["127.0.0.1:3868:eb1.x:x", "127.0.0.1:3869:eb2.x:x"]
     assert args.throttle == 0.5 and args.receipts and args.dialog_id == "user_message_reference"
 
 

@@ -202,3 +202,34 @@ async def test_reject_nonstandard_still_processes_a_t_flag_on_the_first_copy() -
     answer = await ask(strict, ccr(gy.REFUND_ACCOUNT, 200, retransmit=True))
     assert answer is not None and answer.result_code == 2001 and strict.balance(SUB) == 200
     assert strict.nonstandard()["nonstandard_t_flag_on_first_request"] == 1
+
+
+def bundle_ccr(kind: str, quantity: int, *, session: str = "eb;9;1",
+               action: int = gy.REFUND_ACCOUNT) -> codec.Message:
+    return gy.build_ccr(gy.CreditControlRequest(
+        session_id=session, origin_host="eb.test", origin_realm="test",
+        destination_realm="test", destination_host="in-a.test", msisdn=SUB,
+        requested_action=action, has_mscc=True,
+        bundle=gy.BundleUnits(kind, quantity, service_identifier=1, rating_group=10)))
+
+
+async def test_a_bundle_credit_fills_the_bucket_once_and_moves_no_money() -> None:
+    """RFC 4006 §8.16: the units come in an MSCC; the answer grants them in the same
+    unit with the request's Service-Identifier and Rating-Group."""
+    s = sim()
+    answer = await ask(s, bundle_ccr("data", 524_288_000))
+    assert answer is not None and answer.result_code == 2001 and answer.granted_minor is None
+    assert answer.granted_units == gy.BundleUnits("data", 524_288_000, 1, 10)
+    assert await ask(s, bundle_ccr("data", 524_288_000)) == answer  # a duplicate
+    await ask(s, bundle_ccr("voice", 1800, session="eb;9;2"))
+    assert s.buckets(SUB) == {"data": 524_288_000, "voice": 1800}
+    assert s.balance(SUB) == 0
+    assert [(e.bundle_kind, e.units, e.moved_minor) for e in s.applied()] == [
+        ("data", 524_288_000, 0), ("voice", 1800, 0)]
+
+
+async def test_units_other_than_money_are_never_debited() -> None:
+    s = sim()
+    answer = await ask(s, bundle_ccr("sms", 50, action=gy.DIRECT_DEBITING))
+    assert answer is not None and answer.result_code == 5004
+    assert s.buckets(SUB) == {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from extrabalance.diameter import codec, gy
-from extrabalance.diameter.node import DiameterNode, LocalIdentity
+from extrabalance.diameter.node import DiameterNode, LocalIdentity, PeerAddress
 from simulators.in_node import (
     InNodeSpec,
     InSimulator,
@@ -139,3 +139,90 @@ def test_node_peers_must_share_a_realm_and_have_their_own_origin_host() -> None:
     assert parse_node_peer_arg("127.0.0.1:3869:eb2.x:x") == NodePeer("127.0.0.1", 3869, "eb2.x", "x")
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_node_peer_arg("127.0.0.1:eb2.x:x")
+
+
+async def test_a_key_sent_again_by_another_node_is_a_duplicate_not_a_changed_id() -> None:
+    """A node that took over an operation a stopped node left sends its key with its
+    own Origin-Host and End-to-End id: the first answer is replayed, nothing applied
+    twice, and nothing counted as non-standard; the same node changing the id is."""
+    sim = InSimulator(
+        [InNodeSpec("in-a", "in-a.test", REALM, ranges=(MsisdnRange.parse("2010*"),))],
+        seed=5)
+    ports = await sim.start()
+    clients: list[DiameterNode] = []
+    try:
+        for host in ("eb1.test", "eb2.test"):
+            client = DiameterNode(
+                LocalIdentity(host, REALM), allowed_peers=None,
+                request_handler=_no_requests, watchdog_s=5.0, request_timeout_ms=2000)
+            client.add_peer_group("in", REALM, [PeerAddress("127.0.0.1", ports["in-a"])])
+            await client.wait_ready("in", TIMEOUT_S)
+            clients.append(client)
+
+        def refund(host: str, e2e: int, *, retransmit: bool = False) -> codec.Message:
+            return gy.build_ccr(gy.CreditControlRequest(
+                session_id="eb2.test;1;1;7-0000abcd", origin_host=host, origin_realm=REALM,
+                destination_realm=REALM, destination_host="in-a.test", request_number=0,
+                msisdn=SUB, requested_action=gy.REFUND_ACCOUNT, requested_minor=500,
+                currency_numeric=818), end_to_end_id=e2e, retransmit=retransmit)
+
+        second, first = clients[1], clients[0]
+        answers = [
+            gy.parse_cca(await second.request("in", refund("eb2.test", 0xABCD))),
+            # eb1 takes the operation over: its own id, the T flag.
+            gy.parse_cca(await first.request("in", refund("eb1.test", 0x1234, retransmit=True))),
+        ]
+        assert [a.result_code for a in answers] == [2001, 2001]
+        assert sim.balance(SUB) == 500
+        assert sim.stats["in-a"]["requests_from_another_node"] == 1
+        assert sim.nonstandard()["nonstandard_end_to_end_changed"] == 0
+        # The same node re-sending under another id is still counted.
+        await second.request("in", refund("eb2.test", 0xBEEF, retransmit=True))
+        assert sim.nonstandard()["nonstandard_end_to_end_changed"] == 1
+        assert sim.balance(SUB) == 500
+    finally:
+        for client in clients:
+            await client.close()
+        await sim.close()
+
+
+async def _no_requests(msg: codec.Message, peer: str) -> codec.Message:
+    raise AssertionError("the IN sends these clients nothing")
+
+
+async def test_nodes_that_dial_the_in_are_used_for_its_ccrs_with_the_election() -> None:
+    """RFC 6733 §5.6.4 with each node (`election=True`): a node that dialled the IN is
+    that node's one connection, and the IN's CCRs go over it; the IN need not reach the
+    nodes' own ports (here nothing listens there)."""
+    nodes = [Node("eb1.test"), Node("eb2.test")]
+    sim = InSimulator(
+        [InNodeSpec("in-a", "in-a.test", REALM, ranges=(MsisdnRange.parse("2010*"),))],
+        [NodePeer("127.0.0.1", _closed_port(), n.origin_host, REALM) for n in nodes],
+        seed=9, election=True,
+    )
+    ports = await sim.start()
+    try:
+        for node in nodes:
+            await start_node(node)
+            assert node.diameter is not None
+            node.diameter.add_peer_group("in", REALM, [
+                PeerAddress("127.0.0.1", ports["in-a"], "in-a.test")])
+            await node.diameter.wait_ready("in", TIMEOUT_S)
+        await sim.wait_connected(TIMEOUT_S, every_node=True)
+        for _ in range(4):
+            assert await sim.send_out_of_balance(SUB) == (2001, GRANT_MINOR)
+        assert len(nodes[0].seen) == len(nodes[1].seen) == 2
+        assert sim.balance(SUB) == 4 * GRANT_MINOR
+    finally:
+        await sim.close()
+        for node in nodes:
+            if node.diameter is not None:
+                await node.diameter.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
