@@ -174,6 +174,8 @@ async def cluster_env(workdir: Path, nodes: int = 2,
                             "url": _schema_url(server_url, schema,
                                                f"{schema.replace('_', '-')}-{name}"),
                             "edr_dir": str(workdir / f"edr-{name}"), "pool_max": 4,
+                            # no SQLite ledger of the working directory is in play
+                            "path": str(workdir / f"{name}.db"),
                             "saga_lease_s": SAGA_LEASE_S},
                 "diameter": {"listen_port": diameter_ports[i]},
                 "in_nodes": [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from extrabalance.config import ConfigError, default_config_text, load_settings
 from extrabalance.preflight import runtime_problems
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def _config(tmp_path: Path, text: str | None = None, ledger: Path | None = None) -> Path:
@@ -186,3 +188,35 @@ def test_commands_on_the_sqlite_file_say_so_on_postgresql_and_the_port_ones_run(
             code = cli.main(["purge-idempotency", "--config", str(config)])
         out = capsys.readouterr().out
         assert code == 0 and "0 idempotency keys" in out and "127.0.0.1" in out
+
+
+async def test_an_empty_postgresql_beside_an_sqlite_ledger_with_loans_is_refused(
+        tmp_path) -> None:
+    """Switching storage.backend without copying the ledger would lend from an empty
+    one: the node refuses, saying how to copy; after the copy it opens."""
+    from extrabalance.config import StorageSection
+    from extrabalance.core import sagas
+    from extrabalance.ledger import Ledger
+    from extrabalance.ledger.factory import open_ledger
+    from extrabalance.ledger.pg_copy import copy_ledger
+    from tests.pg import admin_connection, fresh_schema_url
+
+    admin_connection().close()  # skips, saying why, when no server answers
+    db = tmp_path / "ledger.db"
+    sqlite_ledger = Ledger(db)
+    await sqlite_ledger.write(lambda tx: tx.insert_loan(
+        msisdn="201001234567", tier_id=1, principal_minor=100, fee_minor=10,
+        state=sagas.ACTIVE, channel="ussd", idempotency_key="k", in_node="in-a",
+        session_id="s", now=SAMPLE_NOW))
+    await sqlite_ledger.close()
+    with fresh_schema_url("eb_switch") as url:
+        storage = StorageSection(backend="postgresql", url=url, path=str(db))
+        with pytest.raises(ConfigError, match="ledger migrate") as refused:
+            open_ledger(storage)
+        assert "1 loans" in str(refused.value)
+        assert copy_ledger(db, storage.postgresql_conninfo()).verified
+        ledger = open_ledger(storage)
+        try:
+            assert await ledger.read(lambda tx: tx.debt_owed("201001234567")) == 110
+        finally:
+            await ledger.close()

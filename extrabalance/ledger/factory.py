@@ -12,6 +12,7 @@ clear refusal when the ledger is on PostgreSQL.
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 from extrabalance.config import ConfigError, StorageSection
@@ -53,6 +54,8 @@ def open_ledger(storage: StorageSection, *, migrate: bool = True,
         raise ConfigError('storage.backend = "postgresql" needs the PostgreSQL driver: '
                           "pip install 'extrabalance[postgresql]'") from exc
     try:
+        if migrate:
+            _refuse_to_start_empty_beside_a_file(storage, conninfo)
         return PostgresLedger(conninfo, pool_max=storage.pool_max, migrate=migrate,
                               node_name=node_name, saga_lease_s=storage.saga_lease_s)
     except psycopg.OperationalError as exc:
@@ -60,6 +63,38 @@ def open_ledger(storage: StorageSection, *, migrate: bool = True,
                           f"to PostgreSQL: {_first_line(exc)}") from exc
     except RuntimeError as exc:  # a migration failed: the schema is not what this code needs
         raise ConfigError(f"storage.url {storage.postgresql_url_shown()!r}: {exc}") from exc
+
+
+def _refuse_to_start_empty_beside_a_file(storage: StorageSection, conninfo: str) -> None:
+    """A PostgreSQL database without a ledger while `storage.path` holds an SQLite
+    ledger with loans: the operator switched the backend without copying the ledger.
+    Starting would lend from an empty ledger (every debt forgotten): refuse, saying how
+    to copy it."""
+    import psycopg
+
+    from extrabalance.ledger.postgres import CONNECT_TIMEOUT_S, schema_version
+
+    path = Path(storage.path)
+    if not path.is_file():
+        return
+    with psycopg.connect(conninfo, autocommit=True,
+                         connect_timeout=int(CONNECT_TIMEOUT_S)) as conn:
+        if schema_version(conn) > 0:
+            return
+    try:
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            loans = src.execute("SELECT COUNT(*) FROM loans").fetchone()[0]
+        finally:
+            src.close()
+    except sqlite3.Error:
+        return  # not a ledger (or not one with loans): nothing to lose
+    if loans:
+        raise ConfigError(
+            f"storage.url {storage.postgresql_url_shown()!r} has no ledger yet, and the "
+            f"SQLite ledger at storage.path {str(path)!r} holds {loans} loans: copy it first "
+            f"(stop the node, then `extrabalance ledger migrate --from {path} --config ...`),"
+            " or point storage.path elsewhere to start an empty ledger")
 
 
 def postgresql_problem(storage: StorageSection) -> str | None:
