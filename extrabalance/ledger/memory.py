@@ -148,6 +148,9 @@ class MemoryLedgerTx:
             raise ReadOnly("a read unit of work tried to write")
         return self._t
 
+    def ping(self) -> None:
+        """Nothing to reach: the tables are in this process."""
+
     # -- subscribers -------------------------------------------------------------------
 
     def _ensure(self, msisdn: str, now: datetime) -> _Subscriber:

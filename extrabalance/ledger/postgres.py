@@ -203,6 +203,7 @@ class PostgresLedgerTx:
         self._locked.add(msisdn)  # FOR UPDATE OF s: his row is locked already
 
     # -- the port's operations -------------------------------------------------------
+    ping = _op(store.ping)
     # subscribers
     load_subscriber = _by_msisdn(store.load_subscriber)
     open_loans = _by_msisdn(store.open_loans)

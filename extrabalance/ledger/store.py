@@ -107,6 +107,11 @@ def ts(moment: datetime) -> str:
     return text
 
 
+def ping(conn: sqlite3.Connection) -> None:
+    """One round trip to the database (readiness: the ledger answers)."""
+    conn.execute("SELECT 1").fetchone()
+
+
 def new_id() -> str:
     """32 hex digits: microseconds since the epoch (14), then 72 random bits (18).
 

@@ -64,6 +64,10 @@ class LedgerTx(Protocol):
     """One transaction's operations. Money is in minor units; `now` is the service's
     clock reading (adapters never read a clock for business timestamps)."""
 
+    def ping(self) -> None:
+        """Reach the database and come back (the node's readiness check)."""
+        ...
+
     # -- subscribers ---------------------------------------------------------------
     def load_subscriber(
         self, msisdn: str, *, balance_minor: int | None = None, default_language: str = "en"

@@ -247,6 +247,11 @@ async def test_a_unit_that_raises_leaves_nothing_behind(uow: UnitOfWork) -> None
     assert await uow.read(lambda tx: tx.recovery_by_event("e")) is None
 
 
+async def test_the_ledger_answers_a_ping(uow: UnitOfWork) -> None:
+    assert await uow.read(lambda tx: tx.ping()) is None
+    assert await uow.read_point(lambda tx: tx.ping()) is None
+
+
 async def test_reads_cannot_write_and_see_committed_work(uow: UnitOfWork) -> None:
     await uow.write(lambda tx: tx.idempotent_put("k", {"x": 1}, NOW))
     staged, durable = await uow.write_staged(lambda tx: tx.idempotent_get("k"))
