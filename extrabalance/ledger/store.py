@@ -547,14 +547,17 @@ _LOAN_COLUMNS = (
 
 
 def _loan(row: tuple[Any, ...]) -> LoanRow:
-    values = list(row[:16])
-    values[14] = bool(values[14])
-    kind, quantity, service_identifier, rating_group = row[16:20]
+    (loan_id, msisdn, tier_id, principal_minor, fee_minor, principal_repaid_minor,
+     fee_repaid_minor, state, channel, idempotency_key, in_node, session_id, request_number,
+     resolve_attempts, needs_review, created_at,
+     kind, quantity, service_identifier, rating_group) = row
     bundle = None
     if kind is not None:
         bundle = Bundle(kind, int(quantity), _int_or_none(service_identifier),
                         _int_or_none(rating_group))
-    return LoanRow(*values, bundle)
+    return LoanRow(loan_id, msisdn, tier_id, principal_minor, fee_minor, principal_repaid_minor,
+                   fee_repaid_minor, state, channel, idempotency_key, in_node, session_id,
+                   request_number, resolve_attempts, bool(needs_review), created_at, bundle)
 
 
 def _int_or_none(value: Any) -> int | None:
