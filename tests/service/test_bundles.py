@@ -34,6 +34,7 @@ async def test_a_bundle_is_asked_for_in_units_and_told_by_its_own_sms(tmp_path):
         await h.add_profile(M)
         money = await h.lending.sms_loan(M, None, "sms:1")  # plain LOAN: money, never the bundle
         assert money is not None and money.tier_id != 13 and h.fake_in.calls[-1].bundle is None
+        assert "bundle_kind" not in h.events.events[-1][1]  # a money loan's EDR: no units
         await h.lending.borrow(M, None, "ussd", "k0")  # largest money tier fitting what is left
         assert h.fake_in.calls[-1].bundle is None
     finally:
@@ -48,6 +49,10 @@ async def test_a_bundle_is_asked_for_in_units_and_told_by_its_own_sms(tmp_path):
         assert (op.bundle, op.amount_minor) == (DATA, 1000)
         sms = h.notifier.sent[-1]
         assert (sms.template, sms.params["bundle"]) == ("loan_granted_bundle", "data:524288000")
+        kind, edr = h.events.events[-1]
+        assert (kind, edr["bundle_kind"], edr["bundle_quantity"]) == ("loan", "data", DATA.quantity)
+        (loan,) = await h.loans(M)
+        assert loan.bundle == DATA
         await h.check_invariants()
     finally:
         await h.close()
