@@ -36,7 +36,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,7 +270,8 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
     t = transcript
     in_sim, smsc = env.in_sim, env.smsc
     exponent = env.settings.node.currency_exponent
-    money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"
+    def money(minor: int) -> str:
+        return f"{format_minor(minor, exponent)} {env.settings.node.currency}"
     phone_a, phone_b = smsc.handset(A), smsc.handset(B)
 
     seen = [len(in_sim.applied())]
@@ -447,7 +448,8 @@ def _print_entry(entry: Entry) -> None:
 
 
 def _print_summary(s: Summary, exponent: int, currency: str) -> None:
-    m = lambda minor: f"{format_minor(minor, exponent)} {currency}"
+    def m(minor: int) -> str:
+        return f"{format_minor(minor, exponent)} {currency}"
     rows = [
         ("loans granted", str(s.loans)),
         ("principal lent", m(s.principal_lent_minor)),
@@ -479,7 +481,7 @@ def run_demo(*, json_output: bool = False, keep: bool = False) -> int:
     return run_story(story, prefix="extrabalance-demo-", json_output=json_output, keep=keep)
 
 
-def run_story(story: Callable[[Path, Transcript], Awaitable[Summary]], *, prefix: str,
+def run_story(story: Callable[[Path, Transcript], Coroutine[Any, Any, Summary]], *, prefix: str,
               json_output: bool, keep: bool) -> int:
     """Play `story` in a temporary directory, print it (or the summary as JSON); 0 when
     the ledger and the IN agree."""
