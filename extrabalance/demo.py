@@ -393,23 +393,15 @@ async def summarise(env: DemoEnv) -> Summary:
         "SELECT COALESCE(SUM(recovered_minor), 0) FROM recoveries WHERE state = 'DONE'"
     ).fetchone()[0])
     journal_sum = sum(totals.values())
-    bundles = {tier_id: tier.bundle for tier_id, tier in env.settings.policy().tiers.items()
-               if tier.bundle is not None}
-    by_tier = await ledger.read(lambda c: c.execute(
-        "SELECT tier_id, COUNT(*) FROM loans WHERE state NOT IN ('FAILED', 'REQUESTED')"
-        " GROUP BY tier_id").fetchall())
-    expected_units: dict[str, int] = {}
-    bundle_loans = 0
-    for tier_id, count in by_tier:
-        bundle = bundles.get(int(tier_id))
-        if bundle is not None:
-            bundle_loans += int(count)
-            expected_units[bundle.kind] = expected_units.get(bundle.kind, 0) + (
-                int(count) * bundle.quantity)
-    bundle_price = await ledger.read(lambda c: c.execute(
-        "SELECT COALESCE(SUM(principal_minor), 0) FROM loans WHERE state NOT IN"
-        f" ('FAILED', 'REQUESTED') AND tier_id IN ({','.join(map(str, bundles)) or 'NULL'})"
-    ).fetchone()[0])
+    # What the ledger booked for its bundle loans: the units stored with each loan
+    # (never the tiers as configured now) and their money price.
+    by_kind = await ledger.read(lambda c: c.execute(
+        "SELECT bundle_kind, COUNT(*), COALESCE(SUM(bundle_quantity), 0),"
+        " COALESCE(SUM(principal_minor), 0) FROM loans WHERE state NOT IN"
+        " ('FAILED', 'REQUESTED') AND bundle_kind IS NOT NULL GROUP BY bundle_kind").fetchall())
+    expected_units = {str(kind): int(quantity) for kind, _, quantity, _ in by_kind}
+    bundle_loans = sum(int(count) for _, count, _, _ in by_kind)
+    bundle_price = sum(int(price) for _, _, _, price in by_kind)
     applied = env.in_sim.applied()
     credited = sum(op.moved_minor for op in applied
                    if op.action in ("REFUND_ACCOUNT", KIND_OUT_OF_BALANCE_GRANT))

@@ -126,6 +126,7 @@ class Node:
             transient_errors=(RequestTimeout, NoPeerAvailable, asyncio.TimeoutError, ConnectionError),
             never_sent_errors=(NoPeerAvailable,),
             end_to_end_ids=self.diameter.new_end_to_end_id,
+            clock=clock,
             observe=lambda action, seconds: self.metrics.child(
                 self.metrics.in_latency, action).observe(seconds),
         )

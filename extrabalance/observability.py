@@ -35,6 +35,8 @@ EDR_FIELDS = (
     "time", "node", "kind", "msisdn", "channel", "tier_id", "amount_minor", "fee_minor",
     "recovered_minor", "debt_after_minor", "reason", "loan_id", "recovery_id", "event_id",
     "in_node", "template", "detail", "limit_minor", "limit_reason",
+    # Added at the end (older files are a prefix of this header, see report.read_edrs).
+    "bundle_kind", "bundle_quantity",
 )
 # Every kind of business event the services emit (a test reads the sources to keep
 # this list whole); docs/operations.md says what each means.

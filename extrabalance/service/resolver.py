@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from extrabalance.core import sagas
-from extrabalance.core.policy import Bundle, Policy
+from extrabalance.core.policy import Policy
 from extrabalance.service.lending import (
     Clock,
     ConfirmStatus,
+    bundle_edr,
     call_in,
     confirm_advance,
     loan_notice,
@@ -275,7 +276,9 @@ class Resolver:
                 loan.diameter_session_id,
                 loan.request_number,
                 retransmission=True,
-                bundle=_bundle_of(self.policy, loan.tier_id),
+                # The units booked with the loan, never the tier as configured now:
+                # one Session-Id always asks for the same thing.
+                bundle=loan.bundle,
             )
             result = await call_in(self.in_port, op)
             if result.outcome not in (InOutcome.DONE, InOutcome.REFUSED):
@@ -291,8 +294,8 @@ class Resolver:
                 settled = settle_borrow(tx, loan_id, result, now)
                 if loan.channel != "auto":  # the message that reports it, same commit
                     language = self._language_in(tx, msisdn)
-                    self.notifier.put(tx, loan_notice(settled, msisdn, language,
-                                                      _bundle_of(self.policy, loan.tier_id)), now)
+                    self.notifier.put(tx, loan_notice(settled, msisdn, language, loan.bundle),
+                                      now)
                 return settled
 
             outcome = await self.ledger.write(settle)
@@ -307,6 +310,7 @@ class Resolver:
                     debt_after_minor=outcome.debt_minor,
                     channel=loan.channel,
                     resolved=True,
+                    **bundle_edr(loan.bundle),
                 )
             else:
                 self.events.emit(
@@ -316,6 +320,7 @@ class Resolver:
                     channel=loan.channel,
                     loan_id=loan_id,
                     resolved=True,
+                    **bundle_edr(loan.bundle),
                 )
             if loan.channel != "auto":
                 self.notifier.wake()  # the loan_notice, written with the settlement
@@ -372,9 +377,3 @@ class Resolver:
                 )
             return await self._unresolved("recoveries", recovery_id, msisdn)
 
-
-def _bundle_of(policy: Policy, tier_id: int) -> Bundle | None:
-    """The bundle a loan's tier credits (None: money). A loan is re-sent under its own
-    Session-Id: an IN that received the first send answers it again unchanged."""
-    tier = policy.tiers.get(tier_id)
-    return tier.bundle if tier is not None else None
