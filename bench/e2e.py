@@ -459,6 +459,9 @@ def node_config(base: dict[str, Any], *, db_path: Path, diameter_port: int,
     doc = json.loads(json.dumps(base))  # deep copy
     doc["storage"]["path"] = str(db_path)
     doc["diameter"]["listen_port"] = diameter_port
+    # The admin API on a free port: runs side by side (the suite's workers, the two
+    # hours of `make test-hours`) would otherwise meet on the shipped 8080.
+    doc["admin"]["listen_port"] = 0
     for node in doc["in_nodes"]:
         node["peers"] = [{"host": "127.0.0.1", "port": in_ports[node["name"]]}]
         node["advance_confirmation"] = advance_confirmation

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extrabalance.diameter.constants import DIAMETER_SUCCESS
+
 GRANTED_STATES = ("ACTIVE", "PARTIALLY_REPAID", "REPAID", "WRITTEN_OFF")
 UNSETTLED_LOAN_STATES = ("REQUESTED", "CREDITING", "UNKNOWN", "CONFIRMING")
 UNSETTLED_RECOVERY_STATES = ("RECOVERING", "UNKNOWN")
 CREDIT_ACTIONS = ("REFUND_ACCOUNT", "OUT_OF_BALANCE_GRANT")
-SUCCESS = 2001
 BROKER_LOSS_WINDOW_S = 3.0  # a broker SIGKILL may lose what it acknowledged this recently
 DETAILS_MAX = 20  # discrepancies listed per kind; beyond that only counted
 
@@ -122,7 +123,7 @@ def _check(conn: sqlite3.Connection, r: Reconciliation, in_dump: dict[str, Any],
     recharge_ids: set[str] = set()
     for node, sid, number, action, msisdn, amount, result, _after in in_dump["applied"]:
         del node, number
-        if result != SUCCESS:
+        if result != DIAMETER_SUCCESS:
             continue
         if action in CREDIT_ACTIONS:
             credits[sid].append((msisdn, amount))
@@ -337,7 +338,7 @@ def settle_advances_with_in(ledger_path: str | Path, in_dump: dict[str, Any]) ->
 
     grants = [InGrant(sid, number, msisdn, amount)
               for _node, sid, number, action, msisdn, amount, result, _after in in_dump["applied"]
-              if action == "OUT_OF_BALANCE_GRANT" and result == SUCCESS]
+              if action == "OUT_OF_BALANCE_GRANT" and result == DIAMETER_SUCCESS]
     now = datetime.now(UTC)
     reversed_by_node: dict[str, int] = {}
     conn = connect(Path(ledger_path))

@@ -49,6 +49,7 @@ EDR_ROWS_MAX = 200_000_000  # a replay beyond this is not a backtest, it is a mi
 POLICY_REASONS = frozenset({
     Reason.NO_SEGMENT.value, Reason.TENURE_TOO_SHORT.value, Reason.CEILING_REACHED.value,
     Reason.BARRED_BAD_DEBT.value, Reason.TIER_NOT_ALLOWED.value, Reason.UNKNOWN_TIER.value,
+    Reason.LOAN_CAP_REACHED.value, Reason.COOLING_OFF.value,
 })
 CHANNELS: frozenset[str] = frozenset({"ussd", "sms", "auto"})
 _REPLAYED = frozenset({"loan", "advance", "refusal", "payback", "recharge", "write_off",
@@ -82,6 +83,7 @@ class _Sub:
     loans: list[OpenLoan] = field(default_factory=list)
     loans_since_full_payback: int = 0
     limit: LimitState = field(default_factory=LimitState)
+    loan_times: dict[str, datetime] = field(default_factory=dict)  # replayed loans, by id
 
 
 def edr_rows(directory: Path) -> Iterator[dict[str, str]]:
@@ -188,6 +190,10 @@ def _request(sub: _Sub, row: dict[str, str], msisdn: str, profile: SubscriberPro
             limit = core_limits.limit_for(sub.limit, segment.ceiling_minor, arpu, now,
                                           policy.limits)
             state = replace(state, limit_minor=limit.limit_minor)
+    if policy.protection.counts_loans:  # the cap and the cooling-off count his loans
+        since = now - policy.protection.lookback
+        state = replace(state, loan_times=tuple(
+            at for at in sub.loan_times.values() if at >= since))
     decision = decide(BorrowRequest(msisdn, tier_id, channel), state, policy, now)
     if not isinstance(decision, Granted):
         t.refusals += 1
@@ -196,6 +202,7 @@ def _request(sub: _Sub, row: dict[str, str], msisdn: str, profile: SubscriberPro
     sub.loans.append(OpenLoan(loan_id, decision.tier.tier_id, decision.amount_minor,
                               decision.fee_minor, 0, 0, now))
     sub.loans_since_full_payback += 1
+    sub.loan_times[loan_id] = now
     t.loans += 1
     t.lent_minor += decision.amount_minor
     t.fees_minor += decision.fee_minor
@@ -239,6 +246,7 @@ def _reverse(sub: _Sub, loan_id: str, t: Totals) -> None:
     for loan in sub.loans:
         if loan.loan_id == loan_id:
             sub.loans.remove(loan)
+            sub.loan_times.pop(loan_id, None)  # a failed loan counts for no rule
             sub.loans_since_full_payback = max(sub.loans_since_full_payback - 1, 0)
             t.loans -= 1
             t.lent_minor -= loan.principal_minor

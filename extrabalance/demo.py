@@ -8,13 +8,19 @@ else the in-process demo-only broker). The story:
    (A has not opted in to automatic advances) and A gets the advertisement SMS.
 2. A dials *123#, picks a tier, sees fee and total, confirms: the node credits the
    IN (CCR REFUND_ACCOUNT); final screen and SMS.
-3. A recharges less than the debt: partial payback SMS; recharges again: full payback.
+3. A recharges less than the debt: partial payback SMS; recharges again: full payback,
+   and his limit from behaviour rises (the demo runs with `[limits]` on: a starter
+   limit of 10.00, -5 % for the partial payback, +10 % for the full one on time: 10.50),
+   shown in "My account".
 4. Subscriber B borrows up to his segment's ceiling and is refused with the reason,
    and after the allowed number of loans without a full payback he is barred.
 5. Subscriber C, whose language is Arabic, turns automatic advances on from the
    *123# menu (Arabic screens); when he runs out of credit the node grants the
    advance inside the CCA (2001) and tells him by SMS in Arabic.
-6. Summary: loans, fees, recovered, outstanding — checked against the IN simulator.
+6. A texts DATA: a 500 MB data bundle (tier 13, price 5.00 EGP) credited at the IN as
+   units in a Multiple-Services-Credit-Control, owed in money.
+7. Summary: loans, fees, recovered, outstanding — checked against the IN simulator,
+   money and the bundle units of its data bucket.
 
 `play(env)` returns the transcript as data so the test suite asserts every screen,
 SMS, result code and balance of the same story.
@@ -30,12 +36,13 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from extrabalance.config import Settings, deep_merge, load_settings
+from extrabalance.diameter.constants import DIAMETER_SUCCESS
 from extrabalance.diameter.dictionary import RESULT_CODE_NAMES
 from extrabalance.service.templates import format_minor
 
@@ -43,6 +50,11 @@ A = "201001234567"
 B = "201001234568"
 C = "201001234569"  # Arabic; opts in to automatic advances
 SMS_WAIT_S = 5.0
+# The demo's tier 13: a data bundle for the `regular` segment (docs/lending.md).
+DEMO_BUNDLE_TIER = 13
+DEMO_BUNDLE = {"kind": "data", "quantity": 500 * 2**20, "service_identifier": 1,
+               "rating_group": 10}
+DEMO_BUNDLE_PRICE_MINOR = 500
 DEMO_SMPP_PASSWORD_ENV = "EB_DEMO_SMPP_PASSWORD"
 
 
@@ -71,6 +83,8 @@ class Summary:
     ledger_matches_in: bool
     journal_balanced: bool
     broker: str
+    bundle_loans: int = 0  # loans of a bundle tier (counted in `loans` too)
+    bundle_units_credited: dict[str, int] = field(default_factory=dict)  # the IN's buckets
 
 
 @dataclass
@@ -166,6 +180,9 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
             # issue 7: the story plays the same at any hour (no quiet hours) and shows
             # the out-of-balance ad only (the debt-limit ad would interleave its SMS).
             "ads": {"quiet_hours": None, "triggers": {"debt_limit": {"enabled": False}}},
+            # Limits from behaviour, on in the demo only: everyone starts at 10.00.
+            "limits": {"enabled": True, "floor_minor": 1000},
+            **_demo_bundle(base),
         })
         if overrides:
             settings = Settings.model_validate(deep_merge(settings.model_dump(), overrides))
@@ -191,6 +208,18 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
         await in_sim.wait_connected(10.0)
         await smsc.wait_bound(10.0)
         yield DemoEnv(node, in_sim, smsc, settings, broker_kind, workdir)
+
+
+def _demo_bundle(base: Settings) -> dict[str, Any]:
+    """The shipped tiers plus the demo's data bundle, offered to `regular`."""
+    tiers = [t.model_dump(exclude_none=True) for t in base.tiers]
+    tiers.append({"id": DEMO_BUNDLE_TIER, "amount_minor": DEMO_BUNDLE_PRICE_MINOR,
+                  "bundle": DEMO_BUNDLE})
+    segments = [s.model_dump(mode="json") for s in base.segments]
+    for seg in segments:
+        if seg["name"] == "regular":
+            seg["tiers"] = [*seg["tiers"], DEMO_BUNDLE_TIER]
+    return {"tiers": tiers, "segments": segments}
 
 
 async def start_broker(stack: contextlib.AsyncExitStack, workdir: Path) -> tuple[int, str]:
@@ -241,7 +270,8 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
     t = transcript
     in_sim, smsc = env.in_sim, env.smsc
     exponent = env.settings.node.currency_exponent
-    money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"
+    def money(minor: int) -> str:
+        return f"{format_minor(minor, exponent)} {env.settings.node.currency}"
     phone_a, phone_b = smsc.handset(A), smsc.handset(B)
 
     seen = [len(in_sim.applied())]
@@ -251,8 +281,10 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
         applied = in_sim.applied()
         for op in applied[seen[0]:]:
             if op.action in ("REFUND_ACCOUNT", "DIRECT_DEBITING", "CHECK_BALANCE"):
+                what = (f"{op.units // 2**20} MB {op.bundle_kind}" if op.bundle_kind
+                        else money(op.amount_minor))
                 t.add(Entry("in_op", op.msisdn,
-                            f"CCR {op.action} {money(op.amount_minor)} on {op.node}: "
+                            f"CCR {op.action} {what} on {op.node}: "
                             f"{op.result_code} {RESULT_CODE_NAMES.get(op.result_code, '')}",
                             result_code=op.result_code))
         seen[0] = len(applied)
@@ -303,6 +335,9 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
     await recharge(A, 1000)
     await sms(phone_a)
     t.add(Entry("note", A, f"IN balance after payback {money(in_sim.balance(A))}"))
+    t.add(Entry("note", A, "a partial payback (-5 %), then a full one on time (+10 %): his "
+                           "limit rises from 10.00 to 10.50 EGP; My account shows it"))
+    await screen(phone_a, "*123*0#", dial=True)
 
     t.add(Entry("title", text="4. Subscriber B borrows up to his ceiling, then is barred"))
     await phone_b.send_sms("LOAN 5")
@@ -333,7 +368,15 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
                            "granted amount); the call goes on"))
     await sms(phone_c)
 
-    t.add(Entry("title", text="6. Summary"))
+    t.add(Entry("title", text="6. A borrows a data bundle by SMS"))
+    in_sim.spend(A)
+    await phone_a.send_sms("DATA")
+    t.add(Entry("note", A, 'sends SMS "DATA": the largest data bundle that fits his limit'))
+    await sms(phone_a)
+    t.add(Entry("note", A, f"IN data bucket {in_sim.buckets(A).get('data', 0) // 2**20} MB; "
+                           f"IN balance {money(in_sim.balance(A))} (the bundle is owed in money)"))
+
+    t.add(Entry("title", text="7. Summary"))
     return await summarise(env)
 
 
@@ -350,9 +393,30 @@ async def summarise(env: DemoEnv) -> Summary:
         "SELECT COALESCE(SUM(recovered_minor), 0) FROM recoveries WHERE state = 'DONE'"
     ).fetchone()[0])
     journal_sum = sum(totals.values())
+    bundles = {tier_id: tier.bundle for tier_id, tier in env.settings.policy().tiers.items()
+               if tier.bundle is not None}
+    by_tier = await ledger.read(lambda c: c.execute(
+        "SELECT tier_id, COUNT(*) FROM loans WHERE state NOT IN ('FAILED', 'REQUESTED')"
+        " GROUP BY tier_id").fetchall())
+    expected_units: dict[str, int] = {}
+    bundle_loans = 0
+    for tier_id, count in by_tier:
+        bundle = bundles.get(int(tier_id))
+        if bundle is not None:
+            bundle_loans += int(count)
+            expected_units[bundle.kind] = expected_units.get(bundle.kind, 0) + (
+                int(count) * bundle.quantity)
+    bundle_price = await ledger.read(lambda c: c.execute(
+        "SELECT COALESCE(SUM(principal_minor), 0) FROM loans WHERE state NOT IN"
+        f" ('FAILED', 'REQUESTED') AND tier_id IN ({','.join(map(str, bundles)) or 'NULL'})"
+    ).fetchone()[0])
     applied = env.in_sim.applied()
     credited = sum(op.moved_minor for op in applied
                    if op.action in ("REFUND_ACCOUNT", KIND_OUT_OF_BALANCE_GRANT))
+    units: dict[str, int] = {}
+    for op in applied:
+        if op.bundle_kind and op.result_code == DIAMETER_SUCCESS:
+            units[op.bundle_kind] = units.get(op.bundle_kind, 0) + op.units
     debited = -sum(op.moved_minor for op in applied if op.action == "DIRECT_DEBITING")
     outstanding = totals.get("principal_receivable", 0) + totals.get("fee_receivable", 0)
     return Summary(
@@ -364,10 +428,14 @@ async def summarise(env: DemoEnv) -> Summary:
         in_credited_minor=credited,
         in_debited_minor=debited,
         balances_minor={m: env.in_sim.balance(m) for m in (A, B, C)},
-        ledger_matches_in=(credited == int(loans[1]) and debited == int(recovered)
+        # Money loans are the IN's money credits; bundle loans its units, owed in money.
+        ledger_matches_in=(credited == int(loans[1]) - int(bundle_price)
+                           and units == expected_units and debited == int(recovered)
                            and int(loans[1]) + int(loans[2]) - int(recovered) == outstanding),
         journal_balanced=journal_sum == 0,
         broker=env.broker_kind,
+        bundle_loans=bundle_loans,
+        bundle_units_credited=units,
     )
 
 
@@ -388,7 +456,8 @@ def _print_entry(entry: Entry) -> None:
 
 
 def _print_summary(s: Summary, exponent: int, currency: str) -> None:
-    m = lambda minor: f"{format_minor(minor, exponent)} {currency}"
+    def m(minor: int) -> str:
+        return f"{format_minor(minor, exponent)} {currency}"
     rows = [
         ("loans granted", str(s.loans)),
         ("principal lent", m(s.principal_lent_minor)),
@@ -396,6 +465,9 @@ def _print_summary(s: Summary, exponent: int, currency: str) -> None:
         ("recovered", m(s.recovered_minor)),
         ("outstanding", m(s.outstanding_minor)),
         ("IN credited (REFUND_ACCOUNT + advances)", m(s.in_credited_minor)),
+        ("bundle loans / IN units credited", f"{s.bundle_loans} / " + (", ".join(
+            f"{units // 2**20} MB {kind}" if kind == "data" else f"{units} {kind}"
+            for kind, units in sorted(s.bundle_units_credited.items())) or "none")),
         ("IN debited (DIRECT_DEBITING)", m(s.in_debited_minor)),
         ("ledger matches the IN", "yes" if s.ledger_matches_in else "NO"),
         ("journal balanced", "yes" if s.journal_balanced else "NO"),
@@ -417,7 +489,7 @@ def run_demo(*, json_output: bool = False, keep: bool = False) -> int:
     return run_story(story, prefix="extrabalance-demo-", json_output=json_output, keep=keep)
 
 
-def run_story(story: Callable[[Path, Transcript], Awaitable[Summary]], *, prefix: str,
+def run_story(story: Callable[[Path, Transcript], Coroutine[Any, Any, Summary]], *, prefix: str,
               json_output: bool, keep: bool) -> int:
     """Play `story` in a temporary directory, print it (or the summary as JSON); 0 when
     the ledger and the IN agree."""

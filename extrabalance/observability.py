@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -124,13 +124,13 @@ class _CurrentStderr:
 
 def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
                       stream: Any = None) -> None:
-    def _mask(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         value = event.get("msisdn")
         if mask_msisdn_in_logs and isinstance(value, str):
             event["msisdn"] = mask_msisdn(value)
         return event
 
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _mask,

@@ -82,20 +82,21 @@ from typing import TYPE_CHECKING, Any, Self
 
 from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.diameter.constants import (  # the Result-Codes it answers with
+    DIAMETER_CREDIT_LIMIT_REACHED,
+    DIAMETER_END_USER_SERVICE_DENIED,
+    DIAMETER_SUCCESS,
+    DIAMETER_TOO_BUSY,
+    DIAMETER_UNABLE_TO_COMPLY,
+    DIAMETER_UNABLE_TO_DELIVER,
+    DIAMETER_USER_UNKNOWN,
+)
 from extrabalance.diameter.peer import DuplicateCache
 
 if TYPE_CHECKING:
     from extrabalance.diameter.codec import Message
     from extrabalance.recharge.events import RechargeEvent
 
-# --- Result codes this simulator answers with (RFC 6733 §7.1, RFC 4006 §9) ---------
-DIAMETER_SUCCESS = 2001
-DIAMETER_UNABLE_TO_DELIVER = 3002
-DIAMETER_TOO_BUSY = 3004
-DIAMETER_END_USER_SERVICE_DENIED = 4010
-DIAMETER_CREDIT_LIMIT_REACHED = 4012
-DIAMETER_USER_UNKNOWN = 5030
-DIAMETER_UNABLE_TO_COMPLY = 5012  # reject_nonstandard's refusal (RFC 6733 §7.1.5)
 
 # Answers that mean "not executed, re-send later": never stored as the first answer.
 NOT_EXECUTED_RESULTS = frozenset({DIAMETER_UNABLE_TO_DELIVER, DIAMETER_TOO_BUSY})
@@ -1203,7 +1204,7 @@ def _node_peers(
     if isinstance(given, NodePeer):
         return (given,)
     if isinstance(given, tuple) and len(given) == 4 and isinstance(given[1], int):
-        return (NodePeer(*given),)  # type: ignore[arg-type]
+        return (NodePeer(*given),)
     peers = tuple(p if isinstance(p, NodePeer) else NodePeer(*p) for p in given)
     if len(peers) > NODE_PEERS_MAX:
         raise ValueError(f"at most {NODE_PEERS_MAX} Extra Balance nodes")

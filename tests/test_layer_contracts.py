@@ -10,6 +10,11 @@
   the services and read through the port or a read model of `ledger/`: they import
   neither `ledger.store` nor `ledger.adjustments`, and those with no file of their own
   to handle import no database driver;
+* Diameter Result-Codes are declared once, in `diameter/constants.py` (not in an
+  adapter, a simulator or a bench tool), and no service imports `diameter/` or an
+  adapter: the services decide in neutral terms (`AdvanceDecision`), the Gy adapter
+  says the decision in a code (`service/outcomes.py` alone maps the codes of rows
+  kept before, to read them);
 * the domain core does no IO and reads no clock: no asyncio, sockets, threads,
   processes or time module in `extrabalance/core/`, and no `datetime.now()` /
   `date.today()` / `time.time()`-style calls (the caller passes `now`).
@@ -35,6 +40,13 @@ ENTRY_POINT_BANS = ("extrabalance.ledger.store", "extrabalance.ledger.adjustment
 # Of those, the ones with no reason to open a database themselves (admin_cli keeps
 # `sqlite3` for the SQLite online backup, a tool of the file itself).
 NO_DRIVER = ("report.py", "backtest.py", "admin/server.py")
+
+# Diameter Result-Codes are named once, in the generated `diameter/constants.py`; the
+# services decide in neutral terms (`service/outcomes.py`) and the Diameter adapters
+# say it in codes. `outcomes.py` alone names codes, to read rows kept before that.
+RESULT_CODE_HOME = PACKAGE / "diameter" / "constants.py"
+SCANNED_TREES = (PACKAGE, PACKAGE.parent / "simulators", PACKAGE.parent / "bench")
+SERVICES_READING_OLD_CODES = ("outcomes.py",)
 
 IO_MODULES = (
     "asyncio",
@@ -135,6 +147,53 @@ def test_entry_points_reach_money_through_services_or_the_port() -> None:
         if hits:
             problems[name] = hits
     assert not problems, f"entry points around the services: {problems}"
+
+
+def _result_code_declarations(path: Path) -> list[str]:
+    """`NAME = <int>` at module level where NAME is a Diameter result (DIAMETER_*,
+    but not the dictionary's data types) or an int that is one of the codes."""
+    from extrabalance.diameter import constants
+
+    codes = {v for k, v in vars(constants).items()
+             if k.startswith("DIAMETER_") and isinstance(v, int) and v >= 1000}
+    found = []
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if (isinstance(node, (ast.Assign, ast.AnnAssign))
+                and isinstance(node.value, ast.Constant) and type(node.value.value) is int):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if (isinstance(target, ast.Name) and target.id.startswith("DIAMETER_")
+                        and node.value.value in codes):
+                    found.append(f"{path.name}:{node.lineno} {target.id}")
+    return found
+
+
+def test_result_codes_are_declared_once_and_services_decide_without_them() -> None:
+    redeclared = [
+        hit
+        for tree in SCANNED_TREES
+        for path in sorted(tree.rglob("*.py"))
+        if path != RESULT_CODE_HOME
+        for hit in _result_code_declarations(path)
+    ]
+    assert not redeclared, f"Result-Codes declared outside diameter/constants.py: {redeclared}"
+    speaking_diameter = {
+        path.name: hits
+        for path in sorted((PACKAGE / "service").glob("*.py"))
+        if path.name not in SERVICES_READING_OLD_CODES
+        and (hits := _hits(_all_imports(path), ("extrabalance.diameter", "extrabalance.adapters")))
+    }
+    assert not speaking_diameter
+
+
+def _all_imports(path: Path) -> list[str]:
+    return _runtime_imports(path) + _type_checking_imports(path)
+
+
+def test_the_contract_test_sees_a_result_code_declared(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("DIAMETER_SUCCESS = 2001\nDIAMETER_PORT = 3868\nOTHER = 4012\n")
+    assert _result_code_declarations(sample) == ["sample.py:1 DIAMETER_SUCCESS"]
 
 
 def test_the_contract_test_sees_a_storage_import(tmp_path: Path) -> None:

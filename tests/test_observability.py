@@ -50,8 +50,9 @@ def test_every_event_the_services_emit_is_an_edr_kind_with_edr_columns():
     from extrabalance.observability import EDR_FIELDS, EDR_KINDS
 
     # Fields for the debug log only: who did it (the audit table has it), whether the
-    # resolver settled it, the Diameter result code, what debt_after_minor already says.
-    log_only = {"who", "resolved", "result_code", "full", "requested_minor"}
+    # resolver settled it, the IN's result code, the decision an advance's refusal was
+    # (its reason column says why), what debt_after_minor already says.
+    log_only = {"who", "resolved", "result_code", "decision", "full", "requested_minor"}
     root = Path(extrabalance.__file__).parent
     seen = set()
     for path in root.rglob("*.py"):

@@ -45,18 +45,40 @@ from extrabalance.diameter.codec import DiameterError, Message, error_answer
 from extrabalance.diameter.constants import (
     APP_DIAMETER_CREDIT_CONTROL,
     CMD_CREDIT_CONTROL,
+    DIAMETER_APPLICATION_UNSUPPORTED,
+    DIAMETER_COMMAND_UNSUPPORTED,
+    DIAMETER_CREDIT_LIMIT_REACHED,
+    DIAMETER_END_USER_SERVICE_DENIED,
+    DIAMETER_RATING_FAILED,
+    DIAMETER_REALM_NOT_SERVED,
+    DIAMETER_SUCCESS,
+    DIAMETER_TOO_BUSY,
+    DIAMETER_UNABLE_TO_COMPLY,
+    DIAMETER_UNABLE_TO_DELIVER,
+    DIAMETER_UNKNOWN_SESSION_ID,
+    DIAMETER_USER_UNKNOWN,
 )
+from extrabalance.service.outcomes import AdvanceDecision, AdvanceOutcome
 
 log = structlog.get_logger(__name__)
 
-DIAMETER_RATING_FAILED = 5031
-DIAMETER_SUCCESS = 2001
-DIAMETER_UNABLE_TO_DELIVER = 3002
-DIAMETER_REALM_NOT_SERVED = 3003
-DIAMETER_TOO_BUSY = 3004
-DIAMETER_COMMAND_UNSUPPORTED = 3001
-DIAMETER_APPLICATION_UNSUPPORTED = 3007
-DIAMETER_UNABLE_TO_COMPLY = 5012
+# The lending service's decision about an out-of-balance CCR, as the CCA says it
+# (RFC 4006 §9: 4010 and 4012 are its answers for a barred user and no credit; 5030
+# RFC 4006 §9.1; 5002 and 3004 RFC 6733 §7.1).
+RESULT_CODES: dict[AdvanceDecision, int] = {
+    AdvanceDecision.ADVANCED: DIAMETER_SUCCESS,
+    AdvanceDecision.ACKNOWLEDGED: DIAMETER_SUCCESS,
+    AdvanceDecision.NO_ADVANCE: DIAMETER_CREDIT_LIMIT_REACHED,
+    AdvanceDecision.DENIED: DIAMETER_END_USER_SERVICE_DENIED,
+    AdvanceDecision.UNKNOWN_SUBSCRIBER: DIAMETER_USER_UNKNOWN,
+    AdvanceDecision.UNKNOWN_SESSION: DIAMETER_UNKNOWN_SESSION_ID,
+    AdvanceDecision.TOO_LATE: DIAMETER_TOO_BUSY,
+}
+
+
+def result_code(outcome: AdvanceOutcome) -> int:
+    """The Result-Code of the CCA that answers `outcome`."""
+    return RESULT_CODES[outcome.decision]
 # Out-of-balance CCRs inside the lending service at once; beyond: 3004 at once.
 OUT_OF_BALANCE_INFLIGHT_MAX = 512
 # Of those, for one MSISDN: one request and a re-send of it. Beyond: 3004 at once.
@@ -71,7 +93,7 @@ class OutOfBalanceApi(Protocol):
                              msisdn: str, requested_minor: int | None,
                              origin_host: str, *,
                              deadline_monotonic: float | None = None,
-                             used_minor: int | None = None) -> Any: ...
+                             used_minor: int | None = None) -> AdvanceOutcome: ...
 
 
 class GyServer:
@@ -187,14 +209,15 @@ class GyServer:
         if outcome is None:
             # The ledger failed us: a credit decision we cannot record is not given.
             return self._cca(msg, DIAMETER_UNABLE_TO_COMPLY, error_message="internal error")
-        if outcome.result_code == DIAMETER_TOO_BUSY:
+        if outcome.decision is AdvanceDecision.TOO_LATE:
             self.stats["too_late"] += 1
             return self._error(msg, DIAMETER_TOO_BUSY, "answer deadline passed; nothing granted")
-        granted = outcome.granted_minor if outcome.result_code == DIAMETER_SUCCESS else None
+        granted = outcome.granted_minor if outcome.decision is AdvanceDecision.ADVANCED else None
         self.stats["granted" if granted else "refused"] += 1
-        return self._cca(msg, outcome.result_code, granted_minor=granted)
+        return self._cca(msg, result_code(outcome), granted_minor=granted)
 
-    async def _decide(self, ccr: gy.CreditControlRequest, received: float) -> Any:
+    async def _decide(self, ccr: gy.CreditControlRequest, received: float
+                      ) -> AdvanceOutcome | None:
         """The lending decision (None: it failed, logged here). It holds its places in
         the bounds until it ends, whether or not the IN is still waiting for it."""
         try:
@@ -219,7 +242,8 @@ class GyServer:
         if task.cancelled():
             return
         outcome = task.result()
-        if outcome is not None and outcome.result_code == DIAMETER_SUCCESS and getattr(outcome, "granted_minor", None):
+        if (outcome is not None and outcome.decision is AdvanceDecision.ADVANCED
+                and outcome.granted_minor):
             # Booked although the IN heard 3004: its re-send of this Session-Id and
             # CC-Request-Number replays the grant. Should not happen (see docstring).
             self.stats["late_advance_booked"] += 1

@@ -46,14 +46,19 @@ import structlog
 
 from extrabalance.diameter import gy
 from extrabalance.diameter.codec import DiameterError, Message
+from extrabalance.diameter.constants import (
+    CHECK_BALANCE_RESULT_ENOUGH_CREDIT,
+    DIAMETER_CREDIT_LIMIT_REACHED,
+    DIAMETER_SUCCESS,
+    DIAMETER_TOO_BUSY,
+    DIAMETER_UNABLE_TO_DELIVER,
+)
 from extrabalance.diameter.peer import EndToEndIds
 from extrabalance.service.ports import InAction, InOperation, InOutcome, InResult
 
 log = structlog.get_logger(__name__)
 
-DIAMETER_SUCCESS = 2001
-NOT_EXECUTED_CODES = frozenset({3002, 3004})
-CHECK_BALANCE_ENOUGH = 0
+NOT_EXECUTED_CODES = frozenset({DIAMETER_UNABLE_TO_DELIVER, DIAMETER_TOO_BUSY})
 # Operations whose End-to-End id is kept in memory (Session-Ids not ours) and whose
 # sends all found no open peer (first transmission still owed); the oldest go first.
 E2E_REMEMBERED_MAX = 65_536
@@ -142,7 +147,7 @@ class DiameterInPort:
             # A route to an IN we have no peers for: the request cannot be delivered
             # and was never sent.
             log.warning("no_such_in_node", in_node=op.in_node)
-            return InResult(InOutcome.NOT_EXECUTED, 3002)
+            return InResult(InOutcome.NOT_EXECUTED, DIAMETER_UNABLE_TO_DELIVER)
         bundle = None
         if op.bundle is not None:
             bundle = gy.BundleUnits(op.bundle.kind, op.bundle.quantity,
@@ -201,7 +206,7 @@ class DiameterInPort:
         if code == DIAMETER_SUCCESS:
             enough = None
             if op.action is InAction.CHECK_BALANCE:
-                enough = cca.check_balance_result == CHECK_BALANCE_ENOUGH
+                enough = cca.check_balance_result == CHECK_BALANCE_RESULT_ENOUGH_CREDIT
             amount = cca.granted_minor
             if op.action is InAction.REFUND_ACCOUNT and amount is None:
                 amount = op.amount_minor
@@ -216,4 +221,5 @@ class DiameterInPort:
         if 3000 <= code < 4000:
             # Another protocol error (3xxx): the request was not processed.
             return InResult(InOutcome.NOT_EXECUTED, code)
-        return InResult(InOutcome.REFUSED, code)
+        return InResult(InOutcome.REFUSED, code,
+                        short_of_credit=code == DIAMETER_CREDIT_LIMIT_REACHED)

@@ -53,12 +53,7 @@ from extrabalance.service.ads import AdTrigger, Advertiser
 from extrabalance.service.limits import current_limit, limit_edr, with_limit
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
-    DIAMETER_CREDIT_LIMIT_REACHED,
-    DIAMETER_END_USER_SERVICE_DENIED,
-    DIAMETER_SUCCESS,
-    DIAMETER_TOO_BUSY,
-    DIAMETER_UNKNOWN_SESSION_ID,
-    DIAMETER_USER_UNKNOWN,
+    AdvanceDecision,
     AdvanceOutcome,
     BorrowOutcome,
     BorrowStatus,
@@ -85,6 +80,7 @@ from extrabalance.service.protection import (
     LOAN_CONFIRM_REQUESTED,
     LOAN_CONSENT,
     LOAN_REFUSED,
+    WHO_NODE,
     WHO_SUBSCRIBER,
     audit_consent,
     figures,
@@ -165,7 +161,7 @@ def outcome_of_loan(loan: LoanRow, debt_minor: int) -> BorrowOutcome:
 def refused_advance(loan_id: str, *, replayed: bool = False) -> AdvanceOutcome:
     """The answer to an advance the IN refused when it was confirmed: 4012, nothing granted."""
     return AdvanceOutcome(
-        DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED, loan_id, replayed=replayed
+        AdvanceDecision.NO_ADVANCE, None, Reason.IN_REFUSED, loan_id, replayed=replayed
     )
 
 
@@ -174,7 +170,8 @@ def advance_outcome_of_loan(loan: LoanRow) -> AdvanceOutcome:
     or 4012 once its confirmation was refused (as `confirm_advance` records it)."""
     if loan.state == sagas.FAILED:
         return refused_advance(loan.loan_id, replayed=True)
-    return AdvanceOutcome(DIAMETER_SUCCESS, loan.principal_minor, None, loan.loan_id, replayed=True)
+    return AdvanceOutcome(AdvanceDecision.ADVANCED, loan.principal_minor, None, loan.loan_id,
+                          replayed=True)
 
 
 def settle_borrow(
@@ -697,12 +694,15 @@ class LendingService:
     async def record_consent(
         self, msisdn: str, action: str, channel: str, detail: dict[str, Any] | None = None
     ) -> None:
-        """A consent line a channel decided (he cancelled on the confirm screen)."""
+        """A consent line a channel decided: he cancelled on the confirm screen, or the
+        menu refused him before any borrow (written as the node's)."""
         if not self.policy.protection.keeps_trail:
             return
         now = self.clock()
+        who = WHO_NODE if action == LOAN_REFUSED else WHO_SUBSCRIBER
         await self.ledger.write(
-            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail))
+            lambda tx: audit_consent(tx, self.policy, msisdn, action, channel, now, detail,
+                                     who=who))
 
     async def sms_loan(
         self, msisdn: str, tier_id: int | None, idempotency_key: str, *, kind: str = MONEY
@@ -836,8 +836,9 @@ class LendingService:
         deadline_monotonic: float | None = None,
         used_minor: int | None = None,
     ) -> AdvanceOutcome:
-        """Answer the IN's out-of-balance CCR: an auto-advance (2001 + amount), 4012
-        (+ maybe an ad), 4010 barred, 5030 unknown. A retransmission (same Session-Id
+        """Decide the IN's out-of-balance CCR: ADVANCED (an auto-advance), NO_ADVANCE
+        (+ maybe an ad), DENIED (barred), UNKNOWN_SUBSCRIBER; the Gy adapter answers
+        them 2001 + amount, 4012, 4010, 5030. A retransmission (same Session-Id
         and CC-Request-Number) gets the first answer and grants nothing new.
 
         A granted advance is booked ACTIVE: the grant in the CCA is the credit. Only
@@ -847,7 +848,7 @@ class LendingService:
         The IN applies the grant from the CCA only when the answer reaches it before
         its own timer. An advance is booked only if the commit happens before
         `deadline_monotonic` (checked in the transaction, just before the commit): past
-        it, nothing is booked and 3004 TOO_BUSY is answered; the IN may send the
+        it, nothing is booked and TOO_LATE is answered (3004 TOO_BUSY on the wire); the IN may send the
         request again and it is then decided afresh. The deadline makes late answers
         rare; the IN's retransmission of the request (answered with the same grant)
         or, for an IN with the extension, the confirmation covers the rest."""
@@ -877,18 +878,18 @@ class LendingService:
                         and not _session_known(tx, session_id)):
                     # RFC 4006 §5.1: UPDATE and TERMINATION continue a session opened
                     # by an INITIAL (CC-Request-Number 0); none was seen.
-                    return done(AdvanceOutcome(DIAMETER_UNKNOWN_SESSION_ID), None)
+                    return done(AdvanceOutcome(AdvanceDecision.UNKNOWN_SESSION), None)
                 if request_type in (CC_REQUEST_TYPE_UPDATE, CC_REQUEST_TYPE_TERMINATION):
                     evidenced.extend(_session_evidence(
                         tx, session_id, request_type, request_number, used_minor, now))
                 if request_type == CC_REQUEST_TYPE_TERMINATION:
-                    return done(AdvanceOutcome(DIAMETER_SUCCESS), None)
+                    return done(AdvanceOutcome(AdvanceDecision.ACKNOWLEDGED), None)
                 loaded = tx.load_subscriber(msisdn, default_language=self.default_language)
                 has_profile = loaded.state.profile is not None
                 if static_node is None and loaded.learned_in_node is None and not has_profile:
-                    return done(
-                        AdvanceOutcome(DIAMETER_USER_UNKNOWN, None, Reason.UNKNOWN_SUBSCRIBER), None
-                    )
+                    unknown = AdvanceOutcome(AdvanceDecision.UNKNOWN_SUBSCRIBER, None,
+                                             Reason.UNKNOWN_SUBSCRIBER)
+                    return done(unknown, None)
                 if loaded.learned_in_node != origin_host:
                     tx.learn_route(msisdn, origin_host, now)
                 state, _limit = with_limit(tx, loaded.state, self.policy, now)
@@ -896,7 +897,9 @@ class LendingService:
                 decision = decide(BorrowRequest(msisdn, None, "auto"), state, self.policy, now)
                 if isinstance(decision, Granted):
                     if deadline_monotonic is not None and time.monotonic() > deadline_monotonic:
-                        return AdvanceOutcome(DIAMETER_TOO_BUSY, None, Reason.IN_UNAVAILABLE), None
+                        late = AdvanceOutcome(AdvanceDecision.TOO_LATE, None,
+                                              Reason.IN_UNAVAILABLE)
+                        return late, None
                     loan_id = tx.insert_loan(
                         msisdn=msisdn,
                         tier_id=decision.tier.tier_id,
@@ -924,16 +927,16 @@ class LendingService:
                         loaded.state.language,
                     ), now)
                     return done(
-                        AdvanceOutcome(DIAMETER_SUCCESS, decision.amount_minor, None, loan_id),
+                        AdvanceOutcome(AdvanceDecision.ADVANCED, decision.amount_minor, None, loan_id),
                         loaded.state,
                     )
                 if decision.reason in BARRED_REASONS:
                     return done(
-                        AdvanceOutcome(DIAMETER_END_USER_SERVICE_DENIED, None, decision.reason),
+                        AdvanceOutcome(AdvanceDecision.DENIED, None, decision.reason),
                         loaded.state,
                     )
                 return done(
-                    AdvanceOutcome(DIAMETER_CREDIT_LIMIT_REACHED, None, decision.reason),
+                    AdvanceOutcome(AdvanceDecision.NO_ADVANCE, None, decision.reason),
                     loaded.state,
                 )
 
@@ -943,9 +946,10 @@ class LendingService:
                                  loan_id=loan.loan_id, in_node=origin_host, channel="auto",
                                  detail=f"{session_id};{request_type};{request_number};"
                                         f"{'' if used_minor is None else used_minor}")
-            if outcome.replayed or outcome.result_code == DIAMETER_TOO_BUSY:
+            if outcome.replayed or outcome.decision is AdvanceDecision.TOO_LATE:
                 return outcome
-            if outcome.result_code not in (DIAMETER_USER_UNKNOWN, DIAMETER_UNKNOWN_SESSION_ID):
+            if outcome.decision not in (AdvanceDecision.UNKNOWN_SUBSCRIBER,
+                                        AdvanceDecision.UNKNOWN_SESSION):
                 self.router.learn(msisdn, origin_host)
             if state is not None:
                 await self._after_advance(
@@ -1008,7 +1012,7 @@ class LendingService:
         now: datetime,
         granted: LoanRow | None = None,
     ) -> None:
-        if outcome.result_code == DIAMETER_SUCCESS and outcome.granted_minor is not None:
+        if outcome.decision is AdvanceDecision.ADVANCED and outcome.granted_minor is not None:
             loan = granted or await self.ledger.read_point(
                 lambda tx: tx.get_loan(outcome.loan_id or "")
             )
@@ -1034,9 +1038,9 @@ class LendingService:
             msisdn=msisdn,
             reason=_v(outcome.reason),
             channel="auto",
-            result_code=outcome.result_code,
+            decision=outcome.decision.value,
         )
-        if outcome.result_code == DIAMETER_END_USER_SERVICE_DENIED:
+        if outcome.decision is AdvanceDecision.DENIED:
             return
         if self.ads is not None:  # caps, quiet hours, rate; the CCA does not wait
             self.ads.fire_offer(msisdn, AdTrigger.OUT_OF_BALANCE)

@@ -54,28 +54,33 @@ class BorrowOutcome:
         )
 
 
-# Diameter Result-Codes the out-of-balance answer may carry.
-DIAMETER_SUCCESS = 2001
-# Not an answer the IN gets from the business rules: the node was too late to answer
-# an advance within the IN's patience, so it books nothing and says so (RFC 6733 3004).
-DIAMETER_TOO_BUSY = 3004
-DIAMETER_END_USER_SERVICE_DENIED = 4010
-DIAMETER_CREDIT_LIMIT_REACHED = 4012
-DIAMETER_USER_UNKNOWN = 5030
-DIAMETER_UNKNOWN_SESSION_ID = 5002  # RFC 6733 §7.1.5: UPDATE/TERMINATION of no session of ours
+class AdvanceDecision(str, Enum):
+    """What the lending service decided about an out-of-balance request. Neutral: the
+    Gy adapter (`adapters/gy_server.py`) says it in Result-Codes, from
+    `diameter/constants.py`."""
+
+    ADVANCED = "ADVANCED"  # an advance granted: the answer carries it (2001 + GSU)
+    ACKNOWLEDGED = "ACKNOWLEDGED"  # a session's end taken note of, nothing granted (2001)
+    NO_ADVANCE = "NO_ADVANCE"  # the rules (or the IN's confirmation) refuse one (4012)
+    DENIED = "DENIED"  # the subscriber is barred (4010)
+    UNKNOWN_SUBSCRIBER = "UNKNOWN_SUBSCRIBER"  # not ours to lend to (5030)
+    UNKNOWN_SESSION = "UNKNOWN_SESSION"  # an UPDATE/TERMINATION of no session of ours (5002)
+    # Not an answer the IN gets from the business rules: the node was too late to
+    # answer within the IN's patience, so it booked nothing (3004 TOO_BUSY).
+    TOO_LATE = "TOO_LATE"
 
 
 @dataclass(frozen=True, slots=True)
 class AdvanceOutcome:
-    result_code: int  # 2001 | 4010 | 4012 | 5030
-    granted_minor: int | None = None  # Granted-Service-Unit when 2001 with an advance
+    decision: AdvanceDecision
+    granted_minor: int | None = None  # the advance when ADVANCED
     reason: Reason | None = None
     loan_id: str | None = None
     replayed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "result_code": self.result_code,
+            "decision": self.decision.value,
             "granted_minor": self.granted_minor,
             "reason": self.reason.value if self.reason else None,
             "loan_id": self.loan_id,
@@ -83,13 +88,38 @@ class AdvanceOutcome:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, replayed: bool) -> AdvanceOutcome:
+        """An outcome as kept for a request key; rows written before decisions were
+        kept hold the Result-Code that was answered instead."""
+        if "decision" in data:
+            decision = AdvanceDecision(data["decision"])
+        else:
+            decision = _decision_of_stored_code(int(data["result_code"]), data.get("granted_minor"))
         return cls(
-            data["result_code"],
+            decision,
             data.get("granted_minor"),
             Reason(data["reason"]) if data.get("reason") else None,
             data.get("loan_id"),
             replayed,
         )
+
+
+def _decision_of_stored_code(result_code: int, granted_minor: int | None) -> AdvanceDecision:
+    """The decision an older idempotency row's Result-Code stood for."""
+    from extrabalance.diameter import constants as rc
+
+    if result_code == rc.DIAMETER_SUCCESS:
+        return AdvanceDecision.ADVANCED if granted_minor else AdvanceDecision.ACKNOWLEDGED
+    stored = {
+        rc.DIAMETER_CREDIT_LIMIT_REACHED: AdvanceDecision.NO_ADVANCE,
+        rc.DIAMETER_END_USER_SERVICE_DENIED: AdvanceDecision.DENIED,
+        rc.DIAMETER_USER_UNKNOWN: AdvanceDecision.UNKNOWN_SUBSCRIBER,
+        rc.DIAMETER_UNKNOWN_SESSION_ID: AdvanceDecision.UNKNOWN_SESSION,
+        rc.DIAMETER_TOO_BUSY: AdvanceDecision.TOO_LATE,
+    }
+    decision = stored.get(result_code)
+    if decision is None:
+        raise ValueError(f"a kept out-of-balance answer with Result-Code {result_code}")
+    return decision
 
 
 class PaybackStatus(str, Enum):

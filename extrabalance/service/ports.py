@@ -56,6 +56,9 @@ class InResult:
     result_code: int | None = None
     amount_minor: int | None = None  # debited (DIRECT_DEBITING) or granted
     enough_credit: bool | None = None  # CHECK_BALANCE answer
+    # REFUSED because the account lacks the credit (a DIRECT_DEBITING larger than the
+    # balance: 4012 CREDIT_LIMIT_REACHED); a smaller amount may pass.
+    short_of_credit: bool = False
 
 
 class InPort(Protocol):

@@ -12,7 +12,7 @@ cut-off.
 | the advance in the ledger | in the IN's extract | outcome |
 |---|---|---|
 | booked | applied, same MSISDN and amount | confirmed |
-| booked, nothing recovered, no payback running | absent | `--apply`: reversed (FAILED, reversing journal entry, nothing owed; a late re-send of the IN's request is answered 4012) |
+| booked, nothing recovered, no payback running | absent | `--apply`: reversed (FAILED, reversing journal entry, nothing owed; a late re-send of the IN's request is answered NO_ADVANCE, 4012) |
 | booked, partly or wholly recovered, adjusted, or a payback running | absent | listed for review, not touched |
 | booked | applied with another MSISDN or amount | listed as a mismatch |
 | booked by an INITIAL whose session the IN continued (UPDATE/TERMINATION) | absent | confirmed by the IN's session, missing from the extract: listed, never reversed |
@@ -32,7 +32,7 @@ from typing import Any
 
 from extrabalance.core import sagas
 from extrabalance.core.reasons import Reason
-from extrabalance.service.outcomes import DIAMETER_CREDIT_LIMIT_REACHED, AdvanceOutcome
+from extrabalance.service.outcomes import AdvanceDecision, AdvanceOutcome
 from extrabalance.service.unit_of_work import LedgerTx
 
 EXTRACT_COLUMNS = ("session_id", "request_number", "msisdn", "amount_minor")
@@ -151,7 +151,7 @@ def reconcile_in(tx: LedgerTx, grants: list[InGrant], *, in_node: str,
         settled = tx.settle_advance(loan.loan_id, False, now, never_credited=True)
         if settled.idempotency_key:
             # A late re-send of the IN's request must not grant it again.
-            refused = AdvanceOutcome(DIAMETER_CREDIT_LIMIT_REACHED, None, Reason.IN_REFUSED,
+            refused = AdvanceOutcome(AdvanceDecision.NO_ADVANCE, None, Reason.IN_REFUSED,
                                      loan.loan_id)
             tx.idempotent_replace(settled.idempotency_key, refused.to_json(), now)
         tx.audit(loan.msisdn, "advance_reversed", "reconcile-in",

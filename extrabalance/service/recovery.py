@@ -24,7 +24,6 @@ from extrabalance.service.lending import Clock, call_in_with_resends
 from extrabalance.service.limits import note_payback, note_recharge
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.outcomes import (
-    DIAMETER_CREDIT_LIMIT_REACHED,
     PaybackOutcome,
     PaybackStatus,
 )
@@ -303,9 +302,10 @@ class PaybackService:
                 if self.follow_up is not None:
                     self.follow_up("recovery", step.recovery_id, msisdn)
                 return PaybackOutcome(PaybackStatus.PENDING, 0, 0, step.recovery_id)
-            # REFUSED: 4012 (the balance moved since the recharge) is retried with a
-            # smaller amount under a new Session-Id; any other refusal ends it.
-            smaller = requested // 2 if result.result_code == DIAMETER_CREDIT_LIMIT_REACHED else 0
+            # REFUSED for want of credit (4012: the balance moved since the recharge)
+            # is retried with a smaller amount under a new Session-Id; any other
+            # refusal ends it.
+            smaller = requested // 2 if result.short_of_credit else 0
             if attempt >= self.attempts_max or smaller <= 0:
                 outcome = await self.ledger.write(
                     partial(

@@ -42,6 +42,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.core.lending import Channel
 from extrabalance.core.protection import fee_percent
 from extrabalance.service.keywords import ascii_digits
 from extrabalance.service.templates import Templates
@@ -80,13 +81,16 @@ class LendingApi(Protocol):
 
     async def quote(self, msisdn: str) -> Any: ...
     async def borrow(
-        self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str,
+        self, msisdn: str, tier_id: int | None, channel: Channel, idempotency_key: str,
         *, answer_early: bool = False,
     ) -> Any: ...
     async def status(self, msisdn: str) -> Any: ...
     async def overview(self, msisdn: str) -> tuple[Any, Any]: ...  # (status, offer), one read
     # "confirm_by_sms" when turning auto-advance on waits for his reply (double opt-in)
-    async def set_preferences(self, msisdn: str, **changes: Any) -> Any: ...
+    async def set_preferences(
+        self, msisdn: str, *, auto_advance: bool | None = None,
+        ads_opt_out: bool | None = None, language: str | None = None,
+    ) -> Any: ...
     def record_refusal(self, msisdn: str, reason: str, channel: str) -> None: ...
     async def record_consent(
         self, msisdn: str, action: str, channel: str, detail: dict[str, Any] | None = None
@@ -384,10 +388,10 @@ class UssdDialogs:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refusal(dialog, offer.reason))
+            return self._close(key, await self._refusal(dialog, offer.reason))
         items = [(str(t.tier_id), self._menu_item(t, lang)) for t in offer.tiers if t.fits]
         if not items:
-            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
+            return self._close(key, await self._refusal(dialog, "CEILING_REACHED"))
         title = self._t.render("menu_title", lang, {"debt": offer.debt_minor, "headroom": offer.headroom_minor})
         dialog.pages = paginate(
             title,
@@ -410,12 +414,12 @@ class UssdDialogs:
         lang = dialog.language
         offer = await self._offer(dialog)
         if not offer.eligible:
-            return self._close(key, self._refusal(dialog, offer.reason))
+            return self._close(key, await self._refusal(dialog, offer.reason))
         tier = next((t for t in offer.tiers if t.tier_id == tier_id), None)
         if tier is None:
-            return self._close(key, self._refusal(dialog, "TIER_NOT_ALLOWED"))
+            return self._close(key, await self._refusal(dialog, "TIER_NOT_ALLOWED"))
         if not tier.fits:
-            return self._close(key, self._refusal(dialog, "CEILING_REACHED"))
+            return self._close(key, await self._refusal(dialog, "CEILING_REACHED"))
         dialog.step = Step.CONFIRM
         dialog.tier_id = tier_id
         dialog.quoted = (tier.amount_minor, tier.fee_minor, tier.total_minor)
@@ -503,10 +507,13 @@ class UssdDialogs:
                 text = text.split("\n", 1)[1]
         return Screen(text, final=False)
 
-    def _refusal(self, dialog: Dialog, reason: Any) -> Screen:
+    async def _refusal(self, dialog: Dialog, reason: Any) -> Screen:
         """A refusal decided at the menu, before any borrow: recorded like one the
-        lending service decides (EDR, eb_refusals_total), then shown."""
+        lending service decides (EDR, eb_refusals_total, the consent trail when a
+        protection preset keeps one), then shown."""
         self._lending.record_refusal(dialog.msisdn, _reason_code(reason), "ussd")
+        await self._lending.record_consent(dialog.msisdn, "loan_refused", "ussd",
+                                           {"reason": _reason_code(reason)})
         return self._refused(dialog.language, reason)
 
     def _refused(self, lang: str, reason: Any) -> Screen:

@@ -77,11 +77,16 @@ async def test_subscriber_view(played):
     body = reply.json()
     assert reply.status == 200
     assert body["msisdn"] == A and body["known"] is True
-    assert [loan["state"] for loan in body["loans"]] == ["REPAID"]
+    # The 5.00 EGP loan he repaid, then the data bundle (tier 13) he still owes.
+    assert [(loan["tier_id"], loan["state"]) for loan in body["loans"]] == [
+        (4, "REPAID"), (13, "ACTIVE")]
     assert body["route"]["in_node"] == "in-a.operator.example"
     assert body["route"]["static_in_node"] == "in-a.operator.example"
     assert {"journal", "audit", "recoveries", "debt_minor"} <= set(body)
-    assert body["limit"] is None  # limits from behaviour are off in the demo's config
+    # Limits from behaviour are on in the demo's config: a starter limit of 10.00, -5 %
+    # for his partial payback, +10 % for his full one on time.
+    assert (body["limit"]["limit_minor"], body["limit"]["reason"],
+            body["limit"]["adjust_bp"]) == (1050, "floor", 500)
 
 
 async def test_do_not_disturb_add_list_remove(played):
@@ -217,9 +222,9 @@ async def test_stats_figures_match_the_ledger(played):
     stats = (await call(port, "GET", "/api/v1/stats", token=TOKEN)).json()
     totals = await env.node.ledger.account_totals()
     assert stats["outstanding_minor"] == totals["principal_receivable"] + totals["fee_receivable"]
-    assert stats["lent_minor"] == 1700 and stats["fees_minor"] == 180
+    assert stats["lent_minor"] == 2200 and stats["fees_minor"] == 230  # with the data bundle
     assert stats["recovered_minor"] == 550
-    assert stats["recovery_rate"] == round(550 / 1880, 4)
+    assert stats["recovery_rate"] == round(550 / 2430, 4)
     # USSD menu refusals (the ceiling, then the bar) count like the others.
     assert stats["refusals_by_reason"] == {"BARRED_BAD_DEBT": 2, "CEILING_REACHED": 1,
                                            "NOT_OPTED_IN": 1}

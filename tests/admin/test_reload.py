@@ -43,6 +43,8 @@ async def net(tmp_path_factory):
         dumped = env.node.settings.model_dump(mode="json")
         # The demo's ports and paths, as a deployment's file would hold them.
         overrides = {name: dumped[name] for name in RESTART_SECTIONS}
+        # ... and the demo's limits from behaviour (on in the demo's config only).
+        overrides["limits"] = dumped["limits"]
         admin = AdminServer(env.node, token=TOKEN, port=0, config_path=config,
                             config_overrides=overrides)
         port = await admin.start()

@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+from extrabalance.adapters.gy_server import result_code
 from extrabalance.ledger import ads_store
 from extrabalance.service.ads import AdTrigger
 from tests.ads.conftest import RULES
@@ -31,7 +32,7 @@ async def sent_rows(h, msisdn=M):
 async def test_out_of_balance_4012_sends_ad(h):
     await h.add_profile(M, tenure_days=100, arpu_minor=100)  # standard segment
     out = await h.lending.out_of_balance("s1", 0, 1, M, None, IN_A)
-    assert out.result_code == 4012
+    assert result_code(out) == 4012
     await h.ads.drain()
     assert [(n.template, n.kind) for n in h.notifier.sent] == [("ad_out_of_balance", "ad")]
     assert last_ad_event(h) == ("ad_sent", {"msisdn": M, "template": "ad_out_of_balance",
@@ -54,7 +55,7 @@ async def test_out_of_balance_barred_gets_4010_and_no_decision(h):
     await h.add_profile(M)
     await h.accounts.bar(M, "fraud", "ops", notify=False)
     out = await h.lending.out_of_balance("s1", 0, 1, M, None, IN_A)
-    assert out.result_code == 4010
+    assert result_code(out) == 4010
     await h.ads.drain()
     assert h.notifier.sent == [] and ads_events(h) == []
 
@@ -86,7 +87,7 @@ async def test_debt_limit_after_auto_advance(h):
     await h.add_profile(M)
     await h.lending.set_preferences(M, auto_advance=True)
     out = await h.lending.out_of_balance("s1", 0, 1, M, None, IN_A)
-    assert out.result_code == 2001
+    assert result_code(out) == 2001
     await h.ads.drain()
     assert h.notifier.templates() == ["advance_granted", "ad_debt_limit"]
 

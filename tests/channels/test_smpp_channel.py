@@ -150,3 +150,33 @@ async def test_yes_goes_to_the_lending_service_once_and_its_answer_is_sent():
                             short_message="نعم".encode("utf-16-be"), sequence_number=3), "bind-1")
     await settle(ch)
     assert calls == [M, M] and sent[-1][1].startswith("لا يوجد ما يحتاج تأكيدا")
+
+
+async def test_data_without_bundles_says_so_and_loan_by_amount_never_takes_a_bundle():
+    import dataclasses
+
+    from extrabalance.core.policy import Bundle, Tier
+
+    sent: list[tuple[str, str]] = []
+    lending = FakeLending(load_settings().policy())
+    lending.add(M, 400, 5000)
+    ch = channel_with(lending, sent)
+    ch.on_deliver(DeliverSm(source_addr=M, destination_addr="1234", short_message=b"DATA",
+                            sequence_number=1), "bind-1")
+    await settle(ch)
+    assert lending.borrow_calls == 0 and sent[-1][1].startswith("There is no data bundle")
+
+    policy = lending.policy
+    regular = next(s for s in policy.segments if s.name == "regular")
+    bundle = Tier(13, 500, Bundle("data", 2**20, rating_group=10))  # priced like tier 4
+    lending.policy = dataclasses.replace(
+        policy, tiers={13: bundle, **policy.tiers},
+        segments=tuple(dataclasses.replace(s, tier_ids=(*s.tier_ids, 13)) if s is regular
+                       else s for s in policy.segments))
+    ch = channel_with(lending, sent)
+    for seq, text in ((2, b"LOAN 5"), (3, b"DATA")):
+        ch.on_deliver(DeliverSm(source_addr=M, destination_addr="1234", short_message=text,
+                                sequence_number=seq), "bind-1")
+        await settle(ch)
+    taken = [o.tier_id for o in lending.outcomes.values()]
+    assert taken == [4, 13]  # 5.00 EGP of airtime, then the data bundle

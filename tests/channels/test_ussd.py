@@ -417,3 +417,10 @@ async def test_double_opt_in_says_the_sms_is_on_its_way(dialogs, lending, monkey
     assert not screen.final and fits(screen)
     assert screen.text.startswith("Reply YES to our SMS to turn it on.\n")
     assert "1 Auto-advance: off" in screen.text
+
+
+async def test_a_refusal_at_the_menu_goes_on_the_consent_trail_too(dialogs, lending):
+    lending.add("201001111111", 10, 5000)  # too new a line
+    screen = await dial(dialogs, "*123#", msisdn="201001111111", key="n1")
+    assert screen.final and lending.refusals[-1][0] == "201001111111"
+    assert lending.consents == [("201001111111", "loan_refused", "ussd")]

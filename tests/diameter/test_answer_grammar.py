@@ -29,6 +29,7 @@ from extrabalance.diameter.constants import (
     AVP_REQUESTED_SERVICE_UNIT,
     AVP_SUBSCRIPTION_ID,
 )
+from extrabalance.service.outcomes import AdvanceDecision, AdvanceOutcome
 
 from .helpers import sample_ccr
 from .test_wire import expert_lines, needs_tshark, tshark_problems, write_pcap
@@ -41,14 +42,9 @@ class CountingLending:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def out_of_balance(self, *args: Any, **kwargs: Any) -> Any:
+    async def out_of_balance(self, *args: Any, **kwargs: Any) -> AdvanceOutcome:
         self.calls += 1
-
-        class Outcome:
-            result_code = 2001
-            granted_minor = 500
-
-        return Outcome()
+        return AdvanceOutcome(AdvanceDecision.ADVANCED, 500)
 
 
 def server(lending: CountingLending) -> GyServer:

@@ -20,6 +20,7 @@ from extrabalance.diameter.constants import (
     AVP_SUBSCRIPTION_ID,
     AVP_VENDOR_ID,
 )
+from extrabalance.service.outcomes import AdvanceDecision, AdvanceOutcome
 
 from .helpers import sample_ccr, sample_ccr_dataclass
 
@@ -268,14 +269,9 @@ async def test_used_service_unit_money_reaches_the_lending_service() -> None:
     seen: dict[str, object] = {}
 
     class Lending:
-        async def out_of_balance(self, *args: object, **kwargs: object) -> object:
+        async def out_of_balance(self, *args: object, **kwargs: object) -> AdvanceOutcome:
             seen.update(kwargs)
-
-            class Outcome:
-                result_code = 2001
-                granted_minor = None
-
-            return Outcome()
+            return AdvanceOutcome(AdvanceDecision.ACKNOWLEDGED)
 
     server = GyServer(Lending(), origin_host=ccr.destination_host or "",
                       origin_realm=ccr.destination_realm,

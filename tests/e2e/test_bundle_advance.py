@@ -26,7 +26,8 @@ def with_a_data_bundle() -> dict[str, Any]:
     for seg in segments:
         if seg["name"] == "regular":
             seg["tiers"] = [*seg["tiers"], 13]
-    return {"tiers": tiers, "segments": segments}
+    # Limits from behaviour off (the demo turns them on): the segment ceiling applies.
+    return {"tiers": tiers, "segments": segments, "limits": {"enabled": False}}
 
 
 async def test_a_data_bundle_by_ussd_and_by_sms_is_credited_and_recovered(tmp_path):

@@ -97,3 +97,20 @@ async def test_the_command_prints_recorded_current_and_new(tmp_path, capsys):
     assert set(out) == {"recorded", "current", "new"}
     assert cli.main(["policy", "backtest", "--edrs", str(tmp_path / "none"),
                      "--config", str(new)]) == 2
+
+
+async def test_a_cap_per_window_replayed_lends_less(tmp_path):
+    """The cap and the cooling-off are replayed from the replay's own loans: at most
+    two loans per 72 h lends less than the week as it ran, and nothing more."""
+    from extrabalance.core.protection import resolve
+
+    edrs, profiles = await _run(tmp_path)
+    capped = replace(POLICY, protection=resolve("none", {"loans_per_window_max": 2,
+                                                           "window_hours": 72}))
+    result = backtest(edrs, POLICY, capped, profiles)
+    assert result["current"] == result["recorded"]
+    # Each subscriber borrows every 30 h: the third loan within 72 h is refused.
+    assert result["new"]["loans"] < result["current"]["loans"]
+    assert result["new"]["lent_minor"] < result["current"]["lent_minor"]
+    loose = replace(POLICY, protection=resolve("none", {"loans_per_window_max": 100}))
+    assert backtest(edrs, POLICY, loose, profiles)["new"] == result["current"]

@@ -98,39 +98,39 @@ async def test_report_figures_match_the_ledger(demo_run, tmp_path):
     f = build_figures(day, edr_dir, ledger_path=db_path, settings=settings)
     loans = ledger_rows(db_path, "SELECT tier_id, principal_minor, fee_minor, channel, msisdn"
                                  " FROM loans WHERE state NOT IN ('FAILED', 'REQUESTED')")
-    assert f.loans.count == len(loans) == 5
-    assert f.loans.principal_minor == sum(x["principal_minor"] for x in loans) == 1700
-    assert f.loans.fee_minor == sum(x["fee_minor"] for x in loans) == 180
+    assert f.loans.count == len(loans) == 6  # with the demo's data bundle
+    assert f.loans.principal_minor == sum(x["principal_minor"] for x in loans) == 2200
+    assert f.loans.fee_minor == sum(x["fee_minor"] for x in loans) == 230
     by_tier = {}
     for x in loans:
         n, p, fee = by_tier.get(str(x["tier_id"]), (0, 0, 0))
         by_tier[str(x["tier_id"])] = (n + 1, p + x["principal_minor"], fee + x["fee_minor"])
     assert {k: (v.count, v.principal_minor, v.fee_minor)
             for k, v in f.loans_by_tier.items()} == by_tier
-    assert {k: v.count for k, v in f.loans_by_channel.items()} == {"ussd": 3, "sms": 1,
+    assert {k: v.count for k, v in f.loans_by_channel.items()} == {"ussd": 3, "sms": 2,
                                                                     "auto": 1}
     # A and C (400 days, ARPU 50.00) are "regular"; B (120 days) is "basic".
-    assert {k: v.count for k, v in f.loans_by_segment.items()} == {"regular": 2, "basic": 3}
+    assert {k: v.count for k, v in f.loans_by_segment.items()} == {"regular": 3, "basic": 3}
     recovered = ledger_rows(db_path, "SELECT SUM(recovered_minor) AS s FROM recoveries")[0]["s"]
     assert f.paybacks == 2 and f.recovered_minor == recovered == 550
-    assert f.cohort_due_minor == 1880 and f.cohort_repaid_minor == 550
+    assert f.cohort_due_minor == 2430 and f.cohort_repaid_minor == 550
     assert f.cohort_waived_minor == 0
-    assert f.cohort_recovery_rate == round(550 / 1880, 4)
+    assert f.cohort_recovery_rate == round(550 / 2430, 4)
     assert f.cohort_repaid_loans == 1 and f.payback_median_s is not None
     assert f.refusals_by_reason == {"BARRED_BAD_DEBT": 2, "CEILING_REACHED": 1,
                                     "NOT_OPTED_IN": 1}
     assert f.ads_sent == 1 and f.ads_followed_by_loan_24h == 1  # A borrowed after his ad
-    assert f.ageing[0] == {"days": "0-7", "loans": 4, "owed_minor": 1330}
-    assert sum(b["owed_minor"] for b in f.ageing) == 1330
+    assert f.ageing[0] == {"days": "0-7", "loans": 5, "owed_minor": 1880}
+    assert sum(b["owed_minor"] for b in f.ageing) == 1880
 
     path = write_report(f, tmp_path / "out")
     text = path.read_text()
-    assert "5 loans, 17.00 EGP lent, 1.80 EGP in fees." in text
-    assert "| NOT_OPTED_IN | 1 |" in text and "cohort recovery rate 29.3 %" in text
+    assert "6 loans, 22.00 EGP lent, 2.30 EGP in fees." in text
+    assert "| NOT_OPTED_IN | 1 |" in text and "cohort recovery rate 22.6 %" in text
     for plot in ("loans_by_hour.png", "refusals.png", "ageing.png", "time_to_payback.png"):
         assert (tmp_path / "out" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{plot}]({plot})" in text
-    assert json.loads((tmp_path / "out" / "figures.json").read_text())["loans"]["count"] == 5
+    assert json.loads((tmp_path / "out" / "figures.json").read_text())["loans"]["count"] == 6
 
 
 async def test_report_command_end_to_end(demo_run, tmp_path, capsys):
@@ -141,7 +141,7 @@ async def test_report_command_end_to_end(demo_run, tmp_path, capsys):
     assert cli.main(["report", "--date", day.isoformat(), "--edr-dir", str(edr_dir),
                      "--out", str(out), "--config", str(config), "--no-ledger"]) == 0
     text = (out / "report.md").read_text()
-    assert "5 loans" in text and "Ageing" not in text  # EDRs only
+    assert "6 loans" in text and "Ageing" not in text  # EDRs only
     assert cli.main(["report", "--date", "1999-01-01", "--edr-dir", str(edr_dir),
                      "--config", str(config)]) == 1
     assert cli.main(["report", "--date", "yesterday", "--config", str(config)]) == 2

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from extrabalance.config import load_settings
 from extrabalance.diameter import codec, gy
 from extrabalance.diameter.node import DiameterNode, PeerAddress
 from extrabalance.diameter.peer import LocalIdentity
+from extrabalance.service.outcomes import AdvanceDecision, AdvanceOutcome
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
 from extrabalance.smpp.client import BindConfig, Esme
@@ -37,12 +37,6 @@ INFLIGHT_MAX = 4
 BURST = 12
 
 
-@dataclass
-class Advance:
-    result_code: int
-    granted_minor: int | None = None
-
-
 class BlockedLending:
     """Out-of-balance decisions that wait until released (a slow ledger)."""
 
@@ -51,10 +45,10 @@ class BlockedLending:
         self.release = asyncio.Event()
         self.borrows = 0
 
-    async def out_of_balance(self, *args: Any, **kwargs: Any) -> Advance:
+    async def out_of_balance(self, *args: Any, **kwargs: Any) -> AdvanceOutcome:
         self.calls += 1
         await self.release.wait()
-        return Advance(4012)
+        return AdvanceOutcome(AdvanceDecision.NO_ADVANCE)
 
     async def borrow(self, *args: Any) -> None:
         self.borrows += 1
@@ -175,10 +169,10 @@ class LateGrant:
         self.release = asyncio.Event()
         self.finished = asyncio.Event()
 
-    async def out_of_balance(self, *args: Any, **kwargs: Any) -> Advance:
+    async def out_of_balance(self, *args: Any, **kwargs: Any) -> AdvanceOutcome:
         try:
             await self.release.wait()
-            return Advance(2001, 500)
+            return AdvanceOutcome(AdvanceDecision.ADVANCED, 500)
         finally:
             self.finished.set()
 

@@ -131,7 +131,7 @@ class FakeIn:
             return InResult(InOutcome.DONE, 2001, op.amount_minor)
         if op.action is InAction.DIRECT_DEBITING:
             if refuse or balance < op.amount_minor:
-                return InResult(InOutcome.REFUSED, 4012)
+                return InResult(InOutcome.REFUSED, 4012, short_of_credit=True)
             self.balances[op.msisdn] = balance - op.amount_minor
             self.debits[op.session_id] = op.amount_minor
             return InResult(InOutcome.DONE, 2001, op.amount_minor)

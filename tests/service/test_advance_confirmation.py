@@ -4,6 +4,7 @@ and the confirmation as one operation."""
 
 import pytest
 
+from extrabalance.adapters.gy_server import result_code
 from extrabalance.core.reasons import Reason
 from extrabalance.service.ports import RechargeEvent
 from tests.service.fakes import BACKENDS, NOT_EXECUTED, REFUSE, TIMEOUT, Harness
@@ -26,7 +27,7 @@ async def opted_in(h):
 async def test_answer_lost_confirmation_applies_the_credit_once(h):
     await opted_in(h)
     out = await ccr(h, session="s1", number=2, delivered=False)
-    assert out.result_code == 2001 and out.granted_minor == 500
+    assert result_code(out) == 2001 and out.granted_minor == 500
     # The CCA never reached the IN; the confirmation, under the advance's own key,
     # credited it.
     assert h.fake_in.credits == {"s1#2": 500} and h.fake_in.balances == {M: 500}
@@ -63,7 +64,7 @@ async def test_confirming_advance_counts_as_debt_and_blocks_the_next_one(h):
     status = await h.lending.status(M)
     assert status.operation_pending
     second = await h.lending.out_of_balance("s2", 0, 1, M, None, IN_A)
-    assert second.result_code == 4012 and second.reason is Reason.OPERATION_PENDING
+    assert result_code(second) == 4012 and second.reason is Reason.OPERATION_PENDING
     await h.resolver.run_once()
     assert await loan_states(h) == [("ACTIVE",)] and h.fake_in.credits == {"s1": 500}
 
@@ -71,7 +72,7 @@ async def test_confirming_advance_counts_as_debt_and_blocks_the_next_one(h):
 async def test_crash_between_commit_and_send_resolver_confirms_at_start_up(h):
     await opted_in(h)
     out = await ccr(h, delivered=False, confirm=False)
-    assert out.result_code == 2001
+    assert result_code(out) == 2001
     await h.restart()  # the node dies before the CCA and the confirmation leave
     assert h.fake_in.calls == [] and await loan_states(h) == [("CONFIRMING",)]
     report = await h.resolver.run_once()
@@ -95,7 +96,7 @@ async def test_in_refuses_the_confirmation_advance_failed_and_reversed(h):
     await opted_in(h)
     h.fake_in.fail_next(REFUSE)  # 4010 to the confirmation
     out = await ccr(h, delivered=False)
-    assert out.result_code == 2001
+    assert result_code(out) == 2001
     assert await loan_states(h) == [("FAILED",)]
     inv = await h.check_invariants()
     assert inv["debts"].get(M, 0) == 0 and h.fake_in.credits == {}
@@ -106,9 +107,9 @@ async def test_in_refuses_the_confirmation_advance_failed_and_reversed(h):
     assert loaded.state.loans_since_full_payback == 0
     # A late retransmission of the CCR is refused, not granted again.
     again = await h.lending.out_of_balance("s1", 0, 1, M, None, IN_A)
-    assert again.replayed and again.result_code == 4012 and again.granted_minor is None
+    assert again.replayed and result_code(again) == 4012 and again.granted_minor is None
     # The subscriber may borrow again at once: nothing is pending.
-    assert (await ccr(h, session="s2")).result_code == 2001
+    assert result_code(await ccr(h, session="s2")) == 2001
     assert (await h.check_invariants())["debts"] == {M: 550}
 
 

@@ -12,6 +12,7 @@ import io
 import json
 from datetime import timedelta
 
+from extrabalance.adapters.gy_server import result_code
 from extrabalance.admin_cli import reconcile_in_command
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.reconcile_in import InGrant, read_extract, reconcile_in
@@ -28,8 +29,8 @@ async def advances(h: Harness) -> None:
         await h.lending.set_preferences(msisdn, auto_advance=True)
     for number in range(3):  # M: three advances in one session
         out = await h.lending.out_of_balance("s1", number, 1 if number == 0 else 2, M, None, IN_A)
-        assert out.result_code == 2001
-    assert (await h.lending.out_of_balance("s2", 0, 1, M2, None, IN_A)).result_code == 2001
+        assert result_code(out) == 2001
+    assert result_code(await h.lending.out_of_balance("s2", 0, 1, M2, None, IN_A)) == 2001
 
 
 def extract(*keys: tuple[str, int, str]) -> list[InGrant]:
@@ -62,7 +63,7 @@ async def test_advances_the_in_never_applied_are_reversed_the_rest_confirmed(h):
     assert states == [(0, "ACTIVE"), (1, "ACTIVE"), (2, "FAILED")]
     # The IN's late re-send of that request is refused, not granted again.
     again = await h.lending.out_of_balance("s1", 2, 2, M, None, IN_A)
-    assert again.replayed and again.result_code == 4012
+    assert again.replayed and result_code(again) == 4012
     # Idempotent: a second run reverses nothing more.
     assert not (await run(h, grants, apply=True)).reversed
 

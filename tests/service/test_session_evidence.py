@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from extrabalance.adapters.gy_server import result_code
 from extrabalance.service.reconcile_in import reconcile_in
 from tests.service.fakes import Harness
 
@@ -34,10 +35,10 @@ async def _reconcile(h: Harness, *, apply: bool):
 async def test_termination_with_used_units_confirms_the_initial_advance(h):
     await _subscriber(h)
     grant = await h.lending.out_of_balance("s1", 0, INITIAL, M, None, IN_A)
-    assert grant.result_code == 2001 and grant.loan_id
+    assert result_code(grant) == 2001 and grant.loan_id
     assert await _evidence(h, grant.loan_id) is None
     end = await h.lending.out_of_balance("s1", 1, TERMINATION, M, None, IN_A, used_minor=420)
-    assert end.result_code == 2001
+    assert result_code(end) == 2001
     assert await _evidence(h, grant.loan_id) == (TERMINATION, 1, 420)
     audit = [a for a in await h.audit(M) if a["action"] == "advance_session_evidence"]
     assert len(audit) == 1
@@ -69,7 +70,7 @@ async def test_update_without_used_units_is_evidence_too(h):
 async def test_event_advances_are_unchanged(h):
     await _subscriber(h)
     grant = await h.lending.out_of_balance("e1", 0, EVENT, M, None, IN_A)
-    assert grant.result_code == 2001
+    assert result_code(grant) == 2001
     assert await _evidence(h, grant.loan_id) is None
     report = await _reconcile(h, apply=True)
     assert [r["loan_id"] for r in report.reversed] == [grant.loan_id]
@@ -81,6 +82,6 @@ async def test_update_or_termination_of_an_unknown_session_stays_5002(h):
     for number, kind in ((1, UPDATE), (2, TERMINATION)):
         out = await h.lending.out_of_balance("nosuch", number, kind, M, None, IN_A,
                                              used_minor=100)
-        assert out.result_code == 5002
+        assert result_code(out) == 5002
     assert not [a for a in await h.audit(M) if a["action"] == "advance_session_evidence"]
     assert await h.loans() == []  # no advance to hold evidence

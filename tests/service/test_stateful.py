@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from extrabalance.adapters.gy_server import result_code
 from extrabalance.core.segments import match_segment
 from extrabalance.service.ports import RechargeEvent
 from tests.core.sample import POLICY, profile
@@ -111,7 +112,7 @@ class LedgerMachine(RuleBasedStateMachine):
             out = self.run(
                 self.h.lending.out_of_balance(sid, number, 1, m, None, "in-a.operator.example")
             )
-            granted = out.result_code == 2001 and out.granted_minor and not out.replayed
+            granted = result_code(out) == 2001 and out.granted_minor and not out.replayed
             if delivery == "crash":
                 self.crashes += 1
                 self.run(self.h.restart())
