@@ -137,12 +137,7 @@ class Resolver:
         """One pass over the pending operations this node claims (see `node_name`), up
         to `concurrent_max` at once (one subscriber's are serialised by his lock), each
         re-sent unchanged."""
-        now = self.clock()
-        until, me, most = now + self.lease, self.node_name, self.batch_max
-        loans = await self.ledger.write(
-            lambda tx: tx.claim_unsettled_loans(me, now, until, most))
-        recs = await self.ledger.write(
-            lambda tx: tx.claim_unsettled_recoveries(me, now, until, most))
+        loans, recs = await self._claim()
         slots = asyncio.Semaphore(self.concurrent_max)
 
         async def loan_result(loan: LoanRow) -> str:
@@ -157,8 +152,14 @@ class Resolver:
             async with slots:
                 return await self._resolve_recovery(rec.recovery_id, rec.msisdn)
 
-        loan_results = await asyncio.gather(*(loan_result(loan) for loan in loans))
-        rec_results = await asyncio.gather(*(recovery_result(rec) for rec in recs))
+        # A run longer than a quarter of the lease renews it meanwhile, so another
+        # node never takes over a row this run has not reached yet.
+        renewing = asyncio.create_task(self._renew_while_running())
+        try:
+            loan_results = await asyncio.gather(*(loan_result(loan) for loan in loans))
+            rec_results = await asyncio.gather(*(recovery_result(rec) for rec in recs))
+        finally:
+            renewing.cancel()
         results = [*loan_results, *rec_results]
         return ResolveReport(
             loans_settled=loan_results.count("settled"),
@@ -166,6 +167,26 @@ class Resolver:
             still_unknown=results.count("unknown") + results.count("flagged"),
             flagged_for_review=results.count("flagged"),
         )
+
+    async def _claim(self) -> tuple[list[LoanRow], list[RecoveryRow]]:
+        """Claim (or renew) this node's share of the unsettled operations."""
+        now = self.clock()
+        until, me, most = now + self.lease, self.node_name, self.batch_max
+        loans = await self.ledger.write(
+            lambda tx: tx.claim_unsettled_loans(me, now, until, most))
+        recs = await self.ledger.write(
+            lambda tx: tx.claim_unsettled_recoveries(me, now, until, most))
+        return loans, recs
+
+    async def _renew_while_running(self) -> None:
+        """Every quarter of the lease, claim again: the rows still unsettled are this
+        node's and their lease is renewed (rows newly claimed wait for the next run)."""
+        while True:
+            await asyncio.sleep(self.lease.total_seconds() / 4)
+            try:
+                await self._claim()
+            except Exception:  # the run goes on; the next renewal tries again
+                log.exception("resolver_lease_renewal_failed")
 
     def follow_up(self, kind: str, record_id: str, msisdn: str) -> None:
         """Re-send one pending operation ("loan" or "recovery") unchanged, in the
