@@ -106,6 +106,27 @@ def to_pyformat(sql: str) -> str:
     return out
 
 
+# A small batch of rows for one INSERT ... VALUES (?, ...) goes as one statement of
+# that many row groups: psycopg's executemany would send a statement per row in pipeline
+# mode, whose entry, exit and per-row bookkeeping cost the client more than the rows.
+MULTI_ROW_MAX = 16
+_INSERT_VALUES = re.compile(r"(INSERT\s.*?\sVALUES\s*)(\((?:\s*\?\s*,)*\s*\?\s*\))(.*)",
+                            re.DOTALL | re.IGNORECASE)
+_multi_row: dict[tuple[str, int], str | None] = {}
+
+
+def multi_row_insert(sql: str, rows: int) -> str | None:
+    """`sql` (one `INSERT ... VALUES (?, ...)` [tail]) with `rows` row groups, as
+    psycopg SQL; None for any other statement. Cached per (text, rows)."""
+    key = (sql, rows)
+    if key not in _multi_row:
+        m = _INSERT_VALUES.fullmatch(sql.strip())
+        tail = None if m is None else to_pyformat(m.group(3))
+        _multi_row[key] = None if m is None or tail is None or "%s" in tail else (
+            to_pyformat(m.group(1) + ", ".join([m.group(2)] * rows)) + tail)
+    return _multi_row[key]
+
+
 # -- the transaction object ----------------------------------------------------------
 
 
@@ -171,8 +192,13 @@ class PostgresLedgerTx:
         return self.conn.execute(sql)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> psycopg.Cursor[Any]:
+        batch = list(rows)
+        if 1 < len(batch) <= MULTI_ROW_MAX:
+            many = multi_row_insert(sql, len(batch))
+            if many is not None:  # one statement, one round trip (a journal entry's lines)
+                return self.conn.execute(many, [v for row in batch for v in row])
         cur = self.conn.cursor()
-        cur.executemany(to_pyformat(sql), list(rows))
+        cur.executemany(to_pyformat(sql), batch)
         return cur
 
     # -- the subscriber lock ---------------------------------------------------------
