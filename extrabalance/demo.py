@@ -36,7 +36,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,7 +270,8 @@ async def play(env: DemoEnv, transcript: Transcript) -> Summary:
     t = transcript
     in_sim, smsc = env.in_sim, env.smsc
     exponent = env.settings.node.currency_exponent
-    money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"
+    def money(minor: int) -> str:
+        return f"{format_minor(minor, exponent)} {env.settings.node.currency}"
     phone_a, phone_b = smsc.handset(A), smsc.handset(B)
 
     seen = [len(in_sim.applied())]
@@ -392,23 +393,15 @@ async def summarise(env: DemoEnv) -> Summary:
         "SELECT COALESCE(SUM(recovered_minor), 0) FROM recoveries WHERE state = 'DONE'"
     ).fetchone()[0])
     journal_sum = sum(totals.values())
-    bundles = {tier_id: tier.bundle for tier_id, tier in env.settings.policy().tiers.items()
-               if tier.bundle is not None}
-    by_tier = await ledger.read(lambda c: c.execute(
-        "SELECT tier_id, COUNT(*) FROM loans WHERE state NOT IN ('FAILED', 'REQUESTED')"
-        " GROUP BY tier_id").fetchall())
-    expected_units: dict[str, int] = {}
-    bundle_loans = 0
-    for tier_id, count in by_tier:
-        bundle = bundles.get(int(tier_id))
-        if bundle is not None:
-            bundle_loans += int(count)
-            expected_units[bundle.kind] = expected_units.get(bundle.kind, 0) + (
-                int(count) * bundle.quantity)
-    bundle_price = await ledger.read(lambda c: c.execute(
-        "SELECT COALESCE(SUM(principal_minor), 0) FROM loans WHERE state NOT IN"
-        f" ('FAILED', 'REQUESTED') AND tier_id IN ({','.join(map(str, bundles)) or 'NULL'})"
-    ).fetchone()[0])
+    # What the ledger booked for its bundle loans: the units stored with each loan
+    # (never the tiers as configured now) and their money price.
+    by_kind = await ledger.read(lambda c: c.execute(
+        "SELECT bundle_kind, COUNT(*), COALESCE(SUM(bundle_quantity), 0),"
+        " COALESCE(SUM(principal_minor), 0) FROM loans WHERE state NOT IN"
+        " ('FAILED', 'REQUESTED') AND bundle_kind IS NOT NULL GROUP BY bundle_kind").fetchall())
+    expected_units = {str(kind): int(quantity) for kind, _, quantity, _ in by_kind}
+    bundle_loans = sum(int(count) for _, count, _, _ in by_kind)
+    bundle_price = sum(int(price) for _, _, _, price in by_kind)
     applied = env.in_sim.applied()
     credited = sum(op.moved_minor for op in applied
                    if op.action in ("REFUND_ACCOUNT", KIND_OUT_OF_BALANCE_GRANT))
@@ -455,7 +448,8 @@ def _print_entry(entry: Entry) -> None:
 
 
 def _print_summary(s: Summary, exponent: int, currency: str) -> None:
-    m = lambda minor: f"{format_minor(minor, exponent)} {currency}"
+    def m(minor: int) -> str:
+        return f"{format_minor(minor, exponent)} {currency}"
     rows = [
         ("loans granted", str(s.loans)),
         ("principal lent", m(s.principal_lent_minor)),
@@ -487,7 +481,7 @@ def run_demo(*, json_output: bool = False, keep: bool = False) -> int:
     return run_story(story, prefix="extrabalance-demo-", json_output=json_output, keep=keep)
 
 
-def run_story(story: Callable[[Path, Transcript], Awaitable[Summary]], *, prefix: str,
+def run_story(story: Callable[[Path, Transcript], Coroutine[Any, Any, Summary]], *, prefix: str,
               json_output: bool, keep: bool) -> int:
     """Play `story` in a temporary directory, print it (or the summary as JSON); 0 when
     the ledger and the IN agree."""

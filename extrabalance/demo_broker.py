@@ -47,7 +47,7 @@ class _Session:
     inflight: OrderedDict[int, tuple[str, bytes]] = field(default_factory=OrderedDict)
     queued: list[tuple[str, bytes]] = field(default_factory=list)
     writer: asyncio.StreamWriter | None = None
-    ids: itertools.cycle = field(default_factory=lambda: itertools.cycle(range(1, 65536)))
+    ids: itertools.cycle[int] = field(default_factory=lambda: itertools.cycle(range(1, 65536)))
 
 
 class DemoBroker:

@@ -258,7 +258,8 @@ async def play_cluster(env: ClusterEnv, transcript: Transcript) -> Summary:
     t = transcript
     in_sim, smsc = env.in_sim, env.smsc
     exponent = env.settings.node.currency_exponent
-    money = lambda minor: f"{format_minor(minor, exponent)} {env.settings.node.currency}"
+    def money(minor: int) -> str:
+        return f"{format_minor(minor, exponent)} {env.settings.node.currency}"
     by_name = {n.name: n for n in env.nodes}
     phone_a, phone_b = smsc.handset(A), smsc.handset(B)
     in_sim.set_balance(A, 0)

@@ -76,6 +76,7 @@ class Node:
                  clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = s = settings
         self.clock = clock
+        self.config_path: str | None = None  # the admin API's reload re-reads this file
         utc_now = clock.now
         self.policy = s.policy()
         self.templates = Templates(s.templates, s.node.default_language, s.node.currency_exponent)
@@ -125,6 +126,7 @@ class Node:
             transient_errors=(RequestTimeout, NoPeerAvailable, asyncio.TimeoutError, ConnectionError),
             never_sent_errors=(NoPeerAvailable,),
             end_to_end_ids=self.diameter.new_end_to_end_id,
+            clock=clock,
             observe=lambda action, seconds: self.metrics.child(
                 self.metrics.in_latency, action).observe(seconds),
         )
@@ -146,7 +148,7 @@ class Node:
         )
         locks = SubscriberLocks()
         confirming_ins = frozenset(n.origin_host for n in s.in_nodes if n.advance_confirmation)
-        common = {"locks": locks, "default_language": s.node.default_language}
+        language = s.node.default_language
         # The services need a notifier before the SMPP channel (which needs the lending
         # service) exists: a forwarder breaks the cycle.
         notifier = _LateNotifier()
@@ -157,13 +159,14 @@ class Node:
             self.ledger, notifier, utc_now, monotonic=clock.monotonic,
             claim_s=OUTBOX_CLAIM_S if s.storage.backend == "postgresql" else None)
         self.lending = LendingService(self.ledger, self.in_port, self.outbox, self.events,
-                                      self.policy, self.router, utc_now, **common,
+                                      self.policy, self.router, utc_now, locks=locks, default_language=language,
                                       advance_confirmation_nodes=confirming_ins)
         self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
         self.payback = PaybackService(self.ledger, self.in_port, self.outbox, self.events,
-                                      self.policy, self.router, utc_now, **common)
+                                      self.policy, self.router, utc_now, locks=locks,
+                                      default_language=language)
         self.resolver = Resolver(self.ledger, self.in_port, self.outbox, self.events, self.policy,
-                                 utc_now, **common, advance_confirmation_nodes=confirming_ins,
+                                 utc_now, locks=locks, default_language=language, advance_confirmation_nodes=confirming_ins,
                                  node_name=s.node.name, lease_s=s.storage.saga_lease_s)
         self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
                                        locks=locks)
@@ -425,7 +428,7 @@ class Node:
 
         self.admin: AdminServer | None = None
         try:
-            admin = AdminServer(self, config_path=getattr(self, "config_path", None))
+            admin = AdminServer(self, config_path=self.config_path)
             self.ports.admin = await admin.start()
             self.admin = admin
         except (AdminConfigError, OSError) as exc:

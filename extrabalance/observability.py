@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ EDR_FIELDS = (
     "time", "node", "kind", "msisdn", "channel", "tier_id", "amount_minor", "fee_minor",
     "recovered_minor", "debt_after_minor", "reason", "loan_id", "recovery_id", "event_id",
     "in_node", "template", "detail", "limit_minor", "limit_reason",
+    # Added at the end (older files are a prefix of this header, see report.read_edrs).
+    "bundle_kind", "bundle_quantity",
 )
 # Every kind of business event the services emit (a test reads the sources to keep
 # this list whole); docs/operations.md says what each means.
@@ -124,13 +126,13 @@ class _CurrentStderr:
 
 def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
                       stream: Any = None) -> None:
-    def _mask(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         value = event.get("msisdn")
         if mask_msisdn_in_logs and isinstance(value, str):
             event["msisdn"] = mask_msisdn(value)
         return event
 
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _mask,

@@ -113,14 +113,25 @@ def _time(value: str) -> datetime:
 
 
 def read_edrs(path: Path) -> list[dict[str, str]]:
-    """Rows of one EDR file as dicts; the header must be the known schema."""
+    """Rows of one EDR file as dicts, keyed by every `EDR_FIELDS` name.
+
+    Columns are only ever added at the end of the schema, so a file written by an
+    earlier release has a header that is a prefix of it: its missing cells read as
+    empty. A day upgraded mid-way keeps its first header while later lines carry the
+    new columns; cells are therefore matched to `EDR_FIELDS` by position."""
     with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        if tuple(reader.fieldnames or ()) != EDR_FIELDS:
+        reader = csv.reader(fh)
+        header = tuple(next(reader, ()))
+        if not header or header != EDR_FIELDS[: len(header)]:
             raise ReportError(f"{path}: header is not the EDR schema {','.join(EDR_FIELDS)}")
         rows = []
-        for row in reader:
-            rows.append(row)
+        for cells in reader:
+            if not cells:  # a blank line, skipped as csv.DictReader does
+                continue
+            if len(cells) > len(EDR_FIELDS):
+                raise ReportError(f"{path}: line {reader.line_num} has more cells than the schema")
+            padded = [*cells, *[""] * (len(EDR_FIELDS) - len(cells))]
+            rows.append(dict(zip(EDR_FIELDS, padded, strict=True)))
             if len(rows) > EDR_ROWS_MAX:
                 raise ReportError(f"{path}: more than {EDR_ROWS_MAX} lines")
         return rows

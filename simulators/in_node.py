@@ -1204,7 +1204,7 @@ def _node_peers(
     if isinstance(given, NodePeer):
         return (given,)
     if isinstance(given, tuple) and len(given) == 4 and isinstance(given[1], int):
-        return (NodePeer(*given),)  # type: ignore[arg-type]
+        return (NodePeer(*given),)
     peers = tuple(p if isinstance(p, NodePeer) else NodePeer(*p) for p in given)
     if len(peers) > NODE_PEERS_MAX:
         raise ValueError(f"at most {NODE_PEERS_MAX} Extra Balance nodes")

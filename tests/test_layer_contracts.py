@@ -147,6 +147,14 @@ def test_entry_points_reach_money_through_services_or_the_port() -> None:
         if hits:
             problems[name] = hits
     assert not problems, f"entry points around the services: {problems}"
+    sql = [
+        f"{name}:{node.lineno}"
+        for name in NO_DRIVER
+        for node in ast.walk(ast.parse((PACKAGE / name).read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("execute", "executemany", "executescript")
+    ]
+    assert not sql, f"entry points running SQL themselves: {sql}"
 
 
 def _result_code_declarations(path: Path) -> list[str]:

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from extrabalance.clock import SYSTEM_CLOCK, Clock
 from extrabalance.diameter import gy
 from extrabalance.diameter.codec import DiameterError, Message
 from extrabalance.diameter.constants import (
@@ -91,8 +92,10 @@ class DiameterInPort:
         never_sent_errors: tuple[type[BaseException], ...] = (),
         observe: Callable[[str, float], None] | None = None,
         end_to_end_ids: Callable[[], int] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._send = send
+        self._clock = clock  # the node's one clock: Event-Timestamp
         self._in_nodes = in_nodes
         self._host = origin_host
         self._realm = origin_realm
@@ -167,7 +170,7 @@ class DiameterInPort:
             # "Bundle advances"); every other operation, exactly as before.
             requested_minor=op.amount_minor if bundle is None else None,
             currency_numeric=self._currency_numeric if bundle is None else None,
-            event_timestamp=gy.ntp_now(),
+            event_timestamp=gy.ntp_now(self._clock),
             has_mscc=bundle is not None,
             bundle=bundle,
         )

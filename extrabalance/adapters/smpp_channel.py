@@ -62,7 +62,7 @@ class SmppChannel:
         lending: Any,
         templates: Templates,
         policy: Policy,
-        submit: Callable[[Any], Awaitable[Any]],
+        submit: Callable[..., Awaitable[Any]],
         send_sms: Callable[..., Awaitable[Any]],
         short_code: str,
         ussd_code: str = "*123#",

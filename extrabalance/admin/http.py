@@ -331,7 +331,9 @@ class _Connection(RequestHandler):
                 timer.cancel()
         super().connection_lost(exc)
 
-    def eof_received(self) -> bool:
+    # asyncio.Protocol.eof_received may return True (keep the transport open); aiohttp
+    # declares its own as returning None.
+    def eof_received(self) -> bool:  # type: ignore[override]
         # The client closed its side: a body still expected will never come. Keep the
         # transport open to answer (400 "body shorter than Content-Length"); the
         # request deadline still closes it if no whole head ever came.

@@ -279,7 +279,7 @@ class AdminServer:
         node = self.node
         checks: dict[str, Any] = {}
         try:
-            await asyncio.wait_for(node.ledger.read(lambda c: c.execute("SELECT 1").fetchone()),
+            await asyncio.wait_for(node.ledger.read(lambda tx: tx.ping()),
                                    READY_CHECK_TIMEOUT_S)
             checks["ledger"] = {"ok": True}
         except Exception as exc:  # noqa: BLE001 - reported, not raised (timeouts too)

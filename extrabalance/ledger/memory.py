@@ -32,6 +32,7 @@ from extrabalance.core.adjustments import (
 from extrabalance.core.limits import LimitState
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
 from extrabalance.core.payback import Recovery
+from extrabalance.core.policy import Bundle
 from extrabalance.core.sagas import (
     ACTIVE,
     CONFIRMING,
@@ -147,6 +148,9 @@ class MemoryLedgerTx:
         if not self._writable:
             raise ReadOnly("a read unit of work tried to write")
         return self._t
+
+    def ping(self) -> None:
+        """Nothing to reach: the tables are in this process."""
 
     # -- subscribers -------------------------------------------------------------------
 
@@ -447,6 +451,7 @@ class MemoryLedgerTx:
         subscriber_known: bool = False,
         owner_node: str | None = None,
         lease_until: datetime | None = None,
+        bundle: Bundle | None = None,
     ) -> str:
         sagas.check_loan_move(None, state, loan_id or "")
         t = self._w()
@@ -476,6 +481,7 @@ class MemoryLedgerTx:
                 0,
                 False,
                 ts(now),
+                bundle,
             ),
             now,
         )

@@ -254,6 +254,7 @@ class PostgresLedgerTx:
         return loan
 
     # -- the port's operations -------------------------------------------------------
+    ping = _op(store.ping)
     # subscribers
     load_subscriber = _by_msisdn(store.load_subscriber)
     open_loans = _by_msisdn(store.open_loans)

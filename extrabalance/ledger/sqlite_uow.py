@@ -30,6 +30,7 @@ class SqliteLedgerTx(sqlite3.Connection):
     `LedgerTx` (a function assigned here is called with the connection as its first
     argument, exactly as the services called it before the port)."""
 
+    ping = store.ping
     # subscribers
     load_subscriber = store.load_subscriber
     put_profile = store.put_profile

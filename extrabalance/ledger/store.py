@@ -40,6 +40,7 @@ from extrabalance.core import journal, sagas
 from extrabalance.core.limits import LimitState
 from extrabalance.core.model import OpenLoan, SubscriberProfile, SubscriberState
 from extrabalance.core.payback import Recovery
+from extrabalance.core.policy import Bundle
 from extrabalance.core.sagas import (
     ACTIVE,
     CONFIRMING,
@@ -105,6 +106,11 @@ def ts(moment: datetime) -> str:
     text = moment.isoformat(timespec="microseconds")
     _last_ts = (moment, text)
     return text
+
+
+def ping(conn: sqlite3.Connection) -> None:
+    """One round trip to the database (readiness: the ledger answers)."""
+    conn.execute("SELECT 1").fetchone()
 
 
 def new_id() -> str:
@@ -532,20 +538,36 @@ class LoanRow:
     resolve_attempts: int
     needs_review: bool
     created_at: str
+    # A bundle loan: the units it asked the IN to credit, as booked (migration 0012);
+    # every send of its REFUND_ACCOUNT is built from them. None: a money loan.
+    bundle: Bundle | None = None
 
 
 LOAN_COLUMNS = (
     "loan_id, msisdn, tier_id, principal_minor, fee_minor, principal_repaid_minor,"
     " fee_repaid_minor, state, channel, idempotency_key, in_node, diameter_session_id,"
-    " request_number, resolve_attempts, needs_review, created_at"
+    " request_number, resolve_attempts, needs_review, created_at,"
+    " bundle_kind, bundle_quantity, bundle_service_identifier, bundle_rating_group"
 )
 
 
 def loan_row(row: tuple[Any, ...]) -> LoanRow:
     """A `LoanRow` from a row of `LOAN_COLUMNS`."""
-    values = list(row)
-    values[14] = bool(values[14])
-    return LoanRow(*values)
+    (loan_id, msisdn, tier_id, principal_minor, fee_minor, principal_repaid_minor,
+     fee_repaid_minor, state, channel, idempotency_key, in_node, session_id, request_number,
+     resolve_attempts, needs_review, created_at,
+     kind, quantity, service_identifier, rating_group) = row
+    bundle = None
+    if kind is not None:
+        bundle = Bundle(kind, int(quantity), _int_or_none(service_identifier),
+                        _int_or_none(rating_group))
+    return LoanRow(loan_id, msisdn, tier_id, principal_minor, fee_minor, principal_repaid_minor,
+                   fee_repaid_minor, state, channel, idempotency_key, in_node, session_id,
+                   request_number, resolve_attempts, bool(needs_review), created_at, bundle)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def get_loan(conn: sqlite3.Connection, loan_id: str) -> LoanRow | None:
@@ -582,11 +604,13 @@ def insert_loan(
     subscriber_known: bool = False,
     owner_node: str | None = None,
     lease_until: datetime | None = None,
+    bundle: Bundle | None = None,
 ) -> str:
     """Insert a loan; an ACTIVE or CONFIRMING one is journalled at once.
     `subscriber_known`: the caller has just read the subscribers row, so it need not
     be ensured again. `owner_node` / `lease_until`: the node whose saga it is, until
-    when (see `claim_unsettled_loans`)."""
+    when (see `claim_unsettled_loans`). `bundle`: a bundle loan's units, stored with
+    it so that every send of its credit asks for the same units."""
     sagas.check_loan_move(None, state, loan_id or "")
     loan_id = loan_id or new_id()
     if not subscriber_known:
@@ -594,8 +618,9 @@ def insert_loan(
     conn.execute(
         "INSERT INTO loans (loan_id, msisdn, tier_id, principal_minor, fee_minor, state,"
         " channel, idempotency_key, in_node, diameter_session_id, request_number,"
-        " created_at, updated_at, owner_node, lease_until)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " created_at, updated_at, owner_node, lease_until, bundle_kind, bundle_quantity,"
+        " bundle_service_identifier, bundle_rating_group)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             loan_id,
             msisdn,
@@ -612,11 +637,19 @@ def insert_loan(
             ts(now),
             owner_node,
             ts(lease_until) if lease_until is not None else None,
+            *_bundle_columns(bundle),
         ),
     )
     if state in (ACTIVE, CONFIRMING):
         _disburse(conn, loan_id, msisdn, principal_minor, fee_minor, now)
     return loan_id
+
+
+def _bundle_columns(bundle: Bundle | None) -> tuple[Any, Any, Any, Any]:
+    """The four bundle columns of a loan row (all NULL for a money loan)."""
+    if bundle is None:
+        return (None, None, None, None)
+    return (bundle.kind, bundle.quantity, bundle.service_identifier, bundle.rating_group)
 
 
 def _disburse(

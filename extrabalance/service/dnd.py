@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
@@ -50,6 +51,10 @@ def read_msisdns(path: Path, report: ImportReport) -> Iterator[str]:
                     report.bad_examples.append(f"line {line_no}: {cell[:40]!r}")
                 continue
             yield cell
+
+
+def _add(tx: LedgerTx, *, msisdns: list[str], source: str, who: str, now: datetime) -> int:
+    return tx.dnd_add(msisdns, source, who, now)
 
 
 def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -105,8 +110,8 @@ class DoNotDisturb:
         report = ImportReport()
         for batch in _batches(read_msisdns(path, report), IMPORT_BATCH_ROWS):
             now = self.clock()
-            new = await self.ledger.write(
-                lambda tx, batch=batch, now=now: tx.dnd_add(batch, source, who, now))
+            new = await self.ledger.write(partial(_add, msisdns=batch, source=source, who=who,
+                                                  now=now))
             report.listed_new += new
             report.already_listed += len(batch) - new
         return report

@@ -466,6 +466,9 @@ class LendingService:
                     if channel != "auto":
                         self.notifier.put(tx, loan_notice(refused, msisdn, loaded.state.language), now)
                     return refused
+                bundle = decision.tier.bundle
+                # A bundle's units are booked with the loan: every send of its credit
+                # (re-sends, the resolver's) asks for these, whatever the tier says later.
                 loan_id = tx.insert_loan(
                     msisdn=msisdn,
                     tier_id=decision.tier.tier_id,
@@ -478,8 +481,8 @@ class LendingService:
                     session_id=session_id,
                     now=now,
                     subscriber_known=loaded.known,
+                    bundle=bundle,
                 )
-                bundle = decision.tier.bundle
                 if channel != "auto":  # what he agreed to, with the loan it asked for
                     audit_consent(tx, self.policy, msisdn, LOAN_CONSENT, channel, now, {
                         "tier_id": decision.tier.tier_id, "loan_id": loan_id,
@@ -540,7 +543,7 @@ class LendingService:
             except Exception as exc:
                 log.error("loan_settlement_lost", loan_id=step.loan_id, error=repr(exc))
                 raise
-        self._emit_loan(msisdn, outcome, channel, result, step.limit)
+        self._emit_loan(msisdn, outcome, channel, result, step.limit, step.bundle)
         if outcome.status is BorrowStatus.PENDING and self.follow_up is not None:
             self.follow_up("loan", step.loan_id, msisdn)
         self.notifier.wake()
@@ -556,7 +559,9 @@ class LendingService:
         channel: str,
         result: InResult,
         limit: Limit | None = None,
+        bundle: Bundle | None = None,
     ) -> None:
+        units = bundle_edr(bundle)
         if outcome.status is BorrowStatus.GRANTED:
             self.events.emit(
                 "loan",
@@ -568,6 +573,7 @@ class LendingService:
                 debt_after_minor=outcome.debt_minor,
                 channel=channel,
                 **limit_edr(limit),
+                **units,
             )
         elif outcome.status is BorrowStatus.REFUSED:
             self.events.emit(
@@ -577,9 +583,11 @@ class LendingService:
                 channel=channel,
                 result_code=result.result_code,
                 loan_id=outcome.loan_id,
+                **units,
             )
         else:
-            self.events.emit("loan_pending", msisdn=msisdn, loan_id=outcome.loan_id, channel=channel)
+            self.events.emit("loan_pending", msisdn=msisdn, loan_id=outcome.loan_id,
+                             channel=channel, **units)
 
     async def _language(self, msisdn: str) -> str:
         loaded = await self.ledger.read_point(
@@ -1074,6 +1082,14 @@ def _session_evidence(tx: LedgerTx, session_id: str, request_type: int,
              {"session_id": session_id, "request_type": request_type,
               "used_minor": used_minor})
     return [loan]
+
+
+def bundle_edr(bundle: Bundle | None) -> dict[str, object]:
+    """A bundle loan's units in its EDR lines (`bundle_kind`, `bundle_quantity`: the
+    units booked with the loan); none for a money loan."""
+    if bundle is None:
+        return {}
+    return {"bundle_kind": bundle.kind, "bundle_quantity": bundle.quantity}
 
 
 def _offered(quote: Offer, tier_id: int | None, kind: str = MONEY) -> OfferTier | None:

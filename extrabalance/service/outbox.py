@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -171,9 +172,12 @@ class OutboxSender:
             self._next_start = max(self._next_start, self.monotonic()) + 1.0 / self.rate_per_s
             task = asyncio.get_running_loop().create_task(self._send(row))
             self._in_flight[row.outbox_id] = task
-            task.add_done_callback(lambda _t, oid=row.outbox_id: self._done(oid))
+            task.add_done_callback(partial(self._task_done, row.outbox_id))
             started += 1
         return started
+
+    def _task_done(self, outbox_id: str, _task: asyncio.Task[None]) -> None:
+        self._done(outbox_id)
 
     def _done(self, outbox_id: str) -> None:
         self._in_flight.pop(outbox_id, None)

@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from extrabalance.core import sagas
-from extrabalance.core.policy import Bundle, Policy
+from extrabalance.core.policy import Policy
 from extrabalance.service.lending import (
     Clock,
     ConfirmStatus,
+    bundle_edr,
     call_in,
     confirm_advance,
     loan_notice,
@@ -136,12 +137,7 @@ class Resolver:
         """One pass over the pending operations this node claims (see `node_name`), up
         to `concurrent_max` at once (one subscriber's are serialised by his lock), each
         re-sent unchanged."""
-        now = self.clock()
-        until, me, most = now + self.lease, self.node_name, self.batch_max
-        loans = await self.ledger.write(
-            lambda tx: tx.claim_unsettled_loans(me, now, until, most))
-        recs = await self.ledger.write(
-            lambda tx: tx.claim_unsettled_recoveries(me, now, until, most))
+        loans, recs = await self._claim()
         slots = asyncio.Semaphore(self.concurrent_max)
 
         async def loan_result(loan: LoanRow) -> str:
@@ -156,8 +152,14 @@ class Resolver:
             async with slots:
                 return await self._resolve_recovery(rec.recovery_id, rec.msisdn)
 
-        loan_results = await asyncio.gather(*(loan_result(loan) for loan in loans))
-        rec_results = await asyncio.gather(*(recovery_result(rec) for rec in recs))
+        # A run longer than a quarter of the lease renews it meanwhile, so another
+        # node never takes over a row this run has not reached yet.
+        renewing = asyncio.create_task(self._renew_while_running())
+        try:
+            loan_results = await asyncio.gather(*(loan_result(loan) for loan in loans))
+            rec_results = await asyncio.gather(*(recovery_result(rec) for rec in recs))
+        finally:
+            renewing.cancel()
         results = [*loan_results, *rec_results]
         return ResolveReport(
             loans_settled=loan_results.count("settled"),
@@ -165,6 +167,26 @@ class Resolver:
             still_unknown=results.count("unknown") + results.count("flagged"),
             flagged_for_review=results.count("flagged"),
         )
+
+    async def _claim(self) -> tuple[list[LoanRow], list[RecoveryRow]]:
+        """Claim (or renew) this node's share of the unsettled operations."""
+        now = self.clock()
+        until, me, most = now + self.lease, self.node_name, self.batch_max
+        loans = await self.ledger.write(
+            lambda tx: tx.claim_unsettled_loans(me, now, until, most))
+        recs = await self.ledger.write(
+            lambda tx: tx.claim_unsettled_recoveries(me, now, until, most))
+        return loans, recs
+
+    async def _renew_while_running(self) -> None:
+        """Every quarter of the lease, claim again: the rows still unsettled are this
+        node's and their lease is renewed (rows newly claimed wait for the next run)."""
+        while True:
+            await asyncio.sleep(self.lease.total_seconds() / 4)
+            try:
+                await self._claim()
+            except Exception:  # the run goes on; the next renewal tries again
+                log.exception("resolver_lease_renewal_failed")
 
     def follow_up(self, kind: str, record_id: str, msisdn: str) -> None:
         """Re-send one pending operation ("loan" or "recovery") unchanged, in the
@@ -275,7 +297,9 @@ class Resolver:
                 loan.diameter_session_id,
                 loan.request_number,
                 retransmission=True,
-                bundle=_bundle_of(self.policy, loan.tier_id),
+                # The units booked with the loan, never the tier as configured now:
+                # one Session-Id always asks for the same thing.
+                bundle=loan.bundle,
             )
             result = await call_in(self.in_port, op)
             if result.outcome not in (InOutcome.DONE, InOutcome.REFUSED):
@@ -291,8 +315,8 @@ class Resolver:
                 settled = settle_borrow(tx, loan_id, result, now)
                 if loan.channel != "auto":  # the message that reports it, same commit
                     language = self._language_in(tx, msisdn)
-                    self.notifier.put(tx, loan_notice(settled, msisdn, language,
-                                                      _bundle_of(self.policy, loan.tier_id)), now)
+                    self.notifier.put(tx, loan_notice(settled, msisdn, language, loan.bundle),
+                                      now)
                 return settled
 
             outcome = await self.ledger.write(settle)
@@ -307,6 +331,7 @@ class Resolver:
                     debt_after_minor=outcome.debt_minor,
                     channel=loan.channel,
                     resolved=True,
+                    **bundle_edr(loan.bundle),
                 )
             else:
                 self.events.emit(
@@ -316,6 +341,7 @@ class Resolver:
                     channel=loan.channel,
                     loan_id=loan_id,
                     resolved=True,
+                    **bundle_edr(loan.bundle),
                 )
             if loan.channel != "auto":
                 self.notifier.wake()  # the loan_notice, written with the settlement
@@ -372,9 +398,3 @@ class Resolver:
                 )
             return await self._unresolved("recoveries", recovery_id, msisdn)
 
-
-def _bundle_of(policy: Policy, tier_id: int) -> Bundle | None:
-    """The bundle a loan's tier credits (None: money). A loan is re-sent under its own
-    Session-Id: an IN that received the first send answers it again unchanged."""
-    tier = policy.tiers.get(tier_id)
-    return tier.bundle if tier is not None else None

@@ -50,7 +50,7 @@ class Templates:
         return tuple(self.tables)
 
     def language(self, wanted: str | None) -> str:
-        return wanted if wanted in self.tables else self.default_language
+        return wanted if wanted is not None and wanted in self.tables else self.default_language
 
     def money(self, amount_minor: int, language: str) -> str:
         table = self.tables[self.language(language)]

@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # row types only: the services never import the SQL modules
     from extrabalance.core.limits import LimitState
     from extrabalance.core.model import OpenLoan, SubscriberProfile
     from extrabalance.core.payback import Recovery
+    from extrabalance.core.policy import Bundle
     from extrabalance.ledger.ads_store import AdSubscriberRow, AudienceRow, CampaignRow
     from extrabalance.ledger.outbox_store import OutboxRow
     from extrabalance.ledger.store import AuditRow, LoadedSubscriber, LoanRow, RecoveryRow
@@ -63,6 +64,10 @@ T = TypeVar("T")
 class LedgerTx(Protocol):
     """One transaction's operations. Money is in minor units; `now` is the service's
     clock reading (adapters never read a clock for business timestamps)."""
+
+    def ping(self) -> None:
+        """Reach the database and come back (the node's readiness check)."""
+        ...
 
     # -- subscribers ---------------------------------------------------------------
     def load_subscriber(
@@ -158,10 +163,14 @@ class LedgerTx(Protocol):
         subscriber_known: bool = False,
         owner_node: str | None = None,
         lease_until: datetime | None = None,
+        bundle: Bundle | None = None,
     ) -> str:
         """Book a loan in a state the saga table allows for a new record; ACTIVE and
         CONFIRMING are journalled at once. The idempotency key is unique. An adapter
-        that knows its node leases the saga to it when `owner_node` is not given."""
+        that knows its node leases the saga to it when `owner_node` is not given.
+        `bundle`: a bundle loan's units, kept on the loan (`LoanRow.bundle`) so that
+        every send of its credit, re-sends included, asks the IN for the same units
+        whatever the tier says by then."""
         ...
 
     def settle_loan(

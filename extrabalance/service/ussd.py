@@ -42,6 +42,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.core.lending import Channel
 from extrabalance.core.protection import fee_percent
 from extrabalance.service.keywords import ascii_digits
 from extrabalance.service.templates import Templates
@@ -80,13 +81,16 @@ class LendingApi(Protocol):
 
     async def quote(self, msisdn: str) -> Any: ...
     async def borrow(
-        self, msisdn: str, tier_id: int | None, channel: str, idempotency_key: str,
+        self, msisdn: str, tier_id: int | None, channel: Channel, idempotency_key: str,
         *, answer_early: bool = False,
     ) -> Any: ...
     async def status(self, msisdn: str) -> Any: ...
     async def overview(self, msisdn: str) -> tuple[Any, Any]: ...  # (status, offer), one read
     # "confirm_by_sms" when turning auto-advance on waits for his reply (double opt-in)
-    async def set_preferences(self, msisdn: str, **changes: Any) -> Any: ...
+    async def set_preferences(
+        self, msisdn: str, *, auto_advance: bool | None = None,
+        ads_opt_out: bool | None = None, language: str | None = None,
+    ) -> Any: ...
     def record_refusal(self, msisdn: str, reason: str, channel: str) -> None: ...
     async def record_consent(
         self, msisdn: str, action: str, channel: str, detail: dict[str, Any] | None = None

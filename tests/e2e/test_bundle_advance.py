@@ -57,21 +57,24 @@ async def test_a_data_bundle_by_ussd_and_by_sms_is_credited_and_recovered(tmp_pa
         assert (await phone.next_sms(5.0)).startswith("Thank you. 11.00 EGP was deducted")
 
         loans = await env.node.ledger.read(lambda c: c.execute(
-            "SELECT tier_id, principal_minor, fee_minor, state, channel FROM loans"
+            "SELECT tier_id, principal_minor, fee_minor, state, channel, bundle_kind,"
+            " bundle_quantity, bundle_service_identifier, bundle_rating_group FROM loans"
             " WHERE msisdn = ? ORDER BY created_at", (A,)).fetchall())
         recovered = await env.node.ledger.read(lambda c: c.execute(
             "SELECT COALESCE(SUM(recovered_minor), 0) FROM recoveries WHERE msisdn = ?"
             " AND state = 'DONE'", (A,)).fetchone()[0])
         debt = await env.node.ledger.read(lambda c: c.debt_owed(A))
 
-    assert [tuple(r) for r in loans] == [(13, PRICE, FEE, "REPAID", "ussd"),
-                                         (13, PRICE, FEE, "REPAID", "sms")]
+    # Each loan keeps the units it asked the IN for (what every re-send is built from).
+    units = ("data", 500 * MB, 1, 10)
+    assert [tuple(r) for r in loans] == [(13, PRICE, FEE, "REPAID", "ussd", *units),
+                                         (13, PRICE, FEE, "REPAID", "sms", *units)]
     ops = [op for op in in_sim.applied() if op.msisdn == A]
     credits = [op for op in ops if op.action == "REFUND_ACCOUNT"]
     # The IN's bucket is exactly the ledger's bundle loans; no money was credited for them.
     assert [(op.bundle_kind, op.units, op.moved_minor, op.result_code) for op in credits] == [
         ("data", 500 * MB, 0, 2001)] * 2
-    assert sum(op.units for op in credits) == len(loans) * BUNDLE["quantity"]
+    assert sum(op.units for op in credits) == sum(r[6] for r in loans)
     # Money: what the IN debited is what the ledger recovered: price and fee, both loans.
     debited = -sum(op.moved_minor for op in ops if op.action == "DIRECT_DEBITING")
     assert debited == recovered == 2 * (PRICE + FEE) and debt == 0

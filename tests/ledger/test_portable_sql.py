@@ -254,6 +254,7 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         # The audit trail and loan times the consumer-protection rules read.
         store.audit_trail(conn, M1, ("adjust",))
         store.loan_times(conn, M1, day)
+        store.ping(conn)  # the node's readiness check
 
     await h.ledger.read(reports)
     # Ads and campaigns.

@@ -14,7 +14,7 @@ from extrabalance.core import sagas
 from extrabalance.core.limits import LimitState
 from extrabalance.core.model import SubscriberProfile
 from extrabalance.core.payback import Recovery, RecoveryPart, split
-from extrabalance.core.policy import PaybackOrder, RecoveryPolicy
+from extrabalance.core.policy import Bundle, PaybackOrder, RecoveryPolicy
 from extrabalance.ledger import Ledger, ads_store
 from extrabalance.ledger.memory import MemoryUnitOfWork, ReadOnly
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
@@ -178,6 +178,37 @@ async def test_a_borrow_saga_journals_only_when_credited(uow: UnitOfWork) -> Non
     await uow.read(lambda tx: _balanced(tx, M1))
 
 
+async def test_a_bundle_loan_keeps_its_units_money_loans_none(uow: UnitOfWork) -> None:
+    """The units a bundle loan asked the IN for are booked with it (migration 0012) and
+    read back by every loan read: the resolver rebuilds the request from them."""
+    data = Bundle("data", 500 * 2**20, service_identifier=1, rating_group=4_000_000_000)
+    sms = Bundle("sms", 100, rating_group=30)  # no Service-Identifier
+
+    def book(tx: LedgerTx) -> tuple[str, str, str]:
+        ids = []
+        for key, bundle in (("data:1", data), ("sms:1", sms), ("money:1", None)):
+            ids.append(tx.insert_loan(
+                msisdn=M1, tier_id=13, principal_minor=1000, fee_minor=100,
+                state=sagas.CREDITING, channel="sms", idempotency_key=key, in_node="in-a",
+                session_id=f"s;{key}", now=NOW, bundle=bundle))
+        return ids[0], ids[1], ids[2]
+
+    with_data, with_sms, money = await uow.write(book)
+    got = await uow.read(lambda tx: tx.get_loan(with_data))
+    assert got is not None and got.bundle == data
+    by_key = await uow.read(lambda tx: tx.loan_by_idempotency_key("sms:1"))
+    assert by_key is not None and by_key.bundle == sms
+    assert (await uow.read(lambda tx: tx.get_loan(money))).bundle is None  # type: ignore[union-attr]
+    unsettled = await uow.read(lambda tx: tx.unsettled_loans(10))
+    assert {r.loan_id: r.bundle for r in unsettled} == {
+        with_data: data, with_sms: sms, money: None}
+    claimed = await uow.write(
+        lambda tx: tx.claim_unsettled_loans("node-a", NOW, NOW + timedelta(minutes=2), 10))
+    assert {r.loan_id: r.bundle for r in claimed} == {with_data: data, with_sms: sms, money: None}
+    settled = await uow.write(lambda tx: tx.settle_loan(with_data, sagas.ACTIVE, NOW))
+    assert settled.bundle == data and settled.principal_minor == 1000  # owed in money
+
+
 async def test_illegal_transitions_raise_and_change_nothing(uow: UnitOfWork) -> None:
     loan_id = await uow.write(lambda tx: _loan(tx, state=sagas.CREDITING))
     await uow.write(lambda tx: tx.settle_loan(loan_id, sagas.FAILED, NOW))
@@ -245,6 +276,11 @@ async def test_a_unit_that_raises_leaves_nothing_behind(uow: UnitOfWork) -> None
     with pytest.raises(Exception):  # noqa: B017
         await uow.write(twice)
     assert await uow.read(lambda tx: tx.recovery_by_event("e")) is None
+
+
+async def test_the_ledger_answers_a_ping(uow: UnitOfWork) -> None:
+    assert await uow.read(lambda tx: tx.ping()) is None
+    assert await uow.read_point(lambda tx: tx.ping()) is None
 
 
 async def test_reads_cannot_write_and_see_committed_work(uow: UnitOfWork) -> None:

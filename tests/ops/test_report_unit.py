@@ -48,3 +48,25 @@ def test_ad_conversion_window_spans_into_the_next_day(tmp_path):
     assert f.ads_sent == 2 and f.ads_followed_by_loan_24h == 1
     assert (f.loans.count, f.loans.principal_minor, f.loans.fee_minor) == (1, 100, 10)
     assert f.loans_by_hour == {"ussd": {9: 1}}
+
+
+def test_a_file_of_an_earlier_schema_and_a_day_upgraded_mid_way_are_read(tmp_path):
+    """Columns are only added at the end (bundle_kind, bundle_quantity): a header that is
+    a prefix of the schema is an earlier release's; lines written after an upgrade that
+    same day carry the new cells and are read by position."""
+    from extrabalance.report import read_edrs
+
+    old = EDR_FIELDS[: EDR_FIELDS.index("bundle_kind")]
+    before = ",".join(str({"time": "2026-01-01T09:00:00.000Z", "kind": "loan", "msisdn": "1",
+                           "amount_minor": 100}.get(n, "")) for n in old) + "\n"
+    after = line(time="2026-01-01T10:00:00.000Z", kind="loan", msisdn="2", amount_minor=1000,
+                 bundle_kind="data", bundle_quantity=524288000)
+    path = tmp_path / "edr-20260101.csv"
+    path.write_text(",".join(old) + "\n" + before + after)
+    first, second = read_edrs(path)
+    assert (first["amount_minor"], first["bundle_kind"], first["bundle_quantity"]) == ("100", "", "")
+    assert (second["bundle_kind"], second["bundle_quantity"]) == ("data", "524288000")
+    assert build_figures(date(2026, 1, 1), tmp_path).loans.principal_minor == 1100
+    path.write_text(",".join(old) + "\n" + after.rstrip("\n") + ",extra\n")
+    with pytest.raises(ReportError, match="more cells"):
+        read_edrs(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from extrabalance.core.model import SubscriberProfile
 from extrabalance.core.policy import Condition, EligibilityPolicy, RuleOp, Segment
@@ -180,3 +180,67 @@ async def test_a_dead_nodes_sagas_are_taken_over_once_when_its_lease_runs_out() 
         finally:
             for other in others:
                 await other.close()
+
+
+class HeldIn(FakeIn):
+    """The fake IN, holding every re-sent request until `release` is set."""
+
+    release: asyncio.Event
+    held = 0  # re-sent requests waiting for the IN's answer
+
+    async def execute(self, op: InOperation) -> InResult:
+        if op.retransmission:
+            self.held += 1
+            await self.release.wait()
+        return await super().execute(op)
+
+
+async def test_a_long_resolver_run_keeps_its_lease_on_the_rows_it_has_not_reached() -> None:
+    """Node B's resolver takes over two of dead node A's loans and re-sends them one at
+    a time to an IN that answers slowly; its lease would run out meanwhile, so the run
+    renews it: node C, claiming then, gets nothing, and each loan is re-sent once."""
+    from extrabalance.ledger.postgres import PostgresLedger
+    from extrabalance.service.resolver import Resolver
+    from tests.service.fakes import LOST_ANSWER
+
+    clock, fake_in = Clock(), HeldIn()
+    fake_in.release = asyncio.Event()
+    lease_s = 0.4  # renewed every 0.1 s of the run
+    with fresh_schema("eb_renew") as conninfo:
+        node_a = PostgresLedger(conninfo, pool_max=2, node_name="node-a", saga_lease_s=lease_s)
+        node_b = PostgresLedger(conninfo, pool_max=2, migrate=False, node_name="node-b")
+        node_c = PostgresLedger(conninfo, pool_max=2, migrate=False, node_name="node-c")
+        try:
+            lending = LendingService(node_a, fake_in, FakeNotifier(), ListEvents(), POLICY,
+                                     Router(ROUTES), clock, locks=SubscriberLocks())
+            for m in SUBSCRIBERS[:2]:
+                await node_a.write(lambda tx, m=m: tx.put_profile(
+                    SubscriberProfile(m, 400, 5000), clock()))
+                fake_in.fail_next(LOST_ANSWER)
+                await lending.borrow(m, 1, "ussd", f"ussd:{m}")
+            await node_a.close()  # node A dies
+            clock.advance(seconds=1)  # its lease ran out
+            resolver_b = Resolver(node_b, fake_in, FakeNotifier(), ListEvents(), POLICY, clock,
+                                  locks=SubscriberLocks(), node_name="node-b", lease_s=lease_s,
+                                  concurrent_max=1)
+            run = asyncio.create_task(resolver_b.run_once())
+            for _ in range(1000):  # B has re-sent the first and waits for the IN
+                if fake_in.held or run.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert fake_in.held == 1 and not run.done()
+            clock.advance(seconds=1)  # B's first claim would have run out by now ...
+            await asyncio.sleep(lease_s / 2)  # ... had B not renewed it since
+            now = clock()
+            taken = await node_c.write(lambda tx: tx.claim_unsettled_loans(
+                "node-c", now, now + timedelta(seconds=lease_s), 10))
+            assert taken == []
+            fake_in.release.set()
+            report = await run
+            assert report.loans_settled == 2
+            resent = Counter(op.session_id for op in fake_in.calls if op.retransmission)
+            assert len(resent) == 2 and set(resent.values()) == {1}
+        finally:
+            fake_in.release.set()
+            for ledger in (node_b, node_c):
+                await ledger.close()
