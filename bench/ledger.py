@@ -267,6 +267,7 @@ async def bench_postgresql(conninfo: str, picks: list[int], concurrency: int, ta
         backends_s = sum(spent[p] for p in pids["backends"])
         shared_s = sum(spent[p] for p in pids["shared"])
         retries = ledger.retries
+        serial = serial_loans(ledger, picks[:SERIAL_LOANS_MAX], tag + "q")
     finally:
         await ledger.close()
     count = len(picks)
@@ -280,7 +281,26 @@ async def bench_postgresql(conninfo: str, picks: list[int], concurrency: int, ta
     result["server_backends_counted"] = len(pids["backends"])
     result["transactions"] = 2 * count
     result["retries"] = retries
+    result["one_connection"] = serial
     return result
+
+
+SERIAL_LOANS_MAX = 2000
+
+
+def serial_loans(ledger: Any, picks: list[int], tag: str) -> dict[str, Any]:
+    """The same loans one after another on one connection, on this thread: the
+    adapter's own client CPU per loan, without the event loop, the hop to a pool
+    thread and other threads' turns at the interpreter lock (the A/B figure for a
+    change to the adapter's statements)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    for n, i in enumerate(picks):
+        loan_id = ledger.run_sync(intent_op(msisdn(i), 1 + n % 12, f"{tag}:{n}",
+                                            f"s;{tag};{n}"), writable=True)
+        if loan_id:
+            ledger.run_sync(settle_op(loan_id), writable=True)
+    return rates(len(picks), time.perf_counter() - started, time.process_time() - cpu,
+                 "loans")
 
 
 def bench_naive(db: Path, picks: list[int], tag: str) -> dict:

@@ -86,6 +86,16 @@ _OWNER_SQL = {
     )
 }
 
+# A loan read with its owner's row lock in one round trip (the settlement's first
+# read). The loan row is locked too (FOR NO KEY UPDATE, as the UPDATE that follows
+# takes): a statement that waited for a lock sees the latest version of the rows it
+# locked only, so without it the loan could be read as it was before the wait.
+_LOAN_LOCKED = (
+    "SELECT " + ", ".join(f"x.{c.strip()}" for c in store.LOAN_COLUMNS.split(","))
+    + " FROM loans x JOIN subscribers s ON s.msisdn = x.msisdn WHERE x.loan_id = %s"
+    " FOR UPDATE OF s FOR NO KEY UPDATE OF x"
+)
+
 # -- placeholders --------------------------------------------------------------------
 
 _QUOTED_OR_MARK = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|%")
@@ -228,6 +238,21 @@ class PostgresLedgerTx:
         msisdn = self._owners[(kind, key)] = row[0]
         self._locked.add(msisdn)  # FOR UPDATE OF s: his row is locked already
 
+    def _loan_locked(self, loan_id: str) -> store.LoanRow | None:
+        """The loan, its owner locked (write units): one statement when he is not yet."""
+        msisdn = self._owners.get(("loan", loan_id))
+        if not self.writable or msisdn is not None:
+            if msisdn is not None:
+                self.lock_subscriber(msisdn)
+            return store.get_loan(self, loan_id)  # type: ignore[arg-type]
+        row = self.conn.execute(_LOAN_LOCKED, (loan_id,)).fetchone()
+        if row is None:
+            return None
+        loan = store.loan_row(row)
+        self._owners[("loan", loan_id)] = loan.msisdn
+        self._locked.add(loan.msisdn)
+        return loan
+
     # -- the port's operations -------------------------------------------------------
     ping = _op(store.ping)
     # subscribers
@@ -254,7 +279,9 @@ class PostgresLedgerTx:
     idempotent_replace = _op(store.idempotent_replace)
     purge_idempotency = _op(store.purge_idempotency)
     # loans and advances
-    get_loan = _by_owner("loan", store.get_loan)
+    def get_loan(self, loan_id: str) -> store.LoanRow | None:
+        return self._loan_locked(loan_id)
+
     loan_by_idempotency_key = _by_owner("loan_key", store.loan_by_idempotency_key)
 
     def insert_loan(self, **kwargs: Any) -> str:
@@ -268,7 +295,14 @@ class PostgresLedgerTx:
             kwargs["owner_node"] = self.owner_node
             kwargs["lease_until"] = kwargs["now"] + self.lease
 
-    settle_loan = _by_owner("loan", store.settle_loan)
+    def settle_loan(self, loan_id: str, new_state: str, now: Any, *,
+                    result_code: int | None = None) -> store.LoanRow:
+        loan = self._loan_locked(loan_id)
+        if loan is None:
+            raise KeyError(loan_id)
+        return store.settle_loan(self, loan_id, new_state, now,  # type: ignore[arg-type]
+                                 result_code=result_code, loan=loan)
+
     settle_advance = _by_owner("loan", store.settle_advance)
     record_session_evidence = _by_owner("loan", store.record_session_evidence)
     session_evidence = _op(store.session_evidence)

@@ -543,7 +543,7 @@ class LoanRow:
     bundle: Bundle | None = None
 
 
-_LOAN_COLUMNS = (
+LOAN_COLUMNS = (
     "loan_id, msisdn, tier_id, principal_minor, fee_minor, principal_repaid_minor,"
     " fee_repaid_minor, state, channel, idempotency_key, in_node, diameter_session_id,"
     " request_number, resolve_attempts, needs_review, created_at,"
@@ -551,7 +551,8 @@ _LOAN_COLUMNS = (
 )
 
 
-def _loan(row: tuple[Any, ...]) -> LoanRow:
+def loan_row(row: tuple[Any, ...]) -> LoanRow:
+    """A `LoanRow` from a row of `LOAN_COLUMNS`."""
     (loan_id, msisdn, tier_id, principal_minor, fee_minor, principal_repaid_minor,
      fee_repaid_minor, state, channel, idempotency_key, in_node, session_id, request_number,
      resolve_attempts, needs_review, created_at,
@@ -571,18 +572,18 @@ def _int_or_none(value: Any) -> int | None:
 
 def get_loan(conn: sqlite3.Connection, loan_id: str) -> LoanRow | None:
     row = conn.execute(
-        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE loan_id = ?", (loan_id,)
+        f"SELECT {LOAN_COLUMNS} FROM loans WHERE loan_id = ?", (loan_id,)
     ).fetchone()
-    return _loan(row) if row else None
+    return loan_row(row) if row else None
 
 
 def loan_by_idempotency_key(conn: sqlite3.Connection, key: str) -> LoanRow | None:
     """The loan a request recorded (`loans.idempotency_key` is UNIQUE): it answers a
     replay once the request's idempotency row is gone, or before it settled."""
     row = conn.execute(
-        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE idempotency_key = ?", (key,)
+        f"SELECT {LOAN_COLUMNS} FROM loans WHERE idempotency_key = ?", (key,)
     ).fetchone()
-    return _loan(row) if row else None
+    return loan_row(row) if row else None
 
 
 def insert_loan(
@@ -685,10 +686,13 @@ def settle_loan(
     now: datetime,
     *,
     result_code: int | None = None,
+    loan: LoanRow | None = None,
 ) -> LoanRow:
     """Move an unsettled loan to ACTIVE, FAILED or UNKNOWN. Idempotent for the same state.
-    A CONFIRMING advance is settled by `settle_advance` only (it is journalled already)."""
-    loan = get_loan(conn, loan_id)
+    A CONFIRMING advance is settled by `settle_advance` only (it is journalled already).
+    `loan`: the row as this transaction just read it (under its lock), not read again."""
+    if loan is None or loan.loan_id != loan_id:
+        loan = get_loan(conn, loan_id)
     if loan is None:
         raise KeyError(loan_id)
     if loan.state == new_state:
@@ -828,20 +832,20 @@ def advances_of_in_node(conn: sqlite3.Connection, in_node: str, until: datetime
     """Automatic advances granted to `in_node`'s requests up to `until` (oldest first),
     for reconciliation with that IN's records."""
     rows = conn.execute(
-        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE channel = 'auto' AND in_node = ?"
+        f"SELECT {LOAN_COLUMNS} FROM loans WHERE channel = 'auto' AND in_node = ?"
         " AND created_at <= ? ORDER BY created_at",
         (in_node, ts(until)),
     ).fetchall()
-    return [_loan(r) for r in rows]
+    return [loan_row(r) for r in rows]
 
 
 def unsettled_loans(conn: sqlite3.Connection, limit: int) -> list[LoanRow]:
     rows = conn.execute(
-        f"SELECT {_LOAN_COLUMNS} FROM loans WHERE state IN ({_marks(LOAN_UNSETTLED_STATES)})"
+        f"SELECT {LOAN_COLUMNS} FROM loans WHERE state IN ({_marks(LOAN_UNSETTLED_STATES)})"
         " AND needs_review = 0 ORDER BY created_at LIMIT ?",
         (*LOAN_UNSETTLED_STATES, limit),
     ).fetchall()
-    return [_loan(r) for r in rows]
+    return [loan_row(r) for r in rows]
 
 
 def write_off(conn: sqlite3.Connection, loan_id: str, who: str, now: datetime) -> int:
@@ -1216,10 +1220,10 @@ def claim_unsettled_loans(
         f"UPDATE loans SET owner_node = ?, lease_until = ? WHERE loan_id IN ("
         f"SELECT loan_id FROM loans WHERE state IN ({_marks(LOAN_UNSETTLED_STATES)})"
         f" AND needs_review = 0 AND {_CLAIMABLE} ORDER BY created_at LIMIT ?{lock_rows})"
-        f" RETURNING {_LOAN_COLUMNS}",
+        f" RETURNING {LOAN_COLUMNS}",
         (owner, ts(lease_until), *LOAN_UNSETTLED_STATES, owner, ts(now), limit),
     ).fetchall()
-    return sorted((_loan(r) for r in rows), key=lambda r: (r.created_at, r.loan_id))
+    return sorted((loan_row(r) for r in rows), key=lambda r: (r.created_at, r.loan_id))
 
 
 def claim_unsettled_recoveries(
