@@ -1,4 +1,4 @@
-"""The node: the one place that wires config, ledger, services and protocol adapters.
+"""The node: the real adapters from config, the services from `bootstrap`, the inbound side.
 
 Start order matters for money: the ledger opens first; the IN peers come up; the
 resolver settles every operation left unsettled by a previous run (CREDITING,
