@@ -7,7 +7,7 @@ not share the node's core):
   `--offers-each` times (the repeats hit the caps, so both paths are timed): one
   ledger transaction per offer (SQLite, WAL, synchronous=FULL, group commit) that
   reads the subscriber and his last 24 hours of ads, decides, takes a rate token and
-  records the ad; then the node's `SmppChannel.notify` renders the template and the
+  records the ad; then the node's `SmsNotifier.notify` renders the template and the
   `Esme` submits over `--binds` binds and waits for each submit_sm_resp.
 * esme_raw: the same number of SMS through our `Esme` alone (no policy, no ledger).
 * smpplib (the peer library): the same number of submit_sm through smpplib's client,
@@ -120,7 +120,7 @@ class CpuMeter:
 
 async def run_ours(args: argparse.Namespace, port: int, workdir: Path,
                    smsc_pid: int) -> dict[str, Any]:
-    from extrabalance.adapters.smpp_channel import SmppChannel
+    from extrabalance.adapters.sms_notifier import SmsNotifier
 
     settings = load_settings(overrides={
         "ads": {"quiet_hours": None, "send_rate_max_per_s": args.ads_rate,
@@ -134,8 +134,7 @@ async def run_ours(args: argparse.Namespace, port: int, workdir: Path,
     await esme.start()
     await esme.wait_bound(WAIT_S)
     await asyncio.sleep(0.5)  # let every bind come up
-    channel = SmppChannel(dialogs=None, lending=None, templates=templates, policy=policy,
-                          submit=esme.submit, send_sms=esme.send_sms, short_code="1234")
+    channel = SmsNotifier(esme.send_sms, templates=templates, short_code="1234")
     ledger = Ledger(workdir / "ads.db")
     events = CountingEvents()
     advertiser = Advertiser(ledger, channel, events, policy, rules_from_settings(settings),

@@ -234,8 +234,9 @@ def node_counters(node: Any) -> dict[str, Any]:
         "recharge_listener": node.recharges.stats(),
         "lowbalance_listener": node.low_balance.stats(),
         "gy": {**node.gy.stats, "inflight": node.gy.inflight},
-        "smpp_channel": {**node.channel.stats, "inflight": node.channel.inflight,
-                         "sent_tracked": len(node.channel._sent)},
+        "smpp_channel": {**node.channel.stats, **node.sms.stats,
+                         "inflight": node.channel.inflight,
+                         "sent_tracked": node.sms.sent_tracked},
         "asyncio_tasks": len(asyncio.all_tasks()),
         "recharge_head": _listener_head(node.recharges),
     }

@@ -123,11 +123,13 @@ async def _with_accounts(settings: Settings, fn: Any) -> Any:
     from extrabalance.ledger.factory import open_ledger
     from extrabalance.observability import EdrWriter, EventRecorder, Metrics
     from extrabalance.service.accounts import AccountService
+    from extrabalance.service.locks import SubscriberLocks
 
     ledger = open_ledger(settings.storage)
     edr = EdrWriter(settings.storage.edr_directory(), settings.node.name)
+    # The command's own locks: it is the only service of its process.
     accounts = AccountService(ledger, _NoSms(), EventRecorder(Metrics(), edr),
-                              settings.policy(), SYSTEM_CLOCK.now)
+                              settings.policy(), SYSTEM_CLOCK.now, locks=SubscriberLocks())
     try:
         return await fn(ledger, accounts)
     finally:

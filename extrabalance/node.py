@@ -1,4 +1,4 @@
-"""The node: the one place that wires config, ledger, services and protocol adapters.
+"""The node: the real adapters from config, the services from `bootstrap`, the inbound side.
 
 Start order matters for money: the ledger opens first; the IN peers come up; the
 resolver settles every operation left unsettled by a previous run (CREDITING,
@@ -18,7 +18,6 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,10 @@ import structlog
 from extrabalance.adapters.gy_server import GyServer
 from extrabalance.adapters.in_diameter import DiameterInPort, InNodeAddress
 from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.adapters.sms_notifier import SmsNotifier
+from extrabalance.admin import AdminConfigError, AdminServer
+from extrabalance.admin.server import reload_on_signal
+from extrabalance.bootstrap import bootstrap
 from extrabalance.clock import SYSTEM_CLOCK, Clock
 from extrabalance.config import Settings, load_settings
 from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddress, RequestTimeout
@@ -41,19 +44,10 @@ from extrabalance.recharge.lowbalance import (
     LowBalanceListener,
     low_balance_settings,
 )
-from extrabalance.service.accounts import AccountService
-from extrabalance.service.ads import AdTrigger, Advertiser, rules_from_settings
-from extrabalance.service.campaign import CampaignService
-from extrabalance.service.lending import LendingService
-from extrabalance.service.locks import SubscriberLocks
-from extrabalance.service.outbox import OUTBOX_CLAIM_S, OutboxSender
+from extrabalance.service.ads import AdTrigger, rules_from_settings
 from extrabalance.service.ports import RechargeEvent
-from extrabalance.service.recovery import PaybackService
-from extrabalance.service.resolver import Resolver, resolve_interval_s
-from extrabalance.service.retention import IdempotencyRetention
-from extrabalance.service.routing import RouteProber, Router, RouteRule
+from extrabalance.service.resolver import resolve_interval_s
 from extrabalance.service.templates import Templates
-from extrabalance.service.ussd import UssdDialogs
 from extrabalance.smpp.client import BindConfig, Esme
 
 log = structlog.get_logger(__name__)
@@ -77,8 +71,6 @@ class Node:
         self.settings = s = settings
         self.clock = clock
         self.config_path: str | None = None  # the admin API's reload re-reads this file
-        utc_now = clock.now
-        self.policy = s.policy()
         self.templates = Templates(s.templates, s.node.default_language, s.node.currency_exponent)
         self.metrics = Metrics()
         if s.storage.backend == "sqlite":
@@ -90,11 +82,6 @@ class Node:
         # SQLite (this node's file) or PostgreSQL (shared by the cluster's nodes),
         # migrated before anything else opens.
         self.ledger: NodeLedger = open_ledger(s.storage, node_name=s.node.name)
-        rules = []
-        for node in s.in_nodes:
-            for r in node.ranges:
-                rules.append(RouteRule(node.origin_host, prefix=r.prefix, start=r.start, end=r.end))
-        self.router = Router(rules)
         tls_listener, tls_dialer = self._tls_contexts()
         self.diameter = DiameterNode(
             LocalIdentity(
@@ -146,55 +133,37 @@ class Node:
             timeout_resends_max=s.smpp.submit_timeout_resends,
             use_message_payload=s.smpp.sms_long_mode == "message_payload",
         )
-        locks = SubscriberLocks()
-        confirming_ins = frozenset(n.origin_host for n in s.in_nodes if n.advance_confirmation)
-        language = s.node.default_language
-        # The services need a notifier before the SMPP channel (which needs the lending
-        # service) exists: a forwarder breaks the cycle.
-        notifier = _LateNotifier()
-        # Messages that report money go through the outbox: written with the money,
-        # sent in the background (never awaited before a CCA, a screen or a PUBACK).
-        # On PostgreSQL other nodes may share the outbox: rows are taken, not read.
-        self.outbox = OutboxSender(
-            self.ledger, notifier, utc_now, monotonic=clock.monotonic,
-            claim_s=OUTBOX_CLAIM_S if s.storage.backend == "postgresql" else None)
-        self.lending = LendingService(self.ledger, self.in_port, self.outbox, self.events,
-                                      self.policy, self.router, utc_now, locks=locks, default_language=language,
-                                      advance_confirmation_nodes=confirming_ins)
-        self.lending.prober = RouteProber(self.in_port, [n.origin_host for n in s.in_nodes])
-        self.payback = PaybackService(self.ledger, self.in_port, self.outbox, self.events,
-                                      self.policy, self.router, utc_now, locks=locks,
-                                      default_language=language)
-        self.resolver = Resolver(self.ledger, self.in_port, self.outbox, self.events, self.policy,
-                                 utc_now, locks=locks, default_language=language, advance_confirmation_nodes=confirming_ins,
-                                 node_name=s.node.name, lease_s=s.storage.saga_lease_s)
-        self.accounts = AccountService(self.ledger, notifier, self.events, self.policy, utc_now,
-                                       locks=locks)
-        # Pending IN operations are re-sent on the Tx-timer schedule, not only every 30 s.
-        self.lending.follow_up = self.payback.follow_up = self.resolver.follow_up
-        self.retention = IdempotencyRetention(
-            self.ledger, timedelta(hours=s.storage.idempotency_retention_hours), utc_now,
-            on_purged=self.metrics.idempotency_purged.inc,
-        )
-        self.dialogs = UssdDialogs(
-            self.lending, self.templates, ussd_code=s.smpp.ussd_code,
-            timeout_s=s.smpp.dialog_timeout_s, dialogs_max=s.smpp.dialogs_max, node_name=s.node.name,
-            repeat_window_s=s.smpp.ussd_repeat_window_s,
-        )
+        # SMS leave through the ESME; the notifier exists before the services that
+        # notify through it, the inbound channel (which needs them) after.
+        self.sms = SmsNotifier(
+            self.esme.send_sms, templates=self.templates, short_code=s.smpp.short_code,
+            delivery_receipts=s.smpp.delivery_receipts,
+            outbox_reference_tlv=s.smpp.outbox_reference_tlv)
+        self.services = services = bootstrap(
+            s, ledger=self.ledger, in_port=self.in_port, notifier=self.sms, events=self.events,
+            clock=clock, templates=self.templates, on_purged=self.metrics.idempotency_purged.inc)
+        self.policy = services.policy
+        self.router = services.router
+        self.outbox = services.outbox
+        self.lending = services.lending
+        self.payback = services.payback
+        self.resolver = services.resolver
+        self.accounts = services.accounts
+        self.retention = services.retention
+        self.dialogs = services.dialogs
+        self.ads = services.ads
+        self.campaigns = services.campaigns
         self.channel = SmppChannel(
             dialogs=self.dialogs, lending=self.lending, templates=self.templates,
-            policy=self.policy, submit=self.esme.submit, send_sms=self.esme.send_sms,
-            short_code=s.smpp.short_code, ussd_code=s.smpp.ussd_code,
+            policy=self.policy, submit=self.esme.submit, sms=self.sms,
+            ussd_code=s.smpp.ussd_code,
             ussd_service_type=s.smpp.ussd_service_type, dialog_id=s.smpp.dialog_id,
             abort_op=s.smpp.ussd_abort_op,
             observe_ussd=self.metrics.ussd_latency.observe,
             inbound_tasks_max=s.smpp.inbound_tasks_max,
-            delivery_receipts=s.smpp.delivery_receipts,
             sms_repeat_window_s=s.smpp.sms_repeat_window_s,
             its_sequence=self._its_sequence,
-            outbox_reference_tlv=s.smpp.outbox_reference_tlv,
         )
-        notifier.target = self.channel
         self.gy = GyServer(
             self.lending, origin_host=s.node.origin_host, origin_realm=s.node.origin_realm,
             service_context_id=s.diameter.service_context_id,
@@ -217,20 +186,11 @@ class Node:
             expected_currency=s.node.currency,
             in_nodes=frozenset(n.origin_host for n in s.in_nodes),
         )
-        # -- advertisement SMS (issue 7): rules, low-balance subscriber, campaigns --
-        self.ads = Advertiser(self.ledger, notifier, self.events, self.policy,
-                              rules_from_settings(s), utc_now,
-                              default_language=s.node.default_language)
-        self.lending.ads = self.ads
+        # advertisement SMS: the low-balance subscription (rules and campaigns are services)
         self.low_balance = LowBalanceListener(
             low_balance_settings(mqtt_settings, tuple(s.ads.low_balance_topics),
                                  s.ads.low_balance_dead_letter_topic),
             self._on_low_balance,
-        )
-        self.campaigns = CampaignService(
-            self.ledger, self.ads, self.policy, utc_now,
-            send_rate_max_per_s=s.ads.campaign.send_rate_max_per_s,
-            batch_max=s.ads.campaign.batch_max, poll_s=s.ads.campaign.poll_s,
         )
         self.ports = NodePorts()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -412,6 +372,7 @@ class Node:
             service.policy = policy
         self.dialogs.set_templates(templates)
         self.channel.set_policy(policy, templates)
+        self.sms.set_templates(templates)
         self.ads.set_rules(rules_from_settings(settings), policy)  # issue 7
         self.campaigns.policy = policy
         self.policy, self.templates = policy, templates
@@ -424,8 +385,6 @@ class Node:
     async def _start_admin(self) -> None:
         """The admin API is not on the money path: if it cannot start, say so loudly
         and keep serving subscribers."""
-        from extrabalance.admin import AdminConfigError, AdminServer
-
         self.admin: AdminServer | None = None
         try:
             admin = AdminServer(self, config_path=self.config_path)
@@ -486,16 +445,6 @@ class Node:
         log.info("node_stopped", node=self.settings.node.name)
 
 
-class _LateNotifier:
-    """The services need a notifier before the SMPP channel exists; this forwards."""
-
-    target: Any = None
-
-    async def notify(self, notice: Any) -> None:
-        if self.target is not None:
-            await self.target.notify(notice)
-
-
 def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
     """`extrabalance run --config FILE`: run until SIGTERM/SIGINT, then stop gracefully."""
     from extrabalance.preflight import check_runtime
@@ -519,8 +468,6 @@ def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # SIGHUP: re-read and validate the config file; a bad file is logged and ignored.
-        from extrabalance.admin.server import reload_on_signal
-
         reloads: set[asyncio.Task[None]] = set()
 
         def _hup() -> None:

@@ -15,6 +15,9 @@
   adapter: the services decide in neutral terms (`AdvanceDecision`), the Gy adapter
   says the decision in a code (`service/outcomes.py` alone maps the codes of rows
   kept before, to read them);
+* the admin API depends on what it needs of the node (`admin/ports.py`), never on the
+  node module (which imports the admin package): no import of `extrabalance.node`
+  in `extrabalance/admin/`, not even for annotations;
 * the domain core does no IO and reads no clock: no asyncio, sockets, threads,
   processes or time module in `extrabalance/core/`, and no `datetime.now()` /
   `date.today()` / `time.time()`-style calls (the caller passes `now`).
@@ -246,3 +249,13 @@ def test_the_core_does_no_io_and_reads_no_clock() -> None:
             ):
                 problems.append(f"{path.name}:{node.lineno} calls {ast.unparse(node.func)}()")
     assert not problems
+
+
+def test_the_admin_api_does_not_import_the_node() -> None:
+    offenders = {}
+    for path in sorted((PACKAGE / "admin").glob("*.py")):
+        names = _runtime_imports(path) + _type_checking_imports(path)
+        hits = _hits(names, ("extrabalance.node",))
+        if hits:
+            offenders[path.name] = hits
+    assert not offenders, f"admin modules importing the node: {offenders}"

@@ -1,9 +1,10 @@
-"""Subscribers over SMPP: USSD dialogs, SMS keywords, and every SMS the node sends.
+"""Subscribers over SMPP: USSD dialogs and SMS keywords (what they send; every SMS of
+the node, replies included, goes out through `sms_notifier.SmsNotifier`).
 
 Inbound deliver_sm are answered at once (deliver_sm_resp) and handled in a bounded
 set of tasks, so a slow IN never holds the gateway's window; past the bound the node
 answers ESME_RTHROTTLED and the gateway re-sends later, instead of queueing without
-limit. Outbound texts are rendered from templates in the subscriber's language.
+limit. Replies are rendered from templates in the subscriber's language.
 
 Idempotency of SMS loans: an MO deliver_sm has no message id of its own (SMPP 3.4
 §4.6.1 gives the ESME none to key on), and an SMSC that missed our deliver_sm_resp
@@ -27,10 +28,10 @@ from typing import Any
 
 import structlog
 
+from extrabalance.adapters.sms_notifier import SmsNotifier
 from extrabalance.core.msisdn import is_msisdn
 from extrabalance.core.policy import Policy
 from extrabalance.service.keywords import Command, parse_keyword
-from extrabalance.service.ports import Notice
 from extrabalance.service.templates import Templates, format_minor
 from extrabalance.service.ussd import Screen, UssdDialogs, UssdInput
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, TlvValueError, UssdOp
@@ -40,7 +41,6 @@ from extrabalance.smpp.ussd import parse_ussd_deliver, ussd_submit
 log = structlog.get_logger(__name__)
 
 INBOUND_TASKS_MAX = 2000  # deliver_sm being handled at once; beyond: ESME_RTHROTTLED
-SENT_TRACKED_MAX = 100_000
 CONCAT_PENDING_MAX = 10_000  # incoming long SMS waiting for their other parts
 CONCAT_TIMEOUT_S = 120.0  # a part whose siblings do not come in this time is dropped
 SMS_REPEAT_WINDOW_S = 120.0  # the same SMS loan request again within it: the SMSC's re-send
@@ -48,11 +48,6 @@ SMS_RECENT_MAX = 100_000  # loan requests remembered for that window
 SCREENS_TRACKED_MAX = 100_000  # open dialogs whose latest screen is known
 
 
-
-def outbox_reference(outbox_id: str) -> int:
-    """The 16 bits of an outbox id sent as user_message_reference: its last four hex
-    digits (random bits of the id), the same on every attempt of one message."""
-    return int(outbox_id[-4:], 16)
 
 class SmppChannel:
     def __init__(
@@ -63,20 +58,16 @@ class SmppChannel:
         templates: Templates,
         policy: Policy,
         submit: Callable[..., Awaitable[Any]],
-        send_sms: Callable[..., Awaitable[Any]],
-        short_code: str,
+        sms: SmsNotifier,
         ussd_code: str = "*123#",
         ussd_service_type: str = "USSD",
         dialog_id: str = "its_session_info",
         abort_op: int = 0x81,
-        ads_gate: Callable[[Notice], Awaitable[bool]] | None = None,
         observe_ussd: Callable[[float], None] | None = None,
         inbound_tasks_max: int = INBOUND_TASKS_MAX,
-        delivery_receipts: bool = True,
         sms_repeat_window_s: float = SMS_REPEAT_WINDOW_S,
         its_sequence: Callable[[str], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        outbox_reference_tlv: bool = False,
     ) -> None:
         if inbound_tasks_max < 1:
             raise ValueError("inbound_tasks_max must be at least 1")
@@ -86,19 +77,14 @@ class SmppChannel:
         self._t = templates
         self._policy = policy
         self._submit = submit
-        self._send_sms = send_sms
-        self._delivery_receipts = delivery_receipts
-        self._outbox_reference_tlv = outbox_reference_tlv
-        self._short_code = short_code
+        self._sms_out = sms  # replies go out as every other SMS of the node
         self._ussd_source = ussd_code
         self._service_type = ussd_service_type
         self._dialog_id = dialog_id
         self._abort_op = abort_op
-        self._ads_gate = ads_gate
         self._observe_ussd = observe_ussd
         self._tasks: set[asyncio.Task[None]] = set()
         self._reassembler = Reassembler(entries_max=CONCAT_PENDING_MAX, timeout_s=CONCAT_TIMEOUT_S)
-        self._sent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # message id → (msisdn, template)
         self._clock = clock
         # bind name → "increment" or "echo": the its_session_info sequence we answer with
         self._its_sequence = its_sequence or (lambda bind: "increment")
@@ -109,7 +95,7 @@ class SmppChannel:
         self._recent_loans: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
         self.accepting = True
         self.stats = {"ussd_in": 0, "sms_in": 0, "receipts": 0, "receipts_matched": 0,
-                      "throttled": 0, "rejected": 0, "sms_out": 0, "sms_failed": 0, "ussd_out": 0,
+                      "throttled": 0, "rejected": 0, "ussd_out": 0,
                       "ussd_failed": 0, "ussd_repeats": 0, "sms_repeats": 0}
 
     @property
@@ -179,7 +165,7 @@ class SmppChannel:
         if message_id is None:
             receipt = parse_receipt(decode_text(pdu.data_coding, pdu.short_message))
             message_id = receipt.message_id if receipt is not None else None
-        if message_id is not None and self._sent.pop(message_id, None) is not None:
+        if message_id is not None and self._sms_out.receipted(message_id):
             self.stats["receipts_matched"] += 1
 
     async def _ussd(self, pdu: DeliverSm, bind: str = "") -> None:
@@ -320,7 +306,7 @@ class SmppChannel:
             log.exception("sms_keyword_failed", msisdn=msisdn)
             reply = self._t.render("loan_refused", lang, {"reason": "IN_UNAVAILABLE"})
         if reply is not None:
-            await self._send(msisdn, reply, template=kw.command.value)
+            await self._sms_out.send(msisdn, reply, template=kw.command.value)
 
     def _sms_loan_key(self, pdu: DeliverSm, system_id: str, request: str) -> str:
         """The idempotency key of an SMS loan request: the first one's within the
@@ -353,40 +339,3 @@ class SmppChannel:
             for t in sorted(self._policy.tiers.values(), key=lambda t: t.amount_minor)
             if t.bundle is None)
         return self._t.render("no_such_amount", lang, {"amounts": amounts})
-
-    # -- outbound (the service layer's Notifier) --------------------------------
-
-    async def notify(self, notice: Notice) -> None:
-        """Render and submit. A notice from the outbox (`outbox_id` set) raises when
-        the SMSC did not take it, so the outbox sender retries it; the log line names
-        the outbox id on every attempt (and, opt-in, so does user_message_reference)."""
-        if notice.kind == "ad" and self._ads_gate is not None and not await self._ads_gate(notice):
-            return
-        text = self._t.render(notice.template, notice.language, notice.params)
-        await self._send(notice.msisdn, text, template=notice.template,
-                         outbox_id=notice.outbox_id)
-
-    async def _send(self, msisdn: str, text: str, *, template: str,
-                    outbox_id: str | None = None) -> None:
-        extra: dict[str, Any] = {}
-        if outbox_id is not None and self._outbox_reference_tlv:
-            extra["user_message_reference"] = outbox_reference(outbox_id)
-        try:
-            results = await self._send_sms(self._short_code, msisdn, text,
-                                           registered_delivery=self._delivery_receipts, **extra)
-        except Exception as exc:
-            self.stats["sms_failed"] += 1
-            log.warning("sms_submit_failed", msisdn=msisdn, template=template, error=str(exc),
-                        outbox_id=outbox_id)
-            if outbox_id is not None:
-                raise
-            return
-        if outbox_id is not None:
-            log.info("sms_submitted", template=template, outbox_id=outbox_id)
-        self.stats["sms_out"] += 1
-        for result in results or ():
-            message_id = getattr(result, "message_id", None)
-            if message_id:
-                self._sent[message_id] = (msisdn, template)
-                while len(self._sent) > SENT_TRACKED_MAX:
-                    self._sent.popitem(last=False)

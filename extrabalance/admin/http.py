@@ -245,6 +245,12 @@ class Admission:
     def __len__(self) -> int:
         return len(self._client) + len(self._health)
 
+    @property
+    def waiting(self) -> int:
+        """Connections admitted that have not yet sent their whole request head (the
+        ones a newcomer over a bound may displace)."""
+        return len(self._idle)
+
     def admit(self, conn: object, client: str) -> tuple[str | None, object | None]:
         """(slot kind or None when refused, connection to displace or None)."""
         displaced: object | None = None

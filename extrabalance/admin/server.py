@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,6 +42,7 @@ from extrabalance.admin.http import (
     error_response,
     json_response,
 )
+from extrabalance.admin.ports import AdminNode
 from extrabalance.admin.stats import RateSampler, counter_by_label, money_figures
 from extrabalance.config import (
     LOOPBACK_HOSTS,
@@ -57,9 +58,6 @@ from extrabalance.service.accounts import OptInRefused
 from extrabalance.service.dnd import DoNotDisturb
 from extrabalance.service.limits import limit_view
 from extrabalance.service.protection import consent_rows
-
-if TYPE_CHECKING:
-    from extrabalance.node import Node
 
 log = structlog.get_logger(__name__)
 
@@ -187,9 +185,10 @@ class AuthFailureLog:
 
 
 class AdminServer:
-    """Construct with the node; `await start()` returns the bound port."""
+    """Construct with the node (anything that is an `AdminNode`); `await start()`
+    returns the bound port."""
 
-    def __init__(self, node: Node, *, config_path: str | Path | None = None,
+    def __init__(self, node: AdminNode, *, config_path: str | Path | None = None,
                  config_overrides: dict[str, Any] | None = None,
                  token: str | None = None, host: str | None = None,
                  port: int | None = None,
@@ -531,7 +530,7 @@ class AdminServer:
         return json_response(200, result)
 
 
-async def reload_config(node: Node, config_path: str | Path | None,
+async def reload_config(node: AdminNode, config_path: str | Path | None,
                         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate the config file again and hand it to `node.reload` (API and SIGHUP).
 
@@ -541,7 +540,7 @@ async def reload_config(node: Node, config_path: str | Path | None,
     return node.reload(settings)
 
 
-async def reload_on_signal(node: Node, config_path: str | Path | None) -> None:
+async def reload_on_signal(node: AdminNode, config_path: str | Path | None) -> None:
     """SIGHUP: like the reload endpoint, with the outcome in the log only."""
     try:
         result = await reload_config(node, config_path)
@@ -554,7 +553,7 @@ async def reload_on_signal(node: Node, config_path: str | Path | None) -> None:
     log.info("config_reload_by_signal", **result)
 
 
-async def write_down(node: Node, msisdn: str, *, kind: str, amount_minor: int, who: str,
+async def write_down(node: AdminNode, msisdn: str, *, kind: str, amount_minor: int, who: str,
                      reason: str, loan_id: str | None = None,
                      request_id: str | None = None) -> dict[str, Any]:
     """Goodwill write-down of a subscriber's debt through the account service (his

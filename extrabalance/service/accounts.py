@@ -42,14 +42,14 @@ class AccountService:
         policy: Policy,
         clock: Clock,
         *,
-        locks: SubscriberLocks | None = None,
+        locks: SubscriberLocks,  # shared with every service of the node (one per subscriber)
     ) -> None:
         self.ledger = ledger
         self.notifier = notifier
         self.events = events
         self.policy = policy
         self.clock = clock
-        self.locks = locks or SubscriberLocks()
+        self.locks = locks
 
     async def bar(self, msisdn: str, reason: str, who: str, *, notify: bool = True) -> None:
         async with self.locks.hold(msisdn):

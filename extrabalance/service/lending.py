@@ -323,9 +323,11 @@ class LendingService:
         router: Router,
         clock: Clock,
         *,
-        locks: SubscriberLocks | None = None,
+        locks: SubscriberLocks,  # shared with every service of the node (one per subscriber)
         default_language: str = "en",
         ads: Advertiser | None = None,  # without one, no advertisement is sent
+        prober: RouteProber | None = None,  # without one, no dynamic routing
+        follow_up: FollowUp | None = None,
         confirm_retry_delays_s: tuple[float, ...] = CONFIRM_RETRY_DELAYS_S,
         confirmations_max: int = CONFIRMATIONS_INFLIGHT_MAX,
         advance_confirmation_nodes: frozenset[str] = frozenset(),
@@ -337,8 +339,8 @@ class LendingService:
         self.policy = policy
         self.router = router
         self.clock = clock
-        self.locks = locks or SubscriberLocks()
-        self.prober: RouteProber | None = None  # dynamic routing for unknown subscribers
+        self.locks = locks
+        self.prober = prober  # dynamic routing for unknown subscribers
         # CHECK_BALANCE asked before a loan ([eligibility].max_balance_to_borrow_minor)
         self.balance_checks = {"asked": 0, "above_limit": 0, "unanswered": 0}
         self.default_language = default_language
@@ -349,9 +351,9 @@ class LendingService:
         # (config `in_nodes[].advance_confirmation`); every other IN gets none.
         self.advance_confirmation_nodes = advance_confirmation_nodes
         self._confirmations: set[asyncio.Task[None]] = set()
-        # Resolver.follow_up, wired by the node: a loan left UNKNOWN (no answer within
-        # the request timeout) is re-sent after the Tx-timer delays, not 30 s later.
-        self.follow_up: FollowUp | None = None
+        # Resolver.follow_up (the bootstrap passes it): a loan left UNKNOWN (no answer
+        # within the request timeout) is re-sent after the Tx-timer delays, not 30 s later.
+        self.follow_up = follow_up
         self._sagas: set[asyncio.Task[BorrowOutcome]] = set()
 
     # -- borrow ------------------------------------------------------------------

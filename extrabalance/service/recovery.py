@@ -161,9 +161,10 @@ class PaybackService:
         router: Router,
         clock: Clock,
         *,
-        locks: SubscriberLocks | None = None,
+        locks: SubscriberLocks,  # shared with every service of the node (one per subscriber)
         attempts_max: int = RECOVERY_ATTEMPTS_MAX,
         default_language: str = "en",
+        follow_up: FollowUp | None = None,
     ) -> None:
         self.ledger = ledger
         self.in_port = in_port
@@ -172,12 +173,12 @@ class PaybackService:
         self.policy = policy
         self.router = router
         self.clock = clock
-        self.locks = locks or SubscriberLocks()
+        self.locks = locks
         self.attempts_max = attempts_max
         self.default_language = default_language
-        # Resolver.follow_up, wired by the node: a recovery left pending (no answer in
-        # time, or not executed) is re-sent after the Tx-timer delays, not 30 s later.
-        self.follow_up: FollowUp | None = None
+        # Resolver.follow_up (the bootstrap passes it): a recovery left pending (no
+        # answer in time, or not executed) is re-sent after the Tx-timer delays, not 30 s later.
+        self.follow_up = follow_up
 
     async def handle_recharge(self, event: RechargeEvent) -> PaybackOutcome:
         """Recover what is owed from this recharge. Idempotent by `event.event_id`."""

@@ -102,7 +102,7 @@ class Resolver:
         policy: Policy,
         clock: Clock,
         *,
-        locks: SubscriberLocks | None = None,
+        locks: SubscriberLocks,  # shared with every service of the node (one per subscriber)
         batch_max: int = RESOLVE_BATCH_MAX,
         review_after_attempts: int = REVIEW_AFTER_ATTEMPTS,
         default_language: str = "en",
@@ -128,7 +128,7 @@ class Resolver:
         self.events = events
         self.policy = policy
         self.clock = clock
-        self.locks = locks or SubscriberLocks()
+        self.locks = locks
         self.batch_max = batch_max
         self.review_after_attempts = review_after_attempts
         self.default_language = default_language

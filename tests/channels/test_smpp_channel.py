@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.adapters.sms_notifier import SmsNotifier
 from extrabalance.config import load_settings
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
@@ -16,7 +17,8 @@ M = "201001234567"
 
 
 def channel_with(lending: FakeLending, sent: list[tuple[str, str]], *,
-                 receipts: list[bool] | None = None, **options) -> SmppChannel:
+                 receipts: list[bool] | None = None, delivery_receipts: bool = True,
+                 **options) -> SmppChannel:
     s = load_settings()
     t = Templates(s.templates, "en", 2)
 
@@ -30,8 +32,10 @@ def channel_with(lending: FakeLending, sent: list[tuple[str, str]], *,
         return []
 
     return SmppChannel(dialogs=UssdDialogs(lending, t), lending=lending, templates=t,
-                       policy=lending.policy, submit=submit, send_sms=send_sms,
-                       short_code="1234", **options)
+                       policy=lending.policy, submit=submit,
+                       sms=SmsNotifier(send_sms, templates=t, short_code="1234",
+                                       delivery_receipts=delivery_receipts),
+                       **options)
 
 
 async def test_delivery_receipts_are_asked_for_unless_turned_off():

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.adapters.sms_notifier import SmsNotifier
 from extrabalance.config import load_settings
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import Screen, UssdDialogs, UssdInput
@@ -132,8 +133,8 @@ async def test_channel_repeat_with_a_new_sequence_number_never_lends():
 
     dialogs = UssdDialogs(lending, t)
     ch = SmppChannel(dialogs=dialogs, lending=lending, templates=t,
-                     policy=lending.policy, submit=submit, send_sms=send_sms,
-                     short_code="1234")
+                     policy=lending.policy, submit=submit,
+                     sms=SmsNotifier(send_sms, templates=t, short_code="1234"))
     seq = iter(range(100, 200))
 
     def deliver(text: str, step: int, op: int = UssdOp.USSR_CONFIRM) -> None:
@@ -241,8 +242,8 @@ async def test_an_earlier_screen_is_never_sent_again_after_a_later_one():
         return []
 
     ch = SmppChannel(dialogs=UssdDialogs(lending, t), lending=lending, templates=t,
-                     policy=lending.policy, submit=submit, send_sms=send_sms,
-                     short_code="1234")
+                     policy=lending.policy, submit=submit,
+                     sms=SmsNotifier(send_sms, templates=t, short_code="1234"))
     for step, (text, op) in enumerate((("*123#", UssdOp.PSSR_INDICATION),
                                        ("4", UssdOp.USSR_CONFIRM))):
         ch.on_deliver(ussd_deliver(A, "*123#", text, op=op,
@@ -272,8 +273,9 @@ async def test_its_session_info_sequence_is_echoed_for_gateways_that_want_it():
             return []
 
         ch = SmppChannel(dialogs=UssdDialogs(lending, t), lending=lending, templates=t,
-                         policy=lending.policy, submit=submit, send_sms=send_sms,
-                         short_code="1234", its_sequence=lambda bind, m=mode: m)
+                         policy=lending.policy, submit=submit,
+                         sms=SmsNotifier(send_sms, templates=t, short_code="1234"),
+                         its_sequence=lambda bind, m=mode: m)
         ch.on_deliver(ussd_deliver(A, "*123#", "*123#", op=UssdOp.PSSR_INDICATION,
                                    session=ItsSessionInfo(5, 3)), "bind-1")
         await asyncio.sleep(0.01)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.adapters.sms_notifier import SmsNotifier
 from extrabalance.config import load_settings
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
@@ -36,8 +37,8 @@ async def test_repeats_and_a_slow_gateway_never_lend_without_consent():
     esme = Esme([BindConfig("127.0.0.1", port, "extrabalance", "pw", window_max=4,
                             response_timeout_s=0.3)], on_deliver)
     channel = SmppChannel(dialogs=UssdDialogs(lending, t), lending=lending, templates=t,
-                          policy=lending.policy, submit=esme.submit, send_sms=esme.send_sms,
-                          short_code="1234")
+                          policy=lending.policy, submit=esme.submit,
+                          sms=SmsNotifier(esme.send_sms, templates=t, short_code="1234"))
     await esme.start()
     try:
         await esme.wait_bound(5.0)

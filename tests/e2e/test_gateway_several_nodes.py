@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.adapters.sms_notifier import SmsNotifier
 from extrabalance.config import load_settings
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
@@ -63,7 +64,8 @@ async def start_node(name: str, port: int, lending: FakeLending, templates: Temp
                                  response_timeout_s=1.0)], on_deliver)
     channel = SmppChannel(dialogs=UssdDialogs(lending, templates), lending=lending,
                           templates=templates, policy=lending.policy, submit=node.esme.submit,
-                          send_sms=node.esme.send_sms, short_code="1234")
+                          sms=SmsNotifier(node.esme.send_sms, templates=templates,
+                                          short_code="1234"))
     await node.esme.start()
     await node.esme.wait_bound(TIMEOUT_S)
     return node

@@ -20,6 +20,7 @@ import pytest
 
 from extrabalance.adapters.gy_server import GyServer
 from extrabalance.adapters.smpp_channel import SmppChannel
+from extrabalance.adapters.sms_notifier import SmsNotifier
 from extrabalance.config import load_settings
 from extrabalance.diameter import codec, gy
 from extrabalance.diameter.node import DiameterNode, PeerAddress
@@ -239,7 +240,8 @@ async def test_smpp_channel_throttles_beyond_its_bound_and_the_bind_stays_up() -
         return None
 
     channel = SmppChannel(dialogs=dialogs, lending=lending, templates=templates, policy=policy,
-                          submit=submit, send_sms=send_sms, short_code="1234",
+                          submit=submit,
+                          sms=SmsNotifier(send_sms, templates=templates, short_code="1234"),
                           inbound_tasks_max=INBOUND_MAX)
     password = os.urandom(3).hex()
 
@@ -279,5 +281,5 @@ def test_smpp_channel_refuses_a_zero_bound() -> None:
     templates = Templates(settings.templates, "en", 2)
     with pytest.raises(ValueError):
         SmppChannel(dialogs=None, lending=None, templates=templates,  # type: ignore[arg-type]
-                    policy=settings.policy(), submit=None, send_sms=None,  # type: ignore[arg-type]
-                    short_code="1234", inbound_tasks_max=0)
+                    policy=settings.policy(), submit=None,  # type: ignore[arg-type]
+                    sms=None, inbound_tasks_max=0)  # type: ignore[arg-type]
