@@ -87,7 +87,7 @@ def start_smsc() -> tuple[subprocess.Popen[str], int]:
 
 
 def make_esme(port: int, binds: int, bind_rate: int, window: int) -> Any:
-    from extrabalance.smpp.client import BindConfig, Esme
+    from extrabalance.smpp.aio.client import BindConfig, Esme
 
     async def no_deliver(pdu: Any, system_id: str) -> int:
         return 0

@@ -143,7 +143,7 @@ def run(seconds: float = 2.0) -> dict[str, float]:
 
 async def run_roundtrips(seconds: float = 2.0, window: int = 256) -> dict[str, float]:
     """Pipelined CCR/CCA round trips per second over one loopback connection."""
-    from extrabalance.diameter.node import DiameterNode, LocalIdentity, PeerAddress
+    from extrabalance.diameter.aio.node import DiameterNode, LocalIdentity, PeerAddress
 
     async def handler(msg: codec.Message, peer: str) -> codec.Message:
         return gy.build_cca(msg, origin_host="in.bench", origin_realm="bench",

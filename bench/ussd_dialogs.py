@@ -178,7 +178,7 @@ class _MenuEsme:
     DONE = "Done: 10.00 EGP added to your balance. You owe 11.50 EGP."
 
     def __init__(self, port: int, args: argparse.Namespace, password: str) -> None:
-        from extrabalance.smpp.client import BindConfig, Esme
+        from extrabalance.smpp.aio.client import BindConfig, Esme
 
         self.steps: dict[tuple[str, int], int] = {}
         self._tasks: set[asyncio.Task[None]] = set()

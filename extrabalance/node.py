@@ -32,7 +32,12 @@ from extrabalance.admin.server import reload_on_signal
 from extrabalance.bootstrap import bootstrap
 from extrabalance.clock import SYSTEM_CLOCK, Clock
 from extrabalance.config import Settings, load_settings
-from extrabalance.diameter.node import DiameterNode, NoPeerAvailable, PeerAddress, RequestTimeout
+from extrabalance.diameter.aio.node import (
+    DiameterNode,
+    NoPeerAvailable,
+    PeerAddress,
+    RequestTimeout,
+)
 from extrabalance.diameter.peer import LocalIdentity
 from extrabalance.ledger.factory import NodeLedger, open_ledger
 from extrabalance.observability import EdrWriter, EventRecorder, Metrics, configure_logging
@@ -48,7 +53,7 @@ from extrabalance.service.ads import AdTrigger, rules_from_settings
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.resolver import resolve_interval_s
 from extrabalance.service.templates import Templates
-from extrabalance.smpp.client import BindConfig, Esme
+from extrabalance.smpp.aio.client import BindConfig, Esme
 
 log = structlog.get_logger(__name__)
 

@@ -1052,8 +1052,8 @@ class InSimulator:
             has_mscc=mscc,
             event_timestamp=gy.ntp_now(),
         )
+        from extrabalance.diameter.aio.node import RequestTimeout
         from extrabalance.diameter.codec import FLAG_RETRANSMIT
-        from extrabalance.diameter.node import RequestTimeout
 
         diameter = self._diameter[name]
         message = gy.build_ccr(ccr, currency_exponent=self.currency_exponent,
@@ -1140,7 +1140,7 @@ class InSimulator:
     # -- DiameterNode wiring -----------------------------------------------------------
 
     def _make_node(self, spec: InNodeSpec) -> Any:
-        from extrabalance.diameter.node import DiameterNode, LocalIdentity
+        from extrabalance.diameter.aio.node import DiameterNode, LocalIdentity
 
         name = spec.name
 
@@ -1174,7 +1174,7 @@ class InSimulator:
         )
 
     def _add_node_peer(self, name: str, diameter: Any) -> None:
-        from extrabalance.diameter.node import PeerAddress
+        from extrabalance.diameter.aio.node import PeerAddress
 
         assert self.node_peer is not None
         diameter.add_peer_group(

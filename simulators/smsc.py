@@ -45,9 +45,9 @@ from typing import Any, Self
 
 from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
-from extrabalance.smpp.connection import RequestFailedError
+from extrabalance.smpp.aio.connection import RequestFailedError
+from extrabalance.smpp.aio.server import Smsc
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, SubmitSm, Tag
-from extrabalance.smpp.server import Smsc
 from extrabalance.smpp.text import (
     ConcatInfo,
     Reassembler,

@@ -4,7 +4,7 @@ from extrabalance.observability import EdrWriter, EventRecorder, Metrics, Repeat
 
 
 def record(msg: str, level: int = logging.WARNING) -> logging.LogRecord:
-    return logging.LogRecord("extrabalance.diameter.node", level, __file__, 1, msg, (), None)
+    return logging.LogRecord("extrabalance.diameter.aio.node", level, __file__, 1, msg, (), None)
 
 
 def test_repeat_limiter_bounds_lines_per_kind_and_counts_the_rest():

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class PeerTable(Protocol):
-    """The Diameter peers (`diameter.node.DiameterNode`)."""
+    """The Diameter peers (`diameter.aio.node.DiameterNode`)."""
 
     def peer_states(self) -> list[dict[str, Any]]: ...
 
@@ -29,7 +29,7 @@ class PeerTable(Protocol):
 
 
 class BindTable(Protocol):
-    """The SMPP binds (`smpp.client.Esme`)."""
+    """The SMPP binds (`smpp.aio.client.Esme`)."""
 
     def bind_states(self) -> list[dict[str, object]]: ...
 

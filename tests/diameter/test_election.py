@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from extrabalance.diameter import gy
+from extrabalance.diameter.aio.node import DiameterNode, LocalIdentity, PeerAddress
 from extrabalance.diameter.codec import decode, encode
-from extrabalance.diameter.node import DiameterNode, LocalIdentity, PeerAddress
 from extrabalance.diameter.peer import (
     LINK_TRANSITIONS,
     AcceptResponder,

@@ -8,8 +8,8 @@ import pytest
 
 from extrabalance.adapters.in_diameter import DiameterInPort, InNodeAddress
 from extrabalance.diameter import gy
+from extrabalance.diameter.aio.node import NoPeerAvailable, RequestTimeout
 from extrabalance.diameter.codec import Message
-from extrabalance.diameter.node import NoPeerAvailable, RequestTimeout
 from extrabalance.service.ports import InAction, InOperation, InOutcome
 
 IN_A = "in-a.operator.example"

@@ -24,7 +24,7 @@ import pytest
 from extrabalance.adapters.gy_server import GyServer
 from extrabalance.adapters.in_diameter import DiameterInPort, InNodeAddress
 from extrabalance.diameter import codec
-from extrabalance.diameter.node import (
+from extrabalance.diameter.aio.node import (
     DiameterNode,
     LocalIdentity,
     NoPeerAvailable,

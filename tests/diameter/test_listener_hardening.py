@@ -17,7 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from extrabalance.diameter.node import DiameterNode, LocalIdentity, PeerAddress, certificate_hosts
+from extrabalance.diameter.aio.node import (
+    DiameterNode,
+    LocalIdentity,
+    PeerAddress,
+    certificate_hosts,
+)
 
 from .test_node import IN_A_ID, NODE_ID, Recorder, wait_for
 

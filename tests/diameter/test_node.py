@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from extrabalance.diameter import codec, gy
-from extrabalance.diameter.codec import DiameterError, Message, avp, decode, encode
-from extrabalance.diameter.node import (
+from extrabalance.diameter.aio.node import (
     DiameterNode,
     LocalIdentity,
     NoPeerAvailable,
     PeerAddress,
     RequestTimeout,
 )
+from extrabalance.diameter.codec import DiameterError, Message, avp, decode, encode
 
 from .helpers import sample_ccr
 
@@ -346,7 +346,7 @@ async def test_watchdog_failover_and_failback(nodes: Callable[..., DiameterNode]
 
 async def test_close_sends_dpr(nodes: Callable[..., DiameterNode],
                                caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="extrabalance.diameter.node")
+    caplog.set_level(logging.INFO, logger="extrabalance.diameter.aio.node")
     server = nodes(IN_A_ID, allowed=None)
     port = await server.listen("127.0.0.1", 0)
     client = DiameterNode(NODE_ID, allowed_peers=None, request_handler=Recorder("x"))
@@ -393,7 +393,7 @@ def test_handler_error_type_is_the_codec_error() -> None:
 
 async def test_inbound_bound_answers_3004_too_busy(nodes: Callable[..., DiameterNode],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import extrabalance.diameter.node as node_module
+    import extrabalance.diameter.aio.node as node_module
 
     monkeypatch.setattr(node_module, "INBOUND_CONCURRENT_MAX", 1)
     slow = Recorder("in", delay_s=0.3)

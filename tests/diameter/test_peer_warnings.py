@@ -11,8 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from extrabalance.diameter import gy
-from extrabalance.diameter.codec import Message
-from extrabalance.diameter.node import (
+from extrabalance.diameter.aio.node import (
     WARNING_HINTS,
     DiameterNode,
     LocalIdentity,
@@ -20,11 +19,12 @@ from extrabalance.diameter.node import (
     PeerWarnings,
     RequestTimeout,
 )
+from extrabalance.diameter.codec import Message
 
 from .helpers import sample_ccr
 from .test_node import IN_A_ID, NODE_ID, nodes, wait_for  # noqa: F401 - the fixture
 
-LOGGER = "extrabalance.diameter.node"
+LOGGER = "extrabalance.diameter.aio.node"
 
 
 def warnings_logged(caplog: pytest.LogCaptureFixture, kind: str) -> list[logging.LogRecord]:

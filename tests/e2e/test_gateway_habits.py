@@ -13,7 +13,7 @@ from extrabalance.adapters.sms_notifier import SmsNotifier
 from extrabalance.config import load_settings
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
-from extrabalance.smpp.client import BindConfig, Esme
+from extrabalance.smpp.aio.client import BindConfig, Esme
 from simulators.smsc import SmscSimulator
 from tests.channels.fake_lending import FakeLending
 

@@ -10,7 +10,7 @@ import pytest
 from extrabalance.config import load_settings
 from extrabalance.demo import A, demo_env, free_port
 from extrabalance.diameter import gy
-from extrabalance.diameter.node import NoPeerAvailable
+from extrabalance.diameter.aio.node import NoPeerAvailable
 from extrabalance.mosquitto import find_mosquitto
 
 

@@ -23,14 +23,14 @@ from extrabalance.adapters.smpp_channel import SmppChannel
 from extrabalance.adapters.sms_notifier import SmsNotifier
 from extrabalance.config import load_settings
 from extrabalance.diameter import codec, gy
-from extrabalance.diameter.node import DiameterNode, PeerAddress
+from extrabalance.diameter.aio.node import DiameterNode, PeerAddress
 from extrabalance.diameter.peer import LocalIdentity
 from extrabalance.service.outcomes import AdvanceDecision, AdvanceOutcome
 from extrabalance.service.templates import Templates
 from extrabalance.service.ussd import UssdDialogs
-from extrabalance.smpp.client import BindConfig, Esme
+from extrabalance.smpp.aio.client import BindConfig, Esme
+from extrabalance.smpp.aio.server import Smsc
 from extrabalance.smpp.pdu import DeliverSm, Status
-from extrabalance.smpp.server import Smsc
 
 NODE = LocalIdentity("eb.operator.example", "operator.example")
 IN_A = LocalIdentity("in-a.operator.example", "operator.example")

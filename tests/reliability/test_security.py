@@ -21,7 +21,7 @@ import pytest
 from bench.fuzz_peers import DiameterConn
 from extrabalance.config import ConfigError, load_settings
 from extrabalance.diameter import codec, gy
-from extrabalance.diameter.node import DiameterNode, PeerAddress
+from extrabalance.diameter.aio.node import DiameterNode, PeerAddress
 from extrabalance.diameter.peer import LocalIdentity
 from extrabalance.observability import configure_logging, mask_msisdn
 
@@ -231,7 +231,7 @@ async def test_node_dials_its_in_over_tls_and_checks_the_in_certificate(tmp_path
 
 
 async def test_smsc_refuses_a_wrong_password_and_the_esme_retries_with_backoff() -> None:
-    from extrabalance.smpp.client import BindConfig, Esme, NotBoundError
+    from extrabalance.smpp.aio.client import BindConfig, Esme, NotBoundError
     from extrabalance.smpp.pdu import Status
     from simulators.smsc import SmscSimulator
 

@@ -14,9 +14,9 @@ from extrabalance.clock import FixedClock
 from extrabalance.core.policy import Bundle, Tier
 from extrabalance.core.protection import resolve
 from extrabalance.diameter import gy
+from extrabalance.diameter.aio.node import RequestTimeout
 from extrabalance.diameter.codec import FLAG_RETRANSMIT, Message, encode
 from extrabalance.diameter.constants import DIAMETER_SUCCESS
-from extrabalance.diameter.node import RequestTimeout
 from extrabalance.service.outcomes import BorrowStatus
 from tests.core.sample import POLICY
 from tests.service.fakes import LOST_ANSWER, NOW, Harness

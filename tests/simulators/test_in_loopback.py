@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from extrabalance.diameter import codec, gy
-from extrabalance.diameter.node import DiameterNode, LocalIdentity, PeerAddress, RequestTimeout
+from extrabalance.diameter.aio.node import DiameterNode, LocalIdentity, PeerAddress, RequestTimeout
 from simulators.in_node import InNodeSpec, InSimulator, MsisdnRange, NodePeer
 
 NODE_HOST = "eb.test"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from extrabalance.diameter import codec, gy
-from extrabalance.diameter.node import DiameterNode, LocalIdentity, PeerAddress
+from extrabalance.diameter.aio.node import DiameterNode, LocalIdentity, PeerAddress
 from simulators.in_node import (
     InNodeSpec,
     InSimulator,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from extrabalance.smpp.client import BindConfig, Esme, NotBoundError, SubmitError
+from extrabalance.smpp.aio.client import BindConfig, Esme, NotBoundError, SubmitError
 from extrabalance.smpp.pdu import DeliverSm, Status, SubmitSm
 from simulators.handset import RemoteHandset
 from simulators.smsc import SmscSimulator

@@ -4,7 +4,7 @@ test ESME, out-of-balance requests and recharges through the IN simulator."""
 from __future__ import annotations
 
 from extrabalance.diameter import codec, gy
-from extrabalance.diameter.node import DiameterNode, LocalIdentity
+from extrabalance.diameter.aio.node import DiameterNode, LocalIdentity
 from simulators.in_node import InNodeSpec, InSimulator, MsisdnRange, NodePeer
 from simulators.smsc import SmscSimulator
 from simulators.traffic import TrafficConfig, TrafficGenerator, TrafficMix

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from extrabalance.smpp.client import BindConfig, Esme
+from extrabalance.smpp.aio.client import BindConfig, Esme
 from extrabalance.smpp.pdu import BindTransceiverResp, BindTransmitterResp, CommandId, encode
 from extrabalance.smpp.session import BindRefused, Bound, Role, Session, State
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from extrabalance.smpp.client import BindConfig, Esme, _TokenBucket
-from extrabalance.smpp.connection import SmppConnection
+from extrabalance.smpp.aio.client import BindConfig, Esme, _TokenBucket
+from extrabalance.smpp.aio.connection import SmppConnection
+from extrabalance.smpp.aio.server import Smsc
 from extrabalance.smpp.pdu import DeliverSm, Status, SubmitSm
-from extrabalance.smpp.server import Smsc
 from extrabalance.smpp.ussd import ussd_deliver
 
 CREDS = {"node": "secret"}

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from extrabalance.smpp.client import BindConfig, Esme, NotBoundError, SubmitError
+from extrabalance.smpp.aio.client import BindConfig, Esme, NotBoundError, SubmitError
+from extrabalance.smpp.aio.server import Smsc
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, Status, SubmitSm, UssdOp
-from extrabalance.smpp.server import Smsc
 from extrabalance.smpp.text import Reassembler, decode_text, parse_concat
 from extrabalance.smpp.ussd import parse_ussd_deliver, ussd_deliver, ussd_submit
 
@@ -304,7 +304,7 @@ async def test_submits_spread_over_binds_and_deliver_targets_system_id(h: Harnes
     names = {s["name"] for s in esme.bind_states()}
     assert len(names) == 2 and {r.bind for r in results} == names
     assert await h.smsc.deliver(DeliverSm(source_addr="1"), system_id="node") == 0
-    from extrabalance.smpp.server import NoReceiverError
+    from extrabalance.smpp.aio.server import NoReceiverError
 
     with pytest.raises(NoReceiverError):
         await h.smsc.deliver(DeliverSm(source_addr="1"), system_id="someone-else")
@@ -314,12 +314,12 @@ async def test_a_bind_that_cannot_be_encoded_reports_why_and_does_not_die():
     """A password longer than SMPP allows: the bind keeps trying and says why."""
     import asyncio
 
-    from extrabalance.smpp.client import BindConfig, Esme, NotBoundError
+    from extrabalance.smpp.aio.client import BindConfig, Esme, NotBoundError
 
     async def on_deliver(pdu, name):
         return 0
 
-    from extrabalance.smpp.server import Smsc
+    from extrabalance.smpp.aio.server import Smsc
 
     async def on_submit(pdu, system_id):
         return 0, "1"

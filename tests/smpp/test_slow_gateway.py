@@ -9,9 +9,9 @@ import asyncio
 
 import pytest
 
-from extrabalance.smpp.client import BindConfig, Esme, SubmitError
+from extrabalance.smpp.aio.client import BindConfig, Esme, SubmitError
+from extrabalance.smpp.aio.server import Smsc
 from extrabalance.smpp.pdu import SubmitSm
-from extrabalance.smpp.server import Smsc
 
 
 class Clock:
@@ -106,7 +106,7 @@ async def test_connect_failures_and_an_unset_password_are_named(caplog):
         dead_port = probe.getsockname()[1]
     esme = Esme([BindConfig("127.0.0.1", dead_port, "node", "pw",
                             reconnect_backoff_max_s=0.05)], lambda pdu, bind: 0)
-    with caplog.at_level(logging.WARNING, logger="extrabalance.smpp.client"):
+    with caplog.at_level(logging.WARNING, logger="extrabalance.smpp.aio.client"):
         await esme.start()
         try:
             await wait_for(lambda: esme.bind_states()[0]["connect_failures"] >= 3)

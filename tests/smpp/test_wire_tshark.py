@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from extrabalance.smpp.client import BindConfig, Esme
+from extrabalance.smpp.aio.client import BindConfig, Esme
+from extrabalance.smpp.aio.server import Smsc
 from extrabalance.smpp.pdu import DeliverSm, ItsSessionInfo, SubmitSm, UssdOp
-from extrabalance.smpp.server import Smsc
 from extrabalance.smpp.ussd import ussd_deliver, ussd_submit
 
 pytestmark = pytest.mark.wire

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from extrabalance.smpp.connection import RequestFailedError, SmppConnection
+from extrabalance.smpp.aio.connection import RequestFailedError, SmppConnection
 from extrabalance.smpp.pdu import (
     CommandId,
     DataSm,

@@ -45,16 +45,15 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from extrabalance.clock import SYSTEM_CLOCK
-
-from . import codec
-from .codec import DiameterError, Message
-from .constants import (
+from extrabalance.diameter import codec
+from extrabalance.diameter.codec import DiameterError, Message
+from extrabalance.diameter.constants import (
     AVP_ORIGIN_HOST,
     AVP_RESULT_CODE,
     DIAMETER_TOO_BUSY,
     DIAMETER_UNABLE_TO_COMPLY,
 )
-from .peer import (
+from extrabalance.diameter.peer import (
     APPLICATION_RELAY,
     CAPABILITIES_TIMEOUT_S,
     CEA_UNKNOWN_PEER,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from extrabalance.smpp.connection import RequestFailedError, SmppConnection
+from extrabalance.smpp.aio.connection import RequestFailedError, SmppConnection
 from extrabalance.smpp.pdu import (
     DataSm,
     DeliverSm,
