@@ -115,6 +115,9 @@ class E2eOptions:
     nodes: int = 1  # node processes, on one ledger (several need storage "postgresql")
     storage: str = "sqlite"  # the nodes' ledger: "sqlite" (a file) or "postgresql"
     pg_dsn: str | None = None  # the PostgreSQL server (default $EB_BENCH_PG_DSN or local)
+    # The nodes' [storage] saga_lease_s (None: the shipped 120 s). The resolver runs every
+    # 30 s or every quarter of the lease, so a short lease also settles unknowns sooner.
+    saga_lease_s: float | None = None
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -852,7 +855,8 @@ async def run_e2e(options: E2eOptions) -> dict[str, Any]:
                        advance_confirmation=options.advance_confirmation,
                        in_faults=options.in_faults,
                        gateway=options.gateway, nodes=options.nodes,
-                       storage=options.storage, pg_dsn=options.pg_dsn) as net:
+                       storage=options.storage, pg_dsn=options.pg_dsn,
+                       saga_lease_s=options.saga_lease_s) as net:
         if options.warmup_s > 0:
             warm = dataclasses.replace(options, duration_s=options.warmup_s, mix=options.warmup_mix)
             await drive_traffic(net, warm, samples_path=workdir / "warmup_latency_ms.json")

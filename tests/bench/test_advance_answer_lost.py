@@ -77,6 +77,9 @@ def test_strict_in_with_lost_answers_and_3004_credits_once(tmp_path: Path) -> No
         json_output=True, progress=False, arabic_share=0.0, settle_max_s=30.0,
         opt_in_share=1.0, plot=False, command="test", warmup_s=1.0,
         in_faults={"drop_share": 0.15, "result_share": {"3004": 0.15}},
+        # An operation still unknown after the 2 s and 8 s follow-ups is the resolver's:
+        # with an 8 s lease it runs every 2 s instead of every 30 s (same path, sooner).
+        saga_lease_s=8.0,
     )
     result = asyncio.run(run_e2e(options))
     rec = result["reconciliation"]
