@@ -185,7 +185,7 @@ def node_child(overrides_path: str) -> int:
     import logging
 
     from extrabalance.config import load_settings
-    from extrabalance.node import Node
+    from extrabalance.node import Node, serve
     from extrabalance.observability import configure_logging
 
     overrides = json.loads(Path(overrides_path).read_text(encoding="utf-8"))
@@ -209,17 +209,11 @@ def node_child(overrides_path: str) -> int:
 
     async def main() -> None:
         node = Node(settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        signals = {}
         if probe_dir:
             probes = iter(range(1, 1 << 30))
-            loop.add_signal_handler(signal.SIGUSR1,
-                                    lambda: write_probe(node, Path(probe_dir), next(probes)))
-        await node.start()
-        await stop.wait()
-        await node.stop()
+            signals[signal.SIGUSR1] = lambda: write_probe(node, Path(probe_dir), next(probes))
+        await serve(node, signals=signals)
         if probe_dir:
             write_probe(node, Path(probe_dir), 0, allocations=False)  # 0: after stop
 

@@ -231,23 +231,14 @@ async def _start_node(workdir: Path, name: str, host: str, settings: Settings,
 
 def _node_process(settings_path: str) -> int:
     """One node of the demo, in its own process: run until SIGTERM."""
-    from extrabalance.node import Node
+    from extrabalance.node import Node, serve
     from extrabalance.observability import configure_logging
 
     settings = Settings.model_validate_json(Path(settings_path).read_text(encoding="utf-8"))
     configure_logging(level=os.environ.get("EB_LOG_LEVEL", "ERROR"))
 
     async def main() -> None:
-        node = Node(settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await node.start()
-        try:
-            await stop.wait()
-        finally:
-            await node.stop()
+        await serve(Node(settings))  # the node is built inside the loop it runs on
 
     asyncio.run(main())
     return 0

@@ -17,6 +17,7 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -450,6 +451,29 @@ class Node:
         log.info("node_stopped", node=self.settings.node.name)
 
 
+async def serve(node: Node, *, signals: Mapping[int, Callable[[], object]] | None = None) -> None:
+    """Start `node`, run it until SIGTERM or SIGINT, then stop it gracefully. A signal
+    during start-up stops at once rather than after the start finishes. `signals`: more
+    handlers for this run (the config reload on SIGHUP, a benchmark's probe)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    for number, handler in (signals or {}).items():
+        loop.add_signal_handler(number, handler)
+    starting = asyncio.ensure_future(node.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+    else:
+        starting.result()
+        await stopping
+    await node.stop()
+
+
 def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
     """`extrabalance run --config FILE`: run until SIGTERM/SIGINT, then stop gracefully."""
     from extrabalance.preflight import check_runtime
@@ -468,10 +492,7 @@ def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
     async def main() -> None:
         node = Node(settings, clock=clock)
         node.config_path = config_path  # the admin API's reload re-reads this file
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         # SIGHUP: re-read and validate the config file; a bad file is logged and ignored.
         reloads: set[asyncio.Task[None]] = set()
 
@@ -480,19 +501,7 @@ def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
-        loop.add_signal_handler(signal.SIGHUP, _hup)
-        # A SIGTERM during start-up stops at once rather than after start finishes.
-        starting = asyncio.ensure_future(node.start())
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await starting
-        else:
-            starting.result()
-            await stopping
-        await node.stop()
+        await serve(node, signals={signal.SIGHUP: _hup})
 
     asyncio.run(main())
     return 0
