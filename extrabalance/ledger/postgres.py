@@ -381,6 +381,11 @@ class PostgresLedgerTx:
     active_campaigns = _op(ads_store.active_campaigns)
     set_campaign_state = _op(ads_store.set_campaign_state)
     pending_recipients = _op(ads_store.pending_recipients)
+
+    def claim_recipients(self, campaign_id: str, now: Any, until: Any, limit: int) -> list[str]:
+        return ads_store.claim_recipients(self, campaign_id, now, until, limit,  # type: ignore[arg-type]
+                                          lock_rows=_SKIP_LOCKED)
+
     settle_recipient = _op(ads_store.settle_recipient)
     # outbox (rows of their own: the money they report took the subscriber's lock)
     outbox_put = _op(outbox_store.outbox_put)
