@@ -63,6 +63,7 @@ QUIET_MAX_S = 90.0  # the quiet period ends when all is settled, or after this l
 NODE_UP_WAIT_S = 30.0
 CLUSTER_SAGA_LEASE_S = 20.0  # the nodes' saga lease in a chaos run with several nodes
 PG_DOWN_S = 3.0  # a restarted PostgreSQL stays down this long
+PG_FAULTS = ("pg_restart", "pg_crash")
 
 
 @dataclass
@@ -179,7 +180,7 @@ async def inject(net: Network, kind: str, rng: random.Random, lost: set[int],
     if kind == "broker_kill":
         await asyncio.to_thread(net.broker.restart, graceful=False)
         return "SIGKILL, restarted"
-    if kind in ("pg_restart", "pg_crash"):
+    if kind in PG_FAULTS:
         if pg_server is None:
             return "no PostgreSQL of the run's own: skipped"
         mode = "fast" if kind == "pg_restart" else "immediate"
@@ -259,10 +260,15 @@ async def _run_network(options: ChaosOptions, result: ChaosResult, workdir: Path
                 await asyncio.sleep(delay)
             if kind == "broker_kill":
                 broker_kills_s.append(SYSTEM_CLOCK.time())
+            began = time.monotonic()
             what = await inject(net, kind, rng, lost, pg_server, options.pg_down_s)
             result.faults[kind] += 1
             result.fault_log.append((round(time.monotonic() - t0, 2), kind, what))
             say(f"{time.monotonic() - t0:7.2f} s  {kind:<15} {what}")
+            if kind in PG_FAULTS:
+                # The rest of the plan moves by the restart's length: the faults due
+                # meanwhile are not fired all at once the moment the server is back.
+                t0 += time.monotonic() - began
         for worker in workers:
             answer = await worker.call("traffic_wait", timeout_s=options.duration_s + 120)
             result.traffic[worker.name] = answer["report"]
