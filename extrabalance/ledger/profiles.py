@@ -205,17 +205,12 @@ def import_profiles(
         conn.close()
 
 
-def import_profiles_postgresql(
-    conninfo: str,
-    csv_path: str | Path,
-    *,
-    progress: bool = False,
-    batch_rows: int = IMPORT_BATCH_ROWS_PG,
-    languages: Collection[str] | None = None,
-    bulk_opt_in: bool = True,
-) -> ImportReport:
+def import_profiles_postgresql(conninfo: str, csv_path: str | Path, *,
+                               batch_rows: int = IMPORT_BATCH_ROWS_PG,
+                               **options: Any) -> ImportReport:
     """`import_profiles` into the PostgreSQL ledger at `conninfo` (migrated first):
-    the same rows accepted and refused, the same report."""
+    the same options (`progress`, `languages`, `bulk_opt_in`), the same rows accepted
+    and refused, the same report."""
     import psycopg
 
     from extrabalance.ledger.postgres import CONNECT_TIMEOUT_S, migrate_postgres
@@ -225,10 +220,9 @@ def import_profiles_postgresql(
         migrate_postgres(conn)
         conn.execute(_PG_STAGE)
         return _import_file(
-            lambda batch: _flush_postgresql(conn, batch),
-            lambda: _count_pg(conn),
-            csv_path, progress=progress, batch_rows=batch_rows, languages=languages,
-            bulk_opt_in=bulk_opt_in)
+            lambda batch: _flush_postgresql(conn, batch), lambda: _count_pg(conn), csv_path,
+            batch_rows=batch_rows, **{"progress": False, "languages": None,
+                                      "bulk_opt_in": True, **options})
 
 
 def _import_file(

@@ -59,7 +59,7 @@ def test_same_report_and_rows_as_sqlite(tmp_path: Path) -> None:
         assert on_pg.rows_ok == 4 and len(on_pg.bad_rows) == 6
         query = f"SELECT {COLUMNS} FROM subscribers ORDER BY msisdn"
         assert pg_rows(conninfo, query) == sqlite_rows(db, query)
-        last = dict((r[0], r) for r in pg_rows(conninfo, query))["201001234574"]
+        last = {r[0]: r for r in pg_rows(conninfo, query)}["201001234574"]
         assert last[1:3] == (2, 2) and json.loads(last[3]) == {
             "region": 'a "quoted" one', "level": -7}
         audit = "SELECT msisdn, action, who, why FROM audit ORDER BY msisdn"
