@@ -199,9 +199,18 @@ class _BindWorker:
         cfg = self.cfg
         while not self.esme._closing:
             self.connects += 1
+            session = Session(
+                Role.ESME, window_max=cfg.window_max, response_timeout_s=cfg.response_timeout_s,
+                enquire_link_s=cfg.enquire_link_s,
+                enquire_link_periodic=cfg.enquire_link_mode == "periodic",
+            )
+            conn = SmppConnection(session, self._on_request, name=self.name,
+                                  clock=self.esme._clock, stats=self.counters)
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(cfg.host, cfg.port), cfg.response_timeout_s
+                await asyncio.wait_for(
+                    asyncio.get_running_loop().create_connection(
+                        lambda: conn, cfg.host, cfg.port),  # noqa: B023 - awaited here
+                    cfg.response_timeout_s,
                 )
             except (TimeoutError, OSError) as exc:
                 self.last_error = f"connect failed: {exc or type(exc).__name__}"
@@ -209,39 +218,35 @@ class _BindWorker:
                 self._log_failure(self.last_error)
                 await self._backoff()
                 continue
-            session = Session(
-                Role.ESME, window_max=cfg.window_max, response_timeout_s=cfg.response_timeout_s,
-                enquire_link_s=cfg.enquire_link_s,
-                enquire_link_periodic=cfg.enquire_link_mode == "periodic",
-            )
-            conn = SmppConnection(session, reader, writer, self._on_request, name=self.name,
-                                  clock=self.esme._clock, stats=self.counters)
-            session.bind("trx", cfg.system_id, cfg.password, cfg.system_type,
-                         now_s=self.esme._clock())
-            conn.flush()
-            runner = asyncio.create_task(conn.run())
-            await conn.bind_done.wait()
-            if conn.bound.is_set():
-                self.conn = conn
-                rebind = self.counters["binds"] > 0
-                self.counters["binds"] += 1
-                self.failures_in_row = 0
-                self.last_error = None
-                self.bound_since_s = self.esme._clock()
-                self.esme._bound_changed()
-                log.info("smpp %s: %s", self.name, "bound again" if rebind else "bound")
-            else:
-                self.last_bind_status = conn.bind_refused_status
-                if conn.bind_refused_status is not None:
-                    self.last_error = f"bind refused: {status_name(conn.bind_refused_status)}"
-                    if (conn.bind_refused_status == Status.ESME_RINVPASWD
-                            and cfg.password_source):
-                        self.last_error += f" (password from {cfg.password_source})"
+            try:
+                session.bind("trx", cfg.system_id, cfg.password, cfg.system_type,
+                             now_s=self.esme._clock())
+                conn.flush()
+                await conn.bind_done.wait()
+                if conn.bound.is_set():
+                    self.conn = conn
+                    rebind = self.counters["binds"] > 0
+                    self.counters["binds"] += 1
+                    self.failures_in_row = 0
+                    self.last_error = None
+                    self.bound_since_s = self.esme._clock()
+                    self.esme._bound_changed()
+                    log.info("smpp %s: %s", self.name, "bound again" if rebind else "bound")
                 else:
-                    self.last_error = f"closed before bind: {conn.close_reason}"
-                self._log_failure(self.last_error)
-                conn.close()
-            await runner
+                    self.last_bind_status = conn.bind_refused_status
+                    if conn.bind_refused_status is not None:
+                        self.last_error = f"bind refused: {status_name(conn.bind_refused_status)}"
+                        if (conn.bind_refused_status == Status.ESME_RINVPASWD
+                                and cfg.password_source):
+                            self.last_error += f" (password from {cfg.password_source})"
+                    else:
+                        self.last_error = f"closed before bind: {conn.close_reason}"
+                    self._log_failure(self.last_error)
+                    conn.close()
+                await conn.closed.wait()
+            except asyncio.CancelledError:
+                conn.close()  # the bind is stopped (close()): its connection goes with it
+                raise
             if self.conn is conn:
                 self.last_error = f"connection lost: {conn.close_reason}"
                 self.counters["connections_lost"] += 1
