@@ -588,6 +588,10 @@ class PeerConnection:
 
     # --- outputs ----------------------------------------------------------------------
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         if not self._out:
             return b""

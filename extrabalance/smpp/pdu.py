@@ -359,20 +359,23 @@ class TlvValueError(PduError, ValueError):
 Tlvs = tuple[tuple[int, bytes], ...]
 
 
+# The tag goes in as a plain int (a `Tag` member is equal but not `int` itself): a PDU
+# whose TLVs are plain (int, bytes) pairs passes the fast check at construction.
+
 def tlv_u8(tag: int, value: int) -> tuple[int, bytes]:
-    return (tag, value.to_bytes(1, "big"))
+    return (int(tag), value.to_bytes(1, "big"))
 
 
 def tlv_u16(tag: int, value: int) -> tuple[int, bytes]:
-    return (tag, value.to_bytes(2, "big"))
+    return (int(tag), value.to_bytes(2, "big"))
 
 
 def tlv_u32(tag: int, value: int) -> tuple[int, bytes]:
-    return (tag, value.to_bytes(4, "big"))
+    return (int(tag), value.to_bytes(4, "big"))
 
 
 def tlv_cstr(tag: int, value: str) -> tuple[int, bytes]:
-    return (tag, value.encode("latin-1") + b"\0")
+    return (int(tag), value.encode("latin-1") + b"\0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,10 +401,21 @@ class ItsSessionInfo:
     def from_bytes(cls, value: bytes) -> ItsSessionInfo:
         if len(value) != 2:
             raise TlvValueError(Tag.ITS_SESSION_INFO, f"length {len(value)}, expected 2")
-        return cls(value[0], value[1] >> 1, bool(value[1] & 1))
+        # Two octets are in range by construction: no __init__ (read on every USSD step).
+        info: ItsSessionInfo = object.__new__(cls)
+        _set_session_number(info, value[0])
+        _set_step(info, value[1] >> 1)
+        _set_end_of_session(info, bool(value[1] & 1))
+        return info
 
     def as_tlv(self) -> tuple[int, bytes]:
-        return (Tag.ITS_SESSION_INFO, self.to_bytes())
+        return (_TAG_ITS_SESSION_INFO, self.to_bytes())
+
+
+_TAG_ITS_SESSION_INFO = int(Tag.ITS_SESSION_INFO)
+_set_session_number = inspect.getattr_static(ItsSessionInfo, "session_number").__set__
+_set_step = inspect.getattr_static(ItsSessionInfo, "sequence_number").__set__
+_set_end_of_session = inspect.getattr_static(ItsSessionInfo, "end_of_session").__set__
 
 
 def _tlv_int(tlvs: Tlvs, tag: int, size: int) -> int | None:
@@ -902,9 +916,21 @@ def is_response(command_id: int) -> bool:
 
 def make_response(request: Pdu, status: int = 0, **fields: object) -> Pdu:
     """The response to `request` with its sequence number; generic_nack when the
-    request has no response of its own."""
+    request has no response of its own. Built as `cls(...)` would build it (the same
+    check), without the frozen dataclass's __init__: one per request received."""
     cls = RESPONSE_CLASS.get(request.command_id, GenericNack)
-    resp: Pdu = cls(command_status=status, sequence_number=request.sequence_number, **fields)
+    values = list(_DEFAULTS[cls])
+    values[1] = status
+    values[2] = request.sequence_number
+    if fields:
+        index = _FIELD_INDEX[cls]
+        for name, value in fields.items():
+            i = index.get(name)
+            if i is None:
+                raise TypeError(f"{cls.__name__} has no field {name!r}")
+            values[i] = value
+    resp = _build(cls, values)
+    _validate(resp)
     return resp
 
 
@@ -1158,6 +1184,13 @@ def _build(cls: type, values: list[object]) -> Pdu:
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in _LAYOUT
+}
+# Every field has a default; positions as in _SETTERS.
+_DEFAULTS: dict[type, tuple[object, ...]] = {
+    cls: tuple(f.default for f in fields(cls)) for cls in _LAYOUT
+}
+_FIELD_INDEX: dict[type, dict[str, int]] = {
+    cls: {name: i for i, name in enumerate(names)} for cls, names in _FIELD_NAMES.items()
 }
 
 

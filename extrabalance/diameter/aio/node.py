@@ -379,7 +379,9 @@ class _Connection(asyncio.Protocol):
 
     def _after_input(self) -> None:
         self._process_events()
-        self._schedule_flush()
+        peer = self.peer
+        if peer.has_data_to_send or peer.state is PeerState.CLOSED:
+            self._schedule_flush()
         self._reschedule_timer()
 
     def _schedule_flush(self) -> None:

@@ -29,6 +29,7 @@ from extrabalance.smpp.pdu import (
     build_sm,
     make_response,
     status_name,
+    tlv_u16,
 )
 from extrabalance.smpp.session import Role, Session, State
 from extrabalance.smpp.text import split_text
@@ -55,6 +56,7 @@ RETRY_BACKOFF_MAX_S = 5.0
 RECONNECT_BACKOFF_BASE_S = 0.2
 SUBMIT_WAIT_BOUND_S = 30.0  # how long a submit waits for any bind to come up
 UNBIND_TIMEOUT_S = 2.0
+_TAG_MESSAGE_PAYLOAD = int(Tag.MESSAGE_PAYLOAD)  # a plain int: the PDU's fast check
 # Statuses that mean "not now, try again": the message was not accepted.
 RETRYABLE_STATUSES = frozenset((Status.ESME_RTHROTTLED, Status.ESME_RMSGQFUL))
 
@@ -470,7 +472,7 @@ class Esme:
         if not source_addr.isdigit():
             s_ton, s_npi = 5, 0  # alphanumeric sender
         reference: tuple[tuple[int, bytes], ...] = (
-            ((Tag.USER_MESSAGE_REFERENCE, user_message_reference.to_bytes(2, "big")),)
+            (tlv_u16(Tag.USER_MESSAGE_REFERENCE, user_message_reference),)
             if user_message_reference is not None else ())
         results = []
         for seg in segments:
@@ -480,7 +482,7 @@ class Esme:
                 esm_class=seg.esm_class, data_coding=seg.data_coding,
                 registered_delivery=1 if registered_delivery else 0,
                 short_message=seg.short_message,
-                tlvs=(((Tag.MESSAGE_PAYLOAD, seg.message_payload),)
+                tlvs=(((_TAG_MESSAGE_PAYLOAD, seg.message_payload),)
                       if seg.message_payload is not None else ()) + reference,
             )
             results.append(await self.submit(pdu))

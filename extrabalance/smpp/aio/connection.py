@@ -129,10 +129,11 @@ class SmppConnection(asyncio.Protocol):
         self.flush()  # whatever the session queued before the connection was up
 
     def data_received(self, data: bytes) -> None:
-        self._handle(self.session.receive_data(data, self._clock()))
-        if self.session.state is State.CLOSED:
+        session = self.session
+        self._handle(session.receive_data(data, self._clock()))
+        if session.state is State.CLOSED:
             self._finish()
-        else:
+        elif session.has_data_to_send:  # a response answered at once, an enquire_link_resp
             self.flush()
 
     def eof_received(self) -> bool:
@@ -222,7 +223,8 @@ class SmppConnection(asyncio.Protocol):
         if self.session.state is State.CLOSED:
             self._finish()
             return
-        self.flush()
+        if self.session.has_data_to_send:
+            self.flush()
         self._timer = self._loop.call_later(self._tick_interval_s, self._on_tick)
 
     def _finish(self) -> None:

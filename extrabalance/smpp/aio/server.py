@@ -154,14 +154,19 @@ class Smsc:
         status. The bind's window is honoured (waits for a slot). Raises
         NoReceiverError when nobody can take it (or `connection` is no longer
         bound), RequestFailedError on timeout or connection loss."""
-        candidates = self.receivers(system_id)
-        if connection is not None:
-            if connection not in candidates:
+        if connection is not None:  # the dialog's bind: no list of the others
+            if (connection not in self._conns
+                    or connection.session.state not in _RECEIVER_STATES
+                    or (system_id is not None
+                        and connection.session.peer_system_id != system_id)):
                 raise NoReceiverError("that bind is gone")
-            candidates = [connection]
-        if not candidates:
-            raise NoReceiverError(f"no receiver bound{f' as {system_id}' if system_id else ''}")
-        conn = candidates[next(self._rr) % len(candidates)]
+            conn = connection
+        else:
+            candidates = self.receivers(system_id)
+            if not candidates:
+                raise NoReceiverError(
+                    f"no receiver bound{f' as {system_id}' if system_id else ''}")
+            conn = candidates[next(self._rr) % len(candidates)]
         resp = await conn.request(pdu)
         return resp.command_status
 
