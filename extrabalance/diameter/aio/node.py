@@ -527,12 +527,13 @@ class _Connection(asyncio.Protocol):
             DiameterError(DIAMETER_UNABLE_TO_COMPLY, type(exc).__name__, partial=msg),
             identity.origin_host, identity.origin_realm, msg)
 
-    def _send_handler_answer(self, msg: Message, origin: str, answer: Any) -> Message:
+    def _send_handler_answer(self, msg: Message, origin: str, handed: Any) -> Message:
         """Send the handler's answer on the request's ids and keep it for a T-flagged
         copy of the request; returns what was sent."""
         node = self.node
-        if not isinstance(answer, Message):
-            log.error("diameter request handler returned %r, not a Message", type(answer))
+        answer: Message = handed
+        if not isinstance(handed, Message):
+            log.error("diameter request handler returned %r, not a Message", type(handed))
             answer = codec.error_answer(
                 DiameterError(DIAMETER_UNABLE_TO_COMPLY, "no answer", partial=msg),
                 node.identity.origin_host, node.identity.origin_realm, msg)
