@@ -520,8 +520,14 @@ class FaultPlan:
     forced_result: int | None = None
 
 
+_NO_FAULT = FaultPlan()
+
+
 def plan_faults(faults: InFaults, rng: random.Random, msisdn: str) -> FaultPlan:
     """Draw the faults for one request (pure given the random generator)."""
+    if not (faults.answer_delay_ms or faults.drop_share or faults.result_share
+            or faults.result_msisdns):
+        return _NO_FAULT  # no fault configured: nothing drawn, nothing built
     forced = faults.result_msisdns.get(msisdn)
     if forced is None and faults.result_share:
         draw = rng.random()
