@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="node processes on one ledger; with more than one (and --storage"
                         " postgresql) node 1 survives, the others are killed and one is lost")
     p.add_argument("--storage", choices=("sqlite", "postgresql"), default="sqlite",
-                   help="postgresql: a schema of the run's own at $EB_BENCH_PG_DSN, dropped after")
+                   help="postgresql: a schema of the run's own on a PostgreSQL cluster of"
+                        " the run's own (or on --pg-url), dropped after")
     p.add_argument("--saga-lease", type=float, default=CLUSTER_SAGA_LEASE_S,
                    help="with several nodes, the nodes' [storage] saga_lease_s (default"
                         f" {CLUSTER_SAGA_LEASE_S:g}): the survivor takes over the lost node's"
