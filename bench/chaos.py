@@ -274,6 +274,8 @@ async def _run_network(options: ChaosOptions, result: ChaosResult, workdir: Path
             result.traffic[worker.name] = answer["report"]
         # Quiet period: the nodes up and connected (all but those lost for good), no
         # traffic, until all is settled.
+        died = [node.name for index, node in enumerate(net.nodes)
+                if not node.alive and index not in lost]  # by themselves, not by a fault
         for index, node in enumerate(net.nodes):
             if not node.alive and index not in lost:
                 await net.procs.restart_node(node, net.config_paths[index], env=net.node_env)
@@ -284,6 +286,7 @@ async def _run_network(options: ChaosOptions, result: ChaosResult, workdir: Path
         quiet_s = options.quiet_max_s + (options.saga_lease_s if lost else 0.0)
         result.settled = await settle(net, max_s=quiet_s)
         result.nodes = {"nodes": len(net.nodes), "lost": sorted(net.nodes[i].name for i in lost),
+                        "died_during_traffic": died,
                         "exit_codes": await net.stop_nodes()}
         in_dump_path, smsc_dump_path = workdir / "in-dump.json", workdir / "smsc-dump.json"
         await net.in_worker.call("dump", path=str(in_dump_path))
