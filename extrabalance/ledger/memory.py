@@ -131,6 +131,9 @@ class _Tables:
     # loan_id → (session_id, request_type, request_number, used_minor, created_at)
     session_evidence: dict[str, tuple[str, int, int, int | None, str]] = field(
         default_factory=dict)
+    # loan_id → [msisdn, undelivered_at, delivered_at, closed_at] (texts or None):
+    # migration 0015
+    answer_marks: dict[str, list[str | None]] = field(default_factory=dict)
     # ("loans" | "recoveries", id) → (owner_node, lease_until text): migration 0011
     leases: dict[tuple[str, str], tuple[str | None, str | None]] = field(default_factory=dict)
 
@@ -575,6 +578,65 @@ class MemoryLedgerTx:
     def session_evidence(self, loan_id: str) -> tuple[int, int, int | None] | None:
         row = self._t.session_evidence.get(loan_id)
         return (row[1], row[2], row[3]) if row else None
+
+    def _open_mark(self, loan_id: str) -> list[str | None] | None:
+        mark = self._t.answer_marks.get(loan_id)
+        if mark is None or mark[1] is None or mark[2] is not None or mark[3] is not None:
+            return None
+        return mark
+
+    def _new_mark(self, loan_id: str) -> list[str | None]:
+        t = self._w()
+        loan = t.loans.get(loan_id)
+        if loan is None:
+            raise KeyError(loan_id)  # the table's foreign key
+        mark: list[str | None] = [loan.msisdn, None, None, None]
+        t.answer_marks[loan_id] = mark
+        return mark
+
+    def mark_answer_undelivered(self, loan_id: str, now: datetime) -> bool:
+        mark = self._w().answer_marks.get(loan_id) or self._new_mark(loan_id)
+        if mark[2] is not None or mark[3] is not None:
+            return False
+        mark[1] = ts(now)
+        return True
+
+    def mark_answer_delivered(self, loan_id: str, now: datetime) -> bool:
+        mark = self._w().answer_marks.get(loan_id) or self._new_mark(loan_id)
+        if mark[2] is not None:
+            return False
+        was_open = mark[1] is not None and mark[3] is None
+        mark[2] = ts(now)
+        return was_open
+
+    def _set_open_mark(self, loan_id: str, column: int, now: datetime) -> bool:
+        self._w()
+        mark = self._open_mark(loan_id)
+        if mark is None:
+            return False
+        mark[column] = ts(now)
+        return True
+
+    def restart_answer_hold(self, loan_id: str, now: datetime) -> bool:
+        return self._set_open_mark(loan_id, 1, now)
+
+    def close_answer_mark(self, loan_id: str, now: datetime) -> bool:
+        return self._set_open_mark(loan_id, 3, now)
+
+    def answer_mark_open_since(self, loan_id: str) -> datetime | None:
+        mark = self._open_mark(loan_id)
+        return None if mark is None or mark[1] is None else datetime.fromisoformat(mark[1])
+
+    def undelivered_loan_ids(self, msisdn: str) -> frozenset[str]:
+        return frozenset(loan_id for loan_id, mark in self._t.answer_marks.items()
+                         if mark[0] == msisdn and self._open_mark(loan_id) is not None)
+
+    def undelivered_due(self, before: datetime, limit: int) -> list[tuple[str, str]]:
+        at = ts(before)
+        rows = sorted((str(mark[1]), loan_id, str(mark[0]))
+                      for loan_id, mark in self._t.answer_marks.items()
+                      if self._open_mark(loan_id) is not None and str(mark[1]) <= at)
+        return [(loan_id, msisdn) for _at, loan_id, msisdn in rows[:limit]]
 
     def advances_of_in_node(self, in_node: str, until: datetime) -> list[LoanRow]:
         at = ts(until)

@@ -58,6 +58,13 @@ class SqliteLedgerTx(sqlite3.Connection):
     settle_advance = store.settle_advance
     record_session_evidence = store.record_session_evidence
     session_evidence = store.session_evidence
+    mark_answer_undelivered = store.mark_answer_undelivered
+    mark_answer_delivered = store.mark_answer_delivered
+    restart_answer_hold = store.restart_answer_hold
+    close_answer_mark = store.close_answer_mark
+    answer_mark_open_since = store.answer_mark_open_since
+    undelivered_loan_ids = store.undelivered_loan_ids
+    undelivered_due = store.undelivered_due
     advances_of_in_node = store.advances_of_in_node
     unsettled_loans = store.unsettled_loans
     note_resolve_attempt = store.note_resolve_attempt

@@ -827,6 +827,106 @@ def session_evidence(conn: sqlite3.Connection, loan_id: str) -> tuple[int, int, 
     return (int(row[0]), int(row[1]), None if row[2] is None else int(row[2])) if row else None
 
 
+_OPEN_MARK = "undelivered_at IS NOT NULL AND delivered_at IS NULL AND closed_at IS NULL"
+
+
+def _answer_mark(conn: sqlite3.Connection, loan_id: str) -> tuple[Any, Any, Any] | None:
+    row = conn.execute(
+        "SELECT undelivered_at, delivered_at, closed_at FROM advance_answer_undelivered"
+        " WHERE loan_id = ?", (loan_id,),
+    ).fetchone()
+    return (row[0], row[1], row[2]) if row else None
+
+
+def _insert_answer_mark(conn: sqlite3.Connection, loan_id: str, column: str,
+                        now: datetime) -> None:
+    row = conn.execute("SELECT msisdn FROM loans WHERE loan_id = ?", (loan_id,)).fetchone()
+    if row is None:
+        raise KeyError(loan_id)
+    conn.execute(
+        f"INSERT INTO advance_answer_undelivered (loan_id, msisdn, {column}) VALUES (?, ?, ?)",
+        (loan_id, row[0], ts(now)),
+    )
+
+
+def mark_answer_undelivered(conn: sqlite3.Connection, loan_id: str, now: datetime) -> bool:
+    """A CCA granting advance `loan_id` could not be handed to a live connection: open
+    (or restart) its mark, unless an answer was delivered or the mark was settled
+    already. True if the mark is open after this call."""
+    mark = _answer_mark(conn, loan_id)
+    if mark is None:
+        _insert_answer_mark(conn, loan_id, "undelivered_at", now)
+        return True
+    if mark[1] is not None or mark[2] is not None:
+        return False
+    conn.execute("UPDATE advance_answer_undelivered SET undelivered_at = ? WHERE loan_id = ?",
+                 (ts(now), loan_id))
+    return True
+
+
+def mark_answer_delivered(conn: sqlite3.Connection, loan_id: str, now: datetime) -> bool:
+    """An answer granting advance `loan_id` was handed to a live connection (the IN's
+    re-send was answered): no mark can open for it any more. True if an open mark
+    was cleared."""
+    mark = _answer_mark(conn, loan_id)
+    if mark is None:
+        _insert_answer_mark(conn, loan_id, "delivered_at", now)
+        return False
+    if mark[1] is not None:
+        return False
+    conn.execute("UPDATE advance_answer_undelivered SET delivered_at = ? WHERE loan_id = ?",
+                 (ts(now), loan_id))
+    return mark[0] is not None and mark[2] is None
+
+
+def restart_answer_hold(conn: sqlite3.Connection, loan_id: str, now: datetime) -> bool:
+    """A re-send of the IN's request is being answered with advance `loan_id`'s grant:
+    an open mark's hold starts again at `now`, so the resolver cannot reverse the
+    advance while that answer is on its way. True if a mark was open."""
+    cur = conn.execute(
+        f"UPDATE advance_answer_undelivered SET undelivered_at = ? WHERE loan_id = ? AND {_OPEN_MARK}",
+        (ts(now), loan_id),
+    )
+    return cur.rowcount == 1
+
+
+def close_answer_mark(conn: sqlite3.Connection, loan_id: str, now: datetime) -> bool:
+    """The resolver settled advance `loan_id`'s open mark. True if it was open."""
+    cur = conn.execute(
+        f"UPDATE advance_answer_undelivered SET closed_at = ? WHERE loan_id = ? AND {_OPEN_MARK}",
+        (ts(now), loan_id),
+    )
+    return cur.rowcount == 1
+
+
+def answer_mark_open_since(conn: sqlite3.Connection, loan_id: str) -> datetime | None:
+    """When advance `loan_id`'s open mark was last set, or None when none is open."""
+    mark = _answer_mark(conn, loan_id)
+    if mark is None or mark[0] is None or mark[1] is not None or mark[2] is not None:
+        return None
+    return datetime.fromisoformat(mark[0])
+
+
+def undelivered_loan_ids(conn: sqlite3.Connection, msisdn: str) -> frozenset[str]:
+    """His advances with an open mark: a recharge takes nothing for them."""
+    rows = conn.execute(
+        f"SELECT loan_id FROM advance_answer_undelivered WHERE msisdn = ? AND {_OPEN_MARK}",
+        (msisdn,),
+    ).fetchall()
+    return frozenset(r[0] for r in rows)
+
+
+def undelivered_due(conn: sqlite3.Connection, before: datetime,
+                    limit: int) -> list[tuple[str, str]]:
+    """(loan_id, msisdn) of the open marks set at or before `before`, oldest first."""
+    rows = conn.execute(
+        f"SELECT loan_id, msisdn FROM advance_answer_undelivered WHERE {_OPEN_MARK}"
+        " AND undelivered_at <= ? ORDER BY undelivered_at, loan_id LIMIT ?",
+        (ts(before), limit),
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
 def advances_of_in_node(conn: sqlite3.Connection, in_node: str, until: datetime
                         ) -> list[LoanRow]:
     """Automatic advances granted to `in_node`'s requests up to `until` (oldest first),

@@ -211,6 +211,39 @@ class LedgerTx(Protocol):
         """(request_type, request_number, used_minor) of that request, or None."""
         ...
 
+    # -- answers granting an advance that could not be handed over (migration 0015) ----
+    def mark_answer_undelivered(self, loan_id: str, now: datetime) -> bool:
+        """A CCA granting advance `loan_id` could not be handed to a live connection:
+        open (or restart) its mark, unless an answer was delivered or the mark was
+        settled already. True if the mark is open after this call."""
+        ...
+
+    def mark_answer_delivered(self, loan_id: str, now: datetime) -> bool:
+        """An answer granting `loan_id` was handed to a live connection: no mark opens
+        for it any more. True if an open mark was cleared."""
+        ...
+
+    def restart_answer_hold(self, loan_id: str, now: datetime) -> bool:
+        """A re-send is being answered with `loan_id`'s grant: an open mark's hold
+        starts again at `now`. True if a mark was open."""
+        ...
+
+    def close_answer_mark(self, loan_id: str, now: datetime) -> bool:
+        """The resolver settled `loan_id`'s open mark. True if it was open."""
+        ...
+
+    def answer_mark_open_since(self, loan_id: str) -> datetime | None:
+        """When `loan_id`'s open mark was last set; None when none is open."""
+        ...
+
+    def undelivered_loan_ids(self, msisdn: str) -> frozenset[str]:
+        """His advances with an open mark (a recharge takes nothing for them)."""
+        ...
+
+    def undelivered_due(self, before: datetime, limit: int) -> list[tuple[str, str]]:
+        """(loan_id, msisdn) of the open marks set at or before `before`, oldest first."""
+        ...
+
     def unsettled_loans(self, limit: int) -> list[LoanRow]: ...
     def note_resolve_attempt(
         self, table: str, key: str, review_after: int, now: datetime

@@ -45,6 +45,8 @@ async def _embedded_ledger(path: Path) -> dict[str, int]:
                     tx.put_limit_state(m, LimitState(((20500, 100 * n),), 500, 1, 0, 0), NOW)
                 if n % 6 == 0:
                     tx.record_session_evidence(loan, f"s{n}", 3, 1, 100 + n, NOW)
+                if n % 8 == 0:
+                    tx.mark_answer_undelivered(loan, NOW)
                 if n % 7 == 0:
                     tx.outbox_put(msisdn=m, template="loan_granted", params={"amount": 1000},
                                   kind="sms", language="en", now=NOW)

@@ -214,6 +214,17 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
     await h.lending.out_of_balance("s1", 1, 3, M3, None, IN_A, used_minor=100)
     if first.loan_id:
         assert await h.ledger.read(lambda c: store.session_evidence(c, first.loan_id or ""))
+    # An answer granting an advance that could not be handed over: its mark.
+    if first.loan_id:
+        marked, now = first.loan_id, h.clock()
+        await h.ledger.write(lambda c: store.mark_answer_undelivered(c, marked, now))
+        await h.ledger.write(lambda c: store.restart_answer_hold(c, marked, now))
+        await h.ledger.write(lambda c: store.mark_answer_undelivered(c, marked, now))
+        await h.ledger.read(lambda c: (store.undelivered_loan_ids(c, M3),
+                                       store.undelivered_due(c, now, 9),
+                                       store.answer_mark_open_since(c, marked)))
+        await h.ledger.write(lambda c: store.mark_answer_delivered(c, marked, now))
+        await h.ledger.write(lambda c: store.close_answer_mark(c, marked, now))
     # Reconciliation with the IN's records (reconcile-in): its read of the advances.
     await h.ledger.read(lambda c: store.advances_of_in_node(c, IN_A, h.clock()))
     # Consumer protection: the loans a rolling-window cap counts, and the consent trail.

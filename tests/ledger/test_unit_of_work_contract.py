@@ -419,6 +419,57 @@ async def test_session_evidence_recorded_once_on_the_advance(uow: UnitOfWork) ->
     assert await uow.read(lambda tx: tx.loan_by_idempotency_key("ccr:u:0")) is None
 
 
+async def test_answer_undelivered_mark_opens_clears_and_closes(uow: UnitOfWork) -> None:
+    first = await uow.write(lambda tx: _loan(tx, key="ccr:s:0"))
+    second = await uow.write(lambda tx: _loan(tx, key="ccr:t:0", now=NOW + timedelta(seconds=1)))
+    other = await uow.write(lambda tx: _loan(tx, M2, key="ccr:u:0"))
+    assert await uow.read(lambda tx: tx.undelivered_loan_ids(M1)) == frozenset()
+    assert await uow.write(lambda tx: tx.mark_answer_undelivered(first, NOW))
+    assert await uow.write(lambda tx: tx.mark_answer_undelivered(second, NOW + timedelta(seconds=5)))
+    assert await uow.write(lambda tx: tx.mark_answer_undelivered(other, NOW))
+    assert await uow.read(lambda tx: tx.undelivered_loan_ids(M1)) == {first, second}
+    assert await uow.read(lambda tx: tx.answer_mark_open_since(first)) == NOW
+    # Due: open marks set at or before the moment, oldest first.
+    assert set(await uow.read(lambda tx: tx.undelivered_due(NOW, 10))) == {
+        (first, M1), (other, M2)}
+    assert len(await uow.read(lambda tx: tx.undelivered_due(NOW, 1))) == 1
+    due = await uow.read(lambda tx: tx.undelivered_due(NOW + timedelta(seconds=5), 10))
+    assert due[-1] == (second, M1) and len(due) == 3
+    # A re-send answered with the grant restarts the hold.
+    later = NOW + timedelta(seconds=30)
+    assert await uow.write(lambda tx: tx.restart_answer_hold(first, later))
+    assert await uow.read(lambda tx: tx.answer_mark_open_since(first)) == later
+    assert (first, M1) not in await uow.read(lambda tx: tx.undelivered_due(NOW, 10))
+    # Delivered: the mark is cleared for good; a later undelivered answer opens nothing.
+    assert await uow.write(lambda tx: tx.mark_answer_delivered(first, later))
+    assert not await uow.write(lambda tx: tx.mark_answer_delivered(first, later))
+    assert not await uow.write(lambda tx: tx.mark_answer_undelivered(first, later))
+    assert not await uow.write(lambda tx: tx.restart_answer_hold(first, later))
+    assert await uow.read(lambda tx: tx.answer_mark_open_since(first)) is None
+    assert await uow.read(lambda tx: tx.undelivered_loan_ids(M1)) == {second}
+    # Delivered before the undelivered mark was written (two nodes): never opens.
+    third = await uow.write(lambda tx: _loan(tx, key="ccr:v:0"))
+    assert not await uow.write(lambda tx: tx.mark_answer_delivered(third, NOW))
+    assert not await uow.write(lambda tx: tx.mark_answer_undelivered(third, NOW))
+    assert await uow.read(lambda tx: tx.undelivered_loan_ids(M1)) == {second}
+    # Closed by the resolver: once.
+    assert await uow.write(lambda tx: tx.close_answer_mark(second, later))
+    assert not await uow.write(lambda tx: tx.close_answer_mark(second, later))
+    assert not await uow.write(lambda tx: tx.mark_answer_undelivered(second, later))
+    assert await uow.read(lambda tx: tx.undelivered_loan_ids(M1)) == frozenset()
+    assert await uow.read(lambda tx: tx.undelivered_due(later, 10)) == [(other, M2)]
+    with pytest.raises(KeyError):
+        await uow.write(lambda tx: tx.mark_answer_undelivered("no-such-loan", NOW))
+
+    def then_fail(tx: LedgerTx) -> None:
+        tx.close_answer_mark(other, later)
+        raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        await uow.write(then_fail)
+    assert await uow.read(lambda tx: tx.undelivered_loan_ids(M2)) == {other}
+
+
 async def test_recovery_attempts_split_and_settle(uow: UnitOfWork) -> None:
     def setup(tx: LedgerTx) -> str:
         _loan(tx, principal=1000, fee=100, now=NOW)
