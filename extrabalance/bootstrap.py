@@ -39,6 +39,7 @@ from extrabalance.service.resolver import Resolver
 from extrabalance.service.retention import IdempotencyRetention
 from extrabalance.service.routing import RouteProber, Router, RouteRule
 from extrabalance.service.templates import Templates
+from extrabalance.service.undelivered import UndeliveredAdvances
 from extrabalance.service.unit_of_work import UnitOfWork
 from extrabalance.service.ussd import UssdDialogs
 
@@ -53,6 +54,7 @@ class Services:
     locks: SubscriberLocks
     outbox: OutboxSender
     resolver: Resolver
+    undelivered: UndeliveredAdvances
     ads: Advertiser
     lending: LendingService
     payback: PaybackService
@@ -97,9 +99,15 @@ def bootstrap(
     outbox = OutboxSender(
         ledger, notifier, utc_now, monotonic=clock.monotonic,
         claim_s=OUTBOX_CLAIM_S if s.storage.backend == "postgresql" else None)
+    # Advances whose granting CCA could not be handed to the IN's connection: marked,
+    # spared by recharges, reversed by the resolver after the IN's hold.
+    undelivered = UndeliveredAdvances(
+        ledger, events, utc_now, locks=locks, advance_confirmation_nodes=confirming_ins,
+        holds_s={n.origin_host: n.undelivered_advance_hold_s for n in s.in_nodes})
     resolver = Resolver(ledger, in_port, outbox, events, policy, utc_now, locks=locks,
                         default_language=language, advance_confirmation_nodes=confirming_ins,
-                        node_name=s.node.name, lease_s=s.storage.saga_lease_s)
+                        node_name=s.node.name, lease_s=s.storage.saga_lease_s,
+                        undelivered=undelivered)
     ads = Advertiser(ledger, notifier, events, policy, rules_from_settings(s), utc_now,
                      default_language=language)
     # Pending IN operations are re-sent on the Tx-timer schedule (the resolver's
@@ -125,6 +133,6 @@ def bootstrap(
         send_rate_max_per_s=s.ads.campaign.send_rate_max_per_s,
         batch_max=s.ads.campaign.batch_max, poll_s=s.ads.campaign.poll_s)
     return Services(policy=policy, templates=templates, router=router, locks=locks,
-                    outbox=outbox, resolver=resolver, ads=ads, lending=lending,
+                    outbox=outbox, resolver=resolver, undelivered=undelivered, ads=ads, lending=lending,
                     payback=payback, accounts=accounts, retention=retention,
                     dialogs=dialogs, campaigns=campaigns)

@@ -40,6 +40,8 @@ from extrabalance.core.policy import (
 )
 from extrabalance.core.protection import PRESETS, ProtectionPolicy, resolve
 from extrabalance.core.sagas import SAGA_LEASE_S
+from extrabalance.diameter.peer import DUPLICATE_CACHE_TTL_S
+from extrabalance.service.undelivered import UNDELIVERED_ADVANCE_HOLD_S
 
 MSISDN_RE = re.compile(r"^[0-9]{1,15}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -279,6 +281,9 @@ class RangeRule(_Model):
         return self
 
 
+UNDELIVERED_HOLD_MAX_S = 86_400.0  # a day: a hold beyond it is a typo
+
+
 class InNodeSection(_Model):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     origin_host: str
@@ -290,6 +295,23 @@ class InNodeSection(_Model):
     # Session-Id and CC-Request-Number. Only for an IN built to treat it and the CCA's
     # grant as one operation; to any other IN it is a second credit.
     advance_confirmation: bool = False
+    # An automatic advance whose granting CCA could not be handed to this IN's
+    # connection (closed or closing) is reversed as never credited this long after,
+    # unless an answer to the IN's re-send reached it meanwhile (docs/diameter.md "An
+    # answer the node could not deliver"). Longer than the IN's failover window.
+    undelivered_advance_hold_s: float = UNDELIVERED_ADVANCE_HOLD_S
+
+    @field_validator("undelivered_advance_hold_s")
+    @classmethod
+    def _hold_outlives_resends(cls, value: float) -> float:
+        if not DUPLICATE_CACHE_TTL_S < value <= UNDELIVERED_HOLD_MAX_S:
+            raise ValueError(
+                f"undelivered_advance_hold_s must be more than {DUPLICATE_CACHE_TTL_S:g} s "
+                f"(the Diameter duplicate cache, which replays a grant to the IN's re-send "
+                f"without the ledger; also make it longer than the IN's failover window) "
+                f"and at most {UNDELIVERED_HOLD_MAX_S:g} s (a recharge takes nothing for "
+                f"the advance meanwhile), got {value:g}")
+        return value
 
 
 class BindSection(_Model):

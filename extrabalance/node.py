@@ -178,7 +178,10 @@ class Node:
             inflight_max=s.diameter.out_of_balance_inflight_max,
             per_subscriber_max=s.diameter.out_of_balance_per_subscriber_max,
             deadline_ms=s.diameter.out_of_balance_answer_deadline_ms,
+            deliveries=services.undelivered,
         )
+        # Whether each answer granting an advance reached a live connection.
+        self.diameter.answer_observer = self.gy.answer_handed
         mqtt_settings = MqttSettings(
             host=s.mqtt.host, port=s.mqtt.port, client_id=s.mqtt.client_id,
             topics=tuple(s.mqtt.topics), dead_letter_topic=s.mqtt.dead_letter_topic,

@@ -41,9 +41,12 @@ from typing import Any, Protocol
 import structlog
 
 from extrabalance.diameter import gy
-from extrabalance.diameter.codec import DiameterError, Message, error_answer
+from extrabalance.diameter.codec import FLAG_RETRANSMIT, DiameterError, Message, error_answer
 from extrabalance.diameter.constants import (
     APP_DIAMETER_CREDIT_CONTROL,
+    AVP_GRANTED_SERVICE_UNIT,
+    AVP_ORIGIN_HOST,
+    AVP_RESULT_CODE,
     CMD_CREDIT_CONTROL,
     DIAMETER_APPLICATION_UNSUPPORTED,
     DIAMETER_COMMAND_UNSUPPORTED,
@@ -96,6 +99,16 @@ class OutOfBalanceApi(Protocol):
                              used_minor: int | None = None) -> AdvanceOutcome: ...
 
 
+class AnswerDeliveryApi(Protocol):
+    async def answer_handed(self, session_id: str, request_number: int, msisdn: str,
+                            delivered: bool) -> None: ...
+
+
+# Replayed grants waiting for the transport to say whether they left (each is
+# reported within a loop turn or two; the bound only guards a node never wired).
+REPLAYED_GRANTS_MAX = 4096
+
+
 class GyServer:
     """The request handler the node's Diameter stack calls for application requests."""
 
@@ -112,6 +125,7 @@ class GyServer:
         inflight_max: int = OUT_OF_BALANCE_INFLIGHT_MAX,
         per_subscriber_max: int = OUT_OF_BALANCE_PER_SUBSCRIBER_MAX,
         deadline_ms: int | None = None,
+        deliveries: AnswerDeliveryApi | None = None,
     ) -> None:
         if inflight_max < 1:
             raise ValueError("inflight_max must be at least 1")
@@ -137,6 +151,11 @@ class GyServer:
         self._context = service_context_id
         self._currency_numeric = currency_numeric
         self._exponent = currency_exponent
+        # Told whether each answer granting an advance reached a live connection
+        # (`answer_handed`, the Diameter node's observer): service/undelivered.py.
+        self._deliveries = deliveries
+        self._replayed: set[tuple[str, int]] = set()  # (Origin-Host, End-to-End id)
+        self._notes: set[asyncio.Task[None]] = set()
         self.stats = {"ccr": 0, "granted": 0, "refused": 0, "errors": 0, "too_busy": 0,
                       "too_busy_subscriber": 0, "too_late": 0, "past_deadline": 0,
                       "late_advance_booked": 0}
@@ -214,6 +233,10 @@ class GyServer:
             return self._error(msg, DIAMETER_TOO_BUSY, "answer deadline passed; nothing granted")
         granted = outcome.granted_minor if outcome.decision is AdvanceDecision.ADVANCED else None
         self.stats["granted" if granted else "refused"] += 1
+        if granted and outcome.replayed and self._deliveries is not None:
+            if len(self._replayed) >= REPLAYED_GRANTS_MAX:
+                self._replayed.clear()
+            self._replayed.add((msg.get(AVP_ORIGIN_HOST, ""), msg.end_to_end_id))
         return self._cca(msg, result_code(outcome), granted_minor=granted)
 
     async def _decide(self, ccr: gy.CreditControlRequest, received: float
@@ -230,6 +253,42 @@ class GyServer:
         except Exception:
             log.exception("out_of_balance_failed", session_id=ccr.session_id)
             return None
+
+    def answer_handed(self, msg: Message, answer: Message, delivered: bool) -> None:
+        """The Diameter node's answer observer. An answer granting an advance that was
+        not handed to a live connection marks the advance; one that was, for a re-send
+        (T flag, or replayed from the ledger), clears the mark. Other answers cost a
+        lookup or two."""
+        if self._deliveries is None or msg.command_code != CMD_CREDIT_CONTROL:
+            return
+        replayed = False
+        if self._replayed:
+            key = (msg.get(AVP_ORIGIN_HOST, ""), msg.end_to_end_id)
+            replayed = key in self._replayed
+            self._replayed.discard(key)
+        if delivered and not replayed and not msg.flags & FLAG_RETRANSMIT:
+            return  # a first answer that left: nothing to mark or clear
+        if (answer.get(AVP_RESULT_CODE) != DIAMETER_SUCCESS
+                or answer.get(AVP_GRANTED_SERVICE_UNIT) is None):
+            return
+        try:
+            ccr = gy.parse_ccr(msg, self._exponent)
+        except DiameterError:
+            return
+        note = asyncio.ensure_future(self._deliveries.answer_handed(
+            ccr.session_id, ccr.request_number, ccr.msisdn, delivered))
+        self._notes.add(note)
+        note.add_done_callback(self._noted)
+
+    def _noted(self, task: asyncio.Task[None]) -> None:
+        self._notes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("advance_answer_note_failed", exc_info=task.exception())
+
+    async def drain_notes(self) -> None:
+        """Wait for the delivery notes being written (tests, shutdown)."""
+        while self._notes:
+            await asyncio.gather(*list(self._notes), return_exceptions=True)
 
     def _release(self, msisdn: str, _task: asyncio.Future[Any]) -> None:
         self._inflight -= 1

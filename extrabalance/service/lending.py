@@ -873,7 +873,12 @@ class LendingService:
             def answer(tx: LedgerTx) -> tuple[AdvanceOutcome, SubscriberState | None]:
                 prior = tx.idempotent_get(key)
                 if prior is not None:
-                    return AdvanceOutcome.from_json(prior, replayed=True), None
+                    replay = AdvanceOutcome.from_json(prior, replayed=True)
+                    if replay.decision is AdvanceDecision.ADVANCED and replay.loan_id:
+                        # Its answer may have been undelivered: the hold starts again
+                        # while this one travels (service/undelivered.py).
+                        tx.restart_answer_hold(replay.loan_id, now)
+                    return replay, None
                 advance = tx.loan_by_idempotency_key(key)
                 if advance is not None:  # granted; its outcome row was purged
                     return advance_outcome_of_loan(advance), None

@@ -12,6 +12,7 @@ listener may acknowledge the message when this returns.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -43,6 +44,7 @@ from extrabalance.service.routing import Router
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
 
 if TYPE_CHECKING:
+    from extrabalance.core.model import OpenLoan
     from extrabalance.ledger.store import RecoveryRow
 
 _NO_DEBIT = frozenset({PaybackStatus.NOTHING_OWED, PaybackStatus.DEFERRED,
@@ -106,10 +108,24 @@ def settle_debit(
         raise sagas.LedgerInvariantError(
             f"recovery {rec.recovery_id}: IN debited {debited_minor}, owed {owed}"
         )
-    tx.apply_recovery(rec, split(loans, debited_minor, policy.recovery, owed), now)
+    # The debit was planned without the advances whose answer never reached the IN:
+    # it goes to the others (it fits, unless a mark opened after the plan).
+    recoverable = recoverable_loans(tx, rec.msisdn, loans)
+    if debited_minor <= sum(loan.owed_minor for loan in recoverable):
+        tx.apply_recovery(rec, split(recoverable, debited_minor, policy.recovery), now)
+    else:
+        tx.apply_recovery(rec, split(loans, debited_minor, policy.recovery, owed), now)
     if debited_minor > 0:
         note_payback(tx, rec.msisdn, loans, owed - debited_minor, policy, now)
     return owed - debited_minor
+
+
+def recoverable_loans(tx: LedgerTx, msisdn: str, loans: Sequence[OpenLoan]) -> list[OpenLoan]:
+    """His open loans a recharge may take money for: not an advance whose granting
+    answer could not be handed to the IN (`service/undelivered.py`), which the IN may
+    never have credited. Those still count as debt (the ceiling, the limit)."""
+    held = tx.undelivered_loan_ids(msisdn)
+    return [loan for loan in loans if loan.loan_id not in held] if held else list(loans)
 
 
 def settle_recovery_failed(
@@ -219,7 +235,8 @@ class PaybackService:
                     if event.balance_after_minor is not None
                     else event.amount_minor
                 )
-                plan = allocate_payback(loaded.state.open_loans, available, self.policy.recovery)
+                plan = allocate_payback(recoverable_loans(tx, msisdn, loaded.state.open_loans),
+                                        available, self.policy.recovery)
                 if plan.total_minor == 0:
                     return done(PaybackOutcome(PaybackStatus.NOTHING_RECOVERABLE, 0, debt))
                 recovery_id = tx.insert_recovery(

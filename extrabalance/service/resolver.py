@@ -59,6 +59,7 @@ from extrabalance.service.recovery import (
     settle_recovery_done,
     settle_recovery_failed,
 )
+from extrabalance.service.undelivered import UndeliveredAdvances
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
 
 if TYPE_CHECKING:  # the row types the port's operations return
@@ -90,6 +91,8 @@ class ResolveReport:
     recoveries_settled: int = 0
     still_unknown: int = 0
     flagged_for_review: int = 0
+    # Advances whose granting answer never reached the IN, reversed after the hold.
+    advances_reversed: int = 0
 
 
 class Resolver:
@@ -112,8 +115,10 @@ class Resolver:
         concurrent_max: int = RESOLVE_CONCURRENT_MAX,
         node_name: str = "",
         lease_s: float = sagas.SAGA_LEASE_S,
+        undelivered: UndeliveredAdvances | None = None,
     ) -> None:
         self.ledger = ledger
+        self.undelivered = undelivered
         # Several nodes on one ledger: this node claims the operations it settles
         # (its own, renewed; those of no node; those of a node whose lease ran out).
         self.node_name = node_name
@@ -161,7 +166,14 @@ class Resolver:
         finally:
             renewing.cancel()
         results = [*loan_results, *rec_results]
+        reversed_ = 0
+        if self.undelivered is not None:
+            try:
+                reversed_ = await self.undelivered.reverse_due()
+            except Exception:  # the next run looks again
+                log.exception("undelivered_advances_failed")
         return ResolveReport(
+            advances_reversed=reversed_,
             loans_settled=loan_results.count("settled"),
             recoveries_settled=rec_results.count("settled"),
             still_unknown=results.count("unknown") + results.count("flagged"),

@@ -26,6 +26,7 @@ from extrabalance.service.ports import InAction, InOperation, InOutcome, InResul
 from extrabalance.service.recovery import PaybackService
 from extrabalance.service.resolver import Resolver
 from extrabalance.service.routing import Router, RouteRule
+from extrabalance.service.undelivered import UndeliveredAdvances
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
 from tests.core.sample import NOW, POLICY
 from tests.pg import fresh_schema
@@ -273,9 +274,14 @@ class Harness:
             advance_confirmation_nodes=self.advance_confirmation_nodes,
         )
         self.payback = PaybackService(*common, self.router, self.clock, locks=self.locks)
+        self.undelivered = UndeliveredAdvances(
+            self.ledger, self.events, self.clock, locks=self.locks,
+            advance_confirmation_nodes=self.advance_confirmation_nodes,
+        )
         self.resolver = Resolver(
             *common, self.clock, locks=self.locks, review_after_attempts=self.review_after_attempts,
             advance_confirmation_nodes=self.advance_confirmation_nodes,
+            undelivered=self.undelivered,
         )
         self.accounts = AccountService(
             self.ledger, self.notifier, self.events, self.policy, self.clock, locks=self.locks

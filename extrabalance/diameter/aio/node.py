@@ -87,6 +87,7 @@ from extrabalance.diameter.peer import (
 )
 
 __all__ = [
+    "AnswerObserver",
     "DiameterNode",
     "LocalIdentity",
     "NoPeerAvailable",
@@ -115,6 +116,10 @@ INBOUND_PER_CLIENT_MAX: Final = 16
 
 # Returns the answer at once, or an awaitable of it (run in a task of its own).
 RequestHandler = Callable[[Message, str], Message | Awaitable[Message]]
+# (request, its answer, whether the answer was handed to a live transport).
+AnswerObserver = Callable[[Message, Message, bool], None]
+# Peer states in which an answer is queued for the transport (`PeerConnection.send_answer`).
+_ANSWERING_STATES: Final = (PeerState.OPEN, PeerState.SUSPECT, PeerState.CLOSING)
 _new_message = tuple.__new__  # cheaper than Message._replace on the per-request path
 
 
@@ -297,6 +302,10 @@ class _Connection(asyncio.Protocol):
         self._inbound = 0
         self.remote: str = "?"
         self.client: str | None = None  # the address counted against the inbound bounds
+        # Handler answers (request, answer) queued for the next flush, watched by the
+        # node's `answer_observer`: handed to a live transport, or not.
+        self._handed: list[tuple[Message, Message]] = []
+        self._lost = False
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -330,6 +339,7 @@ class _Connection(asyncio.Protocol):
         self._after_input()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         if self.peer.role is Role.RESPONDER:
             if self.client is None:  # refused by _admit: never started
                 return
@@ -393,12 +403,41 @@ class _Connection(asyncio.Protocol):
         self._flush_scheduled = False
         data = self.peer.data_to_send()
         transport = self.transport
-        if transport is None or transport.is_closing():
+        handed = self._handed
+        if handed:
+            self._handed = []
+        if transport is None or transport.is_closing() or self._lost:
+            # asyncio drops a write to a closing transport without a word.
+            if handed:
+                self._report_handed(handed, False)
             return
         if data:
             transport.write(data)
+        if handed:
+            self._report_handed(handed, True)
         if self.peer.state is PeerState.CLOSED:
             transport.close()
+
+    def _watch_answer(self, msg: Message, answer: Message) -> None:
+        """Queue `answer` (to request `msg`) for the observer: reported handed over at
+        the flush that writes it, or at once not handed over when the connection can
+        no longer take it (the peer state machine dropped it, the transport is gone)."""
+        transport = self.transport
+        if (transport is None or transport.is_closing() or self._lost
+                or self.peer.state not in _ANSWERING_STATES):
+            self._report_handed([(msg, answer)], False)
+        else:
+            self._handed.append((msg, answer))
+
+    def _report_handed(self, handed: list[tuple[Message, Message]], delivered: bool) -> None:
+        observer = self.node.answer_observer
+        if observer is None:
+            return
+        for msg, answer in handed:
+            try:
+                observer(msg, answer, delivered)
+            except Exception:  # the observer's bug must not stop the writes
+                log.exception("diameter answer observer failed")
 
     def _reschedule_timer(self) -> None:
         at = self.peer.next_timer()
@@ -542,13 +581,18 @@ class _Connection(asyncio.Protocol):
             answer = answer._replace(hop_by_hop_id=msg.hop_by_hop_id,
                                      end_to_end_id=msg.end_to_end_id)
         node._answers.put(origin, msg.end_to_end_id, answer, self.loop.time())
+        if node.answer_observer is not None:
+            self._watch_answer(msg, answer)
         self.peer.send_answer(answer)
         self._schedule_flush()
         return answer
 
     def _answer_duplicate(self, msg: Message, cached: Any) -> None:
         def send(answer: Message) -> None:
-            self.peer.send_answer(answer._replace(hop_by_hop_id=msg.hop_by_hop_id))
+            answer = answer._replace(hop_by_hop_id=msg.hop_by_hop_id)
+            if self.node.answer_observer is not None:
+                self._watch_answer(msg, answer)
+            self.peer.send_answer(answer)
             self._schedule_flush()
 
         if isinstance(cached, Message):
@@ -592,6 +636,9 @@ class DiameterNode:
         self._inbound_total = 0
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.request_handler = request_handler
+        # Told of every answer of the request handler (and every cached one re-sent):
+        # (request, answer, handed to a live transport?). Set by the Gy server's owner.
+        self.answer_observer: AnswerObserver | None = None
         self.ssl_context = ssl_context  # for the listener (server side)
         # For the connections we dial; a server-side context cannot dial, so the caller
         # gives a client context (the same one only if it was made for both).
