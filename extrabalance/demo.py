@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extrabalance.clock import SYSTEM_CLOCK, Clock
 from extrabalance.config import Settings, deep_merge, load_settings
 from extrabalance.diameter.constants import DIAMETER_SUCCESS
 from extrabalance.diameter.dictionary import RESULT_CODE_NAMES
@@ -135,9 +136,11 @@ def loopback_overrides(base: Settings, *, diameter_port: int, in_ports: dict[str
 
 
 @contextlib.asynccontextmanager
-async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> AsyncIterator[DemoEnv]:
+async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None, *,
+                   clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[DemoEnv]:
     """Start broker, simulators and node on loopback; stop them all afterwards.
-    `overrides` are deep-merged over the demo's settings (tests use it)."""
+    `overrides` are deep-merged over the demo's settings, `clock` is the node's (tests
+    use them)."""
     from extrabalance.ledger.profiles import import_profiles
     from extrabalance.node import Node
     from simulators.in_node import InNodeSpec, InSimulator, MqttTarget, MsisdnRange, NodePeer
@@ -201,7 +204,7 @@ async def demo_env(workdir: Path, overrides: dict[str, Any] | None = None) -> As
         else:  # the profile import is SQLite's: the same rows through the ledger port
             await _put_profiles(settings, profiles)
 
-        node = Node(settings)
+        node = Node(settings, clock=clock)
         await node.start()
         stack.push_async_callback(node.stop)
         await node.wait_connected(10.0)
@@ -243,7 +246,6 @@ async def _put_profiles(settings: Settings, profiles: Path) -> None:
     """The demo's profile CSV written one row at a time through the ledger port."""
     import csv
 
-    from extrabalance.clock import SYSTEM_CLOCK
     from extrabalance.core.model import SubscriberProfile
     from extrabalance.ledger.factory import open_ledger
 
