@@ -438,3 +438,40 @@ async def test_inbound_bound_answers_3004_too_busy(nodes: Callable[..., Diameter
     assert first.get(268) == 2001
     assert second.get(268) == 3004 and second.is_error
     assert len(slow.seen) == 1
+
+
+async def test_the_answer_observer_hears_which_answers_left_and_which_could_not(
+        nodes: Callable[..., DiameterNode]) -> None:
+    """An answer ready after its connection closed is reported not handed over (asyncio
+    would drop the write without a word); one written to a live transport is reported
+    handed over (service/undelivered.py relies on both)."""
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def handler(msg: Message, peer: str) -> Message:
+        if msg.path_value(437, 413, 445, 447) == 7:  # the request held until the cut
+            entered.set()
+            await release.wait()
+        return gy.build_cca(msg, "in", "r", 2001, granted_minor=5, currency_numeric=818,
+                            currency_exponent=2)
+
+    heard: list[tuple[int, bool]] = []
+    server = nodes(IN_A_ID, handler, allowed=None)  # type: ignore[arg-type]
+    server.answer_observer = lambda msg, answer, delivered: heard.append(
+        (msg.path_value(437, 413, 445, 447), delivered))
+    port = await server.listen("127.0.0.1", 0)
+    client = nodes(NODE_ID, allowed=None, failover_max=0)
+    client.add_peer_group("in", "operator.example", [PeerAddress("127.0.0.1", port)])
+    await client.wait_ready("in", 5.0)
+    await client.request("in", sample_ccr(requested_minor=1))
+    assert heard == [(1, True)]
+    held = asyncio.ensure_future(client.request("in", sample_ccr(requested_minor=7)))
+    await asyncio.wait_for(entered.wait(), 5.0)
+    connections = set(server._connections)
+    await client.close()  # the client's link is cut before the server answers
+    await wait_for(lambda: all(conn._lost for conn in connections))
+    release.set()
+    await wait_for(lambda: len(heard) == 2)
+    assert heard[1] == (7, False)
+    with pytest.raises(RequestTimeout):  # the client's request died with its link
+        await held
