@@ -154,6 +154,7 @@ def reconcile_in(tx: LedgerTx, grants: list[InGrant], *, in_node: str,
             refused = AdvanceOutcome(AdvanceDecision.NO_ADVANCE, None, Reason.IN_REFUSED,
                                      loan.loan_id)
             tx.idempotent_replace(settled.idempotency_key, refused.to_json(), now)
+        tx.close_answer_mark(loan.loan_id, now)  # an undelivered answer's, if any
         tx.audit(loan.msisdn, "advance_reversed", "reconcile-in",
                  f"advance {loan.loan_id} not in {in_node}'s records up to {report.until}",
                  now)

@@ -145,6 +145,9 @@ class UndeliveredAdvances:
                 hold = self.hold_of(loan.in_node)
                 if now - since < hold:
                     return None  # this IN's hold is longer, or a re-send restarted it
+                if loan.state == sagas.FAILED:
+                    tx.close_answer_mark(loan_id, now)  # reversed already (reconcile-in)
+                    return None
                 loaded = tx.load_subscriber(msisdn)
                 if loaded.recovery_pending:
                     return None  # a debit in flight: the next pass looks again

@@ -9,6 +9,8 @@ that did leave clears the mark."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from pydantic import ValidationError
 
@@ -19,6 +21,7 @@ from extrabalance.diameter.codec import FLAG_RETRANSMIT, Message
 from extrabalance.diameter.constants import AVP_RESULT_CODE
 from extrabalance.service.outcomes import PaybackStatus
 from extrabalance.service.ports import RechargeEvent
+from extrabalance.service.reconcile_in import reconcile_in
 from extrabalance.service.undelivered import REVERSAL_REASON, UNDELIVERED_ADVANCE_HOLD_S
 from tests.diameter.helpers import sample_ccr
 from tests.service.fakes import Harness
@@ -187,3 +190,18 @@ def test_the_hold_is_validated_with_a_clear_message():
         InNodeSection.model_validate({**base, "undelivered_advance_hold_s": 60})
     with pytest.raises(ValidationError, match="at most 86400 s"):
         InNodeSection.model_validate({**base, "undelivered_advance_hold_s": 10**6})
+
+
+async def test_reconcile_in_reversing_a_marked_advance_closes_its_mark(h):
+    await subscriber(h)
+    server = gy_server(h)
+    await answered(h, server, oob_ccr(), delivered=False)
+    until = h.clock() + timedelta(minutes=1)
+    report = await h.ledger.write(lambda tx: reconcile_in(
+        tx, [], in_node=IN_A, until=until, apply=True, now=h.clock()))
+    assert len(report.reversed) == 1
+    assert await marked(h) == frozenset()
+    h.clock.advance(seconds=HOLD_S + 1)
+    assert (await h.resolver.run_once()).advances_reversed == 0
+    assert "review" not in h.events.kinds()
+    assert (await h.check_invariants())["debts"].get(M, 0) == 0
