@@ -203,11 +203,15 @@ class _Wire:
         self.loaders = Transformer(conn)
         self.names: dict[bytes, bytes] = {}  # SQL -> prepared statement name
         self.broken = False
+        self.round_trips = 0  # batches sent (what `PostgresLedger.wire_counts` adds up)
+        self.statements = 0  # statements in them, BEGIN and COMMIT included
 
     def send(self, batch: Sequence[_Result]) -> None:
         """Send `batch` and read every result; the first error raised after all."""
         pg, names = self.pg, self.names
         expect: list[_Result | bytes] = []  # a result to fill, or a statement prepared
+        self.round_trips += 1
+        self.statements += len(batch)
         try:
             pg.enter_pipeline_mode()
             for st in batch:
@@ -789,6 +793,7 @@ class PostgresLedger:
         self._units: SimpleQueue[tuple[Callable[[PostgresLedgerTx], Any], bool, Any, Any]
                                  | None] = SimpleQueue()
         self._loops: dict[asyncio.AbstractEventLoop, _LoopDone] = {}
+        self._wires: list[_Wire] = []
         self._workers = [threading.Thread(target=self._work, name=f"ledger-pg-{n}",
                                           daemon=True) for n in range(pool_max)]
         for worker in self._workers:
@@ -829,6 +834,7 @@ class PostgresLedger:
         wire = conn.wire
         if wire is None or wire.broken:
             wire = conn.wire = _Wire(conn)
+            self._wires.append(wire)
         attempt = 0
         while True:
             tx = PostgresLedgerTx(wire, writable=writable, owner_node=self.node_name,
@@ -851,6 +857,12 @@ class PostgresLedger:
                 else:
                     wire.rollback()
                 raise
+
+    def wire_counts(self) -> dict[str, int]:
+        """Round trips and statements sent so far, over every connection (benchmarks)."""
+        wires = list(self._wires)
+        return {"round_trips": sum(w.round_trips for w in wires),
+                "statements": sum(w.statements for w in wires)}
 
     def run_sync(self, fn: Callable[[PostgresLedgerTx], T], *, writable: bool) -> T:
         """Run `fn` on a worker in one transaction and wait for it (blocking; never
