@@ -36,8 +36,20 @@ Retries. A unit that deadlocks (two subscribers locked in opposite orders) or hi
 serialization failure is rolled back and run again from the start, up to
 `RETRIES_MAX` times, whether the error came back with a read or with the COMMIT:
 `fn` must have no effect outside its `LedgerTx` (true of every service's unit). A unit
-whose connection breaks is not retried: its COMMIT may or may not have happened, and
-the caller's saga (the resolver) settles it like any unknown.
+whose connection breaks while its COMMIT is on the way is not retried: the COMMIT may
+or may not have happened, and the caller's saga (the resolver) settles it like any
+unknown. One whose connection breaks before the COMMIT was sent cannot have committed
+(the server rolls back a transaction whose client is gone): it runs again on another
+connection — a connection left idle across a server restart fails so on its first
+statement.
+
+The server going away (docs/reliability.md "PostgreSQL restarts"). A broken connection
+marks the ledger down: units then wait `DOWN_CHECKOUT_S` at most for a connection and
+fail (`PoolTimeout`, a `psycopg.OperationalError`: the protocols' error answer) instead
+of queueing for `CONNECT_TIMEOUT_S`, and a probe thread tries the server every
+`PROBE_INTERVAL_S`. Its first success replaces the pool with a new one (the old pool's
+connections, all dead, are closed as they come back), so the node is back at once
+rather than after the pool's own exponential reconnect backoff.
 
 `write_staged` is `write`: the answer waits for the commit (the server's own commit
 batches concurrent transactions; no group commit in the node).
@@ -63,7 +75,7 @@ from psycopg.adapt import Transformer
 from psycopg.generators import fetch_many
 from psycopg.generators import send as send_gen
 from psycopg.waiting import wait
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.model import SubscriberProfile
@@ -83,6 +95,9 @@ POOL_MIN = 1
 RETRIES_MAX = 20  # a unit rolled back by a deadlock or serialization failure: runs again
 RETRY_PAUSE_MAX_S = 0.02  # random pause before a retry, so two losers do not collide again
 CONNECT_TIMEOUT_S = 10.0
+DOWN_CHECKOUT_S = 0.5  # while the server is unreachable: a unit waits this long at most
+PROBE_INTERVAL_S = 0.25  # while unreachable: how often the probe tries the server
+PROBE_CONNECT_TIMEOUT_S = 2  # one probe's connect (whole seconds: libpq's unit)
 _RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 # Advisory lock keys: a subscriber's is hashtextextended(msisdn, 0); the migration
 # runner's is this constant (class 0x4542 'EB', far from any hash by chance alone).
@@ -678,6 +693,11 @@ class PostgresLedgerTx:
     active_campaigns = _op(ads_store.active_campaigns)
     set_campaign_state = _op(ads_store.set_campaign_state)
     pending_recipients = _op(ads_store.pending_recipients)
+
+    def claim_recipients(self, campaign_id: str, now: Any, until: Any, limit: int) -> list[str]:
+        return ads_store.claim_recipients(self, campaign_id, now, until, limit,  # type: ignore[arg-type]
+                                          lock_rows=_SKIP_LOCKED)
+
     settle_recipient = _op(ads_store.settle_recipient)
     # outbox (rows of their own: the money they report took the subscriber's lock)
     outbox_put = _op(outbox_store.outbox_put)
@@ -779,17 +799,14 @@ class PostgresLedger:
                 migrate_postgres(conn)
         self.retries_max = retries_max
         self.retries = 0  # units run again after a deadlock or serialization failure
+        self.reconnects = 0  # pools replaced after the server came back
         self._retries_lock = threading.Lock()
-        self.pool: ConnectionPool[_LedgerConnection] = ConnectionPool(
-            conninfo,
-            connection_class=_LedgerConnection,
-            min_size=pool_min,
-            max_size=pool_max,
-            kwargs={"autocommit": True},
-            open=True,
-            timeout=CONNECT_TIMEOUT_S,
-            name="ledger",
-        )
+        self._conninfo = conninfo
+        self._pool_size = (pool_min, pool_max)
+        self._down = threading.Event()  # set from a broken connection until the probe's success
+        self._closing = threading.Event()
+        self._probe: threading.Thread | None = None
+        self.pool = self._new_pool()
         self._units: SimpleQueue[tuple[Callable[[PostgresLedgerTx], Any], bool, Any, Any]
                                  | None] = SimpleQueue()
         self._loops: dict[asyncio.AbstractEventLoop, _LoopDone] = {}
@@ -801,12 +818,29 @@ class PostgresLedger:
 
     # -- running units ----------------------------------------------------------------
 
+    def _new_pool(self) -> ConnectionPool[_LedgerConnection]:
+        return ConnectionPool(
+            self._conninfo,
+            connection_class=_LedgerConnection,
+            min_size=self._pool_size[0],
+            max_size=self._pool_size[1],
+            kwargs={"autocommit": True},
+            open=True,
+            timeout=CONNECT_TIMEOUT_S,
+            name="ledger",
+        )
+
+    @property
+    def reachable(self) -> bool:
+        """False from a broken connection until the server answers again."""
+        return not self._down.is_set()
+
     def _work(self) -> None:
         """A worker: units off the queue, one at a time, on a connection it takes from
         the pool at its first unit and keeps (the pool holds one per worker; a checkout
         and return per unit cost the node more than the unit's statements). A broken
-        connection goes back to the pool, which replaces it."""
-        conn: _LedgerConnection | None = None
+        connection goes back to its pool, which discards it."""
+        held: tuple[ConnectionPool[_LedgerConnection], _LedgerConnection] | None = None
         units = self._units
         while True:
             item = units.get()
@@ -814,23 +848,55 @@ class PostgresLedger:
                 break
             fn, writable, done, fut = item
             try:
-                if conn is None:
-                    conn = self.pool.getconn()
-                value = self._run_on(conn, fn, writable)
+                value, held = self._run_held(held, fn, writable)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                if conn is not None and (conn.closed or (conn.wire and conn.wire.broken)):
-                    self.pool.putconn(conn)  # closed by the pool: a new one next time
-                    conn = None
                 done.post(fut, False, exc)
             else:
                 done.post(fut, True, value)
-        if conn is not None:
-            self.pool.putconn(conn)
+        if held is not None:
+            held[0].putconn(held[1])
+
+    def _run_held(
+        self,
+        held: tuple[ConnectionPool[_LedgerConnection], _LedgerConnection] | None,
+        fn: Callable[[PostgresLedgerTx], T],
+        writable: bool,
+    ) -> tuple[T, tuple[ConnectionPool[_LedgerConnection], _LedgerConnection] | None]:
+        """Run `fn` on the worker's connection (taken from the pool when it has none,
+        or none that works); a connection that broke before the COMMIT was sent runs
+        the unit again on another (see the module docstring)."""
+        broken = 0
+        while True:
+            if held is None or held[0] is not self.pool:  # none yet, or the pool replaced
+                if held is not None:
+                    held[0].putconn(held[1])
+                    held = None
+                timeout = DOWN_CHECKOUT_S if self._down.is_set() else CONNECT_TIMEOUT_S
+                pool = self.pool
+                try:
+                    held = (pool, pool.getconn(timeout=timeout))
+                except PoolTimeout:
+                    self._server_gone()  # no connection to be had: the server is unreachable
+                    raise
+            pool, conn = held
+            sent = [False]  # the COMMIT is on its way: an error now is an unknown outcome
+            try:
+                return self._run_on(conn, fn, writable, sent), held
+            except psycopg.OperationalError:
+                if not (conn.broken or conn.closed or (conn.wire and conn.wire.broken)):
+                    raise  # the server answered with an error: not a lost connection
+                pool.putconn(conn)  # a broken one is discarded
+                held = None
+                self._server_gone()
+                broken += 1
+                # Each dead connection left in the pool fails at once: try the next.
+                if sent[0] or broken > self._pool_size[1]:
+                    raise
 
     def _run_on(self, conn: _LedgerConnection, fn: Callable[[PostgresLedgerTx], T],
-                writable: bool) -> T:
+                writable: bool, sent: list[bool]) -> T:
         """Run `fn` in one transaction on `conn`; a deadlock or serialization failure
-        runs it again from the start. A broken connection is not retried."""
+        runs it again from the start."""
         wire = conn.wire
         if wire is None or wire.broken:
             wire = conn.wire = _Wire(conn)
@@ -841,6 +907,7 @@ class PostgresLedger:
                                   lease=self.saga_lease)
             try:
                 value = fn(tx)
+                sent[0] = writable  # the COMMIT goes out with what is queued
                 tx.commit()
                 return value
             except _RETRYABLE:
@@ -853,7 +920,7 @@ class PostgresLedger:
                 time.sleep(random.uniform(0, RETRY_PAUSE_MAX_S))
             except BaseException:
                 if wire.broken:
-                    conn.close()  # its state is unknown: the pool replaces it
+                    conn.close()  # its state is unknown: the pool discards it
                 else:
                     wire.rollback()
                 raise
@@ -917,13 +984,44 @@ class PostgresLedger:
     async def account_totals(self) -> dict[str, int]:
         return await self.read(lambda tx: tx.account_totals())
 
+    # -- the server going away and coming back ---------------------------------------
+
+    def _server_gone(self) -> None:
+        """A connection failed: mark the ledger down and start the probe (once)."""
+        if self._closing.is_set():
+            return
+        with self._retries_lock:
+            self._down.set()
+            if self._probe is None or not self._probe.is_alive():
+                self._probe = threading.Thread(target=self._probe_until_back,
+                                               name="ledger-pg-probe", daemon=True)
+                self._probe.start()
+
+    def _probe_until_back(self) -> None:
+        while not self._closing.wait(PROBE_INTERVAL_S):
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True,
+                                     connect_timeout=PROBE_CONNECT_TIMEOUT_S) as conn:
+                    conn.execute("SELECT 1")
+            except psycopg.Error:
+                continue
+            old, self.pool = self.pool, self._new_pool()
+            self.reconnects += 1
+            self._down.clear()
+            # Its idle connections are dead; those in use close as they come back.
+            old.close(timeout=CONNECT_TIMEOUT_S)
+            return
+
     # -- shutdown ----------------------------------------------------------------------
 
     def close_sync(self) -> None:
+        self._closing.set()
         for _ in self._workers:  # after the units already queued
             self._units.put(None)
         for worker in self._workers:
             worker.join()
+        if self._probe is not None:
+            self._probe.join()
         self.pool.close()
 
     async def close(self) -> None:
