@@ -328,6 +328,19 @@ class _Result:
         return [((res.fname(i) or b"").decode(enc),) for i in range(res.nfields)]
 
 
+class _Many:
+    """What `executemany` returns: its statements' row count."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[_Result]) -> None:
+        self.parts = parts
+
+    @property
+    def rowcount(self) -> int:
+        return sum(max(part.rowcount, 0) for part in self.parts)
+
+
 _BEGIN = b"BEGIN"
 _BEGIN_READ_ONLY = b"BEGIN READ ONLY"
 _COMMIT = b"COMMIT"
@@ -432,16 +445,20 @@ class PostgresLedgerTx:
         self._sent += 1
         return st
 
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> _Result:
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> _Many:
+        """Every row queued: `MULTI_ROW_MAX` rows to a statement where the statement
+        allows it (a journal entry's lines are one), else a statement per row. Its
+        `rowcount` is the statements' sum, as psycopg's `executemany` counts."""
         batch = list(rows)
-        if 1 < len(batch) <= MULTI_ROW_MAX:
-            many = multi_row_insert(sql, len(batch))
-            if many is not None:  # one statement (a journal entry's lines)
-                return self.execute(many, [v for row in batch for v in row])
-        last = None
-        for row in batch:  # queued: they go out together anyway
-            last = self.execute(sql, row)
-        return last if last is not None else self.execute("SELECT 1 WHERE false")
+        out = []
+        for start in range(0, len(batch), MULTI_ROW_MAX):
+            chunk = batch[start:start + MULTI_ROW_MAX]
+            many = multi_row_insert(sql, len(chunk)) if len(chunk) > 1 else None
+            if many is not None:
+                out.append(self.execute(many, [v for row in chunk for v in row]))
+            else:
+                out.extend(self.execute(sql, row) for row in chunk)
+        return _Many(out)
 
     def flush(self) -> None:
         """Send what is queued (one round trip)."""
@@ -721,6 +738,9 @@ class _LedgerConnection(psycopg.Connection[Any]):
     wire: _Wire | None = None
 
 
+_Held = list[tuple[ConnectionPool["_LedgerConnection"], "_LedgerConnection"] | None]
+
+
 class _LoopDone:
     """Hands finished units back to one event loop: a worker appends, and one
     `call_soon_threadsafe` wakes the loop for however many finished meanwhile."""
@@ -840,7 +860,7 @@ class PostgresLedger:
         the pool at its first unit and keeps (the pool holds one per worker; a checkout
         and return per unit cost the node more than the unit's statements). A broken
         connection goes back to its pool, which discards it."""
-        held: tuple[ConnectionPool[_LedgerConnection], _LedgerConnection] | None = None
+        held: _Held = [None]  # (its pool, the connection) while it has one
         units = self._units
         while True:
             item = units.get()
@@ -848,45 +868,41 @@ class PostgresLedger:
                 break
             fn, writable, done, fut = item
             try:
-                value, held = self._run_held(held, fn, writable)
+                value = self._run_held(held, fn, writable)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 done.post(fut, False, exc)
             else:
                 done.post(fut, True, value)
-        if held is not None:
-            held[0].putconn(held[1])
+        if held[0] is not None:
+            held[0][0].putconn(held[0][1])
 
-    def _run_held(
-        self,
-        held: tuple[ConnectionPool[_LedgerConnection], _LedgerConnection] | None,
-        fn: Callable[[PostgresLedgerTx], T],
-        writable: bool,
-    ) -> tuple[T, tuple[ConnectionPool[_LedgerConnection], _LedgerConnection] | None]:
+    def _run_held(self, held: _Held, fn: Callable[[PostgresLedgerTx], T], writable: bool) -> T:
         """Run `fn` on the worker's connection (taken from the pool when it has none,
         or none that works); a connection that broke before the COMMIT was sent runs
         the unit again on another (see the module docstring)."""
         broken = 0
         while True:
-            if held is None or held[0] is not self.pool:  # none yet, or the pool replaced
-                if held is not None:
-                    held[0].putconn(held[1])
-                    held = None
+            if held[0] is not None and held[0][0] is not self.pool:  # the pool replaced
+                held[0][0].putconn(held[0][1])
+                held[0] = None
+            current = held[0]
+            if current is None:
                 timeout = DOWN_CHECKOUT_S if self._down.is_set() else CONNECT_TIMEOUT_S
                 pool = self.pool
                 try:
-                    held = (pool, pool.getconn(timeout=timeout))
+                    current = held[0] = (pool, pool.getconn(timeout=timeout))
                 except PoolTimeout:
                     self._server_gone()  # no connection to be had: the server is unreachable
                     raise
-            pool, conn = held
+            pool, conn = current
             sent = [False]  # the COMMIT is on its way: an error now is an unknown outcome
             try:
-                return self._run_on(conn, fn, writable, sent), held
+                return self._run_on(conn, fn, writable, sent)
             except psycopg.OperationalError:
                 if not (conn.broken or conn.closed or (conn.wire and conn.wire.broken)):
                     raise  # the server answered with an error: not a lost connection
                 pool.putconn(conn)  # a broken one is discarded
-                held = None
+                held[0] = None
                 self._server_gone()
                 broken += 1
                 # Each dead connection left in the pool fails at once: try the next.
