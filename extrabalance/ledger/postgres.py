@@ -181,6 +181,7 @@ def multi_row_insert(sql: str, rows: int) -> str | None:
 _WAIT_S = 0.1
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
 _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
+_ABORTED = pq.ExecStatus.PIPELINE_ABORTED
 _IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 
 
@@ -247,12 +248,12 @@ class _Wire:
             for item in expect:
                 results = wait(fetch_many(pg), fd, _WAIT_S)
                 res = results[-1]
+                if res.status == _FATAL_ERROR and error is None:  # the batch's first
+                    error = psycopg.errors.error_from_result(res, encoding=self.encoding)
                 if isinstance(item, bytes):  # a statement prepared
                     if res.status != _COMMAND_OK:
                         names.pop(item, None)  # prepared it was not: again next time
-                elif res.status == _FATAL_ERROR and error is None:
-                    error = psycopg.errors.error_from_result(res, encoding=self.encoding)
-                if not isinstance(item, bytes):
+                else:
                     item.res = res
             wait(fetch_many(pg), fd, _WAIT_S)  # the Sync
             pg.exit_pipeline_mode()
@@ -261,6 +262,9 @@ class _Wire:
             raise
         if error is not None:
             raise error
+        if any(st.res is not None and st.res.status == _ABORTED for st in batch):
+            raise psycopg.errors.InFailedSqlTransaction(  # an error went unreported
+                "statements skipped after an error in the same batch")
 
     def rollback(self) -> None:
         """End whatever transaction a failed unit left open (nothing to do when its
@@ -478,8 +482,14 @@ class PostgresLedgerTx:
         sent nothing and queued nothing has nothing to commit)."""
         if self.writable:
             if self._begun or self._pending:
-                self._pending.append(_Result(None, _COMMIT, None))
+                commit = _Result(None, _COMMIT, None)
+                self._pending.append(commit)
                 self.flush()
+                # A COMMIT of a transaction an earlier error aborted answers ROLLBACK
+                # (a unit that caught that error and went on): it must not pass for one.
+                if commit.res is None or commit.res.command_status != b"COMMIT":
+                    raise psycopg.errors.InFailedSqlTransaction(
+                        "the transaction was rolled back, not committed")
         elif self._pending:
             self.flush()
 
