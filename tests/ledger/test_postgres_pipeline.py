@@ -10,21 +10,15 @@ from typing import Any
 
 import pytest
 
-from tests.pg import fresh_schema
+from tests.pg import pg_ledger
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 async def ledger() -> AsyncIterator[Any]:
-    from extrabalance.ledger.postgres import PostgresLedger
-
-    with fresh_schema() as conninfo:
-        pg = PostgresLedger(conninfo, pool_max=2)
-        try:
-            yield pg
-        finally:
-            await pg.close()
+    async with pg_ledger() as pg:
+        yield pg
 
 
 async def test_an_error_in_a_statements_first_use_is_raised(ledger: Any) -> None:
