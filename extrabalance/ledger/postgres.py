@@ -75,7 +75,7 @@ from psycopg.adapt import Transformer
 from psycopg.generators import fetch_many
 from psycopg.generators import send as send_gen
 from psycopg.waiting import wait
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.model import SubscriberProfile
@@ -898,9 +898,13 @@ class PostgresLedger:
             current = held[0]
             if current is None:
                 timeout = DOWN_CHECKOUT_S if self._down.is_set() else CONNECT_TIMEOUT_S
-                pool = self.pool
+                pool = self.pool  # the probe may replace it meanwhile: give back to this one
                 try:
                     current = held[0] = (pool, pool.getconn(timeout=timeout))
+                except PoolClosed:
+                    if pool is self.pool:
+                        raise  # the ledger is closing
+                    continue  # the probe replaced it while this unit waited: nothing ran yet
                 except PoolTimeout:
                     self._server_gone()  # no connection to be had: the server is unreachable
                     raise
