@@ -92,6 +92,14 @@ SITES_NOT_RUN: dict[tuple[str, str], str] = {
         "ROLLBACK after a failed COMMIT (the same word in PostgreSQL)",
     ("extrabalance/ledger/profiles.py", "_flush"):
         "ROLLBACK after a failed import batch (the same word in PostgreSQL)",
+    # The profile import's PostgreSQL path: its own SQL (COPY, DISTINCT ON, window),
+    # run against PostgreSQL by tests/ledger/test_profiles_postgres.py.
+    ("extrabalance/ledger/profiles.py", "import_profiles_postgresql"):
+        "the import's staging table on PostgreSQL (tests/ledger/test_profiles_postgres.py)",
+    ("extrabalance/ledger/profiles.py", "_count_pg"):
+        "the subscriber count on PostgreSQL (tests/ledger/test_profiles_postgres.py)",
+    ("extrabalance/ledger/profiles.py", "_flush_postgresql"):
+        "COPY and upsert of an import batch on PostgreSQL (tests/ledger/test_profiles_postgres.py)",
 }
 
 # Files whose SQL is PostgreSQL's own (written for it, run against it by their own
@@ -282,6 +290,7 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         ads_store.list_campaigns(conn)
         ads_store.set_campaign_state(conn, campaign, ads_store.QUEUED, now)
         ads_store.active_campaigns(conn)
+        ads_store.claim_recipients(conn, campaign, now, now + timedelta(minutes=2), 1)
         for msisdn in ads_store.pending_recipients(conn, campaign, 10):
             ads_store.settle_recipient(conn, campaign, msisdn, ads_store.SENT, None, now)
         store.put_profile(conn, SubscriberProfile(M4, 30, 100, {"plan": "youth"}), now)
