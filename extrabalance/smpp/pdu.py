@@ -920,21 +920,14 @@ def is_response(command_id: int) -> bool:
 
 def make_response(request: Pdu, status: int = 0, **fields: object) -> Pdu:
     """The response to `request` with its sequence number; generic_nack when the
-    request has no response of its own. Built as `cls(...)` would build it (the same
-    check), without the frozen dataclass's __init__: one per request received."""
+    request has no response of its own."""
     cls = RESPONSE_CLASS.get(request.command_id, GenericNack)
-    values = list(_DEFAULTS[cls])
-    values[1] = status
-    values[2] = request.sequence_number
-    if fields:
-        index = _FIELD_INDEX[cls]
-        for name, value in fields.items():
-            i = index.get(name)
-            if i is None:
-                raise TypeError(f"{cls.__name__} has no field {name!r}")
-            values[i] = value
-    resp = _build(cls, values)
-    _validate(resp)
+    if cls in _MESSAGE_ID_RESPONSES and (not fields or fields.keys() <= _MESSAGE_ID_ONLY):
+        # submit_sm_resp, deliver_sm_resp, data_sm_resp: one per message, hence filled
+        # slot by slot (the same check, no dataclass __init__)
+        return _message_id_response(cls, status, request.sequence_number,
+                                    fields.get("message_id", ""))
+    resp: Pdu = cls(command_status=status, sequence_number=request.sequence_number, **fields)
     return resp
 
 
@@ -1196,13 +1189,36 @@ def _build(cls: type, values: list[object]) -> Pdu:
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in _LAYOUT
 }
-# Every field has a default; positions as in _SETTERS.
-_DEFAULTS: dict[type, tuple[object, ...]] = {
-    cls: tuple(f.default for f in fields(cls)) for cls in _LAYOUT
-}
-_FIELD_INDEX: dict[type, dict[str, int]] = {
-    cls: {name: i for i, name in enumerate(names)} for cls, names in _FIELD_NAMES.items()
-}
+_MESSAGE_ID_RESPONSES = frozenset((SubmitSmResp, DeliverSmResp, DataSmResp))
+_MESSAGE_ID_ONLY = frozenset(("message_id",))
+
+
+def _make_message_id_response() -> Callable[[type, object, object, object], Pdu]:
+    setters = {_SETTERS[cls] for cls in _MESSAGE_ID_RESPONSES}
+    assert len(setters) == 1 and all(  # one slot layout, in this order
+        _FIELD_NAMES[cls] == ("tlvs", "command_status", "sequence_number", "message_id")
+        for cls in _MESSAGE_ID_RESPONSES)
+    ((s0, s1, s2, s3),) = setters
+    new = _new_object
+    validate_slowly = _validate_slowly
+
+    def message_id_response(cls: type, status: object, seq: object, message_id: object) -> Pdu:
+        o: Pdu = new(cls)
+        s0(o, _NO_TLVS)
+        s1(o, status)
+        s2(o, seq)
+        s3(o, message_id)
+        if not (type(status) is int and 0 <= status <= 0xFFFFFFFF
+                and type(seq) is int and 0 <= seq <= 0xFFFFFFFF
+                and type(message_id) is str and len(message_id) < 65
+                and message_id.isascii() and "\0" not in message_id):
+            validate_slowly(o)  # normalises, or names what is wrong
+        return o
+
+    return message_id_response
+
+
+_message_id_response = _make_message_id_response()
 
 
 def with_sequence_number(pdu: Pdu, sequence_number: int) -> Pdu:

@@ -215,6 +215,7 @@ class _BindWorker:
                     cfg.response_timeout_s,
                 )
             except (TimeoutError, OSError) as exc:
+                conn.close()  # connected just as the wait ran out: not left open
                 self.last_error = f"connect failed: {exc or type(exc).__name__}"
                 self.counters["connect_failures"] += 1
                 self._log_failure(self.last_error)
