@@ -91,6 +91,9 @@ class OutboxSender:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         # Rows finished since the last read began: that read may still list them.
         self._finished: set[str] = set()
+        # Rows the SMSC took whose mark is not durable yet (`write_later`: it rides in
+        # the ledger's next batch): a read meanwhile still lists them, they are skipped.
+        self._marking: dict[str, asyncio.Future[bool]] = {}
         self._reading = asyncio.Lock()  # one pass over the due rows at a time
         self._next_start = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -163,7 +166,8 @@ class OutboxSender:
         started = 0
         for row in rows:
             await self._slots.acquire()
-            if row.outbox_id in self._in_flight or row.outbox_id in self._finished:
+            if (row.outbox_id in self._in_flight or row.outbox_id in self._finished
+                    or row.outbox_id in self._marking):
                 self._slots.release()
                 continue
             delay = self._next_start - self.monotonic()
@@ -185,9 +189,14 @@ class OutboxSender:
         self._slots.release()
 
     async def drain(self) -> None:
-        """Send everything due now and wait for it (tests, shutdown of a tool)."""
-        while await self.send_due() or self._in_flight:
+        """Send everything due now and wait for it, marks included (tests, shutdown of
+        a tool)."""
+        while await self.send_due() or self._in_flight or self._marking:
             await asyncio.gather(*list(self._in_flight.values()), return_exceptions=True)
+            if self._marking:
+                # A write of its own starts a batch; the deferred marks ride in it.
+                await self.ledger.write(_nothing)
+                await asyncio.gather(*list(self._marking.values()), return_exceptions=True)
 
     async def _send(self, row: OutboxRow) -> None:
         notice = Notice(row.msisdn, row.template, row.params,
@@ -199,10 +208,25 @@ class OutboxSender:
             await self._failed(row, exc)
             return
         self.stats["sent"] += 1
+        # Not awaited: the mark rides in the ledger's next batch, so a loan's SMS costs
+        # no writer operation, savepoint or commit of its own. Until it is durable the
+        # row is skipped by the reads (`_marking`); a crash before then sends it again,
+        # as a crash between the submit and the mark always could (at least once).
+        outbox_id = row.outbox_id
+        now = self.clock()
         try:
-            await self.ledger.write(lambda tx: tx.outbox_mark_sent(row.outbox_id, self.clock()))
+            marked = self.ledger.write_later(lambda tx: tx.outbox_mark_sent(outbox_id, now))
         except Exception:
-            log.exception("outbox_mark_failed", outbox_id=row.outbox_id)
+            log.exception("outbox_mark_failed", outbox_id=outbox_id)
+            return
+        self._marking[outbox_id] = marked
+        marked.add_done_callback(partial(self._marked, outbox_id))
+
+    def _marked(self, outbox_id: str, marked: asyncio.Future[bool]) -> None:
+        self._marking.pop(outbox_id, None)
+        self._finished.add(outbox_id)  # a read begun before the commit may list it
+        if not marked.cancelled() and (exc := marked.exception()) is not None:
+            log.error("outbox_mark_failed", outbox_id=outbox_id, error=repr(exc))
 
     async def _failed(self, row: OutboxRow, exc: Exception) -> None:
         attempt = row.attempts + 1
@@ -224,3 +248,7 @@ class OutboxSender:
         """Forget rows sent more than `kept_s` ago (at most `limit`)."""
         before = self.clock() - timedelta(seconds=kept_s)
         return await self.ledger.write(lambda tx: tx.outbox_prune(before, limit))
+
+
+def _nothing(_tx: LedgerTx) -> None:
+    """A unit of work that writes nothing (starts a batch for the deferred ones)."""
