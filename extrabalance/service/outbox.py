@@ -95,6 +95,7 @@ class OutboxSender:
         # the ledger's next batch): a read meanwhile still lists them, they are skipped.
         self._marking: dict[str, asyncio.Future[bool]] = {}
         self._reading = asyncio.Lock()  # one pass over the due rows at a time
+        self._read_all = True  # the last read returned every row due (fewer than batch_max)
         self._next_start = 0.0
         self._task: asyncio.Task[None] | None = None
         self.stats = {"sent": 0, "failed_attempts": 0, "given_up": 0}
@@ -133,6 +134,7 @@ class OutboxSender:
         return len(self._in_flight)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             # Cleared before the read, not after: a wake that comes while the read runs
             # (a row committed after the read's snapshot) starts the next read at once.
@@ -142,10 +144,15 @@ class OutboxSender:
             except Exception:
                 log.exception("outbox_read_failed")
                 started = 0
-            if started:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
+            if started and not self._read_all:
+                continue  # the read stopped at batch_max: more rows are due
+            # Every row due at the read's snapshot was started (or is in flight); a row
+            # committed since woke us. A timer, not wait_for: no task per wait.
+            timer = loop.call_later(self.idle_poll_s, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
 
     async def send_due(self) -> int:
         """Start sending the rows due now (within the bounds); the number started."""
@@ -163,6 +170,7 @@ class OutboxSender:
                 lambda tx: tx.outbox_claim_due(now, until, self.batch_max))
         else:
             rows = await self.ledger.read_point(lambda tx: tx.outbox_due(now, self.batch_max))
+        self._read_all = len(rows) < self.batch_max
         started = 0
         for row in rows:
             await self._slots.acquire()
