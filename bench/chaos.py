@@ -8,7 +8,12 @@ at random moments (seeded):
 * the node is SIGKILLed and restarted (same ledger file, same MQTT client id);
 * the IN nodes' Diameter connections are cut (the IN simulator's disconnect fault);
 * the SMSC drops the node's SMPP binds;
-* the broker is restarted, gracefully (SIGTERM) and by SIGKILL.
+* the broker is restarted, gracefully (SIGTERM) and by SIGKILL;
+* with `--storage postgresql`, the PostgreSQL server is restarted: a fast shutdown
+  (`pg_ctl -m fast`) and a crash (`-m immediate`), each down a few seconds. The run
+  starts a cluster of its own for that (bench/pg_server.py: initdb, a free loopback
+  port, fsync and synchronous_commit on) unless `--pg-url` names a server, which is
+  then never restarted.
 
 Then a quiet period: no traffic, the node up, until every acknowledged recharge
 reached the ledger and the resolver settled every CREDITING/UNKNOWN/RECOVERING
@@ -19,7 +24,7 @@ no USSD dialog or SMS lent twice. A table of the faults and of the discrepancies
 printed; exit 1 on any discrepancy.
 
     extrabalance chaos [--kills 20] [--duration 150] [--rate 60] [--seed 7] [--json]
-        [--nodes 2 --storage postgresql]
+        [--nodes 2 --storage postgresql [--pg-url URL] [--pg-restarts 1 --pg-crashes 1]]
 
 Several nodes on one PostgreSQL ledger (docs/scale-out.md): node 1 is the survivor;
 the SIGKILLs hit the other nodes (each restarted), and at about two thirds of the
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -42,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.e2e import Network, check_nodes, network, parse_mix, settle, wait_connected
+from bench.pg_server import PgServer
 from bench.reconcile import reconcile, settle_advances_with_in
 from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
@@ -55,6 +62,7 @@ RESTART_PAUSE_MAX_S = 1.0  # a killed node stays down up to this long
 QUIET_MAX_S = 90.0  # the quiet period ends when all is settled, or after this long
 NODE_UP_WAIT_S = 30.0
 CLUSTER_SAGA_LEASE_S = 20.0  # the nodes' saga lease in a chaos run with several nodes
+PG_DOWN_S = 3.0  # a restarted PostgreSQL stays down this long
 
 
 @dataclass
@@ -79,6 +87,10 @@ class ChaosOptions:
     # With several nodes: how soon the survivor takes over the sagas of the node lost
     # for good ([storage] saga_lease_s); the quiet period waits at least this long.
     saga_lease_s: float = CLUSTER_SAGA_LEASE_S
+    # PostgreSQL restarts (a server of the run's own only; none when `pg_dsn` is given).
+    pg_restarts: int = 1  # pg_ctl -m fast, start again after pg_down_s
+    pg_crashes: int = 1  # pg_ctl -m immediate (every server process killed), likewise
+    pg_down_s: float = PG_DOWN_S
 
 
 @dataclass
@@ -116,6 +128,9 @@ def plan(options: ChaosOptions) -> list[tuple[float, str]]:
         "broker_kill": options.broker_kills if options.broker_kills is not None
         else max(1, options.kills // 10),
     }
+    if options.storage == "postgresql" and options.pg_dsn is None:
+        counts["pg_restart"] = options.pg_restarts
+        counts["pg_crash"] = options.pg_crashes
     start, end = 0.05 * options.duration_s, 0.9 * options.duration_s
     lost_at = LOST_AT_SHARE * options.duration_s
     # With several nodes the restarts come before the loss: after it, only the
@@ -131,9 +146,10 @@ def plan(options: ChaosOptions) -> list[tuple[float, str]]:
 LOST_AT_SHARE = 0.66  # with several nodes, one is lost for good this far into the traffic
 
 
-async def inject(net: Network, kind: str, rng: random.Random, lost: set[int]) -> str:
+async def inject(net: Network, kind: str, rng: random.Random, lost: set[int],
+                 pg_server: PgServer | None = None, pg_down_s: float = PG_DOWN_S) -> str:
     """One fault; returns what was done (for the log). `lost`: indexes of the nodes
-    killed for good (never restarted)."""
+    killed for good (never restarted); `pg_server`: the run's own PostgreSQL."""
     # With several nodes the first is the survivor: the others take the kills.
     targets = [i for i in range(len(net.nodes)) if i not in lost and (i or len(net.nodes) == 1)]
     if kind in ("node_kill", "node_lost") and not targets:
@@ -163,6 +179,13 @@ async def inject(net: Network, kind: str, rng: random.Random, lost: set[int]) ->
     if kind == "broker_kill":
         await asyncio.to_thread(net.broker.restart, graceful=False)
         return "SIGKILL, restarted"
+    if kind in ("pg_restart", "pg_crash"):
+        if pg_server is None:
+            return "no PostgreSQL of the run's own: skipped"
+        mode = "fast" if kind == "pg_restart" else "immediate"
+        started = time.monotonic()
+        await asyncio.to_thread(pg_server.restart, mode, pg_down_s)
+        return f"pg_ctl -m {mode}, up again after {time.monotonic() - started:.2f} s"
     raise ValueError(kind)
 
 
@@ -177,10 +200,42 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
     say = echo or (lambda _text: None)
     mix = parse_mix(options.mix)
     lost: set[int] = set()
+    pg_server = None
+    pg_dsn = options.pg_dsn
+    with contextlib.ExitStack() as own_pg:
+        if options.storage == "postgresql" and pg_dsn is None:
+            pg_server = own_pg.enter_context(PgServer())
+            pg_dsn = pg_server.dsn
+            say(f"PostgreSQL of the run's own at {pg_dsn} ({pg_server.bin_dir})")
+        await _run_network(options, result, workdir, rng, broker_kills_s, say, mix, lost,
+                           pg_server, pg_dsn)
+    in_dump_path, smsc_dump_path = workdir / "in-dump.json", workdir / "smsc-dump.json"
+    db_path = workdir / "extrabalance.db"
+    in_dump = json.loads(in_dump_path.read_text())
+    # Advances whose answers never reached the IN in time (a node SIGKILLed between
+    # the commit and the write): settled from the IN's records, as an operator does.
+    reversed_advances = settle_advances_with_in(db_path, in_dump)
+    rec = reconcile(db_path, in_dump,
+                    json.loads(smsc_dump_path.read_text()), check_recharges=True,
+                    broker_kills_s=tuple(broker_kills_s))
+    rec.notes.append(f"reconcile-in reversed {sum(reversed_advances.values())} advances"
+                     " the IN never applied")
+    result.reconciliation = rec.as_dict()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "chaos.json").write_text(json.dumps(result.as_dict(), indent=2))
+    return result
+
+
+async def _run_network(options: ChaosOptions, result: ChaosResult, workdir: Path,
+                       rng: random.Random, broker_kills_s: list[float], say: Any,
+                       mix: dict[str, int], lost: set[int], pg_server: PgServer | None,
+                       pg_dsn: str | None) -> None:
+    """The traffic, the faults and the quiet period; the IN's and SMSC's records
+    dumped into `workdir` and, on PostgreSQL, the ledger copied into its SQLite file."""
     async with network(workdir, subscribers=options.subscribers, seed=options.seed,
                        log_level="WARNING", client_id=CHAOS_CLIENT_ID, arabic_share=0.0,
                        broker_config=BROKER_CONFIG, nodes=options.nodes,
-                       storage=options.storage, pg_dsn=options.pg_dsn,
+                       storage=options.storage, pg_dsn=pg_dsn,
                        saga_lease_s=options.saga_lease_s if options.nodes > 1 else None) as net:
         total = sum(mix.values())
         smsc_mix = {k: v for k, v in mix.items() if k in ("ussd_menu", "ussd_shortcut", "sms_loan")}
@@ -204,7 +259,7 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
                 await asyncio.sleep(delay)
             if kind == "broker_kill":
                 broker_kills_s.append(SYSTEM_CLOCK.time())
-            what = await inject(net, kind, rng, lost)
+            what = await inject(net, kind, rng, lost, pg_server, options.pg_down_s)
             result.faults[kind] += 1
             result.fault_log.append((round(time.monotonic() - t0, 2), kind, what))
             say(f"{time.monotonic() - t0:7.2f} s  {kind:<15} {what}")
@@ -229,19 +284,6 @@ async def run_chaos(options: ChaosOptions, *, echo: Any = None) -> ChaosResult:
         await net.smsc_worker.call("dump", path=str(smsc_dump_path))
         await net.in_worker.call("quit")
         await net.smsc_worker.call("quit")
-    in_dump = json.loads(in_dump_path.read_text())
-    # Advances whose answers never reached the IN in time (a node SIGKILLed between
-    # the commit and the write): settled from the IN's records, as an operator does.
-    reversed_advances = settle_advances_with_in(net.db_path, in_dump)
-    rec = reconcile(net.db_path, in_dump,
-                    json.loads(smsc_dump_path.read_text()), check_recharges=True,
-                    broker_kills_s=tuple(broker_kills_s))
-    rec.notes.append(f"reconcile-in reversed {sum(reversed_advances.values())} advances"
-                     " the IN never applied")
-    result.reconciliation = rec.as_dict()
-    report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / "chaos.json").write_text(json.dumps(result.as_dict(), indent=2))
-    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with several nodes, the nodes' [storage] saga_lease_s (default"
                         f" {CLUSTER_SAGA_LEASE_S:g}): the survivor takes over the lost node's"
                         " sagas this long after its last renewal")
+    p.add_argument("--pg-url", default=None,
+                   help="with --storage postgresql: the server to use (a schema of the run's"
+                        " own; never restarted). Default: a cluster of the run's own (initdb,"
+                        " pg_ctl on a free loopback port), restarted during the run")
+    p.add_argument("--pg-restarts", type=int, default=1,
+                   help="fast PostgreSQL restarts (pg_ctl -m fast) of the run's own server")
+    p.add_argument("--pg-crashes", type=int, default=1,
+                   help="PostgreSQL crashes (pg_ctl -m immediate) of the run's own server")
+    p.add_argument("--pg-down", type=float, default=PG_DOWN_S,
+                   help=f"seconds PostgreSQL stays down at each restart (default {PG_DOWN_S:g})")
     return p
 
 
@@ -307,6 +359,10 @@ def run_cli(argv: list[str]) -> int:
     if args.kills < 0 or args.duration <= 0 or args.rate <= 0:
         print("extrabalance chaos: --kills >= 0, --duration > 0 and --rate > 0", file=sys.stderr)
         return 2
+    if min(args.pg_restarts, args.pg_crashes) < 0 or args.pg_down < 0:
+        print("extrabalance chaos: --pg-restarts, --pg-crashes and --pg-down >= 0",
+              file=sys.stderr)
+        return 2
     check_nodes(args.nodes, args.storage, "extrabalance chaos")
     options = ChaosOptions(
         kills=args.kills, duration_s=args.duration, rate_per_s=args.rate,
@@ -315,6 +371,8 @@ def run_cli(argv: list[str]) -> int:
         broker_restarts=args.broker_restarts, broker_kills=args.broker_kills,
         report_dir=Path(args.report) if args.report else None, json_output=args.json,
         nodes=args.nodes, storage=args.storage, saga_lease_s=args.saga_lease,
+        pg_dsn=args.pg_url, pg_restarts=args.pg_restarts, pg_crashes=args.pg_crashes,
+        pg_down_s=args.pg_down,
     )
     result = asyncio.run(run_chaos(options, echo=None if args.json else print))
     if args.json:

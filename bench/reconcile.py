@@ -330,8 +330,7 @@ def settle_advances_with_in(ledger_path: str | Path, in_dump: dict[str, Any]) ->
     the IN's own record of the grants it applied, and reverse those it never applied
     (every answer reached it too late, or the node died before writing it). Run with
     the node stopped; returns {IN Origin-Host: advances reversed}."""
-    from datetime import UTC, datetime
-
+    from extrabalance.clock import SYSTEM_CLOCK
     from extrabalance.ledger.db import connect
     from extrabalance.ledger.store import ts
     from extrabalance.service.reconcile_in import InGrant, reconcile_in
@@ -339,7 +338,7 @@ def settle_advances_with_in(ledger_path: str | Path, in_dump: dict[str, Any]) ->
     grants = [InGrant(sid, number, msisdn, amount)
               for _node, sid, number, action, msisdn, amount, result, _after in in_dump["applied"]
               if action == "OUT_OF_BALANCE_GRANT" and result == DIAMETER_SUCCESS]
-    now = datetime.now(UTC)
+    now = SYSTEM_CLOCK.now()
     reversed_by_node: dict[str, int] = {}
     conn = connect(Path(ledger_path))
     try:

@@ -448,8 +448,19 @@ def reconcile_in_command(config_path: str | None, csv_path: str, in_node: str, u
             return reconcile_in(tx, grants, in_node=in_node, until=cut_off, apply=apply,
                                 now=SYSTEM_CLOCK.now())
 
-        # A dry run only reads; --apply reverses in one unit of work.
-        return await (ledger.write(check) if apply else ledger.read(check))
+        # A dry run only reads; --apply reverses in one unit of work, then writes an
+        # `advance_reversed` EDR line per reversal (what the report and the policy
+        # backtest read to undo the advance's `advance` line).
+        if not apply:
+            return await ledger.read(check)
+        report = await ledger.write(check)
+        for row in report.reversed:
+            accounts.events.emit("advance_reversed", msisdn=row["msisdn"],
+                                 loan_id=row["loan_id"], amount_minor=row["amount_minor"],
+                                 fee_minor=row["fee_minor"],
+                                 debt_after_minor=row["debt_after_minor"],
+                                 in_node=in_node, reason="reconcile-in")
+        return report
 
     report = asyncio.run(_with_accounts(settings, run))
     doc = report.as_dict()

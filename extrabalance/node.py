@@ -481,7 +481,7 @@ def run_node(config_path: str | None, clock: Clock = SYSTEM_CLOCK) -> int:
     settings = load_settings(config_path)
     check_runtime(settings, config_path or "embedded default config")
     configure_logging(mask_msisdn_in_logs=settings.node.mask_msisdn_in_logs,
-                      level=os.environ.get("EB_LOG_LEVEL", "INFO"))
+                      level=os.environ.get("EB_LOG_LEVEL", "INFO"), clock=clock)
     try:
         import uvloop
 

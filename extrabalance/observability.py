@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from extrabalance.clock import SYSTEM_CLOCK
+from extrabalance.clock import SYSTEM_CLOCK, Clock
 from extrabalance.private_files import open_private, private_dir
 
 log = structlog.get_logger(__name__)
@@ -124,8 +124,19 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+def _clock_stamper(clock: Clock) -> structlog.typing.Processor:
+    """The log line's `timestamp` (ISO 8601, UTC, microseconds) read from the node's
+    clock: a node run with `--clock-start` logs the instants it decides by."""
+
+    def stamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["timestamp"] = clock.now().isoformat().replace("+00:00", "Z")
+        return event
+
+    return stamp
+
+
 def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
-                      stream: Any = None) -> None:
+                      stream: Any = None, clock: Clock = SYSTEM_CLOCK) -> None:
     def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         value = event.get("msisdn")
         if mask_msisdn_in_logs and isinstance(value, str):
@@ -134,7 +145,7 @@ def configure_logging(*, mask_msisdn_in_logs: bool = True, level: str = "INFO",
 
     shared: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _clock_stamper(clock),
         _mask,
         structlog.processors.format_exc_info,
     ]

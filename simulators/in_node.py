@@ -76,13 +76,18 @@ import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 from extrabalance.argparsing import Parser
 from extrabalance.clock import SYSTEM_CLOCK
-from extrabalance.diameter.constants import (  # the Result-Codes it answers with
+from extrabalance.diameter import codec, gy
+from extrabalance.diameter.codec import Message
+from extrabalance.diameter.constants import (  # the AVPs it checks, the Result-Codes it answers with
+    AVP_CC_REQUEST_TYPE,
+    AVP_REQUESTED_ACTION,
+    AVP_REQUESTED_SERVICE_UNIT,
     DIAMETER_CREDIT_LIMIT_REACHED,
     DIAMETER_END_USER_SERVICE_DENIED,
     DIAMETER_SUCCESS,
@@ -94,7 +99,6 @@ from extrabalance.diameter.constants import (  # the Result-Codes it answers wit
 from extrabalance.diameter.peer import DuplicateCache
 
 if TYPE_CHECKING:
-    from extrabalance.diameter.codec import Message
     from extrabalance.recharge.events import RechargeEvent
 
 
@@ -516,8 +520,14 @@ class FaultPlan:
     forced_result: int | None = None
 
 
+_NO_FAULT = FaultPlan()
+
+
 def plan_faults(faults: InFaults, rng: random.Random, msisdn: str) -> FaultPlan:
     """Draw the faults for one request (pure given the random generator)."""
+    if not (faults.answer_delay_ms or faults.drop_share or faults.result_share
+            or faults.result_msisdns):
+        return _NO_FAULT  # no fault configured: nothing drawn, nothing built
     forced = faults.result_msisdns.get(msisdn)
     if forced is None and faults.result_share:
         draw = rng.random()
@@ -831,8 +841,15 @@ class InSimulator:
 
     async def _handle(self, name: str, request: Message) -> Message | None:
         """One request from the node to IN node `name`; None means "do not answer"."""
-        from extrabalance.diameter import codec, gy
+        answer = self._answer_now(name, request)
+        if isinstance(answer, Message):
+            return answer
+        return await answer
 
+    def _answer_now(self, name: str, request: Message) -> Message | Awaitable[Message | None]:
+        """The answer to one request, at once when no fault plan delays or drops it
+        (then the DiameterNode sends it without a task), else an awaitable of it
+        (None: "do not answer")."""
         spec = self.specs[name]
         stats = self.stats[name]
         stats["requests"] += 1
@@ -872,12 +889,22 @@ class InSimulator:
         else:
             answer, duplicate = self.accounts[name].execute(op, forced_result=plan.forced_result)
         stats["duplicates" if duplicate else f"result_{answer.result_code}"] += 1
-        if plan.delay_ms:
-            await asyncio.sleep(plan.delay_ms / 1000)
-        if plan.drop:
-            stats["dropped"] += 1
+        if plan.delay_ms or plan.drop:
+            return self._answer_later(name, request, answer, plan.delay_ms, plan.drop)
+        return self._cca(name, request, answer)
+
+    async def _answer_later(self, name: str, request: Message, answer: OpAnswer,
+                            delay_ms: float, drop: bool) -> Message | None:
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
+        if drop:
+            self.stats[name]["dropped"] += 1
             return None
-        stats["answered"] += 1
+        return self._cca(name, request, answer)
+
+    def _cca(self, name: str, request: Message, answer: OpAnswer) -> Message:
+        spec = self.specs[name]
+        self.stats[name]["answered"] += 1
         return gy.build_cca(
             request,
             spec.origin_host,
@@ -936,13 +963,6 @@ class InSimulator:
         return out
 
     def _balance_op(self, ccr: Any, spec: InNodeSpec, request: Message) -> BalanceOp:
-        from extrabalance.diameter import codec
-        from extrabalance.diameter.constants import (
-            AVP_CC_REQUEST_TYPE,
-            AVP_REQUESTED_ACTION,
-            AVP_REQUESTED_SERVICE_UNIT,
-        )
-
         if ccr.request_type != 4:
             raise codec.DiameterError(
                 5004, "balance operations are EVENT requests (CC-Request-Type 4)",
@@ -978,8 +998,6 @@ class InSimulator:
         )
 
     def _error(self, request: Message, spec: InNodeSpec, code: int, text: str) -> Message:
-        from extrabalance.diameter import codec
-
         return codec.error_answer(codec.DiameterError(code, text), spec.origin_host, spec.realm,
                                   request)
 
@@ -1026,7 +1044,6 @@ class InSimulator:
         time. Re-sending with the same `session_id` and `request_number` tests the
         node's exactly-once handling.
         """
-        from extrabalance.diameter import gy
 
         if self.node_peer is None:
             raise RuntimeError("no node_peer configured: the IN cannot reach the node")
@@ -1144,13 +1161,19 @@ class InSimulator:
 
         name = spec.name
 
-        async def handler(request: Message, peer_origin_host: str) -> Message:
-            answer = await self._handle(name, request)
+        async def later(pending: Awaitable[Message | None]) -> Message:
+            answer = await pending
             if answer is None:
                 # A dropped answer. DiameterNode has no "do not answer" result, but a
                 # handler that ends cancelled sends nothing and frees its slot.
                 raise asyncio.CancelledError
             return answer
+
+        def handler(request: Message, peer_origin_host: str) -> Message | Awaitable[Message]:
+            answer = self._answer_now(name, request)
+            if isinstance(answer, Message):
+                return answer  # answered in this turn: no task
+            return later(answer)
 
         return DiameterNode(
             LocalIdentity(

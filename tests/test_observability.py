@@ -104,3 +104,30 @@ def test_log_level_is_accepted_in_any_case_and_a_wrong_one_is_named():
             configure_logging(level="loud", stream=io.StringIO())
     finally:
         configure_logging(level="WARNING")
+
+
+def test_log_lines_are_stamped_by_the_nodes_clock_not_the_machines():
+    import io
+    import json
+    import logging
+    from datetime import UTC, datetime
+
+    import structlog
+
+    from extrabalance.clock import FixedClock
+    from extrabalance.observability import configure_logging
+
+    out = io.StringIO()
+    clock = FixedClock(datetime(2031, 2, 3, 23, 59, 58, 250000, tzinfo=UTC))
+    try:
+        configure_logging(level="INFO", stream=out, clock=clock)
+        structlog.get_logger("t").info("first")
+        clock.advance(2)
+        logging.getLogger("stdlib").warning("second")
+    finally:
+        configure_logging(level="WARNING")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(line["event"], line["timestamp"]) for line in lines] == [
+        ("first", "2031-02-03T23:59:58.250000Z"),
+        ("second", "2031-02-04T00:00:00.250000Z"),
+    ]

@@ -534,11 +534,18 @@ class PeerConnection:
                 self._events.append(RequestTimedOut(entry.token, entry.message))
 
     def next_timer(self) -> float | None:
+        """The earliest of the watchdog, the state timeout and the first request
+        deadline (None: no timer). Read after every input: no list, no min()."""
         t = self._timers
-        candidates = [x for x in (t.watchdog_at, t.timeout_at) if x is not None]
+        at = t.watchdog_at
+        timeout_at = t.timeout_at
+        if timeout_at is not None and (at is None or timeout_at < at):
+            at = timeout_at
         if t.deadlines:
-            candidates.append(t.deadlines[0][0])
-        return min(candidates) if candidates else None
+            deadline = t.deadlines[0][0]
+            if at is None or deadline < at:
+                at = deadline
+        return at
 
     # --- application traffic ----------------------------------------------------------
 
@@ -587,6 +594,10 @@ class PeerConnection:
             self._out.append(data)
 
     # --- outputs ----------------------------------------------------------------------
+
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
 
     def data_to_send(self) -> bytes:
         if not self._out:

@@ -283,6 +283,23 @@ def pending_recipients(conn: sqlite3.Connection, campaign_id: str, limit: int) -
     return [r[0] for r in rows]
 
 
+def claim_recipients(conn: sqlite3.Connection, campaign_id: str, now: datetime,
+                     until: datetime, limit: int, *, lock_rows: str = "") -> list[str]:
+    """Up to `limit` PENDING recipients of the campaign nobody holds at `now`, in
+    MSISDN order, taken for sending until `until`: no other node's drainer takes them
+    before then (several nodes on one ledger send each recipient once); a node that
+    dies leaves them to the next claim after `until`. On PostgreSQL the adapter chooses
+    the rows FOR UPDATE SKIP LOCKED."""
+    rows = conn.execute(
+        "UPDATE campaign_recipients SET claimed_until = ? WHERE campaign_id = ? AND msisdn IN"
+        " (SELECT msisdn FROM campaign_recipients WHERE campaign_id = ? AND state = ?"
+        " AND (claimed_until IS NULL OR claimed_until <= ?)"
+        f" ORDER BY msisdn LIMIT ?{lock_rows}) RETURNING msisdn",
+        (utc_ts(until), campaign_id, campaign_id, PENDING, utc_ts(now), limit),
+    ).fetchall()
+    return sorted(r[0] for r in rows)
+
+
 def settle_recipient(
     conn: sqlite3.Connection,
     campaign_id: str,

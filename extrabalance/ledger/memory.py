@@ -124,6 +124,8 @@ class _Tables:
     campaigns: dict[str, CampaignRow] = field(default_factory=dict)
     # (campaign_id, msisdn) → (state, reason, updated_at)
     recipients: dict[tuple[str, str], tuple[str, str | None, str]] = field(default_factory=dict)
+    # (campaign_id, msisdn) → claimed_until text (migration 0013)
+    recipient_claims: dict[tuple[str, str], str] = field(default_factory=dict)
     # outbox_id → [row, next_attempt_at text, sent_at text or None]
     outbox: dict[str, list[Any]] = field(default_factory=dict)
     # loan_id → (session_id, request_type, request_number, used_minor, created_at)
@@ -1027,6 +1029,19 @@ class MemoryLedgerTx:
             if c == campaign_id and state == ads_store.PENDING
         )
         return found[:limit]
+
+    def claim_recipients(self, campaign_id: str, now: datetime, until: datetime,
+                         limit: int) -> list[str]:
+        t = self._w()
+        at = utc_ts(now)
+        free = sorted(
+            m for (c, m), (state, _, _) in t.recipients.items()
+            if c == campaign_id and state == ads_store.PENDING
+            and t.recipient_claims.get((c, m), at) <= at
+        )[:max(limit, 0)]
+        for msisdn in free:
+            t.recipient_claims[(campaign_id, msisdn)] = utc_ts(until)
+        return free
 
     def settle_recipient(
         self, campaign_id: str, msisdn: str, state: str, reason: str | None, now: datetime

@@ -24,8 +24,20 @@ COMMITTED, so whatever they read after the lock is the latest committed state.
 Retries. A unit that deadlocks (two subscribers locked in opposite orders) or hits a
 serialization failure is rolled back and run again from the start, up to
 `RETRIES_MAX` times: `fn` must have no effect outside its `LedgerTx` (true of every
-service's unit). A unit whose connection breaks is not retried: its COMMIT may or may
-not have happened, and the caller's saga (the resolver) settles it like any unknown.
+service's unit). A unit whose connection breaks while its COMMIT is on the way is not
+retried: the COMMIT may or may not have happened, and the caller's saga (the resolver)
+settles it like any unknown. One whose connection breaks before the COMMIT was sent
+cannot have committed (the server rolls back a transaction whose client is gone): it
+runs again on another connection — a connection left idle in the pool across a
+server restart fails so on its first statement.
+
+The server going away (docs/reliability.md "PostgreSQL restarts"). A broken connection
+marks the ledger down: units then wait `DOWN_CHECKOUT_S` at most for a connection and
+fail (`PoolTimeout`, a `psycopg.OperationalError`: the protocols' error answer) instead
+of queueing for `CONNECT_TIMEOUT_S`, and a probe thread tries the server every
+`PROBE_INTERVAL_S`. Its first success replaces the pool with a new one (the old pool's
+connections, all dead, are closed as they come back), so the node is back at once
+rather than after the pool's own exponential reconnect backoff.
 
 `write_staged` is `write`: the answer waits for the commit (the server's own commit
 batches concurrent transactions; no group commit in the node).
@@ -45,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
 import psycopg
 import psycopg.errors
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.model import SubscriberProfile
@@ -65,6 +77,9 @@ POOL_MIN = 1
 RETRIES_MAX = 20  # a unit rolled back by a deadlock or serialization failure: runs again
 RETRY_PAUSE_MAX_S = 0.02  # random pause before a retry, so two losers do not collide again
 CONNECT_TIMEOUT_S = 10.0
+DOWN_CHECKOUT_S = 0.5  # while the server is unreachable: a unit waits this long at most
+PROBE_INTERVAL_S = 0.25  # while unreachable: how often the probe tries the server
+PROBE_CONNECT_TIMEOUT_S = 2  # one probe's connect (whole seconds: libpq's unit)
 _RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 # Advisory lock keys: a subscriber's is hashtextextended(msisdn, 0); the migration
 # runner's is this constant (class 0x4542 'EB', far from any hash by chance alone).
@@ -381,6 +396,11 @@ class PostgresLedgerTx:
     active_campaigns = _op(ads_store.active_campaigns)
     set_campaign_state = _op(ads_store.set_campaign_state)
     pending_recipients = _op(ads_store.pending_recipients)
+
+    def claim_recipients(self, campaign_id: str, now: Any, until: Any, limit: int) -> list[str]:
+        return ads_store.claim_recipients(self, campaign_id, now, until, limit,  # type: ignore[arg-type]
+                                          lock_rows=_SKIP_LOCKED)
+
     settle_recipient = _op(ads_store.settle_recipient)
     # outbox (rows of their own: the money they report took the subscriber's lock)
     outbox_put = _op(outbox_store.outbox_put)
@@ -422,40 +442,81 @@ class PostgresLedger:
                 migrate_postgres(conn)
         self.retries_max = retries_max
         self.retries = 0  # units run again after a deadlock or serialization failure
+        self.reconnects = 0  # pools replaced after the server came back
         self._retries_lock = threading.Lock()
-        self.pool = ConnectionPool(
-            conninfo,
-            min_size=pool_min,
-            max_size=pool_max,
-            kwargs={"autocommit": True},
-            open=True,
-            timeout=CONNECT_TIMEOUT_S,
-            name="ledger",
-        )
+        self._conninfo = conninfo
+        self._pool_size = (pool_min, pool_max)
+        self._down = threading.Event()  # set from a broken connection until the probe's success
+        self._closing = threading.Event()
+        self._probe: threading.Thread | None = None
+        self.pool = self._new_pool()
         # One thread per connection: a unit holds its connection for its whole run.
         self._threads = ThreadPoolExecutor(max_workers=pool_max, thread_name_prefix="ledger-pg")
 
     # -- running units ----------------------------------------------------------------
 
+    def _new_pool(self) -> ConnectionPool:
+        return ConnectionPool(
+            self._conninfo,
+            min_size=self._pool_size[0],
+            max_size=self._pool_size[1],
+            kwargs={"autocommit": True},
+            open=True,
+            timeout=CONNECT_TIMEOUT_S,
+            name="ledger",
+        )
+
+    @property
+    def reachable(self) -> bool:
+        """False from a broken connection until the server answers again."""
+        return not self._down.is_set()
+
     def run_sync(self, fn: Callable[[PostgresLedgerTx], T], *, writable: bool) -> T:
         """Run `fn` in one transaction on a pool connection (blocking); a deadlock or
-        serialization failure runs it again from the start."""
+        serialization failure runs it again from the start, and so does a connection
+        that broke before the COMMIT was sent (see the module docstring)."""
+        broken = 0
+        while True:
+            timeout = DOWN_CHECKOUT_S if self._down.is_set() else CONNECT_TIMEOUT_S
+            pool = self.pool  # the probe may replace it meanwhile: give back to this one
+            try:
+                conn = pool.getconn(timeout=timeout)
+            except PoolTimeout:
+                self._server_gone()  # no connection to be had: the server is unreachable
+                raise
+            sent = [False]  # the COMMIT is on its way: an error now is an unknown outcome
+            try:
+                return self._run_on(conn, fn, writable, sent)
+            except psycopg.OperationalError:
+                if not conn.broken:
+                    raise  # the server answered with an error: not a lost connection
+                self._server_gone()
+                broken += 1
+                # Each dead connection left in the pool fails at once: try the next.
+                if sent[0] or broken > self._pool_size[1]:
+                    raise
+            finally:
+                pool.putconn(conn)  # a broken one is discarded
+
+    def _run_on(self, conn: psycopg.Connection[Any], fn: Callable[[PostgresLedgerTx], T],
+                writable: bool, sent: list[bool]) -> T:
         attempt = 0
-        with self.pool.connection() as conn:
-            conn.read_only = not writable  # sent with the BEGIN: no extra round trip
-            while True:
-                try:
-                    with conn.transaction():
-                        return fn(PostgresLedgerTx(conn, writable=writable,
-                                                   owner_node=self.node_name,
-                                                   lease=self.saga_lease))
-                except _RETRYABLE:
-                    attempt += 1
-                    if attempt > self.retries_max:
-                        raise
-                    with self._retries_lock:
-                        self.retries += 1
-                    time.sleep(random.uniform(0, RETRY_PAUSE_MAX_S))
+        conn.read_only = not writable  # sent with the BEGIN: no extra round trip
+        while True:
+            try:
+                with conn.transaction():
+                    result = fn(PostgresLedgerTx(conn, writable=writable,
+                                                 owner_node=self.node_name,
+                                                 lease=self.saga_lease))
+                    sent[0] = writable  # leaving the block sends the COMMIT
+                return result
+            except _RETRYABLE:
+                attempt += 1
+                if attempt > self.retries_max:
+                    raise
+                with self._retries_lock:
+                    self.retries += 1
+                time.sleep(random.uniform(0, RETRY_PAUSE_MAX_S))
 
     async def _run(self, fn: Callable[[PostgresLedgerTx], T], writable: bool) -> T:
         loop = asyncio.get_running_loop()
@@ -504,10 +565,41 @@ class PostgresLedger:
     async def account_totals(self) -> dict[str, int]:
         return await self.read(lambda tx: tx.account_totals())
 
+    # -- the server going away and coming back ---------------------------------------
+
+    def _server_gone(self) -> None:
+        """A connection failed: mark the ledger down and start the probe (once)."""
+        if self._closing.is_set():
+            return
+        with self._retries_lock:
+            self._down.set()
+            if self._probe is None or not self._probe.is_alive():
+                self._probe = threading.Thread(target=self._probe_until_back,
+                                               name="ledger-pg-probe", daemon=True)
+                self._probe.start()
+
+    def _probe_until_back(self) -> None:
+        while not self._closing.wait(PROBE_INTERVAL_S):
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True,
+                                     connect_timeout=PROBE_CONNECT_TIMEOUT_S) as conn:
+                    conn.execute("SELECT 1")
+            except psycopg.Error:
+                continue
+            old, self.pool = self.pool, self._new_pool()
+            self.reconnects += 1
+            self._down.clear()
+            # Its idle connections are dead; those in use close as they come back.
+            old.close(timeout=CONNECT_TIMEOUT_S)
+            return
+
     # -- shutdown ----------------------------------------------------------------------
 
     def close_sync(self) -> None:
+        self._closing.set()
         self._threads.shutdown(wait=True)
+        if self._probe is not None:
+            self._probe.join()
         self.pool.close()
 
     async def close(self) -> None:

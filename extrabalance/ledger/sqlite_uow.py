@@ -101,6 +101,7 @@ class SqliteLedgerTx(sqlite3.Connection):
     active_campaigns = ads_store.active_campaigns
     set_campaign_state = ads_store.set_campaign_state
     pending_recipients = ads_store.pending_recipients
+    claim_recipients = ads_store.claim_recipients
     settle_recipient = ads_store.settle_recipient
     # outbox
     outbox_put = outbox_store.outbox_put

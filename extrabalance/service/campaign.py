@@ -7,8 +7,10 @@ node-side drainer that sends them through the `Advertiser` at the campaign rate.
 Why a ledger queue (and not a CLI that binds to the SMSC itself): the operator's
 SMSC usually allows a fixed number of binds per system_id, and those belong to the
 running node; a campaign in the ledger survives a node restart, is drained by
-whichever node runs (several nodes sharing PostgreSQL each take a recipient once —
-`settle_recipient` only moves PENDING rows), goes through the same caps, quiet hours
+whichever node runs (several nodes sharing PostgreSQL each take a page of recipients
+with a claim — `claim_recipients` — so each recipient is sent by one node; a node that
+dies mid-page leaves its unsent recipients to the next claim once its own runs out),
+goes through the same caps, quiet hours
 and send-rate cap as every other ad, and leaves a per-recipient record (SENT or
 SUPPRESSED with the reason). The queue is bounded by the campaign itself: the audience
 is fixed when it is created.
@@ -22,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -45,6 +47,11 @@ SAMPLE_MAX = 10  # recipients shown by a dry run
 CAMPAIGN_RECIPIENTS_MAX = 50_000_000  # bound on one campaign (30 M subscribers + margin)
 INSERT_CHUNK = 10_000  # recipients written per ledger transaction
 AUDIENCE_PAGE_ROWS = 10_000  # subscribers asked for per audience read (the ledger caps it too)
+# A page of recipients is this node's for this long; it stops sending from the page
+# CLAIM_MARGIN_SHARE of it before the end (a slow page: the rest goes to the next claim),
+# so no other node can have taken a recipient it still sends.
+CLAIM_LEASE_S = 120.0
+CLAIM_MARGIN_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +104,7 @@ class CampaignService:
         send_rate_max_per_s: float = 50,
         batch_max: int = 500,
         poll_s: float = 5.0,
+        claim_lease_s: float = CLAIM_LEASE_S,
     ) -> None:
         self.ledger = ledger
         self.advertiser = advertiser
@@ -105,6 +113,7 @@ class CampaignService:
         self.batch_max = batch_max
         self.poll_s = poll_s
         self.bucket = TokenBucket(send_rate_max_per_s)
+        self.claim_lease = timedelta(seconds=claim_lease_s)
 
     # -- the operator's side (CLI) ---------------------------------------------------
 
@@ -178,12 +187,18 @@ class CampaignService:
         if not campaigns:
             return 0
         campaign = campaigns[0]
-        msisdns = await self.ledger.read(
-            lambda tx: tx.pending_recipients(campaign.campaign_id, self.batch_max))
+        until = now + self.claim_lease
+        send_until = until - self.claim_lease * CLAIM_MARGIN_SHARE
+        msisdns = await self.ledger.write(partial(
+            _claim_recipients, campaign_id=campaign.campaign_id, now=now, until=until,
+            limit=self.batch_max))
         if not msisdns:
-            await self.ledger.write(lambda tx: tx.set_campaign_state(
-                campaign.campaign_id, sagas.CAMPAIGN_DONE, now))
-            log.info("campaign_done", campaign_id=campaign.campaign_id)
+            # Nothing free: done, unless another node still holds recipients it sends.
+            if not await self.ledger.read(
+                    lambda tx: tx.pending_recipients(campaign.campaign_id, 1)):
+                await self.ledger.write(lambda tx: tx.set_campaign_state(
+                    campaign.campaign_id, sagas.CAMPAIGN_DONE, now))
+                log.info("campaign_done", campaign_id=campaign.campaign_id)
             return 0
         if campaign.state == sagas.CAMPAIGN_QUEUED:
             await self.ledger.write(lambda tx: tx.set_campaign_state(
@@ -196,8 +211,9 @@ class CampaignService:
                 await asyncio.sleep(self.bucket.wait_s())
             while not self.advertiser.bucket.take():
                 await asyncio.sleep(self.advertiser.bucket.wait_s())
-            if self.advertiser.ads.in_quiet_hours(self.clock()):
-                break
+            moment = self.clock()
+            if self.advertiser.ads.in_quiet_hours(moment) or moment >= send_until:
+                break  # the rest of the page stays PENDING for the next claim
             verdict = await self.advertiser.offer(
                 msisdn, AdTrigger.CAMPAIGN, template=campaign.template,
                 campaign_id=campaign.campaign_id, rate_checked=True)
@@ -224,6 +240,11 @@ class CampaignService:
 
 def _add_recipients(tx: LedgerTx, *, campaign_id: str, msisdns: list[str], now: datetime) -> int:
     return tx.add_recipients(campaign_id, msisdns, now)
+
+
+def _claim_recipients(tx: LedgerTx, *, campaign_id: str, now: datetime, until: datetime,
+                      limit: int) -> list[str]:
+    return tx.claim_recipients(campaign_id, now, until, limit)
 
 
 def _settle_recipient(tx: LedgerTx, *, campaign_id: str, msisdn: str, state: str,

@@ -157,7 +157,10 @@ def reconcile_in(tx: LedgerTx, grants: list[InGrant], *, in_node: str,
         tx.audit(loan.msisdn, "advance_reversed", "reconcile-in",
                  f"advance {loan.loan_id} not in {in_node}'s records up to {report.until}",
                  now)
-        report.reversed.append(row)
+        # What the EDR line of the reversal carries (`advance_reversed`, as when the IN
+        # refuses an opt-in advance confirmation): the fee undone and the debt left.
+        report.reversed.append({**row, "fee_minor": loan.fee_minor,
+                                "debt_after_minor": tx.debt_owed(loan.msisdn)})
     for key, grant in by_key.items():
         if key not in seen:
             report.grants_without_advance.append({

@@ -284,6 +284,10 @@ class EsmClass(enum.IntFlag):
 
 
 ESM_CLASS_TYPE_MASK = 0x3C
+# Plain ints of the bits read on every PDU: `int & IntFlag member` runs the enum's
+# Python-level operator, `int & int` does not.
+_ESM_UDHI = int(EsmClass.UDHI)
+_ESM_TYPE_DELIVERY_RECEIPT = int(EsmClass.TYPE_DELIVERY_RECEIPT)
 
 
 class MessageState(enum.IntEnum):
@@ -359,20 +363,23 @@ class TlvValueError(PduError, ValueError):
 Tlvs = tuple[tuple[int, bytes], ...]
 
 
+# The tag goes in as a plain int (a `Tag` member is equal but not `int` itself): a PDU
+# whose TLVs are plain (int, bytes) pairs passes the fast check at construction.
+
 def tlv_u8(tag: int, value: int) -> tuple[int, bytes]:
-    return (tag, value.to_bytes(1, "big"))
+    return (int(tag), value.to_bytes(1, "big"))
 
 
 def tlv_u16(tag: int, value: int) -> tuple[int, bytes]:
-    return (tag, value.to_bytes(2, "big"))
+    return (int(tag), value.to_bytes(2, "big"))
 
 
 def tlv_u32(tag: int, value: int) -> tuple[int, bytes]:
-    return (tag, value.to_bytes(4, "big"))
+    return (int(tag), value.to_bytes(4, "big"))
 
 
 def tlv_cstr(tag: int, value: str) -> tuple[int, bytes]:
-    return (tag, value.encode("latin-1") + b"\0")
+    return (int(tag), value.encode("latin-1") + b"\0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,10 +405,21 @@ class ItsSessionInfo:
     def from_bytes(cls, value: bytes) -> ItsSessionInfo:
         if len(value) != 2:
             raise TlvValueError(Tag.ITS_SESSION_INFO, f"length {len(value)}, expected 2")
-        return cls(value[0], value[1] >> 1, bool(value[1] & 1))
+        # Two octets are in range by construction: no __init__ (read on every USSD step).
+        info: ItsSessionInfo = object.__new__(cls)
+        _set_session_number(info, value[0])
+        _set_step(info, value[1] >> 1)
+        _set_end_of_session(info, bool(value[1] & 1))
+        return info
 
     def as_tlv(self) -> tuple[int, bytes]:
-        return (Tag.ITS_SESSION_INFO, self.to_bytes())
+        return (_TAG_ITS_SESSION_INFO, self.to_bytes())
+
+
+_TAG_ITS_SESSION_INFO = int(Tag.ITS_SESSION_INFO)
+_set_session_number = inspect.getattr_static(ItsSessionInfo, "session_number").__set__
+_set_step = inspect.getattr_static(ItsSessionInfo, "sequence_number").__set__
+_set_end_of_session = inspect.getattr_static(ItsSessionInfo, "end_of_session").__set__
 
 
 def _tlv_int(tlvs: Tlvs, tag: int, size: int) -> int | None:
@@ -631,11 +649,11 @@ class _Sm(_Header):
 
     @property
     def is_delivery_receipt(self) -> bool:
-        return (self.esm_class & ESM_CLASS_TYPE_MASK) == EsmClass.TYPE_DELIVERY_RECEIPT
+        return (self.esm_class & ESM_CLASS_TYPE_MASK) == _ESM_TYPE_DELIVERY_RECEIPT
 
     @property
     def has_udh(self) -> bool:
-        return bool(self.esm_class & EsmClass.UDHI)
+        return bool(self.esm_class & _ESM_UDHI)
 
 
 @dataclass(frozen=True, slots=True)
@@ -902,9 +920,21 @@ def is_response(command_id: int) -> bool:
 
 def make_response(request: Pdu, status: int = 0, **fields: object) -> Pdu:
     """The response to `request` with its sequence number; generic_nack when the
-    request has no response of its own."""
+    request has no response of its own. Built as `cls(...)` would build it (the same
+    check), without the frozen dataclass's __init__: one per request received."""
     cls = RESPONSE_CLASS.get(request.command_id, GenericNack)
-    resp: Pdu = cls(command_status=status, sequence_number=request.sequence_number, **fields)
+    values = list(_DEFAULTS[cls])
+    values[1] = status
+    values[2] = request.sequence_number
+    if fields:
+        index = _FIELD_INDEX[cls]
+        for name, value in fields.items():
+            i = index.get(name)
+            if i is None:
+                raise TypeError(f"{cls.__name__} has no field {name!r}")
+            values[i] = value
+    resp = _build(cls, values)
+    _validate(resp)
     return resp
 
 
@@ -943,17 +973,8 @@ def _fits(p: _Header) -> bool:
     short enough, bytes, TLVs as (int, bytes) pairs. Anything else (an enum member to
     normalise, latin-1 text, a bytearray, an error to name) is left to the slow check,
     which has the final word. Every PDU the node builds passes here."""
-    status, seq, tlvs = p.command_status, p.sequence_number, p.tlvs
-    if not (type(status) is int and 0 <= status <= 0xFFFFFFFF
-            and type(seq) is int and 0 <= seq <= 0xFFFFFFFF and type(tlvs) is tuple):
+    if not _header_fits(p.command_status, p.sequence_number, p.tlvs):
         return False
-    for pair in tlvs:
-        if not (type(pair) is tuple and len(pair) == 2):
-            return False
-        tag, value = pair
-        if not (type(tag) is int and 0 <= tag <= 0xFFFF
-                and type(value) is bytes and len(value) <= 0xFFFF):
-            return False
     cls = type(p)
     strings, octets, blobs = _PLANS.get(cls) or _plan(cls)
     for field_name, size in strings:
@@ -967,6 +988,22 @@ def _fits(p: _Header) -> bool:
     for field_name, size in blobs:
         v = getattr(p, field_name)
         if not (type(v) is bytes and len(v) <= size):
+            return False
+    return True
+
+
+def _header_fits(status: object, seq: object, tlvs: object) -> bool:
+    """The fast check of what every PDU has: header integers and (int, bytes) TLVs."""
+    if not (type(status) is int and 0 <= status <= 0xFFFFFFFF
+            and type(seq) is int and 0 <= seq <= 0xFFFFFFFF
+            and type(tlvs) is tuple):
+        return False
+    for pair in tlvs:
+        if not (type(pair) is tuple and len(pair) == 2):
+            return False
+        tag, value = pair
+        if not (type(tag) is int and 0 <= tag <= 0xFFFF
+                and type(value) is bytes and len(value) <= 0xFFFF):
             return False
     return True
 
@@ -1159,6 +1196,13 @@ def _build(cls: type, values: list[object]) -> Pdu:
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in _LAYOUT
 }
+# Every field has a default; positions as in _SETTERS.
+_DEFAULTS: dict[type, tuple[object, ...]] = {
+    cls: tuple(f.default for f in fields(cls)) for cls in _LAYOUT
+}
+_FIELD_INDEX: dict[type, dict[str, int]] = {
+    cls: {name: i for i, name in enumerate(names)} for cls, names in _FIELD_NAMES.items()
+}
 
 
 def with_sequence_number(pdu: Pdu, sequence_number: int) -> Pdu:
@@ -1195,6 +1239,14 @@ def _make_sm_builder() -> _SmBuilder:
      s18, s19) = _SETTERS[SubmitSm]
     new = _new_object
     validate = _validate
+    header_fits = _header_fits
+    only_int, only_str = {int}, {str}
+    sm_max = SHORT_MESSAGE_LENGTH_MAX
+    # The lengths checked below are the layout's: say so, or fail at import.
+    assert [(n, size) for n, kind, size, _ in _SM_LAYOUT if kind != _U8] == [
+        ("service_type", 6), ("source_addr", 21), ("destination_addr", 21),
+        ("schedule_delivery_time", 17), ("validity_period", 17),
+        ("short_message", SHORT_MESSAGE_LENGTH_MAX)]
 
     def build_sm(
         cls: type[_SmT], *, service_type: str = "", source_addr_ton: int = 0,
@@ -1230,7 +1282,25 @@ def _make_sm_builder() -> _SmBuilder:
         s17(o, data_coding)
         s18(o, sm_default_msg_id)
         s19(o, short_message)
-        validate(o)
+        # The fast check on the arguments themselves (what _fits reads back through
+        # the slots); anything unusual gets the full check, which has the final word.
+        octets = (source_addr_ton, source_addr_npi, dest_addr_ton, dest_addr_npi, esm_class,
+                  protocol_id, priority_flag, registered_delivery, replace_if_present_flag,
+                  data_coding, sm_default_msg_id)
+        strings = (service_type, source_addr, destination_addr, schedule_delivery_time,
+                   validity_period)
+        if not (set(map(type, octets)) == only_int and 0 <= min(octets)
+                and max(octets) <= 0xFF and set(map(type, strings)) == only_str
+                and len(service_type) < 6 and len(source_addr) < 21
+                and len(destination_addr) < 21 and len(schedule_delivery_time) < 17
+                and len(validity_period) < 17 and type(short_message) is bytes
+                and len(short_message) <= sm_max
+                and header_fits(command_status, sequence_number, tlvs)):
+            validate(o)
+        else:
+            text = "".join(strings)
+            if not text.isascii() or "\0" in text:
+                validate(o)
         return o
 
     return cast(_SmBuilder, build_sm)

@@ -467,6 +467,10 @@ class Session:
         self._dispatch(Event.CONNECTION_LOST, None, 0.0)
         return self._take_events()
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         data = bytes(self._out)
         self._out.clear()

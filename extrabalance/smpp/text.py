@@ -301,6 +301,9 @@ def split_text(
 # reassembly
 
 
+_ESM_UDHI = int(EsmClass.UDHI)  # a plain int: `int & IntFlag` runs Python code
+
+
 @dataclass(frozen=True, slots=True)
 class ConcatInfo:
     reference: int
@@ -314,7 +317,7 @@ def parse_concat(
     """(concatenation info or None, user data without UDH). Reads UDH IE 0x00
     (8-bit reference) and 0x08 (16-bit reference) when esm_class has UDHI, else the
     SAR TLVs. A malformed UDH is ignored (info None, octets after it returned)."""
-    if esm_class & EsmClass.UDHI and short_message:
+    if esm_class & _ESM_UDHI and short_message:
         udhl = short_message[0]
         udh = short_message[1:1 + udhl]
         body = short_message[1 + udhl:]

@@ -241,6 +241,37 @@ async def test_requests_run_concurrently_and_answers_return_as_they_complete(
         await server.close()
 
 
+async def test_a_handler_that_answers_at_once_costs_no_task(
+        nodes: Callable[..., DiameterNode]) -> None:
+    seen: list[Message] = []
+
+    def handler(msg: Message, peer: str) -> Message:
+        seen.append(msg)
+        ccr = gy.parse_ccr(msg)  # raises DiameterError: the node answers it
+        return gy.build_cca(msg, "in", "operator.example", 2001, granted_minor=len(seen),
+                            currency_numeric=818, currency_exponent=2,
+                            event_timestamp=ccr.event_timestamp).with_ids(1, 2)
+
+    server = nodes(IN_A_ID, handler, allowed=None)
+    port = await server.listen("127.0.0.1", 0)
+    client = nodes(NODE_ID, allowed=None)
+    client.add_peer_group("in", "operator.example", [PeerAddress("127.0.0.1", port)])
+    await client.wait_ready("in", 5.0)
+    tasks_before = len(asyncio.all_tasks())
+    first = await client.request("in", sample_ccr().with_ids(0, 4243))
+    assert len(asyncio.all_tasks()) == tasks_before and not server._tasks
+    # sent on the request's ids whatever the handler set
+    assert gy.parse_cca(first).result_code == 2001 and first.end_to_end_id == 4243
+    # kept for a T-flagged copy, as an answer that came from a task
+    again = await client.request("in", sample_ccr().with_ids(0, 4243).with_flags(
+        codec.FLAG_RETRANSMIT))
+    assert len(seen) == 1 and again.avps == first.avps
+    # the handler's DiameterError becomes the answer (no Subscription-Id: 5005)
+    no_sub = sample_ccr()._replace(avps=tuple(a for a in sample_ccr().avps if a.code != 443))
+    answer = await client.request("in", no_sub)
+    assert answer.get(268) == 5005 and answer.path(279, 443) is not None
+
+
 async def test_duplicate_t_flag_request_answered_from_cache(
         nodes: Callable[..., DiameterNode]) -> None:
     handler = Recorder("in")

@@ -285,6 +285,7 @@ async def _scenario(h: Harness, tmp_path: Path) -> None:
         ads_store.list_campaigns(conn)
         ads_store.set_campaign_state(conn, campaign, ads_store.QUEUED, now)
         ads_store.active_campaigns(conn)
+        ads_store.claim_recipients(conn, campaign, now, now + timedelta(minutes=2), 1)
         for msisdn in ads_store.pending_recipients(conn, campaign, 10):
             ads_store.settle_recipient(conn, campaign, msisdn, ads_store.SENT, None, now)
         store.put_profile(conn, SubscriberProfile(M4, 30, 100, {"plan": "youth"}), now)

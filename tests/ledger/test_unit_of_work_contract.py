@@ -695,6 +695,31 @@ async def test_outbox_rows_taken_by_one_sender_at_a_time(uow: UnitOfWork) -> Non
     assert [(r.outbox_id, r.msisdn) for r in again] == [(first, M1)]
 
 
+async def test_campaign_recipients_claimed_by_one_drainer_at_a_time(uow: UnitOfWork) -> None:
+    """Several nodes' drainers on one campaign: a recipient claimed is not claimable
+    again until the claim runs out (the claimer died), settled ones never again."""
+    others = ["201001234570", "201001234571"]
+
+    def setup(tx: LedgerTx) -> str:
+        campaign = tx.create_campaign("ad_campaign", None, "ops", NOW)
+        tx.add_recipients(campaign, [M1, *others], NOW)
+        return campaign
+
+    campaign = await uow.write(setup)
+    until = NOW + timedelta(minutes=2)
+    assert await uow.write(lambda tx: tx.claim_recipients(campaign, NOW, until, 2)) == [
+        M1, others[0]]  # MSISDN order, at most `limit`
+    assert await uow.write(lambda tx: tx.claim_recipients(campaign, NOW, until, 10)) == [
+        others[1]]  # the other drainer: only the rest
+    assert await uow.write(lambda tx: tx.claim_recipients(campaign, NOW, until, 10)) == []
+    await uow.write(lambda tx: tx.settle_recipient(campaign, M1, ads_store.SENT, None, NOW))
+    # the claims ran out: what is still PENDING is claimable once more, the sent one not
+    after = until + timedelta(seconds=1)
+    assert await uow.write(lambda tx: tx.claim_recipients(
+        campaign, after, after + timedelta(minutes=2), 10)) == others
+    assert await uow.write(lambda tx: tx.claim_recipients(campaign, after, after, 0)) == []
+
+
 async def test_consent_trail_and_loan_times(uow: UnitOfWork) -> None:
     """The consumer-protection reads: his audit lines (filtered, oldest first, the
     newest `limit`) and the times of his loans that did not fail."""

@@ -14,6 +14,8 @@ from datetime import timedelta
 
 from extrabalance.adapters.gy_server import result_code
 from extrabalance.admin_cli import reconcile_in_command
+from extrabalance.config import load_settings
+from extrabalance.report import read_edrs
 from extrabalance.service.ports import RechargeEvent
 from extrabalance.service.reconcile_in import InGrant, read_extract, reconcile_in
 from tests.ops.support import write_config
@@ -94,6 +96,13 @@ async def test_the_command_reports_and_applies(h_sqlite, tmp_path):
                                 json_output=True, out=out) == 0
     assert [r["msisdn"] for r in json.loads(out.getvalue())["reversed"]] == [M2]
     assert (await h.check_invariants())["debts"].get(M2, 0) == 0
+    # The reversal is in the EDR, as the report and the policy backtest read it.
+    edr_dir = load_settings(str(config)).storage.edr_directory()
+    lines = [row for path in sorted(edr_dir.glob("edr-*.csv")) for row in read_edrs(path)]
+    reversed_lines = [row for row in lines if row["kind"] == "advance_reversed"]
+    assert [(r["msisdn"], r["amount_minor"], r["reason"], r["in_node"], r["debt_after_minor"])
+            for r in reversed_lines] == [(M2, "500", "reconcile-in", IN_A, "0")]
+    assert reversed_lines[0]["fee_minor"] != ""
     # Usage errors: an unknown IN node, a time without a zone, a bad extract.
     assert await command(str(config), str(csv_path), "in-x.example", until) == 2
     assert await command(str(config), str(csv_path), IN_A, "2026-12-07T00:00:00") == 2

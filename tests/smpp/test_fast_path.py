@@ -195,13 +195,15 @@ async def test_one_write_per_loop_turn(pair: Pair) -> None:
     conn = esme._workers[0].conn
     assert conn is not None
     writes: list[int] = []
-    real_write = conn._writer.write
+    transport = conn._transport
+    assert transport is not None
+    real_write = transport.write
 
     def counting_write(data: bytes) -> None:
         writes.append(len(data))
         real_write(data)
 
-    conn._writer.write = counting_write  # type: ignore[method-assign]
+    transport.write = counting_write  # type: ignore[method-assign]
     results = await asyncio.gather(*(esme.submit(_submit(i)) for i in range(20)))
     assert all(r.ok for r in results)
     # 20 submits started in one turn leave in one write.

@@ -378,12 +378,16 @@ def test_fast_check_accepts_only_what_the_full_check_accepts(cls: type, data: st
 
 
 def test_the_node_s_pdus_take_the_fast_check() -> None:
-    from extrabalance.smpp.ussd import ussd_submit
+    from extrabalance.smpp.ussd import ussd_deliver, ussd_submit
 
     screen = ussd_submit("201000000001", "123", "1. 10 EGP\n2. 20 EGP",
                          session=ItsSessionInfo(5, 2, False), user_message_reference=7)
     assert m._fits(screen)
     assert m._fits(make_response(screen))
+    gateway_input = ussd_deliver("201000000001", "*123#", "1",
+                                 session=ItsSessionInfo(5, 1, False), user_message_reference=7)
+    assert m._fits(gateway_input)
+    assert all(type(tag) is int for tag, _ in screen.tlvs + gateway_input.tlvs)
     assert m._fits(SubmitSmResp(sequence_number=5, message_id="abc123"))
     throttled = SubmitSmResp(command_status=Status.ESME_RTHROTTLED)  # an enum member ...
     assert type(throttled.command_status) is int and m._fits(throttled)  # ... normalised
@@ -409,4 +413,33 @@ def test_build_sm_is_the_constructor(cls: type, data: st.DataObject) -> None:
         return
     built = m.build_sm(cls, **kwargs)
     assert type(built) is cls and built == expected
+    assert all(type(getattr(built, n)) is type(getattr(expected, n)) for n in names)
     assert encode(built) == encode(expected)
+
+
+@given(st.sampled_from(sorted(m.RESPONSE_CLASS, key=int)), st.data())
+@settings(max_examples=300, deadline=None)
+def test_make_response_is_the_constructor(command_id: int, data: st.DataObject) -> None:
+    """`make_response` fills the response's slots: what the dataclass builds, with the
+    same check (a field past its bounds is refused, an enum member normalised)."""
+    cls = m.RESPONSE_CLASS[command_id]
+    request = object.__new__(m.PDU_CLASSES[command_id])
+    object.__setattr__(request, "sequence_number", data.draw(st.integers(0, 0xFFFFFFFF)))
+    status = data.draw(st.one_of(st.integers(0, 0xFFFFFFFF), st.sampled_from(list(Status)),
+                                 st.integers(-1, -1)))
+    fields = {name: data.draw(_valid_value(cls, name) if data.draw(st.booleans())
+                              else _any_value)
+              for name, _, _, _ in m._LAYOUT[cls] if data.draw(st.booleans())}
+    try:
+        expected = cls(command_status=status, sequence_number=request.sequence_number,
+                       **fields)
+    except PduEncodeError:
+        with pytest.raises(PduEncodeError):
+            make_response(request, status, **fields)
+        return
+    built = make_response(request, status, **fields)
+    assert type(built) is cls and built == expected
+    assert all(type(getattr(built, f.name)) is type(getattr(expected, f.name))
+               for f in dataclasses.fields(cls))
+    with pytest.raises(TypeError):
+        make_response(request, 0, no_such_field=1)

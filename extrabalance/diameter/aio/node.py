@@ -113,7 +113,8 @@ CLOSE_TIMEOUT_S: Final = 2.0
 INBOUND_CONNECTIONS_MAX: Final = 256
 INBOUND_PER_CLIENT_MAX: Final = 16
 
-RequestHandler = Callable[[Message, str], Awaitable[Message]]
+# Returns the answer at once, or an awaitable of it (run in a task of its own).
+RequestHandler = Callable[[Message, str], Message | Awaitable[Message]]
 _new_message = tuple.__new__  # cheaper than Message._replace on the per-request path
 
 
@@ -378,7 +379,9 @@ class _Connection(asyncio.Protocol):
 
     def _after_input(self) -> None:
         self._process_events()
-        self._schedule_flush()
+        peer = self.peer
+        if peer.has_data_to_send or peer.state is PeerState.CLOSED:
+            self._schedule_flush()
         self._reschedule_timer()
 
     def _schedule_flush(self) -> None:
@@ -484,31 +487,53 @@ class _Connection(asyncio.Protocol):
                 node.identity.origin_host, node.identity.origin_realm))
             return
         self._inbound += 1
-        fut: asyncio.Future[Message] = self.loop.create_future()
-        node._answers.put(origin, key_e2e, fut, now)
-        task = self.loop.create_task(self._run_handler(msg, origin, fut))
-        node._tasks.add(task)
-        task.add_done_callback(node._tasks.discard)
-
-    async def _run_handler(self, msg: Message, origin: str, fut: asyncio.Future[Message]) -> None:
-        node = self.node
+        # A handler that can answer at once returns the answer itself: it is sent in
+        # this turn and costs no task and no future. One that has to wait returns an
+        # awaitable (a coroutine), which gets a task of its own.
         try:
-            answer = await node.request_handler(msg, self.peer.peer_origin_host or origin)
+            answer: Any = node.request_handler(msg, self.peer.peer_origin_host or origin)
+        except Exception as exc:  # noqa: BLE001 - turned into the RFC's error answer
+            answer = self._handler_failed(msg, exc)
+        if hasattr(answer, "__await__"):
+            fut: asyncio.Future[Message] = self.loop.create_future()
+            node._answers.put(origin, key_e2e, fut, now)
+            task = self.loop.create_task(self._run_handler(msg, origin, fut, answer))
+            node._tasks.add(task)
+            task.add_done_callback(node._tasks.discard)
+            return
+        self._inbound -= 1
+        self._send_handler_answer(msg, origin, answer)
+
+    async def _run_handler(self, msg: Message, origin: str, fut: asyncio.Future[Message],
+                           pending: Awaitable[Message]) -> None:
+        try:
+            answer: Any = await pending
         except asyncio.CancelledError:
             fut.cancel()  # no answer: a re-send of this request is handled afresh
             raise
-        except DiameterError as err:
-            answer = codec.error_answer(err, node.identity.origin_host,
-                                        node.identity.origin_realm, msg)
-        except Exception as exc:  # the handler's bug must not take the connection down
-            log.exception("diameter request handler failed")
-            answer = codec.error_answer(
-                DiameterError(DIAMETER_UNABLE_TO_COMPLY, type(exc).__name__, partial=msg),
-                node.identity.origin_host, node.identity.origin_realm, msg)
+        except Exception as exc:  # noqa: BLE001 - turned into the RFC's error answer
+            answer = self._handler_failed(msg, exc)
         finally:
             self._inbound -= 1
-        if not isinstance(answer, Message):
-            log.error("diameter request handler returned %r, not a Message", type(answer))
+        fut.set_result(self._send_handler_answer(msg, origin, answer))
+
+    def _handler_failed(self, msg: Message, exc: Exception) -> Message:
+        identity = self.node.identity
+        if isinstance(exc, DiameterError):
+            return codec.error_answer(exc, identity.origin_host, identity.origin_realm, msg)
+        # the handler's bug must not take the connection down
+        log.error("diameter request handler failed", exc_info=exc)
+        return codec.error_answer(
+            DiameterError(DIAMETER_UNABLE_TO_COMPLY, type(exc).__name__, partial=msg),
+            identity.origin_host, identity.origin_realm, msg)
+
+    def _send_handler_answer(self, msg: Message, origin: str, handed: Any) -> Message:
+        """Send the handler's answer on the request's ids and keep it for a T-flagged
+        copy of the request; returns what was sent."""
+        node = self.node
+        answer: Message = handed
+        if not isinstance(handed, Message):
+            log.error("diameter request handler returned %r, not a Message", type(handed))
             answer = codec.error_answer(
                 DiameterError(DIAMETER_UNABLE_TO_COMPLY, "no answer", partial=msg),
                 node.identity.origin_host, node.identity.origin_realm, msg)
@@ -516,10 +541,10 @@ class _Connection(asyncio.Protocol):
         if answer.hop_by_hop_id != msg.hop_by_hop_id or answer.end_to_end_id != msg.end_to_end_id:
             answer = answer._replace(hop_by_hop_id=msg.hop_by_hop_id,
                                      end_to_end_id=msg.end_to_end_id)
-        fut.set_result(answer)
         node._answers.put(origin, msg.end_to_end_id, answer, self.loop.time())
         self.peer.send_answer(answer)
         self._schedule_flush()
+        return answer
 
     def _answer_duplicate(self, msg: Message, cached: Any) -> None:
         def send(answer: Message) -> None:

@@ -29,6 +29,7 @@ from extrabalance.smpp.pdu import (
     build_sm,
     make_response,
     status_name,
+    tlv_u16,
 )
 from extrabalance.smpp.session import Role, Session, State
 from extrabalance.smpp.text import split_text
@@ -55,6 +56,7 @@ RETRY_BACKOFF_MAX_S = 5.0
 RECONNECT_BACKOFF_BASE_S = 0.2
 SUBMIT_WAIT_BOUND_S = 30.0  # how long a submit waits for any bind to come up
 UNBIND_TIMEOUT_S = 2.0
+_TAG_MESSAGE_PAYLOAD = int(Tag.MESSAGE_PAYLOAD)  # a plain int: the PDU's fast check
 # Statuses that mean "not now, try again": the message was not accepted.
 RETRYABLE_STATUSES = frozenset((Status.ESME_RTHROTTLED, Status.ESME_RMSGQFUL))
 
@@ -199,9 +201,18 @@ class _BindWorker:
         cfg = self.cfg
         while not self.esme._closing:
             self.connects += 1
+            session = Session(
+                Role.ESME, window_max=cfg.window_max, response_timeout_s=cfg.response_timeout_s,
+                enquire_link_s=cfg.enquire_link_s,
+                enquire_link_periodic=cfg.enquire_link_mode == "periodic",
+            )
+            conn = SmppConnection(session, self._on_request, name=self.name,
+                                  clock=self.esme._clock, stats=self.counters)
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(cfg.host, cfg.port), cfg.response_timeout_s
+                await asyncio.wait_for(
+                    asyncio.get_running_loop().create_connection(
+                        lambda: conn, cfg.host, cfg.port),  # noqa: B023 - awaited here
+                    cfg.response_timeout_s,
                 )
             except (TimeoutError, OSError) as exc:
                 self.last_error = f"connect failed: {exc or type(exc).__name__}"
@@ -209,39 +220,35 @@ class _BindWorker:
                 self._log_failure(self.last_error)
                 await self._backoff()
                 continue
-            session = Session(
-                Role.ESME, window_max=cfg.window_max, response_timeout_s=cfg.response_timeout_s,
-                enquire_link_s=cfg.enquire_link_s,
-                enquire_link_periodic=cfg.enquire_link_mode == "periodic",
-            )
-            conn = SmppConnection(session, reader, writer, self._on_request, name=self.name,
-                                  clock=self.esme._clock, stats=self.counters)
-            session.bind("trx", cfg.system_id, cfg.password, cfg.system_type,
-                         now_s=self.esme._clock())
-            conn.flush()
-            runner = asyncio.create_task(conn.run())
-            await conn.bind_done.wait()
-            if conn.bound.is_set():
-                self.conn = conn
-                rebind = self.counters["binds"] > 0
-                self.counters["binds"] += 1
-                self.failures_in_row = 0
-                self.last_error = None
-                self.bound_since_s = self.esme._clock()
-                self.esme._bound_changed()
-                log.info("smpp %s: %s", self.name, "bound again" if rebind else "bound")
-            else:
-                self.last_bind_status = conn.bind_refused_status
-                if conn.bind_refused_status is not None:
-                    self.last_error = f"bind refused: {status_name(conn.bind_refused_status)}"
-                    if (conn.bind_refused_status == Status.ESME_RINVPASWD
-                            and cfg.password_source):
-                        self.last_error += f" (password from {cfg.password_source})"
+            try:
+                session.bind("trx", cfg.system_id, cfg.password, cfg.system_type,
+                             now_s=self.esme._clock())
+                conn.flush()
+                await conn.bind_done.wait()
+                if conn.bound.is_set():
+                    self.conn = conn
+                    rebind = self.counters["binds"] > 0
+                    self.counters["binds"] += 1
+                    self.failures_in_row = 0
+                    self.last_error = None
+                    self.bound_since_s = self.esme._clock()
+                    self.esme._bound_changed()
+                    log.info("smpp %s: %s", self.name, "bound again" if rebind else "bound")
                 else:
-                    self.last_error = f"closed before bind: {conn.close_reason}"
-                self._log_failure(self.last_error)
-                conn.close()
-            await runner
+                    self.last_bind_status = conn.bind_refused_status
+                    if conn.bind_refused_status is not None:
+                        self.last_error = f"bind refused: {status_name(conn.bind_refused_status)}"
+                        if (conn.bind_refused_status == Status.ESME_RINVPASWD
+                                and cfg.password_source):
+                            self.last_error += f" (password from {cfg.password_source})"
+                    else:
+                        self.last_error = f"closed before bind: {conn.close_reason}"
+                    self._log_failure(self.last_error)
+                    conn.close()
+                await conn.closed.wait()
+            except asyncio.CancelledError:
+                conn.close()  # the bind is stopped (close()): its connection goes with it
+                raise
             if self.conn is conn:
                 self.last_error = f"connection lost: {conn.close_reason}"
                 self.counters["connections_lost"] += 1
@@ -465,7 +472,7 @@ class Esme:
         if not source_addr.isdigit():
             s_ton, s_npi = 5, 0  # alphanumeric sender
         reference: tuple[tuple[int, bytes], ...] = (
-            ((Tag.USER_MESSAGE_REFERENCE, user_message_reference.to_bytes(2, "big")),)
+            (tlv_u16(Tag.USER_MESSAGE_REFERENCE, user_message_reference),)
             if user_message_reference is not None else ())
         results = []
         for seg in segments:
@@ -475,7 +482,7 @@ class Esme:
                 esm_class=seg.esm_class, data_coding=seg.data_coding,
                 registered_delivery=1 if registered_delivery else 0,
                 short_message=seg.short_message,
-                tlvs=(((Tag.MESSAGE_PAYLOAD, seg.message_payload),)
+                tlvs=(((_TAG_MESSAGE_PAYLOAD, seg.message_payload),)
                       if seg.message_payload is not None else ()) + reference,
             )
             results.append(await self.submit(pdu))

@@ -5,6 +5,8 @@ protocol rule: everything SMPP lives in session.py; this file only decides when 
 read, when to write and how a response wakes up the coroutine that sent the request.
 
 Per-PDU cost is what limits an SMPP link in Python, so the hot path is kept lean:
+* the connection is the transport's protocol: each chunk read is fed to the session
+  from `data_received` (no reader task, no future per read);
 * writes are coalesced: whatever the session has to send is handed to the transport
   once per event-loop turn (one send() for every submit, response and resp produced
   in that turn), not once per PDU;
@@ -13,7 +15,7 @@ Per-PDU cost is what limits an SMPP link in Python, so the hot path is kept lean
 * an inbound request's handler may answer at once (return the response PDU), and
   then costs no task; only a handler that has to wait (returns an awaitable) gets
   a task of its own;
-* one ticker per connection drives every timeout (the session keeps deadlines; there
+* one timer per connection drives every timeout (the session keeps deadlines; there
   is no timer per request).
 """
 
@@ -43,13 +45,12 @@ from extrabalance.smpp.session import (
 )
 from extrabalance.window import FifoWindow
 
-__all__ = ["READ_CHUNK_OCTETS", "TICK_INTERVAL_S", "RequestFailedError", "SmppConnection"]
+__all__ = ["TICK_INTERVAL_S", "RequestFailedError", "SmppConnection"]
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK_OCTETS = 65_536
 TICK_INTERVAL_S = 0.25
-# Above this many octets waiting in the transport we await drain() before more.
+# Above this many octets waiting in the transport, request() waits for it to drain.
 WRITE_BUFFER_HIGH_OCTETS = 1 << 20
 
 # Returns the response at once, or an awaitable of it (run in a task of its own).
@@ -65,21 +66,20 @@ class RequestFailedError(Exception):
         self.status = status
 
 
-class SmppConnection:
-    """One TCP connection driven by one Session.
+class SmppConnection(asyncio.Protocol):
+    """One TCP connection driven by one Session, as the transport's protocol.
 
-    `request(pdu)` honours the window: at most `session.window_max` requests are
-    unanswered, further callers wait in FIFO order for a slot, so the session's own
-    queue is never needed. Inbound requests go to `on_request` (bounded by the
-    session's inbound_pending_max); whatever it raises becomes ESME_RX_T_APPN, the
-    bind stays.
+    The transport hands every chunk it reads to `data_received`, which feeds the
+    session directly: no reader task, no future per read. `request(pdu)` honours the
+    window: at most `session.window_max` requests are unanswered, further callers
+    wait in FIFO order for a slot, so the session's own queue is never needed.
+    Inbound requests go to `on_request` (bounded by the session's
+    inbound_pending_max); whatever it raises becomes ESME_RX_T_APPN, the bind stays.
     """
 
     def __init__(
         self,
         session: Session,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         on_request: RequestHandler,
         *,
         name: str = "",
@@ -89,8 +89,7 @@ class SmppConnection:
     ) -> None:
         self.session = session
         self.name = name
-        self._reader = reader
-        self._writer = writer
+        self._transport: asyncio.Transport | None = None
         self._on_request = on_request
         self._clock = clock
         self._tick_interval_s = tick_interval_s
@@ -108,12 +107,56 @@ class SmppConnection:
         self.slots = FifoWindow(session.window_max)
         self._flush_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        # Callers waiting for the transport's buffer to drain (it asked to pause).
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._finished = False
         self.bound = asyncio.Event()
         self.bind_done = asyncio.Event()  # bound, refused or closed
         self.closed = asyncio.Event()
         self.bound_event: Bound | None = None
         self.bind_refused_status: int | None = None
         self.close_reason = ""
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they quack like one.
+        self._transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_OCTETS)  # type: ignore[attr-defined]
+        self._timer = self._loop.call_later(self._tick_interval_s, self._on_tick)
+        self.flush()  # whatever the session queued before the connection was up
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        self._handle(session.receive_data(data, self._clock()))
+        if session.state is State.CLOSED:
+            self._finish()
+        elif session.has_data_to_send:  # a response answered at once, an enquire_link_resp
+            self.flush()
+
+    def eof_received(self) -> bool:
+        return False  # the peer closed its side: close ours (connection_lost follows)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self._finished:
+            self.close_reason = f"read failed: {exc}"
+        self.close_reason = self.close_reason or "peer closed"
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain_waiters()
+
+    def _wake_drain_waiters(self) -> None:
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
 
     # -- sending ---------------------------------------------------------------------
 
@@ -126,9 +169,12 @@ class SmppConnection:
 
     def flush_now(self) -> None:
         self._flush_pending = False
+        transport = self._transport
+        if transport is None:  # not connected yet: connection_made flushes
+            return
         data = self.session.data_to_send()
-        if data and not self._writer.is_closing():
-            self._writer.write(data)
+        if data and not transport.is_closing():
+            transport.write(data)
 
     async def request(self, pdu: Pdu) -> Pdu:
         """Send a request and wait for its response (which may carry an error status)."""
@@ -144,9 +190,10 @@ class SmppConnection:
             fut: asyncio.Future[Pdu] = self._loop.create_future()
             self._futures[seq] = fut
             self.flush()
-            if self._writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH_OCTETS:
-                with contextlib.suppress(ConnectionError):
-                    await self._writer.drain()
+            if self._write_paused:  # over WRITE_BUFFER_HIGH_OCTETS waiting to leave
+                waiter: asyncio.Future[None] = self._loop.create_future()
+                self._drain_waiters.append(waiter)
+                await waiter
             return await fut
         finally:
             if seq is not None and seq in self._taken_over:
@@ -161,42 +208,38 @@ class SmppConnection:
     def window_free(self) -> int:
         return self.session.window_max - len(self._futures) - len(self._late)
 
-    # -- the loops -------------------------------------------------------------------
+    # -- the connection's life ----------------------------------------------------------
 
     async def run(self) -> None:
-        """Read until the session ends or the peer goes away."""
-        ticker = asyncio.create_task(self._ticker())
-        try:
-            while self.session.state is not State.CLOSED:
-                try:
-                    data = await self._reader.read(READ_CHUNK_OCTETS)
-                except (ConnectionError, OSError) as exc:
-                    self.close_reason = f"read failed: {exc}"
-                    data = b""
-                if not data:
-                    self.close_reason = self.close_reason or "peer closed"
-                    self._handle(self.session.connection_lost())
-                    break
-                self._handle(self.session.receive_data(data, self._clock()))
-                self.flush()
-        finally:
-            ticker.cancel()
-            await self._shutdown()
+        """Until the session ends or the peer goes away (the transport drives it)."""
+        await self.closed.wait()
 
-    async def _ticker(self) -> None:
-        while True:
-            await asyncio.sleep(self._tick_interval_s)
-            self._handle(self.session.tick(self._clock()))
-            if self.session.state is State.CLOSED:
-                self.flush_now()
-                self._writer.close()
-                return
+    def _on_tick(self) -> None:
+        # One timer per connection drives every timeout (the session keeps deadlines).
+        self._timer = None
+        if self._finished:
+            return
+        self._handle(self.session.tick(self._clock()))
+        if self.session.state is State.CLOSED:
+            self._finish()
+            return
+        if self.session.has_data_to_send:
             self.flush()
+        self._timer = self._loop.call_later(self._tick_interval_s, self._on_tick)
 
-    async def _shutdown(self) -> None:
+    def _finish(self) -> None:
+        """The session ended or the transport is gone: send what is left, close, fail
+        what waits. Runs once."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.flush_now()
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        if self._transport is not None:
+            with contextlib.suppress(Exception):
+                self._transport.close()
         if self.session.state is not State.CLOSED:
             self._handle(self.session.connection_lost())
         for fut in self._futures.values():
@@ -208,14 +251,18 @@ class SmppConnection:
         self._late.clear()
         for task in list(self._tasks):
             task.cancel()
+        self._wake_drain_waiters()
         self.closed.set()
         self.bind_done.set()
 
     def close(self) -> None:
-        """Drop the transport now (run() then finishes)."""
+        """Drop the transport now (connection_lost then finishes the connection)."""
         self.close_reason = self.close_reason or "closed locally"
+        if self._transport is None:
+            self._finish()
+            return
         with contextlib.suppress(Exception):
-            self._writer.close()
+            self._transport.close()
 
     async def unbind(self, timeout_s: float) -> None:
         """Polite end: unbind, wait for unbind_resp (bounded), then close."""

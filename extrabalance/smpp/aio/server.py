@@ -85,7 +85,6 @@ class Smsc:
         self._clock = clock
         self._server: asyncio.Server | None = None
         self._conns: set[SmppConnection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._throttle_fraction: float | None = None
         self._throttle_acc = 0.0
         self._rr = itertools.count()
@@ -116,7 +115,8 @@ class Smsc:
 
     async def listen(self, host: str, port: int) -> int:
         """Start accepting; returns the bound port (pass 0 for a free one)."""
-        self._server = await asyncio.start_server(self._accept, host, port)
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _SmscConnection(self), host, port)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
@@ -124,13 +124,12 @@ class Smsc:
             self._server.close()
         await asyncio.gather(*(c.unbind(UNBIND_TIMEOUT_S) for c in list(self._conns)),
                              return_exceptions=True)
-        for c in list(self._conns):
+        conns = list(self._conns)
+        for c in conns:
             c.close()
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if conns:  # connection_lost comes a loop turn later: wait for every end
+            await asyncio.wait([asyncio.ensure_future(c.closed.wait()) for c in conns],
+                               timeout=UNBIND_TIMEOUT_S)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
@@ -155,42 +154,23 @@ class Smsc:
         status. The bind's window is honoured (waits for a slot). Raises
         NoReceiverError when nobody can take it (or `connection` is no longer
         bound), RequestFailedError on timeout or connection loss."""
-        candidates = self.receivers(system_id)
-        if connection is not None:
-            if connection not in candidates:
+        if connection is not None:  # the dialog's bind: no list of the others
+            if (connection not in self._conns
+                    or connection.session.state not in _RECEIVER_STATES
+                    or (system_id is not None
+                        and connection.session.peer_system_id != system_id)):
                 raise NoReceiverError("that bind is gone")
-            candidates = [connection]
-        if not candidates:
-            raise NoReceiverError(f"no receiver bound{f' as {system_id}' if system_id else ''}")
-        conn = candidates[next(self._rr) % len(candidates)]
+            conn = connection
+        else:
+            candidates = self.receivers(system_id)
+            if not candidates:
+                raise NoReceiverError(
+                    f"no receiver bound{f' as {system_id}' if system_id else ''}")
+            conn = candidates[next(self._rr) % len(candidates)]
         resp = await conn.request(pdu)
         return resp.command_status
 
     # -- connections -------------------------------------------------------------------
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._conns) >= self.connections_max:
-            writer.close()
-            return
-        session = Session(
-            Role.SMSC, system_id=self.system_id, authenticator=self._authenticate,
-            window_max=self.window_max, enquire_link_s=self.enquire_link_s,
-            enquire_link_periodic=self.enquire_link_periodic,
-            response_timeout_s=self.response_timeout_s,
-        )
-        peer = writer.get_extra_info("peername")
-        conn = SmppConnection(session, reader, writer, lambda p: self._on_request(conn, p),
-                              name=f"smsc<-{peer}", clock=self._clock)
-        self._conns.add(conn)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await conn.run()
-        finally:
-            self._conns.discard(conn)
-            if task is not None:
-                self._tasks.discard(task)
 
     def _on_request(self, conn: SmppConnection, pdu: Pdu) -> Pdu | Awaitable[Pdu]:
         if isinstance(pdu, (SubmitSm, DataSm)):
@@ -217,6 +197,36 @@ class Smsc:
             return True
         return False
 
+
+class _SmscConnection(SmppConnection):
+    """A connection an ESME dialled: one Session in the SMSC role, counted in the
+    Smsc's connections from connection_made until it ends."""
+
+    def __init__(self, smsc: Smsc) -> None:
+        session = Session(
+            Role.SMSC, system_id=smsc.system_id, authenticator=smsc._authenticate,
+            window_max=smsc.window_max, enquire_link_s=smsc.enquire_link_s,
+            enquire_link_periodic=smsc.enquire_link_periodic,
+            response_timeout_s=smsc.response_timeout_s,
+        )
+        super().__init__(session, self._on_pdu, name="smsc", clock=smsc._clock)
+        self._smsc = smsc
+
+    def _on_pdu(self, pdu: Pdu) -> Pdu | Awaitable[Pdu]:
+        return self._smsc._on_request(self, pdu)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        smsc = self._smsc
+        if len(smsc._conns) >= smsc.connections_max:
+            transport.close()  # refused: never counted, never started
+            return
+        self.name = f"smsc<-{transport.get_extra_info('peername')}"
+        smsc._conns.add(self)
+        super().connection_made(transport)
+
+    def _finish(self) -> None:
+        super()._finish()
+        self._smsc._conns.discard(self)
 
 
 def _submit_resp(pdu: Pdu, status: int, message_id: str) -> Pdu:
