@@ -50,6 +50,7 @@ OUTBOX_KEPT_S = 86_400.0  # sent rows are pruned after a day
 # Several nodes: a message taken by one node's sender is not due again for this long
 # (a batch is started within seconds; a node that dies leaves it due after this).
 OUTBOX_CLAIM_S = 60.0
+MARKS_WAIT_S = 1.0  # how long drain and stop wait for the deferred marks to be durable
 
 
 class OutboxSender:
@@ -128,6 +129,16 @@ class OutboxSender:
         for sending in list(self._in_flight.values()):
             sending.cancel()
         await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        await self._marks_durable()  # what the SMSC took is not sent again after restart
+
+    async def _marks_durable(self) -> None:
+        """Wait (a second at most) for the marks not durable yet: a write of its own
+        starts a batch, and the deferred marks ride in it."""
+        if not self._marking:
+            return
+        with contextlib.suppress(Exception):  # a closed ledger: the rows go out again
+            await self.ledger.write(_nothing)
+        await asyncio.wait(list(self._marking.values()), timeout=MARKS_WAIT_S)
 
     @property
     def in_flight(self) -> int:
@@ -201,10 +212,9 @@ class OutboxSender:
         a tool)."""
         while await self.send_due() or self._in_flight or self._marking:
             await asyncio.gather(*list(self._in_flight.values()), return_exceptions=True)
-            if self._marking:
-                # A write of its own starts a batch; the deferred marks ride in it.
-                await self.ledger.write(_nothing)
-                await asyncio.gather(*list(self._marking.values()), return_exceptions=True)
+            await self._marks_durable()
+            if self._marking and not self._in_flight:
+                return  # the ledger takes no more writes: those rows go out again later
 
     async def _send(self, row: OutboxRow) -> None:
         notice = Notice(row.msisdn, row.template, row.params,
