@@ -88,8 +88,10 @@ test-all: $(STAMP) wire-tools
 chaos: $(STAMP) wire-tools
 	$(PY) -m extrabalance chaos
 
-# Two nodes on one PostgreSQL ledger ($$EB_BENCH_PG_DSN): node 2 killed again and
-# again, then for good; node 1 carries on (docs/scale-out.md).
+# Two nodes on one PostgreSQL ledger, a cluster of the run's own (initdb/pg_ctl on a
+# free loopback port): node 2 killed again and again, then for good; PostgreSQL stopped
+# fast and crashed once each; node 1 carries on (docs/scale-out.md). The PostgreSQL
+# restart test on its own: tests/reliability/test_postgres_restart.py (default suite).
 chaos-cluster: $(STAMP) wire-tools
 	$(PY) -m extrabalance chaos --nodes 2 --storage postgresql
 

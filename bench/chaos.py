@@ -63,6 +63,7 @@ QUIET_MAX_S = 90.0  # the quiet period ends when all is settled, or after this l
 NODE_UP_WAIT_S = 30.0
 CLUSTER_SAGA_LEASE_S = 20.0  # the nodes' saga lease in a chaos run with several nodes
 PG_DOWN_S = 3.0  # a restarted PostgreSQL stays down this long
+PG_FAULTS = ("pg_restart", "pg_crash")
 
 
 @dataclass
@@ -179,7 +180,7 @@ async def inject(net: Network, kind: str, rng: random.Random, lost: set[int],
     if kind == "broker_kill":
         await asyncio.to_thread(net.broker.restart, graceful=False)
         return "SIGKILL, restarted"
-    if kind in ("pg_restart", "pg_crash"):
+    if kind in PG_FAULTS:
         if pg_server is None:
             return "no PostgreSQL of the run's own: skipped"
         mode = "fast" if kind == "pg_restart" else "immediate"
@@ -259,15 +260,22 @@ async def _run_network(options: ChaosOptions, result: ChaosResult, workdir: Path
                 await asyncio.sleep(delay)
             if kind == "broker_kill":
                 broker_kills_s.append(SYSTEM_CLOCK.time())
+            began = time.monotonic()
             what = await inject(net, kind, rng, lost, pg_server, options.pg_down_s)
             result.faults[kind] += 1
             result.fault_log.append((round(time.monotonic() - t0, 2), kind, what))
             say(f"{time.monotonic() - t0:7.2f} s  {kind:<15} {what}")
+            if kind in PG_FAULTS:
+                # The rest of the plan moves by the restart's length: the faults due
+                # meanwhile are not fired all at once the moment the server is back.
+                t0 += time.monotonic() - began
         for worker in workers:
             answer = await worker.call("traffic_wait", timeout_s=options.duration_s + 120)
             result.traffic[worker.name] = answer["report"]
         # Quiet period: the nodes up and connected (all but those lost for good), no
         # traffic, until all is settled.
+        died = [node.name for index, node in enumerate(net.nodes)
+                if not node.alive and index not in lost]  # by themselves, not by a fault
         for index, node in enumerate(net.nodes):
             if not node.alive and index not in lost:
                 await net.procs.restart_node(node, net.config_paths[index], env=net.node_env)
@@ -278,6 +286,7 @@ async def _run_network(options: ChaosOptions, result: ChaosResult, workdir: Path
         quiet_s = options.quiet_max_s + (options.saga_lease_s if lost else 0.0)
         result.settled = await settle(net, max_s=quiet_s)
         result.nodes = {"nodes": len(net.nodes), "lost": sorted(net.nodes[i].name for i in lost),
+                        "died_during_traffic": died,
                         "exit_codes": await net.stop_nodes()}
         in_dump_path, smsc_dump_path = workdir / "in-dump.json", workdir / "smsc-dump.json"
         await net.in_worker.call("dump", path=str(in_dump_path))
@@ -306,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="node processes on one ledger; with more than one (and --storage"
                         " postgresql) node 1 survives, the others are killed and one is lost")
     p.add_argument("--storage", choices=("sqlite", "postgresql"), default="sqlite",
-                   help="postgresql: a schema of the run's own at $EB_BENCH_PG_DSN, dropped after")
+                   help="postgresql: a schema of the run's own on a PostgreSQL cluster of"
+                        " the run's own (or on --pg-url), dropped after")
     p.add_argument("--saga-lease", type=float, default=CLUSTER_SAGA_LEASE_S,
                    help="with several nodes, the nodes' [storage] saga_lease_s (default"
                         f" {CLUSTER_SAGA_LEASE_S:g}): the survivor takes over the lost node's"

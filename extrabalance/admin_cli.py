@@ -48,18 +48,25 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
                             *, out: TextIO | None = None) -> int:
     """Import a profile CSV into the configured ledger: 0 if every row was good, 1 if
     some rows were refused, 2 if the file as a whole was (unreadable, bad header)."""
-    from extrabalance.ledger.profiles import ProfileFileError, import_profiles
+    from extrabalance.ledger.profiles import (
+        ProfileFileError,
+        import_profiles,
+        import_profiles_postgresql,
+    )
 
     out = out or sys.stdout
     settings = load_settings(config_path)
-    if refused_on_postgresql(settings, "import-profiles"):
-        return EXIT_USAGE
-    db_path = _ledger_path(settings)
-    private_dir(db_path.parent)
+    options: dict[str, Any] = {"progress": progress, "languages": settings.templates.keys(),
+                               "bulk_opt_in": settings.protection.policy().bulk_opt_in}
     try:
-        report = import_profiles(db_path, csv_path, progress=progress,
-                                 languages=settings.templates.keys(),
-                                 bulk_opt_in=settings.protection.policy().bulk_opt_in)
+        if settings.storage.backend == "postgresql":
+            report = _import_postgresql(settings, csv_path, import_profiles_postgresql, options)
+            if report is None:
+                return EXIT_USAGE
+        else:
+            db_path = _ledger_path(settings)
+            private_dir(db_path.parent)
+            report = import_profiles(db_path, csv_path, **options)
     except ProfileFileError as exc:
         print(f"import-profiles: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -76,15 +83,29 @@ def import_profiles_command(config_path: str | None, csv_path: str, progress: bo
     return EXIT_OK if report.bad_rows_total == 0 else EXIT_BAD_ROWS
 
 
+def _import_postgresql(settings: Settings, csv_path: str, into: Any,
+                       options: dict[str, Any]) -> Any:
+    """The import into the configured PostgreSQL ledger; None (after saying why) when
+    the server cannot be reached or refuses the work."""
+    from extrabalance.config import ConfigError
+    from extrabalance.ledger.factory import ledger_errors
+
+    try:
+        return into(settings.storage.postgresql_conninfo(), csv_path, **options)
+    except ConfigError as exc:
+        print(f"import-profiles: {exc}", file=sys.stderr)
+    except ledger_errors() as exc:
+        print(f"import-profiles: PostgreSQL at {settings.storage.postgresql_url_shown()}: {exc}",
+              file=sys.stderr)
+    return None
+
+
 # -- subscriber show | bar | unbar -------------------------------------------------------
 
 
 # What to use instead when the ledger is on PostgreSQL (these commands open the SQLite
 # file; the node and the commands on the unit-of-work port run on either ledger).
 ON_POSTGRESQL = {
-    "import-profiles": "not available on PostgreSQL yet; load the CSV with PostgreSQL's "
-                       "COPY into the subscribers table, or import into an SQLite ledger and "
-                       "copy it with `extrabalance ledger migrate`",
     "backup": "back the server up with PostgreSQL's own tools (pg_dump, pg_basebackup)",
 }
 

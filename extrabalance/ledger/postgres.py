@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
 import psycopg
 import psycopg.errors
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from extrabalance.clock import SYSTEM_CLOCK
 from extrabalance.core.model import SubscriberProfile
@@ -481,6 +481,10 @@ class PostgresLedger:
             pool = self.pool  # the probe may replace it meanwhile: give back to this one
             try:
                 conn = pool.getconn(timeout=timeout)
+            except PoolClosed:
+                if pool is self.pool:
+                    raise  # the ledger is closing
+                continue  # the probe replaced it while this unit waited: nothing ran yet
             except PoolTimeout:
                 self._server_gone()  # no connection to be had: the server is unreachable
                 raise

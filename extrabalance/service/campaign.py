@@ -47,7 +47,8 @@ SAMPLE_MAX = 10  # recipients shown by a dry run
 CAMPAIGN_RECIPIENTS_MAX = 50_000_000  # bound on one campaign (30 M subscribers + margin)
 INSERT_CHUNK = 10_000  # recipients written per ledger transaction
 AUDIENCE_PAGE_ROWS = 10_000  # subscribers asked for per audience read (the ledger caps it too)
-# A page of recipients is this node's for this long; it stops sending from the page
+# A page of recipients is this node's for this long (at least; twice the page's time at
+# the campaign rate when that is longer); it stops sending from the page
 # CLAIM_MARGIN_SHARE of it before the end (a slow page: the rest goes to the next claim),
 # so no other node can have taken a recipient it still sends.
 CLAIM_LEASE_S = 120.0
@@ -104,7 +105,7 @@ class CampaignService:
         send_rate_max_per_s: float = 50,
         batch_max: int = 500,
         poll_s: float = 5.0,
-        claim_lease_s: float = CLAIM_LEASE_S,
+        claim_lease_s: float | None = None,
     ) -> None:
         self.ledger = ledger
         self.advertiser = advertiser
@@ -113,7 +114,9 @@ class CampaignService:
         self.batch_max = batch_max
         self.poll_s = poll_s
         self.bucket = TokenBucket(send_rate_max_per_s)
-        self.claim_lease = timedelta(seconds=claim_lease_s)
+        # Long enough for a page at the campaign rate, twice over (a slow rate: longer).
+        self.claim_lease = timedelta(seconds=claim_lease_s if claim_lease_s is not None else max(
+            CLAIM_LEASE_S, 2 * batch_max / max(send_rate_max_per_s, 1e-3)))
 
     # -- the operator's side (CLI) ---------------------------------------------------
 

@@ -52,3 +52,16 @@ def test_with_several_nodes_the_kills_come_before_the_loss() -> None:
         assert len(kills) == 10 and max(kills) < LOST_AT_SHARE * 100.0
     one = plan(ChaosOptions(kills=10, duration_s=100.0, seed=1))
     assert "node_lost" not in [kind for _at, kind in one]
+
+
+def test_postgresql_restarts_are_planned_only_on_a_server_of_the_runs_own() -> None:
+    from bench.chaos import ChaosOptions, plan
+
+    own = [kind for _at, kind in plan(ChaosOptions(kills=4, duration_s=60.0, nodes=2,
+                                                   storage="postgresql"))]
+    assert own.count("pg_restart") == 1 and own.count("pg_crash") == 1
+    given = [kind for _at, kind in plan(ChaosOptions(
+        kills=4, duration_s=60.0, nodes=2, storage="postgresql", pg_dsn=PG_DSN))]
+    assert "pg_restart" not in given and "pg_crash" not in given
+    # the faults drawn before the restarts were added fall where they did
+    assert [k for k in own if not k.startswith("pg_")] == given

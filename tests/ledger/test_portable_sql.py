@@ -95,6 +95,14 @@ SITES_NOT_RUN: dict[tuple[str, str], str] = {
         "ROLLBACK after a failed COMMIT (the same word in PostgreSQL)",
     ("extrabalance/ledger/profiles.py", "_flush"):
         "ROLLBACK after a failed import batch (the same word in PostgreSQL)",
+    # The profile import's PostgreSQL path: its own SQL (COPY, DISTINCT ON, window),
+    # run against PostgreSQL by tests/ledger/test_profiles_postgres.py.
+    ("extrabalance/ledger/profiles.py", "import_profiles_postgresql"):
+        "the import's staging table on PostgreSQL (tests/ledger/test_profiles_postgres.py)",
+    ("extrabalance/ledger/profiles.py", "_count_pg"):
+        "the subscriber count on PostgreSQL (tests/ledger/test_profiles_postgres.py)",
+    ("extrabalance/ledger/profiles.py", "_flush_postgresql"):
+        "COPY and upsert of an import batch on PostgreSQL (tests/ledger/test_profiles_postgres.py)",
 }
 
 # Files whose SQL is PostgreSQL's own (written for it, run against it by their own

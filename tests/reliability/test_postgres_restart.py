@@ -27,6 +27,8 @@ CONCURRENCY = 8
 BEFORE = 60  # borrow requests decided before the restart
 AFTER_OK = 40  # requests that must succeed after it
 DOWN_S = 1.0
+ROUNDS_MAX = 200  # rounds of CONCURRENCY requests in any phase (a ledger that stays
+# down fails each request within half a second: the test ends, failing)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,12 @@ async def test_restart_mid_traffic_loses_and_doubles_nothing(
                 failed.append((msisdn, key))
 
         async def traffic(stop: Any) -> None:
-            while not stop():
+            for _ in range(ROUNDS_MAX):
+                if stop():
+                    return
                 await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+            raise AssertionError(f"{len(done)} requests done, {len(failed)} failed: the"
+                                 " ledger did not come back")
 
         await traffic(lambda: len(done) + len(failed) >= BEFORE)
         before = len(done)
