@@ -261,9 +261,11 @@ async def bench_postgresql(conninfo: str, picks: list[int], concurrency: int, ta
                                for _ in range(pool_max * 2)))
         pids = _server_pids(conninfo)
         before = {p: _proc_cpu_s(p) for group in pids.values() for p in group}
+        sent = ledger.wire_counts()
         wall_s, cpu_s = await run_concurrently(list(enumerate(picks)), concurrency,
                                                lend_through(ledger, tag))
         spent = {p: _proc_cpu_s(p) - before[p] for p in before}
+        sent = {k: v - sent[k] for k, v in ledger.wire_counts().items()}
         backends_s = sum(spent[p] for p in pids["backends"])
         shared_s = sum(spent[p] for p in pids["shared"])
         retries = ledger.retries
@@ -280,6 +282,8 @@ async def bench_postgresql(conninfo: str, picks: list[int], concurrency: int, ta
     result["pool_connections"] = pool_max
     result["server_backends_counted"] = len(pids["backends"])
     result["transactions"] = 2 * count
+    result["statements_per_loan"] = round(sent["statements"] / count, 2)
+    result["round_trips_per_loan"] = round(sent["round_trips"] / count, 2)
     result["retries"] = retries
     result["one_connection"] = serial
     return result
@@ -289,10 +293,10 @@ SERIAL_LOANS_MAX = 2000
 
 
 def serial_loans(ledger: Any, picks: list[int], tag: str) -> dict[str, Any]:
-    """The same loans one after another on one connection, on this thread: the
-    adapter's own client CPU per loan, without the event loop, the hop to a pool
-    thread and other threads' turns at the interpreter lock (the A/B figure for a
-    change to the adapter's statements)."""
+    """The same loans one after another, one unit in flight (`run_sync`: a worker
+    runs it while this thread waits): the adapter's own client CPU per loan, without
+    the event loop and other units' turns at the interpreter lock (the A/B figure
+    for a change to the adapter's statements)."""
     started, cpu = time.perf_counter(), time.process_time()
     for n, i in enumerate(picks):
         loan_id = ledger.run_sync(intent_op(msisdn(i), 1 + n % 12, f"{tag}:{n}",

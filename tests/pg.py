@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -62,3 +63,16 @@ def fresh_schema(prefix: str = "eb_test") -> Iterator[str]:
     finally:
         admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         admin.close()
+
+
+@contextlib.asynccontextmanager
+async def pg_ledger(pool_max: int = 2) -> AsyncIterator[Any]:
+    """A `PostgresLedger` on a fresh schema, closed (and the schema dropped) after."""
+    from extrabalance.ledger.postgres import PostgresLedger
+
+    with fresh_schema() as conninfo:
+        ledger = PostgresLedger(conninfo, pool_max=pool_max)
+        try:
+            yield ledger
+        finally:
+            await ledger.close()

@@ -113,3 +113,47 @@ async def test_a_deadlock_between_two_subscribers_is_retried() -> None:
         finally:
             await node_a.close()
             await node_b.close()
+
+
+async def test_a_deadlock_found_at_the_commit_is_retried() -> None:
+    """The statement that deadlocks is one whose result the unit never reads: it goes
+    out with the COMMIT, so the server's error comes back with the COMMIT's batch.
+    The unit is rolled back and runs again, and both units commit once."""
+    from extrabalance.ledger.postgres import PostgresLedger
+
+    m2 = "201001234568"
+    with fresh_schema("eb_nodes") as conninfo:
+        node_a = PostgresLedger(conninfo, pool_max=POOL)
+        node_b = PostgresLedger(conninfo, pool_max=POOL, migrate=False)
+        try:
+            for m in (M, m2):
+                await node_a.write(lambda tx, m=m: tx.put_profile(
+                    SubscriberProfile(m, 400, 300, {}), NOW))
+            both = threading.Barrier(2, timeout=120)  # a bound, not a timing margin
+
+            def pair(first: str, second: str):  # type: ignore[no-untyped-def]
+                runs: list[int] = []
+
+                def unit(tx: LedgerTx) -> None:
+                    tx.load_subscriber(first)  # his lock, with the read
+                    runs.append(1)
+                    if len(runs) == 1:
+                        both.wait()  # each unit holds one subscriber and wants the other
+                    tx.audit(first, "note", "test", f"{first} then {second}", NOW)
+                    # queued, never read: it waits for the other's lock at the COMMIT
+                    tx.execute(  # type: ignore[attr-defined]
+                        "UPDATE subscribers SET loans_since_full_payback ="
+                        " loans_since_full_payback + 1 WHERE msisdn = ?", (second,))
+
+                return unit
+
+            await asyncio.gather(node_a.write(pair(M, m2)), node_b.write(pair(m2, M)))
+            assert node_a.retries + node_b.retries >= 1
+            for m in (M, m2):
+                loaded = await node_a.read(lambda tx, m=m: tx.load_subscriber(m))
+                assert loaded.state.loans_since_full_payback == 1  # once each, not twice
+                trail = await node_a.read(lambda tx, m=m: tx.audit_trail(m, ("note",)))
+                assert len(trail) == 1
+        finally:
+            await node_a.close()
+            await node_b.close()

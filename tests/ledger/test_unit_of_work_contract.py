@@ -18,7 +18,7 @@ from extrabalance.core.policy import Bundle, PaybackOrder, RecoveryPolicy
 from extrabalance.ledger import Ledger, ads_store
 from extrabalance.ledger.memory import MemoryUnitOfWork, ReadOnly
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
-from tests.pg import fresh_schema
+from tests.pg import pg_ledger
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 M1, M2 = "201001234567", "201001234568"
@@ -31,14 +31,8 @@ async def uow(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Un
         yield MemoryUnitOfWork()
         return
     if request.param == "postgresql":
-        from extrabalance.ledger.postgres import PostgresLedger
-
-        with fresh_schema() as conninfo:
-            pg = PostgresLedger(conninfo, pool_max=2)
-            try:
-                yield pg
-            finally:
-                await pg.close()
+        async with pg_ledger() as pg:
+            yield pg
         return
     ledger = Ledger(tmp_path / "ledger.db", batch_window_ms=0.5)
     try:
