@@ -92,6 +92,11 @@ class Ledger:
         with a future that resolves when it is durable (see `submit_staged`)."""
         return await self.writer.submit_staged(fn)
 
+    def write_later(self, fn: Callable[[SqliteLedgerTx], T]) -> asyncio.Future[T]:
+        """Run `fn(conn)` in the next group commit that runs anyway (at most a quarter
+        of a second later); the future resolves once durable (see `submit_later`)."""
+        return self.writer.submit_later(fn)
+
     async def read_point(self, fn: Callable[[SqliteLedgerTx], T]) -> T:
         """Run `fn(conn)` at once on the event-loop thread (sees everything committed).
 

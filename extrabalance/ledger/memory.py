@@ -1202,6 +1202,15 @@ class MemoryUnitOfWork:
         durable.set_result(value)
         return value, durable
 
+    def write_later(self, fn: Callable[[LedgerTx], T]) -> asyncio.Future[T]:
+        """`write` at once (nothing here is worth deferring), as a resolved future."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        try:
+            done.set_result(self.write_now(fn))
+        except Exception as exc:  # noqa: BLE001 - the caller's future carries it
+            done.set_exception(exc)
+        return done
+
     async def read(self, fn: Callable[[LedgerTx], T]) -> T:
         return fn(MemoryLedgerTx(self.tables, writable=False))
 

@@ -998,6 +998,10 @@ class PostgresLedger:
         durable.set_result(value)
         return value, durable
 
+    def write_later(self, fn: Callable[[PostgresLedgerTx], T]) -> asyncio.Future[T]:
+        """`write`, started now; the server's own commit does the batching."""
+        return asyncio.ensure_future(self.write(fn))
+
     async def read(self, fn: Callable[[PostgresLedgerTx], T]) -> T:
         """Run `fn(tx)` in a READ ONLY transaction (sees everything committed)."""
         return await self._run(fn, False)

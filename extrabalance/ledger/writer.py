@@ -81,6 +81,8 @@ WRITER_CACHE_KIB = 131_072  # the writer's page cache: a batch's dirty pages and
 CHECKPOINT_WAL_BYTES = 64 << 20  # WAL size that wakes the checkpointer
 WAL_BYTES_MAX = 1 << 30  # past this the commit thread checkpoints itself after a commit
 # (the checkpointer fell behind, or readers kept it from finishing): bounds the WAL
+LATER_FLUSH_S = 0.25  # a deferred operation (`submit_later`) waits at most this long for
+# a batch to ride in before it starts one of its own
 
 
 class LedgerClosed(RuntimeError):
@@ -108,6 +110,7 @@ class GroupCommitWriter:
         write_queue_max: int = WRITE_QUEUE_MAX,
         loop_slice_ops: int = LOOP_SLICE_OPS,
         checkpoint_wal_bytes: int = CHECKPOINT_WAL_BYTES,
+        later_flush_s: float = LATER_FLUSH_S,
     ) -> None:
         self.path = str(path)
         self.batch_ops_max = batch_ops_max
@@ -137,6 +140,11 @@ class GroupCommitWriter:
             raise
         self._conn = conn
         self._pending: collections.deque[_Op] = collections.deque()
+        # Deferred operations (`submit_later`): they join the next batch, in one savepoint
+        # together, or start one after `later_flush_s`.
+        self._later: list[_Op] = []
+        self._later_timer: asyncio.TimerHandle | None = None
+        self.later_flush_s = later_flush_s
         self._slots = asyncio.Semaphore(write_queue_max)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -182,21 +190,82 @@ class GroupCommitWriter:
         assert ran is not None
         return await asyncio.shield(ran), durable
 
-    def _enqueue(
-        self, fn: Callable[[Any], T], *, staged: bool
-    ) -> tuple[asyncio.Future[T], asyncio.Future[T] | None]:
+    def submit_later(self, fn: Callable[[Any], T]) -> asyncio.Future[T]:
+        """Run `fn(conn)` in the next batch that runs for another reason, or in one of
+        its own after `later_flush_s`; the future resolves once that batch is durable.
+
+        For writes of one statement that nobody waits on and nothing else is ordered
+        against (marking an SMS sent): they cost no batch, COMMIT or fsync of their own
+        while other work flows, and no savepoint (see `_run_later`). A deferred
+        operation may run after operations submitted after it."""
+        loop = self._open_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._later.append(_Op(fn, future))
+        if len(self._later) >= self.loop_slice_ops:
+            self._flush_later()
+        elif self._drain_task is None and self._later_timer is None:
+            self._later_timer = loop.call_later(self.later_flush_s, self._flush_later)
+        return future
+
+    def _flush_later(self) -> None:
+        """The deferred operations become ordinary ones (a batch starts if none runs)."""
+        if self._later_timer is not None:
+            self._later_timer.cancel()
+            self._later_timer = None
+        if not self._later or self._loop is None or self._loop.is_closed():
+            return
+        self._pending.extend(self._later)
+        self._later.clear()
+        self._start_or_wake(self._loop)
+
+    def _open_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, which the writer serves from now on; refused once closed."""
         if self._closed:
             raise LedgerClosed("ledger is closed")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
-        future: asyncio.Future[T] = loop.create_future()
-        ran: asyncio.Future[T] | None = loop.create_future() if staged else None
-        self._pending.append(_Op(fn, future, ran))
+        return loop
+
+    def _start_or_wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Operations are pending: start the batch loop, or wake the open batch."""
         if self._drain_task is None:
             self._drain_task = loop.create_task(self._drain(loop), name="ledger-writer")
         elif self._more is not None and not self._more.done():
             self._more.set_result(None)
+
+    def _run_later(self, conn: sqlite3.Connection, batch: list[tuple[_Op, bool, Any]]) -> None:
+        """The deferred operations, after the batch's own, without a savepoint: each
+        writes with one statement (`submit_later`), and a statement that fails is undone
+        by SQLite itself, so the operation fails alone. One that wrote before it raised
+        cannot be undone alone: the whole batch is then rolled back."""
+        ops, self._later = self._later, []
+        if self._later_timer is not None:
+            self._later_timer.cancel()
+            self._later_timer = None
+        for i, op in enumerate(ops):
+            changes = conn.total_changes
+            try:
+                value = op.fn(conn)
+            except Exception as exc:
+                if conn.total_changes != changes or not conn.in_transaction:
+                    # Half written, or SQLite ended the transaction: the batch fails
+                    # (its callers hear it); the deferred ones not run wait for the next.
+                    batch.append((op, False, exc))
+                    self._later[:0] = ops[i + 1:]
+                    raise
+                batch.append((op, False, exc))
+                continue
+            batch.append((op, True, value))
+
+    def _enqueue(
+        self, fn: Callable[[Any], T], *, staged: bool
+    ) -> tuple[asyncio.Future[T], asyncio.Future[T] | None]:
+        loop = self._open_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        ran: asyncio.Future[T] | None = loop.create_future() if staged else None
+        self._pending.append(_Op(fn, future, ran))
+        self._start_or_wake(loop)
         return future, ran
 
     def _staged_done(self, durable: asyncio.Future[Any]) -> None:
@@ -213,6 +282,8 @@ class GroupCommitWriter:
         self._drain_task = None
         self._more = None
         self._pending.clear()  # futures of a closed loop: nobody can await them
+        self._later.clear()
+        self._later_timer = None
         self._loop = loop
 
     async def aclose(self) -> None:
@@ -220,6 +291,8 @@ class GroupCommitWriter:
         if self._closed:
             return
         self._closed = True
+        if asyncio.get_running_loop() is self._loop:
+            self._flush_later()  # deferred operations are committed like the rest
         task = self._drain_task
         if task is not None and asyncio.get_running_loop() is self._loop:
             await asyncio.shield(task)
@@ -264,6 +337,9 @@ class GroupCommitWriter:
         finally:
             self._drain_task = None
             self._more = None
+            if self._later and self._later_timer is None and not loop.is_closed():
+                # Deferred while the last COMMIT ran: they wait for the next batch.
+                self._later_timer = loop.call_later(self.later_flush_s, self._flush_later)
 
     async def _one_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         conn = self._conn
@@ -307,6 +383,8 @@ class GroupCommitWriter:
                             op.ran.set_result(value)
                         continue
                     batch.append(_in_savepoint(conn, op))
+                if self._later and batch:
+                    self._run_later(conn, batch)
                 if len(batch) >= self.batch_ops_max:
                     break
                 if pending:

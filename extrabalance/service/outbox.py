@@ -50,6 +50,7 @@ OUTBOX_KEPT_S = 86_400.0  # sent rows are pruned after a day
 # Several nodes: a message taken by one node's sender is not due again for this long
 # (a batch is started within seconds; a node that dies leaves it due after this).
 OUTBOX_CLAIM_S = 60.0
+MARKS_WAIT_S = 1.0  # how long drain and stop wait for the deferred marks to be durable
 
 
 class OutboxSender:
@@ -91,7 +92,11 @@ class OutboxSender:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         # Rows finished since the last read began: that read may still list them.
         self._finished: set[str] = set()
+        # Rows the SMSC took whose mark is not durable yet (`write_later`: it rides in
+        # the ledger's next batch): a read meanwhile still lists them, they are skipped.
+        self._marking: dict[str, asyncio.Future[bool]] = {}
         self._reading = asyncio.Lock()  # one pass over the due rows at a time
+        self._read_all = True  # the last read returned every row due (fewer than batch_max)
         self._next_start = 0.0
         self._task: asyncio.Task[None] | None = None
         self.stats = {"sent": 0, "failed_attempts": 0, "given_up": 0}
@@ -124,12 +129,23 @@ class OutboxSender:
         for sending in list(self._in_flight.values()):
             sending.cancel()
         await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        await self._marks_durable()  # what the SMSC took is not sent again after restart
+
+    async def _marks_durable(self) -> None:
+        """Wait (a second at most) for the marks not durable yet: a write of its own
+        starts a batch, and the deferred marks ride in it."""
+        if not self._marking:
+            return
+        with contextlib.suppress(Exception):  # a closed ledger: the rows go out again
+            await self.ledger.write(_nothing)
+        await asyncio.wait(list(self._marking.values()), timeout=MARKS_WAIT_S)
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             # Cleared before the read, not after: a wake that comes while the read runs
             # (a row committed after the read's snapshot) starts the next read at once.
@@ -139,10 +155,15 @@ class OutboxSender:
             except Exception:
                 log.exception("outbox_read_failed")
                 started = 0
-            if started:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
+            if started and not self._read_all:
+                continue  # the read stopped at batch_max: more rows are due
+            # Every row due at the read's snapshot was started (or is in flight); a row
+            # committed since woke us. A timer, not wait_for: no task per wait.
+            timer = loop.call_later(self.idle_poll_s, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
 
     async def send_due(self) -> int:
         """Start sending the rows due now (within the bounds); the number started."""
@@ -160,10 +181,12 @@ class OutboxSender:
                 lambda tx: tx.outbox_claim_due(now, until, self.batch_max))
         else:
             rows = await self.ledger.read_point(lambda tx: tx.outbox_due(now, self.batch_max))
+        self._read_all = len(rows) < self.batch_max
         started = 0
         for row in rows:
             await self._slots.acquire()
-            if row.outbox_id in self._in_flight or row.outbox_id in self._finished:
+            if (row.outbox_id in self._in_flight or row.outbox_id in self._finished
+                    or row.outbox_id in self._marking):
                 self._slots.release()
                 continue
             delay = self._next_start - self.monotonic()
@@ -185,9 +208,13 @@ class OutboxSender:
         self._slots.release()
 
     async def drain(self) -> None:
-        """Send everything due now and wait for it (tests, shutdown of a tool)."""
-        while await self.send_due() or self._in_flight:
+        """Send everything due now and wait for it, marks included (tests, shutdown of
+        a tool)."""
+        while await self.send_due() or self._in_flight or self._marking:
             await asyncio.gather(*list(self._in_flight.values()), return_exceptions=True)
+            await self._marks_durable()
+            if self._marking and not self._in_flight:
+                return  # the ledger takes no more writes: those rows go out again later
 
     async def _send(self, row: OutboxRow) -> None:
         notice = Notice(row.msisdn, row.template, row.params,
@@ -199,10 +226,25 @@ class OutboxSender:
             await self._failed(row, exc)
             return
         self.stats["sent"] += 1
+        # Not awaited: the mark rides in the ledger's next batch, so a loan's SMS costs
+        # no writer operation, savepoint or commit of its own. Until it is durable the
+        # row is skipped by the reads (`_marking`); a crash before then sends it again,
+        # as a crash between the submit and the mark always could (at least once).
+        outbox_id = row.outbox_id
+        now = self.clock()
         try:
-            await self.ledger.write(lambda tx: tx.outbox_mark_sent(row.outbox_id, self.clock()))
+            marked = self.ledger.write_later(lambda tx: tx.outbox_mark_sent(outbox_id, now))
         except Exception:
-            log.exception("outbox_mark_failed", outbox_id=row.outbox_id)
+            log.exception("outbox_mark_failed", outbox_id=outbox_id)
+            return
+        self._marking[outbox_id] = marked
+        marked.add_done_callback(partial(self._marked, outbox_id))
+
+    def _marked(self, outbox_id: str, marked: asyncio.Future[bool]) -> None:
+        self._marking.pop(outbox_id, None)
+        self._finished.add(outbox_id)  # a read begun before the commit may list it
+        if not marked.cancelled() and (exc := marked.exception()) is not None:
+            log.error("outbox_mark_failed", outbox_id=outbox_id, error=repr(exc))
 
     async def _failed(self, row: OutboxRow, exc: Exception) -> None:
         attempt = row.attempts + 1
@@ -224,3 +266,7 @@ class OutboxSender:
         """Forget rows sent more than `kept_s` ago (at most `limit`)."""
         before = self.clock() - timedelta(seconds=kept_s)
         return await self.ledger.write(lambda tx: tx.outbox_prune(before, limit))
+
+
+def _nothing(_tx: LedgerTx) -> None:
+    """A unit of work that writes nothing (starts a batch for the deferred ones)."""

@@ -11,12 +11,16 @@ turned into words by the language's `bundle_<kind>` template.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MONEY_PARAMS = frozenset(
     {"amount", "fee", "debt", "total", "recovered", "headroom", "ceiling", "balance", "limit"}
 )
+# Rendered texts kept per (template, language, parameters): a loan's screens and SMS
+# repeat a handful of amounts (the tiers, their fees, the debts they leave), so nearly
+# every render is a dictionary lookup. Past this many the cache starts over.
+RENDERED_MAX = 4096
 
 
 class TemplateError(KeyError):
@@ -45,6 +49,8 @@ class Templates:
     tables: Mapping[str, Mapping[str, Any]]
     default_language: str
     currency_exponent: int
+    _rendered: dict[tuple[Any, ...], str] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def languages(self) -> tuple[str, ...]:
         return tuple(self.tables)
@@ -65,15 +71,31 @@ class Templates:
     def bundle(self, kind: str, quantity: int, language: str) -> str:
         """A bundle in words: data in MB (2^20 octets), voice in minutes, SMS counted."""
         if kind == "data":
-            return self.render("bundle_data", language, {"mb": _units(quantity, 1 << 20)})
+            return self._render("bundle_data", language, {"mb": _units(quantity, 1 << 20)})
         if kind == "voice":
-            return self.render("bundle_voice", language, {"minutes": _units(quantity, 60)})
-        return self.render("bundle_sms", language, {"count": quantity})
+            return self._render("bundle_voice", language, {"minutes": _units(quantity, 60)})
+        return self._render("bundle_sms", language, {"count": quantity})
 
     def has(self, key: str, language: str) -> bool:
         return key in self.tables[self.language(language)]
 
     def render(self, key: str, language: str | None, params: Mapping[str, Any] | None = None) -> str:
+        """`key` in `language` with `params` (kept: the tables never change in place; a
+        reload builds new `Templates`)."""
+        cache_key = (key, language, *params.items()) if params else (key, language)
+        try:
+            return self._rendered[cache_key]
+        except KeyError:
+            pass
+        except TypeError:  # a parameter that cannot be a key (never on the hot path)
+            return self._render(key, language, params)
+        text = self._render(key, language, params)
+        if len(self._rendered) >= RENDERED_MAX:
+            self._rendered.clear()
+        self._rendered[cache_key] = text
+        return text
+
+    def _render(self, key: str, language: str | None, params: Mapping[str, Any] | None) -> str:
         lang = self.language(language)
         try:
             template = self.tables[lang][key]

@@ -11,8 +11,9 @@ protocols.
   table in `core/sagas.py` does not allow) raises and rolls the whole unit back.
 * `UnitOfWork` — runs a plain (synchronous) function over a `LedgerTx`: `write(fn)`
   returns once the transaction is durable, `write_staged(fn)` once `fn` has run (with
-  a future for the durability), `read(fn)` / `read_point(fn)` see everything committed
-  and must not write.
+  a future for the durability), `write_later(fn)` when the adapter likes (a future for
+  the durability; nobody awaits it on a hot path), `read(fn)` / `read_point(fn)` see
+  everything committed and must not write.
 
 The functions are synchronous on purpose: a unit of work is a handful of indexed
 statements and some Python, and a service never awaits anything (the IN, the SMSC)
@@ -432,6 +433,13 @@ class UnitOfWork(Protocol):
     async def write_staged(self, fn: Callable[[LedgerTx], T]) -> tuple[T, asyncio.Future[T]]:
         """Run `fn(tx)` atomically; return its result once it has run, with a future
         that resolves when it is durable (or raises if it was rolled back)."""
+        ...
+
+    def write_later(self, fn: Callable[[LedgerTx], T]) -> asyncio.Future[T]:
+        """Run `fn(tx)` atomically when it suits the adapter (SQLite: in the next group
+        commit that runs anyway, at most a quarter of a second later); the future
+        resolves once it is durable. For writes nobody waits on and nothing is ordered
+        against (marking an SMS sent)."""
         ...
 
     async def read(self, fn: Callable[[LedgerTx], T]) -> T:

@@ -32,6 +32,7 @@ remembered for `timeout_s` for this.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import time
@@ -50,6 +51,7 @@ from extrabalance.smpp.text import gsm7_length, is_gsm7
 
 SCREEN_GSM7_MAX = 182  # characters of one USSD screen in GSM 7-bit (3GPP TS 23.038 / 24.090)
 SCREEN_UCS2_MAX = 80  # characters of one USSD screen in UCS2
+MENUS_KEPT_MAX = 1024  # menus kept per (language, offer); past this the cache starts over
 OPTION_MORE = "99"
 OPTION_ACCOUNT = "0"
 OPTION_BACK = "9"
@@ -162,6 +164,10 @@ class UssdDialogs:
         # Inputs of dialogs that ended, kept `timeout_s` to recognise late repeats.
         self._ended: OrderedDict[tuple[str, str], _Inputs] = OrderedDict()
         self._ids = itertools.count(1)
+        # Menus built per (language, offer): the offer (tiers, fees, debt, headroom) is
+        # all a menu shows, and most subscribers see one of a few; the pages are shared
+        # and never changed in place.
+        self._menus: dict[tuple[str, Any], tuple[str, list[list[tuple[str, str]]]]] = {}
         self._id_prefix = f"{node_name}-{int(SYSTEM_CLOCK.time() * 1000):x}"
         self.stats = {"opened": 0, "expired": 0, "evicted": 0, "aborted": 0, "completed": 0,
                       "repeats": 0}
@@ -169,6 +175,7 @@ class UssdDialogs:
     def set_templates(self, templates: Templates) -> None:
         """Config reload: the next screen of every dialog uses the new texts."""
         self._t = templates
+        self._menus.clear()
 
     def __len__(self) -> int:
         return len(self._dialogs)
@@ -389,16 +396,23 @@ class UssdDialogs:
         offer = await self._offer(dialog)
         if not offer.eligible:
             return self._close(key, await self._refusal(dialog, offer.reason))
-        items = [(str(t.tier_id), self._menu_item(t, lang)) for t in offer.tiers if t.fits]
-        if not items:
-            return self._close(key, await self._refusal(dialog, "CEILING_REACHED"))
-        title = self._t.render("menu_title", lang, {"debt": offer.debt_minor, "headroom": offer.headroom_minor})
-        dialog.pages = paginate(
-            title,
-            items,
-            more=self._t.render("menu_more", lang),
-            tail=self._t.render("menu_account", lang),
-        )
+        menu = self._menus.get((lang, offer))
+        if menu is None:
+            items = [(str(t.tier_id), self._menu_item(t, lang)) for t in offer.tiers if t.fits]
+            if not items:
+                return self._close(key, await self._refusal(dialog, "CEILING_REACHED"))
+            title = self._t.render("menu_title", lang, {"debt": offer.debt_minor, "headroom": offer.headroom_minor})
+            pages = paginate(
+                title,
+                items,
+                more=self._t.render("menu_more", lang),
+                tail=self._t.render("menu_account", lang),
+            )
+            menu = title, pages
+            if len(self._menus) >= MENUS_KEPT_MAX:
+                self._menus.clear()
+            self._menus[(lang, offer)] = menu
+        title, dialog.pages = menu
         dialog.step = Step.MENU
         dialog.page = min(page, len(dialog.pages) - 1)
         return Screen(render_page(title, dialog.pages[dialog.page]), final=False)
@@ -576,6 +590,7 @@ def paginate(
     return pages
 
 
+@functools.lru_cache(maxsize=4096)  # the same screens again and again (menus, confirms)
 def screen_capacity(text: str) -> int:
     """Room left on one USSD screen for `text` (negative: it does not fit)."""
     if is_gsm7(text):

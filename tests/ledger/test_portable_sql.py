@@ -88,6 +88,9 @@ SITES_NOT_RUN: dict[tuple[str, str], str] = {
     ("extrabalance/ledger/writer.py", "_in_savepoint"):
         "SAVEPOINT / RELEASE / ROLLBACK TO of a batch's second and later operations (the "
         "same words in PostgreSQL); the scenario writes one operation at a time",
+    ("extrabalance/ledger/writer.py", "_run_later"):
+        "SAVEPOINT / RELEASE / ROLLBACK TO around a batch's deferred operations (the "
+        "same words in PostgreSQL, whose adapter defers nothing)",
     ("extrabalance/ledger/writer.py", "_rollback"):
         "ROLLBACK after a failed COMMIT (the same word in PostgreSQL)",
     ("extrabalance/ledger/profiles.py", "_flush"):

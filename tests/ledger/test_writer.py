@@ -179,3 +179,75 @@ async def test_loan_lifecycle_and_view(ledger):
         "principal_receivable",
     ]
     assert view["known"] and view["route"] == {"learned_in_node": None}
+
+
+async def test_a_deferred_write_rides_in_the_next_batch(ledger):
+    """`write_later` starts no batch of its own while work flows: it joins the next
+    one, after that batch's own operation, with no savepoint (one statement)."""
+    ledger.writer.later_flush_s = 60.0  # only the next write can carry it
+    marked = ledger.write_later(insert("later"))
+    await asyncio.sleep(0.01)
+    assert not marked.done() and ledger.writer.batches_committed == 0
+    statements: list[str] = []
+    ledger.writer._conn.set_trace_callback(statements.append)
+    assert await ledger.write(insert("now")) == "now"
+    ledger.writer._conn.set_trace_callback(None)
+    assert marked.done() and marked.result() == "later"
+    assert ledger.writer.batches_committed == 1 and ledger.writer.ops_committed == 2
+    assert [s.split()[0] for s in statements] == [
+        "BEGIN", "INSERT", "INSERT", "COMMIT"], statements
+
+
+async def test_a_deferred_write_alone_commits_after_the_flush_delay(ledger):
+    ledger.writer.later_flush_s = 0.01
+    marked = ledger.write_later(insert("alone"))
+    assert await asyncio.wait_for(marked, 5) == "alone"
+    keys = await ledger.read(lambda c: [r[0] for r in c.execute("SELECT key FROM idempotency")])
+    assert keys == ["alone"]
+
+
+async def test_a_failing_deferred_write_fails_alone(ledger):
+    """A deferred operation's one statement that fails is undone by SQLite: only that
+    operation fails, the batch and the other deferred ones commit."""
+    ledger.writer.later_flush_s = 60.0
+    await ledger.write(insert("dup"))
+    first = ledger.write_later(insert("a"))
+    failing = ledger.write_later(insert("dup"))
+    last = ledger.write_later(insert("b"))
+    assert await ledger.write(insert("c")) == "c"
+    assert first.result() == "a" and last.result() == "b"
+    assert isinstance(failing.exception(), sqlite3.IntegrityError)
+    keys = await ledger.read(
+        lambda c: [r[0] for r in c.execute("SELECT key FROM idempotency ORDER BY key")]
+    )
+    assert keys == ["a", "b", "c", "dup"]
+
+
+async def test_close_commits_the_deferred_writes(tmp_path):
+    led = Ledger(tmp_path / "l.db")
+    led.writer.later_flush_s = 60.0
+    marked = led.write_later(insert("kept"))
+    await led.close()
+    assert marked.result() == "kept"
+    other = connect(tmp_path / "l.db")
+    assert other.execute("SELECT key FROM idempotency").fetchall() == [("kept",)]
+    other.close()
+
+
+async def test_a_deferred_write_that_fails_half_written_fails_its_whole_batch(ledger):
+    """Two statements, the second failing: the first cannot be undone alone (there is
+    no savepoint), so nothing of the batch is committed and every caller hears it."""
+    ledger.writer.later_flush_s = 60.0
+    await ledger.write(insert("dup"))
+
+    def two(conn):
+        insert("half")(conn)
+        return insert("dup")(conn)
+
+    later = ledger.write_later(two)
+    with pytest.raises(sqlite3.IntegrityError):
+        await ledger.write(insert("c"))
+    assert isinstance(later.exception(), sqlite3.IntegrityError)
+    keys = await ledger.read(lambda c: [r[0] for r in c.execute("SELECT key FROM idempotency")])
+    assert keys == ["dup"]
+    assert await ledger.write(insert("d")) == "d"  # the writer goes on

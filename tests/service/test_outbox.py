@@ -144,3 +144,21 @@ async def test_smsc_refusals_are_retried_with_backoff_and_never_lost(h):
     (row,) = await h.ledger.read(
         lambda tx: tx.execute("SELECT attempts, sent_at IS NOT NULL FROM outbox").fetchall())
     assert tuple(row) == (2, 1)
+
+
+async def test_a_message_whose_mark_is_not_durable_yet_is_not_sent_twice(h):
+    """The mark rides in the ledger's next batch (`write_later`): until it is durable
+    the row still reads as due, and the sender skips it instead of sending it again."""
+    h.ledger.writer.later_flush_s = 60.0  # only another write can carry the mark
+    await h.add_profile(SUBSCRIBERS[0])
+    smsc = FakeNotifier()
+    outbox = sender_over(h, smsc)
+    await lending_over(h, outbox).borrow(SUBSCRIBERS[0], 4, "ussd", "ussd:d1:x")
+    assert await outbox.send_due() == 1
+    while outbox.in_flight:
+        await asyncio.sleep(0)
+    assert len(await h.ledger.read(lambda tx: tx.outbox_due(h.clock(), 10))) == 1
+    assert await outbox.send_due() == 0  # not durable yet: skipped, not sent again
+    await outbox.drain()  # carries the mark in a batch of its own
+    assert await h.ledger.read(lambda tx: tx.outbox_due(h.clock(), 10)) == []
+    assert len(smsc.delivered) == 1
