@@ -138,7 +138,9 @@ class OutboxSender:
             return
         with contextlib.suppress(Exception):  # a closed ledger: the rows go out again
             await self.ledger.write(_nothing)
-        await asyncio.wait(list(self._marking.values()), timeout=MARKS_WAIT_S)
+        pending = list(self._marking.values())  # the write may have made them all durable
+        if pending:
+            await asyncio.wait(pending, timeout=MARKS_WAIT_S)
 
     @property
     def in_flight(self) -> int:
