@@ -1,5 +1,8 @@
 """Where a node's CPU goes, per layer, from a sampling profile of the running process.
 
+py-spy comes with the project's `profile` extra (`pip install -e '.[profile]'`); it
+reads another process's memory, so it runs as root or as the node's own user.
+
     py-spy record --pid NODE_PID --duration 10 --rate 250 --nonblocking \\
         --format raw --output node.txt
     python -m bench.profile_layers node.txt --per-op-ms 1.0
