@@ -253,6 +253,12 @@ class Node:
             "balance_checks_above_limit": self.lending.balance_checks["above_limit"],
         }
 
+    def undelivered_advances(self) -> dict[str, int]:
+        """Advances whose granting answer could not be handed to the IN's connection,
+        counted since start (exported as eb_advance_answers_undelivered): marked,
+        cleared by a delivered re-send, reversed after the hold, left for review."""
+        return dict(self.services.undelivered.stats)
+
     def _its_sequence(self, bind: str) -> str:
         cfg = self.esme.bind_config(bind)
         return cfg.its_sequence if cfg is not None else "increment"

@@ -216,6 +216,13 @@ class Metrics:
         # timeout_given_up, connect_failures, connections_lost, balance_checks_above_limit.
         self.smpp_events = Gauge("eb_smpp_gateway_events", "Gateway behaviour seen, since start",
                                  ["kind"], registry=r)
+        # Advances whose granting CCA could not be handed to the IN's connection, since
+        # start (docs/diameter.md "An answer the node could not deliver"): marked,
+        # cleared, reversed, left_for_review.
+        self.undelivered_advances = Gauge(
+            "eb_advance_answers_undelivered",
+            "Advances whose granting answer never reached the IN, since start", ["kind"],
+            registry=r)
         # Per Diameter peer, since start (docs/diameter.md "Peer warnings"):
         # cea_unknown_peer, unexpected_origin_host, cer_unknown_peer, late_answer.
         self.peer_warnings = Gauge("eb_diameter_peer_warnings",

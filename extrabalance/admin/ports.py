@@ -86,6 +86,10 @@ class AdminNode(Protocol):
         """What the SMPP gateways did that a clean peer does not (eb_smpp_gateway_events)."""
         ...
 
+    def undelivered_advances(self) -> dict[str, int]:
+        """Advances whose granting CCA never reached the IN (eb_advance_answers_undelivered)."""
+        ...
+
     def reload(self, settings: Settings) -> dict[str, Any]:
         """Apply a new, already validated config (see `Node.reload`)."""
         ...

@@ -325,6 +325,8 @@ class AdminServer:
             seen.update(values)
         for kind, count in node.gateway_events().items():
             node.metrics.smpp_events.labels(kind).set(count)
+        for kind, count in node.undelivered_advances().items():
+            node.metrics.undelivered_advances.labels(kind).set(count)
         for (peer, kind), count in node.diameter.peer_warnings().items():
             node.metrics.peer_warnings.labels(peer, kind).set(count)
         return totals

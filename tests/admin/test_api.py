@@ -68,6 +68,8 @@ async def test_metrics_is_prometheus_text_with_fresh_outstanding_gauge(played):
     assert 'eb_smpp_gateway_events{kind="ussd_repeats"} 0.0' in text
     assert 'eb_smpp_gateway_events{kind="timeout_resends"} 0.0' in text
     assert 'eb_smpp_gateway_events{kind="balance_checks_above_limit"}' in text
+    assert 'eb_advance_answers_undelivered{kind="marked"} 0.0' in text
+    assert 'eb_advance_answers_undelivered{kind="reversed"} 0.0' in text
     assert "# TYPE eb_diameter_peer_warnings gauge" in text
 
 

@@ -105,3 +105,6 @@ async def test_an_advance_whose_answer_never_left_is_not_recovered_and_is_revers
         assert in_sim.balance(C) == RECHARGE_MINOR
         audit = await node.ledger.read(lambda tx: tx.audit_trail(C, ("advance_reversed",)))
         assert len(audit) == 1  # one reversal, by the resolver
+        # What the operator's dashboard reads (eb_advance_answers_undelivered).
+        counted = node.undelivered_advances()
+        assert (counted["marked"], counted["reversed"], counted["cleared"]) == (1, 1, 0)
