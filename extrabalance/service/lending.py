@@ -165,6 +165,20 @@ def refused_advance(loan_id: str, *, replayed: bool = False) -> AdvanceOutcome:
     )
 
 
+def reverse_never_credited(tx: LedgerTx, loan_id: str, now: datetime, *, who: str,
+                           why: str) -> LoanRow:
+    """Reverse an automatic advance the IN never applied (its answer never reached it,
+    or its records lack it), in the caller's unit of work: the loan FAILED with its
+    reversing journal entry, its request answered 4012 from now on (a late re-send must
+    not grant it again), an undelivered answer's mark closed, an audit line."""
+    settled = tx.settle_advance(loan_id, False, now, never_credited=True)
+    if settled.idempotency_key:
+        tx.idempotent_replace(settled.idempotency_key, refused_advance(loan_id).to_json(), now)
+    tx.close_answer_mark(loan_id, now)
+    tx.audit(settled.msisdn, "advance_reversed", who, why, now)
+    return settled
+
+
 def advance_outcome_of_loan(loan: LoanRow) -> AdvanceOutcome:
     """The CCA a granted advance stands for, for a retransmitted CCR: the grant again,
     or 4012 once its confirmation was refused (as `confirm_advance` records it)."""

@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from extrabalance.core import sagas
-from extrabalance.core.reasons import Reason
-from extrabalance.service.outcomes import AdvanceDecision, AdvanceOutcome
+from extrabalance.service.lending import reverse_never_credited
 from extrabalance.service.unit_of_work import LedgerTx
 
 EXTRACT_COLUMNS = ("session_id", "request_number", "msisdn", "amount_minor")
@@ -148,16 +147,9 @@ def reconcile_in(tx: LedgerTx, grants: list[InGrant], *, in_node: str,
         if not apply:
             report.not_credited.append(row)
             continue
-        settled = tx.settle_advance(loan.loan_id, False, now, never_credited=True)
-        if settled.idempotency_key:
-            # A late re-send of the IN's request must not grant it again.
-            refused = AdvanceOutcome(AdvanceDecision.NO_ADVANCE, None, Reason.IN_REFUSED,
-                                     loan.loan_id)
-            tx.idempotent_replace(settled.idempotency_key, refused.to_json(), now)
-        tx.close_answer_mark(loan.loan_id, now)  # an undelivered answer's, if any
-        tx.audit(loan.msisdn, "advance_reversed", "reconcile-in",
-                 f"advance {loan.loan_id} not in {in_node}'s records up to {report.until}",
-                 now)
+        reverse_never_credited(
+            tx, loan.loan_id, now, who="reconcile-in",
+            why=f"advance {loan.loan_id} not in {in_node}'s records up to {report.until}")
         # What the EDR line of the reversal carries (`advance_reversed`, as when the IN
         # refuses an opt-in advance confirmation): the fee undone and the debt left.
         report.reversed.append({**row, "fee_minor": loan.fee_minor,

@@ -38,7 +38,7 @@ from datetime import timedelta
 import structlog
 
 from extrabalance.core import sagas
-from extrabalance.service.lending import Clock, refused_advance
+from extrabalance.service.lending import Clock, reverse_never_credited
 from extrabalance.service.locks import SubscriberLocks
 from extrabalance.service.ports import EventSink
 from extrabalance.service.unit_of_work import LedgerTx, UnitOfWork
@@ -161,15 +161,10 @@ class UndeliveredAdvances:
                              f"{loan.principal_repaid_minor + loan.fee_repaid_minor} recovered;"
                              " left to reconcile-in", now)
                     return "review", loan.principal_minor, loan.fee_minor, loan.in_node, 0
-                settled = tx.settle_advance(loan_id, False, now, never_credited=True)
-                if settled.idempotency_key:
-                    # A late re-send of the IN's request must not grant it again.
-                    tx.idempotent_replace(settled.idempotency_key,
-                                          refused_advance(loan_id).to_json(), now)
-                tx.close_answer_mark(loan_id, now)
-                tx.audit(msisdn, "advance_reversed", "resolver",
-                         f"advance {loan_id}: no answer granting it reached {loan.in_node} "
-                         f"within {hold.total_seconds():g} s", now)
+                reverse_never_credited(
+                    tx, loan_id, now, who="resolver",
+                    why=f"advance {loan_id}: no answer granting it reached {loan.in_node} "
+                        f"within {hold.total_seconds():g} s")
                 return ("reversed", loan.principal_minor, loan.fee_minor, loan.in_node,
                         tx.debt_owed(msisdn))
 
